@@ -1,0 +1,1 @@
+"""Adapters that plug resilience into other libraries; each loads its library on import."""

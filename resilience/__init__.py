@@ -1,0 +1,87 @@
+"""resilience: circuit breaker, retry, timeout, bulkhead, fallback and rate limiting for asyncio.
+
+Every policy is an async decorator, an ``await policy.call(fn, ...)``, and can be stacked with
+``Pipeline``. Breakers share their state through a store: ``MemoryStore`` in one process, or
+``RedisStore`` across every replica of a service.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .bulkhead import Bulkhead
+from .circuit import BreakerMetrics, CircuitBreaker, CircuitState
+from .clock import Clock, SystemClock
+from .errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    RateLimitedError,
+    RejectedError,
+    ResilienceError,
+    ResilienceTimeoutError,
+    UnacceptableResultError,
+)
+from .events import (
+    CallRejected,
+    Event,
+    FallbackUsed,
+    Listener,
+    RetryScheduled,
+    StateChanged,
+    TimedOut,
+)
+from .fallback import Fallback
+from .policy import Pipeline, Policy
+from .ratelimit import RateLimiter
+from .retry import Retry
+from .store import MemoryStore, Store
+from .timeout import Timeout
+from .windows import CountWindow, TimeWindow
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BreakerMetrics",
+    "Bulkhead",
+    "BulkheadFullError",
+    "CallRejected",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CircuitState",
+    "Clock",
+    "CountWindow",
+    "Event",
+    "Fallback",
+    "FallbackUsed",
+    "Listener",
+    "MemoryStore",
+    "Pipeline",
+    "Policy",
+    "RateLimitedError",
+    "RateLimiter",
+    "RejectedError",
+    "ResilienceError",
+    "ResilienceTimeoutError",
+    "Retry",
+    "RetryScheduled",
+    "StateChanged",
+    "Store",
+    "SystemClock",
+    "TimeWindow",
+    "TimedOut",
+    "Timeout",
+    "UnacceptableResultError",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Load optional parts (``RedisStore``) only when asked for."""
+    if name == "RedisStore":
+        from .store.redis import RedisStore  # type: ignore[import-not-found,unused-ignore]
+
+        return RedisStore
+    raise AttributeError(f"module 'resilience' has no attribute {name!r}")

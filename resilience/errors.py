@@ -1,0 +1,109 @@
+"""The exception hierarchy.
+
+::
+
+    Exception
+     +-- ResilienceError                  everything this library raises on its own
+          +-- RejectedError               the call was not attempted (load was shed)
+          |    +-- CircuitOpenError       a circuit breaker is open       (retry_after)
+          |    +-- BulkheadFullError      no concurrency slot was free
+          |    +-- RateLimitedError       the rate limit was reached      (retry_after)
+          +-- ResilienceTimeoutError      a Timeout expired (also a builtin TimeoutError)
+          +-- UnacceptableResultError     a Fallback's ``result_if`` rejected a result
+
+Every rejection raises a fresh exception object, so tracebacks never accumulate.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "RateLimitedError",
+    "RejectedError",
+    "ResilienceError",
+    "ResilienceTimeoutError",
+    "UnacceptableResultError",
+]
+
+
+class ResilienceError(Exception):
+    """Base class of every exception raised by a policy itself."""
+
+
+class RejectedError(ResilienceError):
+    """A policy refused to start the call; the protected function never ran.
+
+    ``name`` is the policy's name; ``retry_after`` is a hint in seconds after which a new call
+    may succeed, or ``None`` when unknown.
+    """
+
+    def __init__(self, name: str = "", retry_after: float | None = None) -> None:
+        super().__init__(name, retry_after)
+        self.name = name
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        hint = "" if self.retry_after is None else f"; retry after {self.retry_after:.3f}s"
+        return f"{self._what()}{hint}"
+
+    def _what(self) -> str:
+        return f"{self.name!r} rejected the call"
+
+
+class CircuitOpenError(RejectedError):
+    """The circuit breaker ``name`` is open (``state``: open, half_open or forced_open)."""
+
+    def __init__(self, name: str, state: str, retry_after: float | None) -> None:
+        self.args = (name, state, retry_after)
+        self.name = name
+        self.state = state
+        self.retry_after = retry_after
+
+    def _what(self) -> str:
+        return f"circuit {self.name!r} is {self.state}"
+
+
+class BulkheadFullError(RejectedError):
+    """The bulkhead ``name`` had no free slot (and no room or time left to wait for one)."""
+
+    def __init__(self, name: str, max_concurrent: int) -> None:
+        super().__init__(name, None)
+        self.args = (name, max_concurrent)
+        self.max_concurrent = max_concurrent
+
+    def _what(self) -> str:
+        return f"bulkhead {self.name!r} is full ({self.max_concurrent} calls in flight)"
+
+
+class RateLimitedError(RejectedError):
+    """The rate limiter ``name`` has no token left; one frees up after ``retry_after``."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(name, retry_after)
+
+    def _what(self) -> str:
+        return f"rate limit {self.name!r} reached"
+
+
+class ResilienceTimeoutError(ResilienceError, TimeoutError):
+    """The Timeout ``name`` expired after ``seconds``; the call was cancelled."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        super().__init__(name, seconds)
+        self.name = name
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        return f"timeout {self.name!r} expired after {self.seconds:g}s"
+
+
+class UnacceptableResultError(ResilienceError):
+    """Handed to a Fallback handler when ``result_if`` rejected a returned ``result``."""
+
+    def __init__(self, result: object) -> None:
+        super().__init__(result)
+        self.result = result
+
+    def __str__(self) -> str:
+        return f"unacceptable result: {self.result!r}"

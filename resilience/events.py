@@ -1,0 +1,109 @@
+"""Events that policies report to listeners.
+
+A listener is any callable taking one event. Listeners are called synchronously, in the order
+they were added; an exception raised by a listener is logged and never reaches the protected
+call. No event object is built when a policy has no listener, so listening is free when unused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .circuit import CircuitState
+
+__all__ = [
+    "CallRejected",
+    "Event",
+    "FallbackUsed",
+    "Listener",
+    "RetryScheduled",
+    "StateChanged",
+    "TimedOut",
+]
+
+logger = logging.getLogger("resilience")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base class: every event names the policy kind and the policy instance."""
+
+    name: str
+    policy: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateChanged(Event):
+    """A circuit breaker moved from ``old`` to ``new``; ``generation`` counts transitions."""
+
+    policy: str = "circuit_breaker"
+    old: CircuitState
+    new: CircuitState
+    generation: int
+    open_for: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallRejected(Event):
+    """A call was refused before it started (breaker open, bulkhead full, rate limited)."""
+
+    policy: str
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryScheduled(Event):
+    """Attempt ``attempt`` failed; the next one starts after ``delay`` seconds."""
+
+    policy: str = "retry"
+    attempt: int
+    delay: float
+    error: BaseException | None
+    result: object = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackUsed(Event):
+    """A fallback value replaced the outcome ``error`` of the protected call."""
+
+    policy: str = "fallback"
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimedOut(Event):
+    """A timeout of ``seconds`` expired and cancelled the protected call."""
+
+    policy: str = "timeout"
+    seconds: float
+
+
+class Listener(Protocol):
+    """Anything callable with one event."""
+
+    def __call__(self, event: Event, /) -> None:
+        """Receive one event; must not block."""
+
+
+def check_listeners(listeners: Iterable[Listener]) -> tuple[Listener, ...]:
+    """Validate a ``listeners=`` argument and return it as a tuple."""
+    if isinstance(listeners, (str, bytes)) or not isinstance(listeners, Iterable):
+        raise TypeError(f"listeners must be an iterable of callables, got {listeners!r}")
+    result = tuple(listeners)
+    for listener in result:
+        if not callable(listener):
+            raise TypeError(f"listeners must be callables, got {listener!r}")
+    return result
+
+
+def emit(listeners: tuple[Listener, ...], event: Event) -> None:
+    """Deliver ``event`` to each listener; a listener's exception is logged, not raised."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            logger.exception("resilience listener %r failed on %r", listener, event)

@@ -1,0 +1,265 @@
+"""The Policy protocol, the decorator plumbing shared by every policy, and Pipeline."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+
+from .clock import SYSTEM_CLOCK, Clock
+from .events import Listener, check_listeners
+
+__all__ = ["BasePolicy", "Pipeline", "Policy"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ExceptionFilter = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
+
+
+Protected = Callable[..., Awaitable[Any]]
+
+_CACHE_SIZE = 256
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that can run an async callable under protection, and decorate one."""
+
+    name: str
+
+    def call(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Awaitable[T]:
+        """Run ``fn(*args, **kwargs)`` under this policy; await the result."""
+
+    def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
+        """Decorate an ``async def`` function."""
+
+
+class BasePolicy:
+    """Shared plumbing: decorator, ``call``, name, listeners, clock.
+
+    A policy writes its logic once, in ``_wrap(fn)``, which returns a coroutine function that
+    runs ``fn`` under the policy. Decorating returns that function (one coroutine frame per
+    policy, nothing more); ``call(fn, ...)`` reuses it from a small cache.
+    """
+
+    kind: str = "policy"
+    name: str
+    _listeners: tuple[Listener, ...]
+
+    def __init__(self, name: str, clock: Clock | None, listeners: Iterable[Listener]) -> None:
+        self.name = check_name(name)
+        if clock is not None and not isinstance(clock, Clock):
+            raise TypeError(
+                f"clock must provide monotonic(), sleep() and call_later(), got {clock!r}"
+            )
+        self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
+        self._listeners = check_listeners(listeners)
+        self._wrapped: dict[object, Protected] = {}
+
+    @property
+    def clock(self) -> Clock:
+        """The clock this policy reads."""
+        return self._clock
+
+    def add_listener(self, listener: Listener) -> None:
+        """Add ``listener`` to the callables that receive this policy's events."""
+        self._listeners = (*self._listeners, *check_listeners((listener,)))
+        self._wrapped.clear()
+
+    def _wrap(self, fn: Protected) -> Protected:
+        """Return a coroutine function running ``fn`` under this policy."""
+        raise NotImplementedError
+
+    def call(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Awaitable[T]:
+        """Run ``fn(*args, **kwargs)`` under this policy: ``await policy.call(fn, ...)``."""
+        protected = self._wrapped.get(fn)
+        if protected is None:
+            if len(self._wrapped) >= _CACHE_SIZE:
+                self._wrapped.clear()
+            protected = self._wrapped[fn] = self._wrap(fn)
+        return cast(Awaitable[T], protected(*args, **kwargs))
+
+    def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
+        """Decorate an ``async def`` function; its name, docstring and signature are kept."""
+        require_async(fn, self)
+        return cast(Callable[P, Awaitable[T]], functools.wraps(fn)(self._wrap(fn)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def wrap_with(policy: Policy, fn: Protected) -> Protected:
+    """``policy`` around ``fn``: through ``_wrap`` when the policy has one, else ``call``."""
+    wrap = getattr(policy, "_wrap", None)
+    if wrap is not None:
+        return cast(Protected, wrap(fn))
+    call = policy.call
+
+    async def protected(*args: Any, **kwargs: Any) -> Any:
+        return await call(fn, *args, **kwargs)
+
+    return protected
+
+
+class Pipeline(BasePolicy):
+    """Policies applied outermost first: ``Pipeline(a, b, c)`` runs ``a(b(c(fn)))``.
+
+    Nested pipelines are flattened. The recommended order is
+    ``Fallback, Retry, CircuitBreaker, RateLimiter, Timeout, Bulkhead``. A ``Timeout`` inside a
+    ``Retry`` limits each attempt; one outside limits the whole call, so an attempt timeout
+    longer than an overall one is rejected as a mistake.
+    """
+
+    kind = "pipeline"
+
+    def __init__(self, *policies: Policy, name: str = "pipeline") -> None:
+        super().__init__(name, None, ())
+        flat: list[Policy] = []
+        for p in policies:
+            if isinstance(p, Pipeline):
+                flat.extend(p.policies)
+            elif isinstance(p, Policy) and not isinstance(p, type):
+                flat.append(p)
+            else:
+                raise TypeError(f"Pipeline takes policy objects, got {p!r}")
+        if not flat:
+            raise ValueError("Pipeline needs at least one policy")
+        _check_order(flat)
+        self.policies: tuple[Policy, ...] = tuple(flat)
+
+    def _wrap(self, fn: Protected) -> Protected:
+        for policy in reversed(self.policies):
+            fn = wrap_with(policy, fn)
+        return fn
+
+    def add_listener(self, listener: Listener) -> None:
+        """Pipelines emit nothing themselves; add listeners to their policies."""
+        raise TypeError("add listeners to the policies of a Pipeline, not to the Pipeline")
+
+    def __repr__(self) -> str:
+        return f"Pipeline({', '.join(map(repr, self.policies))})"
+
+
+def _check_order(policies: list[Policy]) -> None:
+    """Reject an attempt timeout (inside a Retry) longer than an overall one (outside it)."""
+    kinds = [getattr(p, "kind", "") for p in policies]
+    if "retry" not in kinds:
+        return
+    first_retry = kinds.index("retry")
+    outer = [p for p, k in zip(policies[:first_retry], kinds, strict=False) if k == "timeout"]
+    inner = [p for p, k in zip(policies, kinds, strict=True) if k == "timeout"][len(outer) :]
+    if outer and inner:
+        overall = min(_seconds(p) for p in outer)
+        for p in inner:
+            seconds = _seconds(p)
+            if seconds > overall:
+                raise ValueError(
+                    f"the attempt timeout {p!r} ({seconds:g}s, inside Retry) is longer than "
+                    f"the overall timeout ({overall:g}s, outside Retry): it can never expire"
+                )
+
+
+def _seconds(policy: Policy) -> float:
+    seconds: float = getattr(policy, "seconds")  # noqa: B009 - not part of Policy
+    return seconds
+
+
+# --- input checks shared by the policies --------------------------------------------------
+
+
+def require_async(fn: object, policy: object) -> None:
+    """Raise ``TypeError`` unless ``fn`` is an ``async def`` function (or async callable)."""
+    if inspect.iscoroutinefunction(fn):
+        return
+    call = getattr(fn, "__call__", None)  # noqa: B004 - instances with an async __call__
+    if call is not None and inspect.iscoroutinefunction(call):
+        return
+    what = "an async generator function" if inspect.isasyncgenfunction(fn) else "not async"
+    raise TypeError(f"{policy!r} protects coroutine functions (async def); {fn!r} is {what}")
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """A policy name: a non-empty string."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, got {name!r}")
+    if not name:
+        raise ValueError(f"{what} must not be empty")
+    return name
+
+
+def check_seconds(what: str, value: object, *, none: bool = False, zero: bool = False) -> Any:
+    """A duration in seconds: a finite number > 0 (or >= 0 with ``zero``; ``None`` allowed)."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{what} must be finite and {bound}, got {value!r}")
+    return float(value)
+
+
+def check_int(what: str, value: object, *, minimum: int = 1) -> int:
+    """An int no smaller than ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_ratio(what: str, value: object) -> float:
+    """A ratio in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number in (0, 1], got {value!r}")
+    if not 0 < value <= 1:  # also rejects NaN
+        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def exception_filter(
+    what: str, value: object, *, allow_empty: bool = False
+) -> Callable[[Exception], bool]:
+    """Turn exception types, a tuple of them, or a predicate into a predicate.
+
+    Only ``Exception`` subclasses are accepted: cancellation and other ``BaseException``s are
+    never caught by a policy.
+    """
+    if isinstance(value, type):
+        value = (value,)
+    if isinstance(value, tuple):
+        if not value and not allow_empty:
+            raise ValueError(f"{what} must name at least one exception type")
+        for t in value:
+            if not (isinstance(t, type) and issubclass(t, BaseException)):
+                raise TypeError(f"{what} must be exception types or a predicate, got {t!r}")
+            if not issubclass(t, Exception):
+                raise TypeError(
+                    f"{what} may only name Exception subclasses, not {t.__name__} "
+                    "(cancellation and exits are never caught)"
+                )
+        types = value
+        if not types:
+            return _never
+        return lambda exc: isinstance(exc, types)
+    if callable(value):
+        return cast(Callable[[Exception], bool], value)
+    raise TypeError(f"{what} must be exception types or a predicate, got {value!r}")
+
+
+def _never(exc: Exception) -> bool:
+    return False
+
+
+def check_predicate(what: str, value: object) -> Callable[[Any], bool] | None:
+    """``None`` or a callable."""
+    if value is None or callable(value):
+        return cast(Callable[[Any], bool], value)
+    raise TypeError(f"{what} must be a callable or None, got {value!r}")

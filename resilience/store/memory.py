@@ -1,0 +1,91 @@
+"""MemoryStore: the embedded default; state shared by the policy objects of one process."""
+
+from __future__ import annotations
+
+import itertools
+from types import TracebackType
+
+from ..circuit import BreakerConfig, BreakerCore
+from ..clock import SYSTEM_CLOCK, Clock
+from ..policy import check_int, check_name, check_seconds
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Keeps breaker cores and leases in this process; nothing to connect, nothing to fail.
+
+    Breakers that share a ``MemoryStore`` and a name share one state. ``clock`` times the
+    leases (default: the system clock).
+    """
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
+        self._breakers: dict[str, BreakerCore] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self._ids = itertools.count(1)
+
+    def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
+        """The shared core of breaker ``name`` (created on first use)."""
+        check_name(name)
+        core = self._breakers.get(name)
+        if core is None:
+            core = self._breakers[name] = BreakerCore(name, config, clock)
+        elif core.config != config:
+            raise ValueError(
+                f"breaker {name!r} already exists in this store with another configuration: "
+                f"{core.config} != {config}"
+            )
+        return core
+
+    def names(self) -> list[str]:
+        """Names of the breakers and lease keys this store holds."""
+        return sorted({*self._breakers, *self._leases})
+
+    def _live(self, key: str) -> dict[str, float]:
+        leases = self._leases.setdefault(key, {})
+        now = self.clock.monotonic()
+        for lease, expiry in list(leases.items()):
+            if expiry <= now:
+                del leases[lease]
+        return leases
+
+    async def acquire_lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        """Take a permit under ``key`` if fewer than ``limit`` are held."""
+        check_name(key, "key")
+        check_int("limit", limit)
+        check_seconds("ttl", ttl)
+        leases = self._live(key)
+        if len(leases) >= limit:
+            return None
+        lease = str(next(self._ids))
+        leases[lease] = self.clock.monotonic() + ttl
+        return lease
+
+    async def release_lease(self, key: str, lease: str) -> bool:
+        """Give a permit back; ``False`` if it had already expired."""
+        return self._live(key).pop(lease, None) is not None
+
+    async def count_leases(self, key: str) -> int:
+        """Permits held under ``key`` now."""
+        return len(self._live(key))
+
+    async def sync(self) -> None:
+        """Nothing to synchronise: the state is already here."""
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+    async def __aenter__(self) -> MemoryStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(breakers={len(self._breakers)})"

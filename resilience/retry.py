@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,6 +28,9 @@ StopStrategy = Callable[[RetryCallState], bool]
 
 def default_wait() -> WaitStrategy:
     """Exponential backoff from 0.1 s, doubling, capped at 5 s, plus up to 0.1 s of jitter."""
+    # tenacity >= 9.1 deprecates ``initial`` for ``multiplier``; older ones lack ``multiplier``
+    if "multiplier" in inspect.signature(tenacity.wait_exponential_jitter).parameters:
+        return tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1)
     return tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.1)
 
 

@@ -1,0 +1,139 @@
+"""Timing harness: calibrated, interleaved rounds of tight ``await`` loops.
+
+Each case is a loop ``loop(n)`` that awaits its protected callable ``n`` times. A round runs
+every case once, in a shuffled order, with the garbage collector off; the reported figure is
+the time of the loop divided by ``n``. The median (and min) over rounds is what we report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["Case", "Loop", "Measured", "Settings", "measure", "ok_loop", "reject_loop"]
+
+Loop = Callable[[int], Awaitable[None]]
+Protected = Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long to measure: rounds, calls per measurement, and a time budget per sample."""
+
+    rounds: int = 21
+    calls: int = 20_000
+    min_calls: int = 200
+    target_ms: float = 25.0
+    seed: int = 1
+
+
+@dataclass
+class Case:
+    """One implementation of one feature; ``loop`` is None when it was skipped."""
+
+    group: str
+    label: str
+    lib: str
+    loop: Loop | None
+    note: str = ""
+    primary: bool = False
+
+    @property
+    def ours(self) -> bool:
+        return self.lib == "resilience"
+
+
+@dataclass
+class Measured:
+    """The samples (ns per call) of one case."""
+
+    case: Case
+    calls: int = 0
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def best(self) -> float:
+        return min(self.samples) if self.samples else float("nan")
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.samples)
+
+
+def ok_loop(fn: Protected) -> Loop:
+    """``n`` awaits of ``fn()`` in a tight loop."""
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            await fn()
+
+    return loop
+
+
+def reject_loop(fn: Protected, error: type[BaseException]) -> Loop:
+    """``n`` awaits of ``fn()``, each raising ``error``, which is caught."""
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            try:
+                await fn()
+            except error:
+                pass
+
+    return loop
+
+
+async def _sample(loop: Loop, n: int) -> float:
+    """ns per call of one run of ``loop(n)``, with the collector off."""
+    await asyncio.sleep(0)  # let the event loop purge cancelled timers between samples
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        await loop(n)
+        elapsed = time.perf_counter_ns() - start
+    finally:
+        gc.enable()
+    return elapsed / n
+
+
+async def _calibrate(loop: Loop, settings: Settings) -> int:
+    """Calls per sample so that one sample takes about ``target_ms``, within the bounds."""
+    probe = min(100, settings.calls)
+    await _sample(loop, probe)
+    per_call = max(await _sample(loop, probe), 1.0)
+    wanted = int(settings.target_ms * 1e6 / per_call)
+    return max(min(settings.calls, wanted), min(settings.min_calls, settings.calls))
+
+
+async def measure(
+    cases: Sequence[Case],
+    settings: Settings,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Measured]:
+    """Calibrate, run one discarded warm-up round, then ``settings.rounds`` timed rounds."""
+    results = [Measured(c) for c in cases if c.loop is not None]
+    for m in results:
+        assert m.case.loop is not None
+        m.calls = await _calibrate(m.case.loop, settings)
+    rng = random.Random(settings.seed)
+    for index in range(settings.rounds + 1):  # round 0 is the warm-up
+        order = list(results)
+        rng.shuffle(order)
+        gc.collect()
+        for m in order:
+            assert m.case.loop is not None
+            sample = await _sample(m.case.loop, m.calls)
+            if index:
+                m.samples.append(sample)
+        if progress is not None:
+            progress(index, settings.rounds)
+    return results

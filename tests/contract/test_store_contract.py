@@ -1,0 +1,192 @@
+"""The Store contract: every store must pass these, with the same FakeClock-driven steps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    Store,
+)
+from resilience.circuit import BreakerConfig
+from resilience.testing import FakeClock
+
+
+async def boom() -> None:
+    raise ValueError("boom")
+
+
+async def ok() -> str:
+    return "ok"
+
+
+def breaker(store: Store, name: str = "dep", **kw: object) -> CircuitBreaker:
+    options: dict[str, object] = {"minimum_calls": 4, "window": CountWindow(4), "open_for": 10.0}
+    options.update(kw)
+    return CircuitBreaker(name, store=store, **options)  # type: ignore[arg-type]
+
+
+async def fail(b: CircuitBreaker, times: int) -> None:
+    for _ in range(times):
+        with pytest.raises(ValueError, match="boom"):
+            await b.call(boom)
+
+
+async def test_same_name_same_core(store: Store) -> None:
+    """Two breakers with one name and one store share one state machine."""
+    config = BreakerConfig(minimum_calls=4, window=CountWindow(4))
+    assert store.breaker("a", config, store.clock) is store.breaker("a", config, store.clock)
+    assert store.breaker("a", config, store.clock) is not store.breaker("b", config, store.clock)
+
+
+async def test_other_config_is_refused(store: Store) -> None:
+    """Reusing a name with another configuration is a clear error, not a silent merge."""
+    breaker(store, "x")
+    with pytest.raises(ValueError, match="another configuration"):
+        breaker(store, "x", failure_ratio=0.9)
+
+
+async def test_trip_is_seen_by_every_breaker(store: Store) -> None:
+    """A breaker tripped through one object rejects calls through another."""
+    a, b = breaker(store), breaker(store)
+    await fail(a, 4)
+    await store.sync()
+    assert b.state is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError) as info:
+        await b.call(ok)
+    assert info.value.retry_after == pytest.approx(10.0)
+
+
+async def test_half_open_admits_exactly_the_probe_count(store: Store, clock: FakeClock) -> None:
+    """Across breaker objects, half-open lets exactly half_open_calls probes through."""
+    a, b = breaker(store, half_open_calls=2), breaker(store, half_open_calls=2)
+    await fail(a, 4)
+    clock.advance(10)
+    gate = asyncio.Event()
+    started = 0
+
+    async def probe() -> str:
+        nonlocal started
+        started += 1
+        await gate.wait()
+        return "ok"
+
+    tasks = [asyncio.create_task(x.call(probe)) for x in (a, b, a, b, a, b)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    done = [t for t in tasks if t.done()]
+    assert started == 2
+    assert len(done) == 4
+    assert all(isinstance(t.exception(), CircuitOpenError) for t in done)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results.count("ok") == 2
+    await store.sync()
+    assert a.state is CircuitState.CLOSED
+
+
+async def test_expired_probe_lease_frees_the_slot(store: Store, clock: FakeClock) -> None:
+    """A probe that never reports stops blocking half-open once its lease expires."""
+    a = breaker(store, probe_lease=3.0)
+    await fail(a, 4)
+    clock.advance(10)
+    core = store.breaker("dep", a.config, clock)
+    gen, lease = core.acquire(clock.monotonic())  # a probe whose holder dies
+    assert lease
+    with pytest.raises(CircuitOpenError):
+        await a.call(ok)
+    clock.advance(3)
+    assert await a.call(ok) == "ok"
+    await store.sync()
+    assert a.state is CircuitState.CLOSED
+    core.record(gen, lease, True, False)  # the dead holder's late report is discarded
+    assert a.state is CircuitState.CLOSED
+
+
+async def test_outcomes_of_an_older_generation_are_discarded(
+    store: Store, clock: FakeClock
+) -> None:
+    """A call admitted before a trip cannot count in the state that followed it."""
+    a = breaker(store)
+    gate = asyncio.Event()
+
+    async def slow_failure() -> None:
+        await gate.wait()
+        raise ValueError("boom")
+
+    straggler = asyncio.create_task(a.call(slow_failure))
+    await asyncio.sleep(0)
+    await fail(a, 4)
+    clock.advance(10)
+    assert await a.call(ok) == "ok"  # the probe closes the breaker
+    await store.sync()
+    assert a.state is CircuitState.CLOSED
+    gate.set()
+    with pytest.raises(ValueError, match="boom"):
+        await straggler
+    assert a.metrics().failures == 0
+
+
+async def test_manual_control_is_shared(store: Store) -> None:
+    """force_open, disable and reset on one object are seen by the others."""
+    a, b = breaker(store), breaker(store)
+    await a.force_open()
+    await store.sync()
+    assert b.state is CircuitState.FORCED_OPEN
+    with pytest.raises(CircuitOpenError):
+        await b.call(ok)
+    await b.disable()
+    await store.sync()
+    assert a.state is CircuitState.DISABLED
+    await fail(a, 10)
+    assert a.state is CircuitState.DISABLED
+    await a.reset()
+    await store.sync()
+    assert b.state is CircuitState.CLOSED
+
+
+async def test_leases_are_bounded_and_returned(store: Store) -> None:
+    """At most `limit` leases are held at once; a released lease frees its place."""
+    first = await store.acquire_lease("pool", limit=2, ttl=5)
+    second = await store.acquire_lease("pool", limit=2, ttl=5)
+    assert first
+    assert second
+    assert first != second
+    assert await store.acquire_lease("pool", limit=2, ttl=5) is None
+    assert await store.count_leases("pool") == 2
+    assert await store.release_lease("pool", first) is True
+    assert await store.release_lease("pool", first) is False
+    assert await store.acquire_lease("pool", limit=2, ttl=5) is not None
+
+
+async def test_leases_expire(store: Store, clock: FakeClock) -> None:
+    """A lease whose holder never returns it lapses after its ttl."""
+    lease = await store.acquire_lease("pool", limit=1, ttl=5)
+    assert lease is not None
+    clock.advance(4.9)
+    assert await store.acquire_lease("pool", limit=1, ttl=5) is None
+    clock.advance(0.1)
+    assert await store.count_leases("pool") == 0
+    assert await store.release_lease("pool", lease) is False
+    assert await store.acquire_lease("pool", limit=1, ttl=5) is not None
+
+
+async def test_names_lists_known_policies(store: Store) -> None:
+    """The store can list the policies it holds, for status tools."""
+    breaker(store, "payments")
+    breaker(store, "search")
+    await store.acquire_lease("uploads", limit=1, ttl=1)
+    assert {"payments", "search", "uploads"} <= set(store.names())
+    assert store.names() == sorted(store.names())
+
+
+@pytest.mark.parametrize("bad", ["", 3, None])
+async def test_bad_keys_are_refused(store: Store, bad: object) -> None:
+    """Empty or non-string keys are a clear error."""
+    with pytest.raises((TypeError, ValueError)):
+        await store.acquire_lease(bad, limit=1, ttl=1)  # type: ignore[arg-type]

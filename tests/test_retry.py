@@ -1,0 +1,351 @@
+"""Tests for resilience.retry: attempts, filters, tenacity strategies, events, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import tenacity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resilience.events import Event, RetryScheduled
+from resilience.retry import Retry
+from resilience.testing import FakeClock
+
+
+class Flaky:
+    """An async callable failing with ``errors`` in turn, then returning ``value``."""
+
+    def __init__(self, *errors: BaseException, value: object = "ok") -> None:
+        self.errors = list(errors)
+        self.value = value
+        self.calls = 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> object:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.value
+
+
+async def settle(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def test_on_is_required() -> None:
+    """Retry without ``on`` raises TypeError."""
+    with pytest.raises(TypeError):
+        Retry()  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "on", [asyncio.CancelledError, BaseException, (ValueError, KeyboardInterrupt)]
+)
+def test_on_rejects_base_exceptions(on: Any) -> None:
+    """``on`` naming CancelledError or another non-Exception type is a TypeError."""
+    with pytest.raises(TypeError):
+        Retry(on=on)
+
+
+@pytest.mark.parametrize(
+    ("attempts", "error"), [(0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError)]
+)
+def test_bad_attempts_rejected(attempts: Any, error: type[Exception]) -> None:
+    """``attempts`` must be an int >= 1 (bools and floats are refused)."""
+    with pytest.raises(error):
+        Retry(on=ValueError, attempts=attempts)
+
+
+async def test_attempts_counts_first_call() -> None:
+    """With attempts=3 a failing call runs exactly three times, the first one included."""
+    fn = Flaky(*[ValueError(i) for i in range(10)])
+    retry = Retry(on=ValueError, attempts=3, clock=FakeClock(autojump=True))
+    with pytest.raises(ValueError):
+        await retry.call(fn)
+    assert fn.calls == 3
+
+
+async def test_success_after_failures_returns_value() -> None:
+    """A call that fails twice then succeeds returns its value on the third attempt."""
+    fn = Flaky(ValueError(1), ValueError(2), value="done")
+    retry = Retry(on=ValueError, attempts=3, clock=FakeClock(autojump=True))
+    assert await retry.call(fn) == "done"
+    assert fn.calls == 3
+
+
+async def test_last_exception_reraised_unwrapped() -> None:
+    """When attempts run out the very last exception object is raised, not a RetryError."""
+    last = KeyError("third")
+    fn = Flaky(KeyError("first"), KeyError("second"), last)
+    retry = Retry(on=KeyError, attempts=3, clock=FakeClock(autojump=True))
+    with pytest.raises(KeyError) as info:
+        await retry.call(fn)
+    assert info.value is last
+    assert info.value.args == ("third",)
+
+
+async def test_last_result_returned_when_result_rejected() -> None:
+    """When retry_if_result keeps rejecting, the last returned result comes back."""
+    results = iter([1, 2, 3, 4])
+
+    async def fn() -> int:
+        return next(results)
+
+    retry = Retry(
+        on=ValueError, attempts=3, retry_if_result=lambda r: r < 10, clock=FakeClock(autojump=True)
+    )
+    assert await retry.call(fn) == 3
+
+
+async def test_result_accepted_after_rejections() -> None:
+    """retry_if_result retries until a result is accepted and returns that result."""
+    results = iter([None, None, "value", "later"])
+
+    async def fn() -> object:
+        return next(results)
+
+    retry = Retry(
+        on=ValueError,
+        attempts=5,
+        retry_if_result=lambda r: r is None,
+        clock=FakeClock(autojump=True),
+    )
+    assert await retry.call(fn) == "value"
+
+
+async def test_unmatched_exception_propagates_after_one_attempt() -> None:
+    """An exception not matching ``on`` propagates at once, without a retry."""
+    fn = Flaky(TypeError("nope"), value="never")
+    clock = FakeClock(autojump=True)
+    retry = Retry(on=ValueError, attempts=5, clock=clock)
+    with pytest.raises(TypeError):
+        await retry.call(fn)
+    assert fn.calls == 1
+    assert clock.slept == []
+
+
+async def test_unmatched_exception_on_later_attempt_propagates() -> None:
+    """An unmatched exception on a retry propagates at once and ends retrying."""
+    fn = Flaky(ValueError(1), TypeError(2), value="never")
+    retry = Retry(on=ValueError, attempts=5, clock=FakeClock(autojump=True))
+    with pytest.raises(TypeError):
+        await retry.call(fn)
+    assert fn.calls == 2
+
+
+async def test_predicate_on() -> None:
+    """A predicate ``on`` retries only the exceptions it accepts."""
+    retry = Retry(
+        on=lambda e: isinstance(e, ValueError) and e.args == ("retry me",),
+        attempts=4,
+        clock=FakeClock(autojump=True),
+    )
+    fn = Flaky(ValueError("retry me"), ValueError("retry me"), value="ok")
+    assert await retry.call(fn) == "ok"
+    assert fn.calls == 3
+    other = Flaky(ValueError("retry me"), ValueError("stop"), value="never")
+    with pytest.raises(ValueError, match="stop"):
+        await retry.call(other)
+    assert other.calls == 2
+
+
+async def test_tuple_on() -> None:
+    """A tuple ``on`` retries any of its types."""
+    fn = Flaky(ValueError(), KeyError(), value="ok")
+    retry = Retry(on=(ValueError, KeyError), attempts=3, clock=FakeClock(autojump=True))
+    assert await retry.call(fn) == "ok"
+
+
+async def test_wait_fixed_sleeps_on_clock() -> None:
+    """tenacity.wait_fixed(2) makes the retry sleep 2s between attempts, on the policy's clock."""
+    clock = FakeClock(autojump=True)
+    retry = Retry(on=ValueError, attempts=3, wait=tenacity.wait_fixed(2), clock=clock)
+    with pytest.raises(ValueError):
+        await retry.call(Flaky(*[ValueError() for _ in range(5)]))
+    assert clock.slept == [2, 2]
+
+
+async def test_wait_exponential_honoured() -> None:
+    """tenacity.wait_exponential gives the doubling delays it promises."""
+    clock = FakeClock(autojump=True)
+    retry = Retry(
+        on=ValueError,
+        attempts=4,
+        wait=tenacity.wait_exponential(multiplier=1, max=100),
+        clock=clock,
+    )
+    with pytest.raises(ValueError):
+        await retry.call(Flaky(*[ValueError() for _ in range(5)]))
+    assert clock.slept == [1, 2, 4]
+
+
+async def test_retry_waits_for_fake_time() -> None:
+    """The next attempt starts only once the clock has advanced by the wait."""
+    clock = FakeClock()
+    fn = Flaky(ValueError(), value="ok")
+    retry = Retry(on=ValueError, attempts=2, wait=tenacity.wait_fixed(3), clock=clock)
+    task = asyncio.create_task(retry.call(fn))
+    await settle()
+    assert fn.calls == 1
+    clock.advance(2.5)
+    await settle()
+    assert fn.calls == 1 and not task.done()
+    clock.advance(0.5)
+    assert await task == "ok"
+    assert fn.calls == 2
+
+
+async def test_stop_after_delay_ends_early() -> None:
+    """tenacity.stop_after_delay stops retrying once fake time passes the delay."""
+    clock = FakeClock(autojump=True)
+    fn = Flaky(*[ValueError(i) for i in range(20)])
+    retry = Retry(
+        on=ValueError,
+        attempts=10,
+        wait=tenacity.wait_fixed(2),
+        stop=tenacity.stop_after_delay(3),
+        clock=clock,
+    )
+    with pytest.raises(ValueError):
+        await retry.call(fn)
+    # attempts at t=0, 2 and 4: after the third, 4s >= 3s have passed
+    assert fn.calls == 3
+    assert clock.slept == [2, 2]
+
+
+async def test_stop_never_adds_attempts() -> None:
+    """A stop strategy that never fires still leaves ``attempts`` as the limit."""
+    fn = Flaky(*[ValueError(i) for i in range(20)])
+    retry = Retry(
+        on=ValueError, attempts=4, stop=tenacity.stop_never, clock=FakeClock(autojump=True)
+    )
+    with pytest.raises(ValueError):
+        await retry.call(fn)
+    assert fn.calls == 4
+
+
+async def test_retry_scheduled_events() -> None:
+    """Listeners receive one RetryScheduled per retry, with attempt, delay and error."""
+    events: list[Event] = []
+    errors = [ValueError(1), ValueError(2), ValueError(3)]
+    retry = Retry(
+        on=ValueError,
+        attempts=3,
+        wait=tenacity.wait_fixed(1.5),
+        name="r1",
+        clock=FakeClock(autojump=True),
+        listeners=[events.append],
+    )
+    with pytest.raises(ValueError):
+        await retry.call(Flaky(*errors))
+    assert events == [
+        RetryScheduled(name="r1", attempt=1, delay=1.5, error=errors[0]),
+        RetryScheduled(name="r1", attempt=2, delay=1.5, error=errors[1]),
+    ]
+
+
+async def test_retry_scheduled_event_for_result() -> None:
+    """A rejected result is reported in RetryScheduled.result with no error."""
+    events: list[Event] = []
+    results = iter(["bad", "good"])
+
+    async def fn() -> str:
+        return next(results)
+
+    retry = Retry(
+        on=ValueError,
+        attempts=3,
+        retry_if_result=lambda r: r == "bad",
+        wait=tenacity.wait_fixed(1),
+        clock=FakeClock(autojump=True),
+        listeners=[events.append],
+    )
+    assert await retry.call(fn) == "good"
+    assert events == [RetryScheduled(name="retry", attempt=1, delay=1, error=None, result="bad")]
+
+
+async def test_cancel_during_attempt_is_not_retried() -> None:
+    """Cancelling the task while an attempt runs ends the call with CancelledError, no retry."""
+    clock = FakeClock()
+    calls = 0
+    never = asyncio.Event()
+
+    async def fn() -> None:
+        nonlocal calls
+        calls += 1
+        await never.wait()
+
+    retry = Retry(on=Exception, attempts=5, wait=tenacity.wait_fixed(1), clock=clock)
+    task = asyncio.create_task(retry.call(fn))
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    clock.advance(100)
+    await settle()
+    assert calls == 1
+    assert clock.slept == []
+
+
+async def test_cancel_during_backoff_is_not_retried() -> None:
+    """Cancelling the task during the backoff sleep ends the call, with no further attempt."""
+    clock = FakeClock()
+    fn = Flaky(*[ValueError(i) for i in range(5)])
+    retry = Retry(on=Exception, attempts=5, wait=tenacity.wait_fixed(5), clock=clock)
+    task = asyncio.create_task(retry.call(fn))
+    await settle()
+    assert clock.slept == [5]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    clock.advance(100)
+    await settle()
+    assert fn.calls == 1
+    assert clock.pending == 0
+
+
+async def test_single_attempt_never_sleeps() -> None:
+    """attempts=1 runs once and re-raises without sleeping."""
+    clock = FakeClock(autojump=True)
+    fn = Flaky(ValueError(), value="never")
+    with pytest.raises(ValueError):
+        await Retry(on=ValueError, attempts=1, clock=clock).call(fn)
+    assert fn.calls == 1
+    assert clock.slept == []
+
+
+def test_bad_wait_and_stop_rejected() -> None:
+    """Non-callable wait or stop strategies are rejected with TypeError."""
+    with pytest.raises(TypeError):
+        Retry(on=ValueError, wait=2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Retry(on=ValueError, stop=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Retry(on=ValueError, retry_if_result=True)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    attempts=st.integers(min_value=1, max_value=8),
+    failures=st.integers(min_value=0, max_value=12),
+)
+def test_attempts_never_exceeded(attempts: int, failures: int) -> None:
+    """Over any number of failures, the call runs at most ``attempts`` times."""
+    fn = Flaky(*[ValueError(i) for i in range(failures)], value="ok")
+    retry = Retry(on=ValueError, attempts=attempts, clock=FakeClock(autojump=True))
+
+    async def main() -> object:
+        try:
+            return await retry.call(fn)
+        except ValueError as exc:
+            return exc
+
+    outcome = asyncio.run(main())
+    assert fn.calls == min(attempts, failures + 1)
+    if failures < attempts:
+        assert outcome == "ok"
+    else:
+        assert isinstance(outcome, ValueError) and outcome.args == (attempts - 1,)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import weakref
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -171,6 +172,7 @@ def open_duration(cfg: BreakerConfig, reopens: int) -> float:
 # --- the state machine of one named breaker -------------------------------------------------
 
 _lease_ids = itertools.count(1)
+_NO_RESULT: Any = object()  # the outcome of an ``async with`` block: no value to judge
 
 
 class BreakerCore:
@@ -187,8 +189,8 @@ class BreakerCore:
         "_probes",
         "clock",
         "config",
+        "fronts",
         "gen",
-        "listeners",
         "name",
         "open_for",
         "open_until",
@@ -207,7 +209,7 @@ class BreakerCore:
         self.open_for = 0.0
         self.reopens = 0
         self.window: Counter = config.window.new()
-        self.listeners: tuple[Listener, ...] = ()
+        self.fronts: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._probes: dict[int, float] = {}  # lease id -> expiry
         self._probe_done = self._probe_failures = self._probe_slow = 0
 
@@ -305,21 +307,20 @@ class BreakerCore:
             self.reopens = 0
         if new is not OPEN:
             self.open_until = 0.0
-        if new is CLOSED or new is OPEN:
-            self.window.reset()
+        self.window.reset()
         self._probes.clear()
         self._probe_done = self._probe_failures = self._probe_slow = 0
-        if self.listeners:
-            emit(
-                self.listeners,
-                StateChanged(
-                    name=self.name,
-                    old=old,
-                    new=new,
-                    generation=self.gen,
-                    open_for=self.open_for if new is OPEN else None,
-                ),
+        if self.fronts:
+            event = StateChanged(
+                name=self.name,
+                old=old,
+                new=new,
+                generation=self.gen,
+                open_for=self.open_for if new is OPEN else None,
             )
+            for front in list(self.fronts):
+                if front._listeners:
+                    emit(front._listeners, event)
 
     def metrics(self, now: float) -> BreakerMetrics:
         """The state and the window's counts at ``now``."""
@@ -420,16 +421,10 @@ class CircuitBreaker(BasePolicy):
             store = MemoryStore(clock=self._clock)
         self.store = store
         self._core: BreakerCore = store.breaker(name, config, self._clock)
-        if self._listeners:
-            self._core.listeners = (*self._core.listeners, *self._listeners)
+        self._core.fronts.add(self)
         self._held: ContextVar[tuple[tuple[int, int, float], ...]] = ContextVar(
             f"resilience.breaker.{name}", default=()
         )
-
-    def add_listener(self, listener: Listener) -> None:
-        """Add ``listener``; it receives this breaker's state changes and rejections."""
-        super().add_listener(listener)
-        self._core.listeners = (*self._core.listeners, self._listeners[-1])
 
     @property
     def state(self) -> CircuitState:
@@ -476,7 +471,11 @@ class CircuitBreaker(BasePolicy):
                 return
             failed = self._is_failure(exc)
         else:
-            failed = self._failure_if is not None and bool(self._failure_if(result))
+            failed = (
+                self._failure_if is not None
+                and result is not _NO_RESULT
+                and bool(self._failure_if(result))
+            )
         if self._timed:
             now: float | None = self._clock.monotonic()
             slow = self._slow_after is not None and now - start >= self._slow_after  # type: ignore[operator]
@@ -515,7 +514,7 @@ class CircuitBreaker(BasePolicy):
                 raise
             if lease or not plain:
                 settle(gen, lease, start, None, result)
-            elif gen == core.gen:
+            elif gen == core.gen and core.state is CLOSED:
                 w = cast(CountCounter, core.window)
                 if w.failures or w.slow:
                     core.record(gen, 0, False, False)
@@ -539,7 +538,7 @@ class CircuitBreaker(BasePolicy):
         gen, lease, start = held[-1]
         self._held.set(held[:-1])
         if exc is None:
-            self._settle(gen, lease, start, None, None)
+            self._settle(gen, lease, start, None, _NO_RESULT)
         elif isinstance(exc, Exception):
             self._settle(gen, lease, start, exc, None)
         else:

@@ -55,6 +55,7 @@ class Measured:
     case: Case
     calls: int = 0
     samples: list[float] = field(default_factory=list)
+    error: str = ""
 
     @property
     def median(self) -> float:
@@ -66,7 +67,12 @@ class Measured:
 
     @property
     def ok(self) -> bool:
-        return bool(self.samples)
+        return bool(self.samples) and not self.error
+
+    def fail(self, exc: BaseException) -> None:
+        """Drop the case: it raised while being timed."""
+        self.error = f"failed while timed: {type(exc).__name__}: {exc}"[:160]
+        self.samples.clear()
 
 
 def ok_loop(fn: Protected) -> Loop:
@@ -114,6 +120,26 @@ async def _calibrate(loop: Loop, settings: Settings) -> int:
     return max(min(settings.calls, wanted), min(settings.min_calls, settings.calls))
 
 
+async def _calibrate_into(m: Measured, settings: Settings) -> None:
+    assert m.case.loop is not None
+    m.calls = await _calibrate(m.case.loop, settings)
+
+
+async def _sample_into(m: Measured, *, keep: bool) -> None:
+    assert m.case.loop is not None
+    sample = await _sample(m.case.loop, m.calls)
+    if keep:
+        m.samples.append(sample)
+
+
+async def _guarded(m: Measured, step: Awaitable[None]) -> None:
+    """Run one step of ``m``; a case that raises is dropped, not the whole run."""
+    try:
+        await step
+    except Exception as exc:
+        m.fail(exc)
+
+
 async def measure(
     cases: Sequence[Case],
     settings: Settings,
@@ -122,18 +148,14 @@ async def measure(
     """Calibrate, run one discarded warm-up round, then ``settings.rounds`` timed rounds."""
     results = [Measured(c) for c in cases if c.loop is not None]
     for m in results:
-        assert m.case.loop is not None
-        m.calls = await _calibrate(m.case.loop, settings)
+        await _guarded(m, _calibrate_into(m, settings))
     rng = random.Random(settings.seed)
     for index in range(settings.rounds + 1):  # round 0 is the warm-up
-        order = list(results)
+        order = [m for m in results if not m.error]
         rng.shuffle(order)
         gc.collect()
         for m in order:
-            assert m.case.loop is not None
-            sample = await _sample(m.case.loop, m.calls)
-            if index:
-                m.samples.append(sample)
+            await _guarded(m, _sample_into(m, keep=index > 0))
         if progress is not None:
             progress(index, settings.rounds)
     return results

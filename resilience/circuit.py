@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock
 from .errors import CircuitOpenError
@@ -213,11 +213,15 @@ class BreakerCore:
         self._probes: dict[int, float] = {}  # lease id -> expiry
         self._probe_done = self._probe_failures = self._probe_slow = 0
 
+    #: A shared core in strict mode wants ``await commit()`` after each outcome.
+    strict = False
+
     # admission
-    def acquire(self, now: float) -> tuple[int, int]:
+    def acquire(self, now: float) -> tuple[int, int] | None:
         """Admit a call: ``(generation, lease)``, lease 0 unless the call is a probe.
 
-        Raises ``CircuitOpenError`` when the call must not run.
+        Raises ``CircuitOpenError`` when the call must not run. A shared core returns ``None``
+        when only its store can decide (a fleet-wide probe): then ``await acquire_remote``.
         """
         state = self.state
         if state is CLOSED or state is DISABLED:
@@ -239,6 +243,15 @@ class BreakerCore:
             return self.gen, lease
         wait = min(probes.values()) - now if probes else self.config.open_for
         raise CircuitOpenError(self.name, "half_open", max(0.0, min(wait, self.config.open_for)))
+
+    async def acquire_remote(self, now: float) -> tuple[int, int]:
+        """Admission that needs the store; a local core decides on its own."""
+        admitted = BreakerCore.acquire(self, now)
+        assert admitted is not None
+        return admitted
+
+    async def commit(self) -> None:
+        """Wait until the outcomes recorded so far are stored (strict mode); no-op here."""
 
     def release(self, gen: int, lease: int) -> None:
         """Give back a probe permit without an outcome (the call was cancelled)."""
@@ -310,7 +323,11 @@ class BreakerCore:
         self.window.reset()
         self._probes.clear()
         self._probe_done = self._probe_failures = self._probe_slow = 0
-        if self.fronts:
+        self._announce(old, new)
+
+    def _announce(self, old: CircuitState, new: CircuitState) -> None:
+        """Tell the listeners of every breaker object using this core."""
+        if any(front._listeners for front in self.fronts):
             event = StateChanged(
                 name=self.name,
                 old=old,
@@ -451,15 +468,17 @@ class CircuitBreaker(BasePolicy):
         if self._listeners:
             emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
 
-    def _admit(self) -> tuple[int, int, float]:
+    async def _admit(self) -> tuple[int, int, float]:
         core = self._core
         now = self._clock.monotonic()
         try:
-            gen, lease = core.acquire(now)
+            admitted = core.acquire(now)
+            if admitted is None:
+                admitted = await core.acquire_remote(now)
         except CircuitOpenError as error:
             self._reject(error)
             raise
-        return gen, lease, now
+        return admitted[0], admitted[1], now
 
     def _settle(
         self, gen: int, lease: int, start: float, exc: Exception | None, result: Any
@@ -501,12 +520,19 @@ class CircuitBreaker(BasePolicy):
                 if self._listeners:
                     self._reject(error)
                 raise error
+            elif core.state is FORCED_OPEN:
+                error = CircuitOpenError(core.name, "forced_open", None)
+                if self._listeners:
+                    self._reject(error)
+                raise error
             else:
-                gen, lease, start = admit()
+                gen, lease, start = await admit()
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
                 settle(gen, lease, start, exc, None)
+                if core.strict:
+                    await core.commit()
                 raise
             except BaseException:  # cancellation is no outcome, but the probe permit goes back
                 if lease:
@@ -514,8 +540,10 @@ class CircuitBreaker(BasePolicy):
                 raise
             if lease or not plain:
                 settle(gen, lease, start, None, result)
+                if core.strict:
+                    await core.commit()
             elif gen == core.gen and core.state is CLOSED:
-                w = cast(CountCounter, core.window)
+                w: CountCounter = core.window  # type: ignore[assignment]
                 if w.failures or w.slow:
                     core.record(gen, 0, False, False)
                 elif w.calls < w.size:  # an all-success count window: only the count moves
@@ -525,7 +553,7 @@ class CircuitBreaker(BasePolicy):
         return protected
 
     async def __aenter__(self) -> None:
-        gen, lease, start = self._admit()
+        gen, lease, start = await self._admit()
         self._held.set((*self._held.get(), (gen, lease, start)))
 
     async def __aexit__(
@@ -543,3 +571,6 @@ class CircuitBreaker(BasePolicy):
             self._settle(gen, lease, start, exc, None)
         else:
             self._core.release(gen, lease)
+            return
+        if self._core.strict:
+            await self._core.commit()

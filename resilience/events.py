@@ -22,6 +22,9 @@ __all__ = [
     "Listener",
     "RetryScheduled",
     "StateChanged",
+    "StoreDataReset",
+    "StoreDegraded",
+    "StoreRecovered",
     "TimedOut",
 ]
 
@@ -80,6 +83,30 @@ class TimedOut(Event):
 
     policy: str = "timeout"
     seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreDegraded(Event):
+    """The store ``name`` (its key prefix) failed; policies carry on with local state."""
+
+    policy: str = "store"
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreRecovered(Event):
+    """The store ``name`` answers again after ``after`` seconds; local state was merged back."""
+
+    policy: str = "store"
+    after: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreDataReset(Event):
+    """Data under ``key`` did not parse (written by someone else?) and was reset."""
+
+    policy: str = "store"
+    key: str
 
 
 class Listener(Protocol):

@@ -200,9 +200,26 @@ def check_seconds(what: str, value: object, *, none: bool = False, zero: bool = 
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite or value < 0 or (value == 0 and not zero):
         bound = ">= 0" if zero else "> 0"
         raise ValueError(f"{what} must be finite and {bound}, got {value!r}")
+    return float(value)
+
+
+def check_positive(what: str, value: object) -> float:
+    """A finite number > 0 (a rate, a count per period)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    try:
+        ok = math.isfinite(value) and value > 0
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be finite and > 0, got {value!r}")
     return float(value)
 
 

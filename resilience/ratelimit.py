@@ -9,7 +9,7 @@ from typing import Any
 from .clock import Clock
 from .errors import RateLimitedError
 from .events import CallRejected, Listener, emit
-from .policy import BasePolicy, Protected, check_int, check_seconds
+from .policy import BasePolicy, Protected, check_int, check_positive, check_seconds
 
 __all__ = ["RateLimiter", "gcra"]
 
@@ -50,7 +50,7 @@ class RateLimiter(BasePolicy):
         listeners: Iterable[Listener] = (),
     ) -> None:
         super().__init__(name, clock, listeners)
-        self.rate = check_seconds("rate", rate)  # a finite number > 0
+        self.rate = check_positive("rate", rate)
         self.per = check_seconds("per", per)
         self.burst = max(1, math.ceil(self.rate)) if burst is None else check_int("burst", burst)
         self.interval = self.per / self.rate

@@ -87,15 +87,18 @@ class Retry(BasePolicy):
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             start = clock.monotonic() if timed else None
+            error: Exception | None = None
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
                 if single or not should_retry(exc):
                     raise
-                return await again(fn, args, kwargs, start, exc, None)
-            if retry_if_result is not None and retry_if_result(result):
-                return await again(fn, args, kwargs, start, None, result)
-            return result
+                error, result = exc, None
+            else:
+                if retry_if_result is None or not retry_if_result(result):
+                    return result
+            # retry outside the except block, so later errors are not chained to this one
+            return await again(fn, args, kwargs, start, error, result)
 
         return protected
 

@@ -514,3 +514,37 @@ class BreakerMachine(RuleBasedStateMachine):
 
 BreakerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_breaker_matches_model = BreakerMachine.TestCase
+
+
+async def test_disabled_counts_nothing(clock: FakeClock) -> None:
+    """A disabled breaker lets calls through without counting them, successes included."""
+    b = make(clock)
+    await run(b, "ff")
+    await b.disable()
+    await run(b, "ssffss")
+    m = b.metrics()
+    assert (m.state, m.calls, m.failures) == (CircuitState.DISABLED, 0, 0)
+
+
+async def test_async_with_success_skips_failure_if(clock: FakeClock) -> None:
+    """A block has no result to judge: failure_if is not consulted for it."""
+    seen: list[object] = []
+    b = make(clock, failure_if=lambda r: seen.append(r) or True)
+    async with b:
+        pass
+    assert seen == []
+    assert (b.metrics().calls, b.metrics().failures) == (1, 0)
+
+
+async def test_listeners_follow_their_breaker_object(clock: FakeClock) -> None:
+    """Each breaker object's listeners hear the shared state change once; dropped ones go."""
+    store = MemoryStore(clock=clock)
+    heard_a: list[object] = []
+    a = make(clock, store=store, listeners=[heard_a.append])
+    for _ in range(20):
+        make(clock, store=store, listeners=[heard_a.append])  # dropped at once
+    import gc
+
+    gc.collect()
+    await run(a, "ffff")
+    assert len([e for e in heard_a if isinstance(e, StateChanged)]) == 1

@@ -63,7 +63,7 @@ async def test_attempts_counts_first_call() -> None:
     """With attempts=3 a failing call runs exactly three times, the first one included."""
     fn = Flaky(*[ValueError(i) for i in range(10)])
     retry = Retry(on=ValueError, attempts=3, clock=FakeClock(autojump=True))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^2$"):
         await retry.call(fn)
     assert fn.calls == 3
 
@@ -85,6 +85,8 @@ async def test_last_exception_reraised_unwrapped() -> None:
         await retry.call(fn)
     assert info.value is last
     assert info.value.args == ("third",)
+    # not chained to the earlier attempts' errors ("during handling of ... another occurred")
+    assert info.value.__context__ is None
 
 
 async def test_last_result_returned_when_result_rejected() -> None:
@@ -163,7 +165,7 @@ async def test_wait_fixed_sleeps_on_clock() -> None:
     """tenacity.wait_fixed(2) makes the retry sleep 2s between attempts, on the policy's clock."""
     clock = FakeClock(autojump=True)
     retry = Retry(on=ValueError, attempts=3, wait=tenacity.wait_fixed(2), clock=clock)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^$"):
         await retry.call(Flaky(*[ValueError() for _ in range(5)]))
     assert clock.slept == [2, 2]
 
@@ -177,7 +179,7 @@ async def test_wait_exponential_honoured() -> None:
         wait=tenacity.wait_exponential(multiplier=1, max=100),
         clock=clock,
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^$"):
         await retry.call(Flaky(*[ValueError() for _ in range(5)]))
     assert clock.slept == [1, 2, 4]
 
@@ -192,7 +194,8 @@ async def test_retry_waits_for_fake_time() -> None:
     assert fn.calls == 1
     clock.advance(2.5)
     await settle()
-    assert fn.calls == 1 and not task.done()
+    assert fn.calls == 1
+    assert not task.done()
     clock.advance(0.5)
     assert await task == "ok"
     assert fn.calls == 2
@@ -209,7 +212,7 @@ async def test_stop_after_delay_ends_early() -> None:
         stop=tenacity.stop_after_delay(3),
         clock=clock,
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^2$"):
         await retry.call(fn)
     # attempts at t=0, 2 and 4: after the third, 4s >= 3s have passed
     assert fn.calls == 3
@@ -222,7 +225,7 @@ async def test_stop_never_adds_attempts() -> None:
     retry = Retry(
         on=ValueError, attempts=4, stop=tenacity.stop_never, clock=FakeClock(autojump=True)
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^3$"):
         await retry.call(fn)
     assert fn.calls == 4
 
@@ -239,7 +242,7 @@ async def test_retry_scheduled_events() -> None:
         clock=FakeClock(autojump=True),
         listeners=[events.append],
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^3$"):
         await retry.call(Flaky(*errors))
     assert events == [
         RetryScheduled(name="r1", attempt=1, delay=1.5, error=errors[0]),
@@ -311,7 +314,7 @@ async def test_single_attempt_never_sleeps() -> None:
     """attempts=1 runs once and re-raises without sleeping."""
     clock = FakeClock(autojump=True)
     fn = Flaky(ValueError(), value="never")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^$"):
         await Retry(on=ValueError, attempts=1, clock=clock).call(fn)
     assert fn.calls == 1
     assert clock.slept == []
@@ -348,4 +351,17 @@ def test_attempts_never_exceeded(attempts: int, failures: int) -> None:
     if failures < attempts:
         assert outcome == "ok"
     else:
-        assert isinstance(outcome, ValueError) and outcome.args == (attempts - 1,)
+        assert isinstance(outcome, ValueError)
+        assert outcome.args == (attempts - 1,)
+
+
+async def test_default_wait_is_exponential_from_a_tenth() -> None:
+    """The default wait starts near 0.1s, doubles, and is capped near 5s (plus small jitter)."""
+    clock = FakeClock(autojump=True)
+    retry = Retry(on=ValueError, attempts=9, clock=clock)
+    with pytest.raises(ValueError, match=r"^8$"):
+        await retry.call(Flaky(*[ValueError(i) for i in range(9)]))
+    assert len(clock.slept) == 8
+    for n, delay in enumerate(clock.slept):
+        base = min(0.1 * 2**n, 5.0)
+        assert base <= delay <= min(base + 0.1, 5.0) + 1e-9

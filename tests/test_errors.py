@@ -1,0 +1,101 @@
+"""Tests for resilience.errors: hierarchy, attributes, messages and pickling."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from resilience.errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    RateLimitedError,
+    RejectedError,
+    ResilienceError,
+    ResilienceTimeoutError,
+    UnacceptableResultError,
+)
+
+
+@pytest.mark.parametrize("cls", [CircuitOpenError, BulkheadFullError, RateLimitedError])
+def test_rejections_are_rejected_errors(cls: type[Exception]) -> None:
+    """Every rejection is a RejectedError, a ResilienceError and an Exception."""
+    assert issubclass(cls, RejectedError)
+    assert issubclass(cls, ResilienceError)
+    assert issubclass(cls, Exception)
+
+
+def test_timeout_error_is_builtin_timeout() -> None:
+    """ResilienceTimeoutError is both a ResilienceError and a builtin TimeoutError, not rejected."""
+    assert issubclass(ResilienceTimeoutError, TimeoutError)
+    assert issubclass(ResilienceTimeoutError, ResilienceError)
+    assert not issubclass(ResilienceTimeoutError, RejectedError)
+    with pytest.raises(TimeoutError):
+        raise ResilienceTimeoutError("t", 1.0)
+
+
+def test_unacceptable_result_is_resilience_error() -> None:
+    """UnacceptableResultError is a ResilienceError carrying the result."""
+    error = UnacceptableResultError([1, 2])
+    assert isinstance(error, ResilienceError)
+    assert not isinstance(error, RejectedError)
+    assert error.result == [1, 2]
+    assert "[1, 2]" in str(error)
+
+
+def test_attributes() -> None:
+    """Each error exposes the attributes it documents."""
+    circuit = CircuitOpenError("db", "open", 2.5)
+    assert (circuit.name, circuit.state, circuit.retry_after) == ("db", "open", 2.5)
+    bulkhead = BulkheadFullError("pool", 4)
+    assert (bulkhead.name, bulkhead.max_concurrent, bulkhead.retry_after) == ("pool", 4, None)
+    limited = RateLimitedError("api", 0.25)
+    assert (limited.name, limited.retry_after) == ("api", 0.25)
+    timeout = ResilienceTimeoutError("slow", 3.0)
+    assert (timeout.name, timeout.seconds) == ("slow", 3.0)
+    rejected = RejectedError("x")
+    assert (rejected.name, rejected.retry_after) == ("x", None)
+
+
+@pytest.mark.parametrize(
+    ("error", "parts"),
+    [
+        (CircuitOpenError("db-breaker", "half_open", 1.5), ["db-breaker", "half_open", "1.500"]),
+        (CircuitOpenError("db-breaker", "forced_open", None), ["db-breaker", "forced_open"]),
+        (BulkheadFullError("pool-a", 7), ["pool-a", "7"]),
+        (RateLimitedError("api-limit", 0.125), ["api-limit", "0.125"]),
+        (ResilienceTimeoutError("slow-call", 2.5), ["slow-call", "2.5"]),
+        (RejectedError("generic", 4.0), ["generic", "4.000"]),
+    ],
+)
+def test_messages_mention_name(error: Exception, parts: list[str]) -> None:
+    """str() of each error names its policy and the relevant numbers."""
+    message = str(error)
+    for part in parts:
+        assert part in message
+
+
+def test_no_retry_hint_without_retry_after() -> None:
+    """Without retry_after, the message has no retry hint."""
+    assert "retry after" not in str(BulkheadFullError("p", 1))
+    assert "retry after" in str(RateLimitedError("p", 1.0))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RejectedError("r", 1.0),
+        CircuitOpenError("db", "open", 2.5),
+        BulkheadFullError("pool", 4),
+        RateLimitedError("api", 0.25),
+        ResilienceTimeoutError("slow", 3.0),
+        UnacceptableResultError({"k": 1}),
+    ],
+)
+def test_pickle_round_trip(error: Exception) -> None:
+    """Every error survives pickling with its type, args, attributes and message."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert copy.args == error.args
+    assert vars(copy) == vars(error)
+    assert str(copy) == str(error)

@@ -1,0 +1,227 @@
+"""Tests for resilience.ratelimit: GCRA admission, retry_after, refill, defaults, events."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resilience.errors import RateLimitedError
+from resilience.events import CallRejected, Event
+from resilience.ratelimit import RateLimiter, gcra
+from resilience.testing import FakeClock
+
+
+async def ok() -> str:
+    return "ok"
+
+
+def run_now(awaitable: Awaitable[Any]) -> Any:
+    """Drive a coroutine that never suspends to its end, without an event loop."""
+    coro = awaitable.__await__()
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the call suspended")
+
+
+def admitted(limiter: RateLimiter) -> bool:
+    """One protected call: True if admitted, False if rate limited."""
+    try:
+        run_now(limiter.call(ok))
+    except RateLimitedError:
+        return False
+    return True
+
+
+async def test_burst_then_reject_with_retry_after(clock: FakeClock) -> None:
+    """``burst`` calls pass at once; the next fails with retry_after = time to the next token."""
+    limiter = RateLimiter(2, per=1, burst=3, name="rl", clock=clock)  # a token every 0.5s
+    for _ in range(3):
+        assert await limiter.call(ok) == "ok"
+    with pytest.raises(RateLimitedError) as info:
+        await limiter.call(ok)
+    assert info.value.name == "rl"
+    assert info.value.retry_after == pytest.approx(0.5)
+    clock.advance(0.2)
+    with pytest.raises(RateLimitedError) as info:
+        await limiter.call(ok)
+    assert info.value.retry_after == pytest.approx(0.3)
+    clock.advance(info.value.retry_after - 0.001)
+    with pytest.raises(RateLimitedError):
+        await limiter.call(ok)
+    clock.advance(0.001)
+    assert await limiter.call(ok) == "ok"
+    with pytest.raises(RateLimitedError) as info:
+        await limiter.call(ok)
+    assert info.value.retry_after == pytest.approx(0.5)
+
+
+async def test_rejected_call_does_not_run(clock: FakeClock) -> None:
+    """A rate-limited call never runs the protected function."""
+    calls = 0
+
+    async def counted() -> None:
+        nonlocal calls
+        calls += 1
+
+    limiter = RateLimiter(1, burst=1, clock=clock)
+    await limiter.call(counted)
+    with pytest.raises(RateLimitedError):
+        await limiter.call(counted)
+    assert calls == 1
+
+
+def test_tokens_refill_at_rate_per(clock: FakeClock) -> None:
+    """After a full bucket is spent, ``per`` seconds restore ``rate`` tokens (up to burst)."""
+    limiter = RateLimiter(4, per=2, burst=4, clock=clock)
+    assert sum(admitted(limiter) for _ in range(10)) == 4
+    clock.advance(1)  # half a period: two tokens
+    assert sum(admitted(limiter) for _ in range(10)) == 2
+    clock.advance(2)
+    assert sum(admitted(limiter) for _ in range(10)) == 4
+    clock.advance(100)  # never more than burst, however long the pause
+    assert sum(admitted(limiter) for _ in range(10)) == 4
+
+
+def test_default_burst_is_ceil_rate(clock: FakeClock) -> None:
+    """burst defaults to ceil(rate), and that many calls are admitted at once."""
+    for rate in (1, 2.5, 10, 0.5):
+        limiter = RateLimiter(rate, clock=clock)
+        assert limiter.burst == max(1, math.ceil(rate))
+        assert sum(admitted(limiter) for _ in range(20)) == limiter.burst
+
+
+def test_try_acquire_matches_calls(clock: FakeClock) -> None:
+    """try_acquire takes tokens like a call and returns the wait when none is left."""
+    limiter = RateLimiter(1, per=4, burst=2, clock=clock)
+    assert limiter.try_acquire() == 0.0
+    assert limiter.try_acquire() == 0.0
+    assert limiter.try_acquire() == pytest.approx(4)
+    assert not admitted(limiter)
+    clock.advance(4)
+    assert admitted(limiter)
+
+
+async def test_call_rejected_event(clock: FakeClock) -> None:
+    """A rejection delivers CallRejected carrying the RateLimitedError."""
+    events: list[Event] = []
+    limiter = RateLimiter(1, burst=1, name="rl", clock=clock, listeners=[events.append])
+    await limiter.call(ok)
+    assert events == []
+    with pytest.raises(RateLimitedError) as info:
+        await limiter.call(ok)
+    assert events == [CallRejected(name="rl", policy="rate_limiter", error=info.value)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"rate": 0}, ValueError),
+        ({"rate": -1}, ValueError),
+        ({"rate": math.nan}, ValueError),
+        ({"rate": math.inf}, ValueError),
+        ({"rate": "1"}, TypeError),
+        ({"rate": True}, TypeError),
+        ({"rate": 1, "per": 0}, ValueError),
+        ({"rate": 1, "per": -2}, ValueError),
+        ({"rate": 1, "burst": 0}, ValueError),
+        ({"rate": 1, "burst": 1.5}, TypeError),
+        ({"rate": 1, "burst": True}, TypeError),
+    ],
+)
+def test_bad_input_rejected(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    """Non-positive, non-finite or mistyped rate, per and burst are rejected."""
+    with pytest.raises(error):
+        RateLimiter(**kwargs)
+
+
+def _window_ok(times: list[float], burst: int, interval: float) -> bool:
+    """True if every stretch between two admitted times holds at most burst + length/interval."""
+    for i in range(len(times)):
+        for j in range(i, len(times)):
+            if j - i + 1 > burst + (times[j] - times[i] + 1e-6) / interval:
+                return False
+    return True
+
+
+steps = st.lists(st.integers(min_value=0, max_value=1500), min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    gaps=steps,
+    rate=st.integers(min_value=1, max_value=20),
+    per=st.sampled_from([0.5, 1.0, 3.0]),
+    burst=st.integers(min_value=1, max_value=10),
+)
+def test_admissions_never_exceed_burst_plus_rate(
+    gaps: list[int], rate: int, per: float, burst: int
+) -> None:
+    """Over any call times, admissions in any interval stay within burst + rate*length/per."""
+    clock = FakeClock()
+    limiter = RateLimiter(rate, per=per, burst=burst, clock=clock)
+    times = []
+    for gap in gaps:
+        clock.advance(gap / 1000)
+        if admitted(limiter):
+            times.append(clock.monotonic())
+    assert _window_ok(times, burst, per / rate)
+
+
+@settings(max_examples=100, deadline=None)
+@given(gaps=steps, rate=st.integers(min_value=1, max_value=20), burst=st.integers(1, 10))
+def test_gcra_and_calls_agree(gaps: list[int], rate: int, burst: int) -> None:
+    """try_acquire (gcra) and protected calls admit exactly the same calls; retry_after agrees."""
+    clock = FakeClock()
+    by_call = RateLimiter(rate, burst=burst, clock=clock)
+    by_gcra = RateLimiter(rate, burst=burst, clock=clock)
+    for gap in gaps:
+        clock.advance(gap / 1000)
+        wait = by_gcra.try_acquire()
+        retry_after: float | None = None
+        try:
+            run_now(by_call.call(ok))
+        except RateLimitedError as exc:
+            retry_after = exc.retry_after
+        if retry_after is None:
+            assert wait == 0.0
+        else:
+            assert wait == pytest.approx(retry_after, abs=1e-6)
+            assert wait > 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    tat=st.floats(min_value=-10, max_value=10),
+    now=st.floats(min_value=-10, max_value=10),
+    interval=st.floats(min_value=0.01, max_value=5),
+    burst=st.integers(1, 10),
+)
+def test_gcra_step(tat: float, now: float, interval: float, burst: int) -> None:
+    """gcra either admits (tat moves one interval past max(tat, now)) or reports a positive wait."""
+    new_tat, wait = gcra(tat, now, interval, burst)
+    if wait == 0.0:
+        assert new_tat == pytest.approx(max(tat, now) + interval)
+        assert max(tat, now) - now <= (burst - 1) * interval + 1e-6
+    else:
+        assert new_tat == tat
+        assert wait == pytest.approx(tat - now - (burst - 1) * interval)
+        # after waiting, the same take succeeds
+        assert gcra(tat, now + wait + 1e-9, interval, burst)[1] == 0.0
+
+
+def test_rate_limited_error_retry_after_positive(clock: FakeClock) -> None:
+    """retry_after is strictly positive and no larger than one interval right after a take."""
+    limiter = RateLimiter(3, per=1, burst=1, clock=clock)
+    assert admitted(limiter)
+    for step in (0.0, 0.1, 0.2):
+        clock.advance(step)
+        with pytest.raises(RateLimitedError) as info:
+            run_now(limiter.call(ok))
+        assert 0 < info.value.retry_after <= 1 / 3 + 1e-9

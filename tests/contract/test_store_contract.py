@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -31,6 +33,17 @@ def breaker(store: Store, name: str = "dep", **kw: object) -> CircuitBreaker:
     return CircuitBreaker(name, store=store, **options)  # type: ignore[arg-type]
 
 
+Settle = Callable[[], Awaitable[None]]
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Yield to the loop until `condition()` holds (a generous bound, for real round trips)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
 async def fail(b: CircuitBreaker, times: int) -> None:
     for _ in range(times):
         with pytest.raises(ValueError, match="boom"):
@@ -51,21 +64,26 @@ async def test_other_config_is_refused(store: Store) -> None:
         breaker(store, "x", failure_ratio=0.9)
 
 
-async def test_trip_is_seen_by_every_breaker(store: Store) -> None:
-    """A breaker tripped through one object rejects calls through another."""
-    a, b = breaker(store), breaker(store)
+async def test_trip_is_seen_by_every_breaker(
+    store: Store, replica: Callable[[], Store], settle: Settle
+) -> None:
+    """A breaker tripped on one replica rejects calls on another."""
+    a, b = breaker(store), breaker(replica())
     await fail(a, 4)
-    await store.sync()
+    await settle()
     assert b.state is CircuitState.OPEN
     with pytest.raises(CircuitOpenError) as info:
         await b.call(ok)
     assert info.value.retry_after == pytest.approx(10.0)
 
 
-async def test_half_open_admits_exactly_the_probe_count(store: Store, clock: FakeClock) -> None:
-    """Across breaker objects, half-open lets exactly half_open_calls probes through."""
-    a, b = breaker(store, half_open_calls=2), breaker(store, half_open_calls=2)
+async def test_half_open_admits_exactly_the_probe_count(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """Across replicas, half-open lets exactly half_open_calls probes through."""
+    a, b = breaker(store, half_open_calls=2), breaker(replica(), half_open_calls=2)
     await fail(a, 4)
+    await settle()
     clock.advance(10)
     gate = asyncio.Event()
     started = 0
@@ -77,8 +95,7 @@ async def test_half_open_admits_exactly_the_probe_count(store: Store, clock: Fak
         return "ok"
 
     tasks = [asyncio.create_task(x.call(probe)) for x in (a, b, a, b, a, b)]
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await until(lambda: started + sum(t.done() for t in tasks) == 6)
     done = [t for t in tasks if t.done()]
     assert started == 2
     assert len(done) == 4
@@ -86,30 +103,37 @@ async def test_half_open_admits_exactly_the_probe_count(store: Store, clock: Fak
     gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert results.count("ok") == 2
-    await store.sync()
+    await settle()
     assert a.state is CircuitState.CLOSED
+    assert b.state is CircuitState.CLOSED
 
 
-async def test_expired_probe_lease_frees_the_slot(store: Store, clock: FakeClock) -> None:
-    """A probe that never reports stops blocking half-open once its lease expires."""
+async def test_expired_probe_lease_frees_the_slot(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """A probe whose holder dies stops blocking half-open once its lease expires."""
     a = breaker(store, probe_lease=3.0)
     await fail(a, 4)
+    await settle()
     clock.advance(10)
-    core = store.breaker("dep", a.config, clock)
-    gen, lease = core.acquire(clock.monotonic())  # a probe whose holder dies
+    core = replica().breaker("dep", a.config, clock)  # the replica that will die
+    await settle()
+    admitted = core.acquire(clock.monotonic()) or await core.acquire_remote(clock.monotonic())
+    gen, lease = admitted
     assert lease
     with pytest.raises(CircuitOpenError):
         await a.call(ok)
     clock.advance(3)
     assert await a.call(ok) == "ok"
-    await store.sync()
+    await settle()
     assert a.state is CircuitState.CLOSED
     core.record(gen, lease, True, False)  # the dead holder's late report is discarded
+    await settle()
     assert a.state is CircuitState.CLOSED
 
 
 async def test_outcomes_of_an_older_generation_are_discarded(
-    store: Store, clock: FakeClock
+    store: Store, clock: FakeClock, settle: Settle
 ) -> None:
     """A call admitted before a trip cannot count in the state that followed it."""
     a = breaker(store)
@@ -122,38 +146,44 @@ async def test_outcomes_of_an_older_generation_are_discarded(
     straggler = asyncio.create_task(a.call(slow_failure))
     await asyncio.sleep(0)
     await fail(a, 4)
+    await settle()
     clock.advance(10)
     assert await a.call(ok) == "ok"  # the probe closes the breaker
-    await store.sync()
+    await settle()
     assert a.state is CircuitState.CLOSED
     gate.set()
     with pytest.raises(ValueError, match="boom"):
         await straggler
+    await settle()
     assert a.metrics().failures == 0
+    assert a.state is CircuitState.CLOSED
 
 
-async def test_manual_control_is_shared(store: Store) -> None:
-    """force_open, disable and reset on one object are seen by the others."""
-    a, b = breaker(store), breaker(store)
+async def test_manual_control_is_shared(
+    store: Store, replica: Callable[[], Store], settle: Settle
+) -> None:
+    """force_open, disable and reset on one replica are seen by the others."""
+    a, b = breaker(store), breaker(replica())
     await a.force_open()
-    await store.sync()
+    await settle()
     assert b.state is CircuitState.FORCED_OPEN
     with pytest.raises(CircuitOpenError):
         await b.call(ok)
     await b.disable()
-    await store.sync()
+    await settle()
     assert a.state is CircuitState.DISABLED
     await fail(a, 10)
+    await settle()
     assert a.state is CircuitState.DISABLED
     await a.reset()
-    await store.sync()
+    await settle()
     assert b.state is CircuitState.CLOSED
 
 
-async def test_leases_are_bounded_and_returned(store: Store) -> None:
-    """At most `limit` leases are held at once; a released lease frees its place."""
+async def test_leases_are_bounded_and_returned(store: Store, replica: Callable[[], Store]) -> None:
+    """At most `limit` leases are held at once, fleet-wide; a released lease frees its place."""
     first = await store.acquire_lease("pool", limit=2, ttl=5)
-    second = await store.acquire_lease("pool", limit=2, ttl=5)
+    second = await replica().acquire_lease("pool", limit=2, ttl=5)
     assert first
     assert second
     assert first != second

@@ -1,0 +1,27 @@
+-- lease: take, give back or count expiring permits (a zset: lease id -> expiry in ms).
+-- KEYS: 1 the lease set
+-- ARGV: 1 op ("take", "give", "count"), 2 now in ms ("" = TIME), 3 lease id,
+--       4 limit, 5 ttl in ms
+-- Returns: take -> 1 if granted else 0; give -> 1 if it was held and unexpired;
+--          count -> live leases
+local n = tonumber(ARGV[2])
+if not n then
+  local t = redis.call('TIME')
+  n = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+local op = ARGV[1]
+if op == 'give' then
+  local expiry = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[3]))
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  if expiry and expiry > n then return 1 end
+  return 0
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', n)
+local held = redis.call('ZCARD', KEYS[1])
+if op == 'count' then return held end
+if held >= tonumber(ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[1], n + tonumber(ARGV[5]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
+return 1

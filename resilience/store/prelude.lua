@@ -1,0 +1,45 @@
+-- Shared by every breaker script (prepended to each).
+-- now_ms(arg): the caller's time if given (a store on a fake clock), else the server's TIME.
+local function now_ms(arg)
+  local n = tonumber(arg)
+  if n then return n end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local STATES = {closed = true, open = true, half_open = true, forced_open = true, disabled = true}
+
+-- load(KEYS[1..3] = state, win, probes; floor): read the state hash. `floor` is the highest
+-- generation the caller has seen: a stored generation below it (Redis lost data) is raised to
+-- it, so the fleet converges on the highest. A missing hash starts CLOSED at `floor`; one that
+-- is not what we write (wrong type, unknown state, non-numbers) is reset at `floor + 1`, with
+-- its window and probes. Returns state, gen, open_until, reopens, reset (1 = garbage reset).
+local function load(keys, floor)
+  floor = tonumber(floor) or 0
+  local kind = redis.call('TYPE', keys[1])['ok']
+  if kind == 'hash' then
+    local v = redis.call('HMGET', keys[1], 'state', 'gen', 'open_until', 'reopens')
+    local gen, open_until, reopens = tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
+    if STATES[v[1]] and gen and open_until and reopens then
+      if floor > gen then
+        gen = floor
+        redis.call('HSET', keys[1], 'gen', gen)
+      end
+      return v[1], gen, open_until, reopens, 0
+    end
+  end
+  local reset = 0
+  if kind ~= 'none' then
+    reset = 1
+    floor = floor + 1
+  end
+  redis.call('DEL', keys[1], keys[2], keys[3])
+  redis.call('HSET', keys[1], 'state', 'closed', 'gen', floor, 'open_until', 0, 'reopens', 0,
+    'pd', 0, 'pf', 0, 'ps', 0)
+  return 'closed', floor, 0, 0, reset
+end
+
+local function publish(channel, name, state, gen, open_until, reopens, now)
+  redis.call('PUBLISH', channel,
+    gen .. ' ' .. state .. ' ' .. open_until .. ' ' .. reopens .. ' ' .. now .. ' ' .. name)
+end

@@ -1,0 +1,31 @@
+-- probe: take a half-open probe lease, fleet-wide (moving OPEN to HALF_OPEN when it is time).
+-- KEYS: 1 state, 2 window, 3 probes (zset: lease id -> expiry in ms)
+-- ARGV: 1 caller's generation, 2 probes allowed, 3 lease in ms, 4 lease id,
+--       5 now in ms ("" = TIME), 6 ttl in ms, 7 channel, 8 breaker name
+-- Returns: {granted (0|1), state, gen, open_until, reopens, now, reset, ms until a lease frees}
+-- Expired leases are purged first, so a holder that died cannot wedge the breaker.
+local now = now_ms(ARGV[5])
+local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1])
+if state == 'open' and now >= open_until then
+  gen = gen + 1
+  state = 'half_open'
+  redis.call('HSET', KEYS[1], 'state', state, 'gen', gen, 'pd', 0, 'pf', 0, 'ps', 0)
+  redis.call('DEL', KEYS[2], KEYS[3])
+  publish(ARGV[7], ARGV[8], state, gen, open_until, reopens, now)
+end
+local granted, wait = 0, 0
+if state == 'half_open' then
+  if redis.call('TYPE', KEYS[3])['ok'] ~= 'zset' then redis.call('DEL', KEYS[3]) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  local held = redis.call('ZCARD', KEYS[3])
+  local done = tonumber(redis.call('HGET', KEYS[1], 'pd')) or 0
+  if held + done < tonumber(ARGV[2]) then
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4])
+    redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]))
+    granted = 1
+  else
+    local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    if first[2] then wait = tonumber(first[2]) - now end
+  end
+end
+return {granted, state, gen, open_until, reopens, now, reset, wait}

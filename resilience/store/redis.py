@@ -1,0 +1,763 @@
+"""RedisStore: breakers (and leases) shared by every replica, without a round trip per call.
+
+How a shared breaker works (see docs/shared-state.md for the whole consistency model):
+
+* In the CLOSED state a call asks nothing of Redis. Its outcome goes into a local buffer and
+  a local window; a background task flushes every breaker's buffer in one pipeline each
+  ``sync_interval`` (at once when the local window alone would trip). The flush script merges
+  the outcomes into the shared window and answers with the authoritative state and counts;
+  the pure rules (``resilience.circuit``) decide, and a trip is a compare-and-set script.
+* Every transition is published; each replica's subscriber applies it within milliseconds,
+  and each flush reply carries the state too, so a lost message costs at most one interval.
+* OPEN rejects locally until ``open_until`` (Redis time converted to the local clock). After
+  it, a script hands out at most ``half_open_calls`` expiring probe leases fleet-wide; probe
+  outcomes are written at once.
+* When Redis fails or is slow, the store turns *degraded*: each breaker carries on with its
+  local window and state machine, nothing waits on a reconnect, nothing raises. A background
+  task reconnects with backoff, then flushes and resyncs; the fleet's state wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Iterable
+from importlib import resources
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from ..circuit import (
+    CLOSED,
+    DISABLED,
+    FORCED_OPEN,
+    HALF_OPEN,
+    OPEN,
+    BreakerConfig,
+    BreakerCore,
+    CircuitState,
+    half_open_verdict,
+    open_duration,
+    tripped,
+)
+from ..clock import SYSTEM_CLOCK, Clock, TimerHandle
+from ..errors import CircuitOpenError
+from ..events import (
+    Event,
+    Listener,
+    StoreDataReset,
+    StoreDegraded,
+    StoreRecovered,
+    check_listeners,
+    emit,
+)
+from ..policy import check_int, check_name, check_seconds
+from ..windows import CountWindow, TimeWindow
+
+__all__ = ["RedisStore"]
+
+logger = logging.getLogger("resilience.redis")
+
+_STORE_ERRORS = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
+_BY_VALUE = {s.value: s for s in CircuitState}
+
+
+def _script(name: str) -> str:
+    text = resources.files(__package__).joinpath(f"{name}.lua").read_text()
+    if name == "lease":
+        return text
+    prelude = resources.files(__package__).joinpath("prelude.lua").read_text()
+    return prelude + "\n" + text
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StoreUnavailable(Exception):
+    """Internal: the store could not answer; callers fall back to local state."""
+
+
+class RedisStore:
+    """Shares breaker state (and leases) through Redis; see the module docstring.
+
+    ``RedisStore.from_url("redis://...")`` builds its own client with short timeouts and no
+    retries; ``RedisStore(client)`` takes any ``redis.asyncio`` client (Cluster and Sentinel
+    included) as it is. Keys are ``<prefix>:{<name>}:...``: one hash tag per policy, TTLs on
+    all of them. ``sync_interval`` bounds how stale a replica's view of the fleet's counts can
+    be; ``strict=True`` writes every outcome before its call returns (concurrent outcomes are
+    coalesced into one script call). ``timeout`` bounds every Redis call. ``clock`` replaces
+    Redis ``TIME`` (tests). Use ``async with store:`` or ``await store.aclose()``.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "resilience",
+        sync_interval: float = 0.05,
+        strict: bool = False,
+        timeout: float = 0.25,
+        ttl: float = 86_400.0,
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        check_name(prefix, "prefix")
+        if any(c in prefix for c in "{} \t\r\n"):
+            raise ValueError(f"prefix must not contain braces or whitespace, got {prefix!r}")
+        self.client = client
+        self.prefix = prefix
+        self.sync_interval = check_seconds("sync_interval", sync_interval)
+        self.strict = bool(strict)
+        self.timeout = check_seconds("timeout", timeout)
+        self.ttl_ms = int(check_seconds("ttl", ttl) * 1000)
+        self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
+        self._fake_time = clock is not None
+        self._listeners = check_listeners(listeners)
+        self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.channel = f"{prefix}:events"
+        self.degraded = False
+        self._degraded_since = 0.0
+        self._cores: dict[str, SharedBreakerCore] = {}
+        self._unregistered: set[str] = set()
+        self._lease_keys: set[str] = set()
+        self._ops: list[tuple[str, SharedBreakerCore, int, int, bool, bool]] = []
+        self._wake = asyncio.Event()
+        self._round_done: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._timer: TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._owns_client = False
+        self._lease_ids = itertools.count(1)
+        scripts = ("flush", "transition", "probe", "report", "lease")
+        self._scripts = {n: client.register_script(_script(n)) for n in scripts}
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisStore:
+        """A store with its own client for ``url``: short socket timeouts, no retries."""
+        timeout = float(options.get("timeout", 0.25))
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=RedisRetry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        store = cls(client, **options)
+        store._owns_client = True
+        return store
+
+    def __repr__(self) -> str:
+        state = "degraded" if self.degraded else "ok"
+        return f"RedisStore(prefix={self.prefix!r}, breakers={len(self._cores)}, {state})"
+
+    # keys ---------------------------------------------------------------------------------
+    def key(self, name: str, suffix: str) -> str:
+        """The key ``suffix`` of policy ``name``: ``<prefix>:{<escaped name>}:<suffix>``."""
+        return f"{self.prefix}:{{{quote(name, safe='')}}}:{suffix}"
+
+    # the Store protocol ---------------------------------------------------------------------
+    def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
+        """The shared core of breaker ``name`` in this process (created on first use)."""
+        check_name(name)
+        core = self._cores.get(name)
+        if core is None:
+            core = self._cores[name] = SharedBreakerCore(name, config, clock, self)
+            self._unregistered.add(name)
+            self.wake()  # learn the fleet's state at once
+        elif core.config != config:
+            raise ValueError(
+                f"breaker {name!r} already exists in this store with another configuration: "
+                f"{core.config} != {config}"
+            )
+        return core
+
+    def names(self) -> list[str]:
+        """Policy names used through this store object (``known_names()`` asks the fleet)."""
+        return sorted({*self._cores, *self._lease_keys})
+
+    async def known_names(self) -> list[str]:
+        """Every policy name any replica registered under this prefix."""
+        members = await self._call(self.client.smembers(f"{self.prefix}:names"))
+        return sorted(_text(m) for m in members)
+
+    def _now_arg(self) -> str:
+        return repr(self.clock.monotonic() * 1000) if self._fake_time else ""
+
+    async def acquire_lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        """Take one of ``limit`` fleet-wide permits under ``key`` for ``ttl`` seconds."""
+        check_name(key, "key")
+        check_int("limit", limit)
+        ttl_ms = max(1, int(check_seconds("ttl", ttl) * 1000))
+        lease = f"{self.replica}:{next(self._lease_ids)}"
+        got = await self._call(
+            self._scripts["lease"](
+                keys=[self.key(key, "leases")],
+                args=["take", self._now_arg(), lease, limit, ttl_ms],
+            )
+        )
+        if key not in self._lease_keys:
+            self._lease_keys.add(key)
+            self._unregistered.add(key)
+        return lease if int(got) else None
+
+    async def release_lease(self, key: str, lease: str) -> bool:
+        """Give a permit back; ``False`` if it had expired."""
+        check_name(key, "key")
+        got = await self._call(
+            self._scripts["lease"](
+                keys=[self.key(key, "leases")], args=["give", self._now_arg(), lease, 0, 0]
+            )
+        )
+        return bool(int(got))
+
+    async def count_leases(self, key: str) -> int:
+        """Unexpired permits under ``key``."""
+        check_name(key, "key")
+        got = await self._call(
+            self._scripts["lease"](
+                keys=[self.key(key, "leases")], args=["count", self._now_arg(), "", 0, 0]
+            )
+        )
+        return int(got)
+
+    async def sync(self) -> None:
+        """Flush every buffered outcome and refresh every breaker's state now."""
+        self._start()
+        for core in self._cores.values():
+            core.refresh_at = float("-inf")
+        await self._wait_round()
+
+    async def aclose(self) -> None:
+        """Stop the background tasks (after a last flush) and close an owned client."""
+        if self._closed:
+            return
+        if self._tasks and not self.degraded:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._wait_round(), self.timeout * 2)
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+
+    async def __aenter__(self) -> RedisStore:
+        self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # events ---------------------------------------------------------------------------------
+    def add_listener(self, listener: Listener) -> None:
+        """Receive ``StoreDegraded``, ``StoreRecovered`` and ``StoreDataReset`` events."""
+        self._listeners = (*self._listeners, *check_listeners((listener,)))
+
+    def _emit(self, event: Event) -> None:
+        if self._listeners:
+            emit(self._listeners, event)
+
+    # failure handling -----------------------------------------------------------------------
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        """One Redis call, bounded by ``timeout``; failures raise ``StoreUnavailable``."""
+        self._start()
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await awaitable
+        except _STORE_ERRORS as exc:
+            if isinstance(exc, ResponseError) and "NOSCRIPT" not in str(exc):
+                raise
+            self._degrade(exc)
+            raise StoreUnavailable(str(exc)) from exc
+
+    def _degrade(self, exc: BaseException) -> None:
+        if self.degraded:
+            return
+        self.degraded = True
+        self._degraded_since = self.clock.monotonic()
+        logger.warning("redis store %r degraded: %r", self.prefix, exc)
+        self._emit(StoreDegraded(name=self.prefix, error=repr(exc)))
+        self._wake.set()
+
+    # background work ------------------------------------------------------------------------
+    def _start(self) -> None:
+        """Start the flusher and the subscriber on the running loop (once per loop)."""
+        if self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._loop is loop and self._tasks:
+            return
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._round_done = None
+        self._tasks = [
+            loop.create_task(self._flusher(), name=f"resilience-flush-{self.prefix}"),
+            loop.create_task(self._subscriber(), name=f"resilience-sub-{self.prefix}"),
+        ]
+
+    def wake(self) -> None:
+        """Ask for a flush now (an outcome would trip, a probe reported, strict mode)."""
+        self._start()
+        self._wake.set()
+
+    def _wait_round(self) -> asyncio.Future[None]:
+        """A future resolved when the next flush round (started after now) has finished."""
+        self._start()
+        if self._round_done is None:
+            loop = asyncio.get_running_loop()
+            self._round_done = loop.create_future()
+        self._wake.set()
+        return self._round_done
+
+    async def commit(self) -> None:
+        """Strict mode: wait until the outcomes buffered so far are stored."""
+        if self.degraded:
+            return
+        await asyncio.shield(self._wait_round())
+
+    async def _flusher(self) -> None:
+        backoff = self.sync_interval
+        while not self._closed:
+            timer = self.clock.call_later(
+                backoff if self.degraded else self.sync_interval, self._wake.set
+            )
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
+            self._wake.clear()
+            done, self._round_done = self._round_done, None
+            try:
+                if self.degraded:
+                    if await self._reconnect():
+                        backoff = self.sync_interval
+                    else:
+                        backoff = min(backoff * 2, 2.0)
+                        continue
+                await self._round()
+            except Exception:  # never let the flusher die
+                logger.exception("resilience flush round failed")
+            finally:  # waiters (sync, strict commits) go on even if the round failed
+                if done is not None and not done.done():
+                    done.set_result(None)
+
+    async def _reconnect(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.ping()
+        except _STORE_ERRORS:
+            return False
+        after = self.clock.monotonic() - self._degraded_since
+        self.degraded = False
+        for core in self._cores.values():
+            core.recovering()
+        self._emit(StoreRecovered(name=self.prefix, after=after))
+        logger.warning("redis store %r recovered after %.3fs", self.prefix, after)
+        return True
+
+    async def _round(self) -> None:
+        """One flush: every breaker with news (or due a refresh), in one pipeline."""
+        now = self.clock.monotonic()
+        cores = [c for c in self._cores.values() if c.due(now)]
+        ops, self._ops = self._ops, []
+        names, self._unregistered = self._unregistered, set()
+        if not cores and not ops and not names:
+            return
+        batches = [(core, core.take_pending()) for core in cores]
+        pipe = self.client.pipeline(transaction=False)
+        for core, (gen, calls, failures, slow) in batches:
+            await self._scripts["flush"](
+                keys=core.keys,
+                args=[gen, calls, failures, slow, *core.window_args, self._now_arg(), self.ttl_ms],
+                client=pipe,
+            )
+        for op, core, gen, lease, failed, slow in ops:
+            lease_id = f"{self.replica}:{lease}"
+            if op == "report":
+                await self._scripts["report"](
+                    keys=[core.keys[0], core.keys[2]],
+                    args=[gen, lease_id, int(failed), int(slow)],
+                    client=pipe,
+                )
+            else:
+                pipe.zrem(core.keys[2], lease_id)
+        if names:
+            pipe.sadd(f"{self.prefix}:names", *sorted(names))
+            pipe.pexpire(f"{self.prefix}:names", self.ttl_ms)
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await pipe.execute(raise_on_error=False)
+        except _STORE_ERRORS as exc:
+            for core, pending in batches:
+                core.restore_pending(pending)
+            self._ops[:0] = [op for op in ops if op[0] == "report"]
+            self._unregistered |= names
+            self._degrade(exc)
+            return
+        received = self.clock.monotonic()
+        for (core, _), reply in zip(batches, replies, strict=False):
+            if isinstance(reply, Exception):
+                logger.warning("flush of breaker %r failed: %r", core.name, reply)
+                continue
+            state, gen, open_until, reopens, calls, failures, slow, server_now, reset = reply
+            self._reset_seen(core, int(reset))
+            core.adopt(
+                _text(state), int(gen), int(open_until), int(reopens), int(server_now), received
+            )
+            if core.state is CLOSED and tripped(int(calls), int(failures), int(slow), core.config):
+                await self._transition(core, OPEN)
+        for (op, core, gen, _, _, _), reply in zip(ops, replies[len(batches) :], strict=False):
+            if op != "report" or isinstance(reply, Exception) or not int(reply[0]):
+                continue
+            verdict = half_open_verdict(int(reply[1]), int(reply[2]), int(reply[3]), core.config)
+            if verdict is not None and core.gen == gen:
+                await self._transition(core, verdict)
+
+    def _reset_seen(self, core: SharedBreakerCore, reset: int) -> None:
+        if reset:
+            logger.warning("breaker %r: unparsable data in Redis was reset", core.name)
+            self._emit(StoreDataReset(name=core.name, key=core.keys[0]))
+
+    async def _transition(
+        self, core: SharedBreakerCore, new: CircuitState, *, force: bool = False
+    ) -> None:
+        """Compare-and-set ``core`` into ``new`` (unconditionally when ``force``)."""
+        reopens = core.reopens + 1 if (new is OPEN and core.state is HALF_OPEN) else 0
+        open_ms = int(open_duration(core.config, reopens) * 1000)
+        reply = await self._call(
+            self._scripts["transition"](
+                keys=core.keys,
+                args=[
+                    core.gen,
+                    new.value,
+                    open_ms,
+                    reopens,
+                    self._now_arg(),
+                    self.ttl_ms,
+                    self.channel,
+                    core.name,
+                    "1" if force else "0",
+                ],
+            )
+        )
+        _, state, gen, open_until, reopens_now, server_now, reset = reply
+        self._reset_seen(core, int(reset))
+        core.adopt(
+            _text(state),
+            int(gen),
+            int(open_until),
+            int(reopens_now),
+            int(server_now),
+            self.clock.monotonic(),
+        )
+
+    async def _probe(self, core: SharedBreakerCore, lease: int) -> tuple[bool, float]:
+        reply = await self._call(
+            self._scripts["probe"](
+                keys=core.keys,
+                args=[
+                    core.gen,
+                    core.config.half_open_calls,
+                    int(core.config.probe_lease * 1000),
+                    f"{self.replica}:{lease}",
+                    self._now_arg(),
+                    self.ttl_ms,
+                    self.channel,
+                    core.name,
+                ],
+            )
+        )
+        granted, state, gen, open_until, reopens, server_now, reset, wait = reply
+        self._reset_seen(core, int(reset))
+        core.adopt(
+            _text(state),
+            int(gen),
+            int(open_until),
+            int(reopens),
+            int(server_now),
+            self.clock.monotonic(),
+        )
+        return bool(int(granted)), int(wait) / 1000
+
+    def _enqueue(
+        self, op: str, core: SharedBreakerCore, gen: int, lease: int, failed: bool, slow: bool
+    ) -> None:
+        self._ops.append((op, core, gen, lease, failed, slow))
+        self.wake()
+
+    async def _subscriber(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            try:
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    backoff = 0.05
+                    while not self._closed:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None:
+                            self._on_message(message.get("data"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("resilience subscriber reconnecting after %r", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _on_message(self, data: Any) -> None:
+        try:
+            gen, state, open_until, reopens, server_now, name = _text(data).split(" ", 5)
+            core = self._cores.get(name)
+            if core is not None:
+                core.adopt(
+                    state,
+                    int(gen),
+                    int(float(open_until)),
+                    int(float(reopens)),
+                    int(float(server_now)),
+                    self.clock.monotonic(),
+                )
+        except (ValueError, KeyError):
+            logger.warning("ignored an unparsable message on %r: %r", self.channel, data)
+
+
+class SharedBreakerCore(BreakerCore):
+    """A breaker core that mirrors the fleet's state from Redis (see the module docstring).
+
+    Healthy: the local state is a cache of Redis; outcomes go to a buffer and a local window.
+    Degraded: the inherited local state machine decides, fed by the same window.
+    """
+
+    __slots__ = (
+        "_full_until",
+        "active",
+        "diverged",
+        "keys",
+        "pending",
+        "pending_gen",
+        "refresh_at",
+        "store",
+        "strict",
+        "window_args",
+    )
+
+    def __init__(self, name: str, config: BreakerConfig, clock: Clock, store: RedisStore) -> None:
+        super().__init__(name, config, clock)
+        self.store = store
+        self.strict = store.strict
+        self.keys = [store.key(name, "state"), store.key(name, "win"), store.key(name, "probes")]
+        window = config.window
+        if isinstance(window, CountWindow):
+            self.window_args: list[Any] = ["c", window.size, 0]
+        else:
+            assert isinstance(window, TimeWindow)
+            self.window_args = [
+                "t",
+                window.buckets,
+                max(1, int(window.seconds * 1000 / window.buckets)),
+            ]
+        self.pending = [0, 0, 0]
+        self.pending_gen = 0
+        self.active = False
+        self.diverged = False
+        self.refresh_at = float("-inf")
+        self._full_until = float("-inf")
+
+    # what the flusher needs
+    def due(self, now: float) -> bool:
+        """Whether this breaker has outcomes to flush or is due a state refresh."""
+        if self.active or now >= self.refresh_at:
+            self.refresh_at = now + max(1.0, 10 * self.store.sync_interval)
+            return True
+        return False
+
+    def take_pending(self) -> tuple[int, int, int, int]:
+        """Hand the buffered outcomes to a flush: ``(gen, calls, failures, slow)``."""
+        calls, failures, slow = self.pending
+        self.pending = [0, 0, 0]
+        self.active = False
+        return (self.pending_gen if calls else self.gen), calls, failures, slow
+
+    def restore_pending(self, taken: tuple[int, int, int, int]) -> None:
+        """A flush failed: put its outcomes back (they are merged after recovery)."""
+        gen, calls, failures, slow = taken
+        if calls and gen == self.pending_gen:
+            p = self.pending
+            p[0] += calls
+            p[1] += failures
+            p[2] += slow
+
+    def recovering(self) -> None:
+        """Redis is back: outcomes counted under local transitions are dropped."""
+        if self.diverged:
+            self.pending = [0, 0, 0]
+        self.active = True
+
+    def adopt(
+        self,
+        state: str,
+        gen: int,
+        open_until_ms: int,
+        reopens: int,
+        server_ms: int,
+        received: float,
+    ) -> None:
+        """Take the fleet's state from a script reply or a published message."""
+        new = _BY_VALUE.get(state)
+        if new is None:
+            return
+        if gen < self.gen and not self.diverged:
+            return  # an older message arriving late
+        self.diverged = False
+        offset = server_ms / 1000 - received  # server time minus local time
+        open_until = open_until_ms / 1000 - offset if new is OPEN else 0.0
+        old = self.state
+        if gen == self.gen and new is old:
+            self.open_until = open_until
+            return
+        self.state = new
+        self.gen = gen
+        self.reopens = reopens
+        self.open_until = open_until
+        if new is OPEN:
+            self.open_for = open_duration(self.config, reopens)
+        self.window.reset()
+        self._probes.clear()
+        self._probe_done = self._probe_failures = self._probe_slow = 0
+        self.pending = [0, 0, 0]
+        self.pending_gen = gen
+        self._full_until = float("-inf")
+        if new is not old:
+            self._announce(old, new)
+
+    # admission
+    def acquire(self, now: float) -> tuple[int, int] | None:
+        """Local when the cached state decides; ``None`` when a probe lease is needed."""
+        if self.store.degraded:
+            return super().acquire(now)
+        state = self.state
+        if state is CLOSED or state is DISABLED:
+            return self.gen, 0
+        if state is FORCED_OPEN:
+            raise CircuitOpenError(self.name, "forced_open", None)
+        if state is OPEN and now < self.open_until:
+            raise CircuitOpenError(self.name, "open", self.open_until - now)
+        if state is HALF_OPEN and now < self._full_until:
+            raise CircuitOpenError(self.name, "half_open", self._full_until - now)
+        return None
+
+    async def acquire_remote(self, now: float) -> tuple[int, int]:
+        """Take a probe lease from Redis (or decide locally if it cannot answer)."""
+        lease = next(_probe_ids)
+        try:
+            granted, wait = await self.store._probe(self, lease)
+        except StoreUnavailable:
+            return await super().acquire_remote(now)
+        if granted:
+            return self.gen, lease
+        state = self.state
+        if state is CLOSED or state is DISABLED:
+            return self.gen, 0
+        if state is OPEN:
+            raise CircuitOpenError(self.name, "open", max(0.0, self.open_until - now))
+        if state is FORCED_OPEN:
+            raise CircuitOpenError(self.name, "forced_open", None)
+        hint = min(max(wait, 0.0), self.config.open_for)
+        self._full_until = now + min(hint, self.store.sync_interval)
+        raise CircuitOpenError(self.name, "half_open", hint)
+
+    async def commit(self) -> None:
+        """Strict mode: return once this replica's outcomes so far are in Redis."""
+        await self.store.commit()
+
+    def release(self, gen: int, lease: int) -> None:
+        """Give a probe lease back (cancelled probe): sent with the next flush."""
+        if self.store.degraded or not lease:
+            super().release(gen, lease)
+        elif gen == self.gen:
+            self.store._enqueue("release", self, gen, lease, False, False)
+
+    def record(
+        self, gen: int, lease: int, failed: bool, slow: bool, now: float | None = None
+    ) -> None:
+        """Buffer an outcome (probes are reported at once); degraded: decide locally too."""
+        if gen != self.gen:
+            return
+        store = self.store
+        if store.degraded:
+            if self.state is CLOSED and not lease:
+                self._buffer(failed, slow)
+            before = self.gen
+            super().record(gen, lease, failed, slow, now)
+            if self.gen != before:
+                self.diverged = True
+            return
+        if lease:
+            store._enqueue("report", self, gen, lease, failed, slow)
+            return
+        if self.state is not CLOSED:
+            return
+        self._buffer(failed, slow)
+        w = self.window
+        w.add(failed, slow, 0.0 if now is None else now)
+        if (failed or slow) and w.calls >= self.config.minimum_calls:
+            if now is not None:
+                w.roll(now)
+            if tripped(w.calls, w.failures, w.slow, self.config):
+                store.wake()  # the local outcomes alone trip: flush now, let the fleet decide
+        if self.strict:
+            store.wake()
+
+    def _buffer(self, failed: bool, slow: bool) -> None:
+        p = self.pending
+        if not p[0]:
+            self.pending_gen = self.gen
+        p[0] += 1
+        p[1] += failed
+        p[2] += slow
+        self.active = True
+
+    async def control(self, state: CircuitState, now: float) -> None:
+        """Manual control, fleet-wide; applied locally too if Redis cannot be reached."""
+        if state not in (CLOSED, FORCED_OPEN, DISABLED):
+            raise ValueError(
+                f"a breaker can be forced CLOSED, FORCED_OPEN or DISABLED, not {state}"
+            )
+        if not self.store.degraded:
+            try:
+                await self.store._transition(self, state, force=True)
+                return
+            except StoreUnavailable:
+                pass
+        self.force(state, now)
+        self.diverged = True
+
+
+_probe_ids = itertools.count(1)

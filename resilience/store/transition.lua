@@ -1,0 +1,22 @@
+-- transition: compare-and-set the breaker state by generation, then announce it.
+-- KEYS: 1 state, 2 window, 3 probes
+-- ARGV: 1 expected generation, 2 new state, 3 open time in ms (for "open"),
+--       4 new re-open count, 5 now in ms ("" = TIME), 6 ttl in ms, 7 channel,
+--       8 breaker name, 9 "1" to apply whatever the generation (manual control)
+-- Returns: {changed (0|1), state, gen, open_until, reopens, now, reset}
+local now = now_ms(ARGV[5])
+local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1])
+if ARGV[9] ~= '1' and gen ~= tonumber(ARGV[1]) then
+  return {0, state, gen, open_until, reopens, now, reset}
+end
+gen = gen + 1
+state = ARGV[2]
+reopens = tonumber(ARGV[4])
+open_until = 0
+if state == 'open' then open_until = now + tonumber(ARGV[3]) end
+redis.call('HSET', KEYS[1], 'state', state, 'gen', gen, 'open_until', open_until,
+  'reopens', reopens, 'pd', 0, 'pf', 0, 'ps', 0)
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))
+publish(ARGV[7], ARGV[8], state, gen, open_until, reopens, now)
+return {1, state, gen, open_until, reopens, now, reset}

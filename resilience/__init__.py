@@ -19,6 +19,7 @@ from .errors import (
     RejectedError,
     ResilienceError,
     ResilienceTimeoutError,
+    StoreUnavailableError,
     UnacceptableResultError,
 )
 from .events import (
@@ -28,6 +29,9 @@ from .events import (
     Listener,
     RetryScheduled,
     StateChanged,
+    StoreDataReset,
+    StoreDegraded,
+    StoreRecovered,
     TimedOut,
 )
 from .fallback import Fallback
@@ -39,7 +43,7 @@ from .timeout import Timeout
 from .windows import CountWindow, TimeWindow
 
 if TYPE_CHECKING:  # pragma: no cover
-    pass
+    from .store.redis import RedisStore as RedisStore
 
 __version__ = "0.1.0"
 
@@ -69,6 +73,10 @@ __all__ = [
     "RetryScheduled",
     "StateChanged",
     "Store",
+    "StoreDataReset",
+    "StoreDegraded",
+    "StoreRecovered",
+    "StoreUnavailableError",
     "SystemClock",
     "TimeWindow",
     "TimedOut",
@@ -81,7 +89,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """Load optional parts (``RedisStore``) only when asked for."""
     if name == "RedisStore":
-        from .store.redis import RedisStore  # type: ignore[import-not-found,unused-ignore]
+        from .store.redis import RedisStore
 
         return RedisStore
     raise AttributeError(f"module 'resilience' has no attribute {name!r}")

@@ -10,6 +10,8 @@
           |    +-- RateLimitedError       the rate limit was reached      (retry_after)
           +-- ResilienceTimeoutError      a Timeout expired (also a builtin TimeoutError)
           +-- UnacceptableResultError     a Fallback's ``result_if`` rejected a result
+          +-- StoreUnavailableError       a shared store could not answer (policies catch it
+                                          and carry on with local state; users never see it)
 
 Every rejection raises a fresh exception object, so tracebacks never accumulate.
 """
@@ -23,6 +25,7 @@ __all__ = [
     "RejectedError",
     "ResilienceError",
     "ResilienceTimeoutError",
+    "StoreUnavailableError",
     "UnacceptableResultError",
 ]
 
@@ -107,3 +110,10 @@ class UnacceptableResultError(ResilienceError):
 
     def __str__(self) -> str:
         return f"unacceptable result: {self.result!r}"
+
+
+class StoreUnavailableError(ResilienceError):
+    """A store primitive could not reach its backend in time.
+
+    Policies catch it and fall back to local state; it never reaches a protected call.
+    """

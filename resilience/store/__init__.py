@@ -2,7 +2,10 @@
 
 A store hands out one ``BreakerCore`` per breaker name, so every ``CircuitBreaker`` with that
 name and store shares one state machine, and provides expiring leases (a bounded set of
-permits whose holders may die). ``MemoryStore`` keeps all of it in this process.
+permits whose holders may die), and the small atomic primitives of the fleet-wide policies
+(a GCRA bucket, a token budget, a value cache). ``MemoryStore`` keeps all of it in this
+process; ``RedisStore`` shares it. A primitive that cannot reach its backend raises
+``StoreUnavailableError``; policies then carry on with local state.
 """
 
 from __future__ import annotations
@@ -41,6 +44,18 @@ class Store(Protocol):
 
     async def count_leases(self, key: str) -> int:
         """How many unexpired permits are held under ``key``."""
+
+    async def rate_take(self, key: str, *, interval: float, burst: int) -> float:
+        """Take a token from the GCRA bucket ``key``: 0.0 if taken, else seconds to wait."""
+
+    async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
+        """Add ``delta`` to the token count ``key`` (starting full), clamped to [0, maximum]."""
+
+    async def cache_get(self, key: str, item: str) -> bytes | None:
+        """The value cached under ``item`` for policy ``key``, or ``None``."""
+
+    async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
+        """Cache ``value`` under ``item`` for policy ``key`` for ``ttl`` seconds."""
 
     async def sync(self) -> None:
         """Push buffered outcomes and pull the latest shared state (no-op when local)."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import math
 from types import TracebackType
 
 from ..circuit import BreakerConfig, BreakerCore
 from ..clock import SYSTEM_CLOCK, Clock
 from ..policy import check_int, check_name, check_seconds
+from ..ratelimit import gcra
 
 __all__ = ["MemoryStore"]
 
@@ -24,6 +26,9 @@ class MemoryStore:
         self._breakers: dict[str, BreakerCore] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._ids = itertools.count(1)
+        self._tats: dict[str, float] = {}
+        self._budgets: dict[str, float] = {}
+        self._cache: dict[tuple[str, str], tuple[bytes, float]] = {}
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The shared core of breaker ``name`` (created on first use)."""
@@ -40,7 +45,8 @@ class MemoryStore:
 
     def names(self) -> list[str]:
         """Names of the breakers and lease keys this store holds."""
-        return sorted({*self._breakers, *self._leases})
+        keys = {k for k, _ in self._cache}
+        return sorted({*self._breakers, *self._leases, *self._tats, *self._budgets, *keys})
 
     def _live(self, key: str) -> dict[str, float]:
         leases = self._leases.setdefault(key, {})
@@ -69,6 +75,33 @@ class MemoryStore:
     async def count_leases(self, key: str) -> int:
         """Permits held under ``key`` now."""
         return len(self._live(key))
+
+    async def rate_take(self, key: str, *, interval: float, burst: int) -> float:
+        """Take a token from the GCRA bucket ``key``: 0.0 if taken, else seconds to wait."""
+        tat, wait = gcra(self._tats.get(key, -math.inf), self.clock.monotonic(), interval, burst)
+        self._tats[key] = tat
+        return wait
+
+    async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
+        """Add ``delta`` to the token count ``key`` (starting full), clamped to [0, maximum]."""
+        tokens = min(maximum, max(0.0, self._budgets.get(key, maximum) + delta))
+        self._budgets[key] = tokens
+        return tokens
+
+    async def cache_get(self, key: str, item: str) -> bytes | None:
+        """The value cached under ``item`` for ``key`` (``None`` if absent or expired)."""
+        entry = self._cache.get((key, item))
+        if entry is None:
+            return None
+        if entry[1] <= self.clock.monotonic():
+            del self._cache[(key, item)]
+            return None
+        return entry[0]
+
+    async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
+        """Cache ``value`` under ``item`` for ``key`` for ``ttl`` seconds."""
+        check_seconds("ttl", ttl)
+        self._cache[(key, item)] = (bytes(value), self.clock.monotonic() + ttl)
 
     async def sync(self) -> None:
         """Nothing to synchronise: the state is already here."""

@@ -25,6 +25,11 @@ local function load(keys, floor)
         gen = floor
         redis.call('HSET', keys[1], 'gen', gen)
       end
+      local probes = redis.call('TYPE', keys[3])['ok']
+      if probes ~= 'zset' and probes ~= 'none' then
+        redis.call('DEL', keys[3])
+        return v[1], gen, open_until, reopens, 1
+      end
       return v[1], gen, open_until, reopens, 0
     end
   end

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Awaitable, Iterable
 from importlib import resources
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from redis import asyncio as aioredis
@@ -50,7 +50,7 @@ from ..circuit import (
     tripped,
 )
 from ..clock import SYSTEM_CLOCK, Clock, TimerHandle
-from ..errors import CircuitOpenError
+from ..errors import CircuitOpenError, StoreUnavailableError
 from ..events import (
     Event,
     Listener,
@@ -73,7 +73,7 @@ _BY_VALUE = {s.value: s for s in CircuitState}
 
 def _script(name: str) -> str:
     text = resources.files(__package__).joinpath(f"{name}.lua").read_text()
-    if name == "lease":
+    if name in ("lease", "shared"):
         return text
     prelude = resources.files(__package__).joinpath("prelude.lua").read_text()
     return prelude + "\n" + text
@@ -83,8 +83,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class StoreUnavailable(Exception):
-    """Internal: the store could not answer; callers fall back to local state."""
+def _check_prefix(prefix: object) -> str:
+    prefix = check_name(prefix, "prefix")
+    if any(c in prefix for c in "{} \t\r\n"):
+        raise ValueError(f"prefix must not contain braces or whitespace, got {prefix!r}")
+    return prefix
 
 
 class RedisStore:
@@ -111,11 +114,8 @@ class RedisStore:
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
     ) -> None:
-        check_name(prefix, "prefix")
-        if any(c in prefix for c in "{} \t\r\n"):
-            raise ValueError(f"prefix must not contain braces or whitespace, got {prefix!r}")
         self.client = client
-        self.prefix = prefix
+        self.prefix = _check_prefix(prefix)
         self.sync_interval = check_seconds("sync_interval", sync_interval)
         self.strict = bool(strict)
         self.timeout = check_seconds("timeout", timeout)
@@ -139,13 +139,14 @@ class RedisStore:
         self._closed = False
         self._owns_client = False
         self._lease_ids = itertools.count(1)
-        scripts = ("flush", "transition", "probe", "report", "lease")
+        scripts = ("flush", "transition", "probe", "report", "lease", "shared")
         self._scripts = {n: client.register_script(_script(n)) for n in scripts}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStore:
         """A store with its own client for ``url``: short socket timeouts, no retries."""
-        timeout = float(options.get("timeout", 0.25))
+        _check_prefix(options.get("prefix", "resilience"))
+        timeout = check_seconds("timeout", options.get("timeout", 0.25))
         client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -207,9 +208,7 @@ class RedisStore:
                 args=["take", self._now_arg(), lease, limit, ttl_ms],
             )
         )
-        if key not in self._lease_keys:
-            self._lease_keys.add(key)
-            self._unregistered.add(key)
+        self._register(key)
         return lease if int(got) else None
 
     async def release_lease(self, key: str, lease: str) -> bool:
@@ -231,6 +230,58 @@ class RedisStore:
             )
         )
         return int(got)
+
+    def _register(self, key: str) -> None:
+        if key not in self._lease_keys:
+            self._lease_keys.add(key)
+            self._unregistered.add(key)
+
+    async def _shared(self, key: str, suffix: str, *args: Any) -> float:
+        check_name(key, "key")
+        self._register(key)
+        reply = _text(
+            await self._call(self._scripts["shared"](keys=[self.key(key, suffix)], args=list(args)))
+        )
+        if reply.startswith("!"):
+            logger.warning("unparsable data under %r was reset", self.key(key, suffix))
+            self._emit(StoreDataReset(name=key, key=self.key(key, suffix)))
+            reply = reply[1:]
+        return float(reply)
+
+    async def rate_take(self, key: str, *, interval: float, burst: int) -> float:
+        """Take a token from the fleet's GCRA bucket ``key``: 0.0, or seconds to wait."""
+        wait_ms = await self._shared(
+            key, "gcra", "gcra", self._now_arg(), repr(interval * 1000), int(burst)
+        )
+        return wait_ms / 1000
+
+    async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
+        """Add ``delta`` to the fleet's token count ``key`` (starting full), clamped."""
+        ttl_ms = max(1, int(check_seconds("ttl", ttl) * 1000))
+        return await self._shared(
+            key,
+            "budget",
+            "budget",
+            self._now_arg(),
+            repr(float(delta)),
+            repr(float(maximum)),
+            ttl_ms,
+        )
+
+    async def cache_get(self, key: str, item: str) -> bytes | None:
+        """The value cached under ``item`` for policy ``key``, or ``None``."""
+        check_name(key, "key")
+        got = await self._call(self.client.get(self.key(key, "cache:" + quote(item, safe=""))))
+        return None if got is None else bytes(got)
+
+    async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
+        """Cache ``value`` under ``item`` for policy ``key`` for ``ttl`` seconds."""
+        check_name(key, "key")
+        self._register(key)
+        ttl_ms = max(1, int(check_seconds("ttl", ttl) * 1000))
+        await self._call(
+            self.client.set(self.key(key, "cache:" + quote(item, safe="")), value, px=ttl_ms)
+        )
 
     async def sync(self) -> None:
         """Flush every buffered outcome and refresh every breaker's state now."""
@@ -282,7 +333,7 @@ class RedisStore:
 
     # failure handling -----------------------------------------------------------------------
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
-        """One Redis call, bounded by ``timeout``; failures raise ``StoreUnavailable``."""
+        """One Redis call, bounded by ``timeout``; failures raise ``StoreUnavailableError``."""
         self._start()
         try:
             async with asyncio.timeout(self.timeout):
@@ -291,7 +342,7 @@ class RedisStore:
             if isinstance(exc, ResponseError) and "NOSCRIPT" not in str(exc):
                 raise
             self._degrade(exc)
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailableError(str(exc)) from exc
 
     def _degrade(self, exc: BaseException) -> None:
         if self.degraded:
@@ -390,7 +441,45 @@ class RedisStore:
         if not cores and not ops and not names:
             return
         batches = [(core, core.take_pending()) for core in cores]
-        pipe = self.client.pipeline(transaction=False)
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                replies = await self._send(pipe, batches, ops, names)
+        except _STORE_ERRORS as exc:
+            for core, pending in batches:
+                core.restore_pending(pending)
+            self._ops[:0] = [op for op in ops if op[0] == "report"]
+            self._unregistered |= names
+            self._degrade(exc)
+            return
+        received = self.clock.monotonic()
+        for (core, _), reply in zip(batches, replies, strict=False):
+            if isinstance(reply, Exception):
+                logger.warning("flush of breaker %r failed: %r", core.name, reply)
+                continue
+            state, gen, open_until, reopens, calls, failures, slow, server_now, reset = reply
+            self._reset_seen(core, int(reset))
+            core.adopt(
+                _text(state), int(gen), int(open_until), int(reopens), int(server_now), received
+            )
+            if core.state is CLOSED and tripped(int(calls), int(failures), int(slow), core.config):
+                with contextlib.suppress(StoreUnavailableError):
+                    await self._transition(core, OPEN)
+        for (op, core, gen, _, _, _), reply in zip(ops, replies[len(batches) :], strict=False):
+            if op != "report" or isinstance(reply, Exception) or not int(reply[0]):
+                continue
+            verdict = half_open_verdict(int(reply[1]), int(reply[2]), int(reply[3]), core.config)
+            if verdict is not None and core.gen == gen:
+                with contextlib.suppress(StoreUnavailableError):
+                    await self._transition(core, verdict)
+
+    async def _send(
+        self,
+        pipe: Any,
+        batches: list[tuple[SharedBreakerCore, tuple[int, int, int, int]]],
+        ops: list[tuple[str, SharedBreakerCore, int, int, bool, bool]],
+        names: set[str],
+    ) -> list[Any]:
+        """Queue one round's scripts on ``pipe`` and run them in one round trip."""
         for core, (gen, calls, failures, slow) in batches:
             await self._scripts["flush"](
                 keys=core.keys,
@@ -410,34 +499,8 @@ class RedisStore:
         if names:
             pipe.sadd(f"{self.prefix}:names", *sorted(names))
             pipe.pexpire(f"{self.prefix}:names", self.ttl_ms)
-        try:
-            async with asyncio.timeout(self.timeout):
-                replies = await pipe.execute(raise_on_error=False)
-        except _STORE_ERRORS as exc:
-            for core, pending in batches:
-                core.restore_pending(pending)
-            self._ops[:0] = [op for op in ops if op[0] == "report"]
-            self._unregistered |= names
-            self._degrade(exc)
-            return
-        received = self.clock.monotonic()
-        for (core, _), reply in zip(batches, replies, strict=False):
-            if isinstance(reply, Exception):
-                logger.warning("flush of breaker %r failed: %r", core.name, reply)
-                continue
-            state, gen, open_until, reopens, calls, failures, slow, server_now, reset = reply
-            self._reset_seen(core, int(reset))
-            core.adopt(
-                _text(state), int(gen), int(open_until), int(reopens), int(server_now), received
-            )
-            if core.state is CLOSED and tripped(int(calls), int(failures), int(slow), core.config):
-                await self._transition(core, OPEN)
-        for (op, core, gen, _, _, _), reply in zip(ops, replies[len(batches) :], strict=False):
-            if op != "report" or isinstance(reply, Exception) or not int(reply[0]):
-                continue
-            verdict = half_open_verdict(int(reply[1]), int(reply[2]), int(reply[3]), core.config)
-            if verdict is not None and core.gen == gen:
-                await self._transition(core, verdict)
+        async with asyncio.timeout(self.timeout):
+            return cast(list[Any], await pipe.execute(raise_on_error=False))
 
     def _reset_seen(self, core: SharedBreakerCore, reset: int) -> None:
         if reset:
@@ -678,7 +741,7 @@ class SharedBreakerCore(BreakerCore):
         lease = next(_probe_ids)
         try:
             granted, wait = await self.store._probe(self, lease)
-        except StoreUnavailable:
+        except StoreUnavailableError:
             return await super().acquire_remote(now)
         if granted:
             return self.gen, lease
@@ -754,7 +817,7 @@ class SharedBreakerCore(BreakerCore):
             try:
                 await self.store._transition(self, state, force=True)
                 return
-            except StoreUnavailable:
+            except StoreUnavailableError:
                 pass
         self.force(state, now)
         self.diverged = True

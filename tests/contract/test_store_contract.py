@@ -220,3 +220,41 @@ async def test_bad_keys_are_refused(store: Store, bad: object) -> None:
     """Empty or non-string keys are a clear error."""
     with pytest.raises((TypeError, ValueError)):
         await store.acquire_lease(bad, limit=1, ttl=1)  # type: ignore[arg-type]
+
+
+async def test_rate_bucket_is_shared(store: Store, replica: Callable[[], Store]) -> None:
+    """One GCRA bucket across replicas: a burst of 3, then a wait of one interval."""
+    other = replica()
+    assert await store.rate_take("api", interval=0.5, burst=3) == 0.0
+    assert await other.rate_take("api", interval=0.5, burst=3) == 0.0
+    assert await store.rate_take("api", interval=0.5, burst=3) == 0.0
+    wait = await other.rate_take("api", interval=0.5, burst=3)
+    assert wait == pytest.approx(0.5, abs=1e-3)
+
+
+async def test_rate_bucket_refills(store: Store, clock: FakeClock) -> None:
+    """Tokens come back at one per interval."""
+    for _ in range(2):
+        assert await store.rate_take("api", interval=1.0, burst=2) == 0.0
+    assert await store.rate_take("api", interval=1.0, burst=2) == pytest.approx(1.0, abs=1e-3)
+    clock.advance(1.0)
+    assert await store.rate_take("api", interval=1.0, burst=2) == 0.0
+
+
+async def test_budget_is_clamped_and_shared(store: Store, replica: Callable[[], Store]) -> None:
+    """A token budget starts full, is shared, and stays within [0, maximum]."""
+    other = replica()
+    assert await store.budget_add("b", delta=0.5, maximum=10, ttl=60) == 10
+    assert await other.budget_add("b", delta=-4, maximum=10, ttl=60) == 6
+    assert await store.budget_add("b", delta=-100, maximum=10, ttl=60) == 0
+    assert await other.budget_add("b", delta=0.25, maximum=10, ttl=60) == pytest.approx(0.25)
+
+
+async def test_cache_round_trip_and_expiry(
+    store: Store, replica: Callable[[], Store], clock: FakeClock
+) -> None:
+    """A cached value is seen by other replicas until its ttl (Redis: real ttl, not checked)."""
+    await store.cache_set("prices", "sku:{1}\n", b'{"p": 1}', ttl=60)
+    assert await replica().cache_get("prices", "sku:{1}\n") == b'{"p": 1}'
+    assert await store.cache_get("prices", "other") is None
+    assert await store.cache_get("other", "sku:{1}\n") is None

@@ -1,0 +1,39 @@
+-- shared: the small atomic primitives of the fleet-wide policies.
+-- KEYS: 1 the policy's key
+-- ARGV: 1 op, 2 now in ms ("" = server TIME), then per op:
+--   "gcra"   3 emission interval in ms, 4 burst          -> "0" if taken, else ms to wait
+--   "budget" 3 delta, 4 maximum, 5 ttl in ms             -> the tokens after the change
+-- Values are kept as decimal strings; a value that does not parse is reset (reported as "!").
+local n = tonumber(ARGV[2])
+if not n then
+  local t = redis.call('TIME')
+  n = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local reset = ''
+if kind ~= 'string' and kind ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  reset = '!'
+end
+local raw = redis.call('GET', KEYS[1])
+local value = tonumber(raw)
+if raw and not value then reset = '!' end
+local op = ARGV[1]
+if op == 'gcra' then
+  local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local tat = value or n
+  if tat < n then tat = n end
+  local wait = tat - n - (burst - 1) * interval
+  if wait > 0.000001 then return reset .. string.format('%.6f', wait) end
+  local new = tat + interval
+  redis.call('SET', KEYS[1], string.format('%.6f', new), 'PX', math.ceil(new - n + 1000))
+  return reset .. '0'
+end
+-- budget
+local maximum = tonumber(ARGV[4])
+local tokens = value or maximum
+tokens = tokens + tonumber(ARGV[3])
+if tokens > maximum then tokens = maximum end
+if tokens < 0 then tokens = 0 end
+redis.call('SET', KEYS[1], string.format('%.6f', tokens), 'PX', tonumber(ARGV[5]))
+return reset .. string.format('%.6f', tokens)

@@ -253,6 +253,10 @@ class BreakerCore:
     async def commit(self) -> None:
         """Wait until the outcomes recorded so far are stored (strict mode); no-op here."""
 
+    def success(self, gen: int) -> None:
+        """A plain success (no lease, not timed): ``record`` without the arguments."""
+        self.record(gen, 0, False, False)
+
     def release(self, gen: int, lease: int) -> None:
         """Give back a probe permit without an outcome (the call was cancelled)."""
         if lease and gen == self.gen:
@@ -507,7 +511,8 @@ class CircuitBreaker(BasePolicy):
         admit = self._admit
         settle = self._settle
         timed = self._timed
-        plain = not timed and self._failure_if is None and type(core) is BreakerCore
+        plain = not timed and self._failure_if is None
+        local = type(core) is BreakerCore
         clock = self._clock
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
@@ -540,6 +545,10 @@ class CircuitBreaker(BasePolicy):
                 raise
             if lease or not plain:
                 settle(gen, lease, start, None, result)
+                if core.strict:
+                    await core.commit()
+            elif not local:
+                core.success(gen)
                 if core.strict:
                     await core.commit()
             elif gen == core.gen and core.state is CLOSED:

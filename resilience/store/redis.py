@@ -61,7 +61,7 @@ from ..events import (
     emit,
 )
 from ..policy import check_int, check_name, check_seconds
-from ..windows import CountWindow, TimeWindow
+from ..windows import CountCounter, CountWindow, TimeWindow
 
 __all__ = ["RedisStore"]
 
@@ -797,6 +797,24 @@ class SharedBreakerCore(BreakerCore):
                 store.wake()  # the local outcomes alone trip: flush now, let the fleet decide
         if self.strict:
             store.wake()
+
+    def success(self, gen: int) -> None:
+        """The hot path of a shared breaker: buffer one success, no I/O."""
+        if gen != self.gen or self.state is not CLOSED or self.store.degraded:
+            self.record(gen, 0, False, False)
+            return
+        p = self.pending
+        if not p[0]:
+            self.pending_gen = gen
+        p[0] += 1
+        self.active = True
+        w = self.window
+        if w.failures or w.slow or w.__class__ is not CountCounter:
+            w.add(False, False, 0.0)
+        elif w.calls < w.size:
+            w.calls += 1
+        if self.strict:
+            self.store.wake()
 
     def _buffer(self, failed: bool, slow: bool) -> None:
         p = self.pending

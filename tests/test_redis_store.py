@@ -367,3 +367,18 @@ async def test_an_unreachable_redis_never_raises(clock: FakeClock) -> None:
             await store.acquire_lease("x", limit=1, ttl=1)
     finally:
         await store.aclose()
+
+
+async def test_scripts_flushed_from_the_server_are_loaded_again(
+    make_store: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """After SCRIPT FLUSH (a restart, a failover) the next rounds reload and carry on."""
+    store = make_store()
+    b = breaker(store)
+    await store.sync()
+    await raw.script_flush()
+    await fail(b, 4)
+    await store.sync()
+    await store.sync()
+    assert b.state is CircuitState.OPEN
+    assert await raw.hget(store.key("dep", "state"), "state") == b"open"

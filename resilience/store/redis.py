@@ -34,7 +34,7 @@ from urllib.parse import quote
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..circuit import (
     CLOSED,
@@ -451,10 +451,24 @@ class RedisStore:
             self._unregistered |= names
             self._degrade(exc)
             return
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # a server that does not know our scripts (restarted, failed over, a new node)
+            for script in self._scripts.values():
+                with contextlib.suppress(StoreUnavailableError):
+                    await self._call(self.client.script_load(script.script))
+            for (core, pending), reply in zip(batches, replies, strict=False):
+                if isinstance(reply, NoScriptError):
+                    core.restore_pending(pending)
+                    core.active = True
+            for item, reply in zip(ops, replies[len(batches) :], strict=False):
+                if isinstance(reply, NoScriptError):
+                    self._ops.append(item)
+            self._wake.set()
         received = self.clock.monotonic()
         for (core, _), reply in zip(batches, replies, strict=False):
             if isinstance(reply, Exception):
-                logger.warning("flush of breaker %r failed: %r", core.name, reply)
+                if not isinstance(reply, NoScriptError):
+                    logger.warning("flush of breaker %r failed: %r", core.name, reply)
                 continue
             state, gen, open_until, reopens, calls, failures, slow, server_now, reset = reply
             self._reset_seen(core, int(reset))
@@ -480,19 +494,17 @@ class RedisStore:
         names: set[str],
     ) -> list[Any]:
         """Queue one round's scripts on ``pipe`` and run them in one round trip."""
+        # EVALSHA straight onto the pipeline: redis-py's Script objects would add a SCRIPT
+        # EXISTS round trip to every execute; a NOSCRIPT reply is handled by the caller.
+        flush, report = self._scripts["flush"].sha, self._scripts["report"].sha
         for core, (gen, calls, failures, slow) in batches:
-            await self._scripts["flush"](
-                keys=core.keys,
-                args=[gen, calls, failures, slow, *core.window_args, self._now_arg(), self.ttl_ms],
-                client=pipe,
-            )
+            args = [gen, calls, failures, slow, *core.window_args, self._now_arg(), self.ttl_ms]
+            pipe.evalsha(flush, 3, *core.keys, *args)
         for op, core, gen, lease, failed, slow in ops:
             lease_id = f"{self.replica}:{lease}"
             if op == "report":
-                await self._scripts["report"](
-                    keys=[core.keys[0], core.keys[2]],
-                    args=[gen, lease_id, int(failed), int(slow)],
-                    client=pipe,
+                pipe.evalsha(
+                    report, 2, core.keys[0], core.keys[2], gen, lease_id, int(failed), int(slow)
                 )
             else:
                 pipe.zrem(core.keys[2], lease_id)

@@ -382,3 +382,18 @@ async def test_scripts_flushed_from_the_server_are_loaded_again(
     await store.sync()
     assert b.state is CircuitState.OPEN
     assert await raw.hget(store.key("dep", "state"), "state") == b"open"
+
+
+def test_a_store_built_outside_a_loop_starts_flushing_on_first_use(redis_url: str) -> None:
+    """A store and breaker made at import time (no loop yet) flush once calls start."""
+    store = RedisStore.from_url(redis_url, prefix=f"import-time-{time.monotonic_ns()}")
+    b = breaker(store)
+
+    async def scenario() -> None:
+        try:
+            await fail(b, 4)
+            await until(lambda: b.state is CircuitState.OPEN)
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())

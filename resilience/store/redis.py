@@ -432,7 +432,7 @@ class RedisStore:
         logger.warning("redis store %r recovered after %.3fs", self.prefix, after)
         return True
 
-    async def _round(self) -> None:
+    async def _round(self, again: bool = True) -> None:
         """One flush: every breaker with news (or due a refresh), in one pipeline."""
         now = self.clock.monotonic()
         cores = [c for c in self._cores.values() if c.due(now)]
@@ -451,7 +451,8 @@ class RedisStore:
             self._unregistered |= names
             self._degrade(exc)
             return
-        if any(isinstance(r, NoScriptError) for r in replies):
+        reload = any(isinstance(r, NoScriptError) for r in replies)
+        if reload:
             # a server that does not know our scripts (restarted, failed over, a new node)
             for script in self._scripts.values():
                 with contextlib.suppress(StoreUnavailableError):
@@ -463,7 +464,6 @@ class RedisStore:
             for item, reply in zip(ops, replies[len(batches) :], strict=False):
                 if isinstance(reply, NoScriptError):
                     self._ops.append(item)
-            self._wake.set()
         received = self.clock.monotonic()
         for (core, _), reply in zip(batches, replies, strict=False):
             if isinstance(reply, Exception):
@@ -485,6 +485,8 @@ class RedisStore:
             if verdict is not None and core.gen == gen:
                 with contextlib.suppress(StoreUnavailableError):
                     await self._transition(core, verdict)
+        if reload and again:
+            await self._round(again=False)
 
     async def _send(
         self,
@@ -816,8 +818,9 @@ class SharedBreakerCore(BreakerCore):
             self.record(gen, 0, False, False)
             return
         p = self.pending
-        if not p[0]:
+        if not p[0]:  # the first outcome since the last flush: make sure a flusher runs
             self.pending_gen = gen
+            self.store._start()
         p[0] += 1
         self.active = True
         w = self.window
@@ -832,6 +835,7 @@ class SharedBreakerCore(BreakerCore):
         p = self.pending
         if not p[0]:
             self.pending_gen = self.gen
+            self.store._start()
         p[0] += 1
         p[1] += failed
         p[2] += slow

@@ -34,10 +34,11 @@ from .events import (
     StoreRecovered,
     TimedOut,
 )
-from .fallback import Fallback
+from .fallback import Fallback, JSONSerializer, Serializer
 from .policy import Pipeline, Policy
 from .ratelimit import RateLimiter
 from .retry import Retry
+from .status import PolicyStatus, ReplicaReport, status
 from .store import MemoryStore, Store
 from .timeout import Timeout
 from .windows import CountWindow, TimeWindow
@@ -60,17 +61,21 @@ __all__ = [
     "Event",
     "Fallback",
     "FallbackUsed",
+    "JSONSerializer",
     "Listener",
     "MemoryStore",
     "Pipeline",
     "Policy",
+    "PolicyStatus",
     "RateLimitedError",
     "RateLimiter",
     "RejectedError",
+    "ReplicaReport",
     "ResilienceError",
     "ResilienceTimeoutError",
     "Retry",
     "RetryScheduled",
+    "Serializer",
     "StateChanged",
     "Store",
     "StoreDataReset",
@@ -83,6 +88,7 @@ __all__ = [
     "Timeout",
     "UnacceptableResultError",
     "__version__",
+    "status",
 ]
 
 

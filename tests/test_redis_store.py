@@ -397,3 +397,22 @@ def test_a_store_built_outside_a_loop_starts_flushing_on_first_use(redis_url: st
             await store.aclose()
 
     asyncio.run(scenario())
+
+
+async def test_status_says_which_replica_reported_what(
+    make_store: Callable[..., RedisStore],
+) -> None:
+    """Each replica's last report on a shared breaker shows in status()."""
+    from resilience import status
+
+    stores = [make_store(), make_store()]
+    for n, s in enumerate(stores):
+        b = breaker(s, minimum_calls=10, window=CountWindow(10))
+        await fail(b, n + 1)
+        await s.sync()
+    (pay,) = [p for p in await status(stores[0]) if p.name == "dep"]
+    reports = {r.replica: r for r in pay.replicas}
+    assert set(reports) == {s.replica for s in stores}
+    assert all(r.last_seen < 5 for r in pay.replicas)
+    assert sorted(r.failures for r in pay.replicas) == [1, 2]
+    assert pay.failures == 3

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from .memory import MemoryStore
 
 if TYPE_CHECKING:
-    from ..circuit import BreakerConfig, BreakerCore
+    from ..circuit import BreakerConfig, BreakerCore, CircuitState
     from ..clock import Clock
+    from ..status import PolicyStatus
 
 __all__ = ["MemoryStore", "Store"]
 
@@ -56,6 +57,12 @@ class Store(Protocol):
 
     async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
         """Cache ``value`` under ``item`` for policy ``key`` for ``ttl`` seconds."""
+
+    async def status(self) -> list[PolicyStatus]:
+        """Every policy this store knows, with its state and figures (for status tools)."""
+
+    async def control(self, name: str, state: CircuitState) -> None:
+        """Force breaker ``name`` CLOSED, FORCED_OPEN or DISABLED (``KeyError`` if unknown)."""
 
     async def sync(self) -> None:
         """Push buffered outcomes and pull the latest shared state (no-op when local)."""

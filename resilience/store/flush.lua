@@ -1,9 +1,11 @@
 -- flush: merge one replica's buffered outcomes into the shared window; read the state back.
 -- KEYS: 1 state (hash), 2 window (list of "calls failures slow" chunks, or hash of buckets),
---       3 probes (zset)
+--       3 probes (zset), 4 replicas (hash: replica id -> "last seen ms, calls, failures, slow",
+--       the outcomes it has flushed so far)
 -- ARGV: 1 generation the outcomes were counted under, 2 calls, 3 failures, 4 slow calls,
 --       5 window kind ("c" count, "t" time), 6 window size (calls) or bucket count,
---       7 bucket width in ms (time windows), 8 now in ms ("" = server TIME), 9 ttl in ms
+--       7 bucket width in ms (time windows), 8 now in ms ("" = server TIME), 9 ttl in ms,
+--       10 replica id
 -- Returns: {state, gen, open_until, reopens, calls, failures, slow, now, reset}
 -- Outcomes are merged only while the state is still CLOSED at that generation.
 local now = now_ms(ARGV[8])
@@ -70,6 +72,27 @@ else
   end
 end
 local ttl = tonumber(ARGV[9])
+redis.call('HSET', KEYS[1], 'wk', kind, 'ws', ARGV[6], 'ww', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
+-- who reported what: a heartbeat per replica; replicas silent for 10 minutes are dropped
+local rtype = redis.call('TYPE', KEYS[4])['ok']
+if rtype ~= 'hash' and rtype ~= 'none' then
+  redis.call('DEL', KEYS[4])
+  reset = reset + 8
+end
+local seen = redis.call('HGETALL', KEYS[4])
+for i = 1, #seen, 2 do
+  local at = tonumber(string.match(seen[i + 1], '^(%S+)'))
+  if not at or at < now - 600000 then redis.call('HDEL', KEYS[4], seen[i]) end
+end
+local pc, pf, ps = 0, 0, 0
+local prev = redis.call('HGET', KEYS[4], ARGV[10])
+if prev then
+  local _, c, f, s = string.match(prev, '^(%S+) (%d+) (%d+) (%d+)$')
+  pc, pf, ps = tonumber(c) or 0, tonumber(f) or 0, tonumber(s) or 0
+end
+redis.call('HSET', KEYS[4], ARGV[10], now .. ' ' .. (pc + tonumber(ARGV[2])) .. ' ' ..
+  (pf + tonumber(ARGV[3])) .. ' ' .. (ps + tonumber(ARGV[4])))
+redis.call('PEXPIRE', KEYS[4], ttl)
 return {state, gen, open_until, reopens, calls, failures, slow, now, reset}

@@ -6,10 +6,11 @@ import itertools
 import math
 from types import TracebackType
 
-from ..circuit import BreakerConfig, BreakerCore
+from ..circuit import BreakerConfig, BreakerCore, CircuitState
 from ..clock import SYSTEM_CLOCK, Clock
 from ..policy import check_int, check_name, check_seconds
 from ..ratelimit import gcra
+from ..status import PolicyStatus
 
 __all__ = ["MemoryStore"]
 
@@ -102,6 +103,41 @@ class MemoryStore:
         """Cache ``value`` under ``item`` for ``key`` for ``ttl`` seconds."""
         check_seconds("ttl", ttl)
         self._cache[(key, item)] = (bytes(value), self.clock.monotonic() + ttl)
+
+    async def status(self) -> list[PolicyStatus]:
+        """Breakers, lease keys, rate buckets and budgets held here."""
+        now = self.clock.monotonic()
+        out = []
+        for name, core in self._breakers.items():
+            m = core.metrics(now)
+            out.append(
+                PolicyStatus(
+                    name=name,
+                    kind="circuit_breaker",
+                    state=m.state,
+                    generation=m.generation,
+                    calls=m.calls,
+                    failures=m.failures,
+                    slow_calls=m.slow_calls,
+                    retry_after=m.retry_after,
+                    probes=len(core._probes),
+                )
+            )
+        for key in self._leases:
+            out.append(PolicyStatus(name=key, kind="bulkhead", in_flight=len(self._live(key))))
+        out.extend(PolicyStatus(name=key, kind="rate_limiter") for key in self._tats)
+        out.extend(
+            PolicyStatus(name=key, kind="retry_budget", tokens=tokens)
+            for key, tokens in self._budgets.items()
+        )
+        return out
+
+    async def control(self, name: str, state: CircuitState) -> None:
+        """Force breaker ``name`` into ``state`` (CLOSED resets it)."""
+        core = self._breakers.get(name)
+        if core is None:
+            raise KeyError(f"no breaker named {name!r} in this store")
+        await core.control(state, core.clock.monotonic())
 
     async def sync(self) -> None:
         """Nothing to synchronise: the state is already here."""

@@ -61,6 +61,7 @@ from ..events import (
     emit,
 )
 from ..policy import check_int, check_name, check_seconds
+from ..status import PolicyStatus, ReplicaReport
 from ..windows import CountCounter, CountWindow, TimeWindow
 
 __all__ = ["RedisStore"]
@@ -139,7 +140,7 @@ class RedisStore:
         self._closed = False
         self._owns_client = False
         self._lease_ids = itertools.count(1)
-        scripts = ("flush", "transition", "probe", "report", "lease", "shared")
+        scripts = ("flush", "transition", "probe", "report", "lease", "shared", "status")
         self._scripts = {n: client.register_script(_script(n)) for n in scripts}
 
     @classmethod
@@ -282,6 +283,43 @@ class RedisStore:
         await self._call(
             self.client.set(self.key(key, "cache:" + quote(item, safe="")), value, px=ttl_ms)
         )
+
+    async def status(self) -> list[PolicyStatus]:
+        """Every policy any replica registered under this prefix, read from Redis."""
+        names = set(await self.known_names()) | set(self._cores) | self._lease_keys
+        out: list[PolicyStatus] = []
+        for name in sorted(names):
+            suffixes = ("state", "win", "probes", "replicas", "leases", "gcra", "budget")
+            reply = await self._call(
+                self._scripts["status"](
+                    keys=[self.key(name, s) for s in suffixes], args=[self._now_arg()]
+                )
+            )
+            out.extend(_parse_status(name, reply))
+        return out
+
+    async def control(self, name: str, state: CircuitState) -> None:
+        """Force breaker ``name`` (known to the fleet) into ``state``, fleet-wide."""
+        if state not in (CLOSED, FORCED_OPEN, DISABLED):
+            raise ValueError(
+                f"a breaker can be forced CLOSED, FORCED_OPEN or DISABLED, not {state}"
+            )
+        core = self._cores.get(name)
+        if core is None:
+            exists = await self._call(self.client.exists(self.key(name, "state")))
+            if not int(exists):
+                raise KeyError(f"no breaker named {name!r} under prefix {self.prefix!r}")
+            core = SharedBreakerCore(name, BreakerConfig(), self.clock, self)
+            suffixes = ("state", "win", "probes", "replicas", "leases", "gcra", "budget")
+            reply = await self._call(
+                self._scripts["status"](
+                    keys=[self.key(name, s) for s in suffixes], args=[self._now_arg()]
+                )
+            )
+            core.gen = int(reply[3])
+            await self._transition(core, state, force=True)
+            return
+        await core.control(state, self.clock.monotonic())
 
     async def sync(self) -> None:
         """Flush every buffered outcome and refresh every breaker's state now."""
@@ -501,7 +539,7 @@ class RedisStore:
         flush, report = self._scripts["flush"].sha, self._scripts["report"].sha
         for core, (gen, calls, failures, slow) in batches:
             args = [gen, calls, failures, slow, *core.window_args, self._now_arg(), self.ttl_ms]
-            pipe.evalsha(flush, 3, *core.keys, *args)
+            pipe.evalsha(flush, 4, *core.keys, *args, self.replica)
         for op, core, gen, lease, failed, slow in ops:
             lease_id = f"{self.replica}:{lease}"
             if op == "report":
@@ -625,6 +663,50 @@ class RedisStore:
             logger.warning("ignored an unparsable message on %r: %r", self.channel, data)
 
 
+def _parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:
+    now = int(reply[0])
+    out: list[PolicyStatus] = []
+    if int(reply[1]):
+        fields = list(reply[13:])
+        replicas = []
+        for rid, value in zip(fields[::2], fields[1::2], strict=False):
+            parts = _text(value).split()
+            if len(parts) == 4:
+                at, calls, failures, slow = (float(p) for p in parts)
+                replicas.append(
+                    ReplicaReport(
+                        replica=_text(rid),
+                        last_seen=max(0.0, (now - at) / 1000),
+                        calls=int(calls),
+                        failures=int(failures),
+                        slow_calls=int(slow),
+                    )
+                )
+        state = _BY_VALUE.get(_text(reply[2]), CLOSED)
+        open_until = int(reply[4])
+        out.append(
+            PolicyStatus(
+                name=name,
+                kind="circuit_breaker",
+                state=state,
+                generation=int(reply[3]),
+                calls=int(reply[6]),
+                failures=int(reply[7]),
+                slow_calls=int(reply[8]),
+                retry_after=max(0.0, (open_until - now) / 1000) if state is OPEN else None,
+                probes=int(reply[9]),
+                replicas=tuple(sorted(replicas, key=lambda r: r.replica)),
+            )
+        )
+    if int(reply[10]) >= 0:
+        out.append(PolicyStatus(name=name, kind="bulkhead", in_flight=int(reply[10])))
+    if _text(reply[11]):
+        out.append(PolicyStatus(name=name, kind="rate_limiter"))
+    if _text(reply[12]):
+        out.append(PolicyStatus(name=name, kind="retry_budget", tokens=float(_text(reply[12]))))
+    return out
+
+
 class SharedBreakerCore(BreakerCore):
     """A breaker core that mirrors the fleet's state from Redis (see the module docstring).
 
@@ -649,7 +731,7 @@ class SharedBreakerCore(BreakerCore):
         super().__init__(name, config, clock)
         self.store = store
         self.strict = store.strict
-        self.keys = [store.key(name, "state"), store.key(name, "win"), store.key(name, "probes")]
+        self.keys = [store.key(name, s) for s in ("state", "win", "probes", "replicas")]
         window = config.window
         if isinstance(window, CountWindow):
             self.window_args: list[Any] = ["c", window.size, 0]

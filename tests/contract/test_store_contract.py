@@ -258,3 +258,48 @@ async def test_cache_round_trip_and_expiry(
     assert await replica().cache_get("prices", "sku:{1}\n") == b'{"p": 1}'
     assert await store.cache_get("prices", "other") is None
     assert await store.cache_get("other", "sku:{1}\n") is None
+
+
+async def test_status_lists_every_policy_with_its_figures(
+    store: Store, replica: Callable[[], Store], settle: Settle, clock: FakeClock
+) -> None:
+    """status() shows breakers (state, counts, time left) and leases, from any replica."""
+    from resilience import status
+
+    a = breaker(store, "payments")
+    await fail(a, 2)
+    await a.call(ok)
+    breaker(store, "search")
+    await store.acquire_lease("uploads", limit=3, ttl=5)
+    await settle()
+    other = replica()
+    seen = {(s.name, s.kind): s for s in await status(other)}
+    pay = seen[("payments", "circuit_breaker")]
+    assert (pay.state, pay.calls, pay.failures) == (CircuitState.CLOSED, 3, 2)
+    assert pay.failure_ratio == pytest.approx(2 / 3)
+    assert seen[("search", "circuit_breaker")].calls == 0
+    assert seen[("uploads", "bulkhead")].in_flight == 1
+    await fail(a, 1)
+    await settle()
+    clock.advance(4)
+    pay = {(s.name, s.kind): s for s in await status(other)}[("payments", "circuit_breaker")]
+    assert pay.state is CircuitState.OPEN
+    assert pay.retry_after == pytest.approx(6.0, abs=0.01)
+    assert pay.to_dict()["state"] == "open"
+
+
+async def test_control_by_name(store: Store, replica: Callable[[], Store], settle: Settle) -> None:
+    """An operator can force a breaker by name from any replica; unknown names are an error."""
+    a = breaker(store, "payments")
+    await settle()
+    other = replica()
+    await other.control("payments", CircuitState.FORCED_OPEN)
+    await settle()
+    assert a.state is CircuitState.FORCED_OPEN
+    await other.control("payments", CircuitState.CLOSED)
+    await settle()
+    assert a.state is CircuitState.CLOSED
+    with pytest.raises(KeyError, match="nope"):
+        await other.control("nope", CircuitState.FORCED_OPEN)
+    with pytest.raises(ValueError, match="not half_open"):
+        await other.control("payments", CircuitState.HALF_OPEN)

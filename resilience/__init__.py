@@ -37,7 +37,7 @@ from .events import (
 from .fallback import Fallback, JSONSerializer, Serializer
 from .policy import Pipeline, Policy
 from .ratelimit import RateLimiter
-from .retry import Retry
+from .retry import Retry, RetryBudget
 from .status import PolicyStatus, ReplicaReport, status
 from .store import MemoryStore, Store
 from .timeout import Timeout
@@ -74,6 +74,7 @@ __all__ = [
     "ResilienceError",
     "ResilienceTimeoutError",
     "Retry",
+    "RetryBudget",
     "RetryScheduled",
     "Serializer",
     "StateChanged",

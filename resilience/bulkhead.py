@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock
-from .errors import BulkheadFullError
+from .errors import BulkheadFullError, StoreUnavailableError
 from .events import CallRejected, Listener, emit
 from .policy import BasePolicy, Protected, check_int, check_seconds
+from .ratelimit import check_store, store_down
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["Bulkhead"]
+
+logger = logging.getLogger("resilience")
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:
@@ -29,6 +36,14 @@ class Bulkhead(BasePolicy):
     takes); otherwise it fails at once with ``BulkheadFullError``. Slots are released however
     the call ends, cancellation included; a waiter cancelled just as it was handed a slot
     passes the slot on.
+
+    With ``distributed=True`` (and a ``store``) the limit holds across every bulkhead of that
+    name on the store, so across replicas through ``RedisStore``: besides its local slot each
+    call takes one of ``max_concurrent`` fleet-wide permits, an expiring lease of ``lease``
+    seconds (so a replica that dies cannot hold permits for ever), and always gives it back.
+    A full fleet rejects at once (waiting for a fleet-wide permit is not supported:
+    ``max_waiting`` must be 0). When the store cannot answer, the call goes on under the local
+    limit only.
     """
 
     kind = "bulkhead"
@@ -39,6 +54,9 @@ class Bulkhead(BasePolicy):
         *,
         max_waiting: int = 0,
         max_wait: float | None = None,
+        distributed: bool = False,
+        store: Store | None = None,
+        lease: float = 30.0,
         name: str = "bulkhead",
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
@@ -47,8 +65,25 @@ class Bulkhead(BasePolicy):
         self.max_concurrent = check_int("max_concurrent", max_concurrent)
         self.max_waiting = check_int("max_waiting", max_waiting, minimum=0)
         self.max_wait: float | None = check_seconds("max_wait", max_wait, none=True, zero=True)
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool, got {distributed!r}")
+        self.distributed = distributed
+        self.store = check_store("store", store, "acquire_lease", "release_lease")
+        self.lease: float = check_seconds("lease", lease)
+        if distributed:
+            if self.store is None:
+                raise ValueError("distributed=True needs a store= to share the permits through")
+            if self.max_waiting:
+                raise ValueError(
+                    f"max_waiting must be 0 with distributed=True, got {max_waiting!r}: "
+                    "fleet-wide permits are not waited for (the call is rejected at once)"
+                )
+        elif self.store is not None:
+            raise ValueError("store= is only used with distributed=True")
         self._active = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._held: dict[asyncio.Task[Any] | None, list[str | None]] = {}
+        self._returning: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"Bulkhead({self.max_concurrent}, name={self.name!r})"
@@ -112,7 +147,57 @@ class Bulkhead(BasePolicy):
                 return
         self._active -= 1
 
+    # fleet-wide permits ---------------------------------------------------------------------
+    async def _take_permit(self, store: Store) -> str | None:
+        """A fleet-wide permit: its lease id, ``None`` when the store is down (local only).
+
+        Raises ``BulkheadFullError`` when the fleet is full. Taking runs in a task of its own,
+        so a caller cancelled meanwhile still gives back a permit taken for it.
+        """
+        if store_down(store):
+            return None
+        taking = asyncio.ensure_future(
+            store.acquire_lease(self.name, limit=self.max_concurrent, ttl=self.lease)
+        )
+        try:
+            lease = await asyncio.shield(taking)
+        except StoreUnavailableError:
+            return None
+        except asyncio.CancelledError:
+            taking.add_done_callback(self._return_late)
+            raise
+        if lease is None:
+            raise self._reject()
+        return lease
+
+    def _return_late(self, taking: asyncio.Future[str | None]) -> None:
+        """A permit taken for a caller that was cancelled meanwhile: give it back."""
+        if not taking.cancelled() and taking.exception() is None:
+            lease = taking.result()
+            if lease is not None:
+                self._give_back(lease)
+
+    def _give_back(self, lease: str) -> asyncio.Task[None]:
+        """Return a permit in a task of its own, which cancelling the caller cannot stop."""
+        task = asyncio.get_running_loop().create_task(self._release_permit(lease))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+        return task
+
+    async def _release_permit(self, lease: str) -> None:
+        assert self.store is not None
+        try:
+            await self.store.release_lease(self.name, lease)
+        except Exception as exc:  # the lease expires by itself
+            logger.warning("bulkhead %r could not return a permit: %r", self.name, exc)
+
+    async def _return_permit(self, lease: str) -> None:
+        """Give a permit back and wait for it (the permit is returned even if we are cancelled)."""
+        await asyncio.shield(self._give_back(lease))
+
     def _wrap(self, fn: Protected) -> Protected:
+        if self.store is not None:
+            return self._wrap_distributed(fn, self.store)
         acquire = self._acquire
         release = self._release
         limit = self.max_concurrent
@@ -129,11 +214,44 @@ class Bulkhead(BasePolicy):
 
         return protected
 
+    def _wrap_distributed(self, fn: Protected, store: Store) -> Protected:
+        acquire = self._acquire
+        release = self._release
+        take = self._take_permit
+        give_back = self._return_permit
+        limit = self.max_concurrent
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            if self._active < limit and not self._waiters:
+                self._active += 1
+            else:
+                await acquire()
+            try:
+                lease = await take(store)
+            except BaseException:
+                release()
+                raise
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                release()
+                if lease is not None:
+                    await give_back(lease)
+
+        return protected
+
     async def __aenter__(self) -> None:
         if self._active < self.max_concurrent and not self._waiters:
             self._active += 1
         else:
             await self._acquire()
+        if self.store is not None:
+            try:
+                lease = await self._take_permit(self.store)
+            except BaseException:
+                self._release()
+                raise
+            self._held.setdefault(asyncio.current_task(), []).append(lease)
 
     async def __aexit__(
         self,
@@ -142,3 +260,11 @@ class Bulkhead(BasePolicy):
         tb: TracebackType | None,
     ) -> None:
         self._release()
+        if self.store is not None:
+            task = asyncio.current_task()
+            held = self._held[task]
+            lease = held.pop()
+            if not held:
+                del self._held[task]
+            if lease is not None:
+                await self._return_permit(lease)

@@ -4,16 +4,45 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .clock import Clock
-from .errors import RateLimitedError
+from .errors import RateLimitedError, StoreUnavailableError
 from .events import CallRejected, Listener, emit
 from .policy import BasePolicy, Protected, check_int, check_positive, check_seconds
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["RateLimiter", "gcra"]
 
 _EPSILON = 1e-9
+
+
+def check_store(what: str, store: object, *methods: str) -> Store | None:
+    """``None`` or an object with the store primitives ``methods`` (checked by duck typing).
+
+    The ``Store`` protocol cannot be imported here at run time (``store.memory`` imports this
+    module), and a policy needs only a few of its primitives.
+    """
+    if store is None:
+        return None
+    missing = [m for m in methods if not callable(getattr(store, m, None))]
+    if missing:
+        raise TypeError(
+            f"{what} must be a Store (MemoryStore, RedisStore), got {store!r} "
+            f"(no {', '.join(missing)})"
+        )
+    return cast("Store", store)
+
+
+def store_down(store: object) -> bool:
+    """True while a store says it cannot reach its backend (``RedisStore.degraded``).
+
+    Policies then go local at once instead of waiting for each primitive to time out; the
+    store reconnects in the background.
+    """
+    return getattr(store, "degraded", False) is True
 
 
 def gcra(tat: float, now: float, interval: float, burst: int) -> tuple[float, float]:
@@ -35,6 +64,10 @@ class RateLimiter(BasePolicy):
     A generic cell rate algorithm (GCRA): one float of state, O(1) per call. ``burst``
     defaults to ``ceil(rate)``, a full period's worth. Calls over the limit fail at once with
     ``RateLimitedError`` whose ``retry_after`` says when a token frees up.
+
+    With ``store=`` the bucket is shared by every limiter of that name on the store (every
+    replica, through ``RedisStore``): each call is one ``store.rate_take``. When the store
+    cannot answer, the call is admitted or rejected by this object's local bucket instead.
     """
 
     kind = "rate_limiter"
@@ -45,6 +78,7 @@ class RateLimiter(BasePolicy):
         *,
         per: float = 1.0,
         burst: int | None = None,
+        store: Store | None = None,
         name: str = "rate_limiter",
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
@@ -54,6 +88,7 @@ class RateLimiter(BasePolicy):
         self.per = check_seconds("per", per)
         self.burst = max(1, math.ceil(self.rate)) if burst is None else check_int("burst", burst)
         self.interval = self.per / self.rate
+        self.store = check_store("store", store, "rate_take")
         self._tat = -math.inf
 
     def __repr__(self) -> str:
@@ -72,7 +107,18 @@ class RateLimiter(BasePolicy):
             emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
         return error
 
+    async def _take_shared(self, store: Store) -> float:
+        """One take from the fleet's bucket; the local bucket when the store is down."""
+        if not store_down(store):
+            try:
+                return await store.rate_take(self.name, interval=self.interval, burst=self.burst)
+            except StoreUnavailableError:
+                pass
+        return self.try_acquire()
+
     def _wrap(self, fn: Protected) -> Protected:
+        if self.store is not None:
+            return self._wrap_shared(fn, self.store)
         monotonic = self._clock.monotonic
         interval = self.interval
         slack = (self.burst - 1) * interval + _EPSILON
@@ -86,6 +132,18 @@ class RateLimiter(BasePolicy):
             if tat - now > slack:
                 raise rejected(tat - now - slack + _EPSILON)
             self._tat = tat + interval
+            return await fn(*args, **kwargs)
+
+        return protected
+
+    def _wrap_shared(self, fn: Protected, store: Store) -> Protected:
+        take = self._take_shared
+        rejected = self._rejected
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            wait = await take(store)
+            if wait > 0.0:
+                raise rejected(wait)
             return await fn(*args, **kwargs)
 
         return protected

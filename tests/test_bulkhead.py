@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilience.bulkhead import Bulkhead
-from resilience.errors import BulkheadFullError
+from resilience.errors import BulkheadFullError, StoreUnavailableError
 from resilience.events import CallRejected, Event
+from resilience.store import MemoryStore
+from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 
@@ -281,3 +287,242 @@ def test_bad_arguments_rejected(kwargs: dict[str, Any], error: type[Exception]) 
     """Invalid limits, waits and names are rejected at construction."""
     with pytest.raises(error):
         Bulkhead(**kwargs)
+
+
+# --- fleet-wide (distributed=True) ----------------------------------------------------------
+
+_prefixes = itertools.count()
+
+
+def unique_prefix() -> str:
+    return f"bh{next(_prefixes)}-{time.monotonic_ns()}"
+
+
+class DownStore(MemoryStore):
+    """A store whose lease primitives cannot reach their backend."""
+
+    async def acquire_lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        raise StoreUnavailableError("down")
+
+    async def release_lease(self, key: str, lease: str) -> bool:
+        raise StoreUnavailableError("down")
+
+
+class SlowStore(MemoryStore):
+    """A store whose acquire_lease answers only once ``answer`` is set."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.answer = asyncio.Event()
+        self.asked = asyncio.Event()
+
+    async def acquire_lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        self.asked.set()
+        await self.answer.wait()
+        return await super().acquire_lease(key, limit=limit, ttl=ttl)
+
+
+async def boom() -> None:
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize(
+    ("kw", "error"),
+    [
+        ({"distributed": True}, ValueError),
+        ({"store": MemoryStore()}, ValueError),
+        ({"distributed": True, "store": MemoryStore(), "max_waiting": 1}, ValueError),
+        ({"distributed": True, "store": MemoryStore(), "lease": 0}, ValueError),
+        ({"distributed": True, "store": MemoryStore(), "lease": math.inf}, ValueError),
+        ({"distributed": True, "store": object()}, TypeError),
+        ({"distributed": 1, "store": MemoryStore()}, TypeError),
+    ],
+)
+def test_distributed_options_validated(kw: dict[str, Any], error: type[Exception]) -> None:
+    """distributed= needs a store, no queue and a positive lease; store= needs distributed."""
+    with pytest.raises(error):
+        Bulkhead(2, **kw)
+
+
+async def test_fleet_limit_shared_between_replicas(clock: FakeClock) -> None:
+    """Two bulkheads of one name on one store admit max_concurrent calls between them."""
+    store = MemoryStore(clock=clock)
+    a = Bulkhead(2, distributed=True, store=store, name="db")
+    b = Bulkhead(2, distributed=True, store=store, name="db")
+    gate = Gate()
+    tasks = [asyncio.create_task(a.call(gate, 1)), asyncio.create_task(b.call(gate, 2))]
+    await settle()
+    assert gate.running == 2
+    with pytest.raises(BulkheadFullError):
+        await b.call(gate, 3)
+    assert b.in_flight == 1  # the rejected call gave its local slot back
+    gate.event(1).set()
+    await settle()
+    assert await store.count_leases("db") == 1
+    gate.event(4).set()
+    assert await b.call(gate, 4) == 4
+    gate.event(2).set()
+    assert await asyncio.gather(*tasks) == [1, 2]
+    assert await store.count_leases("db") == 0
+
+
+async def test_permits_returned_however_the_call_ends(clock: FakeClock) -> None:
+    """Success, an exception and cancellation all give the fleet-wide permit back."""
+    store = MemoryStore(clock=clock)
+    bulkhead = Bulkhead(3, distributed=True, store=store, name="db")
+    gate = Gate()
+    gate.event(0).set()
+    assert await bulkhead.call(gate, 0) == 0
+    with pytest.raises(ValueError, match="boom"):
+        await bulkhead.call(boom)
+    running = asyncio.create_task(bulkhead.call(gate, 1))
+    await settle()
+    assert await store.count_leases("db") == 1
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await settle()
+    assert await store.count_leases("db") == 0
+    assert bulkhead.in_flight == 0
+
+
+async def test_cancelled_while_taking_permit_returns_it(clock: FakeClock) -> None:
+    """A caller cancelled while the store is taking its permit still gets it returned."""
+    store = SlowStore(clock=clock)
+    bulkhead = Bulkhead(1, distributed=True, store=store, name="db")
+    gate = Gate()
+    caller = asyncio.create_task(bulkhead.call(gate, 1))
+    await store.asked.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert bulkhead.in_flight == 0
+    store.answer.set()
+    await settle()
+    assert gate.started == []
+    assert await store.count_leases("db") == 0
+
+
+async def test_store_down_falls_back_to_local_limit(clock: FakeClock) -> None:
+    """When the store is unavailable calls still run, under the local limit only."""
+    bulkhead = Bulkhead(1, distributed=True, store=DownStore(clock=clock), name="db")
+    gate = Gate()
+    running = asyncio.create_task(bulkhead.call(gate, 1))
+    await settle()
+    assert gate.running == 1
+    with pytest.raises(BulkheadFullError):
+        await bulkhead.call(gate, 2)
+    gate.event(1).set()
+    assert await running == 1
+    assert bulkhead.in_flight == 0
+
+
+async def test_permit_of_a_dead_holder_expires(clock: FakeClock) -> None:
+    """A permit never returned (its replica died) frees up after ``lease`` seconds."""
+    store = MemoryStore(clock=clock)
+    assert await store.acquire_lease("db", limit=1, ttl=5.0) is not None  # the dead replica
+    bulkhead = Bulkhead(1, distributed=True, store=store, name="db", lease=5.0)
+    with pytest.raises(BulkheadFullError):
+        await bulkhead.call(Gate(), 1)
+    clock.advance(5.0)
+    gate = Gate()
+    gate.event(1).set()
+    assert await bulkhead.call(gate, 1) == 1
+
+
+async def test_distributed_context_manager(clock: FakeClock) -> None:
+    """``async with`` takes a fleet-wide permit and returns it on exit."""
+    store = MemoryStore(clock=clock)
+    bulkhead = Bulkhead(1, distributed=True, store=store, name="db")
+    async with bulkhead:
+        assert await store.count_leases("db") == 1
+        with pytest.raises(BulkheadFullError):
+            async with Bulkhead(1, distributed=True, store=store, name="db"):
+                pass
+    assert await store.count_leases("db") == 0
+    assert bulkhead.in_flight == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["ok", "raise", "cancel"]), min_size=1, max_size=8))
+def test_no_permit_is_lost(outcomes: list[str]) -> None:
+    """Whatever mix of outcomes runs concurrently, every permit and slot is returned."""
+
+    async def main() -> None:
+        store = MemoryStore(clock=FakeClock())
+        bulkhead = Bulkhead(len(outcomes), distributed=True, store=store, name="db")
+        gate = Gate()
+
+        async def one(i: int, outcome: str) -> None:
+            await gate(i)
+            if outcome == "raise":
+                raise ValueError(i)
+
+        tasks = [asyncio.create_task(bulkhead.call(one, i, o)) for i, o in enumerate(outcomes)]
+        await settle()
+        assert await store.count_leases("db") == len(outcomes)
+        for i, outcome in enumerate(outcomes):
+            if outcome == "cancel":
+                tasks[i].cancel()
+            else:
+                gate.event(i).set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await settle()
+        assert await store.count_leases("db") == 0
+        assert bulkhead.in_flight == 0
+
+    asyncio.run(main())
+
+
+async def test_redis_fleet_limit_across_two_replicas(redis_url: str, clock: FakeClock) -> None:
+    """Two RedisStores on one Redis share the limit; every permit is returned at the end."""
+    prefix = unique_prefix()
+    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    try:
+        a = Bulkhead(2, distributed=True, store=one, name="db")
+        b = Bulkhead(2, distributed=True, store=two, name="db")
+        gate = Gate()
+        first = asyncio.create_task(a.call(gate, 1))
+        second = asyncio.create_task(b.call(gate, 2))
+        for _ in range(2000):  # real Redis round trips: a generous bound
+            if gate.running == 2:
+                break
+            await asyncio.sleep(0.001)
+        assert gate.running == 2
+        with pytest.raises(BulkheadFullError):
+            await b.call(gate, 3)
+        with pytest.raises(BulkheadFullError):
+            await a.call(gate, 4)
+        gate.event(1).set()
+        assert await first == 1
+        with pytest.raises(ValueError, match="boom"):
+            await a.call(boom)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        for _ in range(200):
+            if await one.count_leases("db") == 0:
+                break
+            await asyncio.sleep(0.001)
+        assert await one.count_leases("db") == 0
+        assert await two.count_leases("db") == 0
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_redis_unreachable_runs_locally(clock: FakeClock) -> None:
+    """A RedisStore that cannot connect never fails a call: the local limit still applies."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
+    try:
+        bulkhead = Bulkhead(1, distributed=True, store=store, name="db")
+        gate = Gate()
+        gate.event(1).set()
+        assert await bulkhead.call(gate, 1) == 1
+        assert await bulkhead.call(gate, 1) == 1
+        with pytest.raises(ValueError, match="boom"):
+            await bulkhead.call(boom)
+        assert bulkhead.in_flight == 0
+    finally:
+        await store.aclose()

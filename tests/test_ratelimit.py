@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -10,9 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilience.errors import RateLimitedError
+from resilience.errors import RateLimitedError, StoreUnavailableError
 from resilience.events import CallRejected, Event
 from resilience.ratelimit import RateLimiter, gcra
+from resilience.store import MemoryStore
+from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 
@@ -225,3 +229,102 @@ def test_rate_limited_error_retry_after_positive(clock: FakeClock) -> None:
         with pytest.raises(RateLimitedError) as info:
             run_now(limiter.call(ok))
         assert 0 < info.value.retry_after <= 1 / 3 + 1e-9
+
+
+# --- shared through a store -----------------------------------------------------------------
+
+_prefixes = itertools.count()
+
+
+class DownStore(MemoryStore):
+    """A store whose GCRA bucket cannot be reached."""
+
+    async def rate_take(self, key: str, *, interval: float, burst: int) -> float:
+        raise StoreUnavailableError("down")
+
+
+def test_store_must_be_a_store() -> None:
+    """store= is checked for the rate_take primitive at construction."""
+    with pytest.raises(TypeError, match="store"):
+        RateLimiter(1, store=object())  # type: ignore[arg-type]
+
+
+async def test_replicas_share_one_bucket(clock: FakeClock) -> None:
+    """Two limiters of one name on one store draw from one bucket."""
+    store = MemoryStore(clock=clock)
+    events: list[Event] = []
+    a = RateLimiter(2, burst=2, store=store, name="api", clock=clock)
+    b = RateLimiter(2, burst=2, store=store, name="api", clock=clock, listeners=[events.append])
+    assert await a.call(ok) == "ok"
+    assert await b.call(ok) == "ok"
+    with pytest.raises(RateLimitedError) as info:
+        await b.call(ok)
+    assert info.value.retry_after == pytest.approx(0.5)
+    assert isinstance(events[0], CallRejected)
+    with pytest.raises(RateLimitedError):
+        await a.call(ok)
+    clock.advance(0.5)
+    assert await a.call(ok) == "ok"
+    with pytest.raises(RateLimitedError):
+        await b.call(ok)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gaps=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=40),
+    rate=st.integers(min_value=1, max_value=10),
+    burst=st.integers(min_value=1, max_value=5),
+)
+def test_shared_replicas_admit_like_one_limiter(gaps: list[int], rate: int, burst: int) -> None:
+    """Calls spread over two replicas sharing a store are admitted exactly as by one limiter."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    replicas = [RateLimiter(rate, burst=burst, store=store, name="x", clock=clock) for _ in "ab"]
+    single = RateLimiter(rate, burst=burst, clock=clock)
+    for i, gap in enumerate(gaps):
+        clock.advance(gap / 20)
+        assert admitted(replicas[i % 2]) == admitted(single)
+
+
+async def test_store_down_uses_local_bucket(clock: FakeClock) -> None:
+    """When the store cannot answer, the local GCRA admits and rejects instead."""
+    limiter = RateLimiter(1, burst=2, store=DownStore(clock=clock), clock=clock)
+    assert await limiter.call(ok) == "ok"
+    assert await limiter.call(ok) == "ok"
+    with pytest.raises(RateLimitedError) as info:
+        await limiter.call(ok)
+    assert info.value.retry_after == pytest.approx(1.0)
+
+
+async def test_redis_rate_limit_shared_by_two_replicas(redis_url: str, clock: FakeClock) -> None:
+    """Two RedisStores on one Redis share one bucket: the burst is for the fleet."""
+    prefix = f"rl{next(_prefixes)}-{time.monotonic_ns()}"
+    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    try:
+        a = RateLimiter(2, burst=3, store=one, name="api", clock=clock)
+        b = RateLimiter(2, burst=3, store=two, name="api", clock=clock)
+        assert [await a.call(ok), await b.call(ok), await a.call(ok)] == ["ok"] * 3
+        with pytest.raises(RateLimitedError) as info:
+            await b.call(ok)
+        assert info.value.retry_after == pytest.approx(0.5, abs=1e-3)
+        clock.advance(0.5)
+        assert await b.call(ok) == "ok"
+        with pytest.raises(RateLimitedError):
+            await a.call(ok)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_redis_unreachable_uses_local_bucket(clock: FakeClock) -> None:
+    """A RedisStore that cannot connect never fails a call: the local bucket decides."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
+    try:
+        limiter = RateLimiter(1, burst=2, store=store, clock=clock)
+        assert await limiter.call(ok) == "ok"
+        assert await limiter.call(ok) == "ok"
+        with pytest.raises(RateLimitedError):
+            await limiter.call(ok)
+    finally:
+        await store.aclose()

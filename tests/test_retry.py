@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
+import time
 from typing import Any
 
 import pytest
@@ -10,8 +13,11 @@ import tenacity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilience.events import Event, RetryScheduled
-from resilience.retry import Retry
+from resilience.errors import StoreUnavailableError
+from resilience.events import CallRejected, Event, RetryScheduled
+from resilience.retry import Retry, RetryBudget
+from resilience.store import MemoryStore
+from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 
@@ -365,3 +371,230 @@ async def test_default_wait_is_exponential_from_a_tenth() -> None:
     for n, delay in enumerate(clock.slept):
         base = min(0.1 * 2**n, 5.0)
         assert base <= delay <= min(base + 0.1, 5.0) + 1e-9
+
+
+# --- retry budget ---------------------------------------------------------------------------
+
+_prefixes = itertools.count()
+
+
+class SpyStore(MemoryStore):
+    """A MemoryStore that records every budget_add (delta) it is asked for."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.deltas: list[float] = []
+
+    async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
+        self.deltas.append(delta)
+        return await super().budget_add(key, delta=delta, maximum=maximum, ttl=ttl)
+
+
+class DownStore(MemoryStore):
+    """A store whose budgets cannot be reached."""
+
+    async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
+        raise StoreUnavailableError("down")
+
+
+def failing() -> Flaky:
+    return Flaky(*[ValueError(i) for i in range(1000)])
+
+
+async def ok() -> str:
+    return "ok"
+
+
+@pytest.mark.parametrize(
+    ("kw", "error"),
+    [
+        ({}, TypeError),
+        ({"name": ""}, ValueError),
+        ({"name": 3}, TypeError),
+        ({"name": "b", "max_tokens": 0}, ValueError),
+        ({"name": "b", "max_tokens": math.nan}, ValueError),
+        ({"name": "b", "token_ratio": -0.1}, ValueError),
+        ({"name": "b", "token_ratio": True}, TypeError),
+        ({"name": "b", "max_tokens": 1, "token_ratio": 2}, ValueError),
+        ({"name": "b", "store": object()}, TypeError),
+    ],
+)
+def test_budget_options_validated(kw: dict[str, Any], error: type[Exception]) -> None:
+    """RetryBudget checks name, max_tokens, token_ratio and store at construction."""
+    with pytest.raises(error):
+        RetryBudget(**kw)
+
+
+def test_retry_budget_must_be_a_budget() -> None:
+    """Retry(budget=...) takes a RetryBudget or None."""
+    with pytest.raises(TypeError, match="budget"):
+        Retry(on=ValueError, budget=10)  # type: ignore[arg-type]
+
+
+async def test_budget_drains_and_refuses_retries() -> None:
+    """Failures drain the budget; at half of max_tokens retries stop, the last error raised."""
+    events: list[Event] = []
+    budget = RetryBudget(name="b", max_tokens=4, token_ratio=0.5)
+    retry = Retry(
+        on=ValueError,
+        attempts=3,
+        budget=budget,
+        clock=FakeClock(autojump=True),
+        listeners=[events.append],
+    )
+    fn = failing()
+    with pytest.raises(ValueError, match=r"^1$"):
+        await retry.call(fn)
+    assert fn.calls == 2  # 4 -> 3 (retry), 3 -> 2 (refused: not above 2)
+    assert budget.tokens == 2
+    rejected = [e for e in events if isinstance(e, CallRejected)]
+    assert len(rejected) == 1
+    assert rejected[0].policy == "retry"
+    assert str(rejected[0].error) == "1"
+    with pytest.raises(ValueError, match=r"^2$"):
+        await retry.call(fn)
+    assert fn.calls == 3  # no retry at all now
+    assert budget.tokens == 1
+
+
+async def test_budget_recovers_with_successes() -> None:
+    """Successful calls refill the budget by token_ratio until retries are allowed again."""
+    budget = RetryBudget(name="b", max_tokens=4, token_ratio=0.5)
+    retry = Retry(on=ValueError, attempts=2, budget=budget, clock=FakeClock(autojump=True))
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"^\d+$"):
+            await retry.call(failing())  # 4 -> 3 (retry) -> 2, then 2 -> 1 (refused)
+    assert budget.tokens == 1
+    for _ in range(5):
+        assert await retry.call(ok) == "ok"
+    assert budget.tokens == 3.5
+    fn = Flaky(ValueError("x"))
+    assert await retry.call(fn) == "ok"  # 3.5 -> 2.5, above half: retried
+    assert fn.calls == 2
+    assert budget.tokens == 3
+
+
+async def test_budget_shared_by_retry_objects() -> None:
+    """Two Retry objects with one budget: failures through one refuse retries in the other."""
+    budget = RetryBudget(name="b", max_tokens=2)
+    clock = FakeClock(autojump=True)
+    first = Retry(on=ValueError, attempts=3, budget=budget, clock=clock)
+    second = Retry(on=ValueError, attempts=3, budget=budget, clock=clock)
+    with pytest.raises(ValueError, match=r"^\d+$"):
+        await first.call(failing())
+    fn = failing()
+    with pytest.raises(ValueError, match=r"^\d+$"):
+        await second.call(fn)
+    assert fn.calls == 1
+
+
+async def test_budget_counts_rejected_results() -> None:
+    """A result rejected by retry_if_result costs a token; a refused retry returns it."""
+    budget = RetryBudget(name="b", max_tokens=2)
+    retry = Retry(
+        on=ValueError,
+        attempts=5,
+        retry_if_result=lambda r: r == "pending",
+        budget=budget,
+        clock=FakeClock(autojump=True),
+    )
+
+    async def pending() -> str:
+        return "pending"
+
+    assert await retry.call(pending) == "pending"
+    assert budget.tokens == 1
+
+
+async def test_budget_replicas_share_tokens_through_store(clock: FakeClock) -> None:
+    """Budgets of one name on one store (two replicas) drain and refill one shared count."""
+    store = MemoryStore(clock=clock)
+    sleeper = FakeClock(autojump=True)
+    a = Retry(on=ValueError, budget=RetryBudget(name="b", max_tokens=4, store=store), clock=sleeper)
+    budget_b = RetryBudget(name="b", max_tokens=4, store=store)
+    b = Retry(on=ValueError, budget=budget_b, clock=sleeper)
+    with pytest.raises(ValueError, match=r"^\d+$"):
+        await a.call(failing())  # the fleet: 4 -> 3 (retry) -> 2 (refused)
+    fn = failing()
+    with pytest.raises(ValueError, match=r"^\d+$"):
+        await b.call(fn)
+    assert fn.calls == 1  # replica b sees the fleet's count
+    assert budget_b.tokens == 1
+
+
+async def test_budget_success_path_does_no_store_call(clock: FakeClock) -> None:
+    """Successes accumulate locally; the next retry decision pushes them in one call."""
+    store = SpyStore(clock=clock)
+    budget = RetryBudget(name="b", max_tokens=10, token_ratio=0.25, store=store)
+    retry = Retry(on=ValueError, attempts=2, budget=budget, clock=FakeClock(autojump=True))
+    for _ in range(4):
+        assert await retry.call(ok) == "ok"
+    assert store.deltas == []
+    fn = Flaky(ValueError("x"))
+    assert await retry.call(fn) == "ok"
+    assert store.deltas == [pytest.approx(1.0 - 1.0)]  # 4 successes of 0.25, one failure
+    assert fn.calls == 2
+
+
+async def test_budget_store_down_decides_locally(clock: FakeClock) -> None:
+    """When the store cannot answer, the local count decides and the call never fails for it."""
+    budget = RetryBudget(name="b", max_tokens=4, store=DownStore(clock=clock))
+    retry = Retry(on=ValueError, attempts=3, budget=budget, clock=FakeClock(autojump=True))
+    fn = Flaky(ValueError("x"))
+    assert await retry.call(fn) == "ok"
+    fn = failing()
+    with pytest.raises(ValueError, match=r"^\d+$"):
+        await retry.call(fn)
+    assert fn.calls == 2  # local count: 3.1 -> 2.1 (retry) -> 1.1 (refused)
+    assert budget.tokens == pytest.approx(1.1)
+
+
+async def test_redis_budget_shared_by_two_replicas(redis_url: str, clock: FakeClock) -> None:
+    """Two RedisStores on one Redis share one budget; pending successes are pushed later."""
+    prefix = f"rb{next(_prefixes)}-{time.monotonic_ns()}"
+    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    try:
+        sleeper = FakeClock(autojump=True)
+        budget_a = RetryBudget(name="api", max_tokens=4, token_ratio=0.5, store=one)
+        budget_b = RetryBudget(name="api", max_tokens=4, token_ratio=0.5, store=two)
+        a = Retry(on=ValueError, attempts=3, budget=budget_a, clock=sleeper)
+        b = Retry(on=ValueError, attempts=3, budget=budget_b, clock=sleeper)
+        with pytest.raises(ValueError, match=r"^\d+$"):
+            await a.call(failing())  # fleet: 4 -> 3 -> 2
+        fn = failing()
+        with pytest.raises(ValueError, match=r"^\d+$"):
+            await b.call(fn)
+        assert fn.calls == 1  # fleet: 2 -> 1, refused
+        for _ in range(6):
+            assert await a.call(ok) == "ok"  # +3, pending on replica a
+        fn = Flaky(ValueError("x"))
+        assert await a.call(fn) == "ok"  # pushes +3 - 1: fleet 3 > 2, retried
+        assert fn.calls == 2
+        assert budget_a.tokens == pytest.approx(3.5)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    outcomes=st.lists(st.booleans(), max_size=60),
+    max_tokens=st.integers(min_value=1, max_value=20),
+    ratio=st.sampled_from([0.1, 0.25, 0.5, 1.0]),
+)
+def test_budget_tokens_stay_in_range(outcomes: list[bool], max_tokens: int, ratio: float) -> None:
+    """Any mix of successes and failures keeps tokens in [0, max]; a retry needs > max / 2."""
+    budget = RetryBudget(name="b", max_tokens=max_tokens, token_ratio=ratio)
+
+    async def main() -> None:
+        for success in outcomes:
+            if success:
+                budget.record_success()
+            else:
+                before = budget.tokens
+                allowed = await budget.allow_retry()
+                assert allowed == (max(0.0, before - 1) > max_tokens / 2)
+            assert 0.0 <= budget.tokens <= max_tokens
+
+    asyncio.run(main())

@@ -12,8 +12,14 @@ from typing import TYPE_CHECKING, Any
 from .clock import Clock
 from .errors import BulkheadFullError, StoreUnavailableError
 from .events import CallRejected, Listener, emit
-from .policy import BasePolicy, Protected, check_int, check_seconds
-from .ratelimit import check_store, store_down
+from .policy import (
+    BasePolicy,
+    Protected,
+    check_int,
+    check_seconds,
+    check_store,
+    store_down,
+)
 
 if TYPE_CHECKING:
     from .store import Store

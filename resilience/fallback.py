@@ -19,9 +19,10 @@ from .policy import (
     Protected,
     check_predicate,
     check_seconds,
+    check_store,
     exception_filter,
+    store_down,
 )
-from .ratelimit import check_store, store_down
 
 if TYPE_CHECKING:
     from .store import Store

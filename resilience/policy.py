@@ -6,10 +6,13 @@ import functools
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
 from .clock import SYSTEM_CLOCK, Clock
 from .events import Listener, check_listeners
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["BasePolicy", "Pipeline", "Policy"]
 
@@ -169,6 +172,29 @@ def _check_order(policies: list[Policy]) -> None:
 def _seconds(policy: Policy) -> float:
     seconds: float = getattr(policy, "seconds")  # noqa: B009 - not part of Policy
     return seconds
+
+
+def check_store(what: str, store: object, *methods: str) -> Store | None:
+    """``None`` or an object with the store primitives ``methods`` (checked by duck typing:
+    a policy needs only a few of the ``Store`` protocol's methods)."""
+    if store is None:
+        return None
+    missing = [m for m in methods if not callable(getattr(store, m, None))]
+    if missing:
+        raise TypeError(
+            f"{what} must be a Store (MemoryStore, RedisStore), got {store!r} "
+            f"(no {', '.join(missing)})"
+        )
+    return cast("Store", store)
+
+
+def store_down(store: object) -> bool:
+    """True while a store says it cannot reach its backend (``RedisStore.degraded``).
+
+    Policies then go local at once instead of waiting for each primitive to time out; the
+    store reconnects in the background.
+    """
+    return getattr(store, "degraded", False) is True  # duck-typed stores may lack it
 
 
 # --- input checks shared by the policies --------------------------------------------------

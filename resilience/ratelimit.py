@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock
 from .errors import RateLimitedError, StoreUnavailableError
 from .events import CallRejected, Listener, emit
-from .policy import BasePolicy, Protected, check_int, check_positive, check_seconds
+from .policy import (
+    BasePolicy,
+    Protected,
+    check_int,
+    check_positive,
+    check_seconds,
+    check_store,
+    store_down,
+)
 
 if TYPE_CHECKING:
     from .store import Store
@@ -17,32 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["RateLimiter", "gcra"]
 
 _EPSILON = 1e-9
-
-
-def check_store(what: str, store: object, *methods: str) -> Store | None:
-    """``None`` or an object with the store primitives ``methods`` (checked by duck typing).
-
-    The ``Store`` protocol cannot be imported here at run time (``store.memory`` imports this
-    module), and a policy needs only a few of its primitives.
-    """
-    if store is None:
-        return None
-    missing = [m for m in methods if not callable(getattr(store, m, None))]
-    if missing:
-        raise TypeError(
-            f"{what} must be a Store (MemoryStore, RedisStore), got {store!r} "
-            f"(no {', '.join(missing)})"
-        )
-    return cast("Store", store)
-
-
-def store_down(store: object) -> bool:
-    """True while a store says it cannot reach its backend (``RedisStore.degraded``).
-
-    Policies then go local at once instead of waiting for each primitive to time out; the
-    store reconnects in the background.
-    """
-    return getattr(store, "degraded", False) is True
 
 
 def gcra(tat: float, now: float, interval: float, burst: int) -> tuple[float, float]:

@@ -21,9 +21,10 @@ from .policy import (
     check_name,
     check_positive,
     check_predicate,
+    check_store,
     exception_filter,
+    store_down,
 )
-from .ratelimit import check_store, store_down
 
 if TYPE_CHECKING:
     from .store import Store

@@ -27,6 +27,8 @@ class Store(Protocol):
     """What policies need from shared state."""
 
     clock: Clock
+    #: True while the store cannot reach its backend; policies then go local at once.
+    degraded: bool
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The core of breaker ``name``: created on first use, the same object afterwards.

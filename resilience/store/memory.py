@@ -24,6 +24,7 @@ class MemoryStore:
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
+        self.degraded = False  # nothing to lose touch with
         self._breakers: dict[str, BreakerCore] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._ids = itertools.count(1)

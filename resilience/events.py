@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .circuit import CircuitState
 
 __all__ = [
+    "CallFinished",
     "CallRejected",
     "Event",
     "FallbackUsed",
@@ -83,6 +84,20 @@ class TimedOut(Event):
 
     policy: str = "timeout"
     seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallFinished(Event):
+    """A call through ``policy`` ended after ``duration`` seconds.
+
+    ``outcome`` is ``"success"``, ``"failure"`` (an exception), ``"rejected"`` (a
+    ``RejectedError``), ``"timeout"`` (a ``ResilienceTimeoutError``) or ``"cancelled"``.
+    Emitted only by policies that had listeners when they wrapped the function.
+    """
+
+    policy: str
+    outcome: str
+    duration: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
 from .clock import SYSTEM_CLOCK, Clock
-from .events import Listener, check_listeners
+from .events import CallFinished, Listener, check_listeners, emit
 
 if TYPE_CHECKING:
     from .store import Store
@@ -86,21 +86,63 @@ class BasePolicy:
         if protected is None:
             if len(self._wrapped) >= _CACHE_SIZE:
                 self._wrapped.clear()
-            protected = self._wrapped[fn] = self._wrap(fn)
+            protected = self._wrapped[fn] = self._observed(fn)
         return cast(Awaitable[T], protected(*args, **kwargs))
 
     def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
         """Decorate an ``async def`` function; its name, docstring and signature are kept."""
         require_async(fn, self)
-        return cast(Callable[P, Awaitable[T]], functools.wraps(fn)(self._wrap(fn)))
+        return cast(Callable[P, Awaitable[T]], functools.wraps(fn)(self._observed(fn)))
+
+    def _observed(self, fn: Protected) -> Protected:
+        """``_wrap(fn)``, timed and reported as ``CallFinished`` when there are listeners.
+
+        Decided once, when wrapping: without listeners this costs nothing per call.
+        """
+        protected = self._wrap(fn)
+        if not self._listeners:
+            return protected
+        monotonic = self._clock.monotonic
+        kind, name = self.kind, self.name
+
+        async def observed(*args: Any, **kwargs: Any) -> Any:
+            start = monotonic()
+            outcome = "cancelled"
+            try:
+                result = await protected(*args, **kwargs)
+                outcome = "success"
+                return result
+            except Exception as exc:
+                outcome = _outcome(exc)
+                raise
+            finally:
+                if self._listeners:
+                    emit(
+                        self._listeners,
+                        CallFinished(
+                            name=name, policy=kind, outcome=outcome, duration=monotonic() - start
+                        ),
+                    )
+
+        return observed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
 
+def _outcome(exc: Exception) -> str:
+    from .errors import RejectedError, ResilienceTimeoutError
+
+    if isinstance(exc, RejectedError):
+        return "rejected"
+    if isinstance(exc, ResilienceTimeoutError):
+        return "timeout"
+    return "failure"
+
+
 def wrap_with(policy: Policy, fn: Protected) -> Protected:
-    """``policy`` around ``fn``: through ``_wrap`` when the policy has one, else ``call``."""
-    wrap = getattr(policy, "_wrap", None)
+    """``policy`` around ``fn``: through ``_observed`` when the policy has one, else ``call``."""
+    wrap = getattr(policy, "_observed", None)
     if wrap is not None:
         return cast(Protected, wrap(fn))
     call = policy.call
@@ -122,8 +164,14 @@ class Pipeline(BasePolicy):
 
     kind = "pipeline"
 
-    def __init__(self, *policies: Policy, name: str = "pipeline") -> None:
-        super().__init__(name, None, ())
+    def __init__(
+        self,
+        *policies: Policy,
+        name: str = "pipeline",
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        super().__init__(name, clock, listeners)
         flat: list[Policy] = []
         for p in policies:
             if isinstance(p, Pipeline):
@@ -141,10 +189,6 @@ class Pipeline(BasePolicy):
         for policy in reversed(self.policies):
             fn = wrap_with(policy, fn)
         return fn
-
-    def add_listener(self, listener: Listener) -> None:
-        """Pipelines emit nothing themselves; add listeners to their policies."""
-        raise TypeError("add listeners to the policies of a Pipeline, not to the Pipeline")
 
     def __repr__(self) -> str:
         return f"Pipeline({', '.join(map(repr, self.policies))})"

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,10 +15,20 @@ from hypothesis import strategies as st
 
 from resilience.bulkhead import Bulkhead
 from resilience.errors import BulkheadFullError, StoreUnavailableError
-from resilience.events import CallRejected, Event
+from resilience.events import CallFinished, CallRejected, Event
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
+
+
+def policy_events(events: list[Any]) -> Callable[[Any], None]:
+    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
+
+    def listen(event: Any) -> None:
+        if not isinstance(event, CallFinished):
+            events.append(event)
+
+    return listen
 
 
 async def settle(rounds: int = 5) -> None:
@@ -70,7 +81,7 @@ async def test_max_concurrent_enforced() -> None:
 async def test_full_rejects_without_queue() -> None:
     """With max_waiting=0 a call finding every slot taken fails at once with BulkheadFullError."""
     events: list[Event] = []
-    bulkhead = Bulkhead(1, name="bh", listeners=[events.append])
+    bulkhead = Bulkhead(1, name="bh", listeners=[policy_events(events)])
     gate = Gate()
     holder = asyncio.create_task(bulkhead.call(gate, 0))
     await settle()

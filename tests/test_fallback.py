@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,11 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import StoreUnavailableError, UnacceptableResultError
-from resilience.events import Event, FallbackUsed
+from resilience.events import CallFinished, Event, FallbackUsed
 from resilience.fallback import Fallback
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
+
+
+def policy_events(events: list[Any]) -> Callable[[Any], None]:
+    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
+
+    def listen(event: Any) -> None:
+        if not isinstance(event, CallFinished):
+            events.append(event)
+
+    return listen
 
 
 async def fail(exc: BaseException) -> Any:
@@ -158,7 +169,7 @@ async def test_cancelled_error_raised_by_call_is_not_caught() -> None:
 async def test_fallback_used_event() -> None:
     """Each fallback delivers a FallbackUsed event with the replaced error; success sends none."""
     events: list[Event] = []
-    fallback = Fallback(on=ValueError, value=0, name="fb", listeners=[events.append])
+    fallback = Fallback(on=ValueError, value=0, name="fb", listeners=[policy_events(events)])
     await fallback.call(value, 1)
     assert events == []
     error = ValueError("x")
@@ -255,7 +266,7 @@ async def test_serves_last_good_value_on_failure(clock: FakeClock) -> None:
         on=ConnectionError,
         cache=MemoryStore(clock=clock),
         value="default",
-        listeners=[events.append],
+        listeners=[policy_events(events)],
     )
     up = Upstream()
     assert await fallback.call(up, {"price": 3}) == {"price": 3}

@@ -13,7 +13,7 @@ import pytest
 import tenacity
 
 from resilience.bulkhead import Bulkhead
-from resilience.events import Event, RetryScheduled
+from resilience.events import CallFinished, Event, FallbackUsed, RetryScheduled
 from resilience.fallback import Fallback
 from resilience.policy import (
     BasePolicy,
@@ -169,7 +169,7 @@ async def test_add_listener_after_calls() -> None:
     retry.add_listener(events.append)
     failures.append(ValueError(3))
     assert await retry.call(flaky) == "ok"
-    assert [type(e) for e in events] == [RetryScheduled]
+    assert [type(e) for e in events] == [RetryScheduled, CallFinished]
 
 
 def test_bad_listener_rejected() -> None:
@@ -206,9 +206,9 @@ async def test_raising_listener_never_breaks_the_call(caplog: pytest.LogCaptureF
 
     with caplog.at_level(logging.ERROR, logger="resilience"):
         assert await fallback.call(fail) == "fb"
-    assert len(received) == 1  # later listeners still get the event
+    assert [type(e) for e in received] == [FallbackUsed, CallFinished]  # later ones still hear
     records = [r for r in caplog.records if r.name == "resilience"]
-    assert len(records) == 1
+    assert len(records) == 2  # one per event the broken listener failed on
     assert records[0].exc_info is not None
     assert isinstance(records[0].exc_info[1], RuntimeError)
 
@@ -297,10 +297,43 @@ def test_empty_pipeline_rejected() -> None:
         Pipeline()
 
 
-def test_pipeline_add_listener_rejected() -> None:
-    """Listeners go to a Pipeline's policies, not to the Pipeline."""
-    with pytest.raises(TypeError):
-        Pipeline(fast_retry()).add_listener(print)
+async def test_call_finished_events_report_outcome_and_duration() -> None:
+    """Policies (and pipelines) with listeners report each call's outcome and duration."""
+    from resilience import CircuitBreaker, ResilienceTimeoutError
+    from resilience.testing import FakeClock
+
+    clock = FakeClock(autojump=True)
+    events: list[object] = []
+    pipeline = Pipeline(
+        CircuitBreaker("b", clock=clock, listeners=[events.append]),
+        Timeout(1, clock=clock),
+        name="p",
+        clock=clock,
+        listeners=[events.append],
+    )
+
+    async def slow(seconds: float) -> str:
+        await clock.sleep(seconds)
+        if seconds > 2:
+            raise KeyError("x")
+        return "ok"
+
+    assert await pipeline.call(slow, 0.25) == "ok"
+    finished = [e for e in events if isinstance(e, CallFinished)]
+    assert [(e.policy, e.name, e.outcome) for e in finished] == [
+        ("circuit_breaker", "b", "success"),
+        ("pipeline", "p", "success"),
+    ]
+    assert finished[-1].duration == pytest.approx(0.25)
+    events.clear()
+    clock.autojump = False
+    attempt = asyncio.ensure_future(pipeline.call(clock.sleep, 5))
+    await asyncio.sleep(0)
+    clock.advance(1)
+    with pytest.raises(ResilienceTimeoutError):
+        await attempt
+    outcomes = [e.outcome for e in events if isinstance(e, CallFinished)]
+    assert outcomes == ["timeout", "timeout"]  # the breaker saw it, and so did the pipeline
 
 
 def test_attempt_timeout_longer_than_overall_rejected() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -13,11 +13,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import RateLimitedError, StoreUnavailableError
-from resilience.events import CallRejected, Event
+from resilience.events import CallFinished, CallRejected, Event
 from resilience.ratelimit import RateLimiter, gcra
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
+
+
+def policy_events(events: list[Any]) -> Callable[[Any], None]:
+    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
+
+    def listen(event: Any) -> None:
+        if not isinstance(event, CallFinished):
+            events.append(event)
+
+    return listen
 
 
 async def ok() -> str:
@@ -115,7 +125,7 @@ def test_try_acquire_matches_calls(clock: FakeClock) -> None:
 async def test_call_rejected_event(clock: FakeClock) -> None:
     """A rejection delivers CallRejected carrying the RateLimitedError."""
     events: list[Event] = []
-    limiter = RateLimiter(1, burst=1, name="rl", clock=clock, listeners=[events.append])
+    limiter = RateLimiter(1, burst=1, name="rl", clock=clock, listeners=[policy_events(events)])
     await limiter.call(ok)
     assert events == []
     with pytest.raises(RateLimitedError) as info:
@@ -254,7 +264,9 @@ async def test_replicas_share_one_bucket(clock: FakeClock) -> None:
     store = MemoryStore(clock=clock)
     events: list[Event] = []
     a = RateLimiter(2, burst=2, store=store, name="api", clock=clock)
-    b = RateLimiter(2, burst=2, store=store, name="api", clock=clock, listeners=[events.append])
+    b = RateLimiter(
+        2, burst=2, store=store, name="api", clock=clock, listeners=[policy_events(events)]
+    )
     assert await a.call(ok) == "ok"
     assert await b.call(ok) == "ok"
     with pytest.raises(RateLimitedError) as info:

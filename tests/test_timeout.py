@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from resilience.errors import ResilienceTimeoutError
-from resilience.events import Event, TimedOut
+from resilience.events import CallFinished, Event, TimedOut
 from resilience.testing import FakeClock
 from resilience.timeout import Timeout
+
+
+def policy_events(events: list[Any]) -> Callable[[Any], None]:
+    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
+
+    def listen(event: Any) -> None:
+        if not isinstance(event, CallFinished):
+            events.append(event)
+
+    return listen
 
 
 async def settle(rounds: int = 5) -> None:
@@ -56,7 +67,7 @@ async def test_success_before_deadline(clock: FakeClock) -> None:
 async def test_timed_out_event(clock: FakeClock) -> None:
     """Expiry delivers a TimedOut event carrying the name and seconds."""
     events: list[Event] = []
-    timeout = Timeout(1.5, name="slow", clock=clock, listeners=[events.append])
+    timeout = Timeout(1.5, name="slow", clock=clock, listeners=[policy_events(events)])
     task = asyncio.create_task(timeout.call(clock.sleep, 10))
     await settle()
     assert events == []
@@ -144,7 +155,7 @@ async def test_external_cancel_passes_through_like_asyncio_timeout(clock: FakeCl
 async def test_external_cancel_through_call(clock: FakeClock) -> None:
     """Through ``call``, an outside cancel is CancelledError, and a later expiry does nothing."""
     events: list[Event] = []
-    timeout = Timeout(5, clock=clock, listeners=[events.append])
+    timeout = Timeout(5, clock=clock, listeners=[policy_events(events)])
     task = asyncio.create_task(timeout.call(clock.sleep, 10))
     await settle()
     task.cancel()

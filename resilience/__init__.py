@@ -23,6 +23,7 @@ from .errors import (
     UnacceptableResultError,
 )
 from .events import (
+    CallFinished,
     CallRejected,
     Event,
     FallbackUsed,
@@ -45,6 +46,7 @@ from .windows import CountWindow, TimeWindow
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store.redis import RedisStore as RedisStore
+    from .telemetry import Telemetry as Telemetry
 
 __version__ = "0.1.0"
 
@@ -52,6 +54,7 @@ __all__ = [
     "BreakerMetrics",
     "Bulkhead",
     "BulkheadFullError",
+    "CallFinished",
     "CallRejected",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -94,9 +97,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Load optional parts (``RedisStore``) only when asked for."""
+    """Load the parts with optional dependencies (``RedisStore``, ``Telemetry``) on demand."""
     if name == "RedisStore":
         from .store.redis import RedisStore
 
         return RedisStore
+    if name == "Telemetry":
+        from .telemetry import Telemetry
+
+        return Telemetry
     raise AttributeError(f"module 'resilience' has no attribute {name!r}")

@@ -1,0 +1,287 @@
+"""OpenTelemetry metrics and traces for policies, stores and breakers.
+
+``Telemetry`` is a listener: pass it as ``listeners=[telemetry]`` when building policies (or
+call ``telemetry.instrument(...)`` before decorating) and every event becomes a metric, and a
+span event on the current span. ``telemetry.attempt()`` is a policy to put inside a ``Retry``:
+a span and a duration per attempt. Only ``opentelemetry-api`` is needed (the ``otel`` extra);
+without an SDK configured every instrument is a no-op, and without a ``Telemetry`` attached
+nothing at all runs.
+
+Metric names (all attributes are low-cardinality: policy kind, policy name, outcome, state):
+
+=================================  =========  ===============================================
+``resilience.calls``               counter    calls by policy kind, policy name and outcome
+``resilience.call.duration``       histogram  seconds, same attributes
+``resilience.attempt.duration``    histogram  seconds per attempt (``attempt()``), by outcome
+``resilience.breaker.state``       gauge      1 for the current state, 0 for the others
+``resilience.breaker.transitions`` counter    by ``resilience.state.from`` / ``.to``
+``resilience.retries``             counter    retries scheduled
+``resilience.rejections``          counter    calls refused (breaker, bulkhead, rate limit, budget)
+``resilience.fallbacks``           counter    fallback values served
+``resilience.timeouts``            counter    timeouts that expired
+``resilience.bulkhead.in_flight``  gauge      calls holding a slot
+``resilience.store.degraded``      gauge      1 while a store runs on local state
+``resilience.store.events``        counter    degraded / recovered / data_reset
+=================================  =========  ===============================================
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import Status, StatusCode
+
+from .bulkhead import Bulkhead
+from .circuit import CircuitBreaker, CircuitState
+from .clock import Clock
+from .events import (
+    CallFinished,
+    CallRejected,
+    Event,
+    FallbackUsed,
+    RetryScheduled,
+    StateChanged,
+    StoreDataReset,
+    StoreDegraded,
+    StoreRecovered,
+    TimedOut,
+)
+from .policy import BasePolicy, Pipeline, Protected, check_name
+
+__all__ = ["Telemetry"]
+
+_SCOPE = "resilience"
+
+
+class Telemetry:
+    """Turns policy events into OpenTelemetry metrics and span events.
+
+    ``meter_provider`` / ``tracer_provider`` default to the global ones. ``span_events``
+    adds an event to the current span for retries, rejections, fallbacks, timeouts and state
+    changes.
+    """
+
+    def __init__(
+        self,
+        *,
+        meter_provider: metrics.MeterProvider | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        span_events: bool = True,
+    ) -> None:
+        from . import __version__
+
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter(_SCOPE, __version__)
+        self.tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
+            _SCOPE, __version__
+        )
+        self.span_events = bool(span_events)
+        self._calls = meter.create_counter(
+            "resilience.calls", unit="{call}", description="Calls through a policy, by outcome."
+        )
+        self._duration = meter.create_histogram(
+            "resilience.call.duration", unit="s", description="Time spent in a policy's call."
+        )
+        self._attempt = meter.create_histogram(
+            "resilience.attempt.duration", unit="s", description="Time of one attempt."
+        )
+        self._transitions = meter.create_counter(
+            "resilience.breaker.transitions", unit="{transition}", description="State changes."
+        )
+        self._retries = meter.create_counter(
+            "resilience.retries", unit="{retry}", description="Retries scheduled."
+        )
+        self._rejections = meter.create_counter(
+            "resilience.rejections", unit="{call}", description="Calls refused before starting."
+        )
+        self._fallbacks = meter.create_counter(
+            "resilience.fallbacks", unit="{call}", description="Fallback values served."
+        )
+        self._timeouts = meter.create_counter(
+            "resilience.timeouts", unit="{call}", description="Timeouts that expired."
+        )
+        self._store_events = meter.create_counter(
+            "resilience.store.events", unit="{event}", description="Store degraded/recovered."
+        )
+        meter.create_observable_gauge(
+            "resilience.breaker.state",
+            callbacks=[self._observe_breakers],
+            unit="1",
+            description="1 for a breaker's current state, 0 for the others.",
+        )
+        meter.create_observable_gauge(
+            "resilience.bulkhead.in_flight",
+            callbacks=[self._observe_bulkheads],
+            unit="{call}",
+            description="Calls holding a bulkhead slot.",
+        )
+        meter.create_observable_gauge(
+            "resilience.store.degraded",
+            callbacks=[self._observe_stores],
+            unit="1",
+            description="1 while a store runs on local state.",
+        )
+        self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+        self._bulkheads: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
+        self._stores: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    # wiring ---------------------------------------------------------------------------------
+    def instrument(self, *targets: object) -> None:
+        """Listen to policies, pipelines (and their policies) and stores.
+
+        Breakers, bulkheads and stores are also watched by the observable gauges. Instrument a
+        policy before decorating with it: ``CallFinished`` reports are set up at wrap time.
+        """
+        for target in targets:
+            if isinstance(target, Pipeline):
+                self.instrument(*target.policies)
+            if isinstance(target, BasePolicy):
+                if self not in target._listeners:
+                    target.add_listener(self)
+                if isinstance(target, CircuitBreaker):
+                    self._breakers.add(target)
+                elif isinstance(target, Bulkhead):
+                    self._bulkheads.add(target)
+            elif hasattr(target, "add_listener") and hasattr(target, "degraded"):
+                target.add_listener(self)
+                self._stores.add(target)
+            elif not isinstance(target, Pipeline):
+                raise TypeError(f"cannot instrument {target!r}: not a policy or a store")
+
+    def watch(self, *targets: CircuitBreaker | Bulkhead) -> None:
+        """Report gauges for breakers and bulkheads built with ``listeners=[telemetry]``."""
+        for target in targets:
+            if isinstance(target, CircuitBreaker):
+                self._breakers.add(target)
+            elif isinstance(target, Bulkhead):
+                self._bulkheads.add(target)
+            else:
+                raise TypeError(f"can watch breakers and bulkheads, not {target!r}")
+
+    def attempt(
+        self, name: str = "attempt", *, span: bool = True, clock: Clock | None = None
+    ) -> AttemptTelemetry:
+        """A policy timing each attempt (and opening a span per attempt): put it inside Retry."""
+        return AttemptTelemetry(self, name, span=span, clock=clock)
+
+    # the listener ---------------------------------------------------------------------------
+    def __call__(self, event: Event) -> None:
+        """Record one event."""
+        attrs: dict[str, Any] = {"resilience.policy": event.policy, "resilience.name": event.name}
+        if isinstance(event, CallFinished):
+            attrs["resilience.outcome"] = event.outcome
+            self._calls.add(1, attrs)
+            self._duration.record(event.duration, attrs)
+            return
+        if isinstance(event, StateChanged):
+            attrs["resilience.state.from"] = event.old.value
+            attrs["resilience.state.to"] = event.new.value
+            self._transitions.add(1, attrs)
+            self._span_event("resilience.state_changed", attrs)
+        elif isinstance(event, RetryScheduled):
+            self._retries.add(1, attrs)
+            details = {
+                **attrs,
+                "resilience.attempt": event.attempt,
+                "resilience.delay": event.delay,
+            }
+            if event.error is not None:
+                details["exception.type"] = type(event.error).__qualname__
+            self._span_event("resilience.retry", details)
+        elif isinstance(event, CallRejected):
+            self._rejections.add(1, attrs)
+            self._span_event(
+                "resilience.rejected", {**attrs, "exception.type": type(event.error).__qualname__}
+            )
+        elif isinstance(event, FallbackUsed):
+            self._fallbacks.add(1, attrs)
+            self._span_event(
+                "resilience.fallback", {**attrs, "exception.type": type(event.error).__qualname__}
+            )
+        elif isinstance(event, TimedOut):
+            self._timeouts.add(1, attrs)
+            self._span_event("resilience.timeout", {**attrs, "resilience.seconds": event.seconds})
+        elif isinstance(event, (StoreDegraded, StoreRecovered, StoreDataReset)):
+            kind = {StoreDegraded: "degraded", StoreRecovered: "recovered"}.get(
+                type(event), "data_reset"
+            )
+            self._store_events.add(1, {**attrs, "resilience.event": kind})
+
+    def _span_event(self, name: str, attrs: dict[str, Any]) -> None:
+        if not self.span_events:
+            return
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(name, attrs)
+
+    # gauges ---------------------------------------------------------------------------------
+    def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
+        for breaker in list(self._breakers):
+            current = breaker.state
+            for state in CircuitState:
+                yield Observation(
+                    1 if state is current else 0,
+                    {"resilience.name": breaker.name, "resilience.state": state.value},
+                )
+
+    def _observe_bulkheads(self, options: CallbackOptions) -> Iterable[Observation]:
+        for bulkhead in list(self._bulkheads):
+            yield Observation(bulkhead.in_flight, {"resilience.name": bulkhead.name})
+
+    def _observe_stores(self, options: CallbackOptions) -> Iterable[Observation]:
+        for store in list(self._stores):
+            name = getattr(store, "prefix", type(store).__name__)
+            yield Observation(1 if store.degraded else 0, {"resilience.store": name})
+
+
+class AttemptTelemetry(BasePolicy):
+    """Times every call through it (and opens a span for it); made by ``Telemetry.attempt``.
+
+    Inside a ``Retry`` each attempt is one call: ``resilience.attempt.duration`` gets one
+    sample per attempt, and each attempt is a child span of the caller's span.
+    """
+
+    kind = "attempt"
+
+    def __init__(
+        self, telemetry: Telemetry, name: str, *, span: bool = True, clock: Clock | None = None
+    ) -> None:
+        super().__init__(check_name(name), clock, ())
+        self.telemetry = telemetry
+        self.span = span
+
+    def _wrap(self, fn: Protected) -> Protected:
+        histogram = self.telemetry._attempt
+        tracer = self.telemetry.tracer
+        monotonic = self._clock.monotonic
+        name = self.name
+        with_span = self.span
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            attrs = {"resilience.name": name, "resilience.outcome": "success"}
+            start = monotonic()
+            span = tracer.start_span(f"resilience.{name}") if with_span else None
+            try:
+                if span is None:
+                    return await fn(*args, **kwargs)
+                with trace.use_span(span, end_on_exit=False, record_exception=False):
+                    return await fn(*args, **kwargs)
+            except Exception as exc:
+                attrs["resilience.outcome"] = "failure"
+                if span is not None:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__qualname__))
+                raise
+            except BaseException:
+                attrs["resilience.outcome"] = "cancelled"
+                raise
+            finally:
+                histogram.record(monotonic() - start, attrs)
+                if span is not None:
+                    span.set_attributes(attrs)
+                    span.end()
+
+        return protected

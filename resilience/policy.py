@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
 from .clock import SYSTEM_CLOCK, Clock
-from .events import CallFinished, Listener, check_listeners, emit
+from .events import Listener, call_finished, check_listeners, emit
 
 if TYPE_CHECKING:
     from .store import Store
@@ -117,12 +117,7 @@ class BasePolicy:
                 raise
             finally:
                 if self._listeners:
-                    emit(
-                        self._listeners,
-                        CallFinished(
-                            name=name, policy=kind, outcome=outcome, duration=monotonic() - start
-                        ),
-                    )
+                    emit(self._listeners, call_finished(name, kind, outcome, monotonic() - start))
 
         return observed
 

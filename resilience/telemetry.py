@@ -124,6 +124,7 @@ class Telemetry:
             unit="1",
             description="1 while a store runs on local state.",
         )
+        self._labels: dict[tuple[str, str, str], dict[str, str]] = {}
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._bulkheads: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
         self._stores: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -170,12 +171,19 @@ class Telemetry:
     # the listener ---------------------------------------------------------------------------
     def __call__(self, event: Event) -> None:
         """Record one event."""
-        attrs: dict[str, Any] = {"resilience.policy": event.policy, "resilience.name": event.name}
-        if isinstance(event, CallFinished):
-            attrs["resilience.outcome"] = event.outcome
-            self._calls.add(1, attrs)
-            self._duration.record(event.duration, attrs)
+        if isinstance(event, CallFinished):  # the per-call event: keep it short
+            key = (event.policy, event.name, event.outcome)
+            labels = self._labels.get(key)
+            if labels is None:
+                labels = self._labels[key] = {
+                    "resilience.policy": key[0],
+                    "resilience.name": key[1],
+                    "resilience.outcome": key[2],
+                }
+            self._calls.add(1, labels)
+            self._duration.record(event.duration, labels)
             return
+        attrs: dict[str, Any] = {"resilience.policy": event.policy, "resilience.name": event.name}
         if isinstance(event, StateChanged):
             attrs["resilience.state.from"] = event.old.value
             attrs["resilience.state.to"] = event.new.value

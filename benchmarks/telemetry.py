@@ -1,0 +1,94 @@
+"""What telemetry costs per call: none attached, the OpenTelemetry API alone, and the SDK.
+
+Run: ``python benchmarks/telemetry.py [--quick]``; writes ``benchmarks/TELEMETRY.md``.
+The protected call goes through a closed ``CircuitBreaker`` and a ``Pipeline`` of Retry,
+CircuitBreaker and Timeout, each measured without a ``Telemetry`` listener, with one on the
+API's no-op providers (no SDK configured), and with the SDK (an in-memory metric reader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Case, Settings, measure, ok_loop
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+
+from resilience import CircuitBreaker, Pipeline, Retry, Timeout
+from resilience.telemetry import Telemetry
+
+
+async def ok() -> int:
+    return 1
+
+
+def build(label: str, telemetry: Telemetry | None) -> list[Case]:
+    listeners = [] if telemetry is None else [telemetry]
+    breaker = CircuitBreaker(f"b-{label}", listeners=listeners)(ok)
+    stack = Pipeline(
+        Retry(on=ValueError, listeners=listeners),
+        CircuitBreaker(f"s-{label}", listeners=listeners),
+        Timeout(10, listeners=listeners),
+        listeners=listeners,
+    )(ok)
+    return [
+        Case("breaker", label, "resilience", ok_loop(breaker)),
+        Case("retry+breaker+timeout", label, "resilience", ok_loop(stack)),
+    ]
+
+
+async def run(settings: Settings) -> str:
+    api_only = Telemetry(
+        meter_provider=metrics.NoOpMeterProvider(), tracer_provider=trace.NoOpTracerProvider()
+    )
+    sdk = Telemetry(
+        meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+        tracer_provider=TracerProvider(),
+    )
+    cases = [
+        Case("bare", "await ok()", "python", ok_loop(ok)),
+        *build("no telemetry", None),
+        *build("API only (no SDK)", api_only),
+        *build("SDK (in-memory reader)", sdk),
+    ]
+    results = await measure(cases, settings)
+    lines = [
+        "# Telemetry cost per call",
+        "",
+        f"Python {platform.python_version()}, {settings.rounds} interleaved rounds; "
+        "ns per call, median (min).",
+        "",
+        "| case | telemetry | ns/call | added vs none |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    base = {m.case.group: m.median for m in results if m.case.label == "no telemetry"}
+    for m in results:
+        added = m.median - base[m.case.group] if m.case.group in base else 0.0
+        lines.append(
+            f"| {m.case.group} | {m.case.label} | {m.median:,.0f} ({m.best:,.0f}) | {added:+,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    args = parser.parse_args()
+    settings = Settings(rounds=3, calls=2_000) if args.quick else Settings()
+    report = asyncio.run(run(settings))
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "TELEMETRY.md").write_text(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""What the adapters cost: ResilientTransport and ResilienceMiddleware against bare httpx/ASGI.
+
+Usage::
+
+    python benchmarks/adapters.py                # about 25 seconds in all
+    python benchmarks/adapters.py --seconds 1 --rounds 3
+
+Two measurements, each interleaved (bare, wrapped, wrapped, bare, ...); the overhead is the
+median of the per-round ratios, so load from other processes mostly cancels out:
+
+1. Loopback, the number that matters: requests/s from ``httpx.AsyncClient`` (``--concurrency``
+   requests in flight) to a uvicorn server in a separate process on 127.0.0.1, through
+   ``ResilientTransport`` vs the bare ``AsyncHTTPTransport``, and to an app with
+   ``ResilienceMiddleware`` vs the same app without it.
+2. In process, the adapters' own cost with no network: microseconds per request handled by
+   ``MockTransport`` directly and through ``ResilientTransport``, and per direct ASGI call of
+   a minimal app with and without the middleware.
+
+Only loopback sockets are used; the server process is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from resilience.integrations.asgi import ResilienceMiddleware
+from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+
+BODY = b"ok"
+START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
+}
+END = {"type": "http.response.body", "body": BODY}
+
+# A realistic middleware configuration: every option that costs something on the way through.
+MIDDLEWARE = {"max_concurrent": 10_000, "rate": 1e9, "timeout": 30.0, "exclude": ("/health",)}
+POLICY = HttpPolicy(timeout=30.0, max_concurrent=10_000)
+
+
+async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The smallest ASGI app: 200 ``ok`` (lifespan ignored)."""
+    if scope["type"] != "http":
+        return
+    await send(START)
+    await send(END)
+
+
+def wrapped_app() -> Any:
+    """``bare_app`` behind ``ResilienceMiddleware``."""
+    return ResilienceMiddleware(bare_app, **MIDDLEWARE)
+
+
+# --- the server process --------------------------------------------------------------------
+
+
+def serve(port: int) -> None:
+    """Run uvicorn with two mounts: ``/bare/...`` and ``/wrapped/...`` (child process)."""
+    import uvicorn
+
+    wrapped = wrapped_app()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/wrapped"):
+            await wrapped(scope, receive, send)
+        else:
+            await bare_app(scope, receive, send)
+
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        http="h11",
+        loop="asyncio",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_server() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
+    limit = time.monotonic() + 15
+    while time.monotonic() < limit:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the uvicorn server did not start")
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+
+async def rate(client: httpx.AsyncClient, url: str, seconds: float, concurrency: int) -> float:
+    """Requests/s completed by ``concurrency`` workers in ``seconds``."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            response = await client.get(url)
+            assert response.status_code == 200, response.status_code
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+async def interleave(
+    rounds: int, a: Callable[[], Awaitable[float]], b: Callable[[], Awaitable[float]]
+) -> tuple[float, float, float]:
+    """Medians of ``a`` and ``b`` and of their paired ratio ``b / a``, over ``rounds`` rounds.
+
+    Rounds alternate the order (ab, ba, ab, ...) after a warm-up, and the ratio is taken per
+    round, so load from other processes that drifts over the run cancels out.
+    """
+    await a()
+    await b()
+    xs, ys, ratios = [], [], []
+    for i in range(rounds):
+        if i % 2:
+            y = await b()
+            x = await a()
+        else:
+            x = await a()
+            y = await b()
+        xs.append(x)
+        ys.append(y)
+        ratios.append(y / x)
+    return statistics.median(xs), statistics.median(ys), statistics.median(ratios)
+
+
+def overhead(ratio: float, *, higher_is_better: bool) -> str:
+    """The paired ratio as an overhead in %."""
+    percent = (1 - ratio) * 100 if higher_is_better else (ratio - 1) * 100
+    return f"{percent:+.1f} %"
+
+
+async def loopback(url: str, seconds: float, rounds: int, concurrency: int) -> None:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    bare_client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(limits=limits))
+    inner = httpx.AsyncHTTPTransport(limits=limits)
+    resilient = httpx.AsyncClient(transport=ResilientTransport(inner, policy=POLICY))
+    async with bare_client, resilient:
+        b, w, r = await interleave(
+            rounds,
+            lambda: rate(bare_client, f"{url}/bare/x", seconds, concurrency),
+            lambda: rate(resilient, f"{url}/bare/x", seconds, concurrency),
+        )
+        print(f"  client  bare transport     {b:9.0f} req/s")
+        cost = overhead(r, higher_is_better=True)
+        print(f"          ResilientTransport {w:9.0f} req/s   overhead {cost}")
+        b, w, r = await interleave(
+            rounds,
+            lambda: rate(bare_client, f"{url}/bare/x", seconds, concurrency),
+            lambda: rate(bare_client, f"{url}/wrapped/x", seconds, concurrency),
+        )
+        print(f"  server  app                {b:9.0f} req/s")
+        cost = overhead(r, higher_is_better=True)
+        print(f"          app + middleware   {w:9.0f} req/s   overhead {cost}")
+
+
+async def per_call(fn: Callable[[], Awaitable[object]], seconds: float) -> float:
+    """Microseconds per ``await fn()``, over about ``seconds``."""
+    n = 0
+    stop = time.perf_counter() + seconds
+    started = time.perf_counter()
+    while True:
+        for _ in range(200):
+            await fn()
+        n += 200
+        if time.perf_counter() >= stop:
+            break
+    return (time.perf_counter() - started) / n * 1e6
+
+
+async def in_process(seconds: float, rounds: int) -> None:
+    def ok(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=BODY)
+
+    bare = httpx.MockTransport(ok)
+    resilient = ResilientTransport(httpx.MockTransport(ok), policy=POLICY)
+    request = httpx.Request("GET", "http://x.test/")
+    b, w, _ = await interleave(
+        rounds,
+        lambda: per_call(lambda: bare.handle_async_request(request), seconds),
+        lambda: per_call(lambda: resilient.handle_async_request(request), seconds),
+    )
+    print(f"  MockTransport.handle_async_request {b:6.1f} us/request")
+    print(f"  ... through ResilientTransport     {w:6.1f} us/request   (+{w - b:.1f} us)")
+
+    scope = {"type": "http", "path": "/x", "headers": [(b"host", b"x")], "method": "GET"}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    middleware = wrapped_app()
+    b, w, _ = await interleave(
+        rounds,
+        lambda: per_call(lambda: bare_app(scope, receive, send), seconds),
+        lambda: per_call(lambda: middleware(scope, receive, send), seconds),
+    )
+    print(f"  ASGI app, called directly          {b:6.2f} us/request")
+    print(f"  ... + ResilienceMiddleware         {w:6.2f} us/request   (+{w - b:.2f} us)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=0.5, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    proc, url = start_server()
+    try:
+        print(f"loopback, uvicorn (h11) in a separate process, {args.concurrency} in flight:")
+        asyncio.run(loopback(url, args.seconds, args.rounds, args.concurrency))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print("in process, no network:")
+    asyncio.run(in_process(min(args.seconds, 0.25), args.rounds))
+    print(f"(python {sys.version.split()[0]}, pid {os.getpid()}, median of {args.rounds} rounds)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The request deadline shared by the ASGI middleware and the httpx transport.
+
+A deadline is an absolute time on the running event loop's clock (``loop.time()``), kept in a
+context variable for the current task (and the tasks it starts). On the wire it travels as a
+*relative* budget in whole milliseconds (header ``x-deadline-ms`` by default), so the clocks of
+caller and callee never need to agree: each hop reads the budget, turns it into its own
+deadline, and forwards what is left.
+
+This module imports nothing but the standard library, so ``resilience.integrations`` stays
+cheap to import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+__all__ = [
+    "DEADLINE_HEADER",
+    "MAX_BUDGET",
+    "deadline",
+    "format_budget",
+    "get_deadline",
+    "parse_budget",
+    "remaining",
+]
+
+DEADLINE_HEADER = "x-deadline-ms"
+"""The header carrying the caller's remaining budget, in milliseconds (an integer)."""
+
+MAX_BUDGET = 300.0
+"""Budgets larger than this many seconds are capped to it when read from a header."""
+
+_deadline: ContextVar[float | None] = ContextVar("resilience.deadline", default=None)
+
+# An optional minus sign, up to 15 digits, an optional fraction: nothing else is a budget.
+_BUDGET = re.compile(rb"-?[0-9]{1,15}(?:\.[0-9]{1,6})?")
+
+
+def get_deadline() -> float | None:
+    """The current deadline on the event loop's clock, or ``None`` when there is none."""
+    return _deadline.get()
+
+
+def remaining() -> float | None:
+    """Seconds left before the current deadline (negative once spent), or ``None``."""
+    at = _deadline.get()
+    if at is None:
+        return None
+    return at - asyncio.get_running_loop().time()
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[float]:
+    """Run the block under a deadline ``seconds`` from now; yields the absolute deadline.
+
+    Deadlines only shrink: inside an earlier deadline the sooner of the two applies. Call it
+    from a coroutine (it reads the running loop's clock)::
+
+        with deadline(2.0):
+            await client.get("https://api.example.com/")  # sends x-deadline-ms: 2000 or less
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"seconds must be a number, got {seconds!r}")
+    if math.isnan(seconds):
+        raise ValueError("seconds must not be NaN")
+    at = asyncio.get_running_loop().time() + seconds
+    outer = _deadline.get()
+    if outer is not None and outer < at:
+        at = outer
+    token = _deadline.set(at)
+    try:
+        yield at
+    finally:
+        _deadline.reset(token)
+
+
+def parse_budget(value: bytes | str, cap: float = MAX_BUDGET) -> float | None:
+    """A header value in milliseconds as seconds, capped at ``cap``; ``None`` if malformed.
+
+    Only an optional ``-``, digits and an optional fraction are accepted (surrounding spaces
+    are ignored); anything else (``1e3``, ``inf``, ``NaN``, ``12ms``, empty) is treated as if
+    the header were absent. Zero or negative means the budget is already spent.
+    """
+    if isinstance(value, str):
+        try:
+            value = value.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+    value = value.strip()
+    if not _BUDGET.fullmatch(value):
+        return None
+    seconds = float(value) / 1000.0
+    return cap if seconds > cap else seconds
+
+
+def format_budget(seconds: float) -> str:
+    """Seconds as a header value: whole milliseconds, rounded down, never below zero."""
+    if seconds <= 0:
+        return "0"
+    return str(int(seconds * 1000.0))

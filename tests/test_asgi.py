@@ -1,0 +1,359 @@
+"""Tests for resilience.integrations.asgi: ResilienceMiddleware under Starlette and uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from resilience.integrations import remaining
+from resilience.integrations.asgi import Message, ResilienceMiddleware, Scope
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from resilience import RateLimitedError, ResilienceTimeoutError
+from resilience.testing import FakeClock
+
+from .asgi_support import serve
+
+
+async def settle(rounds: int = 20) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+class App:
+    """A Starlette app whose ``/work`` blocks until released, with a health check."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+        self.deadlines: list[float | None] = []
+
+    async def work(self, request: Request) -> PlainTextResponse:
+        self.calls += 1
+        self.deadlines.append(remaining())
+        await self.release.wait()
+        return PlainTextResponse("done")
+
+    async def fast(self, request: Request) -> PlainTextResponse:
+        self.calls += 1
+        self.deadlines.append(remaining())
+        return PlainTextResponse("ok")
+
+    def starlette(self, **options: Any) -> Starlette:
+        routes = [
+            Route("/work", self.work),
+            Route("/slow/work", self.work),
+            Route("/health", self.fast),
+            Route("/healthz", self.work),
+            Route("/fast", self.fast),
+        ]
+        return Starlette(routes=routes, middleware=[Middleware(ResilienceMiddleware, **options)])
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app.test")
+
+
+async def test_passes_requests_through() -> None:
+    """Without limits the app answers as usual."""
+    app = App()
+    async with client_for(app.starlette()) as client:
+        response = await client.get("/fast")
+    assert response.status_code == 200
+    assert response.text == "ok"
+
+
+async def test_burst_is_shed_with_503_while_health_check_passes() -> None:
+    """Over ``max_concurrent`` requests get 503 + Retry-After; an excluded /health still works."""
+    app = App()
+    asgi = app.starlette(max_concurrent=2, retry_after=3, exclude=("/health",))
+    async with client_for(asgi) as client:
+        busy = [asyncio.create_task(client.get("/work")) for _ in range(2)]
+        await settle()
+        burst = await asyncio.gather(*(client.get("/work") for _ in range(5)))
+        health = await client.get("/health")
+        app.release.set()
+        done = await asyncio.gather(*busy)
+    assert [r.status_code for r in burst] == [503] * 5
+    assert {r.headers["retry-after"] for r in burst} == {"3"}
+    assert health.status_code == 200
+    assert [r.status_code for r in done] == [200, 200]
+    assert app.calls == 3
+
+
+async def test_exclude_matches_whole_segments() -> None:
+    """``/health`` excludes ``/health`` and ``/health/...`` but not ``/healthz``."""
+    app = App()
+    asgi = app.starlette(max_concurrent=1, exclude=("/health",))
+    async with client_for(asgi) as client:
+        busy = asyncio.create_task(client.get("/work"))
+        await settle()
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/healthz")).status_code == 503
+        app.release.set()
+        await busy
+
+
+async def test_rate_limit_answers_429_with_retry_after() -> None:
+    """Past ``rate`` the middleware answers 429 and says when to come back."""
+    clock = FakeClock()
+    app = App()
+    async with client_for(app.starlette(rate=1, per=10, burst=2, clock=clock)) as client:
+        first = await client.get("/fast")
+        second = await client.get("/fast")
+        third = await client.get("/fast")
+        clock.advance(10)
+        fourth = await client.get("/fast")
+    assert [first.status_code, second.status_code, fourth.status_code] == [200, 200, 200]
+    assert third.status_code == 429
+    assert third.headers["retry-after"] == "10"
+    assert app.calls == 3
+
+
+async def test_timeout_answers_504_before_the_response_starts() -> None:
+    """A request outliving ``timeout`` (fake clock) gets 504."""
+    clock = FakeClock()
+    app = App()
+    async with client_for(app.starlette(timeout=5, clock=clock)) as client:
+        task = asyncio.create_task(client.get("/work"))
+        await settle()
+        clock.advance(5)
+        response = await task
+    assert response.status_code == 504
+
+
+async def test_timeout_after_the_response_started_aborts_instead() -> None:
+    """Once the response has started a timeout is re-raised: never a second response."""
+    clock = FakeClock()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        await clock.sleep(100)
+
+    middleware = ResilienceMiddleware(app, timeout=5, clock=clock)
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope: Scope = {"type": "http", "path": "/", "headers": []}
+    task = asyncio.create_task(middleware(scope, receive, send))
+    await settle()
+    clock.advance(5)
+    with pytest.raises(ResilienceTimeoutError):
+        await task
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+async def test_started_response_is_aborted_over_a_real_socket() -> None:
+    """Under uvicorn, a timeout mid-stream cuts the connection; the client sees an error."""
+
+    async def stream() -> Any:
+        yield b"first chunk"
+        await asyncio.sleep(30)
+        yield b"never"  # pragma: no cover
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        return StreamingResponse(stream())
+
+    app = Starlette(
+        routes=[Route("/", endpoint)],
+        middleware=[Middleware(ResilienceMiddleware, timeout=0.2)],
+    )
+    with serve(app) as server:
+        async with httpx.AsyncClient(timeout=10) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(server.url)
+
+
+async def test_cancelled_request_gives_its_slot_back() -> None:
+    """A request cancelled mid-flight (client gone) frees its bulkhead slot at once."""
+    app = App()
+    async with client_for(app.starlette(max_concurrent=1)) as client:
+        gone = asyncio.create_task(client.get("/work"))
+        await settle()
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert (await client.get("/fast")).status_code == 200
+
+
+async def test_overrides_are_compartments_of_their_own() -> None:
+    """``overrides`` give a path its own limits: a full /slow does not shed /work."""
+    app = App()
+    asgi = app.starlette(max_concurrent=5, overrides={"/slow": {"max_concurrent": 1}})
+    async with client_for(asgi) as client:
+        busy = asyncio.create_task(client.get("/slow/work"))
+        await settle()
+        shed = await client.get("/slow/work")
+        other = asyncio.create_task(client.get("/work"))
+        await settle()
+        app.release.set()
+        assert (await other).status_code == 200
+        assert (await busy).status_code == 200
+    assert shed.status_code == 503
+
+
+async def test_override_can_remove_a_limit() -> None:
+    """An override set to ``None`` switches that limit off for its paths."""
+    clock = FakeClock()
+    app = App()
+    asgi = app.starlette(rate=1, burst=1, clock=clock, overrides={"/fast": {"rate": None}})
+    async with client_for(asgi) as client:
+        statuses = [(await client.get("/fast")).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+
+
+async def test_errors_raised_by_the_app_are_not_translated() -> None:
+    """A RateLimitedError raised by the app itself is the app's error, not a 429."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        raise RateLimitedError("downstream", 1.0)
+
+    middleware = ResilienceMiddleware(app, rate=100)
+    with pytest.raises(RateLimitedError):
+        await middleware({"type": "http", "path": "/", "headers": []}, _receive, _send)
+
+
+async def test_non_http_scopes_pass_through() -> None:
+    """Lifespan and websocket scopes reach the app untouched, whatever the limits."""
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    middleware = ResilienceMiddleware(app, max_concurrent=1, rate=0.001, burst=1)
+    for kind in ("lifespan", "websocket", "websocket"):
+        await middleware({"type": kind, "path": "/"}, _receive, _send)
+    assert seen == ["lifespan", "websocket", "websocket"]
+
+
+async def _receive() -> Message:  # pragma: no cover - apps here never read
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _send(message: Message) -> None:  # pragma: no cover
+    pass
+
+
+# --- the deadline header ------------------------------------------------------------------
+
+
+async def test_spent_budget_gets_504_without_calling_the_app() -> None:
+    """``x-deadline-ms: 0`` (or less) is answered 504 at once; the app never runs."""
+    app = App()
+    async with client_for(app.starlette()) as client:
+        zero = await client.get("/fast", headers={"x-deadline-ms": "0"})
+        negative = await client.get("/fast", headers={"x-deadline-ms": "-20"})
+    assert zero.status_code == negative.status_code == 504
+    assert app.calls == 0
+
+
+async def test_budget_becomes_the_request_deadline() -> None:
+    """The app sees the caller's budget as ``remaining()``, a little less than sent."""
+    app = App()
+    async with client_for(app.starlette()) as client:
+        await client.get("/fast", headers={"x-deadline-ms": "1500"})
+        await client.get("/fast")
+    first, second = app.deadlines
+    assert first is not None
+    assert 0 < first <= 1.5
+    assert second is None
+
+
+@pytest.mark.parametrize("value", ["abc", "1e3", "inf", "nan", "", "12ms", "1,5", "1.2.3"])
+async def test_malformed_budget_is_ignored(value: str) -> None:
+    """A budget that does not parse is treated as absent: no deadline, the app runs."""
+    app = App()
+    async with client_for(app.starlette()) as client:
+        response = await client.get("/fast", headers={"x-deadline-ms": value})
+    assert response.status_code == 200
+    assert app.deadlines == [None]
+
+
+async def test_huge_budget_is_capped() -> None:
+    """A budget beyond ``max_deadline`` is cut down to it."""
+    app = App()
+    async with client_for(app.starlette(max_deadline=60)) as client:
+        await client.get("/fast", headers={"x-deadline-ms": "99999999999999"})
+    (left,) = app.deadlines
+    assert left is not None
+    assert 59 < left <= 60
+
+
+async def test_deadline_cuts_the_app_off_with_504() -> None:
+    """When the budget runs out before the app answers, the caller gets 504 (real 50 ms)."""
+    app = App()
+    async with client_for(app.starlette()) as client:
+        response = await client.get("/work", headers={"x-deadline-ms": "50"})
+    assert response.status_code == 504
+
+
+async def test_custom_deadline_header_and_opt_out() -> None:
+    """``deadline_header`` renames the header; ``None`` ignores deadlines altogether."""
+    app = App()
+    async with client_for(app.starlette(deadline_header="Grpc-Timeout-Ms")) as client:
+        await client.get("/fast", headers={"grpc-timeout-ms": "1000", "x-deadline-ms": "0"})
+    assert app.deadlines[0] is not None
+    app = App()
+    async with client_for(app.starlette(deadline_header=None)) as client:
+        response = await client.get("/fast", headers={"x-deadline-ms": "0"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"timeout": 0}, ValueError),
+        ({"timeout": "1"}, TypeError),
+        ({"max_concurrent": 0}, ValueError),
+        ({"rate": -1}, ValueError),
+        ({"exclude": "/health"}, TypeError),
+        ({"exclude": ("health",)}, ValueError),
+        ({"overrides": {"/x": {"timeot": 1}}}, ValueError),
+        ({"overrides": {"/x": 3}}, TypeError),
+        ({"max_deadline": float("inf")}, ValueError),
+        ({"deadline_header": ""}, TypeError),
+    ],
+)
+def test_validation(options: dict[str, Any], error: type[Exception]) -> None:
+    """Bad options fail at construction, naming the option."""
+    with pytest.raises(error):
+        ResilienceMiddleware(_send, **options)
+
+
+async def test_store_makes_the_rate_limit_fleet_wide() -> None:
+    """Two middlewares (two replicas) given one store share a rate bucket, if the core can."""
+    import inspect
+
+    from resilience import MemoryStore, RateLimiter
+
+    if "store" not in inspect.signature(RateLimiter).parameters:
+        pytest.skip("this core's RateLimiter takes no store: limits stay per process")
+    store = MemoryStore()
+    replicas = [App().starlette(rate=1, per=60, burst=1, store=store) for _ in range(2)]
+    async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
+        assert (await first.get("/fast")).status_code == 200
+        assert (await second.get("/fast")).status_code == 429
+
+
+def test_no_starlette_import() -> None:
+    """The middleware module imports no web framework (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, resilience.integrations.asgi;"
+        "assert 'starlette' not in sys.modules and 'httpx' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,0 +1,130 @@
+"""Tests for resilience.integrations._deadline, and the deadline across two real hops."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from resilience.integrations import DEADLINE_HEADER, deadline, get_deadline, remaining
+from resilience.integrations._deadline import format_budget, parse_budget
+from resilience.integrations.asgi import ResilienceMiddleware
+from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .asgi_support import serve
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"1500", 1.5),
+        ("250", 0.25),
+        (b" 42 ", 0.042),
+        (b"0", 0.0),
+        (b"-3", -0.003),
+        (b"1.5", 0.0015),
+        (b"999999999999999", 300.0),
+    ],
+)
+def test_parse_budget(value: bytes | str, seconds: float) -> None:
+    """Milliseconds become seconds; huge budgets are capped at MAX_BUDGET."""
+    assert parse_budget(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"abc", b"1e3", b"inf", b"NaN", b"12ms", b"+5", b"1_000", "١٢", b"\xff", b"9" * 16],
+)
+def test_malformed_budget_is_none(value: bytes | str) -> None:
+    """Anything but plain (optionally negative) decimal milliseconds is treated as absent."""
+    assert parse_budget(value) is None
+
+
+def test_format_budget_rounds_down_and_never_negative() -> None:
+    """Seconds go out as whole milliseconds, rounded down, and 0 once spent."""
+    assert format_budget(1.9999) == "1999"
+    assert format_budget(0.0004) == "0"
+    assert format_budget(-1) == "0"
+
+
+async def test_deadline_context_sets_and_restores() -> None:
+    """``deadline()`` sets the deadline for its block only; outside there is none."""
+    assert remaining() is None
+    with deadline(2.0) as at:
+        assert get_deadline() == at
+        left = remaining()
+        assert left is not None
+        assert 0 < left <= 2.0
+    assert get_deadline() is None
+
+
+async def test_nested_deadlines_only_shrink() -> None:
+    """An inner deadline later than the outer one keeps the outer one."""
+    with deadline(1.0) as outer:
+        with deadline(10.0) as inner:
+            assert inner == outer
+        with deadline(0.5) as sooner:
+            assert sooner < outer
+
+
+async def test_deadline_validates() -> None:
+    """A non-number or NaN budget is refused."""
+    with pytest.raises(TypeError), deadline("1"):  # type: ignore[arg-type]
+        pass  # pragma: no cover
+    with pytest.raises(ValueError, match="NaN"), deadline(float("nan")):
+        pass  # pragma: no cover
+
+
+async def test_deadline_is_seen_by_child_tasks() -> None:
+    """Tasks started inside the block inherit the deadline (contextvars are copied)."""
+    with deadline(3.0):
+        left = await asyncio.create_task(_remaining())
+    assert left is not None
+    assert 0 < left <= 3.0
+
+
+async def _remaining() -> float | None:
+    return remaining()
+
+
+async def test_deadline_shrinks_across_two_hops() -> None:
+    """client -> A (middleware + ResilientTransport) -> B: B sees a smaller budget than sent.
+
+    A spent budget is answered 504 by A without calling its endpoint.
+    """
+    a_calls = 0
+
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse({"budget": request.headers.get(DEADLINE_HEADER)})
+
+    service_b = Starlette(routes=[Route("/echo", echo)])
+    with serve(service_b) as b:
+
+        async def relay(request: Request) -> JSONResponse:
+            nonlocal a_calls
+            a_calls += 1
+            transport = ResilientTransport(policy=HttpPolicy(attempts=1))
+            async with httpx.AsyncClient(transport=transport) as client:
+                await asyncio.sleep(0.01)  # some work in A before calling B
+                response = await client.get(f"{b.url}/echo")
+            return JSONResponse(response.json())
+
+        service_a = Starlette(
+            routes=[Route("/relay", relay)], middleware=[Middleware(ResilienceMiddleware)]
+        )
+        with serve(service_a) as a:
+            async with httpx.AsyncClient(timeout=10) as client:
+                relayed = await client.get(f"{a.url}/relay", headers={DEADLINE_HEADER: "5000"})
+                spent = await client.get(f"{a.url}/relay", headers={DEADLINE_HEADER: "0"})
+                none = await client.get(f"{a.url}/relay")
+    assert relayed.status_code == 200
+    seen = int(relayed.json()["budget"])
+    assert 0 < seen < 5000 - 10
+    assert spent.status_code == 504
+    assert none.json() == {"budget": None}
+    assert a_calls == 2

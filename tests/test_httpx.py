@@ -1,0 +1,646 @@
+"""Tests for resilience.integrations.httpx: ResilientTransport over MockTransport and uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+from resilience.integrations import deadline
+from resilience.integrations.httpx import (
+    AttemptTimeout,
+    BulkheadFull,
+    CircuitOpen,
+    DeadlineExceeded,
+    HttpPolicy,
+    RateLimited,
+    ResilientTransport,
+    origin_of,
+    parse_retry_after,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from resilience import (
+    BulkheadFullError,
+    CircuitOpenError,
+    MemoryStore,
+    RateLimitedError,
+    ResilienceError,
+    ResilienceTimeoutError,
+)
+from resilience.testing import FakeClock
+
+from .asgi_support import serve
+
+Handler = Callable[[httpx.Request], Any]
+
+
+class Tracked(httpx.AsyncByteStream):
+    """A response body that records whether it was closed."""
+
+    def __init__(self, body: bytes = b"body") -> None:
+        self.body = body
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class Upstream:
+    """A MockTransport handler answering from a script of statuses (the last one repeats)."""
+
+    def __init__(self, *statuses: int, headers: dict[str, str] | None = None) -> None:
+        self.statuses = list(statuses)
+        self.headers = headers or {}
+        self.requests: list[httpx.Request] = []
+        self.bodies: list[Tracked] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        body = Tracked(f"{status}".encode())
+        self.bodies.append(body)
+        return httpx.Response(status, headers=self.headers, stream=body)
+
+    @property
+    def hits(self) -> int:
+        return len(self.requests)
+
+
+def make_client(
+    handler: Handler, clock: FakeClock | None = None, **options: Any
+) -> httpx.AsyncClient:
+    if clock is None:
+        clock = FakeClock(autojump=True)
+    policy = HttpPolicy(clock=clock, **options)
+    transport = ResilientTransport(httpx.MockTransport(handler), policy=policy)
+    return httpx.AsyncClient(transport=transport, base_url="http://upstream.test")
+
+
+async def settle(rounds: int = 10) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+# --- retry --------------------------------------------------------------------------------
+
+
+async def test_success_passes_through() -> None:
+    """A 200 is returned as is, after one call upstream."""
+    upstream = Upstream(200)
+    async with make_client(upstream) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert response.text == "200"
+    assert upstream.hits == 1
+
+
+async def test_retries_failing_status_until_success() -> None:
+    """A GET answered 503, 502 is retried; the 200 that follows is returned."""
+    upstream = Upstream(503, 502, 200)
+    async with make_client(upstream) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert upstream.hits == 3
+
+
+async def test_exhausted_attempts_return_last_response() -> None:
+    """When attempts run out on a failing status, the last response comes back, readable."""
+    upstream = Upstream(500)
+    async with make_client(upstream, attempts=3) as client:
+        response = await client.get("/")
+    assert response.status_code == 500
+    assert response.text == "500"
+    assert upstream.hits == 3
+
+
+async def test_discarded_responses_are_closed() -> None:
+    """Every response thrown away by a retry is closed; the returned one is left to the caller."""
+    upstream = Upstream(503, 503, 200)
+    transport = ResilientTransport(
+        httpx.MockTransport(upstream), policy=HttpPolicy(clock=FakeClock(autojump=True))
+    )
+    request = httpx.Request("GET", "http://upstream.test/")
+    response = await transport.handle_async_request(request)
+    assert [b.closed for b in upstream.bodies] == [True, True, False]
+    await response.aclose()
+    assert upstream.bodies[-1].closed
+
+
+async def test_retry_after_seconds_is_honoured() -> None:
+    """A 429 with ``Retry-After: 7`` makes the retry wait 7 s (on the fake clock)."""
+    clock = FakeClock(autojump=True)
+    upstream = Upstream(429, 200, headers={"Retry-After": "7"})
+    async with make_client(upstream, clock) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert clock.slept == [7.0]
+
+
+async def test_retry_after_http_date_is_honoured() -> None:
+    """A ``Retry-After`` HTTP-date 30 s ahead makes the retry wait about 30 s."""
+    clock = FakeClock(autojump=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    upstream = Upstream(503, 200, headers={"Retry-After": when})
+    async with make_client(upstream, clock) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert len(clock.slept) == 1
+    assert 28.0 <= clock.slept[0] <= 30.0
+
+
+async def test_retry_after_is_capped() -> None:
+    """A ``Retry-After`` longer than ``retry_after_max`` waits only ``retry_after_max``."""
+    clock = FakeClock(autojump=True)
+    upstream = Upstream(503, 200, headers={"Retry-After": "3600"})
+    async with make_client(upstream, clock, retry_after_max=2.5) as client:
+        await client.get("/")
+    assert clock.slept == [2.5]
+
+
+def test_parse_retry_after() -> None:
+    """Retry-After parses delay-seconds and HTTP-dates; a past date is 0, junk is None."""
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Thu, 01 Jan 2026 12:00:10 GMT", now=now) == 10.0
+    assert parse_retry_after("Thu, 01 Jan 2026 11:00:00 GMT", now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("-5") is None
+    assert parse_retry_after(None) is None
+
+
+async def test_transport_errors_are_retried() -> None:
+    """A connection error is retried like a failing status."""
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200)
+
+    async with make_client(handler) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert calls == 3
+
+
+async def test_last_transport_error_is_raised_unchanged() -> None:
+    """When every attempt fails with a transport error, that error is raised as httpx made it."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("reset", request=request)
+
+    async with make_client(handler, attempts=2) as client:
+        with pytest.raises(httpx.ReadError):
+            await client.get("/")
+
+
+async def test_post_is_not_retried_by_default() -> None:
+    """A POST answered 503 is sent once and its 503 returned."""
+    upstream = Upstream(503, 200)
+    async with make_client(upstream) as client:
+        response = await client.post("/", content=b"data")
+    assert response.status_code == 503
+    assert upstream.hits == 1
+    assert "idempotency-key" not in upstream.requests[0].headers
+
+
+async def test_post_retried_when_opted_in_with_same_idempotency_key() -> None:
+    """With POST in ``retry_methods`` every attempt carries the same Idempotency-Key."""
+    upstream = Upstream(503, 503, 200)
+    methods = {"GET", "POST"}
+    async with make_client(upstream, retry_methods=methods) as client:
+        response = await client.post("/", content=b"data")
+    assert response.status_code == 200
+    keys = {r.headers["idempotency-key"] for r in upstream.requests}
+    assert upstream.hits == 3
+    assert len(keys) == 1
+    assert all(r.content == b"data" for r in upstream.requests)
+
+
+async def test_post_retried_per_request_keeps_callers_key() -> None:
+    """``extensions={"resilience": {"retry": True}}`` retries one POST; its own key is kept."""
+    upstream = Upstream(500, 200)
+    async with make_client(upstream) as client:
+        response = await client.post(
+            "/",
+            json={"a": 1},
+            headers={"Idempotency-Key": "mine"},
+            extensions={"resilience": {"retry": True}},
+        )
+    assert response.status_code == 200
+    assert [r.headers["idempotency-key"] for r in upstream.requests] == ["mine", "mine"]
+
+
+async def test_streaming_body_is_not_retried() -> None:
+    """A request whose body is a one-shot stream is sent once, even if retry is asked for."""
+    upstream = Upstream(503, 200)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"chunk"
+
+    async with make_client(upstream) as client:
+        response = await client.put("/", content=body(), extensions={"resilience": {"retry": True}})
+    assert response.status_code == 503
+    assert upstream.hits == 1
+
+
+async def test_per_request_retry_off() -> None:
+    """``extensions={"resilience": {"retry": False}}`` makes a GET a single attempt."""
+    upstream = Upstream(503, 200)
+    async with make_client(upstream) as client:
+        response = await client.get("/", extensions={"resilience": {"retry": False}})
+    assert response.status_code == 503
+    assert upstream.hits == 1
+
+
+async def test_unknown_extension_keys_are_rejected() -> None:
+    """A typo in the per-request options is an error, not a silent no-op."""
+    async with make_client(Upstream(200)) as client:
+        with pytest.raises(ValueError, match="retries"):
+            await client.get("/", extensions={"resilience": {"retries": False}})
+        with pytest.raises(TypeError, match="bool"):
+            await client.get("/", extensions={"resilience": {"retry": "no"}})
+
+
+async def test_custom_failure_statuses() -> None:
+    """``failure_statuses`` decides which statuses are failures (here 404, not 503)."""
+    upstream = Upstream(404, 503)
+    async with make_client(upstream, failure_statuses={404}) as client:
+        response = await client.get("/")
+    assert response.status_code == 503
+    assert upstream.hits == 2
+
+
+# --- circuit breaker ----------------------------------------------------------------------
+
+
+async def test_failing_upstream_opens_breaker_and_calls_stop() -> None:
+    """After ``minimum_calls`` failures the breaker opens and upstream is no longer called."""
+    upstream = Upstream(500)
+    async with make_client(upstream, attempts=1, minimum_calls=4) as client:
+        for _ in range(4):
+            assert (await client.get("/")).status_code == 500
+        for _ in range(6):
+            with pytest.raises(CircuitOpen):
+                await client.get("/")
+    assert upstream.hits == 4
+
+
+async def test_rejections_are_httpx_and_core_errors() -> None:
+    """CircuitOpen is an httpx.TransportError and a CircuitOpenError, with ``request`` set."""
+    upstream = Upstream(503)
+    async with make_client(upstream, attempts=1, minimum_calls=1) as client:
+        await client.get("/")
+        try:
+            await client.get("/path")
+        except httpx.HTTPError as exc:
+            error: Exception = exc
+        else:  # pragma: no cover
+            pytest.fail("the breaker did not open")
+    assert isinstance(error, httpx.TransportError)
+    assert isinstance(error, CircuitOpenError)
+    assert isinstance(error, ResilienceError)
+    assert isinstance(error.__cause__, CircuitOpenError)
+    assert error.request.url.path == "/path"
+    assert error.name == "http://upstream.test:80"
+    assert error.retry_after is not None
+
+
+async def test_one_breaker_per_origin() -> None:
+    """A failing origin opens its own breaker only; another origin is still called."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500 if request.url.host == "bad.test" else 200)
+
+    transport = ResilientTransport(
+        httpx.MockTransport(handler),
+        policy=HttpPolicy(attempts=1, minimum_calls=2, clock=FakeClock()),
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(2):
+            await client.get("https://bad.test/")
+        with pytest.raises(CircuitOpen):
+            await client.get("https://bad.test/")
+        assert (await client.get("https://good.test/")).status_code == 200
+    assert transport.pipeline_names() == ["https://bad.test:443", "https://good.test:443"]
+
+
+def test_origin_key_spells_out_the_port() -> None:
+    """The default key is scheme://host:port, with IPv6 hosts in brackets."""
+    assert origin_of(httpx.Request("GET", "https://a.test/x?y")) == "https://a.test:443"
+    assert origin_of(httpx.Request("GET", "http://a.test:8080/")) == "http://a.test:8080"
+    assert origin_of(httpx.Request("GET", "http://[::1]/")) == "http://[::1]:80"
+
+
+async def test_policy_function_per_origin() -> None:
+    """``policy`` may be a function of the key, called once per origin."""
+    seen: list[str] = []
+
+    def policy(key: str) -> HttpPolicy:
+        seen.append(key)
+        return HttpPolicy(attempts=1 if "once" in key else 3, clock=FakeClock(autojump=True))
+
+    upstream = Upstream(503)
+    transport = ResilientTransport(httpx.MockTransport(upstream), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get("http://once.test/")
+        await client.get("http://once.test/")
+        await client.get("http://thrice.test/")
+    assert seen == ["http://once.test:80", "http://thrice.test:80"]
+    assert upstream.hits == 2 + 3
+
+
+async def test_shared_store_shares_breakers() -> None:
+    """Two transports with one store share each origin's breaker."""
+    store = MemoryStore()
+    policy = HttpPolicy(attempts=1, minimum_calls=2, store=store)
+    upstream = Upstream(500)
+    first = ResilientTransport(httpx.MockTransport(upstream), policy=policy)
+    second = ResilientTransport(httpx.MockTransport(upstream), policy=policy)
+    async with httpx.AsyncClient(transport=first) as a, httpx.AsyncClient(transport=second) as b:
+        await a.get("http://upstream.test/")
+        await a.get("http://upstream.test/")
+        with pytest.raises(CircuitOpen):
+            await b.get("http://upstream.test/")
+    assert upstream.hits == 2
+
+
+async def test_failing_upstream_over_a_real_socket_opens_breaker() -> None:
+    """Against uvicorn on loopback, a flaky service opens the breaker and stops getting hits."""
+    hits = 0
+
+    async def flaky(request: Request) -> PlainTextResponse:
+        nonlocal hits
+        hits += 1
+        return PlainTextResponse("down", status_code=503)
+
+    app = Starlette(routes=[Route("/", flaky)])
+    policy = HttpPolicy(attempts=2, minimum_calls=4, wait=lambda state: 0.0)
+    with serve(app) as server:
+        async with httpx.AsyncClient(transport=ResilientTransport(policy=policy)) as client:
+            statuses = []
+            for _ in range(10):
+                try:
+                    statuses.append((await client.get(server.url)).status_code)
+                except CircuitOpen:
+                    statuses.append(0)
+    assert statuses == [503, 503, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert hits == 4
+
+
+# --- other policies and their errors ------------------------------------------------------
+
+
+async def test_bulkhead_full_is_httpx_error() -> None:
+    """With ``max_concurrent=1`` a second concurrent request gets BulkheadFull."""
+    release = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200)
+
+    async with make_client(handler, max_concurrent=1) as client:
+        first = asyncio.create_task(client.get("/"))
+        await settle()
+        with pytest.raises(httpx.TransportError) as info:
+            await client.get("/")
+        release.set()
+        assert (await first).status_code == 200
+    assert isinstance(info.value, BulkheadFull)
+    assert isinstance(info.value, BulkheadFullError)
+
+
+async def test_rate_limited_is_httpx_error() -> None:
+    """Over ``rate`` the request fails with RateLimited (a RateLimitedError), not sent."""
+    upstream = Upstream(200)
+    async with make_client(upstream, clock=FakeClock(), rate=2, burst=2) as client:
+        await client.get("/")
+        await client.get("/")
+        with pytest.raises(RateLimited) as info:
+            await client.get("/")
+    assert isinstance(info.value, RateLimitedError)
+    assert isinstance(info.value, httpx.TransportError)
+    assert info.value.retry_after == pytest.approx(0.5)
+    assert upstream.hits == 2
+
+
+async def test_attempt_timeout_is_httpx_timeout() -> None:
+    """An attempt outliving ``timeout`` raises AttemptTimeout: an httpx.TimeoutException."""
+    clock = FakeClock()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await clock.sleep(100)
+        return httpx.Response(200)
+
+    async with make_client(handler, clock=clock, attempts=1, timeout=5) as client:
+        task = asyncio.create_task(client.get("/"))
+        await settle()
+        clock.advance(5)
+        with pytest.raises(httpx.TimeoutException) as info:
+            await task
+    assert isinstance(info.value, AttemptTimeout)
+    assert isinstance(info.value, ResilienceTimeoutError)
+    assert isinstance(info.value, TimeoutError)
+
+
+async def test_fallback_answers_instead_of_raising() -> None:
+    """A ``fallback`` turns a rejection into a response of its own."""
+
+    async def fallback(request: httpx.Request, error: Exception) -> httpx.Response:
+        return httpx.Response(200, text=f"cached ({type(error).__name__})")
+
+    upstream = Upstream(500)
+    async with make_client(upstream, attempts=1, minimum_calls=1, fallback=fallback) as client:
+        assert (await client.get("/")).status_code == 500
+        response = await client.get("/")
+    assert response.text == "cached (CircuitOpen)"
+
+
+async def test_cancellation_is_no_failure_and_frees_the_slot() -> None:
+    """A cancelled request counts as nothing for the breaker and gives its bulkhead slot back."""
+    started = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    transport = ResilientTransport(
+        httpx.MockTransport(handler),
+        policy=HttpPolicy(attempts=1, minimum_calls=1, max_concurrent=1, clock=FakeClock()),
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        task = asyncio.create_task(client.get("http://upstream.test/"))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        started.clear()
+        again = asyncio.create_task(client.get("http://upstream.test/"))
+        await started.wait()  # the slot is free again: the second request got through
+        again.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await again
+    assert transport.pipeline_names() == ["http://upstream.test:80"]
+
+
+# --- deadline -----------------------------------------------------------------------------
+
+
+async def test_deadline_header_carries_the_remaining_budget() -> None:
+    """Under ``deadline(2)`` the request carries ``x-deadline-ms`` of at most 2000."""
+    upstream = Upstream(200)
+    async with make_client(upstream) as client:
+        with deadline(2.0):
+            await client.get("/")
+        await client.get("/")
+    sent = upstream.requests[0].headers["x-deadline-ms"]
+    assert 0 < int(sent) <= 2000
+    assert "x-deadline-ms" not in upstream.requests[1].headers
+
+
+async def test_spent_deadline_fails_fast() -> None:
+    """With no budget left, DeadlineExceeded is raised and nothing is sent."""
+    upstream = Upstream(200)
+    async with make_client(upstream) as client:
+        with deadline(0), pytest.raises(DeadlineExceeded) as info:
+            await client.get("/")
+    assert isinstance(info.value, httpx.TimeoutException)
+    assert isinstance(info.value, ResilienceTimeoutError)
+    assert upstream.hits == 0
+
+
+async def test_retry_stops_when_the_wait_outlasts_the_deadline() -> None:
+    """A Retry-After beyond the remaining budget ends retrying: the 503 comes back."""
+    upstream = Upstream(503, 200, headers={"Retry-After": "20"})
+    async with make_client(upstream, retry_after_max=60) as client:
+        with deadline(10):
+            response = await client.get("/")
+    assert response.status_code == 503
+    assert upstream.hits == 1
+    assert response.text == "503"
+
+
+async def test_deadline_extension_cuts_a_slow_request() -> None:
+    """``extensions={"resilience": {"deadline": s}}`` bounds one request in (loop) time."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return httpx.Response(200)  # pragma: no cover
+
+    async with make_client(handler, timeout=None) as client:
+        with pytest.raises(DeadlineExceeded):
+            await client.get("/", extensions={"resilience": {"deadline": 0.05}})
+
+
+# --- the transport itself -----------------------------------------------------------------
+
+
+def test_sync_client_gets_a_clear_error() -> None:
+    """Used by a sync httpx.Client, the transport raises a TypeError naming AsyncClient."""
+    transport: Any = ResilientTransport(httpx.MockTransport(Upstream(200)))
+    client = httpx.Client(transport=transport)
+    with pytest.raises(TypeError, match="AsyncClient"):
+        client.get("http://upstream.test/")
+    client.close()
+    with pytest.raises(TypeError, match="AsyncClient"), httpx.Client(transport=transport):
+        pass  # pragma: no cover
+
+
+async def test_aclose_closes_the_wrapped_transport() -> None:
+    """Closing the client closes the transport it wraps."""
+    closed: list[bool] = []
+
+    class Inner(httpx.MockTransport):
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    async with httpx.AsyncClient(transport=ResilientTransport(Inner(Upstream(200)))):
+        pass
+    assert closed == [True]
+
+
+def test_default_inner_transport() -> None:
+    """Without a transport, ResilientTransport wraps an httpx.AsyncHTTPTransport."""
+    assert isinstance(ResilientTransport().transport, httpx.AsyncHTTPTransport)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"attempts": 0}, ValueError),
+        ({"attempts": 1.5}, TypeError),
+        ({"timeout": -1}, ValueError),
+        ({"failure_statuses": {700}}, ValueError),
+        ({"retry_methods": "GET"}, TypeError),
+        ({"retry_after_max": float("nan")}, ValueError),
+        ({"failure_ratio": 2}, ValueError),
+        ({"max_concurrent": 0}, ValueError),
+        ({"rate": 0}, ValueError),
+        ({"wait": 3}, TypeError),
+        ({"idempotency_header": ""}, TypeError),
+    ],
+)
+def test_policy_validation(options: dict[str, Any], error: type[Exception]) -> None:
+    """Bad options fail when the HttpPolicy is made, naming the option."""
+    with pytest.raises(error):
+        HttpPolicy(**options)
+
+
+def test_transport_validation() -> None:
+    """Bad constructor arguments are TypeErrors."""
+    with pytest.raises(TypeError, match="AsyncBaseTransport"):
+        ResilientTransport(httpx.HTTPTransport())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="policy"):
+        ResilientTransport(policy=3)  # type: ignore[arg-type]
+
+
+def test_policy_validation_touches_no_store() -> None:
+    """Validating an HttpPolicy builds no breaker in its store; a non-store is refused."""
+    store = MemoryStore()
+    HttpPolicy(store=store)
+    assert store.names() == []
+    with pytest.raises(TypeError, match="store"):
+        HttpPolicy(store="redis://localhost")  # type: ignore[arg-type]
+
+
+def test_policy_normalises_methods() -> None:
+    """``retry_methods`` are upper-cased into a frozenset."""
+    assert HttpPolicy(retry_methods=["get", "post"]).retry_methods == frozenset({"GET", "POST"})
+
+
+async def test_no_connection_leaks_against_real_server() -> None:
+    """Retried 503s over a one-connection pool never leave the pool stuck (all were closed)."""
+    hits = 0
+
+    async def flaky(request: Request) -> PlainTextResponse:
+        nonlocal hits
+        hits += 1
+        status = 503 if hits % 3 else 200
+        return PlainTextResponse("x" * 1000, status_code=status)
+
+    app = Starlette(routes=[Route("/", flaky)])
+    inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1))
+    policy = HttpPolicy(attempts=3, wait=lambda state: 0.0, circuit_breaker=False)
+    timeout = httpx.Timeout(5.0, pool=2.0)
+    with serve(app) as server:
+        async with httpx.AsyncClient(
+            transport=ResilientTransport(inner, policy=policy), timeout=timeout
+        ) as client:
+            for _ in range(5):
+                response = await client.get(server.url)
+                assert response.status_code == 200
+    assert hits == 15

@@ -121,7 +121,12 @@ class _Route:
                     max_wait=limits.max_wait,
                     name=name,
                     **shared,
-                    **_store_for(Bulkhead, store),
+                    # fleet-wide with a store; a waiting queue stays per process
+                    **(
+                        {"distributed": True, "store": store}
+                        if store is not None and not limits.max_waiting
+                        else {}
+                    ),
                 )
             )
 
@@ -211,7 +216,9 @@ class ResilienceMiddleware:
     * ``deadline_header`` (``None``: ignore deadlines): the caller's remaining budget in
       milliseconds, capped at ``max_deadline`` seconds; ``enforce_deadline`` also cuts the
       app off (``504``) when the budget runs out.
-    * ``store`` is handed to the policies that accept one (fleet-wide limits); ``clock`` and
+    * ``store`` makes the limits fleet-wide: the rate limiter shares one bucket, and the
+      bulkhead (unless it has a waiting queue, which stays per process) takes a fleet-wide
+      lease per request (one store round trip to take it, one to return it); ``clock`` and
       ``listeners`` go to every policy; ``name`` prefixes the policies' names.
     """
 

@@ -333,18 +333,37 @@ def test_validation(options: dict[str, Any], error: type[Exception]) -> None:
 
 
 async def test_store_makes_the_rate_limit_fleet_wide() -> None:
-    """Two middlewares (two replicas) given one store share a rate bucket, if the core can."""
-    import inspect
+    """Two middlewares (two replicas) given one store share a rate bucket."""
+    from resilience import MemoryStore
 
-    from resilience import MemoryStore, RateLimiter
-
-    if "store" not in inspect.signature(RateLimiter).parameters:
-        pytest.skip("this core's RateLimiter takes no store: limits stay per process")
     store = MemoryStore()
     replicas = [App().starlette(rate=1, per=60, burst=1, store=store) for _ in range(2)]
     async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
         assert (await first.get("/fast")).status_code == 200
         assert (await second.get("/fast")).status_code == 429
+
+
+async def test_store_makes_the_bulkhead_fleet_wide() -> None:
+    """Two replicas given one store share one concurrency limit, and every slot comes back."""
+    from resilience import MemoryStore
+
+    store = MemoryStore()
+    apps = [App(), App()]
+    replicas = [a.starlette(max_concurrent=1, store=store) for a in apps]
+    async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
+        busy = asyncio.create_task(first.get("/work"))
+        for _ in range(100):
+            if apps[0].calls:
+                break
+            await asyncio.sleep(0)
+        shed = await second.get("/work")
+        assert shed.status_code == 503
+        assert "retry-after" in shed.headers
+        apps[0].release.set()
+        assert (await busy).status_code == 200
+        apps[1].release.set()
+        assert (await second.get("/work")).status_code == 200
+    assert await store.count_leases("asgi") == 0
 
 
 def test_no_starlette_import() -> None:

@@ -114,6 +114,7 @@ class _Route:
         if limits.timeout is not None:
             policies.append(Timeout(limits.timeout, name=name, **shared))
         if limits.max_concurrent is not None:
+            fleet = store is not None and not limits.max_waiting
             policies.append(
                 Bulkhead(
                     limits.max_concurrent,
@@ -122,11 +123,8 @@ class _Route:
                     name=name,
                     **shared,
                     # fleet-wide with a store; a waiting queue stays per process
-                    **(
-                        {"distributed": True, "store": store}
-                        if store is not None and not limits.max_waiting
-                        else {}
-                    ),
+                    distributed=fleet,
+                    store=store if fleet else None,
                 )
             )
 

@@ -84,6 +84,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _is_cluster(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (its pipelines refuse scripts)."""
+    try:
+        from redis.asyncio.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - every supported redis-py has it
+        return False
+    return isinstance(client, RedisCluster)
+
+
 def _check_prefix(prefix: object) -> str:
     prefix = check_name(prefix, "prefix")
     if any(c in prefix for c in "{} \t\r\n"):
@@ -140,6 +149,7 @@ class RedisStore:
         self._closed = False
         self._owns_client = False
         self._lease_ids = itertools.count(1)
+        self._cluster = _is_cluster(client)
         scripts = ("flush", "transition", "probe", "report", "lease", "shared", "status")
         self._scripts = {n: client.register_script(_script(n)) for n in scripts}
 
@@ -480,8 +490,7 @@ class RedisStore:
             return
         batches = [(core, core.take_pending()) for core in cores]
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                replies = await self._send(pipe, batches, ops, names)
+            replies = await self._send(batches, ops, names)
         except _STORE_ERRORS as exc:
             for core, pending in batches:
                 core.restore_pending(pending)
@@ -528,31 +537,44 @@ class RedisStore:
 
     async def _send(
         self,
-        pipe: Any,
         batches: list[tuple[SharedBreakerCore, tuple[int, int, int, int]]],
         ops: list[tuple[str, SharedBreakerCore, int, int, bool, bool]],
         names: set[str],
     ) -> list[Any]:
-        """Queue one round's scripts on ``pipe`` and run them in one round trip."""
-        # EVALSHA straight onto the pipeline: redis-py's Script objects would add a SCRIPT
-        # EXISTS round trip to every execute; a NOSCRIPT reply is handled by the caller.
+        """Run one round's commands: one pipeline, or (a cluster) all at once, node by node."""
+        # EVALSHA straight away: redis-py's Script objects would add a SCRIPT EXISTS round
+        # trip to every pipeline; a NOSCRIPT reply is handled by the caller.
         flush, report = self._scripts["flush"].sha, self._scripts["report"].sha
+        commands: list[tuple[str, tuple[Any, ...]]] = []
         for core, (gen, calls, failures, slow) in batches:
             args = [gen, calls, failures, slow, *core.window_args, self._now_arg(), self.ttl_ms]
-            pipe.evalsha(flush, 4, *core.keys, *args, self.replica)
+            commands.append(("evalsha", (flush, 4, *core.keys, *args, self.replica)))
         for op, core, gen, lease, failed, slow in ops:
             lease_id = f"{self.replica}:{lease}"
             if op == "report":
-                pipe.evalsha(
-                    report, 2, core.keys[0], core.keys[2], gen, lease_id, int(failed), int(slow)
+                keys = (core.keys[0], core.keys[2])
+                commands.append(
+                    ("evalsha", (report, 2, *keys, gen, lease_id, int(failed), int(slow)))
                 )
             else:
-                pipe.zrem(core.keys[2], lease_id)
+                commands.append(("zrem", (core.keys[2], lease_id)))
         if names:
-            pipe.sadd(f"{self.prefix}:names", *sorted(names))
-            pipe.pexpire(f"{self.prefix}:names", self.ttl_ms)
+            commands.append(("sadd", (f"{self.prefix}:names", *sorted(names))))
+            commands.append(("pexpire", (f"{self.prefix}:names", self.ttl_ms)))
         async with asyncio.timeout(self.timeout):
-            return cast(list[Any], await pipe.execute(raise_on_error=False))
+            if self._cluster:
+                replies = await asyncio.gather(
+                    *(getattr(self.client, cmd)(*argv) for cmd, argv in commands),
+                    return_exceptions=True,
+                )
+                for reply in replies:  # a node that cannot be reached fails the round
+                    if isinstance(reply, _STORE_ERRORS) and not isinstance(reply, ResponseError):
+                        raise reply
+                return list(replies)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for cmd, argv in commands:
+                    getattr(pipe, cmd)(*argv)
+                return cast(list[Any], await pipe.execute(raise_on_error=False))
 
     def _reset_seen(self, core: SharedBreakerCore, reset: int) -> None:
         if reset:

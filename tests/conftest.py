@@ -62,3 +62,19 @@ def make_redis_server() -> Iterator[Callable[[], RedisServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--full`: run the long tests (soak, cluster, load) at full size, not the bounded one."""
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=os.environ.get("RESILIENCE_FULL_TESTS") == "1",
+        help="run soak/load/cluster tests at full size (also RESILIENCE_FULL_TESTS=1)",
+    )
+
+
+@pytest.fixture(scope="session")
+def full(request: pytest.FixtureRequest) -> bool:
+    """Whether long tests run at full size (`--full`) or in their bounded CI version."""
+    return bool(request.config.getoption("--full"))

@@ -55,6 +55,7 @@ from resilience import (
     RejectedError,
     ResilienceTimeoutError,
     Retry,
+    RetryBudget,
     Store,
     SystemClock,
     Timeout,
@@ -213,7 +214,8 @@ class HttpPolicy:
     ``Retry-After`` header on a failing response replaces the backoff, capped at
     ``retry_after_max`` seconds. Only ``retry_methods`` are retried; a retried request with
     another method gets an ``idempotency_header`` (a fresh UUID, the same on every attempt)
-    unless it has one already (``None``: add nothing).
+    unless it has one already (``None``: add nothing). ``retry_budget`` (a ``RetryBudget``)
+    caps retries gRPC-style across every request sharing it (fleet-wide with a store).
 
     Failures: transport errors, attempt timeouts and responses whose status is in
     ``failure_statuses``. Circuit breaker (``circuit_breaker=False`` removes it):
@@ -233,6 +235,7 @@ class HttpPolicy:
     attempts: int = 3
     wait: WaitStrategy | None = None
     retry_after_max: float = 30.0
+    retry_budget: RetryBudget | None = None
     retry_methods: Collection[str] = IDEMPOTENT_METHODS
     idempotency_header: str | None = "Idempotency-Key"
     failure_statuses: Collection[int] = FAILURE_STATUSES
@@ -413,6 +416,7 @@ def _build_policies(
             attempts=policy.attempts,
             wait=_retry_wait(base, policy.retry_after_max),
             stop=_within_deadline,
+            budget=policy.retry_budget,
             name=name,
             clock=_ClosingClock(SystemClock() if clock is None else clock),
             listeners=listeners,

@@ -137,6 +137,24 @@ async def test_discarded_responses_are_closed() -> None:
     assert upstream.bodies[-1].closed
 
 
+async def test_retry_budget_caps_retries_across_requests() -> None:
+    """A shared RetryBudget refuses retries once failures have drained half its tokens."""
+    from resilience import RetryBudget
+
+    budget = RetryBudget(name="client", max_tokens=4, token_ratio=0.1)
+    upstream = Upstream(500)
+    async with make_client(
+        upstream, attempts=5, retry_budget=budget, circuit_breaker=False
+    ) as client:
+        response = await client.get("/")
+        assert response.status_code == 500
+        first = upstream.hits
+        response = await client.get("/")
+        assert response.status_code == 500
+    assert first == 2  # tokens 4 -> 3 (above half: retry) -> 2 (at half: stop)
+    assert upstream.hits == first + 1  # the next request gets no retry at all
+
+
 async def test_retry_after_seconds_is_honoured() -> None:
     """A 429 with ``Retry-After: 7`` makes the retry wait 7 s (on the fake clock)."""
     clock = FakeClock(autojump=True)

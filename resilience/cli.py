@@ -1,112 +1,365 @@
-"""The ``resilience`` command: ``resilience demo`` shows a breaker protecting a flaky service."""
+"""The ``resilience`` command: a demo, and status and control of breakers shared through Redis.
+
+``resilience demo`` shows a breaker protecting a flaky service. ``status``, ``open``,
+``close``, ``disable`` and ``dashboard`` work on the breakers every replica shares through
+Redis (``--redis URL`` or ``$RESILIENCE_REDIS_URL``). Exit codes: 0 done, 1 an unknown
+breaker or an unreachable Redis, 2 a usage error (no Redis URL among them).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import random
+import importlib
+import json
+import logging
+import os
 import sys
-from collections import Counter
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
-from . import (
-    Bulkhead,
-    CircuitBreaker,
-    CircuitOpenError,
-    CountWindow,
-    Fallback,
-    Pipeline,
-    ResilienceTimeoutError,
-    Retry,
-    StateChanged,
-    Timeout,
-)
-from .events import Event
+from .circuit import CircuitState
+from .errors import StoreUnavailableError
+from .status import PolicyStatus, status
+
+if TYPE_CHECKING:
+    from .store.redis import RedisStore
 
 __all__ = ["main"]
 
+URL_ENV = "RESILIENCE_REDIS_URL"
+PREFIX_ENV = "RESILIENCE_PREFIX"
+TOKEN_ENV = "RESILIENCE_DASHBOARD_TOKEN"
+STORE_TIMEOUT = 1.0  #: seconds the commands wait for Redis
+_CONTROL = {
+    "open": CircuitState.FORCED_OPEN,
+    "close": CircuitState.CLOSED,
+    "disable": CircuitState.DISABLED,
+}
+_NO_URL = (
+    "no Redis URL: pass --redis URL or set $RESILIENCE_REDIS_URL.\n"
+    "An in-memory store lives inside one process, so there is nothing to show from here."
+)
 
-async def demo(
-    duration: float, seed: int | None, out: Callable[[str], object] = print
-) -> Counter[str]:
-    """Call a flaky coroutine through a pipeline for ``duration`` seconds; return the tally.
 
-    The fake upstream is healthy, then fails for a while, then recovers: the breaker opens,
-    probes, and closes again, and the terminal shows each state change as it happens.
-    """
-    rng = random.Random(seed)
-    write = out
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    tally: Counter[str] = Counter()
+class CommandError(Exception):
+    """A failure reported to the operator as one line, with an exit code."""
 
-    def phase() -> str:
-        t = (loop.time() - start) / duration
-        return "healthy" if t < 0.3 else "failing" if t < 0.6 else "recovering"
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
-    async def upstream(i: int) -> str:
-        p = phase()
-        fail = {"healthy": 0.05, "failing": 1.0, "recovering": 0.1}[p]
-        await asyncio.sleep(rng.uniform(0.001, 0.004))
-        if rng.random() < 0.03:
-            await asyncio.sleep(0.2)  # a slow call: the timeout cuts it
-        if rng.random() < fail:
-            tally["upstream errors"] += 1
-            raise ConnectionError(f"upstream failed call {i}")
-        return f"answer {i}"
 
-    def on_event(event: Event) -> None:
-        if isinstance(event, StateChanged):
-            at = loop.time() - start
-            write(f"[{at:6.2f}s] breaker {event.name!r}: {event.old} -> {event.new}")
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
-    breaker = CircuitBreaker(
-        "upstream",
-        window=CountWindow(20),
-        minimum_calls=10,
-        open_for=max(0.2, duration / 10),
-        listeners=[on_event],
+
+def open_store(url: str, prefix: str, timeout: float = STORE_TIMEOUT) -> RedisStore:
+    """A ``RedisStore`` for ``url`` with a short timeout (``CommandError`` if unusable)."""
+    try:
+        from .store.redis import RedisStore
+    except ImportError as exc:  # pragma: no cover - the redis extra is missing
+        raise CommandError(f"the redis extra is not installed: {exc}", 2) from exc
+    try:
+        return RedisStore.from_url(url, prefix=prefix, timeout=timeout)
+    except ValueError as exc:
+        raise CommandError(f"invalid Redis URL or prefix {redact(url)!r}: {exc}", 2) from exc
+
+
+async def _with_store(url: str, prefix: str, work: Callable[[RedisStore], Awaitable[int]]) -> int:
+    store = open_store(url, prefix)
+    try:
+        return await work(store)
+    except StoreUnavailableError as exc:
+        raise CommandError(f"cannot reach Redis at {redact(url)}: {exc}") from exc
+    finally:
+        await store.aclose()
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def format_table(policies: Sequence[PolicyStatus]) -> str:
+    """The ``status`` table: one line per policy."""
+    head = ("NAME", "KIND", "STATE", "CALLS", "FAILURES", "RATIO", "RETRY-AFTER", "REPLICAS")
+    rows = [head]
+    for p in policies:
+        breaker = p.kind == "circuit_breaker"
+        state = str(p.state) if p.state is not None else "-"
+        if p.kind == "bulkhead":
+            state = f"{p.in_flight} lease{'' if p.in_flight == 1 else 's'} held"
+        elif p.kind == "retry_budget" and p.tokens is not None:
+            state = f"{p.tokens:.1f} tokens"
+        rows.append(
+            (
+                p.name,
+                p.kind,
+                state,
+                str(p.calls) if breaker else "-",
+                str(p.failures) if breaker else "-",
+                f"{p.failure_ratio:.0%}" if breaker else "-",
+                _seconds(p.retry_after),
+                str(len(p.replicas)) if breaker else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    right = {3, 4, 5, 6, 7}
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def status_document(
+    policies: Sequence[PolicyStatus], *, kind: str, degraded: bool
+) -> dict[str, Any]:
+    """The JSON document of ``status --json`` (the dashboard's ``/status`` shape)."""
+    return {
+        "policies": [p.to_dict() for p in policies],
+        "store": {"kind": kind, "degraded": degraded},
+        "time": time.time(),
+    }
+
+
+async def run_status(url: str, prefix: str, as_json: bool, out: Callable[[str], object]) -> int:
+    """Print every policy under ``prefix`` at ``url``."""
+
+    async def work(store: RedisStore) -> int:
+        policies = await status(store)
+        if as_json:
+            doc = status_document(policies, kind="redis", degraded=store.degraded)
+            out(json.dumps(doc, indent=2))
+        elif not policies:
+            out(f"no policies under prefix {prefix!r} at {redact(url)}")
+        else:
+            out(format_table(policies))
+        return 0
+
+    return await _with_store(url, prefix, work)
+
+
+async def run_control(
+    url: str, prefix: str, name: str, state: CircuitState, out: Callable[[str], object]
+) -> int:
+    """Force breaker ``name`` into ``state`` fleet-wide."""
+
+    async def work(store: RedisStore) -> int:
+        try:
+            await store.control(name, state)
+        except KeyError as exc:
+            raise CommandError(f"no breaker named {name!r} under prefix {prefix!r}") from exc
+        out(f"breaker {name!r} is now {state}")
+        return 0
+
+    return await _with_store(url, prefix, work)
+
+
+async def run_dashboard(args: argparse.Namespace, out: Callable[[str], object]) -> int:
+    """Serve the dashboard with uvicorn until interrupted."""
+    try:
+        import uvicorn
+
+        # The core never imports integrations statically; the command is their one user.
+        dashboard: Any = importlib.import_module("resilience.integrations.dashboard")
+    except ImportError as exc:
+        raise CommandError(f"the dashboard needs uvicorn: {exc}", 2) from exc
+    from .store import MemoryStore, Store
+
+    store: Store
+    if args.redis:
+        store = open_store(args.redis, args.prefix)
+        where = f"Redis at {redact(args.redis)}, prefix {args.prefix!r}"
+    else:
+        store = MemoryStore()
+        where = "an empty in-memory store"
+        print(
+            "resilience: warning: no Redis URL (--redis or $RESILIENCE_REDIS_URL); serving an "
+            "empty in-memory store, which no other process can fill",
+            file=sys.stderr,
+        )
+    try:
+        app = dashboard.Dashboard(
+            store,
+            allow_control=args.allow_control,
+            token=args.token or None,
+            refresh=args.refresh,
+        )
+        config = uvicorn.Config(
+            _closing(app, store),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+        )
+        control = "control allowed (Bearer token)" if args.allow_control else "read-only"
+        out(f"dashboard on http://{args.host}:{args.port}/ for {where}; {control}")
+        server = uvicorn.Server(config)
+        await server.serve()
+        return 0 if server.started else 1
+    finally:
+        await store.aclose()
+
+
+def _closing(app: Any, store: Any) -> Any:
+    """``app``, closing ``store`` at lifespan shutdown (uvicorn re-raises SIGTERM after it)."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def on_send(message: Any) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await store.aclose()
+            await send(message)
+
+        await app(scope, receive, on_send)
+
+    return wrapped
+
+
+def _url(args: argparse.Namespace) -> str:
+    if not args.redis:
+        raise CommandError(_NO_URL, 2)
+    return str(args.redis)
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get(URL_ENV) or None,
+        help=f"Redis URL (default ${URL_ENV})",
     )
-    policy = Pipeline(
-        Fallback(on=(ConnectionError, CircuitOpenError, ResilienceTimeoutError), value="cached"),
-        Retry(on=(ConnectionError, ResilienceTimeoutError), attempts=2),
-        breaker,
-        Timeout(0.1),
-        Bulkhead(8),
+    parser.add_argument(
+        "--prefix",
+        default=os.environ.get(PREFIX_ENV) or "resilience",
+        help=f"key prefix the services use (default ${PREFIX_ENV} or 'resilience')",
     )
-    write(f"calling a flaky upstream for {duration:g}s through {policy!r}")
-    counter = iter(range(1, 1 << 62))
 
-    async def client() -> None:
-        while loop.time() - start < duration:
-            result = await policy.call(upstream, next(counter))
-            tally["calls"] += 1
-            tally["fallbacks" if result == "cached" else "answers"] += 1
-            await asyncio.sleep(0.005)
 
-    await asyncio.gather(*(client() for _ in range(4)))
-    m = breaker.metrics()
-    write(
-        f"done: {tally['calls']} calls, {tally['answers']} answered, "
-        f"{tally['fallbacks']} served from the fallback, "
-        f"{tally['upstream errors']} upstream errors absorbed; breaker is {m.state}"
-    )
-    return tally
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return port
+
+
+def _refresh(value: str) -> float:
+    seconds = float(value)
+    if not 0.05 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be in [0.05, 3600] seconds: {value}")
+    return seconds
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        demo = importlib.import_module("resilience.integrations.demo")
+    except ImportError as exc:
+        print(
+            f"resilience: the demo needs the 'demo' extra (pip install 'resilience[demo]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        asyncio.run(
+            demo.run_demo(
+                args.duration, replicas=args.replicas, redis_url=args.redis, seed=args.seed
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``resilience`` command."""
-    parser = argparse.ArgumentParser(prog="resilience", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="resilience",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="run a short demo of a breaker protecting a flaky call")
-    p_demo.add_argument("--duration", type=float, default=6.0, help="seconds to run (default 6)")
+    p_demo = sub.add_parser(
+        "demo", help="a flaky service, client replicas sharing a breaker, and the dashboard"
+    )
+    p_demo.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    p_demo.add_argument("--replicas", type=int, default=3, help="client replicas (default 3)")
+    p_demo.add_argument(
+        "--redis", default=None, help="share state through Redis (replicas become processes)"
+    )
     p_demo.add_argument("--seed", type=int, default=None, help="random seed")
+    p_status = sub.add_parser("status", help="show every shared policy and its state")
+    _add_store_options(p_status)
+    p_status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    helps = {
+        "open": "force a breaker open on every replica (FORCED_OPEN) until it is closed",
+        "close": "reset a breaker to CLOSED with an empty window on every replica",
+        "disable": "disable a breaker on every replica: calls flow, nothing is counted",
+    }
+    for command in _CONTROL:
+        aliases = ["reset"] if command == "close" else []
+        p = sub.add_parser(command, aliases=aliases, help=helps[command])
+        p.add_argument("name", help="the breaker's name")
+        _add_store_options(p)
+    p_dash = sub.add_parser("dashboard", help="serve the live dashboard (needs uvicorn)")
+    _add_store_options(p_dash)
+    p_dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p_dash.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
+    p_dash.add_argument("--refresh", type=_refresh, default=1.0, help="seconds between pushes")
+    p_dash.add_argument(
+        "--allow-control",
+        action="store_true",
+        help="show force open / close / disable buttons (needs --token)",
+    )
+    p_dash.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV) or None,
+        help=f"the Bearer token control requires (default ${TOKEN_ENV})",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         if not 0 < args.duration <= 3600:
             parser.error("--duration must be in (0, 3600] seconds")
-        asyncio.run(demo(args.duration, args.seed))
-    return 0
+        if not 1 <= args.replicas <= 16:
+            parser.error("--replicas must be in 1..16")
+        return _demo(args)
+    if args.command == "dashboard" and args.allow_control and not args.token:
+        parser.error(f"--allow-control needs --token (or ${TOKEN_ENV})")
+    # One-shot commands report a failing store in one line of their own; the dashboard keeps
+    # the store's warnings (degraded, recovered) as log lines.
+    logging.basicConfig(format="resilience: %(levelname)s: %(message)s")
+    if args.command != "dashboard":
+        logging.getLogger("resilience.redis").setLevel(logging.ERROR)
+    try:
+        if args.command == "status":
+            return asyncio.run(run_status(_url(args), args.prefix, args.json, print))
+        if args.command in (*_CONTROL, "reset"):
+            state = _CONTROL["close" if args.command == "reset" else args.command]
+            return asyncio.run(run_control(_url(args), args.prefix, args.name, state, print))
+        return asyncio.run(run_dashboard(args, print))
+    except CommandError as exc:
+        print(f"resilience: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,27 +1,58 @@
-"""The command line: the demo runs, shows state changes and exits 0."""
+"""The command line: the demo, and status / control / dashboard against a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from typing import Any
 
+import httpx
 import pytest
 
+from resilience import CircuitBreaker, CircuitOpenError, CircuitState, CountWindow, status
 from resilience.cli import main
+from resilience.store.redis import RedisStore
+
+from .redis_server import free_port
+
+
+def run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m resilience demo` for a few seconds."""
+    return subprocess.run(
+        [sys.executable, "-m", "resilience", "demo", "--duration", "6", "--seed", "7", *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
+def check_demo_output(stdout: str) -> None:
+    """The demo printed its dashboard, the breaker opening (and closing), and a summary."""
+    assert "dashboard: http://127.0.0.1:" in stdout
+    assert "done:" in stdout
+    transitions = stdout.split("breaker:")[-1]
+    assert "open" in transitions
+    assert "rejected at once by the open breaker" in stdout
 
 
 def test_demo_runs_and_reports() -> None:
-    """`python -m resilience demo` runs a bounded demo, prints transitions and a tally."""
-    out = subprocess.run(
-        [sys.executable, "-m", "resilience", "demo", "--duration", "1.5", "--seed", "7"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert "closed -> open" in out.stdout
-    assert "done:" in out.stdout
-    assert "served from the fallback" in out.stdout
+    """The README's demo: upstream, replicas sharing a breaker in memory, dashboard, summary."""
+    check_demo_output(run_demo().stdout)
+
+
+def test_demo_with_redis_runs_replicas_as_processes(redis_url: str) -> None:
+    """With --redis the replicas are separate processes sharing the breaker through Redis."""
+    out = run_demo("--redis", redis_url, "--replicas", "2")
+    check_demo_output(out.stdout)
+    assert "Redis redis://" in out.stdout
 
 
 def test_bad_duration_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,3 +61,202 @@ def test_bad_duration_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
         main(["demo", "--duration", "-1"])
     assert info.value.code == 2
     assert "--duration" in capsys.readouterr().err
+
+
+# status and control against a real Redis ---------------------------------------------------
+ENV_VARS = ("RESILIENCE_REDIS_URL", "RESILIENCE_PREFIX", "RESILIENCE_DASHBOARD_TOKEN")
+DOWN = "redis://127.0.0.1:1/0"
+
+
+def resilience(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m resilience ARGS` with a clean environment plus ``env``; bounded."""
+    clean = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    return subprocess.run(
+        [sys.executable, "-m", "resilience", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **(env or {})},
+    )
+
+
+async def _fail() -> None:
+    raise ConnectionError("upstream down")
+
+
+@pytest.fixture
+async def tripped(redis_url: str) -> tuple[str, str]:
+    """A unique prefix holding breaker 'payments' (tripped open) and 'search' (healthy)."""
+    prefix = f"cli-{uuid.uuid4().hex[:8]}"
+    store = RedisStore.from_url(redis_url, prefix=prefix, timeout=1.0)
+    try:
+        payments = CircuitBreaker(
+            "payments", window=CountWindow(4), minimum_calls=2, open_for=60, store=store
+        )
+        search = CircuitBreaker("search", store=store)
+        await search.call(asyncio.sleep, 0)
+        for _ in range(20):  # bounded: the breaker opens after two failures
+            if payments.metrics().state is CircuitState.OPEN:
+                break
+            with contextlib.suppress(ConnectionError, CircuitOpenError):
+                await payments.call(_fail)
+            await store.sync()
+        assert payments.metrics().state is CircuitState.OPEN
+    finally:
+        await store.aclose()
+    return redis_url, prefix
+
+
+async def breaker_state(url: str, prefix: str, name: str) -> CircuitState | None:
+    """The state a fresh RedisStore reads for breaker ``name``."""
+    async with RedisStore.from_url(url, prefix=prefix, timeout=1.0) as store:
+        for p in await status(store):
+            if p.name == name and p.kind == "circuit_breaker":
+                return p.state
+    return None
+
+
+def test_status_table(tripped: tuple[str, str]) -> None:
+    """`status` prints a table with the tripped breaker open and its retry-after."""
+    url, prefix = tripped
+    out = resilience("status", "--redis", url, "--prefix", prefix)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == [
+        "NAME", "KIND", "STATE", "CALLS", "FAILURES", "RATIO", "RETRY-AFTER", "REPLICAS",
+    ]  # fmt: skip
+    payments = next(line.split() for line in lines if line.startswith("payments"))
+    assert payments[1:3] == ["circuit_breaker", "open"]
+    assert payments[6].endswith("s")
+    assert any(line.startswith("search") and " closed " in line for line in lines)
+
+
+def test_status_json_from_the_environment(tripped: tuple[str, str]) -> None:
+    """`status --json` reads the URL and prefix from the environment and prints JSON."""
+    url, prefix = tripped
+    out = resilience(
+        "status", "--json", env={"RESILIENCE_REDIS_URL": url, "RESILIENCE_PREFIX": prefix}
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["store"] == {"kind": "redis", "degraded": False}
+    states = {p["name"]: p["state"] for p in doc["policies"] if p["kind"] == "circuit_breaker"}
+    assert states == {"payments": "open", "search": "closed"}
+
+
+def test_status_of_an_empty_prefix(redis_url: str) -> None:
+    """`status` on a prefix nobody uses says there is nothing, and exits 0."""
+    out = resilience("status", "--redis", redis_url, "--prefix", f"empty-{uuid.uuid4().hex}")
+    assert out.returncode == 0
+    assert "no policies under prefix" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "state"),
+    [
+        ("open", CircuitState.FORCED_OPEN),
+        ("close", CircuitState.CLOSED),
+        ("reset", CircuitState.CLOSED),
+        ("disable", CircuitState.DISABLED),
+    ],
+)
+async def test_control_commands(
+    tripped: tuple[str, str], command: str, state: CircuitState
+) -> None:
+    """`open`, `close` and `disable` change the state every RedisStore sees."""
+    url, prefix = tripped
+    out = await asyncio.to_thread(
+        resilience, command, "payments", "--redis", url, "--prefix", prefix
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"breaker 'payments' is now {state}"
+    assert await breaker_state(url, prefix, "payments") is state
+
+
+def test_unknown_breaker_exits_1(tripped: tuple[str, str]) -> None:
+    """Controlling a breaker nobody registered exits 1 with one clear line."""
+    url, prefix = tripped
+    out = resilience("open", "ghost", "--redis", url, "--prefix", prefix)
+    assert out.returncode == 1
+    assert f"no breaker named 'ghost' under prefix '{prefix}'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args", [("status",), ("close", "payments")])
+def test_unreachable_redis_exits_1(args: tuple[str, ...]) -> None:
+    """An unreachable Redis exits 1 with `cannot reach Redis at URL`, no traceback."""
+    out = resilience(*args, "--redis", DOWN)
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"resilience: cannot reach Redis at {DOWN}: ")
+    assert "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+def test_password_is_not_printed() -> None:
+    """The Redis password never appears in an error message."""
+    out = resilience("status", "--redis", "redis://:hunter2@127.0.0.1:1/0")
+    assert out.returncode == 1
+    assert "hunter2" not in out.stderr
+    assert "redis://:***@127.0.0.1:1/0" in out.stderr
+
+
+@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("open", "payments")])
+def test_no_redis_url_exits_2(args: tuple[str, ...]) -> None:
+    """Without a Redis URL there is nothing to show: exit 2 with the reason."""
+    out = resilience(*args)
+    assert out.returncode == 2
+    assert "no Redis URL" in out.stderr
+    assert "in-memory store lives inside one process" in out.stderr
+
+
+def test_allow_control_needs_a_token(capsys: pytest.CaptureFixture[str]) -> None:
+    """`dashboard --allow-control` without a token is a usage error."""
+    with pytest.raises(SystemExit) as info:
+        main(["dashboard", "--allow-control"])
+    assert info.value.code == 2
+    assert "--token" in capsys.readouterr().err
+
+
+def test_dashboard_serves_status(tripped: tuple[str, str]) -> None:
+    """`dashboard` serves /status on a free port until terminated."""
+    url, prefix = tripped
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resilience", "dashboard", "--redis", url, "--prefix", prefix,
+         "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean,
+    )  # fmt: skip
+    try:
+        doc = wait_for_status(f"http://127.0.0.1:{port}/status", proc)
+        states = {p["name"]: p["state"] for p in doc["policies"] if p["kind"] == "circuit_breaker"}
+        assert states["payments"] == "open"
+        assert doc["control"] is False
+        assert httpx.post(f"http://127.0.0.1:{port}/control/payments", json={}).status_code == 403
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught
+    assert proc.returncode in (0, -signal.SIGTERM), err
+    assert "Traceback" not in err
+    assert f"dashboard on http://127.0.0.1:{port}/" in out
+
+
+def wait_for_status(url: str, proc: subprocess.Popen[str], seconds: float = 20) -> Any:
+    """Poll ``url`` until it answers 200 (bounded), failing early if ``proc`` exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the dashboard exited with {proc.returncode}: {proc.communicate()}")
+        try:
+            r = httpx.get(url, timeout=1)
+        except httpx.TransportError:
+            time.sleep(0.1)
+            continue
+        if r.status_code == 200:
+            return r.json()
+        time.sleep(0.1)
+    pytest.fail(f"no answer from {url} in {seconds}s")

@@ -1,0 +1,212 @@
+"""The dashboard page in headless Chromium: a breaker opens, recovers, and is forced from the UI.
+
+Needs Debian's ``chromium`` (or ``$RESILIENCE_CHROMIUM``) and the ``playwright`` package; the
+test skips without them, except under ``CI`` where it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from resilience import Bulkhead, CircuitBreaker, CircuitState, CountWindow, status
+from resilience.store.redis import RedisStore
+
+from .redis_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("RESILIENCE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TOKEN = "browser-test-token"
+
+
+def missing(reason: str) -> None:
+    """Skip for a missing browser or driver, but fail under CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The Chromium executable, after checking that playwright is importable."""
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        missing("the playwright package is not installed (pip install playwright)")
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture
+def dashboard(redis_url: str) -> Iterator[tuple[str, str]]:
+    """`resilience dashboard` on a free port for a fresh prefix: yields (page URL, prefix)."""
+    prefix = f"browser-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESILIENCE_")}
+    env["RESILIENCE_DASHBOARD_TOKEN"] = TOKEN
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resilience", "dashboard", "--redis", redis_url, "--prefix",
+         prefix, "--port", str(port), "--refresh", "0.2", "--allow-control"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # bounded by the deadline
+            assert proc.poll() is None, f"the dashboard exited: {proc.communicate()[1]!r}"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(base + "status", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the dashboard did not answer in 20 s"
+            time.sleep(0.1)
+        yield base, prefix
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+@pytest.fixture
+async def page(chromium: str) -> AsyncIterator[Any]:
+    """A fresh page in headless Chromium, laptop-sized; fails the test on any script error."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        try:
+            browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        except Exception as exc:  # a broken browser install
+            missing(f"playwright cannot start {chromium}: {exc}")
+        errors: list[str] = []
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 720})
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield page
+        finally:
+            await browser.close()
+        assert errors == [], errors
+
+
+class Upstream:
+    """A flaky dependency: healthy, then failing, then healthy again."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    async def __call__(self) -> str:
+        await asyncio.sleep(0.002)
+        if self.failing:
+            raise ConnectionError("upstream down")
+        return "ok"
+
+
+async def drive(
+    breaker: CircuitBreaker, upstream: Upstream, until: CircuitState, pause: float = 0.03
+) -> None:
+    """Call ``upstream`` through ``breaker`` until it reaches ``until`` (bounded: 30 s)."""
+    deadline = time.monotonic() + 30
+    while breaker.metrics().state is not until:
+        assert time.monotonic() < deadline, f"{breaker!r} never became {until}"
+        with contextlib.suppress(Exception):
+            await breaker.call(upstream)
+        await asyncio.sleep(pause)
+
+
+async def test_dashboard_follows_a_breaker(
+    page: Any, dashboard: tuple[str, str], redis_url: str
+) -> None:
+    """The card turns OPEN when the upstream fails, CLOSED after recovery, and obeys buttons."""
+    base, prefix = dashboard
+    async with RedisStore.from_url(redis_url, prefix=prefix, timeout=1.0) as store:
+        upstream = Upstream()
+        payments = CircuitBreaker(
+            "payments", window=CountWindow(20), minimum_calls=10, open_for=4, store=store
+        )
+        search = CircuitBreaker("search", window=CountWindow(50), store=store)
+        inventory = CircuitBreaker("inventory", store=store)
+        await inventory.call(upstream)
+        pool = Bulkhead(10, distributed=True, store=store, name="thumbnails")
+        for i in range(30):  # a healthy start; search sees a failure now and then
+            await payments.call(upstream)
+            with contextlib.suppress(ConnectionError):
+                await search.call(_sometimes_fails, i)
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            await pool.call(release.wait)
+
+        held = asyncio.create_task(hold())  # one fleet-wide lease held
+        await store.sync()
+        await store.control("inventory", CircuitState.FORCED_OPEN)  # an operator's doing
+
+        await page.goto(base)
+        card = page.locator('[data-breaker="payments"]')
+        await card.and_(page.locator('[data-state="closed"]')).wait_for(timeout=10_000)
+        await asyncio.sleep(1.0)  # a few updates for the sparklines
+
+        upstream.failing = True
+        await drive(payments, upstream, CircuitState.OPEN, pause=0.1)  # the sparkline climbs
+        opened = page.locator('[data-breaker="payments"][data-state="open"]')
+        await opened.wait_for(timeout=10_000)
+        assert "OPEN" in await opened.locator(".badge").inner_text()
+        await page.locator('[data-breaker="payments"] .countdown:has-text("open for")').wait_for(
+            timeout=5_000
+        )
+        assert await page.locator('[data-breaker="search"]').get_attribute("data-state") == (
+            "closed"
+        )
+        assert await page.locator('[data-policy="thumbnails"]').count() == 1
+        assert await page.locator("#feed").get_attribute("data-feed") == "live"
+        await page.locator('[data-breaker="inventory"][data-state="forced_open"]').wait_for()
+        for folder in (ROOT / "artifacts", ROOT / "docs" / "img"):
+            folder.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(ROOT / "artifacts" / "dashboard.png"), full_page=True)
+        shutil.copyfile(
+            ROOT / "artifacts" / "dashboard.png", ROOT / "docs" / "img" / "dashboard.png"
+        )
+
+        upstream.failing = False  # recovery: after open_for, a probe succeeds and closes it
+        await drive(payments, upstream, CircuitState.CLOSED)
+        closed = page.locator('[data-breaker="payments"][data-state="closed"]')
+        await closed.wait_for(timeout=10_000)
+
+        await page.fill("#token", TOKEN)
+        await card.locator('button[data-action="forced_open"]').click()
+        await page.locator('[data-breaker="payments"][data-state="forced_open"]').wait_for(
+            timeout=10_000
+        )
+        states = {p.name: p.state for p in await status(store) if p.kind == "circuit_breaker"}
+        assert states["payments"] is CircuitState.FORCED_OPEN
+        await card.locator('button[data-action="closed"]').click()
+        await closed.wait_for(timeout=10_000)
+        release.set()
+        await asyncio.wait_for(held, 5)
+
+
+async def _sometimes_fails(i: int) -> int:
+    if i % 7 == 3:
+        raise ConnectionError("flaky")
+    return i

@@ -1,0 +1,318 @@
+"""The dashboard ASGI app: status JSON, event stream, control auth, mounting, failing stores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from resilience.integrations.dashboard import Dashboard
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    MemoryStore,
+    status,
+)
+from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
+
+TOKEN = "s3cret-token"
+
+
+async def _fail() -> None:
+    raise ConnectionError("upstream down")
+
+
+async def trip(breaker: CircuitBreaker, store: RedisStore | None = None) -> None:
+    """Fail calls through ``breaker`` until it opens (bounded; a shared store syncs each time)."""
+    for _ in range(20):
+        if breaker.metrics().state is CircuitState.OPEN:
+            return
+        with pytest.raises((ConnectionError, CircuitOpenError)):
+            await breaker.call(_fail)
+        if store is not None:
+            await store.sync()
+    assert breaker.metrics().state is CircuitState.OPEN
+
+
+def memory_breaker(clock: FakeClock) -> tuple[MemoryStore, CircuitBreaker]:
+    """A MemoryStore on a fake clock and a small breaker in it."""
+    store = MemoryStore(clock=clock)
+    breaker = CircuitBreaker(
+        "payments", window=CountWindow(4), minimum_calls=2, open_for=30, store=store, clock=clock
+    )
+    return store, breaker
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    """An httpx client that calls the ASGI app in-process."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dash")
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
+    """A RedisStore under a prefix of this test's own."""
+    store = RedisStore.from_url(redis_url, prefix=f"dash-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def test_control_without_token_is_refused() -> None:
+    """allow_control=True without a token is a ValueError at construction."""
+    with pytest.raises(ValueError, match="token"):
+        Dashboard(MemoryStore(), allow_control=True)
+    with pytest.raises(ValueError, match="refresh"):
+        Dashboard(MemoryStore(), refresh=0)
+    with pytest.raises(TypeError, match="Store"):
+        Dashboard(object())  # type: ignore[arg-type]
+
+
+async def test_status_after_a_trip(clock: FakeClock) -> None:
+    """GET /status lists the tripped breaker as open, with its retry-after and the store kind."""
+    store, breaker = memory_breaker(clock)
+    await trip(breaker)
+    clock.advance(10)
+    async with client(Dashboard(store)) as c:
+        r = await c.get("/status")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert doc["store"] == {"kind": "memory", "degraded": False}
+    assert doc["control"] is False
+    (policy,) = doc["policies"]
+    assert policy["name"] == "payments"
+    assert policy["kind"] == "circuit_breaker"
+    assert policy["state"] == "open"
+    assert policy["retry_after"] == pytest.approx(20)
+    assert isinstance(doc["time"], float)
+
+
+async def test_status_through_redis(redis_store: RedisStore) -> None:
+    """A breaker tripped through a RedisStore shows open, with this replica's report."""
+    breaker = CircuitBreaker(
+        "search", window=CountWindow(4), minimum_calls=2, open_for=30, store=redis_store
+    )
+    await trip(breaker, redis_store)
+    async with client(Dashboard(redis_store)) as c:
+        doc = (await c.get("/status")).json()
+    assert doc["store"] == {"kind": "redis", "degraded": False}
+    (policy,) = [p for p in doc["policies"] if p["kind"] == "circuit_breaker"]
+    assert policy["name"] == "search"
+    assert policy["state"] == "open"
+    assert 0 < policy["retry_after"] <= 30
+    assert [r["replica"] for r in policy["replicas"]] == [redis_store.replica]
+
+
+async def test_page_is_self_contained(clock: FakeClock) -> None:
+    """GET / serves the HTML page with a strict CSP and no external resource."""
+    store, _ = memory_breaker(clock)
+    async with client(Dashboard(store)) as c:
+        r = await c.get("/")
+        head = await c.head("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert '<meta name="resilience-base" content="/">' in r.text
+    assert "EventSource" in r.text
+    for external in ("http://", "https://", "//fonts.", "<link"):
+        assert external not in r.text.replace("http://www.w3.org/2000/svg", "")
+    assert head.status_code == 200
+    assert head.content == b""
+
+
+@pytest.mark.parametrize(
+    ("allow", "header", "expected"),
+    [
+        (False, f"Bearer {TOKEN}", 403),
+        (True, None, 403),
+        (True, "Bearer wrong-token", 403),
+        (True, f"Basic {TOKEN}", 403),
+        (True, f"Bearer {TOKEN}", 200),
+    ],
+    ids=["control-disabled", "no-token", "wrong-token", "wrong-scheme", "right-token"],
+)
+async def test_control_auth(
+    clock: FakeClock, allow: bool, header: str | None, expected: int
+) -> None:
+    """POST /control/{name} needs control allowed and the right Bearer token."""
+    store, _ = memory_breaker(clock)
+    app = Dashboard(store, allow_control=allow, token=TOKEN if allow else None)
+    headers = {} if header is None else {"Authorization": header}
+    async with client(app) as c:
+        r = await c.post("/control/payments", json={"state": "forced_open"}, headers=headers)
+        doc = (await c.get("/status")).json()
+    assert r.status_code == expected, r.text
+    assert doc["control"] is allow
+    state = doc["policies"][0]["state"]
+    assert state == ("forced_open" if expected == 200 else "closed")
+    if expected == 200:
+        assert r.json() == {"name": "payments", "state": "forced_open"}
+
+
+async def test_control_through_redis(redis_store: RedisStore) -> None:
+    """Closing and disabling through the dashboard changes the state Redis holds."""
+    breaker = CircuitBreaker(
+        "search", window=CountWindow(4), minimum_calls=2, open_for=30, store=redis_store
+    )
+    await trip(breaker, redis_store)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with client(Dashboard(redis_store, allow_control=True, token=TOKEN)) as c:
+        for state in ("closed", "disabled"):
+            r = await c.post("/control/search", json={"state": state}, headers=auth)
+            assert r.status_code == 200, r.text
+            (policy,) = [p for p in await status(redis_store) if p.kind == "circuit_breaker"]
+            assert policy.state is CircuitState(state)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        ("/control/nobody", b'{"state": "closed"}', 404),
+        ("/control/", b'{"state": "closed"}', 404),
+        ("/control/payments", b"not json", 400),
+        ("/control/payments", b'{"state": "open"}', 400),
+        ("/control/payments", b'{"state": 3}', 400),
+        ("/control/payments", b'["closed"]', 400),
+        ("/control/payments", b'{"state": "closed", "pad": "' + b"x" * 5000 + b'"}', 400),
+    ],
+    ids=[
+        "unknown-name",
+        "no-name",
+        "not-json",
+        "bad-state",
+        "state-not-text",
+        "not-object",
+        "huge",
+    ],
+)
+async def test_control_errors(clock: FakeClock, path: str, body: bytes, expected: int) -> None:
+    """Unknown breakers are 404 and malformed bodies 400, both as JSON with an error."""
+    store, _ = memory_breaker(clock)
+    app = Dashboard(store, allow_control=True, token=TOKEN)
+    async with client(app) as c:
+        r = await c.post(path, content=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == expected
+    assert "error" in r.json()
+    if expected == 404 and path.endswith("nobody"):
+        assert r.json()["error"] == "no breaker named 'nobody'"
+
+
+async def test_wrong_methods_and_paths(clock: FakeClock) -> None:
+    """Wrong methods are 405 with an Allow header; unknown paths are 404."""
+    store, _ = memory_breaker(clock)
+    async with client(Dashboard(store, allow_control=True, token=TOKEN)) as c:
+        get_control = await c.get("/control/payments")
+        post_status = await c.post("/status")
+        missing = await c.get("/nothing-here")
+    assert get_control.status_code == 405
+    assert get_control.headers["allow"] == "POST"
+    assert post_status.status_code == 405
+    assert "GET" in post_status.headers["allow"]
+    assert missing.status_code == 404
+
+
+async def test_events_stream_until_the_client_leaves(clock: FakeClock) -> None:
+    """GET /events pushes status documents, then stops once the client disconnects."""
+    store, _ = memory_breaker(clock)
+    app = Dashboard(store, refresh=0.05)
+    sent: list[dict[str, Any]] = []
+    two_events = asyncio.Event()
+    leave = asyncio.Event()
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if sum(b"data: " in m.get("body", b"") for m in sent) >= 2:
+            two_events.set()
+
+    scope = {"type": "http", "method": "GET", "path": "/events", "root_path": "", "headers": []}
+    task = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(two_events.wait(), 10)
+    leave.set()
+    await asyncio.wait_for(task, 10)
+    assert sent[0]["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+    events = [m["body"] for m in sent[1:] if m["body"].startswith(b"data: ")]
+    doc = json.loads(events[0][len(b"data: ") :])
+    assert doc["policies"][0]["name"] == "payments"
+    count = len(sent)
+    await asyncio.sleep(0.15)  # bounded: nothing more is sent once the client has gone
+    assert len(sent) == count
+
+
+async def test_mounted_under_starlette(clock: FakeClock) -> None:
+    """Under Starlette's Mount the routes and the page's base URL follow the mount path."""
+    store, breaker = memory_breaker(clock)
+    await trip(breaker)
+    app = Starlette(routes=[Mount("/resilience", app=Dashboard(store))])
+    async with client(app) as c:
+        page = await c.get("/resilience/")
+        doc = await c.get("/resilience/status")
+        outside = await c.get("/status")
+    assert page.status_code == 200
+    assert '<meta name="resilience-base" content="/resilience/">' in page.text
+    assert doc.status_code == 200
+    assert doc.json()["policies"][0]["state"] == "open"
+    assert outside.status_code == 404
+
+
+async def test_failing_store_is_a_503() -> None:
+    """A store that cannot reach Redis gives 503 JSON (status and control), never a crash."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", prefix="dash-down", timeout=0.2)
+    app = Dashboard(store, allow_control=True, token=TOKEN)
+    try:
+        async with client(app) as c:
+            r = await c.get("/status")
+            ctl = await c.post(
+                "/control/payments",
+                json={"state": "closed"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+    finally:
+        await store.aclose()
+    assert r.status_code == 503
+    doc = r.json()
+    assert doc["store"] == {"kind": "redis", "degraded": True}
+    assert doc["error"].startswith("store unavailable")
+    assert doc["policies"] == []
+    assert ctl.status_code == 503
+    assert ctl.json()["error"].startswith("store unavailable")
+
+
+async def test_lifespan_and_websocket() -> None:
+    """Lifespan startup/shutdown are acknowledged; a WebSocket is refused."""
+    app = Dashboard(MemoryStore())
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app({"type": "lifespan"}, receive, send), 5)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    sent.clear()
+    inbox.append({"type": "websocket.connect"})
+    await app({"type": "websocket", "path": "/events"}, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]

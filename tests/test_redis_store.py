@@ -416,3 +416,23 @@ async def test_status_says_which_replica_reported_what(
     assert all(r.last_seen < 5 for r in pay.replicas)
     assert sorted(r.failures for r in pay.replicas) == [1, 2]
     assert pay.failures == 3
+
+
+async def test_a_degraded_replica_trips_on_a_success_that_completes_the_window(
+    redis_server: RedisServer,
+) -> None:
+    """Degraded, the local rules still apply on the fast success path (2 of 4 failed: trip)."""
+    store = RedisStore.from_url(redis_server.url, sync_interval=0.01)
+    try:
+        b = breaker(store)
+        await store.sync()
+        redis_server.kill()
+        await store.sync()  # the round fails: the store knows Redis is gone
+        assert store.degraded
+        await fail(b, 2)
+        assert await b.call(ok) == "ok"
+        assert b.state is CircuitState.CLOSED
+        assert await b.call(ok) == "ok"
+        assert b.state is CircuitState.OPEN
+    finally:
+        await store.aclose()

@@ -442,15 +442,19 @@ class RedisStore:
 
     async def _flusher(self) -> None:
         backoff = self.sync_interval
+        started = self.clock.monotonic()
         while not self._closed:
-            timer = self.clock.call_later(
-                backoff if self.degraded else self.sync_interval, self._wake.set
+            # rounds start every sync_interval, however long the last one took
+            wait = (
+                backoff if self.degraded else started + self.sync_interval - self.clock.monotonic()
             )
+            timer = self.clock.call_later(max(0.0, wait), self._wake.set)
             try:
                 await self._wake.wait()
             finally:
                 timer.cancel()
             self._wake.clear()
+            started = self.clock.monotonic()
             done, self._round_done = self._round_done, None
             try:
                 if self.degraded:
@@ -917,8 +921,8 @@ class SharedBreakerCore(BreakerCore):
             store.wake()
 
     def success(self, gen: int) -> None:
-        """The hot path of a shared breaker: buffer one success, no I/O."""
-        if gen != self.gen or self.state is not CLOSED or self.store.degraded:
+        """The hot path of a shared breaker: buffer one success, no I/O (degraded or not)."""
+        if gen != self.gen or self.state is not CLOSED:
             self.record(gen, 0, False, False)
             return
         p = self.pending
@@ -929,7 +933,12 @@ class SharedBreakerCore(BreakerCore):
         self.active = True
         w = self.window
         if w.failures or w.slow or w.__class__ is not CountCounter:
-            w.add(False, False, 0.0)
+            if self.store.degraded:  # the local state machine decides: a success may trip
+                BreakerCore.record(self, gen, 0, False, False)
+                if self.gen != gen:
+                    self.diverged = True
+            else:
+                w.add(False, False, 0.0)
         elif w.calls < w.size:
             w.calls += 1
         if self.strict:

@@ -45,6 +45,7 @@ class PolicyStatus:
     in_flight: int | None = None  #: leases held (bulkhead)
     tokens: float | None = None  #: retry budget tokens
     replicas: tuple[ReplicaReport, ...] = ()
+    local: bool = False  #: this replica's own view (its shared store could not be reached)
 
     @property
     def failure_ratio(self) -> float:

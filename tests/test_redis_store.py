@@ -436,3 +436,24 @@ async def test_a_degraded_replica_trips_on_a_success_that_completes_the_window(
         assert b.state is CircuitState.OPEN
     finally:
         await store.aclose()
+
+
+async def test_status_falls_back_to_the_local_view(redis_server: RedisServer) -> None:
+    """With Redis gone, status() lists this replica's breakers as it sees them, marked local."""
+    from resilience import StoreUnavailableError, status
+
+    store = RedisStore.from_url(redis_server.url, timeout=0.2)
+    empty = RedisStore.from_url(redis_server.url, timeout=0.2, prefix="empty")
+    try:
+        b = breaker(store)
+        await fail(b, 2)
+        await store.sync()
+        redis_server.kill()
+        (seen,) = await status(store)
+        assert seen.local
+        assert (seen.name, seen.state) == ("dep", CircuitState.CLOSED)
+        with pytest.raises(StoreUnavailableError):
+            await status(empty)
+    finally:
+        await store.aclose()
+        await empty.aclose()

@@ -295,18 +295,28 @@ class RedisStore:
         )
 
     async def status(self) -> list[PolicyStatus]:
-        """Every policy any replica registered under this prefix, read from Redis."""
-        names = set(await self.known_names()) | set(self._cores) | self._lease_keys
-        out: list[PolicyStatus] = []
-        for name in sorted(names):
-            suffixes = ("state", "win", "probes", "replicas", "leases", "gcra", "budget")
-            reply = await self._call(
-                self._scripts["status"](
-                    keys=[self.key(name, s) for s in suffixes], args=[self._now_arg()]
+        """Every policy any replica registered under this prefix, read from Redis.
+
+        While Redis cannot answer, this replica's own breakers are listed as it sees them
+        (``local=True``); with none, ``StoreUnavailableError`` is raised.
+        """
+        try:
+            names = set(await self.known_names()) | set(self._cores) | self._lease_keys
+            out: list[PolicyStatus] = []
+            for name in sorted(names):
+                suffixes = ("state", "win", "probes", "replicas", "leases", "gcra", "budget")
+                reply = await self._call(
+                    self._scripts["status"](
+                        keys=[self.key(name, s) for s in suffixes], args=[self._now_arg()]
+                    )
                 )
-            )
-            out.extend(_parse_status(name, reply))
-        return out
+                out.extend(_parse_status(name, reply))
+            return out
+        except StoreUnavailableError:
+            if not self._cores:
+                raise
+            now = self.clock.monotonic()
+            return [_local_status(core, now) for core in self._cores.values()]
 
     async def control(self, name: str, state: CircuitState) -> None:
         """Force breaker ``name`` (known to the fleet) into ``state``, fleet-wide."""
@@ -687,6 +697,22 @@ class RedisStore:
                 )
         except (ValueError, KeyError):
             logger.warning("ignored an unparsable message on %r: %r", self.channel, data)
+
+
+def _local_status(core: BreakerCore, now: float) -> PolicyStatus:
+    """A breaker as this replica sees it (Redis unreachable)."""
+    m = core.metrics(now)
+    return PolicyStatus(
+        name=core.name,
+        kind="circuit_breaker",
+        state=m.state,
+        generation=m.generation,
+        calls=m.calls,
+        failures=m.failures,
+        slow_calls=m.slow_calls,
+        retry_after=m.retry_after,
+        local=True,
+    )
 
 
 def _parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:

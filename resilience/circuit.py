@@ -128,6 +128,8 @@ class BreakerMetrics:
     generation: int
     open_for: float | None
     retry_after: float | None
+    #: the window (or the probes) that opened the breaker: calls, failures, slow calls
+    opened_by: tuple[int, int, int] | None = None
 
 
 # --- pure rules ---------------------------------------------------------------------------
@@ -194,6 +196,7 @@ class BreakerCore:
         "name",
         "open_for",
         "open_until",
+        "opened_by",
         "reopens",
         "state",
         "window",
@@ -208,6 +211,7 @@ class BreakerCore:
         self.open_until = 0.0
         self.open_for = 0.0
         self.reopens = 0
+        self.opened_by: tuple[int, int, int] | None = None
         self.window: Counter = config.window.new()
         self.fronts: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._probes: dict[int, float] = {}  # lease id -> expiry
@@ -316,8 +320,12 @@ class BreakerCore:
         if new is OPEN:
             if old is HALF_OPEN:
                 self.reopens += 1
+                done, failed, slow = self._probe_done, self._probe_failures, self._probe_slow
+                self.opened_by = (done, failed, slow)
             else:
                 self.reopens = 0
+                w = self.window
+                self.opened_by = (w.calls, w.failures, w.slow)
             self.open_for = open_duration(self.config, self.reopens)
             self.open_until = now + self.open_for
         elif new is CLOSED:
@@ -359,6 +367,7 @@ class BreakerCore:
             generation=self.gen,
             open_for=self.open_for if self.state is OPEN else None,
             retry_after=max(0.0, self.open_until - now) if self.state is OPEN else None,
+            opened_by=self.opened_by if self.state is OPEN else None,
         )
 
 

@@ -46,6 +46,8 @@ class PolicyStatus:
     tokens: float | None = None  #: retry budget tokens
     replicas: tuple[ReplicaReport, ...] = ()
     local: bool = False  #: this replica's own view (its shared store could not be reached)
+    #: an open breaker: the calls, failures and slow calls that opened it
+    opened_by: tuple[int, int, int] | None = None
 
     @property
     def failure_ratio(self) -> float:
@@ -57,6 +59,7 @@ class PolicyStatus:
         data = asdict(self)
         data["state"] = None if self.state is None else self.state.value
         data["failure_ratio"] = self.failure_ratio
+        data["opened_by"] = None if self.opened_by is None else list(self.opened_by)
         return data
 
 

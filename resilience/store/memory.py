@@ -122,6 +122,7 @@ class MemoryStore:
                     slow_calls=m.slow_calls,
                     retry_after=m.retry_after,
                     probes=len(core._probes),
+                    opened_by=m.opened_by,
                 )
             )
         for key in self._leases:

@@ -538,14 +538,16 @@ class RedisStore:
             )
             if core.state is CLOSED and tripped(int(calls), int(failures), int(slow), core.config):
                 with contextlib.suppress(StoreUnavailableError):
-                    await self._transition(core, OPEN)
+                    opened = (int(calls), int(failures), int(slow))
+                    await self._transition(core, OPEN, opened_by=opened)
         for (op, core, gen, _, _, _), reply in zip(ops, replies[len(batches) :], strict=False):
             if op != "report" or isinstance(reply, Exception) or not int(reply[0]):
                 continue
             verdict = half_open_verdict(int(reply[1]), int(reply[2]), int(reply[3]), core.config)
             if verdict is not None and core.gen == gen:
                 with contextlib.suppress(StoreUnavailableError):
-                    await self._transition(core, verdict)
+                    opened = (int(reply[1]), int(reply[2]), int(reply[3]))
+                    await self._transition(core, verdict, opened_by=opened)
         if reload and again:
             await self._round(again=False)
 
@@ -596,9 +598,17 @@ class RedisStore:
             self._emit(StoreDataReset(name=core.name, key=core.keys[0]))
 
     async def _transition(
-        self, core: SharedBreakerCore, new: CircuitState, *, force: bool = False
+        self,
+        core: SharedBreakerCore,
+        new: CircuitState,
+        *,
+        force: bool = False,
+        opened_by: tuple[int, int, int] = (0, 0, 0),
     ) -> None:
-        """Compare-and-set ``core`` into ``new`` (unconditionally when ``force``)."""
+        """Compare-and-set ``core`` into ``new`` (unconditionally when ``force``).
+
+        ``opened_by``: the counts that open it, kept for status tools.
+        """
         reopens = core.reopens + 1 if (new is OPEN and core.state is HALF_OPEN) else 0
         open_ms = int(open_duration(core.config, reopens) * 1000)
         reply = await self._call(
@@ -614,6 +624,7 @@ class RedisStore:
                     self.channel,
                     core.name,
                     "1" if force else "0",
+                    *opened_by,
                 ],
             )
         )
@@ -712,14 +723,22 @@ def _local_status(core: BreakerCore, now: float) -> PolicyStatus:
         slow_calls=m.slow_calls,
         retry_after=m.retry_after,
         local=True,
+        opened_by=m.opened_by,
     )
+
+
+def _opened(counts: tuple[int, ...]) -> tuple[int, int, int] | None:
+    if len(counts) == 3 and counts[0]:
+        return counts[0], counts[1], counts[2]
+    return None
 
 
 def _parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:
     now = int(reply[0])
     out: list[PolicyStatus] = []
     if int(reply[1]):
-        fields = list(reply[13:])
+        fields = list(reply[14:])
+        opened = tuple(int(float(x)) for x in _text(reply[13]).split())
         replicas = []
         for rid, value in zip(fields[::2], fields[1::2], strict=False):
             parts = _text(value).split()
@@ -747,6 +766,7 @@ def _parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:
                 slow_calls=int(reply[8]),
                 retry_after=max(0.0, (open_until - now) / 1000) if state is OPEN else None,
                 probes=int(reply[9]),
+                opened_by=_opened(opened) if state is OPEN else None,
                 replicas=tuple(sorted(replicas, key=lambda r: r.replica)),
             )
         )
@@ -857,6 +877,7 @@ class SharedBreakerCore(BreakerCore):
         self.gen = gen
         self.reopens = reopens
         self.open_until = open_until
+        self.opened_by = None  # the fleet's counts: see status()
         if new is OPEN:
             self.open_for = open_duration(self.config, reopens)
         self.window.reset()

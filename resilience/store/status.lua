@@ -3,12 +3,13 @@
 -- ARGV: 1 now in ms ("" = server TIME)
 -- Returns: {now, has breaker (0|1), state, gen, open_until, reopens, calls, failures, slow,
 --           probes held, leases held (-1: none), gcra tat ("" none), budget ("" none),
---           replica id, "last seen ms calls failures slow", ...}
+--           "calls failures slow" that opened it, replica id, "last seen ms calls ...", ...}
 local now = now_ms(ARGV[1])
 local function kind(k) return redis.call('TYPE', k)['ok'] end
-local out = {now, 0, '', 0, 0, 0, 0, 0, 0, 0, -1, '', ''}
+local out = {now, 0, '', 0, 0, 0, 0, 0, 0, 0, -1, '', '', ''}
 if kind(KEYS[1]) == 'hash' then
-  local v = redis.call('HMGET', KEYS[1], 'state', 'gen', 'open_until', 'reopens', 'wk', 'ws', 'ww')
+  local v = redis.call('HMGET', KEYS[1], 'state', 'gen', 'open_until', 'reopens', 'wk', 'ws', 'ww',
+    'oc', 'of', 'os')
   if STATES[v[1]] and tonumber(v[2]) then
     out[2], out[3], out[4] = 1, v[1], tonumber(v[2])
     out[5], out[6] = tonumber(v[3]) or 0, tonumber(v[4]) or 0
@@ -34,6 +35,7 @@ if kind(KEYS[1]) == 'hash' then
       end
     end
     out[7], out[8], out[9] = calls, failures, slow
+    out[14] = (tonumber(v[8]) or 0) .. ' ' .. (tonumber(v[9]) or 0) .. ' ' .. (tonumber(v[10]) or 0)
     if kind(KEYS[3]) == 'zset' then out[10] = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') end
   end
 end

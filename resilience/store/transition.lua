@@ -2,7 +2,8 @@
 -- KEYS: 1 state, 2 window, 3 probes
 -- ARGV: 1 expected generation, 2 new state, 3 open time in ms (for "open"),
 --       4 new re-open count, 5 now in ms ("" = TIME), 6 ttl in ms, 7 channel,
---       8 breaker name, 9 "1" to apply whatever the generation (manual control)
+--       8 breaker name, 9 "1" to apply whatever the generation (manual control),
+--       10-12 the calls, failures and slow calls that open it (kept for status tools)
 -- Returns: {changed (0|1), state, gen, open_until, reopens, now, reset}
 local now = now_ms(ARGV[5])
 local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1])
@@ -15,7 +16,8 @@ reopens = tonumber(ARGV[4])
 open_until = 0
 if state == 'open' then open_until = now + tonumber(ARGV[3]) end
 redis.call('HSET', KEYS[1], 'state', state, 'gen', gen, 'open_until', open_until,
-  'reopens', reopens, 'pd', 0, 'pf', 0, 'ps', 0)
+  'reopens', reopens, 'pd', 0, 'pf', 0, 'ps', 0,
+  'oc', tonumber(ARGV[10]) or 0, 'of', tonumber(ARGV[11]) or 0, 'os', tonumber(ARGV[12]) or 0)
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))
 publish(ARGV[7], ARGV[8], state, gen, open_until, reopens, now)

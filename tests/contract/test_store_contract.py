@@ -303,3 +303,23 @@ async def test_control_by_name(store: Store, replica: Callable[[], Store], settl
         await other.control("nope", CircuitState.FORCED_OPEN)
     with pytest.raises(ValueError, match="not half_open"):
         await other.control("payments", CircuitState.HALF_OPEN)
+
+
+async def test_status_says_what_opened_a_breaker(
+    store: Store, replica: Callable[[], Store], settle: Settle
+) -> None:
+    """An open breaker's status carries the counts that opened it; a closed one carries none."""
+    from resilience import status
+
+    a = breaker(store, "payments")
+    await a.call(ok)
+    await fail(a, 3)
+    await settle()
+    (pay,) = [p for p in await status(replica()) if p.name == "payments"]
+    assert pay.state is CircuitState.OPEN
+    assert pay.opened_by == (4, 3, 0)
+    assert pay.to_dict()["opened_by"] == [4, 3, 0]
+    await a.reset()
+    await settle()
+    (pay,) = [p for p in await status(replica()) if p.name == "payments"]
+    assert pay.opened_by is None

@@ -5,7 +5,8 @@
 -- ARGV: 1 generation the outcomes were counted under, 2 calls, 3 failures, 4 slow calls,
 --       5 window kind ("c" count, "t" time), 6 window size (calls) or bucket count,
 --       7 bucket width in ms (time windows), 8 now in ms ("" = server TIME), 9 ttl in ms,
---       10 replica id
+--       10 replica id, 11 the flush's sequence number (per replica, increasing): a flush
+--       sent again after its reply was lost is recognised and not counted twice
 -- Returns: {state, gen, open_until, reopens, calls, failures, slow, now, reset}
 -- Outcomes are merged only while the state is still CLOSED at that generation.
 local now = now_ms(ARGV[8])
@@ -17,7 +18,21 @@ if wtype ~= 'none' and wtype ~= want then
   redis.call('DEL', KEYS[2])
   reset = reset + 2
 end
-local add = state == 'closed' and gen == tonumber(ARGV[1]) and tonumber(ARGV[2]) > 0
+-- who reported what: "last seen ms, calls, failures, slow, last sequence number" per replica
+local rtype = redis.call('TYPE', KEYS[4])['ok']
+if rtype ~= 'hash' and rtype ~= 'none' then
+  redis.call('DEL', KEYS[4])
+  reset = reset + 8
+end
+local pc, pf, ps, pq = 0, 0, 0, -1
+local prev = redis.call('HGET', KEYS[4], ARGV[10])
+if prev then
+  local _, c, f, s, q = string.match(prev, '^(%S+) (%d+) (%d+) (%d+) ?(%d*)$')
+  pc, pf, ps, pq = tonumber(c) or 0, tonumber(f) or 0, tonumber(s) or 0, tonumber(q) or -1
+end
+local seq = tonumber(ARGV[11]) or 0
+local fresh = seq > pq
+local add = fresh and state == 'closed' and gen == tonumber(ARGV[1]) and tonumber(ARGV[2]) > 0
 local calls, failures, slow = 0, 0, 0
 if kind == 'c' then
   local size = tonumber(ARGV[6])
@@ -75,24 +90,15 @@ local ttl = tonumber(ARGV[9])
 redis.call('HSET', KEYS[1], 'wk', kind, 'ws', ARGV[6], 'ww', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
--- who reported what: a heartbeat per replica; replicas silent for 10 minutes are dropped
-local rtype = redis.call('TYPE', KEYS[4])['ok']
-if rtype ~= 'hash' and rtype ~= 'none' then
-  redis.call('DEL', KEYS[4])
-  reset = reset + 8
-end
+-- a heartbeat per replica; replicas silent for 10 minutes are dropped
 local seen = redis.call('HGETALL', KEYS[4])
 for i = 1, #seen, 2 do
   local at = tonumber(string.match(seen[i + 1], '^(%S+)'))
   if not at or at < now - 600000 then redis.call('HDEL', KEYS[4], seen[i]) end
 end
-local pc, pf, ps = 0, 0, 0
-local prev = redis.call('HGET', KEYS[4], ARGV[10])
-if prev then
-  local _, c, f, s = string.match(prev, '^(%S+) (%d+) (%d+) (%d+)$')
-  pc, pf, ps = tonumber(c) or 0, tonumber(f) or 0, tonumber(s) or 0
+if fresh then
+  pc, pf, ps, pq = pc + tonumber(ARGV[2]), pf + tonumber(ARGV[3]), ps + tonumber(ARGV[4]), seq
 end
-redis.call('HSET', KEYS[4], ARGV[10], now .. ' ' .. (pc + tonumber(ARGV[2])) .. ' ' ..
-  (pf + tonumber(ARGV[3])) .. ' ' .. (ps + tonumber(ARGV[4])))
+redis.call('HSET', KEYS[4], ARGV[10], now .. ' ' .. pc .. ' ' .. pf .. ' ' .. ps .. ' ' .. pq)
 redis.call('PEXPIRE', KEYS[4], ttl)
 return {state, gen, open_until, reopens, calls, failures, slow, now, reset}

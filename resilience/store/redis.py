@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import logging
 import os
@@ -84,6 +85,19 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _lean_handshake() -> dict[str, Any]:
+    """Client options so a new connection costs one round trip, not four (RESP2, no SETINFO).
+
+    Reconnecting must fit in the store's short timeout while Redis is merely slow.
+    """
+    options: dict[str, Any] = {"protocol": 2}
+    if importlib.util.find_spec("redis.driver_info") is not None:
+        options["driver_info"] = None  # newer redis-py: explicit None sends no CLIENT SETINFO
+    else:
+        options["lib_name"] = options["lib_version"] = None
+    return options
+
+
 def _is_cluster(client: object) -> bool:
     """Whether ``client`` is a Redis Cluster client (its pipelines refuse scripts)."""
     try:
@@ -140,6 +154,8 @@ class RedisStore:
         self._cores: dict[str, SharedBreakerCore] = {}
         self._unregistered: set[str] = set()
         self._lease_keys: set[str] = set()
+        self._orphans: list[tuple[str, str]] = []  # (key, lease) to give back when Redis answers
+        self._seq = itertools.count(1)
         self._ops: list[tuple[str, SharedBreakerCore, int, int, bool, bool]] = []
         self._wake = asyncio.Event()
         self._round_done: asyncio.Future[None] | None = None
@@ -165,6 +181,7 @@ class RedisStore:
             retry=RedisRetry(NoBackoff(), 0),
             retry_on_timeout=False,
             health_check_interval=0,
+            **_lean_handshake(),
         )
         store = cls(client, **options)
         store._owns_client = True
@@ -213,23 +230,31 @@ class RedisStore:
         check_int("limit", limit)
         ttl_ms = max(1, int(check_seconds("ttl", ttl) * 1000))
         lease = f"{self.replica}:{next(self._lease_ids)}"
-        got = await self._call(
-            self._scripts["lease"](
-                keys=[self.key(key, "leases")],
-                args=["take", self._now_arg(), lease, limit, ttl_ms],
+        try:
+            got = await self._call(
+                self._scripts["lease"](
+                    keys=[self.key(key, "leases")],
+                    args=["take", self._now_arg(), lease, limit, ttl_ms],
+                )
             )
-        )
+        except StoreUnavailableError:
+            self._orphans.append((key, lease))  # it may have been granted: give it back later
+            raise
         self._register(key)
         return lease if int(got) else None
 
     async def release_lease(self, key: str, lease: str) -> bool:
         """Give a permit back; ``False`` if it had expired."""
         check_name(key, "key")
-        got = await self._call(
-            self._scripts["lease"](
-                keys=[self.key(key, "leases")], args=["give", self._now_arg(), lease, 0, 0]
+        try:
+            got = await self._call(
+                self._scripts["lease"](
+                    keys=[self.key(key, "leases")], args=["give", self._now_arg(), lease, 0, 0]
+                )
             )
-        )
+        except StoreUnavailableError:
+            self._orphans.append((key, lease))  # returned as soon as Redis answers
+            raise
         return bool(int(got))
 
     async def count_leases(self, key: str) -> int:
@@ -500,14 +525,14 @@ class RedisStore:
         cores = [c for c in self._cores.values() if c.due(now)]
         ops, self._ops = self._ops, []
         names, self._unregistered = self._unregistered, set()
-        if not cores and not ops and not names:
+        if not cores and not ops and not names and not self._orphans:
             return
-        batches = [(core, core.take_pending()) for core in cores]
+        batches = [(core, b) for core in cores for b in core.take_batches(next(self._seq))]
+        orphans, self._orphans = self._orphans, []
         try:
-            replies = await self._send(batches, ops, names)
-        except _STORE_ERRORS as exc:
-            for core, pending in batches:
-                core.restore_pending(pending)
+            replies = await self._send(batches, ops, names, orphans)
+        except _STORE_ERRORS as exc:  # the batches stay unacknowledged: sent again later
+            self._orphans[:0] = orphans
             self._ops[:0] = [op for op in ops if op[0] == "report"]
             self._unregistered |= names
             self._degrade(exc)
@@ -518,19 +543,19 @@ class RedisStore:
             for script in self._scripts.values():
                 with contextlib.suppress(StoreUnavailableError):
                     await self._call(self.client.script_load(script.script))
-            for (core, pending), reply in zip(batches, replies, strict=False):
+            for (core, _), reply in zip(batches, replies, strict=False):
                 if isinstance(reply, NoScriptError):
-                    core.restore_pending(pending)
                     core.active = True
             for item, reply in zip(ops, replies[len(batches) :], strict=False):
                 if isinstance(reply, NoScriptError):
                     self._ops.append(item)
         received = self.clock.monotonic()
-        for (core, _), reply in zip(batches, replies, strict=False):
+        for (core, batch), reply in zip(batches, replies, strict=False):
             if isinstance(reply, Exception):
                 if not isinstance(reply, NoScriptError):
                     logger.warning("flush of breaker %r failed: %r", core.name, reply)
                 continue
+            core.acked(batch)
             state, gen, open_until, reopens, calls, failures, slow, server_now, reset = reply
             self._reset_seen(core, int(reset))
             core.adopt(
@@ -553,18 +578,19 @@ class RedisStore:
 
     async def _send(
         self,
-        batches: list[tuple[SharedBreakerCore, tuple[int, int, int, int]]],
+        batches: list[tuple[SharedBreakerCore, Batch]],
         ops: list[tuple[str, SharedBreakerCore, int, int, bool, bool]],
         names: set[str],
+        orphans: list[tuple[str, str]],
     ) -> list[Any]:
         """Run one round's commands: one pipeline, or (a cluster) all at once, node by node."""
         # EVALSHA straight away: redis-py's Script objects would add a SCRIPT EXISTS round
         # trip to every pipeline; a NOSCRIPT reply is handled by the caller.
         flush, report = self._scripts["flush"].sha, self._scripts["report"].sha
         commands: list[tuple[str, tuple[Any, ...]]] = []
-        for core, (gen, calls, failures, slow) in batches:
+        for core, (gen, calls, failures, slow, seq) in batches:
             args = [gen, calls, failures, slow, *core.window_args, self._now_arg(), self.ttl_ms]
-            commands.append(("evalsha", (flush, 4, *core.keys, *args, self.replica)))
+            commands.append(("evalsha", (flush, 4, *core.keys, *args, self.replica, seq)))
         for op, core, gen, lease, failed, slow in ops:
             lease_id = f"{self.replica}:{lease}"
             if op == "report":
@@ -574,6 +600,8 @@ class RedisStore:
                 )
             else:
                 commands.append(("zrem", (core.keys[2], lease_id)))
+        for key, lost in orphans:  # permits whose grant or return was lost in a timeout
+            commands.append(("zrem", (self.key(key, "leases"), lost)))
         if names:
             commands.append(("sadd", (f"{self.prefix}:names", *sorted(names))))
             commands.append(("pexpire", (f"{self.prefix}:names", self.ttl_ms)))
@@ -742,8 +770,8 @@ def _parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:
         replicas = []
         for rid, value in zip(fields[::2], fields[1::2], strict=False):
             parts = _text(value).split()
-            if len(parts) == 4:
-                at, calls, failures, slow = (float(p) for p in parts)
+            if len(parts) >= 4:
+                at, calls, failures, slow = (float(p) for p in parts[:4])
                 replicas.append(
                     ReplicaReport(
                         replica=_text(rid),
@@ -779,6 +807,10 @@ def _parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:
     return out
 
 
+#: one flush of one breaker: generation, calls, failures, slow calls, sequence number
+Batch = tuple[int, int, int, int, int]
+
+
 class SharedBreakerCore(BreakerCore):
     """A breaker core that mirrors the fleet's state from Redis (see the module docstring).
 
@@ -796,6 +828,7 @@ class SharedBreakerCore(BreakerCore):
         "refresh_at",
         "store",
         "strict",
+        "unacked",
         "window_args",
     )
 
@@ -816,6 +849,7 @@ class SharedBreakerCore(BreakerCore):
             ]
         self.pending = [0, 0, 0]
         self.pending_gen = 0
+        self.unacked: list[Batch] = []
         self.active = False
         self.diverged = False
         self.refresh_at = float("-inf")
@@ -824,26 +858,31 @@ class SharedBreakerCore(BreakerCore):
     # what the flusher needs
     def due(self, now: float) -> bool:
         """Whether this breaker has outcomes to flush or is due a state refresh."""
-        if self.active or now >= self.refresh_at:
+        if self.active or self.unacked or now >= self.refresh_at:
             self.refresh_at = now + max(1.0, 10 * self.store.sync_interval)
             return True
         return False
 
-    def take_pending(self) -> tuple[int, int, int, int]:
-        """Hand the buffered outcomes to a flush: ``(gen, calls, failures, slow)``."""
+    def take_batches(self, seq: int) -> list[Batch]:
+        """The flushes to send: every unacknowledged one, then the buffer as a new one.
+
+        A flush whose reply was lost is sent again with its sequence number, which the script
+        recognises: outcomes are counted once, whether or not the first try reached Redis.
+        """
         calls, failures, slow = self.pending
         self.pending = [0, 0, 0]
         self.active = False
-        return (self.pending_gen if calls else self.gen), calls, failures, slow
+        batch = ((self.pending_gen if calls else self.gen), calls, failures, slow, seq)
+        if calls:
+            self.unacked.append(batch)
+            del self.unacked[:-64]  # bounded: the oldest are given up
+            return list(self.unacked)
+        return [*self.unacked, batch]
 
-    def restore_pending(self, taken: tuple[int, int, int, int]) -> None:
-        """A flush failed: put its outcomes back (they are merged after recovery)."""
-        gen, calls, failures, slow = taken
-        if calls and gen == self.pending_gen:
-            p = self.pending
-            p[0] += calls
-            p[1] += failures
-            p[2] += slow
+    def acked(self, batch: Batch) -> None:
+        """Redis answered this flush: it is counted."""
+        if batch in self.unacked:
+            self.unacked.remove(batch)
 
     def recovering(self) -> None:
         """Redis is back: outcomes counted under local transitions are dropped."""

@@ -156,7 +156,11 @@ def _check_seconds(what: str, value: object, *, none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite or value <= 0:
         raise ValueError(f"{what} must be finite and > 0, got {value!r}")
 
 
@@ -273,6 +277,8 @@ class ResilienceMiddleware:
         )
         self._default = _Route(app, base, name, store, clock, listeners)
         self._overrides: list[tuple[str, _Route]] = []
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(f"overrides must be a dict of {{path: options}}, got {overrides!r}")
         for path, options in (overrides or {}).items():
             _check_pattern("overrides", path)
             if not isinstance(options, Mapping):

@@ -33,6 +33,7 @@ from .policy import (
     check_predicate,
     check_ratio,
     check_seconds,
+    check_store,
     exception_filter,
 )
 from .windows import CountCounter, Counter, CountWindow, TimeWindow, WindowSpec
@@ -435,6 +436,9 @@ class CircuitBreaker(BasePolicy):
             open_for_max=open_for_max,
             half_open_calls=half_open_calls,
             probe_lease=probe_lease,
+        )
+        store = check_store(
+            "store", store, "breaker", "acquire_lease", "release_lease", "status", "sync"
         )
         if clock is None and store is not None:
             clock = store.clock

@@ -63,7 +63,11 @@ class TimeWindow:
         s = self.seconds
         if isinstance(s, bool) or not isinstance(s, (int, float)):
             raise TypeError(f"TimeWindow seconds must be a number, got {s!r}")
-        if not math.isfinite(s) or s <= 0:
+        try:
+            finite = math.isfinite(s)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite or s <= 0:
             raise ValueError(f"TimeWindow seconds must be finite and > 0, got {s!r}")
         if isinstance(self.buckets, bool) or not isinstance(self.buckets, int):
             raise TypeError(f"TimeWindow buckets must be an int, got {self.buckets!r}")

@@ -167,6 +167,7 @@ class RedisStore:
         self._owns_client = False
         self._lease_ids = itertools.count(1)
         self._cluster = _is_cluster(client)
+        self._cluster_ready = False
         scripts = ("flush", "transition", "probe", "report", "lease", "shared", "status")
         self._scripts = {n: client.register_script(_script(n)) for n in scripts}
 
@@ -421,12 +422,19 @@ class RedisStore:
         self._start()
         try:
             async with asyncio.timeout(self.timeout):
+                if self._cluster and not self._cluster_ready:
+                    await self._init_cluster()
                 return await awaitable
         except _STORE_ERRORS as exc:
             if isinstance(exc, ResponseError) and "NOSCRIPT" not in str(exc):
                 raise
             self._degrade(exc)
             raise StoreUnavailableError(str(exc)) from exc
+
+    async def _init_cluster(self) -> None:
+        """Learn the cluster's slots before the first commands (they would race for it)."""
+        await self.client.initialize()
+        self._cluster_ready = True
 
     def _degrade(self, exc: BaseException) -> None:
         if self.degraded:
@@ -608,6 +616,8 @@ class RedisStore:
             commands.append(("pexpire", (f"{self.prefix}:names", self.ttl_ms)))
         async with asyncio.timeout(self.timeout):
             if self._cluster:
+                if not self._cluster_ready:
+                    await self._init_cluster()
                 replies = await asyncio.gather(
                     *(getattr(self.client, cmd)(*argv) for cmd, argv in commands),
                     return_exceptions=True,

@@ -526,14 +526,14 @@ class CircuitBreaker(BasePolicy):
         timed = self._timed
         plain = not timed and self._failure_if is None
         local = type(core) is BreakerCore
-        clock = self._clock
+        monotonic = self._clock.monotonic
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             if core.state is CLOSED:
                 gen = core.gen
                 lease = 0
-                start = clock.monotonic() if timed else 0.0
-            elif core.state is OPEN and (now := clock.monotonic()) < core.open_until:
+                start = monotonic() if timed else 0.0
+            elif core.state is OPEN and (now := monotonic()) < core.open_until:
                 error = CircuitOpenError(core.name, "open", core.open_until - now)
                 if self._listeners:
                     self._reject(error)

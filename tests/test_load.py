@@ -18,6 +18,8 @@ from resilience.store.redis import RedisStore
 from .load_worker import BURST, LIMIT, PROBES, RATE
 from .redis_server import RedisServer
 
+COUNT_SKEW = 0.25  #: seconds between a grant and its count, at most, on a loaded machine
+
 WORKER = str(Path(__file__).with_name("load_worker.py"))
 
 
@@ -78,12 +80,14 @@ def test_fleet_limits_hold_under_load(redis_server: RedisServer, full: bool) -> 
     assert inflight == 0
     assert probes == 0
     assert leases == 0
-    assert max(per_second.values()) <= RATE + BURST
+    # An admission is counted (with Redis TIME) one round trip after the limiter granted it,
+    # so a one-second bucket may hold grants from a little more than a second: allow that skew.
+    assert max(per_second.values()) <= RATE * (1 + COUNT_SKEW) + BURST
     admitted = sum(per_second.values())
-    assert admitted <= RATE * (seconds + 0.2) + BURST
+    assert admitted <= RATE * (seconds + COUNT_SKEW) + BURST
     print(
         f"{processes}x{tasks} tasks, {seconds:g}s: {dict(totals)}; concurrency max "
         f"{inflight_max}/{LIMIT}, probes at once max {probes_max}/{PROBES}, admitted "
         f"{admitted} ({admitted / seconds:.0f}/s, rate {RATE:g}), busiest second "
-        f"{max(per_second.values())} (bound {RATE + BURST:g})"
+        f"{max(per_second.values())} (GCRA bound {RATE + BURST:g} per second)"
     )

@@ -172,12 +172,20 @@ class RedisStore:
         self._scripts = {n: client.register_script(_script(n)) for n in scripts}
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisStore:
-        """A store with its own client for ``url``: short socket timeouts, no retries."""
+    def from_url(cls, url: str, *, max_connections: int = 64, **options: Any) -> RedisStore:
+        """A store with its own client for ``url``: short socket timeouts, no retries.
+
+        Its pool holds at most ``max_connections``; a call finding them all busy waits for
+        one (within the store's ``timeout``) instead of failing, so a burst of fleet-wide
+        bulkhead or rate-limit calls queues rather than turning the store degraded.
+        """
         _check_prefix(options.get("prefix", "resilience"))
         timeout = check_seconds("timeout", options.get("timeout", 0.25))
-        client = aioredis.Redis.from_url(
+        check_int("max_connections", max_connections, minimum=2)
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=RedisRetry(NoBackoff(), 0),
@@ -185,6 +193,7 @@ class RedisStore:
             health_check_interval=0,
             **_lean_handshake(),
         )
+        client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         store = cls(client, **options)
         store._owns_client = True
         return store

@@ -528,9 +528,24 @@ class CircuitBreaker(BasePolicy):
         local = type(core) is BreakerCore
         monotonic = self._clock.monotonic
 
+        fast = plain and local  # an in-process breaker, count window, no result check
+        window: CountCounter = core.window  # type: ignore[assignment]
+
         async def protected(*args: Any, **kwargs: Any) -> Any:
             if core.state is CLOSED:
                 gen = core.gen
+                if fast:  # the hot path: a few attribute reads and one try/except
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except Exception as exc:
+                        settle(gen, 0, 0.0, exc, None)
+                        raise
+                    if window.failures or window.slow:
+                        if gen == core.gen:
+                            core.record(gen, 0, False, False)
+                    elif window.calls < window.size and gen == core.gen:
+                        window.calls += 1  # an all-success window: only the count moves
+                    return result
                 lease = 0
                 start = monotonic() if timed else 0.0
             elif core.state is OPEN and (now := monotonic()) < core.open_until:
@@ -564,12 +579,7 @@ class CircuitBreaker(BasePolicy):
                 core.success(gen)
                 if core.strict:
                     await core.commit()
-            elif gen == core.gen and core.state is CLOSED:
-                w: CountCounter = core.window  # type: ignore[assignment]
-                if w.failures or w.slow:
-                    core.record(gen, 0, False, False)
-                elif w.calls < w.size:  # an all-success count window: only the count moves
-                    w.calls += 1
+            # else: a local breaker admitted while DISABLED: nothing to count
             return result
 
         return protected

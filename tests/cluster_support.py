@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -11,6 +13,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from resilience import CircuitBreaker, CircuitOpenError, CircuitState
 
 from .redis_server import free_port, redis_binary
 
@@ -290,3 +295,32 @@ def info_field_cluster(port: int, field: str) -> str | None:
         if line.startswith(field + ":"):
             return line.split(":", 1)[1].strip()
     return None
+
+
+async def ok() -> str:
+    """A call that succeeds."""
+    return "ok"
+
+
+async def boom() -> None:
+    """A call that fails."""
+    raise ValueError("boom")
+
+
+async def trip(b: CircuitBreaker, limit: float = 10.0) -> None:
+    """Fail through `b` until it is open (bounded)."""
+    deadline = time.monotonic() + limit
+    while b.state is not CircuitState.OPEN:
+        assert time.monotonic() < deadline, f"{b.name} did not open"
+        with contextlib.suppress(ValueError, CircuitOpenError):
+            await b.call(boom)
+        await asyncio.sleep(0.001)
+
+
+async def until(predicate: Any, limit: float, what: str) -> float:
+    """Seconds until `predicate()` holds (polled every 10 ms); fails after `limit`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < limit, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start

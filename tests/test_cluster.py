@@ -8,7 +8,6 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -33,7 +32,7 @@ from resilience import (
 )
 from resilience.store.redis import RedisStore
 
-from .cluster_support import ClusterSetup, Node
+from .cluster_support import ClusterSetup, Node, boom, ok, trip, until
 
 TIMEOUT = 0.25
 _prefixes = itertools.count()
@@ -76,33 +75,6 @@ async def cluster_store(
 def breaker(store: RedisStore, name: str) -> CircuitBreaker:
     """A shared breaker every replica builds alike."""
     return CircuitBreaker(name, store=store, window=CountWindow(20), minimum_calls=10, open_for=60)
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def trip(b: CircuitBreaker, limit: float = 10.0) -> None:
-    """Fail through `b` until it is open (bounded)."""
-    deadline = time.monotonic() + limit
-    while b.state is not CircuitState.OPEN:
-        assert time.monotonic() < deadline, f"{b.name} did not open"
-        with contextlib.suppress(ValueError, CircuitOpenError):
-            await b.call(boom)
-        await asyncio.sleep(0.001)
-
-
-async def until(predicate: Any, limit: float, what: str) -> float:
-    """Seconds until `predicate()` holds (polled every 10 ms); fails after `limit`."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < limit, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 def node_of(store: RedisStore, name: str) -> int:

@@ -26,7 +26,7 @@ from resilience import (
 )
 from resilience.store.redis import RedisStore
 
-from .cluster_support import SentinelSetup, command
+from .cluster_support import SentinelSetup, command, ok, trip, until
 
 TIMEOUT = 0.25
 _prefixes = itertools.count()
@@ -72,33 +72,6 @@ def breaker(store: RedisStore, name: str, open_for: float = 60.0) -> CircuitBrea
     return CircuitBreaker(
         name, store=store, window=CountWindow(20), minimum_calls=10, open_for=open_for
     )
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def trip(b: CircuitBreaker, limit: float = 10.0) -> None:
-    """Fail through `b` until it is open (bounded)."""
-    deadline = time.monotonic() + limit
-    while b.state is not CircuitState.OPEN:
-        assert time.monotonic() < deadline, f"{b.name} did not open"
-        with contextlib.suppress(ValueError, CircuitOpenError):
-            await b.call(boom)
-        await asyncio.sleep(0.001)
-
-
-async def until(predicate: Any, limit: float, what: str) -> float:
-    """Seconds until `predicate()` holds (polled every 10 ms); fails after `limit`."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < limit, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 async def test_failover_under_load_calls_go_on_and_state_survives(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,17 +22,22 @@ from .redis_server import free_port, redis_binary
 
 
 def cluster_port() -> int:
-    """A free loopback port whose cluster bus port (port + 10000) is free and valid too."""
-    while True:
-        port = free_port()
-        if port + 10000 > 65535:
+    """A free loopback port whose cluster bus port (port + 10000) is free too.
+
+    Both are picked below the kernel's ephemeral range (32768 and up), so no client
+    connection can take them while a killed node waits to be restarted on them.
+    """
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 22768)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
         return port
+    raise RuntimeError("no free pair of cluster ports")
 
 
 def redis_cli_binary() -> str | None:

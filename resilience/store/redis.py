@@ -525,8 +525,18 @@ class RedisStore:
 
     async def _reconnect(self) -> bool:
         try:
-            async with asyncio.timeout(self.timeout):
-                await self.client.ping()
+            if self._cluster:
+                # start afresh (topology and connections), and ask every node: one that is
+                # still away would only turn the store degraded again at the next round
+                with contextlib.suppress(Exception):
+                    await self.client.aclose()
+                self._cluster_ready = False
+                async with asyncio.timeout(self.timeout * 4):
+                    await self._init_cluster()
+                    await self.client.ping(target_nodes=self.client.ALL_NODES)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    await self.client.ping()
         except _STORE_ERRORS:
             return False
         after = self.clock.monotonic() - self._degraded_since

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from resilience import CircuitState, CountWindow, MemoryStore, Store, status
+from resilience import CircuitState, CountWindow, MemoryStore, PolicyStatus, Store, status
 
 from .asgi import ResilienceMiddleware
 from .httpx import CircuitOpen, HttpPolicy, ResilientTransport
@@ -202,6 +202,14 @@ STATE_MARK = {
 }
 
 
+def _ratio(policy: PolicyStatus) -> str:
+    """The window's failure ratio, or, for an open breaker, the one that opened it."""
+    if policy.opened_by:
+        calls, failures, _ = policy.opened_by
+        return f"  opened by {failures} failed of {calls} calls"
+    return f"  failure ratio {policy.failure_ratio:4.0%}"
+
+
 def bar(fraction: float, width: int = 30) -> str:
     """``[#####.....]``"""
     done = int(max(0.0, min(1.0, fraction)) * width)
@@ -279,7 +287,7 @@ async def run_demo(
                 ),
                 f"upstream phase: {phase:<10} breaker: "
                 f"{STATE_MARK.get(state, str(state)) if state else '-'}"
-                + (f"  ratio {policies[0].failure_ratio:4.0%}" if policies else ""),
+                + (_ratio(policies[0]) if policies else ""),
                 f"{bar((time.monotonic() - start) / duration)} "
                 f"{time.monotonic() - start:5.1f}/{duration:g}s",
             ]

@@ -82,6 +82,14 @@ class _Limits:
 Protected = Callable[[Scope, Receive, Send, list[BaseException]], Awaitable[None]]
 
 
+async def _shed(send: Send, route: _Route, exc: RateLimitedError | BulkheadFullError) -> None:
+    """Answer a rejection of ours: 429 for the rate limit, 503 for a full bulkhead."""
+    if isinstance(exc, RateLimitedError):
+        await _answer(send, 429, _TOO_MANY, exc.retry_after)
+    else:
+        await _answer(send, 503, _OVERLOADED, route.retry_after)
+
+
 class _Route:
     """One compartment's policies around the app, built once."""
 
@@ -368,14 +376,10 @@ class ResilienceMiddleware:
         assert route.protected is not None
         try:
             await route.protected(scope, receive, send, raised)
-        except RateLimitedError as exc:
-            if raised:
+        except (RateLimitedError, BulkheadFullError) as exc:
+            if raised:  # the app's own error, not a rejection of ours
                 raise
-            await _answer(send, 429, _TOO_MANY, exc.retry_after)
-        except BulkheadFullError:
-            if raised:
-                raise
-            await _answer(send, 503, _OVERLOADED, route.retry_after)
+            await _shed(send, route, exc)
 
     async def _run_timed(
         self, route: _Route, scope: Scope, receive: Receive, send: Send, at: float | None
@@ -401,14 +405,10 @@ class ResilienceMiddleware:
                         await self.app(scope, receive, tracking_send)
                     else:
                         await route.protected(scope, receive, tracking_send, raised)
-        except RateLimitedError as exc:
-            if raised:
+        except (RateLimitedError, BulkheadFullError) as exc:
+            if raised:  # the app's own error, not a rejection of ours
                 raise
-            await _answer(send, 429, _TOO_MANY, exc.retry_after)
-        except BulkheadFullError:
-            if raised:
-                raise
-            await _answer(send, 503, _OVERLOADED, route.retry_after)
+            await _shed(send, route, exc)
         except TimeoutError as exc:
             if budget is not None and budget.expired():
                 ours = True  # the caller's deadline ran out

@@ -87,7 +87,7 @@ class BasePolicy:
             if len(self._wrapped) >= _CACHE_SIZE:
                 self._wrapped.clear()
             protected = self._wrapped[fn] = self._observed(fn)
-        return cast(Awaitable[T], protected(*args, **kwargs))
+        return protected(*args, **kwargs)  # no cast(): this runs on every call
 
     def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
         """Decorate an ``async def`` function; its name, docstring and signature are kept."""
@@ -154,7 +154,8 @@ class Pipeline(BasePolicy):
     Nested pipelines are flattened. The recommended order is
     ``Fallback, Retry, CircuitBreaker, RateLimiter, Timeout, Bulkhead``. A ``Timeout`` inside a
     ``Retry`` limits each attempt; one outside limits the whole call, so an attempt timeout
-    longer than an overall one is rejected as a mistake.
+    longer than an overall one is rejected as a mistake. ``listeners`` get one
+    ``CallFinished`` per call through the whole pipeline.
     """
 
     kind = "pipeline"

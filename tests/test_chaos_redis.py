@@ -544,3 +544,48 @@ async def test_a_lost_flush_reply_does_not_count_outcomes_twice(
         finally:
             await store.aclose()
             await direct.aclose()
+
+
+async def test_a_probe_lease_granted_to_a_cancelled_caller_is_given_back(
+    redis_server: RedisServer,
+) -> None:
+    """The probe script grants a lease while its caller is being cancelled: it comes back."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(proxy.url_for("redis"), prefix="cancelledprobe", timeout=2.0)
+        direct = aioredis.Redis.from_url(redis_server.url)
+        try:
+            b = CircuitBreaker(
+                "dep", store=store, window=CountWindow(4), minimum_calls=4, open_for=0.05
+            )
+            for _ in range(4):
+                with pytest.raises(UpstreamError):
+                    await b.call(boom)
+            await store.sync()
+            assert b.state is CircuitState.OPEN
+            await asyncio.sleep(0.06)  # past open_for: the next call asks for a probe lease
+            proxy.down.latency = 0.3  # the grant is on its way back when the caller gives up
+            caller = asyncio.create_task(b.call(ok))
+            await asyncio.sleep(0.1)
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            probes = store.key("dep", "probes")
+            assert await until_async(lambda: direct.zcard(probes), 1, 5)  # granted in Redis
+            proxy.clear()
+            assert await until_async(lambda: direct.zcard(probes), 0, 5)  # and given back
+            assert await b.call(ok) == "ok"  # the slot is free: this probe closes the breaker
+            await store.sync()
+            assert b.state is CircuitState.CLOSED
+        finally:
+            await store.aclose()
+            await direct.aclose()
+
+
+async def until_async(read: Callable[[], Any], wanted: int, seconds: float) -> bool:
+    """Poll the awaitable ``read()`` until it returns ``wanted`` (bounded)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if int(await read()) == wanted:
+            return True
+        await asyncio.sleep(0.01)
+    return False

@@ -215,11 +215,10 @@ async def test_a_local_trip_flushes_at_once_and_is_pushed(
     await b_store.sync()
     await asyncio.sleep(0.05)  # let both subscribers attach
     await fail(a, 4)
-    took = await until(lambda: b.state is CircuitState.OPEN, 5.0)
+    await until(lambda: b.state is CircuitState.OPEN, 5.0)  # no flush due for 60 s: pushed
     assert a.state is CircuitState.OPEN
     with pytest.raises(CircuitOpenError):
         await b.call(ok)
-    assert took < 5.0
 
 
 async def test_the_fleets_sum_trips_within_an_interval(
@@ -293,7 +292,8 @@ async def test_calls_go_on_while_redis_is_down_and_state_converges(
             if i % 50 == 0:
                 await asyncio.sleep(0.005)
         await until(lambda: any(isinstance(e, StoreDegraded) for e in events))
-        assert slowest < 0.05, slowest  # generous: the point is "no Redis timeout per call"
+        # no call waited on Redis: the slowest stayed well under one store timeout (0.25 s)
+        assert slowest < a_store.timeout / 2, slowest
         redis_server.start()  # same port, empty: no persistence
         await until(lambda: any(isinstance(e, StoreRecovered) for e in events), 15)
         await fail(b, 4)
@@ -343,7 +343,7 @@ async def test_a_frozen_redis_costs_calls_nothing(redis_server: RedisServer) -> 
                 slowest = max(slowest, time.perf_counter() - start)
                 await asyncio.sleep(0.001)
             assert store.degraded
-            assert slowest < 0.05, slowest
+            assert slowest < store.timeout / 2, slowest  # no call waited on the frozen Redis
         finally:
             redis_server.resume()
         await until(lambda: any(isinstance(e, StoreRecovered) for e in events), 15)

@@ -64,26 +64,22 @@ from ..events import (
 from ..policy import check_int, check_name, check_seconds
 from ..status import PolicyStatus
 from .redis_breaker import Batch, SharedBreakerCore
-from .redis_status import local_status, parse_status
+from .redis_status import local_status, parse_status, text
 
 __all__ = ["RedisStore"]
 
 logger = logging.getLogger("resilience.redis")
 
 _STORE_ERRORS = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
-_BY_VALUE = {s.value: s for s in CircuitState}
 
 
 def _script(name: str) -> str:
-    text = resources.files(__package__).joinpath(f"{name}.lua").read_text()
+    """A script's source; the breaker scripts start with the shared prelude."""
+    source = resources.files(__package__).joinpath(f"{name}.lua").read_text()
     if name in ("lease", "shared"):
-        return text
+        return source
     prelude = resources.files(__package__).joinpath("prelude.lua").read_text()
-    return prelude + "\n" + text
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return prelude + "\n" + source
 
 
 def _lean_handshake() -> dict[str, Any]:
@@ -230,7 +226,7 @@ class RedisStore:
     async def known_names(self) -> list[str]:
         """Every policy name any replica registered under this prefix."""
         members = await self._call(self.client.smembers(f"{self.prefix}:names"))
-        return sorted(_text(m) for m in members)
+        return sorted(text(m) for m in members)
 
     def _now_arg(self) -> str:
         return repr(self.clock.monotonic() * 1000) if self._fake_time else ""
@@ -286,7 +282,7 @@ class RedisStore:
     async def _shared(self, key: str, suffix: str, *args: Any) -> float:
         check_name(key, "key")
         self._register(key)
-        reply = _text(
+        reply = text(
             await self._call(self._scripts["shared"](keys=[self.key(key, suffix)], args=list(args)))
         )
         if reply.startswith("!"):
@@ -561,7 +557,7 @@ class RedisStore:
             replies = await self._send(batches, ops, names, orphans)
         except _STORE_ERRORS as exc:  # the batches stay unacknowledged: sent again later
             self._orphans[:0] = orphans
-            self._ops[:0] = [op for op in ops if op[0] == "report"]
+            self._ops[:0] = ops  # reports and releases: sent again once Redis answers
             self._unregistered |= names
             self._degrade(exc)
             return
@@ -587,7 +583,7 @@ class RedisStore:
             state, gen, open_until, reopens, calls, failures, slow, server_now, reset = reply
             self._reset_seen(core, int(reset))
             core.adopt(
-                _text(state), int(gen), int(open_until), int(reopens), int(server_now), received
+                text(state), int(gen), int(open_until), int(reopens), int(server_now), received
             )
             if core.state is CLOSED and tripped(int(calls), int(failures), int(slow), core.config):
                 with contextlib.suppress(StoreUnavailableError):
@@ -689,7 +685,7 @@ class RedisStore:
         _, state, gen, open_until, reopens_now, server_now, reset = reply
         self._reset_seen(core, int(reset))
         core.adopt(
-            _text(state),
+            text(state),
             int(gen),
             int(open_until),
             int(reopens_now),
@@ -716,7 +712,7 @@ class RedisStore:
         granted, state, gen, open_until, reopens, server_now, reset, wait = reply
         self._reset_seen(core, int(reset))
         core.adopt(
-            _text(state),
+            text(state),
             int(gen),
             int(open_until),
             int(reopens),
@@ -753,7 +749,7 @@ class RedisStore:
 
     def _on_message(self, data: Any) -> None:
         try:
-            gen, state, open_until, reopens, server_now, name = _text(data).split(" ", 5)
+            gen, state, open_until, reopens, server_now, name = text(data).split(" ", 5)
             core = self._cores.get(name)
             if core is not None:
                 core.adopt(

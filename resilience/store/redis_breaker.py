@@ -6,6 +6,7 @@ degraded, the inherited local state machine decides. See ``resilience.store.redi
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +25,12 @@ from ..circuit import (
 from ..clock import Clock
 from ..errors import CircuitOpenError, StoreUnavailableError
 from ..windows import CountCounter, CountWindow, TimeWindow
+from .redis_status import BY_VALUE
 
 if TYPE_CHECKING:
     from .redis import RedisStore
 
 __all__ = ["Batch", "SharedBreakerCore"]
-
-_BY_VALUE = {s.value: s for s in CircuitState}
 
 #: one flush of one breaker: generation, calls, failures, slow calls, sequence number
 Batch = tuple[int, int, int, int, int]
@@ -125,7 +125,7 @@ class SharedBreakerCore(BreakerCore):
         received: float,
     ) -> None:
         """Take the fleet's state from a script reply or a published message."""
-        new = _BY_VALUE.get(state)
+        new = BY_VALUE.get(state)
         if new is None:
             return
         if gen < self.gen and not self.diverged:
@@ -172,10 +172,16 @@ class SharedBreakerCore(BreakerCore):
     async def acquire_remote(self, now: float) -> tuple[int, int]:
         """Take a probe lease from Redis (or decide locally if it cannot answer)."""
         lease = next(_probe_ids)
+        # in a task of its own: a caller cancelled meanwhile must not strand a granted lease
+        probing = asyncio.ensure_future(self.store._probe(self, lease))
         try:
-            granted, wait = await self.store._probe(self, lease)
-        except StoreUnavailableError:
+            granted, wait = await asyncio.shield(probing)
+        except StoreUnavailableError:  # it may have been granted: give it back later
+            self.store._enqueue("release", self, self.gen, lease, False, False)
             return await super().acquire_remote(now)
+        except asyncio.CancelledError:
+            probing.add_done_callback(lambda done: self._give_back_late(done, lease))
+            raise
         if granted:
             return self.gen, lease
         state = self.state
@@ -188,6 +194,11 @@ class SharedBreakerCore(BreakerCore):
         hint = min(max(wait, 0.0), self.config.open_for)
         self._full_until = now + min(hint, self.store.sync_interval)
         raise CircuitOpenError(self.name, "half_open", hint)
+
+    def _give_back_late(self, probing: asyncio.Future[tuple[bool, float]], lease: int) -> None:
+        """A probe lease granted to a caller that was cancelled meanwhile: send it back."""
+        if not probing.cancelled() and probing.exception() is None and probing.result()[0]:
+            self.store._enqueue("release", self, self.gen, lease, False, False)
 
     async def commit(self) -> None:
         """Strict mode: return once this replica's outcomes so far are in Redis."""

@@ -7,10 +7,11 @@ from typing import Any
 from ..circuit import CLOSED, OPEN, BreakerCore, CircuitState
 from ..status import PolicyStatus, ReplicaReport
 
-_BY_VALUE = {s.value: s for s in CircuitState}
+BY_VALUE = {s.value: s for s in CircuitState}  #: a state as Redis holds it -> CircuitState
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply item (bytes or a number) as a str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -42,22 +43,22 @@ def parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:
     out: list[PolicyStatus] = []
     if int(reply[1]):
         fields = list(reply[14:])
-        opened = tuple(int(float(x)) for x in _text(reply[13]).split())
+        opened = tuple(int(float(x)) for x in text(reply[13]).split())
         replicas = []
         for rid, value in zip(fields[::2], fields[1::2], strict=False):
-            parts = _text(value).split()
+            parts = text(value).split()
             if len(parts) >= 4:
                 at, calls, failures, slow = (float(p) for p in parts[:4])
                 replicas.append(
                     ReplicaReport(
-                        replica=_text(rid),
+                        replica=text(rid),
                         last_seen=max(0.0, (now - at) / 1000),
                         calls=int(calls),
                         failures=int(failures),
                         slow_calls=int(slow),
                     )
                 )
-        state = _BY_VALUE.get(_text(reply[2]), CLOSED)
+        state = BY_VALUE.get(text(reply[2]), CLOSED)
         open_until = int(reply[4])
         out.append(
             PolicyStatus(
@@ -76,8 +77,8 @@ def parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:
         )
     if int(reply[10]) >= 0:
         out.append(PolicyStatus(name=name, kind="bulkhead", in_flight=int(reply[10])))
-    if _text(reply[11]):
+    if text(reply[11]):
         out.append(PolicyStatus(name=name, kind="rate_limiter"))
-    if _text(reply[12]):
-        out.append(PolicyStatus(name=name, kind="retry_budget", tokens=float(_text(reply[12]))))
+    if text(reply[12]):
+        out.append(PolicyStatus(name=name, kind="retry_budget", tokens=float(text(reply[12]))))
     return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .circuit import CircuitState
+    from .circuit_state import CircuitState
 
 __all__ = [
     "CallFinished",
@@ -26,6 +26,7 @@ __all__ = [
     "StoreDataReset",
     "StoreDegraded",
     "StoreRecovered",
+    "SubscriberReplaced",
     "TimedOut",
 ]
 
@@ -143,6 +144,14 @@ class StoreDataReset(Event):
 
     policy: str = "store"
     key: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriberReplaced(Event):
+    """The store ``name``'s pub/sub connection went quiet or failed and was replaced; the
+    breakers it holds read the fleet's state again."""
+
+    policy: str = "store"
 
 
 class Listener(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .circuit import CircuitState
+from .circuit_state import CircuitState
 
 if TYPE_CHECKING:
     from .store import Store
@@ -30,7 +30,9 @@ class PolicyStatus:
     """A policy as its store sees it.
 
     ``kind`` is ``"circuit_breaker"``, ``"bulkhead"`` (fleet-wide leases),
-    ``"rate_limiter"`` or ``"retry_budget"``. Breaker fields are ``None`` / 0 for other kinds.
+    ``"rate_limiter"`` or ``"retry_budget"``; or ``"damaged"`` when what the store holds under
+    that name does not parse (``damaged`` says why). Breaker fields are ``None`` / 0 for
+    other kinds.
     """
 
     name: str
@@ -48,6 +50,8 @@ class PolicyStatus:
     local: bool = False  #: this replica's own view (its shared store could not be reached)
     #: an open breaker: the calls, failures and slow calls that opened it
     opened_by: tuple[int, int, int] | None = None
+    #: why this entry could not be read (kind ``"damaged"``), else ``None``
+    damaged: str | None = None
 
     @property
     def failure_ratio(self) -> float:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from .memory import MemoryStore
 
 if TYPE_CHECKING:
-    from ..circuit import BreakerConfig, BreakerCore, CircuitState
+    from ..circuit_state import BreakerConfig, BreakerCore, CircuitState
     from ..clock import Clock
     from ..status import PolicyStatus
 
@@ -27,8 +27,10 @@ class Store(Protocol):
     """What policies need from shared state."""
 
     clock: Clock
-    #: True while the store cannot reach its backend; policies then go local at once.
-    degraded: bool
+
+    @property
+    def degraded(self) -> bool:
+        """True while the store cannot reach its backend; policies then go local at once."""
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The core of breaker ``name``: created on first use, the same object afterwards.

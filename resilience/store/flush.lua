@@ -1,16 +1,17 @@
 -- flush: merge one replica's buffered outcomes into the shared window; read the state back.
--- KEYS: 1 state (hash), 2 window (list of "calls failures slow" chunks, or hash of buckets),
---       3 probes (zset), 4 replicas (hash: replica id -> "last seen ms, calls, failures, slow",
---       the outcomes it has flushed so far)
+-- KEYS: 1 state (hash; a count window's running totals in tc, tf, ts), 2 window (list of
+--       "calls failures slow" chunks, or hash of time buckets), 3 probes (zset),
+--       4 replicas (hash: replica id -> "last seen ms, calls, failures, slow, last sequence")
 -- ARGV: 1 generation the outcomes were counted under, 2 calls, 3 failures, 4 slow calls,
 --       5 window kind ("c" count, "t" time), 6 window size (calls) or bucket count,
---       7 bucket width in ms (time windows), 8 now in ms ("" = server TIME), 9 ttl in ms,
---       10 replica id, 11 the flush's sequence number (per replica, increasing): a flush
---       sent again after its reply was lost is recognised and not counted twice
--- Returns: {state, gen, open_until, reopens, calls, failures, slow, now, reset}
--- Outcomes are merged only while the state is still CLOSED at that generation.
+--       7 bucket width in ms (time windows; may have a fraction), 8 now in ms ("" = server
+--       TIME), 9 ttl in ms, 10 replica id, 11 the flush's sequence number (per replica,
+--       increasing): a flush sent again after its reply was lost is not counted twice
+-- Returns: fleet(...) + {'calls', c, 'failures', f, 'slow', s}
+-- Outcomes are merged only while the state is still CLOSED at that generation. A count
+-- window costs O(1) per flush whatever its size: running totals, chunks trimmed at the old end.
 local now = now_ms(ARGV[8])
-local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1])
+local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1], now)
 local kind = ARGV[5]
 local want = (kind == 'c') and 'list' or 'hash'
 local wtype = redis.call('TYPE', KEYS[2])['ok']
@@ -18,7 +19,6 @@ if wtype ~= 'none' and wtype ~= want then
   redis.call('DEL', KEYS[2])
   reset = reset + 2
 end
--- who reported what: "last seen ms, calls, failures, slow, last sequence number" per replica
 local rtype = redis.call('TYPE', KEYS[4])['ok']
 if rtype ~= 'hash' and rtype ~= 'none' then
   redis.call('DEL', KEYS[4])
@@ -28,54 +28,63 @@ local pc, pf, ps, pq = 0, 0, 0, -1
 local prev = redis.call('HGET', KEYS[4], ARGV[10])
 if prev then
   local _, c, f, s, q = string.match(prev, '^(%S+) (%d+) (%d+) (%d+) ?(%d*)$')
-  pc, pf, ps, pq = tonumber(c) or 0, tonumber(f) or 0, tonumber(s) or 0, tonumber(q) or -1
+  pc, pf, ps = int(c, 0, MAX_INT) or 0, int(f, 0, MAX_INT) or 0, int(s, 0, MAX_INT) or 0
+  pq = int(q, 0, MAX_INT) or -1
 end
-local seq = tonumber(ARGV[11]) or 0
+local seq = int(ARGV[11], 0, MAX_INT) or 0
+local ac, af, as = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local fresh = seq > pq
-local add = fresh and state == 'closed' and gen == tonumber(ARGV[1]) and tonumber(ARGV[2]) > 0
+local add = fresh and state == 'closed' and gen == tonumber(ARGV[1]) and ac > 0
 local calls, failures, slow = 0, 0, 0
 if kind == 'c' then
   local size = tonumber(ARGV[6])
-  if add then
-    redis.call('RPUSH', KEYS[2], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
+  local t = redis.call('HMGET', KEYS[1], 'tc', 'tf', 'ts')
+  calls, failures, slow = int(t[1], 0, MAX_INT), int(t[2], 0, MAX_INT), int(t[3], 0, MAX_INT)
+  if not (calls and failures and slow and failures <= calls and slow <= calls) then
+    if t[1] or t[2] or t[3] then reset = reset + 4 end
+    redis.call('DEL', KEYS[2])
+    calls, failures, slow = 0, 0, 0
   end
-  local chunks = redis.call('LRANGE', KEYS[2], 0, -1)
-  local keep = 0
-  for i = #chunks, 1, -1 do
-    local c, f, s = string.match(chunks[i], '^(%d+) (%d+) (%d+)$')
-    c, f, s = tonumber(c), tonumber(f), tonumber(s)
-    if not c or c < 1 or f > c or s > c then
+  if add then
+    redis.call('RPUSH', KEYS[2], ac .. ' ' .. af .. ' ' .. as)
+    calls, failures, slow = calls + ac, failures + af, slow + as
+  end
+  -- trim the oldest chunks until the window holds `size` calls (amortised O(1): each chunk
+  -- is pushed once and popped once); a chunk cut in two keeps its share of failures
+  while calls > size do
+    local c, f, s = string.match(redis.call('LINDEX', KEYS[2], 0) or '', '^(%d+) (%d+) (%d+)$')
+    c, f, s = int(c, 1, MAX_INT), int(f, 0, MAX_INT), int(s, 0, MAX_INT)
+    if not (c and f and s and f <= c and s <= c and c <= calls) then
+      redis.call('DEL', KEYS[2])
+      calls, failures, slow = 0, 0, 0
       reset = reset + 4
       break
     end
-    keep = keep + 1
-    if calls + c >= size then
-      local room = size - calls
-      if room < c then -- keep the newest `room` calls of this chunk, pro rata
-        f = math.floor(f * room / c + 0.5)
-        s = math.floor(s * room / c + 0.5)
-        c = room
-        redis.call('LSET', KEYS[2], i - 1, c .. ' ' .. f .. ' ' .. s)
-      end
-      calls, failures, slow = calls + c, failures + f, slow + s
-      break
+    if calls - c >= size then
+      redis.call('LPOP', KEYS[2])
+      calls, failures, slow = calls - c, failures - f, slow - s
+    else
+      local room = c - (calls - size)
+      local nf, ns = math.floor(f * room / c + 0.5), math.floor(s * room / c + 0.5)
+      redis.call('LSET', KEYS[2], 0, room .. ' ' .. nf .. ' ' .. ns)
+      calls, failures, slow = size, failures - f + nf, slow - s + ns
     end
-    calls, failures, slow = calls + c, failures + f, slow + s
   end
-  if keep < #chunks then
-    redis.call('LTRIM', KEYS[2], #chunks - keep, -1)
-  end
+  if failures > calls then failures = calls end
+  if slow > calls then slow = calls end
+  redis.call('HSET', KEYS[1], 'tc', calls, 'tf', failures, 'ts', slow)
 else
   local buckets, width = tonumber(ARGV[6]), tonumber(ARGV[7])
   local epoch = math.floor(now / width)
   if add then
-    redis.call('HINCRBY', KEYS[2], 'c' .. epoch, ARGV[2])
-    redis.call('HINCRBY', KEYS[2], 'f' .. epoch, ARGV[3])
-    redis.call('HINCRBY', KEYS[2], 's' .. epoch, ARGV[4])
+    redis.call('HINCRBY', KEYS[2], 'c' .. epoch, ac)
+    redis.call('HINCRBY', KEYS[2], 'f' .. epoch, af)
+    redis.call('HINCRBY', KEYS[2], 's' .. epoch, as)
   end
+  -- bounded by the bucket count, not by the calls
   local all = redis.call('HGETALL', KEYS[2])
   for i = 1, #all, 2 do
-    local field, value = all[i], tonumber(all[i + 1])
+    local field, value = all[i], int(all[i + 1], 0, MAX_INT)
     local tag, e = string.sub(field, 1, 1), tonumber(string.sub(field, 2))
     if not e or not value or e <= epoch - buckets or e > epoch + 1 then
       redis.call('HDEL', KEYS[2], field)
@@ -85,20 +94,24 @@ else
     else redis.call('HDEL', KEYS[2], field)
     end
   end
+  if failures > calls then failures = calls end
+  if slow > calls then slow = calls end
 end
 local ttl = tonumber(ARGV[9])
 redis.call('HSET', KEYS[1], 'wk', kind, 'ws', ARGV[6], 'ww', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
--- a heartbeat per replica; replicas silent for 10 minutes are dropped
-local seen = redis.call('HGETALL', KEYS[4])
-for i = 1, #seen, 2 do
-  local at = tonumber(string.match(seen[i + 1], '^(%S+)'))
-  if not at or at < now - 600000 then redis.call('HDEL', KEYS[4], seen[i]) end
-end
 if fresh then
-  pc, pf, ps, pq = pc + tonumber(ARGV[2]), pf + tonumber(ARGV[3]), ps + tonumber(ARGV[4]), seq
+  pc, pf, ps, pq = pc + ac, pf + af, ps + as, seq
+end
+-- a heartbeat per replica; replicas silent for 10 minutes are dropped (checked for one
+-- other replica per flush, so the cost does not grow with the fleet)
+local other = redis.call('HRANDFIELD', KEYS[4])
+if other and other ~= ARGV[10] then
+  local at = tonumber(string.match(redis.call('HGET', KEYS[4], other) or '', '^(%S+)'))
+  if not at or at ~= at or at < now - 600000 then redis.call('HDEL', KEYS[4], other) end
 end
 redis.call('HSET', KEYS[4], ARGV[10], now .. ' ' .. pc .. ' ' .. pf .. ' ' .. ps .. ' ' .. pq)
 redis.call('PEXPIRE', KEYS[4], ttl)
-return {state, gen, open_until, reopens, calls, failures, slow, now, reset}
+return append(fleet(state, gen, open_until, reopens, now, reset),
+  'calls', calls, 'failures', failures, 'slow', slow)

@@ -4,6 +4,7 @@
 --       4 limit, 5 ttl in ms
 -- Returns: take -> 1 if granted else 0; give -> 1 if it was held and unexpired;
 --          count -> live leases
+-- Expired leases (and leases expiring more than ~115 days ahead: garbage) are purged first.
 local n = tonumber(ARGV[2])
 if not n then
   local t = redis.call('TIME')
@@ -19,6 +20,8 @@ if op == 'give' then
   return 0
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', n)
+-- a lease expiring implausibly late (inf, or written by someone else) is garbage
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. (n + 10000000000), '+inf')
 local held = redis.call('ZCARD', KEYS[1])
 if op == 'count' then return held end
 if held >= tonumber(ARGV[4]) then return 0 end

@@ -6,7 +6,7 @@ import itertools
 import math
 from types import TracebackType
 
-from ..circuit import BreakerConfig, BreakerCore, CircuitState
+from ..circuit_state import BreakerConfig, BreakerCore, CircuitState
 from ..clock import SYSTEM_CLOCK, Clock
 from ..policy import check_int, check_name, check_seconds
 from ..ratelimit import gcra

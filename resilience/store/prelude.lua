@@ -8,18 +8,29 @@ local function now_ms(arg)
 end
 
 local STATES = {closed = true, open = true, half_open = true, forced_open = true, disabled = true}
+local MAX_INT = 4503599627370496 -- 2^52: beyond it, doubles stop counting by one
+local FAR_MS = 10000000000 -- about 115 days: no deadline we write lies further ahead
 
--- load(KEYS[1..3] = state, win, probes; floor): read the state hash. `floor` is the highest
--- generation the caller has seen: a stored generation below it (Redis lost data) is raised to
--- it, so the fleet converges on the highest. A missing hash starts CLOSED at `floor`; one that
--- is not what we write (wrong type, unknown state, non-numbers) is reset at `floor + 1`, with
--- its window and probes. Returns state, gen, open_until, reopens, reset (1 = garbage reset).
-local function load(keys, floor)
-  floor = tonumber(floor) or 0
+-- int(v, lo, hi): v as an integer in [lo, hi], else nil (nan, inf, 1e300, fractions, text).
+local function int(v, lo, hi)
+  local n = tonumber(v)
+  if n and n == n and n >= lo and n <= hi and n == math.floor(n) then return n end
+  return nil
+end
+
+-- load(KEYS[1..3] = state, win, probes; floor, now): read and check the state hash. `floor` is
+-- the highest generation the caller has seen: a stored generation below it (Redis lost data)
+-- is raised to it, so the fleet converges on the highest. A missing hash starts CLOSED at
+-- `floor`; one that is not what we write (wrong type, unknown state, a number out of range) is
+-- reset at `floor + 1`, with its window and probes.
+-- Returns state, gen, open_until, reopens, reset (1 = garbage reset).
+local function load(keys, floor, now)
+  floor = int(floor, 0, MAX_INT) or 0
   local kind = redis.call('TYPE', keys[1])['ok']
   if kind == 'hash' then
     local v = redis.call('HMGET', keys[1], 'state', 'gen', 'open_until', 'reopens')
-    local gen, open_until, reopens = tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
+    local gen, reopens = int(v[2], 0, MAX_INT), int(v[4], 0, 1000000)
+    local open_until = int(v[3], 0, now + FAR_MS)
     if STATES[v[1]] and gen and open_until and reopens then
       if floor > gen then
         gen = floor
@@ -40,11 +51,23 @@ local function load(keys, floor)
   end
   redis.call('DEL', keys[1], keys[2], keys[3])
   redis.call('HSET', keys[1], 'state', 'closed', 'gen', floor, 'open_until', 0, 'reopens', 0,
-    'pd', 0, 'pf', 0, 'ps', 0)
+    'pd', 0, 'pf', 0, 'ps', 0, 'tc', 0, 'tf', 0, 'ts', 0)
   return 'closed', floor, 0, 0, reset
 end
 
 local function publish(channel, name, state, gen, open_until, reopens, now)
   redis.call('PUBLISH', channel,
     gen .. ' ' .. state .. ' ' .. open_until .. ' ' .. reopens .. ' ' .. now .. ' ' .. name)
+end
+
+-- fleet(...): the named fields every breaker script answers with (parsed in one place).
+local function fleet(state, gen, open_until, reopens, now, reset)
+  return {'state', state, 'gen', gen, 'open_until', open_until, 'reopens', reopens, 'now', now,
+    'reset', reset}
+end
+
+local function append(t, ...)
+  local extra = {...}
+  for i = 1, #extra do t[#t + 1] = extra[i] end
+  return t
 end

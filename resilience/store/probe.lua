@@ -2,10 +2,11 @@
 -- KEYS: 1 state, 2 window, 3 probes (zset: lease id -> expiry in ms)
 -- ARGV: 1 caller's generation, 2 probes allowed, 3 lease in ms, 4 lease id,
 --       5 now in ms ("" = TIME), 6 ttl in ms, 7 channel, 8 breaker name
--- Returns: {granted (0|1), state, gen, open_until, reopens, now, reset, ms until a lease frees}
--- Expired leases are purged first, so a holder that died cannot wedge the breaker.
+-- Returns: fleet(...) + {'granted', 0|1, 'wait', ms until a lease frees}
+-- Expired leases are purged first, so a holder that died cannot wedge the breaker; so are
+-- leases expiring implausibly late (a score written by someone else).
 local now = now_ms(ARGV[5])
-local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1])
+local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1], now)
 if state == 'open' and now >= open_until then
   gen = gen + 1
   state = 'half_open'
@@ -15,12 +16,13 @@ if state == 'open' and now >= open_until then
 end
 local granted, wait = 0, 0
 if state == 'half_open' then
-  if redis.call('TYPE', KEYS[3])['ok'] ~= 'zset' then redis.call('DEL', KEYS[3]) end
+  local lease = tonumber(ARGV[3])
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '(' .. (now + 2 * lease), '+inf')
   local held = redis.call('ZCARD', KEYS[3])
-  local done = tonumber(redis.call('HGET', KEYS[1], 'pd')) or 0
+  local done = int(redis.call('HGET', KEYS[1], 'pd'), 0, MAX_INT) or 0
   if held + done < tonumber(ARGV[2]) then
-    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[4])
+    redis.call('ZADD', KEYS[3], now + lease, ARGV[4])
     redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]))
     granted = 1
   else
@@ -28,4 +30,5 @@ if state == 'half_open' then
     if first[2] then wait = tonumber(first[2]) - now end
   end
 end
-return {granted, state, gen, open_until, reopens, now, reset, wait}
+return append(fleet(state, gen, open_until, reopens, now, reset), 'granted', granted,
+  'wait', wait)

@@ -1,16 +1,28 @@
 """The breaker core a ``RedisStore`` hands out: the fleet's state, mirrored in this replica.
 
-Healthy, its state is a cache of Redis and its outcomes go to a buffer the store flushes;
-degraded, the inherited local state machine decides. See ``resilience.store.redis``.
+It alone decides the fleet's transitions for its breaker. The engine brings it replies and
+published messages; it answers with the ``Transition`` it wants (or none). It asks the engine
+for I/O through the small ``Engine`` protocol and typed messages, never through the store.
+
+The rules it keeps (see docs/shared-state.md):
+
+* Every outcome feeds the local window and the local rule first, so when a replica's own
+  outcomes trip the breaker, that replica rejects from its next call on, exactly as an
+  in-process breaker would. The trip is then pushed to the fleet (compare-and-set by
+  generation); until the fleet has answered it, the fleet's older state does not override it.
+* Healthy, the state is otherwise a cache of the fleet's: outcomes are buffered for the next
+  flush, half-open probes are fleet-wide leases.
+* Degraded, the same local state machine decides everything. What it learned (a local open)
+  is pushed to the fleet when Redis answers again, before the fleet's older state is adopted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..circuit import (
+from ..circuit_state import (
     CLOSED,
     DISABLED,
     FORCED_OPEN,
@@ -19,144 +31,213 @@ from ..circuit import (
     BreakerConfig,
     BreakerCore,
     CircuitState,
+    half_open_verdict,
     open_duration,
     tripped,
 )
 from ..clock import Clock
 from ..errors import CircuitOpenError, StoreUnavailableError
 from ..windows import CountCounter, CountWindow, TimeWindow
-from .redis_status import BY_VALUE
+from .redis_primitives import (
+    FleetState,
+    FlushReply,
+    Outcomes,
+    ProbeReply,
+    Release,
+    Report,
+    ReportReply,
+    Transition,
+)
 
-if TYPE_CHECKING:
-    from .redis import RedisStore
+__all__ = ["Engine", "SharedBreakerCore"]
 
-__all__ = ["Batch", "SharedBreakerCore"]
+_probe_ids = itertools.count(1)
 
-#: one flush of one breaker: generation, calls, failures, slow calls, sequence number
-Batch = tuple[int, int, int, int, int]
+
+class Engine(Protocol):
+    """What a shared breaker needs from the engine that syncs it with Redis."""
+
+    sync_interval: float
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the store runs on local state now."""
+
+    def mark(self, core: SharedBreakerCore) -> None:
+        """``core`` has news for the next flush round."""
+
+    def wake(self) -> None:
+        """Run a flush round now."""
+
+    def enqueue(self, core: SharedBreakerCore, op: Report | Release) -> None:
+        """Send a probe report or a lease release with the next round (started now)."""
+
+    async def probe(self, core: SharedBreakerCore, lease: int) -> ProbeReply:
+        """Ask for a fleet-wide probe lease (raises ``StoreUnavailableError``)."""
+
+    async def transition(self, core: SharedBreakerCore, wanted: Transition) -> None:
+        """Apply ``wanted`` in Redis and adopt the reply (raises ``StoreUnavailableError``)."""
+
+    async def commit(self) -> None:
+        """Strict mode: return once the outcomes buffered so far are stored."""
 
 
 class SharedBreakerCore(BreakerCore):
-    """A breaker core that mirrors the fleet's state from Redis (see the module docstring).
-
-    Healthy: the local state is a cache of Redis; outcomes go to a buffer and a local window.
-    Degraded: the inherited local state machine decides, fed by the same window.
-    """
+    """A breaker core that mirrors the fleet's state from Redis (see the module docstring)."""
 
     __slots__ = (
         "_full_until",
-        "active",
         "diverged",
+        "engine",
+        "fleet_gen",
         "keys",
+        "marked",
         "pending",
         "pending_gen",
-        "refresh_at",
-        "store",
         "strict",
         "unacked",
         "window_args",
     )
 
-    def __init__(self, name: str, config: BreakerConfig, clock: Clock, store: RedisStore) -> None:
+    def __init__(
+        self, name: str, config: BreakerConfig, clock: Clock, engine: Engine, keys: list[str]
+    ) -> None:
         super().__init__(name, config, clock)
-        self.store = store
-        self.strict = store.strict
-        self.keys = [store.key(name, s) for s in ("state", "win", "probes", "replicas")]
+        self.engine = engine
+        self.strict = bool(getattr(engine, "strict", False))
+        self.keys = keys  # state, window, probes, replicas
         window = config.window
         if isinstance(window, CountWindow):
             self.window_args: list[Any] = ["c", window.size, 0]
         else:
             assert isinstance(window, TimeWindow)
-            self.window_args = [
-                "t",
-                window.buckets,
-                max(1, int(window.seconds * 1000 / window.buckets)),
-            ]
-        self.pending = [0, 0, 0]
+            # the exact bucket width: a shared window covers what an in-process one covers
+            self.window_args = ["t", window.buckets, repr(window.seconds * 1000 / window.buckets)]
+        self.pending = [0, 0, 0]  # calls, failures, slow since the last flush
         self.pending_gen = 0
-        self.unacked: list[Batch] = []
-        self.active = False
-        self.diverged = False
-        self.refresh_at = float("-inf")
+        self.unacked: list[Outcomes] = []
+        self.marked = False  # in the engine's next round
+        self.fleet_gen = -1  # the highest generation adopted from the fleet (-1: none yet)
+        self.diverged = False  # moved on local knowledge the fleet has not confirmed
         self._full_until = float("-inf")
 
-    # what the flusher needs
-    def due(self, now: float) -> bool:
-        """Whether this breaker has outcomes to flush or is due a state refresh."""
-        if self.active or self.unacked or now >= self.refresh_at:
-            self.refresh_at = now + max(1.0, 10 * self.store.sync_interval)
-            return True
-        return False
-
-    def take_batches(self, seq: int) -> list[Batch]:
+    # --- what the engine asks -------------------------------------------------------------
+    def take_outcomes(self, seq: int) -> list[Outcomes]:
         """The flushes to send: every unacknowledged one, then the buffer as a new one.
 
         A flush whose reply was lost is sent again with its sequence number, which the script
-        recognises: outcomes are counted once, whether or not the first try reached Redis.
+        recognises: outcomes are counted once, whether or not the first try reached Redis. A
+        breaker with nothing buffered sends an empty flush, which reads the fleet's state.
         """
         calls, failures, slow = self.pending
         self.pending = [0, 0, 0]
-        self.active = False
-        batch = ((self.pending_gen if calls else self.gen), calls, failures, slow, seq)
+        self.marked = False
+        gen = self.pending_gen if calls else self.gen
+        if self.diverged and self.fleet_gen >= 0:
+            gen = self.fleet_gen  # what the fleet may still accept
+        batch = Outcomes(gen, calls, failures, slow, seq)
         if calls:
             self.unacked.append(batch)
             del self.unacked[:-64]  # bounded: the oldest are given up
             return list(self.unacked)
         return [*self.unacked, batch]
 
-    def acked(self, batch: Batch) -> None:
-        """Redis answered this flush: it is counted."""
-        if batch in self.unacked:
-            self.unacked.remove(batch)
+    def has_news(self) -> bool:
+        """Outcomes not yet acknowledged, or local knowledge to push."""
+        return bool(self.unacked or self.pending[0] or self.wanted() is not None)
+
+    def wanted(self) -> Transition | None:
+        """The transition learned locally that the fleet must hear before it overrides it."""
+        if self.diverged and self.state is OPEN and self.fleet_gen >= 0:
+            return Transition(
+                OPEN, self.fleet_gen, self.reopens, self.opened_by or (0, 0, 0), force=False
+            )
+        return None
+
+    def on_flush(
+        self, sent: Outcomes, reply: FlushReply, received: float, pushing: bool
+    ) -> Transition | None:
+        """A flush was stored: adopt the fleet's state; the transition the counts call for.
+
+        ``pushing``: this round also carries our ``wanted()`` compare-and-set.
+        """
+        if sent in self.unacked:
+            self.unacked.remove(sent)
+        fleet = reply.fleet
+        known = self.fleet_gen
+        if self.diverged and self.state is OPEN and (known < 0 or fleet.gen == known):
+            # the fleet has not heard of our local open: it goes first, not the fleet's older
+            # state (so a replica that learned while Redis was away is not overruled)
+            self.fleet_gen = fleet.gen
+            return None if pushing else self.wanted()
+        self.adopt(fleet, received)
+        if self.state is CLOSED and tripped(reply.calls, reply.failures, reply.slow, self.config):
+            return Transition(OPEN, self.gen, 0, (reply.calls, reply.failures, reply.slow))
+        return None
+
+    def on_report(self, sent: Report, reply: ReportReply) -> Transition | None:
+        """A probe's outcome was counted: the verdict, once the probes settle it."""
+        if not reply.counted or sent.gen != self.gen:
+            return None
+        self._probe_done, self._probe_failures, self._probe_slow = (
+            reply.done,
+            reply.failed,
+            reply.slow,
+        )
+        verdict = half_open_verdict(reply.done, reply.failed, reply.slow, self.config)
+        if verdict is None:
+            return None
+        reopens = self.reopens + 1 if verdict is OPEN else 0
+        return Transition(verdict, self.gen, reopens, (reply.done, reply.failed, reply.slow))
 
     def recovering(self) -> None:
-        """Redis is back: outcomes counted under local transitions are dropped."""
-        if self.diverged:
-            self.pending = [0, 0, 0]
-        self.active = True
+        """Redis answers again: what this replica learned goes out first, then is reconciled."""
+        self.engine.mark(self)
 
-    def adopt(
-        self,
-        state: str,
-        gen: int,
-        open_until_ms: int,
-        reopens: int,
-        server_ms: int,
-        received: float,
-    ) -> None:
+    def adopt(self, fleet: FleetState, received: float) -> None:
         """Take the fleet's state from a script reply or a published message."""
-        new = BY_VALUE.get(state)
-        if new is None:
-            return
-        if gen < self.gen and not self.diverged:
-            return  # an older message arriving late
-        self.diverged = False
-        offset = server_ms / 1000 - received  # server time minus local time
-        open_until = open_until_ms / 1000 - offset if new is OPEN else 0.0
+        if fleet.gen < self.fleet_gen:
+            return  # older than what we know: a late message
+        if self.diverged and self.wanted() is not None and fleet.gen == self.fleet_gen:
+            return  # the fleet has not heard of our local open yet
+        offset = fleet.server_ms / 1000 - received  # server time minus local time
+        new = fleet.state
+        open_until = fleet.open_until_ms / 1000 - offset if new is OPEN else 0.0
+        self.fleet_gen = fleet.gen
         old = self.state
-        if gen == self.gen and new is old:
+        if fleet.gen == self.gen and new is old:
             self.open_until = open_until
+            self.diverged = False
             return
+        if self.diverged and new is old and new is OPEN:
+            # our local open, confirmed (or matched by another replica's): keep it quiet
+            self.gen = fleet.gen
+            self.open_until = open_until
+            self.reopens = fleet.reopens
+            self.diverged = False
+            self.pending_gen = fleet.gen
+            return
+        self.diverged = False
         self.state = new
-        self.gen = gen
-        self.reopens = reopens
+        self.gen = fleet.gen
+        self.reopens = fleet.reopens
         self.open_until = open_until
         self.opened_by = None  # the fleet's counts: see status()
         if new is OPEN:
-            self.open_for = open_duration(self.config, reopens)
+            self.open_for = open_duration(self.config, fleet.reopens)
         self.window.reset()
         self._probes.clear()
         self._probe_done = self._probe_failures = self._probe_slow = 0
         self.pending = [0, 0, 0]
-        self.pending_gen = gen
+        self.pending_gen = fleet.gen
         self._full_until = float("-inf")
         if new is not old:
             self._announce(old, new)
 
-    # admission
+    # --- admission ------------------------------------------------------------------------
     def acquire(self, now: float) -> tuple[int, int] | None:
-        """Local when the cached state decides; ``None`` when a probe lease is needed."""
-        if self.store.degraded:
+        """Local when the cached state decides; ``None`` when a fleet-wide probe is needed."""
+        if self.engine.degraded or self.diverged:
             return super().acquire(now)
         state = self.state
         if state is CLOSED or state is DISABLED:
@@ -173,16 +254,16 @@ class SharedBreakerCore(BreakerCore):
         """Take a probe lease from Redis (or decide locally if it cannot answer)."""
         lease = next(_probe_ids)
         # in a task of its own: a caller cancelled meanwhile must not strand a granted lease
-        probing = asyncio.ensure_future(self.store._probe(self, lease))
+        probing = asyncio.ensure_future(self.engine.probe(self, lease))
         try:
-            granted, wait = await asyncio.shield(probing)
+            reply = await asyncio.shield(probing)
         except StoreUnavailableError:  # it may have been granted: give it back later
-            self.store._enqueue("release", self, self.gen, lease, False, False)
+            self.engine.enqueue(self, Release(self.gen, lease))
             return await super().acquire_remote(now)
         except asyncio.CancelledError:
             probing.add_done_callback(lambda done: self._give_back_late(done, lease))
             raise
-        if granted:
+        if reply.granted:
             return self.gen, lease
         state = self.state
         if state is CLOSED or state is DISABLED:
@@ -191,105 +272,95 @@ class SharedBreakerCore(BreakerCore):
             raise CircuitOpenError(self.name, "open", max(0.0, self.open_until - now))
         if state is FORCED_OPEN:
             raise CircuitOpenError(self.name, "forced_open", None)
-        hint = min(max(wait, 0.0), self.config.open_for)
-        self._full_until = now + min(hint, self.store.sync_interval)
+        hint = min(reply.wait, self.config.open_for)
+        self._full_until = now + min(hint, self.engine.sync_interval)
         raise CircuitOpenError(self.name, "half_open", hint)
 
-    def _give_back_late(self, probing: asyncio.Future[tuple[bool, float]], lease: int) -> None:
+    def _give_back_late(self, probing: asyncio.Future[ProbeReply], lease: int) -> None:
         """A probe lease granted to a caller that was cancelled meanwhile: send it back."""
-        if not probing.cancelled() and probing.exception() is None and probing.result()[0]:
-            self.store._enqueue("release", self, self.gen, lease, False, False)
+        if not probing.cancelled() and probing.exception() is None and probing.result().granted:
+            self.engine.enqueue(self, Release(self.gen, lease))
 
     async def commit(self) -> None:
         """Strict mode: return once this replica's outcomes so far are in Redis."""
-        await self.store.commit()
+        await self.engine.commit()
 
     def release(self, gen: int, lease: int) -> None:
         """Give a probe lease back (cancelled probe): sent with the next flush."""
-        if self.store.degraded or not lease:
+        if self.engine.degraded or self.diverged or not lease:
             super().release(gen, lease)
         elif gen == self.gen:
-            self.store._enqueue("release", self, gen, lease, False, False)
+            self.engine.enqueue(self, Release(gen, lease))
 
+    # --- outcomes -------------------------------------------------------------------------
     def record(
         self, gen: int, lease: int, failed: bool, slow: bool, now: float | None = None
     ) -> None:
-        """Buffer an outcome (probes are reported at once); degraded: decide locally too."""
+        """Count an outcome: the local rule first, then the buffer (probes: reported at once)."""
         if gen != self.gen:
             return
-        store = self.store
-        if store.degraded:
-            if self.state is CLOSED and not lease:
-                self._buffer(failed, slow)
-            before = self.gen
-            super().record(gen, lease, failed, slow, now)
-            if self.gen != before:
-                self.diverged = True
+        if lease and not (self.engine.degraded or self.diverged):
+            self.engine.enqueue(self, Report(gen, lease, failed, slow))
             return
-        if lease:
-            store._enqueue("report", self, gen, lease, failed, slow)
-            return
-        if self.state is not CLOSED:
-            return
-        self._buffer(failed, slow)
-        w = self.window
-        w.add(failed, slow, 0.0 if now is None else now)
-        if (failed or slow) and w.calls >= self.config.minimum_calls:
-            if now is not None:
-                w.roll(now)
-            if tripped(w.calls, w.failures, w.slow, self.config):
-                store.wake()  # the local outcomes alone trip: flush now, let the fleet decide
-        if self.strict:
-            store.wake()
+        if self.state is CLOSED and not lease:
+            self._buffer(failed, slow)
+        before = self.gen
+        super().record(gen, lease, failed, slow, now)
+        if self.gen != before:
+            self._moved_locally()
+        elif self.strict:
+            self.engine.wake()
 
     def success(self, gen: int) -> None:
         """The hot path of a shared breaker: buffer one success, no I/O (degraded or not)."""
-        if gen != self.gen or self.state is not CLOSED:
+        w = self.window
+        if gen != self.gen or self.state is not CLOSED or w.__class__ is not CountCounter:
             self.record(gen, 0, False, False)
             return
         p = self.pending
-        if not p[0]:  # the first outcome since the last flush: make sure a flusher runs
+        if not p[0]:  # the first outcome since the last flush: join the next round
             self.pending_gen = gen
-            self.store._start()
+            if not self.marked:
+                self.engine.mark(self)
         p[0] += 1
-        self.active = True
-        w = self.window
-        if w.failures or w.slow or w.__class__ is not CountCounter:
-            if self.store.degraded:  # the local state machine decides: a success may trip
-                BreakerCore.record(self, gen, 0, False, False)
-                if self.gen != gen:
-                    self.diverged = True
-            else:
-                w.add(False, False, 0.0)
+        if w.failures or w.slow:  # a success may complete a window that trips
+            BreakerCore.record(self, gen, 0, False, False)
+            if self.gen != gen:
+                self._moved_locally()
         elif w.calls < w.size:
             w.calls += 1
         if self.strict:
-            self.store.wake()
+            self.engine.wake()
 
     def _buffer(self, failed: bool, slow: bool) -> None:
         p = self.pending
         if not p[0]:
             self.pending_gen = self.gen
-            self.store._start()
+            if not self.marked:
+                self.engine.mark(self)
         p[0] += 1
         p[1] += failed
         p[2] += slow
-        self.active = True
 
+    def _moved_locally(self) -> None:
+        """The local state machine moved (a trip, or a degraded replica's own recovery)."""
+        self.diverged = True
+        self.engine.mark(self)
+        if self.state is OPEN:
+            self.engine.wake()  # push the trip to the fleet now
+
+    # --- manual control -------------------------------------------------------------------
     async def control(self, state: CircuitState, now: float) -> None:
         """Manual control, fleet-wide; applied locally too if Redis cannot be reached."""
         if state not in (CLOSED, FORCED_OPEN, DISABLED):
             raise ValueError(
                 f"a breaker can be forced CLOSED, FORCED_OPEN or DISABLED, not {state}"
             )
-        if not self.store.degraded:
+        if not self.engine.degraded:
             try:
-                await self.store._transition(self, state, force=True)
+                await self.engine.transition(self, Transition(state, self.gen, force=True))
                 return
             except StoreUnavailableError:
                 pass
         self.force(state, now)
         self.diverged = True
-
-
-_probe_ids = itertools.count(1)

@@ -1,18 +1,21 @@
-"""Reading ``status.lua`` replies (and a replica's own view) into ``PolicyStatus``."""
+"""Reading ``status.lua`` replies (and a replica's own view) into ``PolicyStatus``.
+
+Each name's entry is parsed on its own: one damaged entry is reported as damaged, and the
+others are shown.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..circuit import CLOSED, OPEN, BreakerCore, CircuitState
+from ..circuit_state import OPEN, BreakerCore
 from ..status import PolicyStatus, ReplicaReport
+from .redis_primitives import BY_VALUE, BadReply, number, real, text
 
-BY_VALUE = {s.value: s for s in CircuitState}  #: a state as Redis holds it -> CircuitState
+__all__ = ["SUFFIXES", "local_status", "parse_entry"]
 
-
-def text(value: Any) -> str:
-    """A Redis reply item (bytes or a number) as a str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+#: the keys ``status.lua`` reads for each name, in order
+SUFFIXES = ("state", "win", "probes", "replicas", "leases", "gcra", "budget")
 
 
 def local_status(core: BreakerCore, now: float) -> PolicyStatus:
@@ -32,53 +35,71 @@ def local_status(core: BreakerCore, now: float) -> PolicyStatus:
     )
 
 
-def _opened(counts: tuple[int, ...]) -> tuple[int, int, int] | None:
-    if len(counts) == 3 and counts[0]:
-        return counts[0], counts[1], counts[2]
-    return None
+def _opened(raw: Any) -> tuple[int, int, int] | None:
+    parts = text(raw).split()
+    if len(parts) != 3:
+        return None
+    calls, failures, slow = (number(p) for p in parts)
+    return (calls, failures, slow) if calls else None
 
 
-def parse_status(name: str, reply: list[Any]) -> list[PolicyStatus]:
-    now = int(reply[0])
-    out: list[PolicyStatus] = []
-    if int(reply[1]):
-        fields = list(reply[14:])
-        opened = tuple(int(float(x)) for x in text(reply[13]).split())
-        replicas = []
-        for rid, value in zip(fields[::2], fields[1::2], strict=False):
-            parts = text(value).split()
-            if len(parts) >= 4:
-                at, calls, failures, slow = (float(p) for p in parts[:4])
-                replicas.append(
-                    ReplicaReport(
-                        replica=text(rid),
-                        last_seen=max(0.0, (now - at) / 1000),
-                        calls=int(calls),
-                        failures=int(failures),
-                        slow_calls=int(slow),
-                    )
+def _replicas(flat: Any, now: int) -> tuple[ReplicaReport, ...]:
+    out = []
+    items = flat if isinstance(flat, list) else []
+    for rid, value in zip(items[::2], items[1::2], strict=False):
+        parts = text(value).split()
+        if len(parts) >= 4:
+            at, calls, failures, slow = (real(p, 0) for p in parts[:4])
+            out.append(
+                ReplicaReport(
+                    replica=text(rid),
+                    last_seen=max(0.0, (now - at) / 1000),
+                    calls=int(calls),
+                    failures=int(failures),
+                    slow_calls=int(slow),
                 )
-        state = BY_VALUE.get(text(reply[2]), CLOSED)
-        open_until = int(reply[4])
+            )
+    return tuple(sorted(out, key=lambda r: r.replica))
+
+
+def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
+    if not isinstance(entry, list) or len(entry) % 2:
+        raise BadReply(f"unexpected status entry {entry!r:.100}")
+    f = {text(k): v for k, v in zip(entry[::2], entry[1::2], strict=True)}
+    out: list[PolicyStatus] = []
+    if number(f["breaker"]):
+        state = BY_VALUE.get(text(f["state"]))
+        if state is None:
+            raise BadReply(f"unknown state {f['state']!r:.40}")
+        open_until = number(f["open_until"])
         out.append(
             PolicyStatus(
                 name=name,
                 kind="circuit_breaker",
                 state=state,
-                generation=int(reply[3]),
-                calls=int(reply[6]),
-                failures=int(reply[7]),
-                slow_calls=int(reply[8]),
+                generation=number(f["gen"]),
+                calls=number(f["calls"]),
+                failures=number(f["failures"]),
+                slow_calls=number(f["slow"]),
                 retry_after=max(0.0, (open_until - now) / 1000) if state is OPEN else None,
-                probes=int(reply[9]),
-                opened_by=_opened(opened) if state is OPEN else None,
-                replicas=tuple(sorted(replicas, key=lambda r: r.replica)),
+                probes=number(f["probes"]),
+                opened_by=_opened(f["opened_by"]) if state is OPEN else None,
+                replicas=_replicas(f["replicas"], now),
             )
         )
-    if int(reply[10]) >= 0:
-        out.append(PolicyStatus(name=name, kind="bulkhead", in_flight=int(reply[10])))
-    if text(reply[11]):
+    if number(f["leases"], -1) >= 0:
+        out.append(PolicyStatus(name=name, kind="bulkhead", in_flight=number(f["leases"])))
+    if text(f["gcra"]):
+        real(f["gcra"], 0)
         out.append(PolicyStatus(name=name, kind="rate_limiter"))
-    if text(reply[12]):
-        out.append(PolicyStatus(name=name, kind="retry_budget", tokens=float(text(reply[12]))))
+    if text(f["budget"]):
+        out.append(PolicyStatus(name=name, kind="retry_budget", tokens=real(f["budget"], 0)))
     return out
+
+
+def parse_entry(name: str, server_now: Any, entry: Any) -> list[PolicyStatus]:
+    """The policies under ``name`` (one per kind), or one entry marked damaged."""
+    try:
+        return _parse(name, number(server_now), entry)
+    except (BadReply, KeyError, ValueError, TypeError) as exc:
+        return [PolicyStatus(name=name, kind="damaged", damaged=str(exc) or type(exc).__name__)]

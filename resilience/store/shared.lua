@@ -3,7 +3,8 @@
 -- ARGV: 1 op, 2 now in ms ("" = server TIME), then per op:
 --   "gcra"   3 emission interval in ms, 4 burst          -> "0" if taken, else ms to wait
 --   "budget" 3 delta, 4 maximum, 5 ttl in ms             -> the tokens after the change
--- Values are kept as decimal strings; a value that does not parse is reset (reported as "!").
+-- Values are kept as decimal strings; a value that does not parse, or is out of its range,
+-- is reset (reported as "!").
 local n = tonumber(ARGV[2])
 if not n then
   local t = redis.call('TIME')
@@ -17,11 +18,16 @@ if kind ~= 'string' and kind ~= 'none' then
 end
 local raw = redis.call('GET', KEYS[1])
 local value = tonumber(raw)
-if raw and not value then reset = '!' end
+-- a number out of its range (nan, inf, 1e300, a deadline far ahead) is garbage too
+local function sane(v, lo, hi)
+  if v and v == v and v >= lo and v <= hi then return v end
+  if raw then reset = '!' end
+  return nil
+end
 local op = ARGV[1]
 if op == 'gcra' then
   local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
-  local tat = value or n
+  local tat = sane(value, 0, n + (burst + 1) * interval + 1000) or n
   if tat < n then tat = n end
   local wait = tat - n - (burst - 1) * interval
   if wait > 0.000001 then return reset .. string.format('%.6f', wait) end
@@ -31,7 +37,7 @@ if op == 'gcra' then
 end
 -- budget
 local maximum = tonumber(ARGV[4])
-local tokens = value or maximum
+local tokens = sane(value, 0, 1e15) or maximum
 tokens = tokens + tonumber(ARGV[3])
 if tokens > maximum then tokens = maximum end
 if tokens < 0 then tokens = 0 end

@@ -4,11 +4,11 @@
 --       4 new re-open count, 5 now in ms ("" = TIME), 6 ttl in ms, 7 channel,
 --       8 breaker name, 9 "1" to apply whatever the generation (manual control),
 --       10-12 the calls, failures and slow calls that open it (kept for status tools)
--- Returns: {changed (0|1), state, gen, open_until, reopens, now, reset}
+-- Returns: fleet(...) + {'changed', 0|1}
 local now = now_ms(ARGV[5])
-local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1])
+local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1], now)
 if ARGV[9] ~= '1' and gen ~= tonumber(ARGV[1]) then
-  return {0, state, gen, open_until, reopens, now, reset}
+  return append(fleet(state, gen, open_until, reopens, now, reset), 'changed', 0)
 end
 gen = gen + 1
 state = ARGV[2]
@@ -16,9 +16,9 @@ reopens = tonumber(ARGV[4])
 open_until = 0
 if state == 'open' then open_until = now + tonumber(ARGV[3]) end
 redis.call('HSET', KEYS[1], 'state', state, 'gen', gen, 'open_until', open_until,
-  'reopens', reopens, 'pd', 0, 'pf', 0, 'ps', 0,
+  'reopens', reopens, 'pd', 0, 'pf', 0, 'ps', 0, 'tc', 0, 'tf', 0, 'ts', 0,
   'oc', tonumber(ARGV[10]) or 0, 'of', tonumber(ARGV[11]) or 0, 'os', tonumber(ARGV[12]) or 0)
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))
 publish(ARGV[7], ARGV[8], state, gen, open_until, reopens, now)
-return {1, state, gen, open_until, reopens, now, reset}
+return append(fleet(state, gen, open_until, reopens, now, reset), 'changed', 1)

@@ -1,0 +1,669 @@
+"""The sync engine of ``RedisStore``: flush rounds, the subscriber, and applying replies.
+
+* A *round* carries only the breakers that have news (outcomes, a local trip to push) or
+  whose fleet state must be read (new, revived, just recovered), plus the queued probe
+  reports and releases, in one pipeline (a Cluster: node by node, all at once). Replies go to
+  each breaker's core, which answers with the transition it wants; those are compare-and-set
+  in a second pipeline. An idle store runs no round and costs no loop time.
+* Rounds start ``sync_interval`` apart while there is news, at once when a breaker trips on
+  its own outcomes, a probe reports, or strict mode waits.
+* The subscriber applies published transitions within milliseconds. Its connection is
+  health-checked (PING when nothing was heard for ``sync_interval``, a PONG within the store's
+  timeout) and replaced when it goes quiet.
+* Background loops end once their task is being cancelled, even when a library below them
+  loses the ``CancelledError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, cast
+
+from redis.exceptions import ResponseError
+
+from ..errors import StoreUnavailableError
+from ..events import Event, SubscriberReplaced
+from .redis_breaker import SharedBreakerCore
+from .redis_primitives import (
+    BadReply,
+    Outcomes,
+    ProbeReply,
+    Release,
+    Report,
+    Transition,
+    is_noscript,
+    key,
+    outage,
+    parse_flush,
+    parse_message,
+    parse_probe,
+    parse_report,
+    parse_transition,
+)
+from .redis_supervisor import LoopLate, Supervisor
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from weakref import WeakValueDictionary
+
+    from ..clock import Clock
+
+__all__ = ["SyncEngine"]
+
+logger = logging.getLogger("resilience.redis")
+
+_REGISTER_EVERY = 10.0  # seconds: a name in use is added to the registry again this often
+_MAX_LATE_RETRIES = 3  # rounds retried at once when the loop, not Redis, was late
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (even if a library lost the error)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class SyncEngine:
+    """Keeps a store's shared breakers in sync with Redis (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        client: Any,
+        scripts: dict[str, Any],
+        supervisor: Supervisor,
+        prefix: str,
+        replica: Callable[[], str],
+        sync_interval: float,
+        strict: bool,
+        ttl_ms: int,
+        forget_after: float,
+        clock: Clock,
+        fake_time: bool,
+        cores: WeakValueDictionary[str, SharedBreakerCore],
+        emit: Callable[[Event], None],
+        cluster: bool,
+    ) -> None:
+        self.client = client
+        self.scripts = scripts
+        self.supervisor = supervisor
+        self.prefix = prefix
+        self.channel = f"{prefix}:events"
+        self._replica = replica
+        self.sync_interval = sync_interval
+        self.strict = strict
+        self.ttl_ms = ttl_ms
+        self.forget_after = forget_after
+        self.clock = clock
+        self._fake_time = fake_time
+        self.cores = cores  # every live core, by name (a miss costs one dict lookup)
+        self._emit = emit
+        self._cluster = cluster
+        self._seq = 0
+        self._marked: dict[SharedBreakerCore, None] = {}  # cores in the next round, in order
+        self._recent: OrderedDict[str, tuple[float, SharedBreakerCore]] = OrderedDict()
+        self._ops: list[tuple[SharedBreakerCore, Report | Release]] = []
+        self._orphans: list[tuple[str, str]] = []  # (key, lease) to give back
+        self._registered: dict[str, float] = {}
+        self._unregistered: set[str] = set()
+        self._wake = asyncio.Event()
+        self._round_done: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._late_retries = 0
+
+    # --- the Engine protocol (what a shared core asks) ------------------------------------
+    @property
+    def degraded(self) -> bool:
+        """Whether the store is running on local state."""
+        return self.supervisor.degraded
+
+    def mark(self, core: SharedBreakerCore) -> None:
+        """``core`` joins the next round; it stays in memory for ``forget_after`` from now."""
+        core.marked = True
+        self._marked[core] = None
+        name = core.name
+        now = self.clock.monotonic()
+        recent = self._recent
+        if name in recent:
+            recent.move_to_end(name)
+        recent[name] = (now, core)
+        self.register(name, now)
+        self.start()
+        if not self._wake.is_set() and self._timer_idle:
+            self._wake_later()
+
+    def wake(self) -> None:
+        """Run a round now."""
+        self.start()
+        self._wake.set()
+
+    def enqueue(self, core: SharedBreakerCore, op: Report | Release) -> None:
+        """A probe report or a lease release, sent with a round started now."""
+        self._ops.append((core, op))
+        self.wake()
+
+    async def probe(self, core: SharedBreakerCore, lease: int) -> ProbeReply:
+        """A fleet-wide probe lease for ``core`` (moving OPEN to HALF_OPEN if it is time)."""
+        config = core.config
+        reply = parse_probe(
+            await self.call(
+                self.scripts["probe"](
+                    keys=core.keys,
+                    args=[
+                        core.gen,
+                        config.half_open_calls,
+                        int(config.probe_lease * 1000),
+                        f"{self._replica()}:{lease}",
+                        self.now_arg(),
+                        self.ttl_ms,
+                        self.channel,
+                        core.name,
+                    ],
+                )
+            )
+        )
+        self._reset_seen(core, reply.fleet.reset)
+        core.adopt(reply.fleet, self.clock.monotonic())
+        return reply
+
+    async def transition(self, core: SharedBreakerCore, wanted: Transition) -> None:
+        """Apply ``wanted`` in Redis and let ``core`` adopt the outcome."""
+        script = self.scripts["transition"]
+        reply = parse_transition(
+            await self.call(script(keys=core.keys, args=self._cas(core, wanted)))
+        )
+        self._reset_seen(core, reply.fleet.reset)
+        core.adopt(reply.fleet, self.clock.monotonic())
+
+    async def commit(self) -> None:
+        """Strict mode: wait until the outcomes buffered so far are stored."""
+        if self.degraded:
+            return
+        await asyncio.shield(self.next_round())
+
+    # --- helpers --------------------------------------------------------------------------
+    async def call(self, awaitable: Any) -> Any:
+        """One Redis call through the supervisor (bounded; failures degrade the store)."""
+        self.start()
+        return await self.supervisor.call(awaitable)
+
+    def now_arg(self) -> str:
+        """The time scripts use: "" (the server's TIME), or a fake clock's, in ms."""
+        return repr(self.clock.monotonic() * 1000) if self._fake_time else ""
+
+    def register(self, name: str, now: float | None = None) -> None:
+        """Keep ``name`` in the fleet's registry while it is used (re-added every 10 s)."""
+        if now is None:
+            now = self.clock.monotonic()
+        last = self._registered.get(name)
+        if last is None or now - last >= _REGISTER_EVERY:
+            self._registered[name] = now
+            self._unregistered.add(name)
+
+    def orphan(self, lease_key: str, lease: str) -> None:
+        """A permit whose grant or return was lost: given back when Redis answers."""
+        self._orphans.append((lease_key, lease))
+
+    def _reset_seen(self, core: SharedBreakerCore, reset: int) -> None:
+        if reset:
+            from ..events import StoreDataReset
+
+            logger.warning("breaker %r: unparsable data in Redis was reset", core.name)
+            self._emit(StoreDataReset(name=core.name, key=core.keys[0]))
+
+    def _cas(self, core: SharedBreakerCore, t: Transition) -> list[Any]:
+        from ..circuit_state import open_duration
+
+        open_ms = int(open_duration(core.config, t.reopens) * 1000)
+        return [
+            t.expected,
+            t.new.value,
+            open_ms,
+            t.reopens,
+            self.now_arg(),
+            self.ttl_ms,
+            self.channel,
+            core.name,
+            "1" if t.force else "0",
+            *t.opened_by,
+        ]
+
+    # --- background work ------------------------------------------------------------------
+    _timer_idle = True
+
+    def start(self) -> None:
+        """Start the flusher and the subscriber on the running loop (once per loop)."""
+        if self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._loop is loop and self._tasks:
+            return
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._round_done = None
+        self._timer_idle = True
+        self._tasks = [
+            loop.create_task(self._flusher(), name=f"resilience-flush-{self.prefix}"),
+            loop.create_task(self._subscriber(), name=f"resilience-sub-{self.prefix}"),
+        ]
+
+    def _wake_later(self) -> None:
+        """A round ``sync_interval`` after the last one started (news is waiting)."""
+        if self._loop is None:
+            return
+        self._timer_idle = False
+        delay = max(0.0, self._last_start + self.sync_interval - self.clock.monotonic())
+        self._timer = self.clock.call_later(delay, self._timer_fired)
+        self._timer_due = self.clock.monotonic() + delay
+
+    _last_start = float("-inf")
+    _timer_due = 0.0
+    _timer: Any = None
+
+    def _timer_fired(self) -> None:
+        self._timer_idle = True
+        self.supervisor.loop_lag = max(0.0, self.clock.monotonic() - self._timer_due)
+        self._wake.set()
+
+    def next_round(self) -> asyncio.Future[None]:
+        """A future resolved when the next round (started after now) has finished."""
+        self.start()
+        if self._round_done is None:
+            self._round_done = asyncio.get_running_loop().create_future()
+        self._wake.set()
+        return self._round_done
+
+    def read_all(self) -> None:
+        """Every breaker in memory reads the fleet's state in the next round."""
+        for _, core in list(self._recent.values()):
+            self.mark(core)
+        for core in list(self.cores.values()):
+            if not core.marked:
+                self.mark(core)
+
+    async def _flusher(self) -> None:
+        backoff = self.sync_interval
+        while not self._closed and not _cancelling():
+            if self.degraded:
+                timer = self.clock.call_later(backoff, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
+            else:
+                await self._wake.wait()
+            if _cancelling():
+                return
+            self._wake.clear()
+            self._last_start = self.clock.monotonic()
+            done, self._round_done = self._round_done, None
+            try:
+                if self.degraded:
+                    if await self.supervisor.reconnect():
+                        backoff = self.sync_interval
+                        self.read_all()
+                    else:
+                        backoff = min(backoff * 2, 2.0)
+                        continue
+                await self.round()
+                self._forget_idle()
+            except Exception:  # never let the flusher die
+                logger.exception("resilience flush round failed")
+            finally:  # waiters (sync, strict commits) go on even if the round failed
+                if done is not None and not done.done():
+                    done.set_result(None)
+            if (self._marked or self._ops or self._orphans) and self._timer_idle:
+                self._wake_later()
+
+    def _forget_idle(self) -> None:
+        """Drop the strong reference to breakers unused for ``forget_after`` (O(dropped))."""
+        recent = self._recent
+        horizon = self.clock.monotonic() - self.forget_after
+        while recent:
+            name, (used, core) = next(iter(recent.items()))
+            if used > horizon or core.marked or core.has_news():
+                break
+            del recent[name]
+            self._registered.pop(name, None)
+
+    async def round(self, again: bool = True) -> None:
+        """One flush round (see the module docstring)."""
+        marked, self._marked = self._marked, {}
+        ops, self._ops = self._ops, []
+        names, self._unregistered = self._unregistered, set()
+        orphans, self._orphans = self._orphans, []
+        if not marked and not ops and not names and not orphans:
+            return
+        self._seq += 1
+        seq = self._seq
+        flushes: list[tuple[SharedBreakerCore, Outcomes]] = []
+        pushes: list[tuple[SharedBreakerCore, Transition]] = []
+        for core in marked:
+            flushes.extend((core, o) for o in core.take_outcomes(seq))
+            wanted = core.wanted()
+            if wanted is not None:
+                pushes.append((core, wanted))
+        commands = self._commands(flushes, pushes, ops, names, orphans)
+        try:
+            replies = await self._send(commands)
+        except LoopLate:
+            self._requeue(marked, ops, names, orphans)
+            self._late_retries += 1
+            if self._late_retries <= _MAX_LATE_RETRIES:
+                self._wake.set()  # Redis may well have answered: try again at once
+            return
+        except Exception as exc:  # the flushes stay unacknowledged: sent again later
+            self._requeue(marked, ops, names, orphans)
+            reason = outage(exc)
+            if reason is None:
+                raise
+            self.supervisor.fail(exc, reason)
+            return
+        self._late_retries = 0
+        received = self.clock.monotonic()
+        failure: BaseException | None = None
+        noscript = False
+        later: list[tuple[SharedBreakerCore, Transition]] = []
+        pushing = {core for core, _ in pushes}
+        i = 0
+        for core, sent in flushes:
+            reply = replies[i]
+            i += 1
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                flushed = parse_flush(reply)
+            except Exception as exc:
+                noscript, failure = self._failed(exc, noscript, failure)
+                self.mark(core)
+                continue
+            self._reset_seen(core, flushed.fleet.reset)
+            wanted = core.on_flush(sent, flushed, received, core in pushing)
+            if wanted is not None:
+                later.append((core, wanted))
+        for core, _ in pushes:
+            reply = replies[i]
+            i += 1
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                moved = parse_transition(reply)
+            except Exception as exc:
+                noscript, failure = self._failed(exc, noscript, failure)
+                self.mark(core)
+                continue
+            self._reset_seen(core, moved.fleet.reset)
+            core.adopt(moved.fleet, received)
+        for core, op in ops:
+            reply = replies[i]
+            i += 1
+            if isinstance(op, Release):
+                if isinstance(reply, Exception):
+                    noscript, failure = self._failed(reply, noscript, failure)
+                    self._ops.append((core, op))
+                continue
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                counted = parse_report(reply)
+            except Exception as exc:
+                noscript, failure = self._failed(exc, noscript, failure)
+                self._ops.append((core, op))
+                continue
+            wanted = core.on_report(op, counted)
+            if wanted is not None:
+                later.append((core, wanted))
+        for reply, item in zip(replies[i:], orphans, strict=False):
+            if isinstance(reply, Exception):
+                noscript, failure = self._failed(reply, noscript, failure)
+                self._orphans.append(item)
+        if later:
+            await self._apply(later)
+        if failure is not None:
+            self._unregistered |= names
+            self.supervisor.fail(failure)
+            return
+        if noscript:
+            await self._load_scripts()
+            if again:
+                await self.round(again=False)
+
+    def _failed(
+        self, exc: BaseException, noscript: bool, failure: BaseException | None
+    ) -> tuple[bool, BaseException | None]:
+        """One command's error: NOSCRIPT is ours to fix; anything else is an outage."""
+        if is_noscript(exc):
+            return True, failure
+        if outage(exc) is None:
+            exc = BadReply(repr(exc))
+        return noscript, failure or exc
+
+    def _requeue(
+        self,
+        marked: dict[SharedBreakerCore, None],
+        ops: list[tuple[SharedBreakerCore, Report | Release]],
+        names: set[str],
+        orphans: list[tuple[str, str]],
+    ) -> None:
+        for core in marked:
+            core.marked = True
+            self._marked[core] = None
+        self._ops[:0] = ops
+        self._unregistered |= names
+        self._orphans[:0] = orphans
+
+    async def _apply(self, wanted: list[tuple[SharedBreakerCore, Transition]]) -> None:
+        """Compare-and-set the transitions the cores asked for, in one pipeline."""
+        sha = self.scripts["transition"].sha
+        commands = [
+            ("evalsha", (sha, 3, *core.keys[:3], *self._cas(core, t))) for core, t in wanted
+        ]
+        try:
+            replies = await self._send(commands)
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            if not isinstance(exc, LoopLate):
+                self.supervisor.fail(exc)
+            for core, _ in wanted:
+                self.mark(core)
+            return
+        received = self.clock.monotonic()
+        for (core, _), reply in zip(wanted, replies, strict=True):
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                moved = parse_transition(reply)
+            except Exception as exc:
+                if is_noscript(exc):
+                    await self._load_scripts()
+                else:
+                    self.supervisor.fail(exc if outage(exc) else BadReply(repr(exc)))
+                self.mark(core)
+                continue
+            self._reset_seen(core, moved.fleet.reset)
+            core.adopt(moved.fleet, received)
+
+    async def _load_scripts(self) -> None:
+        """A server that does not know our scripts (restarted, failed over, a new node)."""
+        for script in self.scripts.values():
+            with contextlib.suppress(StoreUnavailableError):
+                await self.call(self.client.script_load(script.script))
+
+    def _commands(
+        self,
+        flushes: list[tuple[SharedBreakerCore, Outcomes]],
+        pushes: list[tuple[SharedBreakerCore, Transition]],
+        ops: list[tuple[SharedBreakerCore, Report | Release]],
+        names: set[str],
+        orphans: list[tuple[str, str]],
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        # EVALSHA straight away: redis-py's Script objects would add a SCRIPT EXISTS round
+        # trip to every pipeline; a NOSCRIPT reply is handled by the caller.
+        flush = self.scripts["flush"].sha
+        report = self.scripts["report"].sha
+        transition = self.scripts["transition"].sha
+        replica = self._replica()
+        now = self.now_arg()
+        commands: list[tuple[str, tuple[Any, ...]]] = []
+        for core, o in flushes:
+            args = (o.gen, o.calls, o.failures, o.slow, *core.window_args, now, self.ttl_ms)
+            commands.append(("evalsha", (flush, 4, *core.keys, *args, replica, o.seq)))
+        for core, t in pushes:
+            commands.append(("evalsha", (transition, 3, *core.keys[:3], *self._cas(core, t))))
+        for core, op in ops:
+            lease_id = f"{replica}:{op.lease}"
+            if isinstance(op, Report):
+                keys = (core.keys[0], core.keys[2])
+                args = (op.gen, lease_id, int(op.failed), int(op.slow))
+                commands.append(("evalsha", (report, 2, *keys, *args)))
+            else:
+                commands.append(("zrem", (core.keys[2], lease_id)))
+        for lease_key, lost in orphans:  # permits whose grant or return was lost
+            commands.append(("zrem", (key(self.prefix, lease_key, "leases"), lost)))
+        if names:
+            commands.append(("sadd", (f"{self.prefix}:names", *sorted(names))))
+            commands.append(("pexpire", (f"{self.prefix}:names", self.ttl_ms)))
+        return commands
+
+    async def _send(self, commands: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Run commands: one pipeline, or (a Cluster) all at once, node by node.
+
+        Replies come back in order, errors as exception objects; a round that cannot reach
+        Redis at all raises (``LoopLate`` when the event loop, not Redis, was late).
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        supervisor = self.supervisor
+        try:
+            async with asyncio.timeout(supervisor.timeout):
+                if self._cluster:
+                    if not supervisor.cluster_ready:
+                        await supervisor.init_cluster()
+                    replies = await asyncio.gather(
+                        *(getattr(self.client, cmd)(*argv) for cmd, argv in commands),
+                        return_exceptions=True,
+                    )
+                    for reply in replies:  # a node that cannot be reached fails the round
+                        if isinstance(reply, BaseException) and not isinstance(
+                            reply, ResponseError
+                        ):
+                            raise reply
+                    return list(replies)
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for cmd, argv in commands:
+                        getattr(pipe, cmd)(*argv)
+                    return cast(list[Any], await pipe.execute(raise_on_error=False))
+        except TimeoutError as exc:
+            if supervisor.late(loop, started):
+                raise LoopLate(f"the event loop was {supervisor.loop_lag:.3f}s late") from exc
+            raise
+
+    # --- the subscriber -------------------------------------------------------------------
+    async def _subscriber(self) -> None:
+        backoff = 0.05
+        replaced = False
+        while not self._closed and not _cancelling():
+            try:
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    if replaced:
+                        self._emit(SubscriberReplaced(name=self.prefix))
+                        # what was published meanwhile: read it with the next round
+                        self.read_all()
+                        self.wake()
+                    backoff = 0.05
+                    await self._listen(pubsub)
+                    replaced = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("resilience subscriber reconnecting after %r", exc)
+                replaced = True
+            if self._closed or _cancelling():
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _listen(self, pubsub: Any) -> None:
+        """Apply messages until the connection goes quiet (no PONG in time) or fails."""
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        pinged: float | None = None
+        interval = self.sync_interval
+        timeout = self.supervisor.timeout
+        while not self._closed and not _cancelling():
+            now = loop.time()
+            if pinged is None and now - heard >= interval:
+                await pubsub.ping()
+                pinged = now
+            elif pinged is not None and now - pinged > timeout + interval:
+                if self.supervisor.late(loop, pinged + interval):
+                    pinged = None  # our loop was late, not the connection: ask again
+                    continue
+                logger.warning("resilience subscriber on %r went quiet: replaced", self.channel)
+                return
+            wait = interval if pinged is None else timeout
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            if message is None:
+                continue
+            heard = loop.time()
+            if message.get("type") == "pong":
+                pinged = None
+            elif message.get("type") == "message":
+                self.on_message(message.get("data"))
+
+    def on_message(self, data: Any) -> None:
+        """A published transition: adopted by the breaker if this replica holds it."""
+        try:
+            name, fleet = parse_message(data)
+        except BadReply:
+            logger.warning("ignored an unparsable message on %r: %r", self.channel, data)
+            return
+        core = self.cores.get(name)
+        if core is not None:
+            core.adopt(fleet, self.clock.monotonic())
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def aclose(self, last_round: float) -> None:
+        """A last round (if Redis answers within ``last_round`` s), then stop the tasks."""
+        if self._closed:
+            return
+        if self._tasks and not self.degraded:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.next_round()), last_round)
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def forked(self) -> None:
+        """In a forked child: nothing of the parent's background work or buffers is ours."""
+        self._tasks = []
+        self._loop = None
+        self._timer = None
+        self._round_done = None
+        self._timer_idle = True
+        self._ops = []
+        self._orphans = []
+        self._marked = {}
+        self._registered = {}
+        self._unregistered = set()
+        for core in list(self.cores.values()):
+            core.pending = [0, 0, 0]
+            core.unacked = []
+            core.marked = False
+        self._late_retries = 0
+        self._wake = asyncio.Event()

@@ -470,7 +470,7 @@ async def test_redis_refusing_connections(rig_factory: Callable[..., Any], full:
 
 
 async def test_store_reconnects_while_redis_is_still_slow(redis_server: RedisServer) -> None:
-    """After a cut, a store whose Redis answers in 100 ms (timeout 250 ms) reconnects."""
+    """A degraded store whose Redis answers in 100 ms (timeout 250 ms) reconnects."""
     events: list[Event] = []
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
         store = RedisStore.from_url(
@@ -480,14 +480,15 @@ async def test_store_reconnects_while_redis_is_still_slow(redis_server: RedisSer
             b = breaker(store)
             await b.call(ok)
             await store.sync()
-            proxy.latency = 0.05  # a command's round trip: ~100 ms, well inside 250 ms
-            await store.sync()
-            proxy.cut()
+            proxy.blackhole = True
             start = time.monotonic()
             while not store.degraded and time.monotonic() - start < 5:
                 await b.call(ok)
                 await asyncio.sleep(0.01)
             assert store.degraded
+            proxy.blackhole = False
+            proxy.latency = 0.05  # a command's round trip: ~100 ms, well inside 250 ms
+            proxy.cut()  # every connection is new from here on
             start = time.monotonic()
             while store.degraded and time.monotonic() - start < 2.5:
                 await b.call(ok)  # still served locally, at once

@@ -132,9 +132,7 @@ class SyncEngine:
             recent.move_to_end(name)
         recent[name] = (now, core)
         self.register(name, now)
-        self.start()
-        if not self._wake.is_set() and self._timer_idle:
-            self._wake_later()
+        self._soon()
 
     def wake(self) -> None:
         """Run a round now."""
@@ -203,10 +201,18 @@ class SyncEngine:
         if last is None or now - last >= _REGISTER_EVERY:
             self._registered[name] = now
             self._unregistered.add(name)
+            self._soon()
+
+    def _soon(self) -> None:
+        """Make sure a round runs within ``sync_interval`` (news is waiting)."""
+        self.start()
+        if not self._wake.is_set() and self._timer_idle:
+            self._wake_later()
 
     def orphan(self, lease_key: str, lease: str) -> None:
         """A permit whose grant or return was lost: given back when Redis answers."""
         self._orphans.append((lease_key, lease))
+        self._soon()
 
     def _reset_seen(self, core: SharedBreakerCore, reset: int) -> None:
         if reset:
@@ -290,9 +296,11 @@ class SyncEngine:
 
     async def _flusher(self) -> None:
         backoff = self.sync_interval
+        next_try = 0.0  # degraded: no reconnect attempt before this (backoff, up to 2 s)
         while not self._closed and not _cancelling():
             if self.degraded:
-                timer = self.clock.call_later(backoff, self._wake.set)
+                delay = max(0.0, next_try - self.clock.monotonic())
+                timer = self.clock.call_later(delay, self._wake.set)
                 try:
                     await self._wake.wait()
                 finally:
@@ -302,15 +310,18 @@ class SyncEngine:
             if _cancelling():
                 return
             self._wake.clear()
-            self._last_start = self.clock.monotonic()
+            self._last_start = now = self.clock.monotonic()
             done, self._round_done = self._round_done, None
             try:
                 if self.degraded:
+                    if now < next_try:
+                        continue  # woken by news: it waits for Redis, calls do not
                     if await self.supervisor.reconnect():
                         backoff = self.sync_interval
                         self.read_all()
                     else:
                         backoff = min(backoff * 2, 2.0)
+                        next_try = self.clock.monotonic() + backoff
                         continue
                 await self.round()
                 self._forget_idle()
@@ -319,8 +330,8 @@ class SyncEngine:
             finally:  # waiters (sync, strict commits) go on even if the round failed
                 if done is not None and not done.done():
                     done.set_result(None)
-            if (self._marked or self._ops or self._orphans) and self._timer_idle:
-                self._wake_later()
+            if self._marked or self._ops or self._orphans or self._unregistered:
+                self._soon()
 
     def _forget_idle(self) -> None:
         """Drop the strong reference to breakers unused for ``forget_after`` (O(dropped))."""
@@ -597,6 +608,7 @@ class SyncEngine:
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged: float | None = None
+        lagging = False
         interval = self.sync_interval
         timeout = self.supervisor.timeout
         while not self._closed and not _cancelling():
@@ -604,15 +616,21 @@ class SyncEngine:
             if pinged is None and now - heard >= interval:
                 await pubsub.ping()
                 pinged = now
-            elif pinged is not None and now - pinged > timeout + interval:
-                if self.supervisor.late(loop, pinged + interval):
-                    pinged = None  # our loop was late, not the connection: ask again
+            elif pinged is not None and now - pinged > timeout:
+                if lagging:  # our loop was late, not the connection: ask again
+                    pinged, lagging = None, False
                     continue
                 logger.warning("resilience subscriber on %r went quiet: replaced", self.channel)
+                # the same Redis answers our commands: an idle store learns it is away too
+                self.supervisor.fail(TimeoutError(f"no PONG on pub/sub within {timeout}s"))
                 return
-            wait = interval if pinged is None else timeout
+            wait = interval if pinged is None else max(0.001, pinged + timeout - now)
+            before = loop.time()
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
             if message is None:
+                late = loop.time() - before - wait
+                lagging = late > max(0.05, timeout / 2)
+                self.supervisor.loop_lag = max(0.0, late)
                 continue
             heard = loop.time()
             if message.get("type") == "pong":

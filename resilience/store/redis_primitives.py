@@ -8,11 +8,12 @@ means that the store is unavailable. It knows nothing of breakers' rules or of b
 from __future__ import annotations
 
 import math
+import re
 from importlib import resources
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
 from ..circuit_state import CircuitState
 
@@ -29,6 +30,7 @@ __all__ = [
     "ReportReply",
     "Transition",
     "TransitionReply",
+    "error_code",
     "is_noscript",
     "is_readonly",
     "key",
@@ -80,9 +82,41 @@ def is_noscript(exc: BaseException) -> bool:
     return isinstance(exc, NoScriptError)
 
 
+_CODE = re.compile(r"(?:^|\s-)([A-Z][A-Z_]{2,})\s")
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The Redis error code of an error reply (``READONLY``, ``OOM``, ``NOPERM``, ...).
+
+    An error raised inside one of our scripts arrives wrapped ("Error running script ...
+    -READONLY You can't write..."); redis-py maps bare replies to classes and strips the code.
+    """
+    if isinstance(exc, ReadOnlyError):
+        return "READONLY"
+    by_class = {
+        "OutOfMemoryError": "OOM",
+        "NoPermissionError": "NOPERM",
+        "BusyLoadingError": "LOADING",
+        "AuthenticationError": "NOAUTH",
+        "ClusterDownError": "CLUSTERDOWN",
+        "TryAgainError": "TRYAGAIN",
+        "MasterDownError": "MASTERDOWN",
+        "MovedError": "MOVED",
+        "AskError": "ASK",
+    }.get(type(exc).__name__)
+    if by_class is not None:
+        return by_class
+    if isinstance(exc, ResponseError):
+        message = str(exc)
+        wrapped = message.rfind(": -")
+        match = _CODE.search(message[wrapped + 1 :] if wrapped >= 0 else message + " ")
+        return match.group(1) if match else "ERR"
+    return None
+
+
 def is_readonly(exc: BaseException) -> bool:
     """READONLY: we are talking to a replica; connections must be dropped to find the primary."""
-    return isinstance(exc, ReadOnlyError)
+    return error_code(exc) == "READONLY"
 
 
 def outage(exc: BaseException) -> str | None:
@@ -96,8 +130,12 @@ def outage(exc: BaseException) -> str | None:
         return None
     if isinstance(exc, (RedisError, OSError, TimeoutError, EOFError)):
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        name = type(exc).__name__
-        return f"{name}: {detail}" if detail else name
+        if ": -" in detail:  # an error inside a script: keep the reply itself
+            detail = detail[detail.rfind(": -") + 3 :]
+        name = error_code(exc) or type(exc).__name__
+        if detail.startswith(name):
+            return detail[:300]
+        return f"{name}: {detail}"[:300] if detail else name
     return None
 
 

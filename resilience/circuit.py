@@ -28,7 +28,7 @@ from .circuit_state import (
 )
 from .clock import Clock
 from .errors import CircuitOpenError
-from .events import CallRejected, Listener, emit
+from .events import CallRejected, Listener, StateChanged, emit
 from .policy import (
     BasePolicy,
     ExceptionFilter,
@@ -42,7 +42,7 @@ from .policy import (
 from .windows import CountCounter, CountWindow, TimeWindow, WindowSpec
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .store.protocol import Store
 
 __all__ = [
     "CLOSED",
@@ -171,6 +171,17 @@ class CircuitBreaker(BasePolicy):
     async def reset(self) -> None:
         """Close the breaker and forget its window."""
         await self._core.control(CLOSED, self._clock.monotonic())
+
+    def _transitioned(self, core: BreakerCore, old: CircuitState, new: CircuitState) -> None:
+        """The core moved: tell this breaker's listeners."""
+        event = StateChanged(
+            name=core.name,
+            old=old,
+            new=new,
+            generation=core.gen,
+            open_for=core.open_for if new is OPEN else None,
+        )
+        emit(self._listeners, event)
 
     def _reject(self, error: CircuitOpenError) -> None:
         if self._listeners:

@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 from .clock import Clock
 from .errors import CircuitOpenError
-from .events import Listener, StateChanged, emit
 from .policy import check_int, check_ratio, check_seconds
 from .windows import Counter, CountWindow, TimeWindow, WindowSpec
 
@@ -44,9 +43,12 @@ __all__ = [
 
 
 class Front(Protocol):
-    """What a core needs of the policy objects using it: their listeners."""
+    """What a core needs of the policy objects using it (``CircuitBreaker``)."""
 
-    _listeners: tuple[Listener, ...]
+    _listeners: tuple[object, ...]  #: the object's listeners; empty: nothing to tell
+
+    def _transitioned(self, core: BreakerCore, old: CircuitState, new: CircuitState) -> None:
+        """``core`` moved from ``old`` to ``new``."""
 
 
 class CircuitState(enum.Enum):
@@ -341,18 +343,10 @@ class BreakerCore:
         self._announce(old, new)
 
     def _announce(self, old: CircuitState, new: CircuitState) -> None:
-        """Tell the listeners of every breaker object using this core."""
-        if any(front._listeners for front in self.fronts):
-            event = StateChanged(
-                name=self.name,
-                old=old,
-                new=new,
-                generation=self.gen,
-                open_for=self.open_for if new is OPEN else None,
-            )
-            for front in list(self.fronts):
-                if front._listeners:
-                    emit(front._listeners, event)
+        """Tell every breaker object using this core (each tells its listeners)."""
+        for front in list(self.fronts):
+            if front._listeners:
+                front._transitioned(self, old, new)
 
     def counts(self, now: float) -> tuple[int, int, int]:
         """What the state counts now: the window's calls, failures and slow calls, or while

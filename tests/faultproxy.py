@@ -81,6 +81,7 @@ class Connection:
         self.held_down = 0  # bytes read from the target (a reply in flight), not yet delivered
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = False
+        self.muted = False  # its traffic vanishes both ways (a connection dead without a reset)
 
     def close(self, *, reset: bool = True) -> None:
         """Reset both sockets now (``reset=False``: a graceful close); the pumps end."""
@@ -366,7 +367,7 @@ class FaultProxy:
                     self._note_up(conn, data)
                     if conn.closed:
                         break
-                if faults.blackhole:
+                if faults.blackhole or conn.muted:
                     continue
                 delay = faults.latency
                 if faults.jitter:

@@ -10,7 +10,7 @@ from ..circuit_state import BreakerConfig, BreakerCore, CircuitState
 from ..clock import SYSTEM_CLOCK, Clock
 from ..policy import check_int, check_name, check_seconds
 from ..ratelimit import gcra
-from ..status import PolicyStatus
+from .protocol import PolicyStatus
 
 __all__ = ["MemoryStore"]
 

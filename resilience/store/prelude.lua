@@ -1,8 +1,9 @@
 -- Shared by every breaker script (prepended to each).
--- now_ms(arg): the caller's time if given (a store on a fake clock), else the server's TIME.
+-- now_ms(arg): the caller's time if given (a store on a fake clock), else the server's TIME;
+-- whole milliseconds either way.
 local function now_ms(arg)
   local n = tonumber(arg)
-  if n then return n end
+  if n then return math.floor(n) end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end

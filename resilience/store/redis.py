@@ -50,7 +50,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import StoreUnavailableError
 from ..events import Event, Listener, StoreDataReset, check_listeners, emit
 from ..policy import check_int, check_name, check_seconds
-from ..status import PolicyStatus
+from .protocol import PolicyStatus
 from .redis_breaker import SharedBreakerCore
 from .redis_primitives import SCRIPTS, Transition, key, number, real, script_source, text
 from .redis_status import SUFFIXES, local_status, parse_entry

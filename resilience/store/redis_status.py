@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..circuit_state import OPEN, BreakerCore
-from ..status import PolicyStatus, ReplicaReport
+from .protocol import PolicyStatus, ReplicaReport
 from .redis_primitives import BY_VALUE, BadReply, number, real, text
 
 __all__ = ["SUFFIXES", "local_status", "parse_entry"]

@@ -121,17 +121,19 @@ class SyncEngine:
         """Whether the store is running on local state."""
         return self.supervisor.degraded
 
-    def mark(self, core: SharedBreakerCore) -> None:
-        """``core`` joins the next round; it stays in memory for ``forget_after`` from now."""
+    def mark(self, core: SharedBreakerCore, *, used: bool = True) -> None:
+        """``core`` joins the next round; ``used``: it stays in memory for ``forget_after``
+        from now (a refresh alone does not keep a breaker)."""
         core.marked = True
         self._marked[core] = None
-        name = core.name
-        now = self.clock.monotonic()
-        recent = self._recent
-        if name in recent:
-            recent.move_to_end(name)
-        recent[name] = (now, core)
-        self.register(name, now)
+        if used:
+            name = core.name
+            now = self.clock.monotonic()
+            recent = self._recent
+            if name in recent:
+                recent.move_to_end(name)
+            recent[name] = (now, core)
+            self.register(name, now)
         self._soon()
 
     def wake(self) -> None:
@@ -288,11 +290,9 @@ class SyncEngine:
 
     def read_all(self) -> None:
         """Every breaker in memory reads the fleet's state in the next round."""
-        for _, core in list(self._recent.values()):
-            self.mark(core)
         for core in list(self.cores.values()):
             if not core.marked:
-                self.mark(core)
+                self.mark(core, used=False)
 
     async def _flusher(self) -> None:
         backoff = self.sync_interval

@@ -323,3 +323,68 @@ async def test_status_says_what_opened_a_breaker(
     await settle()
     (pay,) = [p for p in await status(replica()) if p.name == "payments"]
     assert pay.opened_by is None
+
+
+# --- a replica's own outcomes, and what a shared window covers -------------------------------
+
+_SEQUENCES = {
+    "all failures": [False] * 30,
+    "mixed": [True, False, False, True, False, True, False, False, False, True] * 3,
+    "after a full window of successes": [True] * 10 + [False] * 20,
+}
+
+
+@pytest.mark.parametrize("yielding", [False, True])
+@pytest.mark.parametrize("sequence", list(_SEQUENCES))
+async def test_the_first_rejection_matches_an_in_process_breaker(
+    store: Store, clock: FakeClock, sequence: str, yielding: bool
+) -> None:
+    """The same calls are first rejected at the same call on every store, whether or not the
+    failures yield to the event loop (so no flush runs in between)."""
+    outcomes = _SEQUENCES[sequence]
+
+    async def first_rejection(b: CircuitBreaker) -> int | None:
+        for i, good in enumerate(outcomes):
+
+            async def call(good: bool = good) -> str:
+                if yielding:
+                    await asyncio.sleep(0)
+                if not good:
+                    raise ValueError("boom")
+                return "ok"
+
+            try:
+                await b.call(call)
+            except CircuitOpenError:
+                return i
+            except ValueError:
+                pass
+        return None
+
+    options = {"window": CountWindow(10), "minimum_calls": 10, "failure_ratio": 0.5}
+    alone = CircuitBreaker("dep", clock=clock, open_for=10.0, **options)  # type: ignore[arg-type]
+    expected = await first_rejection(alone)
+    assert expected is not None
+    shared = breaker(store, **options)
+    assert await first_rejection(shared) == expected
+
+
+async def test_a_shared_time_window_covers_what_an_in_process_one_covers(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """TimeWindow(1.5, 1000): failures 1.2 s apart on two replicas are both in the window."""
+    from resilience import TimeWindow
+
+    options = {"window": TimeWindow(1.5, 1000), "minimum_calls": 2}
+    a = breaker(store, **options)
+    b = breaker(replica(), **options)
+    clock.advance(100.0004)  # off any bucket boundary
+    with pytest.raises(ValueError):
+        await a.call(boom)
+    await settle()
+    clock.advance(1.2)
+    with pytest.raises(ValueError):
+        await b.call(boom)
+    await settle()
+    assert a.state is CircuitState.OPEN
+    assert b.state is CircuitState.OPEN

@@ -1,0 +1,125 @@
+"""The Store protocol, and the small records a store returns to status tools.
+
+This module imports no store and no policy, so policies, stores and status tools can all
+refer to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ..circuit_state import CircuitState
+
+if TYPE_CHECKING:
+    from ..circuit_state import BreakerConfig, BreakerCore
+    from ..clock import Clock
+
+__all__ = ["PolicyStatus", "ReplicaReport", "Store"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaReport:
+    """One replica's reports on a shared breaker: when it last flushed, and the outcomes it
+    has flushed in all (since it started, or since it was silent for ten minutes)."""
+
+    replica: str
+    last_seen: float  #: seconds ago
+    calls: int
+    failures: int
+    slow_calls: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyStatus:
+    """A policy as its store sees it.
+
+    ``kind`` is ``"circuit_breaker"``, ``"bulkhead"`` (fleet-wide leases),
+    ``"rate_limiter"`` or ``"retry_budget"``; or ``"damaged"`` when what the store holds under
+    that name does not parse (``damaged`` says why). Breaker fields are ``None`` / 0 for
+    other kinds.
+    """
+
+    name: str
+    kind: str
+    state: CircuitState | None = None
+    generation: int | None = None
+    calls: int = 0
+    failures: int = 0
+    slow_calls: int = 0
+    retry_after: float | None = None  #: seconds until an open breaker may probe
+    probes: int = 0  #: half-open probe leases held
+    in_flight: int | None = None  #: leases held (bulkhead)
+    tokens: float | None = None  #: retry budget tokens
+    replicas: tuple[ReplicaReport, ...] = ()
+    local: bool = False  #: this replica's own view (its shared store could not be reached)
+    #: an open breaker: the calls, failures and slow calls that opened it
+    opened_by: tuple[int, int, int] | None = None
+    #: why this entry could not be read (kind ``"damaged"``), else ``None``
+    damaged: str | None = None
+
+    @property
+    def failure_ratio(self) -> float:
+        """Failures over calls in the window (0.0 when empty)."""
+        return self.failures / self.calls if self.calls else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (state as its string value)."""
+        data = asdict(self)
+        data["state"] = None if self.state is None else self.state.value
+        data["failure_ratio"] = self.failure_ratio
+        data["opened_by"] = None if self.opened_by is None else list(self.opened_by)
+        return data
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What policies need from shared state."""
+
+    clock: Clock
+
+    @property
+    def degraded(self) -> bool:
+        """True while the store cannot reach its backend; policies then go local at once."""
+
+    def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
+        """The core of breaker ``name``: created on first use, the same object afterwards.
+
+        Raises ``ValueError`` if ``name`` exists with a different configuration.
+        """
+
+    def names(self) -> list[str]:
+        """The names of the policies this store knows, sorted."""
+
+    async def acquire_lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        """Take one of ``limit`` permits under ``key`` for ``ttl`` seconds, or ``None``."""
+
+    async def release_lease(self, key: str, lease: str) -> bool:
+        """Give a permit back; ``False`` if it had expired (or was never taken)."""
+
+    async def count_leases(self, key: str) -> int:
+        """How many unexpired permits are held under ``key``."""
+
+    async def rate_take(self, key: str, *, interval: float, burst: int) -> float:
+        """Take a token from the GCRA bucket ``key``: 0.0 if taken, else seconds to wait."""
+
+    async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
+        """Add ``delta`` to the token count ``key`` (starting full), clamped to [0, maximum]."""
+
+    async def cache_get(self, key: str, item: str) -> bytes | None:
+        """The value cached under ``item`` for policy ``key``, or ``None``."""
+
+    async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
+        """Cache ``value`` under ``item`` for policy ``key`` for ``ttl`` seconds."""
+
+    async def status(self) -> list[PolicyStatus]:
+        """Every policy this store knows, with its state and figures (for status tools)."""
+
+    async def control(self, name: str, state: CircuitState) -> None:
+        """Force breaker ``name`` CLOSED, FORCED_OPEN or DISABLED (``KeyError`` if unknown)."""
+
+    async def sync(self) -> None:
+        """Push buffered outcomes and pull the latest shared state (no-op when local)."""
+
+    async def aclose(self) -> None:
+        """Stop background work and release connections."""

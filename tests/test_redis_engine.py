@@ -1,0 +1,579 @@
+"""The shared-state engine at scale and in a real process's life (real redis-servers).
+
+Cost follows use (idle breakers cost nothing, forgotten ones come back with the fleet's
+state, status() in O(1) round trips), the window's representation, what Redis holds is
+range-checked, quiet connections and busy loops, forks, recovery, and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    StateChanged,
+    StoreDataReset,
+    StoreDegraded,
+)
+from resilience.events import Event, SubscriberReplaced
+from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
+
+from .faultproxy import FaultProxy
+from .redis_server import RedisServer
+
+_prefixes = itertools.count()
+
+
+async def ok() -> str:
+    return "ok"
+
+
+async def boom() -> None:
+    raise ValueError("boom")
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0, what: str = "") -> None:
+    """Wait (real time, generous bound) until ``condition()``."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < seconds, f"{what}: not within {seconds}s"
+        await asyncio.sleep(0.005)
+
+
+def prefix() -> str:
+    return f"eng{next(_prefixes)}-{os.getpid()}"
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def stores(redis_url: str) -> AsyncIterator[Callable[..., RedisStore]]:
+    made: list[RedisStore] = []
+
+    def make(**kw: Any) -> RedisStore:
+        kw.setdefault("prefix", prefix())
+        s = RedisStore.from_url(kw.pop("url", redis_url), **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.aclose()
+
+
+async def evalsha_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+# --- cost follows use ------------------------------------------------------------------------
+
+
+async def test_idle_breakers_cost_no_redis_command(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis, clock: FakeClock
+) -> None:
+    """500 breakers, synced once, then idle: time passes and no script runs; one in use
+    costs about one flush per round."""
+    store = stores(clock=clock)
+    breakers = [CircuitBreaker(f"b{i}", store=store) for i in range(500)]
+    for b in breakers:
+        await b.call(ok)
+    await store.sync()
+    before = await evalsha_calls(raw)
+    for _ in range(50):
+        clock.advance(1.0)
+        await asyncio.sleep(0)
+    assert await evalsha_calls(raw) == before
+    for _ in range(5):
+        await breakers[0].call(ok)
+        await store.engine.next_round()  # a round (not sync(), which reads every breaker)
+    used = await evalsha_calls(raw) - before
+    assert 1 <= used <= 10  # one breaker's flushes, not 500 breakers'
+
+
+async def test_a_forgotten_breaker_comes_back_with_the_fleets_state(
+    stores: Callable[..., RedisStore], clock: FakeClock
+) -> None:
+    """Unused for forget_after, a breaker leaves the replica's memory; its name brings back
+    the fleet's state (opened meanwhile by another replica)."""
+    name = prefix()
+    a = stores(clock=clock, forget_after=5.0, prefix=name)
+    b = stores(clock=clock, prefix=name)
+    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 60.0}
+    first = CircuitBreaker("dep", store=a, **options)
+    await first.call(ok)
+    await a.sync()
+    del first
+    clock.advance(10.0)
+    await a.sync()  # a round: the idle breaker is dropped
+    gc.collect()
+    assert "dep" not in a.names()
+    other = CircuitBreaker("dep", store=b, **options)
+    for _ in range(4):
+        with pytest.raises(ValueError):
+            await other.call(boom)
+    await b.sync()
+    assert other.state is CircuitState.OPEN
+    again = CircuitBreaker("dep", store=a, **options)
+    await a.sync()
+    assert again.state is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError):
+        await again.call(ok)
+
+
+async def test_status_reads_many_names_in_few_round_trips(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """status() of 1,200 names: a script call per 500 names, every name listed."""
+    store = stores()
+    for i in range(1200):
+        CircuitBreaker(f"s{i:04}", store=store)
+    await store.sync()
+    before = await evalsha_calls(raw)
+    listed = await store.status()
+    assert len(listed) == 1200
+    assert await evalsha_calls(raw) - before == 3
+    assert [s.name for s in await store.status(limit=10)] == [f"s{i:04}" for i in range(10)]
+
+
+async def test_one_damaged_entry_does_not_hide_the_others(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """A budget key holding text: that entry is reported damaged; the rest are shown."""
+    store = stores()
+    CircuitBreaker("good", store=store)
+    await store.sync()
+    await raw.set(store.key("bad", "budget"), "n/a")
+    await raw.sadd(f"{store.prefix}:names", "bad")
+    listed = {(s.name, s.kind): s for s in await store.status()}
+    assert ("good", "circuit_breaker") in listed
+    damaged = listed[("bad", "damaged")]
+    assert damaged.damaged
+    assert damaged.to_dict()["damaged"]
+
+
+async def test_the_registry_is_rebuilt_after_redis_loses_it(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis, clock: FakeClock
+) -> None:
+    """Names in use are registered again (every 10 s of use), with the registry's TTL."""
+    store = stores(clock=clock)
+    b = CircuitBreaker("dep", store=store)
+    await b.call(ok)
+    await store.sync()
+    assert "dep" in await store.known_names()
+    await raw.delete(f"{store.prefix}:names")  # Redis restarted empty, or the TTL ran out
+    clock.advance(11.0)
+    await b.call(ok)
+    await store.sync()
+    assert "dep" in await store.known_names()
+    assert await raw.pttl(f"{store.prefix}:names") > 0
+
+
+# --- the window in Redis -----------------------------------------------------------------
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    size=st.integers(1, 60),
+    chunks=st.lists(
+        st.integers(1, 25).flatmap(lambda c: st.tuples(st.just(c), st.integers(0, c))),
+        min_size=1,
+        max_size=12,
+    ),
+)
+async def test_the_count_window_keeps_the_newest_calls(
+    redis_url: str, size: int, chunks: list[tuple[int, int]]
+) -> None:
+    """Running totals match a model that keeps the newest ``size`` calls of the flushed
+    chunks (the oldest chunk cut pro rata), whatever the chunks."""
+    client = aioredis.Redis.from_url(redis_url)
+    store = RedisStore(client, prefix=prefix(), clock=FakeClock())
+    try:
+        engine = store.engine
+        flush = store._scripts["flush"]
+        keys = [store.key("w", s) for s in ("state", "win", "probes", "replicas")]
+        model: list[list[int]] = []
+        for seq, (calls, failures) in enumerate(chunks, 1):
+            reply = await flush(
+                keys=keys,
+                args=[0, calls, failures, 0, "c", size, 0, engine.now_arg(), 60_000, "r", seq],
+            )
+            fields = dict(zip(reply[::2], reply[1::2], strict=True))
+            model.append([calls, failures])
+            total = sum(c for c, _ in model)
+            while total > size:
+                c, f = model[0]
+                if total - c >= size:
+                    model.pop(0)
+                    total -= c
+                else:
+                    room = c - (total - size)
+                    model[0] = [room, math.floor(f * room / c + 0.5)]
+                    total = size
+            assert int(fields[b"calls"]) == sum(c for c, _ in model)
+            assert int(fields[b"failures"]) == sum(f for _, f in model)
+            assert int(fields[b"calls"]) <= size
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("gen", "nan"),
+        ("gen", "inf"),
+        ("gen", "1e300"),
+        ("open_until", "inf"),
+        ("open_until", "1e300"),
+        ("reopens", "nan"),
+        ("tc", "inf"),
+        ("tf", "-1"),
+    ],
+)
+async def test_numbers_out_of_range_are_reset_and_reported(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis, field: str, value: str
+) -> None:
+    """nan, inf and 1e300 are not numbers we wrote: reset, reported, and the breaker works."""
+    events: list[Event] = []
+    store = stores(listeners=[events.append])
+    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 0.2}
+    b = CircuitBreaker("dep", store=store, **options)
+    await b.call(ok)
+    await store.sync()
+    await raw.hset(store.key("dep", "state"), field, value)
+    await store.sync()
+    assert any(isinstance(e, StoreDataReset) for e in events), field
+    for _ in range(4):
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await b.call(boom)
+    await store.sync()
+    assert b.state is CircuitState.OPEN
+    await asyncio.sleep(0.3)  # open_for: the breaker probes again (no deadline at infinity)
+    assert await b.call(ok) == "ok"
+    await store.sync()
+    assert b.state is CircuitState.CLOSED
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300"])
+async def test_shared_primitives_reset_numbers_out_of_range(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis, value: str
+) -> None:
+    """A rate bucket, a budget or a lease at infinity is reset, never a limit forever."""
+    events: list[Event] = []
+    store = stores(listeners=[events.append])
+    await raw.set(store.key("api", "gcra"), value)
+    await raw.set(store.key("bud", "budget"), value)
+    assert await store.rate_take("api", interval=1.0, burst=1) == 0.0
+    assert await store.budget_add("bud", delta=0, maximum=3, ttl=10) == 3
+    if value != "nan":  # a zset score cannot be NaN
+        await raw.zadd(store.key("pool", "leases"), {"ghost": float(value)})
+        assert await store.acquire_lease("pool", limit=1, ttl=5) is not None
+    assert sum(isinstance(e, StoreDataReset) for e in events) == 2
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+async def test_a_quiet_subscriber_is_replaced(redis_server: RedisServer) -> None:
+    """The pub/sub connection dies without a reset (its traffic vanishes): PING finds it,
+    it is replaced, an event says so, and transitions arrive again."""
+    events: list[Event] = []
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        name = prefix()
+        a = RedisStore.from_url(proxy.url_for("redis"), prefix=name, listeners=[events.append])
+        b = RedisStore.from_url(redis_server.url, prefix=name)
+        try:
+            options: dict[str, Any] = {"window": CountWindow(2), "minimum_calls": 2}
+            ba = CircuitBreaker("dep", store=a, **options)
+            bb = CircuitBreaker("dep", store=b, **options)
+            await ba.call(ok)
+            await bb.call(ok)
+            await a.sync()
+            await b.sync()
+            await until(lambda: any(b"SUBSCRIBE" in c.head for c in proxy.connections))
+            for conn in proxy.connections:
+                if b"SUBSCRIBE" in conn.head:
+                    conn.muted = True
+            await until(lambda: any(isinstance(e, SubscriberReplaced) for e in events), 5.0)
+            with pytest.raises(ValueError):
+                await bb.call(boom)  # [ok, failed]: bb trips, and publishes it
+            await until(lambda: ba.state is CircuitState.OPEN, 2.0, "the trip arrives")
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+async def test_a_busy_event_loop_is_not_a_slow_redis(stores: Callable[..., RedisStore]) -> None:
+    """Calls that hold the loop longer than the store's timeout: rounds time out late, are
+    retried, and the store never turns degraded; the lag is reported."""
+    events: list[Event] = []
+    store = stores(timeout=0.05, listeners=[events.append])
+    b = CircuitBreaker("dep", store=store)
+    for _ in range(15):
+        await b.call(ok)
+        store.wake()
+        await asyncio.sleep(0)  # the round starts, sends, and waits for its reply ...
+        time.sleep(0.12)  # ... while this task holds the loop past the timeout
+        await asyncio.sleep(0)
+    await store.sync()
+    assert not any(isinstance(e, StoreDegraded) for e in events), events
+    assert store.loop_lag > 0
+
+
+# --- forks, recovery, shutdown -------------------------------------------------------------
+
+
+async def test_a_forked_child_is_a_new_replica(redis_url: str, raw: aioredis.Redis) -> None:
+    """A store built before a fork: the child has its own replica id and connections, its
+    outcomes count in the shared window, and the fleet-wide bulkhead counts it apart."""
+    name = prefix()
+    store = RedisStore.from_url(redis_url, prefix=name)
+    b = CircuitBreaker("dep", store=store, window=CountWindow(1000), minimum_calls=1000)
+    try:
+        for _ in range(10):
+            await b.call(ok)
+        await store.sync()
+        parent_id = store.replica
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: a new event loop, the inherited store
+            os.close(read)
+            code = 1
+            try:
+
+                async def child() -> str:
+                    for _ in range(20):
+                        await b.call(ok)
+                    await store.sync()
+                    return store.replica
+
+                replica = asyncio.new_event_loop().run_until_complete(child())
+                os.write(write, replica.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        child_id = os.read(read, 100).decode()
+        os.close(read)
+        assert status == 0
+        assert child_id and child_id != parent_id
+        for _ in range(10):
+            await b.call(ok)
+        await store.sync()
+        replicas = await raw.hgetall(store.key("dep", "replicas"))
+        counted = {k.decode(): int(v.split()[1]) for k, v in replicas.items()}
+        assert counted == {parent_id: 20, child_id: 20}
+        state = await raw.hgetall(store.key("dep", "state"))
+        assert int(state[b"tc"]) == 40
+    finally:
+        await store.aclose()
+
+
+async def test_a_store_forked_into_workers_limits_the_fleet(redis_url: str) -> None:
+    """Built once, then forked into three workers (a preloading server): a fleet-wide
+    bulkhead of 2 admits 2 of the 3 workers' held calls, never 3."""
+    name = prefix()
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, sys, time
+        from resilience import Bulkhead, BulkheadFullError
+        from resilience.store.redis import RedisStore
+        store = RedisStore.from_url({redis_url!r}, prefix={name!r})  # before the fork
+        pids = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                async def work():
+                    pool = Bulkhead(2, distributed=True, store=store, name="pool")
+                    async def hold():
+                        await asyncio.sleep(1.0)
+                    try:
+                        await pool.call(hold)
+                        return "admitted"
+                    except BulkheadFullError:
+                        return "full"
+                    finally:
+                        await store.aclose()
+                print(asyncio.run(work()), store.replica, flush=True)
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = done.stdout.split()
+    verdicts, replicas = lines[::2], lines[1::2]
+    assert sorted(verdicts) == ["admitted", "admitted", "full"], done.stdout
+    assert len(set(replicas)) == 3
+
+
+async def test_redis_coming_back_does_not_close_a_rightly_open_breaker(
+    redis_server: RedisServer,
+) -> None:
+    """Both replicas open on a failing dependency while Redis is away; when it returns, the
+    breakers stay open (the local opens reach the fleet first): no replica closes."""
+    events: list[Event] = []
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        name = prefix()
+        stores = [
+            RedisStore.from_url(proxy.url_for("redis"), prefix=name, listeners=[events.append])
+            for _ in range(2)
+        ]
+        try:
+            options: dict[str, Any] = {
+                "window": CountWindow(4),
+                "minimum_calls": 4,
+                "open_for": 30.0,
+                "listeners": [events.append],
+            }
+            breakers = [CircuitBreaker("dep", store=s, **options) for s in stores]
+            for b, s in zip(breakers, stores, strict=True):
+                await b.call(ok)
+                await s.sync()
+            proxy.blackhole = True
+            await until(lambda: all(s.degraded for s in stores), 5.0, "degraded")
+            for b in breakers:
+                for _ in range(4):
+                    with pytest.raises((ValueError, CircuitOpenError)):
+                        await b.call(boom)
+                assert b.state is CircuitState.OPEN
+            proxy.blackhole = False
+            proxy.cut()
+            await until(lambda: not any(s.degraded for s in stores), 10.0, "recovered")
+            for s in stores:
+                await s.sync()
+            await asyncio.sleep(0.2)
+            assert [b.state for b in breakers] == [CircuitState.OPEN] * 2
+            closed = [e for e in events if isinstance(e, StateChanged) and e.new is not e.old]
+            assert all(e.new is CircuitState.OPEN for e in closed), closed
+        finally:
+            for s in stores:
+                await s.aclose()
+
+
+async def test_the_flusher_ends_when_cancelled_mid_round(redis_server: RedisServer) -> None:
+    """Cancel the background tasks mid-round against a slowed Redis, again and again: every
+    time they end (none goes on waiting for work that will never come)."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        proxy.latency = 0.02
+        for i in range(25):
+            store = RedisStore.from_url(proxy.url_for("redis"), prefix=f"cancel{i}", timeout=1.0)
+            b = CircuitBreaker("dep", store=store)
+            await b.call(ok)
+            store.wake()
+            await asyncio.sleep(0.005 + (i % 5) * 0.01)  # somewhere in the round
+            tasks = list(store.engine._tasks)
+            assert tasks
+            for task in tasks:
+                task.cancel()
+            done, pending = await asyncio.wait(tasks, timeout=5.0)
+            assert not pending, f"run {i}: {pending}"
+            await store.client.aclose()
+
+
+def test_an_unclosed_store_never_blocks_interpreter_exit(redis_url: str) -> None:
+    """Breakers on a store that is entered but never closed, many of them, rounds in flight:
+    asyncio.run returns and the process exits."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from resilience import CircuitBreaker
+        from resilience.store.redis import RedisStore
+        async def main():
+            store = RedisStore.from_url({redis_url!r}, prefix="unclosed")
+            await store.__aenter__()
+            async def ok():
+                return 1
+            breakers = [CircuitBreaker(f"b{{i}}", store=store) for i in range(300)]
+            for b in breakers:
+                await b.call(ok)
+            store.wake()
+            await asyncio.sleep(0)
+        asyncio.run(main())
+        print("exited")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "exited" in done.stdout
+
+
+def test_no_import_cycles_in_the_package() -> None:
+    """Modules import in one direction (type-only imports included): no cycles."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "resilience"
+    modules = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        tree = ast.parse(path.read_text())
+        module_level = [*tree.body]
+        for node in tree.body:  # type-only imports count too: they are what a reader follows
+            if isinstance(node, ast.If):
+                module_level.extend(node.body)
+        for node in module_level:  # (imports inside functions are deliberate and lazy)
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    full = f"{target}.{alias.name}"
+                    deps.add(full if full in modules else target)
+        graph[name] = {d for d in deps if d in modules and d != name}
+    # the public import surface re-exports everything; nothing inside imports it
+    graph = {k: v - {"resilience"} for k, v in graph.items() if k != "resilience"}
+    seen: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        seen[node] = 1
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if seen.get(dep) == 1:
+                cycle = stack[stack.index(dep) :]
+                raise AssertionError(f"import cycle: {' -> '.join([*cycle, dep])}")
+            if dep not in seen:
+                visit(dep)
+        stack.pop()
+        seen[node] = 2
+
+    for node in sorted(graph):
+        if node not in seen:
+            visit(node)

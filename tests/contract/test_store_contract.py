@@ -379,11 +379,11 @@ async def test_a_shared_time_window_covers_what_an_in_process_one_covers(
     a = breaker(store, **options)
     b = breaker(replica(), **options)
     clock.advance(100.0004)  # off any bucket boundary
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="boom"):
         await a.call(boom)
     await settle()
     clock.advance(1.2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="boom"):
         await b.call(boom)
     await settle()
     assert a.state is CircuitState.OPEN

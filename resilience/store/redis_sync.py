@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, cast
@@ -57,6 +58,7 @@ logger = logging.getLogger("resilience.redis")
 
 _REGISTER_EVERY = 10.0  # seconds: a name in use is added to the registry again this often
 _MAX_LATE_RETRIES = 3  # rounds retried at once when the loop, not Redis, was late
+_MAX_PER_ROUND = 1000  # breakers (and names) per round: bounds the loop time of one round
 
 
 def _cancelling() -> bool:
@@ -346,9 +348,9 @@ class SyncEngine:
 
     async def round(self, again: bool = True) -> None:
         """One flush round (see the module docstring)."""
-        marked, self._marked = self._marked, {}
+        marked, self._marked = self._take_marked()
         ops, self._ops = self._ops, []
-        names, self._unregistered = self._unregistered, set()
+        names, self._unregistered = self._take_names()
         orphans, self._orphans = self._orphans, []
         if not marked and not ops and not names and not orphans:
             return
@@ -445,6 +447,28 @@ class SyncEngine:
             await self._load_scripts()
             if again:
                 await self.round(again=False)
+
+    def _take_marked(
+        self,
+    ) -> tuple[dict[SharedBreakerCore, None], dict[SharedBreakerCore, None]]:
+        """This round's breakers (at most ``_MAX_PER_ROUND``), and the rest for the next."""
+        marked = self._marked
+        if len(marked) <= _MAX_PER_ROUND:
+            return marked, {}
+        items = iter(marked)
+        now = dict.fromkeys(itertools.islice(items, _MAX_PER_ROUND))
+        rest = dict.fromkeys(items)
+        self._wake.set()  # the rest go at once, after the loop has had its turn
+        return now, rest
+
+    def _take_names(self) -> tuple[set[str], set[str]]:
+        """This round's registrations (at most ``_MAX_PER_ROUND``), and the rest."""
+        names = self._unregistered
+        if len(names) <= _MAX_PER_ROUND:
+            return names, set()
+        ordered = sorted(names)
+        self._wake.set()
+        return set(ordered[:_MAX_PER_ROUND]), set(ordered[_MAX_PER_ROUND:])
 
     def _failed(
         self, exc: BaseException, noscript: bool, failure: BaseException | None

@@ -29,7 +29,7 @@ def test_wheel_contains_and_imports_integrations(tmp_path: Path) -> None:
         ],
         check=True,
     )
-    (wheel,) = tmp_path.glob("resilience-*.whl")
+    (wheel,) = tmp_path.glob("resilience_fleet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "resilience/integrations/__init__.py" in names
     assert "resilience/py.typed" in names

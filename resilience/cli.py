@@ -68,23 +68,13 @@ A demo, and status and control of the policies a fleet shares through Redis.
 exit codes: 0 done, 1 an unknown breaker or an unreachable Redis, 2 a usage error.
 """
 
-# A URL's start: a scheme and "//". What follows up to the last "@" is the user-info, taken
-# without parsing, so a password that no URL parser accepts (a raw "[", "/", "#" or "@") is
-# masked too; a query's password parameter (the usual form for unix:// URLs) is masked too.
+# A URL's start: a scheme and "//". What follows, up to the last "@" before the next URL,
+# is taken as the user-info without parsing it, so a password no URL parser accepts (a raw
+# "[", "/", "#", "@" or space) is masked too. Masking a little more than the password in an
+# odd message is the price, and a fair one. A query's password parameter (the usual form for
+# unix:// URLs) is masked wherever it stands.
 _URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _QUERY_PASSWORD = re.compile(r"(?i)([?&;]password=)[^&;#\s]*")
-
-
-def _redact_one(url: str) -> str:
-    start = _URL_START.match(url)
-    if start is None:
-        return _QUERY_PASSWORD.sub(r"\1***", url)
-    head, rest = url[: start.end()], url[start.end() :]
-    at = rest.rfind("@")
-    if at >= 0:
-        user, colon, _ = rest[:at].partition(":")
-        rest = (f"{user}:***" if colon else user) + rest[at:]
-    return head + _QUERY_PASSWORD.sub(r"\1***", rest)
 
 
 def redact(text: str) -> str:
@@ -93,9 +83,20 @@ def redact(text: str) -> str:
     The user-info's password and a ``password=`` query parameter are masked in any URL form,
     parseable or not; the rest (scheme, user, host, port, database) stays, for the operator.
     """
-    if _URL_START.match(text):  # one URL: its password may hold anything, spaces included
-        return _redact_one(text)
-    return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://\S+", lambda m: _redact_one(m[0]), text)
+    urls = list(_URL_START.finditer(text))
+    pieces, done = [], 0
+    for i, url in enumerate(urls):
+        start = url.end()
+        end = urls[i + 1].start() if i + 1 < len(urls) else len(text)
+        at = text.rfind("@", start, end)
+        if at < 0:
+            continue
+        user, colon, _ = text[start:at].partition(":")
+        if colon:
+            pieces += [text[done:start], f"{user}:***"]
+            done = at
+    pieces.append(text[done:])
+    return _QUERY_PASSWORD.sub(r"\1***", "".join(pieces))
 
 
 def open_store(url: str, prefix: str, timeout: float = STORE_TIMEOUT) -> RedisStore:

@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +23,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from resilience.integrations.demo import DemoError, Transitions, _read_replica
 
 from resilience import (
     CircuitBreaker,
@@ -45,14 +49,15 @@ from resilience.store.redis import RedisStore
 from .redis_server import free_port
 
 
-def run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m resilience demo` for a few seconds."""
+def run_demo(*extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m resilience demo` for a few seconds (piped: no terminal)."""
     return subprocess.run(
         [sys.executable, "-m", "resilience", "demo", "--duration", "6", "--seed", "7", *extra],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
+        cwd=cwd,
     )
 
 
@@ -65,16 +70,64 @@ def check_demo_output(stdout: str) -> None:
     assert "rejected at once by the open breaker" in stdout
 
 
+def summary_generations(stdout: str) -> list[int]:
+    """The generations of the transitions the demo's summary lists."""
+    summary = stdout.split("\ndone:")[-1]
+    return [int(g) for g in re.findall(r"-> \w+ \(generation (\d+)\)", summary)]
+
+
 def test_demo_runs_and_reports() -> None:
-    """The README's demo: upstream, replicas sharing a breaker in memory, dashboard, summary."""
-    check_demo_output(run_demo().stdout)
+    """The README's demo: upstream, replicas sharing a breaker in memory, dashboard, summary;
+    piped, it prints phases and state changes as lines, and the summary lists every
+    transition (generations 1, 2, 3, ... without a gap, half-open rounds included)."""
+    stdout = run_demo().stdout
+    check_demo_output(stdout)
+    generations = summary_generations(stdout)
+    assert generations == list(range(1, len(generations) + 1)), stdout
+    assert "half_open -> " in stdout
+    assert "upstream phase: failing" in stdout
+    assert "\x1b[" not in stdout  # no terminal codes in a pipe
 
 
-def test_demo_with_redis_runs_replicas_as_processes(redis_url: str) -> None:
-    """With --redis the replicas are separate processes sharing the breaker through Redis."""
-    out = run_demo("--redis", redis_url, "--replicas", "2")
+def test_demo_with_redis_runs_replicas_as_processes(redis_url: str, tmp_path: Path) -> None:
+    """With --redis the replicas are separate processes sharing the breaker through Redis;
+    the demo prints its prefix and the commands that show it, which work beside it."""
+    out = run_demo("--redis", redis_url, "--replicas", "2", cwd=tmp_path)
     check_demo_output(out.stdout)
     assert "Redis redis://" in out.stdout
+    prefix = re.search(r"under prefix '(demo-\d+)'", out.stdout)
+    assert prefix, out.stdout
+    assert f"resilience status --redis '{redis_url}' --prefix {prefix[1]}" in out.stdout
+    assert summary_generations(out.stdout)
+
+
+def test_a_replica_that_dies_stops_the_demo_with_its_error() -> None:
+    """A replica process that exits with an error raises DemoError carrying its message."""
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; print('{}'); sys.exit('replica: no route')"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        with pytest.raises(DemoError, match=r"replica #1 exited with code 1:\nreplica: no route"):
+            asyncio.run(_read_replica(1, process, err, Counter(), Transitions(time.time())))
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_demo_exits_1_when_redis_is_unreachable() -> None:
+    """`demo --redis` with an unreachable Redis exits 1 with one line, password masked."""
+    out = subprocess.run(
+        [sys.executable, "-m", "resilience", "demo", "--duration", "1",
+         "--redis", "redis://:pw-9876@127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "resilience: demo stopped: cannot reach Redis at redis://:***@127.0.0.1:1/0" in (
+        out.stderr
+    )
+    assert "pw-9876" not in out.stderr + out.stdout
 
 
 def test_bad_duration_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -177,14 +177,19 @@ def print_table(policies: Sequence[PolicyStatus], out: Callable[[str], object]) 
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    plain = format_table(policies)
+    if max(len(line) for line in plain.splitlines()) + 8 > console.width:
+        out(plain)  # too narrow for columns: plain lines, names never cut
+        return
     table = Table(box=None, header_style="bold")
     for i, column in enumerate(_HEAD):
-        table.add_column(column, justify="right" if i >= 3 else "left")
+        table.add_column(column, justify="right" if i >= 3 else "left", no_wrap=True)
     colour = {"open": "red", "forced_open": "red", "half_open": "yellow", "closed": "green"}
     for p, row in zip(policies, _rows(policies), strict=True):
         style = colour.get(str(p.state.value)) if p.state is not None else None
         table.add_row(*row, style=style)
-    Console().print(table)
+    console.print(table)
 
 
 def status_document(

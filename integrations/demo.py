@@ -328,7 +328,7 @@ class Screen:
     ) -> None:
         if phase != self.phase:
             self.phase = phase
-            self.line(f"{elapsed:6.1f}s  upstream phase: {phase}")
+            self.line(f"{elapsed:6.1f}s  upstream phase: {phase}; {breaker_line(breaker)}")
         for change in fresh:
             self.line(transition_line(change))
         if self.live is None:

@@ -86,6 +86,7 @@ def test_demo_runs_and_reports() -> None:
     assert generations == list(range(1, len(generations) + 1)), stdout
     assert "half_open -> " in stdout
     assert "upstream phase: failing" in stdout
+    assert "upstream errors, retried" in stdout  # the window counts attempts, retried ones too
     assert "\x1b[" not in stdout  # no terminal codes in a pipe
 
 

@@ -67,7 +67,7 @@ def test_piped_screen_prints_phases_and_changes_as_lines() -> None:
         screen.show(0.5, "healthy", [Counter()], None, [])
         screen.show(2.0, "failing", [Counter()], None, transitions.take_fresh())
     assert lines == [
-        "   0.0s  upstream phase: healthy\n",
-        "   2.0s  upstream phase: failing\n",
+        "   0.0s  upstream phase: healthy; breaker: not used yet\n",
+        "   2.0s  upstream phase: failing; breaker: not used yet\n",
         "   2.0s  breaker b closed -> open (generation 1)\n",
     ]

@@ -37,7 +37,11 @@ def test_wheel_contains_and_imports_integrations(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("resilience_fleet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    assert len(names) == len(set(names))  # every file once
     assert "resilience/integrations/__init__.py" in names
+    # the installed package's __init__ is integrations/__init__.py, not the checkout's stand-in
+    installed = zipfile.ZipFile(wheel).read("resilience/integrations/__init__.py")
+    assert installed == (ROOT / "integrations" / "__init__.py").read_bytes()
     assert "resilience/py.typed" in names
     assert not any(n.startswith(("tests/", "integrations/", "benchmarks/")) for n in names)
     site = tmp_path / "site"

@@ -104,7 +104,9 @@ def open_store(url: str, prefix: str, timeout: float = STORE_TIMEOUT) -> RedisSt
     try:
         from .store.redis import RedisStore
     except ImportError as exc:  # pragma: no cover - the redis extra is missing
-        raise CommandError(f"the redis extra is not installed: {exc}", 2) from exc
+        raise CommandError(
+            f"the 'redis' extra is missing (pip install '{DISTRIBUTION}[redis]'): {exc}", 2
+        ) from exc
     try:
         return RedisStore.from_url(url, prefix=prefix, timeout=timeout)
     except ValueError as exc:

@@ -381,7 +381,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _read_token(args: argparse.Namespace) -> str | None:
-    """The dashboard's token: --token-file, else $RESILIENCE_DASHBOARD_TOKEN, else --token."""
+    """The dashboard's token: --token-file, else --token, else $RESILIENCE_DASHBOARD_TOKEN."""
     if args.token_file is not None:
         try:
             token = Path(args.token_file).read_text(encoding="utf-8").strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections import Counter
@@ -71,3 +72,41 @@ def test_piped_screen_prints_phases_and_changes_as_lines() -> None:
         "   2.0s  upstream phase: failing; breaker: not used yet\n",
         "   2.0s  breaker b closed -> open (generation 1)\n",
     ]
+
+
+async def _accepted_nodelay(listener: socket.socket) -> int:
+    """TCP_NODELAY on a connection asyncio accepted on ``listener`` (as uvicorn serves)."""
+    accepted: asyncio.Future[asyncio.BaseTransport] = asyncio.get_running_loop().create_future()
+
+    class Record(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)
+
+    server = await asyncio.get_running_loop().create_server(Record, sock=listener)
+    try:
+        port = listener.getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        transport = await asyncio.wait_for(accepted, 5)
+        sock = transport.get_extra_info("socket")
+        value = int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+        transport.close()
+        return value
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_socket_bound_without_its_protocol_loses_tcp_nodelay() -> None:
+    """Why `uvicorn --workers` answers keep-alive requests ~40 ms late (docs/deployment.md):
+    it binds its socket with proto 0, and asyncio sets TCP_NODELAY only on sockets that say
+    they are TCP; the same socket with its protocol stated gets it."""
+    bare = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn's bind_socket
+    bare.bind(("127.0.0.1", 0))
+    bare.listen()
+    assert await _accepted_nodelay(bare) == 0
+    stated = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stated.bind(("127.0.0.1", 0))
+    stated.listen()
+    stated = socket.socket(stated.family, stated.type, socket.IPPROTO_TCP, stated.detach())
+    assert await _accepted_nodelay(stated) != 0

@@ -8,9 +8,9 @@ import time
 from collections import Counter
 
 import httpx
-from resilience.integrations.demo import Screen, Transitions, free_port, serve
+from resilience.integrations.demo import Screen, Transitions, breaker_line, free_port, serve
 
-from resilience import CircuitState, StateChanged
+from resilience import CircuitState, PolicyStatus, StateChanged
 
 
 async def _ok(scope: dict[str, object], receive: object, send: object) -> None:
@@ -110,3 +110,19 @@ async def test_a_socket_bound_without_its_protocol_loses_tcp_nodelay() -> None:
     stated.listen()
     stated = socket.socket(stated.family, stated.type, socket.IPPROTO_TCP, stated.detach())
     assert await _accepted_nodelay(stated) != 0
+
+
+def test_breaker_line_says_upstream_errors_were_retried() -> None:
+    """A closed breaker's window counts attempts: the line says its errors were retried, and
+    an open one says what opened it."""
+    closed = PolicyStatus(
+        name="b", kind="circuit_breaker", state=CircuitState.CLOSED, calls=20, failures=2
+    )
+    assert breaker_line(closed) == (
+        "breaker: closed, upstream errors, retried: 10% of 20 attempts in the window"
+    )
+    opened = PolicyStatus(
+        name="b", kind="circuit_breaker", state=CircuitState.OPEN, opened_by=(12, 9, 0)
+    )
+    assert breaker_line(opened) == "breaker: OPEN, opened by 9 failed of 12 attempts"
+    assert breaker_line(None) == "breaker: not used yet"

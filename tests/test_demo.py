@@ -91,6 +91,7 @@ async def _accepted_nodelay(listener: socket.socket) -> int:
         value = int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         writer.close()
         transport.close()
+        await writer.wait_closed()
         return value
     finally:
         server.close()

@@ -10,34 +10,60 @@ Everything runs on loopback for a bounded time, then prints a summary:
   Redis with ``--redis URL``;
 * the dashboard, whose URL is printed, showing the shared breaker live.
 
-The terminal shows a live table and a progress bar (plain lines when it is not a terminal).
+On a terminal it draws a live table and a progress bar with ``rich``; piped, it prints the
+upstream's phases, the breakers' state changes and the summary as plain lines. The summary
+lists every transition, taken from the breakers' ``StateChanged`` events (deduplicated by
+generation: every replica reports the ones it sees).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
 
 import httpx
 import uvicorn
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from resilience import CircuitState, CountWindow, MemoryStore, PolicyStatus, Store, status
+import resilience
+from resilience import (
+    CircuitState,
+    CountWindow,
+    Event,
+    MemoryStore,
+    PolicyStatus,
+    StateChanged,
+    Store,
+    StoreUnavailableError,
+    status,
+)
 
 from .asgi import ResilienceMiddleware
 from .httpx import CircuitOpen, HttpPolicy, ResilientTransport
 
-__all__ = ["PHASES", "run_demo"]
+__all__ = ["PHASES", "DemoError", "run_demo"]
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on (a replica process died); the message says why."""
+
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -144,6 +170,45 @@ def client_policy(store: Store, duration: float) -> HttpPolicy:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One state change of a breaker, as a ``StateChanged`` event reported it."""
+
+    name: str
+    generation: int
+    old: str
+    new: str
+    at: float  #: seconds since the demo started
+
+
+@dataclass
+class Transitions:
+    """Every transition the replicas report, once each (each replica reports those it sees)."""
+
+    start_wall: float
+    seen: dict[tuple[str, int], Transition] = field(default_factory=dict)
+    fresh: list[Transition] = field(default_factory=list)
+
+    def add(self, name: str, generation: int, old: str, new: str, wall: float) -> None:
+        key = (name, generation)
+        if key not in self.seen and old != new:
+            t = Transition(name, generation, old, new, max(0.0, wall - self.start_wall))
+            self.seen[key] = t
+            self.fresh.append(t)
+
+    def listener(self, event: Event) -> None:
+        """A ``listeners=`` entry for the replicas' policies."""
+        if isinstance(event, StateChanged):
+            self.add(event.name, event.generation, event.old.value, event.new.value, time.time())
+
+    def take_fresh(self) -> list[Transition]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
+    def ordered(self) -> list[Transition]:
+        return sorted(self.seen.values(), key=lambda t: (t.at, t.name, t.generation))
+
+
 async def replica(
     url: str,
     store: Store,
@@ -151,9 +216,13 @@ async def replica(
     until: float,
     tally: Counter[str],
     concurrency: int = 4,
+    listener: Callable[[Event], None] | None = None,
 ) -> None:
     """One client replica: a few workers calling the upstream through ResilientTransport."""
-    transport = ResilientTransport(policy=client_policy(store, duration))
+    policy = client_policy(store, duration)
+    if listener is not None:
+        policy = dataclasses.replace(policy, listeners=(listener,))
+    transport = ResilientTransport(policy=policy)
     async with httpx.AsyncClient(transport=transport, base_url=url) as client:
 
         async def worker() -> None:
@@ -171,49 +240,131 @@ async def replica(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-class Screen:
-    """A live table and a progress bar on a terminal; one line a second elsewhere."""
-
-    def __init__(self, write: Callable[[str], object], tty: bool) -> None:
-        self.write = write
-        self.tty = tty
-        self.lines = 0
-        self.last_plain = 0.0
-
-    def show(self, rows: list[str]) -> None:
-        if self.tty:
-            out = ""
-            if self.lines:
-                out += f"\x1b[{self.lines}F"  # back to the top of the table
-            out += "".join(f"\x1b[2K{row}\n" for row in rows)
-            self.write(out)
-            self.lines = len(rows)
-        elif time.monotonic() - self.last_plain >= 1.0:
-            self.last_plain = time.monotonic()
-            self.write(rows[-1] + "\n")
-
-
-STATE_MARK = {
-    CircuitState.CLOSED: "closed     ",
-    CircuitState.OPEN: "OPEN       ",
-    CircuitState.HALF_OPEN: "half-open  ",
+STATE_LABEL = {
+    CircuitState.CLOSED: "closed",
+    CircuitState.OPEN: "OPEN",
+    CircuitState.HALF_OPEN: "half-open",
     CircuitState.FORCED_OPEN: "FORCED OPEN",
-    CircuitState.DISABLED: "disabled   ",
+    CircuitState.DISABLED: "disabled",
+}
+STATE_STYLE = {
+    CircuitState.CLOSED: "green",
+    CircuitState.OPEN: "bold red",
+    CircuitState.HALF_OPEN: "yellow",
+    CircuitState.FORCED_OPEN: "bold red",
+    CircuitState.DISABLED: "dim",
 }
 
 
-def _ratio(policy: PolicyStatus) -> str:
-    """The window's failure ratio, or, for an open breaker, the one that opened it."""
+def breaker_line(policy: PolicyStatus | None) -> str:
+    """The shared breaker in words: its state, and its window or what opened it.
+
+    The window counts attempts, and ``HttpPolicy`` retries a failed attempt: so while the
+    breaker is closed, upstream errors show here although the requests succeed on a retry.
+    """
+    if policy is None or policy.state is None:
+        return "breaker: not used yet"
+    state = STATE_LABEL.get(policy.state, str(policy.state))
     if policy.opened_by:
         calls, failures, _ = policy.opened_by
-        return f"  opened by {failures} failed of {calls} calls"
-    return f"  failure ratio {policy.failure_ratio:4.0%}"
+        return f"breaker: {state}, opened by {failures} failed of {calls} attempts"
+    return (
+        f"breaker: {state}, upstream errors, retried: {policy.failure_ratio:.0%} of "
+        f"{policy.calls} attempts in the window"
+    )
 
 
-def bar(fraction: float, width: int = 30) -> str:
-    """``[#####.....]``"""
-    done = int(max(0.0, min(1.0, fraction)) * width)
-    return "[" + "#" * done + "." * (width - done) + "]"
+def transition_line(t: Transition) -> str:
+    """One state change, as a plain line."""
+    return f"{t.at:6.1f}s  breaker {t.name} {t.old} -> {t.new} (generation {t.generation})"
+
+
+class Screen:
+    """A live table and progress bar (rich) on a terminal; plain lines elsewhere.
+
+    Plain lines: the upstream's phase changes and the breakers' state changes as they happen.
+    """
+
+    def __init__(self, write: Callable[[str], object], tty: bool, duration: float) -> None:
+        self.write = write
+        self.tty = tty
+        self.phase = ""
+        self.live: Live | None = None
+        if tty:
+            self.console = Console(highlight=False)
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+            )
+            self.task = self.progress.add_task("demo", total=duration)
+
+    def __enter__(self) -> Screen:
+        if self.tty:
+            self.live = Live(console=self.console, refresh_per_second=8, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+            self.live = None
+
+    def line(self, text: str) -> None:
+        """A line that stays (above the live table on a terminal)."""
+        if self.live is not None:
+            self.live.console.print(text, markup=False)
+        else:
+            self.write(text + "\n")
+
+    def show(
+        self,
+        elapsed: float,
+        phase: str,
+        tallies: list[Counter[str]],
+        breaker: PolicyStatus | None,
+        fresh: list[Transition],
+    ) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            self.line(f"{elapsed:6.1f}s  upstream phase: {phase}; {breaker_line(breaker)}")
+        for change in fresh:
+            self.line(transition_line(change))
+        if self.live is None:
+            return
+        table = Table(title=None, expand=False)
+        table.add_column("replica")
+        for column in ("requests", "ok", "failed", "rejected"):
+            table.add_column(column, justify="right")
+        for i, t in enumerate(tallies):
+            table.add_row(f"#{i}", *(str(t[k]) for k in ("requests", "ok", "failed", "rejected")))
+        total = sum(tallies, Counter[str]())
+        table.add_row(
+            "all", *(str(total[k]) for k in ("requests", "ok", "failed", "rejected")),
+            style="bold",
+        )  # fmt: skip
+        style = STATE_STYLE.get(breaker.state, "") if breaker and breaker.state else ""
+        self.progress.update(self.task, completed=elapsed, description=f"phase: {phase:<9}")
+        self.live.update(
+            Group(table, f"[{style}]{breaker_line(breaker)}[/]" if style else "", self.progress)
+        )
+
+
+def _try_commands(redis_url: str, prefix: str, breaker: str) -> str:
+    """What to run beside the demo, in another terminal, with the demo's own prefix."""
+    from resilience.cli import redact
+
+    shown = redact(redis_url)
+    masked = " (the password masked: use your own)" if shown != redis_url else ""
+    where = f"--redis '{shown}' --prefix {prefix}"
+    return (
+        f"shared through Redis under prefix {prefix!r}{masked}; try, while it runs:\n"
+        f"  resilience status {where}\n"
+        f"  resilience open '{breaker}' {where}\n"
+        f"  resilience close '{breaker}' {where}\n"
+        f"  resilience dashboard {where} --port 8765\n"
+    )
 
 
 async def run_demo(
@@ -225,20 +376,32 @@ async def run_demo(
     write: Callable[[str], object] | None = None,
     tty: bool | None = None,
 ) -> dict[str, Any]:
-    """Run the demo for ``duration`` seconds; return the summary it prints at the end."""
+    """Run the demo for ``duration`` seconds; return the summary it prints at the end.
+
+    Raises ``DemoError`` when a replica process dies (``--redis``), with its error.
+    """
+    from resilience.cli import redact
+
     from .dashboard import Dashboard
 
     out: Callable[[str], object] = write or sys.stdout.write
-    screen = Screen(out, sys.stdout.isatty() if tty is None else tty)
+    is_tty = sys.stdout.isatty() if tty is None else tty
     start = time.monotonic()
     timeline = Timeline(start, duration)
+    transitions = Transitions(time.time())
     store: Store
+    prefix = f"demo-{os.getpid()}"
     if redis_url is None:
         store = MemoryStore()
     else:
         from resilience.store.redis import RedisStore
 
-        store = RedisStore.from_url(redis_url, prefix=f"demo-{os.getpid()}", timeout=1.0)
+        store = RedisStore.from_url(redis_url, prefix=prefix, timeout=1.0)
+        try:
+            await status(store)
+        except StoreUnavailableError as exc:
+            await store.aclose()
+            raise DemoError(f"cannot reach Redis at {redact(redis_url)}: {exc}") from exc
     upstream_port, dash_port = free_port(), free_port()
     guarded = ResilienceMiddleware(
         upstream_app(timeline, seed), max_concurrent=64, timeout=2.0, retry_after=1.0
@@ -246,54 +409,61 @@ async def run_demo(
     upstream, upstream_task = await serve(guarded, upstream_port)
     dashboard, dashboard_task = await serve(Dashboard(store, refresh=0.5), dash_port)
     url = f"http://127.0.0.1:{upstream_port}"
+    where = f"Redis {redact(redis_url)}" if redis_url else "an in-process MemoryStore"
     out(
         f"resilience demo: {replicas} client replicas -> flaky upstream at {url} for "
-        f"{duration:g}s ({'Redis ' + redis_url if redis_url else 'in-process MemoryStore'})\n"
-        f"dashboard: http://127.0.0.1:{dash_port}/\n\n"
+        f"{duration:g}s, sharing breaker {url!r} through {where}\n"
+        f"dashboard: http://127.0.0.1:{dash_port}/\n"
+        + (_try_commands(redis_url, prefix, url) if redis_url else "")
+        + "\n"
     )
     until = start + duration
     tallies = [Counter[str]() for _ in range(replicas)]
     workers: list[asyncio.Task[None]] = []
     processes: list[subprocess.Popen[str]] = []
-    if redis_url is None:
-        workers = [
-            asyncio.create_task(replica(url, store, duration, until, tallies[i]))
-            for i in range(replicas)
-        ]
-    else:
-        processes = [
-            _spawn_replica(url, redis_url, store, duration, until - time.monotonic())
-            for _ in range(replicas)
-        ]
-        workers = [
-            asyncio.create_task(_read_replica(p, tallies[i])) for i, p in enumerate(processes)
-        ]
-    transitions: list[str] = []
-    last_state: CircuitState | None = None
+    errors: list[IO[str]] = []
+    files = contextlib.ExitStack()  # the replicas' stderr, read back if one dies
     try:
-        while time.monotonic() < until:
-            policies = [p for p in await status(store) if p.kind == "circuit_breaker"]
-            state = policies[0].state if policies else CircuitState.CLOSED
-            if state is not last_state and state is not None:
-                transitions.append(f"{time.monotonic() - start:5.1f}s {state.value}")
-                last_state = state
-            phase = timeline.phase()[0]
-            rows = [
-                f"{'replica':<10}{'requests':>10}{'ok':>8}{'failed':>8}{'rejected':>10}",
-                *(
-                    f"{'#' + str(i):<10}{t['requests']:>10}{t['ok']:>8}{t['failed']:>8}"
-                    f"{t['rejected']:>10}"
-                    for i, t in enumerate(tallies)
-                ),
-                f"upstream phase: {phase:<10} breaker: "
-                f"{STATE_MARK.get(state, str(state)) if state else '-'}"
-                + (_ratio(policies[0]) if policies else ""),
-                f"{bar((time.monotonic() - start) / duration)} "
-                f"{time.monotonic() - start:5.1f}/{duration:g}s",
+        if redis_url is None:
+            workers = [
+                asyncio.create_task(
+                    replica(url, store, duration, until, tallies[i], listener=transitions.listener)
+                )
+                for i in range(replicas)
             ]
-            screen.show(rows)
-            await asyncio.sleep(0.25)
-        await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), 10)
+        else:
+            for _ in range(replicas):
+                err = files.enter_context(
+                    tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")  # noqa: SIM115
+                )
+                errors.append(err)
+                processes.append(
+                    _spawn_replica(url, redis_url, prefix, duration, until - time.monotonic(), err)
+                )
+            workers = [
+                asyncio.create_task(_read_replica(i, p, errors[i], tallies[i], transitions))
+                for i, p in enumerate(processes)
+            ]
+        with Screen(out, is_tty, duration) as screen:
+            while time.monotonic() < until:
+                for task in workers:
+                    if task.done() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                try:
+                    policies = await status(store)
+                except StoreUnavailableError:  # the replicas go on, on local state
+                    policies = []
+                breakers = [p for p in policies if p.kind == "circuit_breaker"]
+                screen.show(
+                    time.monotonic() - start,
+                    timeline.phase()[0],
+                    tallies,
+                    breakers[0] if breakers else None,
+                    transitions.take_fresh(),
+                )
+                await asyncio.sleep(0.25)
+            await asyncio.wait_for(asyncio.gather(*workers), 10)
+            screen.show(duration, timeline.phase()[0], tallies, None, transitions.take_fresh())
     finally:
         for task in workers:
             task.cancel()
@@ -303,10 +473,12 @@ async def run_demo(
             process.wait(5)
             if process.stdout is not None:
                 process.stdout.close()
+        files.close()
         upstream.should_exit = dashboard.should_exit = True
         await asyncio.gather(upstream_task, dashboard_task, return_exceptions=True)
         await store.aclose()
     total = sum(tallies, Counter[str]())
+    changes = transitions.ordered()
     summary = {
         "duration": duration,
         "replicas": replicas,
@@ -314,59 +486,110 @@ async def run_demo(
         "ok": total["ok"],
         "failed": total["failed"],
         "rejected": total["rejected"],
-        "transitions": transitions,
+        "transitions": [
+            {"name": t.name, "generation": t.generation, "old": t.old, "new": t.new, "at": t.at}
+            for t in changes
+        ],
     }
-    out(
-        f"\ndone: {total['requests']} requests, {total['ok']} answered, {total['failed']} "
-        f"failed, {total['rejected']} rejected at once by the open breaker (never sent)\n"
-        f"breaker: {' -> '.join(transitions) or 'closed throughout'}\n"
-    )
+    lines = [
+        "",
+        f"done: {total['requests']} requests, {total['ok']} answered, {total['failed']} "
+        f"failed, {total['rejected']} rejected at once by the open breaker (never sent)",
+        f"breaker: {len(changes)} state changes" if changes else "breaker: closed throughout",
+        *(transition_line(t) for t in changes),
+    ]
+    out("\n".join(lines) + "\n")
     return summary
 
 
 def _spawn_replica(
-    url: str, redis_url: str, store: Store, duration: float, seconds: float
+    url: str, redis_url: str, prefix: str, duration: float, seconds: float, err: IO[str]
 ) -> subprocess.Popen[str]:
-    prefix = getattr(store, "prefix", "resilience")
+    """A replica process running the very code this process runs, from any folder.
+
+    ``-P`` keeps the current folder off the child's ``sys.path``, and ``PYTHONPATH`` starts
+    with the folder this ``resilience`` package was imported from: a checkout, an editable
+    install or site-packages alike, the child imports the same modules as its parent.
+    """
+    env = dict(os.environ)
+    root = str(Path(resilience.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return subprocess.Popen(
         [
-            sys.executable, "-m", "resilience.integrations.demo", "replica",
+            sys.executable, "-P", "-m", "resilience.integrations.demo", "replica",
             url, redis_url, prefix, repr(duration), repr(max(0.1, seconds)),
         ],
         stdout=subprocess.PIPE,
+        stderr=err,
+        stdin=subprocess.DEVNULL,
         text=True,
+        env=env,
     )  # fmt: skip
 
 
-async def _read_replica(process: subprocess.Popen[str], tally: Counter[str]) -> None:
-    """Copy a replica process's running tallies (JSON lines) into ``tally``."""
+async def _read_replica(
+    index: int,
+    process: subprocess.Popen[str],
+    err: IO[str],
+    tally: Counter[str],
+    transitions: Transitions,
+) -> None:
+    """Copy a replica process's reports (JSON lines) into ``tally`` and ``transitions``.
+
+    Raises ``DemoError`` with the replica's last error lines if it exits with a failure.
+    """
     assert process.stdout is not None
     stdout = process.stdout
     loop = asyncio.get_running_loop()
     while True:
         line = await loop.run_in_executor(None, stdout.readline)
         if not line:
-            return
-        with contextlib.suppress(ValueError):
+            break
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            report = json.loads(line)
+            for change in report.get("transitions", ()):
+                transitions.add(*change)
             tally.clear()
-            tally.update(json.loads(line))
+            tally.update(report["tally"])
+    code = await loop.run_in_executor(None, process.wait)
+    if code != 0:
+        err.seek(0)
+        lines = [line for line in err.read().splitlines() if line.strip()]
+        why = "\n".join(lines[-5:]) or "no error output"
+        raise DemoError(f"replica #{index} exited with code {code}:\n{why}")
 
 
 async def _replica_process(
     url: str, redis_url: str, prefix: str, duration: float, seconds: float
 ) -> None:
-    """``--redis`` mode: one replica in its own process, reporting its tally every 0.2 s."""
+    """``--redis`` mode: one replica in its own process, reporting every 0.2 s.
+
+    Each report is a JSON line: its tally, and the state changes its breaker saw since the
+    last report (name, generation, old, new, wall-clock time).
+    """
     from resilience.store.redis import RedisStore
 
     tally: Counter[str] = Counter()
+    changes: list[tuple[str, int, str, str, float]] = []
+
+    def listener(event: Event) -> None:
+        if isinstance(event, StateChanged):
+            changes.append(
+                (event.name, event.generation, event.old.value, event.new.value, time.time())
+            )
+
+    def report() -> None:
+        print(json.dumps({"tally": dict(tally), "transitions": changes}), flush=True)
+        changes.clear()
+
     async with RedisStore.from_url(redis_url, prefix=prefix, timeout=1.0) as store:
         until = time.monotonic() + seconds
-        task = asyncio.create_task(replica(url, store, duration, until, tally))
+        task = asyncio.create_task(replica(url, store, duration, until, tally, listener=listener))
         while not task.done():
-            print(json.dumps(dict(tally)), flush=True)
+            report()
             await asyncio.sleep(0.2)
         await task
-        print(json.dumps(dict(tally)), flush=True)
+        report()
 
 
 if __name__ == "__main__":  # pragma: no cover - run by run_demo in --redis mode

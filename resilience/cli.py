@@ -4,6 +4,8 @@
 ``close``, ``disable`` and ``dashboard`` work on the breakers every replica shares through
 Redis (``--redis URL`` or ``$RESILIENCE_REDIS_URL``). Exit codes: 0 done, 1 an unknown
 breaker or an unreachable Redis, 2 a usage error (no Redis URL among them).
+
+Nothing it prints carries a Redis password: every URL goes through :func:`redact`.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
+from . import __version__
 from .circuit import CircuitState
 from .errors import StoreUnavailableError
 from .status import PolicyStatus, status
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+DISTRIBUTION = "resilience-fleet"  #: the name to ``pip install`` (the import name is resilience)
 URL_ENV = "RESILIENCE_REDIS_URL"
 PREFIX_ENV = "RESILIENCE_PREFIX"
 TOKEN_ENV = "RESILIENCE_DASHBOARD_TOKEN"
@@ -52,17 +58,45 @@ class CommandError(Exception):
         self.code = code
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+_DESCRIPTION = """\
+A demo, and status and control of the policies a fleet shares through Redis.
+
+'resilience demo' shows breakers protecting a flaky service. 'status', 'open', 'close',
+'disable' and 'dashboard' work on the policies every replica shares through Redis
+(--redis URL or $RESILIENCE_REDIS_URL, with --prefix or $RESILIENCE_PREFIX).
+
+exit codes: 0 done, 1 an unknown breaker or an unreachable Redis, 2 a usage error.
+"""
+
+# A URL's start: a scheme and "//". What follows, up to the last "@" before the next URL,
+# is taken as the user-info without parsing it, so a password no URL parser accepts (a raw
+# "[", "/", "#", "@" or space) is masked too. Masking a little more than the password in an
+# odd message is the price, and a fair one. A query's password parameter (the usual form for
+# unix:// URLs) is masked wherever it stands.
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&;]password=)[^&;#\s]*")
+
+
+def redact(text: str) -> str:
+    """``text`` (a URL, or a message holding URLs) with every password masked as ``***``.
+
+    The user-info's password and a ``password=`` query parameter are masked in any URL form,
+    parseable or not; the rest (scheme, user, host, port, database) stays, for the operator.
+    """
+    urls = list(_URL_START.finditer(text))
+    pieces, done = [], 0
+    for i, url in enumerate(urls):
+        start = url.end()
+        end = urls[i + 1].start() if i + 1 < len(urls) else len(text)
+        at = text.rfind("@", start, end)
+        if at < 0:
+            continue
+        user, colon, _ = text[start:at].partition(":")
+        if colon:
+            pieces += [text[done:start], f"{user}:***"]
+            done = at
+    pieces.append(text[done:])
+    return _QUERY_PASSWORD.sub(r"\1***", "".join(pieces))
 
 
 def open_store(url: str, prefix: str, timeout: float = STORE_TIMEOUT) -> RedisStore:
@@ -70,11 +104,15 @@ def open_store(url: str, prefix: str, timeout: float = STORE_TIMEOUT) -> RedisSt
     try:
         from .store.redis import RedisStore
     except ImportError as exc:  # pragma: no cover - the redis extra is missing
-        raise CommandError(f"the redis extra is not installed: {exc}", 2) from exc
+        raise CommandError(
+            f"the 'redis' extra is missing (pip install '{DISTRIBUTION}[redis]'): {exc}", 2
+        ) from exc
     try:
         return RedisStore.from_url(url, prefix=prefix, timeout=timeout)
     except ValueError as exc:
-        raise CommandError(f"invalid Redis URL or prefix {redact(url)!r}: {exc}", 2) from exc
+        raise CommandError(
+            f"invalid Redis URL or prefix {redact(url)!r}: {redact(str(exc))}", 2
+        ) from exc
 
 
 async def _with_store(url: str, prefix: str, work: Callable[[RedisStore], Awaitable[int]]) -> int:
@@ -82,7 +120,7 @@ async def _with_store(url: str, prefix: str, work: Callable[[RedisStore], Awaita
     try:
         return await work(store)
     except StoreUnavailableError as exc:
-        raise CommandError(f"cannot reach Redis at {redact(url)}: {exc}") from exc
+        raise CommandError(f"cannot reach Redis at {redact(url)}: {redact(str(exc))}") from exc
     finally:
         await store.aclose()
 
@@ -91,10 +129,11 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
-def format_table(policies: Sequence[PolicyStatus]) -> str:
-    """The ``status`` table: one line per policy."""
-    head = ("NAME", "KIND", "STATE", "CALLS", "FAILURES", "RATIO", "RETRY-AFTER", "REPLICAS")
-    rows = [head]
+_HEAD = ("NAME", "KIND", "STATE", "CALLS", "FAILURES", "RATIO", "RETRY-AFTER", "REPLICAS")
+
+
+def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
     for p in policies:
         breaker = p.kind == "circuit_breaker"
         state = str(p.state) if p.state is not None else "-"
@@ -114,7 +153,13 @@ def format_table(policies: Sequence[PolicyStatus]) -> str:
                 str(len(p.replicas)) if breaker else "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return rows
+
+
+def format_table(policies: Sequence[PolicyStatus]) -> str:
+    """The ``status`` table as plain text: one line per policy."""
+    rows = [_HEAD, *_rows(policies)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEAD))]
     right = {3, 4, 5, 6, 7}
     lines = []
     for row in rows:
@@ -124,6 +169,29 @@ def format_table(policies: Sequence[PolicyStatus]) -> str:
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def print_table(policies: Sequence[PolicyStatus], out: Callable[[str], object]) -> None:
+    """The ``status`` table: drawn with rich on a terminal when it is installed, else plain."""
+    if out is not print or not sys.stdout.isatty() or missing_modules(["rich"]):
+        out(format_table(policies))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    plain = format_table(policies)
+    if max(len(line) for line in plain.splitlines()) + 8 > console.width:
+        out(plain)  # too narrow for columns: plain lines, names never cut
+        return
+    table = Table(box=None, header_style="bold")
+    for i, column in enumerate(_HEAD):
+        table.add_column(column, justify="right" if i >= 3 else "left", no_wrap=True)
+    colour = {"open": "red", "forced_open": "red", "half_open": "yellow", "closed": "green"}
+    for p, row in zip(policies, _rows(policies), strict=True):
+        style = colour.get(str(p.state.value)) if p.state is not None else None
+        table.add_row(*row, style=style)
+    console.print(table)
 
 
 def status_document(
@@ -148,7 +216,7 @@ async def run_status(url: str, prefix: str, as_json: bool, out: Callable[[str], 
         elif not policies:
             out(f"no policies under prefix {prefix!r} at {redact(url)}")
         else:
-            out(format_table(policies))
+            print_table(policies, out)
         return 0
 
     return await _with_store(url, prefix, work)
@@ -172,13 +240,17 @@ async def run_control(
 
 async def run_dashboard(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     """Serve the dashboard with uvicorn until interrupted."""
-    try:
-        import uvicorn
+    missing = missing_modules(("uvicorn", "starlette"))
+    if missing:
+        raise CommandError(
+            f"the dashboard needs the 'dashboard' extra, which brings {', '.join(missing)}: "
+            f"pip install '{DISTRIBUTION}[dashboard]'",
+            2,
+        )
+    import uvicorn
 
-        # The core never imports integrations statically; the command is their one user.
-        dashboard: Any = importlib.import_module("resilience.integrations.dashboard")
-    except ImportError as exc:
-        raise CommandError(f"the dashboard needs uvicorn: {exc}", 2) from exc
+    # The core never imports integrations statically; the command is their one user.
+    dashboard: Any = importlib.import_module("resilience.integrations.dashboard")
     from .store import MemoryStore, Store
 
     store: Store
@@ -242,16 +314,12 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _add_store_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redis",
-        metavar="URL",
-        default=os.environ.get(URL_ENV) or None,
-        help=f"Redis URL (default ${URL_ENV})",
-    )
+    # The defaults from the environment are read after parsing, never shown in --help: a URL
+    # there may carry a password.
+    parser.add_argument("--redis", metavar="URL", help=f"Redis URL (default: ${URL_ENV})")
     parser.add_argument(
         "--prefix",
-        default=os.environ.get(PREFIX_ENV) or "resilience",
-        help=f"key prefix the services use (default ${PREFIX_ENV} or 'resilience')",
+        help=f"key prefix the services use (default: ${PREFIX_ENV}, else 'resilience')",
     )
 
 
@@ -269,43 +337,92 @@ def _refresh(value: str) -> float:
     return seconds
 
 
+#: the demo's dependencies, by import name: each is in the 'demo' extra
+DEMO_NEEDS = ("httpx", "uvicorn", "starlette", "rich")
+
+
+def missing_modules(names: Sequence[str]) -> list[str]:
+    """The modules of ``names`` that cannot be imported here (looked up, not imported)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ValueError:  # in sys.modules as None: an import of it fails
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        demo = importlib.import_module("resilience.integrations.demo")
-    except ImportError as exc:
+    missing = missing_modules([*DEMO_NEEDS, *(["redis"] if args.redis else [])])
+    if missing:
         print(
-            f"resilience: the demo needs the 'demo' extra (pip install 'resilience[demo]'): {exc}",
+            f"resilience: the demo needs the 'demo' extra, which brings {', '.join(missing)}: "
+            f"pip install '{DISTRIBUTION}[demo]'",
             file=sys.stderr,
         )
         return 2
+    # The core never imports integrations statically; the command is their one user. With its
+    # dependencies present, an ImportError here is a real error and shows as one.
+    demo: Any = importlib.import_module("resilience.integrations.demo")
     try:
         asyncio.run(
             demo.run_demo(
                 args.duration, replicas=args.replicas, redis_url=args.redis, seed=args.seed
             )
         )
+    except demo.DemoError as exc:
+        print(f"resilience: demo stopped: {redact(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``resilience`` command."""
+def _read_token(args: argparse.Namespace) -> str | None:
+    """The dashboard's token: --token-file, else --token, else $RESILIENCE_DASHBOARD_TOKEN."""
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"cannot read --token-file: {exc}", 2) from exc
+        if not token:
+            raise CommandError(f"--token-file {args.token_file} is empty", 2)
+        return token
+    return args.token or os.environ.get(TOKEN_ENV) or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``resilience`` command's argument parser."""
     parser = argparse.ArgumentParser(
         prog="resilience",
-        description=__doc__,
+        description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__} ({DISTRIBUTION})"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser(
-        "demo", help="a flaky service, client replicas sharing a breaker, and the dashboard"
+        "demo",
+        help="a flaky service, client replicas sharing a breaker, and the dashboard",
+        description="A flaky service, client replicas sharing a breaker, and the live "
+        "dashboard, on loopback for --duration seconds; then a summary.",
     )
-    p_demo.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
-    p_demo.add_argument("--replicas", type=int, default=3, help="client replicas (default 3)")
     p_demo.add_argument(
-        "--redis", default=None, help="share state through Redis (replicas become processes)"
+        "--duration", type=float, default=60.0, help="seconds to run (default: %(default)g)"
     )
-    p_demo.add_argument("--seed", type=int, default=None, help="random seed")
+    p_demo.add_argument(
+        "--replicas", type=int, default=3, help="client replicas (default: %(default)s)"
+    )
+    p_demo.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="share state through Redis: the replicas become processes (default: in-process)",
+    )
+    p_demo.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p_status = sub.add_parser("status", help="show every shared policy and its state")
     _add_store_options(p_status)
     p_status.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -317,23 +434,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     for command in _CONTROL:
         aliases = ["reset"] if command == "close" else []
         p = sub.add_parser(command, aliases=aliases, help=helps[command])
-        p.add_argument("name", help="the breaker's name")
+        p.add_argument(
+            "name", help="the breaker's name (ResilientTransport names each after its origin)"
+        )
         _add_store_options(p)
-    p_dash = sub.add_parser("dashboard", help="serve the live dashboard (needs uvicorn)")
+    p_dash = sub.add_parser(
+        "dashboard",
+        help="serve the live dashboard (needs the 'dashboard' extra)",
+        description="Serve the live dashboard of the policies shared under --prefix.",
+    )
     _add_store_options(p_dash)
-    p_dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p_dash.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
-    p_dash.add_argument("--refresh", type=_refresh, default=1.0, help="seconds between pushes")
+    p_dash.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    p_dash.add_argument("--port", type=_port, default=8765, help="port (default: %(default)s)")
+    p_dash.add_argument(
+        "--refresh",
+        type=_refresh,
+        default=1.0,
+        help="seconds between two pushes to the page (default: %(default)g)",
+    )
     p_dash.add_argument(
         "--allow-control",
         action="store_true",
-        help="show force open / close / disable buttons (needs --token)",
+        help="show force open / close / disable buttons (needs a token; default: read-only)",
+    )
+    p_dash.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="read the Bearer token control requires from this file (preferred)",
     )
     p_dash.add_argument(
         "--token",
-        default=os.environ.get(TOKEN_ENV) or None,
-        help=f"the Bearer token control requires (default ${TOKEN_ENV})",
+        help=f"the token itself; visible to every user in 'ps': prefer --token-file or "
+        f"${TOKEN_ENV} (default: ${TOKEN_ENV})",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``resilience`` command."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`status --json | head`): say nothing more, as `cat` does.
+        # Python would print the error again when it flushes stdout at exit: point stdout at
+        # /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         if not 0 < args.duration <= 3600:
@@ -341,14 +494,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 1 <= args.replicas <= 16:
             parser.error("--replicas must be in 1..16")
         return _demo(args)
-    if args.command == "dashboard" and args.allow_control and not args.token:
-        parser.error(f"--allow-control needs --token (or ${TOKEN_ENV})")
-    # One-shot commands report a failing store in one line of their own; the dashboard keeps
-    # the store's warnings (degraded, recovered) as log lines.
-    logging.basicConfig(format="resilience: %(levelname)s: %(message)s")
-    if args.command != "dashboard":
-        logging.getLogger("resilience.redis").setLevel(logging.ERROR)
+    args.redis = args.redis or os.environ.get(URL_ENV) or None
+    args.prefix = args.prefix or os.environ.get(PREFIX_ENV) or "resilience"
     try:
+        if args.command == "dashboard":
+            args.token = _read_token(args)
+            if args.allow_control and not args.token:
+                parser.error(f"--allow-control needs --token-file, ${TOKEN_ENV} or --token")
+        # One-shot commands report a failing store in one line of their own; the dashboard
+        # keeps the store's warnings (degraded, recovered) as log lines.
+        logging.basicConfig(format="resilience: %(levelname)s: %(message)s")
+        if args.command != "dashboard":
+            logging.getLogger("resilience.redis").setLevel(logging.ERROR)
         if args.command == "status":
             return asyncio.run(run_status(_url(args), args.prefix, args.json, print))
         if args.command in (*_CONTROL, "reset"):

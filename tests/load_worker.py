@@ -2,7 +2,9 @@
 
 Usage: python tests/load_worker.py URL PREFIX TASKS SECONDS START_AT. Runs TASKS asyncio
 tasks through RateLimiter -> Bulkhead(distributed) -> CircuitBreaker -> upstream, all shared
-through Redis, from wall time START_AT for SECONDS; the upstream fails in every odd half
+through Redis, from wall time START_AT to START_AT + SECONDS (the same window in every process:
+one that starts late stops on time, so the fleet's load never spans more than SECONDS); the
+upstream fails in every odd half
 second (the same schedule in every process). Every admitted call is counted in Redis by the
 server itself; prints one JSON line of local counts at the end.
 """
@@ -100,7 +102,11 @@ async def main(url: str, prefix: str, tasks: int, seconds: float, start_at: floa
 
         await store.sync()
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        end = time.monotonic() + seconds
+        # The window ends at a wall time shared by the fleet, not SECONDS after this process
+        # began: a process that reached START_AT late (a slow start on a busy machine) would
+        # otherwise stretch the fleet's window and the test would count admissions the rate
+        # limiter rightly granted over more than SECONDS.
+        end = time.monotonic() + (start_at + seconds - time.time())
 
         async def task() -> None:
             while time.monotonic() < end:

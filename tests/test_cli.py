@@ -6,31 +6,58 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections import Counter
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from resilience.integrations.demo import DemoError, Transitions, _read_replica
 
-from resilience import CircuitBreaker, CircuitOpenError, CircuitState, CountWindow, status
-from resilience.cli import main
+from resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    __version__,
+    status,
+)
+from resilience.cli import (
+    DEMO_NEEDS,
+    DISTRIBUTION,
+    URL_ENV,
+    CommandError,
+    _read_token,
+    build_parser,
+    main,
+    missing_modules,
+    redact,
+)
 from resilience.store.redis import RedisStore
 
 from .redis_server import free_port
 
 
-def run_demo(*extra: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m resilience demo` for a few seconds."""
+def run_demo(*extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m resilience demo` for a few seconds (piped: no terminal)."""
     return subprocess.run(
         [sys.executable, "-m", "resilience", "demo", "--duration", "6", "--seed", "7", *extra],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
+        cwd=cwd,
     )
 
 
@@ -43,16 +70,69 @@ def check_demo_output(stdout: str) -> None:
     assert "rejected at once by the open breaker" in stdout
 
 
+def summary_generations(stdout: str) -> list[int]:
+    """The generations of the transitions the demo's summary lists."""
+    summary = stdout.split("\ndone:")[-1]
+    return [int(g) for g in re.findall(r"-> \w+ \(generation (\d+)\)", summary)]
+
+
 def test_demo_runs_and_reports() -> None:
-    """The README's demo: upstream, replicas sharing a breaker in memory, dashboard, summary."""
-    check_demo_output(run_demo().stdout)
+    """The README's demo: upstream, replicas sharing a breaker in memory, dashboard, summary;
+    piped, it prints phases and state changes as lines, and the summary lists every
+    transition (generations 1, 2, 3, ... without a gap, half-open rounds included)."""
+    stdout = run_demo().stdout
+    check_demo_output(stdout)
+    generations = summary_generations(stdout)
+    assert generations == list(range(1, len(generations) + 1)), stdout
+    assert "half_open -> " in stdout
+    assert "upstream phase: failing" in stdout
+    for line in stdout.splitlines():
+        if "upstream phase:" in line:  # each says what the breaker's window holds
+            assert any(
+                what in line for what in ("upstream errors, retried", "opened by", "not used yet")
+            ), line
+    assert "\x1b[" not in stdout  # no terminal codes in a pipe
 
 
-def test_demo_with_redis_runs_replicas_as_processes(redis_url: str) -> None:
-    """With --redis the replicas are separate processes sharing the breaker through Redis."""
-    out = run_demo("--redis", redis_url, "--replicas", "2")
+def test_demo_with_redis_runs_replicas_as_processes(redis_url: str, tmp_path: Path) -> None:
+    """With --redis the replicas are separate processes sharing the breaker through Redis;
+    the demo prints its prefix and the commands that show it, which work beside it."""
+    out = run_demo("--redis", redis_url, "--replicas", "2", cwd=tmp_path)
     check_demo_output(out.stdout)
     assert "Redis redis://" in out.stdout
+    prefix = re.search(r"under prefix '(demo-\d+)'", out.stdout)
+    assert prefix, out.stdout
+    assert f"resilience status --redis '{redis_url}' --prefix {prefix[1]}" in out.stdout
+    assert summary_generations(out.stdout)
+
+
+def test_a_replica_that_dies_stops_the_demo_with_its_error() -> None:
+    """A replica process that exits with an error raises DemoError carrying its message."""
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; print('{}'); sys.exit('replica: no route')"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        with pytest.raises(DemoError, match=r"replica #1 exited with code 1:\nreplica: no route"):
+            asyncio.run(_read_replica(1, process, err, Counter(), Transitions(time.time())))
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_demo_exits_1_when_redis_is_unreachable() -> None:
+    """`demo --redis` with an unreachable Redis exits 1 with one line, password masked."""
+    out = subprocess.run(
+        [sys.executable, "-m", "resilience", "demo", "--duration", "1",
+         "--redis", "redis://:pw-9876@127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "resilience: demo stopped: cannot reach Redis at redis://:***@127.0.0.1:1/0" in (
+        out.stderr
+    )
+    assert "pw-9876" not in out.stderr + out.stdout
 
 
 def test_bad_duration_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -260,3 +340,125 @@ def wait_for_status(url: str, proc: subprocess.Popen[str], seconds: float = 20) 
             return r.json()
         time.sleep(0.1)
     pytest.fail(f"no answer from {url} in {seconds}s")
+
+
+# --- first contact: help, version, pipes, missing extras, secrets ----------------------------
+def test_help_is_plain_text() -> None:
+    """The top-level --help has no reST markup, and --version names the distribution."""
+    out = resilience("--help")
+    assert out.returncode == 0
+    assert "``" not in out.stdout
+    assert "exit codes" in out.stdout
+    version = resilience("--version")
+    assert version.stdout.strip() == f"resilience {__version__} ({DISTRIBUTION})"
+
+
+def test_dashboard_help_shows_defaults_and_no_secret() -> None:
+    """`dashboard --help` shows each default, prefers a token file, and never shows the
+    token or Redis URL taken from the environment."""
+    out = resilience(
+        "dashboard",
+        "--help",
+        env={"RESILIENCE_DASHBOARD_TOKEN": "t0ken-in-env", URL_ENV: "redis://:pw1234@h:1/0"},
+    )
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for default in ("(default: 127.0.0.1)", "(default: 8765)", "(default: 1)"):
+        assert default in text
+    assert "--token-file" in text
+    assert "ps" in text
+    assert "t0ken-in-env" not in out.stdout
+    assert "pw1234" not in out.stdout
+
+
+def test_status_json_into_a_closed_pipe(tripped: tuple[str, str]) -> None:
+    """`status --json` into a pipe its reader has closed ends quietly, with no
+    BrokenPipeError traceback (`true` exits long before Python has started)."""
+    url, prefix = tripped
+    clean = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    command = (
+        f"{shlex.quote(sys.executable)} -m resilience status --json --redis {url} "
+        f"--prefix {prefix} | true"
+    )
+    out = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=60, env=clean
+    )
+    assert "Traceback" not in out.stderr
+    assert "BrokenPipe" not in out.stderr
+
+
+def test_missing_extra_hint_only_when_missing(tmp_path: Path) -> None:
+    """The 'demo' extra hint names the missing module and the distribution; with every
+    dependency present the demo starts instead."""
+    code = (
+        "import sys; sys.modules['rich'] = None; from resilience.cli import main; "
+        "sys.exit(main(['demo', '--duration', '1']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert out.returncode == 2
+    assert f"pip install '{DISTRIBUTION}[demo]'" in out.stderr
+    assert "rich" in out.stderr
+    assert missing_modules(DEMO_NEEDS) == []  # here the extra is installed: no hint
+    assert missing_modules(["no_such_module_here"]) == ["no_such_module_here"]
+
+
+def test_token_file(tmp_path: Path) -> None:
+    """--token-file supplies the control token; an empty or missing file is a usage error."""
+    token = tmp_path / "token"
+    token.write_text("  s3cret-from-file\n")
+    args = build_parser().parse_args(["dashboard", "--token-file", str(token)])
+    assert _read_token(args) == "s3cret-from-file"
+    token.write_text("\n")
+    with pytest.raises(CommandError, match="empty"):
+        _read_token(args)
+    args = build_parser().parse_args(["dashboard", "--token-file", str(tmp_path / "nope")])
+    with pytest.raises(CommandError, match="cannot read"):
+        _read_token(args)
+
+
+SECRET = "Zx9"  # starts every generated password, so none can appear in a URL by chance
+PASSWORDS = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=20
+).map(lambda s: SECRET + s)
+
+
+@given(password=PASSWORDS, user=st.sampled_from(["", "app"]))
+@settings(max_examples=300, deadline=None)
+def test_redact_masks_a_password_in_every_url_form(password: str, user: str) -> None:
+    """redact() masks the password in the user-info, raw or quoted, and in the query, in
+    URLs urlsplit cannot parse too, alone or inside a message."""
+    quoted = quote(password, safe="")
+    raw_query = password.replace("&", "").replace("#", "").replace(";", "").split()[0]
+    urls = [
+        f"redis://{user}:{password}@127.0.0.1:6379/0",
+        f"rediss://{user}:{quoted}@[::1]:6380/2",
+        f"unix:///run/redis.sock?db=0&password={quoted}",
+        f"unix:///run/redis.sock?password={raw_query}&db=1",
+        f"redis://127.0.0.1/0?PassWord={quoted}",
+    ]
+    for url in urls:
+        secret = raw_query if "password=" + raw_query in url else password
+        for text in (url, f"cannot reach Redis at {url}: Connection refused"):
+            shown = redact(text)
+            assert secret not in shown, (text, shown)
+            assert quoted not in shown, (text, shown)
+            assert "***" in shown
+
+
+def test_redact_keeps_what_the_operator_needs() -> None:
+    """redact() keeps scheme, user, host, port and database, and leaves plain URLs alone."""
+    assert redact("redis://app:pw@cache:6379/3") == "redis://app:***@cache:6379/3"
+    assert redact("redis://:p[w@cache:6379") == "redis://:***@cache:6379"
+    assert redact("unix:///s.sock?password=pw&db=2") == "unix:///s.sock?password=***&db=2"
+    assert redact("redis://cache:6379/0") == "redis://cache:6379/0"
+    assert redact("no URL here") == "no URL here"
+
+
+def test_unparsable_url_password_is_not_printed() -> None:
+    """A URL urlsplit rejects (a raw '[' in the password) is masked in the error message."""
+    out = resilience("status", "--redis", "redis://:s3[cr3t@127.0.0.1:1/0")
+    assert out.returncode in (1, 2)
+    assert "s3[cr3t" not in out.stderr
+    assert "cr3t" not in out.stderr

@@ -78,6 +78,71 @@ def test_control_without_token_is_refused() -> None:
         Dashboard(object())  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "argument"),
+    [
+        ({"refresh": 10**400}, ValueError, "refresh"),
+        ({"refresh": -(10**400)}, ValueError, "refresh"),
+        ({"refresh": float("nan")}, ValueError, "refresh"),
+        ({"refresh": float("inf")}, ValueError, "refresh"),
+        ({"refresh": True}, TypeError, "refresh"),
+        ({"refresh": "1"}, TypeError, "refresh"),
+        ({"refresh": None}, TypeError, "refresh"),
+        ({"allow_control": "false", "token": TOKEN}, TypeError, "allow_control"),
+        ({"allow_control": 1, "token": TOKEN}, TypeError, "allow_control"),
+        ({"token": b"bytes"}, TypeError, "token"),
+        ({"token": 12345}, TypeError, "token"),
+        ({"token": ""}, ValueError, "token"),
+        ({"token": "   "}, ValueError, "token"),
+        ({"token": "a\nb"}, ValueError, "token"),
+    ],
+)
+def test_every_argument_is_validated(
+    kwargs: dict[str, Any], error: type[Exception], argument: str
+) -> None:
+    """Bad arguments raise ValueError or TypeError naming the argument (never OverflowError)."""
+    with pytest.raises(error, match=argument):
+        Dashboard(MemoryStore(), **kwargs)
+
+
+async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> None:
+    """calls/s and failures/s are the growth of the replicas' reports between two snapshots,
+    and the replicas reporting are counted; no rate before a second snapshot."""
+    breaker = CircuitBreaker("rated", window=CountWindow(100), store=redis_store)
+    app = Dashboard(redis_store, refresh=0.05)
+    await breaker.call(asyncio.sleep, 0)
+    await redis_store.sync()
+    _, first = await app.snapshot()
+    (before,) = [p for p in first["policies"] if p["name"] == "rated"]
+    assert before["rates"] is None
+    assert before["replicas_reporting"] == 1
+    for _ in range(30):
+        await breaker.call(asyncio.sleep, 0)
+    for _ in range(10):
+        with pytest.raises(ConnectionError):
+            await breaker.call(_fail)
+    await redis_store.sync()
+    await asyncio.sleep(0.06)  # bounded: past the snapshots' minimum gap
+    _, second = await app.snapshot()
+    (after,) = [p for p in second["policies"] if p["name"] == "rated"]
+    assert after["rates"]["calls"] > 0
+    assert after["rates"]["failures"] > 0
+    assert after["rates"]["calls"] > after["rates"]["failures"]
+
+
+async def test_page_carries_the_first_snapshot_as_data(clock: FakeClock) -> None:
+    """GET / embeds the first status document as JSON data, with "<" escaped, so the page
+    shows figures before its stream connects and no name can inject markup."""
+    store = MemoryStore(clock=clock)
+    breaker = CircuitBreaker("</script><img src=x>", store=store, clock=clock)
+    await breaker.call(asyncio.sleep, 0)
+    async with client(Dashboard(store)) as c:
+        page = (await c.get("/")).text
+    data = page.split('<script type="application/json" id="initial">')[1].split("</script>")[0]
+    assert "<" not in data
+    assert json.loads(data)["policies"][0]["name"] == "</script><img src=x>"
+
+
 async def test_status_after_a_trip(clock: FakeClock) -> None:
     """GET /status lists the tripped breaker as open, with its retry-after and the store kind."""
     store, breaker = memory_breaker(clock)
@@ -293,6 +358,8 @@ async def test_failing_store_is_a_503() -> None:
     doc = r.json()
     assert doc["store"] == {"kind": "redis", "degraded": True}
     assert doc["error"].startswith("store unavailable")
+    assert "127.0.0.1" not in r.text  # where the store is stays in the server's log
+    assert "127.0.0.1" not in ctl.text
     assert doc["policies"] == []
     assert ctl.status_code == 503
     assert ctl.json()["error"].startswith("store unavailable")
@@ -316,3 +383,21 @@ async def test_lifespan_and_websocket() -> None:
     inbox.append({"type": "websocket.connect"})
     await app({"type": "websocket", "path": "/events"}, receive, send)
     assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+async def test_no_password_or_location_reaches_the_page_or_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With an unreachable store whose URL has a password, neither the page, the feed nor
+    the dashboard's log holds the password; viewers do not see the host either."""
+    url = "redis://:pw-s3cr3t@127.0.0.1:1/0?password=pw-s3cr3t"
+    store = RedisStore.from_url(url, prefix="dash-secret", timeout=0.2)
+    try:
+        async with client(Dashboard(store)) as c:
+            page = (await c.get("/")).text
+            doc = (await c.get("/status")).text
+    finally:
+        await store.aclose()
+    for text in (page, doc, caplog.text):
+        assert "pw-s3cr3t" not in text
+    assert "127.0.0.1:1" not in doc

@@ -46,7 +46,8 @@ def test_fleet_limits_hold_under_load(redis_server: RedisServer, full: bool) -> 
     probes <= half_open_calls, and every lease and slot is given back at the end."""
     processes, tasks, seconds = (8, 100, 30.0) if full else (4, 50, 5.0)
     url, prefix = redis_server.url, "load"
-    start_at = time.time() + 2.0  # every process starts its load at the same wall time
+    # Every process runs its load in the same wall-clock window, [start_at, start_at + seconds].
+    start_at = time.time() + 2.0
     procs = [
         subprocess.Popen(
             [sys.executable, WORKER, url, prefix, str(tasks), str(seconds), repr(start_at)],

@@ -1,44 +1,60 @@
-"""``Dashboard``: a live status page for a store's breakers, as a pure ASGI app.
+"""``Dashboard``: a live status page for every policy a store knows, as a Starlette app.
 
 Mount it in Starlette or FastAPI, or serve it alone with uvicorn::
 
     app = Starlette(routes=[Mount("/resilience", app=Dashboard(store))])
 
-Routes, relative to where it is mounted (``scope["root_path"]`` is respected):
+Routes, relative to where it is mounted:
 
-* ``GET /``: the page (one static HTML file, no external resources).
+* ``GET /``: the page (one static HTML file, no external resources), with the first status
+  document inside it, so it shows figures at once.
 * ``GET /status``: ``{"policies": [...], "store": {"kind", "degraded"}, "control", "refresh",
   "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot answer.
+  Each policy carries its ``PolicyStatus`` fields plus ``"rates"`` (per second, computed here
+  from successive snapshots: ``calls``, ``failures``, ``slow_calls``, or ``None`` before a
+  second snapshot) and ``"replicas_reporting"`` (replicas heard from in the last minute).
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
   with ``allow_control=True`` and ``Authorization: Bearer <token>``; ``403`` otherwise.
 
-Control is off by default, and turning it on requires a token. The app imports no web
-framework; lifespan messages are answered, WebSocket connections are refused.
+Control is off by default, and turning it on requires a token. Every figure comes from the
+store's ``status()``, one call per push (shared by every viewer): no Redis command per
+protected call. Error messages never show where the store is (a Redis URL, host or port);
+the server's log has the details.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from html import escape
 from importlib import resources
 from typing import Any
 
-from resilience import CircuitState, Store, StoreUnavailableError, status
+try:
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - the extra is missing
+    raise ImportError(
+        f"resilience.integrations.dashboard needs Starlette: pip install "
+        f"'resilience-fleet[dashboard]' ({exc})"
+    ) from exc
+
+from resilience import CircuitState, PolicyStatus, Store, StoreUnavailableError, status
 
 __all__ = ["Dashboard"]
 
 logger = logging.getLogger("resilience.dashboard")
 
-# The ASGI types, as Starlette spells them (starlette/types.py), without importing it.
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -49,21 +65,20 @@ _CONTROL_STATES = {
 }
 _MAX_BODY = 4096  #: bytes accepted in a control request
 _STREAM_SECONDS = 300.0  #: an event stream ends after this; EventSource reconnects by itself
+_REPORTING = 60.0  #: a replica heard from within this many seconds is reporting
 _BASE_MARK = "__RESILIENCE_BASE__"
-_PAGE_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-        b"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-        b"frame-ancestors 'none'",
-    ),
-    (b"x-frame-options", b"DENY"),
-]
-_COMMON_HEADERS = [
-    (b"cache-control", b"no-store"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-]
+_INITIAL_MARK = "__RESILIENCE_INITIAL__"
+_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+_COMMON_HEADERS = {
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+_UNAVAILABLE = "store unavailable (the dashboard's log says why)"
 
 
 def _store_kind(store: Store) -> str:
@@ -72,12 +87,70 @@ def _store_kind(store: Store) -> str:
     return {"MemoryStore": "memory", "RedisStore": "redis"}.get(name, name)
 
 
+def _json(doc: Any, code: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(doc, code, headers={**_COMMON_HEADERS, **(headers or {})})
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+class _Rates:
+    """Calls, failures and slow calls per second of each breaker, from successive snapshots.
+
+    Replicas report cumulative counts (``ReplicaReport``): the rate is the growth of their sum
+    between two snapshots at least ``min_gap`` seconds apart. A replica that disappears or
+    restarts makes the sum shrink: that interval shows no rate rather than a negative one.
+    """
+
+    def __init__(self, min_gap: float) -> None:
+        self.min_gap = min_gap
+        self._last: dict[tuple[str, str], tuple[float, tuple[int, int, int]]] = {}
+        self._rates: dict[tuple[str, str], dict[str, float] | None] = {}
+
+    def update(self, policy: PolicyStatus, now: float) -> dict[str, float] | None:
+        key = (policy.kind, policy.name)
+        if not policy.replicas:
+            return None
+        totals = (
+            sum(r.calls for r in policy.replicas),
+            sum(r.failures for r in policy.replicas),
+            sum(r.slow_calls for r in policy.replicas),
+        )
+        last = self._last.get(key)
+        if last is None:
+            self._last[key] = (now, totals)
+            return None
+        then, before = last
+        gap = now - then
+        if gap < self.min_gap:
+            return self._rates.get(key)
+        self._last[key] = (now, totals)
+        deltas = [b - a for a, b in zip(before, totals, strict=True)]
+        rates = (
+            None
+            if any(d < 0 for d in deltas)
+            else {
+                "calls": round(deltas[0] / gap, 2),
+                "failures": round(deltas[1] / gap, 2),
+                "slow_calls": round(deltas[2] / gap, 2),
+            }
+        )
+        self._rates[key] = rates
+        return rates
+
+    def forget(self, keep: set[tuple[str, str]]) -> None:
+        for key in set(self._last) - keep:
+            del self._last[key]
+            self._rates.pop(key, None)
+
+
 class Dashboard:
     """A live status page (and JSON / SSE feeds) for every policy ``store`` knows.
 
     ``allow_control=True`` lets operators force breakers open, closed or disabled from the
     page; it requires ``token``, which clients send as ``Authorization: Bearer <token>``.
-    ``refresh`` is the seconds between two pushes on the event stream.
+    ``refresh`` is the seconds between two pushes on the event stream, in [0.05, 3600].
     """
 
     def __init__(
@@ -90,19 +163,36 @@ class Dashboard:
     ) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"store must be a resilience Store, not {store!r}")
-        if token is not None and (not isinstance(token, str) or not token):
-            raise ValueError(f"token must be a non-empty string, not {token!r}")
+        if not isinstance(allow_control, bool):
+            raise TypeError(f"allow_control must be True or False, not {allow_control!r}")
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a string or None, not {type(token).__name__}")
+        if token is not None and (not token.strip() or not token.isprintable()):
+            raise ValueError("token must be a non-empty string of printable characters")
         if allow_control and token is None:
             raise ValueError("allow_control=True requires a token (sent as a Bearer token)")
         if isinstance(refresh, bool) or not isinstance(refresh, int | float):
             raise TypeError(f"refresh must be a number of seconds, not {refresh!r}")
-        if not math.isfinite(refresh) or not 0.05 <= refresh <= 3600:
+        # compared before any conversion: a huge int (10**400) is out of range, not an error
+        if not 0.05 <= refresh <= 3600 or (isinstance(refresh, float) and math.isnan(refresh)):
             raise ValueError(f"refresh must be in [0.05, 3600] seconds, not {refresh!r}")
         self.store = store
-        self.allow_control = bool(allow_control)
+        self.allow_control = allow_control
         self.refresh = float(refresh)
-        self._token = None if token is None else token.encode()
+        self._token = None if token is None else token.strip().encode()
         self._page = resources.files(__name__).joinpath("index.html").read_text(encoding="utf-8")
+        self._rates = _Rates(min_gap=min(0.5, self.refresh / 2))
+        self._latest: tuple[float, int, dict[str, Any]] | None = None
+        self._lock = asyncio.Lock()
+        self.app = Starlette(
+            routes=[
+                Route("/", self._index, methods=["GET"]),
+                Route("/status", self._status, methods=["GET"]),
+                Route("/events", self._events, methods=["GET"]),
+                Route("/control/{name:path}", self._control, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: self._http_error},
+        )
 
     def __repr__(self) -> str:
         return (
@@ -110,215 +200,151 @@ class Dashboard:
             f"refresh={self.refresh:g})"
         )
 
-    # ASGI ---------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve one ASGI connection."""
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await _lifespan(receive, send)
-        elif kind == "websocket":
+        """Serve one ASGI connection (WebSockets are refused: the page uses SSE)."""
+        if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
-        else:
-            raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        root = str(scope.get("root_path", "")).rstrip("/")
-        path = str(scope["path"])
-        if root and (path == root or path.startswith(root + "/")):
-            path = path[len(root) :]
-        path = path or "/"
-        method = str(scope["method"]).upper()
-        if path.startswith("/control/"):
-            if method != "POST":
-                await _json(send, 405, {"error": "use POST"}, allow=b"POST")
-                return
-            await self._control(scope, receive, send, path[len("/control/") :])
             return
-        handler = {"/": self._index, "/status": self._status, "/events": self._events}.get(path)
-        if handler is None:
-            await _json(send, 404, {"error": f"no such page: {path}"})
-        elif method not in ("GET", "HEAD"):
-            await _json(send, 405, {"error": "use GET"}, allow=b"GET, HEAD")
-        else:
-            await handler(scope, receive, send)
+        await self.app(scope, receive, send)
 
-    # pages --------------------------------------------------------------------------------
-    async def _index(self, scope: Scope, receive: Receive, send: Send) -> None:
-        base = str(scope.get("root_path", "")).rstrip("/") + "/"
-        body = self._page.replace(_BASE_MARK, escape(base, quote=True), 1).encode()
-        headers = [(b"content-type", b"text/html; charset=utf-8"), *_PAGE_HEADERS]
-        await _respond(send, 200, body, headers, head=scope["method"] == "HEAD")
-
+    # the status document --------------------------------------------------------------------
     async def snapshot(self) -> tuple[int, dict[str, Any]]:
-        """The status document and its HTTP status: 200, or 503 when the store failed."""
+        """The status document and its HTTP status: 200, or 503 when the store failed.
+
+        Viewers share snapshots: one taken less than half a ``refresh`` ago is reused.
+        """
+        async with self._lock:
+            now = time.monotonic()
+            if self._latest is not None and now - self._latest[0] < self.refresh / 2:
+                return self._latest[1], self._latest[2]
+            code, doc = await self._take(now)
+            self._latest = (now, code, doc)
+            return code, doc
+
+    async def _take(self, now: float) -> tuple[int, dict[str, Any]]:
         store = {"kind": _store_kind(self.store), "degraded": False}
         doc: dict[str, Any] = {"policies": [], "store": store, "control": self.allow_control}
         doc["refresh"] = self.refresh
         code = 200
         try:
-            doc["policies"] = [p.to_dict() for p in await status(self.store)]
+            policies = await status(self.store)
         except Exception as exc:  # a status page reports a failing store; it never crashes
-            if not isinstance(exc, StoreUnavailableError):
-                logger.exception("store %r failed to report its status", self.store)
-            doc["error"] = f"store unavailable: {exc}" if str(exc) else "store unavailable"
+            if isinstance(exc, StoreUnavailableError):
+                logger.warning("dashboard: the store cannot answer: %s", _redact(str(exc)))
+            else:
+                logger.error("dashboard: the store failed to report: %s", _redact(repr(exc)))
+            doc["error"] = _UNAVAILABLE
             store["degraded"] = True
             code = 503
+        else:
+            doc["policies"] = [self._policy(p, now) for p in policies]
+            self._rates.forget({(p.kind, p.name) for p in policies})
         store["degraded"] = store["degraded"] or bool(getattr(self.store, "degraded", False))
         doc["time"] = time.time()
         return code, doc
 
-    async def _status(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _policy(self, policy: PolicyStatus, now: float) -> dict[str, Any]:
+        data = policy.to_dict()
+        data["rates"] = self._rates.update(policy, now)
+        data["replicas_reporting"] = sum(r.last_seen <= _REPORTING for r in policy.replicas)
+        return data
+
+    # routes ---------------------------------------------------------------------------------
+    async def _index(self, request: Request) -> Response:
+        base = str(request.scope.get("root_path", "")).rstrip("/") + "/"
+        _, doc = await self.snapshot()
+        # The first document goes into the page as JSON data (never run as script): "<" is
+        # escaped so no name can close the element.
+        initial = _dumps(doc).replace("<", "\\u003c")
+        body = self._page.replace(_BASE_MARK, escape(base, quote=True), 1)
+        body = body.replace(_INITIAL_MARK, initial, 1)
+        headers = {**_COMMON_HEADERS, "content-security-policy": _CSP, "x-frame-options": "DENY"}
+        return HTMLResponse(body, headers=headers)
+
+    async def _status(self, request: Request) -> Response:
         code, doc = await self.snapshot()
-        await _json(send, code, doc, head=scope["method"] == "HEAD")
+        return _json(doc, code)
 
-    async def _events(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gone = asyncio.Event()
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    gone.set()
-                    return
-
-        watcher = asyncio.create_task(watch())
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"x-accel-buffering", b"no"),
-                        *_COMMON_HEADERS,
-                    ],
-                }
-            )
-            if scope["method"] == "HEAD":
-                await send({"type": "http.response.body", "body": b""})
-                return
-            retry = int(max(1.0, self.refresh) * 2000)
-            await _chunk(send, f"retry: {retry}\n\n".encode())
+    async def _events(self, request: Request) -> Response:
+        async def stream() -> AsyncIterator[str]:
+            yield f"retry: {int(max(1.0, self.refresh) * 2000)}\n\n"
             loop = asyncio.get_running_loop()
             deadline = loop.time() + _STREAM_SECONDS
-            while not gone.is_set() and loop.time() < deadline:
+            while loop.time() < deadline:
                 _, doc = await self.snapshot()
-                if gone.is_set():
-                    break
-                await _chunk(send, b"data: " + _dumps(doc) + b"\n\n")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(gone.wait(), self.refresh)
-            if not gone.is_set():
-                await send({"type": "http.response.body", "body": b""})
-        except OSError:  # the client went away while we were writing
-            return
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+                yield f"data: {_dumps(doc)}\n\n"
+                await asyncio.sleep(self.refresh)
 
-    async def _control(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+        headers = {**_COMMON_HEADERS, "x-accel-buffering": "no"}
+        # StreamingResponse stops the stream when the client disconnects.
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    async def _control(self, request: Request) -> Response:
+        name = request.path_params["name"]
         if not self.allow_control:
-            await _json(send, 403, {"error": "control is disabled on this dashboard"})
-            return
-        if not self._authorized(scope):
-            await _json(send, 403, {"error": "a valid 'Authorization: Bearer <token>' is needed"})
-            return
-        body = await _read_body(receive)
+            return _json({"error": "control is disabled on this dashboard"}, 403)
+        if not self._authorized(request):
+            return _json({"error": "a valid 'Authorization: Bearer <token>' is needed"}, 403)
         state = None
+        body = await _read_body(request)
         if body is not None:
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
+            try:
                 data = json.loads(body)
-                if isinstance(data, dict) and isinstance(data.get("state"), str):
-                    state = _CONTROL_STATES.get(data["state"])
+            except (ValueError, UnicodeDecodeError):
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("state"), str):
+                state = _CONTROL_STATES.get(data["state"])
         if state is None:
             choices = ", ".join(sorted(_CONTROL_STATES))
-            await _json(send, 400, {"error": f'send {{"state": one of {choices}}} as JSON'})
-            return
+            return _json({"error": f'send {{"state": one of {choices}}} as JSON'}, 400)
         if not name:
-            await _json(send, 404, {"error": "no breaker named ''"})
-            return
+            return _json({"error": "no breaker named ''"}, 404)
         try:
             await self.store.control(name, state)
         except KeyError:
-            await _json(send, 404, {"error": f"no breaker named {name!r}"})
+            return _json({"error": f"no breaker named {name!r}"}, 404)
         except ValueError as exc:
-            await _json(send, 400, {"error": str(exc)})
+            return _json({"error": str(exc)}, 400)
         except Exception as exc:  # a failing store is a 503 for the operator, never a crash
-            if not isinstance(exc, StoreUnavailableError):
-                logger.exception("store %r failed to control %r", self.store, name)
-            await _json(send, 503, {"error": f"store unavailable: {exc}"})
-        else:
-            logger.warning("dashboard: breaker %r forced %s", name, state.value)
-            await _json(send, 200, {"name": name, "state": state.value})
+            logger.warning("dashboard: control of %r failed: %s", name, _redact(repr(exc)))
+            return _json({"error": _UNAVAILABLE}, 503)
+        self._latest = None  # the next snapshot shows the change
+        logger.warning("dashboard: breaker %r forced %s", name, state.value)
+        return _json({"name": name, "state": state.value})
 
-    def _authorized(self, scope: Scope) -> bool:
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no such page: {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"use {(exc.headers or {}).get('Allow', 'another method')}"
+        else:
+            message = str(exc.detail)
+        return _json({"error": message}, exc.status_code, dict(exc.headers or {}))
+
+    def _authorized(self, request: Request) -> bool:
         if self._token is None:
             return False
-        for key, value in scope.get("headers", ()):
-            if bytes(key).lower() == b"authorization":
-                scheme, _, given = bytes(value).partition(b" ")
-                if scheme.lower() == b"bearer":
-                    return hmac.compare_digest(given.strip(), self._token)
-        return False
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self._token)
 
 
-# helpers ----------------------------------------------------------------------------------
-def _dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-
-
-async def _chunk(send: Send, body: bytes) -> None:
-    await send({"type": "http.response.body", "body": body, "more_body": True})
-
-
-async def _respond(
-    send: Send,
-    code: int,
-    body: bytes,
-    headers: list[tuple[bytes, bytes]],
-    *,
-    head: bool = False,
-) -> None:
-    headers = [*headers, *_COMMON_HEADERS, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": code, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
-
-
-async def _json(
-    send: Send, code: int, doc: Any, *, allow: bytes | None = None, head: bool = False
-) -> None:
-    headers = [(b"content-type", b"application/json")]
-    if allow is not None:
-        headers.append((b"allow", allow))
-    await _respond(send, code, _dumps(doc), headers, head=head)
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The request body, or ``None`` if it is larger than ``_MAX_BODY`` or the client left."""
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or ``None`` if it is larger than ``_MAX_BODY``."""
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunk = bytes(message.get("body", b""))
+    async for chunk in request.stream():
         size += len(chunk)
         if size > _MAX_BODY:
             return None
         chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    return b"".join(chunks)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    """Answer startup and shutdown: the dashboard has nothing to start or stop."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+def _redact(text: str) -> str:
+    """``text`` without passwords (the command line's rule, one copy of it)."""
+    from resilience.cli import redact
+
+    return redact(text)

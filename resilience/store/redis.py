@@ -62,6 +62,7 @@ __all__ = ["RedisStore"]
 logger = logging.getLogger("resilience.redis")
 
 _STATUS_CHUNK = 500  # names per status script call (one pipeline for all chunks)
+_STATUS_PER_NAME = 0.00005  # seconds status() may take per name on top of the timeout
 
 
 def _lean_handshake() -> dict[str, Any]:
@@ -382,31 +383,36 @@ class RedisStore:
     async def _read_status(self, names: list[str]) -> list[PolicyStatus]:
         script = self._scripts["status"]
         now = self.engine.now_arg()
-
-        def keys(chunk: list[str]) -> list[str]:
-            return [self.key(n, s) for n in chunk for s in SUFFIXES]
-
-        if self._cluster:
+        if self._cluster:  # keys declared, one name a call: each runs on its own node
             chunks = [[n] for n in names]
             replies = await self.engine.call(
-                asyncio.gather(*(script(keys=keys(c), args=[now]) for c in chunks))
+                asyncio.gather(
+                    *(
+                        script(keys=[self.key(c[0], s) for s in SUFFIXES], args=[now])
+                        for c in chunks
+                    )
+                ),
+                extra=len(names) * _STATUS_PER_NAME,
             )
-        else:
+        else:  # one Redis: names as arguments, a script call per chunk, one pipeline
             chunks = [names[i : i + _STATUS_CHUNK] for i in range(0, len(names), _STATUS_CHUNK)]
+
+            def args(chunk: list[str]) -> list[str]:
+                return [now, self.prefix, *(quote(n, safe="") for n in chunk)]
 
             async def run() -> list[Any]:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for c in chunks:
-                        pipe.evalsha(script.sha, len(c) * len(SUFFIXES), *keys(c), now)
+                        pipe.evalsha(script.sha, 0, *args(c))
                     try:
                         return list(await pipe.execute())
                     except Exception as exc:
                         if "NOSCRIPT" not in str(exc):
                             raise
                 await self.client.script_load(script.script)
-                return [await script(keys=keys(c), args=[now]) for c in chunks]
+                return [await script(keys=[], args=args(c)) for c in chunks]
 
-            replies = await self.engine.call(run())
+            replies = await self.engine.call(run(), extra=len(names) * _STATUS_PER_NAME)
         out: list[PolicyStatus] = []
         for chunk, reply in zip(chunks, replies, strict=True):
             entries = reply[1:] if isinstance(reply, list) else []
@@ -437,7 +443,10 @@ class RedisStore:
     async def sync(self) -> None:
         """Flush every buffered outcome and refresh every breaker's state now."""
         self.engine.read_all()
-        await self.engine.next_round()
+        for _ in range(len(self._cores) // 500 + 3):  # rounds carry 500 breakers each
+            await self.engine.next_round()
+            if self.degraded or not self.engine.has_work():
+                break
 
     async def commit(self) -> None:
         """Strict mode: wait until the outcomes buffered so far are stored."""

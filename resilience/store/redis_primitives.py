@@ -240,6 +240,8 @@ def _fields(reply: Any) -> dict[str, Any]:
 
 def number(value: Any, lo: float = 0, hi: float = MAX_INT) -> int:
     """An integer reply item within ``[lo, hi]``; anything else is a ``BadReply``."""
+    if type(value) is int and lo <= value <= hi:  # the usual case: an integer reply
+        return value
     try:
         n = float(text(value))
     except (TypeError, ValueError, UnicodeDecodeError):

@@ -6,6 +6,8 @@ others are shown.
 
 from __future__ import annotations
 
+import math
+from operator import attrgetter
 from typing import Any
 
 from ..circuit_state import OPEN, BreakerCore
@@ -44,28 +46,37 @@ def _opened(raw: Any) -> tuple[int, int, int] | None:
 
 
 def _replicas(flat: Any, now: int) -> tuple[ReplicaReport, ...]:
+    """``{id, "last seen ms calls failures slow seq", ...}`` (garbage raises ValueError)."""
+    if not flat:
+        return ()
     out = []
-    items = flat if isinstance(flat, list) else []
-    for rid, value in zip(items[::2], items[1::2], strict=False):
-        parts = text(value).split()
-        if len(parts) >= 4:
-            at, calls, failures, slow = (real(p, 0) for p in parts[:4])
-            out.append(
-                ReplicaReport(
-                    replica=text(rid),
-                    last_seen=max(0.0, (now - at) / 1000),
-                    calls=int(calls),
-                    failures=int(failures),
-                    slow_calls=int(slow),
-                )
+    for i in range(0, len(flat) - 1, 2):
+        parts = flat[i + 1].split()
+        if len(parts) < 4:
+            continue
+        at = float(parts[0])
+        if not math.isfinite(at):
+            raise ValueError(f"replica report {flat[i + 1]!r:.60}")
+        out.append(
+            ReplicaReport(
+                replica=text(flat[i]),
+                last_seen=max(0.0, (now - at) / 1000),
+                calls=int(parts[1]),
+                failures=int(parts[2]),
+                slow_calls=int(parts[3]),
             )
-    return tuple(sorted(out, key=lambda r: r.replica))
+        )
+    out.sort(key=attrgetter("replica"))
+    return tuple(out)
 
 
 def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
     if not isinstance(entry, list) or len(entry) % 2:
         raise BadReply(f"unexpected status entry {entry!r:.100}")
-    f = {text(k): v for k, v in zip(entry[::2], entry[1::2], strict=True)}
+    f = {
+        k.decode() if type(k) is bytes else k: v
+        for k, v in zip(entry[::2], entry[1::2], strict=True)
+    }
     out: list[PolicyStatus] = []
     if number(f["breaker"]):
         state = BY_VALUE.get(text(f["state"]))

@@ -113,17 +113,18 @@ class Supervisor:
         self.on_recovered: Callable[[], None] = lambda: None
 
     # --- one call -------------------------------------------------------------------------
-    async def call(self, awaitable: Awaitable[Any]) -> Any:
-        """One Redis call, bounded by ``timeout``; failures raise ``StoreUnavailableError``."""
+    async def call(self, awaitable: Awaitable[Any], *, extra: float = 0.0) -> Any:
+        """One Redis call, bounded by ``timeout`` (plus ``extra`` for a big one); failures
+        raise ``StoreUnavailableError``."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout + extra):
                 if self._cluster and not self.cluster_ready:
                     await self.init_cluster()
                 return await awaitable
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and self.late(loop, started):
+            if isinstance(exc, TimeoutError) and self.late(loop, started, extra):
                 raise LoopLate(f"the event loop was {self.loop_lag:.3f}s late") from exc
             reason = outage(exc)
             if reason is None:
@@ -131,9 +132,9 @@ class Supervisor:
             self.fail(exc, reason)
             raise StoreUnavailableError(reason) from exc
 
-    def late(self, loop: asyncio.AbstractEventLoop, started: float) -> bool:
+    def late(self, loop: asyncio.AbstractEventLoop, started: float, extra: float = 0.0) -> bool:
         """After a time-out: was the loop so late that Redis may have answered in time?"""
-        lag = loop.time() - started - self.timeout
+        lag = loop.time() - started - self.timeout - extra
         self.loop_lag = max(0.0, lag)
         return lag > max(0.05, self.timeout / 2)
 

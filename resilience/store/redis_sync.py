@@ -58,7 +58,8 @@ logger = logging.getLogger("resilience.redis")
 
 _REGISTER_EVERY = 10.0  # seconds: a name in use is added to the registry again this often
 _MAX_LATE_RETRIES = 3  # rounds retried at once when the loop, not Redis, was late
-_MAX_PER_ROUND = 1000  # breakers (and names) per round: bounds the loop time of one round
+_MAX_PER_ROUND = 500  # breakers (and names) per round: bounds the loop time of one round
+_PER_COMMAND = 0.0002  # seconds a round's time-out grows by per command (a big round is work)
 
 
 def _cancelling() -> bool:
@@ -188,10 +189,10 @@ class SyncEngine:
         await asyncio.shield(self.next_round())
 
     # --- helpers --------------------------------------------------------------------------
-    async def call(self, awaitable: Any) -> Any:
+    async def call(self, awaitable: Any, *, extra: float = 0.0) -> Any:
         """One Redis call through the supervisor (bounded; failures degrade the store)."""
         self.start()
-        return await self.supervisor.call(awaitable)
+        return await self.supervisor.call(awaitable, extra=extra)
 
     def now_arg(self) -> str:
         """The time scripts use: "" (the server's TIME), or a fake clock's, in ms."""
@@ -212,6 +213,10 @@ class SyncEngine:
         self.start()
         if not self._wake.is_set() and self._timer_idle:
             self._wake_later()
+
+    def has_work(self) -> bool:
+        """Whether anything waits for a round."""
+        return bool(self._marked or self._ops or self._orphans or self._unregistered)
 
     def orphan(self, lease_key: str, lease: str) -> None:
         """A permit whose grant or return was lost: given back when Redis answers."""
@@ -577,8 +582,9 @@ class SyncEngine:
         loop = asyncio.get_running_loop()
         started = loop.time()
         supervisor = self.supervisor
+        extra = len(commands) * _PER_COMMAND
         try:
-            async with asyncio.timeout(supervisor.timeout):
+            async with asyncio.timeout(supervisor.timeout + extra):
                 if self._cluster:
                     if not supervisor.cluster_ready:
                         await supervisor.init_cluster()
@@ -597,7 +603,7 @@ class SyncEngine:
                         getattr(pipe, cmd)(*argv)
                     return cast(list[Any], await pipe.execute(raise_on_error=False))
         except TimeoutError as exc:
-            if supervisor.late(loop, started):
+            if supervisor.late(loop, started, extra):
                 raise LoopLate(f"the event loop was {supervisor.loop_lag:.3f}s late") from exc
             raise
 

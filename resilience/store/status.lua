@@ -1,34 +1,49 @@
 -- status: everything known about some policy names, for status tools. Read-only.
--- KEYS: 7 per name: state, window, probes, replicas, leases, gcra, budget
--- ARGV: 1 now in ms ("" = server TIME)
+-- KEYS: 7 per name (state, window, probes, replicas, leases, gcra, budget); or none, and
+--       the names (escaped) in ARGV after the prefix (one Redis only: not for a Cluster)
+-- ARGV: 1 now in ms ("" = server TIME), 2 prefix, 3.. escaped names (when no KEYS)
 -- Returns: {now, entry, entry, ...}, an entry per name of named fields: 'breaker' 0|1,
 --   'state', 'gen', 'open_until', 'reopens', 'calls', 'failures', 'slow' (the window's
 --   running totals, or the probes' while half-open), 'probes' (leases held), 'opened_by'
 --   ("calls failures slow"), 'leases' (-1: none), 'gcra' and 'budget' (raw, "" none),
 --   'replicas' {id, "last seen ms calls failures slow seq", ...}
--- O(1) per name for a count window, O(buckets) for a time window.
+-- O(1) per name for a count window, O(buckets) for a time window. A key of the wrong type
+-- reads as absent (pcall), so one damaged name cannot fail the others.
 local now = now_ms(ARGV[1])
-local function kind(k) return redis.call('TYPE', k)['ok'] end
+local function get(...)
+  local ok = redis.pcall(...)
+  if type(ok) == 'table' and ok.err then return nil end
+  return ok
+end
 local out = {now}
-for base = 0, #KEYS - 7, 7 do
-  local k = {KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4], KEYS[base + 5],
-    KEYS[base + 6], KEYS[base + 7]}
+local names = #KEYS / 7
+if names == 0 then names = #ARGV - 2 end
+for n = 1, names do
+  local k
+  if #KEYS > 0 then
+    local b = (n - 1) * 7
+    k = {KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4], KEYS[b + 5], KEYS[b + 6], KEYS[b + 7]}
+  else
+    local base = ARGV[2] .. ':{' .. ARGV[n + 2] .. '}:'
+    k = {base .. 'state', base .. 'win', base .. 'probes', base .. 'replicas', base .. 'leases',
+      base .. 'gcra', base .. 'budget'}
+  end
   local e = {'breaker', 0, 'state', '', 'gen', 0, 'open_until', 0, 'reopens', 0, 'calls', 0,
     'failures', 0, 'slow', 0, 'probes', 0, 'opened_by', '', 'leases', -1, 'gcra', '',
     'budget', '', 'replicas', {}}
-  if kind(k[1]) == 'hash' then
-    local v = redis.call('HMGET', k[1], 'state', 'gen', 'open_until', 'reopens', 'wk', 'ws',
-      'ww', 'oc', 'of', 'os', 'tc', 'tf', 'ts', 'pd', 'pf', 'ps')
-    e[2], e[4], e[6], e[8], e[10] = 1, v[1] or '', v[2] or '', v[3] or '', v[4] or ''
+  local v = get('HMGET', k[1], 'state', 'gen', 'open_until', 'reopens', 'wk', 'ws', 'ww',
+    'oc', 'of', 'os', 'tc', 'tf', 'ts', 'pd', 'pf', 'ps')
+  if v and v[1] then
+    e[2], e[4], e[6], e[8], e[10] = 1, v[1], v[2] or '', v[3] or '', v[4] or ''
     local calls, failures, slow = 0, 0, 0
     if v[1] == 'half_open' then
       calls, failures, slow = v[14] or 0, v[15] or 0, v[16] or 0
     elseif v[5] == 'c' then
       calls, failures, slow = v[11] or 0, v[12] or 0, v[13] or 0
-    elseif v[5] == 't' and kind(k[2]) == 'hash' then
+    elseif v[5] == 't' then
       local buckets, width = tonumber(v[6]) or 1, tonumber(v[7]) or 1
       local epoch = math.floor(now / width)
-      local all = redis.call('HGETALL', k[2])
+      local all = get('HGETALL', k[2]) or {}
       for i = 1, #all, 2 do
         local tag, b, value = string.sub(all[i], 1, 1), tonumber(string.sub(all[i], 2)),
           int(all[i + 1], 0, MAX_INT)
@@ -41,12 +56,14 @@ for base = 0, #KEYS - 7, 7 do
     end
     e[12], e[14], e[16] = calls, failures, slow
     e[20] = (v[8] or 0) .. ' ' .. (v[9] or 0) .. ' ' .. (v[10] or 0)
-    if kind(k[3]) == 'zset' then e[18] = redis.call('ZCOUNT', k[3], '(' .. now, '+inf') end
+    e[18] = get('ZCOUNT', k[3], '(' .. now, '+inf') or 0
+    e[28] = get('HGETALL', k[4]) or {}
   end
-  if kind(k[5]) == 'zset' then e[22] = redis.call('ZCOUNT', k[5], '(' .. now, '+inf') end
-  if kind(k[6]) == 'string' then e[24] = redis.call('GET', k[6]) end
-  if kind(k[7]) == 'string' then e[26] = redis.call('GET', k[7]) end
-  if kind(k[4]) == 'hash' then e[28] = redis.call('HGETALL', k[4]) end
+  if redis.call('EXISTS', k[5]) == 1 then
+    e[22] = get('ZCOUNT', k[5], '(' .. now, '+inf') or 0
+  end
+  e[24] = get('GET', k[6]) or ''
+  e[26] = get('GET', k[7]) or ''
   out[#out + 1] = e
 end
 return out

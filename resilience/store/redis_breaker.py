@@ -190,10 +190,6 @@ class SharedBreakerCore(BreakerCore):
         reopens = self.reopens + 1 if verdict is OPEN else 0
         return Transition(verdict, self.gen, reopens, (reply.done, reply.failed, reply.slow))
 
-    def recovering(self) -> None:
-        """Redis answers again: what this replica learned goes out first, then is reconciled."""
-        self.engine.mark(self)
-
     def adopt(self, fleet: FleetState, received: float) -> None:
         """Take the fleet's state from a script reply or a published message."""
         if fleet.gen < self.fleet_gen:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import ResponseError
@@ -47,7 +50,6 @@ from .redis_primitives import (
 from .redis_supervisor import LoopLate, Supervisor
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from weakref import WeakValueDictionary
 
     from ..clock import Clock
@@ -60,6 +62,19 @@ _REGISTER_EVERY = 10.0  # seconds: a name in use is added to the registry again 
 _MAX_LATE_RETRIES = 3  # rounds retried at once when the loop, not Redis, was late
 _MAX_PER_ROUND = 500  # breakers (and names) per round: bounds the loop time of one round
 _PER_COMMAND = 0.0002  # seconds a round's time-out grows by per command (a big round is work)
+
+
+def _nothing(*_: Any) -> None:
+    """A reply that needs nothing done (or a command never retried)."""
+
+
+@dataclass(slots=True)
+class _Item:
+    """One command of a round: what to do with its reply, and how to send it again."""
+
+    command: tuple[str, tuple[Any, ...]]
+    done: Callable[[Any, float], tuple[SharedBreakerCore, Transition] | None]
+    retry: Callable[[], Any]
 
 
 def _cancelling() -> bool:
@@ -353,105 +368,136 @@ class SyncEngine:
 
     async def round(self, again: bool = True) -> None:
         """One flush round (see the module docstring)."""
-        marked, self._marked = self._take_marked()
-        ops, self._ops = self._ops, []
-        names, self._unregistered = self._take_names()
-        orphans, self._orphans = self._orphans, []
-        if not marked and not ops and not names and not orphans:
+        items = self._items()
+        if not items:
             return
-        self._seq += 1
-        seq = self._seq
-        flushes: list[tuple[SharedBreakerCore, Outcomes]] = []
-        pushes: list[tuple[SharedBreakerCore, Transition]] = []
-        for core in marked:
-            flushes.extend((core, o) for o in core.take_outcomes(seq))
-            wanted = core.wanted()
-            if wanted is not None:
-                pushes.append((core, wanted))
-        commands = self._commands(flushes, pushes, ops, names, orphans)
         try:
-            replies = await self._send(commands)
-        except LoopLate:
-            self._requeue(marked, ops, names, orphans)
+            replies = await self._send([item.command for item in items])
+        except Exception as exc:  # nothing was acknowledged: everything goes again later
+            for item in items:
+                item.retry()
+            self._unsent(exc)
+            return
+        self._late_retries = 0
+        later, failure, noscript = self._settle(items, replies)
+        if later:
+            await self._apply(later)
+        if failure is not None:
+            self.supervisor.fail(failure)
+        elif noscript:
+            await self._load_scripts()
+            if again:
+                await self.round(again=False)
+
+    def _unsent(self, exc: Exception) -> None:
+        """A round that got no reply: the loop was late (retry at once), or an outage."""
+        if isinstance(exc, LoopLate):
             self._late_retries += 1
             if self._late_retries <= _MAX_LATE_RETRIES:
                 self._wake.set()  # Redis may well have answered: try again at once
             return
-        except Exception as exc:  # the flushes stay unacknowledged: sent again later
-            self._requeue(marked, ops, names, orphans)
-            reason = outage(exc)
-            if reason is None:
-                raise
-            self.supervisor.fail(exc, reason)
-            return
-        self._late_retries = 0
+        if outage(exc) is None:
+            raise exc
+        self.supervisor.fail(exc)
+
+    def _settle(
+        self, items: list[_Item], replies: list[Any]
+    ) -> tuple[list[tuple[SharedBreakerCore, Transition]], BaseException | None, bool]:
+        """Each reply to its item: the transitions wanted, the first outage, any NOSCRIPT."""
         received = self.clock.monotonic()
         failure: BaseException | None = None
         noscript = False
         later: list[tuple[SharedBreakerCore, Transition]] = []
-        pushing = {core for core, _ in pushes}
-        i = 0
-        for core, sent in flushes:
-            reply = replies[i]
-            i += 1
+        for item, reply in zip(items, replies, strict=True):
             try:
-                if isinstance(reply, Exception):
+                if isinstance(reply, BaseException):
                     raise reply
-                flushed = parse_flush(reply)
-            except Exception as exc:
-                noscript, failure = self._failed(exc, noscript, failure)
-                self.mark(core)
+                wanted = item.done(reply, received)
+            except Exception as exc:  # this command's reply: NOSCRIPT, or an outage
+                if is_noscript(exc):
+                    noscript = True
+                else:
+                    failure = failure or (exc if outage(exc) else BadReply(repr(exc)))
+                item.retry()
                 continue
-            self._reset_seen(core, flushed.fleet.reset)
-            wanted = core.on_flush(sent, flushed, received, core in pushing)
             if wanted is not None:
-                later.append((core, wanted))
-        for core, _ in pushes:
-            reply = replies[i]
-            i += 1
-            try:
-                if isinstance(reply, Exception):
-                    raise reply
-                moved = parse_transition(reply)
-            except Exception as exc:
-                noscript, failure = self._failed(exc, noscript, failure)
-                self.mark(core)
-                continue
-            self._reset_seen(core, moved.fleet.reset)
-            core.adopt(moved.fleet, received)
+                later.append(wanted)
+        return later, failure, noscript
+
+    def _items(self) -> list[_Item]:
+        """This round's commands, each with what to do with its reply and how to retry it.
+
+        Flushes first (every breaker with news, its unacknowledged flushes again), then the
+        local trips to push (after their breakers' flushes), probe reports and releases,
+        permits to give back, and registrations.
+        """
+        marked, self._marked = self._take_marked()
+        ops, self._ops = self._ops, []
+        names, self._unregistered = self._take_names()
+        orphans, self._orphans = self._orphans, []
+        if not (marked or ops or names or orphans):
+            return []
+        self._seq += 1
+        replica, now = self._replica(), self.now_arg()
+        flush, report = self.scripts["flush"].sha, self.scripts["report"].sha
+        items: list[_Item] = []
+        pushes: list[_Item] = []
+        for core in marked:
+            retry = functools.partial(self.mark, core, used=False)
+            wanted = core.wanted()
+            for o in core.take_outcomes(self._seq):
+                args = (o.gen, o.calls, o.failures, o.slow, *core.window_args, now, self.ttl_ms)
+                command = ("evalsha", (flush, 4, *core.keys, *args, replica, o.seq))
+                done = functools.partial(self._flushed, core, o, wanted is not None)
+                items.append(_Item(command, done, retry))
+            if wanted is not None:
+                command = (
+                    "evalsha",
+                    (self._cas_sha(), 3, *core.keys[:3], *self._cas(core, wanted)),
+                )
+                pushes.append(_Item(command, functools.partial(self._moved, core), retry))
+        items += pushes
         for core, op in ops:
-            reply = replies[i]
-            i += 1
-            if isinstance(op, Release):
-                if isinstance(reply, Exception):
-                    noscript, failure = self._failed(reply, noscript, failure)
-                    self._ops.append((core, op))
-                continue
-            try:
-                if isinstance(reply, Exception):
-                    raise reply
-                counted = parse_report(reply)
-            except Exception as exc:
-                noscript, failure = self._failed(exc, noscript, failure)
-                self._ops.append((core, op))
-                continue
-            wanted = core.on_report(op, counted)
-            if wanted is not None:
-                later.append((core, wanted))
-        for reply, item in zip(replies[i:], orphans, strict=False):
-            if isinstance(reply, Exception):
-                noscript, failure = self._failed(reply, noscript, failure)
-                self._orphans.append(item)
-        if later:
-            await self._apply(later)
-        if failure is not None:
-            self._unregistered |= names
-            self.supervisor.fail(failure)
-            return
-        if noscript:
-            await self._load_scripts()
-            if again:
-                await self.round(again=False)
+            lease_id = f"{replica}:{op.lease}"
+            retry = functools.partial(self._ops.append, (core, op))
+            if isinstance(op, Report):
+                args = (op.gen, lease_id, int(op.failed), int(op.slow))
+                command = ("evalsha", (report, 2, core.keys[0], core.keys[2], *args))
+                items.append(_Item(command, functools.partial(self._reported, core, op), retry))
+            else:
+                items.append(_Item(("zrem", (core.keys[2], lease_id)), _nothing, retry))
+        for lease_key, lost in orphans:  # permits whose grant or return was lost
+            command = ("zrem", (key(self.prefix, lease_key, "leases"), lost))
+            retry = functools.partial(self._orphans.append, (lease_key, lost))
+            items.append(_Item(command, _nothing, retry))
+        if names:
+            registry = f"{self.prefix}:names"
+            retry = functools.partial(self._unregistered.update, names)
+            items.append(_Item(("sadd", (registry, *sorted(names))), _nothing, retry))
+            items.append(_Item(("pexpire", (registry, self.ttl_ms)), _nothing, _nothing))
+        return items
+
+    def _flushed(
+        self, core: SharedBreakerCore, sent: Outcomes, pushing: bool, reply: Any, received: float
+    ) -> tuple[SharedBreakerCore, Transition] | None:
+        flushed = parse_flush(reply)
+        self._reset_seen(core, flushed.fleet.reset)
+        wanted = core.on_flush(sent, flushed, received, pushing)
+        return None if wanted is None else (core, wanted)
+
+    def _moved(self, core: SharedBreakerCore, reply: Any, received: float) -> None:
+        moved = parse_transition(reply)
+        self._reset_seen(core, moved.fleet.reset)
+        core.adopt(moved.fleet, received)
+
+    def _reported(
+        self, core: SharedBreakerCore, sent: Report, reply: Any, received: float
+    ) -> tuple[SharedBreakerCore, Transition] | None:
+        wanted = core.on_report(sent, parse_report(reply))
+        return None if wanted is None else (core, wanted)
+
+    def _cas_sha(self) -> str:
+        return str(self.scripts["transition"].sha)
 
     def _take_marked(
         self,
@@ -474,30 +520,6 @@ class SyncEngine:
         ordered = sorted(names)
         self._wake.set()
         return set(ordered[:_MAX_PER_ROUND]), set(ordered[_MAX_PER_ROUND:])
-
-    def _failed(
-        self, exc: BaseException, noscript: bool, failure: BaseException | None
-    ) -> tuple[bool, BaseException | None]:
-        """One command's error: NOSCRIPT is ours to fix; anything else is an outage."""
-        if is_noscript(exc):
-            return True, failure
-        if outage(exc) is None:
-            exc = BadReply(repr(exc))
-        return noscript, failure or exc
-
-    def _requeue(
-        self,
-        marked: dict[SharedBreakerCore, None],
-        ops: list[tuple[SharedBreakerCore, Report | Release]],
-        names: set[str],
-        orphans: list[tuple[str, str]],
-    ) -> None:
-        for core in marked:
-            core.marked = True
-            self._marked[core] = None
-        self._ops[:0] = ops
-        self._unregistered |= names
-        self._orphans[:0] = orphans
 
     async def _apply(self, wanted: list[tuple[SharedBreakerCore, Transition]]) -> None:
         """Compare-and-set the transitions the cores asked for, in one pipeline."""
@@ -536,42 +558,6 @@ class SyncEngine:
         for script in self.scripts.values():
             with contextlib.suppress(StoreUnavailableError):
                 await self.call(self.client.script_load(script.script))
-
-    def _commands(
-        self,
-        flushes: list[tuple[SharedBreakerCore, Outcomes]],
-        pushes: list[tuple[SharedBreakerCore, Transition]],
-        ops: list[tuple[SharedBreakerCore, Report | Release]],
-        names: set[str],
-        orphans: list[tuple[str, str]],
-    ) -> list[tuple[str, tuple[Any, ...]]]:
-        # EVALSHA straight away: redis-py's Script objects would add a SCRIPT EXISTS round
-        # trip to every pipeline; a NOSCRIPT reply is handled by the caller.
-        flush = self.scripts["flush"].sha
-        report = self.scripts["report"].sha
-        transition = self.scripts["transition"].sha
-        replica = self._replica()
-        now = self.now_arg()
-        commands: list[tuple[str, tuple[Any, ...]]] = []
-        for core, o in flushes:
-            args = (o.gen, o.calls, o.failures, o.slow, *core.window_args, now, self.ttl_ms)
-            commands.append(("evalsha", (flush, 4, *core.keys, *args, replica, o.seq)))
-        for core, t in pushes:
-            commands.append(("evalsha", (transition, 3, *core.keys[:3], *self._cas(core, t))))
-        for core, op in ops:
-            lease_id = f"{replica}:{op.lease}"
-            if isinstance(op, Report):
-                keys = (core.keys[0], core.keys[2])
-                args = (op.gen, lease_id, int(op.failed), int(op.slow))
-                commands.append(("evalsha", (report, 2, *keys, *args)))
-            else:
-                commands.append(("zrem", (core.keys[2], lease_id)))
-        for lease_key, lost in orphans:  # permits whose grant or return was lost
-            commands.append(("zrem", (key(self.prefix, lease_key, "leases"), lost)))
-        if names:
-            commands.append(("sadd", (f"{self.prefix}:names", *sorted(names))))
-            commands.append(("pexpire", (f"{self.prefix}:names", self.ttl_ms)))
-        return commands
 
     async def _send(self, commands: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """Run commands: one pipeline, or (a Cluster) all at once, node by node.

@@ -78,8 +78,14 @@ async def lag_probe(stop: asyncio.Event, lags: list[float]) -> None:
         lags.append(loop.time() - before - 0.001)
 
 
-async def many_breakers(url: str, registered: int, s: Settings) -> dict[str, float]:
-    """Calls/s and loop lag with ``registered`` breakers of which ``s.in_use`` are called."""
+async def many_breakers(
+    url: str, registered: int, s: Settings, *, freeze: bool = False
+) -> dict[str, float]:
+    """Calls/s and loop lag with ``registered`` breakers of which ``s.in_use`` are called.
+
+    ``freeze``: move the breakers out of the garbage collector's reach (``gc.freeze()``, as
+    a preforking server does), so its passes over them do not count as loop lag.
+    """
     events: list[Event] = []
     store = RedisStore.from_url(url, prefix=f"scale{registered}", listeners=[events.append])
     async with store:
@@ -102,6 +108,8 @@ async def many_breakers(url: str, registered: int, s: Settings) -> dict[str, flo
             calls += n
 
         gc.collect()
+        if freeze:
+            gc.freeze()
         degraded_before = sum(isinstance(e, StoreDegraded) for e in events)
         probe = asyncio.create_task(lag_probe(stop, lags))
         workers = [asyncio.create_task(worker(i)) for i in range(s.tasks)]
@@ -112,6 +120,7 @@ async def many_breakers(url: str, registered: int, s: Settings) -> dict[str, flo
         took = time.perf_counter() - started
         degraded = sum(isinstance(e, StoreDegraded) for e in events) - degraded_before
         del breakers
+    gc.unfreeze()
     return {
         "calls_per_s": calls / took,
         "lag_p50_ms": pct(lags, 50) * 1000,
@@ -181,9 +190,14 @@ async def run(url: str, s: Settings) -> list[str]:
     ]
     base = await many_breakers(url, s.in_use, s)
     big = await many_breakers(url, s.registered, s)
-    for n, r in ((s.in_use, base), (s.registered, big)):
+    frozen = await many_breakers(url, s.registered, s, freeze=True)
+    for n, r in (
+        (f"{s.in_use:,}", base),
+        (f"{s.registered:,}", big),
+        (f"{s.registered:,}, gc.freeze()", frozen),
+    ):
         lines.append(
-            f"| {n:,} | {r['calls_per_s']:,.0f} | {r['calls_per_s'] / base['calls_per_s']:.2f}x "
+            f"| {n} | {r['calls_per_s']:,.0f} | {r['calls_per_s'] / base['calls_per_s']:.2f}x "
             f"| {r['lag_p50_ms']:.2f} ms | {r['lag_p99_ms']:.2f} ms | {r['lag_max_ms']:.1f} ms "
             f"| {r['degraded']:.0f} |"
         )
@@ -192,7 +206,13 @@ async def run(url: str, s: Settings) -> list[str]:
         and big["calls_per_s"] >= 0.9 * base["calls_per_s"]
         and big["degraded"] == 0
     )
-    lines += ["", f"Goals {'met' if goal else '**not met**'}.", ""]
+    lines += [
+        "",
+        f"Goals {'met' if goal else '**not met**'} (judged on the run without gc.freeze()). "
+        "The third row shows how much of the lag is the garbage collector's own passes over "
+        "the 100,000 breakers held in memory, which no store can avoid.",
+        "",
+    ]
 
     took, listed = await status_time(url, s.status_names)
     lines += [

@@ -56,14 +56,16 @@ for n = 1, names do
     end
     e[12], e[14], e[16] = calls, failures, slow
     e[20] = (v[8] or 0) .. ' ' .. (v[9] or 0) .. ' ' .. (v[10] or 0)
-    e[18] = get('ZCOUNT', k[3], '(' .. now, '+inf') or 0
+    if v[1] == 'half_open' then e[18] = get('ZCOUNT', k[3], '(' .. now, '+inf') or 0 end
     e[28] = get('HGETALL', k[4]) or {}
   end
-  if redis.call('EXISTS', k[5]) == 1 then
-    e[22] = get('ZCOUNT', k[5], '(' .. now, '+inf') or 0
+  if redis.call('EXISTS', k[5], k[6], k[7]) > 0 then -- most names are breakers only
+    if redis.call('EXISTS', k[5]) == 1 then
+      e[22] = get('ZCOUNT', k[5], '(' .. now, '+inf') or 0
+    end
+    e[24] = get('GET', k[6]) or ''
+    e[26] = get('GET', k[7]) or ''
   end
-  e[24] = get('GET', k[6]) or ''
-  e[26] = get('GET', k[7]) or ''
   out[#out + 1] = e
 end
 return out

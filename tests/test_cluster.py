@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -175,9 +177,10 @@ async def test_every_script_runs_and_policies_spread_over_nodes(cluster: Cluster
 async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
     cluster: ClusterSetup,
 ) -> None:
-    """Kill one primary under load and restart it (empty): no call fails, the store degrades
-    and recovers, breakers on the surviving nodes keep their state, and the fleet converges
-    on the restarted node's breakers again."""
+    """Kill one primary under load and restart it (empty): no call fails, only the breakers
+    on the dead node go local (the store never degrades as a whole, and the others stay
+    shared), breakers on the surviving nodes keep their state, and the fleet converges on
+    the restarted node's breakers again."""
     prefix = f"cl{next(_prefixes)}"
     events: list[Event] = []
     async with cluster_store(cluster, prefix, events) as a, cluster_store(cluster, prefix) as b:
@@ -220,13 +223,18 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
             await asyncio.sleep(0.3)
             victim.kill()
             killed = time.monotonic()
-            await until(lambda: a.degraded, 5, "the store to notice the dead node")
+            await until(lambda: bool(a.supervisor.away), 5, "the store to notice the dead node")
             degraded_after = time.monotonic() - killed
-            # while the node is down: a breaker on a surviving node trips on A
+            # while the node is down: a breaker on a surviving node trips on A, and B, sharing
+            # it through the surviving node, rejects too
             await trip(breakers_a[elsewhere[1]])
+            await until(
+                lambda: breakers_b[elsewhere[1]].state is CircuitState.OPEN, 3, "B, node down"
+            )
             down_calls = calls
             await asyncio.sleep(1.5)
             still_degraded = a.degraded
+            assert not still_degraded
             victim.start()
             restarted = time.monotonic()
             cluster.wait_ok()
@@ -234,7 +242,7 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
             async def synced(store: RedisStore) -> bool:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(store.sync(), 2)
-                return not store.degraded
+                return not store.degraded and not store.supervisor.away
 
             deadline = time.monotonic() + 20
             while not (await synced(a) and await synced(b)):
@@ -248,8 +256,7 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
 
         assert failures == []
         assert calls > down_calls > 0
-        assert any(isinstance(e, StoreDegraded) for e in events)
-        assert any(isinstance(e, StoreRecovered) for e in events)
+        assert not any(isinstance(e, (StoreDegraded, StoreRecovered)) for e in events)
 
         states = {s.name: s for s in await a.status() if s.kind == "circuit_breaker"}
         # the surviving node kept its breaker open at the same generation
@@ -266,9 +273,60 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
         # the trip made on A while degraded (local) is now the fleet's state or was dropped
         local_trip = states[elsewhere[1]]
         print(
-            f"degraded {degraded_after:.2f}s after the kill, still degraded after 1.5 s: "
+            f"node away {degraded_after:.2f}s after the kill, store degraded after 1.5 s: "
             f"{still_degraded}; recovered {recovered:.2f}s after restart; {calls} calls, 0 failed; "
             f"victim breaker {on_victim[0]}: {victim_state.state.value} gen "
             f"{victim_state.generation}; local trip while degraded -> "
             f"{local_trip.state.value} on the fleet; B saw a new trip after {took * 1000:.0f} ms"
         )
+
+
+async def test_a_paused_node_makes_only_its_own_breakers_local(cluster: ClusterSetup) -> None:
+    """3 primaries, one paused (SIGSTOP): breakers on the other two stay shared (a trip on A
+    reaches B), the store never degrades, no call fails or waits on the paused node, and its
+    own breakers decide locally until it answers again."""
+    prefix = f"cl{next(_prefixes)}"
+    events: list[Event] = []
+    async with cluster_store(cluster, prefix, events) as a, cluster_store(cluster, prefix) as b:
+        breakers_a = {n: breaker(a, n) for n in NAMES}
+        breakers_b = {n: breaker(b, n) for n in NAMES}
+        for n in NAMES:
+            await breakers_a[n].call(ok)
+            await breakers_b[n].call(ok)
+        await a.sync()
+        await b.sync()
+        victim: Node = cluster.nodes[2]
+        on_victim = [n for n in NAMES if node_of(a, n) == victim.port]
+        elsewhere = [n for n in NAMES if node_of(a, n) != victim.port]
+        assert on_victim
+        assert len(elsewhere) >= 2
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            for n in NAMES:  # news for every breaker: the paused node's flushes time out
+                await breakers_a[n].call(ok)
+            await until(lambda: bool(a.supervisor.away), 5, "the paused node noticed")
+            slowest = 0.0
+            for n in on_victim:  # decides locally, at once
+                start = time.monotonic()
+                await trip(breakers_a[n])
+                slowest = max(slowest, time.monotonic() - start)
+            for n in elsewhere[:2]:  # shared as ever
+                await trip(breakers_a[n])
+                await until(lambda n=n: breakers_b[n].state is CircuitState.OPEN, 3, f"B: {n}")
+            assert not a.degraded
+            assert not b.degraded
+            assert slowest < TIMEOUT * 4
+            assert all(breakers_b[n].state is CircuitState.CLOSED for n in on_victim)
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        cluster.wait_ok()
+        deadline = time.monotonic() + 10
+        while a.supervisor.away:
+            assert time.monotonic() < deadline, "the node never came back"
+            with contextlib.suppress(Exception):
+                await a.sync()
+            await asyncio.sleep(0.05)
+        # what A learned while the node was away reaches the fleet: B sees the local opens
+        for n in on_victim:
+            await until(lambda n=n: breakers_b[n].state is CircuitState.OPEN, 5, f"B: {n}")
+        assert not any(isinstance(e, StoreDegraded) for e in events)

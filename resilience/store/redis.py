@@ -261,7 +261,8 @@ class RedisStore:
                 self._scripts["lease"](
                     keys=[self.key(key, "leases")],
                     args=["take", self.engine.now_arg(), lease, limit, ttl_ms],
-                )
+                ),
+                key=self.key(key, "leases"),
             )
         except StoreUnavailableError:
             self.engine.orphan(key, lease)  # it may have been granted: give it back later
@@ -277,7 +278,8 @@ class RedisStore:
                 self._scripts["lease"](
                     keys=[self.key(key, "leases")],
                     args=["give", self.engine.now_arg(), lease, 0, 0],
-                )
+                ),
+                key=self.key(key, "leases"),
             )
         except StoreUnavailableError:
             self.engine.orphan(key, lease)  # returned as soon as Redis answers
@@ -290,7 +292,8 @@ class RedisStore:
         got = await self.engine.call(
             self._scripts["lease"](
                 keys=[self.key(key, "leases")], args=["count", self.engine.now_arg(), "", 0, 0]
-            )
+            ),
+            key=self.key(key, "leases"),
         )
         return self._int(got)
 
@@ -307,7 +310,8 @@ class RedisStore:
         self._register(key)
         reply = text(
             await self.engine.call(
-                self._scripts["shared"](keys=[self.key(key, suffix)], args=list(args))
+                self._scripts["shared"](keys=[self.key(key, suffix)], args=list(args)),
+                key=self.key(key, suffix),
             )
         )
         if reply.startswith("!"):
@@ -343,9 +347,8 @@ class RedisStore:
     async def cache_get(self, key: str, item: str) -> bytes | None:
         """The value cached under ``item`` for policy ``key``, or ``None``."""
         check_name(key, "key")
-        got = await self.engine.call(
-            self.client.get(self.key(key, "cache:" + quote(item, safe="")))
-        )
+        cache_key = self.key(key, "cache:" + quote(item, safe=""))
+        got = await self.engine.call(self.client.get(cache_key), key=cache_key)
         return None if got is None else bytes(got)
 
     async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
@@ -353,9 +356,8 @@ class RedisStore:
         check_name(key, "key")
         self._register(key)
         ttl_ms = max(1, int(check_seconds("ttl", ttl) * 1000))
-        await self.engine.call(
-            self.client.set(self.key(key, "cache:" + quote(item, safe="")), value, px=ttl_ms)
-        )
+        cache_key = self.key(key, "cache:" + quote(item, safe=""))
+        await self.engine.call(self.client.set(cache_key, value, px=ttl_ms), key=cache_key)
 
     async def status(self, *, limit: int | None = None) -> list[PolicyStatus]:
         """Every policy any replica registered under this prefix, read from Redis.

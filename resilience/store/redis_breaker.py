@@ -87,6 +87,7 @@ class SharedBreakerCore(BreakerCore):
 
     __slots__ = (
         "_full_until",
+        "away",
         "diverged",
         "engine",
         "fleet_gen",
@@ -119,6 +120,7 @@ class SharedBreakerCore(BreakerCore):
         self.marked = False  # in the engine's next round
         self.fleet_gen = -1  # the highest generation adopted from the fleet (-1: none yet)
         self.diverged = False  # moved on local knowledge the fleet has not confirmed
+        self.away = False  # its Redis Cluster node cannot be reached: decide locally
         self._full_until = float("-inf")
 
     # --- what the engine asks -------------------------------------------------------------
@@ -233,7 +235,7 @@ class SharedBreakerCore(BreakerCore):
     # --- admission ------------------------------------------------------------------------
     def acquire(self, now: float) -> tuple[int, int] | None:
         """Local when the cached state decides; ``None`` when a fleet-wide probe is needed."""
-        if self.engine.degraded or self.diverged:
+        if self.away or self.diverged or self.engine.degraded:
             return super().acquire(now)
         state = self.state
         if state is CLOSED or state is DISABLED:
@@ -283,7 +285,7 @@ class SharedBreakerCore(BreakerCore):
 
     def release(self, gen: int, lease: int) -> None:
         """Give a probe lease back (cancelled probe): sent with the next flush."""
-        if self.engine.degraded or self.diverged or not lease:
+        if self.away or self.diverged or self.engine.degraded or not lease:
             super().release(gen, lease)
         elif gen == self.gen:
             self.engine.enqueue(self, Release(gen, lease))
@@ -295,7 +297,7 @@ class SharedBreakerCore(BreakerCore):
         """Count an outcome: the local rule first, then the buffer (probes: reported at once)."""
         if gen != self.gen:
             return
-        if lease and not (self.engine.degraded or self.diverged):
+        if lease and not (self.away or self.diverged or self.engine.degraded):
             self.engine.enqueue(self, Report(gen, lease, failed, slow))
             return
         if self.state is CLOSED and not lease:
@@ -352,7 +354,7 @@ class SharedBreakerCore(BreakerCore):
             raise ValueError(
                 f"a breaker can be forced CLOSED, FORCED_OPEN or DISABLED, not {state}"
             )
-        if not self.engine.degraded:
+        if not (self.away or self.engine.degraded):
             try:
                 await self.engine.transition(self, Transition(state, self.gen, force=True))
                 return

@@ -10,7 +10,10 @@ One owner for the question "can we talk to Redis now?":
 * ``reconnect`` brings the store back only when Redis accepts our scripts *and* writes again
   (a replica, a full Redis, an ACL without EVALSHA stay degraded), dropping connections first
   after READONLY so the next one reaches the new primary;
-* a process forked from one that built the store is a new replica (``forked``).
+* a process forked from one that built the store is a new replica (``forked``);
+* with Redis Cluster, an unreachable node makes only its own keys local (``away``): calls on
+  its keys fail at once, without waiting, until it is tried again (backoff up to 2 s); the
+  store degrades as a whole only when no node answers, or on a cluster-wide error.
 """
 
 from __future__ import annotations
@@ -109,28 +112,82 @@ class Supervisor:
         self._cluster = cluster
         self.cluster_ready = False
         self._drop_pending = False
+        self.away: dict[str, tuple[float, float]] = {}  # node -> (retry at, backoff)
         self.on_degraded: Callable[[], None] = lambda: None
         self.on_recovered: Callable[[], None] = lambda: None
 
     # --- one call -------------------------------------------------------------------------
-    async def call(self, awaitable: Awaitable[Any], *, extra: float = 0.0) -> Any:
+    async def call(
+        self, awaitable: Awaitable[Any], *, extra: float = 0.0, key: str | None = None
+    ) -> Any:
         """One Redis call, bounded by ``timeout`` (plus ``extra`` for a big one); failures
-        raise ``StoreUnavailableError``."""
+        raise ``StoreUnavailableError``. ``key``: the key it works on (a Cluster node that
+        cannot be reached fails only the calls on its keys)."""
+        node = self.node_of(key) if key is not None else None
+        if node is not None and self.is_away(node):
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise StoreUnavailableError(f"cluster node {node} is away")
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             async with asyncio.timeout(self.timeout + extra):
                 if self._cluster and not self.cluster_ready:
                     await self.init_cluster()
-                return await awaitable
+                reply = await awaitable
         except Exception as exc:
             if isinstance(exc, TimeoutError) and self.late(loop, started, extra):
                 raise LoopLate(f"the event loop was {self.loop_lag:.3f}s late") from exc
             reason = outage(exc)
             if reason is None:
                 raise
-            self.fail(exc, reason)
+            if node is not None and self.unreachable(exc):
+                self.lose(node, reason)
+            else:
+                self.fail(exc, reason)
             raise StoreUnavailableError(reason) from exc
+        if node is not None and node in self.away:
+            self.regain(node)
+        return reply
+
+    # --- Cluster nodes, one at a time -----------------------------------------------------
+    def node_of(self, key: str) -> str | None:
+        """The Cluster node holding ``key`` (``None``: not a Cluster, or slots unknown)."""
+        if not (self._cluster and self.cluster_ready):
+            return None
+        try:
+            return str(self.client.get_node_from_key(key).name)
+        except Exception:  # slots being learned again: decide as a single Redis would
+            return None
+
+    @staticmethod
+    def unreachable(exc: BaseException) -> bool:
+        """A node that does not answer (as opposed to an error reply from it)."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError))
+
+    def is_away(self, node: str) -> bool:
+        """Whether ``node`` is away and not yet due another try."""
+        entry = self.away.get(node)
+        return entry is not None and self.clock.monotonic() < entry[0]
+
+    def lose(self, node: str, reason: str) -> None:
+        """A Cluster node stopped answering: its keys go local; tried again with backoff."""
+        _, backoff = self.away.get(node, (0.0, self.timeout / 2))
+        backoff = min(backoff * 2, 2.0)
+        if node not in self.away:
+            logger.warning("redis store %r: cluster node %s away: %s", self.prefix, node, reason)
+        self.away[node] = (self.clock.monotonic() + backoff, backoff)
+        nodes = self.client.get_nodes() if self._cluster else []
+        if nodes and all(n.name in self.away for n in nodes):
+            self.fail(TimeoutError("no cluster node answers"), f"no cluster node answers: {reason}")
+
+    def regain(self, node: str) -> None:
+        """A Cluster node answers again."""
+        if self.away.pop(node, None) is not None:
+            logger.warning("redis store %r: cluster node %s answers again", self.prefix, node)
 
     def late(self, loop: asyncio.AbstractEventLoop, started: float, extra: float = 0.0) -> bool:
         """After a time-out: was the loop so late that Redis may have answered in time?"""
@@ -186,6 +243,7 @@ class Supervisor:
         after = self.clock.monotonic() - self.since
         self.degraded = False
         self.reason = ""
+        self.away.clear()
         self.on_recovered()
         self._emit(StoreRecovered(name=self.prefix, after=after))
         logger.warning("redis store %r recovered after %.3fs", self.prefix, after)

@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.exceptions import ResponseError
-
 from ..errors import StoreUnavailableError
 from ..events import Event, SubscriberReplaced
 from .redis_breaker import SharedBreakerCore
@@ -75,6 +73,8 @@ class _Item:
     command: tuple[str, tuple[Any, ...]]
     done: Callable[[Any, float], tuple[SharedBreakerCore, Transition] | None]
     retry: Callable[[], Any]
+    core: SharedBreakerCore | None = None
+    node: str | None = None  #: the Cluster node it goes to (``None``: a single Redis)
 
 
 def _cancelling() -> bool:
@@ -169,7 +169,8 @@ class SyncEngine:
         config = core.config
         reply = parse_probe(
             await self.call(
-                self.scripts["probe"](
+                key=core.keys[0],
+                awaitable=self.scripts["probe"](
                     keys=core.keys,
                     args=[
                         core.gen,
@@ -181,7 +182,7 @@ class SyncEngine:
                         self.channel,
                         core.name,
                     ],
-                )
+                ),
             )
         )
         self._reset_seen(core, reply.fleet.reset)
@@ -192,7 +193,7 @@ class SyncEngine:
         """Apply ``wanted`` in Redis and let ``core`` adopt the outcome."""
         script = self.scripts["transition"]
         reply = parse_transition(
-            await self.call(script(keys=core.keys, args=self._cas(core, wanted)))
+            await self.call(script(keys=core.keys, args=self._cas(core, wanted)), key=core.keys[0])
         )
         self._reset_seen(core, reply.fleet.reset)
         core.adopt(reply.fleet, self.clock.monotonic())
@@ -204,10 +205,11 @@ class SyncEngine:
         await asyncio.shield(self.next_round())
 
     # --- helpers --------------------------------------------------------------------------
-    async def call(self, awaitable: Any, *, extra: float = 0.0) -> Any:
-        """One Redis call through the supervisor (bounded; failures degrade the store)."""
+    async def call(self, awaitable: Any, *, extra: float = 0.0, key: str | None = None) -> Any:
+        """One Redis call through the supervisor (bounded; failures degrade the store, or on
+        a Cluster the node of ``key``)."""
         self.start()
-        return await self.supervisor.call(awaitable, extra=extra)
+        return await self.supervisor.call(awaitable, extra=extra, key=key)
 
     def now_arg(self) -> str:
         """The time scripts use: "" (the server's TIME), or a fake clock's, in ms."""
@@ -416,10 +418,16 @@ class SyncEngine:
             except Exception as exc:  # this command's reply: NOSCRIPT, or an outage
                 if is_noscript(exc):
                     noscript = True
+                elif item.node is not None and self.supervisor.unreachable(exc):
+                    self.supervisor.lose(item.node, outage(exc) or repr(exc))  # that node only
+                    if item.core is not None:
+                        item.core.away = True
                 else:
                     failure = failure or (exc if outage(exc) else BadReply(repr(exc)))
                 item.retry()
                 continue
+            if item.node is not None and item.node in self.supervisor.away:
+                self.supervisor.regain(item.node)
             if wanted is not None:
                 later.append(wanted)
         return later, failure, noscript
@@ -442,45 +450,59 @@ class SyncEngine:
         flush, report = self.scripts["flush"].sha, self.scripts["report"].sha
         items: list[_Item] = []
         pushes: list[_Item] = []
+        node_of = self.supervisor.node_of
         for core in marked:
+            node = node_of(core.keys[0])
+            if node is not None and self.supervisor.is_away(node):
+                core.away = True  # decides locally; tried again once its node is due
+                self._marked[core] = None
+                continue
             retry = functools.partial(self.mark, core, used=False)
             wanted = core.wanted()
             for o in core.take_outcomes(self._seq):
                 args = (o.gen, o.calls, o.failures, o.slow, *core.window_args, now, self.ttl_ms)
                 command = ("evalsha", (flush, 4, *core.keys, *args, replica, o.seq))
                 done = functools.partial(self._flushed, core, o, wanted is not None)
-                items.append(_Item(command, done, retry))
+                items.append(_Item(command, done, retry, core, node))
             if wanted is not None:
                 command = (
                     "evalsha",
                     (self._cas_sha(), 3, *core.keys[:3], *self._cas(core, wanted)),
                 )
-                pushes.append(_Item(command, functools.partial(self._moved, core), retry))
+                moved = functools.partial(self._moved, core)
+                pushes.append(_Item(command, moved, retry, core, node))
         items += pushes
         for core, op in ops:
             lease_id = f"{replica}:{op.lease}"
             retry = functools.partial(self._ops.append, (core, op))
+            node = node_of(core.keys[0])
             if isinstance(op, Report):
                 args = (op.gen, lease_id, int(op.failed), int(op.slow))
                 command = ("evalsha", (report, 2, core.keys[0], core.keys[2], *args))
-                items.append(_Item(command, functools.partial(self._reported, core, op), retry))
+                reported = functools.partial(self._reported, core, op)
+                items.append(_Item(command, reported, retry, core, node))
             else:
-                items.append(_Item(("zrem", (core.keys[2], lease_id)), _nothing, retry))
+                command = ("zrem", (core.keys[2], lease_id))
+                items.append(_Item(command, _nothing, retry, core, node))
         for lease_key, lost in orphans:  # permits whose grant or return was lost
-            command = ("zrem", (key(self.prefix, lease_key, "leases"), lost))
+            permits = key(self.prefix, lease_key, "leases")
             retry = functools.partial(self._orphans.append, (lease_key, lost))
-            items.append(_Item(command, _nothing, retry))
+            items.append(_Item(("zrem", (permits, lost)), _nothing, retry, None, node_of(permits)))
         if names:
             registry = f"{self.prefix}:names"
             retry = functools.partial(self._unregistered.update, names)
-            items.append(_Item(("sadd", (registry, *sorted(names))), _nothing, retry))
-            items.append(_Item(("pexpire", (registry, self.ttl_ms)), _nothing, _nothing))
+            node = node_of(registry)
+            items.append(_Item(("sadd", (registry, *sorted(names))), _nothing, retry, None, node))
+            items.append(
+                _Item(("pexpire", (registry, self.ttl_ms)), _nothing, _nothing, None, node)
+            )
         return items
 
     def _flushed(
         self, core: SharedBreakerCore, sent: Outcomes, pushing: bool, reply: Any, received: float
     ) -> tuple[SharedBreakerCore, Transition] | None:
         flushed = parse_flush(reply)
+        core.away = False
         self._reset_seen(core, flushed.fleet.reset)
         wanted = core.on_flush(sent, flushed, received, pushing)
         return None if wanted is None else (core, wanted)
@@ -574,15 +596,15 @@ class SyncEngine:
                 if self._cluster:
                     if not supervisor.cluster_ready:
                         await supervisor.init_cluster()
+                    # each command bounded on its own: a node that does not answer fails only
+                    # its own commands (the caller makes their breakers local)
                     replies = await asyncio.gather(
-                        *(getattr(self.client, cmd)(*argv) for cmd, argv in commands),
+                        *(
+                            asyncio.wait_for(getattr(self.client, cmd)(*argv), supervisor.timeout)
+                            for cmd, argv in commands
+                        ),
                         return_exceptions=True,
                     )
-                    for reply in replies:  # a node that cannot be reached fails the round
-                        if isinstance(reply, BaseException) and not isinstance(
-                            reply, ResponseError
-                        ):
-                            raise reply
                     return list(replies)
                 async with self.client.pipeline(transaction=False) as pipe:
                     for cmd, argv in commands:
@@ -599,8 +621,9 @@ class SyncEngine:
         replaced = False
         while not self._closed and not _cancelling():
             try:
-                async with self.client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
+                async with await self._pubsub() as pubsub:
+                    async with asyncio.timeout(self.supervisor.timeout):
+                        await pubsub.subscribe(self.channel)
                     if replaced:
                         self._emit(SubscriberReplaced(name=self.prefix))
                         # what was published meanwhile: read it with the next round
@@ -618,6 +641,21 @@ class SyncEngine:
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _pubsub(self) -> Any:
+        """A pub/sub connection; on a Cluster, to a node that answers (in turn, so a
+        replacement does not go back to the node that just went quiet)."""
+        if not self._cluster:
+            return self.client.pubsub()
+        if not self.supervisor.cluster_ready:
+            async with asyncio.timeout(self.supervisor.timeout * 4):
+                await self.supervisor.init_cluster()
+        nodes = self.client.get_primaries()
+        live = [n for n in nodes if n.name not in self.supervisor.away] or nodes
+        self._sub_turn += 1
+        return self.client.pubsub(node=live[self._sub_turn % len(live)])
+
+    _sub_turn = 0
 
     async def _listen(self, pubsub: Any) -> None:
         """Apply messages until the connection goes quiet (no PONG in time) or fails."""
@@ -637,8 +675,8 @@ class SyncEngine:
                     pinged, lagging = None, False
                     continue
                 logger.warning("resilience subscriber on %r went quiet: replaced", self.channel)
-                # the same Redis answers our commands: an idle store learns it is away too
-                self.supervisor.fail(TimeoutError(f"no PONG on pub/sub within {timeout}s"))
+                if not self._cluster:  # the same Redis answers our commands: it is away
+                    self.supervisor.fail(TimeoutError(f"no PONG on pub/sub within {timeout}s"))
                 return
             wait = interval if pinged is None else max(0.001, pinged + timeout - now)
             before = loop.time()

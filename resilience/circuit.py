@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .circuit_state import (
     CLOSED,
@@ -17,6 +17,7 @@ from .circuit_state import (
     FORCED_OPEN,
     HALF_OPEN,
     OPEN,
+    SAMPLE_EVERY,
     BreakerConfig,
     BreakerCore,
     BreakerMetrics,
@@ -184,6 +185,7 @@ class CircuitBreaker(BasePolicy):
         emit(self._listeners, event)
 
     def _reject(self, error: CircuitOpenError) -> None:
+        self._core.rejecting()
         if self._listeners:
             emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
 
@@ -243,6 +245,12 @@ class CircuitBreaker(BasePolicy):
         fast = plain and local  # an in-process breaker, count window, no result check
         window: CountCounter = core.window  # type: ignore[assignment]
 
+        def reject(error: CircuitOpenError) -> NoReturn:
+            core.rejecting()
+            if self._listeners:
+                emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
+            raise error
+
         async def protected(*args: Any, **kwargs: Any) -> Any:
             if core.state is CLOSED:
                 gen = core.gen
@@ -259,22 +267,25 @@ class CircuitBreaker(BasePolicy):
                         window.calls += 1  # an all-success window: only the count moves
                     return result
                 lease = 0
-                start = monotonic() if timed else 0.0
+                if timed:
+                    start = monotonic()
+                elif core.skip:  # latency is sampled: one call in SAMPLE_EVERY is timed
+                    core.skip -= 1
+                    start = 0.0
+                else:
+                    core.skip = SAMPLE_EVERY - 1
+                    start = monotonic()
             elif core.state is OPEN and (now := monotonic()) < core.open_until:
-                error = CircuitOpenError(core.name, "open", core.open_until - now)
-                if self._listeners:
-                    self._reject(error)
-                raise error
+                reject(CircuitOpenError(core.name, "open", core.open_until - now))
             elif core.state is FORCED_OPEN:
-                error = CircuitOpenError(core.name, "forced_open", None)
-                if self._listeners:
-                    self._reject(error)
-                raise error
+                reject(CircuitOpenError(core.name, "forced_open", None))
             else:
                 gen, lease, start = await admit()
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
+                if start:
+                    core.took(monotonic() - start)
                 settle(gen, lease, start, exc, None)
                 if core.strict:
                     await core.commit()
@@ -283,6 +294,8 @@ class CircuitBreaker(BasePolicy):
                 if lease:
                     core.release(gen, lease)
                 raise
+            if start:
+                core.took(monotonic() - start)
             if lease or not plain:
                 settle(gen, lease, start, None, result)
                 if core.strict:

@@ -176,6 +176,8 @@ def open_duration(cfg: BreakerConfig, reopens: int) -> float:
 # --- the state machine of one named breaker -------------------------------------------------
 
 _lease_ids = itertools.count(1)
+_BUCKETS = 15  # len(resilience.store.protocol.LATENCY_BUCKETS)
+SAMPLE_EVERY = 8  #: one call in this many is timed for the latency figures
 
 
 class BreakerCore:
@@ -195,11 +197,14 @@ class BreakerCore:
         "config",
         "fronts",
         "gen",
+        "latency",
         "name",
         "open_for",
         "open_until",
         "opened_by",
+        "rejected",
         "reopens",
+        "skip",
         "state",
         "window",
     )
@@ -218,9 +223,21 @@ class BreakerCore:
         self.fronts: weakref.WeakSet[Any] = weakref.WeakSet()  # of Front
         self._probes: dict[int, float] = {}  # lease id -> expiry
         self._probe_done = self._probe_failures = self._probe_slow = 0
+        self.rejected = 0  # calls refused, since this core was made
+        self.latency = [0] * _BUCKETS  # sampled durations per LATENCY_BUCKETS bucket
+        self.skip = 0  # calls before the next one is timed (a sample)
 
     #: A shared core in strict mode wants ``await commit()`` after each outcome.
     strict = False
+
+    # figures for status tools
+    def rejecting(self) -> None:
+        """A call was refused."""
+        self.rejected += 1
+
+    def took(self, seconds: float) -> None:
+        """A sampled call took ``seconds`` (bucket ``i``: below 0.5 ms x 2**i)."""
+        self.latency[min(_BUCKETS - 1, int(seconds * 2000).bit_length())] += 1
 
     # admission
     def acquire(self, now: float) -> tuple[int, int] | None:

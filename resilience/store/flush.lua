@@ -1,12 +1,15 @@
 -- flush: merge one replica's buffered outcomes into the shared window; read the state back.
 -- KEYS: 1 state (hash; a count window's running totals in tc, tf, ts), 2 window (list of
 --       "calls failures slow" chunks, or hash of time buckets), 3 probes (zset),
---       4 replicas (hash: replica id -> "last seen ms, calls, failures, slow, last sequence")
+--       4 replicas (hash: replica id -> "last seen ms, calls, failures, slow, last sequence,
+--       refused calls, latency histogram")
 -- ARGV: 1 generation the outcomes were counted under, 2 calls, 3 failures, 4 slow calls,
 --       5 window kind ("c" count, "t" time), 6 window size (calls) or bucket count,
 --       7 bucket width in ms (time windows; may have a fraction), 8 now in ms ("" = server
 --       TIME), 9 ttl in ms, 10 replica id, 11 the flush's sequence number (per replica,
---       increasing): a flush sent again after its reply was lost is not counted twice
+--       increasing): a flush sent again after its reply was lost is not counted twice,
+--       12 calls this replica refused, 13 its sampled latency histogram ("n,n,...");
+--       both running totals, kept as they are (for status tools)
 -- Returns: fleet(...) + {'calls', c, 'failures', f, 'slow', s}
 -- Outcomes are merged only while the state is still CLOSED at that generation. A count
 -- window costs O(1) per flush whatever its size: running totals, chunks trimmed at the old end.
@@ -27,7 +30,7 @@ end
 local pc, pf, ps, pq = 0, 0, 0, -1
 local prev = redis.call('HGET', KEYS[4], ARGV[10])
 if prev then
-  local _, c, f, s, q = string.match(prev, '^(%S+) (%d+) (%d+) (%d+) ?(%d*)$')
+  local _, c, f, s, q = string.match(prev, '^(%S+) (%d+) (%d+) (%d+) ?(%d*)')
   pc, pf, ps = int(c, 0, MAX_INT) or 0, int(f, 0, MAX_INT) or 0, int(s, 0, MAX_INT) or 0
   pq = int(q, 0, MAX_INT) or -1
 end
@@ -111,7 +114,11 @@ if other and other ~= ARGV[10] then
   local at = tonumber(string.match(redis.call('HGET', KEYS[4], other) or '', '^(%S+)'))
   if not at or at ~= at or at < now - 600000 then redis.call('HDEL', KEYS[4], other) end
 end
-redis.call('HSET', KEYS[4], ARGV[10], now .. ' ' .. pc .. ' ' .. pf .. ' ' .. ps .. ' ' .. pq)
+local rejected = int(ARGV[12], 0, MAX_INT) or 0
+local latency = ARGV[13] or ''
+if #latency > 400 or not string.match(latency, '^[%d,]*$') then latency = '' end
+redis.call('HSET', KEYS[4], ARGV[10],
+  now .. ' ' .. pc .. ' ' .. pf .. ' ' .. ps .. ' ' .. pq .. ' ' .. rejected .. ' ' .. latency)
 redis.call('PEXPIRE', KEYS[4], ttl)
 return append(fleet(state, gen, open_until, reopens, now, reset),
   'calls', calls, 'failures', failures, 'slow', slow)

@@ -1,5 +1,5 @@
 -- lease: take, give back or count expiring permits (a zset: lease id -> expiry in ms).
--- KEYS: 1 the lease set
+-- KEYS: 1 the lease set, 2 the limit last taken with (for status tools; optional)
 -- ARGV: 1 op ("take", "give", "count"), 2 now in ms ("" = TIME), 3 lease id,
 --       4 limit, 5 ttl in ms
 -- Returns: take -> 1 if granted else 0; give -> 1 if it was held and unexpired;
@@ -27,4 +27,5 @@ if op == 'count' then return held end
 if held >= tonumber(ARGV[4]) then return 0 end
 redis.call('ZADD', KEYS[1], n + tonumber(ARGV[5]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
+if KEYS[2] then redis.call('SET', KEYS[2], ARGV[4], 'PX', tonumber(ARGV[5])) end
 return 1

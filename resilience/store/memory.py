@@ -27,6 +27,7 @@ class MemoryStore:
         self.degraded = False  # nothing to lose touch with
         self._breakers: dict[str, BreakerCore] = {}
         self._leases: dict[str, dict[str, float]] = {}
+        self._limits: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._tats: dict[str, float] = {}
         self._budgets: dict[str, float] = {}
@@ -64,6 +65,7 @@ class MemoryStore:
         check_int("limit", limit)
         check_seconds("ttl", ttl)
         leases = self._live(key)
+        self._limits[key] = limit
         if len(leases) >= limit:
             return None
         lease = str(next(self._ids))
@@ -123,10 +125,19 @@ class MemoryStore:
                     retry_after=m.retry_after,
                     probes=len(core._probes),
                     opened_by=m.opened_by,
+                    rejected=core.rejected,
+                    latency=tuple(core.latency),
                 )
             )
         for key in self._leases:
-            out.append(PolicyStatus(name=key, kind="bulkhead", in_flight=len(self._live(key))))
+            out.append(
+                PolicyStatus(
+                    name=key,
+                    kind="bulkhead",
+                    in_flight=len(self._live(key)),
+                    limit=self._limits.get(key),
+                )
+            )
         out.extend(PolicyStatus(name=key, kind="rate_limiter") for key in self._tats)
         out.extend(
             PolicyStatus(name=key, kind="retry_budget", tokens=tokens)

@@ -15,7 +15,12 @@ if TYPE_CHECKING:
     from ..circuit_state import BreakerConfig, BreakerCore
     from ..clock import Clock
 
-__all__ = ["PolicyStatus", "ReplicaReport", "Store"]
+__all__ = ["LATENCY_BUCKETS", "PolicyStatus", "ReplicaReport", "Store"]
+
+#: Upper edges (seconds) of the latency histogram breakers keep (the last bucket is open):
+#: bucket ``i`` counts calls that took less than ``LATENCY_BUCKETS[i]`` and at least the edge
+#: before it. Powers of two from 0.5 ms to 4 s.
+LATENCY_BUCKETS: tuple[float, ...] = (*(0.0005 * 2**i for i in range(14)), float("inf"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,6 +33,9 @@ class ReplicaReport:
     calls: int
     failures: int
     slow_calls: int
+    rejected: int = 0  #: calls this replica's breaker refused (since it started)
+    #: sampled call durations, counts per ``LATENCY_BUCKETS`` bucket (since it started)
+    latency: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +65,11 @@ class PolicyStatus:
     opened_by: tuple[int, int, int] | None = None
     #: why this entry could not be read (kind ``"damaged"``), else ``None``
     damaged: str | None = None
+    #: breakers: calls refused, and sampled call durations per ``LATENCY_BUCKETS`` bucket,
+    #: summed over the replicas (running totals: rates come from two readings)
+    rejected: int = 0
+    latency: tuple[int, ...] = ()
+    limit: int | None = None  #: a fleet-wide bulkhead's limit, as last taken
 
     @property
     def failure_ratio(self) -> float:

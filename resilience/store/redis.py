@@ -259,7 +259,7 @@ class RedisStore:
         try:
             got = await self.engine.call(
                 self._scripts["lease"](
-                    keys=[self.key(key, "leases")],
+                    keys=[self.key(key, "leases"), self.key(key, "limit")],
                     args=["take", self.engine.now_arg(), lease, limit, ttl_ms],
                 ),
                 key=self.key(key, "leases"),

@@ -232,6 +232,12 @@ class SharedBreakerCore(BreakerCore):
         if new is not old:
             self._announce(old, new)
 
+    def rejecting(self) -> None:
+        """A call was refused: counted, and reported with the next round."""
+        self.rejected += 1
+        if not self.marked:
+            self.engine.mark(self)
+
     # --- admission ------------------------------------------------------------------------
     def acquire(self, now: float) -> tuple[int, int] | None:
         """Local when the cached state decides; ``None`` when a fleet-wide probe is needed."""

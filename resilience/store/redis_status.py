@@ -11,19 +11,21 @@ from operator import attrgetter
 from typing import Any
 
 from ..circuit_state import OPEN, BreakerCore
-from .protocol import PolicyStatus, ReplicaReport
+from .protocol import LATENCY_BUCKETS, PolicyStatus, ReplicaReport
 from .redis_primitives import BY_VALUE, BadReply, number, real, text
 
 __all__ = ["SUFFIXES", "local_status", "parse_entry"]
 
 #: the keys ``status.lua`` reads for each name, in order
-SUFFIXES = ("state", "win", "probes", "replicas", "leases", "gcra", "budget")
+SUFFIXES = ("state", "win", "probes", "replicas", "leases", "gcra", "budget", "limit")
 
 
 def local_status(core: BreakerCore, now: float) -> PolicyStatus:
     """A breaker as this replica sees it (Redis unreachable)."""
     m = core.metrics(now)
     return PolicyStatus(
+        rejected=core.rejected,
+        latency=tuple(core.latency),
         name=core.name,
         kind="circuit_breaker",
         state=m.state,
@@ -64,10 +66,24 @@ def _replicas(flat: Any, now: int) -> tuple[ReplicaReport, ...]:
                 calls=int(parts[1]),
                 failures=int(parts[2]),
                 slow_calls=int(parts[3]),
+                rejected=int(parts[5]) if len(parts) > 5 else 0,
+                latency=_histogram(parts[6]) if len(parts) > 6 else (),
             )
         )
     out.sort(key=attrgetter("replica"))
     return tuple(out)
+
+
+def _histogram(raw: bytes | str) -> tuple[int, ...]:
+    counts = tuple(int(n) for n in text(raw).split(",") if n)
+    return counts if len(counts) == len(LATENCY_BUCKETS) else ()
+
+
+def _summed(replicas: tuple[ReplicaReport, ...]) -> tuple[int, tuple[int, ...]]:
+    """Refused calls and the latency histogram, over every replica."""
+    histograms = [r.latency for r in replicas if r.latency]
+    latency = tuple(map(sum, zip(*histograms, strict=True))) if histograms else ()
+    return sum(r.rejected for r in replicas), latency
 
 
 def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
@@ -83,6 +99,8 @@ def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
         if state is None:
             raise BadReply(f"unknown state {f['state']!r:.40}")
         open_until = number(f["open_until"])
+        replicas = _replicas(f["replicas"], now)
+        rejected, latency = _summed(replicas)
         out.append(
             PolicyStatus(
                 name=name,
@@ -95,11 +113,16 @@ def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
                 retry_after=max(0.0, (open_until - now) / 1000) if state is OPEN else None,
                 probes=number(f["probes"]),
                 opened_by=_opened(f["opened_by"]) if state is OPEN else None,
-                replicas=_replicas(f["replicas"], now),
+                replicas=replicas,
+                rejected=rejected,
+                latency=latency,
             )
         )
     if number(f["leases"], -1) >= 0:
-        out.append(PolicyStatus(name=name, kind="bulkhead", in_flight=number(f["leases"])))
+        limit = number(f["limit"]) if text(f.get("limit", "")) else None
+        out.append(
+            PolicyStatus(name=name, kind="bulkhead", in_flight=number(f["leases"]), limit=limit)
+        )
     if text(f["gcra"]):
         real(f["gcra"], 0)
         out.append(PolicyStatus(name=name, kind="rate_limiter"))

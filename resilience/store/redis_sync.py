@@ -459,9 +459,10 @@ class SyncEngine:
                 continue
             retry = functools.partial(self.mark, core, used=False)
             wanted = core.wanted()
+            figures = (core.rejected, ",".join(map(str, core.latency)))
             for o in core.take_outcomes(self._seq):
                 args = (o.gen, o.calls, o.failures, o.slow, *core.window_args, now, self.ttl_ms)
-                command = ("evalsha", (flush, 4, *core.keys, *args, replica, o.seq))
+                command = ("evalsha", (flush, 4, *core.keys, *args, replica, o.seq, *figures))
                 done = functools.partial(self._flushed, core, o, wanted is not None)
                 items.append(_Item(command, done, retry, core, node))
             if wanted is not None:
@@ -737,5 +738,7 @@ class SyncEngine:
             core.pending = [0, 0, 0]
             core.unacked = []
             core.marked = False
+            core.rejected = 0
+            core.latency = [0] * len(core.latency)
         self._late_retries = 0
         self._wake = asyncio.Event()

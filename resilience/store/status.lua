@@ -1,11 +1,12 @@
 -- status: everything known about some policy names, for status tools. Read-only.
--- KEYS: 7 per name (state, window, probes, replicas, leases, gcra, budget); or none, and
+-- KEYS: 8 per name (state, window, probes, replicas, leases, gcra, budget, limit); or none, and
 --       the names (escaped) in ARGV after the prefix (one Redis only: not for a Cluster)
 -- ARGV: 1 now in ms ("" = server TIME), 2 prefix, 3.. escaped names (when no KEYS)
 -- Returns: {now, entry, entry, ...}, an entry per name of named fields: 'breaker' 0|1,
 --   'state', 'gen', 'open_until', 'reopens', 'calls', 'failures', 'slow' (the window's
 --   running totals, or the probes' while half-open), 'probes' (leases held), 'opened_by'
---   ("calls failures slow"), 'leases' (-1: none), 'gcra' and 'budget' (raw, "" none),
+--   ("calls failures slow"), 'leases' (-1: none), 'limit' (a bulkhead's, "" none),
+--   'gcra' and 'budget' (raw, "" none),
 --   'replicas' {id, "last seen ms calls failures slow seq", ...}
 -- O(1) per name for a count window, O(buckets) for a time window. A key of the wrong type
 -- reads as absent (pcall), so one damaged name cannot fail the others.
@@ -16,21 +17,22 @@ local function get(...)
   return ok
 end
 local out = {now}
-local names = #KEYS / 7
+local names = #KEYS / 8
 if names == 0 then names = #ARGV - 2 end
 for n = 1, names do
   local k
   if #KEYS > 0 then
-    local b = (n - 1) * 7
-    k = {KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4], KEYS[b + 5], KEYS[b + 6], KEYS[b + 7]}
+    local b = (n - 1) * 8
+    k = {KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4], KEYS[b + 5], KEYS[b + 6], KEYS[b + 7],
+      KEYS[b + 8]}
   else
     local base = ARGV[2] .. ':{' .. ARGV[n + 2] .. '}:'
     k = {base .. 'state', base .. 'win', base .. 'probes', base .. 'replicas', base .. 'leases',
-      base .. 'gcra', base .. 'budget'}
+      base .. 'gcra', base .. 'budget', base .. 'limit'}
   end
   local e = {'breaker', 0, 'state', '', 'gen', 0, 'open_until', 0, 'reopens', 0, 'calls', 0,
     'failures', 0, 'slow', 0, 'probes', 0, 'opened_by', '', 'leases', -1, 'gcra', '',
-    'budget', '', 'replicas', {}}
+    'budget', '', 'replicas', {}, 'limit', ''}
   local v = get('HMGET', k[1], 'state', 'gen', 'open_until', 'reopens', 'wk', 'ws', 'ww',
     'oc', 'of', 'os', 'tc', 'tf', 'ts', 'pd', 'pf', 'ps')
   if v and v[1] then
@@ -62,6 +64,7 @@ for n = 1, names do
   if redis.call('EXISTS', k[5], k[6], k[7]) > 0 then -- most names are breakers only
     if redis.call('EXISTS', k[5]) == 1 then
       e[22] = get('ZCOUNT', k[5], '(' .. now, '+inf') or 0
+      e[30] = get('GET', k[8]) or ''
     end
     e[24] = get('GET', k[6]) or ''
     e[26] = get('GET', k[7]) or ''

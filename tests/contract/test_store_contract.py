@@ -388,3 +388,29 @@ async def test_a_shared_time_window_covers_what_an_in_process_one_covers(
     await settle()
     assert a.state is CircuitState.OPEN
     assert b.state is CircuitState.OPEN
+
+
+async def test_status_counts_rejections_latency_and_bulkhead_limits(
+    store: Store, clock: FakeClock, settle: Settle
+) -> None:
+    """What a dashboard needs: calls refused, sampled durations, a bulkhead's limit."""
+    from resilience import status
+    from resilience.store.protocol import LATENCY_BUCKETS
+
+    b = breaker(store, failure_if=lambda result: False)  # a result check: not the bare path
+    for _ in range(16):  # one call in 8 is timed
+        assert await b.call(ok) == "ok"
+    await fail(b, 2)  # [ok, ok, failed, failed]: open
+    for _ in range(3):
+        with pytest.raises(CircuitOpenError):
+            await b.call(ok)
+    assert await store.acquire_lease("pool", limit=3, ttl=5) is not None
+    await settle()
+    listed = {(s.name, s.kind): s for s in await status(store)}
+    dep = listed[("dep", "circuit_breaker")]
+    assert dep.rejected == 3
+    assert len(dep.latency) == len(LATENCY_BUCKETS)
+    assert sum(dep.latency) == 3  # 18 calls ran: the 1st, 9th and 17th were timed
+    assert dep.latency[0] == sum(dep.latency)  # a fake clock: no time passes in a call
+    pool = listed[("pool", "bulkhead")]
+    assert (pool.in_flight, pool.limit) == (1, 3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from .circuit_state import (
     CLOSED,
@@ -187,7 +187,10 @@ class CircuitBreaker(BasePolicy):
     def _reject(self, error: CircuitOpenError) -> None:
         self._core.rejecting()
         if self._listeners:
-            emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
+            self._emit_rejected(error)
+
+    def _emit_rejected(self, error: CircuitOpenError) -> None:
+        emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
 
     async def _admit(self) -> tuple[int, int, float]:
         core = self._core
@@ -245,12 +248,6 @@ class CircuitBreaker(BasePolicy):
         fast = plain and local  # an in-process breaker, count window, no result check
         window: CountCounter = core.window  # type: ignore[assignment]
 
-        def reject(error: CircuitOpenError) -> NoReturn:
-            core.rejecting()
-            if self._listeners:
-                emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
-            raise error
-
         async def protected(*args: Any, **kwargs: Any) -> Any:
             if core.state is CLOSED:
                 gen = core.gen
@@ -276,9 +273,23 @@ class CircuitBreaker(BasePolicy):
                     core.skip = SAMPLE_EVERY - 1
                     start = monotonic()
             elif core.state is OPEN and (now := monotonic()) < core.open_until:
-                reject(CircuitOpenError(core.name, "open", core.open_until - now))
+                error = CircuitOpenError(core.name, "open", core.open_until - now)
+                if local:  # counted for status tools (a shared core also joins a round)
+                    core.rejected += 1
+                else:
+                    core.rejecting()
+                if self._listeners:
+                    self._emit_rejected(error)
+                raise error
             elif core.state is FORCED_OPEN:
-                reject(CircuitOpenError(core.name, "forced_open", None))
+                error = CircuitOpenError(core.name, "forced_open", None)
+                if local:
+                    core.rejected += 1
+                else:
+                    core.rejecting()
+                if self._listeners:
+                    self._emit_rejected(error)
+                raise error
             else:
                 gen, lease, start = await admit()
             try:

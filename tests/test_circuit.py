@@ -548,3 +548,90 @@ async def test_listeners_follow_their_breaker_object(clock: FakeClock) -> None:
     gc.collect()
     await run(a, "ffff")
     assert len([e for e in heard_a if isinstance(e, StateChanged)]) == 1
+
+
+# --- what a demanding user would check ----------------------------------------------------
+
+
+async def test_the_open_time_is_fixed_by_default(clock: FakeClock) -> None:
+    """open_for_max defaults to open_for: a failed probe opens for open_for again."""
+    b = make(clock)
+    await run(b, "ffff")
+    clock.advance(10)
+    await run(b, "f")  # the probe fails
+    assert b.metrics().open_for == pytest.approx(10)
+    assert b.config.open_for_max == b.config.open_for
+
+
+@pytest.mark.parametrize("where", ["failure_if", "on", "ignore"])
+async def test_a_raising_classifier_leaks_no_probe(clock: FakeClock, where: str) -> None:
+    """A classifier that raises while a probe is settled: the call ends with its error, counts
+    as a failure (the breaker re-opens), and the next probe may run after open_for, not after
+    probe_lease."""
+
+    class Broken(Exception):
+        pass
+
+    armed = False
+
+    def broken(_: object) -> bool:
+        if armed:
+            raise Broken("the predicate failed")
+        return where == "on"
+
+    b = make(clock, probe_lease=300.0, **{where: broken})
+    await run(b, "ffff")  # (ignore=broken -> False, on=broken -> True, failure_if: not asked)
+    assert b.state is OPEN
+    clock.advance(10)
+    armed = True
+    call = ok if where == "failure_if" else boom
+    with pytest.raises(Broken) as caught:
+        await b.call(call)
+    if where != "failure_if":
+        assert isinstance(caught.value.__context__, ValueError)
+    assert b.state is OPEN  # counted as a failure: the probe re-opened the breaker
+    armed = False
+    clock.advance(10)  # open_for, far less than probe_lease
+    assert await b.call(ok) == "ok"
+    assert b.state is CLOSED
+
+
+async def test_no_event_for_a_move_to_the_same_state(clock: FakeClock) -> None:
+    """force_open, disable and reset on a breaker already there emit no StateChanged."""
+    events: list[object] = []
+    b = make(clock, listeners=[events.append])
+    await b.reset()
+    await b.force_open()
+    await b.force_open()
+    await b.disable()
+    await b.disable()
+    await b.reset()
+    await b.reset()
+    moves = [(e.old, e.new) for e in events if isinstance(e, StateChanged)]
+    assert moves == [
+        (CLOSED, CircuitState.FORCED_OPEN),
+        (CircuitState.FORCED_OPEN, CircuitState.DISABLED),
+        (CircuitState.DISABLED, CLOSED),
+    ]
+
+
+async def test_a_reset_of_a_closed_breaker_forgets_its_window(clock: FakeClock) -> None:
+    """reset() while closed: no transition, but the window is empty afterwards."""
+    b = make(clock)
+    await run(b, "sfs")
+    assert b.metrics().calls == 3
+    await b.reset()
+    assert b.metrics().calls == 0
+    assert b.metrics().generation == 0
+
+
+async def test_half_open_metrics_show_the_probes(clock: FakeClock) -> None:
+    """While half-open, metrics() reports the probes' outcomes (as resilience4j does)."""
+    b = make(clock, half_open_calls=3)
+    await run(b, "ffff")
+    clock.advance(10)
+    await run(b, "sf")  # two of three probes reported: no verdict yet
+    assert b.state is HALF_OPEN
+    m = b.metrics()
+    assert (m.calls, m.failures) == (2, 1)
+    assert m.failure_ratio == pytest.approx(0.5)

@@ -414,3 +414,35 @@ async def test_status_counts_rejections_latency_and_bulkhead_limits(
     assert dep.latency[0] == sum(dep.latency)  # a fake clock: no time passes in a call
     pool = listed[("pool", "bulkhead")]
     assert (pool.in_flight, pool.limit) == (1, 3)
+
+
+async def test_a_raising_failure_if_leaks_no_probe(
+    store: Store, clock: FakeClock, settle: Settle
+) -> None:
+    """A predicate that raises while a probe is judged: the probe counts as a failure and its
+    lease is given up, so the next probe runs after open_for, not after probe_lease."""
+
+    class Broken(Exception):
+        pass
+
+    armed = False
+
+    def judge(result: object) -> bool:
+        if armed:
+            raise Broken("the predicate failed")
+        return False
+
+    b = breaker(store, failure_if=judge, probe_lease=300.0)
+    await fail(b, 4)
+    await settle()
+    clock.advance(10)
+    armed = True
+    with pytest.raises(Broken, match="predicate"):
+        await b.call(ok)
+    await settle()
+    assert b.state is CircuitState.OPEN
+    armed = False
+    clock.advance(10)
+    assert await b.call(ok) == "ok"
+    await settle()
+    assert b.state is CircuitState.CLOSED

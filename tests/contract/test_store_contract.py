@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from resilience import (
     CircuitBreaker,
@@ -446,3 +448,36 @@ async def test_a_raising_failure_if_leaks_no_probe(
     assert await b.call(ok) == "ok"
     await settle()
     assert b.state is CircuitState.CLOSED
+
+
+_names = iter(range(10**9))
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    outcomes=st.lists(st.booleans(), min_size=1, max_size=40),
+    window=st.integers(2, 12),
+    ratio=st.sampled_from([0.25, 0.5, 0.75, 1.0]),
+)
+async def test_every_sequence_is_first_rejected_where_in_process_is(
+    store: Store, clock: FakeClock, outcomes: list[bool], window: int, ratio: float
+) -> None:
+    """Any sequence of successes and failures, any window and ratio: a shared breaker first
+    refuses the same call an in-process breaker does (no flush in between)."""
+    options = {"window": CountWindow(window), "minimum_calls": window, "failure_ratio": ratio}
+
+    async def first_rejection(b: CircuitBreaker) -> int | None:
+        for i, good in enumerate(outcomes):
+            try:
+                await (b.call(ok) if good else b.call(boom))
+            except CircuitOpenError:
+                return i
+            except ValueError:
+                pass
+        return None
+
+    alone = CircuitBreaker("alone", clock=clock, open_for=10.0, **options)  # type: ignore[arg-type]
+    shared = breaker(store, f"seq{next(_names)}", **options)
+    assert await first_rejection(shared) == await first_rejection(alone)

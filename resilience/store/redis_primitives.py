@@ -242,13 +242,7 @@ def number(value: Any, lo: float = 0, hi: float = MAX_INT) -> int:
     """An integer reply item within ``[lo, hi]``; anything else is a ``BadReply``."""
     if type(value) is int and lo <= value <= hi:  # the usual case: an integer reply
         return value
-    try:
-        n = float(text(value))
-    except (TypeError, ValueError, UnicodeDecodeError):
-        raise BadReply(f"not a number: {value!r:.80}") from None
-    if not math.isfinite(n) or not lo <= n <= hi:
-        raise BadReply(f"out of range: {value!r:.80}")
-    return int(n)
+    return int(real(value, lo, hi))
 
 
 def real(value: Any, lo: float = -float(MAX_INT), hi: float = float(MAX_INT)) -> float:

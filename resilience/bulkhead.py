@@ -15,6 +15,8 @@ from .events import CallRejected, Listener, emit
 from .policy import (
     BasePolicy,
     Protected,
+    check_bool,
+    check_fleet_name,
     check_int,
     check_seconds,
     check_store,
@@ -71,9 +73,7 @@ class Bulkhead(BasePolicy):
         self.max_concurrent = check_int("max_concurrent", max_concurrent)
         self.max_waiting = check_int("max_waiting", max_waiting, minimum=0)
         self.max_wait: float | None = check_seconds("max_wait", max_wait, none=True, zero=True)
-        if not isinstance(distributed, bool):
-            raise TypeError(f"distributed must be a bool, got {distributed!r}")
-        self.distributed = distributed
+        self.distributed = check_bool("distributed", distributed)
         self.store = check_store("store", store, "acquire_lease", "release_lease")
         self.lease: float = check_seconds("lease", lease)
         if distributed:
@@ -84,6 +84,7 @@ class Bulkhead(BasePolicy):
                     f"max_waiting must be 0 with distributed=True, got {max_waiting!r}: "
                     "fleet-wide permits are not waited for (the call is rejected at once)"
                 )
+            check_fleet_name("Bulkhead(distributed=True)", self.name, "bulkhead", self.store)
         elif self.store is not None:
             raise ValueError("store= is only used with distributed=True")
         self._active = 0

@@ -298,6 +298,40 @@ def check_int(what: str, value: object, *, minimum: int = 1) -> int:
     return value
 
 
+def check_bool(what: str, value: object) -> bool:
+    """A real ``bool``: ``"false"``, ``0`` or ``None`` are refused, never judged by truthiness."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def is_shared(store: object) -> bool:
+    """Whether ``store`` is seen by other processes (every store but ``MemoryStore``).
+
+    A store may say so itself with a ``shared`` attribute; without one, anything that is not
+    a ``MemoryStore`` is taken as shared.
+    """
+    from .store.memory import MemoryStore
+
+    shared = getattr(store, "shared", None)
+    if isinstance(shared, bool):
+        return shared
+    return not isinstance(store, MemoryStore)
+
+
+def check_fleet_name(what: str, name: str, default: str, store: object) -> None:
+    """Refuse a fleet-wide policy that keeps its default ``name`` on a shared store.
+
+    Two services on one Redis that both kept ``name="bulkhead"`` would share one limit: a
+    spike in one makes the other shed load. A name that says whose limit it is is required.
+    """
+    if store is not None and name == default and is_shared(store):
+        raise ValueError(
+            f"{what} on a shared store needs a name of its own (name={default!r} is the "
+            f"default, shared by every service on that store): pass name='<service>:<what>'"
+        )
+
+
 def check_ratio(what: str, value: object) -> float:
     """A ratio in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
 from .clock import SYSTEM_CLOCK, Clock
-from .events import Listener, call_finished, check_listeners, emit
+from .events import CallFinished, Listener, call_finished, check_listeners, emit, wants
 
 if TYPE_CHECKING:
     from .store import Store
@@ -95,15 +95,16 @@ class BasePolicy:
         return cast(Callable[P, Awaitable[T]], functools.wraps(fn)(self._observed(fn)))
 
     def _observed(self, fn: Protected) -> Protected:
-        """``_wrap(fn)``, timed and reported as ``CallFinished`` when there are listeners.
+        """``_wrap(fn)``, timed and reported as ``CallFinished`` when a listener wants it.
 
-        Decided once, when wrapping: without listeners this costs nothing per call.
+        Decided once, when wrapping: without listeners wanting ``CallFinished`` from this
+        policy (see ``events.select``), this costs nothing per call.
         """
         protected = self._wrap(fn)
-        if not self._listeners:
+        kind, name = self.kind, self.name
+        if not any(wants(x, CallFinished, kind, name) for x in self._listeners):
             return protected
         monotonic = self._clock.monotonic
-        kind, name = self.kind, self.name
 
         async def observed(*args: Any, **kwargs: Any) -> Any:
             start = monotonic()

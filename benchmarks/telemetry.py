@@ -72,6 +72,10 @@ async def run(settings: Settings) -> str:
         f"Python {platform.python_version()}, {settings.rounds} interleaved rounds; "
         "ns per call, median (min).",
         "",
+        "Without an SDK (the API's no-op providers, or the global proxies with no SDK set) and "
+        "with `call_metrics=False`, a policy does not time its calls: those rows should match "
+        "`no telemetry` (differences are noise).",
+        "",
         "| case | telemetry | ns/call | added vs none |",
         "| --- | --- | ---: | ---: |",
     ]

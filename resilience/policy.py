@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
@@ -47,12 +48,17 @@ class BasePolicy:
 
     A policy writes its logic once, in ``_wrap(fn)``, which returns a coroutine function that
     runs ``fn`` under the policy. Decorating returns that function (one coroutine frame per
-    policy, nothing more); ``call(fn, ...)`` reuses it from a small cache.
+    policy, nothing more). ``call(fn, ...)`` is the same function wrapped once around
+    ``operator.call`` (which calls ``fn`` in C): after the first use, ``policy.call`` is that
+    protected function itself, so the call form costs no frame of its own. A policy whose
+    logic depends on which ``fn`` it wraps (a Fallback's cache keys) sets ``_needs_fn`` and
+    gets one protected function per ``fn`` from a small cache instead.
     """
 
     kind: str = "policy"
     name: str
     _listeners: tuple[Listener, ...]
+    _needs_fn: bool = False
 
     def __init__(self, name: str, clock: Clock | None, listeners: Iterable[Listener]) -> None:
         self.name = check_name(name)
@@ -73,6 +79,7 @@ class BasePolicy:
         """Add ``listener`` to the callables that receive this policy's events."""
         self._listeners = (*self._listeners, *check_listeners((listener,)))
         self._wrapped.clear()
+        self.__dict__.pop("call", None)  # rebuilt on the next call, with the new listener
 
     def _wrap(self, fn: Protected) -> Protected:
         """Return a coroutine function running ``fn`` under this policy."""
@@ -82,12 +89,26 @@ class BasePolicy:
         self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Awaitable[T]:
         """Run ``fn(*args, **kwargs)`` under this policy: ``await policy.call(fn, ...)``."""
-        protected = self._wrapped.get(fn)
-        if protected is None:
-            if len(self._wrapped) >= _CACHE_SIZE:
-                self._wrapped.clear()
-            protected = self._wrapped[fn] = self._observed(fn)
-        return protected(*args, **kwargs)  # no cast(): this runs on every call
+        run = self.__dict__.get("call")
+        if run is None:
+            if self._needs_fn:
+                try:
+                    protected = self._wrapped[fn]
+                except KeyError:
+                    protected = self._cache(fn)
+                return protected(*args, **kwargs)  # no cast(): this runs on every call
+            # from now on ``self.call`` finds this protected function first (an instance
+            # attribute shadows the method): ``call(fn, *args)`` runs ``fn(*args)`` under the
+            # policy through operator.call, with no frame of its own
+            run = self.__dict__["call"] = self._observed(operator.call)
+        return run(fn, *args, **kwargs)
+
+    def _cache(self, fn: Protected) -> Protected:
+        """``_observed(fn)``, kept for the next ``call(fn)`` (a few hundred functions at most)."""
+        if len(self._wrapped) >= _CACHE_SIZE:
+            self._wrapped.clear()
+        protected = self._wrapped[fn] = self._observed(fn)
+        return protected
 
     def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
         """Decorate an ``async def`` function; its name, docstring and signature are kept."""
@@ -171,6 +192,8 @@ class Pipeline(BasePolicy):
         super().__init__(name, clock, listeners)
         flat: list[Policy] = []
         for p in policies:
+            if getattr(p, "_needs_fn", True):  # unknown policies: assume they do
+                self._needs_fn = True
             if isinstance(p, Pipeline):
                 flat.extend(p.policies)
             elif isinstance(p, Policy) and not isinstance(p, type):

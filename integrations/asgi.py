@@ -28,17 +28,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from resilience import (
-    Bulkhead,
     BulkheadFullError,
     Clock,
     Listener,
     Pipeline,
-    Policy,
     RateLimitedError,
-    RateLimiter,
     ResilienceTimeoutError,
     Store,
-    Timeout,
 )
 from resilience.policy import (
     check_bool,
@@ -57,6 +53,7 @@ from ._deadline import (
     parse_budget,
     remaining,
 )
+from ._policies import limits as build_limits
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -130,36 +127,22 @@ class _Route:
     ) -> None:
         self.timeout = limits.timeout
         self.retry_after = limits.retry_after
-        shared: dict[str, Any] = {"clock": clock, "listeners": listeners}
-        policies: list[Policy] = []
-        if limits.rate is not None:
-            policies.append(
-                RateLimiter(
-                    limits.rate,
-                    per=limits.per,
-                    burst=limits.burst,
-                    name=name,
-                    store=store,
-                    **shared,
-                )
-            )
-        if limits.timeout is not None:
-            policies.append(Timeout(limits.timeout, name=name, **shared))
-        if limits.max_concurrent is not None:
-            fleet = store is not None and not limits.max_waiting
-            policies.append(
-                Bulkhead(
-                    limits.max_concurrent,
-                    max_waiting=limits.max_waiting,
-                    max_wait=limits.max_wait,
-                    name=name,
-                    **shared,
-                    # fleet-wide with a store; a waiting queue stays per process
-                    distributed=fleet,
-                    store=store if fleet else None,
-                    lease=_lease(limits.timeout),
-                )
-            )
+        policies = build_limits(
+            name,
+            rate=limits.rate,
+            per=limits.per,
+            burst=limits.burst,
+            timeout=limits.timeout,
+            max_concurrent=limits.max_concurrent,
+            max_waiting=limits.max_waiting,
+            max_wait=limits.max_wait,
+            store=store,
+            clock=clock,
+            listeners=listeners,
+            # fleet-wide with a store; a waiting queue stays per process
+            fleet_bulkhead=not limits.max_waiting,
+            lease=_lease(limits.timeout),
+        )
 
         async def run_app(
             scope: Scope, receive: Receive, send: Send, raised: list[BaseException]

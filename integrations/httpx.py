@@ -45,6 +45,7 @@ from ._deadline import (
     missing_extra,
     remaining,
 )
+from ._policies import limits
 
 try:
     import httpx
@@ -64,14 +65,12 @@ from resilience import (
     Pipeline,
     Policy,
     RateLimitedError,
-    RateLimiter,
     RejectedError,
     ResilienceError,
     ResilienceTimeoutError,
     Retry,
     RetryBudget,
     Store,
-    Timeout,
     TimeWindow,
 )
 from resilience.policy import check_bool, check_int, check_seconds
@@ -488,31 +487,19 @@ def _build_policies(
                 listeners=listeners,
             )
         )
-    if policy.rate is not None:
-        inner.append(
-            RateLimiter(
-                policy.rate,
-                per=policy.per,
-                burst=policy.burst,
-                store=store,
-                name=name,
-                clock=clock,
-                listeners=listeners,
-            )
-        )
-    if policy.timeout is not None:
-        inner.append(Timeout(policy.timeout, name=name, clock=clock, listeners=listeners))
-    if policy.max_concurrent is not None:
-        inner.append(
-            Bulkhead(
-                policy.max_concurrent,
-                max_waiting=policy.max_waiting,
-                max_wait=policy.max_wait,
-                name=name,
-                clock=clock,
-                listeners=listeners,
-            )
-        )
+    inner += limits(
+        name,
+        rate=policy.rate,
+        per=policy.per,
+        burst=policy.burst,
+        timeout=policy.timeout,
+        max_concurrent=policy.max_concurrent,
+        max_waiting=policy.max_waiting,
+        max_wait=policy.max_wait,
+        store=store,
+        clock=clock,
+        listeners=listeners,
+    )
     return retry, inner
 
 

@@ -375,7 +375,13 @@ class ResilienceMiddleware:
             seconds = budget if timeout is None else min(budget, timeout)
         # the request's deadline, forwarded downstream: the sooner of the caller's budget
         # and our own timeout
-        with deadline(seconds) as at:
+        # (set directly, not with ``deadline()``: this runs on every request)
+        at = asyncio.get_running_loop().time() + seconds
+        outer = _deadline.get()
+        if outer is not None and outer < at:
+            at = outer
+        token = _deadline.set(at)
+        try:
             # the caller's budget cuts the app off only when enforced, and only if it comes
             # before our own timeout (which the Timeout policy enforces)
             cut = None
@@ -386,6 +392,8 @@ class ResilienceMiddleware:
             ):
                 cut = at
             await self._run_timed(route, scope, receive, send, cut)
+        finally:
+            _deadline.reset(token)
 
     async def _run(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
         """Rejections only: nothing of the app can have started when one is raised."""

@@ -71,6 +71,7 @@ from resilience import (
     Retry,
     RetryBudget,
     Store,
+    Timeout,
     TimeWindow,
 )
 from resilience.policy import check_bool, check_int, check_seconds
@@ -224,6 +225,19 @@ def _translate(exc: Exception, request: httpx.Request) -> Exception:
 FALLBACK_ON = frozenset({"rejections", "failures", "both"})
 """The values of ``HttpPolicy.fallback_on``."""
 
+TOTAL_TIMEOUT_FACTOR = 1.5
+"""The default ``total_timeout`` is this many times ``timeout`` (15 s for the default 10 s)."""
+
+
+class _Auto(float):
+    """The default ``total_timeout``: worked out from ``timeout`` when the policy is made."""
+
+    def __repr__(self) -> str:
+        return "<timeout x 1.5>"
+
+
+_AUTO_TOTAL = _Auto(-1.0)
+
 MAX_RETRY_AFTER = 86_400.0
 """``parse_retry_after`` never returns more than this many seconds (one day)."""
 
@@ -243,8 +257,9 @@ class HttpPolicy:
     it (fleet-wide with a store).
 
     ``total_timeout``: the most one request may take, every attempt, backoff and
-    ``Retry-After`` wait included (``None``: no overall limit). It is the request's deadline
-    (a caller's sooner deadline wins), so it is also what ``x-deadline-ms`` forwards.
+    ``Retry-After`` wait included (``None``: no overall limit; by default 1.5 times
+    ``timeout``, so 15 s, and no limit when ``timeout`` is ``None``). It is the request's
+    deadline (a caller's sooner deadline wins), so it is also what ``x-deadline-ms`` forwards.
     ``timeout`` limits each attempt, up to the response headers (``None``: no limit).
 
     Failures: transport errors, attempt timeouts and responses whose status is in
@@ -281,7 +296,7 @@ class HttpPolicy:
     per: float = 1.0
     burst: int | None = None
     timeout: float | None = 10.0
-    total_timeout: float | None = 15.0
+    total_timeout: float | None = _AUTO_TOTAL
     max_concurrent: int | None = None
     max_waiting: int = 0
     max_wait: float | None = None
@@ -315,8 +330,11 @@ class HttpPolicy:
                 raise ValueError(f"failure_statuses must hold HTTP statuses (100-599), got {s!r}")
         object.__setattr__(self, "failure_statuses", frozenset(self.failure_statuses))
         check_seconds("retry_after_max", self.retry_after_max, zero=True)
-        total = check_seconds("total_timeout", self.total_timeout, none=True)
         attempt = check_seconds("timeout", self.timeout, none=True)
+        if self.total_timeout is _AUTO_TOTAL:
+            derived = None if attempt is None else attempt * TOTAL_TIMEOUT_FACTOR
+            object.__setattr__(self, "total_timeout", derived)
+        total = check_seconds("total_timeout", self.total_timeout, none=True)
         if total is not None and attempt is not None and attempt > total:
             raise ValueError(
                 f"timeout ({attempt:g}s per attempt) must not exceed total_timeout "
@@ -531,9 +549,14 @@ _KEPT = frozenset({CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.FORCE
 
 
 class _Origin:
-    """The two protected senders of one origin: with retry and without."""
+    """The two protected senders of one origin: with retry and without.
 
-    __slots__ = ("breaker", "bulkhead", "name", "once", "policy", "retrying")
+    With a ``total_timeout``, both start with a ``Timeout`` of that many seconds, outside the
+    retry (the overall deadline of DESIGN's composition): one timer per policy, not one per
+    request. Its expiry is reported as ``DeadlineExceeded``.
+    """
+
+    __slots__ = ("breaker", "bulkhead", "name", "once", "policy", "retrying", "total")
 
     def __init__(self, name: str, policy: HttpPolicy, attempt: Send) -> None:
         self.name = name
@@ -546,11 +569,22 @@ class _Origin:
                 self.breaker = p
             elif isinstance(p, Bulkhead):
                 self.bulkhead = p
-        once: Send = Pipeline(*inner, name=name)(attempt) if inner else attempt
-        self.once = once
+        outer: list[Policy] = []
+        self.total: str | None = None
+        if policy.total_timeout is not None:
+            self.total = f"{name} (total_timeout)"
+            total = Timeout(
+                policy.total_timeout,
+                name=self.total,
+                clock=policy.clock,
+                listeners=policy.listeners,
+            )
+            outer.append(total)
+        chain = [*outer, *inner]
+        self.once: Send = Pipeline(*chain, name=name)(attempt) if chain else attempt
         self.retrying: Send | None = None
         if retry is not None:
-            self.retrying = Pipeline(retry, *inner, name=name)(attempt)
+            self.retrying = Pipeline(*outer, retry, *inner, name=name)(attempt)
 
     def evictable(self) -> bool:
         """Whether forgetting this pipeline loses nothing: no open breaker, nothing in flight."""
@@ -674,12 +708,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             origins.move_to_end(key)
         policy = origin.policy
         allow_retry: bool | None = None
-        budget = policy.total_timeout
+        budget: float | None = None
         overrides = request.extensions.get(_EXTENSION)
         if overrides is not None:
-            allow_retry, extension_budget = _overrides(overrides)
-            if extension_budget is not None:
-                budget = extension_budget
+            allow_retry, budget = _overrides(overrides)
 
         send = origin.once
         if origin.retrying is not None and allow_retry is not False and _replayable(request):
@@ -695,13 +727,26 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                     request.headers[header] = str(uuid.uuid4())
 
         discard: list[httpx.Response] = []
+        total = policy.total_timeout
         try:
             if budget is not None:
                 with deadline(budget):
                     return await self._guarded(send, request, discard, key)
-            if _deadline.get() is None:
+            outer = _deadline.get()
+            if total is None:
+                if outer is None:
+                    return await send(request, discard)
+                return await self._guarded(send, request, discard, key)
+            at = asyncio.get_running_loop().time() + total
+            if outer is not None and outer <= at:  # the caller's deadline comes first
+                return await self._guarded(send, request, discard, key)
+            # our total_timeout is the deadline: the pipeline's outer Timeout enforces it;
+            # the context variable says it to the retry's stop rule and to the upstream
+            token = _deadline.set(at)
+            try:
                 return await send(request, discard)
-            return await self._guarded(send, request, discard, key)
+            finally:
+                _deadline.reset(token)
         except _FailedResponse as failed:
             response = failed.response
             for other in discard:
@@ -717,7 +762,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         except Exception as exc:
             for other in discard:
                 await other.aclose()
-            error = _translate(exc, request)
+            if isinstance(exc, ResilienceTimeoutError) and exc.name == origin.total:
+                error: Exception = DeadlineExceeded(key, exc.seconds, request=request)
+            else:
+                error = _translate(exc, request)
             if policy.fallback is not None and _falls_back(policy.fallback_on, error):
                 return await policy.fallback(request, error)
             if error is exc:

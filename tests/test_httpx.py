@@ -33,10 +33,12 @@ from starlette.routing import Route
 from resilience import (
     BulkheadFullError,
     CircuitOpenError,
+    Clock,
     MemoryStore,
     RateLimitedError,
     ResilienceError,
     ResilienceTimeoutError,
+    SystemClock,
 )
 from resilience.testing import FakeClock
 
@@ -80,9 +82,7 @@ class Upstream:
         return len(self.requests)
 
 
-def make_client(
-    handler: Handler, clock: FakeClock | None = None, **options: Any
-) -> httpx.AsyncClient:
+def make_client(handler: Handler, clock: Clock | None = None, **options: Any) -> httpx.AsyncClient:
     if clock is None:
         clock = FakeClock(autojump=True)
     policy = HttpPolicy(clock=clock, **options)
@@ -748,6 +748,9 @@ async def test_retry_after_waits_are_capped_per_request() -> None:
 async def test_total_timeout_is_on_by_default_and_forwarded() -> None:
     """By default a request has an overall budget, sent downstream as ``x-deadline-ms``."""
     assert HttpPolicy().total_timeout == 15.0
+    assert HttpPolicy(timeout=30).total_timeout == 45.0  # 1.5 x timeout unless given
+    assert HttpPolicy(timeout=None).total_timeout is None
+    assert HttpPolicy(timeout=30, total_timeout=31).total_timeout == 31.0
     upstream = Upstream(200)
     async with make_client(upstream) as client:
         await client.get("/")
@@ -761,7 +764,10 @@ async def test_total_timeout_caps_every_attempt_together() -> None:
         await asyncio.sleep(30)
         return httpx.Response(200)  # pragma: no cover
 
-    async with make_client(handler, timeout=0.04, total_timeout=0.05, wait=lambda s: 0) as client:
+    clock = SystemClock()  # real time: the upstream hangs in real time
+    async with make_client(
+        handler, clock, timeout=0.04, total_timeout=0.05, wait=lambda s: 0
+    ) as client:
         with pytest.raises(DeadlineExceeded):
             await client.get("/")
 

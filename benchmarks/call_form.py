@@ -72,6 +72,12 @@ async def run(settings: Settings) -> str:
             f"| {group} | {d.median:,.0f} ({d.best:,.0f}) | {c.median:,.0f} ({c.best:,.0f}) | "
             f"{c.median / d.median:.2f} | {c.best / d.best:.2f} |"
         )
+    lines += [
+        "",
+        "`call` is an instance attribute from construction on: installing it only at the "
+        "first call gave those instances an attribute layout of their own, and made every "
+        "`self.x` read in the policy's hot path slower (the Bulkhead's ratio was 1.7).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -69,6 +69,12 @@ class BasePolicy:
         self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
         self._listeners = check_listeners(listeners)
         self._wrapped: dict[object, Protected] = {}
+        # ``call`` is an instance attribute from the start (the first call replaces it with
+        # the protected function): adding it later would give this instance an attribute
+        # layout of its own, and every ``self.x`` read in its hot path would get slower (so
+        # would touching ``self.__dict__``)
+        self._call: Callable[..., Awaitable[Any]] = self._first_call
+        self.call = self._call  # type: ignore[method-assign]
 
     @property
     def clock(self) -> Clock:
@@ -79,7 +85,8 @@ class BasePolicy:
         """Add ``listener`` to the callables that receive this policy's events."""
         self._listeners = (*self._listeners, *check_listeners((listener,)))
         self._wrapped.clear()
-        self.__dict__.pop("call", None)  # rebuilt on the next call, with the new listener
+        self._call = self._first_call  # rebuilt on the next call, with the new listener
+        self.call = self._call  # type: ignore[method-assign]
 
     def _wrap(self, fn: Protected) -> Protected:
         """Return a coroutine function running ``fn`` under this policy."""
@@ -89,18 +96,22 @@ class BasePolicy:
         self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Awaitable[T]:
         """Run ``fn(*args, **kwargs)`` under this policy: ``await policy.call(fn, ...)``."""
-        run = self.__dict__.get("call")
-        if run is None:
-            if self._needs_fn:
-                try:
-                    protected = self._wrapped[fn]
-                except KeyError:
-                    protected = self._cache(fn)
-                return protected(*args, **kwargs)  # no cast(): this runs on every call
-            # from now on ``self.call`` finds this protected function first (an instance
-            # attribute shadows the method): ``call(fn, *args)`` runs ``fn(*args)`` under the
-            # policy through operator.call, with no frame of its own
-            run = self.__dict__["call"] = self._observed(operator.call)
+        # reached only through the class (``BasePolicy.call(policy, fn)``): the instance
+        # attribute ``call`` shadows this method
+        return self._call(fn, *args, **kwargs)
+
+    def _first_call(self, fn: Protected, /, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """The first ``call``: install the protected call form, then run it."""
+        if self._needs_fn:  # one protected function per fn, from a small cache
+            try:
+                protected = self._wrapped[fn]
+            except KeyError:
+                protected = self._cache(fn)
+            return protected(*args, **kwargs)  # no cast(): this runs on every call
+        # from now on ``policy.call`` is this protected function: ``call(fn, *args)`` runs
+        # ``fn(*args)`` under the policy through operator.call, with no frame of its own
+        run = self._call = self._observed(operator.call)
+        self.call = run  # type: ignore[method-assign]
         return run(fn, *args, **kwargs)
 
     def _cache(self, fn: Protected) -> Protected:

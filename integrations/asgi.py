@@ -80,10 +80,11 @@ _CACHE_SIZE = 1024
 DEFAULT_NAME = "asgi"
 
 LEASE = 30.0
-"""A fleet-wide permit's lease without a ``timeout`` (a request running longer loses it)."""
+"""A fleet-wide permit's lease without a ``timeout`` (renewed every half lease while the
+request runs; how long a dead replica's permit stays taken)."""
 LEASE_MARGIN = 5.0
 """With a ``timeout``, a permit's lease is ``timeout + LEASE_MARGIN`` seconds: it outlives
-the longest request it covers, so the fleet-wide count holds while every holder is alive."""
+the longest request it covers without a renewal."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -71,8 +71,10 @@ from resilience import (
     Retry,
     RetryBudget,
     Store,
+    TimedOut,
     Timeout,
     TimeWindow,
+    select,
 )
 from resilience.policy import check_bool, check_int, check_seconds
 
@@ -577,7 +579,8 @@ class _Origin:
                 policy.total_timeout,
                 name=self.total,
                 clock=policy.clock,
-                listeners=policy.listeners,
+                # its expiry only: a CallFinished per request would repeat the retry's
+                listeners=[select(listener, events=(TimedOut,)) for listener in policy.listeners],
             )
             outer.append(total)
         chain = [*outer, *inner]

@@ -884,3 +884,20 @@ def test_missing_httpx_names_the_extra() -> None:
     ).stdout
     assert "[httpx]" in out
     assert "pip install" in out
+
+
+async def test_listeners_can_choose_their_events() -> None:
+    """A listener on HttpPolicy gets every policy's events; ``select`` narrows them down."""
+    from resilience import CallFinished, RetryScheduled, select
+
+    everything: list[object] = []
+    retries: list[object] = []
+    listeners = (everything.append, select(retries.append, events=(RetryScheduled,)))
+    upstream = Upstream(503, 200)
+    async with make_client(upstream, listeners=listeners, max_concurrent=10) as client:
+        await client.get("/")
+    finished = [e for e in everything if isinstance(e, CallFinished)]
+    # retry, breaker (x2 attempts), timeout (x2), bulkhead (x2): not the overall timeout
+    assert {e.policy for e in finished} == {"retry", "circuit_breaker", "timeout", "bulkhead"}
+    assert not any("total_timeout" in e.name for e in finished)
+    assert [type(e) for e in retries] == [RetryScheduled]

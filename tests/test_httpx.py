@@ -901,3 +901,14 @@ async def test_listeners_can_choose_their_events() -> None:
     assert {e.policy for e in finished} == {"retry", "circuit_breaker", "timeout", "bulkhead"}
     assert not any("total_timeout" in e.name for e in finished)
     assert [type(e) for e in retries] == [RetryScheduled]
+
+
+async def test_retry_after_beyond_the_default_budget_is_not_waited_for() -> None:
+    """With the defaults, a ``Retry-After: 30`` (beyond the 15 s budget) ends retrying at once."""
+    clock = FakeClock(autojump=True)
+    upstream = Upstream(429, 200, headers={"Retry-After": "30"})
+    async with make_client(upstream, clock) as client:
+        response = await client.get("/")
+    assert response.status_code == 429
+    assert clock.slept == []
+    assert upstream.hits == 1

@@ -3,7 +3,9 @@
 Run: ``python benchmarks/telemetry.py [--quick]``; writes ``benchmarks/TELEMETRY.md``.
 The protected call goes through a closed ``CircuitBreaker`` and a ``Pipeline`` of Retry,
 CircuitBreaker and Timeout, each measured without a ``Telemetry`` listener, with one on the
-API's no-op providers (no SDK configured), and with the SDK (an in-memory metric reader).
+API's no-op providers (no SDK configured), on the global providers with no SDK set, with the
+SDK (an in-memory metric reader), and with the SDK but ``call_metrics=False``. Unused
+telemetry should cost nothing: the no-SDK rows should match "no telemetry".
 """
 
 from __future__ import annotations
@@ -49,15 +51,19 @@ async def run(settings: Settings) -> str:
     api_only = Telemetry(
         meter_provider=metrics.NoOpMeterProvider(), tracer_provider=trace.NoOpTracerProvider()
     )
-    sdk = Telemetry(
-        meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
-        tracer_provider=TracerProvider(),
+    global_only = Telemetry()  # the global proxies, no SDK set
+    sdk_meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    sdk = Telemetry(meter_provider=sdk_meters, tracer_provider=TracerProvider())
+    sdk_quiet = Telemetry(
+        meter_provider=sdk_meters, tracer_provider=TracerProvider(), call_metrics=False
     )
     cases = [
         Case("bare", "await ok()", "python", ok_loop(ok)),
         *build("no telemetry", None),
-        *build("API only (no SDK)", api_only),
+        *build("API only (no-op providers)", api_only),
+        *build("API only (global, no SDK set)", global_only),
         *build("SDK (in-memory reader)", sdk),
+        *build("SDK, call_metrics=False", sdk_quiet),
     ]
     results = await measure(cases, settings)
     lines = [
@@ -65,6 +71,10 @@ async def run(settings: Settings) -> str:
         "",
         f"Python {platform.python_version()}, {settings.rounds} interleaved rounds; "
         "ns per call, median (min).",
+        "",
+        "Without an SDK (the API's no-op providers, or the global proxies with no SDK set) and "
+        "with `call_metrics=False`, a policy does not time its calls: those rows should match "
+        "`no telemetry` (differences are noise).",
         "",
         "| case | telemetry | ns/call | added vs none |",
         "| --- | --- | ---: | ---: |",

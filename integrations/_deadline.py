@@ -103,3 +103,22 @@ def format_budget(seconds: float) -> str:
     if seconds <= 0:
         return "0"
     return str(int(seconds * 1000.0))
+
+
+def check_deadline_header(value: object) -> str | None:
+    """A deadline header name, or ``None`` (the adapters' ``deadline_header=``)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise TypeError(f"deadline_header must be a header name or None, got {value!r}")
+    return value
+
+
+DISTRIBUTION = "resilience"
+"""The distribution to install extras from (``pip install 'resilience[httpx]'``)."""
+
+
+def missing_extra(module: str, extra: str) -> str:
+    """The message of an adapter imported without its optional dependency."""
+    return (
+        f"resilience.integrations.{module} needs the {extra!r} extra: "
+        f"pip install '{DISTRIBUTION}[{extra}]'"
+    )

@@ -11,35 +11,49 @@ A rejected request gets ``429`` (rate limit) or ``503`` (bulkhead full), both wi
 started, and otherwise the exception goes up to the server, which aborts the connection (a
 second response can never be sent). WebSocket and lifespan scopes pass straight through.
 
-The caller's budget, ``x-deadline-ms: <milliseconds>``, becomes the request's deadline: a
-spent budget is answered ``504`` without calling the app, the app is cut off when the
-budget runs out, and ``ResilientTransport`` forwards what is left downstream.
+Each request's deadline is the sooner of the caller's budget (``x-deadline-ms``) and the
+route's ``timeout``; ``ResilientTransport`` forwards what is left downstream. A spent budget
+is answered ``504`` without calling the app. The caller's budget cuts the app off only with
+``enforce_deadline=True``, and never once the response has started: a client cannot cancel
+work the service has committed to (background tasks run after the response, with no
+deadline).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from resilience import (
-    Bulkhead,
     BulkheadFullError,
     Clock,
     Listener,
     Pipeline,
-    Policy,
     RateLimitedError,
-    RateLimiter,
     ResilienceTimeoutError,
     Store,
-    Timeout,
+)
+from resilience.policy import (
+    check_bool,
+    check_fleet_name,
+    check_int,
+    check_name,
+    check_seconds,
 )
 
-from ._deadline import DEADLINE_HEADER, MAX_BUDGET, deadline, parse_budget, remaining
+from ._deadline import (
+    DEADLINE_HEADER,
+    MAX_BUDGET,
+    _deadline,
+    check_deadline_header,
+    deadline,
+    parse_budget,
+    remaining,
+)
+from ._policies import limits as build_limits
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -63,6 +77,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _ROUTE_OPTIONS = frozenset({"max_concurrent", "max_waiting", "max_wait", "rate", "per", "burst"})
 _ROUTE_OPTIONS |= {"timeout", "retry_after"}
 _CACHE_SIZE = 1024
+DEFAULT_NAME = "asgi"
+
+LEASE = 30.0
+"""A fleet-wide permit's lease without a ``timeout`` (renewed every half lease while the
+request runs; how long a dead replica's permit stays taken)."""
+LEASE_MARGIN = 5.0
+"""With a ``timeout``, a permit's lease is ``timeout + LEASE_MARGIN`` seconds: it outlives
+the longest request it covers without a renewal."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,35 +128,22 @@ class _Route:
     ) -> None:
         self.timeout = limits.timeout
         self.retry_after = limits.retry_after
-        shared: dict[str, Any] = {"clock": clock, "listeners": listeners}
-        policies: list[Policy] = []
-        if limits.rate is not None:
-            policies.append(
-                RateLimiter(
-                    limits.rate,
-                    per=limits.per,
-                    burst=limits.burst,
-                    name=name,
-                    **shared,
-                    **_store_for(RateLimiter, store),
-                )
-            )
-        if limits.timeout is not None:
-            policies.append(Timeout(limits.timeout, name=name, **shared))
-        if limits.max_concurrent is not None:
-            fleet = store is not None and not limits.max_waiting
-            policies.append(
-                Bulkhead(
-                    limits.max_concurrent,
-                    max_waiting=limits.max_waiting,
-                    max_wait=limits.max_wait,
-                    name=name,
-                    **shared,
-                    # fleet-wide with a store; a waiting queue stays per process
-                    distributed=fleet,
-                    store=store if fleet else None,
-                )
-            )
+        policies = build_limits(
+            name,
+            rate=limits.rate,
+            per=limits.per,
+            burst=limits.burst,
+            timeout=limits.timeout,
+            max_concurrent=limits.max_concurrent,
+            max_waiting=limits.max_waiting,
+            max_wait=limits.max_wait,
+            store=store,
+            clock=clock,
+            listeners=listeners,
+            # fleet-wide with a store; a waiting queue stays per process
+            fleet_bulkhead=not limits.max_waiting,
+            lease=_lease(limits.timeout),
+        )
 
         async def run_app(
             scope: Scope, receive: Receive, send: Send, raised: list[BaseException]
@@ -150,26 +159,27 @@ class _Route:
         )
 
 
-def _store_for(policy: type, store: Store | None) -> dict[str, Any]:
-    """``{"store": store}`` if the policy accepts a store (fleet-wide limits), else ``{}``."""
-    if store is None:
-        return {}
-    if "store" in inspect.signature(policy).parameters:
-        return {"store": store}
-    return {}
+def _lease(timeout: float | None) -> float:
+    """A fleet-wide permit's lease: longer than the longest request it covers, if bounded."""
+    return LEASE if timeout is None else max(LEASE, timeout + LEASE_MARGIN)
 
 
-def _check_seconds(what: str, value: object, *, none: bool = False) -> None:
-    if value is None and none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite or value <= 0:
-        raise ValueError(f"{what} must be finite and > 0, got {value!r}")
+def _check_limits(where: str, limits: _Limits, given: Iterable[str] = _ROUTE_OPTIONS) -> None:
+    """What the policies cannot see: queue options that do nothing without a bulkhead.
+
+    ``given``: the options set here (an override may switch the bulkhead off and leave the
+    queue options it inherits unused).
+    """
+    check_int(f"{where}max_waiting", limits.max_waiting, minimum=0)
+    check_seconds(f"{where}max_wait", limits.max_wait, none=True, zero=True)
+    queue = {"max_waiting", "max_wait"} & set(given)
+    waiting = limits.max_waiting if "max_waiting" in queue else 0
+    wait = limits.max_wait if "max_wait" in queue else None
+    if limits.max_concurrent is None and (waiting or wait is not None):
+        raise ValueError(
+            f"{where}max_waiting={limits.max_waiting!r} and {where}max_wait="
+            f"{limits.max_wait!r} need max_concurrent (there is no queue without a bulkhead)"
+        )
 
 
 def _check_pattern(what: str, pattern: object) -> str:
@@ -218,18 +228,20 @@ class ResilienceMiddleware:
     * ``rate`` requests per ``per`` seconds (bursts of ``burst``); others get ``429`` with
       ``Retry-After`` saying when a slot frees up.
     * ``timeout`` seconds per request: ``504`` if the response has not started, else the
-      connection is aborted.
+      connection is aborted. It is also the request's deadline, forwarded downstream.
     * ``exclude``: paths passed straight to the app, untouched (health checks).
     * ``overrides``: ``{path: {option: value}}``; each is a compartment of its own (its own
       slots and bucket), inheriting the options it does not set; the longest match wins.
       A path ``/a`` covers ``/a`` and ``/a/...``; ``/a/`` covers everything below ``/a/``.
     * ``deadline_header`` (``None``: ignore deadlines): the caller's remaining budget in
-      milliseconds, capped at ``max_deadline`` seconds; ``enforce_deadline`` also cuts the
-      app off (``504``) when the budget runs out.
+      milliseconds, capped at ``max_deadline`` seconds. It shortens the request's deadline
+      (what is forwarded downstream); with ``enforce_deadline=True`` it also cuts the app
+      off (``504``) if the budget runs out before the response starts, never after.
     * ``store`` makes the limits fleet-wide: the rate limiter shares one bucket, and the
       bulkhead (unless it has a waiting queue, which stays per process) takes a fleet-wide
       lease per request (one store round trip to take it, one to return it); ``clock`` and
-      ``listeners`` go to every policy; ``name`` prefixes the policies' names.
+      ``listeners`` go to every policy; ``name`` prefixes the policies' names, and must be
+      given (a name of this service) when ``store`` is shared with other processes.
     """
 
     def __init__(
@@ -248,31 +260,30 @@ class ResilienceMiddleware:
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
         deadline_header: str | None = DEADLINE_HEADER,
         max_deadline: float = MAX_BUDGET,
-        enforce_deadline: bool = True,
+        enforce_deadline: bool = False,
         store: Store | None = None,
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
-        name: str = "asgi",
+        name: str = DEFAULT_NAME,
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be an ASGI application, got {app!r}")
-        _check_seconds("timeout", timeout, none=True)
-        _check_seconds("retry_after", retry_after)
-        _check_seconds("max_deadline", max_deadline)
-        if deadline_header is not None and (
-            not isinstance(deadline_header, str) or not deadline_header
-        ):
-            raise TypeError(
-                f"deadline_header must be a header name or None, got {deadline_header!r}"
-            )
+        check_seconds("timeout", timeout, none=True)
+        check_seconds("retry_after", retry_after)
+        check_seconds("max_deadline", max_deadline)
+        check_deadline_header(deadline_header)
+        self.enforce_deadline = check_bool("enforce_deadline", enforce_deadline)
         if isinstance(exclude, str):
             raise TypeError(f"exclude must be a collection of paths, not one str: {exclude!r}")
+        if store is not None and not isinstance(store, Store):
+            raise TypeError(f"store must be a resilience Store or None, got {store!r}")
+        check_name(name)
+        check_fleet_name("ResilienceMiddleware(store=...)", name, DEFAULT_NAME, store)
         listeners = tuple(listeners)
         self.app = app
         self.exclude: tuple[str, ...] = tuple(_check_pattern("exclude", p) for p in exclude)
         self._header = None if deadline_header is None else deadline_header.lower().encode()
         self.max_deadline = float(max_deadline)
-        self.enforce_deadline = bool(enforce_deadline)
         base = _Limits(
             max_concurrent=max_concurrent,
             max_waiting=max_waiting,
@@ -283,6 +294,7 @@ class ResilienceMiddleware:
             timeout=timeout,
             retry_after=float(retry_after),
         )
+        _check_limits("", base)
         self._default = _Route(app, base, name, store, clock, listeners)
         self._overrides: list[tuple[str, _Route]] = []
         if overrides is not None and not isinstance(overrides, Mapping):
@@ -297,10 +309,12 @@ class ResilienceMiddleware:
                     f"overrides[{path!r}] has unknown options {sorted(unknown)}; "
                     f"known: {sorted(_ROUTE_OPTIONS)}"
                 )
-            _check_seconds(f"overrides[{path!r}]['timeout']", options.get("timeout"), none=True)
+            where = f"overrides[{path!r}]."
+            check_seconds(f"{where}timeout", options.get("timeout"), none=True)
             if "retry_after" in options:
-                _check_seconds(f"overrides[{path!r}]['retry_after']", options["retry_after"])
+                check_seconds(f"{where}retry_after", options["retry_after"])
             limits = replace(base, **options)
+            _check_limits(where, limits, options)
             route = _Route(app, limits, f"{name}:{path}", store, clock, listeners)
             self._overrides.append((path, route))
         self._overrides.sort(key=lambda item: len(item[0]), reverse=True)
@@ -346,29 +360,41 @@ class ResilienceMiddleware:
             await self.app(scope, receive, send)
             return
         budget = self._budget(scope)
+        timeout = route.timeout
         if budget is None:
-            if route.protected is None:
-                await self.app(scope, receive, send)
+            if timeout is None:
+                if route.protected is None:
+                    await self.app(scope, receive, send)
+                else:
+                    await self._run(route, scope, receive, send)
                 return
-            if route.timeout is None:
-                await self._run(route, scope, receive, send)
-                return
-            await self._run_timed(route, scope, receive, send, None)
-            return
-        if budget <= 0:
+            seconds = timeout
+        elif budget <= 0:
             await _answer(send, 504, _SPENT, None)
             return
-        with deadline(budget) as at:
-            # the deadline cuts the app off only when it comes before the route's timeout
-            cut: float | None = at
-            if not self.enforce_deadline or (route.timeout is not None and budget >= route.timeout):
-                cut = None
-            if cut is None and route.protected is None:
-                await self.app(scope, receive, send)
-            elif cut is None and route.timeout is None:
-                await self._run(route, scope, receive, send)
-            else:
-                await self._run_timed(route, scope, receive, send, cut)
+        else:
+            seconds = budget if timeout is None else min(budget, timeout)
+        # the request's deadline, forwarded downstream: the sooner of the caller's budget
+        # and our own timeout
+        # (set directly, not with ``deadline()``: this runs on every request)
+        at = asyncio.get_running_loop().time() + seconds
+        outer = _deadline.get()
+        if outer is not None and outer < at:
+            at = outer
+        token = _deadline.set(at)
+        try:
+            # the caller's budget cuts the app off only when enforced, and only if it comes
+            # before our own timeout (which the Timeout policy enforces)
+            cut = None
+            if (
+                self.enforce_deadline
+                and budget is not None
+                and (timeout is None or budget < timeout)
+            ):
+                cut = at
+            await self._run_timed(route, scope, receive, send, cut)
+        finally:
+            _deadline.reset(token)
 
     async def _run(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
         """Rejections only: nothing of the app can have started when one is raised."""
@@ -384,21 +410,33 @@ class ResilienceMiddleware:
     async def _run_timed(
         self, route: _Route, scope: Scope, receive: Receive, send: Send, at: float | None
     ) -> None:
-        """With a timeout or a deadline: track whether the response has started."""
+        """Under a deadline: track whether the response has started, and when it has ended.
+
+        Once the response has started the caller's deadline no longer cuts the app off; once
+        its last body message is sent the request's deadline is lifted for what the app still
+        runs (background tasks), so its outgoing calls are not cut either.
+        """
         response_started = False
+        budget = None if at is None else asyncio.timeout_at(at)
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 response_started = True
+                if budget is not None:
+                    budget.reschedule(None)  # committed: the caller's deadline no longer cuts
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                _deadline.set(None)  # the response is complete: what follows has no deadline
             await send(message)
 
         raised: list[BaseException] = []
-        budget = None if at is None else asyncio.timeout_at(at)
         try:
             if budget is None:
-                assert route.protected is not None
-                await route.protected(scope, receive, tracking_send, raised)
+                if route.protected is None:
+                    await self.app(scope, receive, tracking_send)
+                else:
+                    await route.protected(scope, receive, tracking_send, raised)
             else:
                 async with budget:
                     if route.protected is None:

@@ -28,16 +28,29 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import inspect
 import math
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import httpx
+from ._deadline import (
+    DEADLINE_HEADER,
+    _deadline,
+    check_deadline_header,
+    deadline,
+    format_budget,
+    missing_extra,
+    remaining,
+)
+from ._policies import limits
+
+try:
+    import httpx
+except ImportError as exc:  # pragma: no cover - tested in a fresh interpreter
+    raise ImportError(missing_extra("httpx", "httpx")) from exc
 from tenacity import RetryCallState
 
 from resilience import (
@@ -45,29 +58,31 @@ from resilience import (
     BulkheadFullError,
     CircuitBreaker,
     CircuitOpenError,
+    CircuitState,
     Clock,
     CountWindow,
     Listener,
     Pipeline,
     Policy,
     RateLimitedError,
-    RateLimiter,
     RejectedError,
+    ResilienceError,
     ResilienceTimeoutError,
     Retry,
     RetryBudget,
     Store,
-    SystemClock,
+    TimedOut,
     Timeout,
     TimeWindow,
+    select,
 )
-
-from ._deadline import DEADLINE_HEADER, _deadline, deadline, format_budget, remaining
+from resilience.policy import check_bool, check_int, check_seconds
 
 __all__ = [
     "DEADLINE_HEADER",
     "FAILURE_STATUSES",
     "IDEMPOTENT_METHODS",
+    "MAX_RETRY_AFTER",
     "AttemptTimeout",
     "BulkheadFull",
     "CircuitOpen",
@@ -100,9 +115,29 @@ _EXTENSION_KEYS = frozenset({"retry", "deadline"})
 
 
 # --- exceptions: core errors that are also httpx transport errors ---------------------------
+#
+# Each adapter error is its core error mixed with an httpx error. The core errors' constructors
+# only set attributes (``args`` comes from ``BaseException.__new__``), so the core constructor
+# runs as it is and httpx's public ``request`` setter attaches the request.
 
 
-class CircuitOpen(CircuitOpenError, httpx.TransportError):
+class _HttpxError(httpx.HTTPError):
+    """What the adapter errors add to their core error: the request, as httpx sets it."""
+
+    def _attach(self, request: httpx.Request | None) -> None:
+        if request is not None:
+            self.request = request
+
+    @classmethod
+    def _from(cls, core: Exception, request: httpx.Request) -> Exception:
+        """This flavour of the core error ``core``: the same arguments and attributes."""
+        error = cls.__new__(cls, *core.args)
+        error.__dict__.update(core.__dict__)
+        error.request = request
+        return error
+
+
+class CircuitOpen(CircuitOpenError, httpx.TransportError, _HttpxError):
     """The origin's circuit breaker is open: the request was not sent."""
 
     def __init__(
@@ -114,95 +149,99 @@ class CircuitOpen(CircuitOpenError, httpx.TransportError):
         request: httpx.Request | None = None,
     ) -> None:
         CircuitOpenError.__init__(self, name, state, retry_after)
-        self._request = request
+        self._attach(request)
 
 
-class BulkheadFull(BulkheadFullError, httpx.TransportError):
+class BulkheadFull(BulkheadFullError, httpx.TransportError, _HttpxError):
     """Too many requests to this origin were in flight: the request was not sent."""
 
     def __init__(
         self, name: str, max_concurrent: int, *, request: httpx.Request | None = None
     ) -> None:
-        Exception.__init__(self, name, max_concurrent)
-        self.name = name
-        self.max_concurrent = max_concurrent
-        self.retry_after = None
-        self._request = request
+        BulkheadFullError.__init__(self, name, max_concurrent)
+        self._attach(request)
 
 
-class RateLimited(RateLimitedError, httpx.TransportError):
+class RateLimited(RateLimitedError, httpx.TransportError, _HttpxError):
     """The client-side rate limit for this origin was reached: the request was not sent."""
 
     def __init__(
         self, name: str, retry_after: float, *, request: httpx.Request | None = None
     ) -> None:
-        Exception.__init__(self, name, retry_after)
-        self.name = name
-        self.retry_after = retry_after
-        self._request = request
+        RateLimitedError.__init__(self, name, retry_after)
+        self._attach(request)
 
 
-class Rejected(RejectedError, httpx.TransportError):
+class Rejected(RejectedError, httpx.TransportError, _HttpxError):
     """Another policy rejected the request (one added by a custom pipeline)."""
 
     def __init__(
         self, name: str, retry_after: float | None, *, request: httpx.Request | None = None
     ) -> None:
-        Exception.__init__(self, name, retry_after)
-        self.name = name
-        self.retry_after = retry_after
-        self._request = request
+        RejectedError.__init__(self, name, retry_after)
+        self._attach(request)
 
 
-class AttemptTimeout(ResilienceTimeoutError, httpx.TimeoutException):
+class AttemptTimeout(ResilienceTimeoutError, httpx.TimeoutException, _HttpxError):
     """An attempt took longer than the policy's ``timeout`` (and no retry was left)."""
 
     def __init__(self, name: str, seconds: float, *, request: httpx.Request | None = None) -> None:
         ResilienceTimeoutError.__init__(self, name, seconds)
-        self._request = request
+        self._attach(request)
 
 
-class DeadlineExceeded(ResilienceTimeoutError, httpx.TimeoutException):
-    """The caller's deadline (``x-deadline-ms`` or ``deadline()``) ran out."""
+class DeadlineExceeded(ResilienceTimeoutError, httpx.TimeoutException, _HttpxError):
+    """The request's deadline (``x-deadline-ms``, ``deadline()`` or ``total_timeout``) ran out."""
 
     def __init__(self, name: str, seconds: float, *, request: httpx.Request | None = None) -> None:
         ResilienceTimeoutError.__init__(self, name, seconds)
-        self._request = request
+        self._attach(request)
 
     def __str__(self) -> str:
         return f"deadline exceeded for {self.name!r}"
 
 
+# The one table from core errors to their httpx flavour, most specific first (as httpx maps
+# httpcore's errors in ``map_httpcore_exceptions``).
+_ERRORS: tuple[tuple[type[ResilienceError], type[_HttpxError]], ...] = (
+    (CircuitOpenError, CircuitOpen),
+    (BulkheadFullError, BulkheadFull),
+    (RateLimitedError, RateLimited),
+    (RejectedError, Rejected),
+    (ResilienceTimeoutError, AttemptTimeout),
+)
+
+
 def _translate(exc: Exception, request: httpx.Request) -> Exception:
     """The httpx flavour of a core error (``exc`` itself if it has none)."""
-    new: Exception
     if isinstance(exc, httpx.HTTPError):  # an httpx error already (DeadlineExceeded included)
         return exc
-    if isinstance(exc, CircuitOpenError):
-        new = CircuitOpen(exc.name, exc.state, exc.retry_after, request=request)
-    elif isinstance(exc, BulkheadFullError):
-        new = BulkheadFull(exc.name, exc.max_concurrent, request=request)
-    elif isinstance(exc, RateLimitedError):
-        new = RateLimited(exc.name, exc.retry_after or 0.0, request=request)
-    elif isinstance(exc, RejectedError):
-        new = Rejected(exc.name, exc.retry_after, request=request)
-    elif isinstance(exc, ResilienceTimeoutError):
-        new = AttemptTimeout(exc.name, exc.seconds, request=request)
-    else:
-        return exc
-    return new
+    for core, flavour in _ERRORS:
+        if isinstance(exc, core):
+            return flavour._from(exc, request)
+    return exc
 
 
 # --- the template -------------------------------------------------------------------------
 
+FALLBACK_ON = frozenset({"rejections", "failures", "both"})
+"""The values of ``HttpPolicy.fallback_on``."""
 
-def _check_number(what: str, value: object, *, zero: bool = False, none: bool = False) -> None:
-    if value is None and none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{what} must be finite and {'>= 0' if zero else '> 0'}, got {value!r}")
+TOTAL_TIMEOUT_FACTOR = 1.5
+"""The default ``total_timeout`` is this many times ``timeout`` (15 s for the default 10 s)."""
+
+
+class _Auto(float):
+    """The default ``total_timeout``: worked out from ``timeout`` when the policy is made."""
+
+    def __repr__(self) -> str:
+        return "<timeout x 1.5>"
+
+
+_AUTO_TOTAL = _Auto(-1.0)
+
+MAX_RETRY_AFTER = 86_400.0
+"""``parse_retry_after`` never returns more than this many seconds (one day)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,25 +250,34 @@ class HttpPolicy:
 
     Retry: ``attempts`` (the first included; 1 turns retry off), backoff ``wait`` (a tenacity
     wait strategy; default: exponential from 0.1 s, capped at 5 s, with jitter), a
-    ``Retry-After`` header on a failing response replaces the backoff, capped at
-    ``retry_after_max`` seconds. Only ``retry_methods`` are retried; a retried request with
-    another method gets an ``idempotency_header`` (a fresh UUID, the same on every attempt)
-    unless it has one already (``None``: add nothing). ``retry_budget`` (a ``RetryBudget``)
-    caps retries gRPC-style across every request sharing it (fleet-wide with a store).
+    ``Retry-After`` header on a failing response replaces the backoff; ``retry_after_max``
+    caps the time one request spends waiting on ``Retry-After`` headers, all retries together
+    (a header asking for more than is left ends retrying). Only ``retry_methods`` are retried;
+    a retried request with another method gets an ``idempotency_header`` (a fresh UUID, the
+    same on every attempt) unless it has one already (``None``: add nothing).
+    ``retry_budget`` (a ``RetryBudget``) caps retries gRPC-style across every request sharing
+    it (fleet-wide with a store).
+
+    ``total_timeout``: the most one request may take, every attempt, backoff and
+    ``Retry-After`` wait included (``None``: no overall limit; by default 1.5 times
+    ``timeout``, so 15 s, and no limit when ``timeout`` is ``None``). It is the request's
+    deadline (a caller's sooner deadline wins), so it is also what ``x-deadline-ms`` forwards.
+    ``timeout`` limits each attempt, up to the response headers (``None``: no limit).
 
     Failures: transport errors, attempt timeouts and responses whose status is in
     ``failure_statuses``. Circuit breaker (``circuit_breaker=False`` removes it):
     ``failure_ratio``, ``minimum_calls``, ``window``, ``open_for``, ``open_for_max``,
     ``half_open_calls``, as for ``CircuitBreaker``. Rate limiter when ``rate`` is set (``rate``
-    requests per ``per`` seconds, bursts of ``burst``). ``timeout`` limits each attempt, up to
-    the response headers (``None``: no limit). Bulkhead when ``max_concurrent`` is set
-    (``max_waiting``, ``max_wait`` as for ``Bulkhead``).
+    requests per ``per`` seconds, bursts of ``burst``). Bulkhead when ``max_concurrent`` is
+    set (``max_waiting``, ``max_wait`` as for ``Bulkhead``).
 
-    ``fallback(request, error)``, an async function, answers instead of raising when the
-    request fails with an exception. Breakers live in ``store`` (breakers with the same origin
-    and store share state; ``RedisStore`` shares them across replicas), and so does the rate
-    limiter where the core ``RateLimiter`` takes a store. ``clock`` and ``listeners`` go to
-    every policy.
+    ``fallback(request, error)``, an async function, answers instead of the transport:
+    ``fallback_on="rejections"`` when the request was not sent (open breaker, full bulkhead,
+    rate limit), ``"failures"`` when it was sent and failed (an exception, or a failing status
+    once attempts ran out: ``error`` is then an ``httpx.HTTPStatusError``), ``"both"``.
+    Breakers live in ``store`` (breakers with the same origin and store share state;
+    ``RedisStore`` shares them across replicas), and so does the rate limiter. ``clock`` and
+    ``listeners`` go to every policy.
     """
 
     attempts: int = 3
@@ -250,15 +298,19 @@ class HttpPolicy:
     per: float = 1.0
     burst: int | None = None
     timeout: float | None = 10.0
+    total_timeout: float | None = _AUTO_TOTAL
     max_concurrent: int | None = None
     max_waiting: int = 0
     max_wait: float | None = None
     fallback: FallbackHandler | None = None
+    fallback_on: str = "both"
     store: Store | None = None
     clock: Clock | None = None
     listeners: tuple[Listener, ...] = ()
 
     def __post_init__(self) -> None:
+        check_int("attempts", self.attempts)
+        check_bool("circuit_breaker", self.circuit_breaker)
         if isinstance(self.retry_methods, str) or not isinstance(self.retry_methods, Collection):
             raise TypeError(
                 f"retry_methods must be a collection of str, got {self.retry_methods!r}"
@@ -269,7 +321,9 @@ class HttpPolicy:
                 raise TypeError(f"retry_methods must hold method names, got {m!r}")
             methods.add(m.upper())
         object.__setattr__(self, "retry_methods", frozenset(methods))
-        if not isinstance(self.failure_statuses, Collection):
+        if isinstance(self.failure_statuses, str) or not isinstance(
+            self.failure_statuses, Collection
+        ):
             raise TypeError(
                 f"failure_statuses must be a collection of int, got {self.failure_statuses!r}"
             )
@@ -277,7 +331,17 @@ class HttpPolicy:
             if isinstance(s, bool) or not isinstance(s, int) or not 100 <= s <= 599:
                 raise ValueError(f"failure_statuses must hold HTTP statuses (100-599), got {s!r}")
         object.__setattr__(self, "failure_statuses", frozenset(self.failure_statuses))
-        _check_number("retry_after_max", self.retry_after_max, zero=True)
+        check_seconds("retry_after_max", self.retry_after_max, zero=True)
+        attempt = check_seconds("timeout", self.timeout, none=True)
+        if self.total_timeout is _AUTO_TOTAL:
+            derived = None if attempt is None else attempt * TOTAL_TIMEOUT_FACTOR
+            object.__setattr__(self, "total_timeout", derived)
+        total = check_seconds("total_timeout", self.total_timeout, none=True)
+        if total is not None and attempt is not None and attempt > total:
+            raise ValueError(
+                f"timeout ({attempt:g}s per attempt) must not exceed total_timeout "
+                f"({total:g}s for the whole request): the attempt timeout could never expire"
+            )
         if self.idempotency_header is not None and (
             not isinstance(self.idempotency_header, str) or not self.idempotency_header
         ):
@@ -286,8 +350,14 @@ class HttpPolicy:
             )
         if self.fallback is not None and not callable(self.fallback):
             raise TypeError(f"fallback must be an async function or None, got {self.fallback!r}")
+        if not isinstance(self.fallback_on, str) or self.fallback_on not in FALLBACK_ON:
+            raise ValueError(
+                f"fallback_on must be one of {sorted(FALLBACK_ON)}, got {self.fallback_on!r}"
+            )
         if self.store is not None and not isinstance(self.store, Store):
             raise TypeError(f"store must be a resilience Store or None, got {self.store!r}")
+        if isinstance(self.listeners, (str, bytes)):
+            raise TypeError(f"listeners must be a collection of callables, got {self.listeners!r}")
         if not isinstance(self.listeners, tuple):
             object.__setattr__(self, "listeners", tuple(self.listeners))
         # the policies validate everything else, with their own clear errors (built without
@@ -306,55 +376,40 @@ class _FailedResponse(Exception):
         self.response = response
 
 
-# the responses of the current request that a retry will discard
-_discard: ContextVar[list[httpx.Response] | None] = ContextVar(
-    "resilience.httpx.discard", default=None
-)
+async def _close_discarded(state: RetryCallState) -> None:
+    """Retry's ``before_sleep``: close the responses a retry is about to throw away.
 
-
-class _ClosingClock:
-    """The Retry's clock: before each backoff sleep, close the responses being discarded.
-
-    Retry sleeps only when it has decided to call again, so this is exactly when a failed
-    response is known to be thrown away; closing it then frees its connection during the wait.
+    Retry calls it only once it has decided to call again, so this is exactly when a failed
+    response is known to be discarded; closing it then frees its connection during the wait.
+    The attempt's second argument is the request's list of discarded responses.
     """
-
-    __slots__ = ("_clock",)
-
-    def __init__(self, clock: Clock) -> None:
-        self._clock = clock
-
-    def monotonic(self) -> float:
-        return self._clock.monotonic()
-
-    def call_later(self, delay: float, callback: Callable[[], object]) -> Any:
-        return self._clock.call_later(delay, callback)
-
-    async def sleep(self, seconds: float) -> None:
-        pending = _discard.get()
-        while pending:
-            await pending.pop().aclose()
-        await self._clock.sleep(seconds)
+    discard: list[httpx.Response] = state.args[1]
+    while discard:
+        await discard.pop().aclose()
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` value (delay-seconds or HTTP-date), or ``None``.
 
-    A date in the past gives 0; anything unparsable gives ``None``.
+    Never raises: a date in the past gives 0, anything unparsable (or out of any calendar)
+    gives ``None``, and a wait longer than ``MAX_RETRY_AFTER`` is cut to it.
     """
-    if value is None:
+    if not isinstance(value, str):
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
+        return min(float(value), MAX_RETRY_AFTER) if len(value) < 16 else MAX_RETRY_AFTER
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+            when = when.replace(tzinfo=UTC)
+        now = datetime.now(UTC) if now is None else now
+        seconds = (when - now).total_seconds()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:  # "-0000": UTC by RFC 5322
-        when = when.replace(tzinfo=UTC)
-    now = datetime.now(UTC) if now is None else now
-    return max(0.0, (when - now).total_seconds())
+    if not math.isfinite(seconds):  # pragma: no cover - timedelta is always finite
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def _is_failure(exc: Exception) -> bool:
@@ -369,22 +424,34 @@ def _not_failure(exc: Exception) -> bool:
 
 
 def _retry_wait(base: WaitStrategy, cap: float) -> WaitStrategy:
+    """The backoff, or the failing response's ``Retry-After`` within what is left of ``cap``.
+
+    A ``Retry-After`` asking for more than is left of ``cap`` (the request's total
+    ``Retry-After`` allowance) gives an infinite wait, which ``_stop`` turns into "no retry".
+    """
+
     def wait(state: RetryCallState) -> float:
         outcome = state.outcome
         error = outcome.exception() if outcome is not None else None
         if isinstance(error, _FailedResponse):
             after = parse_retry_after(error.response.headers.get("retry-after"))
             if after is not None:
-                return min(after, cap)
+                left = cap - state.idle_for
+                if after <= left:
+                    return after
+                return left if left > 0 else math.inf
         return base(state)
 
     return wait
 
 
-def _within_deadline(state: RetryCallState) -> bool:
-    """Stop retrying when the next sleep would outlast the caller's deadline."""
+def _stop(state: RetryCallState) -> bool:
+    """Stop retrying when the wait is refused, or would outlast the request's deadline."""
+    upcoming = state.upcoming_sleep or 0.0
+    if upcoming == math.inf:
+        return True
     left = remaining()
-    return left is not None and (state.upcoming_sleep or 0.0) >= left
+    return left is not None and upcoming >= left
 
 
 _default_wait: list[WaitStrategy] = []
@@ -412,13 +479,14 @@ def _build_policies(
     base = _backoff(policy.wait)
     if policy.attempts != 1:
         retry = Retry(
-            on=_is_retryable,
+            on=_is_failure,
             attempts=policy.attempts,
             wait=_retry_wait(base, policy.retry_after_max),
-            stop=_within_deadline,
+            stop=_stop,
             budget=policy.retry_budget,
+            before_sleep=_close_discarded,
             name=name,
-            clock=_ClosingClock(SystemClock() if clock is None else clock),
+            clock=clock,
             listeners=listeners,
         )
     inner: list[Policy] = []
@@ -439,44 +507,20 @@ def _build_policies(
                 listeners=listeners,
             )
         )
-    if policy.rate is not None:
-        inner.append(
-            RateLimiter(
-                policy.rate,
-                per=policy.per,
-                burst=policy.burst,
-                name=name,
-                clock=clock,
-                listeners=listeners,
-                **_store_for(RateLimiter, store),
-            )
-        )
-    if policy.timeout is not None:
-        inner.append(Timeout(policy.timeout, name=name, clock=clock, listeners=listeners))
-    if policy.max_concurrent is not None:
-        inner.append(
-            Bulkhead(
-                policy.max_concurrent,
-                max_waiting=policy.max_waiting,
-                max_wait=policy.max_wait,
-                name=name,
-                clock=clock,
-                listeners=listeners,
-            )
-        )
+    inner += limits(
+        name,
+        rate=policy.rate,
+        per=policy.per,
+        burst=policy.burst,
+        timeout=policy.timeout,
+        max_concurrent=policy.max_concurrent,
+        max_waiting=policy.max_waiting,
+        max_wait=policy.max_wait,
+        store=store,
+        clock=clock,
+        listeners=listeners,
+    )
     return retry, inner
-
-
-def _store_for(policy: type, store: Store | None) -> dict[str, Any]:
-    """``{"store": store}`` if the policy class accepts a store, else ``{}``."""
-    if store is not None and "store" in inspect.signature(policy).parameters:
-        return {"store": store}
-    return {}
-
-
-def _is_retryable(exc: Exception) -> bool:
-    """What Retry calls again: failing statuses, transport errors, attempt timeouts."""
-    return _is_failure(exc)
 
 
 Send = Callable[[httpx.Request, list[httpx.Response]], Awaitable[httpx.Response]]
@@ -503,20 +547,54 @@ def _make_attempt(
     return attempt
 
 
-class _Origin:
-    """The two protected senders of one origin: with retry and without."""
+_KEPT = frozenset({CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.FORCED_OPEN})
 
-    __slots__ = ("name", "once", "policy", "retrying")
+
+class _Origin:
+    """The two protected senders of one origin: with retry and without.
+
+    With a ``total_timeout``, both start with a ``Timeout`` of that many seconds, outside the
+    retry (the overall deadline of DESIGN's composition): one timer per policy, not one per
+    request. Its expiry is reported as ``DeadlineExceeded``.
+    """
+
+    __slots__ = ("breaker", "bulkhead", "name", "once", "policy", "retrying", "total")
 
     def __init__(self, name: str, policy: HttpPolicy, attempt: Send) -> None:
         self.name = name
         self.policy = policy
         retry, inner = _build_policies(policy, name)
-        once: Send = Pipeline(*inner, name=name)(attempt) if inner else attempt
-        self.once = once
+        self.breaker: CircuitBreaker | None = None
+        self.bulkhead: Bulkhead | None = None
+        for p in inner:
+            if isinstance(p, CircuitBreaker):
+                self.breaker = p
+            elif isinstance(p, Bulkhead):
+                self.bulkhead = p
+        outer: list[Policy] = []
+        self.total: str | None = None
+        if policy.total_timeout is not None:
+            self.total = f"{name} (total_timeout)"
+            total = Timeout(
+                policy.total_timeout,
+                name=self.total,
+                clock=policy.clock,
+                # its expiry only: a CallFinished per request would repeat the retry's
+                listeners=[select(listener, events=(TimedOut,)) for listener in policy.listeners],
+            )
+            outer.append(total)
+        chain = [*outer, *inner]
+        self.once: Send = Pipeline(*chain, name=name)(attempt) if chain else attempt
         self.retrying: Send | None = None
         if retry is not None:
-            self.retrying = Pipeline(retry, *inner, name=name)(attempt)
+            self.retrying = Pipeline(*outer, retry, *inner, name=name)(attempt)
+
+    def evictable(self) -> bool:
+        """Whether forgetting this pipeline loses nothing: no open breaker, nothing in flight."""
+        breaker, bulkhead = self.breaker, self.bulkhead
+        if breaker is not None and breaker.state in _KEPT:
+            return False
+        return bulkhead is None or (bulkhead.in_flight == 0 and bulkhead.waiting == 0)
 
 
 def origin_of(request: httpx.Request) -> str:
@@ -536,6 +614,9 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream) or hasattr(request, "_content")
 
 
+_EVICTION_SCAN = 16  # origins looked at per eviction, oldest first
+
+
 class ResilientTransport(httpx.AsyncBaseTransport):
     """An ``httpx.AsyncBaseTransport`` that runs every request through a resilience pipeline.
 
@@ -544,6 +625,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     called once per key. ``key(request)`` names the pipeline (and its breaker) a request uses:
     by default its origin, such as ``https://api.example.com:443``. ``deadline_header`` is sent
     with the remaining budget whenever a deadline is set (``None``: never send it).
+
+    At most ``max_origins`` pipelines are kept, the least recently used forgotten first; an
+    origin whose breaker is open or half-open, or with requests in flight, is never forgotten
+    (so the bound may be passed while more origins than that are failing at once).
 
     Per request, ``extensions={"resilience": {...}}`` accepts ``"retry"`` (``False``: one
     attempt; ``True``: retry even a method outside ``retry_methods``) and ``"deadline"``
@@ -559,6 +644,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         policy: HttpPolicy | Callable[[str], HttpPolicy] | None = None,
         key: Callable[[httpx.Request], str] = origin_of,
         deadline_header: str | None = DEADLINE_HEADER,
+        max_origins: int = 1024,
     ) -> None:
         if transport is None:
             transport = httpx.AsyncHTTPTransport()
@@ -572,17 +658,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             )
         if not callable(key):
             raise TypeError(f"key must be a function (request) -> str, got {key!r}")
-        if deadline_header is not None and (
-            not isinstance(deadline_header, str) or not deadline_header
-        ):
-            raise TypeError(
-                f"deadline_header must be a header name or None, got {deadline_header!r}"
-            )
         self.transport = transport
         self.policy = policy
         self.key = key
-        self.deadline_header = deadline_header
-        self._origins: dict[str, _Origin] = {}
+        self.deadline_header = check_deadline_header(deadline_header)
+        self.max_origins = check_int("max_origins", max_origins)
+        self._origins: OrderedDict[str, _Origin] = OrderedDict()
         self._send = transport.handle_async_request
 
     def __repr__(self) -> str:
@@ -596,19 +677,38 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 raise TypeError(f"the policy function returned {policy!r}, not an HttpPolicy")
         statuses = frozenset(policy.failure_statuses)
         attempt = _make_attempt(self._send, statuses, self.deadline_header)
+        if len(self._origins) >= self.max_origins:
+            self._evict()
         origin = self._origins[key] = _Origin(key, policy, attempt)
         return origin
 
+    def _evict(self) -> None:
+        """Forget the least recently used pipeline that loses nothing by it.
+
+        Looks at a few of the oldest only (constant work per new origin); those kept for an
+        open breaker or requests in flight move to the recent end.
+        """
+        origins = self._origins
+        for _ in range(min(_EVICTION_SCAN, len(origins))):
+            key, oldest = next(iter(origins.items()))
+            if oldest.evictable():
+                del origins[key]
+                return
+            origins.move_to_end(key)
+
     def pipeline_names(self) -> list[str]:
-        """The keys (origins) that have a pipeline so far, sorted."""
+        """The keys (origins) that have a pipeline now, sorted."""
         return sorted(self._origins)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through its origin's pipeline; see the class docstring."""
         key = self.key(request)
-        origin = self._origins.get(key)
+        origins = self._origins
+        origin = origins.get(key)
         if origin is None:
             origin = self._origin(key)
+        else:
+            origins.move_to_end(key)
         policy = origin.policy
         allow_retry: bool | None = None
         budget: float | None = None
@@ -630,29 +730,46 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                     request.headers[header] = str(uuid.uuid4())
 
         discard: list[httpx.Response] = []
-        token = _discard.set(discard) if send is origin.retrying else None
+        total = policy.total_timeout
         try:
-            try:
-                if budget is not None:
-                    with deadline(budget):
-                        return await self._guarded(send, request, discard, key)
-                if _deadline.get() is None:
+            if budget is not None:
+                with deadline(budget):
+                    return await self._guarded(send, request, discard, key)
+            outer = _deadline.get()
+            if total is None:
+                if outer is None:
                     return await send(request, discard)
                 return await self._guarded(send, request, discard, key)
+            at = asyncio.get_running_loop().time() + total
+            if outer is not None and outer <= at:  # the caller's deadline comes first
+                return await self._guarded(send, request, discard, key)
+            # our total_timeout is the deadline: the pipeline's outer Timeout enforces it;
+            # the context variable says it to the retry's stop rule and to the upstream
+            token = _deadline.set(at)
+            try:
+                return await send(request, discard)
             finally:
-                if token is not None:
-                    _discard.reset(token)
+                _deadline.reset(token)
         except _FailedResponse as failed:
             response = failed.response
             for other in discard:
                 if other is not response:
                     await other.aclose()
+            if policy.fallback is not None and policy.fallback_on != "rejections":
+                failure = httpx.HTTPStatusError(
+                    f"{response.status_code} from {key}", request=request, response=response
+                )
+                await response.aclose()
+                return await policy.fallback(request, failure)
             return response
         except Exception as exc:
             for other in discard:
                 await other.aclose()
-            error = _translate(exc, request)
-            if policy.fallback is not None:
+            if isinstance(exc, ResilienceTimeoutError) and exc.name == origin.total:
+                error: Exception = DeadlineExceeded(key, exc.seconds, request=request)
+            else:
+                error = _translate(exc, request)
+            if policy.fallback is not None and _falls_back(policy.fallback_on, error):
                 return await policy.fallback(request, error)
             if error is exc:
                 raise
@@ -692,6 +809,14 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         await self.transport.aclose()
 
 
+def _falls_back(on: str, error: Exception) -> bool:
+    """Whether ``fallback_on`` covers ``error``: a rejection (not sent) or a failure (sent)."""
+    if on == "both":
+        return True
+    rejected = isinstance(error, RejectedError)
+    return rejected if on == "rejections" else not rejected
+
+
 def _overrides(value: object) -> tuple[bool | None, float | None]:
     """Validate ``request.extensions["resilience"]``: ``(retry, deadline)``."""
     if not isinstance(value, Mapping):
@@ -705,8 +830,7 @@ def _overrides(value: object) -> tuple[bool | None, float | None]:
     retry = value.get("retry")
     if retry is not None and not isinstance(retry, bool):
         raise TypeError(f'extensions["resilience"]["retry"] must be a bool, got {retry!r}')
-    budget = value.get("deadline")
-    if budget is not None:
-        _check_number('extensions["resilience"]["deadline"]', budget, zero=True)
-        budget = float(budget)
+    budget = check_seconds(
+        'extensions["resilience"]["deadline"]', value.get("deadline"), none=True, zero=True
+    )
     return retry, budget

@@ -34,6 +34,7 @@ from .events import (
     StoreDegraded,
     StoreRecovered,
     TimedOut,
+    select,
 )
 from .fallback import Fallback, JSONSerializer, Serializer
 from .policy import Pipeline, Policy
@@ -92,6 +93,7 @@ __all__ = [
     "Timeout",
     "UnacceptableResultError",
     "__version__",
+    "select",
     "status",
 ]
 

@@ -15,6 +15,8 @@ from .events import CallRejected, Listener, emit
 from .policy import (
     BasePolicy,
     Protected,
+    check_bool,
+    check_fleet_name,
     check_int,
     check_seconds,
     check_store,
@@ -32,6 +34,61 @@ logger = logging.getLogger("resilience")
 def _expire(fut: asyncio.Future[bool]) -> None:
     if not fut.done():
         fut.set_result(False)
+
+
+class _Renewal:
+    """Keeps one fleet-wide permit alive while its call runs.
+
+    Every half ``lease`` (one timer, no task while nothing is due) a fresh permit is taken
+    with ``limit=max_concurrent + 1`` and the old one returned: only this holder may briefly
+    hold two, every other caller still sees the fleet full at ``max_concurrent``, so the
+    count is never exceeded while holders are alive, however long their calls run. When the
+    renewal finds even that full (another holder renewing at the same moment) or the store
+    cannot answer, the old permit is kept and renewal is tried again after a tenth of the
+    lease.
+    """
+
+    __slots__ = ("bulkhead", "done", "lease", "store", "task", "timer")
+
+    def __init__(self, bulkhead: Bulkhead, store: Store, lease: str) -> None:
+        self.bulkhead = bulkhead
+        self.store = store
+        self.lease = lease
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer = bulkhead._clock.call_later(bulkhead.lease / 2, self._due)
+
+    def _due(self) -> None:
+        if not self.done:
+            self.task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        bulkhead, store = self.bulkhead, self.store
+        delay = bulkhead.lease / 10
+        try:
+            fresh = await store.acquire_lease(
+                bulkhead.name, limit=bulkhead.max_concurrent + 1, ttl=bulkhead.lease
+            )
+        except Exception as exc:  # the old permit lives on until its expiry: try again soon
+            logger.warning("bulkhead %r could not renew a permit: %r", bulkhead.name, exc)
+            fresh = None
+        if fresh is not None:
+            old, self.lease = self.lease, fresh
+            delay = bulkhead.lease / 2
+            try:
+                await store.release_lease(bulkhead.name, old)
+            except Exception as exc:  # it expires by itself
+                logger.warning("bulkhead %r could not return a permit: %r", bulkhead.name, exc)
+        if not self.done:
+            self.timer = bulkhead._clock.call_later(delay, self._due)
+
+    async def give_back(self) -> None:
+        """Stop renewing and return the permit held now (after a renewal under way)."""
+        self.done = True
+        self.timer.cancel()
+        if self.task is not None:
+            await self.task  # _renew raises nothing; it may swap the permit meanwhile
+        await self.bulkhead._release_permit(self.lease)
 
 
 class Bulkhead(BasePolicy):
@@ -71,9 +128,7 @@ class Bulkhead(BasePolicy):
         self.max_concurrent = check_int("max_concurrent", max_concurrent)
         self.max_waiting = check_int("max_waiting", max_waiting, minimum=0)
         self.max_wait: float | None = check_seconds("max_wait", max_wait, none=True, zero=True)
-        if not isinstance(distributed, bool):
-            raise TypeError(f"distributed must be a bool, got {distributed!r}")
-        self.distributed = distributed
+        self.distributed = check_bool("distributed", distributed)
         self.store = check_store("store", store, "acquire_lease", "release_lease")
         self.lease: float = check_seconds("lease", lease)
         if distributed:
@@ -84,11 +139,12 @@ class Bulkhead(BasePolicy):
                     f"max_waiting must be 0 with distributed=True, got {max_waiting!r}: "
                     "fleet-wide permits are not waited for (the call is rejected at once)"
                 )
+            check_fleet_name("Bulkhead(distributed=True)", self.name, "bulkhead", self.store)
         elif self.store is not None:
             raise ValueError("store= is only used with distributed=True")
         self._active = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
-        self._held: dict[asyncio.Task[Any] | None, list[str | None]] = {}
+        self._held: dict[asyncio.Task[Any] | None, list[_Renewal | None]] = {}
         self._returning: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -183,9 +239,12 @@ class Bulkhead(BasePolicy):
             if lease is not None:
                 self._give_back(lease)
 
-    def _give_back(self, lease: str) -> asyncio.Task[None]:
+    def _give_back(self, lease: str | _Renewal) -> asyncio.Task[None]:
         """Return a permit in a task of its own, which cancelling the caller cannot stop."""
-        task = asyncio.get_running_loop().create_task(self._release_permit(lease))
+        returning = (
+            lease.give_back() if isinstance(lease, _Renewal) else self._release_permit(lease)
+        )
+        task = asyncio.get_running_loop().create_task(returning)
         self._returning.add(task)
         task.add_done_callback(self._returning.discard)
         return task
@@ -197,7 +256,7 @@ class Bulkhead(BasePolicy):
         except Exception as exc:  # the lease expires by itself
             logger.warning("bulkhead %r could not return a permit: %r", self.name, exc)
 
-    async def _return_permit(self, lease: str) -> None:
+    async def _return_permit(self, lease: str | _Renewal) -> None:
         """Give a permit back and wait for it (the permit is returned even if we are cancelled)."""
         await asyncio.shield(self._give_back(lease))
 
@@ -237,12 +296,13 @@ class Bulkhead(BasePolicy):
             except BaseException:
                 release()
                 raise
+            renewal = None if lease is None else _Renewal(self, store, lease)
             try:
                 return await fn(*args, **kwargs)
             finally:
                 release()
-                if lease is not None:
-                    await give_back(lease)
+                if renewal is not None:
+                    await give_back(renewal)
 
         return protected
 
@@ -257,7 +317,8 @@ class Bulkhead(BasePolicy):
             except BaseException:
                 self._release()
                 raise
-            self._held.setdefault(asyncio.current_task(), []).append(lease)
+            renewal = None if lease is None else _Renewal(self, self.store, lease)
+            self._held.setdefault(asyncio.current_task(), []).append(renewal)
 
     async def __aexit__(
         self,

@@ -13,7 +13,10 @@
           +-- StoreUnavailableError       a shared store could not answer (policies catch it
                                           and carry on with local state; users never see it)
 
-Every rejection raises a fresh exception object, so tracebacks never accumulate.
+Every rejection raises a fresh exception object, so tracebacks never accumulate. The
+rejections' constructors set their attributes and leave ``args`` to ``BaseException.__new__``
+(they call no ``super().__init__``), so an adapter may mix them with a foreign base class
+(httpx's ``TransportError``) whose ``__init__`` takes other arguments.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ class RejectedError(ResilienceError):
     """
 
     def __init__(self, name: str = "", retry_after: float | None = None) -> None:
-        super().__init__(name, retry_after)
         self.name = name
         self.retry_after = retry_after
 
@@ -85,8 +87,8 @@ class BulkheadFullError(RejectedError):
     """The bulkhead ``name`` had no free slot (and no room or time left to wait for one)."""
 
     def __init__(self, name: str, max_concurrent: int) -> None:
-        super().__init__(name, None)
-        self.args = (name, max_concurrent)
+        self.name = name
+        self.retry_after = None
         self.max_concurrent = max_concurrent
 
     def _what(self) -> str:
@@ -97,7 +99,8 @@ class RateLimitedError(RejectedError):
     """The rate limiter ``name`` has no token left; one frees up after ``retry_after``."""
 
     def __init__(self, name: str, retry_after: float) -> None:
-        super().__init__(name, retry_after)
+        self.name = name
+        self.retry_after = retry_after
 
     def _what(self) -> str:
         return f"rate limit {self.name!r} reached"
@@ -107,6 +110,7 @@ class ResilienceTimeoutError(ResilienceError, TimeoutError):
     """The Timeout ``name`` expired after ``seconds``; the call was cancelled."""
 
     def __init__(self, name: str, seconds: float) -> None:
+        # TimeoutError is an OSError, whose args are only kept by OSError.__init__
         super().__init__(name, seconds)
         self.name = name
         self.seconds = seconds

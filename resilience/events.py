@@ -8,7 +8,7 @@ call. No event object is built when a policy has no listener, so listening is fr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,12 +22,15 @@ __all__ = [
     "FallbackUsed",
     "Listener",
     "RetryScheduled",
+    "Selected",
     "StateChanged",
     "StoreDataReset",
     "StoreDegraded",
     "StoreRecovered",
     "SubscriberReplaced",
     "TimedOut",
+    "select",
+    "wants",
 ]
 
 logger = logging.getLogger("resilience")
@@ -159,6 +162,85 @@ class Listener(Protocol):
 
     def __call__(self, event: Event, /) -> None:
         """Receive one event; must not block."""
+
+
+def wants(listener: Listener, event: type[Event], kind: str, name: str) -> bool:
+    """Whether ``listener`` wants ``event``s from the policy ``name`` of kind ``kind``.
+
+    A listener may say so with a ``wants(event, kind, name)`` method (``Selected``,
+    ``Telemetry``); one without it wants everything. Policies ask once, when they wrap a
+    function: a policy none of whose listeners wants ``CallFinished`` does not time its calls.
+    """
+    method = getattr(listener, "wants", None)
+    return True if method is None else bool(method(event, kind, name))
+
+
+class Selected:
+    """A listener that passes on only some events: made by ``select``."""
+
+    __slots__ = ("events", "listener", "policies")
+
+    def __init__(
+        self,
+        listener: Listener,
+        events: tuple[type[Event], ...] | None,
+        policies: frozenset[str] | None,
+    ) -> None:
+        self.listener = listener
+        self.events = events
+        self.policies = policies
+
+    def wants(self, event: type[Event], kind: str, name: str) -> bool:
+        """Whether events of type ``event`` from that policy get through."""
+        if self.events is not None and not issubclass(event, self.events):
+            return False
+        policies = self.policies
+        return policies is None or kind in policies or name in policies
+
+    def __call__(self, event: Event, /) -> None:
+        """Pass ``event`` on if it is selected."""
+        if self.events is not None and not isinstance(event, self.events):
+            return
+        policies = self.policies
+        if policies is not None and event.policy not in policies and event.name not in policies:
+            return
+        self.listener(event)
+
+    def __repr__(self) -> str:
+        return f"select({self.listener!r}, events={self.events!r}, policies={self.policies!r})"
+
+
+def select(
+    listener: Listener,
+    *,
+    events: Collection[type[Event]] | None = None,
+    policies: Collection[str] | None = None,
+) -> Selected:
+    """``listener``, receiving only ``events`` (types) from ``policies`` (kinds or names).
+
+    ``None`` selects all. ``select(log, events=(StateChanged,))`` gets breaker transitions
+    only; ``select(log, policies=("circuit_breaker",))`` every event of every breaker;
+    ``select(log, policies=("payments",))`` every event of the policies named ``payments``.
+    """
+    if not callable(listener):
+        raise TypeError(f"listener must be a callable, got {listener!r}")
+    chosen: tuple[type[Event], ...] | None = None
+    if events is not None:
+        if isinstance(events, type) or not isinstance(events, Collection):
+            raise TypeError(f"events must be a collection of Event types, got {events!r}")
+        chosen = tuple(events)
+        for t in chosen:
+            if not (isinstance(t, type) and issubclass(t, Event)):
+                raise TypeError(f"events must hold Event types, got {t!r}")
+    kinds: frozenset[str] | None = None
+    if policies is not None:
+        if isinstance(policies, str) or not isinstance(policies, Collection):
+            raise TypeError(f"policies must be a collection of str, got {policies!r}")
+        kinds = frozenset(policies)
+        for k in kinds:
+            if not isinstance(k, str) or not k:
+                raise TypeError(f"policies must hold policy kinds or names, got {k!r}")
+    return Selected(listener, chosen, kinds)
 
 
 def check_listeners(listeners: Iterable[Listener]) -> tuple[Listener, ...]:

@@ -17,6 +17,7 @@ from .policy import (
     BasePolicy,
     ExceptionFilter,
     Protected,
+    check_fleet_name,
     check_predicate,
     check_seconds,
     check_store,
@@ -125,6 +126,8 @@ class Fallback(BasePolicy):
         self.handler = handler
         self._result_if = check_predicate("result_if", result_if)
         self.cache = store
+        self._needs_fn = store is not None  # its cache keys are made from the arguments
+        check_fleet_name("Fallback(cache=...)", self.name, "fallback", store)
         if store is None and (cache_key is not None or serializer is not None):
             raise ValueError("cache_key= and serializer= are only used with cache=")
         if cache_key is not None and not callable(cache_key):

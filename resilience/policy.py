@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
 from .clock import SYSTEM_CLOCK, Clock
-from .events import Listener, call_finished, check_listeners, emit
+from .events import CallFinished, Listener, call_finished, check_listeners, emit, wants
 
 if TYPE_CHECKING:
     from .store import Store
@@ -47,12 +48,17 @@ class BasePolicy:
 
     A policy writes its logic once, in ``_wrap(fn)``, which returns a coroutine function that
     runs ``fn`` under the policy. Decorating returns that function (one coroutine frame per
-    policy, nothing more); ``call(fn, ...)`` reuses it from a small cache.
+    policy, nothing more). ``call(fn, ...)`` is the same function wrapped once around
+    ``operator.call`` (which calls ``fn`` in C): after the first use, ``policy.call`` is that
+    protected function itself, so the call form costs no frame of its own. A policy whose
+    logic depends on which ``fn`` it wraps (a Fallback's cache keys) sets ``_needs_fn`` and
+    gets one protected function per ``fn`` from a small cache instead.
     """
 
     kind: str = "policy"
     name: str
     _listeners: tuple[Listener, ...]
+    _needs_fn: bool = False
 
     def __init__(self, name: str, clock: Clock | None, listeners: Iterable[Listener]) -> None:
         self.name = check_name(name)
@@ -63,6 +69,12 @@ class BasePolicy:
         self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
         self._listeners = check_listeners(listeners)
         self._wrapped: dict[object, Protected] = {}
+        # ``call`` is an instance attribute from the start (the first call replaces it with
+        # the protected function): adding it later would give this instance an attribute
+        # layout of its own, and every ``self.x`` read in its hot path would get slower (so
+        # would touching ``self.__dict__``)
+        self._call: Callable[..., Awaitable[Any]] = self._first_call
+        self.call = self._call  # type: ignore[method-assign]
 
     @property
     def clock(self) -> Clock:
@@ -73,6 +85,8 @@ class BasePolicy:
         """Add ``listener`` to the callables that receive this policy's events."""
         self._listeners = (*self._listeners, *check_listeners((listener,)))
         self._wrapped.clear()
+        self._call = self._first_call  # rebuilt on the next call, with the new listener
+        self.call = self._call  # type: ignore[method-assign]
 
     def _wrap(self, fn: Protected) -> Protected:
         """Return a coroutine function running ``fn`` under this policy."""
@@ -82,12 +96,30 @@ class BasePolicy:
         self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Awaitable[T]:
         """Run ``fn(*args, **kwargs)`` under this policy: ``await policy.call(fn, ...)``."""
-        protected = self._wrapped.get(fn)
-        if protected is None:
-            if len(self._wrapped) >= _CACHE_SIZE:
-                self._wrapped.clear()
-            protected = self._wrapped[fn] = self._observed(fn)
-        return protected(*args, **kwargs)  # no cast(): this runs on every call
+        # reached only through the class (``BasePolicy.call(policy, fn)``): the instance
+        # attribute ``call`` shadows this method
+        return self._call(fn, *args, **kwargs)
+
+    def _first_call(self, fn: Protected, /, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """The first ``call``: install the protected call form, then run it."""
+        if self._needs_fn:  # one protected function per fn, from a small cache
+            try:
+                protected = self._wrapped[fn]
+            except KeyError:
+                protected = self._cache(fn)
+            return protected(*args, **kwargs)  # no cast(): this runs on every call
+        # from now on ``policy.call`` is this protected function: ``call(fn, *args)`` runs
+        # ``fn(*args)`` under the policy through operator.call, with no frame of its own
+        run = self._call = self._observed(operator.call)
+        self.call = run  # type: ignore[method-assign]
+        return run(fn, *args, **kwargs)
+
+    def _cache(self, fn: Protected) -> Protected:
+        """``_observed(fn)``, kept for the next ``call(fn)`` (a few hundred functions at most)."""
+        if len(self._wrapped) >= _CACHE_SIZE:
+            self._wrapped.clear()
+        protected = self._wrapped[fn] = self._observed(fn)
+        return protected
 
     def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
         """Decorate an ``async def`` function; its name, docstring and signature are kept."""
@@ -95,15 +127,16 @@ class BasePolicy:
         return cast(Callable[P, Awaitable[T]], functools.wraps(fn)(self._observed(fn)))
 
     def _observed(self, fn: Protected) -> Protected:
-        """``_wrap(fn)``, timed and reported as ``CallFinished`` when there are listeners.
+        """``_wrap(fn)``, timed and reported as ``CallFinished`` when a listener wants it.
 
-        Decided once, when wrapping: without listeners this costs nothing per call.
+        Decided once, when wrapping: without listeners wanting ``CallFinished`` from this
+        policy (see ``events.select``), this costs nothing per call.
         """
         protected = self._wrap(fn)
-        if not self._listeners:
+        kind, name = self.kind, self.name
+        if not any(wants(x, CallFinished, kind, name) for x in self._listeners):
             return protected
         monotonic = self._clock.monotonic
-        kind, name = self.kind, self.name
 
         async def observed(*args: Any, **kwargs: Any) -> Any:
             start = monotonic()
@@ -170,6 +203,8 @@ class Pipeline(BasePolicy):
         super().__init__(name, clock, listeners)
         flat: list[Policy] = []
         for p in policies:
+            if getattr(p, "_needs_fn", True):  # unknown policies: assume they do
+                self._needs_fn = True
             if isinstance(p, Pipeline):
                 flat.extend(p.policies)
             elif isinstance(p, Policy) and not isinstance(p, type):
@@ -296,6 +331,40 @@ def check_int(what: str, value: object, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
     return value
+
+
+def check_bool(what: str, value: object) -> bool:
+    """A real ``bool``: ``"false"``, ``0`` or ``None`` are refused, never judged by truthiness."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def is_shared(store: object) -> bool:
+    """Whether ``store`` is seen by other processes (every store but ``MemoryStore``).
+
+    A store may say so itself with a ``shared`` attribute; without one, anything that is not
+    a ``MemoryStore`` is taken as shared.
+    """
+    from .store.memory import MemoryStore
+
+    shared = getattr(store, "shared", None)
+    if isinstance(shared, bool):
+        return shared
+    return not isinstance(store, MemoryStore)
+
+
+def check_fleet_name(what: str, name: str, default: str, store: object) -> None:
+    """Refuse a fleet-wide policy that keeps its default ``name`` on a shared store.
+
+    Two services on one Redis that both kept ``name="bulkhead"`` would share one limit: a
+    spike in one makes the other shed load. A name that says whose limit it is is required.
+    """
+    if store is not None and name == default and is_shared(store):
+        raise ValueError(
+            f"{what} on a shared store needs a name of its own (name={default!r} is the "
+            f"default, shared by every service on that store): pass name='<service>:<what>'"
+        )
 
 
 def check_ratio(what: str, value: object) -> float:

@@ -12,6 +12,7 @@ from .events import CallRejected, Listener, emit
 from .policy import (
     BasePolicy,
     Protected,
+    check_fleet_name,
     check_int,
     check_positive,
     check_seconds,
@@ -69,8 +70,17 @@ class RateLimiter(BasePolicy):
         self.rate = check_positive("rate", rate)
         self.per = check_seconds("per", per)
         self.burst = max(1, math.ceil(self.rate)) if burst is None else check_int("burst", burst)
-        self.interval = self.per / self.rate
+        interval = self.per / self.rate
+        if not (math.isfinite(interval) and interval > 0):
+            # RateLimiter(1e-310) would make every interval inf (and 1e308 per 1e-300, zero):
+            # a limiter that admits everything
+            raise ValueError(
+                f"rate / per must give a usable interval between calls, got rate={rate!r}, "
+                f"per={per!r} ({interval!r} s between calls)"
+            )
+        self.interval = interval
         self.store = check_store("store", store, "rate_take")
+        check_fleet_name("RateLimiter", self.name, "rate_limiter", self.store)
         self._tat = -math.inf
 
     def __repr__(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import tenacity
@@ -36,6 +36,7 @@ BUDGET_TTL = 3600.0
 
 WaitStrategy = Callable[[RetryCallState], float]
 StopStrategy = Callable[[RetryCallState], bool]
+BeforeSleep = Callable[[RetryCallState], Awaitable[None] | None]
 
 
 def default_wait() -> WaitStrategy:
@@ -141,6 +142,10 @@ class Retry(BasePolicy):
     The first attempt runs directly: tenacity's ``RetryCallState`` is built only after a
     failure, so the success path costs almost nothing. Sleeps go through ``clock``.
 
+    ``before_sleep(state)``, a plain or an async function, runs once a retry is decided, just
+    before the wait (as tenacity's ``before_sleep``): ``state.outcome`` is what is being
+    discarded, ``state.upcoming_sleep`` the wait. An error it raises ends the call.
+
     ``budget=RetryBudget(...)`` throttles retries (gRPC-style): when the budget refuses a
     retry, the call ends as if its attempts had run out, and a ``CallRejected`` event is
     emitted.
@@ -157,6 +162,7 @@ class Retry(BasePolicy):
         stop: StopStrategy | None = None,
         retry_if_result: Callable[[Any], bool] | None = None,
         budget: RetryBudget | None = None,
+        before_sleep: BeforeSleep | None = None,
         name: str = "retry",
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
@@ -176,6 +182,9 @@ class Retry(BasePolicy):
         if budget is not None and not isinstance(budget, RetryBudget):
             raise TypeError(f"budget must be a RetryBudget or None, got {budget!r}")
         self.budget: RetryBudget | None = budget
+        if before_sleep is not None and not callable(before_sleep):
+            raise TypeError(f"before_sleep must be a callable or None, got {before_sleep!r}")
+        self.before_sleep: BeforeSleep | None = before_sleep
         self._tenacity = tenacity.AsyncRetrying(
             sleep=self._clock.sleep, stop=tenacity.stop_after_attempt(attempts), wait=wait
         )
@@ -290,6 +299,10 @@ class Retry(BasePolicy):
                     ),
                 )
             state.next_action = tenacity.RetryAction(delay)
+            if self.before_sleep is not None:
+                hook = self.before_sleep(state)
+                if hook is not None:
+                    await hook
             state.idle_for += delay
             await clock.sleep(delay)
             state.prepare_for_next_attempt()

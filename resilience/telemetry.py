@@ -3,9 +3,14 @@
 ``Telemetry`` is a listener: pass it as ``listeners=[telemetry]`` when building policies (or
 call ``telemetry.instrument(...)`` before decorating) and every event becomes a metric, and a
 span event on the current span. ``telemetry.attempt()`` is a policy to put inside a ``Retry``:
-a span and a duration per attempt. Only ``opentelemetry-api`` is needed (the ``otel`` extra);
-without an SDK configured every instrument is a no-op, and without a ``Telemetry`` attached
-nothing at all runs.
+a span and a duration per attempt. Only ``opentelemetry-api`` is needed (the ``otel`` extra).
+
+Unused telemetry is free: while no SDK is configured (the API's no-op or proxy providers),
+a policy wrapping a function with only a ``Telemetry`` listener does not time its calls at
+all, and ``attempt()`` adds nothing. Configure the SDK before decorating. Call metrics (the
+per-call ``resilience.calls`` and ``resilience.call.duration``) can be limited to some
+policies with ``call_metrics=("circuit_breaker", "payments")`` (kinds or names), or turned
+off with ``call_metrics=False``; the other metrics count rare events and stay on.
 
 Metric names (all attributes are low-cardinality: policy kind, policy name, outcome, state):
 
@@ -28,7 +33,7 @@ Metric names (all attributes are low-cardinality: policy kind, policy name, outc
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -62,7 +67,8 @@ class Telemetry:
 
     ``meter_provider`` / ``tracer_provider`` default to the global ones. ``span_events``
     adds an event to the current span for retries, rejections, fallbacks, timeouts and state
-    changes.
+    changes. ``call_metrics``: ``True`` (every policy), ``False`` (none), or the policy
+    kinds and names whose calls are counted and timed.
     """
 
     def __init__(
@@ -71,8 +77,24 @@ class Telemetry:
         meter_provider: metrics.MeterProvider | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         span_events: bool = True,
+        call_metrics: bool | Collection[str] = True,
     ) -> None:
         from . import __version__
+
+        if isinstance(call_metrics, bool):
+            self.call_metrics: bool | frozenset[str] = call_metrics
+        elif isinstance(call_metrics, str) or not isinstance(call_metrics, Collection):
+            raise TypeError(
+                f"call_metrics must be a bool or a collection of policy kinds/names, "
+                f"got {call_metrics!r}"
+            )
+        else:
+            self.call_metrics = frozenset(call_metrics)
+            for item in self.call_metrics:
+                if not isinstance(item, str) or not item:
+                    raise TypeError(f"call_metrics must hold policy kinds or names, got {item!r}")
+        self._meter_provider = meter_provider
+        self._tracer_provider = tracer_provider
 
         meter = (meter_provider or metrics.get_meter_provider()).get_meter(_SCOPE, __version__)
         self.tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
@@ -168,10 +190,39 @@ class Telemetry:
         """A policy timing each attempt (and opening a span per attempt): put it inside Retry."""
         return AttemptTelemetry(self, name, span=span, clock=clock)
 
+    # is anything recorded? ------------------------------------------------------------------
+    def recording(self) -> bool:
+        """Whether metrics go anywhere: ``False`` on the API's no-op (or unset proxy) provider."""
+        provider = self._meter_provider
+        if provider is None:
+            provider = metrics.get_meter_provider()
+        return not _no_op(provider, metrics.NoOpMeterProvider)
+
+    def tracing(self) -> bool:
+        """Whether spans go anywhere: ``False`` on the API's no-op (or unset proxy) provider."""
+        provider = self._tracer_provider
+        if provider is None:
+            provider = trace.get_tracer_provider()
+        return not _no_op(provider, trace.NoOpTracerProvider)
+
+    def _counts_calls(self, kind: str, name: str) -> bool:
+        selected = self.call_metrics
+        if isinstance(selected, bool):
+            return selected
+        return kind in selected or name in selected
+
+    def wants(self, event: type[Event], kind: str, name: str) -> bool:
+        """Asked by a policy when it wraps a function: ``CallFinished`` only if recorded."""
+        if issubclass(event, CallFinished):
+            return self._counts_calls(kind, name) and self.recording()
+        return True
+
     # the listener ---------------------------------------------------------------------------
     def __call__(self, event: Event) -> None:
         """Record one event."""
         if isinstance(event, CallFinished):  # the per-call event: keep it short
+            if self.call_metrics is not True and not self._counts_calls(event.policy, event.name):
+                return
             key = (event.policy, event.name, event.outcome)
             labels = self._labels.get(key)
             if labels is None:
@@ -245,6 +296,15 @@ class Telemetry:
             yield Observation(1 if store.degraded else 0, {"resilience.store": name})
 
 
+def _no_op(provider: object, no_op: type) -> bool:
+    """The API's no-op provider, or its global proxy while no SDK has been set."""
+    # the proxy's class is private to opentelemetry-api: recognised by its name only
+    return isinstance(provider, no_op) or type(provider).__name__ in _PROXIES
+
+
+_PROXIES = frozenset({"_ProxyMeterProvider", "ProxyTracerProvider"})
+
+
 class AttemptTelemetry(BasePolicy):
     """Times every call through it (and opens a span for it); made by ``Telemetry.attempt``.
 
@@ -262,11 +322,13 @@ class AttemptTelemetry(BasePolicy):
         self.span = span
 
     def _wrap(self, fn: Protected) -> Protected:
+        with_span = self.span and self.telemetry.tracing()
+        if not with_span and not self.telemetry.recording():
+            return fn  # nothing would be recorded: free
         histogram = self.telemetry._attempt
         tracer = self.telemetry.tracer
         monotonic = self._clock.monotonic
         name = self.name
-        with_span = self.span
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             attrs = {"resilience.name": name, "resilience.outcome": "success"}

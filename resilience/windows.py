@@ -7,11 +7,16 @@ free; the time window rolls its buckets lazily, when it is written or read.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["CountWindow", "Counter", "TimeWindow", "WindowSpec"]
+from .policy import check_int, check_seconds
+
+__all__ = ["MAX_COUNT_WINDOW", "CountWindow", "Counter", "TimeWindow", "WindowSpec"]
+
+MAX_COUNT_WINDOW = 1_000_000
+"""The largest ``CountWindow`` size: a counter keeps one byte per call of its window (1 MB per
+breaker at this size, in each replica), and a shared breaker's window lives in Redis too."""
 
 
 class Counter(Protocol):
@@ -33,15 +38,20 @@ class Counter(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CountWindow:
-    """The last ``size`` calls (resilience4j's count-based sliding window)."""
+    """The last ``size`` calls (resilience4j's count-based sliding window).
+
+    ``size`` is 1 to ``MAX_COUNT_WINDOW`` (one million) calls.
+    """
 
     size: int = 100
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int):
-            raise TypeError(f"CountWindow size must be an int, got {self.size!r}")
-        if self.size < 1:
-            raise ValueError(f"CountWindow size must be >= 1, got {self.size!r}")
+        check_int("CountWindow size", self.size)
+        if self.size > MAX_COUNT_WINDOW:
+            raise ValueError(
+                f"CountWindow size must be <= {MAX_COUNT_WINDOW:,} (one byte per call is kept "
+                f"in memory), got {self.size!r}; use a TimeWindow for larger volumes"
+            )
 
     def new(self) -> CountCounter:
         """A fresh, empty counter for this window."""
@@ -60,17 +70,8 @@ class TimeWindow:
     buckets: int = 10
 
     def __post_init__(self) -> None:
-        s = self.seconds
-        if isinstance(s, bool) or not isinstance(s, (int, float)):
-            raise TypeError(f"TimeWindow seconds must be a number, got {s!r}")
-        try:
-            finite = math.isfinite(s)
-        except OverflowError:  # an int too large for a float
-            finite = False
-        if not finite or s <= 0:
-            raise ValueError(f"TimeWindow seconds must be finite and > 0, got {s!r}")
-        if isinstance(self.buckets, bool) or not isinstance(self.buckets, int):
-            raise TypeError(f"TimeWindow buckets must be an int, got {self.buckets!r}")
+        check_seconds("TimeWindow seconds", self.seconds)
+        check_int("TimeWindow buckets", self.buckets)
         if not 1 <= self.buckets <= 3600:
             raise ValueError(f"TimeWindow buckets must be in 1..3600, got {self.buckets!r}")
 

@@ -292,9 +292,9 @@ async def test_huge_budget_is_capped() -> None:
 
 
 async def test_deadline_cuts_the_app_off_with_504() -> None:
-    """When the budget runs out before the app answers, the caller gets 504 (real 50 ms)."""
+    """With ``enforce_deadline=True``, a budget spent before the app answers gives 504."""
     app = App()
-    async with client_for(app.starlette()) as client:
+    async with client_for(app.starlette(enforce_deadline=True)) as client:
         response = await client.get("/work", headers={"x-deadline-ms": "50"})
     assert response.status_code == 504
 
@@ -324,6 +324,16 @@ async def test_custom_deadline_header_and_opt_out() -> None:
         ({"overrides": {"/x": 3}}, TypeError),
         ({"max_deadline": float("inf")}, ValueError),
         ({"deadline_header": ""}, TypeError),
+        ({"enforce_deadline": "false"}, TypeError),
+        ({"enforce_deadline": 1}, TypeError),
+        ({"max_waiting": -1}, ValueError),
+        ({"max_wait": -5}, ValueError),
+        ({"max_waiting": 2}, ValueError),
+        ({"max_wait": 1.0}, ValueError),
+        ({"max_concurrent": 1, "max_waiting": 1, "max_wait": 10**400}, ValueError),
+        ({"overrides": {"/x": {"max_concurrent": None, "max_waiting": 3}}}, ValueError),
+        ({"name": ""}, ValueError),
+        ({"store": "redis://"}, TypeError),
     ],
 )
 def test_validation(options: dict[str, Any], error: type[Exception]) -> None:
@@ -376,3 +386,122 @@ def test_no_starlette_import() -> None:
         "assert 'starlette' not in sys.modules and 'httpx' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- whose deadline is believed, and until when ---------------------------------------
+
+
+async def _until_spent() -> None:
+    """Wait (real time, in small steps) until the request's deadline has passed."""
+    for _ in range(1000):
+        left = remaining()
+        if left is None or left < 0:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_caller_deadline_does_not_cut_the_app_by_default() -> None:
+    """By default a client's ``x-deadline-ms`` is forwarded but never cancels the request."""
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        await _until_spent()
+        return PlainTextResponse("finished")
+
+    asgi = Starlette(routes=[Route("/", endpoint)], middleware=[Middleware(ResilienceMiddleware)])
+    async with client_for(asgi) as client:
+        response = await client.get("/", headers={"x-deadline-ms": "20"})
+    assert response.status_code == 200
+    assert response.text == "finished"
+
+
+async def test_caller_deadline_never_cancels_background_work() -> None:
+    """Even enforced, a caller's deadline stops at the response: background tasks finish."""
+    from starlette.background import BackgroundTask
+
+    audit: list[float | None] = []
+
+    async def write_audit_log() -> None:
+        audit.append(remaining())  # the request's deadline is lifted: None
+        await asyncio.sleep(0.05)  # longer than the caller's 20 ms budget
+        audit.append(0.0)
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok", background=BackgroundTask(write_audit_log))
+
+    middleware = [Middleware(ResilienceMiddleware, enforce_deadline=True)]
+    asgi = Starlette(routes=[Route("/", endpoint)], middleware=middleware)
+    async with client_for(asgi) as client:
+        response = await client.get("/", headers={"x-deadline-ms": "20"})
+    assert response.status_code == 200
+    assert audit == [None, 0.0]
+
+
+async def test_caller_deadline_stops_cutting_once_the_response_started() -> None:
+    """A streamed response that outlives the enforced budget is not aborted."""
+
+    async def body() -> Any:
+        yield b"first "
+        await _until_spent()
+        await asyncio.sleep(0.01)
+        yield b"last"
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        return StreamingResponse(body())
+
+    middleware = [Middleware(ResilienceMiddleware, enforce_deadline=True)]
+    asgi = Starlette(routes=[Route("/", endpoint)], middleware=middleware)
+    async with client_for(asgi) as client:
+        response = await client.get("/", headers={"x-deadline-ms": "30"})
+    assert response.status_code == 200
+    assert response.text == "first last"
+
+
+async def test_own_timeout_is_the_deadline_forwarded_downstream(clock: FakeClock) -> None:
+    """Without a caller budget, the middleware's ``timeout`` is the request's deadline."""
+    app = App()
+    async with client_for(app.starlette(timeout=5, clock=clock)) as client:
+        await client.get("/fast")
+        await client.get("/fast", headers={"x-deadline-ms": "2000"})
+        await client.get("/fast", headers={"x-deadline-ms": "9000"})
+    own, caller, capped = app.deadlines
+    assert own is not None
+    assert 4 < own <= 5
+    assert caller is not None
+    assert 1 < caller <= 2
+    assert capped is not None
+    assert 4 < capped <= 5
+
+
+async def test_fleet_lease_outlives_the_route_timeout(clock: FakeClock) -> None:
+    """A request running 40 s under ``timeout=60`` keeps its fleet-wide permit (lease > 30 s)."""
+    from resilience import MemoryStore
+
+    store = MemoryStore(clock=clock)
+    apps = [App(), App()]
+    replicas = [a.starlette(max_concurrent=1, timeout=60, store=store, clock=clock) for a in apps]
+    async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
+        busy = asyncio.create_task(first.get("/work"))
+        for _ in range(100):
+            if apps[0].calls:
+                break
+            await asyncio.sleep(0)
+        clock.advance(40)
+        assert (await second.get("/work")).status_code == 503
+        apps[0].release.set()
+        assert (await busy).status_code == 200
+    assert await store.count_leases("asgi") == 0
+
+
+async def test_shared_store_needs_a_name_of_this_service(redis_url: str) -> None:
+    """On a Redis shared with other services the default name ``asgi`` is refused."""
+    from resilience.store.redis import RedisStore
+
+    store = RedisStore.from_url(redis_url)
+    try:
+        with pytest.raises(ValueError, match="name"):
+            ResilienceMiddleware(_send, max_concurrent=4, store=store)
+        with pytest.raises(ValueError, match="name"):
+            ResilienceMiddleware(_send, rate=10, store=store, name="asgi")
+        ResilienceMiddleware(_send, max_concurrent=4, store=store, name="orders")
+    finally:
+        await store.aclose()

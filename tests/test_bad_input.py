@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 from resilience.integrations.asgi import ResilienceMiddleware
+from resilience.integrations.httpx import HttpPolicy, ResilientTransport
 
 from resilience import (
     Bulkhead,
@@ -24,12 +25,16 @@ from resilience import (
     CountWindow,
     Fallback,
     MemoryStore,
+    Pipeline,
     RateLimiter,
+    ResilienceError,
     Retry,
     RetryBudget,
     Timeout,
     TimeWindow,
+    select,
 )
+from resilience.policy import BasePolicy
 from resilience.store.redis import RedisStore
 
 # anything a configuration file, an environment variable or a typo can produce
@@ -73,7 +78,17 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], dict[str, Any], list[str]]] = 
     "Retry": (
         Retry,
         {"on": ValueError},
-        ["on", "attempts", "wait", "stop", "retry_if_result", "budget", "name", "listeners"],
+        [
+            "on",
+            "attempts",
+            "wait",
+            "stop",
+            "retry_if_result",
+            "budget",
+            "before_sleep",
+            "name",
+            "listeners",
+        ],
     ),
     "RetryBudget": (
         RetryBudget,
@@ -107,6 +122,54 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], dict[str, Any], list[str]]] = 
         ],
     ),
     "MemoryStore": (MemoryStore, {}, ["clock"]),
+    "Pipeline": (
+        lambda **kw: Pipeline(Timeout(1.0), **kw),
+        {},
+        ["name", "clock", "listeners"],
+    ),
+    "select": (
+        lambda **kw: select(kw.pop("listener", print), **kw),
+        {},
+        ["listener", "events", "policies"],
+    ),
+    "HttpPolicy": (
+        HttpPolicy,
+        {},
+        [
+            "attempts",
+            "wait",
+            "retry_after_max",
+            "retry_budget",
+            "retry_methods",
+            "idempotency_header",
+            "failure_statuses",
+            "circuit_breaker",
+            "failure_ratio",
+            "minimum_calls",
+            "window",
+            "open_for",
+            "open_for_max",
+            "half_open_calls",
+            "rate",
+            "per",
+            "burst",
+            "timeout",
+            "total_timeout",
+            "max_concurrent",
+            "max_waiting",
+            "max_wait",
+            "fallback",
+            "fallback_on",
+            "store",
+            "clock",
+            "listeners",
+        ],
+    ),
+    "ResilientTransport": (
+        lambda **kw: ResilientTransport(kw.pop("transport", _MOCK), **kw),
+        {},
+        ["transport", "policy", "key", "deadline_header", "max_origins"],
+    ),
     "ResilienceMiddleware": (
         lambda **kw: ResilienceMiddleware(kw.pop("app", _ok_app), **kw),
         {},
@@ -131,6 +194,21 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], dict[str, Any], list[str]]] = 
 }
 
 
+def _answer(request: Any) -> Any:
+    import httpx
+
+    return httpx.Response(200)
+
+
+def _mock() -> Any:
+    import httpx
+
+    return httpx.MockTransport(_answer)
+
+
+_MOCK = _mock()
+
+
 async def _ok_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
@@ -152,12 +230,28 @@ def configurations(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 def test_any_configuration_constructs_or_raises_value_or_type_error(
     config: tuple[str, dict[str, Any]],
 ) -> None:
-    """Every policy constructor fed junk either builds or raises ValueError / TypeError."""
+    """Every public constructor fed junk builds a working object or raises ValueError /
+    TypeError; a policy that builds runs a call (its result, or one of its own errors)."""
     which, kwargs = config
     factory = CONSTRUCTORS[which][0]
     try:
-        factory(**kwargs)
+        built = factory(**kwargs)
     except (ValueError, TypeError):
+        return
+    if isinstance(built, BasePolicy):
+        asyncio.run(_works(built))
+
+
+async def _one() -> int:
+    return 1
+
+
+async def _works(policy: BasePolicy) -> None:
+    """One call through ``policy``: 1, or a rejection / timeout of the policy itself."""
+    try:
+        async with asyncio.timeout(5):
+            assert await policy.call(_one) == 1 or isinstance(policy, Fallback)
+    except ResilienceError:
         pass
 
 

@@ -537,3 +537,107 @@ async def test_redis_unreachable_runs_locally(clock: FakeClock) -> None:
         assert bulkhead.in_flight == 0
     finally:
         await store.aclose()
+
+
+async def test_fleet_permit_is_renewed_while_a_long_call_runs(clock: FakeClock) -> None:
+    """A call running 5 leases long keeps its permit: other replicas stay out, none leaks."""
+    store = MemoryStore(clock=clock)
+    one = Bulkhead(1, distributed=True, store=store, name="pool", lease=10, clock=clock)
+    two = Bulkhead(1, distributed=True, store=store, name="pool", lease=10, clock=clock)
+    release = asyncio.Event()
+
+    async def long_call() -> str:
+        await release.wait()
+        return "done"
+
+    running = asyncio.create_task(one.call(long_call))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    for _ in range(10):  # 50 s: five leases
+        clock.advance(5)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert await store.count_leases("pool") == 1
+        with pytest.raises(BulkheadFullError):
+            await two.call(long_call)
+    release.set()
+    assert await running == "done"
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await store.count_leases("pool") == 0
+
+
+async def test_renewed_permit_is_returned_when_the_caller_is_cancelled(clock: FakeClock) -> None:
+    """Cancelled after renewals, the call still gives back the permit it holds now."""
+    store = MemoryStore(clock=clock)
+    pool = Bulkhead(2, distributed=True, store=store, name="pool", lease=4, clock=clock)
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(pool.call(forever))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    for _ in range(3):
+        clock.advance(2)
+        for _ in range(10):
+            await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await store.count_leases("pool") == 0
+    assert clock.pending == 0  # no renewal timer left behind
+
+
+async def test_context_manager_permit_is_renewed_too(clock: FakeClock) -> None:
+    """``async with bulkhead:`` keeps its fleet-wide permit past the lease as well."""
+    store = MemoryStore(clock=clock)
+    pool = Bulkhead(1, distributed=True, store=store, name="pool", lease=2, clock=clock)
+    async with pool:
+        for _ in range(4):
+            clock.advance(1)
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert await store.count_leases("pool") == 1
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await store.count_leases("pool") == 0
+
+
+async def test_redis_fleet_permit_is_renewed_while_a_long_call_runs(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """Through Redis too: a call outliving its lease keeps its permit, and returns it."""
+    prefix = unique_prefix()
+    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    try:
+        a = Bulkhead(1, distributed=True, store=one, name="db", lease=10, clock=clock)
+        b = Bulkhead(1, distributed=True, store=two, name="db", lease=10, clock=clock)
+        gate = Gate()
+        running = asyncio.create_task(a.call(gate, 1))
+        for _ in range(2000):
+            if gate.running == 1:
+                break
+            await asyncio.sleep(0.001)
+        for _ in range(6):  # 36 s: more than three leases
+            clock.advance(6)
+            for _ in range(2000):  # the renewal's two round trips
+                if not any("_Renewal._renew" in repr(t) for t in asyncio.all_tasks()):
+                    break
+                await asyncio.sleep(0.001)
+            assert await two.count_leases("db") == 1
+            with pytest.raises(BulkheadFullError):
+                await b.call(gate, 2)
+        gate.event(1).set()
+        assert await running == 1
+        for _ in range(200):
+            if await one.count_leases("db") == 0:
+                break
+            await asyncio.sleep(0.001)
+        assert await one.count_leases("db") == 0
+    finally:
+        await one.aclose()
+        await two.aclose()

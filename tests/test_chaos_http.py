@@ -112,6 +112,8 @@ def make_client(proxy: FaultProxy, **options: Any) -> httpx.AsyncClient:
         "window": CountWindow(6),
         "minimum_calls": 6,
         "open_for": OPEN_FOR,
+        # every attempt runs its full timeout here (BUDGET); total_timeout has tests of its own
+        "total_timeout": None,
     }
     settings.update(options)
     transport = ResilientTransport(httpx.AsyncHTTPTransport(), policy=HttpPolicy(**settings))

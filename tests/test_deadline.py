@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from resilience.integrations import DEADLINE_HEADER, deadline, get_deadline, remaining
 from resilience.integrations._deadline import format_budget, parse_budget
 from resilience.integrations.asgi import ResilienceMiddleware
@@ -126,5 +129,31 @@ async def test_deadline_shrinks_across_two_hops() -> None:
     seen = int(relayed.json()["budget"])
     assert 0 < seen < 5000 - 10
     assert spent.status_code == 504
-    assert none.json() == {"budget": None}
+    # without a caller's budget, A's own total_timeout (15 s by default) is what B is told
+    assert 14_000 < int(none.json()["budget"]) <= 15_000
     assert a_calls == 2
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=40),
+        st.text(max_size=40),
+        st.from_regex(r"\s*-?[0-9]{1,40}(\.[0-9]{0,10})?\s*", fullmatch=True),
+    ),
+    st.floats(min_value=0.001, max_value=1e6),
+)
+def test_parse_budget_fuzz(value: bytes | str, cap: float) -> None:
+    """Whatever a caller sends: ``None`` or a finite number of seconds no larger than ``cap``."""
+    seconds = parse_budget(value, cap)
+    assert seconds is None or (math.isfinite(seconds) and seconds <= cap)
+
+
+def test_check_deadline_header_names_the_argument() -> None:
+    """One check for both adapters' ``deadline_header``: a header name or None."""
+    from resilience.integrations._deadline import check_deadline_header
+
+    assert check_deadline_header(None) is None
+    assert check_deadline_header("x-budget") == "x-budget"
+    for bad in ("", 3, b"x-deadline-ms", True):
+        with pytest.raises(TypeError, match="deadline_header"):
+            check_deadline_header(bad)

@@ -471,7 +471,7 @@ async def test_redis_unreachable_cache_never_fails(clock: FakeClock) -> None:
     """A RedisStore that cannot connect: successes pass, failures get the fallback value."""
     store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
     try:
-        fallback = Fallback(on=ConnectionError, cache=store, value="default")
+        fallback = Fallback(on=ConnectionError, cache=store, value="default", name="prices")
         assert await fallback.call(value, 1) == 1
         await fallback.flush()
         assert await fallback.call(fail, ConnectionError()) == "default"

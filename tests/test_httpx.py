@@ -10,8 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from resilience.integrations import deadline
 from resilience.integrations.httpx import (
+    MAX_RETRY_AFTER,
     AttemptTimeout,
     BulkheadFull,
     CircuitOpen,
@@ -30,10 +33,12 @@ from starlette.routing import Route
 from resilience import (
     BulkheadFullError,
     CircuitOpenError,
+    Clock,
     MemoryStore,
     RateLimitedError,
     ResilienceError,
     ResilienceTimeoutError,
+    SystemClock,
 )
 from resilience.testing import FakeClock
 
@@ -77,9 +82,7 @@ class Upstream:
         return len(self.requests)
 
 
-def make_client(
-    handler: Handler, clock: FakeClock | None = None, **options: Any
-) -> httpx.AsyncClient:
+def make_client(handler: Handler, clock: Clock | None = None, **options: Any) -> httpx.AsyncClient:
     if clock is None:
         clock = FakeClock(autojump=True)
     policy = HttpPolicy(clock=clock, **options)
@@ -170,7 +173,7 @@ async def test_retry_after_http_date_is_honoured() -> None:
     clock = FakeClock(autojump=True)
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     upstream = Upstream(503, 200, headers={"Retry-After": when})
-    async with make_client(upstream, clock) as client:
+    async with make_client(upstream, clock, total_timeout=None) as client:
         response = await client.get("/")
     assert response.status_code == 200
     assert len(clock.slept) == 1
@@ -481,7 +484,9 @@ async def test_fallback_answers_instead_of_raising() -> None:
         return httpx.Response(200, text=f"cached ({type(error).__name__})")
 
     upstream = Upstream(500)
-    async with make_client(upstream, attempts=1, minimum_calls=1, fallback=fallback) as client:
+    async with make_client(
+        upstream, attempts=1, minimum_calls=1, fallback=fallback, fallback_on="rejections"
+    ) as client:
         assert (await client.get("/")).status_code == 500
         response = await client.get("/")
     assert response.text == "cached (CircuitOpen)"
@@ -521,7 +526,7 @@ async def test_cancellation_is_no_failure_and_frees_the_slot() -> None:
 async def test_deadline_header_carries_the_remaining_budget() -> None:
     """Under ``deadline(2)`` the request carries ``x-deadline-ms`` of at most 2000."""
     upstream = Upstream(200)
-    async with make_client(upstream) as client:
+    async with make_client(upstream, total_timeout=None) as client:
         with deadline(2.0):
             await client.get("/")
         await client.get("/")
@@ -610,6 +615,15 @@ def test_default_inner_transport() -> None:
         ({"rate": 0}, ValueError),
         ({"wait": 3}, TypeError),
         ({"idempotency_header": ""}, TypeError),
+        ({"attempts": True}, TypeError),
+        ({"circuit_breaker": "no"}, TypeError),
+        ({"circuit_breaker": 0}, TypeError),
+        ({"retry_after_max": 10**400}, ValueError),
+        ({"total_timeout": 10**400}, ValueError),
+        ({"total_timeout": 0}, ValueError),
+        ({"timeout": 20, "total_timeout": 10}, ValueError),
+        ({"fallback_on": "errors"}, ValueError),
+        ({"listeners": "print"}, TypeError),
     ],
 )
 def test_policy_validation(options: dict[str, Any], error: type[Exception]) -> None:
@@ -624,6 +638,10 @@ def test_transport_validation() -> None:
         ResilientTransport(httpx.HTTPTransport())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="policy"):
         ResilientTransport(policy=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_origins"):
+        ResilientTransport(httpx.MockTransport(Upstream(200)), max_origins=0)
+    with pytest.raises(TypeError, match="max_origins"):
+        ResilientTransport(httpx.MockTransport(Upstream(200)), max_origins=True)
 
 
 def test_policy_validation_touches_no_store() -> None:
@@ -662,3 +680,235 @@ async def test_no_connection_leaks_against_real_server() -> None:
                 response = await client.get(server.url)
                 assert response.status_code == 200
     assert hits == 15
+
+
+# --- hostile upstreams, budgets, bounds ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "01 Jan 2020 00:00:00 +99999999999999999999",
+        "Thu, 01 Jan 2020 00:00:00 +9999",
+        "Fri, 31 Dec 9999 23:59:59 -9959",
+        "Mon, 01 Jan 0001 00:00:00 +2359",
+    ],
+)
+def test_parse_retry_after_never_raises_on_hostile_dates(value: str) -> None:
+    """Offsets and years out of any calendar give ``None`` or a bounded wait, never an error."""
+    seconds = parse_retry_after(value)
+    assert seconds is None or 0.0 <= seconds <= MAX_RETRY_AFTER
+
+
+def test_parse_retry_after_is_bounded() -> None:
+    """A delay of any length is cut to ``MAX_RETRY_AFTER``."""
+    assert parse_retry_after("9" * 400) == MAX_RETRY_AFTER
+    assert parse_retry_after("86401") == MAX_RETRY_AFTER
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.from_regex(
+            r"[A-Za-z]{3}, \d{1,2} [A-Za-z]{3} -?\d{1,6} "
+            r"\d\d:\d\d:\d\d [+-]?\d{1,25}",
+            fullmatch=True,
+        ),
+    )
+)
+def test_parse_retry_after_fuzz(value: str) -> None:
+    """Whatever an upstream sends: ``None`` or a number in [0, MAX_RETRY_AFTER]."""
+    seconds = parse_retry_after(value)
+    assert seconds is None or 0.0 <= seconds <= MAX_RETRY_AFTER
+
+
+async def test_hostile_retry_after_is_a_plain_503() -> None:
+    """An overflowing ``Retry-After`` date is ignored: the backoff applies, no crash."""
+    upstream = Upstream(
+        503, 200, headers={"Retry-After": "01 Jan 2020 00:00:00 +99999999999999999999"}
+    )
+    async with make_client(upstream) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+
+
+async def test_retry_after_waits_are_capped_per_request() -> None:
+    """``retry_after_max`` caps all of one request's Retry-After waits together."""
+    clock = FakeClock(autojump=True)
+    upstream = Upstream(503, 503, 503, 200, headers={"Retry-After": "20"})
+    async with make_client(
+        upstream, clock, attempts=4, retry_after_max=30, total_timeout=None
+    ) as client:
+        response = await client.get("/")
+    assert clock.slept == [20.0, 10.0]  # then nothing is left: the third 503 is returned
+    assert response.status_code == 503
+    assert upstream.hits == 3
+
+
+async def test_total_timeout_is_on_by_default_and_forwarded() -> None:
+    """By default a request has an overall budget, sent downstream as ``x-deadline-ms``."""
+    assert HttpPolicy().total_timeout == 15.0
+    assert HttpPolicy(timeout=30).total_timeout == 45.0  # 1.5 x timeout unless given
+    assert HttpPolicy(timeout=None).total_timeout is None
+    assert HttpPolicy(timeout=30, total_timeout=31).total_timeout == 31.0
+    upstream = Upstream(200)
+    async with make_client(upstream) as client:
+        await client.get("/")
+    assert 14_000 < int(upstream.requests[0].headers["x-deadline-ms"]) <= 15_000
+
+
+async def test_total_timeout_caps_every_attempt_together() -> None:
+    """A hanging upstream costs one ``total_timeout``, not ``attempts x timeout``."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return httpx.Response(200)  # pragma: no cover
+
+    clock = SystemClock()  # real time: the upstream hangs in real time
+    async with make_client(
+        handler, clock, timeout=0.04, total_timeout=0.05, wait=lambda s: 0
+    ) as client:
+        with pytest.raises(DeadlineExceeded):
+            await client.get("/")
+
+
+async def test_fallback_on_failures_answers_a_last_5xx() -> None:
+    """``fallback_on="failures"``: the last failing response goes to the fallback."""
+    seen: list[Exception] = []
+
+    async def fallback(request: httpx.Request, error: Exception) -> httpx.Response:
+        seen.append(error)
+        return httpx.Response(200, text="stale")
+
+    upstream = Upstream(503)
+    async with make_client(
+        upstream, attempts=2, fallback=fallback, fallback_on="failures"
+    ) as client:
+        response = await client.get("/")
+    assert response.text == "stale"
+    (error,) = seen
+    assert isinstance(error, httpx.HTTPStatusError)
+    assert error.response.status_code == 503
+    assert all(body.closed for body in upstream.bodies)
+
+
+async def test_fallback_on_failures_lets_rejections_through() -> None:
+    """``fallback_on="failures"``: an open breaker is raised, not answered."""
+
+    async def fallback(request: httpx.Request, error: Exception) -> httpx.Response:
+        return httpx.Response(200, text="stale")
+
+    upstream = Upstream(500)
+    async with make_client(
+        upstream, attempts=1, minimum_calls=1, fallback=fallback, fallback_on="failures"
+    ) as client:
+        assert (await client.get("/")).text == "stale"
+        with pytest.raises(CircuitOpen):
+            await client.get("/")
+
+
+async def test_fallback_on_both_by_default() -> None:
+    """By default the fallback answers failures and rejections alike."""
+    answered: list[str] = []
+
+    async def fallback(request: httpx.Request, error: Exception) -> httpx.Response:
+        answered.append(type(error).__name__)
+        return httpx.Response(200)
+
+    upstream = Upstream(500)
+    async with make_client(upstream, attempts=1, minimum_calls=1, fallback=fallback) as client:
+        await client.get("/")
+        await client.get("/")
+    assert answered == ["HTTPStatusError", "CircuitOpen"]
+
+
+async def test_pipelines_are_bounded_least_recently_used_first() -> None:
+    """Past ``max_origins`` the least recently used origin's pipeline is forgotten."""
+    transport = ResilientTransport(
+        httpx.MockTransport(Upstream(200)), policy=HttpPolicy(clock=FakeClock()), max_origins=3
+    )
+    async with httpx.AsyncClient(transport=transport) as client:
+        for host in ("a", "b", "c", "a", "d", "e"):
+            await client.get(f"http://{host}.test/")
+    assert transport.pipeline_names() == [
+        "http://a.test:80",
+        "http://d.test:80",
+        "http://e.test:80",
+    ]
+
+
+async def test_an_open_breaker_is_never_evicted() -> None:
+    """An origin whose breaker is open keeps its pipeline (and so stays open)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500 if request.url.host == "down.test" else 200)
+
+    policy = HttpPolicy(attempts=1, minimum_calls=1, clock=FakeClock())
+    transport = ResilientTransport(httpx.MockTransport(handler), policy=policy, max_origins=2)
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get("http://down.test/")
+        for host in "abcdef":
+            await client.get(f"http://{host}.test/")
+        with pytest.raises(CircuitOpen):
+            await client.get("http://down.test/")
+    assert "http://down.test:80" in transport.pipeline_names()
+    assert len(transport.pipeline_names()) == 2
+
+
+def test_translated_errors_keep_their_request_and_attributes() -> None:
+    """The httpx flavour of a core error carries its arguments, attributes and the request."""
+    from resilience.integrations.httpx import _translate
+
+    request = httpx.Request("GET", "http://upstream.test/")
+    error = _translate(BulkheadFullError("pool", 4), request)
+    assert isinstance(error, BulkheadFull)
+    assert error.request is request
+    assert (error.name, error.max_concurrent, error.args) == ("pool", 4, ("pool", 4))
+    assert str(error) == str(BulkheadFullError("pool", 4))
+    made = RateLimited("api", 0.5)
+    assert (made.name, made.retry_after, made.args) == ("api", 0.5, ("api", 0.5))
+
+
+def test_missing_httpx_names_the_extra() -> None:
+    """Without httpx installed the import fails with the ``pip install`` line of the extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['httpx'] = None\n"
+        "try:\n    import resilience.integrations.httpx\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True
+    ).stdout
+    assert "[httpx]" in out
+    assert "pip install" in out
+
+
+async def test_listeners_can_choose_their_events() -> None:
+    """A listener on HttpPolicy gets every policy's events; ``select`` narrows them down."""
+    from resilience import CallFinished, RetryScheduled, select
+
+    everything: list[object] = []
+    retries: list[object] = []
+    listeners = (everything.append, select(retries.append, events=(RetryScheduled,)))
+    upstream = Upstream(503, 200)
+    async with make_client(upstream, listeners=listeners, max_concurrent=10) as client:
+        await client.get("/")
+    finished = [e for e in everything if isinstance(e, CallFinished)]
+    # retry, breaker (x2 attempts), timeout (x2), bulkhead (x2): not the overall timeout
+    assert {e.policy for e in finished} == {"retry", "circuit_breaker", "timeout", "bulkhead"}
+    assert not any("total_timeout" in e.name for e in finished)
+    assert [type(e) for e in retries] == [RetryScheduled]
+
+
+async def test_retry_after_beyond_the_default_budget_is_not_waited_for() -> None:
+    """With the defaults, a ``Retry-After: 30`` (beyond the 15 s budget) ends retrying at once."""
+    clock = FakeClock(autojump=True)
+    upstream = Upstream(429, 200, headers={"Retry-After": "30"})
+    async with make_client(upstream, clock) as client:
+        response = await client.get("/")
+    assert response.status_code == 429
+    assert clock.slept == []
+    assert upstream.hits == 1

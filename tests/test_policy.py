@@ -515,3 +515,21 @@ def test_base_policy_wrap_is_abstract() -> None:
 
     with pytest.raises(NotImplementedError):
         BasePolicy("p", None, ())(fn)
+
+
+async def test_call_form_runs_under_the_policy_and_sees_new_listeners() -> None:
+    """``policy.call(fn, ...)`` passes arguments, and a listener added later gets its events."""
+    from resilience import Bulkhead, CallFinished
+
+    async def add(a: int, *, b: int) -> int:
+        return a + b
+
+    bulkhead = Bulkhead(1)
+    assert await bulkhead.call(add, 1, b=2) == 3
+    got: list[object] = []
+    bulkhead.add_listener(got.append)
+    assert await bulkhead.call(add, 2, b=2) == 4
+    assert [type(e) for e in got] == [CallFinished]
+    with pytest.raises(TypeError):
+        await bulkhead.call(add, 1)  # the function's own TypeError, raised under the policy
+    assert bulkhead.in_flight == 0

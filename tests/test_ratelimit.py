@@ -147,6 +147,9 @@ async def test_call_rejected_event(clock: FakeClock) -> None:
         ({"rate": 1, "burst": 0}, ValueError),
         ({"rate": 1, "burst": 1.5}, TypeError),
         ({"rate": 1, "burst": True}, TypeError),
+        ({"rate": 1e-310}, ValueError),  # the interval overflows to inf
+        ({"rate": 1e308, "per": 1e-300}, ValueError),  # the interval underflows to 0
+        ({"rate": 1, "per": 10**400}, ValueError),
     ],
 )
 def test_bad_input_rejected(kwargs: dict[str, Any], error: type[Exception]) -> None:
@@ -333,7 +336,7 @@ async def test_redis_unreachable_uses_local_bucket(clock: FakeClock) -> None:
     """A RedisStore that cannot connect never fails a call: the local bucket decides."""
     store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
     try:
-        limiter = RateLimiter(1, burst=2, store=store, clock=clock)
+        limiter = RateLimiter(1, burst=2, store=store, name="api", clock=clock)
         assert await limiter.call(ok) == "ok"
         assert await limiter.call(ok) == "ok"
         with pytest.raises(RateLimitedError):

@@ -609,3 +609,62 @@ def test_budget_tokens_stay_in_range(outcomes: list[bool], max_tokens: int, rati
             assert 0.0 <= budget.tokens <= max_tokens
 
     asyncio.run(main())
+
+
+async def test_before_sleep_runs_between_the_decision_and_the_wait() -> None:
+    """``before_sleep`` (sync or async) sees each discarded outcome before its wait starts."""
+    clock = FakeClock(autojump=True)
+    seen: list[tuple[str, float | None, int]] = []
+
+    async def hook(state: tenacity.RetryCallState) -> None:
+        assert state.outcome is not None
+        seen.append((repr(state.outcome.exception()), state.upcoming_sleep, len(clock.slept)))
+
+    calls = iter([ValueError("a"), ValueError("b")])
+
+    async def flaky() -> str:
+        error = next(calls, None)
+        if error is not None:
+            raise error
+        return "ok"
+
+    retry = Retry(
+        on=ValueError, attempts=3, wait=tenacity.wait_fixed(2), before_sleep=hook, clock=clock
+    )
+    assert await retry.call(flaky) == "ok"
+    assert seen == [("ValueError('a')", 2.0, 0), ("ValueError('b')", 2.0, 1)]
+    sync_seen: list[int] = []
+    retry = Retry(
+        on=ValueError,
+        attempts=2,
+        wait=tenacity.wait_fixed(1),
+        before_sleep=lambda state: sync_seen.append(state.attempt_number),
+        clock=clock,
+    )
+    with pytest.raises(ValueError, match="always"):
+        await retry.call(_raise_value_error)
+    assert sync_seen == [1]
+
+
+async def _raise_value_error() -> None:
+    raise ValueError("always")
+
+
+async def test_a_raising_before_sleep_ends_the_call() -> None:
+    """An error in ``before_sleep`` ends the call with that error; no further attempt."""
+    clock = FakeClock(autojump=True)
+    attempts: list[int] = []
+
+    def hook(state: tenacity.RetryCallState) -> None:
+        raise RuntimeError("hook")
+
+    async def failing() -> None:
+        attempts.append(1)
+        raise ValueError("x")
+
+    retry = Retry(on=ValueError, attempts=3, before_sleep=hook, clock=clock)
+    with pytest.raises(RuntimeError, match="hook"):
+        await retry.call(failing)
+    assert attempts == [1]
+    with pytest.raises(TypeError, match="before_sleep"):
+        Retry(on=ValueError, before_sleep=3)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from resilience import (
     Retry,
     Timeout,
 )
+from resilience.events import CallFinished
 from resilience.telemetry import Telemetry
 from resilience.testing import FakeClock
 
@@ -232,3 +233,41 @@ def test_instrument_refuses_other_things(otel: Otel) -> None:
         otel.telemetry.instrument(object())
     with pytest.raises(TypeError, match="can watch"):
         otel.telemetry.watch(object())  # type: ignore[arg-type]
+
+
+async def test_no_op_providers_cost_nothing(clock: FakeClock) -> None:
+    """With the API's no-op providers a policy does not time its calls for telemetry."""
+    from opentelemetry import metrics, trace
+
+    telemetry = Telemetry(
+        meter_provider=metrics.NoOpMeterProvider(), tracer_provider=trace.NoOpTracerProvider()
+    )
+    assert not telemetry.recording()
+    assert not telemetry.tracing()
+    breaker = CircuitBreaker("b", clock=clock, listeners=[telemetry])
+    # the policy's own function, not the timing wrapper around it
+    assert "_observed" not in breaker._observed(ok).__qualname__
+    attempt = telemetry.attempt()
+    assert attempt._wrap(ok) is ok
+
+
+def test_global_proxy_provider_counts_as_no_op() -> None:
+    """Without an SDK set globally, telemetry knows nothing is recorded."""
+    telemetry = Telemetry()
+    assert not telemetry.recording()
+    assert not telemetry.tracing()
+
+
+async def test_call_metrics_per_policy(otel: Otel, clock: FakeClock) -> None:
+    """``call_metrics`` limits ``resilience.calls`` to the chosen kinds or names."""
+    telemetry = Telemetry(
+        meter_provider=otel.meters, tracer_provider=otel.tracers, call_metrics=("payments",)
+    )
+    await CircuitBreaker("payments", clock=clock, listeners=[telemetry]).call(ok)
+    await CircuitBreaker("search", clock=clock, listeners=[telemetry]).call(ok)
+    names = {p[0]["resilience.name"] for p in otel.points("resilience.calls")}
+    assert names == {"payments"}
+    off = Telemetry(meter_provider=otel.meters, call_metrics=False)
+    assert not off.wants(CallFinished, "circuit_breaker", "payments")
+    with pytest.raises(TypeError, match="call_metrics"):
+        Telemetry(call_metrics="payments")

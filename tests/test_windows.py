@@ -89,3 +89,20 @@ def test_bad_windows_are_refused(factory: object, error: type[Exception]) -> Non
     """Impossible window sizes fail at construction with a clear error."""
     with pytest.raises(error):
         factory()  # type: ignore[operator]
+
+
+def test_count_window_size_has_an_upper_bound() -> None:
+    """A window too large to keep in memory is refused at construction, not by MemoryError."""
+    from resilience.windows import MAX_COUNT_WINDOW
+
+    assert CountWindow(MAX_COUNT_WINDOW).size == MAX_COUNT_WINDOW
+    for size in (MAX_COUNT_WINDOW + 1, 10**12, 10**400):
+        with pytest.raises(ValueError, match="CountWindow size"):
+            CountWindow(size)
+
+
+@pytest.mark.parametrize("seconds", [10**400, -(10**400), float("nan"), 0])
+def test_time_window_seconds_out_of_range(seconds: float) -> None:
+    """Seconds that are not a finite positive float are a ValueError naming them."""
+    with pytest.raises(ValueError, match="TimeWindow seconds"):
+        TimeWindow(seconds)

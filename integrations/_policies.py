@@ -1,0 +1,66 @@
+"""The policies both adapters put around a request, built in one place.
+
+``ResilientTransport`` (client side) and ``ResilienceMiddleware`` (server side) protect a
+request with the same inner policies, in the recommended order
+``RateLimiter -> Timeout -> Bulkhead``; only the bulkhead's reach differs (the middleware may
+make it fleet-wide). Each adapter validates its own options; the policies validate theirs.
+"""
+
+from __future__ import annotations
+
+from resilience import Bulkhead, Clock, Listener, Policy, RateLimiter, Store, Timeout
+
+
+def limits(
+    name: str,
+    *,
+    rate: float | None,
+    per: float,
+    burst: int | None,
+    timeout: float | None,
+    max_concurrent: int | None,
+    max_waiting: int,
+    max_wait: float | None,
+    store: Store | None,
+    clock: Clock | None,
+    listeners: tuple[Listener, ...],
+    fleet_bulkhead: bool = False,
+    lease: float = 30.0,
+) -> list[Policy]:
+    """The rate limiter, timeout and bulkhead asked for, outermost first.
+
+    The rate limiter shares its bucket through ``store`` (when given); the bulkhead is
+    fleet-wide through ``store`` only with ``fleet_bulkhead`` (its permits leased for
+    ``lease`` seconds), else it limits this process.
+    """
+    policies: list[Policy] = []
+    if rate is not None:
+        policies.append(
+            RateLimiter(
+                rate,
+                per=per,
+                burst=burst,
+                store=store,
+                name=name,
+                clock=clock,
+                listeners=listeners,
+            )
+        )
+    if timeout is not None:
+        policies.append(Timeout(timeout, name=name, clock=clock, listeners=listeners))
+    if max_concurrent is not None:
+        fleet = fleet_bulkhead and store is not None
+        policies.append(
+            Bulkhead(
+                max_concurrent,
+                max_waiting=max_waiting,
+                max_wait=max_wait,
+                distributed=fleet,
+                store=store if fleet else None,
+                lease=lease,
+                name=name,
+                clock=clock,
+                listeners=listeners,
+            )
+        )
+    return policies

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from resilience import DISTRIBUTION
+
 __all__ = [
     "DEADLINE_HEADER",
     "MAX_BUDGET",
@@ -110,10 +112,6 @@ def check_deadline_header(value: object) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise TypeError(f"deadline_header must be a header name or None, got {value!r}")
     return value
-
-
-DISTRIBUTION = "resilience"
-"""The distribution to install extras from (``pip install 'resilience[httpx]'``)."""
 
 
 def missing_extra(module: str, extra: str) -> str:

@@ -292,7 +292,7 @@ class HttpPolicy:
     minimum_calls: int = 20
     window: CountWindow | TimeWindow = field(default_factory=lambda: CountWindow(100))
     open_for: float = 5.0
-    open_for_max: float = 60.0
+    open_for_max: float | None = None  # = open_for: a fixed open time
     half_open_calls: int = 1
     rate: float | None = None
     per: float = 1.0

@@ -33,6 +33,7 @@ from .events import (
     StoreDataReset,
     StoreDegraded,
     StoreRecovered,
+    SubscriberReplaced,
     TimedOut,
     select,
 )
@@ -42,6 +43,7 @@ from .ratelimit import RateLimiter
 from .retry import Retry, RetryBudget
 from .status import PolicyStatus, ReplicaReport, status
 from .store import MemoryStore, Store
+from .store.protocol import LATENCY_BUCKETS
 from .timeout import Timeout
 from .windows import CountWindow, TimeWindow
 
@@ -50,8 +52,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .telemetry import Telemetry as Telemetry
 
 __version__ = "0.1.0"
+DISTRIBUTION = "resilience-fleet"  #: the name to ``pip install`` (the import name is resilience)
 
 __all__ = [
+    "DISTRIBUTION",
+    "LATENCY_BUCKETS",
     "BreakerMetrics",
     "Bulkhead",
     "BulkheadFullError",
@@ -87,6 +92,7 @@ __all__ = [
     "StoreDegraded",
     "StoreRecovered",
     "StoreUnavailableError",
+    "SubscriberReplaced",
     "SystemClock",
     "TimeWindow",
     "TimedOut",

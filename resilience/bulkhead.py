@@ -24,7 +24,7 @@ from .policy import (
 )
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .store.protocol import Store
 
 __all__ = ["Bulkhead"]
 

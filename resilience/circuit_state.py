@@ -20,9 +20,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .checks import check_int, check_ratio, check_seconds
 from .clock import Clock
 from .errors import CircuitOpenError
-from .policy import check_int, check_ratio, check_seconds
 from .windows import Counter, CountWindow, TimeWindow, WindowSpec
 
 __all__ = [
@@ -71,6 +71,10 @@ FORCED_OPEN = CircuitState.FORCED_OPEN
 DISABLED = CircuitState.DISABLED
 
 
+MAX_MINIMUM_CALLS = 1_000_000_000  #: the largest minimum_calls (a bound, not a suggestion)
+MAX_HALF_OPEN_CALLS = 10_000  #: the largest number of half-open probes
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BreakerConfig:
     """What a breaker's rules need; shared by every replica using the same name.
@@ -91,8 +95,8 @@ class BreakerConfig:
     def __post_init__(self) -> None:
         check_ratio("failure_ratio", self.failure_ratio)
         check_ratio("slow_call_ratio", self.slow_call_ratio)
-        check_int("minimum_calls", self.minimum_calls)
-        check_int("half_open_calls", self.half_open_calls)
+        check_int("minimum_calls", self.minimum_calls, maximum=MAX_MINIMUM_CALLS)
+        check_int("half_open_calls", self.half_open_calls, maximum=MAX_HALF_OPEN_CALLS)
         if not isinstance(self.window, (CountWindow, TimeWindow)):
             raise TypeError(
                 f"window must be CountWindow(size) or TimeWindow(seconds), got {self.window!r}"

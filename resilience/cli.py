@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import DISTRIBUTION, __version__
 from .circuit import CircuitState
 from .errors import StoreUnavailableError
 from .status import PolicyStatus, status
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-DISTRIBUTION = "resilience-fleet"  #: the name to ``pip install`` (the import name is resilience)
 URL_ENV = "RESILIENCE_REDIS_URL"
 PREFIX_ENV = "RESILIENCE_PREFIX"
 TOKEN_ENV = "RESILIENCE_DASHBOARD_TOKEN"

@@ -116,7 +116,9 @@ class ResilienceTimeoutError(ResilienceError, TimeoutError):
         self.seconds = seconds
 
     def __str__(self) -> str:
-        return f"timeout {self.name!r} expired after {self.seconds:g}s"
+        if self.name == "timeout":  # the default name says nothing: leave it out
+            return f"timed out after {self.seconds:g}s"
+        return f"timed out after {self.seconds:g}s (timeout {self.name!r})"
 
 
 class UnacceptableResultError(ResilienceError):

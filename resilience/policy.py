@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import operator
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
+from .checks import check_bool as check_bool  # re-exported: policies import checks from here
+from .checks import check_int as check_int
+from .checks import check_name as check_name
+from .checks import check_positive as check_positive
+from .checks import check_ratio as check_ratio
+from .checks import check_seconds as check_seconds
 from .clock import SYSTEM_CLOCK, Clock
 from .events import CallFinished, Listener, call_finished, check_listeners, emit, wants
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .store.protocol import Store
 
 __all__ = ["BasePolicy", "Pipeline", "Policy"]
 
@@ -286,60 +291,6 @@ def require_async(fn: object, policy: object) -> None:
     raise TypeError(f"{policy!r} protects coroutine functions (async def); {fn!r} is {what}")
 
 
-def check_name(name: object, what: str = "name") -> str:
-    """A policy name: a non-empty string."""
-    if not isinstance(name, str):
-        raise TypeError(f"{what} must be a str, got {name!r}")
-    if not name:
-        raise ValueError(f"{what} must not be empty")
-    return name
-
-
-def check_seconds(what: str, value: object, *, none: bool = False, zero: bool = False) -> Any:
-    """A duration in seconds: a finite number > 0 (or >= 0 with ``zero``; ``None`` allowed)."""
-    if value is None and none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite or value < 0 or (value == 0 and not zero):
-        bound = ">= 0" if zero else "> 0"
-        raise ValueError(f"{what} must be finite and {bound}, got {value!r}")
-    return float(value)
-
-
-def check_positive(what: str, value: object) -> float:
-    """A finite number > 0 (a rate, a count per period)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, got {value!r}")
-    try:
-        ok = math.isfinite(value) and value > 0
-    except OverflowError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{what} must be finite and > 0, got {value!r}")
-    return float(value)
-
-
-def check_int(what: str, value: object, *, minimum: int = 1) -> int:
-    """An int no smaller than ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
-    return value
-
-
-def check_bool(what: str, value: object) -> bool:
-    """A real ``bool``: ``"false"``, ``0`` or ``None`` are refused, never judged by truthiness."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{what} must be True or False, got {value!r}")
-    return value
-
-
 def is_shared(store: object) -> bool:
     """Whether ``store`` is seen by other processes (every store but ``MemoryStore``).
 
@@ -365,15 +316,6 @@ def check_fleet_name(what: str, name: str, default: str, store: object) -> None:
             f"{what} on a shared store needs a name of its own (name={default!r} is the "
             f"default, shared by every service on that store): pass name='<service>:<what>'"
         )
-
-
-def check_ratio(what: str, value: object) -> float:
-    """A ratio in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number in (0, 1], got {value!r}")
-    if not 0 < value <= 1:  # also rejects NaN
-        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
-    return float(value)
 
 
 def exception_filter(

@@ -27,7 +27,7 @@ from .policy import (
 )
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .store.protocol import Store
 
 __all__ = ["Retry", "RetryBudget"]
 

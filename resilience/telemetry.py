@@ -26,7 +26,9 @@ Metric names (all attributes are low-cardinality: policy kind, policy name, outc
 ``resilience.timeouts``            counter    timeouts that expired
 ``resilience.bulkhead.in_flight``  gauge      calls holding a slot
 ``resilience.store.degraded``      gauge      1 while a store runs on local state
-``resilience.store.events``        counter    degraded / recovered / data_reset
+``resilience.store.loop_lag``      gauge      seconds the event loop was late (Redis store)
+``resilience.store.events``        counter    degraded / recovered / data_reset /
+                                              subscriber_replaced
 =================================  =========  ===============================================
 """
 
@@ -53,6 +55,7 @@ from .events import (
     StoreDataReset,
     StoreDegraded,
     StoreRecovered,
+    SubscriberReplaced,
     TimedOut,
 )
 from .policy import BasePolicy, Pipeline, Protected, check_name
@@ -145,6 +148,12 @@ class Telemetry:
             callbacks=[self._observe_stores],
             unit="1",
             description="1 while a store runs on local state.",
+        )
+        meter.create_observable_gauge(
+            "resilience.store.loop_lag",
+            callbacks=[self._observe_loop_lag],
+            unit="s",
+            description="How late the event loop was, last measured by a store.",
         )
         self._labels: dict[tuple[str, str, str], dict[str, str]] = {}
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
@@ -263,10 +272,12 @@ class Telemetry:
         elif isinstance(event, TimedOut):
             self._timeouts.add(1, attrs)
             self._span_event("resilience.timeout", {**attrs, "resilience.seconds": event.seconds})
-        elif isinstance(event, (StoreDegraded, StoreRecovered, StoreDataReset)):
-            kind = {StoreDegraded: "degraded", StoreRecovered: "recovered"}.get(
-                type(event), "data_reset"
-            )
+        elif isinstance(event, (StoreDegraded, StoreRecovered, StoreDataReset, SubscriberReplaced)):
+            kind = {
+                StoreDegraded: "degraded",
+                StoreRecovered: "recovered",
+                SubscriberReplaced: "subscriber_replaced",
+            }.get(type(event), "data_reset")
             self._store_events.add(1, {**attrs, "resilience.event": kind})
 
     def _span_event(self, name: str, attrs: dict[str, Any]) -> None:
@@ -294,6 +305,13 @@ class Telemetry:
         for store in list(self._stores):
             name = getattr(store, "prefix", type(store).__name__)
             yield Observation(1 if store.degraded else 0, {"resilience.store": name})
+
+    def _observe_loop_lag(self, options: CallbackOptions) -> Iterable[Observation]:
+        for store in list(self._stores):
+            lag = getattr(store, "loop_lag", None)
+            if isinstance(lag, float):
+                name = getattr(store, "prefix", type(store).__name__)
+                yield Observation(lag, {"resilience.store": name})
 
 
 def _no_op(provider: object, no_op: type) -> bool:

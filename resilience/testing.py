@@ -7,7 +7,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 
-from .policy import check_seconds
+from .checks import check_seconds
 
 __all__ = ["FakeClock"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .policy import check_int, check_seconds
+from .checks import check_int, check_seconds
 
 __all__ = ["MAX_COUNT_WINDOW", "CountWindow", "Counter", "TimeWindow", "WindowSpec"]
 

@@ -6,9 +6,9 @@ import itertools
 import math
 from types import TracebackType
 
+from ..checks import check_int, check_name, check_seconds
 from ..circuit_state import BreakerConfig, BreakerCore, CircuitState
 from ..clock import SYSTEM_CLOCK, Clock
-from ..policy import check_int, check_name, check_seconds
 from ..ratelimit import gcra
 from .protocol import PolicyStatus
 

@@ -38,6 +38,7 @@ from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
+from ..checks import check_int, check_name, check_seconds
 from ..circuit_state import (
     CLOSED,
     DISABLED,
@@ -49,7 +50,6 @@ from ..circuit_state import (
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import StoreUnavailableError
 from ..events import Event, Listener, StoreDataReset, check_listeners, emit
-from ..policy import check_int, check_name, check_seconds
 from .protocol import PolicyStatus
 from .redis_breaker import SharedBreakerCore
 from .redis_primitives import SCRIPTS, Transition, key, number, real, script_source, text

@@ -1,0 +1,82 @@
+"""Input checks shared by every constructor: a clear ``TypeError`` or ``ValueError`` naming
+the argument and the value, never a late failure. Pure functions; this module imports nothing
+of the package, so any module may use it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = [
+    "check_bool",
+    "check_int",
+    "check_name",
+    "check_positive",
+    "check_ratio",
+    "check_seconds",
+]
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """A policy name: a non-empty string."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, got {name!r}")
+    if not name:
+        raise ValueError(f"{what} must not be empty")
+    return name
+
+
+def check_seconds(what: str, value: object, *, none: bool = False, zero: bool = False) -> Any:
+    """A duration in seconds: a finite number > 0 (or >= 0 with ``zero``; ``None`` allowed)."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{what} must be finite and {bound}, got {value!r}")
+    return float(value)
+
+
+def check_positive(what: str, value: object) -> float:
+    """A finite number > 0 (a rate, a count per period)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    try:
+        ok = math.isfinite(value) and value > 0
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_int(what: str, value: object, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """An int no smaller than ``minimum`` (and no larger than ``maximum``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{what} must be <= {maximum:,}, got {value!r}")
+    return value
+
+
+def check_bool(what: str, value: object) -> bool:
+    """A real ``bool``: ``"false"``, ``0`` or ``None`` are refused, never judged by truthiness."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def check_ratio(what: str, value: object) -> float:
+    """A ratio in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number in (0, 1], got {value!r}")
+    if not 0 < value <= 1:  # also rejects NaN
+        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
+    return float(value)

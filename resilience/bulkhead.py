@@ -39,18 +39,17 @@ def _expire(fut: asyncio.Future[bool]) -> None:
 class _Renewal:
     """Keeps one fleet-wide permit alive while its call runs.
 
-    Every half ``lease`` (one timer, no task while nothing is due) a fresh permit is taken
-    with ``limit=max_concurrent + 1`` and the old one returned: only this holder may briefly
-    hold two, every other caller still sees the fleet full at ``max_concurrent``, so the
-    count is never exceeded while holders are alive, however long their calls run. When the
-    renewal finds even that full (another holder renewing at the same moment) or the store
-    cannot answer, the old permit is kept and renewal is tried again after a tenth of the
-    lease.
+    Every half ``lease`` (one timer, no task while nothing is due) the permit is extended by
+    another ``lease`` (one store call), so the fleet-wide count holds however long calls run.
+    When the store cannot answer, renewal is tried again after a tenth of the lease; the
+    permit stays valid until its expiry meanwhile. A permit found expired (the store was away
+    longer than a lease) is replaced by a fresh one if the fleet has room; otherwise the call
+    runs on under the local limit only.
     """
 
     __slots__ = ("bulkhead", "done", "lease", "store", "task", "timer")
 
-    def __init__(self, bulkhead: Bulkhead, store: Store, lease: str) -> None:
+    def __init__(self, bulkhead: Bulkhead, store: Store, lease: str | None) -> None:
         self.bulkhead = bulkhead
         self.store = store
         self.lease = lease
@@ -64,21 +63,19 @@ class _Renewal:
 
     async def _renew(self) -> None:
         bulkhead, store = self.bulkhead, self.store
-        delay = bulkhead.lease / 10
+        delay = bulkhead.lease / 2
         try:
-            fresh = await store.acquire_lease(
-                bulkhead.name, limit=bulkhead.max_concurrent + 1, ttl=bulkhead.lease
-            )
-        except Exception as exc:  # the old permit lives on until its expiry: try again soon
+            if self.lease is not None and await store.renew_lease(
+                bulkhead.name, self.lease, ttl=bulkhead.lease
+            ):
+                pass
+            else:  # expired meanwhile: a fresh permit if the fleet has room
+                self.lease = await store.acquire_lease(
+                    bulkhead.name, limit=bulkhead.max_concurrent, ttl=bulkhead.lease
+                )
+        except Exception as exc:  # the permit lives on until its expiry: try again soon
             logger.warning("bulkhead %r could not renew a permit: %r", bulkhead.name, exc)
-            fresh = None
-        if fresh is not None:
-            old, self.lease = self.lease, fresh
-            delay = bulkhead.lease / 2
-            try:
-                await store.release_lease(bulkhead.name, old)
-            except Exception as exc:  # it expires by itself
-                logger.warning("bulkhead %r could not return a permit: %r", bulkhead.name, exc)
+            delay = bulkhead.lease / 10
         if not self.done:
             self.timer = bulkhead._clock.call_later(delay, self._due)
 
@@ -88,7 +85,8 @@ class _Renewal:
         self.timer.cancel()
         if self.task is not None:
             await self.task  # _renew raises nothing; it may swap the permit meanwhile
-        await self.bulkhead._release_permit(self.lease)
+        if self.lease is not None:
+            await self.bulkhead._release_permit(self.lease)
 
 
 class Bulkhead(BasePolicy):
@@ -129,7 +127,7 @@ class Bulkhead(BasePolicy):
         self.max_waiting = check_int("max_waiting", max_waiting, minimum=0)
         self.max_wait: float | None = check_seconds("max_wait", max_wait, none=True, zero=True)
         self.distributed = check_bool("distributed", distributed)
-        self.store = check_store("store", store, "acquire_lease", "release_lease")
+        self.store = check_store("store", store, "acquire_lease", "release_lease", "renew_lease")
         self.lease: float = check_seconds("lease", lease)
         if distributed:
             if self.store is None:

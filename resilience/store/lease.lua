@@ -1,8 +1,9 @@
 -- lease: take, give back or count expiring permits (a zset: lease id -> expiry in ms).
 -- KEYS: 1 the lease set, 2 the limit last taken with (for status tools; optional)
--- ARGV: 1 op ("take", "give", "count"), 2 now in ms ("" = TIME), 3 lease id,
+-- ARGV: 1 op ("take", "give", "renew", "count"), 2 now in ms ("" = TIME), 3 lease id,
 --       4 limit, 5 ttl in ms
 -- Returns: take -> 1 if granted else 0; give -> 1 if it was held and unexpired;
+--          renew -> 1 if it was held and unexpired (now expiring ttl from now);
 --          count -> live leases
 -- Expired leases (and leases expiring more than ~115 days ahead: garbage) are purged first.
 local n = tonumber(ARGV[2])
@@ -13,6 +14,15 @@ end
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 local op = ARGV[1]
+if op == 'renew' then
+  local expiry = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[3]))
+  if not expiry or expiry <= n then return 0 end
+  redis.call('ZADD', KEYS[1], 'XX', n + tonumber(ARGV[5]), ARGV[3])
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[5]) then
+    redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
+  end
+  return 1
+end
 if op == 'give' then
   local expiry = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[3]))
   redis.call('ZREM', KEYS[1], ARGV[3])

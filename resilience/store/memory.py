@@ -76,6 +76,15 @@ class MemoryStore:
         """Give a permit back; ``False`` if it had already expired."""
         return self._live(key).pop(lease, None) is not None
 
+    async def renew_lease(self, key: str, lease: str, *, ttl: float) -> bool:
+        """Extend an unexpired permit to ``ttl`` seconds from now; ``False`` if it expired."""
+        check_seconds("ttl", ttl)
+        leases = self._live(key)
+        if lease not in leases:
+            return False
+        leases[lease] = self.clock.monotonic() + ttl
+        return True
+
     async def count_leases(self, key: str) -> int:
         """Permits held under ``key`` now."""
         return len(self._live(key))

@@ -110,6 +110,10 @@ class Store(Protocol):
     async def release_lease(self, key: str, lease: str) -> bool:
         """Give a permit back; ``False`` if it had expired (or was never taken)."""
 
+    async def renew_lease(self, key: str, lease: str, *, ttl: float) -> bool:
+        """Extend an unexpired permit to ``ttl`` seconds from now; ``False`` if it had
+        expired (the caller then holds nothing)."""
+
     async def count_leases(self, key: str) -> int:
         """How many unexpired permits are held under ``key``."""
 

@@ -61,6 +61,7 @@ __all__ = ["RedisStore"]
 
 logger = logging.getLogger("resilience.redis")
 
+_MAX_TTL = 10 * 365 * 86_400.0  # seconds: ten years is "for ever" for a key's lifetime
 _STATUS_CHUNK = 500  # names per status script call (one pipeline for all chunks)
 _STATUS_PER_NAME = 0.00005  # seconds status() may take per name on top of the timeout
 
@@ -85,6 +86,11 @@ def _is_cluster(client: object) -> bool:
     except ImportError:  # pragma: no cover - every supported redis-py has it
         return False
     return isinstance(client, RedisCluster)
+
+
+def _ttl_ms(ttl: object) -> int:
+    """A lifetime in whole milliseconds (at least 1, at most ten years)."""
+    return max(1, int(min(check_seconds("ttl", ttl), _MAX_TTL) * 1000))
 
 
 def _check_prefix(prefix: object) -> str:
@@ -130,7 +136,10 @@ class RedisStore:
             raise TypeError(f"strict must be a bool, got {strict!r}")
         self.strict = strict
         self.timeout = check_seconds("timeout", timeout)
-        self.ttl_ms = int(check_seconds("ttl", ttl) * 1000)
+        ttl = check_seconds("ttl", ttl)
+        if ttl > _MAX_TTL:
+            raise ValueError(f"ttl must be at most {_MAX_TTL:,.0f} seconds, got {ttl!r}")
+        self.ttl_ms = int(ttl * 1000)
         self.forget_after = check_seconds("forget_after", forget_after)
         self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
         self._listeners = check_listeners(listeners)
@@ -254,7 +263,7 @@ class RedisStore:
         """Take one of ``limit`` fleet-wide permits under ``key`` for ``ttl`` seconds."""
         check_name(key, "key")
         check_int("limit", limit)
-        ttl_ms = max(1, int(check_seconds("ttl", ttl) * 1000))
+        ttl_ms = _ttl_ms(ttl)
         lease = f"{self.replica}:{next(self._lease_ids)}"
         try:
             got = await self.engine.call(
@@ -284,6 +293,19 @@ class RedisStore:
         except StoreUnavailableError:
             self.engine.orphan(key, lease)  # returned as soon as Redis answers
             raise
+        return bool(self._int(got))
+
+    async def renew_lease(self, key: str, lease: str, *, ttl: float) -> bool:
+        """Extend an unexpired permit to ``ttl`` seconds from now; ``False`` if it expired."""
+        check_name(key, "key")
+        ttl_ms = _ttl_ms(ttl)
+        got = await self.engine.call(
+            self._scripts["lease"](
+                keys=[self.key(key, "leases")],
+                args=["renew", self.engine.now_arg(), lease, 0, ttl_ms],
+            ),
+            key=self.key(key, "leases"),
+        )
         return bool(self._int(got))
 
     async def count_leases(self, key: str) -> int:
@@ -333,7 +355,7 @@ class RedisStore:
 
     async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
         """Add ``delta`` to the fleet's token count ``key`` (starting full), clamped."""
-        ttl_ms = max(1, int(check_seconds("ttl", ttl) * 1000))
+        ttl_ms = _ttl_ms(ttl)
         return await self._shared(
             key,
             "budget",
@@ -355,7 +377,7 @@ class RedisStore:
         """Cache ``value`` under ``item`` for policy ``key`` for ``ttl`` seconds."""
         check_name(key, "key")
         self._register(key)
-        ttl_ms = max(1, int(check_seconds("ttl", ttl) * 1000))
+        ttl_ms = _ttl_ms(ttl)
         cache_key = self.key(key, "cache:" + quote(item, safe=""))
         await self.engine.call(self.client.set(cache_key, value, px=ttl_ms), key=cache_key)
 

@@ -208,6 +208,21 @@ async def test_leases_expire(store: Store, clock: FakeClock) -> None:
     assert await store.acquire_lease("pool", limit=1, ttl=5) is not None
 
 
+async def test_a_renewed_lease_outlives_its_first_ttl(store: Store, clock: FakeClock) -> None:
+    """renew_lease extends an unexpired permit; an expired one cannot be renewed."""
+    lease = await store.acquire_lease("pool", limit=1, ttl=5)
+    assert lease is not None
+    clock.advance(4)
+    assert await store.renew_lease("pool", lease, ttl=5) is True
+    clock.advance(4)  # 8 s after the grant: alive only thanks to the renewal
+    assert await store.count_leases("pool") == 1
+    assert await store.acquire_lease("pool", limit=1, ttl=5) is None
+    clock.advance(1.5)
+    assert await store.count_leases("pool") == 0
+    assert await store.renew_lease("pool", lease, ttl=5) is False
+    assert await store.renew_lease("pool", "never-granted", ttl=5) is False
+
+
 async def test_names_lists_known_policies(store: Store) -> None:
     """The store can list the policies it holds, for status tools."""
     breaker(store, "payments")

@@ -25,7 +25,7 @@ from resilience import (
     Retry,
     Timeout,
 )
-from resilience.events import CallFinished
+from resilience.events import CallFinished, SubscriberReplaced
 from resilience.telemetry import Telemetry
 from resilience.testing import FakeClock
 
@@ -216,6 +216,12 @@ async def test_store_events_and_degraded_gauge(otel: Otel) -> None:
         points = otel.points("resilience.store.events")
         assert points[0][0]["resilience.event"] == "degraded"
         assert otel.points("resilience.store.degraded") == [({"resilience.store": "otel"}, 1)]
+        lags = otel.points("resilience.store.loop_lag")
+        assert [labels for labels, _ in lags] == [{"resilience.store": "otel"}]
+        assert lags[0][1] >= 0
+        store._emit(SubscriberReplaced(name="otel"))  # as its subscriber does
+        kinds = [p[0]["resilience.event"] for p in otel.points("resilience.store.events")]
+        assert "subscriber_replaced" in kinds
     finally:
         await store.aclose()
 

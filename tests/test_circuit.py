@@ -635,3 +635,24 @@ async def test_half_open_metrics_show_the_probes(clock: FakeClock) -> None:
     m = b.metrics()
     assert (m.calls, m.failures) == (2, 1)
     assert m.failure_ratio == pytest.approx(0.5)
+
+
+async def test_a_memory_store_forgets_breakers_nobody_holds(clock: FakeClock) -> None:
+    """Unheld breakers leave a MemoryStore forget_after seconds after their name was last
+    asked for; a breaker still held is never forgotten, whatever its age."""
+    import gc
+
+    store = MemoryStore(clock=clock, forget_after=5.0)
+    held = CircuitBreaker("held", store=store, clock=clock, window=CountWindow(4))
+    await run(held, "ffff")
+    assert held.state is OPEN
+    dropped = CircuitBreaker("dropped", store=store, clock=clock)
+    del dropped
+    gc.collect()
+    assert "dropped" in store.names()  # kept for a while: a per-call breaker keeps its state
+    clock.advance(6)
+    CircuitBreaker("another", store=store, clock=clock)  # a later use sweeps
+    gc.collect()
+    assert "dropped" not in store.names()
+    assert "held" in store.names()
+    assert held.state is OPEN

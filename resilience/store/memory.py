@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
+from collections import OrderedDict
 from types import TracebackType
 
 from ..checks import check_int, check_name, check_seconds
@@ -19,13 +21,19 @@ class MemoryStore:
     """Keeps breaker cores and leases in this process; nothing to connect, nothing to fail.
 
     Breakers that share a ``MemoryStore`` and a name share one state. ``clock`` times the
-    leases (default: the system clock).
+    leases (default: the system clock). A breaker no policy object holds any more is kept
+    for ``forget_after`` seconds after its name was last asked for, then forgotten, so a
+    store behind a client that talks to many hosts does not grow for ever.
     """
 
-    def __init__(self, *, clock: Clock | None = None) -> None:
+    def __init__(self, *, clock: Clock | None = None, forget_after: float = 600.0) -> None:
         self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
         self.degraded = False  # nothing to lose touch with
-        self._breakers: dict[str, BreakerCore] = {}
+        self.forget_after = check_seconds("forget_after", forget_after)
+        self._breakers: weakref.WeakValueDictionary[str, BreakerCore] = (
+            weakref.WeakValueDictionary()
+        )
+        self._recent: OrderedDict[str, tuple[float, BreakerCore]] = OrderedDict()
         self._leases: dict[str, dict[str, float]] = {}
         self._limits: dict[str, int] = {}
         self._ids = itertools.count(1)
@@ -44,6 +52,16 @@ class MemoryStore:
                 f"breaker {name!r} already exists in this store with another configuration: "
                 f"{core.config} != {config}"
             )
+        now = self.clock.monotonic()
+        recent = self._recent
+        recent.pop(name, None)
+        recent[name] = (now, core)  # held for forget_after from now
+        horizon = now - self.forget_after
+        while recent:  # O(forgotten): the oldest first
+            first, (used, _) = next(iter(recent.items()))
+            if used > horizon:
+                break
+            del recent[first]
         return core
 
     def names(self) -> list[str]:
@@ -120,7 +138,7 @@ class MemoryStore:
         """Breakers, lease keys, rate buckets and budgets held here."""
         now = self.clock.monotonic()
         out = []
-        for name, core in self._breakers.items():
+        for name, core in list(self._breakers.items()):
             m = core.metrics(now)
             out.append(
                 PolicyStatus(

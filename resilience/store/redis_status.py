@@ -39,29 +39,28 @@ def local_status(core: BreakerCore, now: float) -> PolicyStatus:
     )
 
 
-def _opened(raw: Any) -> tuple[int, int, int] | None:
-    parts = text(raw).split()
+def _opened(raw: str) -> tuple[int, int, int] | None:
+    parts = raw.split(",")
     if len(parts) != 3:
         return None
     calls, failures, slow = (number(p) for p in parts)
     return (calls, failures, slow) if calls else None
 
 
-def _replicas(flat: Any, now: int) -> tuple[ReplicaReport, ...]:
-    """``{id, "last seen ms calls failures slow seq", ...}`` (garbage raises ValueError)."""
-    if not flat:
-        return ()
+def _replicas(reports: list[str], now: int) -> tuple[ReplicaReport, ...]:
+    """``<id>|<last seen ms> <calls> <failures> <slow> <seq> <refused> <histogram>``."""
     out = []
-    for i in range(0, len(flat) - 1, 2):
-        parts = flat[i + 1].split()
+    for report in reports:
+        rid, _, value = report.rpartition("|")
+        parts = value.split()
         if len(parts) < 4:
             continue
         at = float(parts[0])
         if not math.isfinite(at):
-            raise ValueError(f"replica report {flat[i + 1]!r:.60}")
+            raise ValueError(f"replica report {report!r:.60}")
         out.append(
             ReplicaReport(
-                replica=text(flat[i]),
+                replica=rid,
                 last_seen=max(0.0, (now - at) / 1000),
                 calls=int(parts[1]),
                 failures=int(parts[2]),
@@ -74,8 +73,8 @@ def _replicas(flat: Any, now: int) -> tuple[ReplicaReport, ...]:
     return tuple(out)
 
 
-def _histogram(raw: bytes | str) -> tuple[int, ...]:
-    counts = tuple(int(n) for n in text(raw).split(",") if n)
+def _histogram(raw: str) -> tuple[int, ...]:
+    counts = tuple(int(n) for n in raw.split(",") if n)
     return counts if len(counts) == len(LATENCY_BUCKETS) else ()
 
 
@@ -87,47 +86,52 @@ def _summed(replicas: tuple[ReplicaReport, ...]) -> tuple[int, tuple[int, ...]]:
 
 
 def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
-    if not isinstance(entry, list) or len(entry) % 2:
-        raise BadReply(f"unexpected status entry {entry!r:.100}")
-    f = {
-        k.decode() if type(k) is bytes else k: v
-        for k, v in zip(entry[::2], entry[1::2], strict=True)
-    }
+    fields: dict[str, str] = {}
+    reports: list[str] = []
+    raw = text(entry)
+    for item in raw.split("\t") if raw else ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BadReply(f"unexpected status field {item!r:.60}")
+        if key == "R":
+            reports.append(value)
+        else:
+            fields[key] = value
     out: list[PolicyStatus] = []
-    if number(f["breaker"]):
-        state = BY_VALUE.get(text(f["state"]))
+    if fields.get("b") == "1":
+        state = BY_VALUE.get(fields["s"])
         if state is None:
-            raise BadReply(f"unknown state {f['state']!r:.40}")
-        open_until = number(f["open_until"])
-        replicas = _replicas(f["replicas"], now)
+            raise BadReply(f"unknown state {fields['s']!r:.40}")
+        open_until = number(fields["u"])
+        replicas = _replicas(reports, now)
         rejected, latency = _summed(replicas)
         out.append(
             PolicyStatus(
                 name=name,
                 kind="circuit_breaker",
                 state=state,
-                generation=number(f["gen"]),
-                calls=number(f["calls"]),
-                failures=number(f["failures"]),
-                slow_calls=number(f["slow"]),
+                generation=number(fields["g"]),
+                calls=number(fields["c"]),
+                failures=number(fields["f"]),
+                slow_calls=number(fields["l"]),
                 retry_after=max(0.0, (open_until - now) / 1000) if state is OPEN else None,
-                probes=number(f["probes"]),
-                opened_by=_opened(f["opened_by"]) if state is OPEN else None,
+                probes=number(fields["p"]),
+                opened_by=_opened(fields["o"]) if state is OPEN else None,
                 replicas=replicas,
                 rejected=rejected,
                 latency=latency,
             )
         )
-    if number(f["leases"], -1) >= 0:
-        limit = number(f["limit"]) if text(f.get("limit", "")) else None
+    if "n" in fields:
+        limit = number(fields["m"]) if "m" in fields else None
         out.append(
-            PolicyStatus(name=name, kind="bulkhead", in_flight=number(f["leases"]), limit=limit)
+            PolicyStatus(name=name, kind="bulkhead", in_flight=number(fields["n"]), limit=limit)
         )
-    if text(f["gcra"]):
-        real(f["gcra"], 0)
+    if "q" in fields:
+        real(fields["q"], 0)
         out.append(PolicyStatus(name=name, kind="rate_limiter"))
-    if text(f["budget"]):
-        out.append(PolicyStatus(name=name, kind="retry_budget", tokens=real(f["budget"], 0)))
+    if "t" in fields:
+        out.append(PolicyStatus(name=name, kind="retry_budget", tokens=real(fields["t"], 0)))
     return out
 
 

@@ -1,13 +1,13 @@
 -- status: everything known about some policy names, for status tools. Read-only.
--- KEYS: 8 per name (state, window, probes, replicas, leases, gcra, budget, limit); or none, and
---       the names (escaped) in ARGV after the prefix (one Redis only: not for a Cluster)
+-- KEYS: 8 per name (state, window, probes, replicas, leases, gcra, budget, limit); or none,
+--       and the names (escaped) in ARGV after the prefix (one Redis only: not for a Cluster)
 -- ARGV: 1 now in ms ("" = server TIME), 2 prefix, 3.. escaped names (when no KEYS)
--- Returns: {now, entry, entry, ...}, an entry per name of named fields: 'breaker' 0|1,
---   'state', 'gen', 'open_until', 'reopens', 'calls', 'failures', 'slow' (the window's
---   running totals, or the probes' while half-open), 'probes' (leases held), 'opened_by'
---   ("calls failures slow"), 'leases' (-1: none), 'limit' (a bulkhead's, "" none),
---   'gcra' and 'budget' (raw, "" none),
---   'replicas' {id, "last seen ms calls failures slow seq", ...}
+-- Returns: {now, entry, entry, ...}: an entry per name, one string of named fields
+--   "name=value" joined by tabs (compact: a status of 10,000 names is 10,000 strings):
+--   breaker: b=1, s state, g gen, u open_until, r reopens, c calls, f failures, l slow (the
+--   window's running totals, or the probes' while half-open), p probe leases held, o the
+--   "calls,failures,slow" that opened it, R=<replica id>|<its report> (one per replica);
+--   bulkhead: n leases held, m its limit; rate limiter: q its arrival time; budget: t tokens.
 -- O(1) per name for a count window, O(buckets) for a time window. A key of the wrong type
 -- reads as absent (pcall), so one damaged name cannot fail the others.
 local now = now_ms(ARGV[1])
@@ -30,13 +30,10 @@ for n = 1, names do
     k = {base .. 'state', base .. 'win', base .. 'probes', base .. 'replicas', base .. 'leases',
       base .. 'gcra', base .. 'budget', base .. 'limit'}
   end
-  local e = {'breaker', 0, 'state', '', 'gen', 0, 'open_until', 0, 'reopens', 0, 'calls', 0,
-    'failures', 0, 'slow', 0, 'probes', 0, 'opened_by', '', 'leases', -1, 'gcra', '',
-    'budget', '', 'replicas', {}, 'limit', ''}
+  local e = {}
   local v = get('HMGET', k[1], 'state', 'gen', 'open_until', 'reopens', 'wk', 'ws', 'ww',
     'oc', 'of', 'os', 'tc', 'tf', 'ts', 'pd', 'pf', 'ps')
   if v and v[1] then
-    e[2], e[4], e[6], e[8], e[10] = 1, v[1], v[2] or '', v[3] or '', v[4] or ''
     local calls, failures, slow = 0, 0, 0
     if v[1] == 'half_open' then
       calls, failures, slow = v[14] or 0, v[15] or 0, v[16] or 0
@@ -56,19 +53,24 @@ for n = 1, names do
         end
       end
     end
-    e[12], e[14], e[16] = calls, failures, slow
-    e[20] = (v[8] or 0) .. ' ' .. (v[9] or 0) .. ' ' .. (v[10] or 0)
-    if v[1] == 'half_open' then e[18] = get('ZCOUNT', k[3], '(' .. now, '+inf') or 0 end
-    e[28] = get('HGETALL', k[4]) or {}
+    local probes = 0
+    if v[1] == 'half_open' then probes = get('ZCOUNT', k[3], '(' .. now, '+inf') or 0 end
+    e[1] = 'b=1\ts=' .. v[1] .. '\tg=' .. (v[2] or '') .. '\tu=' .. (v[3] or '') .. '\tr=' ..
+      (v[4] or '') .. '\tc=' .. calls .. '\tf=' .. failures .. '\tl=' .. slow .. '\tp=' ..
+      probes .. '\to=' .. (v[8] or 0) .. ',' .. (v[9] or 0) .. ',' .. (v[10] or 0)
+    local reports = get('HGETALL', k[4]) or {}
+    for i = 1, #reports, 2 do e[#e + 1] = 'R=' .. reports[i] .. '|' .. reports[i + 1] end
   end
   if redis.call('EXISTS', k[5], k[6], k[7]) > 0 then -- most names are breakers only
     if redis.call('EXISTS', k[5]) == 1 then
-      e[22] = get('ZCOUNT', k[5], '(' .. now, '+inf') or 0
-      e[30] = get('GET', k[8]) or ''
+      e[#e + 1] = 'n=' .. (get('ZCOUNT', k[5], '(' .. now, '+inf') or 0)
+      local limit = get('GET', k[8])
+      if limit then e[#e + 1] = 'm=' .. limit end
     end
-    e[24] = get('GET', k[6]) or ''
-    e[26] = get('GET', k[7]) or ''
+    local gcra, budget = get('GET', k[6]), get('GET', k[7])
+    if gcra then e[#e + 1] = 'q=' .. gcra end
+    if budget then e[#e + 1] = 't=' .. budget end
   end
-  out[#out + 1] = e
+  out[#out + 1] = table.concat(e, '\t')
 end
 return out

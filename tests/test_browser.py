@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,7 @@ async def test_dashboard_follows_a_breaker(
         await origin.call(upstream)
         await store.sync()
         busy = asyncio.create_task(_traffic(origin, upstream, store))
+        knocking = asyncio.create_task(_knock(inventory))  # refused: it is forced open
 
         try:
             await page.goto(base)
@@ -183,6 +185,8 @@ async def test_dashboard_follows_a_breaker(
             card = page.locator('[data-breaker="payments"]')
             await card.and_(page.locator('[data-state="closed"]')).wait_for(timeout=10_000)
             await _figures_change(page, "http://127.0.0.1:18001")
+            await _latency_follows_the_calls(page, search)
+            await _rate_above_zero(page, "inventory", "rejected-rate")
             await asyncio.sleep(1.0)  # a few updates for the sparklines
 
             upstream.failing = True
@@ -190,6 +194,14 @@ async def test_dashboard_follows_a_breaker(
             opened = page.locator('[data-breaker="payments"][data-state="open"]')
             await opened.wait_for(timeout=10_000)
             assert "OPEN" in await opened.locator(".badge").inner_text()
+            # calls refused by the open breaker show as rejected/s, and stop showing after
+            refusing = asyncio.create_task(_knock(payments))
+            try:
+                await _rate_above_zero(page, "payments", "rejected-rate")
+            finally:
+                refusing.cancel()
+                await asyncio.gather(refusing, return_exceptions=True)
+            await _rate_is_zero(page, "payments", "rejected-rate")
             await page.locator(
                 '[data-breaker="payments"] .countdown:has-text("open for")'
             ).wait_for(timeout=5_000)
@@ -198,6 +210,11 @@ async def test_dashboard_follows_a_breaker(
             )
             thumbnails = page.locator('[data-policy="thumbnails"][data-kind="bulkhead"]')
             assert (await thumbnails.locator(".value").inner_text()).strip() == "1"
+            assert (await thumbnails.locator(".figure").inner_text()).strip() == "in flight 1 of 10"
+            meter = thumbnails.locator('.bar[role="meter"]')
+            assert await meter.is_visible()
+            assert await meter.get_attribute("aria-valuenow") == "1"
+            assert await meter.get_attribute("aria-valuemax") == "10"
             await _sort_and_filter(page)
             await _no_wrap_inside_a_segment(page, "http://127.0.0.1:18001")
             assert await page.locator("#feed").get_attribute("data-feed") == "live"
@@ -235,8 +252,9 @@ async def test_dashboard_follows_a_breaker(
             )
         finally:  # a failing check leaves no task or connection behind
             busy.cancel()
+            knocking.cancel()
             release.set()
-            await asyncio.gather(busy, held, return_exceptions=True)
+            await asyncio.gather(busy, knocking, held, return_exceptions=True)
 
 
 async def _traffic(breaker: CircuitBreaker, upstream: Upstream, store: RedisStore) -> None:
@@ -250,6 +268,82 @@ async def _traffic(breaker: CircuitBreaker, upstream: Upstream, store: RedisStor
 async def _healthy() -> str:
     await asyncio.sleep(0)
     return "ok"
+
+
+async def _knock(breaker: CircuitBreaker) -> None:
+    """Call ``breaker`` about 25 times a second until cancelled; refusals are expected."""
+    while True:
+        with contextlib.suppress(Exception):
+            await breaker.call(_healthy)
+        await asyncio.sleep(0.04)
+
+
+async def _slow(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "ok"
+
+
+def _shown_ms(text: str) -> float | None:
+    """A latency figure as the page shows it ("< 64 ms", "< 1.0 s", "≥ 4.1 s"), in ms."""
+    match = re.fullmatch(r"[<≥] ([0-9.]+) (ms|s)", text.strip())
+    if match is None:
+        return None
+    return float(match[1]) * (1 if match[2] == "ms" else 1000)
+
+
+async def _text_becomes(page: Any, selector: str, done: Callable[[str], bool]) -> str:
+    """Poll the text of ``selector`` until ``done(text)`` holds (bounded: 15 s); the text."""
+    element = page.locator(selector)
+    seen: list[str] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # bounded
+        text = (await element.inner_text()).strip()
+        if done(text):
+            return str(text)
+        if not seen or seen[-1] != text:
+            seen.append(text)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{selector}: never as expected; seen {seen}")
+
+
+async def _rate_above_zero(page: Any, name: str, figure: str) -> None:
+    """The card of ``name`` shows its ``figure`` (a per-second rate) above zero."""
+    selector = f'[data-breaker="{name}"] .{figure}'
+    await _text_becomes(page, selector, lambda t: t[:1].isdigit() and float(t) > 0)
+
+
+async def _rate_is_zero(page: Any, name: str, figure: str) -> None:
+    """The card of ``name`` shows its ``figure`` at zero."""
+    selector = f'[data-breaker="{name}"] .{figure}'
+    await _text_becomes(page, selector, lambda t: t[:1].isdigit() and float(t) == 0)
+
+
+async def _latency_follows_the_calls(page: Any, breaker: CircuitBreaker) -> None:
+    """With no call, the card shows no latency ("—"); under calls that each sleep 70 ms, p50
+    and p99 show a bucket at or above 128 ms (a bound no slow machine can break); once the
+    calls stop, "—" again."""
+    card = f'[data-breaker="{breaker.name}"]'
+    await _text_becomes(page, f"{card} .p50", lambda t: t == "—")
+    assert (await page.locator(f"{card} .sampled").inner_text()).strip() == "· no call sampled"
+
+    async def calls() -> None:
+        while True:
+            await breaker.call(_slow, 0.07)
+
+    workers = [asyncio.create_task(calls()) for _ in range(4)]  # about 57 calls a second
+    try:
+        for figure in ("p50", "p99"):
+            shown = await _text_becomes(
+                page, f"{card} .{figure}", lambda t: (_shown_ms(t) or 0) >= 128
+            )
+            assert shown.startswith(("<", "≥")), shown
+        sampled = (await page.locator(f"{card} .sampled").inner_text()).strip()
+        assert re.fullmatch(r"· (\d+ sampled|no call sampled)", sampled), sampled
+    finally:
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    await _text_becomes(page, f"{card} .p99", lambda t: t == "—")
 
 
 async def _figures_change(page: Any, name: str) -> None:

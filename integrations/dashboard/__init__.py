@@ -16,8 +16,9 @@ Routes, relative to where it is mounted:
   ``"rates"``, per second: ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that
   keeps no running total of them, as an in-process one) and ``rejected`` (calls refused);
   ``"percentiles"``: ``{"samples", "p50", "p99"}`` over the calls sampled in between (one in
-  8 is timed), each percentile as its histogram bucket's ``[lower, upper]`` edges in seconds
-  (``upper`` ``None`` past the last edge), or ``None`` when no call was sampled.
+  8, or every call of a breaker that times them anyway), each percentile as its histogram
+  bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last edge), or
+  ``None`` when no call was sampled.
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only

@@ -365,7 +365,8 @@ async def _figures_change(page: Any, name: str) -> None:
 
 
 async def _sort_and_filter(page: Any) -> None:
-    """Sorting by state puts the open breaker first; filtering by state hides the others."""
+    """Sorting by state puts the open breaker first, by rejected/s the one refusing calls;
+    filtering by state hides the others."""
     await page.select_option("#sort", "state")
     first = page.locator("#breakers > .card").first
     assert await first.get_attribute("data-state") == "open"
@@ -375,6 +376,11 @@ async def _sort_and_filter(page: Any) -> None:
     assert await visible.first.get_attribute("data-breaker") == "payments"
     assert "1 of 4 breakers shown" in await page.locator("#shown").inner_text()
     await page.select_option("#filter", "all")
+    await page.select_option("#sort", "rejected")  # inventory: forced open, and knocked on
+    await page.wait_for_function(
+        "() => document.querySelector('#breakers > .card').dataset.breaker === 'inventory'",
+        timeout=10_000,
+    )
     await page.select_option("#sort", "name")
     assert await page.locator("#breakers > .card:not([hidden])").count() == 4
 

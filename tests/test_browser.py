@@ -22,8 +22,17 @@ from typing import Any
 import httpx
 import pytest
 
-from resilience import Bulkhead, CircuitBreaker, CircuitState, CountWindow, status
+from resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    MemoryStore,
+    status,
+)
 from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
 
 from .redis_server import free_port
 
@@ -409,3 +418,61 @@ async def _sometimes_fails(i: int) -> int:
     if i % 7 == 3:
         raise ConnectionError("flaky")
     return i
+
+
+async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeClock) -> None:
+    """An in-process store's breaker and bulkhead, figures exact on a fake clock: the page
+    shows rejected/s (and no calls/s), p50 and p99 as "< 4 ms" and "≥ 4.1 s" (past the last
+    bucket), the samples, and a full bulkhead as "in flight 4 of 4" with a full bar."""
+    from resilience.integrations.dashboard import Dashboard
+    from resilience.integrations.demo import serve
+
+    store = MemoryStore(clock=clock)
+    breaker = CircuitBreaker("timed", failure_if=lambda result: False, store=store)
+    pool = Bulkhead(4, distributed=True, store=store, name="pool")
+
+    async def takes(seconds: float) -> str:
+        clock.advance(seconds)
+        return "ok"
+
+    release = asyncio.Event()
+    held = [asyncio.create_task(pool.call(release.wait)) for _ in range(4)]
+    app = Dashboard(store, refresh=0.5)
+    try:
+        for _ in range(1000):  # bounded: until the four leases are taken
+            if await store.count_leases("pool") == 4:
+                break
+            await asyncio.sleep(0)
+        await breaker.call(takes, 0)  # the 1st call is timed, then the 9th and the 17th
+        await app.snapshot()
+        for n in range(2, 18):
+            await breaker.call(takes, {9: 0.003, 17: 5.0}.get(n, 0))
+        await store.control("timed", CircuitState.FORCED_OPEN)
+        for _ in range(6):
+            with pytest.raises(CircuitOpenError):
+                await breaker.call(takes, 0)
+        clock.advance(6.0 - 5.003)  # 6 s since the first snapshot: 1.0 refusal a second
+        _, doc = await app.snapshot()  # the page gets this one: the fake clock stands still
+        (timed,) = [p for p in doc["policies"] if p["name"] == "timed"]
+        assert timed["percentiles"] == {"samples": 2, "p50": [0.002, 0.004], "p99": [4.096, None]}
+        server, task = await serve(app, free_port())
+        try:
+            await page.goto(f"http://127.0.0.1:{server.config.port}/")
+            card = page.locator('[data-breaker="timed"][data-state="forced_open"]')
+            await card.wait_for(timeout=10_000)
+            assert (await card.locator(".p50").inner_text()).strip() == "< 4 ms"
+            assert (await card.locator(".p99").inner_text()).strip() == "≥ 4.1 s"
+            assert (await card.locator(".sampled").inner_text()).strip() == "· 2 sampled"
+            assert (await card.locator(".rejected-rate").inner_text()).strip() == "1.0"
+            assert (await card.locator(".calls-rate").inner_text()).strip() == "\u2013"  # no total
+            assert "in-process store" in await card.locator(".reporting").inner_text()
+            bulkhead = page.locator('[data-policy="pool"][data-kind="bulkhead"]')
+            assert (await bulkhead.locator(".figure").inner_text()).strip() == "in flight 4 of 4"
+            assert "full" in (await bulkhead.locator(".bar").get_attribute("class") or "")
+        finally:
+            await page.goto("about:blank")  # the event stream ends with the page
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+        await asyncio.gather(*held, return_exceptions=True)

@@ -256,6 +256,44 @@ async def test_a_total_that_goes_down_counts_from_zero(redis_url: str, clock: Fa
     assert after["rates"]["rejected"] == 1.0  # 4 refused since the reset, in 4 s
 
 
+async def test_a_replica_first_seen(redis_url: str, clock: FakeClock) -> None:
+    """A replica that appears between two snapshots adds the calls the store counted from its
+    first report; its refusals (totals since its breaker was made, maybe long before) count
+    from the next snapshot on."""
+    prefix = f"dash-{uuid.uuid4().hex[:8]}"
+    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    options: dict[str, Any] = {"window": CountWindow(100), "open_for": 600}
+    try:
+        app = Dashboard(one, refresh=0.05)
+        first = CircuitBreaker("shared", store=one, **options)
+        await first.call(asyncio.sleep, 0)
+        start = await breaker_status(app, "shared", 1.0)
+        assert [r["replica"] for r in start["replicas"]] == [one.replica]
+        second = CircuitBreaker("shared", store=two, **options)
+        for _ in range(4):
+            await second.call(asyncio.sleep, 0)
+        await two.sync()
+        await one.control("shared", CircuitState.FORCED_OPEN)
+        await two.sync()
+        await refuse(second, 5)
+        await refuse(first, 2)
+        await two.sync()
+        joined = await breaker_status(app, "shared", 2.0)
+        assert len(joined["replicas"]) == 2
+        assert joined["rejected"] == 7  # the running totals, as the store reports them
+        assert joined["rates"]["calls"] == 2.0  # the newcomer's 4 calls in 2 s
+        assert joined["rates"]["rejected"] == 1.0  # 2 refused by the replica seen before
+        await refuse(second, 3)
+        await two.sync()
+        later = await breaker_status(app, "shared", 1.0)
+        assert later["rates"]["rejected"] == 3.0
+        assert later["rates"]["calls"] == 0
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
 async def test_bulkhead_limit_beside_in_flight(fake_time_store: MemoryStore | RedisStore) -> None:
     """A fleet-wide bulkhead shows its leases in flight and its limit."""
     pool = Bulkhead(3, distributed=True, store=fake_time_store, name="pool")

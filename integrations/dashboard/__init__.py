@@ -105,14 +105,14 @@ def _dumps(doc: Any) -> str:
 _PERCENTILES = (("p50", 50), ("p99", 99))
 
 
-def _growth(before: tuple[int, ...] | None, now: tuple[int, ...]) -> tuple[int, ...]:
+def _growth(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:
     """How much the running totals ``now`` grew since ``before``.
 
-    Totals that went down were reset (their replica restarted, or was silent long enough to
-    start over): they count from zero, so the growth is ``now`` itself, never negative. So
-    do totals not read before (a replica that appeared since).
+    Totals that went down were reset (a replica dropped an idle breaker and made it again, or
+    was silent long enough for the store to drop its report): they count from zero, so the
+    growth is ``now`` itself, never negative.
     """
-    if before is None or len(before) != len(now):
+    if len(before) != len(now):
         return now
     if any(b > a for a, b in zip(now, before, strict=True)):
         return now
@@ -164,8 +164,10 @@ class _Intervals:
     Stores report running totals (``ReplicaReport``, or the policy's own without replicas):
     each figure is their growth between two snapshots at least ``min_gap`` seconds apart,
     per source, summed. A total that went down is a reset: it counts from zero, never as a
-    negative rate. A breaker switching between its replica's local view and the fleet's
-    starts over (no figures for that interval).
+    negative rate. A replica first seen adds its calls (the store counts them from its first
+    flush), not its refusals and latency (its breaker's totals, maybe older than the
+    interval). A breaker switching between its replica's local view and the fleet's starts
+    over (no figures for that interval).
     """
 
     def __init__(self, min_gap: float) -> None:
@@ -198,12 +200,16 @@ class _Intervals:
         for source, (calls, refused, histogram) in after.items():
             old = before.get(source)
             if calls is not None:
-                grown = _growth(None if old is None else old[0], calls)
+                # a report new since the last snapshot counts its calls from the first flush
+                grown = calls if old is None or old[0] is None else _growth(old[0], calls)
                 outcomes = [a + b for a, b in zip(outcomes or [0, 0, 0], grown, strict=True)]
-            rejected += _growth(None if old is None else old[1], refused)[0]
+            if old is None:
+                # ... but its refusals and latency since its breaker was made, maybe long
+                # before: they are the base the next interval grows from
+                continue
+            rejected += _growth(old[1], refused)[0]
             if len(histogram) == len(latency):
-                grown = _growth(None if old is None else old[2], histogram)
-                latency = [a + b for a, b in zip(latency, grown, strict=True)]
+                latency = [a + b for a, b in zip(latency, _growth(old[2], histogram), strict=True)]
         calls_rate, failures_rate, slow_rate = (
             (None, None, None) if outcomes is None else (round(n / gap, 2) for n in outcomes)
         )

@@ -9,20 +9,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from resilience import Bulkhead, CircuitBreaker, CircuitState, CountWindow, status
+from resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    MemoryStore,
+    status,
+)
 from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
 
 from .redis_server import free_port
 
@@ -168,6 +178,7 @@ async def test_dashboard_follows_a_breaker(
         await origin.call(upstream)
         await store.sync()
         busy = asyncio.create_task(_traffic(origin, upstream, store))
+        knocking = asyncio.create_task(_knock(inventory))  # refused: it is forced open
 
         try:
             await page.goto(base)
@@ -183,6 +194,8 @@ async def test_dashboard_follows_a_breaker(
             card = page.locator('[data-breaker="payments"]')
             await card.and_(page.locator('[data-state="closed"]')).wait_for(timeout=10_000)
             await _figures_change(page, "http://127.0.0.1:18001")
+            await _latency_follows_the_calls(page, search)
+            await _rate_above_zero(page, "inventory", "rejected-rate")
             await asyncio.sleep(1.0)  # a few updates for the sparklines
 
             upstream.failing = True
@@ -190,6 +203,14 @@ async def test_dashboard_follows_a_breaker(
             opened = page.locator('[data-breaker="payments"][data-state="open"]')
             await opened.wait_for(timeout=10_000)
             assert "OPEN" in await opened.locator(".badge").inner_text()
+            # calls refused by the open breaker show as rejected/s, and stop showing after
+            refusing = asyncio.create_task(_knock(payments))
+            try:
+                await _rate_above_zero(page, "payments", "rejected-rate")
+            finally:
+                refusing.cancel()
+                await asyncio.gather(refusing, return_exceptions=True)
+            await _rate_is_zero(page, "payments", "rejected-rate")
             await page.locator(
                 '[data-breaker="payments"] .countdown:has-text("open for")'
             ).wait_for(timeout=5_000)
@@ -198,6 +219,11 @@ async def test_dashboard_follows_a_breaker(
             )
             thumbnails = page.locator('[data-policy="thumbnails"][data-kind="bulkhead"]')
             assert (await thumbnails.locator(".value").inner_text()).strip() == "1"
+            assert (await thumbnails.locator(".figure").inner_text()).strip() == "in flight 1 of 10"
+            meter = thumbnails.locator('.bar[role="meter"]')
+            assert await meter.is_visible()
+            assert await meter.get_attribute("aria-valuenow") == "1"
+            assert await meter.get_attribute("aria-valuemax") == "10"
             await _sort_and_filter(page)
             await _no_wrap_inside_a_segment(page, "http://127.0.0.1:18001")
             assert await page.locator("#feed").get_attribute("data-feed") == "live"
@@ -235,8 +261,9 @@ async def test_dashboard_follows_a_breaker(
             )
         finally:  # a failing check leaves no task or connection behind
             busy.cancel()
+            knocking.cancel()
             release.set()
-            await asyncio.gather(busy, held, return_exceptions=True)
+            await asyncio.gather(busy, knocking, held, return_exceptions=True)
 
 
 async def _traffic(breaker: CircuitBreaker, upstream: Upstream, store: RedisStore) -> None:
@@ -250,6 +277,82 @@ async def _traffic(breaker: CircuitBreaker, upstream: Upstream, store: RedisStor
 async def _healthy() -> str:
     await asyncio.sleep(0)
     return "ok"
+
+
+async def _knock(breaker: CircuitBreaker) -> None:
+    """Call ``breaker`` about 25 times a second until cancelled; refusals are expected."""
+    while True:
+        with contextlib.suppress(Exception):
+            await breaker.call(_healthy)
+        await asyncio.sleep(0.04)
+
+
+async def _slow(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "ok"
+
+
+def _shown_ms(text: str) -> float | None:
+    """A latency figure as the page shows it ("< 64 ms", "< 1.0 s", "≥ 4.1 s"), in ms."""
+    match = re.fullmatch(r"[<≥] ([0-9.]+) (ms|s)", text.strip())
+    if match is None:
+        return None
+    return float(match[1]) * (1 if match[2] == "ms" else 1000)
+
+
+async def _text_becomes(page: Any, selector: str, done: Callable[[str], bool]) -> str:
+    """Poll the text of ``selector`` until ``done(text)`` holds (bounded: 15 s); the text."""
+    element = page.locator(selector)
+    seen: list[str] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # bounded
+        text = (await element.inner_text()).strip()
+        if done(text):
+            return str(text)
+        if not seen or seen[-1] != text:
+            seen.append(text)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{selector}: never as expected; seen {seen}")
+
+
+async def _rate_above_zero(page: Any, name: str, figure: str) -> None:
+    """The card of ``name`` shows its ``figure`` (a per-second rate) above zero."""
+    selector = f'[data-breaker="{name}"] .{figure}'
+    await _text_becomes(page, selector, lambda t: t[:1].isdigit() and float(t) > 0)
+
+
+async def _rate_is_zero(page: Any, name: str, figure: str) -> None:
+    """The card of ``name`` shows its ``figure`` at zero."""
+    selector = f'[data-breaker="{name}"] .{figure}'
+    await _text_becomes(page, selector, lambda t: t[:1].isdigit() and float(t) == 0)
+
+
+async def _latency_follows_the_calls(page: Any, breaker: CircuitBreaker) -> None:
+    """With no call, the card shows no latency ("—"); under calls that each sleep 70 ms, p50
+    and p99 show a bucket at or above 128 ms (a bound no slow machine can break); once the
+    calls stop, "—" again."""
+    card = f'[data-breaker="{breaker.name}"]'
+    await _text_becomes(page, f"{card} .p50", lambda t: t == "—")
+    assert (await page.locator(f"{card} .sampled").inner_text()).strip() == "· no call sampled"
+
+    async def calls() -> None:
+        while True:
+            await breaker.call(_slow, 0.07)
+
+    workers = [asyncio.create_task(calls()) for _ in range(4)]  # about 57 calls a second
+    try:
+        for figure in ("p50", "p99"):
+            shown = await _text_becomes(
+                page, f"{card} .{figure}", lambda t: (_shown_ms(t) or 0) >= 128
+            )
+            assert shown.startswith(("<", "≥")), shown
+        sampled = (await page.locator(f"{card} .sampled").inner_text()).strip()
+        assert re.fullmatch(r"· (\d+ sampled|no call sampled)", sampled), sampled
+    finally:
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    await _text_becomes(page, f"{card} .p99", lambda t: t == "—")
 
 
 async def _figures_change(page: Any, name: str) -> None:
@@ -271,7 +374,8 @@ async def _figures_change(page: Any, name: str) -> None:
 
 
 async def _sort_and_filter(page: Any) -> None:
-    """Sorting by state puts the open breaker first; filtering by state hides the others."""
+    """Sorting by state puts the open breaker first, by rejected/s the one refusing calls;
+    filtering by state hides the others."""
     await page.select_option("#sort", "state")
     first = page.locator("#breakers > .card").first
     assert await first.get_attribute("data-state") == "open"
@@ -281,6 +385,11 @@ async def _sort_and_filter(page: Any) -> None:
     assert await visible.first.get_attribute("data-breaker") == "payments"
     assert "1 of 4 breakers shown" in await page.locator("#shown").inner_text()
     await page.select_option("#filter", "all")
+    await page.select_option("#sort", "rejected")  # inventory: forced open, and knocked on
+    await page.wait_for_function(
+        "() => document.querySelector('#breakers > .card').dataset.breaker === 'inventory'",
+        timeout=10_000,
+    )
     await page.select_option("#sort", "name")
     assert await page.locator("#breakers > .card:not([hidden])").count() == 4
 
@@ -309,3 +418,61 @@ async def _sometimes_fails(i: int) -> int:
     if i % 7 == 3:
         raise ConnectionError("flaky")
     return i
+
+
+async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeClock) -> None:
+    """An in-process store's breaker and bulkhead, figures exact on a fake clock: the page
+    shows rejected/s (and no calls/s), p50 and p99 as "< 4 ms" and "≥ 4.1 s" (past the last
+    bucket), the samples, and a full bulkhead as "in flight 4 of 4" with a full bar."""
+    from resilience.integrations.dashboard import Dashboard
+    from resilience.integrations.demo import serve
+
+    store = MemoryStore(clock=clock)
+    breaker = CircuitBreaker("timed", failure_if=lambda result: False, store=store)
+    pool = Bulkhead(4, distributed=True, store=store, name="pool")
+
+    async def takes(seconds: float) -> str:
+        clock.advance(seconds)
+        return "ok"
+
+    release = asyncio.Event()
+    held = [asyncio.create_task(pool.call(release.wait)) for _ in range(4)]
+    app = Dashboard(store, refresh=0.5)
+    try:
+        for _ in range(1000):  # bounded: until the four leases are taken
+            if await store.count_leases("pool") == 4:
+                break
+            await asyncio.sleep(0)
+        await breaker.call(takes, 0)  # the 1st call is timed, then the 9th and the 17th
+        await app.snapshot()
+        for n in range(2, 18):
+            await breaker.call(takes, {9: 0.003, 17: 5.0}.get(n, 0))
+        await store.control("timed", CircuitState.FORCED_OPEN)
+        for _ in range(6):
+            with pytest.raises(CircuitOpenError):
+                await breaker.call(takes, 0)
+        clock.advance(6.0 - 5.003)  # 6 s since the first snapshot: 1.0 refusal a second
+        _, doc = await app.snapshot()  # the page gets this one: the fake clock stands still
+        (timed,) = [p for p in doc["policies"] if p["name"] == "timed"]
+        assert timed["percentiles"] == {"samples": 2, "p50": [0.002, 0.004], "p99": [4.096, None]}
+        server, task = await serve(app, free_port())
+        try:
+            await page.goto(f"http://127.0.0.1:{server.config.port}/")
+            card = page.locator('[data-breaker="timed"][data-state="forced_open"]')
+            await card.wait_for(timeout=10_000)
+            assert (await card.locator(".p50").inner_text()).strip() == "< 4 ms"
+            assert (await card.locator(".p99").inner_text()).strip() == "≥ 4.1 s"
+            assert (await card.locator(".sampled").inner_text()).strip() == "· 2 sampled"
+            assert (await card.locator(".rejected-rate").inner_text()).strip() == "1.0"
+            assert (await card.locator(".calls-rate").inner_text()).strip() == "\u2013"  # no total
+            assert "in-process store" in await card.locator(".reporting").inner_text()
+            bulkhead = page.locator('[data-policy="pool"][data-kind="bulkhead"]')
+            assert (await bulkhead.locator(".figure").inner_text()).strip() == "in flight 4 of 4"
+            assert "full" in (await bulkhead.locator(".bar").get_attribute("class") or "")
+        finally:
+            await page.goto("about:blank")  # the event stream ends with the page
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+        await asyncio.gather(*held, return_exceptions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from resilience import (
+    Bulkhead,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
@@ -42,6 +44,13 @@ async def trip(breaker: CircuitBreaker, store: RedisStore | None = None) -> None
         if store is not None:
             await store.sync()
     assert breaker.metrics().state is CircuitState.OPEN
+
+
+async def refuse(breaker: CircuitBreaker, times: int) -> None:
+    """Call ``breaker`` ``times`` times, each refused (it must be open)."""
+    for _ in range(times):
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(asyncio.sleep, 0)
 
 
 def memory_breaker(clock: FakeClock) -> tuple[MemoryStore, CircuitBreaker]:
@@ -95,6 +104,7 @@ def test_control_without_token_is_refused() -> None:
         ({"token": ""}, ValueError, "token"),
         ({"token": "   "}, ValueError, "token"),
         ({"token": "a\nb"}, ValueError, "token"),
+        ({"clock": object()}, TypeError, "clock"),
     ],
 )
 def test_every_argument_is_validated(
@@ -128,6 +138,180 @@ async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> 
     assert after["rates"]["calls"] > 0
     assert after["rates"]["failures"] > 0
     assert after["rates"]["calls"] > after["rates"]["failures"]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def fake_time_store(
+    request: pytest.FixtureRequest, clock: FakeClock
+) -> AsyncIterator[MemoryStore | RedisStore]:
+    """A MemoryStore, or a RedisStore under a prefix of its own, on the test's fake clock."""
+    if request.param == "memory":
+        yield MemoryStore(clock=clock)
+        return
+    url = request.getfixturevalue("redis_url")
+    prefix = f"dash-{uuid.uuid4().hex[:8]}"
+    store = RedisStore.from_url(url, prefix=prefix, clock=clock, timeout=2.0)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def breaker_status(app: Dashboard, name: str, gap: float) -> dict[str, Any]:
+    """The breaker ``name`` in a fresh snapshot, ``gap`` seconds after the last one (the
+    dashboard and the store share the fake clock, so ``gap`` is exactly the interval)."""
+    clock = app.clock
+    assert isinstance(clock, FakeClock)
+    await app.store.sync()
+    clock.advance(gap)
+    _, doc = await app.snapshot()
+    (policy,) = [p for p in doc["policies"] if p["name"] == name]
+    return policy
+
+
+async def test_rejections_and_latency_between_snapshots(
+    fake_time_store: MemoryStore | RedisStore, clock: FakeClock
+) -> None:
+    """Rejections per second and latency percentiles come from what happened between two
+    snapshots: the calls sampled (one in 8) in their buckets, the calls refused; none when
+    nothing happened. Calls per second only where the store keeps their running totals."""
+    store = fake_time_store
+    shared = isinstance(store, RedisStore)
+    breaker = CircuitBreaker(
+        "timed",
+        window=CountWindow(20),
+        minimum_calls=20,
+        open_for=600,
+        failure_if=lambda result: False,  # a result check: calls are sampled in memory too
+        store=store,
+    )
+
+    async def takes(seconds: float) -> str:
+        clock.advance(seconds)
+        return "ok"
+
+    app = Dashboard(store, refresh=0.05)
+    await breaker.call(takes, 0.001)  # the 1st call: timed (then the 9th, the 17th, ...)
+    first = await breaker_status(app, "timed", 1.0)
+    assert (first["rates"], first["percentiles"]) == (None, None)
+
+    # calls 2 to 81: the 9th to the 73rd take 3 ms, the 81st 300 ms (10 timed calls)
+    for i in range(80):
+        await breaker.call(takes, 0.3 if i >= 72 else 0.003)
+    calm = await breaker_status(app, "timed", 5.0 - (0.003 * 72 + 0.3 * 8))
+    assert calm["percentiles"] == {"samples": 10, "p50": [0.002, 0.004], "p99": [0.256, 0.512]}
+    assert calm["rates"]["rejected"] == 0
+    assert calm["rates"]["calls"] == (16.0 if shared else None)
+    assert calm["rates"]["failures"] == (0 if shared else None)
+
+    failed = 0
+    while breaker.metrics().state is not CircuitState.OPEN:  # bounded: 20 failures open it
+        assert failed < 20
+        with pytest.raises(ConnectionError):
+            await breaker.call(_fail)
+        failed += 1
+        await store.sync()
+    for _ in range(6):
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(takes, 0.001)
+    tripped = await breaker_status(app, "timed", 2.0)
+    assert tripped["state"] == "open"
+    assert tripped["rates"]["rejected"] == 3.0  # 6 refused in 2 s
+    assert tripped["rates"]["failures"] == (failed / 2 if shared else None)
+    assert tripped["rejected"] == 6  # the running total, as the store reports it
+    timed = failed // 8  # the failures are calls 82 onwards: their 8th (the 89th) is timed
+    assert timed >= 1
+    assert tripped["percentiles"]["samples"] == timed
+    assert tripped["percentiles"]["p99"] == [0.0, 0.0005]  # failures fail at once
+
+    quiet = await breaker_status(app, "timed", 1.0)
+    assert quiet["rates"]["rejected"] == 0
+    assert quiet["percentiles"] == {"samples": 0, "p50": None, "p99": None}
+
+
+async def test_a_total_that_goes_down_counts_from_zero(redis_url: str, clock: FakeClock) -> None:
+    """A replica's running total that goes down (its breaker was forgotten, then made again)
+    is a reset: the interval counts it from zero, never as a negative rate."""
+    prefix = f"dash-{uuid.uuid4().hex[:8]}"
+    store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock, forget_after=1.0)
+    options: dict[str, Any] = {"window": CountWindow(2), "minimum_calls": 2, "open_for": 600}
+    try:
+        app = Dashboard(store, refresh=0.05)
+        breaker = CircuitBreaker("reborn", store=store, **options)
+        await trip(breaker, store)
+        await refuse(breaker, 10)
+        before = await breaker_status(app, "reborn", 1.0)
+        assert before["rejected"] == 10
+        del breaker
+        clock.advance(2.0)  # past forget_after: this replica drops the breaker
+        await store.sync()
+        gc.collect()
+        again = CircuitBreaker("reborn", store=store, **options)
+        await store.sync()  # it reads the fleet's state: open
+        await refuse(again, 4)
+        after = await breaker_status(app, "reborn", 2.0)
+    finally:
+        await store.aclose()
+    assert after["rejected"] == 4  # this replica's total went from 10 down to 4
+    assert after["rates"]["rejected"] == 1.0  # 4 refused since the reset, in 4 s
+
+
+async def test_a_replica_first_seen(redis_url: str, clock: FakeClock) -> None:
+    """A replica that appears between two snapshots adds the calls the store counted from its
+    first report; its refusals (totals since its breaker was made, maybe long before) count
+    from the next snapshot on."""
+    prefix = f"dash-{uuid.uuid4().hex[:8]}"
+    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    options: dict[str, Any] = {"window": CountWindow(100), "open_for": 600}
+    try:
+        app = Dashboard(one, refresh=0.05)
+        first = CircuitBreaker("shared", store=one, **options)
+        await first.call(asyncio.sleep, 0)
+        start = await breaker_status(app, "shared", 1.0)
+        assert [r["replica"] for r in start["replicas"]] == [one.replica]
+        second = CircuitBreaker("shared", store=two, **options)
+        for _ in range(4):
+            await second.call(asyncio.sleep, 0)
+        await two.sync()
+        await one.control("shared", CircuitState.FORCED_OPEN)
+        await two.sync()
+        await refuse(second, 5)
+        await refuse(first, 2)
+        await two.sync()
+        joined = await breaker_status(app, "shared", 2.0)
+        assert len(joined["replicas"]) == 2
+        assert joined["rejected"] == 7  # the running totals, as the store reports them
+        assert joined["rates"]["calls"] == 2.0  # the newcomer's 4 calls in 2 s
+        assert joined["rates"]["rejected"] == 1.0  # 2 refused by the replica seen before
+        await refuse(second, 3)
+        await two.sync()
+        later = await breaker_status(app, "shared", 1.0)
+        assert later["rates"]["rejected"] == 3.0
+        assert later["rates"]["calls"] == 0
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_bulkhead_limit_beside_in_flight(fake_time_store: MemoryStore | RedisStore) -> None:
+    """A fleet-wide bulkhead shows its leases in flight and its limit."""
+    pool = Bulkhead(3, distributed=True, store=fake_time_store, name="pool")
+    release = asyncio.Event()
+    held = [asyncio.create_task(pool.call(release.wait)) for _ in range(2)]
+    try:
+        for _ in range(100):  # bounded: until both leases are taken
+            if (await fake_time_store.count_leases("pool")) == 2:
+                break
+            await asyncio.sleep(0.01)
+        async with client(Dashboard(fake_time_store)) as c:
+            doc = (await c.get("/status")).json()
+    finally:
+        release.set()
+        await asyncio.gather(*held)
+    (policy,) = [p for p in doc["policies"] if p["kind"] == "bulkhead"]
+    assert (policy["name"], policy["in_flight"], policy["limit"]) == ("pool", 2, 3)
+    assert (policy["rates"], policy["percentiles"]) == (None, None)
 
 
 async def test_page_carries_the_first_snapshot_as_data(clock: FakeClock) -> None:

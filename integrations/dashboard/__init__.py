@@ -10,9 +10,15 @@ Routes, relative to where it is mounted:
   document inside it, so it shows figures at once.
 * ``GET /status``: ``{"policies": [...], "store": {"kind", "degraded"}, "control", "refresh",
   "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot answer.
-  Each policy carries its ``PolicyStatus`` fields plus ``"rates"`` (per second, computed here
-  from successive snapshots: ``calls``, ``failures``, ``slow_calls``, or ``None`` before a
-  second snapshot) and ``"replicas_reporting"`` (replicas heard from in the last minute).
+  Each policy carries its ``PolicyStatus`` fields plus ``"replicas_reporting"`` (replicas
+  heard from in the last minute) and, for a breaker, figures computed here from the running
+  totals of two successive snapshots (``None`` before a second one; ``None`` for other kinds):
+  ``"rates"``, per second: ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that
+  keeps no running total of them, as an in-process one) and ``rejected`` (calls refused);
+  ``"percentiles"``: ``{"samples", "p50", "p99"}`` over the calls sampled in between (one in
+  8, or every call of a breaker that times them anyway), each percentile as its histogram
+  bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last edge), or
+  ``None`` when no call was sampled.
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
@@ -49,7 +55,8 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
         f"'resilience-fleet[dashboard]' ({exc})"
     ) from exc
 
-from resilience import CircuitState, PolicyStatus, Store, StoreUnavailableError, status
+from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailableError, status
+from resilience.store.protocol import LATENCY_BUCKETS
 
 __all__ = ["Dashboard"]
 
@@ -95,54 +102,129 @@ def _dumps(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
-class _Rates:
-    """Calls, failures and slow calls per second of each breaker, from successive snapshots.
+_PERCENTILES = (("p50", 50), ("p99", 99))
 
-    Replicas report cumulative counts (``ReplicaReport``): the rate is the growth of their sum
-    between two snapshots at least ``min_gap`` seconds apart. A replica that disappears or
-    restarts makes the sum shrink: that interval shows no rate rather than a negative one.
+
+def _growth(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:
+    """How much the running totals ``now`` grew since ``before``.
+
+    Totals that went down were reset (a replica dropped an idle breaker and made it again, or
+    was silent long enough for the store to drop its report): they count from zero, so the
+    growth is ``now`` itself, never negative.
+    """
+    if len(before) != len(now):
+        return now
+    if any(b > a for a, b in zip(now, before, strict=True)):
+        return now
+    return tuple(a - b for a, b in zip(now, before, strict=True))
+
+
+def _percentiles(counts: list[int]) -> dict[str, Any]:
+    """p50 and p99 of a latency histogram (counts per ``LATENCY_BUCKETS`` bucket): each as
+    its bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` for the open last
+    bucket), or ``None`` without samples."""
+    samples = sum(counts)
+    out: dict[str, Any] = {"samples": samples}
+    for name, percent in _PERCENTILES:
+        out[name] = None
+        rank = max(1, -(-samples * percent // 100))  # the rank-th smallest sample, 1-based
+        seen = 0
+        for i, count in enumerate(counts):
+            seen += count
+            if samples and seen >= rank:
+                upper = LATENCY_BUCKETS[i]
+                lower = LATENCY_BUCKETS[i - 1] if i else 0.0
+                out[name] = [lower, None if math.isinf(upper) else upper]
+                break
+    return out
+
+
+#: One source's running totals: (calls, failures, slow calls) or None when the store keeps
+#: none, then (refused calls,), then the latency histogram.
+_Totals = tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]
+#: (rates, percentiles) of one breaker's last interval
+_Figures = tuple[dict[str, Any] | None, dict[str, Any] | None]
+
+
+def _totals(policy: PolicyStatus) -> dict[str, _Totals]:
+    """A breaker's running totals per source: each replica's report, or else the policy's own
+    (an in-process store counts refusals and latency, but keeps no running total of calls)."""
+    if policy.replicas:
+        return {
+            r.replica: ((r.calls, r.failures, r.slow_calls), (r.rejected,), r.latency)
+            for r in policy.replicas
+        }
+    return {"": (None, (policy.rejected,), policy.latency)}
+
+
+class _Intervals:
+    """What each breaker did between two successive snapshots: calls, failures, slow calls
+    and refused calls per second, and the latency percentiles of the calls sampled.
+
+    Stores report running totals (``ReplicaReport``, or the policy's own without replicas):
+    each figure is their growth between two snapshots at least ``min_gap`` seconds apart,
+    per source, summed. A total that went down is a reset: it counts from zero, never as a
+    negative rate. A replica first seen adds its calls (the store counts them from its first
+    flush), not its refusals and latency (its breaker's totals, maybe older than the
+    interval). A breaker switching between its replica's local view and the fleet's starts
+    over (no figures for that interval).
     """
 
     def __init__(self, min_gap: float) -> None:
         self.min_gap = min_gap
-        self._last: dict[tuple[str, str], tuple[float, tuple[int, int, int]]] = {}
-        self._rates: dict[tuple[str, str], dict[str, float] | None] = {}
+        self._last: dict[tuple[str, str], tuple[float, bool, dict[str, _Totals]]] = {}
+        self._figures: dict[tuple[str, str], _Figures] = {}
 
-    def update(self, policy: PolicyStatus, now: float) -> dict[str, float] | None:
+    def update(self, policy: PolicyStatus, now: float) -> _Figures:
+        """``(rates, percentiles)`` for ``policy``; both ``None`` before a second snapshot."""
         key = (policy.kind, policy.name)
-        if not policy.replicas:
-            return None
-        totals = (
-            sum(r.calls for r in policy.replicas),
-            sum(r.failures for r in policy.replicas),
-            sum(r.slow_calls for r in policy.replicas),
-        )
+        totals = _totals(policy)
         last = self._last.get(key)
-        if last is None:
-            self._last[key] = (now, totals)
-            return None
-        then, before = last
-        gap = now - then
-        if gap < self.min_gap:
-            return self._rates.get(key)
-        self._last[key] = (now, totals)
-        deltas = [b - a for a, b in zip(before, totals, strict=True)]
-        rates = (
-            None
-            if any(d < 0 for d in deltas)
-            else {
-                "calls": round(deltas[0] / gap, 2),
-                "failures": round(deltas[1] / gap, 2),
-                "slow_calls": round(deltas[2] / gap, 2),
-            }
+        if last is not None and now - last[0] < self.min_gap:
+            return self._figures.get(key, (None, None))
+        self._last[key] = (now, policy.local, totals)
+        if last is None or last[1] != policy.local:
+            figures: _Figures = (None, None)
+        else:
+            figures = self._compare(last[2], totals, now - last[0])
+        self._figures[key] = figures
+        return figures
+
+    @staticmethod
+    def _compare(
+        before: dict[str, _Totals], after: dict[str, _Totals], gap: float
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        outcomes: list[int] | None = None
+        rejected = 0
+        latency = [0] * len(LATENCY_BUCKETS)
+        for source, (calls, refused, histogram) in after.items():
+            old = before.get(source)
+            if calls is not None:
+                # a report new since the last snapshot counts its calls from the first flush
+                grown = calls if old is None or old[0] is None else _growth(old[0], calls)
+                outcomes = [a + b for a, b in zip(outcomes or [0, 0, 0], grown, strict=True)]
+            if old is None:
+                # ... but its refusals and latency since its breaker was made, maybe long
+                # before: they are the base the next interval grows from
+                continue
+            rejected += _growth(old[1], refused)[0]
+            if len(histogram) == len(latency):
+                latency = [a + b for a, b in zip(latency, _growth(old[2], histogram), strict=True)]
+        calls_rate, failures_rate, slow_rate = (
+            (None, None, None) if outcomes is None else (round(n / gap, 2) for n in outcomes)
         )
-        self._rates[key] = rates
-        return rates
+        rates = {
+            "calls": calls_rate,
+            "failures": failures_rate,
+            "slow_calls": slow_rate,
+            "rejected": round(rejected / gap, 2),
+        }
+        return rates, _percentiles(latency)
 
     def forget(self, keep: set[tuple[str, str]]) -> None:
         for key in set(self._last) - keep:
             del self._last[key]
-            self._rates.pop(key, None)
+            self._figures.pop(key, None)
 
 
 class Dashboard:
@@ -151,6 +233,7 @@ class Dashboard:
     ``allow_control=True`` lets operators force breakers open, closed or disabled from the
     page; it requires ``token``, which clients send as ``Authorization: Bearer <token>``.
     ``refresh`` is the seconds between two pushes on the event stream, in [0.05, 3600].
+    ``clock`` times the snapshots, and so the rates (the store's clock by default).
     """
 
     def __init__(
@@ -160,6 +243,7 @@ class Dashboard:
         allow_control: bool = False,
         token: str | None = None,
         refresh: float = 1.0,
+        clock: Clock | None = None,
     ) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"store must be a resilience Store, not {store!r}")
@@ -176,12 +260,17 @@ class Dashboard:
         # compared before any conversion: a huge int (10**400) is out of range, not an error
         if not 0.05 <= refresh <= 3600 or (isinstance(refresh, float) and math.isnan(refresh)):
             raise ValueError(f"refresh must be in [0.05, 3600] seconds, not {refresh!r}")
+        if clock is not None and not isinstance(clock, Clock):
+            raise TypeError(
+                f"clock must provide monotonic(), sleep() and call_later(), not {clock!r}"
+            )
         self.store = store
+        self.clock: Clock = store.clock if clock is None else clock
         self.allow_control = allow_control
         self.refresh = float(refresh)
         self._token = None if token is None else token.strip().encode()
         self._page = resources.files(__name__).joinpath("index.html").read_text(encoding="utf-8")
-        self._rates = _Rates(min_gap=min(0.5, self.refresh / 2))
+        self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2))
         self._latest: tuple[float, int, dict[str, Any]] | None = None
         self._lock = asyncio.Lock()
         self.app = Starlette(
@@ -214,7 +303,7 @@ class Dashboard:
         Viewers share snapshots: one taken less than half a ``refresh`` ago is reused.
         """
         async with self._lock:
-            now = time.monotonic()
+            now = self.clock.monotonic()
             if self._latest is not None and now - self._latest[0] < self.refresh / 2:
                 return self._latest[1], self._latest[2]
             code, doc = await self._take(now)
@@ -238,14 +327,17 @@ class Dashboard:
             code = 503
         else:
             doc["policies"] = [self._policy(p, now) for p in policies]
-            self._rates.forget({(p.kind, p.name) for p in policies})
+            self._intervals.forget({(p.kind, p.name) for p in policies})
         store["degraded"] = store["degraded"] or bool(getattr(self.store, "degraded", False))
         doc["time"] = time.time()
         return code, doc
 
     def _policy(self, policy: PolicyStatus, now: float) -> dict[str, Any]:
         data = policy.to_dict()
-        data["rates"] = self._rates.update(policy, now)
+        if policy.kind == "circuit_breaker":
+            data["rates"], data["percentiles"] = self._intervals.update(policy, now)
+        else:
+            data["rates"] = data["percentiles"] = None
         data["replicas_reporting"] = sum(r.last_seen <= _REPORTING for r in policy.replicas)
         return data
 

@@ -62,7 +62,8 @@ __all__ = ["RedisStore"]
 logger = logging.getLogger("resilience.redis")
 
 _MAX_TTL = 10 * 365 * 86_400.0  # seconds: ten years is "for ever" for a key's lifetime
-_STATUS_CHUNK = 500  # names per status script call (one pipeline for all chunks)
+_STATUS_CHUNK = 250  # names per status script call
+_STATUS_WORKERS = 3  # status script calls in flight at once (one Redis)
 _STATUS_PER_NAME = 0.00005  # seconds status() may take per name on top of the timeout
 
 
@@ -384,8 +385,8 @@ class RedisStore:
     async def status(self, *, limit: int | None = None) -> list[PolicyStatus]:
         """Every policy any replica registered under this prefix, read from Redis.
 
-        All names are read in one pipeline (a script call per 500 names; a Cluster: one per
-        name, all at once). ``limit`` reads only the first ``limit`` names, sorted. An entry
+        Names are read a chunk per script call (a Cluster: one name per call), a few calls in
+        flight at once. ``limit`` reads only the first ``limit`` names, sorted. An entry
         whose data does not parse is listed as damaged; the rest are shown. While Redis
         cannot answer, this replica's own breakers are listed as it sees them
         (``local=True``); with none, ``StoreUnavailableError`` is raised.
@@ -405,47 +406,40 @@ class RedisStore:
             return [local_status(core, now) for core in cores]
 
     async def _read_status(self, names: list[str]) -> list[PolicyStatus]:
+        """Every name's entry: a script call per chunk of names (a Cluster: one name a call,
+        on its own node), a few in flight at once, each parsed as soon as it arrives, so
+        Redis reads the next chunks while this process parses the last."""
         script = self._scripts["status"]
         now = self.engine.now_arg()
-        if self._cluster:  # keys declared, one name a call: each runs on its own node
+        if self._cluster:
             chunks = [[n] for n in names]
-            replies = await self.engine.call(
-                asyncio.gather(
-                    *(
-                        script(keys=[self.key(c[0], s) for s in SUFFIXES], args=[now])
-                        for c in chunks
-                    )
-                ),
-                extra=len(names) * _STATUS_PER_NAME,
-            )
-        else:  # one Redis: names as arguments, a script call per chunk, one pipeline
+        else:
             chunks = [names[i : i + _STATUS_CHUNK] for i in range(0, len(names), _STATUS_CHUNK)]
+        parsed: list[list[PolicyStatus]] = [[] for _ in chunks]
+        todo = iter(range(len(chunks)))
 
-            def args(chunk: list[str]) -> list[str]:
-                return [now, self.prefix, *(quote(n, safe="") for n in chunk)]
+        def call(chunk: list[str]) -> Any:
+            if self._cluster:  # keys declared: the call goes to the name's node
+                return script(keys=[self.key(chunk[0], s) for s in SUFFIXES], args=[now])
+            return script(keys=[], args=[now, self.prefix, *(quote(n, safe="") for n in chunk)])
 
-            async def run() -> list[Any]:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for c in chunks:
-                        pipe.evalsha(script.sha, 0, *args(c))
-                    try:
-                        return list(await pipe.execute())
-                    except Exception as exc:
-                        if "NOSCRIPT" not in str(exc):
-                            raise
-                await self.client.script_load(script.script)
-                return [await script(keys=[], args=args(c)) for c in chunks]
+        async def worker() -> None:
+            for index in todo:
+                reply = await call(chunks[index])
+                entries = reply[1:] if isinstance(reply, list) else []
+                server_now = reply[0] if isinstance(reply, list) and reply else 0
+                out = parsed[index]
+                for name, entry in itertools.zip_longest(chunks[index], entries):
+                    if name is None:
+                        break
+                    out.extend(parse_entry(name, server_now, entry))
 
-            replies = await self.engine.call(run(), extra=len(names) * _STATUS_PER_NAME)
-        out: list[PolicyStatus] = []
-        for chunk, reply in zip(chunks, replies, strict=True):
-            entries = reply[1:] if isinstance(reply, list) else []
-            server_now = reply[0] if isinstance(reply, list) and reply else 0
-            for name, entry in itertools.zip_longest(chunk, entries):
-                if name is None:
-                    break
-                out.extend(parse_entry(name, server_now, entry))
-        return out
+        workers = min(len(chunks), 32 if self._cluster else _STATUS_WORKERS)
+        await self.engine.call(
+            asyncio.gather(*(worker() for _ in range(workers))),
+            extra=len(names) * _STATUS_PER_NAME,
+        )
+        return [status for chunk in parsed for status in chunk]
 
     async def control(self, name: str, state: CircuitState) -> None:
         """Force breaker ``name`` (known to the fleet) into ``state``, fleet-wide."""

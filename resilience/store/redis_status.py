@@ -12,7 +12,7 @@ from typing import Any
 
 from ..circuit_state import OPEN, BreakerCore
 from .protocol import LATENCY_BUCKETS, PolicyStatus, ReplicaReport
-from .redis_primitives import BY_VALUE, BadReply, number, real, text
+from .redis_primitives import BY_VALUE, MAX_INT, BadReply, number, real, text
 
 __all__ = ["SUFFIXES", "local_status", "parse_entry"]
 
@@ -39,11 +39,19 @@ def local_status(core: BreakerCore, now: float) -> PolicyStatus:
     )
 
 
+def _int(raw: str) -> int:
+    """A count or a time in ms as the scripts write it (text, nan, 1e300: ValueError)."""
+    n = int(raw)
+    if not 0 <= n <= MAX_INT:
+        raise ValueError(f"out of range: {raw!r:.40}")
+    return n
+
+
 def _opened(raw: str) -> tuple[int, int, int] | None:
     parts = raw.split(",")
     if len(parts) != 3:
         return None
-    calls, failures, slow = (number(p) for p in parts)
+    calls, failures, slow = map(_int, parts)
     return (calls, failures, slow) if calls else None
 
 
@@ -74,12 +82,14 @@ def _replicas(reports: list[str], now: int) -> tuple[ReplicaReport, ...]:
 
 
 def _histogram(raw: str) -> tuple[int, ...]:
-    counts = tuple(int(n) for n in raw.split(",") if n)
+    counts = tuple(map(int, raw.split(","))) if raw else ()
     return counts if len(counts) == len(LATENCY_BUCKETS) else ()
 
 
 def _summed(replicas: tuple[ReplicaReport, ...]) -> tuple[int, tuple[int, ...]]:
     """Refused calls and the latency histogram, over every replica."""
+    if len(replicas) == 1:
+        return replicas[0].rejected, replicas[0].latency
     histograms = [r.latency for r in replicas if r.latency]
     latency = tuple(map(sum, zip(*histograms, strict=True))) if histograms else ()
     return sum(r.rejected for r in replicas), latency
@@ -102,7 +112,7 @@ def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
         state = BY_VALUE.get(fields["s"])
         if state is None:
             raise BadReply(f"unknown state {fields['s']!r:.40}")
-        open_until = number(fields["u"])
+        open_until = _int(fields["u"])
         replicas = _replicas(reports, now)
         rejected, latency = _summed(replicas)
         out.append(
@@ -110,12 +120,12 @@ def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
                 name=name,
                 kind="circuit_breaker",
                 state=state,
-                generation=number(fields["g"]),
-                calls=number(fields["c"]),
-                failures=number(fields["f"]),
-                slow_calls=number(fields["l"]),
+                generation=_int(fields["g"]),
+                calls=_int(fields["c"]),
+                failures=_int(fields["f"]),
+                slow_calls=_int(fields["l"]),
                 retry_after=max(0.0, (open_until - now) / 1000) if state is OPEN else None,
-                probes=number(fields["p"]),
+                probes=_int(fields["p"]),
                 opened_by=_opened(fields["o"]) if state is OPEN else None,
                 replicas=replicas,
                 rejected=rejected,
@@ -123,9 +133,9 @@ def _parse(name: str, now: int, entry: Any) -> list[PolicyStatus]:
             )
         )
     if "n" in fields:
-        limit = number(fields["m"]) if "m" in fields else None
+        limit = _int(fields["m"]) if "m" in fields else None
         out.append(
-            PolicyStatus(name=name, kind="bulkhead", in_flight=number(fields["n"]), limit=limit)
+            PolicyStatus(name=name, kind="bulkhead", in_flight=_int(fields["n"]), limit=limit)
         )
     if "q" in fields:
         real(fields["q"], 0)

@@ -585,3 +585,60 @@ def test_no_import_cycles_in_the_package() -> None:
     for node in sorted(graph):
         if node not in seen:
             visit(node)
+
+
+async def test_manual_control_made_while_redis_is_away_reaches_the_fleet(
+    redis_server: RedisServer,
+) -> None:
+    """force_open() on a replica that cannot reach Redis applies there at once, and reaches
+    every replica once Redis answers again (the fleet's older state does not undo it)."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        name = prefix()
+        a = RedisStore.from_url(proxy.url_for("redis"), prefix=name)
+        b = RedisStore.from_url(redis_server.url, prefix=name)
+        try:
+            ba = CircuitBreaker("dep", store=a)
+            bb = CircuitBreaker("dep", store=b)
+            await ba.call(ok)
+            await bb.call(ok)
+            await a.sync()
+            await b.sync()
+            proxy.blackhole = True
+            await until(lambda: a.degraded, 5.0, "degraded")
+            await ba.force_open()
+            assert ba.state is CircuitState.FORCED_OPEN
+            assert bb.state is CircuitState.CLOSED
+            proxy.blackhole = False
+            proxy.cut()
+            await until(lambda: not a.degraded, 10.0, "recovered")
+            await a.sync()
+            await until(lambda: bb.state is CircuitState.FORCED_OPEN, 3.0, "the fleet forced")
+            assert ba.state is CircuitState.FORCED_OPEN
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+async def test_counts_of_an_older_generation_trip_nothing(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """A flush reply overtaken by news (here: a reset that came first) carries the counts of
+    the generation before it: they must not open the breaker at the new generation."""
+    from resilience.store.redis_primitives import FleetState, FlushReply, Outcomes
+
+    store = stores()
+    b = CircuitBreaker("dep", store=store, window=CountWindow(4), minimum_calls=4)
+    for _ in range(4):
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await b.call(boom)
+    await store.sync()
+    assert b.state is CircuitState.OPEN
+    await b.reset()
+    core = b._core
+    assert core.state is CircuitState.CLOSED
+    before = core.gen
+    stale = FlushReply(FleetState(CircuitState.CLOSED, before - 2, 0, 0, 0, 0), 4, 4, 0)
+    sent = Outcomes(before - 2, 0, 0, 0, 1)
+    assert core.on_flush(sent, stale, 0.0, False) is None  # before the fix: OPEN at `before`
+    assert core.state is CircuitState.CLOSED
+    assert core.gen == before

@@ -48,6 +48,7 @@ from .redis_primitives import (
     ReportReply,
     Transition,
 )
+from .redis_supervisor import LoopLate
 
 __all__ = ["Engine", "SharedBreakerCore"]
 
@@ -91,6 +92,7 @@ class SharedBreakerCore(BreakerCore):
         "diverged",
         "engine",
         "fleet_gen",
+        "forced",
         "keys",
         "marked",
         "pending",
@@ -121,6 +123,7 @@ class SharedBreakerCore(BreakerCore):
         self.fleet_gen = -1  # the highest generation adopted from the fleet (-1: none yet)
         self.diverged = False  # moved on local knowledge the fleet has not confirmed
         self.away = False  # its Redis Cluster node cannot be reached: decide locally
+        self.forced: CircuitState | None = None  # manual control Redis has not heard yet
         self._full_until = float("-inf")
 
     # --- what the engine asks -------------------------------------------------------------
@@ -150,6 +153,8 @@ class SharedBreakerCore(BreakerCore):
 
     def wanted(self) -> Transition | None:
         """The transition learned locally that the fleet must hear before it overrides it."""
+        if self.forced is not None:  # an operator's control made while Redis was away
+            return Transition(self.forced, self.gen, force=True)
         if self.diverged and self.state is OPEN and self.fleet_gen >= 0:
             return Transition(
                 OPEN, self.fleet_gen, self.reopens, self.opened_by or (0, 0, 0), force=False
@@ -166,6 +171,8 @@ class SharedBreakerCore(BreakerCore):
         if sent in self.unacked:
             self.unacked.remove(sent)
         fleet = reply.fleet
+        if self.forced is not None:  # an operator's control goes to the fleet first
+            return None if pushing else self.wanted()
         known = self.fleet_gen
         if self.diverged and self.state is OPEN and (known < 0 or fleet.gen == known):
             # the fleet has not heard of our local open: it goes first, not the fleet's older
@@ -173,7 +180,9 @@ class SharedBreakerCore(BreakerCore):
             self.fleet_gen = fleet.gen
             return None if pushing else self.wanted()
         self.adopt(fleet, received)
-        if self.state is CLOSED and tripped(reply.calls, reply.failures, reply.slow, self.config):
+        if fleet.gen != self.gen or fleet.state is not CLOSED or self.state is not CLOSED:
+            return None  # counts of another generation (a reply overtaken by news) decide nothing
+        if tripped(reply.calls, reply.failures, reply.slow, self.config):
             return Transition(OPEN, self.gen, 0, (reply.calls, reply.failures, reply.slow))
         return None
 
@@ -196,6 +205,10 @@ class SharedBreakerCore(BreakerCore):
         """Take the fleet's state from a script reply or a published message."""
         if fleet.gen < self.fleet_gen:
             return  # older than what we know: a late message
+        if self.forced is not None:
+            if fleet.state is not self.forced:
+                return  # the operator's word goes to the fleet first (see wanted())
+            self.forced = None
         if self.diverged and self.wanted() is not None and fleet.gen == self.fleet_gen:
             return  # the fleet has not heard of our local open yet
         offset = fleet.server_ms / 1000 - received  # server time minus local time
@@ -360,11 +373,20 @@ class SharedBreakerCore(BreakerCore):
             raise ValueError(
                 f"a breaker can be forced CLOSED, FORCED_OPEN or DISABLED, not {state}"
             )
-        if not (self.away or self.engine.degraded):
+        for _ in range(3):  # a late event loop is retried; an outage is not
+            if self.away or self.engine.degraded:
+                break
             try:
                 await self.engine.transition(self, Transition(state, self.gen, force=True))
+                self.forced = None
                 return
+            except LoopLate:
+                continue
             except StoreUnavailableError:
-                pass
+                break
+        # Redis cannot hear it now: applied here at once, and pushed to the fleet (unconditionally,
+        # as an operator's word) as soon as Redis answers again
         self.force(state, now)
+        self.forced = state
         self.diverged = True
+        self.engine.mark(self)

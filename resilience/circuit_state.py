@@ -180,6 +180,13 @@ def open_duration(cfg: BreakerConfig, reopens: int) -> float:
 # --- the state machine of one named breaker -------------------------------------------------
 
 _lease_ids = itertools.count(1)
+
+
+def new_lease() -> int:
+    """A probe lease id, unique in this process (local and fleet-wide leases alike)."""
+    return next(_lease_ids)
+
+
 _BUCKETS = 15  # len(resilience.store.protocol.LATENCY_BUCKETS)
 SAMPLE_EVERY = 8  #: one call in this many is timed for the latency figures
 
@@ -265,7 +272,7 @@ class BreakerCore:
                 if expiry <= now:  # its holder never reported: free the slot
                     del probes[lease]
         if len(probes) + self._probe_done < self.config.half_open_calls:
-            lease = next(_lease_ids)
+            lease = new_lease()
             probes[lease] = now + self.config.probe_lease
             return self.gen, lease
         wait = min(probes.values()) - now if probes else self.config.open_for

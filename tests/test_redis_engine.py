@@ -642,3 +642,92 @@ async def test_counts_of_an_older_generation_trip_nothing(
     assert core.on_flush(sent, stale, 0.0, False) is None  # before the fix: OPEN at `before`
     assert core.state is CircuitState.CLOSED
     assert core.gen == before
+
+
+# --- half-open across replicas that die or lose replies ------------------------------------
+
+
+def _probe_options() -> dict[str, Any]:
+    return {"window": CountWindow(2), "minimum_calls": 2, "open_for": 10.0, "probe_lease": 300.0}
+
+
+async def test_a_verdict_whose_reporter_died_is_settled_by_the_next_caller(
+    stores: Callable[..., RedisStore], clock: FakeClock
+) -> None:
+    """The last probe's outcome reached Redis but its replica died before pushing the
+    verdict: the next replica asking for a lease works the verdict out and closes the breaker
+    (before: HALF_OPEN for good, every call rejected, on every replica)."""
+    name = prefix()
+    dead = stores(clock=clock, prefix=name)
+    bd = CircuitBreaker("dep", store=dead, **_probe_options())
+    for _ in range(2):
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await bd.call(boom)
+    await dead.sync()
+    assert bd.state is CircuitState.OPEN
+    clock.advance(10)
+    core = bd._core
+    granted = await dead.engine.probe(core, 4242)  # the dying replica's probe lease ...
+    assert granted.granted
+    report = dead._scripts["report"]  # ... and its report, counted; then it is gone
+    await report(
+        keys=[core.keys[0], core.keys[2]], args=[granted.fleet.gen, f"{dead.replica}:4242", 0, 0]
+    )
+    live = stores(clock=clock, prefix=name)
+    bl = CircuitBreaker("dep", store=live, **_probe_options())
+    await live.sync()
+    assert bl.state is CircuitState.HALF_OPEN
+    assert await bl.call(ok) == "ok"
+    assert bl.state is CircuitState.CLOSED
+
+
+async def test_a_fleet_probe_lease_is_reported_even_if_the_store_degraded_meanwhile(
+    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
+) -> None:
+    """A probe granted by Redis whose store turns degraded during the call: its outcome still
+    goes to Redis once it answers, so the lease is not left behind for probe_lease."""
+    store = stores(clock=clock)
+    b = CircuitBreaker("dep", store=store, **_probe_options())
+    for _ in range(2):
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await b.call(boom)
+    await store.sync()
+    clock.advance(10)
+
+    async def probe_during_a_blip() -> str:
+        store.supervisor.fail(TimeoutError("a blip"))  # as a timed-out round would
+        return "ok"
+
+    assert await b.call(probe_during_a_blip) == "ok"
+    assert store.degraded
+    clock.advance(1)  # the reconnect's backoff
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if not store.degraded:
+            break
+    assert not store.degraded
+    await store.sync()
+    await store.sync()
+    assert await raw.zcard(store.key("dep", "probes")) == 0
+    assert (await raw.hget(store.key("dep", "state"), "state")) == b"closed"
+
+
+async def test_a_new_replica_does_not_undo_an_operators_force_open(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """A replica whose own failures trip before it has read the fleet's state once adopts a
+    forced state instead of pushing its open over it."""
+    name = prefix()
+    operator = stores(prefix=name)
+    forced = CircuitBreaker("dep", store=operator, **_probe_options())
+    await operator.sync()
+    await forced.force_open()
+    newcomer = stores(prefix=name)
+    b = CircuitBreaker("dep", store=newcomer, **_probe_options())
+    for _ in range(2):  # before its first round: it trips on its own
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await b.call(boom)
+    await newcomer.sync()
+    await newcomer.sync()
+    assert (await raw.hget(newcomer.key("dep", "state"), "state")) == b"forced_open"
+    assert b.state is CircuitState.FORCED_OPEN

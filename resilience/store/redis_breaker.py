@@ -19,7 +19,6 @@ The rules it keeps (see docs/shared-state.md):
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import Any, Protocol
 
 from ..circuit_state import (
@@ -32,6 +31,7 @@ from ..circuit_state import (
     BreakerCore,
     CircuitState,
     half_open_verdict,
+    new_lease,
     open_duration,
     tripped,
 )
@@ -51,8 +51,6 @@ from .redis_primitives import (
 from .redis_supervisor import LoopLate
 
 __all__ = ["Engine", "SharedBreakerCore"]
-
-_probe_ids = itertools.count(1)
 
 
 class Engine(Protocol):
@@ -92,6 +90,7 @@ class SharedBreakerCore(BreakerCore):
         "diverged",
         "engine",
         "fleet_gen",
+        "fleet_leases",
         "forced",
         "keys",
         "marked",
@@ -124,6 +123,7 @@ class SharedBreakerCore(BreakerCore):
         self.diverged = False  # moved on local knowledge the fleet has not confirmed
         self.away = False  # its Redis Cluster node cannot be reached: decide locally
         self.forced: CircuitState | None = None  # manual control Redis has not heard yet
+        self.fleet_leases: set[int] = set()  # probe leases Redis granted, not yet given back
         self._full_until = float("-inf")
 
     # --- what the engine asks -------------------------------------------------------------
@@ -174,7 +174,8 @@ class SharedBreakerCore(BreakerCore):
         if self.forced is not None:  # an operator's control goes to the fleet first
             return None if pushing else self.wanted()
         known = self.fleet_gen
-        if self.diverged and self.state is OPEN and (known < 0 or fleet.gen == known):
+        unheard = fleet.gen == known or (known < 0 and fleet.state is CLOSED)
+        if self.diverged and self.state is OPEN and unheard:
             # the fleet has not heard of our local open: it goes first, not the fleet's older
             # state (so a replica that learned while Redis was away is not overruled)
             self.fleet_gen = fleet.gen
@@ -188,8 +189,8 @@ class SharedBreakerCore(BreakerCore):
 
     def on_report(self, sent: Report, reply: ReportReply) -> Transition | None:
         """A probe's outcome was counted: the verdict, once the probes settle it."""
-        if not reply.counted or sent.gen != self.gen:
-            return None
+        if not reply.current or sent.gen != self.gen:
+            return None  # the breaker left that half-open period: nothing to decide
         self._probe_done, self._probe_failures, self._probe_slow = (
             reply.done,
             reply.failed,
@@ -269,11 +270,14 @@ class SharedBreakerCore(BreakerCore):
 
     async def acquire_remote(self, now: float) -> tuple[int, int]:
         """Take a probe lease from Redis (or decide locally if it cannot answer)."""
-        lease = next(_probe_ids)
+        lease = new_lease()
         # in a task of its own: a caller cancelled meanwhile must not strand a granted lease
         probing = asyncio.ensure_future(self.engine.probe(self, lease))
         try:
             reply = await asyncio.shield(probing)
+        except LoopLate:  # Redis may have granted it: give it back, and do not probe alone
+            self.engine.enqueue(self, Release(self.gen, lease))
+            raise CircuitOpenError(self.name, "half_open", self.engine.sync_interval) from None
         except StoreUnavailableError:  # it may have been granted: give it back later
             self.engine.enqueue(self, Release(self.gen, lease))
             return await super().acquire_remote(now)
@@ -281,7 +285,10 @@ class SharedBreakerCore(BreakerCore):
             probing.add_done_callback(lambda done: self._give_back_late(done, lease))
             raise
         if reply.granted:
-            return self.gen, lease
+            self.fleet_leases.add(lease)
+            return reply.fleet.gen, lease
+        if self.state is HALF_OPEN and reply.fleet.gen == self.gen:
+            await self._settle_stalled(reply)
         state = self.state
         if state is CLOSED or state is DISABLED:
             return self.gen, 0
@@ -293,9 +300,26 @@ class SharedBreakerCore(BreakerCore):
         self._full_until = now + min(hint, self.engine.sync_interval)
         raise CircuitOpenError(self.name, "half_open", hint)
 
+    async def _settle_stalled(self, reply: ProbeReply) -> None:
+        """No lease free, but the probes' counts already settle the verdict: its reporter
+        died, or its reply was lost. Push it (compare-and-set: harmless if it arrives twice).
+        """
+        verdict = half_open_verdict(reply.done, reply.failed, reply.slow, self.config)
+        if verdict is None:
+            return
+        reopens = self.reopens + 1 if verdict is OPEN else 0
+        counts = (reply.done, reply.failed, reply.slow)
+        try:
+            await self.engine.transition(self, Transition(verdict, self.gen, reopens, counts))
+        except StoreUnavailableError:
+            pass  # the next probe tries again
+
     def _give_back_late(self, probing: asyncio.Future[ProbeReply], lease: int) -> None:
-        """A probe lease granted to a caller that was cancelled meanwhile: send it back."""
-        if not probing.cancelled() and probing.exception() is None and probing.result().granted:
+        """A probe lease that may have been granted to a caller cancelled meanwhile."""
+        if probing.cancelled():
+            return
+        error = probing.exception()
+        if (error is None and probing.result().granted) or isinstance(error, StoreUnavailableError):
             self.engine.enqueue(self, Release(self.gen, lease))
 
     async def commit(self) -> None:
@@ -303,21 +327,24 @@ class SharedBreakerCore(BreakerCore):
         await self.engine.commit()
 
     def release(self, gen: int, lease: int) -> None:
-        """Give a probe lease back (cancelled probe): sent with the next flush."""
-        if self.away or self.diverged or self.engine.degraded or not lease:
-            super().release(gen, lease)
-        elif gen == self.gen:
+        """Give a probe lease back (cancelled probe): a fleet lease with the next round
+        (kept until Redis answers), a local one at once."""
+        if lease in self.fleet_leases:
+            self.fleet_leases.discard(lease)
             self.engine.enqueue(self, Release(gen, lease))
+        else:
+            super().release(gen, lease)
 
     # --- outcomes -------------------------------------------------------------------------
     def record(
         self, gen: int, lease: int, failed: bool, slow: bool, now: float | None = None
     ) -> None:
         """Count an outcome: the local rule first, then the buffer (probes: reported at once)."""
-        if gen != self.gen:
-            return
-        if lease and not (self.away or self.diverged or self.engine.degraded):
+        if lease in self.fleet_leases:  # a fleet probe: Redis judges it, whatever happened here
+            self.fleet_leases.discard(lease)
             self.engine.enqueue(self, Report(gen, lease, failed, slow))
+            return
+        if gen != self.gen:
             return
         if self.state is CLOSED and not lease:
             self._buffer(failed, slow)

@@ -210,20 +210,26 @@ class TransitionReply(NamedTuple):
 
 
 class ProbeReply(NamedTuple):
-    """Whether a probe lease was granted; otherwise how long until one frees."""
+    """Whether a probe lease was granted; otherwise how long until one frees. While
+    half-open, the probes' counts so far (``done`` probes reported)."""
 
     fleet: FleetState
     granted: bool
     wait: float  #: seconds
+    done: int = 0
+    failed: int = 0
+    slow: int = 0
 
 
 class ReportReply(NamedTuple):
-    """Whether a probe's outcome counted, and the probes' counts so far."""
+    """Whether a probe's outcome counted, and the probes' counts so far (``current``: the
+    breaker is still half-open at the report's generation, so the counts are its)."""
 
     counted: bool
     done: int
     failed: int
     slow: int
+    current: bool = False
 
 
 def text(value: Any) -> str:
@@ -290,7 +296,14 @@ def parse_probe(reply: Any) -> ProbeReply:
     """A ``probe.lua`` reply."""
     f = _fields(reply)
     wait = number(f.get("wait", 0), -MAX_INT)
-    return ProbeReply(_fleet(f), bool(number(f.get("granted", 0))), max(0, wait) / 1000)
+    return ProbeReply(
+        _fleet(f),
+        bool(number(f.get("granted", 0))),
+        max(0, wait) / 1000,
+        number(f.get("done", 0)),
+        number(f.get("failed", 0)),
+        number(f.get("slow", 0)),
+    )
 
 
 def parse_report(reply: Any) -> ReportReply:
@@ -298,7 +311,11 @@ def parse_report(reply: Any) -> ReportReply:
     f = _fields(reply)
     try:
         return ReportReply(
-            bool(number(f["counted"])), number(f["done"]), number(f["failed"]), number(f["slow"])
+            bool(number(f["counted"])),
+            number(f["done"]),
+            number(f["failed"]),
+            number(f["slow"]),
+            bool(number(f.get("current", f["counted"]))),
         )
     except KeyError as exc:
         raise BadReply(f"missing field {exc}") from None

@@ -24,7 +24,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..errors import StoreUnavailableError
 from ..events import Event, SubscriberReplaced
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from ..clock import Clock
 
 __all__ = ["SyncEngine"]
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger("resilience.redis")
 
@@ -167,7 +169,8 @@ class SyncEngine:
     async def probe(self, core: SharedBreakerCore, lease: int) -> ProbeReply:
         """A fleet-wide probe lease for ``core`` (moving OPEN to HALF_OPEN if it is time)."""
         config = core.config
-        reply = parse_probe(
+        reply = self._parsed(
+            parse_probe,
             await self.call(
                 key=core.keys[0],
                 awaitable=self.scripts["probe"](
@@ -183,7 +186,7 @@ class SyncEngine:
                         core.name,
                     ],
                 ),
-            )
+            ),
         )
         self._reset_seen(core, reply.fleet.reset)
         core.adopt(reply.fleet, self.clock.monotonic())
@@ -192,11 +195,18 @@ class SyncEngine:
     async def transition(self, core: SharedBreakerCore, wanted: Transition) -> None:
         """Apply ``wanted`` in Redis and let ``core`` adopt the outcome."""
         script = self.scripts["transition"]
-        reply = parse_transition(
-            await self.call(script(keys=core.keys, args=self._cas(core, wanted)), key=core.keys[0])
-        )
+        awaitable = script(keys=core.keys, args=self._cas(core, wanted))
+        reply = self._parsed(parse_transition, await self.call(awaitable, key=core.keys[0]))
         self._reset_seen(core, reply.fleet.reset)
         core.adopt(reply.fleet, self.clock.monotonic())
+
+    def _parsed(self, parse: Callable[[Any], _T], reply: Any) -> _T:
+        """A reply parsed; one that does not parse is a store failure, never a crash."""
+        try:
+            return parse(reply)
+        except BadReply as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
 
     async def commit(self) -> None:
         """Strict mode: wait until the outcomes buffered so far are stored."""
@@ -552,10 +562,10 @@ class SyncEngine:
         ]
         try:
             replies = await self._send(commands)
-        except Exception as exc:
-            if outage(exc) is None:
-                raise
+        except Exception as exc:  # the next probe or flush works the verdict out again
             if not isinstance(exc, LoopLate):
+                if outage(exc) is None:
+                    raise
                 self.supervisor.fail(exc)
             for core, _ in wanted:
                 self.mark(core)

@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from ..circuit_state import open_duration
 from ..errors import StoreUnavailableError
-from ..events import Event, SubscriberReplaced
+from ..events import Event, StoreDataReset, SubscriberReplaced
 from .redis_breaker import SharedBreakerCore
 from .redis_primitives import (
     BadReply,
@@ -50,7 +51,7 @@ from .redis_supervisor import LoopLate, Supervisor
 if TYPE_CHECKING:
     from weakref import WeakValueDictionary
 
-    from ..clock import Clock
+    from ..clock import Clock, TimerHandle
 
 __all__ = ["SyncEngine"]
 
@@ -134,6 +135,11 @@ class SyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._late_retries = 0
+        self._timer: TimerHandle | None = None  # the next round's, while news waits
+        self._timer_idle = True
+        self._timer_due = 0.0
+        self._last_start = float("-inf")
+        self._sub_turn = 0  # a Cluster: which node the next subscriber connects to
 
     # --- the Engine protocol (what a shared core asks) ------------------------------------
     @property
@@ -252,14 +258,10 @@ class SyncEngine:
 
     def _reset_seen(self, core: SharedBreakerCore, reset: int) -> None:
         if reset:
-            from ..events import StoreDataReset
-
             logger.warning("breaker %r: unparsable data in Redis was reset", core.name)
             self._emit(StoreDataReset(name=core.name, key=core.keys[0]))
 
     def _cas(self, core: SharedBreakerCore, t: Transition) -> list[Any]:
-        from ..circuit_state import open_duration
-
         open_ms = int(open_duration(core.config, t.reopens) * 1000)
         return [
             t.expected,
@@ -275,8 +277,6 @@ class SyncEngine:
         ]
 
     # --- background work ------------------------------------------------------------------
-    _timer_idle = True
-
     def start(self) -> None:
         """Start the flusher and the subscriber on the running loop (once per loop)."""
         if self._closed:
@@ -304,10 +304,6 @@ class SyncEngine:
         delay = max(0.0, self._last_start + self.sync_interval - self.clock.monotonic())
         self._timer = self.clock.call_later(delay, self._timer_fired)
         self._timer_due = self.clock.monotonic() + delay
-
-    _last_start = float("-inf")
-    _timer_due = 0.0
-    _timer: Any = None
 
     def _timer_fired(self) -> None:
         self._timer_idle = True
@@ -665,8 +661,6 @@ class SyncEngine:
         live = [n for n in nodes if n.name not in self.supervisor.away] or nodes
         self._sub_turn += 1
         return self.client.pubsub(node=live[self._sub_turn % len(live)])
-
-    _sub_turn = 0
 
     async def _listen(self, pubsub: Any) -> None:
         """Apply messages until the connection goes quiet (no PONG in time) or fails."""

@@ -171,11 +171,40 @@ async def test_one_damaged_entry_does_not_hide_the_others(
     await store.sync()
     await raw.set(store.key("bad", "budget"), "n/a")
     await raw.sadd(f"{store.prefix}:names", "bad")
+    await raw.sadd(f"{store.prefix}:names:other", "bad")  # as a replica registers a budget
     listed = {(s.name, s.kind): s for s in await store.status()}
     assert ("good", "circuit_breaker") in listed
     damaged = listed[("bad", "damaged")]
     assert damaged.damaged
     assert damaged.to_dict()["damaged"]
+
+
+async def exists_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_exists", {}).get("calls", 0))
+
+
+async def test_status_looks_for_bulkheads_only_under_names_that_have_them(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """A name registered only as a breaker costs status no lookup of lease, limiter or budget
+    keys; one that any replica registered as a fleet-wide bulkhead is shown as one."""
+    store = stores()
+    for i in range(300):
+        CircuitBreaker(f"b{i}", store=store)
+    await store.sync()
+    before = await exists_calls(raw)
+    assert len(await store.status()) == 300
+    assert await exists_calls(raw) == before
+    other = stores(prefix=store.prefix)  # another replica takes a permit under one name
+    await other.acquire_lease("b7", limit=2, ttl=30)
+    await other.sync()
+    before = await exists_calls(raw)
+    listed = {(s.name, s.kind): s for s in await store.status()}
+    assert listed[("b7", "bulkhead")].in_flight == 1
+    assert listed[("b7", "bulkhead")].limit == 2
+    assert ("b7", "circuit_breaker") in listed
+    assert 1 <= await exists_calls(raw) - before <= 2  # b7's lookups only
 
 
 async def test_the_registry_is_rebuilt_after_redis_loses_it(
@@ -731,3 +760,79 @@ async def test_a_new_replica_does_not_undo_an_operators_force_open(
     await newcomer.sync()
     assert (await raw.hget(newcomer.key("dep", "state"), "state")) == b"forced_open"
     assert b.state is CircuitState.FORCED_OPEN
+
+
+# --- status replies, parsed by the names in their header -------------------------------------
+
+
+def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
+    """The columns are found by name: a reply whose header lists them in another order (or
+    with one more) reads the same; one without a column marks every name damaged."""
+    from resilience.store.redis_status import COLUMNS, parse_status
+
+    values = {"s": "open", "g": "3", "u": "5000", "c": "10", "f": "6", "l": "0", "p": "0"}
+    values |= {"o": "10,6,0", "n": "2", "m": "4", "q": "", "t": "7.5"}
+    report = "r1|900 10 6 0 4 2 0,3"
+
+    def reply(header: list[str]) -> list[Any]:
+        entry = "\t".join([*(values.get(c, "x") for c in header), report])
+        return [1000, "\t".join(header).encode(), entry.encode()]
+
+    first = parse_status(["dep"], reply(list(COLUMNS)))
+    shuffled = parse_status(["dep"], reply(["extra", *reversed(COLUMNS)]))
+    assert first == shuffled
+    breaker, bulkhead, budget = first
+    assert (breaker.state, breaker.generation, breaker.calls, breaker.failures) == (
+        CircuitState.OPEN,
+        3,
+        10,
+        6,
+    )
+    assert breaker.retry_after == pytest.approx(4.0)
+    assert breaker.opened_by == (10, 6, 0)
+    (replica,) = breaker.replicas
+    assert (replica.replica, replica.last_seen, replica.rejected) == ("r1", 0.1, 2)
+    assert replica.latency == (0, 3, *(0,) * 13) == breaker.latency
+    assert (bulkhead.kind, bulkhead.in_flight, bulkhead.limit) == ("bulkhead", 2, 4)
+    assert (budget.kind, budget.tokens) == ("retry_budget", 7.5)
+    broken = parse_status(["a", "b"], reply([c for c in COLUMNS if c != "g"]))
+    assert [(s.name, s.kind) for s in broken] == [("a", "damaged"), ("b", "damaged")]
+    assert "g" in (broken[0].damaged or "")
+
+
+def test_a_short_or_missing_entry_is_damaged_alone() -> None:
+    from resilience.store.redis_status import COLUMNS, parse_status
+
+    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t"
+    header = "\t".join(COLUMNS)
+    listed = parse_status(["a", "b", "c", "d"], [5, header, good, "closed\t0", good])
+    assert [(s.name, s.kind) for s in listed] == [
+        ("a", "circuit_breaker"),
+        ("b", "damaged"),
+        ("c", "circuit_breaker"),
+        ("d", "damaged"),  # the reply ended early
+    ]
+
+
+@given(st.lists(st.integers(0, 2**52), min_size=15, max_size=15))
+def test_a_histogram_reads_back_as_it_was_sent(counts: list[int]) -> None:
+    """Trailing zeros are left out of a replica's report; reading it gives every bucket back.
+    The old form (all 15 counts) reads the same; none ("") or too many buckets read as ()."""
+    from resilience.store.redis_primitives import histogram_arg, parse_histogram
+
+    sent = histogram_arg(counts)
+    assert parse_histogram(sent) == tuple(counts)
+    assert parse_histogram(",".join(map(str, counts))) == tuple(counts)
+    assert len(sent) <= len(",".join(map(str, counts)))
+    assert parse_histogram("") == ()
+    assert parse_histogram(",".join(map(str, [*counts, 1]))) == ()
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_a_name_is_escaped_as_percent_encoding_would(name: str) -> None:
+    """The fast path for plain names gives what ``quote(name, safe="")`` gives."""
+    from urllib.parse import quote
+
+    from resilience.store.redis_primitives import escape
+
+    assert escape(name) == quote(name, safe="")

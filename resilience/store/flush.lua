@@ -8,8 +8,8 @@
 --       7 bucket width in ms (time windows; may have a fraction), 8 now in ms ("" = server
 --       TIME), 9 ttl in ms, 10 replica id, 11 the flush's sequence number (per replica,
 --       increasing): a flush sent again after its reply was lost is not counted twice,
---       12 calls this replica refused, 13 its sampled latency histogram ("n,n,...");
---       both running totals, kept as they are (for status tools)
+--       12 calls this replica refused, 13 its sampled latency histogram ("n,n,...", up to
+--       its last count that is not 0); both running totals, kept as they are (status tools)
 -- Returns: fleet(...) + {'calls', c, 'failures', f, 'slow', s}
 -- Outcomes are merged only while the state is still CLOSED at that generation. A count
 -- window costs O(1) per flush whatever its size: running totals, chunks trimmed at the old end.

@@ -6,8 +6,8 @@ refer to it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ..circuit_state import CircuitState
 
@@ -22,7 +22,31 @@ __all__ = ["LATENCY_BUCKETS", "PolicyStatus", "ReplicaReport", "Store"]
 #: before it. Powers of two from 0.5 ms to 4 s.
 LATENCY_BUCKETS: tuple[float, ...] = (*(0.0005 * 2**i for i in range(14)), float("inf"))
 
+_Record = TypeVar("_Record")
 
+
+def _direct_init(cls: type[_Record]) -> type[_Record]:
+    """Give a frozen slots dataclass an ``__init__`` that fills each slot through its
+    descriptor: the same signature and defaults, twice as fast as the generated one (which
+    calls ``object.__setattr__`` per field). A status of 10,000 names builds 20,000 records."""
+    names: dict[str, Any] = {}
+    params, body = [], []
+    for i, f in enumerate(fields(cls)):  # type: ignore[arg-type]
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            names[f"_d{i}"] = f.default
+            params.append(f"{f.name}=_d{i}")
+        names[f"_s{i}"] = cls.__dict__[f.name].__set__
+        body.append(f"    _s{i}(self, {f.name})")
+    exec(f"def __init__(self, *, {', '.join(params)}):\n" + "\n".join(body), names)
+    init = names["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    setattr(cls, "__init__", init)  # noqa: B010 (mypy: no assigning to a method)
+    return cls
+
+
+@_direct_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplicaReport:
     """One replica's reports on a shared breaker: when it last flushed, and the outcomes it
@@ -38,6 +62,7 @@ class ReplicaReport:
     latency: tuple[int, ...] = ()
 
 
+@_direct_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PolicyStatus:
     """A policy as its store sees it.

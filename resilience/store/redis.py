@@ -32,7 +32,6 @@ import weakref
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
@@ -52,8 +51,17 @@ from ..errors import StoreUnavailableError
 from ..events import Event, Listener, StoreDataReset, check_listeners, emit
 from .protocol import PolicyStatus
 from .redis_breaker import SharedBreakerCore
-from .redis_primitives import SCRIPTS, Transition, key, number, real, script_source, text
-from .redis_status import SUFFIXES, local_status, parse_entry
+from .redis_primitives import (
+    SCRIPTS,
+    Transition,
+    escape,
+    key,
+    number,
+    real,
+    script_source,
+    text,
+)
+from .redis_status import SUFFIXES, local_status, parse_status
 from .redis_supervisor import Supervisor, new_replica_id, on_fork
 from .redis_sync import SyncEngine
 
@@ -258,7 +266,7 @@ class RedisStore:
 
     def _register(self, name: str) -> None:
         self._lease_keys.add(name)
-        self.engine.register(name)
+        self.engine.register(name, other=True)
 
     async def acquire_lease(self, key: str, *, limit: int, ttl: float) -> str | None:
         """Take one of ``limit`` fleet-wide permits under ``key`` for ``ttl`` seconds."""
@@ -370,7 +378,7 @@ class RedisStore:
     async def cache_get(self, key: str, item: str) -> bytes | None:
         """The value cached under ``item`` for policy ``key``, or ``None``."""
         check_name(key, "key")
-        cache_key = self.key(key, "cache:" + quote(item, safe=""))
+        cache_key = self.key(key, "cache:" + escape(item))
         got = await self.engine.call(self.client.get(cache_key), key=cache_key)
         return None if got is None else bytes(got)
 
@@ -379,7 +387,7 @@ class RedisStore:
         check_name(key, "key")
         self._register(key)
         ttl_ms = _ttl_ms(ttl)
-        cache_key = self.key(key, "cache:" + quote(item, safe=""))
+        cache_key = self.key(key, "cache:" + escape(item))
         await self.engine.call(self.client.set(cache_key, value, px=ttl_ms), key=cache_key)
 
     async def status(self, *, limit: int | None = None) -> list[PolicyStatus]:
@@ -394,10 +402,14 @@ class RedisStore:
         if limit is not None:
             check_int("limit", limit)
         try:
-            names = sorted(set(await self.known_names()) | set(self._cores) | self._lease_keys)
+            registered, others = await asyncio.gather(
+                self.engine.call(self.client.smembers(f"{self.prefix}:names")),
+                self.engine.call(self.client.smembers(f"{self.prefix}:names:other")),
+            )
+            names = sorted({*map(text, registered), *self._cores.keys(), *self._lease_keys})
             if limit is not None:
                 names = names[:limit]
-            return await self._read_status(names)
+            return await self._read_status(names, {text(m) for m in others} | self._lease_keys)
         except StoreUnavailableError:
             cores = list(self._cores.values())
             if not cores:
@@ -405,10 +417,11 @@ class RedisStore:
             now = self.clock.monotonic()
             return [local_status(core, now) for core in cores]
 
-    async def _read_status(self, names: list[str]) -> list[PolicyStatus]:
+    async def _read_status(self, names: list[str], others: set[str]) -> list[PolicyStatus]:
         """Every name's entry: a script call per chunk of names (a Cluster: one name a call,
         on its own node), a few in flight at once, each parsed as soon as it arrives, so
-        Redis reads the next chunks while this process parses the last."""
+        Redis reads the next chunks while this process parses the last. Only the ``others``
+        (registered as bulkheads, rate limiters or budgets) are looked up as such."""
         script = self._scripts["status"]
         now = self.engine.now_arg()
         if self._cluster:
@@ -421,18 +434,12 @@ class RedisStore:
         def call(chunk: list[str]) -> Any:
             if self._cluster:  # keys declared: the call goes to the name's node
                 return script(keys=[self.key(chunk[0], s) for s in SUFFIXES], args=[now])
-            return script(keys=[], args=[now, self.prefix, *(quote(n, safe="") for n in chunk)])
+            marks = "".join("1" if n in others else "0" for n in chunk)
+            return script(keys=[], args=[now, self.prefix, "\t".join(map(escape, chunk)), marks])
 
         async def worker() -> None:
             for index in todo:
-                reply = await call(chunks[index])
-                entries = reply[1:] if isinstance(reply, list) else []
-                server_now = reply[0] if isinstance(reply, list) and reply else 0
-                out = parsed[index]
-                for name, entry in itertools.zip_longest(chunks[index], entries):
-                    if name is None:
-                        break
-                    out.extend(parse_entry(name, server_now, entry))
+                parsed[index] = parse_status(chunks[index], await call(chunks[index]))
 
         workers = min(len(chunks), 32 if self._cluster else _STATUS_WORKERS)
         await self.engine.call(

@@ -16,6 +16,7 @@ from urllib.parse import quote
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
 from ..circuit_state import CircuitState
+from .protocol import LATENCY_BUCKETS
 
 __all__ = [
     "BY_VALUE",
@@ -65,13 +66,21 @@ def script_source(name: str) -> str:
     return prelude + "\n" + source
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]+").fullmatch  # what percent-escaping leaves as it is
+
+
+def escape(name: str) -> str:
+    """``name`` percent-escaped: only letters, digits and ``_.~-`` stay as they are."""
+    return name if _PLAIN(name) else quote(name, safe="")
+
+
 def key(prefix: str, name: str, suffix: str) -> str:
     """The key ``suffix`` of policy ``name``: ``<prefix>:{<escaped name>}:<suffix>``.
 
     One hash tag per policy (Cluster: all its keys in one slot), names percent-escaped so no
     name can close the tag or reach another prefix.
     """
-    return f"{prefix}:{{{quote(name, safe='')}}}:{suffix}"
+    return f"{prefix}:{{{escape(name)}}}:{suffix}"
 
 
 # --- what an error means ---------------------------------------------------------------------
@@ -230,6 +239,33 @@ class ReportReply(NamedTuple):
     failed: int
     slow: int
     current: bool = False
+
+
+_BUCKETS = len(LATENCY_BUCKETS)
+_NO_CALLS = (0,) * _BUCKETS
+
+
+def histogram_arg(counts: list[int]) -> str:
+    """A latency histogram as a replica reports it: its counts up to the last one that is
+    not 0 ("0" for none), joined by commas. Most breakers of a large fleet are idle: their
+    reports stay short and cost little to read."""
+    n = len(counts)
+    while n > 1 and not counts[n - 1]:
+        n -= 1
+    return ",".join(map(str, counts[:n]))
+
+
+def parse_histogram(raw: str) -> tuple[int, ...]:
+    """``histogram_arg``'s text as one count per ``LATENCY_BUCKETS`` bucket; ``()`` when
+    there is none ("") or it has more buckets than that."""
+    if raw == "0":
+        return _NO_CALLS
+    if not raw:
+        return ()
+    counts = tuple(map(int, raw.split(",")))
+    if len(counts) < _BUCKETS:
+        return counts + _NO_CALLS[len(counts) :]
+    return counts if len(counts) == _BUCKETS else ()
 
 
 def text(value: Any) -> str:

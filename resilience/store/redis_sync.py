@@ -37,6 +37,7 @@ from .redis_primitives import (
     Release,
     Report,
     Transition,
+    histogram_arg,
     is_noscript,
     key,
     outage,
@@ -127,8 +128,8 @@ class SyncEngine:
         self._recent: OrderedDict[str, tuple[float, SharedBreakerCore]] = OrderedDict()
         self._ops: list[tuple[SharedBreakerCore, Report | Release]] = []
         self._orphans: list[tuple[str, str]] = []  # (key, lease) to give back
-        self._registered: dict[str, float] = {}
-        self._unregistered: set[str] = set()
+        self._registered: dict[tuple[str, bool], float] = {}
+        self._unregistered: set[tuple[str, bool]] = set()
         self._wake = asyncio.Event()
         self._round_done: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -231,14 +232,17 @@ class SyncEngine:
         """The time scripts use: "" (the server's TIME), or a fake clock's, in ms."""
         return repr(self.clock.monotonic() * 1000) if self._fake_time else ""
 
-    def register(self, name: str, now: float | None = None) -> None:
-        """Keep ``name`` in the fleet's registry while it is used (re-added every 10 s)."""
+    def register(self, name: str, now: float | None = None, *, other: bool = False) -> None:
+        """Keep ``name`` in the fleet's registry while it is used (re-added every 10 s).
+        ``other``: a fleet-wide bulkhead, rate limiter or budget (not a breaker), also listed
+        in ``<prefix>:names:other``, so status reads those keys only for such names."""
         if now is None:
             now = self.clock.monotonic()
-        last = self._registered.get(name)
+        entry = (name, other)
+        last = self._registered.get(entry)
         if last is None or now - last >= _REGISTER_EVERY:
-            self._registered[name] = now
-            self._unregistered.add(name)
+            self._registered[entry] = now
+            self._unregistered.add(entry)
             self._soon()
 
     def _soon(self) -> None:
@@ -372,7 +376,7 @@ class SyncEngine:
             if used > horizon or core.marked or core.has_news():
                 break
             del recent[name]
-            self._registered.pop(name, None)
+            self._registered.pop((name, False), None)
 
     async def round(self, again: bool = True) -> None:
         """One flush round (see the module docstring)."""
@@ -465,7 +469,7 @@ class SyncEngine:
                 continue
             retry = functools.partial(self.mark, core, used=False)
             wanted = core.wanted()
-            figures = (core.rejected, ",".join(map(str, core.latency)))
+            figures = (core.rejected, histogram_arg(core.latency))
             for o in core.take_outcomes(self._seq):
                 args = (o.gen, o.calls, o.failures, o.slow, *core.window_args, now, self.ttl_ms)
                 command = ("evalsha", (flush, 4, *core.keys, *args, replica, o.seq, *figures))
@@ -496,13 +500,18 @@ class SyncEngine:
             retry = functools.partial(self._orphans.append, (lease_key, lost))
             items.append(_Item(("zrem", (permits, lost)), _nothing, retry, None, node_of(permits)))
         if names:
-            registry = f"{self.prefix}:names"
             retry = functools.partial(self._unregistered.update, names)
-            node = node_of(registry)
-            items.append(_Item(("sadd", (registry, *sorted(names))), _nothing, retry, None, node))
-            items.append(
-                _Item(("pexpire", (registry, self.ttl_ms)), _nothing, _nothing, None, node)
-            )
+            registry = f"{self.prefix}:names"
+            for group, members in (
+                (registry, {name for name, _ in names}),
+                (f"{registry}:other", {name for name, other in names if other}),
+            ):
+                if members:
+                    node = node_of(group)
+                    add = ("sadd", (group, *sorted(members)))
+                    items.append(_Item(add, _nothing, retry, None, node))
+                    pexpire = ("pexpire", (group, self.ttl_ms))
+                    items.append(_Item(pexpire, _nothing, _nothing, None, node))
         return items
 
     def _flushed(
@@ -541,7 +550,7 @@ class SyncEngine:
         self._wake.set()  # the rest go at once, after the loop has had its turn
         return now, rest
 
-    def _take_names(self) -> tuple[set[str], set[str]]:
+    def _take_names(self) -> tuple[set[tuple[str, bool]], set[tuple[str, bool]]]:
         """This round's registrations (at most ``_MAX_PER_ROUND``), and the rest."""
         names = self._unregistered
         if len(names) <= _MAX_PER_ROUND:

@@ -15,11 +15,13 @@ from .clock import Clock, SystemClock
 from .errors import (
     BulkheadFullError,
     CircuitOpenError,
+    NoHealthyEndpointError,
     RateLimitedError,
     RejectedError,
     ResilienceError,
     ResilienceTimeoutError,
     StoreUnavailableError,
+    ThrottledError,
     UnacceptableResultError,
 )
 from .events import (
@@ -73,6 +75,7 @@ __all__ = [
     "JSONSerializer",
     "Listener",
     "MemoryStore",
+    "NoHealthyEndpointError",
     "Pipeline",
     "Policy",
     "PolicyStatus",
@@ -94,6 +97,7 @@ __all__ = [
     "StoreUnavailableError",
     "SubscriberReplaced",
     "SystemClock",
+    "ThrottledError",
     "TimeWindow",
     "TimedOut",
     "Timeout",

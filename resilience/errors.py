@@ -8,6 +8,8 @@
           |    +-- CircuitOpenError       a circuit breaker is open       (retry_after)
           |    +-- BulkheadFullError      no concurrency slot was free
           |    +-- RateLimitedError       the rate limit was reached      (retry_after)
+          |    +-- ThrottledError         client-side throttling refused  (retry_after)
+          |    +-- NoHealthyEndpointError every endpoint is ejected       (retry_after)
           +-- ResilienceTimeoutError      a Timeout expired (also a builtin TimeoutError)
           +-- UnacceptableResultError     a Fallback's ``result_if`` rejected a result
           +-- StoreUnavailableError       a shared store could not answer (policies catch it
@@ -24,11 +26,13 @@ from __future__ import annotations
 __all__ = [
     "BulkheadFullError",
     "CircuitOpenError",
+    "NoHealthyEndpointError",
     "RateLimitedError",
     "RejectedError",
     "ResilienceError",
     "ResilienceTimeoutError",
     "StoreUnavailableError",
+    "ThrottledError",
     "UnacceptableResultError",
 ]
 
@@ -104,6 +108,32 @@ class RateLimitedError(RejectedError):
 
     def _what(self) -> str:
         return f"rate limit {self.name!r} reached"
+
+
+class ThrottledError(RejectedError):
+    """The throttle ``name`` refused the call locally: the dependency has been refusing most
+    calls lately (``ratio``: the share of calls refused here), so this one was not sent."""
+
+    def __init__(self, name: str, retry_after: float, ratio: float) -> None:
+        self.name = name
+        self.retry_after = retry_after
+        self.ratio = ratio
+
+    def _what(self) -> str:
+        return f"throttle {self.name!r} refused the call (refusing {self.ratio:.0%} of calls)"
+
+
+class NoHealthyEndpointError(RejectedError):
+    """Every endpoint of service ``name`` is ejected (its breaker open or its health check
+    failing); the first may be back after ``retry_after``."""
+
+    def __init__(self, name: str, retry_after: float | None, endpoints: int) -> None:
+        self.name = name
+        self.retry_after = retry_after
+        self.endpoints = endpoints
+
+    def _what(self) -> str:
+        return f"no healthy endpoint of {self.name!r} ({self.endpoints} ejected)"
 
 
 class ResilienceTimeoutError(ResilienceError, TimeoutError):

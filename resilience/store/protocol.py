@@ -7,6 +7,7 @@ refer to it.
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ..circuit_state import CircuitState
@@ -147,6 +148,14 @@ class Store(Protocol):
 
     async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
         """Add ``delta`` to the token count ``key`` (starting full), clamped to [0, maximum]."""
+
+    async def window_add(
+        self, key: str, deltas: Sequence[int], *, window: float, buckets: int = 10
+    ) -> tuple[int, ...]:
+        """Add ``deltas`` (one count per figure: say requests and accepts) to the current
+        bucket of the sliding window ``key`` (``window`` seconds in ``buckets`` buckets) and
+        return the window's totals, one per figure. Policies call it from a background task
+        to share counts fleet-wide, never on a call's path. Pass zeros to only read."""
 
     async def cache_get(self, key: str, item: str) -> bytes | None:
         """The value cached under ``item`` for policy ``key``, or ``None``."""

@@ -80,3 +80,18 @@ def check_ratio(what: str, value: object) -> float:
     if not 0 < value <= 1:  # also rejects NaN
         raise ValueError(f"{what} must be in (0, 1], got {value!r}")
     return float(value)
+
+
+def check_counts(what: str, values: object) -> tuple[int, ...]:
+    """A non-empty sequence of whole counts >= 0 (say a window's deltas)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{what} must be a sequence of ints, got {values!r}")
+    counts = tuple(values)
+    if not counts:
+        raise ValueError(f"{what} must not be empty")
+    for v in counts:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{what} must hold ints, got {v!r}")
+        if v < 0:
+            raise ValueError(f"{what} must be >= 0, got {v!r}")
+    return counts

@@ -6,9 +6,10 @@ import itertools
 import math
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from types import TracebackType
 
-from ..checks import check_int, check_name, check_seconds
+from ..checks import check_counts, check_int, check_name, check_seconds
 from ..circuit_state import BreakerConfig, BreakerCore, CircuitState
 from ..clock import SYSTEM_CLOCK, Clock
 from ..ratelimit import gcra
@@ -40,6 +41,7 @@ class MemoryStore:
         self._tats: dict[str, float] = {}
         self._budgets: dict[str, float] = {}
         self._cache: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._windows: dict[str, dict[int, list[int]]] = {}
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The shared core of breaker ``name`` (created on first use)."""
@@ -118,6 +120,26 @@ class MemoryStore:
         tokens = min(maximum, max(0.0, self._budgets.get(key, maximum) + delta))
         self._budgets[key] = tokens
         return tokens
+
+    async def window_add(
+        self, key: str, deltas: Sequence[int], *, window: float, buckets: int = 10
+    ) -> tuple[int, ...]:
+        """Add ``deltas`` to the current bucket of the sliding window ``key`` and return the
+        window's totals, one per figure."""
+        check_name(key, "key")
+        counts = check_counts("deltas", deltas)
+        check_seconds("window", window)
+        check_int("buckets", buckets)
+        epoch = math.floor(self.clock.monotonic() * buckets / window)
+        kept = self._windows.setdefault(key, {})
+        for old in [b for b in kept if b <= epoch - buckets]:
+            del kept[old]
+        bucket = kept.setdefault(epoch, [0] * len(counts))
+        if len(bucket) < len(counts):
+            bucket.extend([0] * (len(counts) - len(bucket)))
+        for i, d in enumerate(counts):
+            bucket[i] += d
+        return tuple(sum(b[i] for b in kept.values() if i < len(b)) for i in range(len(counts)))
 
     async def cache_get(self, key: str, item: str) -> bytes | None:
         """The value cached under ``item`` for ``key`` (``None`` if absent or expired)."""

@@ -6,8 +6,8 @@ refer to it.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
 from collections.abc import Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ..circuit_state import CircuitState

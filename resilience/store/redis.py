@@ -29,7 +29,7 @@ import importlib.util
 import itertools
 import logging
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -37,7 +37,7 @@ from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
-from ..checks import check_int, check_name, check_seconds
+from ..checks import check_counts, check_int, check_name, check_seconds
 from ..circuit_state import (
     CLOSED,
     DISABLED,
@@ -53,6 +53,7 @@ from .protocol import PolicyStatus
 from .redis_breaker import SharedBreakerCore
 from .redis_primitives import (
     SCRIPTS,
+    BadReply,
     Transition,
     escape,
     key,
@@ -374,6 +375,32 @@ class RedisStore:
             repr(float(maximum)),
             ttl_ms,
         )
+
+    async def window_add(
+        self, key: str, deltas: Sequence[int], *, window: float, buckets: int = 10
+    ) -> tuple[int, ...]:
+        """Add ``deltas`` to the current bucket of the fleet's sliding window ``key`` (server
+        time) and return the window's totals, one per figure."""
+        check_name(key, "key")
+        counts = check_counts("deltas", deltas)
+        check_seconds("window", window)
+        check_int("buckets", buckets)
+        width_ms = window * 1000 / buckets
+        if width_ms < 1:
+            raise ValueError(f"window / buckets must be >= 1 ms, got {width_ms!r} ms")
+        self._register(key)
+        counter = self.key(key, "counts")
+        args = [self.engine.now_arg(), repr(width_ms), buckets, _ttl_ms(2 * window), *counts]
+        reply = await self.engine.call(
+            self._scripts["window"](keys=[counter], args=args), key=counter
+        )
+        try:
+            if not isinstance(reply, list) or len(reply) != len(counts):
+                raise BadReply(f"unexpected window reply {reply!r:.80}")
+            return tuple(number(v) for v in reply)
+        except BadReply as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
 
     async def cache_get(self, key: str, item: str) -> bytes | None:
         """The value cached under ``item`` for policy ``key``, or ``None``."""

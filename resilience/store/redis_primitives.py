@@ -49,7 +49,17 @@ __all__ = [
 
 BY_VALUE = {s.value: s for s in CircuitState}  #: a state as Redis holds it -> CircuitState
 MAX_INT = 2**52  # the Lua side's bound: doubles count exactly below it
-SCRIPTS = ("flush", "transition", "probe", "report", "lease", "shared", "status", "health")
+SCRIPTS = (
+    "flush",
+    "transition",
+    "probe",
+    "report",
+    "lease",
+    "shared",
+    "status",
+    "health",
+    "window",
+)
 _PRELUDED = ("flush", "transition", "probe", "report", "status")
 
 

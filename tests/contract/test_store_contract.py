@@ -267,6 +267,30 @@ async def test_budget_is_clamped_and_shared(store: Store, replica: Callable[[], 
     assert await other.budget_add("b", delta=0.25, maximum=10, ttl=60) == pytest.approx(0.25)
 
 
+async def test_a_shared_window_counts_across_replicas_and_slides(
+    store: Store, replica: Callable[[], Store], clock: FakeClock
+) -> None:
+    """window_add: every replica's deltas in one sliding window; old buckets drop out."""
+    other = replica()
+    assert await store.window_add("t", [3, 1], window=10) == (3, 1)
+    clock.advance(4)
+    assert await other.window_add("t", [2, 2], window=10) == (5, 3)
+    assert await store.window_add("t", [0, 0], window=10) == (5, 3)  # zeros: a read
+    clock.advance(6.5)  # the first bucket (t=0) has left the window, the second has not
+    assert await other.window_add("t", [0, 0], window=10) == (2, 2)
+    clock.advance(10)
+    assert await store.window_add("t", [1, 0], window=10) == (1, 0)
+    assert await store.window_add("u", [7], window=1, buckets=2) == (7,)
+    with pytest.raises(ValueError, match="deltas"):
+        await store.window_add("t", [-1], window=10)
+    with pytest.raises(TypeError, match="deltas"):
+        await store.window_add("t", [1.5], window=10)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="deltas"):
+        await store.window_add("t", [], window=10)
+    with pytest.raises(ValueError, match="window"):
+        await store.window_add("t", [1], window=0)
+
+
 async def test_cache_round_trip_and_expiry(
     store: Store, replica: Callable[[], Store], clock: FakeClock
 ) -> None:

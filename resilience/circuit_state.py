@@ -72,6 +72,7 @@ DISABLED = CircuitState.DISABLED
 
 
 MAX_MINIMUM_CALLS = 1_000_000_000  #: the largest minimum_calls (a bound, not a suggestion)
+MAX_QUORUM = 1000  #: replicas that must trip before a quorum breaker opens the fleet, at most
 MAX_HALF_OPEN_CALLS = 10_000  #: the largest number of half-open probes
 
 
@@ -91,12 +92,16 @@ class BreakerConfig:
     open_for_max: float = 5.0  # = open_for: no growth unless asked for
     half_open_calls: int = 1
     probe_lease: float = 30.0
+    #: 0: the fleet opens on the shared window or on any replica's own trip; k: only once k
+    #: replicas' own windows have tripped (each replica still protects itself at once)
+    quorum: int = 0
 
     def __post_init__(self) -> None:
         check_ratio("failure_ratio", self.failure_ratio)
         check_ratio("slow_call_ratio", self.slow_call_ratio)
         check_int("minimum_calls", self.minimum_calls, maximum=MAX_MINIMUM_CALLS)
         check_int("half_open_calls", self.half_open_calls, maximum=MAX_HALF_OPEN_CALLS)
+        check_int("quorum", self.quorum, minimum=0, maximum=MAX_QUORUM)
         if not isinstance(self.window, (CountWindow, TimeWindow)):
             raise TypeError(
                 f"window must be CountWindow(size) or TimeWindow(seconds), got {self.window!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -23,9 +24,10 @@ from .policy import (
 if TYPE_CHECKING:
     from .store.protocol import Store
 
-__all__ = ["RateLimiter", "gcra"]
+__all__ = ["AHEAD", "RateLimiter", "gcra"]
 
 _EPSILON = 1e-9
+AHEAD = 0.05  #: ``ahead`` that ``ResilienceMiddleware(store=...)`` gives its rate limiter
 
 
 def gcra(tat: float, now: float, interval: float, burst: int) -> tuple[float, float]:
@@ -49,8 +51,14 @@ class RateLimiter(BasePolicy):
     ``RateLimitedError`` whose ``retry_after`` says when a token frees up.
 
     With ``store=`` the bucket is shared by every limiter of that name on the store (every
-    replica, through ``RedisStore``): each call is one ``store.rate_take``. When the store
-    cannot answer, the call is admitted or rejected by this object's local bucket instead.
+    replica, through ``RedisStore``): each call is one ``store.rate_take``. With ``ahead``
+    seconds as well (say 0.05), tokens are taken from the fleet's bucket in batches (as many
+    as it allows now, up to a batch that doubles while this limiter runs out within
+    ``ahead`` and halves when tokens go unused) and spent here within ``ahead`` or dropped:
+    a busy replica then asks the store about once per batch, not once per call. A token is
+    used at most ``ahead`` after the fleet's bucket counted it, so over any period the fleet
+    admits at most ``rate * ahead`` more than without batches. When the store cannot
+    answer, the call is admitted or rejected by this object's local bucket instead.
     """
 
     kind = "rate_limiter"
@@ -62,6 +70,7 @@ class RateLimiter(BasePolicy):
         per: float = 1.0,
         burst: int | None = None,
         store: Store | None = None,
+        ahead: float = 0.0,
         name: str = "rate_limiter",
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
@@ -79,9 +88,15 @@ class RateLimiter(BasePolicy):
                 f"per={per!r} ({interval!r} s between calls)"
             )
         self.interval = interval
-        self.store = check_store("store", store, "rate_take")
+        self.ahead = check_seconds("ahead", ahead, zero=True)
+        needs = ("rate_take", "rate_take_many") if self.ahead else ("rate_take",)
+        self.store = check_store("store", store, *needs)
         check_fleet_name("RateLimiter", self.name, "rate_limiter", self.store)
         self._tat = -math.inf
+        self._ahead = 0  # tokens taken ahead from the fleet's bucket, not used yet
+        self._ahead_until = -math.inf  # ... usable until then
+        self._batch = 1  # tokens to ask for next time
+        self._asking: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -108,6 +123,40 @@ class RateLimiter(BasePolicy):
                 pass
         return self.try_acquire()
 
+    async def _take_ahead(self, store: Store) -> float:
+        """A token taken ahead from the fleet's bucket, else a batch from it (one store call
+        for the calls that need one at the same time); the local bucket when it is down."""
+        while True:
+            now = self._clock.monotonic()
+            if self._ahead and now < self._ahead_until:
+                self._ahead -= 1
+                return 0.0
+            if self._asking is None:
+                break
+            await asyncio.shield(self._asking)
+        if store_down(store):
+            return self.try_acquire()
+        if self._ahead:  # the last batch went partly unused: ask for fewer
+            self._batch = max(1, self._batch // 2)
+        elif now < self._ahead_until:  # it ran out early: ask for more
+            self._batch = min(self.burst, self._batch * 2)
+        asking: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asking = asking
+        try:
+            took, wait = await store.rate_take_many(
+                self.name, interval=self.interval, burst=self.burst, want=self._batch
+            )
+        except StoreUnavailableError:
+            return self.try_acquire()
+        finally:
+            self._asking = None
+            asking.set_result(None)
+        if not took:
+            self._ahead = 0
+            return wait
+        self._ahead, self._ahead_until = took - 1, now + self.ahead
+        return 0.0
+
     def _wrap(self, fn: Protected) -> Protected:
         if self.store is not None:
             return self._wrap_shared(fn, self.store)
@@ -129,7 +178,7 @@ class RateLimiter(BasePolicy):
         return protected
 
     def _wrap_shared(self, fn: Protected, store: Store) -> Protected:
-        take = self._take_shared
+        take = self._take_ahead if self.ahead else self._take_shared
         rejected = self._rejected
 
         async def protected(*args: Any, **kwargs: Any) -> Any:

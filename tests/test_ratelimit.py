@@ -343,3 +343,93 @@ async def test_redis_unreachable_uses_local_bucket(clock: FakeClock) -> None:
             await limiter.call(ok)
     finally:
         await store.aclose()
+
+
+# --- tokens taken ahead (ahead=) ---------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 1)), min_size=1, max_size=120),
+    st.integers(1, 50),
+    st.integers(1, 10),
+)
+def test_tokens_taken_ahead_admit_at_most_rate_times_ahead_more(
+    steps: list[tuple[int, int]], rate: int, burst: int
+) -> None:
+    """Two replicas taking tokens ahead (ahead=0.1 s) from one bucket: in every period the
+    fleet admits at most what the bucket allows (rate * period + burst) plus rate * ahead."""
+    import asyncio
+
+    async def run() -> None:
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        replicas = [
+            RateLimiter(rate, burst=burst, store=store, name="x", clock=clock, ahead=0.1)
+            for _ in "ab"
+        ]
+        times: list[float] = []
+        for gap_ms, who in steps:
+            clock.advance(gap_ms / 1000)
+            try:
+                await replicas[who].call(ok)
+                times.append(clock.monotonic())
+            except RateLimitedError:
+                pass
+        for i, first in enumerate(times):  # every period from one admission to another
+            for j in range(i, len(times)):
+                period = times[j] - first
+                assert j - i + 1 <= rate * period + burst + rate * 0.1 + 1e-6
+
+    asyncio.run(run())
+
+
+async def test_tokens_taken_ahead_cost_few_redis_commands(redis_url: str) -> None:
+    """Busy replicas ask the fleet's bucket about once per batch, not once per call."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    prefix = f"rl{next(_prefixes)}-{time.monotonic_ns()}"
+    stores = [RedisStore.from_url(redis_url, prefix=prefix) for _ in range(2)]
+    raw = aioredis.Redis.from_url(redis_url)
+    limiters = [RateLimiter(1_000_000, store=s, name="api", ahead=0.05) for s in stores]
+    before = (await raw.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+
+    async def worker(limiter: RateLimiter) -> None:
+        for _ in range(500):
+            await limiter.call(ok)
+            await asyncio.sleep(0)
+
+    try:
+        await asyncio.gather(*(worker(lim) for lim in limiters for _ in range(4)))
+        after = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    finally:
+        for s in stores:
+            await s.aclose()
+        await raw.aclose()
+    assert after - before <= 0.05 * 4000, after - before
+
+
+def test_ahead_is_checked() -> None:
+    with pytest.raises(ValueError, match="ahead"):
+        RateLimiter(1, ahead=-1)
+    with pytest.raises(TypeError, match="ahead"):
+        RateLimiter(1, ahead="0.1")  # type: ignore[arg-type]
+
+
+async def test_tokens_taken_ahead_are_dropped_after_ahead(clock: FakeClock) -> None:
+    """A token left over from a batch is not spent once ``ahead`` has passed: the bucket it
+    came from has been refilled for others since."""
+    store = MemoryStore(clock=clock)
+    a = RateLimiter(10, burst=10, store=store, name="x", clock=clock, ahead=0.1)
+    b = RateLimiter(10, burst=10, store=store, name="x", clock=clock, ahead=0.1)
+    await a.call(ok)  # a batch of 1
+    await a.call(ok)  # it ran out at once: a batch of 2, one left over
+    assert a._ahead == 1
+    clock.advance(0.5)
+    with pytest.raises(RateLimitedError):  # b empties the bucket
+        for _ in range(20):
+            await b.call(ok)
+    with pytest.raises(RateLimitedError):
+        await a.call(ok)  # its left-over token lapsed: the empty bucket decides

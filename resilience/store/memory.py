@@ -42,6 +42,7 @@ class MemoryStore:
         self._budgets: dict[str, float] = {}
         self._cache: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._windows: dict[str, dict[int, list[int]]] = {}
+        self._shares: dict[str, dict[str, tuple[int, int, float]]] = {}
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The shared core of breaker ``name`` (created on first use)."""
@@ -115,11 +116,51 @@ class MemoryStore:
         self._tats[key] = tat
         return wait
 
+    async def rate_take_many(
+        self, key: str, *, interval: float, burst: int, want: int
+    ) -> tuple[int, float]:
+        """Take up to ``want`` tokens at once from the GCRA bucket ``key``: how many were
+        taken, and (none taken) the seconds until one frees up."""
+        check_int("want", want)
+        now = self.clock.monotonic()
+        took, wait = 0, 0.0
+        while took < want:
+            tat, wait = gcra(self._tats.get(key, -math.inf), now, interval, burst)
+            if wait > 0.0:
+                break
+            self._tats[key] = tat
+            took += 1
+        return took, 0.0 if took else wait
+
     async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
         """Add ``delta`` to the token count ``key`` (starting full), clamped to [0, maximum]."""
         tokens = min(maximum, max(0.0, self._budgets.get(key, maximum) + delta))
         self._budgets[key] = tokens
         return tokens
+
+    async def lease_share(
+        self, key: str, holder: str, *, want: int, held: int, limit: int, ttl: float
+    ) -> tuple[int, int]:
+        """``holder``'s share of ``limit`` under ``key``: at most what the others leave free."""
+        check_name(key, "key")
+        check_name(holder, "holder")
+        check_int("want", want, minimum=0)
+        check_int("held", held, minimum=0)
+        check_int("limit", limit)
+        check_seconds("ttl", ttl)
+        now = self.clock.monotonic()
+        shares = self._shares.setdefault(key, {})
+        for who in [w for w, (_, _, until) in shares.items() if until <= now]:
+            del shares[who]
+        others = sum(s for w, (s, _, _) in shares.items() if w != holder)
+        in_use = held + sum(h for w, (_, h, _) in shares.items() if w != holder)
+        grant = max(0, min(want, limit - others))
+        if grant == 0 and held == 0:
+            shares.pop(holder, None)
+        else:
+            shares[holder] = (grant, held, now + ttl)
+        self._limits[key] = limit
+        return grant, in_use
 
     async def window_add(
         self, key: str, deltas: Sequence[int], *, window: float, buckets: int = 10
@@ -178,12 +219,14 @@ class MemoryStore:
                     latency=tuple(core.latency),
                 )
             )
-        for key in self._leases:
+        for key in sorted({*self._leases, *self._shares}):
+            shares = self._shares.get(key, {})
+            held = sum(h for _, h, until in shares.values() if until > now)
             out.append(
                 PolicyStatus(
                     name=key,
                     kind="bulkhead",
-                    in_flight=len(self._live(key)),
+                    in_flight=len(self._live(key)) + held,
                     limit=self._limits.get(key),
                 )
             )

@@ -146,8 +146,25 @@ class Store(Protocol):
     async def rate_take(self, key: str, *, interval: float, burst: int) -> float:
         """Take a token from the GCRA bucket ``key``: 0.0 if taken, else seconds to wait."""
 
+    async def rate_take_many(
+        self, key: str, *, interval: float, burst: int, want: int
+    ) -> tuple[int, float]:
+        """Take up to ``want`` tokens at once from the GCRA bucket ``key``: how many were
+        taken (as many as the bucket allows now), and, when none was, seconds to wait."""
+
     async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
         """Add ``delta`` to the token count ``key`` (starting full), clamped to [0, maximum]."""
+
+    async def lease_share(
+        self, key: str, holder: str, *, want: int, held: int, limit: int, ttl: float
+    ) -> tuple[int, int]:
+        """Quota leasing: ``holder``'s share of the fleet-wide ``limit`` under ``key``.
+
+        Asks for a share of ``want`` permits (0 gives it back), reporting ``held`` permits in
+        use under it. Returns the share granted, never more than the other holders' live
+        shares leave free (so the shares never sum above ``limit``), and the permits in use
+        fleet-wide as last reported. The share lasts ``ttl`` seconds unless asked again.
+        """
 
     async def window_add(
         self, key: str, deltas: Sequence[int], *, window: float, buckets: int = 10

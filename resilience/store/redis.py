@@ -337,7 +337,7 @@ class RedisStore:
             self.supervisor.fail(exc)
             raise StoreUnavailableError(str(exc)) from exc
 
-    async def _shared(self, key: str, suffix: str, *args: Any) -> float:
+    async def _shared_text(self, key: str, suffix: str, *args: Any) -> str:
         check_name(key, "key")
         self._register(key)
         reply = text(
@@ -350,6 +350,10 @@ class RedisStore:
             logger.warning("unparsable data under %r was reset", self.key(key, suffix))
             self._emit(StoreDataReset(name=key, key=self.key(key, suffix)))
             reply = reply[1:]
+        return reply
+
+    async def _shared(self, key: str, suffix: str, *args: Any) -> float:
+        reply = await self._shared_text(key, suffix, *args)
         try:
             return real(reply)
         except Exception as exc:
@@ -363,6 +367,22 @@ class RedisStore:
         )
         return wait_ms / 1000
 
+    async def rate_take_many(
+        self, key: str, *, interval: float, burst: int, want: int
+    ) -> tuple[int, float]:
+        """Take up to ``want`` tokens at once from the fleet's GCRA bucket ``key``: how many
+        were taken, and (none taken) the seconds until one frees up."""
+        check_int("want", want)
+        reply = await self._shared_text(
+            key, "gcra", "gcra", self.engine.now_arg(), repr(interval * 1000), int(burst), want
+        )
+        try:
+            took, _, wait = reply.partition(" ")
+            return number(int(took), 0, want), real(wait, 0) / 1000
+        except Exception as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
+
     async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
         """Add ``delta`` to the fleet's token count ``key`` (starting full), clamped."""
         ttl_ms = _ttl_ms(ttl)
@@ -375,6 +395,30 @@ class RedisStore:
             repr(float(maximum)),
             ttl_ms,
         )
+
+    async def lease_share(
+        self, key: str, holder: str, *, want: int, held: int, limit: int, ttl: float
+    ) -> tuple[int, int]:
+        """``holder``'s share of the fleet-wide ``limit`` under ``key`` (server time): at
+        most what the other holders' live shares leave free."""
+        check_name(key, "key")
+        check_name(holder, "holder")
+        check_int("want", want, minimum=0)
+        check_int("held", held, minimum=0)
+        check_int("limit", limit)
+        self._register(key)
+        shares = self.key(key, "shares")
+        args = [self.engine.now_arg(), holder, want, held, limit, _ttl_ms(ttl)]
+        reply = await self.engine.call(
+            self._scripts["share"](keys=[shares, self.key(key, "limit")], args=args), key=shares
+        )
+        try:
+            if not isinstance(reply, list) or len(reply) != 3:
+                raise BadReply(f"unexpected share reply {reply!r:.80}")
+            return number(reply[0], 0, limit), number(reply[1])
+        except BadReply as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
 
     async def window_add(
         self, key: str, deltas: Sequence[int], *, window: float, buckets: int = 10

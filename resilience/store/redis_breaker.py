@@ -14,6 +14,9 @@ The rules it keeps (see docs/shared-state.md):
   flush, half-open probes are fleet-wide leases.
 * Degraded, the same local state machine decides everything. What it learned (a local open)
   is pushed to the fleet when Redis answers again, before the fleet's older state is adopted.
+* Quorum (``config.quorum = k``): the shared window opens nothing, and a replica's own trip
+  is a vote; the fleet opens once k replicas' votes are live. A replica whose own window
+  tripped stays open on its own meanwhile, and runs its own half-open probes.
 """
 
 from __future__ import annotations
@@ -157,7 +160,11 @@ class SharedBreakerCore(BreakerCore):
             return Transition(self.forced, self.gen, force=True)
         if self.diverged and self.state is OPEN and self.fleet_gen >= 0:
             return Transition(
-                OPEN, self.fleet_gen, self.reopens, self.opened_by or (0, 0, 0), force=False
+                OPEN,
+                self.fleet_gen,
+                self.reopens,
+                self.opened_by or (0, 0, 0),
+                vote=self.config.quorum > 0,
             )
         return None
 
@@ -183,6 +190,8 @@ class SharedBreakerCore(BreakerCore):
         self.adopt(fleet, received)
         if fleet.gen != self.gen or fleet.state is not CLOSED or self.state is not CLOSED:
             return None  # counts of another generation (a reply overtaken by news) decide nothing
+        if self.config.quorum:
+            return None  # a quorum breaker opens the fleet on its replicas' votes only
         if tripped(reply.calls, reply.failures, reply.slow, self.config):
             return Transition(OPEN, self.gen, 0, (reply.calls, reply.failures, reply.slow))
         return None

@@ -59,6 +59,7 @@ SCRIPTS = (
     "status",
     "health",
     "window",
+    "share",
 )
 _PRELUDED = ("flush", "transition", "probe", "report", "status")
 
@@ -189,13 +190,15 @@ class Release(NamedTuple):
 
 class Transition(NamedTuple):
     """A transition a shared breaker wants the fleet to make (compare-and-set by ``expected``
-    generation, or unconditionally when ``force``)."""
+    generation, or unconditionally when ``force``). ``vote``: a quorum breaker's replica
+    whose own window tripped asks for OPEN; the fleet opens once ``quorum`` replicas have."""
 
     new: CircuitState
     expected: int
     reopens: int = 0
     opened_by: tuple[int, int, int] = (0, 0, 0)
     force: bool = False
+    vote: bool = False
 
 
 # --- replies, parsed and checked once ---------------------------------------------------------
@@ -226,6 +229,7 @@ class TransitionReply(NamedTuple):
 
     fleet: FleetState
     changed: bool
+    votes: int = 0  #: a quorum vote: the live votes after it (the fleet opened at quorum)
 
 
 class ProbeReply(NamedTuple):
@@ -335,7 +339,8 @@ def parse_flush(reply: Any) -> FlushReply:
 def parse_transition(reply: Any) -> TransitionReply:
     """A ``transition.lua`` reply."""
     f = _fields(reply)
-    return TransitionReply(_fleet(f), bool(number(f.get("changed", 0))))
+    votes = number(f.get("votes", 0), 0, 1_000_000)
+    return TransitionReply(_fleet(f), bool(number(f.get("changed", 0))), votes)
 
 
 def parse_probe(reply: Any) -> ProbeReply:

@@ -16,7 +16,17 @@ from .redis_primitives import BY_VALUE, MAX_INT, BadReply, number, parse_histogr
 __all__ = ["COLUMNS", "SUFFIXES", "local_status", "parse_status"]
 
 #: the keys ``status.lua`` reads for each name, in order
-SUFFIXES = ("state", "win", "probes", "replicas", "leases", "gcra", "budget", "limit")
+SUFFIXES = (
+    "state",
+    "win",
+    "probes",
+    "replicas",
+    "leases",
+    "gcra",
+    "budget",
+    "limit",
+    "shares",
+)
 #: the columns this module reads from a ``status.lua`` reply (named in its header)
 COLUMNS = ("s", "g", "u", "c", "f", "l", "p", "o", "n", "m", "q", "t")
 

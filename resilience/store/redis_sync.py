@@ -267,7 +267,7 @@ class SyncEngine:
 
     def _cas(self, core: SharedBreakerCore, t: Transition) -> list[Any]:
         open_ms = int(open_duration(core.config, t.reopens) * 1000)
-        return [
+        args = [
             t.expected,
             t.new.value,
             open_ms,
@@ -276,9 +276,12 @@ class SyncEngine:
             self.ttl_ms,
             self.channel,
             core.name,
-            "1" if t.force else "0",
+            "1" if t.force else "q" if t.vote else "0",
             *t.opened_by,
         ]
+        if t.vote:  # the vote lasts as long as this replica's own open state
+            args += [core.config.quorum, self._replica(), open_ms]
+        return args
 
     # --- background work ------------------------------------------------------------------
     def start(self) -> None:

@@ -2,6 +2,8 @@
 -- KEYS: 1 the policy's key
 -- ARGV: 1 op, 2 now in ms ("" = server TIME), then per op:
 --   "gcra"   3 emission interval in ms, 4 burst          -> "0" if taken, else ms to wait
+--            5 tokens wanted (optional, default 1): takes as many as the bucket allows now,
+--            up to that, -> "<taken> <ms to wait>" (wait 0 when any was taken)
 --   "budget" 3 delta, 4 maximum, 5 ttl in ms             -> the tokens after the change
 -- Values are kept as decimal strings; a value that does not parse, or is out of its range,
 -- is reset (reported as "!").
@@ -30,9 +32,18 @@ if op == 'gcra' then
   local tat = sane(value, 0, n + (burst + 1) * interval + 1000) or n
   if tat < n then tat = n end
   local wait = tat - n - (burst - 1) * interval
-  if wait > 0.000001 then return reset .. string.format('%.6f', wait) end
-  local new = tat + interval
+  local want = tonumber(ARGV[5])
+  if wait > 0.000001 then
+    if want then return reset .. '0 ' .. string.format('%.6f', wait) end
+    return reset .. string.format('%.6f', wait)
+  end
+  local took = 1
+  if want then -- as many as fit now: each moves the arrival time one interval on
+    took = math.max(1, math.min(want, math.floor(-wait / interval + 0.000001) + 1))
+  end
+  local new = tat + took * interval
   redis.call('SET', KEYS[1], string.format('%.6f', new), 'PX', math.ceil(new - n + 1000))
+  if want then return reset .. took .. ' 0' end
   return reset .. '0'
 end
 -- budget

@@ -1,6 +1,6 @@
 -- status: everything known about some policy names, for status tools. Read-only.
--- KEYS: 8 per name (state, window, probes, replicas, leases, gcra, budget, limit), each
---       "<prefix>:{<escaped name>}:<suffix>"; or none, and the names in ARGV (one Redis
+-- KEYS: 9 per name (state, window, probes, replicas, leases, gcra, budget, limit, shares),
+--       each "<prefix>:{<escaped name>}:<suffix>"; or none, and the names in ARGV (one Redis
 --       only: not for a Cluster)
 -- ARGV: 1 now in ms ("" = server TIME), 2 prefix, 3 the names (escaped) joined by tabs,
 --       4 a "1" or "0" per name: whether to look for a bulkhead, rate limiter and budget too
@@ -72,13 +72,24 @@ local function breaker(base)
     failures .. '\t' .. slow .. '\t' .. probes .. '\t' .. opened, r
 end
 
--- the columns n..t: fleet-wide leases, rate limiter and budget under the same name
+-- the permits in use under a fleet-wide limit's shares, as their holders last reported
+local function shared(key)
+  local held = 0
+  for _, v in ipairs(get('HVALS', key) or {}) do
+    local h, e = string.match(v, '^%d+ (%d+) (%d+)$')
+    if h and tonumber(e) > now then held = held + tonumber(h) end
+  end
+  return held
+end
+
+-- the columns n..t: fleet-wide leases (per call, and shares), rate limiter and budget
 local function others(base)
-  local leases, gcra, budget = base .. 'leases', base .. 'gcra', base .. 'budget'
-  if redis.call('EXISTS', leases, gcra, budget) == 0 then return '\t\t\t' end
+  local leases, shares, gcra, budget = base .. 'leases', base .. 'shares', base .. 'gcra',
+    base .. 'budget'
+  if redis.call('EXISTS', leases, shares, gcra, budget) == 0 then return '\t\t\t' end
   local held, limit = '', ''
-  if redis.call('EXISTS', leases) == 1 then
-    held = get('ZCOUNT', leases, '(' .. now, '+inf') or 0
+  if redis.call('EXISTS', leases, shares) > 0 then
+    held = (get('ZCOUNT', leases, '(' .. now, '+inf') or 0) + shared(shares)
     limit = get('GET', base .. 'limit') or ''
   end
   return held .. '\t' .. limit .. '\t' .. (get('GET', gcra) or '') .. '\t' ..
@@ -88,7 +99,7 @@ end
 -- each name's keys share a base, "<prefix>:{<escaped name>}:" (KEYS[1] is the first's state)
 local bases = {}
 if #KEYS > 0 then
-  for n = 1, #KEYS, 8 do bases[#bases + 1] = string.sub(KEYS[n], 1, -6) end
+  for n = 1, #KEYS, 9 do bases[#bases + 1] = string.sub(KEYS[n], 1, -6) end
 else
   local head = ARGV[2] .. ':{'
   for name in string.gmatch(ARGV[3] or '', '[^\t]+') do

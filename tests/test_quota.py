@@ -1,0 +1,212 @@
+"""Quota leasing (``FleetShare`` over ``Store.lease_share``): the fleet's limit holds with
+no round trip per call; shares follow demand; a dead holder's share comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resilience import MemoryStore, StoreUnavailableError
+from resilience.quota import FleetShare
+from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
+
+_prefixes = itertools.count()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["take", "give", "tick"]), st.integers(0, 2)),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops, st.integers(1, 6))
+def test_permits_in_use_never_exceed_the_limit(steps: list[tuple[str, int]], limit: int) -> None:
+    """Three holders taking, giving back and renewing in any order: the shares never sum
+    above the limit, nor do the permits in use; a holder never uses more than its share."""
+
+    async def run() -> None:
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        holders = [FleetShare(store, "pool", limit=limit, ttl=3, clock=clock) for _ in range(3)]
+        for op, who in steps:
+            h = holders[who]
+            if op == "take":
+                await h.take()
+            elif op == "give":
+                h.give()
+            else:
+                clock.advance(1.0)  # a rebalance period: renewals run
+                await settle()
+            assert sum(x.held for x in holders) <= limit
+            assert sum(x.share for x in holders) <= limit
+            assert all(x.held <= x.share or x.held == 0 for x in holders)
+        for h in holders:
+            await h.aclose()
+
+    asyncio.run(run())
+
+
+async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    a = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
+    b = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
+    assert all([await a.take() for _ in range(4)])
+    assert a.share == 4
+    assert not await b.take()  # the fleet is full
+    for _ in range(3):
+        a.give()
+    clock.advance(1.0)  # renewal: a keeps its peak of the last period (4)
+    await settle()
+    assert a.share == 4
+    clock.advance(1.0)  # the next one: only what it used since (1)
+    await settle()
+    assert a.share == 1
+    assert await b.take() and await b.take() and await b.take()
+    assert not await b.take()
+    a.give()
+    for _ in range(2):
+        clock.advance(1.0)
+        await settle()
+    assert a.share == 0  # nothing held: the share is given back, the renewals stop
+    assert a._timer is None
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_a_dead_holders_share_comes_back_within_one_lease() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    dead = FleetShare(store, "pool", limit=2, ttl=3, clock=clock)
+    assert await dead.take() and await dead.take()
+    assert dead._timer is not None
+    dead._timer.cancel()  # it dies: no renewal, no goodbye
+    other = FleetShare(store, "pool", limit=2, ttl=3, clock=clock)
+    assert not await other.take()
+    clock.advance(3.0)
+    assert await other.take() and await other.take()
+    await other.aclose()
+
+
+async def test_a_valid_share_admits_while_the_store_is_away() -> None:
+    """Calls go on against a share that is still valid; past it, the caller is told."""
+
+    class Away(MemoryStore):
+        away = False
+
+        async def lease_share(self, *args: object, **kwargs: object) -> tuple[int, int]:
+            if self.away:
+                raise StoreUnavailableError("away")
+            return await super().lease_share(*args, **kwargs)  # type: ignore[arg-type]
+
+    clock = FakeClock()
+    store = Away(clock=clock)
+    share = FleetShare(store, "pool", limit=3, ttl=3, clock=clock)
+    assert await share.take() and await share.take()
+    share.give()
+    store.away = True
+    assert share.take_now()  # from the share granted before: no store call
+    share.give()
+    clock.advance(3.0)  # the share's lease has run out
+    await settle()
+    assert not share.take_now()
+    with pytest.raises(StoreUnavailableError):
+        await share.take()
+    store.away = False
+    await share.aclose()
+
+
+def test_bad_arguments_are_refused() -> None:
+    store = MemoryStore()
+    with pytest.raises(ValueError, match="limit"):
+        FleetShare(store, "pool", limit=0)
+    with pytest.raises(ValueError, match="ttl"):
+        FleetShare(store, "pool", limit=1, ttl=0)
+    with pytest.raises(TypeError, match="key"):
+        FleetShare(store, 3, limit=1)  # type: ignore[arg-type]
+
+
+# --- on a real Redis --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def evalsha_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("workers", [4, 10])
+async def test_the_fleet_limit_holds_across_replicas_with_few_round_trips(
+    redis_url: str, raw: aioredis.Redis, workers: int
+) -> None:
+    """Two replicas, ``workers`` workers each, a fleet limit of 8 (demand at the limit, and
+    above it): never more than 8 in use at once, and under 0.05 Redis commands per call."""
+    prefix = f"quota{next(_prefixes)}"
+    stores = [RedisStore.from_url(redis_url, prefix=prefix) for _ in range(2)]
+    shares = [FleetShare(s, "pool", limit=8, ttl=10) for s in stores]
+    in_use = peak = taken = refused = 0
+    before = await evalsha_calls(raw)
+
+    async def worker(share: FleetShare) -> None:
+        nonlocal in_use, peak, taken, refused
+        for _ in range(300):
+            if not await share.take():
+                refused += 1
+                await asyncio.sleep(0)
+                continue
+            taken += 1
+            in_use += 1
+            peak = max(peak, in_use)
+            await asyncio.sleep(0)
+            in_use -= 1
+            share.give()
+
+    try:
+        await asyncio.gather(*(worker(s) for s in shares for _ in range(workers)))
+        calls = await evalsha_calls(raw) - before
+    finally:
+        for share in shares:
+            await share.aclose()
+        for s in stores:
+            await s.aclose()
+    assert peak <= 8
+    if workers * 2 <= 8:
+        assert refused == 0  # demand within the limit: every call got a permit
+    assert calls <= 0.05 * (taken + refused), (calls, taken, refused)
+
+
+async def test_status_shows_the_permits_in_use_under_shares(redis_url: str) -> None:
+    from resilience import status
+
+    prefix = f"quota{next(_prefixes)}"
+    store = RedisStore.from_url(redis_url, prefix=prefix)
+    share = FleetShare(store, "uploads", limit=5, ttl=10)
+    try:
+        assert await share.take() and await share.take()
+        await share._ask(2)  # a renewal: reports the permits held
+        seen = {(s.name, s.kind): s for s in await status(store)}
+        assert seen[("uploads", "bulkhead")].in_flight == 2
+        assert seen[("uploads", "bulkhead")].limit == 5
+    finally:
+        await share.aclose()
+        await store.aclose()

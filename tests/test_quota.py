@@ -76,7 +76,9 @@ async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     clock.advance(1.0)  # the next one: only what it used since (1)
     await settle()
     assert a.share == 1
-    assert await b.take() and await b.take() and await b.take()
+    assert await b.take()
+    assert await b.take()
+    assert await b.take()
     assert not await b.take()
     a.give()
     for _ in range(2):
@@ -92,13 +94,15 @@ async def test_a_dead_holders_share_comes_back_within_one_lease() -> None:
     clock = FakeClock()
     store = MemoryStore(clock=clock)
     dead = FleetShare(store, "pool", limit=2, ttl=3, clock=clock)
-    assert await dead.take() and await dead.take()
+    assert await dead.take()
+    assert await dead.take()
     assert dead._timer is not None
     dead._timer.cancel()  # it dies: no renewal, no goodbye
     other = FleetShare(store, "pool", limit=2, ttl=3, clock=clock)
     assert not await other.take()
     clock.advance(3.0)
-    assert await other.take() and await other.take()
+    assert await other.take()
+    assert await other.take()
     await other.aclose()
 
 
@@ -116,7 +120,8 @@ async def test_a_valid_share_admits_while_the_store_is_away() -> None:
     clock = FakeClock()
     store = Away(clock=clock)
     share = FleetShare(store, "pool", limit=3, ttl=3, clock=clock)
-    assert await share.take() and await share.take()
+    assert await share.take()
+    assert await share.take()
     share.give()
     store.away = True
     assert share.take_now()  # from the share granted before: no store call
@@ -202,7 +207,8 @@ async def test_status_shows_the_permits_in_use_under_shares(redis_url: str) -> N
     store = RedisStore.from_url(redis_url, prefix=prefix)
     share = FleetShare(store, "uploads", limit=5, ttl=10)
     try:
-        assert await share.take() and await share.take()
+        assert await share.take()
+        assert await share.take()
         await share._ask(2)  # a renewal: reports the permits held
         seen = {(s.name, s.kind): s for s in await status(store)}
         assert seen[("uploads", "bulkhead")].in_flight == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -428,8 +429,11 @@ async def test_tokens_taken_ahead_are_dropped_after_ahead(clock: FakeClock) -> N
     await a.call(ok)  # it ran out at once: a batch of 2, one left over
     assert a._ahead == 1
     clock.advance(0.5)
-    with pytest.raises(RateLimitedError):  # b empties the bucket
+    admitted = 0
+    with contextlib.suppress(RateLimitedError):  # b empties the bucket
         for _ in range(20):
             await b.call(ok)
+            admitted += 1
+    assert admitted < 20
     with pytest.raises(RateLimitedError):
         await a.call(ok)  # its left-over token lapsed: the empty bucket decides

@@ -291,6 +291,44 @@ async def test_a_shared_window_counts_across_replicas_and_slides(
         await store.window_add("t", [1], window=0)
 
 
+async def test_shares_never_sum_above_the_limit_and_lapse(
+    store: Store, replica: Callable[[], Store], clock: FakeClock
+) -> None:
+    """lease_share: a holder gets at most what the others' live shares leave; a share not
+    renewed lapses after its ttl; want=0 gives it back."""
+    other = replica()
+    assert await store.lease_share("pool", "a", want=3, held=3, limit=5, ttl=5) == (3, 3)
+    assert await other.lease_share("pool", "b", want=4, held=1, limit=5, ttl=5) == (2, 4)
+    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (2, 5)
+    assert await store.lease_share("pool", "a", want=1, held=1, limit=5, ttl=5) == (1, 3)
+    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (4, 3)
+    clock.advance(3)
+    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (4, 3)
+    clock.advance(2.5)  # a was not renewed: its share lapsed; b's holds
+    assert await store.lease_share("pool", "c", want=5, held=0, limit=5, ttl=5) == (1, 2)
+    clock.advance(5)  # b's lapsed too
+    assert await store.lease_share("pool", "c", want=5, held=0, limit=5, ttl=5) == (5, 0)
+    assert await store.lease_share("pool", "c", want=0, held=0, limit=5, ttl=5) == (0, 0)
+    assert await other.lease_share("pool", "d", want=5, held=0, limit=5, ttl=5) == (5, 0)
+    with pytest.raises(ValueError, match="want"):
+        await store.lease_share("pool", "a", want=-1, held=0, limit=5, ttl=5)
+
+
+async def test_tokens_are_taken_as_many_as_the_bucket_allows(
+    store: Store, replica: Callable[[], Store], clock: FakeClock
+) -> None:
+    """rate_take_many: up to `want` tokens at once, as the bucket allows; then a wait."""
+    other = replica()
+    assert await store.rate_take_many("api", interval=0.5, burst=4, want=3) == (3, 0.0)
+    assert await other.rate_take_many("api", interval=0.5, burst=4, want=3) == (1, 0.0)
+    took, wait = await store.rate_take_many("api", interval=0.5, burst=4, want=3)
+    assert took == 0
+    assert wait == pytest.approx(0.5, abs=1e-3)
+    clock.advance(1.0)
+    assert await other.rate_take_many("api", interval=0.5, burst=4, want=5) == (2, 0.0)
+    assert await store.rate_take("api", interval=0.5, burst=4) == pytest.approx(0.5, abs=1e-3)
+
+
 async def test_cache_round_trip_and_expiry(
     store: Store, replica: Callable[[], Store], clock: FakeClock
 ) -> None:

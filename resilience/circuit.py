@@ -66,6 +66,23 @@ __all__ = [
 _NO_RESULT: Any = object()  # the outcome of an ``async with`` block: no value to judge
 
 
+def _quorum(open_when: object, quorum: object) -> int:
+    """``BreakerConfig.quorum`` from ``open_when`` and ``quorum`` (0: the fleet's rule)."""
+    if open_when == "fleet":
+        if quorum is not None:
+            raise ValueError(f"quorum={quorum!r} needs open_when='quorum'")
+        return 0
+    if open_when != "quorum":
+        raise ValueError(f"open_when must be 'fleet' or 'quorum', got {open_when!r}")
+    if quorum is None:
+        raise ValueError("open_when='quorum' needs quorum=k (replicas whose trips open it)")
+    if isinstance(quorum, bool) or not isinstance(quorum, int):
+        raise TypeError(f"quorum must be an int, got {quorum!r}")
+    if quorum < 1:
+        raise ValueError(f"quorum must be >= 1, got {quorum!r}")
+    return quorum
+
+
 class CircuitBreaker(BasePolicy):
     """Stops calling a dependency that keeps failing, and probes it before trusting it again.
 
@@ -87,6 +104,10 @@ class CircuitBreaker(BasePolicy):
 
     Breakers with the same ``name`` and ``store`` share one state; without a store each
     breaker is on its own. Defaults follow resilience4j for counting and Polly for timing.
+    With a ``RedisStore``, ``open_when="quorum"`` and ``quorum=k`` open the fleet's breaker
+    only once ``k`` replicas' own windows have tripped (each replica still rejects on its
+    own trip at once); the default, ``"fleet"``, opens it on the shared window or on any
+    replica's own trip.
     """
 
     kind = "circuit_breaker"
@@ -104,6 +125,8 @@ class CircuitBreaker(BasePolicy):
         open_for_max: float | None = None,
         half_open_calls: int = 1,
         probe_lease: float = 30.0,
+        open_when: str = "fleet",
+        quorum: int | None = None,
         on: ExceptionFilter = Exception,
         ignore: ExceptionFilter = (),
         failure_if: Callable[[Any], bool] | None = None,
@@ -128,6 +151,7 @@ class CircuitBreaker(BasePolicy):
             open_for_max=open_for_max,
             half_open_calls=half_open_calls,
             probe_lease=probe_lease,
+            quorum=_quorum(open_when, quorum),
         )
         store = check_store(
             "store", store, "breaker", "acquire_lease", "release_lease", "status", "sync"

@@ -108,8 +108,42 @@ async def hold(b: CircuitBreaker) -> None:
             await asyncio.sleep(0.01)
 
 
+async def quorum(store: RedisStore, k: int) -> None:
+    """A quorum breaker; commands on stdin: "trip" (fail until this replica's own window
+    opens it: prints "tripped"), "state" (prints the state), EOF ends."""
+    b = CircuitBreaker(
+        "quorum",
+        store=store,
+        window=CountWindow(10),
+        minimum_calls=10,
+        open_for=LIMIT,
+        open_when="quorum",
+        quorum=k,
+    )
+    await store.sync()
+    say("ready")
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + LIMIT
+    while time.monotonic() < deadline:
+        command = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+        if command == "trip":
+            while b.state is not CircuitState.OPEN and time.monotonic() < deadline:
+                try:
+                    await b.call(boom)
+                except (ValueError, CircuitOpenError):
+                    pass
+            say("tripped")
+        elif command == "state":
+            say(b.state.value)
+        else:
+            return
+
+
 async def main(mode: str, url: str, prefix: str, arg: str | None) -> None:
     async with RedisStore.from_url(url, prefix=prefix) as store:
+        if mode == "quorum":
+            await quorum(store, int(arg or "2"))
+            return
         b = breaker(store, 1 if mode == "hold" else 2)
         await store.sync()
         await asyncio.sleep(0.05)  # let the subscriber attach

@@ -8,6 +8,7 @@ range-checked, quiet connections and busy loops, forks, recovery, and shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import math
@@ -836,3 +837,68 @@ def test_a_name_is_escaped_as_percent_encoding_would(name: str) -> None:
     from resilience.store.redis_primitives import escape
 
     assert escape(name) == quote(name, safe="")
+
+
+# --- quorum opening ----------------------------------------------------------------------------
+
+
+async def test_quorum_votes_open_the_fleet_at_k_and_expire(
+    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
+) -> None:
+    """Three replicas, quorum 2: one replica's trip opens only its own breaker; a vote that
+    outlived the replica's open period does not count towards the quorum; a second live
+    vote opens everyone's; the votes are cleared once the fleet opens."""
+    prefix = f"q{next(_prefixes)}"
+    replicas = [stores(prefix=prefix, clock=clock) for _ in range(3)]
+    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 10}
+    bs = [CircuitBreaker("dep", store=s, open_when="quorum", quorum=2, **options) for s in replicas]
+
+    async def sync() -> None:
+        for s in replicas:
+            await s.sync()
+
+    async def trip(b: CircuitBreaker) -> None:
+        for _ in range(4):
+            with contextlib.suppress(ValueError, CircuitOpenError):
+                await b.call(boom)
+        assert b.state is CircuitState.OPEN
+
+    await sync()
+    await trip(bs[0])
+    await sync()
+    await sync()
+    assert [b.state for b in bs] == [CircuitState.OPEN, CircuitState.CLOSED, CircuitState.CLOSED]
+    clock.advance(11)  # the first vote has lapsed with its open period
+    await trip(bs[1])
+    await sync()
+    await sync()
+    assert [b.state for b in bs][1:] == [CircuitState.OPEN, CircuitState.CLOSED]
+    await trip(bs[2])  # two live votes: the fleet opens
+    await sync()
+    await until(lambda: all(b.state is CircuitState.OPEN for b in bs), what="quorum open")
+    fields = await raw.hkeys(replicas[0].key("dep", "state"))
+    assert not [f for f in fields if f.startswith(b"v.")]
+
+
+def test_quorum_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="quorum=k"):
+        CircuitBreaker("x", open_when="quorum")
+    with pytest.raises(ValueError, match="open_when"):
+        CircuitBreaker("x", open_when="majority", quorum=2)
+    with pytest.raises(ValueError, match="needs open_when"):
+        CircuitBreaker("x", quorum=2)
+    with pytest.raises(ValueError, match="quorum"):
+        CircuitBreaker("x", open_when="quorum", quorum=0)
+    with pytest.raises(TypeError, match="quorum"):
+        CircuitBreaker("x", open_when="quorum", quorum=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quorum"):
+        CircuitBreaker("x", open_when="quorum", quorum=10**6)
+
+
+async def test_a_quorum_breaker_on_a_memory_store_opens_on_its_own_window() -> None:
+    """One process is one replica: its own trip opens it, whatever k."""
+    b = CircuitBreaker("x", window=CountWindow(4), minimum_calls=4, open_when="quorum", quorum=3)
+    for _ in range(4):
+        with contextlib.suppress(ValueError):
+            await b.call(boom)
+    assert b.state is CircuitState.OPEN

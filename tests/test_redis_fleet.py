@@ -193,3 +193,33 @@ def test_a_probe_holder_killed_mid_probe_cannot_wedge_the_breaker(
             await store.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_quorum_breaker_opens_the_fleet_only_when_k_replicas_trip(
+    redis_url: str, prefix: str
+) -> None:
+    """Four processes, quorum 2: one sick replica opens only its own breaker; a second one's
+    trip opens everyone's."""
+    workers = [Worker("quorum", redis_url, prefix, "2") for _ in range(4)]
+
+    def states() -> list[str]:
+        for w in workers:
+            w.send("state")
+        return [w.line() for w in workers]
+
+    try:
+        for w in workers:
+            assert w.line() == "ready"
+        workers[0].send("trip")
+        assert workers[0].line() == "tripped"
+        time.sleep(0.5)  # a fleet-wide open reaches the others in milliseconds: none came
+        assert states() == ["open", "closed", "closed", "closed"]
+        workers[1].send("trip")
+        assert workers[1].line() == "tripped"
+        deadline = time.monotonic() + 10
+        while (seen := states()) != ["open"] * 4:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.02)
+    finally:
+        for w in workers:
+            w.stop()

@@ -159,12 +159,11 @@ class SharedBreakerCore(BreakerCore):
         if self.forced is not None:  # an operator's control made while Redis was away
             return Transition(self.forced, self.gen, force=True)
         if self.diverged and self.state is OPEN and self.fleet_gen >= 0:
+            vote = self.config.quorum > 0
+            if vote and self.clock.monotonic() >= self.open_until:
+                return None  # its own open period is over: it has nothing to vote for
             return Transition(
-                OPEN,
-                self.fleet_gen,
-                self.reopens,
-                self.opened_by or (0, 0, 0),
-                vote=self.config.quorum > 0,
+                OPEN, self.fleet_gen, self.reopens, self.opened_by or (0, 0, 0), vote=vote
             )
         return None
 

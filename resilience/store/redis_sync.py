@@ -279,8 +279,9 @@ class SyncEngine:
             "1" if t.force else "q" if t.vote else "0",
             *t.opened_by,
         ]
-        if t.vote:  # the vote lasts as long as this replica's own open state
-            args += [core.config.quorum, self._replica(), open_ms]
+        if t.vote:  # the vote lasts as long as this replica's own open period
+            left_ms = int((core.open_until - core.clock.monotonic()) * 1000)
+            args += [core.config.quorum, self._replica(), max(1, left_ms)]
         return args
 
     # --- background work ------------------------------------------------------------------

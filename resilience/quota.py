@@ -47,6 +47,7 @@ class FleetShare:
         "holder",
         "key",
         "limit",
+        "own_limit",
         "rebalance",
         "share",
         "store",
@@ -73,6 +74,7 @@ class FleetShare:
         self.holder = f"{replica}:{uuid.uuid4().hex[:8]}" if replica else uuid.uuid4().hex[:12]
         self.held = 0
         self.share = 0
+        self.own_limit = 0  #: this holder's own (adaptive) limit now, reported with renewals
         self._peak = 0
         self._valid_until = float("-inf")
         self._growing: asyncio.Future[None] | None = None
@@ -121,7 +123,13 @@ class FleetShare:
         sent = self._clock.monotonic()
         try:
             grant, _ = await self.store.lease_share(
-                self.key, self.holder, want=want, held=self.held, limit=self.limit, ttl=self.ttl
+                self.key,
+                self.holder,
+                want=want,
+                held=self.held,
+                limit=self.limit,
+                ttl=self.ttl,
+                own_limit=self.own_limit,
             )
             grew = grant > self.share
             self.share = grant

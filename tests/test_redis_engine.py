@@ -454,7 +454,8 @@ async def test_a_store_forked_into_workers_limits_the_fleet(redis_url: str) -> N
                         return "full"
                     finally:
                         await store.aclose()
-                print(asyncio.run(work()), store.replica, flush=True)
+                line = f"{asyncio.run(work())} {store.replica}\n"
+                os.write(1, line.encode())  # one write: the workers' lines never interleave
                 os._exit(0)
             pids.append(pid)
         for pid in pids:
@@ -772,7 +773,7 @@ def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
     from resilience.store.redis_status import COLUMNS, parse_status
 
     values = {"s": "open", "g": "3", "u": "5000", "c": "10", "f": "6", "l": "0", "p": "0"}
-    values |= {"o": "10,6,0", "n": "2", "m": "4", "q": "", "t": "7.5"}
+    values |= {"o": "10,6,0", "n": "2", "m": "4", "a": "6", "q": "", "t": "7.5"}
     report = "r1|900 10 6 0 4 2 0,3"
 
     def reply(header: list[str]) -> list[Any]:
@@ -795,6 +796,7 @@ def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
     assert (replica.replica, replica.last_seen, replica.rejected) == ("r1", 0.1, 2)
     assert replica.latency == (0, 3, *(0,) * 13) == breaker.latency
     assert (bulkhead.kind, bulkhead.in_flight, bulkhead.limit) == ("bulkhead", 2, 4)
+    assert bulkhead.adaptive_limit == 6
     assert (budget.kind, budget.tokens) == ("retry_budget", 7.5)
     broken = parse_status(["a", "b"], reply([c for c in COLUMNS if c != "g"]))
     assert [(s.name, s.kind) for s in broken] == [("a", "damaged"), ("b", "damaged")]
@@ -804,7 +806,7 @@ def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
 def test_a_short_or_missing_entry_is_damaged_alone() -> None:
     from resilience.store.redis_status import COLUMNS, parse_status
 
-    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t"
+    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t\t"
     header = "\t".join(COLUMNS)
     listed = parse_status(["a", "b", "c", "d"], [5, header, good, "closed\t0", good])
     assert [(s.name, s.kind) for s in listed] == [

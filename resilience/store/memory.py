@@ -42,7 +42,7 @@ class MemoryStore:
         self._budgets: dict[str, float] = {}
         self._cache: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._windows: dict[str, dict[int, list[int]]] = {}
-        self._shares: dict[str, dict[str, tuple[int, int, float]]] = {}
+        self._shares: dict[str, dict[str, tuple[int, int, float, int]]] = {}
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The shared core of breaker ``name`` (created on first use)."""
@@ -139,7 +139,15 @@ class MemoryStore:
         return tokens
 
     async def lease_share(
-        self, key: str, holder: str, *, want: int, held: int, limit: int, ttl: float
+        self,
+        key: str,
+        holder: str,
+        *,
+        want: int,
+        held: int,
+        limit: int,
+        ttl: float,
+        own_limit: int = 0,
     ) -> tuple[int, int]:
         """``holder``'s share of ``limit`` under ``key``: at most what the others leave free."""
         check_name(key, "key")
@@ -148,17 +156,18 @@ class MemoryStore:
         check_int("held", held, minimum=0)
         check_int("limit", limit)
         check_seconds("ttl", ttl)
+        check_int("own_limit", own_limit, minimum=0)
         now = self.clock.monotonic()
         shares = self._shares.setdefault(key, {})
-        for who in [w for w, (_, _, until) in shares.items() if until <= now]:
+        for who in [w for w, entry in shares.items() if entry[2] <= now]:
             del shares[who]
-        others = sum(s for w, (s, _, _) in shares.items() if w != holder)
-        in_use = held + sum(h for w, (_, h, _) in shares.items() if w != holder)
+        others = sum(e[0] for w, e in shares.items() if w != holder)
+        in_use = held + sum(e[1] for w, e in shares.items() if w != holder)
         grant = max(0, min(want, limit - others))
         if grant == 0 and held == 0:
             shares.pop(holder, None)
         else:
-            shares[holder] = (grant, held, now + ttl)
+            shares[holder] = (grant, held, now + ttl, own_limit)
         self._limits[key] = limit
         return grant, in_use
 
@@ -220,14 +229,15 @@ class MemoryStore:
                 )
             )
         for key in sorted({*self._leases, *self._shares}):
-            shares = self._shares.get(key, {})
-            held = sum(h for _, h, until in shares.values() if until > now)
+            live = [e for e in self._shares.get(key, {}).values() if e[2] > now]
+            own = sum(e[3] for e in live)
             out.append(
                 PolicyStatus(
                     name=key,
                     kind="bulkhead",
-                    in_flight=len(self._live(key)) + held,
+                    in_flight=len(self._live(key)) + sum(e[1] for e in live),
                     limit=self._limits.get(key),
+                    adaptive_limit=own or None,
                 )
             )
         out.extend(PolicyStatus(name=key, kind="rate_limiter") for key in self._tats)

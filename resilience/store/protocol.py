@@ -96,6 +96,8 @@ class PolicyStatus:
     rejected: int = 0
     latency: tuple[int, ...] = ()
     limit: int | None = None  #: a fleet-wide bulkhead's limit, as last taken
+    #: a fleet-wide bulkhead whose replicas adapt their own limits: their sum, as reported
+    adaptive_limit: int | None = None
 
     @property
     def failure_ratio(self) -> float:
@@ -156,12 +158,21 @@ class Store(Protocol):
         """Add ``delta`` to the token count ``key`` (starting full), clamped to [0, maximum]."""
 
     async def lease_share(
-        self, key: str, holder: str, *, want: int, held: int, limit: int, ttl: float
+        self,
+        key: str,
+        holder: str,
+        *,
+        want: int,
+        held: int,
+        limit: int,
+        ttl: float,
+        own_limit: int = 0,
     ) -> tuple[int, int]:
         """Quota leasing: ``holder``'s share of the fleet-wide ``limit`` under ``key``.
 
         Asks for a share of ``want`` permits (0 gives it back), reporting ``held`` permits in
-        use under it. Returns the share granted, never more than the other holders' live
+        use under it, and its own (adaptive) limit now (0: none; status tools sum them).
+        Returns the share granted, never more than the other holders' live
         shares leave free (so the shares never sum above ``limit``), and the permits in use
         fleet-wide as last reported. The share lasts ``ttl`` seconds unless asked again.
         """

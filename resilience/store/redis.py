@@ -397,7 +397,15 @@ class RedisStore:
         )
 
     async def lease_share(
-        self, key: str, holder: str, *, want: int, held: int, limit: int, ttl: float
+        self,
+        key: str,
+        holder: str,
+        *,
+        want: int,
+        held: int,
+        limit: int,
+        ttl: float,
+        own_limit: int = 0,
     ) -> tuple[int, int]:
         """``holder``'s share of the fleet-wide ``limit`` under ``key`` (server time): at
         most what the other holders' live shares leave free."""
@@ -406,9 +414,10 @@ class RedisStore:
         check_int("want", want, minimum=0)
         check_int("held", held, minimum=0)
         check_int("limit", limit)
+        check_int("own_limit", own_limit, minimum=0)
         self._register(key)
         shares = self.key(key, "shares")
-        args = [self.engine.now_arg(), holder, want, held, limit, _ttl_ms(ttl)]
+        args = [self.engine.now_arg(), holder, want, held, limit, _ttl_ms(ttl), own_limit]
         reply = await self.engine.call(
             self._scripts["share"](keys=[shares, self.key(key, "limit")], args=args), key=shares
         )

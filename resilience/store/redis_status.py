@@ -28,7 +28,7 @@ SUFFIXES = (
     "shares",
 )
 #: the columns this module reads from a ``status.lua`` reply (named in its header)
-COLUMNS = ("s", "g", "u", "c", "f", "l", "p", "o", "n", "m", "q", "t")
+COLUMNS = ("s", "g", "u", "c", "f", "l", "p", "o", "n", "m", "a", "q", "t")
 
 
 def local_status(core: BreakerCore, now: float) -> PolicyStatus:
@@ -145,8 +145,8 @@ class Reply:
         parts = text(entry).split("\t")
         if len(parts) < self.width:
             raise BadReply(f"a status entry of {len(parts)} columns, not {self.width}")
-        s, gen, until, calls, failures, slow, probes, opened, held, limit, tat, tokens = self.pick(
-            parts
+        s, gen, until, calls, failures, slow, probes, opened, held, limit, own, tat, tokens = (
+            self.pick(parts)
         )
         now = self.now
         if s:
@@ -183,6 +183,7 @@ class Reply:
                     kind="bulkhead",
                     in_flight=_int(held),
                     limit=_int(limit) if limit else None,
+                    adaptive_limit=_int(own) if own else None,
                 )
             )
         if tat:

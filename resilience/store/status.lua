@@ -8,8 +8,8 @@
 -- Returns: {now, header, entry, entry, ...}. The header names the columns, joined by tabs:
 --   breaker: s state, g gen, u open_until, c calls, f failures, l slow (the
 --   window's running totals, or the probes' while half-open), p probe leases held, o the
---   "calls,failures,slow" that opened it; bulkhead: n leases held, m its limit; rate limiter:
---   q its arrival time; budget: t tokens.
+--   "calls,failures,slow" that opened it; bulkhead: n leases held, m its limit, a the sum of
+--   the replicas' own (adaptive) limits; rate limiter: q its arrival time; budget: t tokens.
 --   An entry per name: its columns in the header's order joined by tabs (a column is empty
 --   when the name has no such policy), then one "<replica id>|<its report>" per replica.
 --   Compact: a status of 10,000 names is 10,000 strings.
@@ -72,27 +72,33 @@ local function breaker(base)
     failures .. '\t' .. slow .. '\t' .. probes .. '\t' .. opened, r
 end
 
--- the permits in use under a fleet-wide limit's shares, as their holders last reported
+-- the permits in use under a fleet-wide limit's shares, and the sum of the holders' own
+-- (adaptive) limits, as the holders last reported
 local function shared(key)
-  local held = 0
+  local held, own = 0, 0
   for _, v in ipairs(get('HVALS', key) or {}) do
-    local h, e = string.match(v, '^%d+ (%d+) (%d+)$')
-    if h and tonumber(e) > now then held = held + tonumber(h) end
+    local h, e, o = string.match(v, '^%d+ (%d+) (%d+) ?(%d*)$')
+    if h and tonumber(e) > now then
+      held = held + tonumber(h)
+      own = own + (tonumber(o) or 0)
+    end
   end
-  return held
+  return held, own
 end
 
 -- the columns n..t: fleet-wide leases (per call, and shares), rate limiter and budget
 local function others(base)
   local leases, shares, gcra, budget = base .. 'leases', base .. 'shares', base .. 'gcra',
     base .. 'budget'
-  if redis.call('EXISTS', leases, shares, gcra, budget) == 0 then return '\t\t\t' end
-  local held, limit = '', ''
+  if redis.call('EXISTS', leases, shares, gcra, budget) == 0 then return '\t\t\t\t' end
+  local held, limit, own = '', '', ''
   if redis.call('EXISTS', leases, shares) > 0 then
-    held = (get('ZCOUNT', leases, '(' .. now, '+inf') or 0) + shared(shares)
+    local in_shares, adaptive = shared(shares)
+    held = (get('ZCOUNT', leases, '(' .. now, '+inf') or 0) + in_shares
     limit = get('GET', base .. 'limit') or ''
+    if adaptive > 0 then own = adaptive end
   end
-  return held .. '\t' .. limit .. '\t' .. (get('GET', gcra) or '') .. '\t' ..
+  return held .. '\t' .. limit .. '\t' .. own .. '\t' .. (get('GET', gcra) or '') .. '\t' ..
     (get('GET', budget) or '')
 end
 
@@ -107,10 +113,10 @@ else
   end
 end
 local marks = ARGV[4] or ''
-local out = {now, 's\tg\tu\tc\tf\tl\tp\to\tn\tm\tq\tt'}
+local out = {now, 's\tg\tu\tc\tf\tl\tp\to\tn\tm\ta\tq\tt'}
 for n = 1, #bases do
   local columns, reports = breaker(bases[n])
-  local more = '\t\t\t'
+  local more = '\t\t\t\t'
   if string.byte(marks, n) ~= 48 then more = others(bases[n]) end -- '0': a breaker only
   out[n + 2] = columns .. '\t' .. more .. reports
 end

@@ -454,7 +454,7 @@ async def test_a_store_forked_into_workers_limits_the_fleet(redis_url: str) -> N
                         return "full"
                     finally:
                         await store.aclose()
-                line = f"{asyncio.run(work())} {store.replica}\n"
+                line = f"{{asyncio.run(work())}} {{store.replica}}\\n"
                 os.write(1, line.encode())  # one write: the workers' lines never interleave
                 os._exit(0)
             pids.append(pid)

@@ -39,7 +39,13 @@ from .policy import (
 if TYPE_CHECKING:
     from .store.protocol import Store
 
-__all__ = ["SharedCounts", "Throttle", "default_accepted", "rejection_probability"]
+__all__ = [
+    "SharedCounts",
+    "Throttle",
+    "check_window",
+    "default_accepted",
+    "rejection_probability",
+]
 
 logger = logging.getLogger("resilience")
 
@@ -69,6 +75,24 @@ def default_accepted(exc: Exception) -> bool:
     answering, with an error of the call's own: accepted.
     """
     return not isinstance(exc, (RejectedError, TimeoutError, ConnectionError))
+
+
+def check_window(
+    window: object, buckets: object, sync_interval: object
+) -> tuple[float, int, float]:
+    """Validate a sliding window's ``window`` (seconds), ``buckets`` and ``sync_interval``."""
+    seconds: float = check_seconds("window", window)
+    slices = check_int("buckets", buckets, maximum=3600)
+    if seconds / slices < 0.001:  # the store's buckets are whole milliseconds
+        raise ValueError(
+            f"window / buckets must be at least 1 ms, got window={window!r}, buckets={buckets!r}"
+        )
+    interval: float = check_seconds("sync_interval", sync_interval)
+    if interval > seconds:
+        raise ValueError(
+            f"sync_interval must not exceed window ({seconds:g}s), got {sync_interval!r}"
+        )
+    return seconds, slices, interval
 
 
 class _Window:
@@ -283,18 +307,7 @@ class Throttle(BasePolicy):
             # k < 1 refuses calls of a backend that accepts every one of them
             raise ValueError(f"k must be finite and >= 1, got {k!r}")
         self.k = float(k)
-        self.window: float = check_seconds("window", window)
-        self.buckets = check_int("buckets", buckets, maximum=3600)
-        if self.window / self.buckets < 0.001:
-            raise ValueError(
-                f"window / buckets must be at least 1 ms, got window={window!r}, "
-                f"buckets={buckets!r}"
-            )
-        self.sync_interval: float = check_seconds("sync_interval", sync_interval)
-        if self.sync_interval > self.window:
-            raise ValueError(
-                f"sync_interval must not exceed window ({self.window:g}s), got {sync_interval!r}"
-            )
+        self.window, self.buckets, self.sync_interval = check_window(window, buckets, sync_interval)
         if not callable(accepted_if):
             raise TypeError(f"accepted_if must be a callable, got {accepted_if!r}")
         self.accepted_if = accepted_if

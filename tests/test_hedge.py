@@ -269,24 +269,27 @@ async def test_budget_refuses_hedges(clock: FakeClock) -> None:
     assert hedge.counts.totals() == (4, 1)
 
 
+TICK = 1 / 64  # times are whole ticks: exact in binary, so window edges are exact too
+
+
 def run_pattern(pattern: list[tuple[int, bool]], budget: float, window: float) -> None:
-    """Slow and fast calls at the given gaps (ms); every hedge must fit the budget of the
-    window it started in."""
+    """Slow and fast calls at the given gaps (in ticks); every hedge must fit the budget of
+    the window it started in."""
     clock = FakeClock()
-    buckets = 10
-    hedge = Hedge(delay=0.01, budget=budget, window=window, buckets=buckets, clock=clock)
+    buckets = 8
+    hedge = Hedge(delay=TICK, budget=budget, window=window, buckets=buckets, clock=clock)
     calls: list[float] = []
     hedges: list[float] = []
 
     async def main() -> None:
         for gap, slow in pattern:
-            clock.advance(gap / 1000)
+            clock.advance(gap * TICK)
             backend = Backend(instant=lambda i, slow=slow: not slow or i > 0)  # type: ignore[misc]
             calls.append(clock.monotonic())
             task = start(hedge, backend)
             await settle()
             if slow:
-                clock.advance(0.01)
+                clock.advance(TICK)
                 await settle()
                 if len(backend.started) > 1:
                     hedges.append(clock.monotonic())
@@ -296,23 +299,22 @@ def run_pattern(pattern: list[tuple[int, bool]], budget: float, window: float) -
     asyncio.run(main())
     width = window / buckets
     for t in hedges:
-        # the window at t holds every event after t - window + width, and none before
-        # t - window: the hedges it can see fit the budget of the calls it may count
+        # the window at t holds every event after t - window + width, and none from t -
+        # window or before: the hedges it must see fit the budget of the calls it may count
         started = sum(1 for h in hedges if t - window + width < h <= t)
         counted = sum(1 for c in calls if t - window < c <= t)
         assert started <= budget * counted + 1e-9
-    assert hedge.counts.totals()[1] <= budget * hedge.counts.totals()[0] + 1e-9
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     pattern=st.lists(
-        st.tuples(st.integers(min_value=0, max_value=3000), st.booleans()),
+        st.tuples(st.integers(min_value=0, max_value=200), st.booleans()),
         min_size=1,
         max_size=60,
     ),
     budget=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
-    window=st.sampled_from([1.0, 5.0, 60.0]),
+    window=st.sampled_from([2.0, 8.0, 64.0]),
 )
 def test_hedges_never_exceed_the_budget(
     pattern: list[tuple[int, bool]], budget: float, window: float
@@ -323,8 +325,7 @@ def test_hedges_never_exceed_the_budget(
 
 def test_all_slow_calls_hedge_at_the_budget() -> None:
     """When every call is slow, hedges reach the budget and stop there: 10 % of 200."""
-    pattern = [(1, True)] * 200
-    run_pattern(pattern, 0.1, 60.0)
+    run_pattern([(1, True)] * 200, 0.1, 64.0)
     clock = FakeClock()
     hedge = Hedge(delay=0.01, budget=0.1, clock=clock)
 
@@ -570,3 +571,12 @@ async def test_decorator(clock: FakeClock) -> None:
     assert await fetch(21) == 42
     with pytest.raises(TypeError):
         hedge(lambda: None)  # type: ignore[arg-type, return-value]
+
+
+async def test_system_clock_hedge() -> None:
+    """With the real clock and a tiny delay, a hung first attempt is overtaken and cleaned up."""
+    hedge = Hedge(delay=0.001, budget=1.0)
+    backend = Backend(instant=lambda i: i == 1)
+    assert await asyncio.wait_for(hedge.call(backend), timeout=30) == 1
+    assert sorted(backend.ended) == [0, 1]
+    assert only_me() == set()

@@ -561,3 +561,26 @@ async def test_decorator(clock: FakeClock) -> None:
     assert await fetch() == "x"
     with pytest.raises(TypeError):
         throttle(lambda: None)  # type: ignore[arg-type, return-value]
+
+
+async def test_redis_killed_mid_run_goes_local(redis_server: Any, clock: FakeClock) -> None:
+    """Redis dies after the fleet's counts were shared: calls go on, on the local counts."""
+    store = RedisStore.from_url(redis_server.url, timeout=0.1, clock=clock)
+    try:
+        throttle = Throttle(
+            name="api", store=store, random=always, accepted_if=not_overloaded, clock=clock
+        )
+        for _ in range(4):
+            await outcome(throttle, ok)
+        await throttle.sync()
+        assert throttle.counts.shared
+        redis_server.kill()
+        assert await outcome(throttle, ok) == "ok"
+        await throttle.sync()  # fails: the replica decides alone from now on
+        assert not throttle.counts.shared
+        assert throttle.counts.totals() == (5, 5)
+        for _ in range(10):
+            assert await outcome(throttle, refused) in ("refused", "throttled")
+        assert await outcome(throttle, ok) == "throttled"
+    finally:
+        await store.aclose()

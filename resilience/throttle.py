@@ -49,9 +49,10 @@ __all__ = [
 
 logger = logging.getLogger("resilience")
 
-#: A sync armed this long ago (beyond its interval) and never finished is taken as lost (its
-#: event loop ended) and a new one is armed.
-_LOST_SYNC = 30.0
+#: A sync armed this long ago (beyond its interval) and not finished is taken as lost (its
+#: event loop ended, or the process was forked) and a new one is armed. A sync waits at most
+#: for the store's own timeout; two at once would be harmless (each pushes its own deltas).
+_LOST_SYNC = 5.0
 
 
 def rejection_probability(requests: float, accepts: float, k: float) -> float:

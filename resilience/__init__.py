@@ -40,12 +40,14 @@ from .events import (
     select,
 )
 from .fallback import Fallback, JSONSerializer, Serializer
+from .hedge import Hedge, LearnedDelay
 from .policy import Pipeline, Policy
 from .ratelimit import RateLimiter
 from .retry import Retry, RetryBudget
 from .status import PolicyStatus, ReplicaReport, status
 from .store import MemoryStore, Store
 from .store.protocol import LATENCY_BUCKETS
+from .throttle import Throttle
 from .timeout import Timeout
 from .windows import CountWindow, TimeWindow
 
@@ -72,7 +74,9 @@ __all__ = [
     "Event",
     "Fallback",
     "FallbackUsed",
+    "Hedge",
     "JSONSerializer",
+    "LearnedDelay",
     "Listener",
     "MemoryStore",
     "NoHealthyEndpointError",
@@ -97,6 +101,7 @@ __all__ = [
     "StoreUnavailableError",
     "SubscriberReplaced",
     "SystemClock",
+    "Throttle",
     "ThrottledError",
     "TimeWindow",
     "TimedOut",

@@ -77,6 +77,10 @@ class Load:
         cost = self._faded(now)[0] if self.cost else 0.0
         return (self.in_flight + 1) * max(cost, MIN_COST)
 
+    def forget(self) -> None:
+        """Drop the latency seen so far (requests in flight still count)."""
+        self.cost = 0.0
+
     def observe(self, seconds: float, now: float, *, failed: bool = False) -> None:
         """A call to this endpoint took ``seconds`` and ended at ``now``."""
         if failed and seconds < FAILURE_COST:

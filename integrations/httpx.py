@@ -683,7 +683,18 @@ def _not_sent(exc: Exception) -> bool:
 class _Endpoint:
     """One endpoint of a service: its own breaker and limits, its load, its health source."""
 
-    __slots__ = ("breaker", "health", "host", "load", "name", "netloc", "port", "scheme", "send")
+    __slots__ = (
+        "breaker",
+        "ejected",
+        "health",
+        "host",
+        "load",
+        "name",
+        "netloc",
+        "port",
+        "scheme",
+        "send",
+    )
 
     def __init__(
         self,
@@ -700,6 +711,7 @@ class _Endpoint:
         self.name = name
         self.health = health
         self.load = Load()
+        self.ejected = False  # by its breaker, when last looked at
         inner = _build_inner(policy, name)
         self.breaker: CircuitBreaker | None = None
         for p in inner:
@@ -713,18 +725,28 @@ class _Endpoint:
         request.headers["Host"] = self.netloc
 
     def tripped(self) -> tuple[bool, float | None]:
-        """Whether the breaker rejects calls now, and for how long (``None``: until reset)."""
+        """Whether the breaker rejects calls now, and for how long (``None``: until reset).
+
+        An endpoint coming back from its breaker's ejection has its load forgotten: the
+        latency that ejected it says nothing of it now, and a clean slate lets the probe
+        through instead of leaving it to fade for tens of seconds.
+        """
         breaker = self.breaker
         if breaker is None:
             return False, None
+        out, after = False, None
         state = breaker.state
         if state is CircuitState.FORCED_OPEN:
-            return True, None
-        if state is CircuitState.OPEN:  # past its open time, the next call is a probe
+            out = True
+        elif state is CircuitState.OPEN:  # past its open time, the next call is a probe
             after = breaker.metrics().retry_after
-            if after:
-                return True, after
-        return False, None
+            out = bool(after)
+            if not out:
+                after = None
+        if self.ejected and not out:
+            self.load.forget()
+        self.ejected = out
+        return out, after
 
     def unhealthy(self) -> bool:
         """Whether the health source says no (one that raises says no as well)."""

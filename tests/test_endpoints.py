@@ -340,6 +340,34 @@ async def test_all_ejected_raises_no_healthy_endpoint_with_retry_after() -> None
         assert upstreams.tried.total() == sent + 1
 
 
+async def test_endpoint_back_from_ejection_gets_its_probe() -> None:
+    """Once its breaker may probe, an endpoint's old latency is forgotten: it is tried again."""
+    clock = FakeClock(autojump=True)
+    store = MemoryStore()
+    upstreams = Upstreams(status={A: 503})
+    options: dict[str, Any] = {"minimum_calls": 2, "window": CountWindow(2), "open_for": 5.0}
+    async with make_client(upstreams, clock=clock, store=store, attempts=1, **options) as client:
+        while not upstreams.hits[host(A)]:  # one 503: A now looks slow to P2C
+            await client.get("/")
+        front = CircuitBreaker(f"orders:{A}", store=store, clock=clock, **options)
+
+        @front
+        async def failing() -> None:
+            raise RuntimeError("a second failure trips A's breaker")
+
+        with pytest.raises(RuntimeError):
+            await failing()
+        for _ in range(5):
+            assert (await client.get("/")).status_code == 200
+        sent = upstreams.tried[host(A)]
+        upstreams.status[host(A)] = 200  # A recovers
+        clock.advance(5.0)
+        for _ in range(30):
+            assert (await client.get("/")).status_code == 200
+    assert upstreams.tried[host(A)] > sent
+    assert front.state.value == "closed"
+
+
 async def test_unhealthy_endpoint_is_skipped_until_healthy() -> None:
     """A health source saying no keeps its endpoint out; saying yes again brings it back."""
     flag = Flag(healthy=False)

@@ -77,7 +77,7 @@ class Upstreams:
 
 
 def make_client(
-    handler: Callable[[httpx.Request], httpx.Response],
+    handler: Callable[[httpx.Request], Any],
     endpoints: list[str] | None = None,
     *,
     seed: int = 1,
@@ -288,6 +288,46 @@ async def test_spent_deadline_sends_nothing() -> None:
     async with make_client(upstreams) as client:
         with pytest.raises(DeadlineExceeded):
             await client.get("/", extensions={"resilience": {"deadline": 0}})
+    assert not upstreams.tried
+
+
+async def test_full_bulkhead_fails_over_to_another_endpoint() -> None:
+    """A rejection by an endpoint's own bulkhead sends nothing: the request goes elsewhere."""
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        await release.wait()
+        return httpx.Response(200)
+
+    async with make_client(handler, max_concurrent=1, attempts=1) as client:
+        calls = [asyncio.ensure_future(client.get("/")) for _ in range(3)]
+        for _ in range(1000):
+            if len(seen) == 3:
+                break
+            await asyncio.sleep(0)
+        with pytest.raises(NoHealthyEndpoint) as caught:  # a fourth finds every slot taken
+            await client.get("/")
+        release.set()
+        assert [r.status_code for r in await asyncio.gather(*calls)] == [200, 200, 200]
+    assert sorted(seen) == sorted(host(url) for url in ENDPOINTS)
+    assert caught.value.retry_after is None
+
+
+async def test_no_healthy_endpoint_is_a_rejection_for_fallback() -> None:
+    """``fallback_on="rejections"`` answers when every endpoint is ejected."""
+
+    async def cached(request: httpx.Request, error: Exception) -> httpx.Response:
+        assert isinstance(error, NoHealthyEndpoint)
+        return httpx.Response(200, text="cached")
+
+    upstreams = Upstreams()
+    health = {url: Flag(healthy=False) for url in ENDPOINTS}
+    async with make_client(
+        upstreams, health=health, max_ejected=1.0, fallback=cached, fallback_on="rejections"
+    ) as client:
+        assert (await client.get("/")).text == "cached"
     assert not upstreams.tried
 
 

@@ -15,6 +15,7 @@ Exceptions raised by the transport itself, drawn as httpx draws its own::
      +-- CircuitOpen        (also resilience.CircuitOpenError)
      +-- BulkheadFull       (also resilience.BulkheadFullError)
      +-- RateLimited        (also resilience.RateLimitedError)
+     +-- NoHealthyEndpoint  (also resilience.NoHealthyEndpointError)
      +-- Rejected           (also resilience.RejectedError: any other rejection)
      +-- httpx.TimeoutException
           +-- AttemptTimeout      (also resilience.ResilienceTimeoutError)
@@ -29,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import random
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NoReturn
@@ -45,6 +47,7 @@ from ._deadline import (
     missing_extra,
     remaining,
 )
+from ._endpoints import HealthSource, Load, eligible, pick
 from ._policies import limits
 
 try:
@@ -62,6 +65,7 @@ from resilience import (
     Clock,
     CountWindow,
     Listener,
+    NoHealthyEndpointError,
     Pipeline,
     Policy,
     RateLimitedError,
@@ -76,7 +80,7 @@ from resilience import (
     TimeWindow,
     select,
 )
-from resilience.policy import check_bool, check_int, check_seconds
+from resilience.policy import check_bool, check_int, check_name, check_seconds
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -87,7 +91,9 @@ __all__ = [
     "BulkheadFull",
     "CircuitOpen",
     "DeadlineExceeded",
+    "HealthSource",
     "HttpPolicy",
+    "NoHealthyEndpoint",
     "RateLimited",
     "Rejected",
     "ResilientTransport",
@@ -172,6 +178,21 @@ class RateLimited(RateLimitedError, httpx.TransportError, _HttpxError):
         self._attach(request)
 
 
+class NoHealthyEndpoint(NoHealthyEndpointError, httpx.TransportError, _HttpxError):
+    """Every endpoint of the service is ejected: the request was not sent."""
+
+    def __init__(
+        self,
+        name: str,
+        retry_after: float | None,
+        endpoints: int,
+        *,
+        request: httpx.Request | None = None,
+    ) -> None:
+        NoHealthyEndpointError.__init__(self, name, retry_after, endpoints)
+        self._attach(request)
+
+
 class Rejected(RejectedError, httpx.TransportError, _HttpxError):
     """Another policy rejected the request (one added by a custom pipeline)."""
 
@@ -207,6 +228,7 @@ _ERRORS: tuple[tuple[type[ResilienceError], type[_HttpxError]], ...] = (
     (CircuitOpenError, CircuitOpen),
     (BulkheadFullError, BulkheadFull),
     (RateLimitedError, RateLimited),
+    (NoHealthyEndpointError, NoHealthyEndpoint),
     (RejectedError, Rejected),
     (ResilienceTimeoutError, AttemptTimeout),
 )
@@ -472,23 +494,32 @@ def _build_policies(
     policy: HttpPolicy, name: str, *, validating: bool = False
 ) -> tuple[Retry | None, list[Policy]]:
     """The Retry (or ``None``) and the policies inside it, outermost first."""
+    return _build_retry(policy, name), _build_inner(policy, name, validating=validating)
+
+
+def _build_retry(policy: HttpPolicy, name: str) -> Retry | None:
+    """The policy's Retry, or ``None`` when ``attempts`` is 1."""
+    base = _backoff(policy.wait)
+    if policy.attempts == 1:
+        return None
+    return Retry(
+        on=_is_failure,
+        attempts=policy.attempts,
+        wait=_retry_wait(base, policy.retry_after_max),
+        stop=_stop,
+        budget=policy.retry_budget,
+        before_sleep=_close_discarded,
+        name=name,
+        clock=policy.clock,
+        listeners=policy.listeners,
+    )
+
+
+def _build_inner(policy: HttpPolicy, name: str, *, validating: bool = False) -> list[Policy]:
+    """The policies inside the Retry, outermost first: breaker, rate limiter, timeout, bulkhead."""
     store = None if validating else policy.store
     clock = policy.clock
     listeners = policy.listeners
-    retry = None
-    base = _backoff(policy.wait)
-    if policy.attempts != 1:
-        retry = Retry(
-            on=_is_failure,
-            attempts=policy.attempts,
-            wait=_retry_wait(base, policy.retry_after_max),
-            stop=_stop,
-            budget=policy.retry_budget,
-            before_sleep=_close_discarded,
-            name=name,
-            clock=clock,
-            listeners=listeners,
-        )
     inner: list[Policy] = []
     if policy.circuit_breaker:
         inner.append(
@@ -520,7 +551,7 @@ def _build_policies(
         clock=clock,
         listeners=listeners,
     )
-    return retry, inner
+    return inner
 
 
 Send = Callable[[httpx.Request, list[httpx.Response]], Awaitable[httpx.Response]]
@@ -550,27 +581,21 @@ def _make_attempt(
 _KEPT = frozenset({CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.FORCED_OPEN})
 
 
-class _Origin:
-    """The two protected senders of one origin: with retry and without.
+class _Senders:
+    """The two protected senders of one pipeline: with retry and without.
 
     With a ``total_timeout``, both start with a ``Timeout`` of that many seconds, outside the
     retry (the overall deadline of DESIGN's composition): one timer per policy, not one per
     request. Its expiry is reported as ``DeadlineExceeded``.
     """
 
-    __slots__ = ("breaker", "bulkhead", "name", "once", "policy", "retrying", "total")
+    __slots__ = ("name", "once", "policy", "retrying", "total")
 
-    def __init__(self, name: str, policy: HttpPolicy, attempt: Send) -> None:
+    def __init__(
+        self, name: str, policy: HttpPolicy, retry: Retry | None, inner: list[Policy], attempt: Send
+    ) -> None:
         self.name = name
         self.policy = policy
-        retry, inner = _build_policies(policy, name)
-        self.breaker: CircuitBreaker | None = None
-        self.bulkhead: Bulkhead | None = None
-        for p in inner:
-            if isinstance(p, CircuitBreaker):
-                self.breaker = p
-            elif isinstance(p, Bulkhead):
-                self.bulkhead = p
         outer: list[Policy] = []
         self.total: str | None = None
         if policy.total_timeout is not None:
@@ -589,6 +614,23 @@ class _Origin:
         if retry is not None:
             self.retrying = Pipeline(*outer, retry, *inner, name=name)(attempt)
 
+
+class _Origin(_Senders):
+    """The senders of one origin, and what decides whether it may be forgotten."""
+
+    __slots__ = ("breaker", "bulkhead")
+
+    def __init__(self, name: str, policy: HttpPolicy, attempt: Send) -> None:
+        retry, inner = _build_policies(policy, name)
+        self.breaker: CircuitBreaker | None = None
+        self.bulkhead: Bulkhead | None = None
+        for p in inner:
+            if isinstance(p, CircuitBreaker):
+                self.breaker = p
+            elif isinstance(p, Bulkhead):
+                self.bulkhead = p
+        super().__init__(name, policy, retry, inner, attempt)
+
     def evictable(self) -> bool:
         """Whether forgetting this pipeline loses nothing: no open breaker, nothing in flight."""
         breaker, bulkhead = self.breaker, self.bulkhead
@@ -599,7 +641,10 @@ class _Origin:
 
 def origin_of(request: httpx.Request) -> str:
     """The default pipeline key: ``scheme://host:port`` with the port always spelled out."""
-    url = request.url
+    return _origin(request.url)
+
+
+def _origin(url: httpx.URL) -> str:
     port = url.port
     if port is None:
         port = 443 if url.scheme == "https" else 80
@@ -607,6 +652,209 @@ def origin_of(request: httpx.Request) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{url.scheme}://{host}:{port}"
+
+
+# --- several endpoints of one service -------------------------------------------------------
+
+
+def _endpoint_url(value: object) -> httpx.URL:
+    """An endpoint's base URL: ``http(s)://host[:port]`` and nothing else."""
+    if not isinstance(value, str):
+        raise TypeError(f"endpoints must hold base URLs (str), got {value!r}")
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"endpoint {value!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"an endpoint must be an http:// or https:// URL, got {value!r}")
+    if url.path not in ("", "/") or url.query or url.fragment or url.userinfo:
+        raise ValueError(
+            f"an endpoint is scheme://host[:port] only (no path, query, fragment or "
+            f"credentials), got {value!r}"
+        )
+    return url
+
+
+def _not_sent(exc: Exception) -> bool:
+    """Whether a transport error proves the request never left: no connection was made."""
+    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+
+
+class _Endpoint:
+    """One endpoint of a service: its own breaker and limits, its load, its health source."""
+
+    __slots__ = (
+        "breaker",
+        "ejected",
+        "health",
+        "host",
+        "load",
+        "name",
+        "netloc",
+        "port",
+        "scheme",
+        "send",
+    )
+
+    def __init__(
+        self,
+        url: httpx.URL,
+        name: str,
+        policy: HttpPolicy,
+        attempt: Send,
+        health: HealthSource | None,
+    ) -> None:
+        self.scheme = url.scheme
+        self.host = url.host
+        self.port = url.port
+        self.netloc = url.netloc.decode("ascii")
+        self.name = name
+        self.health = health
+        self.load = Load()
+        self.ejected = False  # by its breaker, when last looked at
+        inner = _build_inner(policy, name)
+        self.breaker: CircuitBreaker | None = None
+        for p in inner:
+            if isinstance(p, CircuitBreaker):
+                self.breaker = p
+        self.send: Send = Pipeline(*inner, name=name)(attempt) if inner else attempt
+
+    def route(self, request: httpx.Request) -> None:
+        """Point ``request`` at this endpoint: its scheme, host and port, and its Host header."""
+        request.url = request.url.copy_with(scheme=self.scheme, host=self.host, port=self.port)
+        request.headers["Host"] = self.netloc
+
+    def tripped(self) -> tuple[bool, float | None]:
+        """Whether the breaker rejects calls now, and for how long (``None``: until reset).
+
+        An endpoint coming back from its breaker's ejection has its load forgotten: the
+        latency that ejected it says nothing of it now, and a clean slate lets the probe
+        through instead of leaving it to fade for tens of seconds.
+        """
+        breaker = self.breaker
+        if breaker is None:
+            return False, None
+        out, after = False, None
+        state = breaker.state
+        if state is CircuitState.FORCED_OPEN:
+            out = True
+        elif state is CircuitState.OPEN:  # past its open time, the next call is a probe
+            after = breaker.metrics().retry_after
+            out = bool(after)
+            if not out:
+                after = None
+        if self.ejected and not out:
+            self.load.forget()
+        self.ejected = out
+        return out, after
+
+    def unhealthy(self) -> bool:
+        """Whether the health source says no (one that raises says no as well)."""
+        if self.health is None:
+            return False
+        try:
+            return not self.health.healthy
+        except Exception:
+            return True
+
+
+class _Service(_Senders):
+    """The senders of a service with several endpoints.
+
+    ``Total timeout -> Retry -> failover``, where failover chooses an endpoint (eligibility,
+    then P2C) and sends through that endpoint's own ``CircuitBreaker -> RateLimiter ->
+    Timeout -> Bulkhead``. Within one attempt a request that was not sent (a rejection by the
+    endpoint's policies, a connect error) goes on to another endpoint at once, each endpoint
+    at most once; any other outcome ends the attempt and is the Retry's to judge.
+    """
+
+    __slots__ = ("endpoints", "max_ejected", "rng")
+
+    def __init__(
+        self,
+        name: str,
+        policy: HttpPolicy,
+        endpoints: list[_Endpoint],
+        max_ejected: float,
+        rng: random.Random,
+    ) -> None:
+        self.endpoints = endpoints
+        self.max_ejected = max_ejected
+        self.rng = rng
+        super().__init__(name, policy, _build_retry(policy, name), [], self._attempt)
+
+    def _choose(self, tried: list[int], now: float) -> tuple[int | None, float | None, int]:
+        """An endpoint not yet ``tried`` (or ``None``), the soonest probe time, how many are out.
+
+        An endpoint tried already in this attempt counts as ejected.
+        """
+        tripped: list[bool] = []
+        unhealthy: list[bool] = []
+        scores: list[float] = []
+        soonest: float | None = None
+        for i, endpoint in enumerate(self.endpoints):
+            out, after = endpoint.tripped()
+            if after is not None and (soonest is None or after < soonest):
+                soonest = after
+            tripped.append(out or i in tried)
+            unhealthy.append(endpoint.unhealthy())
+            scores.append(endpoint.load.score(now))
+        candidates = eligible(tripped, unhealthy, scores, self.max_ejected)
+        if not candidates:
+            return None, soonest, len(tripped)
+        return pick(candidates, scores, self.rng), soonest, 0
+
+    async def _attempt(
+        self, request: httpx.Request, discard: list[httpx.Response]
+    ) -> httpx.Response:
+        loop = asyncio.get_running_loop()
+        tried: list[int] = []
+        unsent: Exception | None = None  # the last connect error of this attempt
+        waits: list[float] = []  # the rejections' retry_after hints
+        while True:
+            index, soonest, out = self._choose(tried, loop.time())
+            if index is None:
+                if unsent is not None:
+                    raise unsent
+                if soonest is not None:
+                    waits.append(soonest)
+                raise NoHealthyEndpointError(self.name, min(waits, default=None), out)
+            endpoint = self.endpoints[index]
+            tried.append(index)
+            endpoint.route(request)
+            load = endpoint.load
+            load.in_flight += 1
+            start = loop.time()
+            try:
+                response = await endpoint.send(request, discard)
+            except RejectedError as rejected:  # by the endpoint's own policies: not sent
+                load.in_flight -= 1
+                if rejected.retry_after is not None:
+                    waits.append(rejected.retry_after)
+                continue
+            except Exception as exc:
+                load.in_flight -= 1
+                end = loop.time()
+                load.observe(end - start, end, failed=True)
+                if not _not_sent(exc) or not await self._may_fail_over():
+                    raise
+                unsent = exc
+                continue
+            except BaseException:  # cancelled: no outcome
+                load.in_flight -= 1
+                raise
+            load.in_flight -= 1
+            end = loop.time()
+            load.observe(end - start, end)
+            return response
+
+    async def _may_fail_over(self) -> bool:
+        """After a connect error: whether the deadline and the retry budget allow another try."""
+        left = remaining()
+        if left is not None and left <= 0:
+            return False
+        budget = self.policy.retry_budget
+        return budget is None or await budget.allow_retry()
 
 
 def _replayable(request: httpx.Request) -> bool:
@@ -634,6 +882,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     attempt; ``True``: retry even a method outside ``retry_methods``) and ``"deadline"``
     (seconds this request may take in all, retries and waits included).
 
+    Several endpoints of one service: ``service="orders", endpoints=["http://10.0.0.1:8000",
+    ...]`` sends every request to one of them (its scheme, host, port and ``Host`` header
+    replaced by the endpoint's). Each endpoint has its own breaker and limits, named
+    ``<service>:<endpoint origin>``; the retry and ``total_timeout`` are the service's. An
+    endpoint is ejected while its breaker is open or its ``health[endpoint].healthy`` is
+    false, but health sources keep at most ``max_ejected`` of the endpoints out; of the
+    others two are drawn at random (``rng``) and the less loaded one is used (P2C). A
+    request not sent (a connect error, a rejection by the endpoint's policies) goes on to
+    another endpoint at once, whatever its method, within the deadline and the retry budget.
+    When every endpoint is ejected: ``NoHealthyEndpoint``. See ``docs/httpx.md``.
+
     Only for ``httpx.AsyncClient``: ``httpx.Client`` needs a sync transport.
     """
 
@@ -645,6 +904,11 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         key: Callable[[httpx.Request], str] = origin_of,
         deadline_header: str | None = DEADLINE_HEADER,
         max_origins: int = 1024,
+        service: str | None = None,
+        endpoints: Sequence[str] | None = None,
+        health: Mapping[str, HealthSource] | None = None,
+        max_ejected: float = 0.5,
+        rng: random.Random | None = None,
     ) -> None:
         if transport is None:
             transport = httpx.AsyncHTTPTransport()
@@ -665,6 +929,72 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self.max_origins = check_int("max_origins", max_origins)
         self._origins: OrderedDict[str, _Origin] = OrderedDict()
         self._send = transport.handle_async_request
+        self._service: _Service | None = None
+        if endpoints is not None or service is not None or health is not None:
+            self._service = self._endpoints(service, endpoints, health, max_ejected, rng)
+
+    def _endpoints(
+        self,
+        service: str | None,
+        endpoints: Sequence[str] | None,
+        health: Mapping[str, HealthSource] | None,
+        max_ejected: float,
+        rng: random.Random | None,
+    ) -> _Service:
+        """Validate the several-endpoints options and build the service's senders."""
+        if endpoints is None:
+            raise ValueError("service and health need endpoints=[base URL, ...]")
+        if service is None:
+            raise ValueError("endpoints need a service name: service='orders'")
+        service = check_name(service, "service")
+        if isinstance(endpoints, str) or not isinstance(endpoints, Sequence):
+            raise TypeError(f"endpoints must be a list of base URLs, got {endpoints!r}")
+        if not endpoints:
+            raise ValueError("endpoints must not be empty")
+        policy = self.policy
+        if not isinstance(policy, HttpPolicy):
+            raise TypeError("with endpoints, policy must be one HttpPolicy (not a function)")
+        if self.key is not origin_of:
+            raise ValueError("key has no use with endpoints: every request goes to the service")
+        if (
+            isinstance(max_ejected, bool)
+            or not isinstance(max_ejected, (int, float))
+            or not 0.0 <= max_ejected <= 1.0
+        ):
+            raise ValueError(f"max_ejected must be a share between 0 and 1, got {max_ejected!r}")
+        if rng is None:
+            rng = random.Random()
+        elif not callable(getattr(rng, "sample", None)):
+            raise TypeError(f"rng must be a random.Random or None, got {rng!r}")
+        urls: dict[str, httpx.URL] = {}
+        for value in endpoints:
+            url = _endpoint_url(value)
+            origin = _origin(url)
+            if origin in urls:
+                raise ValueError(f"endpoint {value!r} is given twice (as {origin})")
+            urls[origin] = url
+        checks: dict[str, HealthSource] = {}
+        if health is not None:
+            if not isinstance(health, Mapping):
+                raise TypeError(
+                    f"health must be a dict {{endpoint: health source}}, got {health!r}"
+                )
+            for value, check in health.items():
+                origin = _origin(_endpoint_url(value))
+                if origin not in urls:
+                    raise ValueError(f"health names {value!r}, which is not one of the endpoints")
+                if "healthy" not in dir(check):
+                    raise TypeError(
+                        f"a health source needs a 'healthy' attribute, got {check!r} for {value!r}"
+                    )
+                checks[origin] = check
+        statuses = frozenset(policy.failure_statuses)
+        attempt = _make_attempt(self._send, statuses, self.deadline_header)
+        members = [
+            _Endpoint(url, f"{service}:{origin}", policy, attempt, checks.get(origin))
+            for origin, url in urls.items()
+        ]
+        return _Service(service, policy, members, float(max_ejected), rng)
 
     def __repr__(self) -> str:
         return f"ResilientTransport({self.transport!r})"
@@ -697,18 +1027,24 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             origins.move_to_end(key)
 
     def pipeline_names(self) -> list[str]:
-        """The keys (origins) that have a pipeline now, sorted."""
+        """The keys (origins) that have a pipeline now, sorted; with endpoints, theirs."""
+        if self._service is not None:
+            return sorted(endpoint.name for endpoint in self._service.endpoints)
         return sorted(self._origins)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through its origin's pipeline; see the class docstring."""
-        key = self.key(request)
-        origins = self._origins
-        origin = origins.get(key)
-        if origin is None:
-            origin = self._origin(key)
+        origin: _Senders | None = self._service
+        if origin is not None:
+            key = origin.name
         else:
-            origins.move_to_end(key)
+            key = self.key(request)
+            origins = self._origins
+            origin = origins.get(key)
+            if origin is None:
+                origin = self._origin(key)
+            else:
+                origins.move_to_end(key)
         policy = origin.policy
         allow_retry: bool | None = None
         budget: float | None = None

@@ -16,6 +16,7 @@ Exceptions raised by the transport itself, drawn as httpx draws its own::
      +-- BulkheadFull       (also resilience.BulkheadFullError)
      +-- RateLimited        (also resilience.RateLimitedError)
      +-- NoHealthyEndpoint  (also resilience.NoHealthyEndpointError)
+     +-- Throttled          (also resilience.ThrottledError)
      +-- Rejected           (also resilience.RejectedError: any other rejection)
      +-- httpx.TimeoutException
           +-- AttemptTimeout      (also resilience.ResilienceTimeoutError)
@@ -34,6 +35,7 @@ import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NoReturn
@@ -64,6 +66,7 @@ from resilience import (
     CircuitState,
     Clock,
     CountWindow,
+    Hedge,
     Listener,
     NoHealthyEndpointError,
     Pipeline,
@@ -75,12 +78,15 @@ from resilience import (
     Retry,
     RetryBudget,
     Store,
+    Throttle,
+    ThrottledError,
     TimedOut,
     Timeout,
     TimeWindow,
     select,
 )
 from resilience.policy import check_bool, check_int, check_name, check_seconds
+from resilience.throttle import default_accepted
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -97,6 +103,7 @@ __all__ = [
     "RateLimited",
     "Rejected",
     "ResilientTransport",
+    "Throttled",
     "deadline",
     "origin_of",
     "parse_retry_after",
@@ -193,6 +200,22 @@ class NoHealthyEndpoint(NoHealthyEndpointError, httpx.TransportError, _HttpxErro
         self._attach(request)
 
 
+class Throttled(ThrottledError, httpx.TransportError, _HttpxError):
+    """Client-side throttling refused the request (the origin has been refusing most
+    requests lately): the request was not sent."""
+
+    def __init__(
+        self,
+        name: str,
+        retry_after: float,
+        ratio: float,
+        *,
+        request: httpx.Request | None = None,
+    ) -> None:
+        ThrottledError.__init__(self, name, retry_after, ratio)
+        self._attach(request)
+
+
 class Rejected(RejectedError, httpx.TransportError, _HttpxError):
     """Another policy rejected the request (one added by a custom pipeline)."""
 
@@ -229,6 +252,7 @@ _ERRORS: tuple[tuple[type[ResilienceError], type[_HttpxError]], ...] = (
     (BulkheadFullError, BulkheadFull),
     (RateLimitedError, RateLimited),
     (NoHealthyEndpointError, NoHealthyEndpoint),
+    (ThrottledError, Throttled),
     (RejectedError, Rejected),
     (ResilienceTimeoutError, AttemptTimeout),
 )
@@ -291,7 +315,13 @@ class HttpPolicy:
     ``failure_ratio``, ``minimum_calls``, ``window``, ``open_for``, ``open_for_max``,
     ``half_open_calls``, as for ``CircuitBreaker``. Rate limiter when ``rate`` is set (``rate``
     requests per ``per`` seconds, bursts of ``burst``). Bulkhead when ``max_concurrent`` is
-    set (``max_waiting``, ``max_wait`` as for ``Bulkhead``).
+    set (``max_waiting``, ``max_wait`` as for ``Bulkhead``). ``throttle=True``: client-side
+    adaptive throttling (``Throttle(k=throttle_k, window=throttle_window)``), where a 429 or
+    503 answer counts as a refusal. ``hedge_delay`` (seconds, or a learned quantile such as
+    ``"p95"``; ``None``: no hedging): an idempotent request (one of ``retry_methods``) that
+    has not answered after that long is sent once more (``max_hedges`` times at most), to
+    another endpoint when there are several; the first answer wins, within ``hedge_budget``
+    (hedges per request, over a sliding minute).
 
     ``fallback(request, error)``, an async function, answers instead of the transport:
     ``fallback_on="rejections"`` when the request was not sent (open breaker, full bulkhead,
@@ -324,6 +354,12 @@ class HttpPolicy:
     max_concurrent: int | None = None
     max_waiting: int = 0
     max_wait: float | None = None
+    throttle: bool = False
+    throttle_k: float = 2.0
+    throttle_window: float = 120.0
+    hedge_delay: float | str | None = None
+    max_hedges: int = 1
+    hedge_budget: float = 0.1
     fallback: FallbackHandler | None = None
     fallback_on: str = "both"
     store: Store | None = None
@@ -382,9 +418,11 @@ class HttpPolicy:
             raise TypeError(f"listeners must be a collection of callables, got {self.listeners!r}")
         if not isinstance(self.listeners, tuple):
             object.__setattr__(self, "listeners", tuple(self.listeners))
+        check_bool("throttle", self.throttle)
         # the policies validate everything else, with their own clear errors (built without
         # the store, so validating never creates anything in a shared store)
         _build_policies(self, "validation", validating=True)
+        _build_hedge(self, "validation", validating=True)
 
 
 # --- per-origin pipelines -----------------------------------------------------------------
@@ -538,7 +576,7 @@ def _build_inner(policy: HttpPolicy, name: str, *, validating: bool = False) -> 
                 listeners=listeners,
             )
         )
-    inner += limits(
+    limited = limits(
         name,
         rate=policy.rate,
         per=policy.per,
@@ -551,7 +589,41 @@ def _build_inner(policy: HttpPolicy, name: str, *, validating: bool = False) -> 
         clock=clock,
         listeners=listeners,
     )
-    return inner
+    if policy.throttle:  # after the rate limiter, before the attempt's timeout
+        at = 1 if policy.rate is not None else 0
+        throttle = Throttle(
+            k=policy.throttle_k,
+            window=policy.throttle_window,
+            accepted_if=_accepted,
+            store=store,
+            name=f"{name}:throttle",
+            clock=clock,
+            listeners=listeners,
+        )
+        limited.insert(at, throttle)
+    return inner + limited
+
+
+def _accepted(exc: Exception) -> bool:
+    """Whether the server accepted a request that ended in ``exc`` (429 and 503: refused)."""
+    if isinstance(exc, _FailedResponse) and exc.response.status_code in (429, 503):
+        return False
+    return default_accepted(exc)
+
+
+def _build_hedge(policy: HttpPolicy, name: str, *, validating: bool = False) -> Hedge | None:
+    """The policy's Hedge, or ``None`` without ``hedge_delay``."""
+    if policy.hedge_delay is None:
+        return None
+    return Hedge(
+        delay=policy.hedge_delay,
+        max_hedges=policy.max_hedges,
+        budget=policy.hedge_budget,
+        store=None if validating else policy.store,
+        name=f"{name}:hedge",
+        clock=policy.clock,
+        listeners=policy.listeners,
+    )
 
 
 Send = Callable[[httpx.Request, list[httpx.Response]], Awaitable[httpx.Response]]
@@ -589,7 +661,7 @@ class _Senders:
     request. Its expiry is reported as ``DeadlineExceeded``.
     """
 
-    __slots__ = ("name", "once", "policy", "retrying", "total")
+    __slots__ = ("hedged", "name", "once", "policy", "retrying", "total")
 
     def __init__(
         self, name: str, policy: HttpPolicy, retry: Retry | None, inner: list[Policy], attempt: Send
@@ -613,6 +685,65 @@ class _Senders:
         self.retrying: Send | None = None
         if retry is not None:
             self.retrying = Pipeline(*outer, retry, *inner, name=name)(attempt)
+        self.hedged: Send | None = None  # idempotent requests, when hedging is asked for
+        hedge = _build_hedge(policy, name)
+        if hedge is not None:
+            retrying = [] if retry is None else [retry]
+            chain = [*outer, *retrying, hedge, *inner]
+            self.hedged = _hedged(Pipeline(*chain, name=name)(_own_copy(attempt)))
+
+
+class _Hedging:
+    """One hedged request: the endpoints its attempts went to, the responses they got."""
+
+    __slots__ = ("busy", "responses")
+
+    def __init__(self) -> None:
+        self.busy: set[int] = set()
+        self.responses: list[httpx.Response] = []
+
+
+_hedging: ContextVar[_Hedging | None] = ContextVar("resilience.httpx.hedging", default=None)
+
+
+def _own_copy(attempt: Send) -> Send:
+    """``attempt`` on a copy of the request: hedged attempts run at once, and each points
+    its request at an endpoint and sets its own deadline header."""
+
+    async def copied(request: httpx.Request, discard: list[httpx.Response]) -> httpx.Response:
+        copy = httpx.Request(
+            request.method,
+            request.url,
+            headers=request.headers.copy(),
+            stream=request.stream,
+            extensions=dict(request.extensions),
+        )
+        response = await attempt(copy, discard)
+        hedging = _hedging.get()
+        if hedging is not None:
+            hedging.responses.append(response)
+        return response
+
+    return copied
+
+
+def _hedged(send: Send) -> Send:
+    """``send`` with a ``_Hedging`` of its own; the answers that lost the race are closed."""
+
+    async def hedged(request: httpx.Request, discard: list[httpx.Response]) -> httpx.Response:
+        state = _Hedging()
+        token = _hedging.set(state)
+        winner: httpx.Response | None = None
+        try:
+            winner = await send(request, discard)
+            return winner
+        finally:
+            _hedging.reset(token)
+            for response in state.responses:
+                if response is not winner:
+                    await response.aclose()
+
+    return hedged
 
 
 class _Origin(_Senders):
@@ -811,8 +942,14 @@ class _Service(_Senders):
         tried: list[int] = []
         unsent: Exception | None = None  # the last connect error of this attempt
         waits: list[float] = []  # the rejections' retry_after hints
+        hedging = _hedging.get()  # hedged: the endpoints the request's other attempts are on
+        busy = None if hedging is None else hedging.busy
         while True:
-            index, soonest, out = self._choose(tried, loop.time())
+            index, soonest, out = None, None, 0
+            if busy:  # a hedge goes to another endpoint when there is one
+                index, soonest, out = self._choose([*tried, *busy], loop.time())
+            if index is None:
+                index, soonest, out = self._choose(tried, loop.time())
             if index is None:
                 if unsent is not None:
                     raise unsent
@@ -825,6 +962,8 @@ class _Service(_Senders):
             load = endpoint.load
             load.in_flight += 1
             start = loop.time()
+            if busy is not None:
+                busy.add(index)
             try:
                 response = await endpoint.send(request, discard)
             except RejectedError as rejected:  # by the endpoint's own policies: not sent
@@ -1053,9 +1192,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             allow_retry, budget = _overrides(overrides)
 
         send = origin.once
-        if origin.retrying is not None and allow_retry is not False and _replayable(request):
+        if allow_retry is not False and _replayable(request):
             method = request.method
-            if allow_retry or method in policy.retry_methods:
+            idempotent = method in policy.retry_methods
+            if origin.hedged is not None and idempotent:
+                send = origin.hedged
+            elif origin.retrying is not None and (allow_retry or idempotent):
                 send = origin.retrying
                 header = policy.idempotency_header
                 if (

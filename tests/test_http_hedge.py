@@ -1,0 +1,158 @@
+"""Hedging and client-side throttling in ResilientTransport (HttpPolicy's hedge_* and
+throttle options), over MockTransport and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+import httpx
+import pytest
+from resilience.integrations.httpx import HttpPolicy, ResilientTransport, Throttled
+
+from resilience import ThrottledError
+from resilience.testing import FakeClock
+
+ENDPOINTS = ["http://a:8000", "http://b:8000", "http://c:8000"]
+
+
+class Slow:
+    """Upstreams whose ``slow`` hosts answer only when ``release`` is set."""
+
+    def __init__(self, *slow: str) -> None:
+        self.slow = set(slow)
+        self.release = asyncio.Event()
+        self.hits: Counter[str] = Counter()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        self.hits[host] += 1
+        if host in self.slow:
+            await self.release.wait()
+        return httpx.Response(200, text=host)
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def client(handler: object, clock: FakeClock, **options: object) -> httpx.AsyncClient:
+    policy = HttpPolicy(clock=clock, timeout=None, **options)  # type: ignore[arg-type]
+    transport = ResilientTransport(httpx.MockTransport(handler), policy=policy)  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=transport, base_url="http://a:8000")
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_a_hedge_goes_to_another_endpoint(seed: int) -> None:
+    """Whichever endpoint the first attempt went to, the hedge goes to another one."""
+    clock = FakeClock()
+    gate = asyncio.Event()
+    hosts: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if len(hosts) == 1:
+            await gate.wait()  # the first attempt hangs (until cancelled)
+        return httpx.Response(200, text=request.url.host)
+
+    policy = HttpPolicy(clock=clock, timeout=None, hedge_delay=0.05, hedge_budget=1.0)
+    transport = ResilientTransport(
+        httpx.MockTransport(handler),
+        policy=policy,
+        service="orders",
+        endpoints=ENDPOINTS,
+        rng=random.Random(seed),
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="http://orders") as c:
+        task = asyncio.create_task(c.get("/x"))
+        await settle()
+        assert len(hosts) == 1  # no hedge before the delay
+        clock.advance(0.05)
+        response = await task
+        assert len(hosts) == 2
+        assert hosts[0] != hosts[1]
+        assert response.text == hosts[1]
+
+
+async def test_the_first_answer_wins_and_the_slow_attempt_is_cancelled() -> None:
+    clock = FakeClock()
+    gate = asyncio.Event()
+    calls = cancelled = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls, cancelled
+        calls += 1
+        if calls == 1:  # the first attempt hangs
+            try:
+                await gate.wait()
+            except asyncio.CancelledError:
+                cancelled += 1
+                raise
+        return httpx.Response(200, text=f"attempt {calls}")
+
+    async with client(handler, clock, hedge_delay=0.05, hedge_budget=1.0) as c:
+        task = asyncio.create_task(c.get("/x"))
+        await settle()
+        assert calls == 1
+        clock.advance(0.05)
+        response = await task
+        assert response.text == "attempt 2"
+        assert calls == 2
+        await settle()
+        assert cancelled == 1  # the slow attempt was cancelled, not left running
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not pending
+
+
+async def test_a_post_is_never_hedged() -> None:
+    clock = FakeClock()
+    upstreams = Slow("a")
+    async with client(upstreams, clock, hedge_delay=0.05, hedge_budget=1.0) as c:
+        task = asyncio.create_task(c.post("/x", content=b"order"))
+        await settle()
+        clock.advance(1.0)
+        await settle()
+        assert upstreams.hits["a"] == 1
+        upstreams.release.set()
+        assert (await task).status_code == 200
+        assert upstreams.hits["a"] == 1
+
+
+async def test_a_throttled_client_stops_sending_to_a_refusing_origin() -> None:
+    """Every answer is a 503: after the first few, most requests are refused here, with an
+    error that is both a ThrottledError and an httpx.TransportError."""
+    sent = 0
+
+    def refusing(request: httpx.Request) -> httpx.Response:
+        nonlocal sent
+        sent += 1
+        return httpx.Response(503)
+
+    clock = FakeClock()
+    errors: list[Throttled] = []
+    async with client(refusing, clock, throttle=True, attempts=1, circuit_breaker=False) as c:
+        for _ in range(300):
+            try:
+                await c.get("/x")
+            except Throttled as error:
+                errors.append(error)
+    refused = len(errors)
+    assert refused > 0
+    assert all(
+        isinstance(e, ThrottledError) and isinstance(e, httpx.TransportError) for e in errors
+    )
+    assert sent + refused == 300
+    assert sent < 100
+
+
+def test_bad_hedge_and_throttle_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="delay"):
+        HttpPolicy(hedge_delay="fast")
+    with pytest.raises(ValueError, match="budget"):
+        HttpPolicy(hedge_delay=0.1, hedge_budget=0)
+    with pytest.raises(TypeError, match="throttle"):
+        HttpPolicy(throttle="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k"):
+        HttpPolicy(throttle=True, throttle_k=0.5)

@@ -402,3 +402,35 @@ def test_bulkhead_validation(kwargs: dict[str, Any], match: str) -> None:
     """A bulkhead needs a fixed size or an adaptive limit; a fleet also needs its cap."""
     with pytest.raises((ValueError, TypeError), match=match):
         Bulkhead(**kwargs)
+
+
+async def test_current_limit_is_a_telemetry_gauge(clock: FakeClock) -> None:
+    """``resilience.bulkhead.limit`` reports each watched bulkhead's limit as it adapts."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from resilience.telemetry import Telemetry
+
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    options = AdaptiveLimit(algorithm="aimd", latency_target=0.5, initial=10)
+    adaptive = Bulkhead(limit=options, name="adaptive", clock=clock)
+    fixed = Bulkhead(7, name="fixed")
+    telemetry.instrument(adaptive, fixed)
+
+    def gauge() -> dict[str, int]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        return {
+            point.attributes["resilience.name"]: point.value  # type: ignore[index,misc]
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == "resilience.bulkhead.limit"
+            for point in metric.data.data_points  # type: ignore[union-attr]
+        }
+
+    assert gauge() == {"adaptive": 10, "fixed": 7}
+    async with adaptive:
+        clock.advance(1.0)  # slower than the target: one cut
+    assert gauge() == {"adaptive": 9, "fixed": 7}

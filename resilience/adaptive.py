@@ -145,12 +145,17 @@ class Gradient2Limiter:
 
     Per window (``window`` seconds and ``min_samples`` calls): the window's mean latency is
     the short-term RTT; the long-term RTT is its exponential average over ``long_window``
-    windows. ``gradient = tolerance * long / short``, kept in [0.5, 1]; the new estimate is
-    ``limit * gradient + queue_size``, smoothed into the old one. Sustained queueing makes
-    the long-term RTT drift up slowly (a window moves it ``2 / (long_window + 1)`` of the
-    way), so a long window keeps the baseline honest; when latency falls back below half the
-    long-term RTT, the baseline is brought down faster (5 % per window). A dropped call
-    counts as at least twice the tolerated latency, however fast the refusal came.
+    windows, seeded with the fastest call of the first window (a new limiter starts before
+    any queue of its own has formed). ``gradient = tolerance * long / short``, kept in
+    [0.5, 1]; the new estimate is ``limit * gradient + queue_size``, smoothed into the old one.
+
+    Unlike Netflix's Gradient2, the long-term RTT is not a plain average: it falls at once to
+    a faster window (the load has gone, or the service got faster), follows a slower window
+    within ``tolerance`` at the average's pace, and follows a window beyond ``tolerance``
+    (mostly queueing that the limit itself allowed) ten times slower. A plain average
+    drifts up under sustained overload, and the limit and the latency it allows with it.
+    A dropped call counts as at least twice the tolerated latency, however fast the
+    refusal came.
     """
 
     __slots__ = (
@@ -158,6 +163,7 @@ class Gradient2Limiter:
         "_count",
         "_estimate",
         "_long",
+        "_low",
         "_max",
         "_min",
         "_min_samples",
@@ -190,6 +196,7 @@ class Gradient2Limiter:
         self._started: float | None = None
         self._count = 0
         self._total = 0.0
+        self._low = math.inf
         self._peak = 0
 
     @property
@@ -212,21 +219,26 @@ class Gradient2Limiter:
             self._started = now
         self._count += 1
         self._total += rtt
+        if rtt < self._low:
+            self._low = rtt
         if in_flight > self._peak:
             self._peak = in_flight
         if self._count < self._min_samples or now - self._started < self._window:
             return int(self._estimate)
         short = self._total / self._count
-        peak = self._peak
+        low, peak = self._low, self._peak
         self._started = None
         self._count = 0
         self._total = 0.0
+        self._low = math.inf
         self._peak = 0
-        return self._update(short, peak)
+        return self._update(short, low, peak)
 
-    def _update(self, short: float, peak: int) -> int:
+    def _update(self, short: float, low: float, peak: int) -> int:
         long = self._long
-        if long is None or short <= long:  # at once: the load has gone, or it got faster
+        if long is None:  # the first calls found no queue of ours yet: the fastest is the norm
+            long = low
+        elif short <= long:  # at once: the load has gone, or it got faster
             long = short
         elif short <= self._tolerance * long:  # within tolerance: the baseline follows
             long += (short - long) * self._alpha

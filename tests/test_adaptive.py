@@ -160,6 +160,16 @@ def test_limit_backs_off_when_capacity_drops_and_recovers(options: AdaptiveLimit
     assert after >= 0.9 * before
 
 
+def test_gradient2_started_far_above_capacity_under_overload() -> None:
+    """A limiter born into overload with a limit 3x too high learns the no-load latency from
+    its first calls (before a queue forms) and comes down."""
+    seconds = simulate(AdaptiveLimit(initial=60).limiter(), [(120, 20)], offered=4.0)
+    limit, served, rtt = settled(seconds, 60, 120)
+    assert 20 <= limit <= 40
+    assert rtt <= 2 * SERVICE
+    assert served >= 0.97 * 20 / SERVICE
+
+
 def test_gradient2_baseline_does_not_drift_under_sustained_overload() -> None:
     """Ten minutes at 4x: the limit (and the latency it allows) drift up by a few % at most."""
     seconds = simulate(AdaptiveLimit().limiter(), [(600, 20)], offered=4.0)

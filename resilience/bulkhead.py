@@ -149,11 +149,11 @@ class Bulkhead(BasePolicy):
             )
         self.limit = limit
         self._limiter: Limiter | None = None if limit is None else limit.limiter()
-        self.max_concurrent = (
-            check_int("max_concurrent", max_concurrent)
-            if max_concurrent is not None
-            else limit.max_limit  # type: ignore[union-attr]
-        )
+        if max_concurrent is not None:
+            self.max_concurrent = check_int("max_concurrent", max_concurrent)
+        else:  # adaptive, local: the most it will ever allow
+            assert limit is not None
+            self.max_concurrent = limit.max_limit
         self._limit_now = self.max_concurrent if limit is None else limit.initial
         self.max_waiting = check_int("max_waiting", max_waiting, minimum=0)
         self.max_wait: float | None = check_seconds("max_wait", max_wait, none=True, zero=True)

@@ -365,6 +365,32 @@ async def test_bulkhead_waiters_get_slots_when_the_limit_grows(clock: FakeClock)
     await asyncio.gather(*tasks)
 
 
+async def test_bulkhead_takes_slots_back_when_the_limit_shrinks(clock: FakeClock) -> None:
+    """Past a cut, a finished call's slot is not passed to a waiter until in flight <= limit."""
+    options = AdaptiveLimit(algorithm="aimd", latency_target=0.5, initial=2)
+    bulkhead = Bulkhead(limit=options, max_waiting=5, clock=clock)
+    done = {i: asyncio.Event() for i in range(4)}
+
+    async def work(i: int) -> None:
+        await done[i].wait()
+
+    tasks = [asyncio.create_task(bulkhead.call(work, i)) for i in range(4)]
+    await settle()
+    assert (bulkhead.in_flight, bulkhead.waiting) == (2, 2)
+    clock.advance(1.0)  # both running calls are now slow
+    done[0].set()
+    await settle()
+    assert bulkhead.current_limit == 1  # cut once: 2 * 0.9
+    assert (bulkhead.in_flight, bulkhead.waiting) == (1, 2)  # the slot was taken back
+    done[1].set()
+    await settle()
+    assert (bulkhead.in_flight, bulkhead.waiting) == (1, 1)  # one out, one waiter in
+    for i in (2, 3):
+        done[i].set()
+    await asyncio.gather(*tasks)
+    assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
+
+
 async def test_bulkhead_context_manager_samples_too(clock: FakeClock) -> None:
     """``async with bulkhead`` feeds the limiter like a decorated call."""
     options = AdaptiveLimit(algorithm="aimd", latency_target=0.5, initial=2)

@@ -469,3 +469,53 @@ async def test_current_limit_is_a_telemetry_gauge(clock: FakeClock) -> None:
     async with adaptive:
         clock.advance(1.0)  # slower than the target: one cut
     assert gauge() == {"adaptive": 9, "fixed": 7}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["start", "finish", "advance"]),
+            st.sampled_from(["ok", "timeout", "error", "cancel"]),
+        ),
+        max_size=60,
+    )
+)
+def test_adaptive_bulkhead_never_loses_a_slot(ops: list[tuple[str, str]]) -> None:
+    """Whatever calls do (return, time out, fail, get cancelled), every slot comes back."""
+    asyncio.run(_slots_scenario(ops))
+
+
+async def _slots_scenario(ops: list[tuple[str, str]]) -> None:
+    clock = FakeClock()
+    options = AdaptiveLimit(algorithm="aimd", latency_target=0.5, initial=3, max_limit=6)
+    bulkhead = Bulkhead(limit=options, max_waiting=3, clock=clock)
+    calls: list[tuple[asyncio.Event, str, asyncio.Task[None]]] = []
+
+    async def work(release: asyncio.Event, kind: str) -> None:
+        assert bulkhead.in_flight <= options.max_limit
+        await release.wait()
+        if kind == "timeout":
+            raise ResilienceTimeoutError("t", 1.0)
+        if kind == "error":
+            raise ValueError("x")
+
+    for op, kind in ops:
+        if op == "start":
+            release = asyncio.Event()
+            calls.append((release, kind, asyncio.create_task(bulkhead.call(work, release, kind))))
+        elif op == "finish" and calls:
+            release, kind, task = calls.pop(0)
+            if kind == "cancel":
+                task.cancel()
+            else:
+                release.set()
+        else:
+            clock.advance(0.3)
+        await settle()
+        assert bulkhead.in_flight <= options.max_limit
+        assert 1 <= bulkhead.current_limit <= options.max_limit
+    for release, _, _ in calls:
+        release.set()
+    await asyncio.gather(*(task for _, _, task in calls), return_exceptions=True)
+    assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)

@@ -446,13 +446,14 @@ class ResilienceMiddleware:
         budget: float | None = None
         level: str | None = None
         for name, value in scope.get("headers", ()):
-            if name == deadline_name and budget is None:
+            if name == deadline_name:
                 budget = parse_budget(value, self.max_deadline)
                 deadline_name = None  # the first one counts
-            elif name == criticality_name and level is None:
+            elif name == criticality_name:
                 level = parse_criticality(value)
                 if level is CRITICAL and not self.trust_criticality:
                     level = DEFAULT  # a caller may lower its priority, not raise it
+                criticality_name = None
         return budget, DEFAULT if level is None else level
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -480,7 +481,13 @@ class ResilienceMiddleware:
                 await _answer(send, 503, _OVERLOADED, route.retry_after)
                 return
         if level is DEFAULT:
-            await self._serve(route, scope, receive, send, budget)
+            if budget is None and route.timeout is None:  # the common case, inlined
+                if route.protected is None:
+                    await self.app(scope, receive, send)
+                else:
+                    await self._run(route, scope, receive, send)
+            else:
+                await self._serve(route, scope, receive, send, budget)
             return
         token = _criticality.set(level)  # forwarded downstream by ResilientTransport
         try:

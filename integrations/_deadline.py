@@ -1,10 +1,16 @@
-"""The request deadline shared by the ASGI middleware and the httpx transport.
+"""The request deadline and criticality shared by the ASGI middleware and the httpx transport.
 
 A deadline is an absolute time on the running event loop's clock (``loop.time()``), kept in a
 context variable for the current task (and the tasks it starts). On the wire it travels as a
 *relative* budget in whole milliseconds (header ``x-deadline-ms`` by default), so the clocks of
 caller and callee never need to agree: each hop reads the budget, turns it into its own
 deadline, and forwards what is left.
+
+A request's *criticality* (``critical``, ``default`` or ``sheddable``, after Google's
+practice) travels the same way: the middleware reads it from ``x-request-criticality`` (or
+derives it from the path), keeps it in a context variable for the request, and the transport
+forwards it downstream (``get_criticality()``), so a sheddable request stays sheddable at
+every hop and a critical one keeps its priority.
 
 This module imports nothing but the standard library, so ``resilience.integrations`` stays
 cheap to import.
@@ -22,12 +28,20 @@ from contextvars import ContextVar
 from resilience import DISTRIBUTION
 
 __all__ = [
+    "CRITICAL",
+    "CRITICALITIES",
+    "CRITICALITY_HEADER",
     "DEADLINE_HEADER",
+    "DEFAULT",
     "MAX_BUDGET",
+    "SHEDDABLE",
+    "criticality",
     "deadline",
     "format_budget",
+    "get_criticality",
     "get_deadline",
     "parse_budget",
+    "parse_criticality",
     "remaining",
 ]
 
@@ -38,6 +52,21 @@ MAX_BUDGET = 300.0
 """Budgets larger than this many seconds are capped to it when read from a header."""
 
 _deadline: ContextVar[float | None] = ContextVar("resilience.deadline", default=None)
+
+CRITICALITY_HEADER = "x-request-criticality"
+"""The header carrying a request's criticality: ``critical``, ``default`` or ``sheddable``."""
+
+CRITICAL = "critical"
+"""Shed last: the service's reason to exist (checkout, login)."""
+DEFAULT = "default"
+"""Everything not said otherwise."""
+SHEDDABLE = "sheddable"
+"""Shed first: prefetches, recommendations, batch work, retries a caller can do without."""
+CRITICALITIES = (CRITICAL, DEFAULT, SHEDDABLE)
+"""Every criticality, most important first."""
+
+_criticality: ContextVar[str | None] = ContextVar("resilience.criticality", default=None)
+_LEVELS = {b"critical": CRITICAL, b"default": DEFAULT, b"sheddable": SHEDDABLE}
 
 # An optional minus sign, up to 15 digits, an optional fraction: nothing else is a budget.
 _BUDGET = re.compile(rb"-?[0-9]{1,15}(?:\.[0-9]{1,6})?")
@@ -81,6 +110,68 @@ def deadline(seconds: float) -> Iterator[float]:
         _deadline.reset(token)
 
 
+def get_criticality() -> str | None:
+    """The current request's criticality to send downstream, or ``None`` to send nothing.
+
+    ``None`` means ``default`` (what any service assumes without the header). An outgoing
+    request sends ``CRITICALITY_HEADER: <value>`` when this is not ``None``::
+
+        level = get_criticality()
+        if level is not None and CRITICALITY_HEADER not in request.headers:
+            request.headers[CRITICALITY_HEADER] = level
+    """
+    return _criticality.get()
+
+
+@contextmanager
+def criticality(level: str) -> Iterator[str]:
+    """Run the block with ``level`` as the criticality of its outgoing requests.
+
+    A background job marks its calls sheddable with ``with criticality("sheddable"):``; the
+    previous value is back after the block.
+    """
+    if level not in CRITICALITIES:
+        raise ValueError(f"criticality must be one of {CRITICALITIES}, got {level!r}")
+    token = _criticality.set(None if level == DEFAULT else level)
+    try:
+        yield level
+    finally:
+        _criticality.reset(token)
+
+
+def parse_criticality(value: bytes | str) -> str:
+    """A header value as a criticality; anything unknown is ``default``.
+
+    Only the exact lowercase tokens ``critical``, ``default`` and ``sheddable`` are
+    understood (surrounding spaces ignored): another case, another word, a list or a huge
+    value is ``default``, never an error.
+    """
+    if isinstance(value, str):
+        try:
+            value = value.encode("ascii")
+        except UnicodeEncodeError:
+            return DEFAULT
+    if len(value) > 32:
+        return DEFAULT
+    return _LEVELS.get(value.strip(b" \t"), DEFAULT)
+
+
+def check_criticality_map(value: object) -> dict[str, str]:
+    """The middleware's ``criticality=``: ``{path prefix: criticality}``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) and not hasattr(value, "items"):
+        raise TypeError(f"criticality must be a dict of {{path: criticality}}, got {value!r}")
+    out: dict[str, str] = {}
+    for path, level in value.items():
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"criticality must hold paths starting with '/', got {path!r}")
+        if level not in CRITICALITIES:
+            raise ValueError(f"criticality[{path!r}] must be one of {CRITICALITIES}, got {level!r}")
+        out[path] = CRITICALITIES[CRITICALITIES.index(level)]  # the module's own constant
+    return out
+
+
 def parse_budget(value: bytes | str, cap: float = MAX_BUDGET) -> float | None:
     """A header value in milliseconds as seconds, capped at ``cap``; ``None`` if malformed.
 
@@ -107,10 +198,10 @@ def format_budget(seconds: float) -> str:
     return str(int(seconds * 1000.0))
 
 
-def check_deadline_header(value: object) -> str | None:
-    """A deadline header name, or ``None`` (the adapters' ``deadline_header=``)."""
+def check_deadline_header(value: object, what: str = "deadline_header") -> str | None:
+    """A header name, or ``None`` (the adapters' ``deadline_header=``, ``criticality_header=``)."""
     if value is not None and (not isinstance(value, str) or not value):
-        raise TypeError(f"deadline_header must be a header name or None, got {value!r}")
+        raise TypeError(f"{what} must be a header name or None, got {value!r}")
     return value
 
 

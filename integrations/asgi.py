@@ -17,6 +17,14 @@ is answered ``504`` without calling the app. The caller's budget cuts the app of
 ``enforce_deadline=True``, and never once the response has started: a client cannot cancel
 work the service has committed to (background tasks run after the response, with no
 deadline).
+
+``max_concurrent`` may be an ``AdaptiveLimit``: the limit then follows the app's latency.
+Each request has a criticality (``critical``, ``default``, ``sheddable``), from its path
+(``criticality={"/checkout": "critical"}``) or from ``x-request-criticality``. Under load the
+lower classes are shed first: a sheddable request may only take ``shares["sheddable"]`` of
+the limit, a default one ``shares["default"]`` (when critical traffic can exist), and only
+critical requests may fill the last slots. The criticality is forwarded downstream like the
+deadline.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from resilience import (
+    Bulkhead,
     BulkheadFullError,
     Clock,
     Listener,
@@ -36,34 +45,49 @@ from resilience import (
     ResilienceTimeoutError,
     Store,
 )
+from resilience.adaptive import AdaptiveLimit
 from resilience.policy import (
     check_bool,
     check_fleet_name,
     check_int,
     check_name,
+    check_ratio,
     check_seconds,
 )
 
 from ._deadline import (
+    CRITICAL,
+    CRITICALITY_HEADER,
     DEADLINE_HEADER,
+    DEFAULT,
     MAX_BUDGET,
+    SHEDDABLE,
+    _criticality,
     _deadline,
+    check_criticality_map,
     check_deadline_header,
+    criticality,
     deadline,
+    get_criticality,
     parse_budget,
+    parse_criticality,
     remaining,
 )
 from ._policies import limits as build_limits
 
 __all__ = [
+    "CRITICALITY_HEADER",
     "DEADLINE_HEADER",
+    "SHARES",
     "ASGIApp",
     "Message",
     "Receive",
     "ResilienceMiddleware",
     "Scope",
     "Send",
+    "criticality",
     "deadline",
+    "get_criticality",
     "remaining",
 ]
 
@@ -79,6 +103,11 @@ _ROUTE_OPTIONS |= {"timeout", "retry_after"}
 _CACHE_SIZE = 1024
 DEFAULT_NAME = "asgi"
 
+SHARES: Mapping[str, float] = {SHEDDABLE: 0.75, DEFAULT: 0.9}
+"""The share of the concurrency limit each class may fill; critical requests may fill it all.
+The ``default`` share applies only when critical traffic can exist (a ``criticality`` path
+marked critical, or ``trust_criticality=True``); otherwise default requests use it all."""
+
 LEASE = 30.0
 """A fleet-wide permit's lease without a ``timeout`` (renewed every half lease while the
 request runs; how long a dead replica's permit stays taken)."""
@@ -91,7 +120,7 @@ the longest request it covers without a renewal."""
 class _Limits:
     """The options of one compartment (the default one, or one override)."""
 
-    max_concurrent: int | None
+    max_concurrent: int | AdaptiveLimit | None
     max_waiting: int
     max_wait: float | None
     rate: float | None
@@ -115,7 +144,7 @@ async def _shed(send: Send, route: _Route, exc: RateLimitedError | BulkheadFullE
 class _Route:
     """One compartment's policies around the app, built once."""
 
-    __slots__ = ("protected", "retry_after", "timeout")
+    __slots__ = ("bulkhead", "protected", "retry_after", "timeout")
 
     def __init__(
         self,
@@ -128,13 +157,17 @@ class _Route:
     ) -> None:
         self.timeout = limits.timeout
         self.retry_after = limits.retry_after
+        fixed = limits.max_concurrent
+        adaptive = None
+        if isinstance(fixed, AdaptiveLimit):  # built here: the shared builder takes numbers
+            adaptive, fixed = fixed, None
         policies = build_limits(
             name,
             rate=limits.rate,
             per=limits.per,
             burst=limits.burst,
             timeout=limits.timeout,
-            max_concurrent=limits.max_concurrent,
+            max_concurrent=fixed,
             max_waiting=limits.max_waiting,
             max_wait=limits.max_wait,
             store=store,
@@ -143,6 +176,20 @@ class _Route:
             # fleet-wide with a store; a waiting queue stays per process
             fleet_bulkhead=not limits.max_waiting,
             lease=_lease(limits.timeout),
+        )
+        if adaptive is not None:  # adapts on this replica's own latency: never fleet-wide
+            policies.append(
+                Bulkhead(
+                    limit=adaptive,
+                    max_waiting=limits.max_waiting,
+                    max_wait=limits.max_wait,
+                    name=name,
+                    clock=clock,
+                    listeners=listeners,
+                )
+            )
+        self.bulkhead: Bulkhead | None = next(
+            (p for p in policies if isinstance(p, Bulkhead)), None
         )
 
         async def run_app(
@@ -180,6 +227,29 @@ def _check_limits(where: str, limits: _Limits, given: Iterable[str] = _ROUTE_OPT
             f"{where}max_waiting={limits.max_waiting!r} and {where}max_wait="
             f"{limits.max_wait!r} need max_concurrent (there is no queue without a bulkhead)"
         )
+
+
+def _check_shares(shares: Mapping[str, float] | None, reserve: bool) -> dict[str, float]:
+    """``{class: share}`` for every class: critical 1, default 1 unless ``reserve``."""
+    given = dict(SHARES if shares is None else shares)
+    if shares is not None and not isinstance(shares, Mapping):
+        raise TypeError(f"shares must be a dict of {{criticality: share}}, got {shares!r}")
+    unknown = set(given) - {SHEDDABLE, DEFAULT}
+    if unknown:
+        raise ValueError(
+            f"shares has unknown keys {sorted(unknown)}: only 'sheddable' and 'default' "
+            "(critical requests may always fill the whole limit)"
+        )
+    for key, value in given.items():
+        check_ratio(f"shares[{key!r}]", value)
+    sheddable = given.get(SHEDDABLE, SHARES[SHEDDABLE])
+    default = given.get(DEFAULT, SHARES[DEFAULT])
+    if sheddable > default:
+        raise ValueError(
+            f"shares['sheddable'] ({sheddable!r}) must not exceed shares['default'] "
+            f"({default!r}): sheddable requests are shed first"
+        )
+    return {CRITICAL: 1.0, DEFAULT: default if reserve else 1.0, SHEDDABLE: sheddable}
 
 
 def _check_pattern(what: str, pattern: object) -> str:
@@ -223,8 +293,9 @@ class ResilienceMiddleware:
 
     Options (all keyword-only; ``None`` turns a limit off):
 
-    * ``max_concurrent`` requests run at once; ``max_waiting`` more may queue for up to
-      ``max_wait`` seconds; others get ``503`` with ``Retry-After: retry_after``.
+    * ``max_concurrent`` requests run at once (a number, or an ``AdaptiveLimit`` that follows
+      the app's latency); ``max_waiting`` more may queue for up to ``max_wait`` seconds;
+      others get ``503`` with ``Retry-After: retry_after``.
     * ``rate`` requests per ``per`` seconds (bursts of ``burst``); others get ``429`` with
       ``Retry-After`` saying when a slot frees up.
     * ``timeout`` seconds per request: ``504`` if the response has not started, else the
@@ -241,7 +312,15 @@ class ResilienceMiddleware:
       bulkhead (unless it has a waiting queue, which stays per process) takes a fleet-wide
       lease per request (one store round trip to take it, one to return it); ``clock`` and
       ``listeners`` go to every policy; ``name`` prefixes the policies' names, and must be
-      given (a name of this service) when ``store`` is shared with other processes.
+      given (a name of this service) when ``store`` is shared with other processes. An
+      adaptive limit stays per process (each replica adapts on its own latency).
+    * ``criticality``: ``{path: "critical" | "default" | "sheddable"}`` (the longest match
+      wins); paths not listed take the ``criticality_header`` (``None``: ignore it), else
+      ``default``. The header may say ``sheddable`` or ``default``; it makes a request
+      ``critical`` only with ``trust_criticality=True``. Anything else is ``default``.
+    * ``shares``: the share of the concurrency limit a class may fill (``SHARES``): a lower
+      class is shed (503) once that many requests are in flight, so the last slots (and
+      the queue) are kept for the classes above it.
     """
 
     def __init__(
@@ -261,6 +340,10 @@ class ResilienceMiddleware:
         deadline_header: str | None = DEADLINE_HEADER,
         max_deadline: float = MAX_BUDGET,
         enforce_deadline: bool = False,
+        criticality: Mapping[str, str] | None = None,
+        criticality_header: str | None = CRITICALITY_HEADER,
+        trust_criticality: bool = False,
+        shares: Mapping[str, float] | None = None,
         store: Store | None = None,
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
@@ -272,7 +355,18 @@ class ResilienceMiddleware:
         check_seconds("retry_after", retry_after)
         check_seconds("max_deadline", max_deadline)
         check_deadline_header(deadline_header)
+        check_deadline_header(criticality_header, "criticality_header")
         self.enforce_deadline = check_bool("enforce_deadline", enforce_deadline)
+        self.trust_criticality = check_bool("trust_criticality", trust_criticality)
+        paths = check_criticality_map(criticality)
+        self._criticality_paths = sorted(paths.items(), key=lambda i: len(i[0]), reverse=True)
+        self._criticality_header = (
+            None if criticality_header is None else criticality_header.lower().encode()
+        )
+        # shed default requests early only if critical ones can exist to take the rest
+        reserve = trust_criticality and criticality_header is not None
+        reserve = reserve or CRITICAL in paths.values()
+        self.shares = _check_shares(shares, reserve)
         if isinstance(exclude, str):
             raise TypeError(f"exclude must be a collection of paths, not one str: {exclude!r}")
         if store is not None and not isinstance(store, Store):
@@ -318,48 +412,93 @@ class ResilienceMiddleware:
             route = _Route(app, limits, f"{name}:{path}", store, clock, listeners)
             self._overrides.append((path, route))
         self._overrides.sort(key=lambda item: len(item[0]), reverse=True)
-        self._plain = not self.exclude and not self._overrides
-        self._routes: dict[str, _Route | None] = {}
+        self._plain = not self.exclude and not self._overrides and not paths
+        self._routes: dict[str, tuple[_Route, str | None] | None] = {}
 
-    def _route(self, path: str) -> _Route | None:
-        """The compartment of ``path``, or ``None`` if it is excluded."""
+    def _route(self, path: str) -> tuple[_Route, str | None] | None:
+        """The compartment of ``path`` and the criticality its path gives it (if any), or
+        ``None`` if it is excluded."""
         routes = self._routes
         try:
             return routes[path]
         except KeyError:
             pass
-        route: _Route | None = self._default
-        if any(_matches(p, path) for p in self.exclude):
-            route = None
-        else:
+        found: tuple[_Route, str | None] | None = None
+        if not any(_matches(p, path) for p in self.exclude):
+            route = self._default
             for pattern, candidate in self._overrides:
                 if _matches(pattern, path):
                     route = candidate
                     break
+            level = next((v for p, v in self._criticality_paths if _matches(p, path)), None)
+            found = (route, level)
         if len(routes) >= _CACHE_SIZE:
             routes.clear()
-        routes[path] = route
-        return route
+        routes[path] = found
+        return found
 
-    def _budget(self, scope: Scope) -> float | None:
-        header = self._header
-        if header is None:
-            return None
+    def _headers(self, scope: Scope) -> tuple[float | None, str]:
+        """The caller's budget and criticality, in one pass over the headers."""
+        deadline_name = self._header
+        criticality_name = self._criticality_header
+        if deadline_name is None and criticality_name is None:
+            return None, DEFAULT
+        budget: float | None = None
+        level: str | None = None
         for name, value in scope.get("headers", ()):
-            if name == header:
-                return parse_budget(value, self.max_deadline)
-        return None
+            if name == deadline_name:
+                budget = parse_budget(value, self.max_deadline)
+                deadline_name = None  # the first one counts
+            elif name == criticality_name:
+                level = parse_criticality(value)
+                if level is CRITICAL and not self.trust_criticality:
+                    level = DEFAULT  # a caller may lower its priority, not raise it
+                criticality_name = None
+        return budget, DEFAULT if level is None else level
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run one ASGI request (HTTP only; other scopes go straight through)."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = self._default if self._plain else self._route(scope.get("path", "/"))
-        if route is None:
-            await self.app(scope, receive, send)
+        if self._plain:
+            route, level = self._default, None
+        else:
+            found = self._route(scope.get("path", "/"))
+            if found is None:
+                await self.app(scope, receive, send)
+                return
+            route, level = found
+        budget, claimed = self._headers(scope)
+        if level is None:
+            level = claimed
+        bulkhead = route.bulkhead
+        if bulkhead is not None and level is not CRITICAL:
+            share = self.shares[level]
+            # a lower class may fill only its share of the limit (at least one slot)
+            if share < 1.0 and bulkhead.in_flight >= (int(share * bulkhead.current_limit) or 1):
+                bulkhead.rejection()  # reported to the listeners like the bulkhead's own
+                await _answer(send, 503, _OVERLOADED, route.retry_after)
+                return
+        if level is DEFAULT:
+            if budget is None and route.timeout is None:  # the common case, inlined
+                if route.protected is None:
+                    await self.app(scope, receive, send)
+                else:
+                    await self._run(route, scope, receive, send)
+            else:
+                await self._serve(route, scope, receive, send, budget)
             return
-        budget = self._budget(scope)
+        token = _criticality.set(level)  # forwarded downstream by ResilientTransport
+        try:
+            await self._serve(route, scope, receive, send, budget)
+        finally:
+            _criticality.reset(token)
+
+    async def _serve(
+        self, route: _Route, scope: Scope, receive: Receive, send: Send, budget: float | None
+    ) -> None:
+        """The request under its deadline, through the route's policies."""
         timeout = route.timeout
         if budget is None:
             if timeout is None:

@@ -1,4 +1,5 @@
-"""Bulkhead: at most ``max_concurrent`` calls in flight; a bounded queue may wait for a slot."""
+"""Bulkhead: at most ``max_concurrent`` calls in flight (or an adaptive limit); a bounded
+queue may wait for a slot."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .adaptive import AdaptiveLimit, Limiter
 from .clock import Clock
-from .errors import BulkheadFullError, StoreUnavailableError
+from .errors import BulkheadFullError, RejectedError, StoreUnavailableError
 from .events import CallRejected, Listener, emit
 from .policy import (
     BasePolicy,
@@ -105,14 +107,22 @@ class Bulkhead(BasePolicy):
     A full fleet rejects at once (waiting for a fleet-wide permit is not supported:
     ``max_waiting`` must be 0). When the store cannot answer, the call goes on under the local
     limit only.
+
+    With ``limit=AdaptiveLimit(...)`` the number of slots follows the latency of the calls
+    (see ``resilience.adaptive``): each call that returns, or fails with a timeout or a
+    rejection from further down (an overload signal), is one sample; other errors and
+    cancellations teach nothing. ``current_limit`` is the limit now. With ``distributed=True``
+    the adaptive limit stays local to each replica (no store round trip to adapt) and
+    ``max_concurrent`` is the fleet-wide cap on top of it.
     """
 
     kind = "bulkhead"
 
     def __init__(
         self,
-        max_concurrent: int,
+        max_concurrent: int | None = None,
         *,
+        limit: AdaptiveLimit | None = None,
         max_waiting: int = 0,
         max_wait: float | None = None,
         distributed: bool = False,
@@ -123,7 +133,28 @@ class Bulkhead(BasePolicy):
         listeners: Iterable[Listener] = (),
     ) -> None:
         super().__init__(name, clock, listeners)
-        self.max_concurrent = check_int("max_concurrent", max_concurrent)
+        if limit is not None and not isinstance(limit, AdaptiveLimit):
+            raise TypeError(f"limit must be an AdaptiveLimit or None, got {limit!r}")
+        if limit is None and max_concurrent is None:
+            raise TypeError("Bulkhead needs max_concurrent (a number) or limit=AdaptiveLimit(...)")
+        if limit is not None and max_concurrent is not None and not distributed:
+            raise ValueError(
+                "give max_concurrent or limit=, not both (with distributed=True, "
+                "max_concurrent is the fleet-wide cap over the adaptive local limit)"
+            )
+        if limit is not None and distributed and max_concurrent is None:
+            raise ValueError(
+                "distributed=True with an adaptive limit needs max_concurrent: the fleet-wide "
+                "cap on permits (each replica adapts its own limit under it)"
+            )
+        self.limit = limit
+        self._limiter: Limiter | None = None if limit is None else limit.limiter()
+        if max_concurrent is not None:
+            self.max_concurrent = check_int("max_concurrent", max_concurrent)
+        else:  # adaptive, local: the most it will ever allow
+            assert limit is not None
+            self.max_concurrent = limit.max_limit
+        self._limit_now = self.max_concurrent if limit is None else limit.initial
         self.max_waiting = check_int("max_waiting", max_waiting, minimum=0)
         self.max_wait: float | None = check_seconds("max_wait", max_wait, none=True, zero=True)
         self.distributed = check_bool("distributed", distributed)
@@ -142,11 +173,18 @@ class Bulkhead(BasePolicy):
             raise ValueError("store= is only used with distributed=True")
         self._active = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
-        self._held: dict[asyncio.Task[Any] | None, list[_Renewal | None]] = {}
+        self._held: dict[asyncio.Task[Any] | None, list[tuple[_Renewal | None, float]]] = {}
         self._returning: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
+        if self.limit is not None:
+            return f"Bulkhead(limit={self.limit!r}, name={self.name!r})"
         return f"Bulkhead({self.max_concurrent}, name={self.name!r})"
+
+    @property
+    def current_limit(self) -> int:
+        """Calls allowed in flight now: ``max_concurrent``, or the adaptive limit's value."""
+        return self._limit_now
 
     @property
     def in_flight(self) -> int:
@@ -158,14 +196,20 @@ class Bulkhead(BasePolicy):
         """Calls queued for a slot now."""
         return sum(1 for w in self._waiters if not w.done())
 
-    def _reject(self) -> BulkheadFullError:
-        error = BulkheadFullError(self.name, self.max_concurrent)
+    def rejection(self) -> BulkheadFullError:
+        """A ``BulkheadFullError`` for a call refused by an admission rule of the caller's own
+        (a middleware shedding low-priority requests early), reported to the listeners like
+        the bulkhead's own rejections."""
+        return self._reject()
+
+    def _reject(self, limit: int | None = None) -> BulkheadFullError:
+        error = BulkheadFullError(self.name, self._limit_now if limit is None else limit)
         if self._listeners:
             emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
         return error
 
     async def _acquire(self) -> None:
-        if self._active < self.max_concurrent:
+        if self._active < self._limit_now:
             self._active += 1
             return
         waiters = self._waiters
@@ -200,12 +244,37 @@ class Bulkhead(BasePolicy):
 
     def _release(self) -> None:
         waiters = self._waiters
-        while waiters:
+        # a limit that shrank below the calls in flight takes the slot back instead
+        while waiters and self._active <= self._limit_now:
             fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(True)  # the slot moves to the waiter: _active unchanged
                 return
         self._active -= 1
+
+    # the adaptive limit ---------------------------------------------------------------------
+    def _sample(self, start: float, dropped: bool = False) -> None:
+        """One finished call (still holding its slot) for the limiter; let waiters in if the
+        limit grew."""
+        assert self._limiter is not None
+        now = self._clock.monotonic()
+        limit = self._limiter.sample(now, now - start, self._active, dropped)
+        if limit == self._limit_now:
+            return
+        self._limit_now = limit
+        waiters = self._waiters
+        while waiters and self._active < limit:
+            fut = waiters.popleft()
+            if not fut.done():
+                self._active += 1
+                fut.set_result(True)
+
+    def _learn(self, start: float, exc: BaseException | None) -> None:
+        """Sample a call that ended with ``exc``: overload signals count, other errors not."""
+        if exc is None:
+            self._sample(start)
+        elif isinstance(exc, (TimeoutError, RejectedError)):
+            self._sample(start, dropped=True)
 
     # fleet-wide permits ---------------------------------------------------------------------
     async def _take_permit(self, store: Store) -> str | None:
@@ -227,7 +296,7 @@ class Bulkhead(BasePolicy):
             taking.add_done_callback(self._return_late)
             raise
         if lease is None:
-            raise self._reject()
+            raise self._reject(self.max_concurrent)
         return lease
 
     def _return_late(self, taking: asyncio.Future[str | None]) -> None:
@@ -259,6 +328,8 @@ class Bulkhead(BasePolicy):
         await asyncio.shield(self._give_back(lease))
 
     def _wrap(self, fn: Protected) -> Protected:
+        if self._limiter is not None:
+            return self._wrap_adaptive(fn, self.store)
         if self.store is not None:
             return self._wrap_distributed(fn, self.store)
         acquire = self._acquire
@@ -304,11 +375,49 @@ class Bulkhead(BasePolicy):
 
         return protected
 
+    def _wrap_adaptive(self, fn: Protected, store: Store | None) -> Protected:
+        acquire = self._acquire
+        release = self._release
+        take = self._take_permit
+        give_back = self._return_permit
+        learn = self._learn
+        monotonic = self._clock.monotonic
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            if self._active < self._limit_now and not self._waiters:
+                self._active += 1
+            else:
+                await acquire()
+            renewal = None
+            if store is not None:
+                try:
+                    lease = await take(store)
+                except BaseException:
+                    release()
+                    raise
+                renewal = None if lease is None else _Renewal(self, store, lease)
+            start = monotonic()
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:
+                learn(start, exc)
+                raise
+            else:
+                learn(start, None)
+                return result
+            finally:
+                release()
+                if renewal is not None:
+                    await give_back(renewal)
+
+        return protected
+
     async def __aenter__(self) -> None:
-        if self._active < self.max_concurrent and not self._waiters:
+        if self._active < self._limit_now and not self._waiters:
             self._active += 1
         else:
             await self._acquire()
+        renewal = None
         if self.store is not None:
             try:
                 lease = await self._take_permit(self.store)
@@ -316,7 +425,9 @@ class Bulkhead(BasePolicy):
                 self._release()
                 raise
             renewal = None if lease is None else _Renewal(self, self.store, lease)
-            self._held.setdefault(asyncio.current_task(), []).append(renewal)
+        if self.store is not None or self._limiter is not None:
+            entry = (renewal, self._clock.monotonic())
+            self._held.setdefault(asyncio.current_task(), []).append(entry)
 
     async def __aexit__(
         self,
@@ -324,12 +435,16 @@ class Bulkhead(BasePolicy):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self.store is None and self._limiter is None:
+            self._release()
+            return
+        task = asyncio.current_task()
+        held = self._held[task]
+        lease, start = held.pop()
+        if not held:
+            del self._held[task]
+        if self._limiter is not None and (exc is None or isinstance(exc, Exception)):
+            self._learn(start, exc)
         self._release()
-        if self.store is not None:
-            task = asyncio.current_task()
-            held = self._held[task]
-            lease = held.pop()
-            if not held:
-                del self._held[task]
-            if lease is not None:
-                await self._return_permit(lease)
+        if lease is not None:
+            await self._return_permit(lease)

@@ -25,6 +25,7 @@ Metric names (all attributes are low-cardinality: policy kind, policy name, outc
 ``resilience.fallbacks``           counter    fallback values served
 ``resilience.timeouts``            counter    timeouts that expired
 ``resilience.bulkhead.in_flight``  gauge      calls holding a slot
+``resilience.bulkhead.limit``      gauge      calls allowed in flight now (adaptive or fixed)
 ``resilience.store.degraded``      gauge      1 while a store runs on local state
 ``resilience.store.loop_lag``      gauge      seconds the event loop was late (Redis store)
 ``resilience.store.events``        counter    degraded / recovered / data_reset /
@@ -142,6 +143,12 @@ class Telemetry:
             callbacks=[self._observe_bulkheads],
             unit="{call}",
             description="Calls holding a bulkhead slot.",
+        )
+        meter.create_observable_gauge(
+            "resilience.bulkhead.limit",
+            callbacks=[self._observe_limits],
+            unit="{call}",
+            description="Calls a bulkhead allows in flight now (its adaptive limit, if any).",
         )
         meter.create_observable_gauge(
             "resilience.store.degraded",
@@ -300,6 +307,10 @@ class Telemetry:
     def _observe_bulkheads(self, options: CallbackOptions) -> Iterable[Observation]:
         for bulkhead in list(self._bulkheads):
             yield Observation(bulkhead.in_flight, {"resilience.name": bulkhead.name})
+
+    def _observe_limits(self, options: CallbackOptions) -> Iterable[Observation]:
+        for bulkhead in list(self._bulkheads):
+            yield Observation(bulkhead.current_limit, {"resilience.name": bulkhead.name})
 
     def _observe_stores(self, options: CallbackOptions) -> Iterable[Observation]:
         for store in list(self._stores):

@@ -4,12 +4,28 @@
 * ``resilience.integrations.asgi``: ``ResilienceMiddleware``, for Starlette, FastAPI and any
   ASGI app.
 
-This package itself imports neither httpx nor any ASGI framework: only the deadline helpers
-both adapters share (standard library only).
+This package itself imports neither httpx nor any ASGI framework: only the deadline and
+criticality helpers both adapters share (standard library only).
 """
 
 from __future__ import annotations
 
-from ._deadline import DEADLINE_HEADER, deadline, get_deadline, remaining
+from ._deadline import (
+    CRITICALITY_HEADER,
+    DEADLINE_HEADER,
+    criticality,
+    deadline,
+    get_criticality,
+    get_deadline,
+    remaining,
+)
 
-__all__ = ["DEADLINE_HEADER", "deadline", "get_deadline", "remaining"]
+__all__ = [
+    "CRITICALITY_HEADER",
+    "DEADLINE_HEADER",
+    "criticality",
+    "deadline",
+    "get_criticality",
+    "get_deadline",
+    "remaining",
+]

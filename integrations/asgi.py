@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from resilience import (
+    AdaptiveLimit,
     Bulkhead,
     BulkheadFullError,
     Clock,
@@ -45,7 +46,6 @@ from resilience import (
     ResilienceTimeoutError,
     Store,
 )
-from resilience.adaptive import AdaptiveLimit
 from resilience.policy import (
     check_bool,
     check_fleet_name,

@@ -41,11 +41,13 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from ._deadline import (
+    CRITICALITY_HEADER,
     DEADLINE_HEADER,
     _deadline,
     check_deadline_header,
     deadline,
     format_budget,
+    get_criticality,
     missing_extra,
     remaining,
 )
@@ -641,6 +643,9 @@ def _make_attempt(
             at = _deadline.get()
             if at is not None:
                 request.headers[header] = format_budget(at - asyncio.get_running_loop().time())
+        level = get_criticality()  # the request being served: its class goes downstream
+        if level is not None and CRITICALITY_HEADER not in request.headers:
+            request.headers[CRITICALITY_HEADER] = level
         response = await send(request)
         if response.status_code in statuses:
             discard.append(response)

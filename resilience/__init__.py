@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .adaptive import AdaptiveLimit
 from .bulkhead import Bulkhead
 from .circuit import BreakerMetrics, CircuitBreaker, CircuitState
 from .clock import Clock, SystemClock
@@ -61,6 +62,7 @@ DISTRIBUTION = "resilience-fleet"  #: the name to ``pip install`` (the import na
 __all__ = [
     "DISTRIBUTION",
     "LATENCY_BUCKETS",
+    "AdaptiveLimit",
     "BreakerMetrics",
     "Bulkhead",
     "BulkheadFullError",

@@ -156,3 +156,21 @@ def test_bad_hedge_and_throttle_options_are_refused() -> None:
         HttpPolicy(throttle="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k"):
         HttpPolicy(throttle=True, throttle_k=0.5)
+
+
+async def test_the_criticality_of_the_request_being_served_goes_downstream() -> None:
+    from resilience.integrations import CRITICALITY_HEADER, criticality
+
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get(CRITICALITY_HEADER))
+        return httpx.Response(200)
+
+    async with client(handler, FakeClock()) as c:
+        await c.get("/plain")
+        with criticality("sheddable"):
+            await c.get("/batch")
+        with criticality("critical"):
+            await c.get("/checkout", headers={CRITICALITY_HEADER: "default"})  # the caller's own
+    assert seen == [None, "sheddable", "default"]

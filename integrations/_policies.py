@@ -9,6 +9,7 @@ make it fleet-wide). Each adapter validates its own options; the policies valida
 from __future__ import annotations
 
 from resilience import Bulkhead, Clock, Listener, Policy, RateLimiter, Store, Timeout
+from resilience.ratelimit import AHEAD
 
 
 def limits(
@@ -26,12 +27,14 @@ def limits(
     listeners: tuple[Listener, ...],
     fleet_bulkhead: bool = False,
     lease: float = 30.0,
+    quota: bool = False,
 ) -> list[Policy]:
     """The rate limiter, timeout and bulkhead asked for, outermost first.
 
     The rate limiter shares its bucket through ``store`` (when given); the bulkhead is
     fleet-wide through ``store`` only with ``fleet_bulkhead`` (its permits leased for
-    ``lease`` seconds), else it limits this process.
+    ``lease`` seconds), else it limits this process. ``quota``: no store call per call (the
+    limiter takes tokens ahead, the fleet-wide bulkhead holds a share of the permits).
     """
     policies: list[Policy] = []
     if rate is not None:
@@ -41,6 +44,7 @@ def limits(
                 per=per,
                 burst=burst,
                 store=store,
+                ahead=AHEAD if quota and store is not None else 0.0,
                 name=name,
                 clock=clock,
                 listeners=listeners,
@@ -58,6 +62,7 @@ def limits(
                 distributed=fleet,
                 store=store if fleet else None,
                 lease=lease,
+                shares=fleet and quota,
                 name=name,
                 clock=clock,
                 listeners=listeners,

@@ -176,6 +176,7 @@ class _Route:
             # fleet-wide with a store; a waiting queue stays per process
             fleet_bulkhead=not limits.max_waiting,
             lease=_lease(limits.timeout),
+            quota=True,  # no store round trip per request (shares, tokens taken ahead)
         )
         if adaptive is not None:  # adapts on this replica's own latency: never fleet-wide
             policies.append(
@@ -308,9 +309,9 @@ class ResilienceMiddleware:
       milliseconds, capped at ``max_deadline`` seconds. It shortens the request's deadline
       (what is forwarded downstream); with ``enforce_deadline=True`` it also cuts the app
       off (``504``) if the budget runs out before the response starts, never after.
-    * ``store`` makes the limits fleet-wide: the rate limiter shares one bucket, and the
-      bulkhead (unless it has a waiting queue, which stays per process) takes a fleet-wide
-      lease per request (one store round trip to take it, one to return it); ``clock`` and
+    * ``store`` makes the limits fleet-wide: the rate limiter shares one bucket (tokens taken
+      ahead in batches), and the bulkhead (unless it has a waiting queue, which stays per
+      process) holds a share of the fleet's permits (no store call per request); ``clock`` and
       ``listeners`` go to every policy; ``name`` prefixes the policies' names, and must be
       given (a name of this service) when ``store`` is shared with other processes. An
       adaptive limit stays per process (each replica adapts on its own latency).

@@ -24,6 +24,7 @@ from .policy import (
     check_store,
     store_down,
 )
+from .quota import FleetShare
 
 if TYPE_CHECKING:
     from .store.protocol import Store
@@ -91,6 +92,16 @@ class _Renewal:
             await self.bulkhead._release_permit(self.lease)
 
 
+class _Shared:
+    """The permit of a call running on this replica's share of the fleet's limit."""
+
+    __slots__ = ()
+
+
+_SHARED = _Shared()
+_Permit = _Renewal | _Shared | str
+
+
 class Bulkhead(BasePolicy):
     """Limits concurrency: ``max_concurrent`` calls run, ``max_waiting`` more may queue.
 
@@ -128,6 +139,7 @@ class Bulkhead(BasePolicy):
         distributed: bool = False,
         store: Store | None = None,
         lease: float = 30.0,
+        shares: bool = False,
         name: str = "bulkhead",
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
@@ -171,9 +183,20 @@ class Bulkhead(BasePolicy):
             check_fleet_name("Bulkhead(distributed=True)", self.name, "bulkhead", self.store)
         elif self.store is not None:
             raise ValueError("store= is only used with distributed=True")
+        self.shares = check_bool("shares", shares)
+        self._share: FleetShare | None = None
+        if shares:
+            if not distributed:
+                raise ValueError("shares=True needs distributed=True (and a store)")
+            assert self.store is not None
+            check_store("store", self.store, "lease_share")
+            self._share = FleetShare(
+                self.store, self.name, limit=self.max_concurrent, ttl=self.lease, clock=self._clock
+            )
+            self._share.own_limit = self._limit_now if limit is not None else 0
         self._active = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
-        self._held: dict[asyncio.Task[Any] | None, list[tuple[_Renewal | None, float]]] = {}
+        self._held: dict[asyncio.Task[Any] | None, list[tuple[_Permit | None, float]]] = {}
         self._returning: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -262,6 +285,8 @@ class Bulkhead(BasePolicy):
         if limit == self._limit_now:
             return
         self._limit_now = limit
+        if self._share is not None:  # reported with the share's renewals (status tools)
+            self._share.own_limit = limit
         waiters = self._waiters
         while waiters and self._active < limit:
             fut = waiters.popleft()
@@ -277,12 +302,25 @@ class Bulkhead(BasePolicy):
             self._sample(start, dropped=True)
 
     # fleet-wide permits ---------------------------------------------------------------------
-    async def _take_permit(self, store: Store) -> str | None:
-        """A fleet-wide permit: its lease id, ``None`` when the store is down (local only).
+    async def _take_permit(self, store: Store) -> str | _Shared | None:
+        """A fleet-wide permit: its lease id (or ``_SHARED``: one from this replica's share),
+        ``None`` when the store is down (local only).
 
         Raises ``BulkheadFullError`` when the fleet is full. Taking runs in a task of its own,
         so a caller cancelled meanwhile still gives back a permit taken for it.
         """
+        share = self._share
+        if share is not None:  # quota leasing: no store call while the share has room
+            if share.take_now():
+                return _SHARED
+            if store_down(store):
+                return None
+            try:
+                if await share.take():
+                    return _SHARED
+            except StoreUnavailableError:
+                return None
+            raise self._reject(self.max_concurrent)
         if store_down(store):
             return None
         taking = asyncio.ensure_future(
@@ -323,9 +361,21 @@ class Bulkhead(BasePolicy):
         except Exception as exc:  # the lease expires by itself
             logger.warning("bulkhead %r could not return a permit: %r", self.name, exc)
 
-    async def _return_permit(self, lease: str | _Renewal) -> None:
+    async def _return_permit(self, lease: _Permit) -> None:
         """Give a permit back and wait for it (the permit is returned even if we are cancelled)."""
+        if lease is _SHARED:
+            assert self._share is not None
+            self._share.give()
+            return
+        assert not isinstance(lease, _Shared)
         await asyncio.shield(self._give_back(lease))
+
+    def _hold(self, store: Store, lease: str | _Shared | None) -> _Permit | None:
+        """What a call holds while it runs: a share's permit, or a lease kept renewed."""
+        if lease is None or lease is _SHARED:
+            return lease
+        assert isinstance(lease, str)
+        return _Renewal(self, store, lease)
 
     def _wrap(self, fn: Protected) -> Protected:
         if self._limiter is not None:
@@ -365,7 +415,7 @@ class Bulkhead(BasePolicy):
             except BaseException:
                 release()
                 raise
-            renewal = None if lease is None else _Renewal(self, store, lease)
+            renewal = self._hold(store, lease)
             try:
                 return await fn(*args, **kwargs)
             finally:
@@ -395,7 +445,7 @@ class Bulkhead(BasePolicy):
                 except BaseException:
                     release()
                     raise
-                renewal = None if lease is None else _Renewal(self, store, lease)
+                renewal = self._hold(store, lease)
             start = monotonic()
             try:
                 result = await fn(*args, **kwargs)
@@ -424,7 +474,7 @@ class Bulkhead(BasePolicy):
             except BaseException:
                 self._release()
                 raise
-            renewal = None if lease is None else _Renewal(self, self.store, lease)
+            renewal = self._hold(self.store, lease)
         if self.store is not None or self._limiter is not None:
             entry = (renewal, self._clock.monotonic())
             self._held.setdefault(asyncio.current_task(), []).append(entry)

@@ -354,12 +354,14 @@ async def test_store_makes_the_rate_limit_fleet_wide() -> None:
 
 
 async def test_store_makes_the_bulkhead_fleet_wide() -> None:
-    """Two replicas given one store share one concurrency limit, and every slot comes back."""
-    from resilience import MemoryStore
+    """Two replicas given one store share one concurrency limit: a replica holds a share of
+    it, which goes back to the fleet at its next renewal once unused (a second later)."""
+    from resilience import MemoryStore, status
 
-    store = MemoryStore()
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
     apps = [App(), App()]
-    replicas = [a.starlette(max_concurrent=1, store=store) for a in apps]
+    replicas = [a.starlette(max_concurrent=1, store=store, clock=clock) for a in apps]
     async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
         busy = asyncio.create_task(first.get("/work"))
         for _ in range(100):
@@ -372,8 +374,13 @@ async def test_store_makes_the_bulkhead_fleet_wide() -> None:
         apps[0].release.set()
         assert (await busy).status_code == 200
         apps[1].release.set()
+        for _ in range(3):  # renewals: the first replica's unused share goes back
+            clock.advance(1.0)
+            for _ in range(20):
+                await asyncio.sleep(0)
         assert (await second.get("/work")).status_code == 200
-    assert await store.count_leases("asgi") == 0
+    (pool,) = [p for p in await status(store) if p.kind == "bulkhead"]
+    assert pool.in_flight == 0
 
 
 def test_no_starlette_import() -> None:

@@ -641,3 +641,106 @@ async def test_redis_fleet_permit_is_renewed_while_a_long_call_runs(
     finally:
         await one.aclose()
         await two.aclose()
+
+
+# --- shares (quota leasing) ---------------------------------------------------------------
+
+
+async def ok() -> str:
+    return "ok"
+
+
+def test_shares_need_a_fleet_wide_bulkhead() -> None:
+    with pytest.raises(ValueError, match="shares=True needs distributed"):
+        Bulkhead(2, shares=True)
+    with pytest.raises(TypeError, match="shares"):
+        Bulkhead(2, distributed=True, store=MemoryStore(), name="db", shares=1)  # type: ignore[arg-type]
+
+
+async def test_shared_permits_hold_the_fleet_limit_and_follow_demand(clock: FakeClock) -> None:
+    """Two replicas, a fleet limit of 2 held in shares: never more than 2 calls at once; a
+    share one replica no longer uses goes to the other after a renewal."""
+    store = MemoryStore(clock=clock)
+    one, two = (
+        Bulkhead(2, distributed=True, store=store, name="db", shares=True, clock=clock)
+        for _ in range(2)
+    )
+    gate = asyncio.Event()
+
+    async def held() -> str:
+        await gate.wait()
+        return "done"
+
+    running = [asyncio.create_task(one.call(held)) for _ in range(2)]
+    await settle()
+    with pytest.raises(BulkheadFullError):
+        await two.call(ok)
+    gate.set()
+    assert await asyncio.gather(*running) == ["done", "done"]
+    with pytest.raises(BulkheadFullError):
+        await two.call(ok)  # one's share is still its own until it renews
+    for _ in range(2):
+        clock.advance(1.0)
+        await settle()
+    assert await two.call(ok) == "ok"
+    assert await two.call(ok) == "ok"
+
+
+async def test_shared_permits_cost_few_store_calls(redis_url: str) -> None:
+    """Two replicas, four workers each, a fleet limit of 8: at most 8 in flight, and under
+    0.05 Redis script calls per call."""
+    import redis.asyncio as aioredis
+
+    prefix = f"bh-shares{next(_prefixes)}-{time.monotonic_ns()}"
+    stores = [RedisStore.from_url(redis_url, prefix=prefix) for _ in range(2)]
+    raw = aioredis.Redis.from_url(redis_url)
+    bulkheads = [Bulkhead(8, distributed=True, store=s, name="db", shares=True) for s in stores]
+    in_flight = peak = calls = 0
+
+    async def work() -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0)
+        in_flight -= 1
+
+    async def worker(b: Bulkhead) -> None:
+        nonlocal calls
+        for _ in range(300):
+            await b.call(work)
+            calls += 1
+
+    before = (await raw.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    try:
+        await asyncio.gather(*(worker(b) for b in bulkheads for _ in range(4)))
+        after = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    finally:
+        for s in stores:
+            await s.aclose()
+        await raw.aclose()
+    assert calls == 2400
+    assert peak <= 8
+    assert after - before <= 0.05 * calls, after - before
+
+
+async def test_adaptive_limits_on_shares_are_summed_in_status(clock: FakeClock) -> None:
+    from resilience import AdaptiveLimit, status
+
+    store = MemoryStore(clock=clock)
+    bulkheads = [
+        Bulkhead(
+            50,
+            limit=AdaptiveLimit(initial=5, max_limit=40),
+            distributed=True,
+            store=store,
+            name="db",
+            shares=True,
+            clock=clock,
+        )
+        for _ in range(2)
+    ]
+    for b in bulkheads:
+        assert await b.call(ok) == "ok"
+    (pool,) = [p for p in await status(store) if p.kind == "bulkhead"]
+    assert pool.adaptive_limit == sum(b.current_limit for b in bulkheads)
+    assert pool.limit == 50

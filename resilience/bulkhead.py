@@ -404,6 +404,30 @@ class Bulkhead(BasePolicy):
         take = self._take_permit
         give_back = self._return_permit
         limit = self.max_concurrent
+        share = self._share
+        if share is not None:
+            take_now, give = share.take_now, share.give
+
+            async def shared(*args: Any, **kwargs: Any) -> Any:
+                if self._active < limit and not self._waiters:
+                    self._active += 1
+                else:
+                    await acquire()
+                held = take_now()
+                if not held:  # the share is used up: ask the store (None: it is down)
+                    try:
+                        held = await take(store) is not None
+                    except BaseException:
+                        release()
+                        raise
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    release()
+                    if held:
+                        give()
+
+            return shared
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             if self._active < limit and not self._waiters:

@@ -178,8 +178,22 @@ class RateLimiter(BasePolicy):
         return protected
 
     def _wrap_shared(self, fn: Protected, store: Store) -> Protected:
-        take = self._take_ahead if self.ahead else self._take_shared
         rejected = self._rejected
+        if self.ahead:
+            take_ahead = self._take_ahead
+            monotonic = self._clock.monotonic
+
+            async def ahead(*args: Any, **kwargs: Any) -> Any:
+                if self._ahead and monotonic() < self._ahead_until:  # a token taken ahead
+                    self._ahead -= 1
+                else:
+                    wait = await take_ahead(store)
+                    if wait > 0.0:
+                        raise rejected(wait)
+                return await fn(*args, **kwargs)
+
+            return ahead
+        take = self._take_shared
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             wait = await take(store)

@@ -280,10 +280,10 @@ class CircuitBreaker(BasePolicy):
         if isinstance(cfg.window, TimeWindow):
             calls, failures, _ = core.counts(now)
             ratio = cfg.failure_ratio
-            if ratio >= 1.0:
+            if ratio < 1.0:  # failures f such that (failures + f) / (calls + f) >= ratio
+                needed = max(0, math.ceil((ratio * calls - failures) / (1.0 - ratio)))
+            else:  # only a window of nothing but failures reaches 1.0
                 needed = 0 if calls == failures else -1
-            else:
-                needed = math.ceil((ratio * calls - failures) / (1.0 - ratio))
             if needed < 0 or needed > 1_000_000:
                 logger.warning(
                     "breaker %r cannot open on suspicion: its window holds %d successes",

@@ -6,6 +6,8 @@ The state machine it drives (states, configuration, pure rules, ``BreakerCore``)
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from types import TracebackType
@@ -30,10 +32,12 @@ from .circuit_state import (
 from .clock import Clock
 from .errors import CircuitOpenError
 from .events import CallRejected, Listener, StateChanged, emit
+from .health import HealthCheck, HealthResult
 from .policy import (
     BasePolicy,
     ExceptionFilter,
     Protected,
+    check_bool,
     check_name,
     check_predicate,
     check_seconds,
@@ -62,6 +66,8 @@ __all__ = [
     "tripped",
 ]
 
+
+logger = logging.getLogger("resilience")
 
 _NO_RESULT: Any = object()  # the outcome of an ``async with`` block: no value to judge
 
@@ -108,6 +114,12 @@ class CircuitBreaker(BasePolicy):
     only once ``k`` replicas' own windows have tripped (each replica still rejects on its
     own trip at once); the default, ``"fleet"``, opens it on the shared window or on any
     replica's own trip.
+
+    Bound to a running ``HealthCheck`` (``health=``), the breaker spends no user request on
+    probes: once ``open_for`` has passed, the check's next result counts as the outcome of
+    all ``half_open_calls`` probes (a success closes the breaker, a failure re-opens it), and
+    calls are rejected until then. With ``open_on_suspect=True`` it also opens as soon as the
+    check's detector suspects the dependency, before calls fail.
     """
 
     kind = "circuit_breaker"
@@ -133,8 +145,15 @@ class CircuitBreaker(BasePolicy):
         store: Store | None = None,
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
+        health: HealthCheck | None = None,
+        open_on_suspect: bool = False,
     ) -> None:
         check_name(name)
+        if health is not None and not isinstance(health, HealthCheck):
+            raise TypeError(f"health must be a HealthCheck, got {health!r}")
+        check_bool("open_on_suspect", open_on_suspect)
+        if open_on_suspect and health is None:
+            raise ValueError("open_on_suspect=True needs a health check: pass health=...")
         if window is None:
             window = CountWindow(100)
         if minimum_calls is None:
@@ -175,6 +194,10 @@ class CircuitBreaker(BasePolicy):
         self._held: ContextVar[tuple[tuple[int, int, float], ...]] = ContextVar(
             f"resilience.breaker.{name}", default=()
         )
+        self.health = health
+        self.open_on_suspect = open_on_suspect
+        if health is not None:
+            health._watch(self._on_health)
 
     @property
     def state(self) -> CircuitState:
@@ -219,6 +242,16 @@ class CircuitBreaker(BasePolicy):
     async def _admit(self) -> tuple[int, int, float]:
         core = self._core
         now = self._clock.monotonic()
+        health = self.health
+        probing = core.state is OPEN or core.state is HALF_OPEN
+        if probing and health is not None and health.running:
+            # the health check probes for us: no user call becomes a probe
+            if core.state is OPEN and now < core.open_until:
+                error = CircuitOpenError(core.name, "open", core.open_until - now)
+            else:
+                error = CircuitOpenError(core.name, str(core.state), health.interval)
+            self._reject(error)
+            raise error
         try:
             admitted = core.acquire(now)
             if admitted is None:
@@ -227,6 +260,68 @@ class CircuitBreaker(BasePolicy):
             self._reject(error)
             raise
         return admitted[0], admitted[1], now
+
+    # --- a bound health check ------------------------------------------------------------
+    async def _on_health(self, result: HealthResult | None, suspected: bool) -> None:
+        """After each round of the bound check: open on a new suspicion (``open_on_suspect``);
+        while open or half-open, let the round's result stand in for the probes."""
+        core = self._core
+        if suspected and self.open_on_suspect and core.state is CLOSED:
+            self._open_on_suspicion()
+        elif result is not None and (core.state is OPEN or core.state is HALF_OPEN):
+            await self._probe_with(result.ok)
+
+    async def _probe_with(self, ok: bool) -> None:
+        """Take the probe leases the usual way (``acquire``: OPEN becomes HALF_OPEN once
+        ``open_for`` has passed, fleet-wide through the store) and report the check's result
+        as the outcome of each, up to ``half_open_calls``. Before ``open_for`` has passed, or
+        when other probes hold the slots, nothing happens: the next result tries again."""
+        core = self._core
+        for _ in range(core.config.half_open_calls):
+            now = self._clock.monotonic()
+            try:
+                admitted = core.acquire(now)
+                if admitted is None:
+                    admitted = await core.acquire_remote(now)
+            except CircuitOpenError:
+                return
+            gen, lease = admitted
+            if not lease:
+                return  # closed meanwhile (by other probes)
+            core.record(gen, lease, not ok, False, now)
+            if core.strict:
+                await core.commit()
+            if core.state is not HALF_OPEN:
+                return  # the verdict is in
+
+    def _open_on_suspicion(self) -> None:
+        """Open now: the suspicion is recorded as failed outcomes, as many as the window needs
+        to trip (so a shared breaker's trip goes to the fleet the way any local trip does)."""
+        core = self._core
+        gen = core.gen
+        now = self._clock.monotonic()
+        cfg = core.config
+        if isinstance(cfg.window, TimeWindow):
+            calls, failures, _ = core.counts(now)
+            ratio = cfg.failure_ratio
+            if ratio < 1.0:  # failures f such that (failures + f) / (calls + f) >= ratio
+                needed = max(0, math.ceil((ratio * calls - failures) / (1.0 - ratio)))
+            else:  # only a window of nothing but failures reaches 1.0
+                needed = 0 if calls == failures else -1
+            if needed < 0 or needed > 1_000_000:
+                logger.warning(
+                    "breaker %r cannot open on suspicion: its window holds %d successes",
+                    self.name,
+                    calls - failures,
+                )
+                return
+            limit = max(needed, cfg.minimum_calls - calls, 0) + 1
+        else:  # a count window full of failures always trips (minimum_calls <= its size)
+            limit = cfg.window.size
+        for _ in range(limit):
+            if core.state is not CLOSED or core.gen != gen:
+                return
+            core.record(gen, 0, True, False, now)
 
     def _settle(
         self, gen: int, lease: int, start: float, exc: Exception | None, result: Any

@@ -20,6 +20,7 @@ __all__ = [
     "CallRejected",
     "Event",
     "FallbackUsed",
+    "HealthChanged",
     "Listener",
     "RetryScheduled",
     "Selected",
@@ -123,6 +124,18 @@ def _fast_factory(cls: type[CallFinished]) -> Callable[[str, str, str, float], C
 
 
 call_finished = _fast_factory(CallFinished)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthChanged(Event):
+    """The health check ``name`` changed its mind: the dependency is ``healthy`` again, or
+    suspected (its failure detector's ``phi`` reached the threshold). ``last_ok`` is when
+    the check last succeeded (the check's clock), ``None`` if never."""
+
+    policy: str = "health_check"
+    healthy: bool
+    phi: float
+    last_ok: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

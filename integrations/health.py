@@ -1,0 +1,66 @@
+"""``http_check``: a health check that GETs a URL with httpx.
+
+::
+
+    check = HealthCheck(http_check("http://inventory:8080/healthz"), name="inventory")
+
+The returned coroutine function raises unless the status is expected, so a ``HealthCheck``
+counts it as a failure; a transport error (refused, reset, DNS) fails it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Container
+
+from ._deadline import missing_extra
+
+try:
+    import httpx
+except ImportError as exc:  # pragma: no cover - tested in a fresh interpreter
+    raise ImportError(missing_extra("health", "httpx")) from exc
+
+__all__ = ["http_check"]
+
+
+def http_check(
+    url: str | httpx.URL,
+    *,
+    client: httpx.AsyncClient | None = None,
+    expect: Container[int] = range(200, 300),
+) -> Callable[[], Awaitable[None]]:
+    """An async callable that GETs ``url`` and raises ``httpx.HTTPStatusError`` unless the
+    response's status is in ``expect`` (default: any 2xx).
+
+    With ``client`` the request goes through that ``httpx.AsyncClient`` (its connection pool,
+    headers, TLS settings and transport; closing it stays the caller's business). Without
+    one, each run opens and closes a client of its own, so nothing is left open. The run's
+    time limit is the ``HealthCheck``'s ``timeout``.
+    """
+    if not isinstance(url, (str, httpx.URL)) or not str(url):
+        raise TypeError(f"url must be a non-empty str or httpx.URL, got {url!r}")
+    target = httpx.URL(url)
+    if target.scheme not in ("http", "https"):
+        raise ValueError(f"url must be an http:// or https:// URL, got {url!r}")
+    if client is not None and not isinstance(client, httpx.AsyncClient):
+        raise TypeError(f"client must be an httpx.AsyncClient, got {client!r}")
+    if isinstance(expect, int) or not isinstance(expect, Container):
+        raise TypeError(f"expect must be a container of status codes, got {expect!r}")
+
+    async def get(http: httpx.AsyncClient) -> None:
+        response = await http.get(target)
+        if response.status_code not in expect:
+            raise httpx.HTTPStatusError(
+                f"health check of {target} answered {response.status_code}",
+                request=response.request,
+                response=response,
+            )
+
+    async def check() -> None:
+        if client is not None:
+            await get(client)
+            return
+        async with httpx.AsyncClient() as own:
+            await get(own)
+
+    check.__qualname__ = check.__name__ = f"http_check({str(target)!r})"
+    return check

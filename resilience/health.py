@@ -1,0 +1,700 @@
+"""Knowing before calling: failure detectors and a background health check.
+
+Two layers, from the inside out:
+
+* failure detectors (``PhiAccrualDetector``, ``TimeoutDetector``): pure, no I/O, every method
+  takes ``now`` from the caller's clock. A heartbeat says "the dependency answered"; ``phi``
+  says how suspicious the silence since the last heartbeat is;
+* ``HealthCheck``: runs an async check every ``interval`` in a background task, feeds each
+  success to its detector as a heartbeat, and reports ``healthy`` / ``phi``. With a shared
+  store one replica at a time runs the check for the whole fleet (it holds a lease) and
+  publishes each result; the others read it in their own loop, never on a call's path.
+
+A ``CircuitBreaker(..., health=check)`` lets the check's results stand in for its half-open
+probes, and with ``open_on_suspect=True`` opens when the check's phi crosses the threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
+
+from .checks import check_int, check_name, check_positive, check_seconds
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import ResilienceTimeoutError
+from .events import HealthChanged, Listener, check_listeners, emit
+from .policy import check_store, require_async, store_down
+from .timeout import Timeout
+
+if TYPE_CHECKING:
+    from .store.protocol import Store
+
+__all__ = [
+    "Detector",
+    "HealthCheck",
+    "HealthResult",
+    "PhiAccrualDetector",
+    "TimeoutDetector",
+    "phi",
+]
+
+logger = logging.getLogger("resilience")
+
+_LN10 = math.log(10.0)
+MAX_DETECTOR_WINDOW = 100_000  #: the largest number of intervals a detector remembers
+
+
+# --- failure detectors ----------------------------------------------------------------------
+
+
+def phi(elapsed: float, mean: float, std: float) -> float:
+    """The suspicion level after ``elapsed`` seconds of silence, for heartbeat intervals
+    distributed normally with ``mean`` and ``std`` (``std > 0``).
+
+    ``phi = -log10(P)``, where ``P`` is the probability that a heartbeat comes even later than
+    ``elapsed``: phi 1 means a 10 % chance that the dependency is merely late, phi 8 a chance
+    of one in 10**8. ``P`` uses the logistic approximation of the normal distribution's tail,
+    ``1 / (1 + exp(y * (1.5976 + 0.070566 * y**2)))`` with ``y = (elapsed - mean) / std``
+    (Bowling et al. 2009; the approximation Akka's detector uses), computed so that no
+    intermediate overflows: phi grows without bound, monotonically, as the silence lasts.
+    """
+    y = (elapsed - mean) / std
+    z = y * (1.5976 + 0.070566 * y * y)
+    # log10(1 + e**z), written so that e**z is only ever taken of a number <= 0
+    if z > 0:
+        return (z + math.log1p(math.exp(-z))) / _LN10
+    return math.log1p(math.exp(z)) / _LN10
+
+
+class Detector(Protocol):
+    """What ``HealthCheck`` needs of a failure detector; times come from the caller's clock."""
+
+    @property
+    def threshold(self) -> float:
+        """The phi at and above which the dependency is suspected."""
+
+    def watch(self, now: float) -> None:
+        """Start (or restart) watching at ``now``, as if a heartbeat had just arrived."""
+
+    def heartbeat(self, now: float) -> None:
+        """The dependency answered at ``now``."""
+
+    def phi(self, now: float) -> float:
+        """The suspicion level at ``now`` (0.0 before ``watch`` or a first heartbeat)."""
+
+    def suspect(self, now: float) -> bool:
+        """Whether ``phi(now)`` has reached the threshold."""
+
+
+class PhiAccrualDetector:
+    """The phi-accrual failure detector (Hayashibara et al. 2004), as Akka and Cassandra use it.
+
+    It learns the intervals between heartbeats (the last ``window`` of them) and turns the
+    silence since the last heartbeat into ``phi``: how unlikely it is that a heartbeat is
+    merely late (see ``phi()``). The dependency is suspected once phi reaches ``threshold``
+    (8.0: a one in 10**8 chance of a false suspicion, for normally distributed intervals).
+
+    ``min_std`` keeps a very regular history from making any delay look fatal;
+    ``acceptable_pause`` is added to the learned mean (a pause that should never raise
+    suspicion, say one or two missed heartbeats); ``first_interval`` is the mean assumed until
+    a first interval is learned (with a standard deviation of a quarter of it), and the window
+    starts with two intervals of ``first_interval`` minus and plus that quarter, which the
+    learned intervals push out (as Akka bootstraps its history). Intervals longer
+    than ``max_interval`` are not learned: a gap is an outage, not jitter, and learning it
+    would make the detector slow to suspect the next one.
+    """
+
+    __slots__ = (
+        "_acceptable_pause",
+        "_first_interval",
+        "_intervals",
+        "_last",
+        "_learn_next",
+        "_learn_prior",
+        "_max_interval",
+        "_min_std",
+        "_squares",
+        "_sum",
+        "_threshold",
+        "_until_exact",
+    )
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 8.0,
+        window: int = 100,
+        min_std: float = 0.1,
+        acceptable_pause: float = 0.0,
+        first_interval: float = 1.0,
+        max_interval: float | None = None,
+    ) -> None:
+        self._threshold = check_positive("threshold", threshold)
+        check_int("window", window, maximum=MAX_DETECTOR_WINDOW)
+        self._min_std: float = check_seconds("min_std", min_std)
+        pause: float = check_seconds("acceptable_pause", acceptable_pause, zero=True)
+        self._acceptable_pause = pause
+        self._first_interval: float = check_seconds("first_interval", first_interval)
+        self._max_interval: float | None = check_seconds("max_interval", max_interval, none=True)
+        self._intervals: deque[float] = deque(maxlen=window)
+        self._sum = 0.0
+        self._squares = 0.0
+        self._until_exact = window  # intervals learned before the sums are recomputed
+        self._last: float | None = None
+        self._learn_next = False
+        self._learn_prior = True
+
+    def __repr__(self) -> str:
+        return (
+            f"PhiAccrualDetector(threshold={self._threshold:g}, "
+            f"window={self._intervals.maxlen}, min_std={self._min_std:g}, "
+            f"acceptable_pause={self._acceptable_pause:g}, "
+            f"first_interval={self._first_interval:g}, max_interval={self._max_interval!r})"
+        )
+
+    @property
+    def threshold(self) -> float:
+        """The phi at and above which the dependency is suspected."""
+        return self._threshold
+
+    @property
+    def acceptable_pause(self) -> float:
+        """Seconds added to the learned mean before phi is computed."""
+        return self._acceptable_pause
+
+    @property
+    def samples(self) -> int:
+        """How many intervals the window holds now (at most ``window``; the two bootstrap
+        intervals included until they are pushed out)."""
+        return len(self._intervals)
+
+    @property
+    def mean(self) -> float:
+        """The learned mean interval (``first_interval`` until one is learned)."""
+        n = len(self._intervals)
+        return self._sum / n if n else self._first_interval
+
+    @property
+    def std(self) -> float:
+        """The learned standard deviation of the intervals, at least ``min_std``."""
+        n = len(self._intervals)
+        if not n:
+            return max(self._first_interval / 4, self._min_std)
+        mean = self._sum / n
+        variance = max(0.0, self._squares / n - mean * mean)
+        return max(math.sqrt(variance), self._min_std)
+
+    def watch(self, now: float) -> None:
+        """Start watching at ``now``: phi grows from here as if a heartbeat had just arrived,
+        but the time until the next heartbeat is not learned as an interval."""
+        self._last = now
+        self._learn_next = False
+
+    def heartbeat(self, now: float) -> None:
+        """A heartbeat at ``now``: its interval since the previous one is learned."""
+        last = self._last
+        if last is not None and now < last:
+            return  # from before the last one: nothing to learn, nothing to reset
+        if last is not None and self._learn_next:
+            interval = now - last
+            if self._max_interval is None or interval <= self._max_interval:
+                self._learn(interval)
+        self._last = now
+        self._learn_next = True
+
+    def _learn(self, interval: float) -> None:
+        intervals = self._intervals
+        if not intervals and self._learn_prior:
+            # as Akka bootstraps: two intervals of first_interval -+ a quarter of it, which the
+            # learned ones push out, keep the first few samples from looking exact
+            self._learn_prior = False
+            spread = self._first_interval / 4
+            for prior in (self._first_interval - spread, self._first_interval + spread):
+                self._add(prior)
+        self._add(interval)
+
+    def _add(self, interval: float) -> None:
+        intervals = self._intervals
+        if len(intervals) == intervals.maxlen:
+            oldest = intervals[0]
+            self._sum -= oldest
+            self._squares -= oldest * oldest
+        intervals.append(interval)
+        self._sum += interval
+        self._squares += interval * interval
+        self._until_exact -= 1
+        if not self._until_exact:  # running sums drift: recomputed once per window
+            self._until_exact = len(intervals)
+            self._sum = math.fsum(intervals)
+            self._squares = math.fsum(x * x for x in intervals)
+
+    def phi(self, now: float) -> float:
+        """The suspicion level at ``now``: 0.0 before ``watch`` or a first heartbeat."""
+        last = self._last
+        if last is None:
+            return 0.0
+        return phi(max(0.0, now - last), self.mean + self._acceptable_pause, self.std)
+
+    def suspect(self, now: float) -> bool:
+        """Whether ``phi(now)`` has reached the threshold."""
+        return self.phi(now) >= self._threshold
+
+    def reset(self) -> None:
+        """Forget every heartbeat and interval."""
+        self._intervals.clear()
+        self._sum = self._squares = 0.0
+        self._until_exact = self._intervals.maxlen or 1
+        self._last = None
+        self._learn_next = False
+        self._learn_prior = True
+
+
+class TimeoutDetector:
+    """The simple detector: suspect the dependency after ``timeout`` seconds without a
+    heartbeat. Its ``phi`` is the silence in units of ``timeout``, so its threshold is 1.0."""
+
+    __slots__ = ("_last", "_timeout")
+
+    threshold = 1.0  #: phi reaches 1.0 after ``timeout`` seconds of silence
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout: float = check_seconds("timeout", timeout)
+        self._last: float | None = None
+
+    def __repr__(self) -> str:
+        return f"TimeoutDetector({self._timeout:g})"
+
+    @property
+    def timeout(self) -> float:
+        """Seconds of silence after which the dependency is suspected."""
+        return self._timeout
+
+    def watch(self, now: float) -> None:
+        """Start watching at ``now``, as if a heartbeat had just arrived."""
+        self._last = now
+
+    def heartbeat(self, now: float) -> None:
+        """A heartbeat at ``now``."""
+        if self._last is None or now > self._last:
+            self._last = now
+
+    def phi(self, now: float) -> float:
+        """Seconds since the last heartbeat, divided by ``timeout`` (0.0 before any)."""
+        if self._last is None:
+            return 0.0
+        return max(0.0, now - self._last) / self._timeout
+
+    def suspect(self, now: float) -> bool:
+        """Whether ``timeout`` seconds have passed without a heartbeat."""
+        return self._last is not None and now - self._last >= self._timeout
+
+
+# --- the health check -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthResult:
+    """One run of a health check, here or (with a shared store) on another replica."""
+
+    ok: bool
+    #: this replica's clock: when the check finished here, or when this replica first read
+    #: the result another replica published
+    at: float
+    duration: float  #: seconds the check took
+    error: str | None = None  #: why it failed: the exception, or "returned False"
+    ran_here: bool = True  #: False: another replica ran it and published the result
+
+
+#: What a CircuitBreaker bound to a check hears after each round: the round's new result
+#: (``None``: none), and whether the dependency became suspected in this round.
+Watcher = Callable[[HealthResult | None, bool], Awaitable[None]]
+
+
+def _default_detector(interval: float) -> PhiAccrualDetector:
+    """Phi accrual scaled to the check's interval: a pause of two missed checks is never
+    suspicious, so the dependency is suspected after about three failed checks in a row."""
+    return PhiAccrualDetector(
+        threshold=8.0,
+        window=100,
+        min_std=interval / 10,
+        acceptable_pause=2 * interval,
+        first_interval=interval,
+        max_interval=3 * interval,
+    )
+
+
+class HealthCheck:
+    """Runs ``check`` every ``interval`` seconds in the background and tells whether the
+    dependency it checks is healthy.
+
+    ``check`` is an ``async`` callable; a run that returns (anything but ``False``) within
+    ``timeout`` seconds is a success, and each success is a heartbeat for ``detector``
+    (phi accrual scaled to ``interval`` by default). ``healthy`` is ``phi < threshold``.
+    Start it with ``async with check:`` (or ``start()``), stop it with ``aclose()``.
+
+    With a shared ``store`` one replica at a time runs the check fleet-wide: it holds a lease
+    (renewed every round, taken over by another replica within about ``2 * interval`` when its
+    holder dies) and publishes each result; the other replicas read it every ``interval``, so
+    they all see the dependency's health without one request per replica, and never on a
+    call's path. While the store cannot be reached, each replica runs the check itself.
+
+    Every parameter is validated at construction; the configuration is read-only.
+    """
+
+    kind = "health_check"
+
+    __slots__ = (
+        "__weakref__",
+        "_check",
+        "_clock",
+        "_detector",
+        "_healthy",
+        "_history",
+        "_id",
+        "_interval",
+        "_key",
+        "_last_ok",
+        "_lease",
+        "_lease_ttl",
+        "_listeners",
+        "_name",
+        "_results",
+        "_seen",
+        "_seq",
+        "_stopping",
+        "_store",
+        "_task",
+        "_timeout",
+        "_timer",
+        "_watchers",
+    )
+
+    def __init__(
+        self,
+        check: Callable[[], Awaitable[object]],
+        *,
+        name: str,
+        interval: float = 5.0,
+        timeout: float | None = None,
+        history: int = 10,
+        store: Store | None = None,
+        detector: Detector | None = None,
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        if not callable(check):
+            raise TypeError(f"check must be an async callable, got {check!r}")
+        require_async(check, "HealthCheck")
+        self._name = check_name(name)
+        self._interval: float = check_seconds("interval", interval)
+        if timeout is None:
+            timeout = min(1.0, self._interval)
+        self._timeout: float = check_seconds("timeout", timeout)
+        if self._timeout > self._interval:
+            raise ValueError(
+                f"timeout ({timeout!r}) must be <= interval ({interval!r}): a check may not "
+                f"run into the next one"
+            )
+        self._history = check_int("history", history, maximum=100_000)
+        leases = ("acquire_lease", "renew_lease", "release_lease")
+        self._store = check_store("store", store, *leases, "cache_get", "cache_set")
+        if detector is None:
+            detector = _default_detector(self._interval)
+        for method in ("watch", "heartbeat", "phi", "suspect"):
+            if not callable(getattr(detector, method, None)):
+                raise TypeError(
+                    f"detector must be a PhiAccrualDetector, a TimeoutDetector or provide "
+                    f"watch(), heartbeat(), phi() and suspect(), got {detector!r}"
+                )
+        self._detector: Detector = detector
+        if clock is None:
+            clock = SYSTEM_CLOCK if store is None else store.clock
+        if not isinstance(clock, Clock):
+            raise TypeError(
+                f"clock must provide monotonic(), sleep() and call_later(), got {clock!r}"
+            )
+        self._clock: Clock = clock
+        self._listeners = check_listeners(listeners)
+        self._timer = Timeout(self._timeout, name=f"{self._name}:check", clock=clock)
+        self._check = check
+        self._key = f"health:{self._name}"  # the lease and the published result
+        self._lease_ttl = 2 * self._interval
+        self._id = uuid.uuid4().hex  # this object, as the publisher of its results
+        self._seq = 0
+        self._seen: tuple[str, int] | None = None  # the last published result read
+        self._lease: str | None = None
+        self._results: deque[HealthResult] = deque(maxlen=self._history)
+        self._last_ok: float | None = None
+        self._healthy = True
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._watchers: list[Callable[[], Watcher | None]] = []
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"HealthCheck(name={self._name!r}, interval={self._interval:g}, {state})"
+
+    # --- configuration (read-only) --------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The check's name (with a shared store: the fleet's check of that name)."""
+        return self._name
+
+    @property
+    def check(self) -> Callable[[], Awaitable[object]]:
+        """The async callable that is run."""
+        return self._check
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two runs of the check."""
+        return self._interval
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a run may take before it counts as a failure."""
+        return self._timeout
+
+    @property
+    def history(self) -> int:
+        """How many results ``results`` keeps."""
+        return self._history
+
+    @property
+    def store(self) -> Store | None:
+        """The shared store, or ``None`` (the check runs in this process only)."""
+        return self._store
+
+    @property
+    def detector(self) -> Detector:
+        """The failure detector fed with the check's successes."""
+        return self._detector
+
+    @property
+    def clock(self) -> Clock:
+        """The clock of the loop and the detector."""
+        return self._clock
+
+    # --- what the check knows --------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """Whether the dependency is trusted now: phi below the detector's threshold."""
+        return not self._detector.suspect(self._clock.monotonic())
+
+    @property
+    def phi(self) -> float:
+        """The detector's suspicion level now (0.0 until the check starts)."""
+        return self._detector.phi(self._clock.monotonic())
+
+    @property
+    def last_ok(self) -> float | None:
+        """When the last success was seen (this replica's clock), or ``None``."""
+        return self._last_ok
+
+    @property
+    def results(self) -> tuple[HealthResult, ...]:
+        """The last ``history`` results, oldest first."""
+        return tuple(self._results)
+
+    @property
+    def running(self) -> bool:
+        """Whether the background loop runs."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica holds the fleet's lease and runs the check for everyone."""
+        return self._lease is not None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background loop on the running event loop (no-op if it runs)."""
+        if self.running:
+            return
+        loop = asyncio.get_running_loop()
+        self._stopping = False
+        now = self._clock.monotonic()
+        self._detector.watch(now)
+        self._task = loop.create_task(self._run(now), name=f"resilience.health.{self._name}")
+
+    async def aclose(self) -> None:
+        """Stop the loop (waiting until it has ended) and give the fleet's lease back."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        lease, self._lease = self._lease, None
+        if lease is not None and self._store is not None:
+            try:
+                await self._store.release_lease(self._key, lease)
+            except Exception as exc:  # it expires by itself
+                logger.debug("health check %r could not return its lease: %r", self._name, exc)
+
+    async def __aenter__(self) -> HealthCheck:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _watch(self, watcher: Watcher) -> None:
+        """Call ``watcher`` after every round (a bound method is held weakly)."""
+        if hasattr(watcher, "__self__"):
+            self._watchers.append(weakref.WeakMethod(watcher))
+        else:
+            self._watchers.append(lambda: watcher)
+
+    # --- the loop --------------------------------------------------------------------------
+    async def _run(self, due: float) -> None:
+        """Run a round at ``due``, then every ``interval`` until stopped."""
+        clock = self._clock
+        while not self._stopping:  # a check that swallows cancellation cannot keep it going
+            try:
+                await self._round()
+            except Exception:  # never let the loop die: the next round tries again
+                logger.exception("health check %r: a round failed", self._name)
+            if self._stopping:
+                break
+            due += self._interval
+            now = clock.monotonic()
+            if due < now:  # late (a slow round, a busy loop): no burst of catch-up runs
+                due = now
+            await clock.sleep(due - now)
+
+    async def _round(self) -> None:
+        """One round: run the check (or read the fleet's result), then judge and tell."""
+        store = self._store
+        if store is None:
+            result: HealthResult | None = await self._run_check()
+        else:
+            result = await self._shared_round(store)
+        if result is not None:
+            self._record(result)
+        await self._judge(result)
+
+    async def _run_check(self) -> HealthResult:
+        clock = self._clock
+        start = clock.monotonic()
+        error: str | None = None
+        try:
+            async with self._timer:
+                returned = await self._check()
+            if returned is False:
+                error = "returned False"
+        except ResilienceTimeoutError:
+            error = f"timed out after {self._timeout:g}s"
+        except Exception as exc:
+            error = repr(exc)
+        end = clock.monotonic()
+        return HealthResult(ok=error is None, at=end, duration=end - start, error=error)
+
+    async def _shared_round(self, store: Store) -> HealthResult | None:
+        """Lead (run and publish) or follow (read what the leader published); run locally
+        while the store cannot answer."""
+        if store_down(store):
+            return await self._run_check()
+        try:
+            leading = await self._lead(store)
+        except Exception as exc:  # StoreUnavailableError, or a store that misbehaves
+            logger.debug("health check %r runs locally: %r", self._name, exc)
+            return await self._run_check()
+        if leading:
+            result = await self._run_check()
+            self._seq += 1
+            payload = {
+                "id": self._id,
+                "seq": self._seq,
+                "ok": result.ok,
+                "duration": result.duration,
+                "error": result.error,
+            }
+            try:
+                await store.cache_set(
+                    self._key, "result", json.dumps(payload).encode(), ttl=3 * self._interval
+                )
+            except Exception as exc:  # the followers see no news: their phi rises
+                logger.debug("health check %r could not publish: %r", self._name, exc)
+            return result
+        try:
+            raw = await store.cache_get(self._key, "result")
+        except Exception as exc:
+            logger.debug("health check %r runs locally: %r", self._name, exc)
+            return await self._run_check()
+        return self._read(raw)
+
+    async def _lead(self, store: Store) -> bool:
+        """Keep (or take) the fleet's lease: whether this replica runs the check."""
+        if self._lease is not None:
+            if await store.renew_lease(self._key, self._lease, ttl=self._lease_ttl):
+                return True
+            self._lease = None  # it expired: someone else may hold it now
+        self._lease = await store.acquire_lease(self._key, limit=1, ttl=self._lease_ttl)
+        return self._lease is not None
+
+    def _read(self, raw: bytes | None) -> HealthResult | None:
+        """The leader's result, if it is one this replica has not seen yet."""
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            seen = (str(data["id"]), int(data["seq"]))
+            ok = data["ok"]
+            duration = float(data["duration"])
+            error = data["error"]
+            if not isinstance(ok, bool) or not (error is None or isinstance(error, str)):
+                raise ValueError("bad field types")
+        except Exception as exc:  # written by someone else? ignored, never a crash
+            logger.warning("health check %r: unparsable result in the store: %r", self._name, exc)
+            return None
+        if seen == self._seen:
+            return None
+        self._seen = seen
+        return HealthResult(
+            ok=ok, at=self._clock.monotonic(), duration=duration, error=error, ran_here=False
+        )
+
+    def _record(self, result: HealthResult) -> None:
+        self._results.append(result)
+        if result.ok:
+            self._detector.heartbeat(result.at)
+            self._last_ok = result.at
+
+    async def _judge(self, result: HealthResult | None) -> None:
+        """Compare health with the last round's; emit the change; tell the watchers."""
+        now = self._clock.monotonic()
+        level = self._detector.phi(now)
+        healthy = not self._detector.suspect(now)
+        suspected = self._healthy and not healthy
+        if healthy is not self._healthy:
+            self._healthy = healthy
+            if self._listeners:
+                emit(
+                    self._listeners,
+                    HealthChanged(
+                        name=self._name, healthy=healthy, phi=level, last_ok=self._last_ok
+                    ),
+                )
+        for ref in list(self._watchers):
+            watcher = ref()
+            if watcher is None:
+                self._watchers.remove(ref)
+                continue
+            try:
+                await watcher(result, suspected)
+            except Exception:
+                logger.exception("health check %r: a watcher failed", self._name)

@@ -53,6 +53,7 @@ from ._deadline import (
 )
 from ._endpoints import HealthSource, Load, eligible, pick
 from ._policies import limits
+from .health import http_check
 
 try:
     import httpx
@@ -107,6 +108,7 @@ __all__ = [
     "ResilientTransport",
     "Throttled",
     "deadline",
+    "http_check",
     "origin_of",
     "parse_retry_after",
     "remaining",

@@ -30,6 +30,7 @@ from .events import (
     CallRejected,
     Event,
     FallbackUsed,
+    HealthChanged,
     Listener,
     RetryScheduled,
     StateChanged,
@@ -41,6 +42,7 @@ from .events import (
     select,
 )
 from .fallback import Fallback, JSONSerializer, Serializer
+from .health import HealthCheck, HealthResult, PhiAccrualDetector, TimeoutDetector
 from .hedge import Hedge, LearnedDelay
 from .policy import Pipeline, Policy
 from .ratelimit import RateLimiter
@@ -76,12 +78,16 @@ __all__ = [
     "Event",
     "Fallback",
     "FallbackUsed",
+    "HealthChanged",
+    "HealthCheck",
+    "HealthResult",
     "Hedge",
     "JSONSerializer",
     "LearnedDelay",
     "Listener",
     "MemoryStore",
     "NoHealthyEndpointError",
+    "PhiAccrualDetector",
     "Pipeline",
     "Policy",
     "PolicyStatus",
@@ -108,6 +114,7 @@ __all__ = [
     "TimeWindow",
     "TimedOut",
     "Timeout",
+    "TimeoutDetector",
     "UnacceptableResultError",
     "__version__",
     "select",

@@ -138,6 +138,8 @@ def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
         state = str(p.state) if p.state is not None else "-"
         if p.kind == "bulkhead":
             state = f"{p.in_flight} lease{'' if p.in_flight == 1 else 's'} held"
+        elif p.kind == "health_check":
+            state = "running" if p.in_flight else "not running"
         elif p.kind == "retry_budget" and p.tokens is not None:
             state = f"{p.tokens:.1f} tokens"
         rows.append(

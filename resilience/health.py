@@ -33,6 +33,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .errors import ResilienceTimeoutError
 from .events import HealthChanged, Listener, check_listeners, emit
 from .policy import check_store, require_async, store_down
+from .store.protocol import HEALTH_PREFIX
 from .timeout import Timeout
 
 if TYPE_CHECKING:
@@ -426,7 +427,7 @@ class HealthCheck:
         self._listeners = check_listeners(listeners)
         self._timer = Timeout(self._timeout, name=f"{self._name}:check", clock=clock)
         self._check = check
-        self._key = f"health:{self._name}"  # the lease and the published result
+        self._key = f"{HEALTH_PREFIX}{self._name}"  # the lease and the published result
         self._lease_ttl = 2 * self._interval
         self._id = uuid.uuid4().hex  # this object, as the publisher of its results
         self._seq = 0

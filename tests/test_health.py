@@ -956,3 +956,14 @@ if __name__ == "__main__":
     mode, url, prefix = sys.argv[1:4]
     assert mode == "hold", mode
     asyncio.run(_hold(url, prefix))
+
+
+async def test_status_lists_a_fleet_health_check_as_one() -> None:
+    """The runner's lease is shown as a health check, not as a bulkhead of one."""
+    from resilience import MemoryStore, status
+
+    store = MemoryStore()
+    await store.acquire_lease("health:payments", limit=1, ttl=30)
+    await store.acquire_lease("uploads", limit=3, ttl=30)
+    kinds = {p.name: p.kind for p in await status(store)}
+    assert kinds == {"health:payments": "health_check", "uploads": "bulkhead"}

@@ -904,3 +904,28 @@ async def test_a_quorum_breaker_on_a_memory_store_opens_on_its_own_window() -> N
         with contextlib.suppress(ValueError):
             await b.call(boom)
     assert b.state is CircuitState.OPEN
+
+
+async def test_a_trip_before_the_first_fleet_reply_is_not_overridden(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """A replica whose own outcomes trip its breaker before it ever heard from the fleet keeps
+    it open, and the fleet opens with it (no OPEN -> CLOSED without a probe)."""
+    events: list[Event] = []
+    store = stores()
+    b = CircuitBreaker(
+        "early", store=store, window=CountWindow(4), minimum_calls=4, listeners=[events.append]
+    )
+    for _ in range(4):
+        with contextlib.suppress(ValueError, CircuitOpenError):
+            await b.call(boom)
+    assert b.state is CircuitState.OPEN
+    for _ in range(3):
+        await store.sync()
+    assert b.state is CircuitState.OPEN
+    moves = [(e.old, e.new) for e in events if isinstance(e, StateChanged)]
+    assert (CircuitState.OPEN, CircuitState.CLOSED) not in moves
+    other = stores(prefix=store.prefix)
+    again = CircuitBreaker("early", store=other, window=CountWindow(4), minimum_calls=4)
+    await other.sync()
+    assert again.state is CircuitState.OPEN

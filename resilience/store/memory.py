@@ -13,7 +13,7 @@ from ..checks import check_counts, check_int, check_name, check_seconds
 from ..circuit_state import BreakerConfig, BreakerCore, CircuitState
 from ..clock import SYSTEM_CLOCK, Clock
 from ..ratelimit import gcra
-from .protocol import PolicyStatus
+from .protocol import PolicyStatus, lease_kind
 
 __all__ = ["MemoryStore"]
 
@@ -234,7 +234,7 @@ class MemoryStore:
             out.append(
                 PolicyStatus(
                     name=key,
-                    kind="bulkhead",
+                    kind=lease_kind(key),
                     in_flight=len(self._live(key)) + sum(e[1] for e in live),
                     limit=self._limits.get(key),
                     adaptive_limit=own or None,

@@ -23,6 +23,16 @@ __all__ = ["LATENCY_BUCKETS", "PolicyStatus", "ReplicaReport", "Store"]
 #: before it. Powers of two from 0.5 ms to 4 s.
 LATENCY_BUCKETS: tuple[float, ...] = (*(0.0005 * 2**i for i in range(14)), float("inf"))
 
+#: the prefix of a fleet-wide health check's keys (its runner's lease, its published result):
+#: status tools list such a lease as kind ``"health_check"``, not as a bulkhead
+HEALTH_PREFIX = "health:"
+
+
+def lease_kind(name: str) -> str:
+    """What a fleet-wide lease under ``name`` is for: a bulkhead, or a health check's runner."""
+    return "health_check" if name.startswith(HEALTH_PREFIX) else "bulkhead"
+
+
 _Record = TypeVar("_Record")
 
 
@@ -69,9 +79,10 @@ class PolicyStatus:
     """A policy as its store sees it.
 
     ``kind`` is ``"circuit_breaker"``, ``"bulkhead"`` (fleet-wide leases),
-    ``"rate_limiter"`` or ``"retry_budget"``; or ``"damaged"`` when what the store holds under
-    that name does not parse (``damaged`` says why). Breaker fields are ``None`` / 0 for
-    other kinds.
+    ``"health_check"`` (the lease of the replica running a fleet-wide health check:
+    ``in_flight`` 1 while one does), ``"rate_limiter"`` or ``"retry_budget"``; or
+    ``"damaged"`` when what the store holds under that name does not parse (``damaged`` says
+    why). Breaker fields are ``None`` / 0 for other kinds.
     """
 
     name: str

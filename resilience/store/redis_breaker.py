@@ -141,8 +141,8 @@ class SharedBreakerCore(BreakerCore):
         self.pending = [0, 0, 0]
         self.marked = False
         gen = self.pending_gen if calls else self.gen
-        if self.diverged and self.fleet_gen >= 0:
-            gen = self.fleet_gen  # what the fleet may still accept
+        if self.diverged:  # what the fleet may still accept; never our local generation,
+            gen = max(self.fleet_gen, 0)  # which the script would take as the fleet's floor
         batch = Outcomes(gen, calls, failures, slow, seq)
         if calls:
             self.unacked.append(batch)
@@ -220,6 +220,11 @@ class SharedBreakerCore(BreakerCore):
             self.forced = None
         if self.diverged and self.wanted() is not None and fleet.gen == self.fleet_gen:
             return  # the fleet has not heard of our local open yet
+        if self.diverged and self.fleet_gen < 0 and self.state is OPEN and fleet.state is CLOSED:
+            # a local open before any word from the fleet: push it before adopting anything
+            self.fleet_gen = fleet.gen
+            self.engine.mark(self)
+            return
         offset = fleet.server_ms / 1000 - received  # server time minus local time
         new = fleet.state
         open_until = fleet.open_until_ms / 1000 - offset if new is OPEN else 0.0

@@ -10,7 +10,7 @@ from operator import attrgetter, itemgetter
 from typing import Any
 
 from ..circuit_state import OPEN, BreakerCore
-from .protocol import PolicyStatus, ReplicaReport
+from .protocol import PolicyStatus, ReplicaReport, lease_kind
 from .redis_primitives import BY_VALUE, MAX_INT, BadReply, number, parse_histogram, real, text
 
 __all__ = ["COLUMNS", "SUFFIXES", "local_status", "parse_status"]
@@ -180,7 +180,7 @@ class Reply:
             out.append(
                 PolicyStatus(
                     name=name,
-                    kind="bulkhead",
+                    kind=lease_kind(name),
                     in_flight=_int(held),
                     limit=_int(limit) if limit else None,
                     adaptive_limit=_int(own) if own else None,

@@ -53,8 +53,8 @@ class RateLimiter(BasePolicy):
     With ``store=`` the bucket is shared by every limiter of that name on the store (every
     replica, through ``RedisStore``): each call is one ``store.rate_take``. With ``ahead``
     seconds as well (say 0.05), tokens are taken from the fleet's bucket in batches (as many
-    as it allows now, up to a batch that doubles while this limiter runs out within
-    ``ahead`` and halves when tokens go unused) and spent here within ``ahead`` or dropped:
+    as it allows now, up to what this limiter spent per ``ahead`` lately) and spent here
+    within ``ahead`` or dropped:
     a busy replica then asks the store about once per batch, not once per call. A token is
     used at most ``ahead`` after the fleet's bucket counted it, so over any period the fleet
     admits at most ``rate * ahead`` more than without batches. When the store cannot
@@ -95,7 +95,9 @@ class RateLimiter(BasePolicy):
         self._tat = -math.inf
         self._ahead = 0  # tokens taken ahead from the fleet's bucket, not used yet
         self._ahead_until = -math.inf  # ... usable until then
-        self._batch = 1  # tokens to ask for next time
+        self._batch = 1  # tokens asked for last time
+        self._taken = 0  # tokens the last batch brought
+        self._asked_at = -math.inf
         self._asking: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
@@ -136,10 +138,13 @@ class RateLimiter(BasePolicy):
             await asyncio.shield(self._asking)
         if store_down(store):
             return self.try_acquire()
-        if self._ahead:  # the last batch went partly unused: ask for fewer
-            self._batch = max(1, self._batch // 2)
-        elif now < self._ahead_until:  # it ran out early: ask for more
-            self._batch = min(self.burst, self._batch * 2)
+        # the next batch: what this limiter spent per ``ahead`` since the last one (growing
+        # at most fourfold at a time), so a busy replica asks about once per ``ahead``
+        spent = self._taken - self._ahead
+        elapsed = max(now - self._asked_at, 1e-6)
+        wanted = math.ceil(spent / elapsed * self.ahead) if spent > 0 else 1
+        self._batch = max(1, min(self.burst, wanted, 4 * self._batch))
+        self._asked_at = now
         asking: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._asking = asking
         try:
@@ -152,8 +157,9 @@ class RateLimiter(BasePolicy):
             self._asking = None
             asking.set_result(None)
         if not took:
-            self._ahead = 0
+            self._ahead = self._taken = 0
             return wait
+        self._taken = took
         self._ahead, self._ahead_until = took - 1, now + self.ahead
         return 0.0
 

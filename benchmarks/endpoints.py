@@ -171,6 +171,58 @@ def failover_p2c_hedged(
     )
 
 
+class WithHealthChecks(httpx.AsyncBaseTransport):
+    """Failover and P2C, each endpoint watched by a ``HealthCheck`` (a GET every
+    ``HEALTH_INTERVAL`` s): started with the first request, stopped with the transport."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, endpoints: list[str]) -> None:
+        from resilience.integrations.httpx import http_check
+
+        from resilience import HealthCheck
+
+        self.client = httpx.AsyncClient(timeout=HEALTH_INTERVAL)
+        self.checks = {
+            url: HealthCheck(
+                http_check(url, client=self.client),
+                name=f"bench:{url}",
+                interval=HEALTH_INTERVAL,
+                timeout=HEALTH_INTERVAL / 2,
+            )
+            for url in endpoints
+        }
+        self.transport = ResilientTransport(
+            inner,
+            policy=HttpPolicy(),
+            service="bench",
+            endpoints=endpoints,
+            health=self.checks,
+            rng=random.Random(1),
+        )
+        self.started = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.started:
+            self.started = True
+            for check in self.checks.values():
+                check.start()
+        return await self.transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for check in self.checks.values():
+            await check.aclose()
+        await self.client.aclose()
+        await self.transport.aclose()
+
+
+HEALTH_INTERVAL = 0.5
+
+
+def failover_p2c_health(
+    inner: httpx.AsyncBaseTransport, endpoints: list[str]
+) -> httpx.AsyncBaseTransport:
+    return WithHealthChecks(inner, endpoints)
+
+
 STRATEGIES: list[tuple[str, Strategy]] = [
     ("round robin, no protection", round_robin),
     ("round robin, `ResilientTransport` per origin", round_robin_protected),
@@ -354,7 +406,11 @@ async def death_rows(args: argparse.Namespace) -> list[str]:
         "after the kill | last one sent after the kill |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for name, strategy in STRATEGIES:
+    deaths = [
+        *STRATEGIES,
+        (f"failover + P2C + health checks (every {HEALTH_INTERVAL} s)", failover_p2c_health),
+    ]
+    for name, strategy in deaths:
         endpoints = [Endpoint(seed=i) for i in range(3)]
         try:
             recorder = Recorder()

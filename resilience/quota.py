@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from .checks import check_int, check_name, check_seconds
 from .errors import StoreUnavailableError
@@ -24,9 +26,32 @@ if TYPE_CHECKING:
     from .clock import Clock, TimerHandle
     from .store.protocol import Store
 
-__all__ = ["FleetShare"]
+__all__ = ["FleetShare", "forget_in_child"]
 
 logger = logging.getLogger("resilience.quota")
+
+_inherited: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def forget_in_child(holder: Any) -> None:
+    """Call ``holder._forked()`` in any child process forked after this: what a parent took
+    from the fleet (a share, tokens taken ahead) is the parent's, never also the child's."""
+    _inherited.add(holder)
+
+
+def _after_fork_in_child() -> None:
+    for holder in list(_inherited):
+        holder._forked()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _holder_id(store: Any) -> str:
+    """A holder id of its own (a store's replica id, when it has one, for readability)."""
+    replica = getattr(store, "replica", "")
+    return f"{replica}:{uuid.uuid4().hex[:8]}" if replica else uuid.uuid4().hex[:12]
 
 
 class FleetShare:
@@ -35,6 +60,7 @@ class FleetShare:
     end. ``held``: permits in use here; ``share``: permits the fleet granted this holder."""
 
     __slots__ = (
+        "__weakref__",
         "_clock",
         "_full_until",
         "_growing",
@@ -70,8 +96,7 @@ class FleetShare:
         self.ttl = check_seconds("ttl", ttl)
         self.rebalance = min(check_seconds("rebalance", rebalance), self.ttl / 3)
         self._clock = store.clock if clock is None else clock
-        replica = getattr(store, "replica", "")
-        self.holder = f"{replica}:{uuid.uuid4().hex[:8]}" if replica else uuid.uuid4().hex[:12]
+        self.holder = _holder_id(store)
         self.held = 0
         self.share = 0
         self.own_limit = 0  #: this holder's own (adaptive) limit now, reported with renewals
@@ -82,6 +107,15 @@ class FleetShare:
         self._task: asyncio.Task[None] | None = None
         self._timer: TimerHandle | None = None
         self._full_until = float("-inf")  # the fleet said it was full: ask again after this
+        forget_in_child(self)
+
+    def _forked(self) -> None:
+        """In a forked child: a new holder with nothing held (the parent's share is its own;
+        the parent's timer and tasks belong to the parent's event loop)."""
+        self.holder = _holder_id(self.store)
+        self.held = self.share = self._peak = self._waiting = 0
+        self._valid_until = self._full_until = float("-inf")
+        self._growing = self._task = self._timer = None
 
     def take_now(self) -> bool:
         """A permit from the share, if it is still valid and has room (no I/O)."""

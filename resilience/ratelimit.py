@@ -20,6 +20,7 @@ from .policy import (
     check_store,
     store_down,
 )
+from .quota import forget_in_child
 
 if TYPE_CHECKING:
     from .store.protocol import Store
@@ -99,6 +100,14 @@ class RateLimiter(BasePolicy):
         self._taken = 0  # tokens the last batch brought
         self._asked_at = -math.inf
         self._asking: asyncio.Future[None] | None = None
+        if self.ahead and self.store is not None:
+            forget_in_child(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the tokens the parent took ahead are the parent's."""
+        self._ahead, self._taken = 0, 0
+        self._ahead_until = self._asked_at = -math.inf
+        self._asking = None
 
     def __repr__(self) -> str:
         return (

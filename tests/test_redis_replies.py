@@ -32,6 +32,7 @@ from resilience import (
     RetryBudget,
     StoreDegraded,
     StoreRecovered,
+    Throttle,
 )
 from resilience.events import Event
 from resilience.store.redis import RedisStore
@@ -192,6 +193,10 @@ async def test_an_error_reply_is_an_outage(
         )
         bulkhead = Bulkhead(2, distributed=True, store=store, name="pool")
         limiter = RateLimiter(1000, per=1, burst=1000, store=store, name="api")
+        # the same without a store call per call: a share of the permits, tokens taken ahead
+        shared = Bulkhead(2, distributed=True, store=store, name="pool2", shares=True)
+        ahead = RateLimiter(1000, per=1, burst=1000, store=store, name="api2", ahead=0.05)
+        throttle = Throttle(store=store, name="thr", sync_interval=0.01)
         budget = RetryBudget(name="budget", max_tokens=10, token_ratio=0.5, store=store)
         retry = Retry(on=ValueError, attempts=2, budget=budget, wait=lambda _: 0)
         assert await breaker.call(ok) == "ok"
@@ -204,6 +209,9 @@ async def test_an_error_reply_is_an_outage(
         for _ in range(5):
             assert await bulkhead.call(ok) == "ok"
             assert await limiter.call(ok) == "ok"
+            assert await shared.call(ok) == "ok"
+            assert await ahead.call(ok) == "ok"
+            assert await throttle.call(ok) == "ok"
             with pytest.raises(ValueError, match="boom"):
                 await retry.call(boom)
         await until(lambda: store.degraded, 5.0, "degraded")

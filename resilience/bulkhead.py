@@ -117,7 +117,11 @@ class Bulkhead(BasePolicy):
     seconds (so a replica that dies cannot hold permits for ever), and always gives it back.
     A full fleet rejects at once (waiting for a fleet-wide permit is not supported:
     ``max_waiting`` must be 0). When the store cannot answer, the call goes on under the local
-    limit only.
+    limit only. With ``shares=True`` as well, this bulkhead holds a share of the fleet's
+    permits (``resilience.quota.FleetShare``): a call takes and returns a permit with no store
+    call, and the store is asked only to grow the share (renewed once a second at its peak
+    use, given back within ``lease`` if the replica dies); a permit freed here reaches other
+    replicas at the next renewal.
 
     With ``limit=AdaptiveLimit(...)`` the number of slots follows the latency of the calls
     (see ``resilience.adaptive``): each call that returns, or fails with a timeout or a

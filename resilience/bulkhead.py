@@ -410,17 +410,23 @@ class Bulkhead(BasePolicy):
         limit = self.max_concurrent
         share = self._share
         if share is not None:
-            take_now, give = share.take_now, share.give
+            monotonic = share.clock.monotonic
 
             async def shared(*args: Any, **kwargs: Any) -> Any:
                 if self._active < limit and not self._waiters:
                     self._active += 1
                 else:
                     await acquire()
-                held = take_now()
-                if not held:  # the share is used up: ask the store (None: it is down)
+                # share.take_now(), inlined: a permit from the share, no I/O
+                held = share.held
+                if held < share.share and monotonic() < share.valid_until:
+                    share.held = held = held + 1
+                    if held > share.peak:
+                        share.peak = held
+                    taken = True
+                else:  # the share is used up: ask the store (None: it is down)
                     try:
-                        held = await take(store) is not None
+                        taken = await take(store) is not None
                     except BaseException:
                         release()
                         raise
@@ -428,8 +434,8 @@ class Bulkhead(BasePolicy):
                     return await fn(*args, **kwargs)
                 finally:
                     release()
-                    if held:
-                        give()
+                    if taken and share.held > 0:  # share.give(), inlined
+                        share.held -= 1
 
             return shared
 

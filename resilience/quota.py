@@ -57,27 +57,29 @@ def _holder_id(store: Any) -> str:
 class FleetShare:
     """This process's share of the fleet-wide limit ``limit`` under ``key`` (see the module
     docstring). ``take_now()`` / ``take()`` a permit, ``give()`` it back, ``aclose()`` at the
-    end. ``held``: permits in use here; ``share``: permits the fleet granted this holder."""
+    end. ``held``: permits in use here; ``share``: permits the fleet granted this holder;
+    ``valid_until``: when the share lapses unless renewed (``clock`` time); ``peak``: the most
+    held since the last renewal. A hot path may inline ``take_now()`` / ``give()`` on these."""
 
     __slots__ = (
         "__weakref__",
-        "_clock",
         "_full_until",
         "_growing",
-        "_peak",
         "_task",
         "_timer",
-        "_valid_until",
         "_waiting",
+        "clock",
         "held",
         "holder",
         "key",
         "limit",
         "own_limit",
+        "peak",
         "rebalance",
         "share",
         "store",
         "ttl",
+        "valid_until",
     )
 
     def __init__(
@@ -95,13 +97,13 @@ class FleetShare:
         self.limit = check_int("limit", limit)
         self.ttl = check_seconds("ttl", ttl)
         self.rebalance = min(check_seconds("rebalance", rebalance), self.ttl / 3)
-        self._clock = store.clock if clock is None else clock
+        self.clock = store.clock if clock is None else clock
         self.holder = _holder_id(store)
         self.held = 0
         self.share = 0
         self.own_limit = 0  #: this holder's own (adaptive) limit now, reported with renewals
-        self._peak = 0
-        self._valid_until = float("-inf")
+        self.peak = 0
+        self.valid_until = float("-inf")
         self._growing: asyncio.Future[None] | None = None
         self._waiting = 0  # calls waiting for a grow under way
         self._task: asyncio.Task[None] | None = None
@@ -113,16 +115,16 @@ class FleetShare:
         """In a forked child: a new holder with nothing held (the parent's share is its own;
         the parent's timer and tasks belong to the parent's event loop)."""
         self.holder = _holder_id(self.store)
-        self.held = self.share = self._peak = self._waiting = 0
-        self._valid_until = self._full_until = float("-inf")
+        self.held = self.share = self.peak = self._waiting = 0
+        self.valid_until = self._full_until = float("-inf")
         self._growing = self._task = self._timer = None
 
     def take_now(self) -> bool:
         """A permit from the share, if it is still valid and has room (no I/O)."""
-        if self.held < self.share and self._clock.monotonic() < self._valid_until:
+        if self.held < self.share and self.clock.monotonic() < self.valid_until:
             self.held += 1
-            if self.held > self._peak:
-                self._peak = self.held
+            if self.held > self.peak:
+                self.peak = self.held
             return True
         return False
 
@@ -132,7 +134,7 @@ class FleetShare:
         Raises ``StoreUnavailableError`` when the store cannot answer."""
         if self.take_now():
             return True
-        if self._clock.monotonic() < self._full_until:
+        if self.clock.monotonic() < self._full_until:
             return False
         while self._growing is not None:  # another call is asking: ask for us too after it
             self._waiting += 1
@@ -154,7 +156,7 @@ class FleetShare:
         """Ask the store for a share of ``want`` (once at a time; failures are raised)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._growing = done
-        sent = self._clock.monotonic()
+        sent = self.clock.monotonic()
         try:
             grant, _ = await self.store.lease_share(
                 self.key,
@@ -167,7 +169,7 @@ class FleetShare:
             )
             grew = grant > self.share
             self.share = grant
-            self._valid_until = sent + self.ttl  # the store's lease lasts at least this long
+            self.valid_until = sent + self.ttl  # the store's lease lasts at least this long
             if want > self.held and not grew and self.held >= grant:
                 self._full_until = sent + self.rebalance / 4  # full: do not ask again at once
             if grant or self.held:
@@ -179,7 +181,7 @@ class FleetShare:
     def _start(self) -> None:
         """Renew the share one ``rebalance`` from now (one timer, no task while waiting)."""
         if self._timer is None:
-            self._timer = self._clock.call_later(self.rebalance, self._due)
+            self._timer = self.clock.call_later(self.rebalance, self._due)
 
     def _due(self) -> None:
         self._timer = None
@@ -188,8 +190,8 @@ class FleetShare:
     async def _renew(self) -> None:
         """Renew the share at the peak use since the last renewal (nothing held and nothing
         used since: give it back, and stop renewing)."""
-        want = max(self._peak, self.held)
-        self._peak = self.held
+        want = max(self.peak, self.held)
+        self.peak = self.held
         if self._growing is not None:  # a grow under way renews it anyway
             self._start()
             return

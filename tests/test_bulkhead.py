@@ -744,3 +744,38 @@ async def test_adaptive_limits_on_shares_are_summed_in_status(clock: FakeClock) 
     (pool,) = [p for p in await status(store) if p.kind == "bulkhead"]
     assert pool.adaptive_limit == sum(b.current_limit for b in bulkheads)
     assert pool.limit == 50
+
+
+async def test_shared_permits_come_from_the_share_only_while_it_is_valid(
+    clock: FakeClock,
+) -> None:
+    """While the share's lease runs, calls take permits from it with no store call; once it
+    has run out unrenewed (the store away), a call asks the store again (and, the store
+    being down, runs on the local limit)."""
+
+    class Away(MemoryStore):
+        away = False
+        asked = 0
+
+        async def lease_share(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+            self.asked += 1
+            if self.away:
+                raise StoreUnavailableError("away")
+            return await super().lease_share(*args, **kwargs)
+
+    store = Away(clock=clock)
+    bulkhead = Bulkhead(4, distributed=True, store=store, name="db", shares=True, clock=clock)
+    assert await bulkhead.call(ok) == "ok"
+    store.away = True
+    asked = store.asked
+    for _ in range(3):
+        assert await bulkhead.call(ok) == "ok"
+    assert store.asked == asked  # from the share: no store call
+    clock.advance(31.0)  # past the lease (renewals fail meanwhile)
+    await settle()
+    asked = store.asked
+    assert await bulkhead.call(ok) == "ok"  # the store is down: the local limit admits it
+    assert store.asked == asked + 1
+    assert bulkhead._share is not None
+    assert bulkhead._share.held == 0
+    store.away = False

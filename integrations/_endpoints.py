@@ -58,6 +58,9 @@ class Load:
     once (the peak), a faster one pulls it down by ``1 - exp(-dt / DECAY)``, ``dt`` being the
     time since the previous sample. Between samples the cost fades towards zero with the same
     time constant, so an endpoint avoided for being slow is tried again after a while.
+    ``outlasted`` takes a call cancelled before its answer: the time it had run, a lower
+    bound that can only raise the cost (otherwise an endpoint whose slow answers are always
+    overtaken by hedges would never look slow).
     """
 
     __slots__ = ("cost", "in_flight", "stamp")
@@ -88,6 +91,15 @@ class Load:
         cost, weight = self._faded(now)
         self.cost = seconds if seconds > cost else cost + seconds * (1.0 - weight)
         self.stamp = now
+
+    def outlasted(self, seconds: float, now: float) -> None:
+        """A call abandoned at ``now`` after ``seconds`` (a hedge won, or the caller gave
+        up): it would have taken at least that long. A lower bound raises the cost when it
+        is above it, and tells nothing otherwise."""
+        cost, _ = self._faded(now)
+        if seconds > cost:
+            self.cost = seconds
+            self.stamp = now
 
 
 def eligible(

@@ -986,8 +986,10 @@ class _Service(_Senders):
                     raise
                 unsent = exc
                 continue
-            except BaseException:  # cancelled: no outcome
+            except BaseException:  # cancelled: no outcome, but it took at least this long
                 load.in_flight -= 1
+                end = loop.time()
+                load.outlasted(end - start, end)
                 raise
             load.in_flight -= 1
             end = loop.time()

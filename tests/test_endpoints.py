@@ -205,6 +205,19 @@ def test_load_peak_then_decay() -> None:
     assert load.score(1.001) == pytest.approx(4 * load.cost)
 
 
+def test_an_abandoned_call_only_raises_the_cost() -> None:
+    """A call cancelled after 0.3 s took at least that long: above the cost it replaces it;
+    below, it says nothing (the cost is not pulled down by a call that never answered)."""
+    load = Load()
+    load.observe(0.01, 1.0)
+    load.outlasted(0.3, 1.5)
+    assert load.cost == 0.3
+    assert load.stamp == 1.5
+    load.outlasted(0.001, 1.6)
+    assert load.cost == 0.3
+    assert load.stamp == 1.5
+
+
 def test_a_fast_failure_is_not_cheap() -> None:
     """A failure observed in 1 ms costs FAILURE_COST: an endpoint failing fast is avoided."""
     load = Load()

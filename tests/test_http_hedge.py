@@ -174,3 +174,38 @@ async def test_the_criticality_of_the_request_being_served_goes_downstream() -> 
         with criticality("critical"):
             await c.get("/checkout", headers={CRITICALITY_HEADER: "default"})  # the caller's own
     assert seen == [None, "sheddable", "default"]
+
+
+async def test_an_attempt_overtaken_by_a_hedge_teaches_p2c_its_endpoint_is_slow() -> None:
+    """The attempt a hedge overtook is cancelled before its answer, but it had run longer
+    than the winner: its endpoint's cost rises at least to the winner's, so P2C learns it is
+    slower (an endpoint whose slow answers were always overtaken would look fast forever)."""
+    clock = FakeClock()
+    hosts: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if len(hosts) == 1:
+            await asyncio.Event().wait()  # the first attempt hangs until cancelled
+        return httpx.Response(200, text=request.url.host)
+
+    policy = HttpPolicy(clock=clock, timeout=None, hedge_delay=0.05, hedge_budget=1.0)
+    transport = ResilientTransport(
+        httpx.MockTransport(handler),
+        policy=policy,
+        service="orders",
+        endpoints=ENDPOINTS,
+        rng=random.Random(3),
+    )
+    assert transport._service is not None
+    loads = {e.host: e.load for e in transport._service.endpoints}
+    async with httpx.AsyncClient(transport=transport, base_url="http://orders") as c:
+        task = asyncio.create_task(c.get("/x"))
+        await settle()
+        clock.advance(0.05)
+        response = await task
+    slow, winner = hosts[0], response.text
+    assert slow != winner
+    assert loads[winner].cost > 0
+    assert loads[slow].cost >= loads[winner].cost
+    assert loads[slow].in_flight == 0

@@ -212,6 +212,33 @@ def test_gradient2_baseline_does_not_drift_under_sustained_overload() -> None:
     assert late_rtt <= 2 * SERVICE
 
 
+@pytest.mark.parametrize("capacity", [4, 8])
+@pytest.mark.parametrize("offered", [2.0, 4.0])
+def test_gradient2_tail_at_most_twice_the_unloaded_latency(capacity: int, offered: float) -> None:
+    """A small server overloaded 2x or 4x: p99 of what is served stays under 2x service.
+
+    The limit settles near ``tolerance * capacity + queue_size``, at a latency of about
+    ``tolerance + queue_size / capacity`` times the unloaded one: 2.0 with 8 workers under
+    the former defaults (1.5 and 4), 2.5 with 4 workers; 1.45 and 1.7 with 1.2 and 2.
+    """
+    seconds = simulate(AdaptiveLimit().limiter(), [(120, capacity)], offered=offered)
+    _, served, _ = settled(seconds, 60, 120)
+    assert settled_p99(seconds, 60, 120) <= 2 * SERVICE
+    assert served >= 0.97 * capacity / SERVICE
+
+
+@pytest.mark.parametrize("offered", [2.0, 4.0])
+def test_gradient2_variable_service_times_overloaded(offered: float) -> None:
+    """Log-normal service times, overloaded: the server stays busy, p99 under 2x unloaded."""
+    unloaded = simulate(None, [(60, 20)], offered=0.5, service=lognormal(seed=2))
+    seconds = simulate(
+        AdaptiveLimit().limiter(), [(120, 20)], offered=offered, service=lognormal(seed=2)
+    )
+    _, served, _ = settled(seconds, 60, 120)
+    assert served >= 0.97 * 20 / SERVICE
+    assert settled_p99(seconds, 60, 120) <= 2 * settled_p99(unloaded, 10, 60)
+
+
 @pytest.mark.parametrize("offered", [0.5, 0.8])
 def test_gradient2_variable_service_times_shed_nothing_below_capacity(offered: float) -> None:
     """Service times spread log-normally, under capacity: nothing is refused once settled.
@@ -331,7 +358,7 @@ def test_options_are_frozen_and_keyword_only() -> None:
         options.initial = 6  # type: ignore[misc]
     with pytest.raises(TypeError):
         AdaptiveLimit("aimd")  # type: ignore[misc]
-    assert options.tolerance == 1.5
+    assert (options.tolerance, options.queue_size) == (1.2, 2)
     assert AdaptiveLimit(algorithm="aimd", latency_target=1).backoff == 0.9
 
 

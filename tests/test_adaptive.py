@@ -254,6 +254,26 @@ def test_gradient2_variable_service_times_shed_nothing_below_capacity(offered: f
     assert served >= 0.99 * offered * 20 / SERVICE
 
 
+def test_gradient2_learns_a_service_that_got_slower_for_good() -> None:
+    """Service 3x slower from the first minute on: read first as queueing, then learned.
+
+    The cuts do not bring the latency down (it is not a queue of ours), so the baseline
+    takes the new latency and the limit comes back up to keep the server busy.
+    """
+    calls = 0
+
+    def service() -> float:
+        nonlocal calls
+        calls += 1
+        return SERVICE if calls <= 8 * 20 * 60 else 3 * SERVICE  # 0.5x of 8 workers
+
+    seconds = simulate(AdaptiveLimit().limiter(), [(300, 8)], offered=0.5, service=service)
+    limit, served, rtt = settled(seconds, 200, 300)
+    assert served >= 0.97 * 8 / (3 * SERVICE)
+    assert 8 <= limit <= 16
+    assert rtt <= 2 * 3 * SERVICE
+
+
 def test_idle_service_does_not_grow_the_limit() -> None:
     """Far below the limit nothing is learned: the limit stays where it was."""
     for options in (AdaptiveLimit(), AdaptiveLimit(algorithm="aimd", latency_target=1.0)):

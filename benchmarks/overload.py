@@ -58,8 +58,8 @@ def configs() -> dict[str, Any]:
         f"fixed {CAPACITY} (well tuned)": CAPACITY,
         f"fixed {4 * CAPACITY} (badly tuned)": 4 * CAPACITY,
         "adaptive gradient2": AdaptiveLimit(initial=20, window=0.2, max_limit=500),
-        "adaptive gradient2, tolerance 1.2": AdaptiveLimit(
-            initial=20, window=0.2, tolerance=1.2, queue_size=2, max_limit=500
+        "adaptive gradient2, tolerance 1.5, queue 4 (Netflix's defaults)": AdaptiveLimit(
+            initial=20, window=0.2, tolerance=1.5, queue_size=4, max_limit=500
         ),
         "adaptive aimd": AdaptiveLimit(
             algorithm="aimd", latency_target=1.5 * SERVICE, initial=20, max_limit=500

@@ -39,9 +39,9 @@ _DEFAULTS: dict[str, float | int] = {
     "window": 1.0,
     "min_samples": 10,
     "smoothing": 0.2,
-    "tolerance": 1.5,
+    "tolerance": 1.2,
     "long_window": 600,
-    "queue_size": 4,
+    "queue_size": 2,
     "backoff": 0.9,
 }
 
@@ -74,7 +74,10 @@ class AdaptiveLimit:
     slower than the long-term latency the last window may be before the limit shrinks,
     >= 1), ``long_window`` (windows averaged into the long-term latency), ``queue_size``
     (slots added per window while latency holds: the growth rate, and the queue the limit
-    allows above the measured capacity).
+    allows above the measured capacity). Overloaded, the limit settles near
+    ``tolerance * capacity + queue_size`` calls, at a latency near
+    ``tolerance + queue_size / capacity`` times the unloaded one: the defaults (1.2 and 2,
+    tighter than Netflix's 1.5 and 4) keep it under 2x from 4 concurrent calls of capacity.
 
     AIMD options: ``latency_target`` (seconds; required), ``backoff`` (the factor applied on
     overload, in (0, 1)).
@@ -154,14 +157,21 @@ class Gradient2Limiter:
     within ``tolerance`` at the average's pace, and follows a window beyond ``tolerance``
     (mostly queueing that the limit itself allowed) ten times slower. A plain average
     drifts up under sustained overload, and the limit and the latency it allows with it.
+    Queueing of our own is checked, not assumed: once the limit has been cut by a quarter (or
+    as low as cuts take it) while the latency stayed where it stood (less than 10 % lower,
+    25 % higher), the excess is not a queue the limit allowed, and the baseline takes the
+    window's latency at once: the first window's fastest call was a lucky one (with
+    variable service times it is far below the mean), or the service got slower.
     A dropped call counts as at least twice the tolerated latency, however fast the
     refusal came.
     """
 
     __slots__ = (
         "_alpha",
+        "_anchor",
         "_count",
         "_estimate",
+        "_floor",
         "_long",
         "_low",
         "_max",
@@ -191,8 +201,11 @@ class Gradient2Limiter:
         self._tolerance = options.tolerance
         self._queue = float(options.queue_size)
         self._alpha = 2.0 / (options.long_window + 1)
+        # as low as cuts take the limit: the gradient is at least 0.5, so limit >= 2 * queue
+        self._floor = 1.1 * max(self._min, 2 * self._queue)
         self._estimate = float(options.initial)
         self._long: float | None = None
+        self._anchor: tuple[float, float] | None = None
         self._started: float | None = None
         self._count = 0
         self._total = 0.0
@@ -240,10 +253,28 @@ class Gradient2Limiter:
             long = low
         elif short <= long:  # at once: the load has gone, or it got faster
             long = short
+            self._anchor = None
         elif short <= self._tolerance * long:  # within tolerance: the baseline follows
             long += (short - long) * self._alpha
+            self._anchor = None
+        elif (anchor := self._anchor) is not None and (
+            (self._estimate <= anchor[0] * 3 / 4 or self._estimate <= self._floor)
+            and 0.9 * anchor[1] <= short <= 1.25 * anchor[1]
+        ):
+            # a quarter of the limit cut (or as far as it goes) and the latency did not follow:
+            # no queue of ours, the baseline was too low (a lucky first window, or the
+            # service got slower)
+            long = short
+            self._anchor = None
         else:  # beyond it, mostly queueing of our own: that must not become the norm
             long += (short - long) * self._alpha / 10
+            if (
+                anchor is None
+                or self._estimate >= anchor[0]  # not cut since
+                or short < 0.9 * anchor[1]  # the latency followed the cuts
+                or short > 1.25 * anchor[1]  # or got worse: start over from here
+            ):
+                self._anchor = (self._estimate, short)
         short = max(short, 1e-9)  # a zero latency says nothing bad: gradient 1
         self._long = long
         estimate = self._estimate

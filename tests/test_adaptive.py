@@ -1,9 +1,10 @@
 """Tests for resilience.adaptive: Gradient2 and AIMD limits against a simulated server.
 
 The server is a queueing model driven by a discrete-event simulation on a virtual clock: a
-fixed number of workers (its capacity, which a phase may change), a fixed service time, and
-a FIFO queue in front of them. Requests arrive at a fixed rate; the limiter admits one while
-fewer than its limit are in flight and refuses the rest. No real time passes.
+fixed number of workers (its capacity, which a phase may change), a service time (fixed, or
+drawn from a seeded distribution), and a FIFO queue in front of them. Requests arrive at a
+fixed rate; the limiter admits one while fewer than its limit are in flight and refuses the
+rest. No real time passes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +39,14 @@ class Second:
     served: int
     shed: int
     mean_rtt: float
+    rtts: list[float] = field(default_factory=list)
+
+
+def lognormal(seed: int, sigma: float = 0.5) -> Callable[[], float]:
+    """Service times with mean ``SERVICE``, log-normally spread (p99 about 2.7x the mean)."""
+    rng = random.Random(seed)
+    mu = math.log(SERVICE) - sigma**2 / 2
+    return lambda: rng.lognormvariate(mu, sigma)
 
 
 @dataclass
@@ -43,7 +54,7 @@ class Server:
     """``capacity`` workers serving requests in ``service`` seconds each, FIFO queue in front."""
 
     capacity: int
-    service: float = SERVICE
+    service: Callable[[], float] = lambda: SERVICE
     busy: int = 0
     queue: deque[float] = field(default_factory=deque)
     done: list[tuple[float, int, float]] = field(default_factory=list)  # (at, seq, started)
@@ -52,7 +63,7 @@ class Server:
     def start(self, now: float, started: float) -> None:
         self.busy += 1
         self.seq += 1
-        heapq.heappush(self.done, (now + self.service, self.seq, started))
+        heapq.heappush(self.done, (now + self.service(), self.seq, started))
 
     def arrive(self, now: float) -> None:
         if self.busy < self.capacity:
@@ -66,13 +77,18 @@ class Server:
 
 
 def simulate(
-    limiter: Limiter, phases: list[tuple[float, int]], *, offered: float = 2.0
+    limiter: Limiter | None,
+    phases: list[tuple[float, int]],
+    *,
+    offered: float = 2.0,
+    service: Callable[[], float] | None = None,
 ) -> list[Second]:
     """Run ``phases`` of ``(seconds, capacity)`` with ``offered`` times the first capacity.
 
-    Returns one ``Second`` per simulated second.
+    ``limiter=None``: no limit. ``service``: draws a service time (``SERVICE`` on average);
+    fixed by default. Returns one ``Second`` per simulated second.
     """
-    server = Server(phases[0][1])
+    server = Server(phases[0][1]) if service is None else Server(phases[0][1], service)
     gap = 1.0 / (offered * phases[0][1] / SERVICE)
     changes = []
     at = 0.0
@@ -85,6 +101,7 @@ def simulate(
     seconds_out: list[Second] = []
     served = shed = 0
     rtt_sum = 0.0
+    rtts: list[float] = []
     tick = 1.0
     while True:
         now = min(arrival, server.done[0][0] if server.done else math.inf)
@@ -95,21 +112,25 @@ def simulate(
             server.capacity = changes[0][1]
             server.fill(now)
         while now >= tick:
-            seconds_out.append(Second(limiter.limit, served, shed, rtt_sum / max(1, served)))
+            limit = limiter.limit if limiter is not None else 0
+            seconds_out.append(Second(limit, served, shed, rtt_sum / max(1, served), rtts))
             served = shed = 0
             rtt_sum = 0.0
+            rtts = []
             tick += 1.0
         if server.done and server.done[0][0] <= arrival:
             finished, _, started = heapq.heappop(server.done)
             server.busy -= 1
             server.fill(finished)
-            limiter.sample(finished, finished - started, in_flight)
+            if limiter is not None:
+                limiter.sample(finished, finished - started, in_flight)
             in_flight -= 1
             served += 1
             rtt_sum += finished - started
+            rtts.append(finished - started)
         else:
             arrival += gap
-            if in_flight < limiter.limit:
+            if limiter is None or in_flight < limiter.limit:
                 in_flight += 1
                 server.arrive(now)
             else:
@@ -126,6 +147,18 @@ def settled(seconds: list[Second], start: int, end: int) -> tuple[float, float, 
         sum(s.served for s in part) / n,
         sum(s.mean_rtt for s in part) / n,
     )
+
+
+def settled_p99(seconds: list[Second], start: int, end: int) -> float:
+    """The 99th percentile latency of the calls that finished in seconds ``[start, end)``."""
+    rtts = sorted(rtt for second in seconds[start:end] for rtt in second.rtts)
+    return rtts[math.ceil(0.99 * len(rtts)) - 1]
+
+
+def shed_share(seconds: list[Second], start: int, end: int) -> float:
+    """The share of the requests refused over seconds ``[start, end)``."""
+    part = seconds[start:end]
+    return sum(s.shed for s in part) / sum(s.shed + s.served for s in part)
 
 
 ALGORITHMS = [
@@ -177,6 +210,68 @@ def test_gradient2_baseline_does_not_drift_under_sustained_overload() -> None:
     assert late <= 1.15 * early
     assert late_rtt <= 1.15 * early_rtt
     assert late_rtt <= 2 * SERVICE
+
+
+@pytest.mark.parametrize("capacity", [4, 8])
+@pytest.mark.parametrize("offered", [2.0, 4.0])
+def test_gradient2_tail_at_most_twice_the_unloaded_latency(capacity: int, offered: float) -> None:
+    """A small server overloaded 2x or 4x: p99 of what is served stays under 2x service.
+
+    The limit settles near ``tolerance * capacity + queue_size``, at a latency of about
+    ``tolerance + queue_size / capacity`` times the unloaded one: 2.0 with 8 workers under
+    the former defaults (1.5 and 4), 2.5 with 4 workers; 1.45 and 1.7 with 1.2 and 2.
+    """
+    seconds = simulate(AdaptiveLimit().limiter(), [(120, capacity)], offered=offered)
+    _, served, _ = settled(seconds, 60, 120)
+    assert settled_p99(seconds, 60, 120) <= 2 * SERVICE
+    assert served >= 0.97 * capacity / SERVICE
+
+
+@pytest.mark.parametrize("offered", [2.0, 4.0])
+def test_gradient2_variable_service_times_overloaded(offered: float) -> None:
+    """Log-normal service times, overloaded: the server stays busy, p99 under 2x unloaded."""
+    unloaded = simulate(None, [(60, 20)], offered=0.5, service=lognormal(seed=2))
+    seconds = simulate(
+        AdaptiveLimit().limiter(), [(120, 20)], offered=offered, service=lognormal(seed=2)
+    )
+    _, served, _ = settled(seconds, 60, 120)
+    assert served >= 0.97 * 20 / SERVICE
+    assert settled_p99(seconds, 60, 120) <= 2 * settled_p99(unloaded, 10, 60)
+
+
+@pytest.mark.parametrize("offered", [0.5, 0.8])
+def test_gradient2_variable_service_times_shed_nothing_below_capacity(offered: float) -> None:
+    """Service times spread log-normally, under capacity: nothing is refused once settled.
+
+    The fastest call of the first window is far below the mean; a baseline taken from it
+    alone made every later window look like queueing, and the limit fell below the load.
+    """
+    seconds = simulate(
+        AdaptiveLimit().limiter(), [(120, 20)], offered=offered, service=lognormal(seed=1)
+    )
+    assert shed_share(seconds, 30, 120) <= 0.01
+    _, served, _ = settled(seconds, 30, 120)
+    assert served >= 0.99 * offered * 20 / SERVICE
+
+
+def test_gradient2_learns_a_service_that_got_slower_for_good() -> None:
+    """Service 3x slower from the first minute on: read first as queueing, then learned.
+
+    The cuts do not bring the latency down (it is not a queue of ours), so the baseline
+    takes the new latency and the limit comes back up to keep the server busy.
+    """
+    calls = 0
+
+    def service() -> float:
+        nonlocal calls
+        calls += 1
+        return SERVICE if calls <= 8 * 20 * 60 else 3 * SERVICE  # 0.5x of 8 workers
+
+    seconds = simulate(AdaptiveLimit().limiter(), [(300, 8)], offered=0.5, service=service)
+    limit, served, rtt = settled(seconds, 200, 300)
+    assert served >= 0.97 * 8 / (3 * SERVICE)
+    assert 8 <= limit <= 16
+    assert rtt <= 2 * 3 * SERVICE
 
 
 def test_idle_service_does_not_grow_the_limit() -> None:
@@ -283,7 +378,7 @@ def test_options_are_frozen_and_keyword_only() -> None:
         options.initial = 6  # type: ignore[misc]
     with pytest.raises(TypeError):
         AdaptiveLimit("aimd")  # type: ignore[misc]
-    assert options.tolerance == 1.5
+    assert (options.tolerance, options.queue_size) == (1.2, 2)
     assert AdaptiveLimit(algorithm="aimd", latency_target=1).backoff == 0.9
 
 

@@ -703,11 +703,12 @@ class _Senders:
 class _Hedging:
     """One hedged request: the endpoints its attempts went to, the responses they got."""
 
-    __slots__ = ("busy", "responses")
+    __slots__ = ("busy", "over", "responses")
 
     def __init__(self) -> None:
         self.busy: set[int] = set()
         self.responses: list[httpx.Response] = []
+        self.over = False  # the request has its answer: a late one is a loser's
 
 
 _hedging: ContextVar[_Hedging | None] = ContextVar("resilience.httpx.hedging", default=None)
@@ -728,7 +729,10 @@ def _own_copy(attempt: Send) -> Send:
         response = await attempt(copy, discard)
         hedging = _hedging.get()
         if hedging is not None:
-            hedging.responses.append(response)
+            if hedging.over:  # it lost, and ended after the request had its answer
+                await response.aclose()
+            else:
+                hedging.responses.append(response)
         return response
 
     return copied
@@ -746,6 +750,7 @@ def _hedged(send: Send) -> Send:
             return winner
         finally:
             _hedging.reset(token)
+            state.over = True
             for response in state.responses:
                 if response is not winner:
                     await response.aclose()

@@ -134,8 +134,11 @@ class Hedge(BasePolicy):
 
     A call starts one attempt; if no attempt has succeeded ``delay`` seconds later, another
     one is started, and so on every ``delay`` seconds up to ``max_hedges`` extra attempts.
-    The first attempt to succeed gives the call its result; the others are cancelled and
-    awaited (their ``finally`` blocks run, releasing what they hold) before the call returns.
+    The first attempt to succeed gives the call its result at once; the others are
+    cancelled and end on their own, within a few loop turns (their ``finally`` blocks run,
+    releasing what they hold; ``ending`` counts them, ``drain()`` waits for them). The answer
+    is not held back for their clean-up. A cancelled call cancels every attempt and waits
+    until they have ended before the cancellation propagates.
     An attempt that fails does not start another (retrying is ``Retry``'s job): the call
     waits for the attempts still running, and when every attempt started has failed it
     raises the error of the first one to fail.
@@ -190,6 +193,7 @@ class Hedge(BasePolicy):
             clock=self._clock,
             sync_interval=self.sync_interval,
         )
+        self._ending: set[asyncio.Future[Any]] = set()  # losers cancelled, not yet ended
 
     def __repr__(self) -> str:
         delay = self._delay
@@ -257,6 +261,7 @@ class Hedge(BasePolicy):
         timer: TimerHandle | None = clock.call_later(delay, fire)
         error: BaseException | None = None  # of the first attempt to fail
         failed: set[int] = set()  # indexes of the attempts that failed
+        won = False
         try:
             while True:
                 await wake.wait()
@@ -271,6 +276,7 @@ class Hedge(BasePolicy):
                         if learned is not None and (attempt is first or not first.done()):
                             # the first attempt's latency, or a lower bound of it
                             learned.observe(clock.monotonic() - start)
+                        won = True
                         return attempt.result()
                     failed.add(i)
                     if error is None:
@@ -290,7 +296,37 @@ class Hedge(BasePolicy):
         finally:
             if timer is not None:
                 timer.cancel()
-            await _cancel(attempts)
+            if won:  # the losers end on their own: the answer is not held back for them
+                self._abandon(attempts)
+            else:
+                await _cancel(attempts)
+
+    @property
+    def ending(self) -> int:
+        """Losing attempts cancelled but not yet ended (they end within a few loop turns)."""
+        return len(self._ending)
+
+    async def drain(self) -> None:
+        """Wait until every losing attempt cancelled so far has ended (shutdown, tests)."""
+        while self._ending:
+            await asyncio.wait(list(self._ending))
+
+    def _abandon(self, attempts: list[asyncio.Future[Any]]) -> None:
+        """Cancel the attempts still running, without waiting; each is kept (a strong
+        reference) until it has ended, and what it raised is dropped."""
+        for attempt in attempts:
+            if attempt.done():
+                if not attempt.cancelled():
+                    attempt.exception()
+            else:
+                attempt.cancel()
+                self._ending.add(attempt)
+                attempt.add_done_callback(self._ended)
+
+    def _ended(self, attempt: asyncio.Future[Any]) -> None:
+        self._ending.discard(attempt)
+        if not attempt.cancelled():
+            attempt.exception()
 
 
 async def _cancel(attempts: list[asyncio.Future[Any]]) -> None:

@@ -183,9 +183,9 @@ async def test_caller_cancellation_cancels_every_attempt(clock: FakeClock) -> No
     assert hedge.counts.totals() == (1, 1)
 
 
-async def test_stubborn_loser_is_still_awaited(clock: FakeClock) -> None:
-    """A loser that takes a while to end after being cancelled is waited for, even when the
-    caller is cancelled again meanwhile."""
+async def test_a_loser_slow_to_clean_up_does_not_hold_back_the_answer(clock: FakeClock) -> None:
+    """The hedge wins while the first attempt is still cleaning up after its cancellation:
+    the call returns at once; the loser is kept until it has ended (``ending``, ``drain``)."""
     hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
     cleaned = asyncio.Event()
     done: list[str] = []
@@ -204,14 +204,50 @@ async def test_stubborn_loser_is_still_awaited(clock: FakeClock) -> None:
     await settle()
     clock.advance(1.0)
     await settle()
-    assert not task.done()  # the hedge won, the first attempt is still cleaning up
+    assert task.done()
+    assert await task == "hedge"
+    assert done == ["first"]  # still cleaning up
+    assert hedge.ending == 1
+    drained = asyncio.ensure_future(hedge.drain())
+    await settle()
+    assert not drained.done()
+    cleaned.set()
+    await drained
+    assert done == ["first", "cleaned"]
+    assert hedge.ending == 0
+    assert only_me() == set()
+
+
+async def test_a_cancelled_call_waits_for_a_stubborn_attempt(clock: FakeClock) -> None:
+    """Cancelling the call cancels its attempts and waits until they have ended, even when
+    one cleans up slowly and the call is cancelled again meanwhile."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    cleaned = asyncio.Event()
+    done: list[str] = []
+
+    async def attempt() -> str:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await cleaned.wait()
+            done.append("cleaned")
+        return "never"
+
+    task = asyncio.ensure_future(hedge.call(attempt))
+    await settle()
+    clock.advance(1.0)  # a hedge is running too
+    await settle()
+    task.cancel()
+    await settle()
+    assert not task.done()
     task.cancel()
     await settle()
     assert not task.done()
     cleaned.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert done == ["first", "cleaned"]
+    assert done == ["cleaned", "cleaned"]
+    assert hedge.ending == 0
     assert only_me() == set()
 
 

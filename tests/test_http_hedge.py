@@ -209,3 +209,41 @@ async def test_an_attempt_overtaken_by_a_hedge_teaches_p2c_its_endpoint_is_slow(
     assert loads[winner].cost > 0
     assert loads[slow].cost >= loads[winner].cost
     assert loads[slow].in_flight == 0
+
+
+async def test_an_answer_a_loser_gets_after_the_request_was_answered_is_closed() -> None:
+    """A losing attempt that still gets its answer after the winner's was returned (it did
+    not stop at its cancellation) has that answer closed: no connection is left held."""
+    clock = FakeClock()
+    closed: list[str] = []
+    calls = 0
+
+    class Tracked(httpx.AsyncByteStream):
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            yield b"late"
+
+        async def aclose(self) -> None:
+            closed.append(self.label)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(0)  # it answers anyway, a turn later
+                return httpx.Response(200, stream=Tracked("loser"))
+        return httpx.Response(200, text="winner")
+
+    async with client(handler, clock, hedge_delay=0.05, hedge_budget=1.0) as c:
+        task = asyncio.create_task(c.get("/x"))
+        await settle()
+        clock.advance(0.05)
+        response = await task
+        assert response.text == "winner"
+        await settle()
+    assert closed == ["loser"]

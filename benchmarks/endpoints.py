@@ -444,6 +444,9 @@ async def latency_rows(args: argparse.Namespace, share: float, open_loop: bool) 
     busy: dict[str, float] = {name: 0.0 for name, _ in STRATEGIES}  # seconds measuring
     try:
         urls = [e.url for e in endpoints]
+        async with httpx.AsyncClient(transport=RoundRobin(httpx.AsyncHTTPTransport(), urls)) as c:
+            for _ in range(WARM_UP):  # new processes: their first answers are slow
+                await c.get("http://service/")
         for _ in range(args.rounds):
             for name, strategy in STRATEGIES:  # interleaved: noise hits every row alike
                 recorder = Recorder()
@@ -475,6 +478,8 @@ async def latency_rows(args: argparse.Namespace, share: float, open_loop: bool) 
         )
     return rows
 
+
+WARM_UP = 100  # requests to new endpoints before a latency table, not counted
 
 # (open loop, slow share, strategy) -> p99 seconds, attempts per request, requests a second
 P99: dict[tuple[bool, float, str], float] = {}
@@ -569,7 +574,7 @@ async def hang_rows(args: argparse.Namespace) -> list[str]:
     return rows
 
 
-def hang_goals() -> list[str]:
+def hang_goals(watch: float) -> list[str]:
     """When an endpoint dies, the time until no request goes to it: <= one health interval
     with a health check, <= the breaker's window without one."""
     lines = []
@@ -589,10 +594,12 @@ def hang_goals() -> list[str]:
         size = f"{window.size} calls" if isinstance(window, CountWindow) else repr(window)
         within = isinstance(window, CountWindow) and p2c.attempts_after <= window.size
         opened = "could have" if p2c.attempts_after >= policy.minimum_calls else "could not have"
-        last = p2c.last_after or 0.0
+        last = f"{(p2c.last_after or 0.0) * 1e3:,.1f} ms after it"
+        if (p2c.last_after or 0.0) > watch * 0.9:
+            last += ", at the end of the watch"
         lines.append(
             f"- failover + P2C (`endpoints=`), no health check: {p2c.attempts_after:,} attempts "
-            f"reached the hung endpoint after the stop, the last {last * 1e3:,.1f} ms after it; "
+            f"reached the hung endpoint after the stop, the last {last}; "
             f"its breaker needs `minimum_calls={policy.minimum_calls}` in a window of {size}, "
             f"so it {opened} opened (goal <= the breaker's window: "
             f"{'met' if within else 'not met'})."
@@ -731,18 +738,33 @@ def main() -> None:
         "The goal: when an endpoint dies, the time until no request goes to it is at most one "
         "health interval with a health check, at most the breaker's window without one.",
         "",
-        *hang_goals(),
+        *hang_goals(args.watch),
         "",
         "Reading the numbers: with every endpoint fast, the three strategies have about the",
         "same median (the transport's own work per request is small next to a loopback round",
         "trip). With one endpoint slow now and then, P2C sends most requests to the two fast",
-        "ones (a peak EWMA remembers a slow answer for about its 10 s time constant), so two",
-        "server processes carry the load of three and the median rises with their queues; the",
+        "ones (a peak EWMA remembers a slow answer for about its 10 s time constant); in the",
+        "closed loop two server processes then carry the load of three and the median rises",
+        "with their queues, in the open loop they have room to spare and it does not. The",
         "tail is what that buys: the slow endpoint's 200 ms answers reach the caller only",
-        "while its cost is being learnt, once per transport. When an",
+        "while its cost is being learnt, once per transport. Hedging needs spare capacity:",
+        "in the closed loop a hedge waits in the same queues as the request it should",
+        "overtake. In the open loop a pause of the client process of a few tens of",
+        "milliseconds delays every request due during it (the schedule does not wait), so a",
+        "few pauses weigh on a p99 of a few milliseconds, whichever row they hit, and they",
+        "set hedges off too. When an",
         "endpoint dies, the first refused connection makes it the costliest endpoint and its",
         "requests fail over at once, so callers see no failure and it gets no more traffic",
-        "long before its breaker could open.",
+        "long before its breaker could open. When it hangs, nothing fails before a timeout:",
+        "requests already sent to it wait for theirs (the max latency: the httpx timeout, or",
+        "`HttpPolicy`'s attempt timeout, after which a retry goes to another endpoint), and",
+        "without a health check P2C knows it only by its requests in flight (a score of",
+        "`(in flight + 1) x cost`, the cost fading while nothing is observed), so it may",
+        "still send it a request now and then until the first attempt times out. A hedge",
+        "rescues the caller, but the attempt it leaves on the hung endpoint is cancelled and",
+        "records neither a latency nor a failure, so that endpoint keeps its low cost and is",
+        "chosen again, within the hedge budget. A health check (the check's own timeout is",
+        f"{HEALTH_INTERVAL / 2:g} s) takes it out of the choice within about an interval.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

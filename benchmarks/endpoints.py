@@ -347,8 +347,9 @@ async def run_open(client: httpx.AsyncClient, count: int, rate: float, cap: int)
 async def measure_latency(
     transport: httpx.AsyncBaseTransport, args: argparse.Namespace, open_loop: bool
 ) -> list[float]:
-    """Latencies of ``args.requests`` requests through ``transport`` (a strategy's): closed
-    loop, ``args.concurrency`` in flight, or open loop, ``args.rate`` a second."""
+    """Latencies of requests through ``transport`` (a strategy's): closed loop,
+    ``args.requests`` with ``args.concurrency`` in flight, or open loop, ``args.open_requests``
+    at ``args.rate`` a second."""
     async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
         if open_loop:
             return await run_open(client, args.open_requests, args.rate, args.max_outstanding)
@@ -749,10 +750,11 @@ def main() -> None:
         "tail is what that buys: the slow endpoint's 200 ms answers reach the caller only",
         "while its cost is being learnt, once per transport. Hedging needs spare capacity:",
         "in the closed loop a hedge waits in the same queues as the request it should",
-        "overtake. In the open loop a pause of the client process of a few tens of",
-        "milliseconds delays every request due during it (the schedule does not wait), so a",
-        "few pauses weigh on a p99 of a few milliseconds, whichever row they hit, and they",
-        "set hedges off too. When an",
+        "overtake. In the open loop a pause of a few tens of milliseconds delays every",
+        "request due during it (the schedule does not wait), so a few pauses set a p99 of a",
+        "few milliseconds; on this machine they come mostly in the hedged rows, even with",
+        "every endpoint fast (compare those rows' p99 with the others'), which is why the",
+        "hedged rows miss their goal there too. When an",
         "endpoint dies, the first refused connection makes it the costliest endpoint and its",
         "requests fail over at once, so callers see no failure and it gets no more traffic",
         "long before its breaker could open. When it hangs, nothing fails before a timeout:",

@@ -1,25 +1,43 @@
-"""Several endpoints of one service: tail latency with a slow endpoint, and a dying endpoint.
+"""Several endpoints of one service: tail latency, a dying endpoint and a hanging one.
 
 Usage::
 
-    python benchmarks/endpoints.py             # about 30 seconds; writes benchmarks/ENDPOINTS.md
-    python benchmarks/endpoints.py --quick     # a few seconds, noisy numbers, prints only
+    python benchmarks/endpoints.py             # about 6 minutes; writes benchmarks/ENDPOINTS.md
+    python benchmarks/endpoints.py --quick     # about a minute, noisy numbers, prints only
 
 Three uvicorn endpoints, each a process of its own on 127.0.0.1 (loopback only, stopped at
-the end; their listening sockets are made by this process and set TCP_NODELAY, so a response
-is not held back by Nagle's algorithm). ``--concurrency`` requests are in flight at once.
+the end, and at exit whatever ends the run; their listening sockets are made by this process
+and set TCP_NODELAY, so a response is not held back by Nagle's algorithm).
 
 1. **A slow endpoint.** One endpoint answers ``--slow-share`` (10 %) of its requests after
    ``--slow`` (200 ms), the others at once. Each strategy sends the same number of requests,
    in interleaved rounds; reported: p50 / p99 / max latency as the caller sees it, and the
-   share of requests sent to the slow endpoint.
-2. **A dying endpoint.** All three answer at once; after a second of traffic one endpoint's
-   process is killed (SIGKILL: its port refuses connections). Reported: requests that failed
-   for the caller, attempts sent to the dead endpoint after the kill, and when the last one
-   was sent (the time until no request goes to it), watched for ``--watch`` seconds.
+   share of requests sent to the slow endpoint. Measured twice, as is the same with every
+   endpoint fast:
+
+   - in a **closed loop**, ``--concurrency`` (8) requests in flight, each caller sending its
+     next request when the last one answered. On two cores this saturates the CPU: the
+     latencies are mostly queueing, a hedge has no spare capacity to use, and a slow answer
+     holds back the requests its caller would have sent meanwhile, so their queueing delay is
+     never measured (coordinated omission);
+   - in an **open loop**, a request started every ``1 / --rate`` s (200/s, about a quarter of
+     what the closed loop serves), each a task timed from its scheduled start, at most
+     ``--max-outstanding`` (64) at once (one due beyond that is not sent, and failed): the
+     latencies are service times, and a slow answer delays nothing but itself.
+
+2. **A dying endpoint.** All three answer at once; after ``--before`` (1 s) of closed-loop
+   traffic one endpoint's process is killed (SIGKILL: its port refuses connections).
+   Reported: requests that failed for the caller, attempts sent to the dead endpoint after
+   the kill, and when the last one was sent (the time until no request goes to it), watched
+   for ``--watch`` seconds.
+3. **A hanging endpoint.** The same, but the process is stopped (SIGSTOP: the kernel still
+   accepts connections into the listen backlog, nobody answers), so only timeouts tell: the
+   round-robin rows have an httpx client timeout of ``CLIENT_TIMEOUT`` (2 s), the others
+   ``HttpPolicy()``'s (10 s per attempt, 15 s per request). The requests in flight after the
+   watch are waited for (``DRAIN``). Reported as well: the caller's p99 and max latency.
 
 A strategy is a name and a function ``(inner transport, endpoint URLs) -> transport``;
-``measure_latency`` and ``measure_death`` take the transport it returns. A new row (hedged
+``measure_latency`` and ``measure_fault`` take the transport it returns. A new row (hedged
 requests, say) is one more entry in ``STRATEGIES``.
 """
 
@@ -27,8 +45,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +60,8 @@ from typing import Any
 
 import httpx
 from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+
+from resilience import CountWindow
 
 Strategy = Callable[[httpx.AsyncBaseTransport, list[str]], httpx.AsyncBaseTransport]
 
@@ -71,7 +93,9 @@ def serve(fd: int, slow: float, share: float, seed: int) -> None:
 
 
 class Endpoint:
-    """One endpoint process; ``kill()`` makes its port refuse connections."""
+    """One endpoint process; ``kill()`` makes its port refuse connections, ``stop()`` makes it
+    hang (SIGSTOP: the kernel still accepts connections into the listen backlog, but nothing
+    answers). Every endpoint still running is killed at exit, whatever ends the benchmark."""
 
     def __init__(self, *, slow: float = 0.0, share: float = 0.0, seed: int = 0) -> None:
         sock = socket.socket()
@@ -83,6 +107,7 @@ class Endpoint:
         fd = sock.fileno()
         args = [sys.executable, __file__, "--serve", str(fd), str(slow), str(share), str(seed)]
         self.proc = subprocess.Popen(args, pass_fds=[fd])
+        LIVE.add(self)
         sock.close()  # the child holds the only copy: once it dies, the port refuses
         self._ready()
 
@@ -99,10 +124,26 @@ class Endpoint:
         self.kill()
         raise SystemExit(f"the endpoint on {self.url} did not start")
 
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
     def kill(self) -> None:
+        """Kill the process, stopped or not, and reap it."""
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # SIGKILL ends a stopped process too
             self.proc.kill()
         self.proc.wait(10)
+        LIVE.discard(self)
+
+
+LIVE: set[Endpoint] = set()  # started and not yet reaped
+
+
+@atexit.register
+def kill_all() -> None:
+    """Kill every endpoint still running (an error or Ctrl-C cut its ``finally`` short)."""
+    for endpoint in list(LIVE):
+        endpoint.kill()
 
 
 # --- strategies -----------------------------------------------------------------------------
@@ -275,56 +316,112 @@ async def run_requests(client: httpx.AsyncClient, count: int, concurrency: int) 
     return latencies
 
 
+async def run_open(client: httpx.AsyncClient, count: int, rate: float, cap: int) -> list[float]:
+    """Latencies (seconds) of ``count`` GETs started on a fixed schedule, ``rate`` a second,
+    each a task timed from its scheduled start (a late start is waiting too, so no coordinated
+    omission); a failure, or a request not started because ``cap`` were outstanding, is NaN."""
+    latencies: list[float] = []
+    outstanding: set[asyncio.Task[None]] = set()
+
+    async def one(due: float) -> None:
+        try:
+            ok = (await client.get("/")).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        latencies.append(time.perf_counter() - due if ok else float("nan"))
+
+    start = time.perf_counter()
+    for i in range(count):
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        if len(outstanding) >= cap:
+            latencies.append(float("nan"))
+            continue
+        task = asyncio.create_task(one(due))
+        outstanding.add(task)
+        task.add_done_callback(outstanding.discard)
+    await asyncio.gather(*outstanding)
+    return latencies
+
+
 async def measure_latency(
-    transport: httpx.AsyncBaseTransport, count: int, concurrency: int
+    transport: httpx.AsyncBaseTransport, args: argparse.Namespace, open_loop: bool
 ) -> list[float]:
-    """Latencies of ``count`` requests through ``transport`` (a strategy's)."""
+    """Latencies of requests through ``transport`` (a strategy's): closed loop,
+    ``args.requests`` with ``args.concurrency`` in flight, or open loop, ``args.open_requests``
+    at ``args.rate`` a second."""
     async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
-        return await run_requests(client, count, concurrency)
+        if open_loop:
+            return await run_open(client, args.open_requests, args.rate, args.max_outstanding)
+        return await run_requests(client, args.requests, args.concurrency)
+
+
+DRAIN = (HttpPolicy().total_timeout or 15.0) + 1.0
+"""Seconds the requests in flight at the end of a fault's watch are waited for: the most one
+request may take by ``HttpPolicy()`` (its ``total_timeout``), and a second."""
 
 
 @dataclass
-class Death:
+class Fault:
     failures: int
     attempts_after: int
-    last_after: float | None  # seconds from the kill to the last attempt sent to the dead one
+    last_after: float | None  # seconds from the fault to the last attempt sent to the victim
     total: int
+    latencies: list[float]  # every request's, a failure's until it failed
 
 
-async def measure_death(
+async def measure_fault(
     transport: httpx.AsyncBaseTransport,
     recorder: Recorder,
     victim: Endpoint,
-    concurrency: int,
-    before: float,
-    watch: float,
-) -> Death:
-    """Steady traffic; ``victim`` killed after ``before`` s; watched for ``watch`` s after."""
+    fault: Callable[[], None],
+    args: argparse.Namespace,
+    *,
+    client_timeout: float | None = 5.0,
+) -> Fault:
+    """Steady traffic, ``args.concurrency`` in flight (an httpx ``client_timeout``); ``fault``
+    hits ``victim`` after ``args.before`` s, watched for ``args.watch`` s after. The requests
+    in flight then are waited for up to ``DRAIN`` s more (the fault still on), and the ones
+    still waiting are counted as failures."""
     results: list[bool] = []
-    stop = time.perf_counter() + before + watch
+    latencies: list[float] = []
+    stop = time.perf_counter() + args.before + args.watch
 
-    async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://service", timeout=client_timeout
+    ) as client:
 
         async def worker() -> None:
             while time.perf_counter() < stop:
+                start, ok = time.perf_counter(), False
                 try:
-                    results.append((await client.get("/")).status_code == 200)
+                    ok = (await client.get("/")).status_code == 200
                 except httpx.HTTPError:
-                    results.append(False)
+                    pass
+                finally:  # cancelled, still waiting at the end of the drain: a failure too
+                    results.append(ok)
+                    latencies.append(time.perf_counter() - start)
 
-        async def killer() -> float:
-            await asyncio.sleep(before)
+        async def faulter() -> float:
+            await asyncio.sleep(args.before)
             at = time.perf_counter()
-            await asyncio.to_thread(victim.kill)
+            await asyncio.to_thread(fault)
             return at
 
-        *_, killed = await asyncio.gather(*(worker() for _ in range(concurrency)), killer())
-    after = [t - killed for t, port in recorder.sent if port == victim.port and t >= killed]
-    return Death(
+        hit = asyncio.create_task(faulter())
+        workers = asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        try:
+            await asyncio.wait_for(workers, args.before + args.watch + DRAIN)
+        except TimeoutError:
+            pass
+        at = await hit
+    after = [t - at for t, port in recorder.sent if port == victim.port and t >= at]
+    return Fault(
         failures=results.count(False),
         attempts_after=len(after),
         last_after=max(after) if after else None,
         total=len(results),
+        latencies=latencies,
     )
 
 
@@ -336,7 +433,7 @@ def pct(values: list[float], q: float) -> float:
 # --- the report ------------------------------------------------------------------------------
 
 
-async def latency_rows(args: argparse.Namespace, share: float) -> list[str]:
+async def latency_rows(args: argparse.Namespace, share: float, open_loop: bool) -> list[str]:
     endpoints = [
         Endpoint(seed=1),
         Endpoint(slow=args.slow, share=share, seed=2),
@@ -345,14 +442,18 @@ async def latency_rows(args: argparse.Namespace, share: float) -> list[str]:
     slow_port = endpoints[1].port
     pooled: dict[str, list[float]] = {name: [] for name, _ in STRATEGIES}
     to_slow: dict[str, list[int]] = {name: [0, 0] for name, _ in STRATEGIES}
+    busy: dict[str, float] = {name: 0.0 for name, _ in STRATEGIES}  # seconds measuring
     try:
         urls = [e.url for e in endpoints]
+        async with httpx.AsyncClient(transport=RoundRobin(httpx.AsyncHTTPTransport(), urls)) as c:
+            for _ in range(WARM_UP):  # new processes: their first answers are slow
+                await c.get("http://service/")
         for _ in range(args.rounds):
             for name, strategy in STRATEGIES:  # interleaved: noise hits every row alike
                 recorder = Recorder()
-                latencies = await measure_latency(
-                    strategy(recorder, urls), args.requests, args.concurrency
-                )
+                start = time.perf_counter()
+                latencies = await measure_latency(strategy(recorder, urls), args, open_loop)
+                busy[name] += time.perf_counter() - start
                 pooled[name] += latencies
                 to_slow[name][0] += sum(port == slow_port for _, port in recorder.sent)
                 to_slow[name][1] += len(recorder.sent)
@@ -368,8 +469,9 @@ async def latency_rows(args: argparse.Namespace, share: float) -> list[str]:
         all_ = pooled[name]
         ok = [x for x in all_ if x == x]
         sent, total = to_slow[name]
-        P99[(share, name)] = pct(ok, 0.99)
-        LOAD[(share, name)] = total / len(all_)
+        P99[(open_loop, share, name)] = pct(ok, 0.99)
+        LOAD[(open_loop, share, name)] = total / len(all_)
+        SERVED[(open_loop, share, name)] = len(all_) / busy[name]
         rows.append(
             f"| {name} | {len(all_):,} | {len(all_) - len(ok)} | {pct(ok, 0.5) * 1e3:.2f} ms | "
             f"{pct(ok, 0.99) * 1e3:.1f} ms | {max(ok) * 1e3:.1f} ms | {sent / total:.1%} | "
@@ -378,20 +480,24 @@ async def latency_rows(args: argparse.Namespace, share: float) -> list[str]:
     return rows
 
 
-P99: dict[tuple[float, str], float] = {}  # (slow share, strategy) -> p99 seconds
-LOAD: dict[tuple[float, str], float] = {}  # (slow share, strategy) -> attempts per request
+WARM_UP = 100  # requests to new endpoints before a latency table, not counted
+
+# (open loop, slow share, strategy) -> p99 seconds, attempts per request, requests a second
+P99: dict[tuple[bool, float, str], float] = {}
+LOAD: dict[tuple[bool, float, str], float] = {}
+SERVED: dict[tuple[bool, float, str], float] = {}
 
 
-def hedging_goals(share: float) -> list[str]:
+def hedging_goals(share: float, open_loop: bool) -> list[str]:
     """The hedging goals: p99 within 1.5x of the all-healthy p99 (no protection, every
-    endpoint fast), extra load <= 10 %."""
+    endpoint fast, the same loop), extra load <= 10 %."""
     lines = []
-    healthy = P99.get((0.0, "round robin, no protection"))
+    healthy = P99.get((open_loop, 0.0, "round robin, no protection"))
     for name in sorted(HEDGED):
-        slow = P99.get((share, name))
+        slow = P99.get((open_loop, share, name))
         if healthy is None or slow is None:
             continue
-        extra = LOAD[(share, name)] - 1
+        extra = LOAD[(open_loop, share, name)] - 1
         lines.append(
             f"- {name}: p99 {slow * 1e3:.1f} ms with one endpoint slow, {slow / healthy:.2f}x "
             f"the all-healthy p99 (goal <= 1.5x: {'met' if slow <= 1.5 * healthy else 'not met'}"
@@ -400,24 +506,25 @@ def hedging_goals(share: float) -> list[str]:
     return lines
 
 
+FAULT_STRATEGIES: list[tuple[str, Strategy]] = [
+    *STRATEGIES,
+    (f"failover + P2C + health checks (every {HEALTH_INTERVAL} s)", failover_p2c_health),
+]
+
+
 async def death_rows(args: argparse.Namespace) -> list[str]:
     rows = [
         "| strategy | requests | failed for the caller | attempts to the dead endpoint "
         "after the kill | last one sent after the kill |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    deaths = [
-        *STRATEGIES,
-        (f"failover + P2C + health checks (every {HEALTH_INTERVAL} s)", failover_p2c_health),
-    ]
-    for name, strategy in deaths:
+    for name, strategy in FAULT_STRATEGIES:
         endpoints = [Endpoint(seed=i) for i in range(3)]
         try:
             recorder = Recorder()
             transport = strategy(recorder, [e.url for e in endpoints])
-            death = await measure_death(
-                transport, recorder, endpoints[2], args.concurrency, args.before, args.watch
-            )
+            victim = endpoints[2]
+            death = await measure_fault(transport, recorder, victim, victim.kill, args)
         finally:
             for e in endpoints:
                 e.kill()
@@ -430,16 +537,94 @@ async def death_rows(args: argparse.Namespace) -> list[str]:
     return rows
 
 
+CLIENT_TIMEOUT = 2.0  # the httpx client's in the hang table, for the round-robin rows
+HANGS: dict[str, Fault] = {}  # strategy -> its row in the hang table
+
+
+async def hang_rows(args: argparse.Namespace) -> list[str]:
+    """The victim stopped (SIGSTOP) rather than killed; the round-robin rows wait at most
+    ``CLIENT_TIMEOUT`` per attempt (an httpx client timeout), the others as ``HttpPolicy()``
+    says (no client timeout)."""
+    rows = [
+        "| strategy | requests | failed for the caller | p99 | max | attempts to the hung "
+        "endpoint after the stop | last one sent after the stop |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, strategy in FAULT_STRATEGIES:
+        endpoints = [Endpoint(seed=i) for i in range(3)]
+        try:
+            recorder = Recorder()
+            transport = strategy(recorder, [e.url for e in endpoints])
+            timeout = CLIENT_TIMEOUT if isinstance(transport, RoundRobin) else None
+            victim = endpoints[2]
+            hang = await measure_fault(
+                transport, recorder, victim, victim.stop, args, client_timeout=timeout
+            )
+        finally:
+            for e in endpoints:
+                e.kill()
+        HANGS[name] = hang
+        last = "none" if hang.last_after is None else f"{hang.last_after * 1e3:,.1f} ms"
+        if hang.last_after is not None and hang.last_after > args.watch * 0.9:
+            last += " (still going at the end)"
+        rows.append(
+            f"| {name} | {hang.total:,} | {hang.failures:,} | "
+            f"{pct(hang.latencies, 0.99) * 1e3:,.1f} ms | {max(hang.latencies) * 1e3:,.1f} ms | "
+            f"{hang.attempts_after:,} | {last} |"
+        )
+    return rows
+
+
+def hang_goals(watch: float) -> list[str]:
+    """When an endpoint dies, the time until no request goes to it: <= one health interval
+    with a health check, <= the breaker's window without one."""
+    lines = []
+    policy = HttpPolicy()
+    health = HANGS.get(FAULT_STRATEGIES[-1][0])
+    if health is not None:
+        last = health.last_after or 0.0
+        met = "met" if last <= HEALTH_INTERVAL else "not met"
+        lines.append(
+            f"- {FAULT_STRATEGIES[-1][0]}: the last attempt to the hung endpoint "
+            f"{last * 1e3:,.1f} ms after the stop (goal <= one interval, "
+            f"{HEALTH_INTERVAL * 1e3:.0f} ms: {met})."
+        )
+    p2c = HANGS.get("failover + P2C (`endpoints=`)")
+    if p2c is not None:
+        window = policy.window
+        size = f"{window.size} calls" if isinstance(window, CountWindow) else repr(window)
+        within = isinstance(window, CountWindow) and p2c.attempts_after <= window.size
+        opened = "could have" if p2c.attempts_after >= policy.minimum_calls else "could not have"
+        last = f"{(p2c.last_after or 0.0) * 1e3:,.1f} ms after it"
+        if (p2c.last_after or 0.0) > watch * 0.9:
+            last += ", at the end of the watch"
+        lines.append(
+            f"- failover + P2C (`endpoints=`), no health check: {p2c.attempts_after:,} attempts "
+            f"reached the hung endpoint after the stop, the last {last}; "
+            f"its breaker needs `minimum_calls={policy.minimum_calls}` in a window of {size}, "
+            f"so it {opened} opened (goal <= the breaker's window: "
+            f"{'met' if within else 'not met'})."
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000, help="per strategy and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--rate", type=float, default=200.0, help="open loop: requests/s")
+    parser.add_argument(
+        "--open-requests", type=int, default=500, help="open loop: per strategy and round"
+    )
+    parser.add_argument(
+        "--max-outstanding", type=int, default=64, help="open loop: more are not started"
+    )
     parser.add_argument("--slow", type=float, default=0.2, help="seconds of a slow answer")
     parser.add_argument("--slow-share", type=float, default=0.1, help="of the slow endpoint's")
-    parser.add_argument("--before", type=float, default=1.0, help="seconds before the kill")
+    parser.add_argument("--before", type=float, default=1.0, help="seconds before the fault")
     parser.add_argument("--watch", type=float, default=5.0, help="seconds watched after it")
-    parser.add_argument("--quick", action="store_true", help="a few seconds, prints only")
+    parser.add_argument("--quick", action="store_true", help="about a minute, prints only")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "ENDPOINTS.md")
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -447,23 +632,42 @@ def main() -> None:
         fd, slow, share, seed = args.serve
         serve(int(fd), float(slow), float(share), int(seed))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that kill_all runs
     if args.quick:
-        args.requests, args.rounds, args.before, args.watch = 300, 1, 0.5, 1.5
-    latency = asyncio.run(latency_rows(args, args.slow_share))
-    baseline = asyncio.run(latency_rows(args, 0.0))
+        args.requests, args.open_requests, args.rounds = 300, 150, 1
+        args.before, args.watch = 0.5, 1.5
+    latency = asyncio.run(latency_rows(args, args.slow_share, open_loop=False))
+    baseline = asyncio.run(latency_rows(args, 0.0, open_loop=False))
+    open_latency = asyncio.run(latency_rows(args, args.slow_share, open_loop=True))
+    open_baseline = asyncio.run(latency_rows(args, 0.0, open_loop=True))
     death = asyncio.run(death_rows(args))
+    hang = asyncio.run(hang_rows(args))
     policy = HttpPolicy()
     window = policy.window
+    served = [SERVED[(False, 0.0, name)] for name, _ in STRATEGIES]
     lines = [
         "# Several endpoints of one service",
         "",
         f"Python {platform.python_version()}, httpx {httpx.__version__}, "
         f"{sys.platform}, 2 cores shared. Three uvicorn endpoints, one process each, on "
-        f"loopback; {args.concurrency} requests in flight. Produced by "
-        "`python benchmarks/endpoints.py`.",
+        "loopback. Produced by `python benchmarks/endpoints.py`.",
         "",
         f"## One endpoint answers {args.slow_share:.0%} of its requests after "
         f"{args.slow * 1e3:.0f} ms",
+        "",
+        "Measured twice. In a closed loop a fixed number of callers each send a request as soon",
+        "as the last one answered: on two cores shared by the client and three servers it keeps",
+        "the CPU busy, so the latencies are mostly queueing for the CPU, and a slow answer also",
+        "holds back the requests its caller would have sent meanwhile (coordinated omission:",
+        "the queueing delay they would have met is not measured). In an open loop requests start",
+        "on a fixed schedule, whatever is outstanding, and each is timed from its scheduled start,",
+        "as independent users would see it; at a rate well below what the machine serves, the",
+        "latencies are service times. Hedging spends spare capacity to cut the tail: in the",
+        "closed loop there is none (a hedge queues behind the requests it should overtake, and",
+        "P2C moving load off the slow endpoint lengthens the queues of the others), in the open",
+        "loop there is.",
+        "",
+        f"### Closed loop, {args.concurrency} in flight, saturating",
         "",
         f"{args.rounds} interleaved rounds of {args.requests:,} requests per strategy, pooled. "
         "The latency is the caller's, retries and failovers included.",
@@ -483,13 +687,33 @@ def main() -> None:
         "first row, and no more than 10 % extra requests (attempts per request, less 1; "
         "retries and failovers count too):",
         "",
-        *hedging_goals(args.slow_share),
+        *hedging_goals(args.slow_share, open_loop=False),
+        "",
+        f"### Open loop, {args.rate:g} requests/s",
+        "",
+        f"The closed loop above served {min(served):,.0f} to {max(served):,.0f} requests/s "
+        f"per strategy with every endpoint fast; the open loop starts {args.rate:g} a second "
+        f"({args.rate / max(served):.0%} to {args.rate / min(served):.0%} of that), each "
+        f"request a task, timed from its scheduled start. {args.rounds} interleaved rounds of "
+        f"{args.open_requests:,} requests per strategy, pooled; a request due while "
+        f"{args.max_outstanding} are outstanding is not started and counts as failed.",
+        "",
+        *open_latency,
+        "",
+        "The same with all three endpoints fast:",
+        "",
+        *open_baseline,
+        "",
+        "The same goals, against the p99 of the open loop's all-fast first row:",
+        "",
+        *hedging_goals(args.slow_share, open_loop=True),
         "",
         "## One endpoint dies",
         "",
-        f"Steady traffic to three healthy endpoints; after {args.before:g} s one endpoint's "
-        f"process is killed (its port then refuses connections), and the traffic goes on for "
-        f"{args.watch:g} s. No health check: only the failed connections tell.",
+        f"Steady traffic to three healthy endpoints, {args.concurrency} requests in flight; "
+        f"after {args.before:g} s one endpoint's process is killed (its port then refuses "
+        f"connections), and the traffic goes on for {args.watch:g} s. No health check but in "
+        "the last row: only the failed connections tell.",
         "",
         *death,
         "",
@@ -497,16 +721,52 @@ def main() -> None:
         f"`minimum_calls={policy.minimum_calls}`) opens after {policy.minimum_calls} failed "
         "attempts to that endpoint at the earliest.",
         "",
+        "## One endpoint hangs",
+        "",
+        f"The same, but after {args.before:g} s the endpoint's process is stopped (SIGSTOP): "
+        "the kernel still accepts connections into its listen backlog, but nothing answers, "
+        "neither on new connections nor on the kept-alive ones. Nothing fails fast: a request "
+        "sent to it waits for a timeout. The round-robin rows have an httpx client timeout of "
+        f"{CLIENT_TIMEOUT:g} s (per attempt; without one httpx waits 5 s, its default); the "
+        "`endpoints=` rows have none, so the `HttpPolicy()` defaults decide: "
+        f"`timeout={policy.timeout:g}` s per attempt, `total_timeout={policy.total_timeout:g}` "
+        f"s per request, `attempts={policy.attempts}`. After the {args.watch:g} s watched, "
+        "the requests in flight are waited for (the endpoint still stopped) before the count; "
+        "the latencies are every request's, a failed one's until it failed.",
+        "",
+        *hang,
+        "",
+        "The goal: when an endpoint dies, the time until no request goes to it is at most one "
+        "health interval with a health check, at most the breaker's window without one.",
+        "",
+        *hang_goals(args.watch),
+        "",
         "Reading the numbers: with every endpoint fast, the three strategies have about the",
         "same median (the transport's own work per request is small next to a loopback round",
         "trip). With one endpoint slow now and then, P2C sends most requests to the two fast",
-        "ones (a peak EWMA remembers a slow answer for about its 10 s time constant), so two",
-        "server processes carry the load of three and the median rises with their queues; the",
+        "ones (a peak EWMA remembers a slow answer for about its 10 s time constant); in the",
+        "closed loop two server processes then carry the load of three and the median rises",
+        "with their queues, in the open loop they have room to spare and it does not. The",
         "tail is what that buys: the slow endpoint's 200 ms answers reach the caller only",
-        "while its cost is being learnt, once per transport. When an",
+        "while its cost is being learnt, once per transport. Hedging needs spare capacity:",
+        "in the closed loop a hedge waits in the same queues as the request it should",
+        "overtake. In the open loop a pause of a few tens of milliseconds delays every",
+        "request due during it (the schedule does not wait), so a few pauses set a p99 of a",
+        "few milliseconds; on this machine they come mostly in the hedged rows, even with",
+        "every endpoint fast (compare those rows' p99 with the others'), which is why the",
+        "hedged rows miss their goal there too. When an",
         "endpoint dies, the first refused connection makes it the costliest endpoint and its",
         "requests fail over at once, so callers see no failure and it gets no more traffic",
-        "long before its breaker could open.",
+        "long before its breaker could open. When it hangs, nothing fails before a timeout:",
+        "requests already sent to it wait for theirs (the max latency: the httpx timeout, or",
+        "`HttpPolicy`'s attempt timeout, after which a retry goes to another endpoint), and",
+        "without a health check P2C knows it only by its requests in flight (a score of",
+        "`(in flight + 1) x cost`, the cost fading while nothing is observed), so it may",
+        "still send it a request now and then until the first attempt times out. A hedge",
+        "rescues the caller, but the attempt it leaves on the hung endpoint is cancelled and",
+        "records neither a latency nor a failure, so that endpoint keeps its low cost and is",
+        "chosen again, within the hedge budget. A health check (the check's own timeout is",
+        f"{HEALTH_INTERVAL / 2:g} s) takes it out of the choice within about an interval.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

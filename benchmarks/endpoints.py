@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import gc
 import platform
 import random
 import signal
@@ -433,6 +434,15 @@ def pct(values: list[float], q: float) -> float:
 # --- the report ------------------------------------------------------------------------------
 
 
+def quiet_heap() -> None:
+    """Collect, then freeze what is left (``gc.freeze``): the rounds before, kept for the
+    report, are not scanned again. Without it a full collection of this process's heap, which
+    grows with every round measured, paused the event loop for about 20 ms a few times a
+    run, and in the open loop a pause delays every request due during it."""
+    gc.collect()
+    gc.freeze()
+
+
 async def latency_rows(args: argparse.Namespace, share: float, open_loop: bool) -> list[str]:
     endpoints = [
         Endpoint(seed=1),
@@ -451,6 +461,7 @@ async def latency_rows(args: argparse.Namespace, share: float, open_loop: bool) 
         for _ in range(args.rounds):
             for name, strategy in STRATEGIES:  # interleaved: noise hits every row alike
                 recorder = Recorder()
+                quiet_heap()
                 start = time.perf_counter()
                 latencies = await measure_latency(strategy(recorder, urls), args, open_loop)
                 busy[name] += time.perf_counter() - start
@@ -524,6 +535,7 @@ async def death_rows(args: argparse.Namespace) -> list[str]:
             recorder = Recorder()
             transport = strategy(recorder, [e.url for e in endpoints])
             victim = endpoints[2]
+            quiet_heap()
             death = await measure_fault(transport, recorder, victim, victim.kill, args)
         finally:
             for e in endpoints:
@@ -557,6 +569,7 @@ async def hang_rows(args: argparse.Namespace) -> list[str]:
             transport = strategy(recorder, [e.url for e in endpoints])
             timeout = CLIENT_TIMEOUT if isinstance(transport, RoundRobin) else None
             victim = endpoints[2]
+            quiet_heap()
             hang = await measure_fault(
                 transport, recorder, victim, victim.stop, args, client_timeout=timeout
             )
@@ -748,13 +761,14 @@ def main() -> None:
         "closed loop two server processes then carry the load of three and the median rises",
         "with their queues, in the open loop they have room to spare and it does not. The",
         "tail is what that buys: the slow endpoint's 200 ms answers reach the caller only",
-        "while its cost is being learnt, once per transport. Hedging needs spare capacity:",
-        "in the closed loop a hedge waits in the same queues as the request it should",
-        "overtake. In the open loop a pause of a few tens of milliseconds delays every",
-        "request due during it (the schedule does not wait), so a few pauses set a p99 of a",
-        "few milliseconds; on this machine they come mostly in the hedged rows, even with",
-        "every endpoint fast (compare those rows' p99 with the others'), which is why the",
-        "hedged rows miss their goal there too. When an",
+        "while its cost is being learnt, once per transport. A first attempt that a hedge",
+        "overtook counts for P2C as taking at least as long as it ran, so hedging does not",
+        "hide the slow endpoint from it. Hedging needs spare capacity: in the closed loop a",
+        "hedge waits in the same queues as the request it should overtake. In the open loop",
+        "a pause of the client's event loop delays every request due during it (the schedule",
+        "does not wait); each round starts with this process's heap collected and frozen",
+        "(`gc.freeze`), as a full collection of everything the earlier rounds left paused",
+        "it for about 20 ms, a p99 of its own. When an",
         "endpoint dies, the first refused connection makes it the costliest endpoint and its",
         "requests fail over at once, so callers see no failure and it gets no more traffic",
         "long before its breaker could open. When it hangs, nothing fails before a timeout:",
@@ -763,9 +777,10 @@ def main() -> None:
         "without a health check P2C knows it only by its requests in flight (a score of",
         "`(in flight + 1) x cost`, the cost fading while nothing is observed), so it may",
         "still send it a request now and then until the first attempt times out. A hedge",
-        "rescues the caller, but the attempt it leaves on the hung endpoint is cancelled and",
-        "records neither a latency nor a failure, so that endpoint keeps its low cost and is",
-        "chosen again, within the hedge budget. A health check (the check's own timeout is",
+        "rescues the caller (no request waited for a timeout), but the attempt it leaves on",
+        "the hung endpoint is cancelled after about the hedge delay, so that endpoint looks",
+        "about as fast as the others and keeps getting first attempts, each overtaken, within",
+        "the hedge budget. A health check (the check's own timeout is",
         f"{HEALTH_INTERVAL / 2:g} s) takes it out of the choice within about an interval.",
     ]
     text = "\n".join(lines) + "\n"

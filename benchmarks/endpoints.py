@@ -203,10 +203,11 @@ def hedged_origin(
 def failover_p2c_hedged(
     inner: httpx.AsyncBaseTransport, endpoints: list[str]
 ) -> httpx.AsyncBaseTransport:
-    """Failover and P2C, and hedging: after the learned p90, a hedge to another endpoint."""
+    """Failover and P2C, and hedging: after the learned p95 (``Hedge``'s default quantile),
+    a hedge to another endpoint."""
     return ResilientTransport(
         inner,
-        policy=HttpPolicy(hedge_delay="p90"),
+        policy=HttpPolicy(hedge_delay="p95"),
         service="bench",
         endpoints=endpoints,
         rng=random.Random(1),
@@ -270,11 +271,11 @@ STRATEGIES: list[tuple[str, Strategy]] = [
     ("round robin, `ResilientTransport` per origin", round_robin_protected),
     ("failover + P2C (`endpoints=`)", failover_p2c),
     ("round robin, per origin, hedging (`hedge_delay='p95'`)", hedged_origin),
-    ("failover + P2C + hedging (`hedge_delay='p90'`)", failover_p2c_hedged),
+    ("failover + P2C + hedging (`hedge_delay='p95'`)", failover_p2c_hedged),
 ]
 HEDGED = {
     "round robin, per origin, hedging (`hedge_delay='p95'`)",
-    "failover + P2C + hedging (`hedge_delay='p90'`)",
+    "failover + P2C + hedging (`hedge_delay='p95'`)",
 }
 
 

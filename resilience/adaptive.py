@@ -157,7 +157,7 @@ class Gradient2Limiter:
     within ``tolerance`` at the average's pace, and follows a window beyond ``tolerance``
     (mostly queueing that the limit itself allowed) ten times slower. A plain average
     drifts up under sustained overload, and the limit and the latency it allows with it.
-    Queueing of our own is checked, not assumed: once the limit has been cut by a fifth (or
+    Queueing of our own is checked, not assumed: once the limit has been cut by a quarter (or
     as low as cuts take it) while the latency stayed where it stood (less than 10 % lower,
     25 % higher), the excess is not a queue the limit allowed, and the baseline takes the
     window's latency at once: the first window's fastest call was a lucky one (with
@@ -258,10 +258,10 @@ class Gradient2Limiter:
             long += (short - long) * self._alpha
             self._anchor = None
         elif (anchor := self._anchor) is not None and (
-            (self._estimate <= anchor[0] * 4 / 5 or self._estimate <= self._floor)
+            (self._estimate <= anchor[0] * 3 / 4 or self._estimate <= self._floor)
             and 0.9 * anchor[1] <= short <= 1.25 * anchor[1]
         ):
-            # a fifth of the limit cut (or as far as it goes) and the latency did not follow:
+            # a quarter of the limit cut (or as far as it goes) and the latency did not follow:
             # no queue of ours, the baseline was too low (a lucky first window, or the
             # service got slower)
             long = short

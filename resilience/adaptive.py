@@ -157,11 +157,12 @@ class Gradient2Limiter:
     within ``tolerance`` at the average's pace, and follows a window beyond ``tolerance``
     (mostly queueing that the limit itself allowed) ten times slower. A plain average
     drifts up under sustained overload, and the limit and the latency it allows with it.
-    Queueing of our own is checked, not assumed: once the limit has been cut by a quarter (or
-    as low as cuts take it) while the latency stayed where it stood (less than 10 % lower,
-    25 % higher), the excess is not a queue the limit allowed, and the baseline takes the
-    window's latency at once: the first window's fastest call was a lucky one (with
-    variable service times it is far below the mean), or the service got slower.
+    Queueing of our own is checked, not assumed: once the calls in flight have been cut by a
+    quarter (or the limit is as low as cuts take it) while the latency stayed where it stood
+    (less than 10 % lower, 25 % higher), the excess is not a queue the limit allowed, and
+    the baseline takes the window's latency at once: the first window's fastest call was a
+    lucky one (with variable service times it is far below the mean), or the service got
+    slower.
     A dropped call counts as at least twice the tolerated latency, however fast the
     refusal came.
     """
@@ -205,7 +206,7 @@ class Gradient2Limiter:
         self._floor = 1.1 * max(self._min, 2 * self._queue)
         self._estimate = float(options.initial)
         self._long: float | None = None
-        self._anchor: tuple[float, float] | None = None
+        self._anchor: tuple[float, float, int] | None = None
         self._started: float | None = None
         self._count = 0
         self._total = 0.0
@@ -258,12 +259,14 @@ class Gradient2Limiter:
             long += (short - long) * self._alpha
             self._anchor = None
         elif (anchor := self._anchor) is not None and (
-            (self._estimate <= anchor[0] * 3 / 4 or self._estimate <= self._floor)
+            (peak <= anchor[2] * 3 / 4 or self._estimate <= self._floor)
             and 0.9 * anchor[1] <= short <= 1.25 * anchor[1]
         ):
-            # a quarter of the limit cut (or as far as it goes) and the latency did not follow:
-            # no queue of ours, the baseline was too low (a lucky first window, or the
-            # service got slower)
+            # the calls in flight cut by a quarter (or the limit as low as it goes) and the
+            # latency did not follow: no queue of ours, the baseline was too low (a lucky
+            # first window, or the service got slower). In flight, not the limit: the limit
+            # can come to rest just short of a quarter below, and the calls in flight are
+            # what a queue would follow
             long = short
             self._anchor = None
         else:  # beyond it, mostly queueing of our own: that must not become the norm
@@ -274,7 +277,7 @@ class Gradient2Limiter:
                 or short < 0.9 * anchor[1]  # the latency followed the cuts
                 or short > 1.25 * anchor[1]  # or got worse: start over from here
             ):
-                self._anchor = (self._estimate, short)
+                self._anchor = (self._estimate, short, peak)
         short = max(short, 1e-9)  # a zero latency says nothing bad: gradient 1
         self._long = long
         estimate = self._estimate

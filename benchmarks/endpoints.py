@@ -524,6 +524,37 @@ FAULT_STRATEGIES: list[tuple[str, Strategy]] = [
 ]
 
 
+async def run_fault(strategy: Strategy, args: argparse.Namespace, *, hang: bool) -> Fault:
+    """One strategy against three fresh endpoints, the third killed (or, ``hang``, stopped)
+    after ``args.before`` s; the round-robin rows wait at most ``CLIENT_TIMEOUT`` per attempt
+    when it hangs (an httpx client timeout), the others as ``HttpPolicy()`` says."""
+    endpoints = [Endpoint(seed=i) for i in range(3)]
+    try:
+        recorder = Recorder()
+        transport = strategy(recorder, [e.url for e in endpoints])
+        victim = endpoints[2]
+        quiet_heap()
+        if not hang:
+            return await measure_fault(transport, recorder, victim, victim.kill, args)
+        timeout = CLIENT_TIMEOUT if isinstance(transport, RoundRobin) else None
+        return await measure_fault(
+            transport, recorder, victim, victim.stop, args, client_timeout=timeout
+        )
+    finally:
+        for e in endpoints:
+            e.kill()
+
+
+def last_sent(fault: Fault, watch: float) -> str:
+    """When the last attempt went to the victim, for the report."""
+    if fault.last_after is None:
+        return "none"
+    last = f"{fault.last_after * 1e3:,.1f} ms"
+    if fault.last_after > watch * 0.9:
+        last += " (still going at the end)"
+    return last
+
+
 async def death_rows(args: argparse.Namespace) -> list[str]:
     rows = [
         "| strategy | requests | failed for the caller | attempts to the dead endpoint "
@@ -531,21 +562,10 @@ async def death_rows(args: argparse.Namespace) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, strategy in FAULT_STRATEGIES:
-        endpoints = [Endpoint(seed=i) for i in range(3)]
-        try:
-            recorder = Recorder()
-            transport = strategy(recorder, [e.url for e in endpoints])
-            victim = endpoints[2]
-            quiet_heap()
-            death = await measure_fault(transport, recorder, victim, victim.kill, args)
-        finally:
-            for e in endpoints:
-                e.kill()
-        last = "none" if death.last_after is None else f"{death.last_after * 1e3:,.1f} ms"
-        if death.last_after is not None and death.last_after > args.watch * 0.9:
-            last += " (still going at the end)"
+        death = await run_fault(strategy, args, hang=False)
         rows.append(
-            f"| {name} | {death.total:,} | {death.failures:,} | {death.attempts_after:,} | {last} |"
+            f"| {name} | {death.total:,} | {death.failures:,} | {death.attempts_after:,} | "
+            f"{last_sent(death, args.watch)} |"
         )
     return rows
 
@@ -555,36 +575,18 @@ HANGS: dict[str, Fault] = {}  # strategy -> its row in the hang table
 
 
 async def hang_rows(args: argparse.Namespace) -> list[str]:
-    """The victim stopped (SIGSTOP) rather than killed; the round-robin rows wait at most
-    ``CLIENT_TIMEOUT`` per attempt (an httpx client timeout), the others as ``HttpPolicy()``
-    says (no client timeout)."""
+    """The victim stopped (SIGSTOP) rather than killed."""
     rows = [
         "| strategy | requests | failed for the caller | p99 | max | attempts to the hung "
         "endpoint after the stop | last one sent after the stop |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, strategy in FAULT_STRATEGIES:
-        endpoints = [Endpoint(seed=i) for i in range(3)]
-        try:
-            recorder = Recorder()
-            transport = strategy(recorder, [e.url for e in endpoints])
-            timeout = CLIENT_TIMEOUT if isinstance(transport, RoundRobin) else None
-            victim = endpoints[2]
-            quiet_heap()
-            hang = await measure_fault(
-                transport, recorder, victim, victim.stop, args, client_timeout=timeout
-            )
-        finally:
-            for e in endpoints:
-                e.kill()
-        HANGS[name] = hang
-        last = "none" if hang.last_after is None else f"{hang.last_after * 1e3:,.1f} ms"
-        if hang.last_after is not None and hang.last_after > args.watch * 0.9:
-            last += " (still going at the end)"
+        hang = HANGS[name] = await run_fault(strategy, args, hang=True)
         rows.append(
             f"| {name} | {hang.total:,} | {hang.failures:,} | "
             f"{pct(hang.latencies, 0.99) * 1e3:,.1f} ms | {max(hang.latencies) * 1e3:,.1f} ms | "
-            f"{hang.attempts_after:,} | {last} |"
+            f"{hang.attempts_after:,} | {last_sent(hang, args.watch)} |"
         )
     return rows
 

@@ -17,6 +17,8 @@ from resilience.quota import FleetShare
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from .fork_support import in_forked_child
+
 _prefixes = itertools.count()
 
 
@@ -221,7 +223,6 @@ async def test_status_shows_the_permits_in_use_under_shares(redis_url: str) -> N
 async def test_a_forked_child_holds_nothing_of_its_parents_share() -> None:
     """A child forked while its parent holds a share starts with none: what it takes it
     asks the fleet for, and the parent's share is not the child's to spend."""
-    import os
 
     clock = FakeClock()
     store = MemoryStore(clock=clock)
@@ -229,25 +230,11 @@ async def test_a_forked_child_holds_nothing_of_its_parents_share() -> None:
     assert await share.take()
     assert await share.take()
     share.give()  # the parent: one permit in use, a share of 2
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: a new event loop, the inherited objects
-        code = 1
-        try:
-            os.close(read)
 
-            async def child() -> str:
-                now, asked = share.take_now(), await share.take()
-                return f"{share.share} {share.held} {int(now)} {int(asked)}"
+    async def child() -> str:
+        now, asked = share.take_now(), await share.take()
+        return f"{share.share} {share.held} {int(now)} {int(asked)}"
 
-            os.write(write, asyncio.new_event_loop().run_until_complete(child()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)  # noqa: ASYNC222 - the child is quick
-    seen = os.read(read, 100).decode()
-    os.close(read)
-    assert status == 0
+    seen = in_forked_child(child)
     assert seen == "0 0 0 0"  # nothing inherited; the fleet (the parent's share) is full
     await share.aclose()

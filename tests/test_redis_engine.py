@@ -39,6 +39,7 @@ from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 from .faultproxy import FaultProxy
+from .fork_support import in_forked_child
 from .redis_server import RedisServer
 
 _prefixes = itertools.count()
@@ -392,29 +393,14 @@ async def test_a_forked_child_is_a_new_replica(redis_url: str, raw: aioredis.Red
             await b.call(ok)
         await store.sync()
         parent_id = store.replica
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: a new event loop, the inherited store
-            os.close(read)
-            code = 1
-            try:
 
-                async def child() -> str:
-                    for _ in range(20):
-                        await b.call(ok)
-                    await store.sync()
-                    return store.replica
+        async def child() -> str:  # in a forked child: the inherited store
+            for _ in range(20):
+                await b.call(ok)
+            await store.sync()
+            return store.replica
 
-                replica = asyncio.new_event_loop().run_until_complete(child())
-                os.write(write, replica.encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        _, status = os.waitpid(pid, 0)  # noqa: ASYNC222 - the child is quick
-        child_id = os.read(read, 100).decode()
-        os.close(read)
-        assert status == 0
+        child_id = in_forked_child(child)
         assert child_id
         assert child_id != parent_id
         for _ in range(10):

@@ -44,6 +44,18 @@ def client(handler: object, clock: FakeClock, **options: object) -> httpx.AsyncC
     return httpx.AsyncClient(transport=transport, base_url="http://a:8000")
 
 
+def hedged_service(handler: object, clock: FakeClock, seed: int) -> ResilientTransport:
+    """The service ``orders`` on ``ENDPOINTS``, hedged after 0.05 s with room for every hedge."""
+    policy = HttpPolicy(clock=clock, timeout=None, hedge_delay=0.05, hedge_budget=1.0)
+    return ResilientTransport(
+        httpx.MockTransport(handler),  # type: ignore[arg-type]
+        policy=policy,
+        service="orders",
+        endpoints=ENDPOINTS,
+        rng=random.Random(seed),
+    )
+
+
 @pytest.mark.parametrize("seed", range(5))
 async def test_a_hedge_goes_to_another_endpoint(seed: int) -> None:
     """Whichever endpoint the first attempt went to, the hedge goes to another one."""
@@ -57,14 +69,7 @@ async def test_a_hedge_goes_to_another_endpoint(seed: int) -> None:
             await gate.wait()  # the first attempt hangs (until cancelled)
         return httpx.Response(200, text=request.url.host)
 
-    policy = HttpPolicy(clock=clock, timeout=None, hedge_delay=0.05, hedge_budget=1.0)
-    transport = ResilientTransport(
-        httpx.MockTransport(handler),
-        policy=policy,
-        service="orders",
-        endpoints=ENDPOINTS,
-        rng=random.Random(seed),
-    )
+    transport = hedged_service(handler, clock, seed)
     async with httpx.AsyncClient(transport=transport, base_url="http://orders") as c:
         task = asyncio.create_task(c.get("/x"))
         await settle()
@@ -189,14 +194,7 @@ async def test_an_attempt_overtaken_by_a_hedge_teaches_p2c_its_endpoint_is_slow(
             await asyncio.Event().wait()  # the first attempt hangs until cancelled
         return httpx.Response(200, text=request.url.host)
 
-    policy = HttpPolicy(clock=clock, timeout=None, hedge_delay=0.05, hedge_budget=1.0)
-    transport = ResilientTransport(
-        httpx.MockTransport(handler),
-        policy=policy,
-        service="orders",
-        endpoints=ENDPOINTS,
-        rng=random.Random(3),
-    )
+    transport = hedged_service(handler, clock, 3)
     assert transport._service is not None
     loads = {e.host: e.load for e in transport._service.endpoints}
     async with httpx.AsyncClient(transport=transport, base_url="http://orders") as c:

@@ -44,7 +44,7 @@ def limits(
                 per=per,
                 burst=burst,
                 store=store,
-                ahead=AHEAD if quota and store is not None else 0.0,
+                ahead=min(AHEAD, per) if quota and store is not None else 0.0,
                 name=name,
                 clock=clock,
                 listeners=listeners,

@@ -35,6 +35,9 @@ Algorithm = Literal["gradient2", "aimd"]
 
 _GRADIENT2_ONLY = ("window", "min_samples", "smoothing", "tolerance", "long_window", "queue_size")
 _AIMD_ONLY = ("latency_target", "backoff")
+#: the largest limit (and window count, sample count, queue) an option may name: far beyond
+#: any real concurrency, and exact as a float (the limiters compute in floats)
+MAX_COUNT = 1_000_000_000
 _DEFAULTS: dict[str, float | int] = {
     "window": 1.0,
     "min_samples": 10,
@@ -102,8 +105,8 @@ class AdaptiveLimit:
         algorithm = self.algorithm
         if algorithm not in ("gradient2", "aimd"):
             raise ValueError(f"algorithm must be 'gradient2' or 'aimd', got {algorithm!r}")
-        check_int("min_limit", self.min_limit)
-        check_int("max_limit", self.max_limit, minimum=self.min_limit)
+        check_int("min_limit", self.min_limit, maximum=MAX_COUNT)
+        check_int("max_limit", self.max_limit, minimum=self.min_limit, maximum=MAX_COUNT)
         check_int("initial", self.initial, minimum=self.min_limit, maximum=self.max_limit)
         own, other = (
             (_GRADIENT2_ONLY, _AIMD_ONLY)
@@ -118,12 +121,12 @@ class AdaptiveLimit:
                 object.__setattr__(self, name, _DEFAULTS[name])
         if algorithm == "gradient2":
             check_seconds("window", self.window, zero=True)
-            check_int("min_samples", self.min_samples)
+            check_int("min_samples", self.min_samples, maximum=MAX_COUNT)
             check_ratio("smoothing", self.smoothing)
             if check_positive("tolerance", self.tolerance) < 1:
                 raise ValueError(f"tolerance must be >= 1, got {self.tolerance!r}")
-            check_int("long_window", self.long_window)
-            check_int("queue_size", self.queue_size, minimum=0)
+            check_int("long_window", self.long_window, maximum=MAX_COUNT)
+            check_int("queue_size", self.queue_size, minimum=0, maximum=MAX_COUNT)
         else:
             if self.latency_target is None:
                 raise ValueError("algorithm='aimd' needs a latency_target (seconds)")
@@ -278,8 +281,10 @@ class Gradient2Limiter:
                 or short > 1.25 * anchor[1]  # or got worse: start over from here
             ):
                 self._anchor = (self._estimate, short, peak)
-        short = max(short, 1e-9)  # a zero latency says nothing bad: gradient 1
         self._long = long
+        # a zero latency (a fake clock, a cached answer) says nothing bad: with both at zero
+        # the gradient is 1, not 0
+        short, long = max(short, 1e-9), max(long, 1e-9)
         estimate = self._estimate
         if peak < estimate / 2:  # not limited by us: the window proves nothing
             return int(estimate)

@@ -90,6 +90,13 @@ class RateLimiter(BasePolicy):
             )
         self.interval = interval
         self.ahead = check_seconds("ahead", ahead, zero=True)
+        if self.ahead > self.per:
+            # tokens held longer than a period would let the fleet admit more than twice its
+            # rate (and ahead=1e308 would overflow a batch's size)
+            raise ValueError(
+                f"ahead must be at most per ({self.per:g} s): tokens taken ahead are spent "
+                f"within one period, got {ahead!r}"
+            )
         needs = ("rate_take", "rate_take_many") if self.ahead else ("rate_take",)
         self.store = check_store("store", store, *needs)
         check_fleet_name("RateLimiter", self.name, "rate_limiter", self.store)

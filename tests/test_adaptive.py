@@ -633,3 +633,45 @@ def test_gradient2_does_not_rest_below_capacity_with_variable_service_times(
     assert settled_p99(seconds, 120, 240) <= 2 * settled_p99(
         simulate(None, [(60, capacity)], offered=0.5, service=lognormal(seed)), 10, 60
     )
+
+
+async def test_gradient2_on_a_fake_clock_does_not_read_instant_calls_as_overload(
+    clock: FakeClock,
+) -> None:
+    """Calls that take no time at all (a FakeClock that is not advanced during them) say
+    nothing bad: a Gradient2 bulkhead keeps its limit and refuses none of its in-flight calls."""
+    bulkhead = Bulkhead(limit=AdaptiveLimit(initial=20, min_samples=5), clock=clock)
+    release = asyncio.Event()
+
+    async def held() -> None:
+        await release.wait()
+
+    refused = 0
+    for _ in range(10):  # ten windows of 20 instant calls held together
+        tasks = [asyncio.create_task(bulkhead.call(held)) for _ in range(20)]
+        await settle()
+        release.set()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            refused += isinstance(result, BulkheadFullError)
+        release.clear()
+        clock.advance(1.0)
+    assert refused == 0
+    assert bulkhead.current_limit >= 20
+
+
+def test_gradient2_limiter_keeps_its_limit_on_zero_latencies() -> None:
+    """The pure rule: windows whose calls all took 0 s never cut the limit."""
+    limiter = AdaptiveLimit(initial=20, window=0, min_samples=1).limiter()
+    for i in range(50):
+        limiter.sample(float(i), 0.0, 20)
+    assert limiter.limit >= 20
+
+
+@pytest.mark.parametrize(
+    "option", ["max_limit", "long_window", "queue_size", "min_limit", "initial", "min_samples"]
+)
+def test_integers_too_large_for_a_float_are_refused_by_name(option: str) -> None:
+    """An integer option beyond what a float holds (10**400) is a ValueError naming the
+    option, at construction, never a bare OverflowError from the first bulkhead."""
+    with pytest.raises(ValueError, match=option):
+        Bulkhead(limit=AdaptiveLimit(**{option: 10**400}))

@@ -454,3 +454,10 @@ def test_malformed_deadline_headers_never_crash_the_middleware(
         assert status == 200
         assert ran == [True]
     assert sent[-1]["type"] == "http.response.body"
+
+
+def test_a_middleware_with_a_short_rate_period_takes_tokens_ahead_within_it() -> None:
+    """A shared rate limit with a period shorter than the middleware's batch horizon builds
+    (its limiter takes tokens ahead within the period) instead of refusing its own option."""
+
+    ResilienceMiddleware(_ok_app, rate=1, per=0.01, store=MemoryStore(), name="svc")

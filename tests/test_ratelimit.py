@@ -437,3 +437,11 @@ async def test_tokens_taken_ahead_are_dropped_after_ahead(clock: FakeClock) -> N
     assert admitted < 20
     with pytest.raises(RateLimitedError):
         await a.call(ok)  # its left-over token lapsed: the empty bucket decides
+
+
+@pytest.mark.parametrize("ahead", [1e308, 3601.0, 1e20])
+def test_an_ahead_beyond_any_use_is_refused(ahead: float) -> None:
+    """``ahead`` so large that a batch's size overflows (1e308) is refused at construction
+    with a ValueError naming it, never a bare OverflowError on the second call."""
+    with pytest.raises(ValueError, match="ahead"):
+        RateLimiter(10, ahead=ahead, store=MemoryStore(), name="x")

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from .checks import check_int, check_name, check_positive, check_seconds
 from .clock import SYSTEM_CLOCK, Clock
@@ -320,6 +320,63 @@ class HealthResult:
 Watcher = Callable[[HealthResult | None, bool], Awaitable[None]]
 
 
+_MAX_SEQ = 2**53  # a published sequence number: JSON's exact integers
+_MAX_DURATION = 86_400.0  # seconds: a published run that took longer than a day is garbage
+_MAX_ERROR = 1_000  # characters of a failure's text that are published and read
+
+
+class _Published(NamedTuple):
+    """One result as the fleet's runner publishes it."""
+
+    publisher: str  #: the publishing HealthCheck object's id
+    seq: int  #: its sequence number: a reader counts each result once
+    ok: bool
+    duration: float
+    error: str | None
+
+    def encode(self) -> bytes:
+        """The result as JSON, the form every replica reads."""
+        return json.dumps(
+            {
+                "id": self.publisher,
+                "seq": self.seq,
+                "ok": self.ok,
+                "duration": self.duration,
+                "error": self.error,
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> _Published:
+        """A published result; ``ValueError`` for anything a runner never writes (not JSON,
+        a field missing or of another type, a number out of range: NaN, inf, 1e300, < 0)."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object: {data!r:.80}")
+        publisher, seq, ok = data.get("id"), data.get("seq"), data.get("ok")
+        duration, error = data.get("duration"), data.get("error")
+        if not isinstance(publisher, str) or not 0 < len(publisher) <= 128:
+            raise ValueError(f"bad id {publisher!r:.80}")
+        if type(seq) is not int or not 0 < seq <= _MAX_SEQ:
+            raise ValueError(f"bad seq {seq!r:.80}")
+        if not isinstance(ok, bool):
+            raise ValueError(f"bad ok {ok!r:.80}")
+        if (
+            not isinstance(duration, int | float)
+            or isinstance(duration, bool)
+            or not 0.0 <= duration <= _MAX_DURATION  # NaN fails it too
+        ):
+            raise ValueError(f"bad duration {duration!r:.80}")
+        if error is not None and not isinstance(error, str):
+            raise ValueError(f"bad error {error!r:.80}")
+        return cls(publisher, seq, ok, float(duration), _cut(error))
+
+
+def _cut(error: str | None) -> str | None:
+    """A failure's text, at most ``_MAX_ERROR`` characters."""
+    return error if error is None or len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 3] + "..."
+
+
 def _default_detector(interval: float) -> PhiAccrualDetector:
     """Phi accrual scaled to the check's interval: a pause of two missed checks is never
     suspicious, so the dependency is suspected after about three failed checks in a row."""
@@ -344,8 +401,9 @@ class HealthCheck:
 
     With a shared ``store`` one replica at a time runs the check fleet-wide: it holds a lease
     (renewed every round, taken over by another replica within about ``2 * interval`` when its
-    holder dies) and publishes each result; the other replicas read it every ``interval``, so
-    they all see the dependency's health without one request per replica, and never on a
+    holder dies) and publishes each result, only while it still holds the lease (a runner
+    frozen past its lease publishes nothing); the other replicas read it every ``interval``,
+    so they all see the dependency's health without one request per replica, and never on a
     call's path. While the store cannot be reached, each replica runs the check itself.
 
     Every parameter is validated at construction; the configuration is read-only.
@@ -407,7 +465,7 @@ class HealthCheck:
             )
         self._history = check_int("history", history, maximum=100_000)
         leases = ("acquire_lease", "renew_lease", "release_lease")
-        self._store = check_store("store", store, *leases, "cache_get", "cache_set")
+        self._store = check_store("store", store, *leases, "publish", "read_published")
         if detector is None:
             detector = _default_detector(self._interval)
         for method in ("watch", "heartbeat", "phi", "suspect"):
@@ -610,63 +668,66 @@ class HealthCheck:
         if store_down(store):
             return await self._run_check()
         try:
-            leading = await self._lead(store)
+            lease = await self._lead(store)
         except Exception as exc:  # StoreUnavailableError, or a store that misbehaves
             logger.debug("health check %r runs locally: %r", self._name, exc)
             return await self._run_check()
-        if leading:
-            result = await self._run_check()
-            self._seq += 1
-            payload = {
-                "id": self._id,
-                "seq": self._seq,
-                "ok": result.ok,
-                "duration": result.duration,
-                "error": result.error,
-            }
-            try:
-                await store.cache_set(
-                    self._key, "result", json.dumps(payload).encode(), ttl=3 * self._interval
-                )
-            except Exception as exc:  # the followers see no news: their phi rises
-                logger.debug("health check %r could not publish: %r", self._name, exc)
-            return result
+        if lease is not None:
+            return await self._publish(store, lease, await self._run_check())
         try:
-            raw = await store.cache_get(self._key, "result")
+            published = await store.read_published(self._key, "result", _Published.decode)
         except Exception as exc:
             logger.debug("health check %r runs locally: %r", self._name, exc)
             return await self._run_check()
-        return self._read(raw)
+        return self._news(published)
 
-    async def _lead(self, store: Store) -> bool:
-        """Keep (or take) the fleet's lease: whether this replica runs the check."""
+    async def _lead(self, store: Store) -> str | None:
+        """Keep (or take) the fleet's lease: the lease, if this replica runs the check."""
         if self._lease is not None:
             if await store.renew_lease(self._key, self._lease, ttl=self._lease_ttl):
-                return True
+                return self._lease
             self._lease = None  # it expired: someone else may hold it now
         self._lease = await store.acquire_lease(self._key, limit=1, ttl=self._lease_ttl)
-        return self._lease is not None
+        return self._lease
 
-    def _read(self, raw: bytes | None) -> HealthResult | None:
-        """The leader's result, if it is one this replica has not seen yet."""
-        if raw is None:
-            return None
+    async def _publish(self, store: Store, lease: str, result: HealthResult) -> HealthResult | None:
+        """Publish this run's result as the holder of ``lease``. A runner that lost the lease
+        during the run (frozen past its expiry, say) publishes nothing and keeps nothing:
+        its run measured its own stall, and another replica runs the check now."""
+        self._seq += 1
+        published = _Published(self._id, self._seq, result.ok, result.duration, result.error)
         try:
-            data = json.loads(raw)
-            seen = (str(data["id"]), int(data["seq"]))
-            ok = data["ok"]
-            duration = float(data["duration"])
-            error = data["error"]
-            if not isinstance(ok, bool) or not (error is None or isinstance(error, str)):
-                raise ValueError("bad field types")
-        except Exception as exc:  # written by someone else? ignored, never a crash
-            logger.warning("health check %r: unparsable result in the store: %r", self._name, exc)
+            held = await store.publish(
+                self._key, "result", published.encode(), lease=lease, ttl=3 * self._interval
+            )
+        except Exception as exc:  # the followers see no news: their phi rises
+            logger.debug("health check %r could not publish: %r", self._name, exc)
+            return result
+        if held:
+            self._seen = (self._id, self._seq)  # as a follower later, not news again
+            return result
+        self._lease = None
+        logger.warning(
+            "health check %r lost the fleet's lease during its run (a stall?): "
+            "its result is dropped",
+            self._name,
+        )
+        return None
+
+    def _news(self, published: _Published | None) -> HealthResult | None:
+        """The leader's result, if it is one this replica has not seen yet."""
+        if published is None:
             return None
+        seen = (published.publisher, published.seq)
         if seen == self._seen:
             return None
         self._seen = seen
         return HealthResult(
-            ok=ok, at=self._clock.monotonic(), duration=duration, error=error, ran_here=False
+            ok=published.ok,
+            at=self._clock.monotonic(),
+            duration=published.duration,
+            error=published.error,
+            ran_here=False,
         )
 
     def _record(self, result: HealthResult) -> None:

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -342,6 +343,228 @@ async def test_a_check_that_swallows_cancellation_still_stops(clock: FakeClock) 
     await started.wait()
     await asyncio.wait_for(hc.aclose(), 5.0)
     assert not hc.running
+
+
+class Halt(BaseException):
+    """A BaseException that is neither cancellation nor an interpreter exit."""
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        asyncio.CancelledError("the check's own"),
+        Halt("stop"),
+        BaseExceptionGroup("group", [Halt("inner")]),
+    ],
+    ids=["CancelledError", "BaseException", "BaseExceptionGroup"],
+)
+async def test_a_check_raising_a_base_exception_is_a_failed_check(
+    clock: FakeClock, raised: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CancelledError that is not the loop's own, or another BaseException, from the check
+    is one failed run: the loop goes on at its interval and judges the dependency."""
+    runs = 0
+    events: list[Event] = []
+
+    async def check() -> None:
+        nonlocal runs
+        runs += 1
+        raise raised
+
+    hc = HealthCheck(check, name="x", interval=1.0, clock=clock, listeners=[events.append])
+    async with hc:
+        await advance(clock, 5.0)
+        assert hc.running
+        assert runs == 6
+        assert [r.ok for r in hc.results] == [False] * 6
+        assert type(raised).__name__ in (hc.results[-1].error or "")
+        assert not hc.healthy
+    assert [e.healthy for e in events if isinstance(e, HealthChanged)] == [False]
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_interpreter_exits_from_a_check_propagate_and_are_logged(
+    raised: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """KeyboardInterrupt and SystemExit from a check stop the loop and reach the caller of
+    the event loop, as asyncio delivers them; the stop is logged."""
+
+    async def check() -> None:
+        raise raised
+
+    async def main() -> None:
+        hc = HealthCheck(check, name="x", interval=1.0, clock=FakeClock())
+        hc.start()
+        await asyncio.Event().wait()
+
+    caught: list[BaseException] = []
+
+    def run() -> None:  # on a thread of its own: the interrupt never passes through pytest
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30.0)
+    assert [type(e) for e in caught] == [raised]
+    assert "health check 'x' stopped" in caplog.text
+
+
+async def swallow_cancellation(started: asyncio.Event) -> None:
+    """Wait for ever; return quietly when cancelled (the cancellation is swallowed)."""
+    started.set()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        return
+
+
+@pytest.mark.parametrize("where", ["check", "watcher"])
+async def test_a_cancellation_from_outside_ends_the_loop_even_if_swallowed(
+    clock: FakeClock, where: str
+) -> None:
+    """The loop's own task cancelled (not through aclose) ends it, even when the check or
+    what the loop calls after it swallows the CancelledError."""
+    started = asyncio.Event()
+
+    async def check() -> None:
+        if where == "check":
+            await swallow_cancellation(started)
+
+    async def watcher(result: HealthResult | None, suspected: bool) -> None:
+        await swallow_cancellation(started)
+
+    hc = HealthCheck(check, name="x", interval=1.0, clock=clock)
+    if where == "watcher":
+        hc._watch(watcher)
+    hc.start()
+    await started.wait()
+    task = hc._task
+    assert task is not None
+    task.cancel()
+    await settle()
+    assert task.done()
+    assert not hc.running
+    await hc.aclose()
+
+
+async def test_a_run_cut_short_by_aclose_is_no_result(clock: FakeClock) -> None:
+    """A run that aclose() interrupts measured nothing, even when the check turns the
+    cancellation into an error: neither recorded nor published for the fleet."""
+    store = MemoryStore(clock=clock)
+    started = asyncio.Event()
+    runs = 0
+
+    async def check() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 2:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise ConnectionError("interrupted") from None
+
+    hc = HealthCheck(check, name="dep", interval=1.0, store=store)
+    hc.start()
+    await advance(clock, 1.0)
+    await started.wait()
+    await hc.aclose()
+    assert [r.ok for r in hc.results] == [True]
+    follower = HealthCheck(Dependency().check, name="dep", interval=1.0, store=store)
+    assert await store.acquire_lease("health:dep", limit=1, ttl=60.0)  # someone else leads
+    await follower._round()
+    assert [r.ok for r in follower.results] == [True]
+
+
+async def test_a_watcher_raising_a_base_exception_does_not_stop_the_loop(
+    clock: FakeClock, dep: Dependency, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the loop calls after a run (a bound breaker) cannot end it by raising: logged."""
+    heard = 0
+
+    async def watcher(result: HealthResult | None, suspected: bool) -> None:
+        nonlocal heard
+        heard += 1
+        raise Halt("watcher")
+
+    hc = HealthCheck(dep.check, name="x", interval=1.0, clock=clock)
+    hc._watch(watcher)
+    async with hc:
+        await advance(clock, 3.0)
+        assert hc.running
+        assert (dep.runs, heard) == (4, 4)
+    assert "Halt" in caplog.text
+
+
+async def test_no_timer_outlives_aclose(clock: FakeClock, dep: Dependency) -> None:
+    """After aclose() nothing of the check is left on the clock: no sleep, no deadline."""
+    hc = HealthCheck(dep.check, name="x", interval=1.0, timeout=0.5, clock=clock)
+    async with hc:
+        await advance(clock, 2.1)
+    assert clock.pending == 0
+
+
+def test_a_check_running_at_fork_runs_again_in_the_child(clock: FakeClock) -> None:
+    """Forked while running: in the child the check holds no task or lease of its parent's,
+    runs again from its first use there, and aclose() returns at once."""
+    from tests.fork_support import in_forked_child
+
+    store = MemoryStore(clock=clock)
+    dep = Dependency()
+    hc = HealthCheck(dep.check, name="dep", interval=1.0, store=store)
+
+    async def parent() -> None:
+        hc.start()
+        await settle()
+        assert hc.leading
+
+    async def child() -> str:
+        before = dep.runs
+        leading = hc.leading
+        await settle()
+        running = hc.running  # its first use here: the check starts in this loop
+        await advance(clock, 4.0)  # the parent's lease expires in the child's store too
+        after = dep.runs
+        await asyncio.wait_for(hc.aclose(), 5.0)
+        return f"{int(leading)} {int(running)} {after - before} {int(hc.leading)}"
+
+    async def closed_at_once() -> str:
+        await asyncio.wait_for(hc.aclose(), 5.0)  # never used here: nothing to wait for
+        await advance(clock, 3.0)
+        return f"{int(hc.running)} {int(hc.leading)}"
+
+    async def later() -> None:
+        await hc.aclose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(parent())
+        seen = in_forked_child(child)
+        assert in_forked_child(closed_at_once) == "0 0"  # closed: it does not start again
+        loop.run_until_complete(later())
+    finally:
+        loop.close()
+    leading, running, runs, still = seen.split()
+    assert (leading, running, still) == ("0", "1", "0")
+    assert int(runs) >= 2  # led after the parent's lease expired
+
+
+def test_a_check_stopped_at_fork_stays_stopped_in_the_child(clock: FakeClock) -> None:
+    """A check that was not running when the process forked does not start by itself."""
+    from tests.fork_support import in_forked_child
+
+    dep = Dependency()
+    hc = HealthCheck(dep.check, name="dep", interval=1.0, clock=clock)
+
+    async def child() -> str:
+        running = hc.running
+        await advance(clock, 3.0)
+        return f"{int(running)} {dep.runs}"
+
+    assert in_forked_child(child) == "0 0"
 
 
 async def test_a_timeout_detector_makes_a_plain_rule(clock: FakeClock, dep: Dependency) -> None:

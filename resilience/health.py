@@ -26,13 +26,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .checks import check_int, check_name, check_positive, check_seconds
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ResilienceTimeoutError
 from .events import HealthChanged, Listener, check_listeners, emit
 from .policy import check_store, require_async, store_down
+from .quota import forget_in_child
 from .store.protocol import HEALTH_PREFIX
 from .timeout import Timeout
 
@@ -320,6 +321,78 @@ class HealthResult:
 Watcher = Callable[[HealthResult | None, bool], Awaitable[None]]
 
 
+_INTERRUPTS = (KeyboardInterrupt, SystemExit)
+
+
+def _stops_the_loop(exc: BaseException, task: asyncio.Task[Any] | None) -> bool:
+    """Whether ``exc``, raised inside the loop running in ``task``, ends it: the loop's own
+    cancellation (``task.cancelling()``), or an interpreter exit (``KeyboardInterrupt``,
+    ``SystemExit``, also inside an exception group). Any other ``BaseException``, a
+    ``CancelledError`` the task was not asked for included, is a failure of one round."""
+    if isinstance(exc, asyncio.CancelledError):
+        return task is None or task.cancelling() > 0
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(_INTERRUPTS) is not None
+    return isinstance(exc, _INTERRUPTS)
+
+
+_MAX_SEQ = 2**53  # a published sequence number: JSON's exact integers
+_MAX_DURATION = 86_400.0  # seconds: a published run that took longer than a day is garbage
+_MAX_ERROR = 1_000  # characters of a failure's text that are published and read
+
+
+class _Published(NamedTuple):
+    """One result as the fleet's runner publishes it."""
+
+    publisher: str  #: the publishing HealthCheck object's id
+    seq: int  #: its sequence number: a reader counts each result once
+    ok: bool
+    duration: float
+    error: str | None
+
+    def encode(self) -> bytes:
+        """The result as JSON, the form every replica reads."""
+        return json.dumps(
+            {
+                "id": self.publisher,
+                "seq": self.seq,
+                "ok": self.ok,
+                "duration": self.duration,
+                "error": self.error,
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> _Published:
+        """A published result; ``ValueError`` for anything a runner never writes (not JSON,
+        a field missing or of another type, a number out of range: NaN, inf, 1e300, < 0)."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object: {data!r:.80}")
+        publisher, seq, ok = data.get("id"), data.get("seq"), data.get("ok")
+        duration, error = data.get("duration"), data.get("error")
+        if not isinstance(publisher, str) or not 0 < len(publisher) <= 128:
+            raise ValueError(f"bad id {publisher!r:.80}")
+        if type(seq) is not int or not 0 < seq <= _MAX_SEQ:
+            raise ValueError(f"bad seq {seq!r:.80}")
+        if not isinstance(ok, bool):
+            raise ValueError(f"bad ok {ok!r:.80}")
+        if (
+            not isinstance(duration, int | float)
+            or isinstance(duration, bool)
+            or not 0.0 <= duration <= _MAX_DURATION  # NaN fails it too
+        ):
+            raise ValueError(f"bad duration {duration!r:.80}")
+        if error is not None and not isinstance(error, str):
+            raise ValueError(f"bad error {error!r:.80}")
+        return cls(publisher, seq, ok, float(duration), _cut(error))
+
+
+def _cut(error: str | None) -> str | None:
+    """A failure's text, at most ``_MAX_ERROR`` characters."""
+    return error if error is None or len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 3] + "..."
+
+
 def _default_detector(interval: float) -> PhiAccrualDetector:
     """Phi accrual scaled to the check's interval: a pause of two missed checks is never
     suspicious, so the dependency is suspected after about three failed checks in a row."""
@@ -341,12 +414,19 @@ class HealthCheck:
     ``timeout`` seconds is a success, and each success is a heartbeat for ``detector``
     (phi accrual scaled to ``interval`` by default). ``healthy`` is ``phi < threshold``.
     Start it with ``async with check:`` (or ``start()``), stop it with ``aclose()``.
+    A run that raises anything (a ``CancelledError`` of the check's own and any other
+    ``BaseException`` included) is a failed run and the loop goes on; only its own
+    cancellation ends it, and ``KeyboardInterrupt`` / ``SystemExit``, which are logged and
+    propagate as asyncio delivers them.
 
     With a shared ``store`` one replica at a time runs the check fleet-wide: it holds a lease
     (renewed every round, taken over by another replica within about ``2 * interval`` when its
-    holder dies) and publishes each result; the other replicas read it every ``interval``, so
-    they all see the dependency's health without one request per replica, and never on a
+    holder dies) and publishes each result, only while it still holds the lease (a runner
+    frozen past its lease publishes nothing); the other replicas read it every ``interval``,
+    so they all see the dependency's health without one request per replica, and never on a
     call's path. While the store cannot be reached, each replica runs the check itself.
+    In a process forked while the check runs, it is a new runner (no task, lease or timer of
+    the parent's) that starts again at its first use there.
 
     Every parameter is validated at construction; the configuration is read-only.
     """
@@ -369,9 +449,9 @@ class HealthCheck:
         "_listeners",
         "_name",
         "_results",
+        "_resume",
         "_seen",
         "_seq",
-        "_stopping",
         "_store",
         "_task",
         "_timeout",
@@ -407,7 +487,7 @@ class HealthCheck:
             )
         self._history = check_int("history", history, maximum=100_000)
         leases = ("acquire_lease", "renew_lease", "release_lease")
-        self._store = check_store("store", store, *leases, "cache_get", "cache_set")
+        self._store = check_store("store", store, *leases, "publish", "read_published")
         if detector is None:
             detector = _default_detector(self._interval)
         for method in ("watch", "heartbeat", "phi", "suspect"):
@@ -437,11 +517,12 @@ class HealthCheck:
         self._last_ok: float | None = None
         self._healthy = True
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._resume = False  # forked while running: start again at the first use here
         self._watchers: list[Callable[[], Watcher | None]] = []
+        forget_in_child(self)
 
     def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
+        state = "running" if self._alive() else "stopped"
         return f"HealthCheck(name={self._name!r}, interval={self._interval:g}, {state})"
 
     # --- configuration (read-only) --------------------------------------------------------
@@ -489,11 +570,15 @@ class HealthCheck:
     @property
     def healthy(self) -> bool:
         """Whether the dependency is trusted now: phi below the detector's threshold."""
+        if self._resume:
+            self._resume_here()
         return not self._detector.suspect(self._clock.monotonic())
 
     @property
     def phi(self) -> float:
         """The detector's suspicion level now (0.0 until the check starts)."""
+        if self._resume:
+            self._resume_here()
         return self._detector.phi(self._clock.monotonic())
 
     @property
@@ -509,7 +594,9 @@ class HealthCheck:
     @property
     def running(self) -> bool:
         """Whether the background loop runs."""
-        return self._task is not None and not self._task.done()
+        if self._resume:
+            self._resume_here()
+        return self._alive()
 
     @property
     def leading(self) -> bool:
@@ -519,21 +606,22 @@ class HealthCheck:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         """Start the background loop on the running event loop (no-op if it runs)."""
-        if self.running:
+        if self._alive():
             return
         loop = asyncio.get_running_loop()
-        self._stopping = False
+        self._resume = False
         now = self._clock.monotonic()
         self._detector.watch(now)
         self._task = loop.create_task(self._run(now), name=f"resilience.health.{self._name}")
 
     async def aclose(self) -> None:
         """Stop the loop (waiting until it has ended) and give the fleet's lease back."""
-        self._stopping = True
+        self._resume = False
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])
+        self._timer._reset(None)  # disarm its deadline timer: nothing left on the clock
         lease, self._lease = self._lease, None
         if lease is not None and self._store is not None:
             try:
@@ -553,6 +641,29 @@ class HealthCheck:
     ) -> None:
         await self.aclose()
 
+    def _alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _forked(self) -> None:
+        """In a forked child: a new runner. The parent's task, lease, deadline and published
+        results are the parent's; a check that was running starts again at its first use
+        here (``start``, ``running``, ``healthy``, ``phi``), in this process's event loop."""
+        task, self._task = self._task, None
+        self._resume = task is not None and not task.done()
+        self._lease = None
+        self._id = uuid.uuid4().hex
+        self._seq = 0
+        self._seen = None
+        self._timer._reset(None)  # the parent's deadline timer is not ours
+
+    def _resume_here(self) -> None:
+        """Forked while running: start again, if an event loop runs here."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not from a coroutine: the next use from one starts it
+        self.start()
+
     def _watch(self, watcher: Watcher) -> None:
         """Call ``watcher`` after every round (a bound method is held weakly)."""
         if hasattr(watcher, "__self__"):
@@ -562,20 +673,31 @@ class HealthCheck:
 
     # --- the loop --------------------------------------------------------------------------
     async def _run(self, due: float) -> None:
-        """Run a round at ``due``, then every ``interval`` until stopped."""
+        """Run a round at ``due``, then every ``interval``, until the loop is cancelled.
+
+        A round that fails in any way (the check, the store, a watcher) is logged and the
+        next one runs; only the loop's own cancellation, or an interpreter exit, ends it."""
+        task = asyncio.current_task()
         clock = self._clock
-        while not self._stopping:  # a check that swallows cancellation cannot keep it going
-            try:
-                await self._round()
-            except Exception:  # never let the loop die: the next round tries again
-                logger.exception("health check %r: a round failed", self._name)
-            if self._stopping:
-                break
-            due += self._interval
-            now = clock.monotonic()
-            if due < now:  # late (a slow round, a busy loop): no burst of catch-up runs
-                due = now
-            await clock.sleep(due - now)
+        try:
+            while True:
+                try:
+                    await self._round()
+                except BaseException as exc:
+                    if _stops_the_loop(exc, task):
+                        raise
+                    logger.exception("health check %r: a round failed", self._name)
+                if task is not None and task.cancelling():
+                    return  # cancelled, and something below swallowed it: stop all the same
+                due += self._interval
+                now = clock.monotonic()
+                if due < now:  # late (a slow round, a busy loop): no burst of catch-up runs
+                    due = now
+                await clock.sleep(due - now)
+        except BaseException as exc:  # logged and re-raised: the loop never ends silently
+            if not isinstance(exc, asyncio.CancelledError):
+                logger.error("health check %r stopped: %r", self._name, exc)
+            raise
 
     async def _round(self) -> None:
         """One round: run the check (or read the fleet's result), then judge and tell."""
@@ -589,7 +711,11 @@ class HealthCheck:
         await self._judge(result)
 
     async def _run_check(self) -> HealthResult:
+        """Run the check once, bounded by ``timeout``. Whatever it raises is a failed run
+        (a ``CancelledError`` that is not this task's own, any other ``BaseException``),
+        except the loop's own cancellation and an interpreter exit, which propagate."""
         clock = self._clock
+        task = asyncio.current_task()
         start = clock.monotonic()
         error: str | None = None
         try:
@@ -599,10 +725,14 @@ class HealthCheck:
                 error = "returned False"
         except ResilienceTimeoutError:
             error = f"timed out after {self._timeout:g}s"
-        except Exception as exc:
+        except BaseException as exc:  # the loop's end propagates; all else is a failed run
+            if _stops_the_loop(exc, task):
+                raise
             error = repr(exc)
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # ours, swallowed by the check: no measurement
         end = clock.monotonic()
-        return HealthResult(ok=error is None, at=end, duration=end - start, error=error)
+        return HealthResult(ok=error is None, at=end, duration=end - start, error=_cut(error))
 
     async def _shared_round(self, store: Store) -> HealthResult | None:
         """Lead (run and publish) or follow (read what the leader published); run locally
@@ -610,63 +740,66 @@ class HealthCheck:
         if store_down(store):
             return await self._run_check()
         try:
-            leading = await self._lead(store)
+            lease = await self._lead(store)
         except Exception as exc:  # StoreUnavailableError, or a store that misbehaves
             logger.debug("health check %r runs locally: %r", self._name, exc)
             return await self._run_check()
-        if leading:
-            result = await self._run_check()
-            self._seq += 1
-            payload = {
-                "id": self._id,
-                "seq": self._seq,
-                "ok": result.ok,
-                "duration": result.duration,
-                "error": result.error,
-            }
-            try:
-                await store.cache_set(
-                    self._key, "result", json.dumps(payload).encode(), ttl=3 * self._interval
-                )
-            except Exception as exc:  # the followers see no news: their phi rises
-                logger.debug("health check %r could not publish: %r", self._name, exc)
-            return result
+        if lease is not None:
+            return await self._publish(store, lease, await self._run_check())
         try:
-            raw = await store.cache_get(self._key, "result")
+            published = await store.read_published(self._key, "result", _Published.decode)
         except Exception as exc:
             logger.debug("health check %r runs locally: %r", self._name, exc)
             return await self._run_check()
-        return self._read(raw)
+        return self._news(published)
 
-    async def _lead(self, store: Store) -> bool:
-        """Keep (or take) the fleet's lease: whether this replica runs the check."""
+    async def _lead(self, store: Store) -> str | None:
+        """Keep (or take) the fleet's lease: the lease, if this replica runs the check."""
         if self._lease is not None:
             if await store.renew_lease(self._key, self._lease, ttl=self._lease_ttl):
-                return True
+                return self._lease
             self._lease = None  # it expired: someone else may hold it now
         self._lease = await store.acquire_lease(self._key, limit=1, ttl=self._lease_ttl)
-        return self._lease is not None
+        return self._lease
 
-    def _read(self, raw: bytes | None) -> HealthResult | None:
-        """The leader's result, if it is one this replica has not seen yet."""
-        if raw is None:
-            return None
+    async def _publish(self, store: Store, lease: str, result: HealthResult) -> HealthResult | None:
+        """Publish this run's result as the holder of ``lease``. A runner that lost the lease
+        during the run (frozen past its expiry, say) publishes nothing and keeps nothing:
+        its run measured its own stall, and another replica runs the check now."""
+        self._seq += 1
+        published = _Published(self._id, self._seq, result.ok, result.duration, result.error)
         try:
-            data = json.loads(raw)
-            seen = (str(data["id"]), int(data["seq"]))
-            ok = data["ok"]
-            duration = float(data["duration"])
-            error = data["error"]
-            if not isinstance(ok, bool) or not (error is None or isinstance(error, str)):
-                raise ValueError("bad field types")
-        except Exception as exc:  # written by someone else? ignored, never a crash
-            logger.warning("health check %r: unparsable result in the store: %r", self._name, exc)
+            held = await store.publish(
+                self._key, "result", published.encode(), lease=lease, ttl=3 * self._interval
+            )
+        except Exception as exc:  # the followers see no news: their phi rises
+            logger.debug("health check %r could not publish: %r", self._name, exc)
+            return result
+        if held:
+            self._seen = (self._id, self._seq)  # as a follower later, not news again
+            return result
+        self._lease = None
+        logger.warning(
+            "health check %r lost the fleet's lease during its run (a stall?): "
+            "its result is dropped",
+            self._name,
+        )
+        return None
+
+    def _news(self, published: _Published | None) -> HealthResult | None:
+        """The leader's result, if it is one this replica has not seen yet."""
+        if published is None:
             return None
+        seen = (published.publisher, published.seq)
         if seen == self._seen:
             return None
         self._seen = seen
         return HealthResult(
-            ok=ok, at=self._clock.monotonic(), duration=duration, error=error, ran_here=False
+            ok=published.ok,
+            at=self._clock.monotonic(),
+            duration=published.duration,
+            error=published.error,
+            ran_here=False,
         )
 
     def _record(self, result: HealthResult) -> None:

@@ -78,7 +78,7 @@ class Timeout(BasePolicy):
             self._timer = self._clock.call_later(self.seconds, self._fire)
         return entry
 
-    def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _reset(self, loop: asyncio.AbstractEventLoop | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

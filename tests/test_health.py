@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from resilience.integrations.health import http_check
@@ -32,6 +34,8 @@ from resilience import (
     CountWindow,
     MemoryStore,
     StateChanged,
+    Store,
+    StoreDataReset,
     TimeWindow,
 )
 from resilience.events import Event, HealthChanged
@@ -341,6 +345,228 @@ async def test_a_check_that_swallows_cancellation_still_stops(clock: FakeClock) 
     assert not hc.running
 
 
+class Halt(BaseException):
+    """A BaseException that is neither cancellation nor an interpreter exit."""
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        asyncio.CancelledError("the check's own"),
+        Halt("stop"),
+        BaseExceptionGroup("group", [Halt("inner")]),
+    ],
+    ids=["CancelledError", "BaseException", "BaseExceptionGroup"],
+)
+async def test_a_check_raising_a_base_exception_is_a_failed_check(
+    clock: FakeClock, raised: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CancelledError that is not the loop's own, or another BaseException, from the check
+    is one failed run: the loop goes on at its interval and judges the dependency."""
+    runs = 0
+    events: list[Event] = []
+
+    async def check() -> None:
+        nonlocal runs
+        runs += 1
+        raise raised
+
+    hc = HealthCheck(check, name="x", interval=1.0, clock=clock, listeners=[events.append])
+    async with hc:
+        await advance(clock, 5.0)
+        assert hc.running
+        assert runs == 6
+        assert [r.ok for r in hc.results] == [False] * 6
+        assert type(raised).__name__ in (hc.results[-1].error or "")
+        assert not hc.healthy
+    assert [e.healthy for e in events if isinstance(e, HealthChanged)] == [False]
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_interpreter_exits_from_a_check_propagate_and_are_logged(
+    raised: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """KeyboardInterrupt and SystemExit from a check stop the loop and reach the caller of
+    the event loop, as asyncio delivers them; the stop is logged."""
+
+    async def check() -> None:
+        raise raised
+
+    async def main() -> None:
+        hc = HealthCheck(check, name="x", interval=1.0, clock=FakeClock())
+        hc.start()
+        await asyncio.Event().wait()
+
+    caught: list[BaseException] = []
+
+    def run() -> None:  # on a thread of its own: the interrupt never passes through pytest
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30.0)
+    assert [type(e) for e in caught] == [raised]
+    assert "health check 'x' stopped" in caplog.text
+
+
+async def swallow_cancellation(started: asyncio.Event) -> None:
+    """Wait for ever; return quietly when cancelled (the cancellation is swallowed)."""
+    started.set()
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        return
+
+
+@pytest.mark.parametrize("where", ["check", "watcher"])
+async def test_a_cancellation_from_outside_ends_the_loop_even_if_swallowed(
+    clock: FakeClock, where: str
+) -> None:
+    """The loop's own task cancelled (not through aclose) ends it, even when the check or
+    what the loop calls after it swallows the CancelledError."""
+    started = asyncio.Event()
+
+    async def check() -> None:
+        if where == "check":
+            await swallow_cancellation(started)
+
+    async def watcher(result: HealthResult | None, suspected: bool) -> None:
+        await swallow_cancellation(started)
+
+    hc = HealthCheck(check, name="x", interval=1.0, clock=clock)
+    if where == "watcher":
+        hc._watch(watcher)
+    hc.start()
+    await started.wait()
+    task = hc._task
+    assert task is not None
+    task.cancel()
+    await settle()
+    assert task.done()
+    assert not hc.running
+    await hc.aclose()
+
+
+async def test_a_run_cut_short_by_aclose_is_no_result(clock: FakeClock) -> None:
+    """A run that aclose() interrupts measured nothing, even when the check turns the
+    cancellation into an error: neither recorded nor published for the fleet."""
+    store = MemoryStore(clock=clock)
+    started = asyncio.Event()
+    runs = 0
+
+    async def check() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 2:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise ConnectionError("interrupted") from None
+
+    hc = HealthCheck(check, name="dep", interval=1.0, store=store)
+    hc.start()
+    await advance(clock, 1.0)
+    await started.wait()
+    await hc.aclose()
+    assert [r.ok for r in hc.results] == [True]
+    follower = HealthCheck(Dependency().check, name="dep", interval=1.0, store=store)
+    assert await store.acquire_lease("health:dep", limit=1, ttl=60.0)  # someone else leads
+    await follower._round()
+    assert [r.ok for r in follower.results] == [True]
+
+
+async def test_a_watcher_raising_a_base_exception_does_not_stop_the_loop(
+    clock: FakeClock, dep: Dependency, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the loop calls after a run (a bound breaker) cannot end it by raising: logged."""
+    heard = 0
+
+    async def watcher(result: HealthResult | None, suspected: bool) -> None:
+        nonlocal heard
+        heard += 1
+        raise Halt("watcher")
+
+    hc = HealthCheck(dep.check, name="x", interval=1.0, clock=clock)
+    hc._watch(watcher)
+    async with hc:
+        await advance(clock, 3.0)
+        assert hc.running
+        assert (dep.runs, heard) == (4, 4)
+    assert "Halt" in caplog.text
+
+
+async def test_no_timer_outlives_aclose(clock: FakeClock, dep: Dependency) -> None:
+    """After aclose() nothing of the check is left on the clock: no sleep, no deadline."""
+    hc = HealthCheck(dep.check, name="x", interval=1.0, timeout=0.5, clock=clock)
+    async with hc:
+        await advance(clock, 2.1)
+    assert clock.pending == 0
+
+
+def test_a_check_running_at_fork_runs_again_in_the_child(clock: FakeClock) -> None:
+    """Forked while running: in the child the check holds no task or lease of its parent's,
+    runs again from its first use there, and aclose() returns at once."""
+    from tests.fork_support import in_forked_child
+
+    store = MemoryStore(clock=clock)
+    dep = Dependency()
+    hc = HealthCheck(dep.check, name="dep", interval=1.0, store=store)
+
+    async def parent() -> None:
+        hc.start()
+        await settle()
+        assert hc.leading
+
+    async def child() -> str:
+        before = dep.runs
+        leading = hc.leading
+        await settle()
+        running = hc.running  # its first use here: the check starts in this loop
+        await advance(clock, 4.0)  # the parent's lease expires in the child's store too
+        after = dep.runs
+        await asyncio.wait_for(hc.aclose(), 5.0)
+        return f"{int(leading)} {int(running)} {after - before} {int(hc.leading)}"
+
+    async def closed_at_once() -> str:
+        await asyncio.wait_for(hc.aclose(), 5.0)  # never used here: nothing to wait for
+        await advance(clock, 3.0)
+        return f"{int(hc.running)} {int(hc.leading)}"
+
+    async def later() -> None:
+        await hc.aclose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(parent())
+        seen = in_forked_child(child)
+        assert in_forked_child(closed_at_once) == "0 0"  # closed: it does not start again
+        loop.run_until_complete(later())
+    finally:
+        loop.close()
+    leading, running, runs, still = seen.split()
+    assert (leading, running, still) == ("0", "1", "0")
+    assert int(runs) >= 2  # led after the parent's lease expired
+
+
+def test_a_check_stopped_at_fork_stays_stopped_in_the_child(clock: FakeClock) -> None:
+    """A check that was not running when the process forked does not start by itself."""
+    from tests.fork_support import in_forked_child
+
+    dep = Dependency()
+    hc = HealthCheck(dep.check, name="dep", interval=1.0, clock=clock)
+
+    async def child() -> str:
+        running = hc.running
+        await advance(clock, 3.0)
+        return f"{int(running)} {dep.runs}"
+
+    assert in_forked_child(child) == "0 0"
+
+
 async def test_a_timeout_detector_makes_a_plain_rule(clock: FakeClock, dep: Dependency) -> None:
     """With TimeoutDetector(2.5) the check is unhealthy 2.5 s after its last success."""
     hc = HealthCheck(dep.check, name="db", interval=1.0, clock=clock, detector=TimeoutDetector(2.5))
@@ -352,25 +578,6 @@ async def test_a_timeout_detector_makes_a_plain_rule(clock: FakeClock, dep: Depe
         assert hc.phi == pytest.approx(2.25 / 2.5)
         await advance(clock, 0.25)
         assert not hc.healthy
-
-
-async def test_unparsable_data_in_the_store_is_ignored(clock: FakeClock) -> None:
-    """A follower that reads garbage where the result should be carries on; no crash."""
-    store = MemoryStore(clock=clock)
-    lease = await store.acquire_lease("health:dep", limit=1, ttl=3600.0)  # someone else leads
-    assert lease is not None
-    dep = Dependency()
-    async with HealthCheck(dep.check, name="dep", interval=1.0, store=store) as hc:
-        for junk in (b"not json", b'{"id": 1}', b'{"id": "x", "seq": 1, "ok": "yes",'):
-            await store.cache_set("health:dep", "result", junk, ttl=60.0)
-            await advance(clock, 1.0)
-        assert hc.running
-        assert hc.results == ()
-        assert dep.runs == 0
-        good = b'{"id": "x", "seq": 1, "ok": true, "duration": 0.01, "error": null}'
-        await store.cache_set("health:dep", "result", good, ttl=60.0)
-        await advance(clock, 1.0)
-        assert [r.ran_here for r in hc.results] == [False]
 
 
 @pytest.mark.parametrize(
@@ -682,6 +889,191 @@ async def test_a_follower_takes_over_when_the_lease_expires(clock: FakeClock) ->
         assert hb.leading
         assert b.runs >= 1
         assert hb.healthy
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def stores(
+    request: pytest.FixtureRequest, clock: FakeClock
+) -> AsyncIterator[Callable[[], Store]]:
+    """Make the stores of replicas sharing one state (one MemoryStore, or RedisStores on one
+    server and prefix), all on the test's fake clock; closed at the end."""
+    made: list[Store] = []
+    shared = MemoryStore(clock=clock)
+    prefix = f"health{time.monotonic_ns()}-{os.getpid()}"
+
+    def make() -> Store:
+        if request.param == "memory":
+            return shared
+        url = request.getfixturevalue("redis_url")
+        store = RedisStore.from_url(url, prefix=prefix, clock=clock, timeout=2.0)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()
+
+
+async def test_only_the_lease_holder_can_publish(
+    stores: Callable[[], Store], clock: FakeClock
+) -> None:
+    """publish() writes only while the given lease is held, checked in the same atomic step:
+    not once it has expired, nor after another runner took it."""
+    one, two = stores(), stores()
+    lease = await one.acquire_lease("health:dep", limit=1, ttl=2.0)
+    assert lease is not None
+    assert await one.publish("health:dep", "result", b"1", lease=lease, ttl=6.0)
+    assert await two.read_published("health:dep", "result", bytes) == b"1"
+    clock.advance(2.5)  # the lease expired: nobody took it yet
+    assert not await one.publish("health:dep", "result", b"2", lease=lease, ttl=6.0)
+    other = await two.acquire_lease("health:dep", limit=1, ttl=2.0)
+    assert other is not None
+    assert await two.publish("health:dep", "result", b"3", lease=other, ttl=6.0)
+    assert not await one.publish("health:dep", "result", b"4", lease=lease, ttl=6.0)
+    assert not await one.publish("health:dep", "result", b"5", lease="never-taken", ttl=6.0)
+    assert await one.read_published("health:dep", "result", bytes) == b"3"
+
+
+async def test_a_leader_frozen_mid_check_does_not_publish(
+    stores: Callable[[], Store], clock: FakeClock
+) -> None:
+    """A leader stopped (SIGSTOP, a stalled loop) during its check for longer than its lease
+    comes back with a "timed out" that measured its own freeze: the runner that took over
+    has published since, and the stale result reaches no one, not even its own watchers."""
+    frozen = False
+    a, b, c = Dependency(), Dependency(), Dependency()
+
+    async def freezing() -> None:
+        await a.check()
+        if not frozen:
+            return
+        clock.advance(3.0)  # ha's process stops for 3 s: its lease expires, its timeout is due
+        takeover = asyncio.ensure_future(hb._round())  # meanwhile b takes over and publishes
+        try:
+            await asyncio.shield(takeover)
+        finally:
+            await takeover
+
+    ha = HealthCheck(freezing, name="dep", interval=1.0, timeout=0.5, store=stores())
+    hb = HealthCheck(b.check, name="dep", interval=1.0, timeout=0.5, store=stores())
+    hc = HealthCheck(c.check, name="dep", interval=1.0, timeout=0.5, store=stores())
+    heard: list[HealthResult | None] = []
+
+    async def watcher(result: HealthResult | None, suspected: bool) -> None:
+        heard.append(result)
+
+    ha._watch(watcher)
+    await ha._round()
+    assert ha.leading
+    await hc._round()
+    assert [r.ok for r in hc.results] == [True]
+    frozen = True
+    await ha._round()  # its check times out (cancelled by its own deadline, after the freeze)
+    assert hb.leading
+    assert not ha.leading
+    assert [r.ok for r in hb.results] == [True]
+    assert len(heard) == 2
+    assert heard[-1] is None  # no news: the stale result is not its watchers' either
+    assert [r.ok for r in ha.results] == [True]
+    await hc._round()
+    assert [r.ok for r in hc.results] == [True, True]  # b's result, never a's stale one
+    assert not hc.results[-1].ran_here
+
+
+async def test_a_runner_that_steps_down_does_not_read_its_own_result_as_news(
+    clock: FakeClock,
+) -> None:
+    """A leader that became a follower finds its own last result published: not news, so
+    not one more heartbeat."""
+    store = MemoryStore(clock=clock)
+    hc = HealthCheck(Dependency().check, name="dep", interval=1.0, store=store)
+    await hc._round()
+    assert hc.leading
+    lease = hc._lease
+    assert lease is not None
+    assert await store.release_lease("health:dep", lease)
+    assert await store.acquire_lease("health:dep", limit=1, ttl=60.0)  # someone else leads
+    await hc._round()
+    assert not hc.leading
+    assert [r.ran_here for r in hc.results] == [True]
+
+
+GARBAGE = {
+    "not json": b"{not json",
+    "not an object": b"[1, 2]",
+    "missing fields": b'{"id": "x", "seq": 1}',
+    "ok not a bool": b'{"id": "x", "seq": 1, "ok": "yes", "duration": 0.1, "error": null}',
+    "NaN duration": b'{"id": "x", "seq": 1, "ok": true, "duration": NaN, "error": null}',
+    "huge duration": b'{"id": "x", "seq": 1, "ok": true, "duration": 1e300, "error": null}',
+    "negative duration": b'{"id": "x", "seq": 1, "ok": true, "duration": -1, "error": null}',
+    "infinite seq": b'{"id": "x", "seq": 1e999, "ok": true, "duration": 0.1, "error": null}',
+    "huge seq": b'{"id": "x", "seq": 1'
+    + b"0" * 40
+    + b', "ok": true, "duration": 0.1, "error": null}',
+    "bool seq": b'{"id": "x", "seq": true, "ok": true, "duration": 0.1, "error": null}',
+}
+GOOD = b'{"id": "x", "seq": 7, "ok": true, "duration": 0.01, "error": null}'
+
+
+@pytest.mark.parametrize("junk", GARBAGE.values(), ids=GARBAGE.keys())
+async def test_garbage_under_the_result_key_is_reset_and_reported(
+    stores: Callable[[], Store], clock: FakeClock, junk: bytes
+) -> None:
+    """A follower that reads something no runner publishes removes it and carries on: no
+    result, no crash, and (RedisStore) a StoreDataReset event, never a degraded store."""
+    store = stores()
+    events: list[Event] = []
+    if isinstance(store, RedisStore):
+        store.add_listener(events.append)
+    assert await store.acquire_lease("health:dep", limit=1, ttl=3600.0)  # someone else leads
+    dep = Dependency()
+    hc = HealthCheck(dep.check, name="dep", interval=1.0, store=store)
+    await store.cache_set("health:dep", "result", junk, ttl=60.0)
+    await hc._round()
+    assert hc.results == ()
+    assert dep.runs == 0
+    assert not store.degraded
+    assert await store.cache_get("health:dep", "result") is None  # reset
+    if isinstance(store, RedisStore):
+        assert [type(e) for e in events] == [StoreDataReset]
+    await store.cache_set("health:dep", "result", GOOD, ttl=60.0)
+    await hc._round()
+    assert [(r.ok, r.ran_here) for r in hc.results] == [(True, False)]
+
+
+@pytest.mark.parametrize("kind", ["hash", "list", "too long"])
+async def test_a_wrong_type_under_the_result_key_is_no_outage(
+    redis_url: str, clock: FakeClock, kind: str
+) -> None:
+    """A hash, a list or a huge string under the result key is reset and reported by the
+    script that reads it: the store never turns degraded, the next result is read."""
+    prefix = f"health{time.monotonic_ns()}-{os.getpid()}"
+    store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock, timeout=2.0)
+    raw = aioredis.Redis.from_url(redis_url)
+    events: list[Event] = []
+    store.add_listener(events.append)
+    key = store.key("health:dep", "cache:result")
+    try:
+        assert await store.acquire_lease("health:dep", limit=1, ttl=3600.0)
+        hc = HealthCheck(Dependency().check, name="dep", interval=1.0, store=store)
+        if kind == "hash":
+            await raw.hset(key, "ok", "1")
+        elif kind == "list":
+            await raw.rpush(key, GOOD)
+        else:
+            await raw.set(key, b" " * 70_000 + GOOD)
+        for _ in range(3):
+            await hc._round()
+        assert not store.degraded
+        assert [type(e) for e in events] == [StoreDataReset]
+        assert not await raw.exists(key)
+        assert hc.results == ()
+        await raw.set(key, GOOD)
+        await hc._round()
+        assert [(r.ok, r.ran_here) for r in hc.results] == [(True, False)]
+    finally:
+        await raw.aclose()
+        await store.aclose()
 
 
 async def test_a_degraded_store_means_every_replica_checks_itself() -> None:

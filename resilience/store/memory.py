@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import TypeVar
 
 from ..checks import check_counts, check_int, check_name, check_seconds
 from ..circuit_state import BreakerConfig, BreakerCore, CircuitState
 from ..clock import SYSTEM_CLOCK, Clock
 from ..ratelimit import gcra
-from .protocol import PolicyStatus, lease_kind
+from .protocol import MAX_PUBLISHED, PolicyStatus, lease_kind
 
 __all__ = ["MemoryStore"]
+
+logger = logging.getLogger("resilience")
+_Parsed = TypeVar("_Parsed")
 
 
 class MemoryStore:
@@ -205,6 +210,35 @@ class MemoryStore:
         """Cache ``value`` under ``item`` for ``key`` for ``ttl`` seconds."""
         check_seconds("ttl", ttl)
         self._cache[(key, item)] = (bytes(value), self.clock.monotonic() + ttl)
+
+    async def publish(self, key: str, item: str, value: bytes, *, lease: str, ttl: float) -> bool:
+        """Publish ``value`` under ``item`` of ``key`` for ``ttl`` seconds, only while
+        ``lease`` (taken under ``key``) is held; ``False``: it is not, nothing was written."""
+        check_name(key, "key")
+        check_seconds("ttl", ttl)
+        if len(value) > MAX_PUBLISHED:
+            raise ValueError(f"value must be at most {MAX_PUBLISHED} bytes, got {len(value)}")
+        if lease not in self._live(key):
+            return False
+        self._cache[(key, item)] = (bytes(value), self.clock.monotonic() + ttl)
+        return True
+
+    async def read_published(
+        self, key: str, item: str, parse: Callable[[bytes], _Parsed]
+    ) -> _Parsed | None:
+        """What was published under ``item`` of ``key``, as ``parse`` makes it (``None``:
+        nothing); a value too long or that ``parse`` rejects is deleted (and logged)."""
+        raw = await self.cache_get(key, item)
+        if raw is None:
+            return None
+        try:
+            if len(raw) <= MAX_PUBLISHED:
+                return parse(raw)
+        except Exception as exc:  # written by someone else (cache_set): removed
+            logger.debug("published value under %r does not parse: %r", key, exc)
+        logger.warning("unparsable data published under %r, %r was reset", key, item)
+        del self._cache[(key, item)]
+        return None
 
     async def status(self) -> list[PolicyStatus]:
         """Breakers, lease keys, rate buckets and budgets held here."""

@@ -6,7 +6,7 @@ refer to it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..circuit_state import BreakerConfig, BreakerCore
     from ..clock import Clock
 
-__all__ = ["LATENCY_BUCKETS", "PolicyStatus", "ReplicaReport", "Store"]
+__all__ = ["LATENCY_BUCKETS", "MAX_PUBLISHED", "PolicyStatus", "ReplicaReport", "Store"]
 
 #: Upper edges (seconds) of the latency histogram breakers keep (the last bucket is open):
 #: bucket ``i`` counts calls that took less than ``LATENCY_BUCKETS[i]`` and at least the edge
@@ -27,6 +27,10 @@ LATENCY_BUCKETS: tuple[float, ...] = (*(0.0005 * 2**i for i in range(14)), float
 #: status tools list such a lease as kind ``"health_check"``, not as a bulkhead
 HEALTH_PREFIX = "health:"
 
+#: the longest value a lease's holder may publish (``Store.publish``), in bytes: anything
+#: longer found where one is published is garbage
+MAX_PUBLISHED = 65_536
+
 
 def lease_kind(name: str) -> str:
     """What a fleet-wide lease under ``name`` is for: a bulkhead, or a health check's runner."""
@@ -34,6 +38,7 @@ def lease_kind(name: str) -> str:
 
 
 _Record = TypeVar("_Record")
+_Parsed = TypeVar("_Parsed")
 
 
 def _direct_init(cls: type[_Record]) -> type[_Record]:
@@ -201,6 +206,19 @@ class Store(Protocol):
 
     async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
         """Cache ``value`` under ``item`` for policy ``key`` for ``ttl`` seconds."""
+
+    async def publish(self, key: str, item: str, value: bytes, *, lease: str, ttl: float) -> bool:
+        """Publish ``value`` (at most ``MAX_PUBLISHED`` bytes) under ``item`` of policy
+        ``key`` for ``ttl`` seconds, as the holder of ``lease`` (taken under ``key``): only if
+        that lease is still held, checked and written atomically. ``False``: it is not held
+        (expired, or another holder took over), and nothing was written."""
+
+    async def read_published(
+        self, key: str, item: str, parse: Callable[[bytes], _Parsed]
+    ) -> _Parsed | None:
+        """What was published under ``item`` of ``key``, as ``parse`` makes it; ``None`` if
+        nothing was (or it expired). A value no holder writes (another type, too long, or
+        one that ``parse`` rejects by raising) is deleted and reported, never an outage."""
 
     async def status(self) -> list[PolicyStatus]:
         """Every policy this store knows, with its state and figures (for status tools)."""

@@ -29,9 +29,9 @@ import importlib.util
 import itertools
 import logging
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from redis import asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
@@ -49,7 +49,7 @@ from ..circuit_state import (
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import StoreUnavailableError
 from ..events import Event, Listener, StoreDataReset, check_listeners, emit
-from .protocol import PolicyStatus
+from .protocol import MAX_PUBLISHED, PolicyStatus
 from .redis_breaker import SharedBreakerCore
 from .redis_primitives import (
     SCRIPTS,
@@ -74,6 +74,7 @@ _MAX_TTL = 10 * 365 * 86_400.0  # seconds: ten years is "for ever" for a key's l
 _STATUS_CHUNK = 250  # names per status script call
 _STATUS_WORKERS = 3  # status script calls in flight at once (one Redis)
 _STATUS_PER_NAME = 0.00005  # seconds status() may take per name on top of the timeout
+_Parsed = TypeVar("_Parsed")
 
 
 def _lean_handshake() -> dict[str, Any]:
@@ -337,6 +338,11 @@ class RedisStore:
             self.supervisor.fail(exc)
             raise StoreUnavailableError(str(exc)) from exc
 
+    def _data_reset(self, name: str, key: str) -> None:
+        """Garbage under ``key`` (policy ``name``) was reset: log it, tell the listeners."""
+        logger.warning("unparsable data under %r was reset", key)
+        self._emit(StoreDataReset(name=name, key=key))
+
     async def _shared_text(self, key: str, suffix: str, *args: Any) -> str:
         check_name(key, "key")
         self._register(key)
@@ -347,8 +353,7 @@ class RedisStore:
             )
         )
         if reply.startswith("!"):
-            logger.warning("unparsable data under %r was reset", self.key(key, suffix))
-            self._emit(StoreDataReset(name=key, key=self.key(key, suffix)))
+            self._data_reset(key, self.key(key, suffix))
             reply = reply[1:]
         return reply
 
@@ -458,7 +463,7 @@ class RedisStore:
     async def cache_get(self, key: str, item: str) -> bytes | None:
         """The value cached under ``item`` for policy ``key``, or ``None``."""
         check_name(key, "key")
-        cache_key = self.key(key, "cache:" + escape(item))
+        cache_key = self._cache_key(key, item)
         got = await self.engine.call(self.client.get(cache_key), key=cache_key)
         return None if got is None else bytes(got)
 
@@ -467,8 +472,61 @@ class RedisStore:
         check_name(key, "key")
         self._register(key)
         ttl_ms = _ttl_ms(ttl)
-        cache_key = self.key(key, "cache:" + escape(item))
+        cache_key = self._cache_key(key, item)
         await self.engine.call(self.client.set(cache_key, value, px=ttl_ms), key=cache_key)
+
+    async def publish(self, key: str, item: str, value: bytes, *, lease: str, ttl: float) -> bool:
+        """Publish ``value`` under ``item`` of policy ``key`` for ``ttl`` seconds as the holder
+        of ``lease`` (taken under ``key``): written only if that lease is held and unexpired,
+        checked in the same script (Redis time). ``False``: it is not, nothing was written."""
+        check_name(key, "key")
+        if len(value) > MAX_PUBLISHED:
+            raise ValueError(f"value must be at most {MAX_PUBLISHED} bytes, got {len(value)}")
+        self._register(key)
+        leases = self.key(key, "leases")
+        args = ["publish", self.engine.now_arg(), lease, value, _ttl_ms(ttl)]
+        got = await self.engine.call(
+            self._scripts["lease"](keys=[leases, self._cache_key(key, item)], args=args),
+            key=leases,
+        )
+        return bool(self._int(got))
+
+    async def read_published(
+        self, key: str, item: str, parse: Callable[[bytes], _Parsed]
+    ) -> _Parsed | None:
+        """What the holder of a lease under ``key`` published under ``item``, as ``parse``
+        makes it (``None``: nothing). What no holder writes (another type of key, a value too
+        long, or one ``parse`` rejects by raising) is deleted and reported
+        (``StoreDataReset``), never an outage."""
+        check_name(key, "key")
+        target = self._cache_key(key, item)
+        script = self._scripts["published"]
+        reply = await self.engine.call(
+            script(keys=[target], args=["get", MAX_PUBLISHED]), key=target
+        )
+        try:
+            if not isinstance(reply, list) or len(reply) != 2:
+                raise BadReply(f"unexpected published reply {reply!r:.80}")
+            reset, raw = number(reply[0], 0, 1), reply[1]
+            if raw is not None and not isinstance(raw, bytes):
+                raise BadReply(f"unexpected published value {raw!r:.80}")
+        except BadReply as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
+        if reset:
+            self._data_reset(key, target)
+        if raw is None:
+            return None
+        try:
+            return parse(raw)
+        except Exception as exc:  # written by someone else: removed unless rewritten since
+            logger.debug("published value under %r does not parse: %r", target, exc)
+        await self.engine.call(script(keys=[target], args=["drop", raw]), key=target)
+        self._data_reset(key, target)
+        return None
+
+    def _cache_key(self, key: str, item: str) -> str:
+        return self.key(key, "cache:" + escape(item))
 
     async def status(self, *, limit: int | None = None) -> list[PolicyStatus]:
         """Every policy any replica registered under this prefix, read from Redis.

@@ -55,6 +55,7 @@ SCRIPTS = (
     "probe",
     "report",
     "lease",
+    "published",
     "shared",
     "status",
     "health",

@@ -779,3 +779,42 @@ async def test_shared_permits_come_from_the_share_only_while_it_is_valid(
     assert bulkhead._share is not None
     assert bulkhead._share.held == 0
     store.away = False
+
+
+async def test_calls_on_a_share_wait_at_most_one_store_timeout_on_a_hung_redis(
+    redis_url: str,
+) -> None:
+    """Redis stops answering (a blackhole) while 80 calls need the share to grow: they wait
+    on one store call together and then run on the local limit; none waits on another's
+    timeout after its own (all are admitted within about two store timeouts)."""
+    from .faultproxy import FaultProxy
+
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = await FaultProxy(host, int(port)).start()
+    store = RedisStore.from_url(proxy.url_for("redis"), prefix=unique_prefix())
+    bulkhead = Bulkhead(100, distributed=True, store=store, name="db", shares=True)
+    release, all_running = asyncio.Event(), asyncio.Event()
+    running = 0
+
+    async def hold() -> None:
+        nonlocal running
+        running += 1
+        if running == 80:
+            all_running.set()
+        await release.wait()
+
+    try:
+        await bulkhead.call(ok)  # a share of one, granted
+        proxy.blackhole = True
+        start = time.perf_counter()
+        calls = [asyncio.create_task(bulkhead.call(hold)) for _ in range(80)]
+        await asyncio.wait_for(all_running.wait(), 30)
+        took = time.perf_counter() - start
+        release.set()
+        await asyncio.gather(*calls)
+    finally:
+        proxy.blackhole = False
+        await store.aclose()
+        await proxy.stop()
+    assert running == 80
+    assert took < 2 * store.timeout + 1.5, took

@@ -104,10 +104,10 @@ def check_lease(what: str, value: object, store: object) -> float:
     shortest = shortest_lease(store)
     if seconds < shortest:
         timeout = getattr(store, "timeout", None)
-        why = f"6 x the store's timeout of {timeout!r} s" if 6 * (timeout or 0) > 1 else "1 s"
+        why = f"6 x the store's timeout of {timeout!r} s: " if shortest > SHORTEST_LEASE else ""
         raise ValueError(
-            f"{what} must be at least {shortest:g} seconds ({why}: a lease is renewed "
-            f"before it runs out, and must outlive a renewal that fails), got {value!r}"
+            f"{what} must be at least {shortest:g} s ({why}a lease is renewed before it runs "
+            f"out, and must outlive a renewal that fails), got {value!r}"
         )
     return seconds
 

@@ -334,7 +334,8 @@ class FleetShare:
             self._start()
 
     async def aclose(self) -> None:
-        """Stop renewing and give the share back now (best effort: it expires anyway)."""
+        """Stop renewing and give the share back now (best effort: it expires anyway). The
+        permits still in use here go on counting fleet-wide until the lease runs out."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -342,12 +343,12 @@ class FleetShare:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if self.share or self.held:
+        if self.share or self.held:  # calls still running here go on counting, until ttl
             self.share = 0
             self.valid_until = float("-inf")
             try:
                 await self.store.lease_share(
-                    self.key, self.holder, want=0, held=0, limit=self.limit, ttl=self.ttl
+                    self.key, self.holder, want=0, held=self.held, limit=self.limit, ttl=self.ttl
                 )
             except Exception:  # expires by itself within ttl
                 pass

@@ -395,3 +395,18 @@ async def test_a_store_clock_stepped_back_does_not_keep_a_dead_holders_share(
         await other.aclose()
         for s in stores:
             await s.aclose()
+
+
+async def test_closing_gives_the_share_back_but_not_the_permits_in_use() -> None:
+    """aclose() gives the unused share back at once; permits still in use on the closing
+    holder go on counting, so the limit holds while those calls finish."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    closing = FleetShare(store, "pool", limit=10, ttl=3, clock=clock)
+    other = FleetShare(store, "pool", limit=10, ttl=3, clock=clock)
+    assert all([await closing.take() for _ in range(10)])
+    for _ in range(7):
+        closing.give()
+    await closing.aclose()
+    assert sum([await other.take() for _ in range(10)]) == 7
+    await other.aclose()

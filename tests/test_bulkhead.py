@@ -876,3 +876,25 @@ async def test_aclose_gives_the_share_back_to_the_fleet_at_once(clock: FakeClock
     release.set()
     await asyncio.gather(*calls)
     await staying.aclose()
+
+
+async def test_huge_but_finite_inputs_work(redis_url: str) -> None:
+    """A lease of 1e300 s (kept ten years in Redis), a wait of 1e300 s and a billion
+    permits: calls are admitted and limited as usual, nothing overflows."""
+    store = RedisStore.from_url(redis_url, prefix=unique_prefix())
+    try:
+        for shares in (True, False):
+            fleet = Bulkhead(
+                10**9,
+                distributed=True,
+                store=store,
+                name=f"big{shares}",
+                lease=1e300,
+                shares=shares,
+            )
+            assert await fleet.call(ok) == "ok"
+            await fleet.aclose()
+        local = Bulkhead(1, max_waiting=1, max_wait=1e300)
+        assert await local.call(ok) == "ok"
+    finally:
+        await store.aclose()

@@ -64,6 +64,50 @@ def test_permits_in_use_never_exceed_the_limit(steps: list[tuple[str, int]], lim
     asyncio.run(run())
 
 
+class_ops = st.lists(
+    st.tuples(st.sampled_from(["low", "high", "give low", "give high", "tick"]), st.integers(0, 2)),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(class_ops, st.integers(2, 8), st.floats(0.1, 0.95))
+def test_a_capped_class_never_holds_more_than_its_cap_fleet_wide(
+    steps: list[tuple[str, int]], limit: int, fraction: float
+) -> None:
+    """Three holders take permits for a low class (capped) and a high one (not), give them
+    back and renew in any order: the low class never holds more than its cap fleet-wide,
+    and all permits never more than the limit."""
+    cap = int(fraction * limit) or 1
+
+    async def run() -> None:
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        holders = [FleetShare(store, "pool", limit=limit, ttl=3, clock=clock) for _ in range(3)]
+        low, high = [0, 0, 0], [0, 0, 0]
+        for op, who in steps:
+            h = holders[who]
+            if op == "low" and await h.take(cap):
+                low[who] += 1
+            elif op == "high" and await h.take():
+                high[who] += 1
+            elif op.startswith("give"):
+                kept = low if op == "give low" else high
+                if kept[who]:
+                    kept[who] -= 1
+                    h.give()
+            elif op == "tick":
+                clock.advance(1.0)  # a rebalance period: renewals run
+                await settle()
+            assert sum(low) <= cap
+            assert sum(x.held for x in holders) <= limit
+        for h in holders:
+            await h.aclose()
+
+    asyncio.run(run())
+
+
 async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     clock = FakeClock()
     store = MemoryStore(clock=clock)

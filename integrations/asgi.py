@@ -60,7 +60,7 @@ from resilience.policy import (
     check_seconds,
     store_down,
 )
-from resilience.quota import FleetShare
+from resilience.quota import FleetShare, shortest_lease
 
 from ._deadline import (
     CRITICAL,
@@ -120,7 +120,8 @@ LEASE = 30.0
 request runs; how long a dead replica's permit stays taken)."""
 LEASE_MARGIN = 5.0
 """With a ``timeout``, a permit's lease is ``timeout + LEASE_MARGIN`` seconds: it outlives
-the longest request it covers without a renewal."""
+the longest request it covers without a renewal. Either way it is at least what the store
+can renew (``resilience.quota.shortest_lease``: 6 store timeouts)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +183,7 @@ class _Route:
             listeners=listeners,
             # fleet-wide with a store; a waiting queue stays per process
             fleet_bulkhead=not limits.max_waiting,
-            lease=_lease(limits.timeout),
+            lease=_lease(limits.timeout, store),
             quota=True,  # no store round trip per request (shares, tokens taken ahead)
         )
         if adaptive is not None:  # adapts on this replica's own latency: never fleet-wide
@@ -218,9 +219,11 @@ class _Route:
         )
 
 
-def _lease(timeout: float | None) -> float:
-    """A fleet-wide permit's lease: longer than the longest request it covers, if bounded."""
-    return LEASE if timeout is None else max(LEASE, timeout + LEASE_MARGIN)
+def _lease(timeout: float | None, store: Store | None) -> float:
+    """A fleet-wide permit's lease: longer than the longest request it covers, if bounded,
+    and long enough to be renewed on ``store`` (a store with a long ``timeout``)."""
+    lease = LEASE if timeout is None else max(LEASE, timeout + LEASE_MARGIN)
+    return lease if store is None else max(lease, shortest_lease(store))
 
 
 def _check_limits(where: str, limits: _Limits, given: Iterable[str] = _ROUTE_OPTIONS) -> None:

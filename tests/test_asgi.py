@@ -586,3 +586,17 @@ async def test_lifespan_shutdown_gives_the_fleet_share_back(clock: FakeClock) ->
     clock.advance(0.3)  # past the quarter second a "full" answer is trusted
     assert await burst(staying) == [200] * 8
     await staying.aclose()
+
+
+async def test_the_fleet_lease_is_long_enough_for_a_slow_store(redis_url: str) -> None:
+    """A store with a 10 s timeout: the middleware's fleet lease is at least 6 timeouts (60 s),
+    not the 30 s default a renewal could not keep alive, and no error is raised."""
+    from resilience.store.redis import RedisStore
+
+    store = RedisStore.from_url(redis_url, prefix="slow-store", timeout=10.0)
+    try:
+        asgi = ResilienceMiddleware(Lifespan(), max_concurrent=4, store=store, name="svc")
+        assert asgi._default.bulkhead is not None
+        assert asgi._default.bulkhead.lease == 60.0
+    finally:
+        await store.aclose()

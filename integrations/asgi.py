@@ -9,7 +9,9 @@ Around each HTTP request, in the recommended order: ``RateLimiter -> Timeout -> 
 A rejected request gets ``429`` (rate limit) or ``503`` (bulkhead full), both with
 ``Retry-After``; a request that outlives its timeout gets ``504`` if its response has not
 started, and otherwise the exception goes up to the server, which aborts the connection (a
-second response can never be sent). WebSocket and lifespan scopes pass straight through.
+second response can never be sent). WebSocket scopes pass straight through; so does the
+lifespan, but on ``lifespan.shutdown`` the middleware first gives its share of a fleet-wide
+limit back (``aclose()``), so the replicas that go on get it at once.
 
 Each request's deadline is the sooner of the caller's budget (``x-deadline-ms``) and the
 route's ``timeout``; ``ResilientTransport`` forwards what is left downstream. A spent budget
@@ -23,8 +25,10 @@ Each request has a criticality (``critical``, ``default``, ``sheddable``), from 
 (``criticality={"/checkout": "critical"}``) or from ``x-request-criticality``. Under load the
 lower classes are shed first: a sheddable request may only take ``shares["sheddable"]`` of
 the limit, a default one ``shares["default"]`` (when critical traffic can exist), and only
-critical requests may fill the last slots. The criticality is forwarded downstream like the
-deadline.
+critical requests may fill the last slots. With a ``store`` the limit is the fleet's, and so
+are the classes' shares: a lower class is shed once this replica's requests plus what the
+other replicas hold reach its share of the fleet's limit (docs/overload.md says why). The
+criticality is forwarded downstream like the deadline.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from resilience import (
     RateLimitedError,
     ResilienceTimeoutError,
     Store,
+    StoreUnavailableError,
 )
 from resilience.policy import (
     check_bool,
@@ -53,7 +58,9 @@ from resilience.policy import (
     check_name,
     check_ratio,
     check_seconds,
+    store_down,
 )
+from resilience.quota import FleetShare, shortest_lease
 
 from ._deadline import (
     CRITICAL,
@@ -113,7 +120,8 @@ LEASE = 30.0
 request runs; how long a dead replica's permit stays taken)."""
 LEASE_MARGIN = 5.0
 """With a ``timeout``, a permit's lease is ``timeout + LEASE_MARGIN`` seconds: it outlives
-the longest request it covers without a renewal."""
+the longest request it covers without a renewal. Either way it is at least what the store
+can renew (``resilience.quota.shortest_lease``: 6 store timeouts)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,7 +152,7 @@ async def _shed(send: Send, route: _Route, exc: RateLimitedError | BulkheadFullE
 class _Route:
     """One compartment's policies around the app, built once."""
 
-    __slots__ = ("bulkhead", "protected", "retry_after", "timeout")
+    __slots__ = ("bulkhead", "caps", "fleet", "protected", "retry_after", "timeout")
 
     def __init__(
         self,
@@ -175,7 +183,7 @@ class _Route:
             listeners=listeners,
             # fleet-wide with a store; a waiting queue stays per process
             fleet_bulkhead=not limits.max_waiting,
-            lease=_lease(limits.timeout),
+            lease=_lease(limits.timeout, store),
             quota=True,  # no store round trip per request (shares, tokens taken ahead)
         )
         if adaptive is not None:  # adapts on this replica's own latency: never fleet-wide
@@ -192,6 +200,10 @@ class _Route:
         self.bulkhead: Bulkhead | None = next(
             (p for p in policies if isinstance(p, Bulkhead)), None
         )
+        #: this replica's share of the fleet's limit (with a store), and the most permits
+        #: the fleet may hold for each class (``ResilienceMiddleware`` fills it in)
+        self.fleet: FleetShare | None = None if self.bulkhead is None else self.bulkhead.fleet_share
+        self.caps: dict[str, int] = {}
 
         async def run_app(
             scope: Scope, receive: Receive, send: Send, raised: list[BaseException]
@@ -207,9 +219,11 @@ class _Route:
         )
 
 
-def _lease(timeout: float | None) -> float:
-    """A fleet-wide permit's lease: longer than the longest request it covers, if bounded."""
-    return LEASE if timeout is None else max(LEASE, timeout + LEASE_MARGIN)
+def _lease(timeout: float | None, store: Store | None) -> float:
+    """A fleet-wide permit's lease: longer than the longest request it covers, if bounded,
+    and long enough to be renewed on ``store`` (a store with a long ``timeout``)."""
+    lease = LEASE if timeout is None else max(LEASE, timeout + LEASE_MARGIN)
+    return lease if store is None else max(lease, shortest_lease(store))
 
 
 def _check_limits(where: str, limits: _Limits, given: Iterable[str] = _ROUTE_OPTIONS) -> None:
@@ -321,7 +335,10 @@ class ResilienceMiddleware:
       ``critical`` only with ``trust_criticality=True``. Anything else is ``default``.
     * ``shares``: the share of the concurrency limit a class may fill (``SHARES``): a lower
       class is shed (503) once that many requests are in flight, so the last slots (and
-      the queue) are kept for the classes above it.
+      the queue) are kept for the classes above it. With a ``store``, of the fleet's limit:
+      this replica's requests plus what the other replicas hold.
+
+    ``aclose()`` (run on ``lifespan.shutdown``) gives a fleet share back.
     """
 
     def __init__(
@@ -413,6 +430,10 @@ class ResilienceMiddleware:
             route = _Route(app, limits, f"{name}:{path}", store, clock, listeners)
             self._overrides.append((path, route))
         self._overrides.sort(key=lambda item: len(item[0]), reverse=True)
+        for route in (self._default, *(r for _, r in self._overrides)):
+            if route.fleet is not None:  # a class may fill its share of the fleet's limit
+                limit = route.fleet.limit
+                route.caps = {k: int(v * limit) or 1 for k, v in self.shares.items()}
         self._plain = not self.exclude and not self._overrides and not paths
         self._routes: dict[str, tuple[_Route, str | None] | None] = {}
 
@@ -460,6 +481,8 @@ class ResilienceMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run one ASGI request (HTTP only; other scopes go straight through)."""
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                receive = self._lifespan(receive)
             await self.app(scope, receive, send)
             return
         if self._plain:
@@ -474,10 +497,19 @@ class ResilienceMiddleware:
         if level is None:
             level = claimed
         bulkhead = route.bulkhead
-        if bulkhead is not None and level is not CRITICAL:
-            share = self.shares[level]
+        if bulkhead is not None and level is not CRITICAL and self.shares[level] < 1.0:
             # a lower class may fill only its share of the limit (at least one slot)
-            if share < 1.0 and bulkhead.in_flight >= (int(share * bulkhead.current_limit) or 1):
+            fleet = route.fleet
+            if fleet is None:
+                crowded = bulkhead.in_flight >= (
+                    int(self.shares[level] * bulkhead.current_limit) or 1
+                )
+            elif fleet.held < fleet.share and fleet.clock.monotonic() < fleet.valid_until:
+                # the fleet's limit: this replica's requests plus what the others hold
+                crowded = fleet.held + fleet.others >= route.caps[level]
+            else:  # the share is used up: grow it, within the class's share (one round trip)
+                crowded = await self._crowded(bulkhead, fleet, route.caps[level], level)
+            if crowded:
                 bulkhead.rejection()  # reported to the listeners like the bulkhead's own
                 await _answer(send, 503, _OVERLOADED, route.retry_after)
                 return
@@ -495,6 +527,41 @@ class ResilienceMiddleware:
             await self._serve(route, scope, receive, send, budget)
         finally:
             _criticality.reset(token)
+
+    async def _crowded(self, bulkhead: Bulkhead, fleet: FleetShare, cap: int, level: str) -> bool:
+        """Whether a ``level`` request finds its class's share of the fleet's limit full,
+        after growing this replica's share within it (the permit it took is left in the
+        share for the bulkhead to take at once). The store down: this replica's own count."""
+        try:
+            if not store_down(fleet.store):
+                if not await fleet.take(cap):
+                    return True
+                fleet.give()
+                return False
+        except StoreUnavailableError:
+            pass
+        return bulkhead.in_flight >= (int(self.shares[level] * bulkhead.current_limit) or 1)
+
+    def _lifespan(self, receive: Receive) -> Receive:
+        """``receive`` for the lifespan scope: on ``lifespan.shutdown`` (the server has stopped
+        serving) the fleet's permits are given back before the app hears of it."""
+
+        async def receive_and_close() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown":
+                await self.aclose()
+            return message
+
+        return receive_and_close
+
+    async def aclose(self) -> None:
+        """Give this replica's share of the fleet-wide limit back now (with a ``store``), so
+        the replicas that go on get it at once rather than when its lease runs out. Runs on
+        ``lifespan.shutdown``; call it yourself under a server without lifespan events. A
+        request served afterwards asks the store for a share again."""
+        for route in (self._default, *(r for _, r in self._overrides)):
+            if route.bulkhead is not None:
+                await route.bulkhead.aclose()
 
     async def _serve(
         self, route: _Route, scope: Scope, receive: Receive, send: Send, budget: float | None

@@ -24,7 +24,7 @@ from .policy import (
     check_store,
     store_down,
 )
-from .quota import FleetShare
+from .quota import FleetShare, check_lease, check_permits
 
 if TYPE_CHECKING:
     from .store.protocol import Store
@@ -120,8 +120,10 @@ class Bulkhead(BasePolicy):
     limit only. With ``shares=True`` as well, this bulkhead holds a share of the fleet's
     permits (``resilience.quota.FleetShare``): a call takes and returns a permit with no store
     call, and the store is asked only to grow the share (renewed once a second at its peak
-    use, given back within ``lease`` if the replica dies); a permit freed here reaches other
-    replicas at the next renewal.
+    use, given back within ``lease`` if the replica dies, and at once by ``aclose()``); a
+    permit freed here reaches other replicas at the next renewal. With a store, ``lease``
+    must outlive a renewal that fails (``resilience.quota.shortest_lease``: at least 1 s and 6
+    store timeouts), and ``max_concurrent`` is at most ``resilience.quota.MAX_PERMITS``.
 
     With ``limit=AdaptiveLimit(...)`` the number of slots follows the latency of the calls
     (see ``resilience.adaptive``): each call that returns, or fails with a timeout or a
@@ -166,7 +168,11 @@ class Bulkhead(BasePolicy):
         self.limit = limit
         self._limiter: Limiter | None = None if limit is None else limit.limiter()
         if max_concurrent is not None:
-            self.max_concurrent = check_int("max_concurrent", max_concurrent)
+            self.max_concurrent = (
+                check_permits("max_concurrent", max_concurrent)
+                if distributed
+                else check_int("max_concurrent", max_concurrent)
+            )
         else:  # adaptive, local: the most it will ever allow
             assert limit is not None
             self.max_concurrent = limit.max_limit
@@ -179,6 +185,7 @@ class Bulkhead(BasePolicy):
         if distributed:
             if self.store is None:
                 raise ValueError("distributed=True needs a store= to share the permits through")
+            check_lease("lease", lease, self.store)
             if self.max_waiting:
                 raise ValueError(
                     f"max_waiting must be 0 with distributed=True, got {max_waiting!r}: "
@@ -217,6 +224,11 @@ class Bulkhead(BasePolicy):
     def in_flight(self) -> int:
         """Calls holding a slot now."""
         return self._active
+
+    @property
+    def fleet_share(self) -> FleetShare | None:
+        """This replica's share of the fleet's permits (``shares=True``), else ``None``."""
+        return self._share
 
     @property
     def waiting(self) -> int:
@@ -495,6 +507,14 @@ class Bulkhead(BasePolicy):
                     await give_back(renewal)
 
         return protected
+
+    async def aclose(self) -> None:
+        """Give this replica's share of the fleet's permits back now (``shares=True``), so
+        the replicas that go on get it at once, not when its lease runs out. Call it when
+        the process stops serving; a call made afterwards asks the store for a share again.
+        Nothing to do for other bulkheads."""
+        if self._share is not None:
+            await self._share.aclose()
 
     async def __aenter__(self) -> None:
         if self._active < self._limit_now and not self._waiters:

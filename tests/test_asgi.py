@@ -512,3 +512,91 @@ async def test_shared_store_needs_a_name_of_this_service(redis_url: str) -> None
         ResilienceMiddleware(_send, max_concurrent=4, store=store, name="orders")
     finally:
         await store.aclose()
+
+
+# --- shutting down: the fleet's permits go back ---------------------------------------------
+
+
+class Lifespan:
+    """A pure ASGI app that speaks the lifespan protocol; ``/block`` waits until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.running = 0
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].rsplit(".", 1)[1]  # startup / shutdown
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        self.running += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def run_lifespan(app: Any) -> list[str]:
+    """Start ``app``'s lifespan and shut it down, as a server does; the messages it sent."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    for kind in ("startup", "shutdown"):
+        inbox.put_nowait({"type": f"lifespan.{kind}"})
+    sent: list[str] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send)
+    return sent
+
+
+async def test_lifespan_shutdown_gives_the_fleet_share_back(clock: FakeClock) -> None:
+    """A replica that shuts down cleanly gives its share of the fleet's limit back on
+    ``lifespan.shutdown``: the replica taking its traffic serves all of it at once, not
+    only once the leaving replica's lease (30 s) has run out."""
+    from resilience import MemoryStore
+
+    store = MemoryStore(clock=clock)
+    app = Lifespan()
+    leaving, staying = (
+        ResilienceMiddleware(app, max_concurrent=8, store=store, clock=clock, name="svc")
+        for _ in range(2)
+    )
+
+    async def burst(replica: ResilienceMiddleware) -> list[int]:
+        async with client_for(replica) as client:
+            calls = [asyncio.create_task(client.get("/block")) for _ in range(8)]
+            await settle(100)
+            app.release.set()
+            answers = [r.status_code for r in await asyncio.gather(*calls)]
+            app.release.clear()
+            return answers
+
+    assert await burst(leaving) == [200] * 8
+    assert await burst(staying) == [503] * 8  # the leaving replica's share holds the limit
+    assert await run_lifespan(leaving) == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    clock.advance(0.3)  # past the quarter second a "full" answer is trusted
+    assert await burst(staying) == [200] * 8
+    await staying.aclose()
+
+
+async def test_the_fleet_lease_is_long_enough_for_a_slow_store(redis_url: str) -> None:
+    """A store with a 10 s timeout: the middleware's fleet lease is at least 6 timeouts (60 s),
+    not the 30 s default a renewal could not keep alive, and no error is raised."""
+    from resilience.store.redis import RedisStore
+
+    store = RedisStore.from_url(redis_url, prefix="slow-store", timeout=10.0)
+    try:
+        asgi = ResilienceMiddleware(Lifespan(), max_concurrent=4, store=store, name="svc")
+        assert asgi._default.bulkhead is not None
+        assert asgi._default.bulkhead.lease == 60.0
+    finally:
+        await store.aclose()

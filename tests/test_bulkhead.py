@@ -779,3 +779,122 @@ async def test_shared_permits_come_from_the_share_only_while_it_is_valid(
     assert bulkhead._share is not None
     assert bulkhead._share.held == 0
     store.away = False
+
+
+async def test_calls_on_a_share_wait_at_most_one_store_timeout_on_a_hung_redis(
+    redis_url: str,
+) -> None:
+    """Redis stops answering (a blackhole) while 80 calls need the share to grow: they wait
+    on one store call together and then run on the local limit; none waits on another's
+    timeout after its own (all are admitted within about two store timeouts)."""
+    from .faultproxy import FaultProxy
+
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = await FaultProxy(host, int(port)).start()
+    store = RedisStore.from_url(proxy.url_for("redis"), prefix=unique_prefix())
+    bulkhead = Bulkhead(100, distributed=True, store=store, name="db", shares=True)
+    release, all_running = asyncio.Event(), asyncio.Event()
+    running = 0
+
+    async def hold() -> None:
+        nonlocal running
+        running += 1
+        if running == 80:
+            all_running.set()
+        await release.wait()
+
+    try:
+        await bulkhead.call(ok)  # a share of one, granted
+        proxy.blackhole = True
+        start = time.perf_counter()
+        calls = [asyncio.create_task(bulkhead.call(hold)) for _ in range(80)]
+        await asyncio.wait_for(all_running.wait(), 30)
+        took = time.perf_counter() - start
+        release.set()
+        await asyncio.gather(*calls)
+    finally:
+        proxy.blackhole = False
+        await store.aclose()
+        await proxy.stop()
+    assert running == 80
+    assert took < 2 * store.timeout + 1.5, took
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"lease": 1e-9}, r"lease must be at least 1 s .*got 1e-09"),
+        ({"lease": 0.9, "shares": False}, r"lease must be at least 1 s .*got 0.9"),
+        ({"lease": float("nan")}, r"lease must be finite"),
+        ({"max_concurrent": 10**30}, r"max_concurrent must be <= 1,000,000,000"),
+    ],
+)
+def test_fleet_inputs_that_cannot_work_are_refused(options: dict[str, Any], match: str) -> None:
+    """A lease too short to be renewed, NaN, or a limit no store can count: a ValueError at
+    construction naming the parameter and the value."""
+    config: dict[str, Any] = {"max_concurrent": 10, "shares": True, **options}
+    with pytest.raises(ValueError, match=match):
+        Bulkhead(distributed=True, store=MemoryStore(), name="db", **config)
+
+
+async def test_the_shortest_lease_follows_the_stores_timeout(redis_url: str) -> None:
+    """On a store with a 0.5 s timeout a lease must be at least 3 s (6 timeouts)."""
+    store = RedisStore.from_url(redis_url, prefix=unique_prefix(), timeout=0.5)
+    try:
+        with pytest.raises(ValueError, match=r"lease must be at least 3 s .*got 2\.9"):
+            Bulkhead(4, distributed=True, store=store, name="db", shares=True, lease=2.9)
+        Bulkhead(4, distributed=True, store=store, name="db", shares=True, lease=3.0)
+    finally:
+        await store.aclose()
+
+
+async def test_aclose_gives_the_share_back_to_the_fleet_at_once(clock: FakeClock) -> None:
+    """A replica that closes its bulkhead gives its share back now: the replica taking its
+    traffic gets every permit at once, not when the lease runs out."""
+    store = MemoryStore(clock=clock)
+    leaving, staying = (
+        Bulkhead(8, distributed=True, store=store, name="db", shares=True, clock=clock)
+        for _ in range(2)
+    )
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        await release.wait()
+
+    calls = [asyncio.create_task(leaving.call(hold)) for _ in range(8)]
+    await settle()
+    release.set()
+    await asyncio.gather(*calls)
+    with pytest.raises(BulkheadFullError):
+        await staying.call(ok)  # the leaving replica's share still holds the permits
+    await leaving.aclose()
+    clock.advance(0.3)  # past the quarter second the fleet's "full" answer is trusted
+    release.clear()
+    calls = [asyncio.create_task(staying.call(hold)) for _ in range(8)]
+    await settle()
+    assert staying.in_flight == 8
+    release.set()
+    await asyncio.gather(*calls)
+    await staying.aclose()
+
+
+async def test_huge_but_finite_inputs_work(redis_url: str) -> None:
+    """A lease of 1e300 s (kept ten years in Redis), a wait of 1e300 s and a billion
+    permits: calls are admitted and limited as usual, nothing overflows."""
+    store = RedisStore.from_url(redis_url, prefix=unique_prefix())
+    try:
+        for shares in (True, False):
+            fleet = Bulkhead(
+                10**9,
+                distributed=True,
+                store=store,
+                name=f"big{shares}",
+                lease=1e300,
+                shares=shares,
+            )
+            assert await fleet.call(ok) == "ok"
+            await fleet.aclose()
+        local = Bulkhead(1, max_waiting=1, max_wait=1e300)
+        assert await local.call(ok) == "ok"
+    finally:
+        await store.aclose()

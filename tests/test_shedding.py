@@ -313,3 +313,56 @@ def test_validation(options: dict[str, Any], error: type[Exception]) -> None:
 
 async def _app(scope: Scope, receive: Any, send: Any) -> None:  # pragma: no cover
     pass
+
+
+# --- two replicas on one Redis ------------------------------------------------------------------
+
+
+async def test_two_replicas_keep_the_critical_reserve_fleet_wide(redis_url: str) -> None:
+    """Two replicas share a fleet limit of 20 on one Redis: a sheddable flood on both fills
+    at most 75 % of the fleet's permits, and every critical request that follows is served,
+    on either replica."""
+    from resilience.store.redis import RedisStore
+
+    prefix = f"shed{id(object())}"
+    stores = [RedisStore.from_url(redis_url, prefix=prefix) for _ in range(2)]
+    app = App()
+    replicas = [
+        ResilienceMiddleware(
+            app, max_concurrent=20, trust_criticality=True, store=s, name="gateway"
+        )
+        for s in stores
+    ]
+    clients = [client_for(m) for m in replicas]
+    try:
+        flood = [
+            asyncio.create_task(c.get("/block", headers=level("sheddable")))
+            for _ in range(20)
+            for c in clients
+        ]
+        for _ in range(400):  # until every flood request is running or refused
+            if app.running + sum(t.done() for t in flood) == len(flood):
+                break
+            await asyncio.sleep(0.005)
+        sheddable = app.running
+        critical = [
+            asyncio.create_task(c.get("/block", headers=level("critical")))
+            for c in (*clients, *clients, clients[0])
+        ]
+        for _ in range(400):
+            if app.running + sum(t.done() for t in critical) == sheddable + 5:
+                break
+            await asyncio.sleep(0.005)
+        refused = [t.result().status_code for t in critical if t.done()]
+        app.release.set()
+        served = [r.status_code for r in await asyncio.gather(*critical)]
+        await asyncio.gather(*flood)
+    finally:
+        for c in clients:
+            await c.aclose()
+        for s in stores:
+            await s.aclose()
+    assert sheddable <= 15, sheddable  # int(0.75 * 20), fleet-wide
+    assert sheddable >= 10, sheddable  # the flood was served up to its share, not starved
+    assert refused == [], refused
+    assert served == [200] * 5

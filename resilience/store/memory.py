@@ -48,6 +48,7 @@ class MemoryStore:
         self._cache: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._windows: dict[str, dict[int, list[int]]] = {}
         self._shares: dict[str, dict[str, tuple[int, int, float, int]]] = {}
+        self._settle: dict[str, float] = {}  # key -> until when the shares' reports settle
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The shared core of breaker ``name`` (created on first use)."""
@@ -153,8 +154,13 @@ class MemoryStore:
         limit: int,
         ttl: float,
         own_limit: int = 0,
-    ) -> tuple[int, int]:
-        """``holder``'s share of ``limit`` under ``key``: at most what the others leave free."""
+        cap: int | None = None,
+        had: int = 0,
+        settle: float = 0.0,
+    ) -> tuple[int, int, int]:
+        """``holder``'s share of ``limit`` under ``key``: at most what the others leave free
+        (each counted as the larger of its share and its permits in use, at most ``limit``);
+        see ``Store.lease_share`` for ``cap``, ``had`` and ``settle``."""
         check_name(key, "key")
         check_name(holder, "holder")
         check_int("want", want, minimum=0)
@@ -162,19 +168,43 @@ class MemoryStore:
         check_int("limit", limit)
         check_seconds("ttl", ttl)
         check_int("own_limit", own_limit, minimum=0)
+        cap = limit if cap is None else check_int("cap", cap)
+        had = min(check_int("had", had, minimum=0), limit)
+        settle = check_seconds("settle", settle, zero=True)
         now = self.clock.monotonic()
+        horizon = now + ttl + 1.0  # an entry further ahead is garbage (the clock stepped back)
         shares = self._shares.setdefault(key, {})
-        for who in [w for w, entry in shares.items() if entry[2] <= now]:
-            del shares[who]
-        others = sum(e[0] for w, e in shares.items() if w != holder)
-        in_use = held + sum(e[1] for w, e in shares.items() if w != holder)
-        grant = max(0, min(want, limit - others))
+        lost = False
+        for who, entry in list(shares.items()):
+            if entry[2] <= now or entry[2] > horizon:
+                lost = lost or entry[2] > horizon
+                del shares[who]
+        settling = self._settle.get(key, -math.inf)
+        if settling > horizon:
+            lost = True
+        settling = now < settling <= horizon
+        mine = shares.get(holder)
+        if (lost or (had and mine is None)) and not settling and settle:
+            self._settle[key] = now + settle
+            settling = True
+        others = in_use = 0
+        for who, (s, h, _, _) in shares.items():
+            if who != holder:
+                others += min(max(s, h), limit)
+                in_use += min(h, limit)
+        keep = max(had, 0 if mine is None else min(mine[0], limit))
+        grant = min(want, limit - others)
+        if cap < limit:
+            grant = min(grant, max(keep, cap - others))
+        if settling:
+            grant = min(grant, keep)
+        grant = max(0, grant)
         if grant == 0 and held == 0:
             shares.pop(holder, None)
         else:
             shares[holder] = (grant, held, now + ttl, own_limit)
         self._limits[key] = limit
-        return grant, in_use
+        return grant, in_use + held, others
 
     async def window_add(
         self, key: str, deltas: Sequence[int], *, window: float, buckets: int = 10

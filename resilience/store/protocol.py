@@ -183,14 +183,25 @@ class Store(Protocol):
         limit: int,
         ttl: float,
         own_limit: int = 0,
-    ) -> tuple[int, int]:
+        cap: int | None = None,
+        had: int = 0,
+        settle: float = 0.0,
+    ) -> tuple[int, int, int]:
         """Quota leasing: ``holder``'s share of the fleet-wide ``limit`` under ``key``.
 
         Asks for a share of ``want`` permits (0 gives it back), reporting ``held`` permits in
         use under it, and its own (adaptive) limit now (0: none; status tools sum them).
-        Returns the share granted, never more than the other holders' live
-        shares leave free (so the shares never sum above ``limit``), and the permits in use
-        fleet-wide as last reported. The share lasts ``ttl`` seconds unless asked again.
+        Each other live holder counts as the larger of its share and its permits in use (at
+        most ``limit``); the share granted never exceeds what they leave free, so the
+        permits in use never exceed ``limit``. ``cap``: a share grows only while the
+        holders together stay within ``cap`` (a class of calls allowed less than the limit);
+        what the holder has it keeps. ``had``: the share the holder believes it still holds;
+        when the store no longer knows it (data lost: a restart, a failover, the clock
+        jumped) or finds garbage (deleted: an entry expiring further ahead than ``ttl``, the
+        clock stepped back), no share grows past what its holder had for ``settle``
+        seconds, so every live holder reports its permits again first. The share lasts
+        ``ttl`` seconds unless asked again. Returns the share granted, the permits in use
+        fleet-wide as last reported, and what the other holders count for.
         """
 
     async def window_add(

@@ -411,28 +411,41 @@ class RedisStore:
         limit: int,
         ttl: float,
         own_limit: int = 0,
-    ) -> tuple[int, int]:
+        cap: int | None = None,
+        had: int = 0,
+        settle: float = 0.0,
+    ) -> tuple[int, int, int]:
         """``holder``'s share of the fleet-wide ``limit`` under ``key`` (server time): at
-        most what the other holders' live shares leave free."""
+        most what the other holders leave free (``Store.lease_share``; the rule is in
+        ``share.lua``). Garbage found under the key is deleted and reported
+        (``StoreDataReset``)."""
         check_name(key, "key")
         check_name(holder, "holder")
         check_int("want", want, minimum=0)
         check_int("held", held, minimum=0)
         check_int("limit", limit)
         check_int("own_limit", own_limit, minimum=0)
+        cap = limit if cap is None else check_int("cap", cap)
+        check_int("had", had, minimum=0)
+        settle_ms = int(min(check_seconds("settle", settle, zero=True), _MAX_TTL) * 1000)
         self._register(key)
         shares = self.key(key, "shares")
         args = [self.engine.now_arg(), holder, want, held, limit, _ttl_ms(ttl), own_limit]
+        args += [cap, had, settle_ms]
         reply = await self.engine.call(
             self._scripts["share"](keys=[shares, self.key(key, "limit")], args=args), key=shares
         )
         try:
-            if not isinstance(reply, list) or len(reply) != 3:
+            if not isinstance(reply, list) or len(reply) != 5:
                 raise BadReply(f"unexpected share reply {reply!r:.80}")
-            return number(reply[0], 0, limit), number(reply[1])
+            grant, in_use, others = number(reply[0], 0, limit), number(reply[1]), number(reply[3])
         except BadReply as exc:
             self.supervisor.fail(exc)
             raise StoreUnavailableError(str(exc)) from exc
+        if reply[4] == 1:
+            logger.warning("garbage under %r was deleted", shares)
+            self._emit(StoreDataReset(name=key, key=shares))
+        return grant, in_use, others
 
     async def window_add(
         self, key: str, deltas: Sequence[int], *, window: float, buckets: int = 10

@@ -1,39 +1,83 @@
 -- share: one holder's share of a fleet-wide limit (quota leasing: a holder admits calls
 -- against its share without asking Redis, and asks again only to grow, shrink or renew it).
--- KEYS: 1 the shares (hash: holder -> "<share> <held> <expiry ms> <own limit>"), 2 the limit
---       (string, for status tools)
+-- KEYS: 1 the shares (hash: holder -> "<share> <held> <expiry ms> <own limit>"; the field ""
+--       holds when the holders' reports settle, see below), 2 the limit (string, for status)
 -- ARGV: 1 now in ms ("" = server TIME), 2 holder id, 3 share wanted, 4 permits in use now,
---       5 limit, 6 ttl in ms, 7 the holder's own limit now (an adaptive one; 0: none)
--- Returns: {granted share, permits in use fleet-wide (as last reported), now}
--- The live shares never sum above the limit: a holder gets at most what the others leave.
--- Expired entries, and entries that are not ours, are deleted.
+--       5 limit, 6 ttl in ms, 7 the holder's own limit now (an adaptive one; 0: none),
+--       8 cap: a growth stops where the holders' shares reach it (a class allowed less than
+--       the limit), 9 the share the holder believes it holds (still valid on its side),
+--       10 settle ms
+-- Returns: {granted share, permits in use fleet-wide (as last reported), now, what the other
+--           holders hold (each counted as the larger of its share and its permits in use),
+--           1 if garbage was deleted else 0}
+-- A holder counts as the larger of its share and its permits in use, at most the limit, so
+-- the permits in use never exceed the limit while each holder stays within its share. An
+-- entry expiring further ahead than this ttl (+1 s) is garbage (a stray write, or the clock
+-- stepped back): it is deleted and reported. When the store has lost track of the holders
+-- (garbage found, or a holder's valid share is missing: Redis restarted empty, failed over,
+-- or the clock jumped), no share grows past what its holder had for `settle` ms, so that
+-- every live holder has reported its permits again before any grows (settle < ttl).
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+now = math.floor(now)
+local reset = 0
 local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+if kind ~= 'hash' and kind ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  reset = 1
+end
 local me, want, held = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local limit, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
-local others, in_use = 0, held
+local cap, had, settle = tonumber(ARGV[8]), math.min(tonumber(ARGV[9]), limit), tonumber(ARGV[10])
+local horizon = now + ttl + 1000
+local others, in_use, mine, found, settling = 0, held, 0, false, false
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  local s, h, e = string.match(all[i + 1], '^(%d+) (%d+) (%d+)')
-  s, h, e = tonumber(s), tonumber(h), tonumber(e)
-  if not (s and h and e) or e <= now or e > now + 10000000000 then
-    redis.call('HDEL', KEYS[1], all[i])
-  elseif all[i] ~= me then
-    others, in_use = others + s, in_use + h
+  local who, v = all[i], all[i + 1]
+  if who == '' then
+    local until_ms = tonumber(v)
+    if until_ms and until_ms > now and until_ms <= horizon then
+      settling = true
+    else
+      redis.call('HDEL', KEYS[1], who)
+      if not until_ms or until_ms > now then reset = 1 end
+    end
+  else
+    local s, h, e = string.match(v, '^(%d+) (%d+) (%d+)')
+    s, h, e = tonumber(s), tonumber(h), tonumber(e)
+    if not (s and h and e) or e > horizon then
+      redis.call('HDEL', KEYS[1], who)
+      reset = 1
+    elseif e <= now then
+      redis.call('HDEL', KEYS[1], who)
+    elseif who == me then
+      mine, found = math.min(s, limit), true
+    else
+      others = others + math.min(math.max(s, h), limit)
+      in_use = in_use + math.min(h, limit)
+    end
   end
 end
-local grant = math.max(0, math.min(want, limit - others))
+if (reset == 1 or (had > 0 and not found)) and not settling and settle > 0 then
+  settling = true
+  redis.call('HSET', KEYS[1], '', now + settle)
+end
+local keep = math.max(mine, had)
+local grant = math.min(want, limit - others)
+if cap < limit then grant = math.min(grant, math.max(keep, cap - others)) end
+if settling then grant = math.min(grant, keep) end
+grant = math.max(0, grant)
 if grant == 0 and held == 0 then
   redis.call('HDEL', KEYS[1], me)
 else
   local own = math.max(0, math.floor(tonumber(ARGV[7]) or 0))
   redis.call('HSET', KEYS[1], me, grant .. ' ' .. held .. ' ' .. (now + ttl) .. ' ' .. own)
-  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], math.max(ttl, settle))
 end
 redis.call('SET', KEYS[2], limit, 'PX', ttl)
-return {grant, in_use, now}
+return {grant, in_use, now, others, reset}

@@ -294,24 +294,86 @@ async def test_a_shared_window_counts_across_replicas_and_slides(
 async def test_shares_never_sum_above_the_limit_and_lapse(
     store: Store, replica: Callable[[], Store], clock: FakeClock
 ) -> None:
-    """lease_share: a holder gets at most what the others' live shares leave; a share not
-    renewed lapses after its ttl; want=0 gives it back."""
+    """lease_share: a holder gets at most what the others leave (each counted as the larger
+    of its share and its permits in use); a share not renewed lapses after its ttl; want=0
+    gives it back. The reply: the share, the permits in use, what the others count for."""
     other = replica()
-    assert await store.lease_share("pool", "a", want=3, held=3, limit=5, ttl=5) == (3, 3)
-    assert await other.lease_share("pool", "b", want=4, held=1, limit=5, ttl=5) == (2, 4)
-    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (2, 5)
-    assert await store.lease_share("pool", "a", want=1, held=1, limit=5, ttl=5) == (1, 3)
-    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (4, 3)
+    assert await store.lease_share("pool", "a", want=3, held=3, limit=5, ttl=5) == (3, 3, 0)
+    assert await other.lease_share("pool", "b", want=4, held=1, limit=5, ttl=5) == (2, 4, 3)
+    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (2, 5, 3)
+    assert await store.lease_share("pool", "a", want=1, held=1, limit=5, ttl=5) == (1, 3, 2)
+    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (4, 3, 1)
     clock.advance(3)
-    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (4, 3)
+    assert await other.lease_share("pool", "b", want=4, held=2, limit=5, ttl=5) == (4, 3, 1)
     clock.advance(2.5)  # a was not renewed: its share lapsed; b's holds
-    assert await store.lease_share("pool", "c", want=5, held=0, limit=5, ttl=5) == (1, 2)
+    assert await store.lease_share("pool", "c", want=5, held=0, limit=5, ttl=5) == (1, 2, 4)
     clock.advance(5)  # b's lapsed too
-    assert await store.lease_share("pool", "c", want=5, held=0, limit=5, ttl=5) == (5, 0)
-    assert await store.lease_share("pool", "c", want=0, held=0, limit=5, ttl=5) == (0, 0)
-    assert await other.lease_share("pool", "d", want=5, held=0, limit=5, ttl=5) == (5, 0)
+    assert await store.lease_share("pool", "c", want=5, held=0, limit=5, ttl=5) == (5, 0, 0)
+    assert await store.lease_share("pool", "c", want=0, held=0, limit=5, ttl=5) == (0, 0, 0)
+    assert await other.lease_share("pool", "d", want=5, held=0, limit=5, ttl=5) == (5, 0, 0)
     with pytest.raises(ValueError, match="want"):
         await store.lease_share("pool", "a", want=-1, held=0, limit=5, ttl=5)
+
+
+async def test_permits_in_use_above_a_share_count_and_no_holder_counts_above_the_limit(
+    store: Store, replica: Callable[[], Store]
+) -> None:
+    """A holder whose share shrank below its permits in use counts for its permits (so a
+    grant never lets the permits in use exceed the limit), and never for more than the limit."""
+    other = replica()
+    assert await store.lease_share("pool", "a", want=1, held=4, limit=5, ttl=5) == (1, 4, 0)
+    assert await other.lease_share("pool", "b", want=5, held=0, limit=5, ttl=5) == (1, 4, 4)
+    assert await store.lease_share("pool", "a", want=0, held=99, limit=5, ttl=5) == (0, 99, 1)
+    assert await other.lease_share("pool", "b", want=5, held=0, limit=5, ttl=5) == (0, 5, 5)
+
+
+async def test_a_capped_growth_keeps_the_rest_of_the_limit_free(
+    store: Store, replica: Callable[[], Store]
+) -> None:
+    """cap: a share grows only while the holders together stay within the cap; the rest of
+    the limit stays free for uncapped asks, and a holder keeps what it already has."""
+    other = replica()
+    assert await store.lease_share("p", "a", want=10, held=0, limit=10, ttl=5, cap=7) == (
+        7,
+        0,
+        0,
+    )
+    assert await other.lease_share("p", "b", want=5, held=0, limit=10, ttl=5, cap=7) == (0, 0, 7)
+    assert await other.lease_share("p", "b", want=3, held=0, limit=10, ttl=5) == (3, 0, 7)
+    assert await store.lease_share("p", "a", want=10, held=0, limit=10, ttl=5, cap=5) == (7, 0, 3)
+    with pytest.raises(ValueError, match="cap"):
+        await store.lease_share("p", "a", want=1, held=0, limit=10, ttl=5, cap=0)
+
+
+async def test_shares_the_store_lost_grow_only_after_the_holders_reported_again(
+    store: Store, replica: Callable[[], Store], clock: FakeClock
+) -> None:
+    """A holder that had a share the store no longer knows (Redis restarted empty): for
+    ``settle`` seconds no share grows past what its holder had, so the holders still using
+    theirs report their permits before anyone grows into them."""
+    other = replica()
+    ask = {"limit": 10, "ttl": 5, "settle": 2}
+    assert await store.lease_share("pool", "a", want=6, held=3, had=3, **ask) == (3, 3, 0)
+    assert await other.lease_share("pool", "b", want=5, held=0, **ask) == (0, 3, 3)
+    assert await other.lease_share("pool", "c", want=4, held=2, had=4, **ask) == (4, 5, 3)
+    clock.advance(2.5)  # settled: the others have reported
+    assert await other.lease_share("pool", "b", want=5, held=0, **ask) == (3, 5, 7)
+    assert await store.lease_share("pool", "a", want=6, held=3, had=3, **ask) == (3, 5, 7)
+
+
+async def test_entries_from_before_the_clock_stepped_back_are_garbage(
+    store: Store, replica: Callable[[], Store], clock: FakeClock
+) -> None:
+    """An entry expiring further ahead than the ttl asked with (+1 s) is garbage, never
+    counted: a store clock stepped back an hour frees the fleet within ``settle``, not an
+    hour later."""
+    other = replica()
+    ask = {"limit": 5, "ttl": 5, "settle": 2}
+    assert await store.lease_share("pool", "a", want=5, held=5, had=0, **ask) == (5, 5, 0)
+    clock._now -= 3600.0  # the store's clock steps back (Redis TIME after a failover)
+    assert await other.lease_share("pool", "b", want=5, held=0, **ask) == (0, 0, 0)
+    clock.advance(2.5)
+    assert await other.lease_share("pool", "b", want=5, held=0, **ask) == (5, 0, 0)
 
 
 async def test_tokens_are_taken_as_many_as_the_bucket_allows(

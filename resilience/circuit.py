@@ -226,7 +226,7 @@ class CircuitBreaker(BasePolicy):
             name=core.name,
             old=old,
             new=new,
-            generation=core.gen,
+            generation=core.generation,
             open_for=core.open_for if new is OPEN else None,
         )
         emit(self._listeners, event)

@@ -220,6 +220,7 @@ class BreakerCore:
         "opened_by",
         "rejected",
         "reopens",
+        "shown",
         "skip",
         "state",
         "window",
@@ -231,6 +232,7 @@ class BreakerCore:
         self.clock = clock
         self.state = CLOSED
         self.gen = 0
+        self.shown = 0  # the highest generation reported (events), see ``generation``
         self.open_until = 0.0
         self.open_for = 0.0
         self.reopens = 0
@@ -245,6 +247,14 @@ class BreakerCore:
 
     #: A shared core in strict mode wants ``await commit()`` after each outcome.
     strict = False
+
+    @property
+    def generation(self) -> int:
+        """The generation this breaker reports (events, metrics): never below one it reported
+        before. It is ``gen``, unless a shared core took the fleet's state numbered below what
+        it had decided alone (Redis away, a quorum breaker's own trip): it then goes on from
+        its own number until the fleet numbers past it."""
+        return max(self.gen, self.shown)
 
     # figures for status tools
     def rejecting(self) -> None:
@@ -376,7 +386,9 @@ class BreakerCore:
         self._announce(old, new)
 
     def _announce(self, old: CircuitState, new: CircuitState) -> None:
-        """Tell every breaker object using this core (each tells its listeners)."""
+        """Tell every breaker object using this core (each tells its listeners); the event is
+        numbered above every one before it."""
+        self.shown = max(self.gen, self.shown + 1)
         for front in list(self.fronts):
             if front._listeners:
                 front._transitioned(self, old, new)
@@ -401,7 +413,7 @@ class BreakerCore:
             slow_calls=slow,
             failure_ratio=failures / calls if calls else 0.0,
             slow_call_ratio=slow / calls if calls else 0.0,
-            generation=self.gen,
+            generation=self.generation,
             open_for=self.open_for if self.state is OPEN else None,
             retry_after=max(0.0, self.open_until - now) if self.state is OPEN else None,
             opened_by=self.opened_by if self.state is OPEN else None,

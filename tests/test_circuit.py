@@ -438,7 +438,8 @@ class Model:
 
 
 class BreakerMachine(RuleBasedStateMachine):
-    """Random call sequences and clock moves: breaker and model always agree."""
+    """Random call sequences and clock moves: breaker and model always agree, and the
+    generations reported count the transitions (events 1, 2, 3, ...; metrics the last)."""
 
     @initialize(
         size=st.integers(1, 8),
@@ -450,6 +451,7 @@ class BreakerMachine(RuleBasedStateMachine):
         minimum = data.draw(st.integers(1, size))
         self.clock = FakeClock()
         self.loop = asyncio.new_event_loop()
+        self.events: list[object] = []
         self.breaker = CircuitBreaker(
             "m",
             window=CountWindow(size),
@@ -459,6 +461,7 @@ class BreakerMachine(RuleBasedStateMachine):
             open_for=10.0,
             open_for_max=80.0,
             clock=self.clock,
+            listeners=[self.events.append],
         )
         self.model = Model(size, minimum, ratio, probes)
 
@@ -506,6 +509,9 @@ class BreakerMachine(RuleBasedStateMachine):
         if not hasattr(self, "model"):
             return
         assert self.breaker.state is self.model.state
+        generations = [e.generation for e in self.events if isinstance(e, StateChanged)]
+        assert generations == list(range(1, len(generations) + 1))
+        assert self.breaker.metrics().generation == len(generations)
         if self.model.state is CLOSED:
             m = self.breaker.metrics()
             assert m.calls == len(self.model.outcomes)

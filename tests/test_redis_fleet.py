@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from resilience import CircuitBreaker, CircuitOpenError, CircuitState, CountWindow
 from resilience.store.redis import RedisStore
+from resilience.store.redis_breaker import VOTE_LEASE
 
 WORKER = str(Path(__file__).with_name("fleet_worker.py"))
 _prefixes = itertools.count()
@@ -220,6 +221,36 @@ def test_a_quorum_breaker_opens_the_fleet_only_when_k_replicas_trip(
         while (seen := states()) != ["open"] * 4:
             assert time.monotonic() < deadline, seen
             time.sleep(0.02)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_a_killed_voter_restarted_under_a_new_id_does_not_reach_quorum_alone(
+    redis_url: str, prefix: str
+) -> None:
+    """Quorum 2: a sick replica trips, is killed (no clean shutdown: its vote is not
+    withdrawn), restarts under a new replica id and trips again. The dead replica's vote
+    has lapsed within the vote lease, so the healthy replicas stay closed."""
+    healthy = [Worker("quorum", redis_url, prefix, "2") for _ in range(2)]
+    sick = Worker("quorum", redis_url, prefix, "2")
+    workers = [*healthy, sick]
+    try:
+        for w in workers:
+            assert w.line() == "ready"
+        sick.send("trip")
+        assert sick.line() == "tripped"
+        sick.stop()  # SIGKILL
+        time.sleep(VOTE_LEASE + 0.5)
+        restarted = Worker("quorum", redis_url, prefix, "2")
+        workers.append(restarted)
+        assert restarted.line() == "ready"
+        restarted.send("trip")
+        assert restarted.line() == "tripped"
+        time.sleep(0.5)  # a fleet-wide open reaches the others in milliseconds: none came
+        for w in healthy:
+            w.send("state")
+        assert [w.line() for w in healthy] == ["closed", "closed"]
     finally:
         for w in workers:
             w.stop()

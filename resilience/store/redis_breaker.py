@@ -15,13 +15,24 @@ The rules it keeps (see docs/shared-state.md):
 * Degraded, the same local state machine decides everything. What it learned (a local open)
   is pushed to the fleet when Redis answers again, before the fleet's older state is adopted.
 * Quorum (``config.quorum = k``): the shared window opens nothing, and a replica's own trip
-  is a vote; the fleet opens once k replicas' votes are live. A replica whose own window
-  tripped stays open on its own meanwhile, and runs its own half-open probes.
+  is a vote; the fleet opens once k replicas' votes are live, for the fleet's own open time.
+  A replica whose own window tripped stays open on its own meanwhile, and runs its own
+  half-open probes. A vote is a lease of at most ``VOTE_LEASE`` seconds, renewed while the
+  replica's own open period lasts and withdrawn when its store closes, so the vote of a
+  replica that died lapses within ``VOTE_LEASE``.
+* Generations: ``gen`` is the fleet's numbering (outcomes, probes and compare-and-sets carry
+  it). A replica that decided alone numbered its own moves; when it takes the fleet's state
+  numbered lower, it reports its own higher ``generation`` on (``BreakerCore``), and asks the
+  fleet to number its state (or its next transition) above it, so they agree again.
+* Forks: a forked child is a new replica; what the parent observed (buffered outcomes, probe
+  leases, votes, local trips) stays the parent's, and the child's breaker starts from the
+  fleet's state as last heard.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Protocol
 
 from ..circuit_state import (
@@ -38,7 +49,7 @@ from ..circuit_state import (
     open_duration,
     tripped,
 )
-from ..clock import Clock
+from ..clock import Clock, TimerHandle
 from ..errors import CircuitOpenError, StoreUnavailableError
 from ..windows import CountCounter, CountWindow, TimeWindow
 from .redis_primitives import (
@@ -53,7 +64,13 @@ from .redis_primitives import (
 )
 from .redis_supervisor import LoopLate
 
-__all__ = ["Engine", "SharedBreakerCore"]
+__all__ = ["VOTE_LEASE", "Engine", "SharedBreakerCore"]
+
+_NEVER_HEARD = FleetState(CLOSED, 0, 0, 0, 0, 0)  # a breaker the fleet has not answered about
+
+#: Seconds a quorum vote counts unless its replica renews it (it does, at half its life,
+#: while its own open period lasts): the vote of a replica that died lapses within this.
+VOTE_LEASE = 2.0
 
 
 class Engine(Protocol):
@@ -89,6 +106,8 @@ class SharedBreakerCore(BreakerCore):
 
     __slots__ = (
         "_full_until",
+        "_raised",
+        "_renewal",
         "away",
         "diverged",
         "engine",
@@ -96,11 +115,15 @@ class SharedBreakerCore(BreakerCore):
         "fleet_leases",
         "forced",
         "keys",
+        "leaving",
         "marked",
         "pending",
         "pending_gen",
+        "seen",
+        "seen_at",
         "strict",
         "unacked",
+        "voted",
         "window_args",
     )
 
@@ -128,6 +151,12 @@ class SharedBreakerCore(BreakerCore):
         self.forced: CircuitState | None = None  # manual control Redis has not heard yet
         self.fleet_leases: set[int] = set()  # probe leases Redis granted, not yet given back
         self._full_until = float("-inf")
+        self.seen: FleetState | None = None  # the fleet's state last taken (forks start from it)
+        self.seen_at = 0.0  # ... and when (local clock)
+        self.voted = False  # a quorum vote of this replica may be live in Redis
+        self.leaving = False  # its store is closing: the vote is withdrawn
+        self._renewal: TimerHandle | None = None  # the vote's next renewal
+        self._raised: tuple[int, int] | None = None  # (gen, generation) the fleet was told
 
     # --- what the engine asks -------------------------------------------------------------
     def take_outcomes(self, seq: int) -> list[Outcomes]:
@@ -155,17 +184,99 @@ class SharedBreakerCore(BreakerCore):
         return bool(self.unacked or self.pending[0] or self.wanted() is not None)
 
     def wanted(self) -> Transition | None:
-        """The transition learned locally that the fleet must hear before it overrides it."""
+        """What the fleet must hear from this replica: a transition learned locally (before
+        the fleet's state overrides it), a vote (or its withdrawal), or a renumbering."""
         if self.forced is not None:  # an operator's control made while Redis was away
             return Transition(self.forced, self.gen, force=True)
+        if self.leaving:  # its store is closing: its vote goes with it
+            return Transition(CLOSED, max(self.fleet_gen, 0), vote=True) if self.voted else None
         if self.diverged and self.state is OPEN and self.fleet_gen >= 0:
-            vote = self.config.quorum > 0
-            if vote and self.clock.monotonic() >= self.open_until:
+            opened_by = self.opened_by or (0, 0, 0)
+            if not self.config.quorum:
+                return Transition(OPEN, self.fleet_gen, self.reopens, opened_by)
+            if self.clock.monotonic() >= self.open_until:
                 return None  # its own open period is over: it has nothing to vote for
-            return Transition(
-                OPEN, self.fleet_gen, self.reopens, self.opened_by or (0, 0, 0), vote=vote
-            )
+            # the fleet's first opening, for the fleet's open time: the back-off this
+            # replica's own re-opens grew is its own
+            return Transition(OPEN, self.fleet_gen, 0, opened_by, vote=True)
+        if self._behind():
+            return Transition(self.state, self.gen, renumber=True)
         return None
+
+    def _behind(self) -> bool:
+        """The fleet numbers its state below the generation this replica reported (it decided
+        alone meanwhile), and has not been asked yet to number past it."""
+        return (
+            not self.diverged
+            and self.forced is None
+            and self.fleet_gen >= 0
+            and self.generation > self.gen
+            and self._raised != (self.gen, self.generation)
+        )
+
+    def sending(self, t: Transition) -> tuple[int, int]:
+        """``t`` goes to Redis now: the floor the fleet's next generation must clear, and how
+        long a vote lasts (ms; 0 for anything else). Notes what was sent: a renumbering asked
+        for, a vote cast (renewed at half its life while this replica's own open period
+        lasts) or withdrawn.
+
+        The floor is the highest generation this replica reported, less one when ``t`` only
+        confirms the state the replica is in (a local open pushed, a vote, an operator's
+        control applied here): the fleet then numbers that state as the replica did.
+        """
+        floor = self.generation
+        if t.renumber:
+            self._raised = (self.gen, floor)
+        elif t.new is self.state:
+            floor -= 1
+        if not t.vote:
+            return floor, 0
+        if t.new is not OPEN:
+            self.voted = False
+            return floor, 0
+        self.voted = True
+        left = self.open_until - self.clock.monotonic()
+        life = min(left, VOTE_LEASE)
+        if left > life and self._renewal is None:
+            self._renewal = self.clock.call_later(life / 2, self._renew)
+        return floor, max(1, math.ceil(life * 1000))
+
+    def _renew(self) -> None:
+        """Half the vote's life is gone: cast it again if this replica still votes."""
+        self._renewal = None
+        wanted = self.wanted()
+        if wanted is not None and wanted.vote and wanted.new is OPEN:
+            self.engine.mark(self)
+            self.engine.wake()
+
+    def leave(self) -> None:
+        """Its store is closing: this replica's vote is withdrawn with the last round."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
+        if self.voted:
+            self.leaving = True
+            self.engine.mark(self)
+
+    def forked(self) -> None:
+        """In a forked child, a new replica: what the parent observed stays the parent's
+        (buffered outcomes, its window, probe leases, its vote, its own trips, an operator's
+        control not yet sent); the breaker starts from the fleet's state as last heard."""
+        self.pending = [0, 0, 0]
+        self.unacked = []
+        self.marked = False
+        self.rejected = 0
+        self.latency = [0] * len(self.latency)
+        self.fleet_leases = set()
+        self.forced = None
+        self.voted = self.leaving = False
+        self._renewal = None
+        self._raised = None
+        self.window.reset()
+        self._probes.clear()
+        if self.diverged:
+            self.diverged = False
+            self._take(self.seen or _NEVER_HEARD, self.seen_at, announce=False)
 
     def on_flush(
         self, sent: Outcomes, reply: FlushReply, received: float, pushing: bool
@@ -225,10 +336,17 @@ class SharedBreakerCore(BreakerCore):
             self.fleet_gen = fleet.gen
             self.engine.mark(self)
             return
+        self.fleet_gen = fleet.gen
+        self.seen, self.seen_at = fleet, received
+        self._take(fleet, received, announce=True)
+        if self._behind():  # the fleet must number past what this replica reported
+            self.engine.mark(self)
+
+    def _take(self, fleet: FleetState, received: float, *, announce: bool) -> None:
+        """This replica's state becomes the fleet's (an event if it moved and ``announce``)."""
         offset = fleet.server_ms / 1000 - received  # server time minus local time
         new = fleet.state
         open_until = fleet.open_until_ms / 1000 - offset if new is OPEN else 0.0
-        self.fleet_gen = fleet.gen
         old = self.state
         if fleet.gen == self.gen and new is old:
             self.open_until = open_until
@@ -256,7 +374,7 @@ class SharedBreakerCore(BreakerCore):
         self.pending = [0, 0, 0]
         self.pending_gen = fleet.gen
         self._full_until = float("-inf")
-        if new is not old:
+        if new is not old and announce:
             self._announce(old, new)
 
     def rejecting(self) -> None:
@@ -269,7 +387,7 @@ class SharedBreakerCore(BreakerCore):
     def acquire(self, now: float) -> tuple[int, int] | None:
         """Local when the cached state decides; ``None`` when a fleet-wide probe is needed."""
         if self.away or self.diverged or self.engine.degraded:
-            return super().acquire(now)
+            return self._decide_here(now)
         state = self.state
         if state is CLOSED or state is DISABLED:
             return self.gen, 0
@@ -293,7 +411,7 @@ class SharedBreakerCore(BreakerCore):
             raise CircuitOpenError(self.name, "half_open", self.engine.sync_interval) from None
         except StoreUnavailableError:  # it may have been granted: give it back later
             self.engine.enqueue(self, Release(self.gen, lease))
-            return await super().acquire_remote(now)
+            return self._decide_here(now)
         except asyncio.CancelledError:
             probing.add_done_callback(lambda done: self._give_back_late(done, lease))
             raise
@@ -312,6 +430,18 @@ class SharedBreakerCore(BreakerCore):
         hint = min(reply.wait, self.config.open_for)
         self._full_until = now + min(hint, self.engine.sync_interval)
         raise CircuitOpenError(self.name, "half_open", hint)
+
+    def _decide_here(self, now: float) -> tuple[int, int]:
+        """Admission by the local state machine alone; a move it makes (OPEN to HALF_OPEN)
+        is local knowledge, like a local trip."""
+        before = self.gen
+        try:
+            admitted = BreakerCore.acquire(self, now)
+        finally:
+            if self.gen != before:
+                self._moved_locally()
+        assert admitted is not None  # a local core always decides
+        return admitted
 
     async def _settle_stalled(self, reply: ProbeReply) -> None:
         """No lease free, but the probes' counts already settle the verdict: its reporter

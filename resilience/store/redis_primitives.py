@@ -192,7 +192,9 @@ class Release(NamedTuple):
 class Transition(NamedTuple):
     """A transition a shared breaker wants the fleet to make (compare-and-set by ``expected``
     generation, or unconditionally when ``force``). ``vote``: a quorum breaker's replica
-    whose own window tripped asks for OPEN; the fleet opens once ``quorum`` replicas have."""
+    whose own window tripped asks for OPEN; the fleet opens once ``quorum`` replicas have (a
+    vote for CLOSED withdraws it). ``renumber``: no move, the fleet's state numbered above
+    the generation this replica reported (see ``SharedBreakerCore.wanted``)."""
 
     new: CircuitState
     expected: int
@@ -200,6 +202,7 @@ class Transition(NamedTuple):
     opened_by: tuple[int, int, int] = (0, 0, 0)
     force: bool = False
     vote: bool = False
+    renumber: bool = False
 
 
 # --- replies, parsed and checked once ---------------------------------------------------------

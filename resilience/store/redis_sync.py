@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from ..circuit_state import open_duration
 from ..errors import StoreUnavailableError
 from ..events import Event, StoreDataReset, SubscriberReplaced
-from .redis_breaker import SharedBreakerCore
+from .redis_breaker import VOTE_LEASE, SharedBreakerCore
 from .redis_primitives import (
     BadReply,
     Outcomes,
@@ -266,23 +266,26 @@ class SyncEngine:
             self._emit(StoreDataReset(name=core.name, key=core.keys[0]))
 
     def _cas(self, core: SharedBreakerCore, t: Transition) -> list[Any]:
-        open_ms = int(open_duration(core.config, t.reopens) * 1000)
-        args = [
+        """The arguments of ``transition.lua`` for ``t`` (see its header)."""
+        floor, vote_ms = core.sending(t)
+        mode = "1" if t.force else "q" if t.vote else "r" if t.renumber else "0"
+        return [
             t.expected,
             t.new.value,
-            open_ms,
+            int(open_duration(core.config, t.reopens) * 1000),
             t.reopens,
             self.now_arg(),
             self.ttl_ms,
             self.channel,
             core.name,
-            "1" if t.force else "q" if t.vote else "0",
+            mode,
             *t.opened_by,
+            core.config.quorum,
+            self._replica(),
+            vote_ms,
+            floor,
+            int(VOTE_LEASE * 1000),
         ]
-        if t.vote:  # the vote lasts as long as this replica's own open period
-            left_ms = int((core.open_until - core.clock.monotonic()) * 1000)
-            args += [core.config.quorum, self._replica(), max(1, left_ms)]
-        return args
 
     # --- background work ------------------------------------------------------------------
     def start(self) -> None:
@@ -727,6 +730,8 @@ class SyncEngine:
         if self._closed:
             return
         if self._tasks and not self.degraded:
+            for core in list(self.cores.values()):
+                core.leave()  # a quorum vote goes with its replica
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.next_round()), last_round)
         self._closed = True
@@ -752,10 +757,6 @@ class SyncEngine:
         self._registered = {}
         self._unregistered = set()
         for core in list(self.cores.values()):
-            core.pending = [0, 0, 0]
-            core.unacked = []
-            core.marked = False
-            core.rejected = 0
-            core.latency = [0] * len(core.latency)
+            core.forked()
         self._late_retries = 0
         self._wake = asyncio.Event()

@@ -47,7 +47,9 @@ class Event:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StateChanged(Event):
-    """A circuit breaker moved from ``old`` to ``new``; ``generation`` counts transitions."""
+    """A circuit breaker moved from ``old`` to ``new``; ``generation`` orders transitions:
+    each event of a breaker carries a higher one than the event before (one more per
+    transition in a process; a shared breaker's may jump, to the fleet's number)."""
 
     policy: str = "circuit_breaker"
     old: CircuitState

@@ -347,10 +347,15 @@ class RedisStore:
             )
         )
         if reply.startswith("!"):
-            logger.warning("unparsable data under %r was reset", self.key(key, suffix))
-            self._emit(StoreDataReset(name=key, key=self.key(key, suffix)))
+            self._data_reset(key, self.key(key, suffix))
             reply = reply[1:]
         return reply
+
+    def _data_reset(self, name: str, key: str) -> None:
+        """A script found data it does not write under ``key`` and reset it: that key's
+        problem alone, reported (the store stays healthy)."""
+        logger.warning("unparsable data under %r was reset", key)
+        self._emit(StoreDataReset(name=name, key=key))
 
     async def _shared(self, key: str, suffix: str, *args: Any) -> float:
         reply = await self._shared_text(key, suffix, *args)
@@ -448,18 +453,30 @@ class RedisStore:
             self._scripts["window"](keys=[counter], args=args), key=counter
         )
         try:
-            if not isinstance(reply, list) or len(reply) != len(counts):
+            if not isinstance(reply, list) or len(reply) != len(counts) + 1:
                 raise BadReply(f"unexpected window reply {reply!r:.80}")
-            return tuple(number(v) for v in reply)
+            reset, *totals = (number(v) for v in reply)
         except BadReply as exc:
             self.supervisor.fail(exc)
             raise StoreUnavailableError(str(exc)) from exc
+        if reset:
+            self._data_reset(key, counter)
+        return tuple(totals)
 
     async def cache_get(self, key: str, item: str) -> bytes | None:
         """The value cached under ``item`` for policy ``key``, or ``None``."""
         check_name(key, "key")
         cache_key = self.key(key, "cache:" + escape(item))
-        got = await self.engine.call(self.client.get(cache_key), key=cache_key)
+        reply = await self.engine.call(self._scripts["cache"](keys=[cache_key]), key=cache_key)
+        try:
+            if not isinstance(reply, list) or len(reply) != 2:
+                raise BadReply(f"unexpected cache reply {reply!r:.80}")
+            reset, got = number(reply[0]), reply[1]
+        except BadReply as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
+        if reset:
+            self._data_reset(key, cache_key)
         return None if got is None else bytes(got)
 
     async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:

@@ -60,8 +60,9 @@ SCRIPTS = (
     "health",
     "window",
     "share",
+    "cache",
 )
-_PRELUDED = ("flush", "transition", "probe", "report", "status")
+_PRELUDED = ("flush", "transition", "probe", "report", "status", "window")
 
 
 class BadReply(RedisError):
@@ -69,7 +70,7 @@ class BadReply(RedisError):
 
 
 def script_source(name: str) -> str:
-    """A script's source; the breaker scripts start with the shared prelude."""
+    """A script's source; the breaker scripts and the window start with the shared prelude."""
     source = resources.files(__package__).joinpath(f"{name}.lua").read_text()
     if name not in _PRELUDED:
         return source

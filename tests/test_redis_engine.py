@@ -379,6 +379,29 @@ async def test_a_busy_event_loop_is_not_a_slow_redis(stores: Callable[..., Redis
     assert store.loop_lag > 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0.0, 0.5, 2.5, 4.0, 9.9, 10.0, 15.0]), st.floats(-0.1, 1.0)),
+        max_size=30,
+    )
+)
+def test_the_loop_lag_is_the_worst_of_the_last_ten_seconds(
+    steps: list[tuple[float, float]],
+) -> None:
+    """``loop_lag`` is the worst lag measured in the last 10 s (0.0 with none): a gauge
+    read every few seconds sees a stall that happened between two reads."""
+    clock = FakeClock()
+    store = RedisStore(aioredis.Redis.from_url("redis://127.0.0.1:1/0"), clock=clock)
+    seen: list[tuple[float, float]] = []
+    for advance, lag in steps:
+        clock.advance(advance)
+        store.supervisor.note_lag(lag)
+        seen.append((clock.monotonic(), lag))
+        recent = [late for when, late in seen if when > clock.monotonic() - 10.0]
+        assert store.loop_lag == max([0.0, *recent])
+
+
 # --- forks, recovery, shutdown -------------------------------------------------------------
 
 

@@ -230,7 +230,8 @@ class RedisStore:
 
     @property
     def loop_lag(self) -> float:
-        """How late this process's event loop was, last measured (seconds)."""
+        """How late this process's event loop was: the worst measured in the last 10 s
+        (seconds; measured by the store's own timers and waits, at no cost per call)."""
         return self.supervisor.loop_lag
 
     # keys ---------------------------------------------------------------------------------

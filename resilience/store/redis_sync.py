@@ -9,7 +9,10 @@
   its own outcomes, a probe reports, or strict mode waits.
 * The subscriber applies published transitions within milliseconds. Its connection is
   health-checked (PING when nothing was heard for ``sync_interval``, a PONG within the store's
-  timeout) and replaced when it goes quiet.
+  timeout) and replaced when it goes quiet. Replacements back off (from ``sync_interval`` up
+  to 2 s), and the backoff starts over only once the new subscription is heard from (its
+  confirmation, a PONG, a message): a Redis that accepts connections but answers nothing
+  (paused, blackholed) is not asked again every few hundred milliseconds.
 * Background loops end once their task is being cancelled, even when a library below them
   loses the ``CancelledError``.
 """
@@ -47,7 +50,7 @@ from .redis_primitives import (
     parse_report,
     parse_transition,
 )
-from .redis_supervisor import LoopLate, Supervisor
+from .redis_supervisor import Backoff, LoopLate, Supervisor
 
 if TYPE_CHECKING:
     from weakref import WeakValueDictionary
@@ -315,7 +318,7 @@ class SyncEngine:
 
     def _timer_fired(self) -> None:
         self._timer_idle = True
-        self.supervisor.loop_lag = max(0.0, self.clock.monotonic() - self._timer_due)
+        self.supervisor.note_lag(self.clock.monotonic() - self._timer_due)
         self._wake.set()
 
     def next_round(self) -> asyncio.Future[None]:
@@ -333,7 +336,7 @@ class SyncEngine:
                 self.mark(core, used=False)
 
     async def _flusher(self) -> None:
-        backoff = self.sync_interval
+        backoff = Backoff(self.sync_interval)
         next_try = 0.0  # degraded: no reconnect attempt before this (backoff, up to 2 s)
         while not self._closed and not _cancelling():
             if self.degraded:
@@ -355,11 +358,10 @@ class SyncEngine:
                     if now < next_try:
                         continue  # woken by news: it waits for Redis, calls do not
                     if await self.supervisor.reconnect():
-                        backoff = self.sync_interval
+                        backoff.reset()
                         self.read_all()
                     else:
-                        backoff = min(backoff * 2, 2.0)
-                        next_try = self.clock.monotonic() + backoff
+                        next_try = self.clock.monotonic() + backoff.next()
                         continue
                 await self.round()
                 self._forget_idle()
@@ -368,7 +370,7 @@ class SyncEngine:
             finally:  # waiters (sync, strict commits) go on even if the round failed
                 if done is not None and not done.done():
                     done.set_result(None)
-            if self._marked or self._ops or self._orphans or self._unregistered:
+            if self.has_work():
                 self._soon()
 
     def _forget_idle(self) -> None:
@@ -631,36 +633,37 @@ class SyncEngine:
                         getattr(pipe, cmd)(*argv)
                     return cast(list[Any], await pipe.execute(raise_on_error=False))
         except TimeoutError as exc:
-            if supervisor.late(loop, started, extra):
-                raise LoopLate(f"the event loop was {supervisor.loop_lag:.3f}s late") from exc
+            if lag := supervisor.late(loop, started, extra):
+                raise LoopLate(f"the event loop was {lag:.3f}s late") from exc
             raise
 
     # --- the subscriber -------------------------------------------------------------------
     async def _subscriber(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(self.sync_interval)
         replaced = False
+
+        def heard() -> None:  # the new subscription answered: it is alive
+            backoff.reset()
+            if replaced:
+                self._emit(SubscriberReplaced(name=self.prefix))
+                # what was published meanwhile: read it with the next round
+                self.read_all()
+                self.wake()
+
         while not self._closed and not _cancelling():
             try:
                 async with await self._pubsub() as pubsub:
                     async with asyncio.timeout(self.supervisor.timeout):
                         await pubsub.subscribe(self.channel)
-                    if replaced:
-                        self._emit(SubscriberReplaced(name=self.prefix))
-                        # what was published meanwhile: read it with the next round
-                        self.read_all()
-                        self.wake()
-                    backoff = 0.05
-                    await self._listen(pubsub)
-                    replaced = True
+                    await self._listen(pubsub, heard)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.debug("resilience subscriber reconnecting after %r", exc)
-                replaced = True
+            replaced = True
             if self._closed or _cancelling():
                 return
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
     async def _pubsub(self) -> Any:
         """A pub/sub connection; on a Cluster, to a node that answers (in turn, so a
@@ -675,17 +678,19 @@ class SyncEngine:
         self._sub_turn += 1
         return self.client.pubsub(node=live[self._sub_turn % len(live)])
 
-    async def _listen(self, pubsub: Any) -> None:
-        """Apply messages until the connection goes quiet (no PONG in time) or fails."""
+    async def _listen(self, pubsub: Any, heard: Callable[[], None]) -> None:
+        """Apply messages until the connection goes quiet (no PONG in time) or fails;
+        ``heard()`` once the first reply arrives (the subscription's confirmation)."""
         loop = asyncio.get_running_loop()
-        heard = loop.time()
+        last = loop.time()  # when the server was last heard (or asked to subscribe)
+        alive = False
         pinged: float | None = None
         lagging = False
         interval = self.sync_interval
         timeout = self.supervisor.timeout
         while not self._closed and not _cancelling():
             now = loop.time()
-            if pinged is None and now - heard >= interval:
+            if pinged is None and now - last >= interval:
                 await pubsub.ping()
                 pinged = now
             elif pinged is not None and now - pinged > timeout:
@@ -698,16 +703,20 @@ class SyncEngine:
                 return
             wait = interval if pinged is None else max(0.001, pinged + timeout - now)
             before = loop.time()
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            message = await pubsub.get_message(timeout=wait)
             if message is None:
                 late = loop.time() - before - wait
                 lagging = late > max(0.05, timeout / 2)
-                self.supervisor.loop_lag = max(0.0, late)
+                self.supervisor.note_lag(late)
                 continue
-            heard = loop.time()
-            if message.get("type") == "pong":
+            last = loop.time()
+            if not alive:
+                alive = True
+                heard()
+            kind = message.get("type")
+            if kind == "pong":
                 pinged = None
-            elif message.get("type") == "message":
+            elif kind == "message":
                 self.on_message(message.get("data"))
 
     def on_message(self, data: Any) -> None:

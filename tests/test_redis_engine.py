@@ -150,7 +150,8 @@ async def test_a_forgotten_breaker_comes_back_with_the_fleets_state(
 async def test_status_reads_many_names_in_few_round_trips(
     stores: Callable[..., RedisStore], raw: aioredis.Redis
 ) -> None:
-    """status() of 1,200 names: a script call per chunk of names, every name listed."""
+    """status() of 1,200 names: a script call per registry, one per chunk of names, every
+    name listed."""
     store = stores()
     for i in range(1200):
         CircuitBreaker(f"s{i:04}", store=store)
@@ -160,7 +161,7 @@ async def test_status_reads_many_names_in_few_round_trips(
     assert len(listed) == 1200
     from resilience.store.redis import _STATUS_CHUNK
 
-    assert await evalsha_calls(raw) - before == math.ceil(1200 / _STATUS_CHUNK)
+    assert await evalsha_calls(raw) - before == 2 + math.ceil(1200 / _STATUS_CHUNK)
     assert [s.name for s in await store.status(limit=10)] == [f"s{i:04}" for i in range(10)]
 
 
@@ -224,6 +225,41 @@ async def test_the_registry_is_rebuilt_after_redis_loses_it(
     await store.sync()
     assert "dep" in await store.known_names()
     assert await raw.pttl(f"{store.prefix}:names") > 0
+
+
+async def test_the_registry_outlives_a_short_ttl(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """With ttl=0.6 s a name in use is registered again within a third of it, renewing the
+    registry's lifetime: after 2 s of use another replica's status() still lists it."""
+    store = stores(ttl=0.6)
+    other = stores(prefix=store.prefix)
+    b = CircuitBreaker("dep", store=store)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        await b.call(ok)
+        await asyncio.sleep(0.02)
+    assert await other.known_names() == ["dep"]
+    assert [s.name for s in await other.status()] == ["dep"]
+    assert 0 < await raw.pttl(f"{store.prefix}:names") <= 600
+
+
+async def test_a_registry_that_is_not_a_set_is_reset_alone(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """Something else under a registry key: reset and reported when names are added or
+    read; the store never turns degraded, and the names in use are listed again."""
+    events: list[Event] = []
+    store = stores(listeners=[events.append])
+    await raw.set(f"{store.prefix}:names", "not a set")
+    b = CircuitBreaker("dep", store=store)
+    await b.call(ok)
+    await store.sync()
+    assert await store.known_names() == ["dep"]
+    await raw.set(f"{store.prefix}:names:other", "not a set")
+    assert [s.name for s in await store.status()] == ["dep"]
+    assert not store.degraded
+    assert [type(e) for e in events] == [StoreDataReset, StoreDataReset], events
 
 
 # --- the window in Redis -----------------------------------------------------------------

@@ -263,8 +263,17 @@ class RedisStore:
 
     async def known_names(self) -> list[str]:
         """Every policy name any replica registered under this prefix."""
-        members = await self.engine.call(self.client.smembers(f"{self.prefix}:names"))
-        return sorted(text(m) for m in members)
+        return sorted(await self._registry(f"{self.prefix}:names"))
+
+    async def _registry(self, registry: str) -> list[str]:
+        """The names in ``registry`` (one that is not a set is reset and reported)."""
+        script = self._scripts["names"]
+        reply = await self.engine.call(script(keys=[registry], args=["read"]), key=registry)
+        try:
+            return self.engine.read_names(reply, registry)
+        except BadReply as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
 
     def _register(self, name: str) -> None:
         self._lease_keys.add(name)
@@ -501,13 +510,13 @@ class RedisStore:
             check_int("limit", limit)
         try:
             registered, others = await asyncio.gather(
-                self.engine.call(self.client.smembers(f"{self.prefix}:names")),
-                self.engine.call(self.client.smembers(f"{self.prefix}:names:other")),
+                self._registry(f"{self.prefix}:names"),
+                self._registry(f"{self.prefix}:names:other"),
             )
-            names = sorted({*map(text, registered), *self._cores.keys(), *self._lease_keys})
+            names = sorted({*registered, *self._cores.keys(), *self._lease_keys})
             if limit is not None:
                 names = names[:limit]
-            return await self._read_status(names, {text(m) for m in others} | self._lease_keys)
+            return await self._read_status(names, {*others, *self._lease_keys})
         except StoreUnavailableError:
             cores = list(self._cores.values())
             if not cores:

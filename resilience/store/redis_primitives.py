@@ -60,6 +60,7 @@ SCRIPTS = (
     "health",
     "window",
     "share",
+    "names",
     "cache",
 )
 _PRELUDED = ("flush", "transition", "probe", "report", "status", "window")

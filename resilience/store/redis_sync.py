@@ -43,12 +43,14 @@ from .redis_primitives import (
     histogram_arg,
     is_noscript,
     key,
+    number,
     outage,
     parse_flush,
     parse_message,
     parse_probe,
     parse_report,
     parse_transition,
+    text,
 )
 from .redis_supervisor import Backoff, LoopLate, Supervisor
 
@@ -64,6 +66,7 @@ _T = TypeVar("_T")
 logger = logging.getLogger("resilience.redis")
 
 _REGISTER_EVERY = 10.0  # seconds: a name in use is added to the registry again this often
+# (at most a third of the store's ttl, so the registry never expires while a name is used)
 _MAX_LATE_RETRIES = 3  # rounds retried at once when the loop, not Redis, was late
 _MAX_PER_ROUND = 500  # breakers (and names) per round: bounds the loop time of one round
 _PER_COMMAND = 0.0002  # seconds a round's time-out grows by per command (a big round is work)
@@ -133,6 +136,7 @@ class SyncEngine:
         self._orphans: list[tuple[str, str]] = []  # (key, lease) to give back
         self._registered: dict[tuple[str, bool], float] = {}
         self._unregistered: set[tuple[str, bool]] = set()
+        self._register_every = min(_REGISTER_EVERY, ttl_ms / 3000)
         self._wake = asyncio.Event()
         self._round_done: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -236,14 +240,16 @@ class SyncEngine:
         return repr(self.clock.monotonic() * 1000) if self._fake_time else ""
 
     def register(self, name: str, now: float | None = None, *, other: bool = False) -> None:
-        """Keep ``name`` in the fleet's registry while it is used (re-added every 10 s).
-        ``other``: a fleet-wide bulkhead, rate limiter or budget (not a breaker), also listed
-        in ``<prefix>:names:other``, so status reads those keys only for such names."""
+        """Keep ``name`` in the fleet's registry while it is used: re-added every 10 s (a
+        third of the store's ``ttl`` if that is shorter), each time renewing the registry's
+        lifetime. ``other``: a fleet-wide bulkhead, rate limiter or budget (not a breaker),
+        also listed in ``<prefix>:names:other``, so status reads those keys only for such
+        names."""
         if now is None:
             now = self.clock.monotonic()
         entry = (name, other)
         last = self._registered.get(entry)
-        if last is None or now - last >= _REGISTER_EVERY:
+        if last is None or now - last >= self._register_every:
             self._registered[entry] = now
             self._unregistered.add(entry)
             self._soon()
@@ -267,6 +273,15 @@ class SyncEngine:
         if reset:
             logger.warning("breaker %r: unparsable data in Redis was reset", core.name)
             self._emit(StoreDataReset(name=core.name, key=core.keys[0]))
+
+    def read_names(self, reply: Any, registry: str) -> list[str]:
+        """A ``names.lua`` reply: the names it lists; a registry reset is reported."""
+        if not isinstance(reply, list) or not reply:
+            raise BadReply(f"unexpected names reply {reply!r:.80}")
+        if number(reply[0]):
+            logger.warning("the registry %r held data that is not ours: reset", registry)
+            self._emit(StoreDataReset(name=self.prefix, key=registry))
+        return [text(name) for name in reply[1:]]
 
     def _cas(self, core: SharedBreakerCore, t: Transition) -> list[Any]:
         open_ms = int(open_duration(core.config, t.reopens) * 1000)
@@ -506,19 +521,21 @@ class SyncEngine:
             retry = functools.partial(self._orphans.append, (lease_key, lost))
             items.append(_Item(("zrem", (permits, lost)), _nothing, retry, None, node_of(permits)))
         if names:
-            retry = functools.partial(self._unregistered.update, names)
+            retry = functools.partial(self._unregistered.update, dict.fromkeys(names))
             registry = f"{self.prefix}:names"
+            add = self.scripts["names"].sha
             for group, members in (
-                (registry, {name for name, _ in names}),
-                (f"{registry}:other", {name for name, other in names if other}),
+                (registry, dict.fromkeys(name for name, _ in names)),
+                (f"{registry}:other", dict.fromkeys(name for name, other in names if other)),
             ):
-                if members:
-                    node = node_of(group)
-                    add = ("sadd", (group, *sorted(members)))
-                    items.append(_Item(add, _nothing, retry, None, node))
-                    pexpire = ("pexpire", (group, self.ttl_ms))
-                    items.append(_Item(pexpire, _nothing, _nothing, None, node))
+                if members:  # added, and the registry's lifetime renewed, in one script
+                    command = ("evalsha", (add, 1, group, "add", self.ttl_ms, *members))
+                    added = functools.partial(self._added, group)
+                    items.append(_Item(command, added, retry, None, node_of(group)))
         return items
+
+    def _added(self, registry: str, reply: Any, _received: float) -> None:
+        self.read_names(reply, registry)
 
     def _flushed(
         self, core: SharedBreakerCore, sent: Outcomes, pushing: bool, reply: Any, received: float

@@ -262,6 +262,34 @@ async def test_a_registry_that_is_not_a_set_is_reset_alone(
     assert [type(e) for e in events] == [StoreDataReset, StoreDataReset], events
 
 
+async def test_a_burst_of_new_breakers_is_sent_a_chunk_at_a_time(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """1,200 new breakers, each called once: no pipeline carries more than a chunk of
+    breakers (plus the registrations), and every breaker reads the fleet's state."""
+    from resilience.store.redis_sync import _CHUNK
+
+    store = stores()
+    engine = store.engine
+    sizes: list[int] = []
+    send = engine._send
+
+    async def counted(commands: list[Any]) -> list[Any]:
+        sizes.append(len(commands))
+        return await send(commands)
+
+    engine._send = counted  # type: ignore[method-assign]
+    breakers = [CircuitBreaker(f"n{i}", store=store) for i in range(1200)]
+    for b in breakers:
+        await b.call(ok)
+    await store.sync()
+    assert not store.degraded
+    assert len(sizes) >= 1200 // _CHUNK
+    assert max(sizes) <= _CHUNK + 2, max(sizes)  # + one command per registry
+    assert all(b._core.fleet_gen >= 0 for b in breakers)  # type: ignore[attr-defined]
+    assert len(await store.known_names()) == 1200
+
+
 # --- the window in Redis -----------------------------------------------------------------
 
 

@@ -5,7 +5,8 @@ of where each rule lives):
 
 * In the CLOSED state a call asks nothing of Redis. Its outcome feeds the local window and
   rule (a replica's own failures open its breaker at once) and a buffer that the sync engine
-  flushes in one pipeline every ``sync_interval``, for the breakers that have news only.
+  flushes every ``sync_interval``, for the breakers that have news only (pipelines of up to
+  50 breakers, the event loop getting its turn between two).
   The flush script merges the outcomes into the shared window and answers with the
   authoritative state and counts; the breaker's core decides, and a trip is a
   compare-and-set script.
@@ -575,7 +576,7 @@ class RedisStore:
     async def sync(self) -> None:
         """Flush every buffered outcome and refresh every breaker's state now."""
         self.engine.read_all()
-        for _ in range(len(self._cores) // 500 + 3):  # rounds carry 500 breakers each
+        for _ in range(3):  # a round carries all that waits; what its replies ask, the next
             await self.engine.next_round()
             if self.degraded or not self.engine.has_work():
                 break

@@ -1,10 +1,14 @@
 """The sync engine of ``RedisStore``: flush rounds, the subscriber, and applying replies.
 
 * A *round* carries only the breakers that have news (outcomes, a local trip to push) or
-  whose fleet state must be read (new, revived, just recovered), plus the queued probe
-  reports and releases, in one pipeline (a Cluster: node by node, all at once). Replies go to
-  each breaker's core, which answers with the transition it wants; those are compare-and-set
-  in a second pipeline. An idle store runs no round and costs no loop time.
+  whose fleet state must be read (new, revived, just recovered), and the names to register:
+  those queued when it starts, plus the probe reports and releases queued by the time each
+  chunk is sent. It is sent in chunks of at most ``_CHUNK`` breakers, one pipeline each (a
+  Cluster: node by node, all at once), the event loop getting its turn between two chunks,
+  so the loop time a round holds at once is bounded by a chunk's work whatever the burst
+  (10,000 new breakers, a recovery). Replies go to each breaker's core, which answers with
+  the transition it wants; those are compare-and-set in a second pipeline. An idle store
+  runs no round and costs no loop time.
 * Rounds start ``sync_interval`` apart while there is news, at once when a breaker trips on
   its own outcomes, a probe reports, or strict mode waits.
 * The subscriber applies published transitions within milliseconds. Its connection is
@@ -22,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -68,8 +71,9 @@ logger = logging.getLogger("resilience.redis")
 _REGISTER_EVERY = 10.0  # seconds: a name in use is added to the registry again this often
 # (at most a third of the store's ttl, so the registry never expires while a name is used)
 _MAX_LATE_RETRIES = 3  # rounds retried at once when the loop, not Redis, was late
-_MAX_PER_ROUND = 500  # breakers (and names) per round: bounds the loop time of one round
-_PER_COMMAND = 0.0002  # seconds a round's time-out grows by per command (a big round is work)
+_CHUNK = 50  # breakers per pipeline: bounds the loop time of one exchange (~1 ms a step)
+_NAMES_PER_CHUNK = 500  # names registered per pipeline (one command per registry)
+_PER_COMMAND = 0.0002  # seconds a pipeline's time-out grows by per command (a big one is work)
 
 
 def _nothing(*_: Any) -> None:
@@ -85,6 +89,29 @@ class _Item:
     retry: Callable[[], Any]
     core: SharedBreakerCore | None = None
     node: str | None = None  #: the Cluster node it goes to (``None``: a single Redis)
+
+
+@dataclass(slots=True)
+class _Work:
+    """The breakers and names one round carries: those queued when it started, sent a chunk
+    at a time (chunk ``n``: the ``n``-th ``_CHUNK`` breakers and ``_NAMES_PER_CHUNK``
+    names). Probe reports, releases and permits to give back are not waiting for the round
+    to end: each chunk carries those queued when it is built."""
+
+    cores: list[SharedBreakerCore]
+    names: list[tuple[str, bool]]
+
+    def chunks(self) -> int:
+        """How many chunks (pipelines) the round takes."""
+        return max(1, -(-len(self.cores) // _CHUNK), -(-len(self.names) // _NAMES_PER_CHUNK))
+
+    def cores_of(self, n: int) -> list[SharedBreakerCore]:
+        """The breakers of chunk ``n``."""
+        return self.cores[n * _CHUNK : (n + 1) * _CHUNK]
+
+    def names_of(self, n: int) -> list[tuple[str, bool]]:
+        """The names registered with chunk ``n``."""
+        return self.names[n * _NAMES_PER_CHUNK : (n + 1) * _NAMES_PER_CHUNK]
 
 
 def _cancelling() -> bool:
@@ -135,7 +162,7 @@ class SyncEngine:
         self._ops: list[tuple[SharedBreakerCore, Report | Release]] = []
         self._orphans: list[tuple[str, str]] = []  # (key, lease) to give back
         self._registered: dict[tuple[str, bool], float] = {}
-        self._unregistered: set[tuple[str, bool]] = set()
+        self._unregistered: dict[tuple[str, bool], None] = {}  # in the order they came
         self._register_every = min(_REGISTER_EVERY, ttl_ms / 3000)
         self._wake = asyncio.Event()
         self._round_done: asyncio.Future[None] | None = None
@@ -251,7 +278,7 @@ class SyncEngine:
         last = self._registered.get(entry)
         if last is None or now - last >= self._register_every:
             self._registered[entry] = now
-            self._unregistered.add(entry)
+            self._unregistered[entry] = None
             self._soon()
 
     def _soon(self) -> None:
@@ -400,27 +427,58 @@ class SyncEngine:
             self._registered.pop((name, False), None)
 
     async def round(self, again: bool = True) -> None:
-        """One flush round (see the module docstring)."""
-        items = self._items()
-        if not items:
+        """One flush round: everything queued now, a chunk at a time (module docstring)."""
+        work = self._take_work()
+        if work is None:
             return
+        noscript = False
+        n = 0  # the next chunk to build
         try:
-            replies = await self._send([item.command for item in items])
-        except Exception as exc:  # nothing was acknowledged: everything goes again later
-            for item in items:
-                item.retry()
-            self._unsent(exc)
-            return
-        self._late_retries = 0
-        later, failure, noscript = self._settle(items, replies)
-        if later:
-            await self._apply(later)
-        if failure is not None:
-            self.supervisor.fail(failure)
-        elif noscript:
-            await self._load_scripts()
-            if again:
-                await self.round(again=False)
+            while n < work.chunks():
+                if n:
+                    await asyncio.sleep(0)  # the event loop's turn between two chunks
+                    if self.degraded or self._closed or _cancelling():
+                        break
+                items = self._items(work, n)
+                n += 1
+                if not items:
+                    continue
+                try:
+                    replies = await self._send([item.command for item in items])
+                except Exception as exc:  # nothing was acknowledged: all goes again later
+                    for item in items:
+                        item.retry()
+                    self._unsent(exc)
+                    break
+                self._late_retries = 0
+                later, failure, missing = self._settle(items, replies)
+                if later:
+                    await self._apply(later)
+                if failure is not None:
+                    self.supervisor.fail(failure)
+                    break
+                if missing and not noscript:  # loaded once; the next chunks find them
+                    noscript = True
+                    await self._load_scripts()
+        finally:  # what was not sent (an outage, or cancelled) waits for the next round
+            self._give_back(work, n)
+        if noscript and again:
+            await self.round(again=False)  # what NOSCRIPT sent back, at once
+
+    def _take_work(self) -> _Work | None:
+        """Everything queued now, for one round (``None``: nothing is)."""
+        if not self.has_work():
+            return None
+        work = _Work(list(self._marked), list(self._unregistered))
+        self._marked, self._unregistered = {}, {}
+        return work
+
+    def _give_back(self, work: _Work, n: int) -> None:
+        """The chunks from ``n`` on were not sent: they wait for the next round."""
+        for core in work.cores[n * _CHUNK :]:
+            self._marked[core] = None
+        for name in work.names[n * _NAMES_PER_CHUNK :]:
+            self._unregistered[name] = None
 
     def _unsent(self, exc: Exception) -> None:
         """A round that got no reply: the loop was late (retry at once), or an outage."""
@@ -463,17 +521,17 @@ class SyncEngine:
                 later.append(wanted)
         return later, failure, noscript
 
-    def _items(self) -> list[_Item]:
-        """This round's commands, each with what to do with its reply and how to retry it.
+    def _items(self, work: _Work, n: int) -> list[_Item]:
+        """Chunk ``n``'s commands, each with what to do with its reply and how to retry it.
 
         Flushes first (every breaker with news, its unacknowledged flushes again), then the
-        local trips to push (after their breakers' flushes), probe reports and releases,
-        permits to give back, and registrations.
+        local trips to push (after their breakers' flushes), the probe reports, releases and
+        permits to give back queued now, and registrations.
         """
-        marked, self._marked = self._take_marked()
+        marked = work.cores_of(n)
         ops, self._ops = self._ops, []
-        names, self._unregistered = self._take_names()
         orphans, self._orphans = self._orphans, []
+        names = work.names_of(n)
         if not (marked or ops or names or orphans):
             return []
         self._seq += 1
@@ -559,28 +617,6 @@ class SyncEngine:
 
     def _cas_sha(self) -> str:
         return str(self.scripts["transition"].sha)
-
-    def _take_marked(
-        self,
-    ) -> tuple[dict[SharedBreakerCore, None], dict[SharedBreakerCore, None]]:
-        """This round's breakers (at most ``_MAX_PER_ROUND``), and the rest for the next."""
-        marked = self._marked
-        if len(marked) <= _MAX_PER_ROUND:
-            return marked, {}
-        items = iter(marked)
-        now = dict.fromkeys(itertools.islice(items, _MAX_PER_ROUND))
-        rest = dict.fromkeys(items)
-        self._wake.set()  # the rest go at once, after the loop has had its turn
-        return now, rest
-
-    def _take_names(self) -> tuple[set[tuple[str, bool]], set[tuple[str, bool]]]:
-        """This round's registrations (at most ``_MAX_PER_ROUND``), and the rest."""
-        names = self._unregistered
-        if len(names) <= _MAX_PER_ROUND:
-            return names, set()
-        ordered = sorted(names)
-        self._wake.set()
-        return set(ordered[:_MAX_PER_ROUND]), set(ordered[_MAX_PER_ROUND:])
 
     async def _apply(self, wanted: list[tuple[SharedBreakerCore, Transition]]) -> None:
         """Compare-and-set the transitions the cores asked for, in one pipeline."""
@@ -776,7 +812,7 @@ class SyncEngine:
         self._orphans = []
         self._marked = {}
         self._registered = {}
-        self._unregistered = set()
+        self._unregistered = {}
         for core in list(self.cores.values()):
             core.pending = [0, 0, 0]
             core.unacked = []

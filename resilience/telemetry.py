@@ -160,7 +160,7 @@ class Telemetry:
             "resilience.store.loop_lag",
             callbacks=[self._observe_loop_lag],
             unit="s",
-            description="How late the event loop was, last measured by a store.",
+            description="The worst lateness of the event loop a store measured in the last 10 s.",
         )
         self._labels: dict[tuple[str, str, str], dict[str, str]] = {}
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()

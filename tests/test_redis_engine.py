@@ -150,7 +150,8 @@ async def test_a_forgotten_breaker_comes_back_with_the_fleets_state(
 async def test_status_reads_many_names_in_few_round_trips(
     stores: Callable[..., RedisStore], raw: aioredis.Redis
 ) -> None:
-    """status() of 1,200 names: a script call per chunk of names, every name listed."""
+    """status() of 1,200 names: a script call per registry, one per chunk of names, every
+    name listed."""
     store = stores()
     for i in range(1200):
         CircuitBreaker(f"s{i:04}", store=store)
@@ -160,7 +161,7 @@ async def test_status_reads_many_names_in_few_round_trips(
     assert len(listed) == 1200
     from resilience.store.redis import _STATUS_CHUNK
 
-    assert await evalsha_calls(raw) - before == math.ceil(1200 / _STATUS_CHUNK)
+    assert await evalsha_calls(raw) - before == 2 + math.ceil(1200 / _STATUS_CHUNK)
     assert [s.name for s in await store.status(limit=10)] == [f"s{i:04}" for i in range(10)]
 
 
@@ -224,6 +225,69 @@ async def test_the_registry_is_rebuilt_after_redis_loses_it(
     await store.sync()
     assert "dep" in await store.known_names()
     assert await raw.pttl(f"{store.prefix}:names") > 0
+
+
+async def test_the_registry_outlives_a_short_ttl(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """With ttl=0.6 s a name in use is registered again within a third of it, renewing the
+    registry's lifetime: after 2 s of use another replica's status() still lists it."""
+    store = stores(ttl=0.6)
+    other = stores(prefix=store.prefix)
+    b = CircuitBreaker("dep", store=store)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        await b.call(ok)
+        await asyncio.sleep(0.02)
+    assert await other.known_names() == ["dep"]
+    assert [s.name for s in await other.status()] == ["dep"]
+    assert 0 < await raw.pttl(f"{store.prefix}:names") <= 600
+
+
+async def test_a_registry_that_is_not_a_set_is_reset_alone(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """Something else under a registry key: reset and reported when names are added or
+    read; the store never turns degraded, and the names in use are listed again."""
+    events: list[Event] = []
+    store = stores(listeners=[events.append])
+    await raw.set(f"{store.prefix}:names", "not a set")
+    b = CircuitBreaker("dep", store=store)
+    await b.call(ok)
+    await store.sync()
+    assert await store.known_names() == ["dep"]
+    await raw.set(f"{store.prefix}:names:other", "not a set")
+    assert [s.name for s in await store.status()] == ["dep"]
+    assert not store.degraded
+    assert [type(e) for e in events] == [StoreDataReset, StoreDataReset], events
+
+
+async def test_a_burst_of_new_breakers_is_sent_a_chunk_at_a_time(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """1,200 new breakers, each called once: no pipeline carries more than a chunk of
+    breakers (plus the registrations), and every breaker reads the fleet's state."""
+    from resilience.store.redis_sync import _CHUNK
+
+    store = stores()
+    engine = store.engine
+    sizes: list[int] = []
+    send = engine._send
+
+    async def counted(commands: list[Any]) -> list[Any]:
+        sizes.append(len(commands))
+        return await send(commands)
+
+    engine._send = counted  # type: ignore[method-assign]
+    breakers = [CircuitBreaker(f"n{i}", store=store) for i in range(1200)]
+    for b in breakers:
+        await b.call(ok)
+    await store.sync()
+    assert not store.degraded
+    assert len(sizes) >= 1200 // _CHUNK
+    assert max(sizes) <= _CHUNK + 2, max(sizes)  # + one command per registry
+    assert all(b._core.fleet_gen >= 0 for b in breakers)  # type: ignore[attr-defined]
+    assert len(await store.known_names()) == 1200
 
 
 # --- the window in Redis -----------------------------------------------------------------
@@ -377,6 +441,29 @@ async def test_a_busy_event_loop_is_not_a_slow_redis(stores: Callable[..., Redis
     await store.sync()
     assert not any(isinstance(e, StoreDegraded) for e in events), events
     assert store.loop_lag > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0.0, 0.5, 2.5, 4.0, 9.9, 10.0, 15.0]), st.floats(-0.1, 1.0)),
+        max_size=30,
+    )
+)
+def test_the_loop_lag_is_the_worst_of_the_last_ten_seconds(
+    steps: list[tuple[float, float]],
+) -> None:
+    """``loop_lag`` is the worst lag measured in the last 10 s (0.0 with none): a gauge
+    read every few seconds sees a stall that happened between two reads."""
+    clock = FakeClock()
+    store = RedisStore(aioredis.Redis.from_url("redis://127.0.0.1:1/0"), clock=clock)
+    seen: list[tuple[float, float]] = []
+    for advance, lag in steps:
+        clock.advance(advance)
+        store.supervisor.note_lag(lag)
+        seen.append((clock.monotonic(), lag))
+        recent = [late for when, late in seen if when > clock.monotonic() - 10.0]
+        assert store.loop_lag == max([0.0, *recent])
 
 
 # --- forks, recovery, shutdown -------------------------------------------------------------

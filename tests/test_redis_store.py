@@ -191,17 +191,69 @@ async def test_garbage_is_reported_and_reset(
     assert any(isinstance(e, StoreDataReset) for e in events)
 
 
+@pytest.mark.parametrize("value", ["1.5", "inf", " 2", "-1"])
+async def test_garbage_in_a_time_window_is_that_breakers_alone(
+    make_store: Callable[..., RedisStore], raw: aioredis.Redis, value: str
+) -> None:
+    """A bucket count that is not ours in a breaker's time window is reset and reported,
+    round after round the store stays healthy, and the breaker still trips."""
+    events: list[Event] = []
+    store = make_store(listeners=[events.append])
+    b = breaker(store, window=TimeWindow(60), minimum_calls=4)
+    await b.call(ok)
+    await store.sync()
+    window = store.key("dep", "win")
+    await raw.hset(window, mapping=dict.fromkeys(await raw.hkeys(window), value))
+    for _ in range(3):
+        assert await b.call(ok) == "ok"
+        await store.sync()
+    assert not any(isinstance(e, StoreDegraded) for e in events), events
+    assert [type(e) for e in events] == [StoreDataReset]
+    await fail(b, 4)
+    await store.sync()
+    assert b.state is CircuitState.OPEN
+
+
 async def test_garbage_in_shared_primitives_is_reset(
     make_store: Callable[..., RedisStore], raw: aioredis.Redis
 ) -> None:
-    """A rate bucket or budget holding garbage is reset, not raised."""
+    """A rate bucket, a budget or a cached value holding garbage is reset and reported,
+    never raised, and the store stays healthy."""
     events: list[Event] = []
     store = make_store(listeners=[events.append])
     await raw.set(store.key("api", "gcra"), "garbage")
     await raw.hset(store.key("bud", "budget"), "x", "y")
+    await raw.hset(store.key("fb", "cache:item"), "x", "y")
     assert await store.rate_take("api", interval=1.0, burst=1) == 0.0
     assert await store.budget_add("bud", delta=0, maximum=3, ttl=10) == 3
-    assert sum(isinstance(e, StoreDataReset) for e in events) == 2
+    assert await store.cache_get("fb", "item") is None
+    await store.cache_set("fb", "item", b"v", ttl=10)
+    assert await store.cache_get("fb", "item") == b"v"
+    assert [type(e) for e in events] == [StoreDataReset] * 3
+    assert not store.degraded
+
+
+@pytest.mark.parametrize("value", ["1.5", "inf", "nan", "-3", " 2", "1e3", "0x10", "text"])
+async def test_garbage_in_a_shared_window_is_that_windows_alone(
+    make_store: Callable[..., RedisStore], raw: aioredis.Redis, value: str
+) -> None:
+    """A count that is not a whole number we wrote, under a shared window, is reset and
+    reported; the window counts on and the store stays healthy."""
+    events: list[Event] = []
+    store = make_store(listeners=[events.append], clock=FakeClock())
+    assert await store.window_add("th", [2, 1], window=10) == (2, 1)
+    counts = store.key("th", "counts")
+    fields = await raw.hkeys(counts)
+    await raw.hset(counts, mapping=dict.fromkeys(fields, value))  # the current bucket
+    totals = [await store.window_add("th", [1, 0], window=10) for _ in range(3)]
+    assert totals == [(1, 0), (2, 0), (3, 0)]  # the garbage went, the window counts on
+    assert not store.degraded
+    assert not any(isinstance(e, StoreDegraded) for e in events), events
+    assert [type(e) for e in events] == [StoreDataReset]
+    await raw.set(counts, "not a hash")
+    assert await store.window_add("th", [1, 1], window=10) == (1, 1)
+    assert [type(e) for e in events] == [StoreDataReset] * 2
+    assert not store.degraded
 
 
 # --- propagation -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,7 @@ from resilience.errors import (
     StoreUnavailableError,
     ThrottledError,
 )
-from resilience.events import CallFinished, CallRejected, Event
+from resilience.events import CallFinished, CallRejected, Event, StoreDataReset, StoreDegraded
 from resilience.policy import Pipeline
 from resilience.retry import Retry
 from resilience.store import MemoryStore
@@ -473,6 +474,34 @@ async def test_redis_background_sync(redis_url: str) -> None:
     finally:
         await one.aclose()
         await two.aclose()
+
+
+@pytest.mark.parametrize("value", ["1.5", "inf"])
+async def test_garbage_under_the_window_costs_the_store_nothing(
+    redis_url: str, clock: FakeClock, value: str
+) -> None:
+    """A count that is not ours under a throttle's shared window is reset once and reported;
+    the store never turns degraded and the fleet's counts stay shared."""
+    events: list[Event] = []
+    prefix = f"th{next(_prefixes)}-{time.monotonic_ns()}"
+    store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock, listeners=[events.append])
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        throttle = Throttle(name="api", store=store, random=never, clock=clock)
+        await outcome(throttle, ok)
+        await throttle.sync()
+        counts = store.key("api", "counts")
+        await raw.hset(counts, mapping=dict.fromkeys(await raw.hkeys(counts), value))
+        for _ in range(5):
+            await outcome(throttle, ok)
+            await throttle.sync()
+            assert throttle.counts.shared
+        assert not any(isinstance(e, StoreDegraded) for e in events), events
+        assert [type(e) for e in events] == [StoreDataReset]
+        assert throttle.counts.totals() == (5, 5)  # the garbage bucket went; the rest counts
+    finally:
+        await raw.aclose()
+        await store.aclose()
 
 
 async def test_redis_unreachable_keeps_working_locally(clock: FakeClock) -> None:

@@ -79,23 +79,29 @@ if kind == 'c' then
 else
   local buckets, width = tonumber(ARGV[6]), tonumber(ARGV[7])
   local epoch = math.floor(now / width)
+  -- bounded by the bucket count, not by the calls; every count is checked before one is
+  -- added to (HINCRBY would answer an error for "1.5", failing the whole round)
+  local all = redis.call('HGETALL', KEYS[2])
+  local garbage = false
+  for i = 1, #all, 2 do
+    local field, value = all[i], count(all[i + 1])
+    local tag, e = string.sub(field, 1, 1), tonumber(string.sub(field, 2))
+    if not e or not value or (tag ~= 'c' and tag ~= 'f' and tag ~= 's') then
+      redis.call('HDEL', KEYS[2], field)
+      garbage = true
+    elseif e <= epoch - buckets or e > epoch + 1 then
+      redis.call('HDEL', KEYS[2], field)
+    elseif tag == 'c' then calls = calls + value
+    elseif tag == 'f' then failures = failures + value
+    else slow = slow + value
+    end
+  end
+  if garbage then reset = reset + 4 end
   if add then
     redis.call('HINCRBY', KEYS[2], 'c' .. epoch, ac)
     redis.call('HINCRBY', KEYS[2], 'f' .. epoch, af)
     redis.call('HINCRBY', KEYS[2], 's' .. epoch, as)
-  end
-  -- bounded by the bucket count, not by the calls
-  local all = redis.call('HGETALL', KEYS[2])
-  for i = 1, #all, 2 do
-    local field, value = all[i], int(all[i + 1], 0, MAX_INT)
-    local tag, e = string.sub(field, 1, 1), tonumber(string.sub(field, 2))
-    if not e or not value or e <= epoch - buckets or e > epoch + 1 then
-      redis.call('HDEL', KEYS[2], field)
-    elseif tag == 'c' then calls = calls + value
-    elseif tag == 'f' then failures = failures + value
-    elseif tag == 's' then slow = slow + value
-    else redis.call('HDEL', KEYS[2], field)
-    end
+    calls, failures, slow = calls + ac, failures + af, slow + as
   end
   if failures > calls then failures = calls end
   if slow > calls then slow = calls end

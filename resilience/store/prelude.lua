@@ -1,4 +1,4 @@
--- Shared by every breaker script (prepended to each).
+-- Shared by the breaker scripts and the shared window (prepended to each).
 -- now_ms(arg): the caller's time if given (a store on a fake clock), else the server's TIME;
 -- whole milliseconds either way.
 local function now_ms(arg)
@@ -17,6 +17,14 @@ local function int(v, lo, hi)
   local n = tonumber(v)
   if n and n == n and n >= lo and n <= hi and n == math.floor(n) then return n end
   return nil
+end
+
+-- count(raw): a stored count as we write it (digits only: no sign, no leading zero, no
+-- exponent, no blank), at most MAX_INT, else nil. Stricter than int(): it is what HINCRBY
+-- accepts, so a field that passes can be added to without an error reply.
+local function count(raw)
+  if raw ~= '0' and not string.match(raw, '^[1-9]%d*$') then return nil end
+  return int(raw, 0, MAX_INT)
 end
 
 -- load(KEYS[1..3] = state, win, probes; floor, now): read and check the state hash. `floor` is

@@ -5,7 +5,8 @@ of where each rule lives):
 
 * In the CLOSED state a call asks nothing of Redis. Its outcome feeds the local window and
   rule (a replica's own failures open its breaker at once) and a buffer that the sync engine
-  flushes in one pipeline every ``sync_interval``, for the breakers that have news only.
+  flushes every ``sync_interval``, for the breakers that have news only (pipelines of up to
+  50 breakers, the event loop getting its turn between two).
   The flush script merges the outcomes into the shared window and answers with the
   authoritative state and counts; the breaker's core decides, and a trip is a
   compare-and-set script.
@@ -75,6 +76,7 @@ _STATUS_CHUNK = 250  # names per status script call
 _STATUS_WORKERS = 3  # status script calls in flight at once (one Redis)
 _STATUS_PER_NAME = 0.00005  # seconds status() may take per name on top of the timeout
 _Parsed = TypeVar("_Parsed")
+_MAX_STRING = 512 * 1024 * 1024  # bytes: the longest string Redis holds
 
 
 def _lean_handshake() -> dict[str, Any]:
@@ -231,7 +233,8 @@ class RedisStore:
 
     @property
     def loop_lag(self) -> float:
-        """How late this process's event loop was, last measured (seconds)."""
+        """How late this process's event loop was: the worst measured in the last 10 s
+        (seconds; measured by the store's own timers and waits, at no cost per call)."""
         return self.supervisor.loop_lag
 
     # keys ---------------------------------------------------------------------------------
@@ -263,8 +266,17 @@ class RedisStore:
 
     async def known_names(self) -> list[str]:
         """Every policy name any replica registered under this prefix."""
-        members = await self.engine.call(self.client.smembers(f"{self.prefix}:names"))
-        return sorted(text(m) for m in members)
+        return sorted(await self._registry(f"{self.prefix}:names"))
+
+    async def _registry(self, registry: str) -> list[str]:
+        """The names in ``registry`` (one that is not a set is reset and reported)."""
+        script = self._scripts["names"]
+        reply = await self.engine.call(script(keys=[registry], args=["read"]), key=registry)
+        try:
+            return self.engine.read_names(reply, registry)
+        except BadReply as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
 
     def _register(self, name: str) -> None:
         self._lease_keys.add(name)
@@ -338,11 +350,6 @@ class RedisStore:
             self.supervisor.fail(exc)
             raise StoreUnavailableError(str(exc)) from exc
 
-    def _data_reset(self, name: str, key: str) -> None:
-        """Garbage under ``key`` (policy ``name``) was reset: log it, tell the listeners."""
-        logger.warning("unparsable data under %r was reset", key)
-        self._emit(StoreDataReset(name=name, key=key))
-
     async def _shared_text(self, key: str, suffix: str, *args: Any) -> str:
         check_name(key, "key")
         self._register(key)
@@ -356,6 +363,12 @@ class RedisStore:
             self._data_reset(key, self.key(key, suffix))
             reply = reply[1:]
         return reply
+
+    def _data_reset(self, name: str, key: str) -> None:
+        """A script found data it does not write under ``key`` and reset it: that key's
+        problem alone, reported (the store stays healthy)."""
+        logger.warning("unparsable data under %r was reset", key)
+        self._emit(StoreDataReset(name=name, key=key))
 
     async def _shared(self, key: str, suffix: str, *args: Any) -> float:
         reply = await self._shared_text(key, suffix, *args)
@@ -466,18 +479,21 @@ class RedisStore:
             self._scripts["window"](keys=[counter], args=args), key=counter
         )
         try:
-            if not isinstance(reply, list) or len(reply) != len(counts):
+            if not isinstance(reply, list) or len(reply) != len(counts) + 1:
                 raise BadReply(f"unexpected window reply {reply!r:.80}")
-            return tuple(number(v) for v in reply)
+            reset, *totals = (number(v) for v in reply)
         except BadReply as exc:
             self.supervisor.fail(exc)
             raise StoreUnavailableError(str(exc)) from exc
+        if reset:
+            self._data_reset(key, counter)
+        return tuple(totals)
 
     async def cache_get(self, key: str, item: str) -> bytes | None:
         """The value cached under ``item`` for policy ``key``, or ``None``."""
         check_name(key, "key")
         cache_key = self._cache_key(key, item)
-        got = await self.engine.call(self.client.get(cache_key), key=cache_key)
+        got = await self._read_string(key, cache_key, _MAX_STRING)
         return None if got is None else bytes(got)
 
     async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
@@ -513,33 +529,38 @@ class RedisStore:
         (``StoreDataReset``), never an outage."""
         check_name(key, "key")
         target = self._cache_key(key, item)
-        script = self._scripts["published"]
-        reply = await self.engine.call(
-            script(keys=[target], args=["get", MAX_PUBLISHED]), key=target
-        )
-        try:
-            if not isinstance(reply, list) or len(reply) != 2:
-                raise BadReply(f"unexpected published reply {reply!r:.80}")
-            reset, raw = number(reply[0], 0, 1), reply[1]
-            if raw is not None and not isinstance(raw, bytes):
-                raise BadReply(f"unexpected published value {raw!r:.80}")
-        except BadReply as exc:
-            self.supervisor.fail(exc)
-            raise StoreUnavailableError(str(exc)) from exc
-        if reset:
-            self._data_reset(key, target)
+        raw = await self._read_string(key, target, MAX_PUBLISHED)
         if raw is None:
             return None
         try:
             return parse(raw)
         except Exception as exc:  # written by someone else: removed unless rewritten since
             logger.debug("published value under %r does not parse: %r", target, exc)
+        script = self._scripts["string"]
         await self.engine.call(script(keys=[target], args=["drop", raw]), key=target)
         self._data_reset(key, target)
         return None
 
     def _cache_key(self, key: str, item: str) -> str:
         return self.key(key, "cache:" + escape(item))
+
+    async def _read_string(self, name: str, key: str, longest: int) -> bytes | None:
+        """The string under ``key`` (policy ``name``), or ``None``; another type of key, or a
+        string longer than ``longest`` bytes, is deleted by the script and reported."""
+        script = self._scripts["string"]
+        reply = await self.engine.call(script(keys=[key], args=["get", longest]), key=key)
+        try:
+            if not isinstance(reply, list) or len(reply) != 2:
+                raise BadReply(f"unexpected reply {reply!r:.80}")
+            reset, raw = number(reply[0], 0, 1), reply[1]
+            if raw is not None and not isinstance(raw, bytes):
+                raise BadReply(f"unexpected value {raw!r:.80}")
+        except BadReply as exc:
+            self.supervisor.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
+        if reset:
+            self._data_reset(name, key)
+        return raw
 
     async def status(self, *, limit: int | None = None) -> list[PolicyStatus]:
         """Every policy any replica registered under this prefix, read from Redis.
@@ -554,13 +575,13 @@ class RedisStore:
             check_int("limit", limit)
         try:
             registered, others = await asyncio.gather(
-                self.engine.call(self.client.smembers(f"{self.prefix}:names")),
-                self.engine.call(self.client.smembers(f"{self.prefix}:names:other")),
+                self._registry(f"{self.prefix}:names"),
+                self._registry(f"{self.prefix}:names:other"),
             )
-            names = sorted({*map(text, registered), *self._cores.keys(), *self._lease_keys})
+            names = sorted({*registered, *self._cores.keys(), *self._lease_keys})
             if limit is not None:
                 names = names[:limit]
-            return await self._read_status(names, {text(m) for m in others} | self._lease_keys)
+            return await self._read_status(names, {*others, *self._lease_keys})
         except StoreUnavailableError:
             cores = list(self._cores.values())
             if not cores:
@@ -619,7 +640,7 @@ class RedisStore:
     async def sync(self) -> None:
         """Flush every buffered outcome and refresh every breaker's state now."""
         self.engine.read_all()
-        for _ in range(len(self._cores) // 500 + 3):  # rounds carry 500 breakers each
+        for _ in range(3):  # a round carries all that waits; what its replies ask, the next
             await self.engine.next_round()
             if self.degraded or not self.engine.has_work():
                 break

@@ -55,14 +55,15 @@ SCRIPTS = (
     "probe",
     "report",
     "lease",
-    "published",
+    "string",
     "shared",
     "status",
     "health",
     "window",
     "share",
+    "names",
 )
-_PRELUDED = ("flush", "transition", "probe", "report", "status")
+_PRELUDED = ("flush", "transition", "probe", "report", "status", "window")
 
 
 class BadReply(RedisError):
@@ -70,7 +71,7 @@ class BadReply(RedisError):
 
 
 def script_source(name: str) -> str:
-    """A script's source; the breaker scripts start with the shared prelude."""
+    """A script's source; the breaker scripts and the window start with the shared prelude."""
     source = resources.files(__package__).joinpath(f"{name}.lua").read_text()
     if name not in _PRELUDED:
         return source

@@ -6,7 +6,10 @@ One owner for the question "can we talk to Redis now?":
   (a dead or slow server, an error reply, a reply we cannot parse) turns the store degraded,
   with an event naming the reply, and raises ``StoreUnavailableError``;
 * a time-out that happened while this process's event loop was itself late (a busy loop, not
-  a slow Redis) does not degrade the store: the caller retries or goes local once;
+  a slow Redis) does not degrade the store: the caller retries or goes local once. The
+  lateness measured (here, by the engine's timers and its subscriber's waits) is kept for
+  ``LAG_HORIZON`` seconds: ``loop_lag`` is the worst of that period, so a gauge read every
+  few seconds sees the stall that happened between two reads;
 * ``reconnect`` brings the store back only when Redis accepts our scripts *and* writes again
   (a replica, a full Redis, an ACL without EVALSHA stay degraded), dropping connections first
   after READONLY so the next one reaches the new primary;
@@ -24,6 +27,7 @@ import logging
 import os
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,9 +36,12 @@ from ..errors import StoreUnavailableError
 from ..events import Event, StoreDegraded, StoreRecovered
 from .redis_primitives import is_readonly, outage
 
-__all__ = ["LoopLate", "Supervisor", "new_replica_id", "on_fork"]
+__all__ = ["LAG_HORIZON", "Backoff", "LoopLate", "Supervisor", "new_replica_id", "on_fork"]
 
 logger = logging.getLogger("resilience.redis")
+
+LAG_HORIZON = 10.0  #: seconds a measured loop lag counts towards ``loop_lag``
+MAX_BACKOFF = 2.0  #: seconds: the longest wait between two tries to reach Redis again
 
 
 def new_replica_id() -> str:
@@ -44,6 +51,30 @@ def new_replica_id() -> str:
 
 class LoopLate(StoreUnavailableError):
     """A Redis call timed out while the event loop itself was late: not the store's fault."""
+
+
+class Backoff:
+    """Waits that double from ``first`` up to ``MAX_BACKOFF``; ``reset`` starts over.
+
+    One for each way back to Redis (the flusher's reconnects, the subscriber's): a Redis
+    that accepts connections but answers nothing (paused, blackholed) must not be asked
+    again every few hundred milliseconds.
+    """
+
+    __slots__ = ("delay", "first")
+
+    def __init__(self, first: float) -> None:
+        self.first = self.delay = min(first, MAX_BACKOFF)
+
+    def next(self) -> float:
+        """The wait before the next try (each one twice the last, up to the cap)."""
+        delay = self.delay
+        self.delay = min(delay * 2, MAX_BACKOFF)
+        return delay
+
+    def reset(self) -> None:
+        """Redis answered: the next failure waits ``first`` again."""
+        self.delay = self.first
 
 
 # --- forks: every live store learns it is in a new process -----------------------------------
@@ -106,7 +137,7 @@ class Supervisor:
         self.degraded = False
         self.reason = ""
         self.since = 0.0
-        self.loop_lag = 0.0  #: how late the event loop was, last measured (seconds)
+        self._lags: deque[tuple[float, float]] = deque()  # (when, lag), lags decreasing
         self._emit = emit
         self._health = health
         self._cluster = cluster
@@ -136,8 +167,8 @@ class Supervisor:
                     await self.init_cluster()
                 reply = await awaitable
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and self.late(loop, started, extra):
-                raise LoopLate(f"the event loop was {self.loop_lag:.3f}s late") from exc
+            if isinstance(exc, TimeoutError) and (lag := self.late(loop, started, extra)):
+                raise LoopLate(f"the event loop was {lag:.3f}s late") from exc
             reason = outage(exc)
             if reason is None:
                 raise
@@ -176,7 +207,7 @@ class Supervisor:
     def lose(self, node: str, reason: str) -> None:
         """A Cluster node stopped answering: its keys go local; tried again with backoff."""
         _, backoff = self.away.get(node, (0.0, self.timeout / 2))
-        backoff = min(backoff * 2, 2.0)
+        backoff = min(backoff * 2, MAX_BACKOFF)
         if node not in self.away:
             logger.warning("redis store %r: cluster node %s away: %s", self.prefix, node, reason)
         self.away[node] = (self.clock.monotonic() + backoff, backoff)
@@ -189,11 +220,37 @@ class Supervisor:
         if self.away.pop(node, None) is not None:
             logger.warning("redis store %r: cluster node %s answers again", self.prefix, node)
 
-    def late(self, loop: asyncio.AbstractEventLoop, started: float, extra: float = 0.0) -> bool:
-        """After a time-out: was the loop so late that Redis may have answered in time?"""
+    def late(self, loop: asyncio.AbstractEventLoop, started: float, extra: float = 0.0) -> float:
+        """After a time-out: how late the loop was, if so late that Redis may have answered
+        in time (else 0.0)."""
         lag = loop.time() - started - self.timeout - extra
-        self.loop_lag = max(0.0, lag)
-        return lag > max(0.05, self.timeout / 2)
+        self.note_lag(lag)
+        return lag if lag > max(0.05, self.timeout / 2) else 0.0
+
+    # --- the event loop's lateness --------------------------------------------------------
+    def note_lag(self, lag: float) -> None:
+        """The event loop was ``lag`` seconds late (a timer fired late, a wait ended late).
+
+        Kept as a queue of the measurements that are still the worst of what came after
+        them: O(1) amortised per measurement, a handful of entries."""
+        if lag <= 0.0:
+            return
+        now = self.clock.monotonic()
+        lags = self._lags
+        while lags and lags[0][0] <= now - LAG_HORIZON:
+            lags.popleft()
+        while lags and lags[-1][1] <= lag:
+            lags.pop()
+        lags.append((now, lag))
+
+    @property
+    def loop_lag(self) -> float:
+        """The worst loop lag measured in the last ``LAG_HORIZON`` seconds (0.0: none)."""
+        lags = self._lags
+        horizon = self.clock.monotonic() - LAG_HORIZON
+        while lags and lags[0][0] <= horizon:
+            lags.popleft()
+        return lags[0][1] if lags else 0.0
 
     async def init_cluster(self) -> None:
         """Learn the cluster's slots before the first commands (they would race for it)."""

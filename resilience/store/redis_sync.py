@@ -1,15 +1,22 @@
 """The sync engine of ``RedisStore``: flush rounds, the subscriber, and applying replies.
 
 * A *round* carries only the breakers that have news (outcomes, a local trip to push) or
-  whose fleet state must be read (new, revived, just recovered), plus the queued probe
-  reports and releases, in one pipeline (a Cluster: node by node, all at once). Replies go to
-  each breaker's core, which answers with the transition it wants; those are compare-and-set
-  in a second pipeline. An idle store runs no round and costs no loop time.
+  whose fleet state must be read (new, revived, just recovered), and the names to register:
+  those queued when it starts, plus the probe reports and releases queued by the time each
+  chunk is sent. It is sent in chunks of at most ``_CHUNK`` breakers, one pipeline each (a
+  Cluster: node by node, all at once), the event loop getting its turn between two chunks,
+  so the loop time a round holds at once is bounded by a chunk's work whatever the burst
+  (10,000 new breakers, a recovery). Replies go to each breaker's core, which answers with
+  the transition it wants; those are compare-and-set in a second pipeline. An idle store
+  runs no round and costs no loop time.
 * Rounds start ``sync_interval`` apart while there is news, at once when a breaker trips on
   its own outcomes, a probe reports, or strict mode waits.
 * The subscriber applies published transitions within milliseconds. Its connection is
   health-checked (PING when nothing was heard for ``sync_interval``, a PONG within the store's
-  timeout) and replaced when it goes quiet.
+  timeout) and replaced when it goes quiet. Replacements back off (from ``sync_interval`` up
+  to 2 s), and the backoff starts over only once the new subscription is heard from (its
+  confirmation, a PONG, a message): a Redis that accepts connections but answers nothing
+  (paused, blackholed) is not asked again every few hundred milliseconds.
 * Background loops end once their task is being cancelled, even when a library below them
   loses the ``CancelledError``.
 """
@@ -19,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,14 +46,16 @@ from .redis_primitives import (
     histogram_arg,
     is_noscript,
     key,
+    number,
     outage,
     parse_flush,
     parse_message,
     parse_probe,
     parse_report,
     parse_transition,
+    text,
 )
-from .redis_supervisor import LoopLate, Supervisor
+from .redis_supervisor import Backoff, LoopLate, Supervisor
 
 if TYPE_CHECKING:
     from weakref import WeakValueDictionary
@@ -61,9 +69,11 @@ _T = TypeVar("_T")
 logger = logging.getLogger("resilience.redis")
 
 _REGISTER_EVERY = 10.0  # seconds: a name in use is added to the registry again this often
+# (at most a third of the store's ttl, so the registry never expires while a name is used)
 _MAX_LATE_RETRIES = 3  # rounds retried at once when the loop, not Redis, was late
-_MAX_PER_ROUND = 500  # breakers (and names) per round: bounds the loop time of one round
-_PER_COMMAND = 0.0002  # seconds a round's time-out grows by per command (a big round is work)
+_CHUNK = 50  # breakers per pipeline: bounds the loop time of one exchange (~1 ms a step)
+_NAMES_PER_CHUNK = 500  # names registered per pipeline (one command per registry)
+_PER_COMMAND = 0.0002  # seconds a pipeline's time-out grows by per command (a big one is work)
 
 
 def _nothing(*_: Any) -> None:
@@ -79,6 +89,29 @@ class _Item:
     retry: Callable[[], Any]
     core: SharedBreakerCore | None = None
     node: str | None = None  #: the Cluster node it goes to (``None``: a single Redis)
+
+
+@dataclass(slots=True)
+class _Work:
+    """The breakers and names one round carries: those queued when it started, sent a chunk
+    at a time (chunk ``n``: the ``n``-th ``_CHUNK`` breakers and ``_NAMES_PER_CHUNK``
+    names). Probe reports, releases and permits to give back are not waiting for the round
+    to end: each chunk carries those queued when it is built."""
+
+    cores: list[SharedBreakerCore]
+    names: list[tuple[str, bool]]
+
+    def chunks(self) -> int:
+        """How many chunks (pipelines) the round takes."""
+        return max(1, -(-len(self.cores) // _CHUNK), -(-len(self.names) // _NAMES_PER_CHUNK))
+
+    def cores_of(self, n: int) -> list[SharedBreakerCore]:
+        """The breakers of chunk ``n``."""
+        return self.cores[n * _CHUNK : (n + 1) * _CHUNK]
+
+    def names_of(self, n: int) -> list[tuple[str, bool]]:
+        """The names registered with chunk ``n``."""
+        return self.names[n * _NAMES_PER_CHUNK : (n + 1) * _NAMES_PER_CHUNK]
 
 
 def _cancelling() -> bool:
@@ -129,7 +162,8 @@ class SyncEngine:
         self._ops: list[tuple[SharedBreakerCore, Report | Release]] = []
         self._orphans: list[tuple[str, str]] = []  # (key, lease) to give back
         self._registered: dict[tuple[str, bool], float] = {}
-        self._unregistered: set[tuple[str, bool]] = set()
+        self._unregistered: dict[tuple[str, bool], None] = {}  # in the order they came
+        self._register_every = min(_REGISTER_EVERY, ttl_ms / 3000)
         self._wake = asyncio.Event()
         self._round_done: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -233,16 +267,18 @@ class SyncEngine:
         return repr(self.clock.monotonic() * 1000) if self._fake_time else ""
 
     def register(self, name: str, now: float | None = None, *, other: bool = False) -> None:
-        """Keep ``name`` in the fleet's registry while it is used (re-added every 10 s).
-        ``other``: a fleet-wide bulkhead, rate limiter or budget (not a breaker), also listed
-        in ``<prefix>:names:other``, so status reads those keys only for such names."""
+        """Keep ``name`` in the fleet's registry while it is used: re-added every 10 s (a
+        third of the store's ``ttl`` if that is shorter), each time renewing the registry's
+        lifetime. ``other``: a fleet-wide bulkhead, rate limiter or budget (not a breaker),
+        also listed in ``<prefix>:names:other``, so status reads those keys only for such
+        names."""
         if now is None:
             now = self.clock.monotonic()
         entry = (name, other)
         last = self._registered.get(entry)
-        if last is None or now - last >= _REGISTER_EVERY:
+        if last is None or now - last >= self._register_every:
             self._registered[entry] = now
-            self._unregistered.add(entry)
+            self._unregistered[entry] = None
             self._soon()
 
     def _soon(self) -> None:
@@ -264,6 +300,15 @@ class SyncEngine:
         if reset:
             logger.warning("breaker %r: unparsable data in Redis was reset", core.name)
             self._emit(StoreDataReset(name=core.name, key=core.keys[0]))
+
+    def read_names(self, reply: Any, registry: str) -> list[str]:
+        """A ``names.lua`` reply: the names it lists; a registry reset is reported."""
+        if not isinstance(reply, list) or not reply:
+            raise BadReply(f"unexpected names reply {reply!r:.80}")
+        if number(reply[0]):
+            logger.warning("the registry %r held data that is not ours: reset", registry)
+            self._emit(StoreDataReset(name=self.prefix, key=registry))
+        return [text(name) for name in reply[1:]]
 
     def _cas(self, core: SharedBreakerCore, t: Transition) -> list[Any]:
         """The arguments of ``transition.lua`` for ``t`` (see its header)."""
@@ -318,7 +363,7 @@ class SyncEngine:
 
     def _timer_fired(self) -> None:
         self._timer_idle = True
-        self.supervisor.loop_lag = max(0.0, self.clock.monotonic() - self._timer_due)
+        self.supervisor.note_lag(self.clock.monotonic() - self._timer_due)
         self._wake.set()
 
     def next_round(self) -> asyncio.Future[None]:
@@ -336,7 +381,7 @@ class SyncEngine:
                 self.mark(core, used=False)
 
     async def _flusher(self) -> None:
-        backoff = self.sync_interval
+        backoff = Backoff(self.sync_interval)
         next_try = 0.0  # degraded: no reconnect attempt before this (backoff, up to 2 s)
         while not self._closed and not _cancelling():
             if self.degraded:
@@ -358,11 +403,10 @@ class SyncEngine:
                     if now < next_try:
                         continue  # woken by news: it waits for Redis, calls do not
                     if await self.supervisor.reconnect():
-                        backoff = self.sync_interval
+                        backoff.reset()
                         self.read_all()
                     else:
-                        backoff = min(backoff * 2, 2.0)
-                        next_try = self.clock.monotonic() + backoff
+                        next_try = self.clock.monotonic() + backoff.next()
                         continue
                 await self.round()
                 self._forget_idle()
@@ -371,7 +415,7 @@ class SyncEngine:
             finally:  # waiters (sync, strict commits) go on even if the round failed
                 if done is not None and not done.done():
                     done.set_result(None)
-            if self._marked or self._ops or self._orphans or self._unregistered:
+            if self.has_work():
                 self._soon()
 
     def _forget_idle(self) -> None:
@@ -386,27 +430,58 @@ class SyncEngine:
             self._registered.pop((name, False), None)
 
     async def round(self, again: bool = True) -> None:
-        """One flush round (see the module docstring)."""
-        items = self._items()
-        if not items:
+        """One flush round: everything queued now, a chunk at a time (module docstring)."""
+        work = self._take_work()
+        if work is None:
             return
+        noscript = False
+        n = 0  # the next chunk to build
         try:
-            replies = await self._send([item.command for item in items])
-        except Exception as exc:  # nothing was acknowledged: everything goes again later
-            for item in items:
-                item.retry()
-            self._unsent(exc)
-            return
-        self._late_retries = 0
-        later, failure, noscript = self._settle(items, replies)
-        if later:
-            await self._apply(later)
-        if failure is not None:
-            self.supervisor.fail(failure)
-        elif noscript:
-            await self._load_scripts()
-            if again:
-                await self.round(again=False)
+            while n < work.chunks():
+                if n:
+                    await asyncio.sleep(0)  # the event loop's turn between two chunks
+                    if self.degraded or self._closed or _cancelling():
+                        break
+                items = self._items(work, n)
+                n += 1
+                if not items:
+                    continue
+                try:
+                    replies = await self._send([item.command for item in items])
+                except Exception as exc:  # nothing was acknowledged: all goes again later
+                    for item in items:
+                        item.retry()
+                    self._unsent(exc)
+                    break
+                self._late_retries = 0
+                later, failure, missing = self._settle(items, replies)
+                if later:
+                    await self._apply(later)
+                if failure is not None:
+                    self.supervisor.fail(failure)
+                    break
+                if missing and not noscript:  # loaded once; the next chunks find them
+                    noscript = True
+                    await self._load_scripts()
+        finally:  # what was not sent (an outage, or cancelled) waits for the next round
+            self._give_back(work, n)
+        if noscript and again:
+            await self.round(again=False)  # what NOSCRIPT sent back, at once
+
+    def _take_work(self) -> _Work | None:
+        """Everything queued now, for one round (``None``: nothing is)."""
+        if not self.has_work():
+            return None
+        work = _Work(list(self._marked), list(self._unregistered))
+        self._marked, self._unregistered = {}, {}
+        return work
+
+    def _give_back(self, work: _Work, n: int) -> None:
+        """The chunks from ``n`` on were not sent: they wait for the next round."""
+        for core in work.cores[n * _CHUNK :]:
+            self._marked[core] = None
+        for name in work.names[n * _NAMES_PER_CHUNK :]:
+            self._unregistered[name] = None
 
     def _unsent(self, exc: Exception) -> None:
         """A round that got no reply: the loop was late (retry at once), or an outage."""
@@ -449,17 +524,17 @@ class SyncEngine:
                 later.append(wanted)
         return later, failure, noscript
 
-    def _items(self) -> list[_Item]:
-        """This round's commands, each with what to do with its reply and how to retry it.
+    def _items(self, work: _Work, n: int) -> list[_Item]:
+        """Chunk ``n``'s commands, each with what to do with its reply and how to retry it.
 
         Flushes first (every breaker with news, its unacknowledged flushes again), then the
-        local trips to push (after their breakers' flushes), probe reports and releases,
-        permits to give back, and registrations.
+        local trips to push (after their breakers' flushes), the probe reports, releases and
+        permits to give back queued now, and registrations.
         """
-        marked, self._marked = self._take_marked()
+        marked = work.cores_of(n)
         ops, self._ops = self._ops, []
-        names, self._unregistered = self._take_names()
         orphans, self._orphans = self._orphans, []
+        names = work.names_of(n)
         if not (marked or ops or names or orphans):
             return []
         self._seq += 1
@@ -507,19 +582,21 @@ class SyncEngine:
             retry = functools.partial(self._orphans.append, (lease_key, lost))
             items.append(_Item(("zrem", (permits, lost)), _nothing, retry, None, node_of(permits)))
         if names:
-            retry = functools.partial(self._unregistered.update, names)
+            retry = functools.partial(self._unregistered.update, dict.fromkeys(names))
             registry = f"{self.prefix}:names"
+            add = self.scripts["names"].sha
             for group, members in (
-                (registry, {name for name, _ in names}),
-                (f"{registry}:other", {name for name, other in names if other}),
+                (registry, dict.fromkeys(name for name, _ in names)),
+                (f"{registry}:other", dict.fromkeys(name for name, other in names if other)),
             ):
-                if members:
-                    node = node_of(group)
-                    add = ("sadd", (group, *sorted(members)))
-                    items.append(_Item(add, _nothing, retry, None, node))
-                    pexpire = ("pexpire", (group, self.ttl_ms))
-                    items.append(_Item(pexpire, _nothing, _nothing, None, node))
+                if members:  # added, and the registry's lifetime renewed, in one script
+                    command = ("evalsha", (add, 1, group, "add", self.ttl_ms, *members))
+                    added = functools.partial(self._added, group)
+                    items.append(_Item(command, added, retry, None, node_of(group)))
         return items
+
+    def _added(self, registry: str, reply: Any, _received: float) -> None:
+        self.read_names(reply, registry)
 
     def _flushed(
         self, core: SharedBreakerCore, sent: Outcomes, pushing: bool, reply: Any, received: float
@@ -543,28 +620,6 @@ class SyncEngine:
 
     def _cas_sha(self) -> str:
         return str(self.scripts["transition"].sha)
-
-    def _take_marked(
-        self,
-    ) -> tuple[dict[SharedBreakerCore, None], dict[SharedBreakerCore, None]]:
-        """This round's breakers (at most ``_MAX_PER_ROUND``), and the rest for the next."""
-        marked = self._marked
-        if len(marked) <= _MAX_PER_ROUND:
-            return marked, {}
-        items = iter(marked)
-        now = dict.fromkeys(itertools.islice(items, _MAX_PER_ROUND))
-        rest = dict.fromkeys(items)
-        self._wake.set()  # the rest go at once, after the loop has had its turn
-        return now, rest
-
-    def _take_names(self) -> tuple[set[tuple[str, bool]], set[tuple[str, bool]]]:
-        """This round's registrations (at most ``_MAX_PER_ROUND``), and the rest."""
-        names = self._unregistered
-        if len(names) <= _MAX_PER_ROUND:
-            return names, set()
-        ordered = sorted(names)
-        self._wake.set()
-        return set(ordered[:_MAX_PER_ROUND]), set(ordered[_MAX_PER_ROUND:])
 
     async def _apply(self, wanted: list[tuple[SharedBreakerCore, Transition]]) -> None:
         """Compare-and-set the transitions the cores asked for, in one pipeline."""
@@ -634,36 +689,37 @@ class SyncEngine:
                         getattr(pipe, cmd)(*argv)
                     return cast(list[Any], await pipe.execute(raise_on_error=False))
         except TimeoutError as exc:
-            if supervisor.late(loop, started, extra):
-                raise LoopLate(f"the event loop was {supervisor.loop_lag:.3f}s late") from exc
+            if lag := supervisor.late(loop, started, extra):
+                raise LoopLate(f"the event loop was {lag:.3f}s late") from exc
             raise
 
     # --- the subscriber -------------------------------------------------------------------
     async def _subscriber(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(self.sync_interval)
         replaced = False
+
+        def heard() -> None:  # the new subscription answered: it is alive
+            backoff.reset()
+            if replaced:
+                self._emit(SubscriberReplaced(name=self.prefix))
+                # what was published meanwhile: read it with the next round
+                self.read_all()
+                self.wake()
+
         while not self._closed and not _cancelling():
             try:
                 async with await self._pubsub() as pubsub:
                     async with asyncio.timeout(self.supervisor.timeout):
                         await pubsub.subscribe(self.channel)
-                    if replaced:
-                        self._emit(SubscriberReplaced(name=self.prefix))
-                        # what was published meanwhile: read it with the next round
-                        self.read_all()
-                        self.wake()
-                    backoff = 0.05
-                    await self._listen(pubsub)
-                    replaced = True
+                    await self._listen(pubsub, heard)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.debug("resilience subscriber reconnecting after %r", exc)
-                replaced = True
+            replaced = True
             if self._closed or _cancelling():
                 return
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
     async def _pubsub(self) -> Any:
         """A pub/sub connection; on a Cluster, to a node that answers (in turn, so a
@@ -678,17 +734,19 @@ class SyncEngine:
         self._sub_turn += 1
         return self.client.pubsub(node=live[self._sub_turn % len(live)])
 
-    async def _listen(self, pubsub: Any) -> None:
-        """Apply messages until the connection goes quiet (no PONG in time) or fails."""
+    async def _listen(self, pubsub: Any, heard: Callable[[], None]) -> None:
+        """Apply messages until the connection goes quiet (no PONG in time) or fails;
+        ``heard()`` once the first reply arrives (the subscription's confirmation)."""
         loop = asyncio.get_running_loop()
-        heard = loop.time()
+        last = loop.time()  # when the server was last heard (or asked to subscribe)
+        alive = False
         pinged: float | None = None
         lagging = False
         interval = self.sync_interval
         timeout = self.supervisor.timeout
         while not self._closed and not _cancelling():
             now = loop.time()
-            if pinged is None and now - heard >= interval:
+            if pinged is None and now - last >= interval:
                 await pubsub.ping()
                 pinged = now
             elif pinged is not None and now - pinged > timeout:
@@ -701,16 +759,20 @@ class SyncEngine:
                 return
             wait = interval if pinged is None else max(0.001, pinged + timeout - now)
             before = loop.time()
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            message = await pubsub.get_message(timeout=wait)
             if message is None:
                 late = loop.time() - before - wait
                 lagging = late > max(0.05, timeout / 2)
-                self.supervisor.loop_lag = max(0.0, late)
+                self.supervisor.note_lag(late)
                 continue
-            heard = loop.time()
-            if message.get("type") == "pong":
+            last = loop.time()
+            if not alive:
+                alive = True
+                heard()
+            kind = message.get("type")
+            if kind == "pong":
                 pinged = None
-            elif message.get("type") == "message":
+            elif kind == "message":
                 self.on_message(message.get("data"))
 
     def on_message(self, data: Any) -> None:
@@ -755,7 +817,7 @@ class SyncEngine:
         self._orphans = []
         self._marked = {}
         self._registered = {}
-        self._unregistered = set()
+        self._unregistered = {}
         for core in list(self.cores.values()):
             core.forked()
         self._late_retries = 0

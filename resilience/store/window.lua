@@ -2,34 +2,52 @@
 -- KEYS: 1 the window (hash: "<bucket>.<figure>" -> count)
 -- ARGV: 1 now in ms ("" = server TIME), 2 bucket width in ms, 3 buckets, 4 ttl in ms,
 --       5.. one delta per figure (integers >= 0)
--- Returns: the window's totals, one per figure (the current bucket and buckets - 1 before
--- it). Old buckets are deleted; a field that is not ours (or a key of another type) is reset.
-local now = tonumber(ARGV[1])
+-- Returns: {reset, total, total, ...}: reset is 1 when data that is not ours was found and
+-- deleted (a key of another type, a field we do not write, a count that is not a whole number
+-- in range: "1.5", "inf", " 2", "1e3"), else 0; then the window's totals, one per figure (the
+-- current bucket and buckets - 1 before it). Old buckets are deleted. Every count is checked
+-- before anything is added, so bad data costs only itself, never an error reply.
+-- (Starts with prelude.lua: count, MAX_INT.)
+local now = tonumber(ARGV[1]) -- a fake clock's time as it is: bucket edges match MemoryStore's
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local width, buckets, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local epoch = math.floor(now / width)
+local reset = 0
 local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
-local figures = #ARGV - 4
-for i = 1, figures do
-  local d = tonumber(ARGV[i + 4])
-  if d and d > 0 then redis.call('HINCRBY', KEYS[1], epoch .. '.' .. i, d) end
+if kind ~= 'hash' and kind ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  reset = 1
 end
-local totals = {}
-for i = 1, figures do totals[i] = 0 end
+local figures = #ARGV - 4
+local totals, current = {}, {}
+for i = 1, figures do totals[i], current[i] = 0, 0 end
 local all = redis.call('HGETALL', KEYS[1])
 for j = 1, #all, 2 do
-  local b, i = string.match(all[j], '^(%d+)%.(%d+)$')
+  local b, i = string.match(all[j], '^(%-?%d+)%.(%d+)$')
   b, i = tonumber(b), tonumber(i)
-  local v = tonumber(all[j + 1])
-  if not (b and i and v) or b <= epoch - buckets or b > epoch then
+  local v = count(all[j + 1])
+  if not (b and i and v) then
     redis.call('HDEL', KEYS[1], all[j])
-  elseif i <= figures and v >= 0 then
+    reset = 1
+  elseif b <= epoch - buckets or b > epoch then
+    redis.call('HDEL', KEYS[1], all[j])
+  elseif i <= figures then
     totals[i] = totals[i] + v
+    if b == epoch then current[i] = v end
   end
 end
+for i = 1, figures do
+  local d = tonumber(ARGV[i + 4])
+  if d and d > 0 then
+    local v = math.min(current[i] + d, MAX_INT)
+    redis.call('HSET', KEYS[1], epoch .. '.' .. i, string.format('%d', v))
+    totals[i] = totals[i] + v - current[i]
+  end
+end
+local reply = {reset}
+for i = 1, figures do reply[i + 1] = math.min(totals[i], MAX_INT) end
 redis.call('PEXPIRE', KEYS[1], ttl)
-return totals
+return reply

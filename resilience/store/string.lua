@@ -1,5 +1,6 @@
--- published: read what a lease's holder published (lease.lua "publish"), or remove it.
--- KEYS: 1 the key it is published under
+-- string: read a string value (a fallback's cached value, or what a lease's holder published
+-- with lease.lua "publish"), or remove one its reader could not parse.
+-- KEYS: 1 the key of the value
 -- ARGV: 1 op:
 --   "get"  2 the longest value written, in bytes
 --          -> {reset, value}: value nil when there is none; reset 1 when the key held

@@ -128,6 +128,15 @@ def test_eligible_without_health_checks_skips_tripped() -> None:
     assert eligible([True] * 3, [False] * 3, [0.0] * 3, 0.0) == []
 
 
+def test_a_share_below_one_endpoint_still_ejects_one() -> None:
+    """As Envoy does, any share above 0 lets at least one endpoint be ejected (0.5 of 1, 0.2
+    of 3); 0.0 lets none."""
+    assert eligible([False], [True], [0.0], 0.5) == []
+    assert eligible([False] * 3, [True, False, False], [0.0] * 3, 0.2) == [1, 2]
+    assert eligible([False] * 3, [True, True, False], [2.0, 1.0, 0.0], 0.2) == [1, 2]
+    assert eligible([False], [True], [0.0], 0.0) == [0]
+
+
 def test_eligible_caps_health_ejections_least_bad_first() -> None:
     """Unhealthy endpoints beyond the cap are used again, the lowest scores first."""
     scores = [3.0, 1.0, 2.0, 0.5]
@@ -160,7 +169,11 @@ def test_choice_never_ejected_while_a_healthy_one_exists(
     assert set(healthy) <= set(candidates)
     assert not any(tripped[i] for i in candidates)
     cap = int(max_ejected * n + 1e-9)
+    if max_ejected > 0:
+        cap = max(cap, 1)  # at least one, whatever the share
     assert n - len(candidates) <= max(cap, sum(tripped))  # health never passes the cap
+    if not any(tripped):  # health alone keeps exactly as many out as the cap allows
+        assert n - len(candidates) == min(cap, sum(unhealthy))
     if candidates:
         choice = pick(candidates, scores[:n], random.Random(seed))
         assert choice in candidates

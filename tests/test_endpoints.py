@@ -316,6 +316,28 @@ async def test_a_failed_over_post_keeps_one_key_across_endpoints() -> None:
     assert {key for _, key in keys} == set(answered)
 
 
+async def test_a_failed_endpoints_response_is_closed_when_another_answers() -> None:
+    """Every request's first attempt gets a 503, its retry (usually at another endpoint) a
+    200: each 503 is closed, the answer returned is the only response left open."""
+    from .test_httpx import Ledger
+
+    ledger = Ledger(lambda request: 503 if len(ledger.requests) % 2 else 200)
+    transport = ResilientTransport(
+        ledger,
+        policy=HttpPolicy(clock=FakeClock(autojump=True), circuit_breaker=False),
+        service="orders",
+        endpoints=ENDPOINTS,
+        rng=random.Random(1),
+    )
+    for _ in range(10):
+        response = await transport.handle_async_request(httpx.Request("GET", "http://orders/"))
+        assert response.status_code == 200
+        assert ledger.open == 1
+        await response.aclose()
+    assert len(ledger.bodies) == 20
+    assert ledger.open == 0
+
+
 async def test_one_unhealthy_endpoint_of_one_is_ejected() -> None:
     """With the default max_ejected, the only endpoint, reported unhealthy, is ejected: the
     request is refused with NoHealthyEndpoint instead of sent to it."""

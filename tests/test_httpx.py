@@ -957,6 +957,7 @@ def script(*outcomes: int | Exception) -> Callable[[httpx.Request], int]:
 
 
 async def stale(request: httpx.Request, error: Exception) -> httpx.Response:
+    """A fallback answering from a cache."""
     return httpx.Response(200, text="stale")
 
 

@@ -6,7 +6,9 @@ source and hands plain values in, so every rule here is tested with a seeded ran
 * **Ejected**: an endpoint whose breaker is open (before its probe time) or forced open, or
   whose health source says ``healthy == False``.
 * **Maximum ejection share** (Envoy's ``max_ejection_percent``): at most
-  ``floor(max_ejected * n)`` of ``n`` endpoints are kept out at once. Endpoints ejected by
+  ``floor(max_ejected * n)`` of ``n`` endpoints are kept out at once, but at least one when
+  ``max_ejected > 0`` (as Envoy ejects one host whatever the percentage: otherwise 0.5 of one
+  endpoint, or 0.2 of three, would turn ejection off without a word). Endpoints ejected by
   their breaker always stay out (their calls failed, and the breaker rejects them anyway);
   endpoints ejected by their health source alone fill what room is left, the worst first, and
   the least bad of them (lowest load score) are used again. So a health check gone wrong
@@ -113,11 +115,13 @@ def eligible(
     ``tripped[i]``: endpoint ``i``'s breaker rejects calls; ``unhealthy[i]``: its health
     source says it is unhealthy; ``scores[i]``: its load score. Tripped endpoints are never
     eligible. Unhealthy ones are, the lowest scores first, as far as needed to keep at most
-    ``floor(max_ejected * n)`` endpoints out (when the breakers alone keep more out, every
-    untripped endpoint is eligible).
+    ``floor(max_ejected * n)`` endpoints out, and at least one if ``max_ejected > 0`` (when
+    the breakers alone keep more out, every untripped endpoint is eligible).
     """
     n = len(tripped)
     cap = math.floor(max_ejected * n + 1e-9)
+    if max_ejected > 0 and cap < 1:
+        cap = 1
     out = sum(tripped)
     sick = sorted(
         (i for i in range(n) if unhealthy[i] and not tripped[i]), key=lambda i: (scores[i], i)

@@ -26,28 +26,39 @@ def http_check(
     url: str | httpx.URL,
     *,
     client: httpx.AsyncClient | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
     expect: Container[int] = range(200, 300),
 ) -> Callable[[], Awaitable[None]]:
     """An async callable that GETs ``url`` and raises ``httpx.HTTPStatusError`` unless the
     response's status is in ``expect`` (default: any 2xx).
 
     With ``client`` the request goes through that ``httpx.AsyncClient`` (its connection pool,
-    headers, TLS settings and transport; closing it stays the caller's business). Without
-    one, each run opens and closes a client of its own, so nothing is left open. The run's
-    time limit is the ``HealthCheck``'s ``timeout``.
+    headers, TLS settings and transport); with ``transport`` it is handed straight to that
+    ``httpx.AsyncBaseTransport`` (its pool; the response is closed, its body unread).
+    Closing either stays the caller's business. With neither, each run opens and closes a
+    client of its own, so nothing is left open. The run's time limit is the
+    ``HealthCheck``'s ``timeout``.
     """
     if not isinstance(url, (str, httpx.URL)) or not str(url):
         raise TypeError(f"url must be a non-empty str or httpx.URL, got {url!r}")
-    target = httpx.URL(url)
-    if target.scheme not in ("http", "https"):
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"url must be an http:// or https:// URL, got {url!r}: {exc}") from None
+    if target.scheme not in ("http", "https") or not target.host:
         raise ValueError(f"url must be an http:// or https:// URL, got {url!r}")
+    if target.port is not None and not 1 <= target.port <= 65535:
+        raise ValueError(f"url's port must be in 1..65535, got {url!r}")
     if client is not None and not isinstance(client, httpx.AsyncClient):
         raise TypeError(f"client must be an httpx.AsyncClient, got {client!r}")
+    if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
+        raise TypeError(f"transport must be an httpx.AsyncBaseTransport, got {transport!r}")
+    if client is not None and transport is not None:
+        raise ValueError("give http_check a client or a transport, not both")
     if isinstance(expect, int) or not isinstance(expect, Container):
         raise TypeError(f"expect must be a container of status codes, got {expect!r}")
 
-    async def get(http: httpx.AsyncClient) -> None:
-        response = await http.get(target)
+    def judge(response: httpx.Response) -> None:
         if response.status_code not in expect:
             raise httpx.HTTPStatusError(
                 f"health check of {target} answered {response.status_code}",
@@ -56,11 +67,17 @@ def http_check(
             )
 
     async def check() -> None:
-        if client is not None:
-            await get(client)
-            return
-        async with httpx.AsyncClient() as own:
-            await get(own)
+        if transport is not None:
+            response = await transport.handle_async_request(httpx.Request("GET", target))
+            try:
+                judge(response)
+            finally:
+                await response.aclose()
+        elif client is not None:
+            judge(await client.get(target))
+        else:
+            async with httpx.AsyncClient() as own:
+                judge(await own.get(target))
 
     check.__qualname__ = check.__name__ = f"http_check({str(target)!r})"
     return check

@@ -35,7 +35,6 @@ import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NoReturn
@@ -69,6 +68,7 @@ from resilience import (
     CircuitState,
     Clock,
     CountWindow,
+    HealthCheck,
     Hedge,
     Listener,
     NoHealthyEndpointError,
@@ -81,6 +81,7 @@ from resilience import (
     Retry,
     RetryBudget,
     Store,
+    SystemClock,
     Throttle,
     ThrottledError,
     TimedOut,
@@ -278,7 +279,7 @@ FALLBACK_ON = frozenset({"rejections", "failures", "both"})
 """The values of ``HttpPolicy.fallback_on``."""
 
 TOTAL_TIMEOUT_FACTOR = 1.5
-"""The default ``total_timeout`` is this many times ``timeout`` (15 s for the default 10 s)."""
+"""The default ``total_timeout`` is this many times ``timeout`` (1.5 s for the default 1 s)."""
 
 
 class _Auto(float):
@@ -303,21 +304,30 @@ class HttpPolicy:
     ``Retry-After`` header on a failing response replaces the backoff; ``retry_after_max``
     caps the time one request spends waiting on ``Retry-After`` headers, all retries together
     (a header asking for more than is left ends retrying). Only ``retry_methods`` are retried;
-    a retried request with another method gets an ``idempotency_header`` (a fresh UUID, the
+    a request of a non-idempotent method that may be sent more than once (retried, hedged,
+    failed over) gets an ``idempotency_header`` before its first attempt (a fresh UUID, the
     same on every attempt) unless it has one already (``None``: add nothing).
     ``retry_budget`` (a ``RetryBudget``) caps retries gRPC-style across every request sharing
     it (fleet-wide with a store).
 
     ``total_timeout``: the most one request may take, every attempt, backoff and
     ``Retry-After`` wait included (``None``: no overall limit; by default 1.5 times
-    ``timeout``, so 15 s, and no limit when ``timeout`` is ``None``). It is the request's
+    ``timeout``, so 1.5 s, and no limit when ``timeout`` is ``None``). It is the request's
     deadline (a caller's sooner deadline wins), so it is also what ``x-deadline-ms`` forwards.
     ``timeout`` limits each attempt, up to the response headers (``None``: no limit).
 
-    Failures: transport errors, attempt timeouts and responses whose status is in
-    ``failure_statuses``. Circuit breaker (``circuit_breaker=False`` removes it):
-    ``failure_ratio``, ``minimum_calls``, ``window``, ``open_for``, ``open_for_max``,
-    ``half_open_calls``, as for ``CircuitBreaker``. Rate limiter when ``rate`` is set (``rate``
+    Failures: transport errors, attempt timeouts, attempts cut by the request's deadline and
+    responses whose status is in ``failure_statuses``. Circuit breaker
+    (``circuit_breaker=False`` removes it): ``failure_ratio``, ``minimum_calls``, ``window``,
+    ``open_for``, ``open_for_max``, ``half_open_calls``, as for ``CircuitBreaker``. The
+    defaults (1 s attempts, half of the calls of the last second failed, 10 calls at least)
+    notice an upstream that stops answering about a second into the hang at tens of requests
+    per second; see docs/httpx.md for the trade-offs. ``health_path``: each origin is checked
+    by a ``HealthCheck`` GETting that path on it every ``health_interval`` seconds (through
+    ``store`` when there is one: one replica checks for the fleet), bound to its breaker
+    (``CircuitBreaker(health=...)``: the check probes for the open breaker; with endpoints it
+    is also the endpoint's health source); made with the origin's pipeline, stopped with the
+    transport. Rate limiter when ``rate`` is set (``rate``
     requests per ``per`` seconds, bursts of ``burst``). Bulkhead when ``max_concurrent`` is
     set (``max_waiting``, ``max_wait`` as for ``Bulkhead``). ``throttle=True``: client-side
     adaptive throttling (``Throttle(k=throttle_k, window=throttle_window)``), where a 429 or
@@ -345,15 +355,15 @@ class HttpPolicy:
     failure_statuses: Collection[int] = FAILURE_STATUSES
     circuit_breaker: bool = True
     failure_ratio: float = 0.5
-    minimum_calls: int = 20
-    window: CountWindow | TimeWindow = field(default_factory=lambda: CountWindow(100))
+    minimum_calls: int = 10
+    window: CountWindow | TimeWindow = field(default_factory=lambda: TimeWindow(1.0))
     open_for: float = 5.0
     open_for_max: float | None = None  # = open_for: a fixed open time
     half_open_calls: int = 1
     rate: float | None = None
     per: float = 1.0
     burst: int | None = None
-    timeout: float | None = 10.0
+    timeout: float | None = 1.0
     total_timeout: float | None = _AUTO_TOTAL
     max_concurrent: int | None = None
     max_waiting: int = 0
@@ -364,6 +374,8 @@ class HttpPolicy:
     hedge_delay: float | str | None = None
     max_hedges: int = 1
     hedge_budget: float = 0.1
+    health_path: str | None = None
+    health_interval: float = 5.0
     fallback: FallbackHandler | None = None
     fallback_on: str = "both"
     store: Store | None = None
@@ -423,6 +435,20 @@ class HttpPolicy:
         if not isinstance(self.listeners, tuple):
             object.__setattr__(self, "listeners", tuple(self.listeners))
         check_bool("throttle", self.throttle)
+        if self.health_path is not None:
+            if not isinstance(self.health_path, str):
+                raise TypeError(
+                    f"health_path must be a path such as '/healthz', got {self.health_path!r}"
+                )
+            if not self.health_path.startswith("/"):
+                raise ValueError(
+                    f"health_path must be a path starting with '/', got {self.health_path!r}"
+                )
+            if not self.circuit_breaker:
+                raise ValueError(
+                    "health_path needs circuit_breaker=True: the check is bound to the breaker"
+                )
+        check_seconds("health_interval", self.health_interval)
         # the policies validate everything else, with their own clear errors (built without
         # the store, so validating never creates anything in a shared store)
         _build_policies(self, "validation", validating=True)
@@ -443,13 +469,12 @@ class _FailedResponse(Exception):
 async def _close_discarded(state: RetryCallState) -> None:
     """Retry's ``before_sleep``: close the responses a retry is about to throw away.
 
-    Retry calls it only once it has decided to call again, so this is exactly when a failed
-    response is known to be discarded; closing it then frees its connection during the wait.
-    The attempt's second argument is the request's list of discarded responses.
+    Retry calls it only once it has decided to call again, so this is exactly when every
+    response the request got so far is known to be discarded; closing them then frees their
+    connections during the wait. The attempt's second argument is the request's ``_Exchange``.
     """
-    discard: list[httpx.Response] = state.args[1]
-    while discard:
-        await discard.pop().aclose()
+    exchange: _Exchange = state.args[1]
+    await exchange.close()
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -477,14 +502,21 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 
 
 def _is_failure(exc: Exception) -> bool:
-    """What the breaker counts: transport errors, failing statuses, attempt timeouts."""
+    """What the breaker counts: transport errors, failing statuses, attempt timeouts, and an
+    attempt cut by the request's deadline (``DeadlineExceeded`` raised by ``attempt``: a
+    hang is a failure whichever timer noticed it)."""
     if isinstance(exc, (_FailedResponse, httpx.TransportError)):
-        return not isinstance(exc, (RejectedError, DeadlineExceeded))
+        return not isinstance(exc, RejectedError)
     return isinstance(exc, ResilienceTimeoutError)
 
 
 def _not_failure(exc: Exception) -> bool:
     return not _is_failure(exc)
+
+
+def _retryable(exc: Exception) -> bool:
+    """What Retry tries again: a failure, unless the request's deadline is spent."""
+    return _is_failure(exc) and not isinstance(exc, DeadlineExceeded)
 
 
 def _retry_wait(base: WaitStrategy, cap: float) -> WaitStrategy:
@@ -533,10 +565,15 @@ def _backoff(wait: WaitStrategy | None) -> WaitStrategy:
 
 
 def _build_policies(
-    policy: HttpPolicy, name: str, *, validating: bool = False
+    policy: HttpPolicy,
+    name: str,
+    *,
+    validating: bool = False,
+    health: HealthCheck | None = None,
 ) -> tuple[Retry | None, list[Policy]]:
     """The Retry (or ``None``) and the policies inside it, outermost first."""
-    return _build_retry(policy, name), _build_inner(policy, name, validating=validating)
+    inner = _build_inner(policy, name, validating=validating, health=health)
+    return _build_retry(policy, name), inner
 
 
 def _build_retry(policy: HttpPolicy, name: str) -> Retry | None:
@@ -545,7 +582,7 @@ def _build_retry(policy: HttpPolicy, name: str) -> Retry | None:
     if policy.attempts == 1:
         return None
     return Retry(
-        on=_is_failure,
+        on=_retryable,
         attempts=policy.attempts,
         wait=_retry_wait(base, policy.retry_after_max),
         stop=_stop,
@@ -557,8 +594,15 @@ def _build_retry(policy: HttpPolicy, name: str) -> Retry | None:
     )
 
 
-def _build_inner(policy: HttpPolicy, name: str, *, validating: bool = False) -> list[Policy]:
-    """The policies inside the Retry, outermost first: breaker, rate limiter, timeout, bulkhead."""
+def _build_inner(
+    policy: HttpPolicy,
+    name: str,
+    *,
+    validating: bool = False,
+    health: HealthCheck | None = None,
+) -> list[Policy]:
+    """The policies inside the Retry, outermost first: breaker (bound to ``health``), rate
+    limiter, timeout, bulkhead."""
     store = None if validating else policy.store
     clock = policy.clock
     listeners = policy.listeners
@@ -578,6 +622,7 @@ def _build_inner(policy: HttpPolicy, name: str, *, validating: bool = False) -> 
                 store=store,
                 clock=clock,
                 listeners=listeners,
+                health=health,
             )
         )
     limited = limits(
@@ -630,7 +675,74 @@ def _build_hedge(policy: HttpPolicy, name: str, *, validating: bool = False) -> 
     )
 
 
-Send = Callable[[httpx.Request, list[httpx.Response]], Awaitable[httpx.Response]]
+class _Exchange:
+    """One request on its way through its pipeline (every attempt gets it, hedges included).
+
+    ``responses``: what the wrapped transport answered it so far. All but the response the
+    request returns are closed: before a retry's backoff (``_close_discarded``), when the
+    request ends (``end``), and at once for one arriving after that (a hedge's loser), so
+    whichever way a request ends, no connection stays held.
+
+    The request's deadline, for ``attempt`` to tell a cut by the deadline from a
+    cancellation: ``due`` on ``clock`` when it is our own ``total_timeout`` (enforced by the
+    pipeline's outer ``Timeout``), else the loop-time deadline in ``_deadline``. ``cut``:
+    an attempt was cut by it. ``cancelling``: the task's cancellation count when it began.
+    ``busy``: with hedging, the endpoints its attempts went to.
+    """
+
+    __slots__ = (
+        "busy",
+        "cancelling",
+        "clock",
+        "cut",
+        "due",
+        "name",
+        "over",
+        "responses",
+        "seconds",
+        "task",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.responses: list[httpx.Response] = []
+        self.over = False  # the request has ended: a late answer is a loser's
+        self.busy: set[int] | None = None
+        self.due: float | None = None
+        self.clock: Clock | None = None
+        self.seconds = 0.0  # the request's budget, for DeadlineExceeded
+        self.cut = False
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.cancelling = task.cancelling()
+
+    async def close(self, kept: httpx.Response | None = None) -> None:
+        """Close every response kept so far but ``kept``."""
+        responses, self.responses = self.responses, []
+        for response in responses:
+            if response is not kept:
+                await response.aclose()
+
+    async def end(self, returned: httpx.Response | None) -> None:
+        """The request returns ``returned`` (or nothing): close all the others."""
+        self.over = True
+        await self.close(returned)
+
+    def past_deadline(self, at: float | None) -> bool:
+        """Whether the request's deadline (``at`` on the loop's clock) has passed."""
+        if at is not None and asyncio.get_running_loop().time() >= at:
+            return True
+        return (
+            self.due is not None and self.clock is not None and self.clock.monotonic() >= self.due
+        )
+
+    def cancelled(self) -> bool:
+        """Whether a cancellation other than the deadline's own is pending on the request."""
+        return self.task.cancelling() > self.cancelling
+
+
+Send = Callable[[httpx.Request, _Exchange], Awaitable[httpx.Response]]
 
 
 def _make_attempt(
@@ -638,23 +750,59 @@ def _make_attempt(
     statuses: frozenset[int],
     header: str | None,
 ) -> Send:
-    """One try: send, and turn a failing status into an exception the policies see."""
+    """One try: send; keep the response for the request's ``_Exchange`` and turn a failing
+    status into an exception the policies see.
 
-    async def attempt(request: httpx.Request, discard: list[httpx.Response]) -> httpx.Response:
-        if header is not None:
-            at = _deadline.get()
-            if at is not None:
-                request.headers[header] = format_budget(at - asyncio.get_running_loop().time())
+    The boundary with the wrapped transport: what it raises that is not an httpx error is
+    translated here, once (``_transport_error``), so the breaker counts it and
+    ``except httpx.HTTPError`` catches it. An attempt cancelled once the request's deadline
+    has passed was cut by it: it raises ``DeadlineExceeded``, a failure for the breaker
+    below which it ran (a cancellation that is not the deadline's still wins at the
+    transport's boundary: see ``_through``).
+    """
+
+    async def attempt(request: httpx.Request, exchange: _Exchange) -> httpx.Response:
+        at = _deadline.get()
+        if header is not None and at is not None:
+            request.headers[header] = format_budget(at - asyncio.get_running_loop().time())
         level = get_criticality()  # the request being served: its class goes downstream
         if level is not None and CRITICALITY_HEADER not in request.headers:
             request.headers[CRITICALITY_HEADER] = level
-        response = await send(request)
+        try:
+            response = await send(request)
+        except asyncio.CancelledError:
+            if not exchange.past_deadline(at):
+                raise
+            exchange.cut = True
+            raise DeadlineExceeded(exchange.name, exchange.seconds, request=request) from None
+        except httpx.HTTPError:
+            raise
+        except Exception as exc:
+            error = _transport_error(exc, request)
+            if error.__traceback__ is None:  # made here: the foreign error is its cause
+                raise error from exc
+            raise error from error.__cause__  # an httpx error a task group wrapped, as it was
+        if exchange.over:  # a hedge's loser, answered after the request ended
+            await response.aclose()
+        else:
+            exchange.responses.append(response)
         if response.status_code in statuses:
-            discard.append(response)
             raise _FailedResponse(response)
         return response
 
     return attempt
+
+
+def _transport_error(exc: Exception, request: httpx.Request) -> httpx.HTTPError:
+    """What the wrapped transport raised, as an httpx error. A task group's wrapper around
+    one error is taken off (an ``httpx.ConnectError`` inside stays a connect error);
+    anything else not httpx's becomes an ``httpx.TransportError`` naming it."""
+    inner: BaseException = exc
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    if isinstance(inner, httpx.HTTPError):
+        return inner
+    return httpx.TransportError(f"{type(inner).__name__}: {inner}", request=request)
 
 
 _KEPT = frozenset({CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.FORCED_OPEN})
@@ -668,13 +816,16 @@ class _Senders:
     request. Its expiry is reported as ``DeadlineExceeded``.
     """
 
-    __slots__ = ("hedged", "name", "once", "policy", "retrying", "total")
+    __slots__ = ("clock", "hedged", "name", "once", "policy", "retrying", "total")
+
+    fails_over = False  # whether one attempt may go to more than one endpoint
 
     def __init__(
         self, name: str, policy: HttpPolicy, retry: Retry | None, inner: list[Policy], attempt: Send
     ) -> None:
         self.name = name
         self.policy = policy
+        self.clock: Clock = SystemClock() if policy.clock is None else policy.clock
         outer: list[Policy] = []
         self.total: str | None = None
         if policy.total_timeout is not None:
@@ -682,7 +833,7 @@ class _Senders:
             total = Timeout(
                 policy.total_timeout,
                 name=self.total,
-                clock=policy.clock,
+                clock=self.clock,
                 # its expiry only: a CallFinished per request would repeat the retry's
                 listeners=[select(listener, events=(TimedOut,)) for listener in policy.listeners],
             )
@@ -699,26 +850,42 @@ class _Senders:
             chain = [*outer, *retrying, hedge, *inner]
             self.hedged = _hedged(Pipeline(*chain, name=name)(_own_copy(attempt)))
 
+    def sender(self, request: httpx.Request, retry: bool | None) -> Send:
+        """The sender for ``request`` (``retry``: the per-request override).
 
-class _Hedging:
-    """One hedged request: the endpoints its attempts went to, the responses they got."""
+        The one place the idempotency key is set: a request of a non-idempotent method that
+        the chosen sender may send more than once (retried, hedged, failed over to another
+        endpoint) gets it here, before its first attempt, so every attempt carries the same
+        key and the server can tell the copies of one request apart from new requests.
+        """
+        policy = self.policy
+        send = self.once
+        if retry is not False and _replayable(request):
+            idempotent = request.method in policy.retry_methods
+            if self.hedged is not None and idempotent:
+                send = self.hedged
+            elif self.retrying is not None and (retry or idempotent):
+                send = self.retrying
+        header = policy.idempotency_header
+        if (
+            header is not None
+            and (send is not self.once or self.fails_over)
+            and request.method not in IDEMPOTENT_METHODS
+            and header not in request.headers
+        ):
+            request.headers[header] = str(uuid.uuid4())
+        return send
 
-    __slots__ = ("busy", "over", "responses")
-
-    def __init__(self) -> None:
-        self.busy: set[int] = set()
-        self.responses: list[httpx.Response] = []
-        self.over = False  # the request has its answer: a late one is a loser's
-
-
-_hedging: ContextVar[_Hedging | None] = ContextVar("resilience.httpx.hedging", default=None)
+    def checks(self) -> list[HealthCheck]:
+        """The health checks of this pipeline's origins (started, or to start)."""
+        return []
 
 
 def _own_copy(attempt: Send) -> Send:
     """``attempt`` on a copy of the request: hedged attempts run at once, and each points
     its request at an endpoint and sets its own deadline header."""
 
-    async def copied(request: httpx.Request, discard: list[httpx.Response]) -> httpx.Response:
+    async def copied(request: httpx.Request, exchange: _Exchange) -> httpx.Response:
         copy = httpx.Request(
             request.method,
             request.url,
@@ -726,45 +893,31 @@ def _own_copy(attempt: Send) -> Send:
             stream=request.stream,
             extensions=dict(request.extensions),
         )
-        response = await attempt(copy, discard)
-        hedging = _hedging.get()
-        if hedging is not None:
-            if hedging.over:  # it lost, and ended after the request had its answer
-                await response.aclose()
-            else:
-                hedging.responses.append(response)
-        return response
+        return await attempt(copy, exchange)
 
     return copied
 
 
 def _hedged(send: Send) -> Send:
-    """``send`` with a ``_Hedging`` of its own; the answers that lost the race are closed."""
+    """``send`` for a hedged request: its attempts note the endpoints they go to."""
 
-    async def hedged(request: httpx.Request, discard: list[httpx.Response]) -> httpx.Response:
-        state = _Hedging()
-        token = _hedging.set(state)
-        winner: httpx.Response | None = None
-        try:
-            winner = await send(request, discard)
-            return winner
-        finally:
-            _hedging.reset(token)
-            state.over = True
-            for response in state.responses:
-                if response is not winner:
-                    await response.aclose()
+    async def hedged(request: httpx.Request, exchange: _Exchange) -> httpx.Response:
+        exchange.busy = set()
+        return await send(request, exchange)
 
     return hedged
 
 
 class _Origin(_Senders):
-    """The senders of one origin, and what decides whether it may be forgotten."""
+    """The senders of one origin, its health check, and whether it may be forgotten."""
 
-    __slots__ = ("breaker", "bulkhead")
+    __slots__ = ("breaker", "bulkhead", "health")
 
-    def __init__(self, name: str, policy: HttpPolicy, attempt: Send) -> None:
-        retry, inner = _build_policies(policy, name)
+    def __init__(
+        self, name: str, policy: HttpPolicy, attempt: Send, health: HealthCheck | None
+    ) -> None:
+        retry, inner = _build_policies(policy, name, health=health)
+        self.health = health
         self.breaker: CircuitBreaker | None = None
         self.bulkhead: Bulkhead | None = None
         for p in inner:
@@ -780,6 +933,10 @@ class _Origin(_Senders):
         if breaker is not None and breaker.state in _KEPT:
             return False
         return bulkhead is None or (bulkhead.in_flight == 0 and bulkhead.waiting == 0)
+
+    def checks(self) -> list[HealthCheck]:
+        """This origin's health check, if it has one."""
+        return [] if self.health is None else [self.health]
 
 
 def origin_of(request: httpx.Request) -> str:
@@ -815,6 +972,8 @@ def _endpoint_url(value: object) -> httpx.URL:
             f"an endpoint is scheme://host[:port] only (no path, query, fragment or "
             f"credentials), got {value!r}"
         )
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError(f"an endpoint's port must be in 1..65535, got {value!r}")
     return url
 
 
@@ -828,6 +987,7 @@ class _Endpoint:
 
     __slots__ = (
         "breaker",
+        "check",
         "ejected",
         "health",
         "host",
@@ -846,16 +1006,18 @@ class _Endpoint:
         policy: HttpPolicy,
         attempt: Send,
         health: HealthSource | None,
+        check: HealthCheck | None,
     ) -> None:
         self.scheme = url.scheme
         self.host = url.host
         self.port = url.port
         self.netloc = url.netloc.decode("ascii")
         self.name = name
-        self.health = health
+        self.check = check  # the policy's health check of this endpoint, bound to its breaker
+        self.health = check if health is None else health
         self.load = Load()
         self.ejected = False  # by its breaker, when last looked at
-        inner = _build_inner(policy, name)
+        inner = _build_inner(policy, name, health=check)
         self.breaker: CircuitBreaker | None = None
         for p in inner:
             if isinstance(p, CircuitBreaker):
@@ -911,7 +1073,7 @@ class _Service(_Senders):
     at most once; any other outcome ends the attempt and is the Retry's to judge.
     """
 
-    __slots__ = ("endpoints", "max_ejected", "rng")
+    __slots__ = ("endpoints", "fails_over", "max_ejected", "rng", "started")
 
     def __init__(
         self,
@@ -924,7 +1086,19 @@ class _Service(_Senders):
         self.endpoints = endpoints
         self.max_ejected = max_ejected
         self.rng = rng
+        self.fails_over = len(endpoints) > 1
+        self.started = False  # the endpoints' health checks run (from the first request on)
         super().__init__(name, policy, _build_retry(policy, name), [], self._attempt)
+
+    def checks(self) -> list[HealthCheck]:
+        """The endpoints' health checks."""
+        return [e.check for e in self.endpoints if e.check is not None]
+
+    def start(self) -> None:
+        """Start the endpoints' health checks (on the first request: a running loop)."""
+        self.started = True
+        for check in self.checks():
+            check.start()
 
     def _choose(self, tried: list[int], now: float) -> tuple[int | None, float | None, int]:
         """An endpoint not yet ``tried`` (or ``None``), the soonest probe time, how many are out.
@@ -947,15 +1121,12 @@ class _Service(_Senders):
             return None, soonest, len(tripped)
         return pick(candidates, scores, self.rng), soonest, 0
 
-    async def _attempt(
-        self, request: httpx.Request, discard: list[httpx.Response]
-    ) -> httpx.Response:
+    async def _attempt(self, request: httpx.Request, exchange: _Exchange) -> httpx.Response:
         loop = asyncio.get_running_loop()
         tried: list[int] = []
         unsent: Exception | None = None  # the last connect error of this attempt
         waits: list[float] = []  # the rejections' retry_after hints
-        hedging = _hedging.get()  # hedged: the endpoints the request's other attempts are on
-        busy = None if hedging is None else hedging.busy
+        busy = exchange.busy  # hedged: the endpoints the request's other attempts are on
         while True:
             index, soonest, out = None, None, 0
             if busy:  # a hedge goes to another endpoint when there is one
@@ -977,7 +1148,7 @@ class _Service(_Senders):
             if busy is not None:
                 busy.add(index)
             try:
-                response = await endpoint.send(request, discard)
+                response = await endpoint.send(request, exchange)
             except RejectedError as rejected:  # by the endpoint's own policies: not sent
                 load.in_flight -= 1
                 if rejected.retry_after is not None:
@@ -1040,11 +1211,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     replaced by the endpoint's). Each endpoint has its own breaker and limits, named
     ``<service>:<endpoint origin>``; the retry and ``total_timeout`` are the service's. An
     endpoint is ejected while its breaker is open or its ``health[endpoint].healthy`` is
-    false, but health sources keep at most ``max_ejected`` of the endpoints out; of the
-    others two are drawn at random (``rng``) and the less loaded one is used (P2C). A
+    false, but health sources keep at most ``max_ejected`` of the endpoints out (at least
+    one when it is above 0, as Envoy does); of the others two are drawn at random (``rng``)
+    and the less loaded one is used (P2C). A
     request not sent (a connect error, a rejection by the endpoint's policies) goes on to
     another endpoint at once, whatever its method, within the deadline and the retry budget.
     When every endpoint is ejected: ``NoHealthyEndpoint``. See ``docs/httpx.md``.
+
+    Whatever the wrapped transport raises leaves as an ``httpx.HTTPError``: its own errors
+    as they are, any other (an ``ExceptionGroup`` from a task group, an ``OSError``) as an
+    ``httpx.TransportError`` naming it, its cause the original. ``aclose()`` stops the
+    health checks and closes the wrapped transport.
 
     Only for ``httpx.AsyncClient``: ``httpx.Client`` needs a sync transport.
     """
@@ -1143,16 +1320,33 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 checks[origin] = check
         statuses = frozenset(policy.failure_statuses)
         attempt = _make_attempt(self._send, statuses, self.deadline_header)
-        members = [
-            _Endpoint(url, f"{service}:{origin}", policy, attempt, checks.get(origin))
-            for origin, url in urls.items()
-        ]
+        members = []
+        for origin, url in urls.items():
+            name = f"{service}:{origin}"
+            own = self._health_check(policy, name, origin)
+            members.append(_Endpoint(url, name, policy, attempt, checks.get(origin), own))
         return _Service(service, policy, members, float(max_ejected), rng)
+
+    def _health_check(self, policy: HttpPolicy, name: str, origin: str) -> HealthCheck | None:
+        """The policy's health check of ``origin`` (``health_path`` on it, through the wrapped
+        transport), named after its pipeline, or ``None``. Not started."""
+        if policy.health_path is None:
+            return None
+        return HealthCheck(
+            http_check(origin + policy.health_path, transport=self.transport),
+            name=name,
+            interval=policy.health_interval,
+            store=policy.store,
+            clock=policy.clock,
+            listeners=policy.listeners,
+        )
 
     def __repr__(self) -> str:
         return f"ResilientTransport({self.transport!r})"
 
-    def _origin(self, key: str) -> _Origin:
+    async def _origin(self, key: str, request: httpx.Request) -> _Origin:
+        """The pipeline of ``key``, made for its first ``request`` (its health check, when
+        the policy asks for one, checks that request's origin and starts now)."""
         policy = self.policy
         if not isinstance(policy, HttpPolicy):
             policy = policy(key)
@@ -1161,12 +1355,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         statuses = frozenset(policy.failure_statuses)
         attempt = _make_attempt(self._send, statuses, self.deadline_header)
         if len(self._origins) >= self.max_origins:
-            self._evict()
-        origin = self._origins[key] = _Origin(key, policy, attempt)
+            await self._evict()
+        check = self._health_check(policy, key, _origin(request.url))
+        origin = self._origins[key] = _Origin(key, policy, attempt, check)
+        if check is not None:
+            check.start()
         return origin
 
-    def _evict(self) -> None:
-        """Forget the least recently used pipeline that loses nothing by it.
+    async def _evict(self) -> None:
+        """Forget the least recently used pipeline that loses nothing by it (its health
+        check stopped).
 
         Looks at a few of the oldest only (constant work per new origin); those kept for an
         open breaker or requests in flight move to the recent end.
@@ -1176,6 +1374,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             key, oldest = next(iter(origins.items()))
             if oldest.evictable():
                 del origins[key]
+                for check in oldest.checks():
+                    await check.aclose()
                 return
             origins.move_to_end(key)
 
@@ -1187,66 +1387,71 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through its origin's pipeline; see the class docstring."""
-        origin: _Senders | None = self._service
-        if origin is not None:
-            key = origin.name
+        service = self._service
+        origin: _Senders | None
+        if service is not None:
+            origin, key = service, service.name
+            if not service.started:
+                service.start()
         else:
             key = self.key(request)
             origins = self._origins
             origin = origins.get(key)
             if origin is None:
-                origin = self._origin(key)
+                origin = await self._origin(key, request)
             else:
                 origins.move_to_end(key)
-        policy = origin.policy
         allow_retry: bool | None = None
         budget: float | None = None
         overrides = request.extensions.get(_EXTENSION)
         if overrides is not None:
             allow_retry, budget = _overrides(overrides)
+        send = origin.sender(request, allow_retry)
+        exchange = _Exchange(key)
+        response: httpx.Response | None = None
+        try:
+            response = await self._through(origin, send, request, exchange, budget)
+            return response
+        finally:
+            await exchange.end(response)
 
-        send = origin.once
-        if allow_retry is not False and _replayable(request):
-            method = request.method
-            idempotent = method in policy.retry_methods
-            if origin.hedged is not None and idempotent:
-                send = origin.hedged
-            elif origin.retrying is not None and (allow_retry or idempotent):
-                send = origin.retrying
-                header = policy.idempotency_header
-                if (
-                    header is not None
-                    and method not in IDEMPOTENT_METHODS
-                    and header not in request.headers
-                ):
-                    request.headers[header] = str(uuid.uuid4())
-
-        discard: list[httpx.Response] = []
+    async def _through(
+        self,
+        origin: _Senders,
+        send: Send,
+        request: httpx.Request,
+        exchange: _Exchange,
+        budget: float | None,
+    ) -> httpx.Response:
+        """``send`` under the request's deadline; errors translated, fallback applied."""
+        policy = origin.policy
+        key = exchange.name
         total = policy.total_timeout
         try:
             if budget is not None:
                 with deadline(budget):
-                    return await self._guarded(send, request, discard, key)
+                    return await self._guarded(send, request, exchange)
             outer = _deadline.get()
             if total is None:
                 if outer is None:
-                    return await send(request, discard)
-                return await self._guarded(send, request, discard, key)
+                    return await send(request, exchange)
+                return await self._guarded(send, request, exchange)
             at = asyncio.get_running_loop().time() + total
             if outer is not None and outer <= at:  # the caller's deadline comes first
-                return await self._guarded(send, request, discard, key)
-            # our total_timeout is the deadline: the pipeline's outer Timeout enforces it;
-            # the context variable says it to the retry's stop rule and to the upstream
+                return await self._guarded(send, request, exchange)
+            # our total_timeout is the deadline: the pipeline's outer Timeout enforces it (on
+            # the policy's clock); the context variable says it to the retry's stop rule, to
+            # the attempts and to the upstream
+            clock = exchange.clock = origin.clock
+            exchange.due = clock.monotonic() + total
+            exchange.seconds = total
             token = _deadline.set(at)
             try:
-                return await send(request, discard)
+                return await send(request, exchange)
             finally:
                 _deadline.reset(token)
         except _FailedResponse as failed:
             response = failed.response
-            for other in discard:
-                if other is not response:
-                    await other.aclose()
             if policy.fallback is not None and policy.fallback_on != "rejections":
                 failure = httpx.HTTPStatusError(
                     f"{response.status_code} from {key}", request=request, response=response
@@ -1255,8 +1460,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 return await policy.fallback(request, failure)
             return response
         except Exception as exc:
-            for other in discard:
-                await other.aclose()
+            if exchange.cut and exchange.cancelled():
+                # the deadline cut an attempt as the caller was cancelling the request too:
+                # the cancellation goes on (the cut attempt was counted all the same)
+                raise asyncio.CancelledError from exc
             if isinstance(exc, ResilienceTimeoutError) and exc.name == origin.total:
                 error: Exception = DeadlineExceeded(key, exc.seconds, request=request)
             else:
@@ -1268,21 +1475,21 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             raise error from exc
 
     async def _guarded(
-        self, send: Send, request: httpx.Request, discard: list[httpx.Response], key: str
+        self, send: Send, request: httpx.Request, exchange: _Exchange
     ) -> httpx.Response:
         """``send`` under the current deadline: fail at once if it is spent, else cap it."""
         at = _deadline.get()
         assert at is not None
         loop = asyncio.get_running_loop()
-        left = at - loop.time()
+        left = exchange.seconds = at - loop.time()
         if left <= 0:
-            raise DeadlineExceeded(key, max(left, 0.0), request=request)
+            raise DeadlineExceeded(exchange.name, max(left, 0.0), request=request)
         try:
             async with asyncio.timeout_at(at) as scope:
-                return await send(request, discard)
+                return await send(request, exchange)
         except TimeoutError:
             if scope.expired():
-                raise DeadlineExceeded(key, left, request=request) from None
+                raise DeadlineExceeded(exchange.name, left, request=request) from None
             raise
 
     def handle_request(self, request: httpx.Request) -> NoReturn:
@@ -1297,7 +1504,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         """Nothing to close synchronously (a sync ``httpx.Client`` cannot use this transport)."""
 
     async def aclose(self) -> None:
-        """Close the wrapped transport."""
+        """Stop the health checks, close the wrapped transport."""
+        senders: list[_Senders] = list(self._origins.values())
+        if self._service is not None:
+            senders.append(self._service)
+        for origin in senders:
+            for check in origin.checks():
+                await check.aclose()
         await self.transport.aclose()
 
 

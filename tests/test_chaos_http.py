@@ -218,6 +218,31 @@ async def test_blackhole_respects_a_deadline(proxy: FaultProxy) -> None:
     assert took < 0.3 + SLACK
 
 
+async def test_a_blackhole_cut_by_deadlines_opens_the_breaker(proxy: FaultProxy) -> None:
+    """Requests whose deadline (0.1 s) cuts their attempts (5 s timeout) into a blackhole:
+    each cut attempt is a failure, so the breaker opens after the window's few calls."""
+    async with make_client(proxy, timeout=5.0) as client:
+        assert (await client.get("/")).status_code == 200
+        proxy.blackhole = True
+        start = time.monotonic()
+        cut = 0
+        for _ in range(20):
+            try:
+                await client.get("/", extensions={"resilience": {"deadline": 0.1}})
+            except DeadlineExceeded:
+                cut += 1
+            except CircuitOpen:
+                break
+        else:
+            raise AssertionError("the breaker never opened")
+        opened_after = time.monotonic() - start
+    report(
+        "blackhole, every request cut by its 0.1 s deadline (attempt timeout 5 s)",
+        f"breaker open after {cut} cut requests, {opened_after:.2f}s",
+    )
+    assert cut <= 6  # the window: 6 calls, a ratio of 0.5, so 6 failures at most
+
+
 def _reply_in_flight(conn: Connection) -> bool:
     """Whether a response is sitting in the proxy on ``conn``."""
     return conn.held_down > 0

@@ -111,7 +111,7 @@ async def test_deadline_shrinks_across_two_hops() -> None:
         async def relay(request: Request) -> JSONResponse:
             nonlocal a_calls
             a_calls += 1
-            transport = ResilientTransport(policy=HttpPolicy(attempts=1))
+            transport = ResilientTransport(policy=HttpPolicy(attempts=1, timeout=10))
             async with httpx.AsyncClient(transport=transport) as client:
                 await asyncio.sleep(0.01)  # some work in A before calling B
                 response = await client.get(f"{b.url}/echo")

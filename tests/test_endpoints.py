@@ -103,6 +103,21 @@ def host(url: str) -> str:
     return httpx.URL(url).host
 
 
+async def settle() -> None:
+    """Let the loop run the tasks that are ready (a few turns)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def same_breaker(name: str, store: MemoryStore, clock: FakeClock) -> CircuitBreaker:
+    """A breaker sharing the state of the endpoint breaker ``name`` (the same name, store and
+    configuration as ``HttpPolicy()`` gives it)."""
+    policy = HttpPolicy()
+    return CircuitBreaker(
+        name, minimum_calls=policy.minimum_calls, window=policy.window, store=store, clock=clock
+    )
+
+
 # --- the selection rules, pure -------------------------------------------------------------
 
 
@@ -126,6 +141,15 @@ def test_eligible_without_health_checks_skips_tripped() -> None:
     """Endpoints whose breaker rejects are never eligible, whatever max_ejected says."""
     assert eligible([True, False, True], [False] * 3, [0.0] * 3, 0.0) == [1]
     assert eligible([True] * 3, [False] * 3, [0.0] * 3, 0.0) == []
+
+
+def test_a_share_below_one_endpoint_still_ejects_one() -> None:
+    """As Envoy does, any share above 0 lets at least one endpoint be ejected (0.5 of 1, 0.2
+    of 3); 0.0 lets none."""
+    assert eligible([False], [True], [0.0], 0.5) == []
+    assert eligible([False] * 3, [True, False, False], [0.0] * 3, 0.2) == [1, 2]
+    assert eligible([False] * 3, [True, True, False], [2.0, 1.0, 0.0], 0.2) == [1, 2]
+    assert eligible([False], [True], [0.0], 0.0) == [0]
 
 
 def test_eligible_caps_health_ejections_least_bad_first() -> None:
@@ -160,7 +184,11 @@ def test_choice_never_ejected_while_a_healthy_one_exists(
     assert set(healthy) <= set(candidates)
     assert not any(tripped[i] for i in candidates)
     cap = int(max_ejected * n + 1e-9)
+    if max_ejected > 0:
+        cap = max(cap, 1)  # at least one, whatever the share
     assert n - len(candidates) <= max(cap, sum(tripped))  # health never passes the cap
+    if not any(tripped):  # health alone keeps exactly as many out as the cap allows
+        assert n - len(candidates) == min(cap, sum(unhealthy))
     if candidates:
         choice = pick(candidates, scores[:n], random.Random(seed))
         assert choice in candidates
@@ -260,6 +288,66 @@ async def test_connect_error_fails_over_even_for_post() -> None:
     assert sum(upstreams.hits.values()) == 20
 
 
+def test_an_endpoint_port_out_of_range_is_named() -> None:
+    """A port no socket can use is refused at construction, the error naming the endpoint."""
+    with pytest.raises(ValueError, match="99999"):
+        ResilientTransport(
+            httpx.MockTransport(Upstreams()), service="o", endpoints=[A, "http://h:99999"]
+        )
+
+
+async def test_a_failed_over_post_keeps_one_key_across_endpoints() -> None:
+    """The endpoint refusing the connection and the one answering saw the same key."""
+    keys: list[tuple[str, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append((request.url.host, request.headers.get("idempotency-key")))
+        if request.url.host != host(C):
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200)
+
+    async with make_client(handler, attempts=1) as client:
+        for _ in range(5):
+            assert (await client.post("/orders", json={})).status_code == 200
+    assert any(h != host(C) for h, _ in keys)  # some went to a dead endpoint first
+    assert all(key for _, key in keys)
+    answered = [key for h, key in keys if h == host(C)]
+    assert len(set(answered)) == 5
+    assert {key for _, key in keys} == set(answered)
+
+
+async def test_a_failed_endpoints_response_is_closed_when_another_answers() -> None:
+    """Every request's first attempt gets a 503, its retry (usually at another endpoint) a
+    200: each 503 is closed, the answer returned is the only response left open."""
+    from .test_httpx import Ledger
+
+    ledger = Ledger(lambda request: 503 if len(ledger.requests) % 2 else 200)
+    transport = ResilientTransport(
+        ledger,
+        policy=HttpPolicy(clock=FakeClock(autojump=True), circuit_breaker=False),
+        service="orders",
+        endpoints=ENDPOINTS,
+        rng=random.Random(1),
+    )
+    for _ in range(10):
+        response = await transport.handle_async_request(httpx.Request("GET", "http://orders/"))
+        assert response.status_code == 200
+        assert ledger.open == 1
+        await response.aclose()
+    assert len(ledger.bodies) == 20
+    assert ledger.open == 0
+
+
+async def test_one_unhealthy_endpoint_of_one_is_ejected() -> None:
+    """With the default max_ejected, the only endpoint, reported unhealthy, is ejected: the
+    request is refused with NoHealthyEndpoint instead of sent to it."""
+    upstreams = Upstreams()
+    async with make_client(upstreams, [A], health={A: Flag(False)}) as client:
+        with pytest.raises(NoHealthyEndpoint):
+            await client.get("/")
+    assert not upstreams.tried
+
+
 async def test_error_after_sending_is_not_failed_over_for_post() -> None:
     """A read error on a POST may have reached the server: it is raised, nothing is resent."""
     calls: list[str] = []
@@ -351,7 +439,7 @@ async def test_open_breaker_is_skipped() -> None:
     upstreams = Upstreams()
     async with make_client(upstreams, clock=clock, store=store) as client:
         # the same name and store: the endpoint's own breaker
-        await CircuitBreaker(f"orders:{A}", minimum_calls=20, store=store, clock=clock).force_open()
+        await same_breaker(f"orders:{A}", store, clock).force_open()
         for _ in range(40):
             assert (await client.get("/")).status_code == 200
     assert upstreams.tried[host(A)] == 0
@@ -467,7 +555,7 @@ async def test_open_breakers_use_up_the_ejection_share() -> None:
     upstreams = Upstreams()
     health = {url: Flag(healthy=False) for url in ENDPOINTS}
     async with make_client(upstreams, clock=clock, store=store, health=health) as client:
-        await CircuitBreaker(f"orders:{C}", minimum_calls=20, store=store, clock=clock).force_open()
+        await same_breaker(f"orders:{C}", store, clock).force_open()
         for _ in range(40):
             assert (await client.get("/")).status_code == 200
     assert upstreams.tried[host(C)] == 0
@@ -513,6 +601,10 @@ async def test_pipeline_names_are_the_endpoints() -> None:
         ({"service": "orders", "endpoints": [A], "rng": 4}, TypeError),
         ({"service": "orders", "endpoints": [A], "policy": lambda key: HttpPolicy()}, TypeError),
         ({"service": "orders", "endpoints": [A], "key": lambda r: "x"}, ValueError),
+        ({"service": "orders", "endpoints": ["http://h:99999"]}, ValueError),
+        ({"service": "orders", "endpoints": ["http://h:0"]}, ValueError),
+        ({"service": "orders", "endpoints": ["http://h:-1"]}, ValueError),
+        ({"service": "orders", "endpoints": ["http://h:65536"]}, ValueError),
     ],
 )
 def test_endpoint_options_are_validated(options: dict[str, Any], error: type[Exception]) -> None:
@@ -631,3 +723,42 @@ async def test_flapping_endpoint_fails_no_idempotent_request() -> None:
                 statuses[(await client.get("/")).status_code] += 1
     assert statuses == {200: 60}
     assert nodes[1].hits < 30  # its failures make it costly: it gets less than its share
+
+
+async def test_each_endpoint_gets_a_health_check_that_ejects_it() -> None:
+    """``health_path``: from the first request on, each endpoint is checked on its own
+    address, bound to its breaker; one whose checks fail is ejected (its check is its health
+    source); closing the transport stops them all."""
+    clock = FakeClock()
+    checked: Counter[str] = Counter()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/healthz":
+            checked[request.url.host] += 1
+            return httpx.Response(503 if request.url.host == host(B) else 200)
+        return httpx.Response(200, text=request.url.host)
+
+    transport = ResilientTransport(
+        httpx.MockTransport(handler),
+        policy=HttpPolicy(clock=clock, health_path="/healthz", health_interval=1.0),
+        service="orders",
+        endpoints=ENDPOINTS,
+        rng=random.Random(5),
+    )
+    assert transport._service is not None
+    endpoints = transport._service.endpoints
+    checks = [e.check for e in endpoints]
+    assert all(c is not None and not c.running for c in checks)
+    async with httpx.AsyncClient(transport=transport, base_url="http://orders") as client:
+        await client.get("/")
+        assert all(c is not None and c.running for c in checks)
+        assert all(e.breaker is not None and e.breaker.health is e.check for e in endpoints)
+        for _ in range(12):  # B's checks fail, second after second: it is suspected
+            await settle()
+            clock.advance(1.0)
+        await settle()
+        assert set(checked) == {host(A), host(B), host(C)}
+        answered = Counter([(await client.get("/")).text for _ in range(30)])
+    assert answered[host(B)] == 0
+    assert answered[host(A)] + answered[host(C)] == 30
+    assert all(c is not None and not c.running for c in checks)

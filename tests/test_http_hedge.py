@@ -14,6 +14,9 @@ from resilience.integrations.httpx import HttpPolicy, ResilientTransport, Thrott
 from resilience import ThrottledError
 from resilience.testing import FakeClock
 
+from .asgi_support import serve
+from .test_httpx import Ledger
+
 ENDPOINTS = ["http://a:8000", "http://b:8000", "http://c:8000"]
 
 
@@ -245,3 +248,176 @@ async def test_an_answer_a_loser_gets_after_the_request_was_answered_is_closed()
         assert response.text == "winner"
         await settle()
     assert closed == ["loser"]
+
+
+# --- the answers hedged attempts do not return are closed -----------------------------------
+
+
+class Gated:
+    """A Ledger handler: the n-th call (from 0) answers ``statuses[n]`` once ``gates[n]`` is set
+    (a call beyond the list never answers)."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = statuses
+        self.gates = [asyncio.Event() for _ in statuses]
+        self.calls = 0
+
+    async def __call__(self, request: httpx.Request) -> int:
+        n = self.calls
+        self.calls += 1
+        if n >= len(self.statuses):
+            await asyncio.Event().wait()
+        await self.gates[n].wait()
+        return self.statuses[n]
+
+
+def hedged(ledger: Ledger, clock: FakeClock, **options: object) -> httpx.AsyncClient:
+    policy = HttpPolicy(
+        clock=clock,
+        timeout=None,
+        hedge_delay=0.05,
+        hedge_budget=1.0,
+        circuit_breaker=False,
+        **options,  # type: ignore[arg-type]
+    )
+    return httpx.AsyncClient(transport=ResilientTransport(ledger, policy=policy))
+
+
+async def test_a_losing_attempts_failed_response_is_closed_when_the_hedge_wins() -> None:
+    """The first attempt answers 503 while its hedge is still out; the hedge's 200 is returned
+    and the 503 is closed (its connection goes back to the pool)."""
+    clock = FakeClock()
+    upstream = Gated(503, 200)
+    ledger = Ledger(upstream)
+    async with hedged(ledger, clock, attempts=1) as client:
+        task = asyncio.create_task(client.get("http://a:8000/x"))
+        await settle()
+        clock.advance(0.05)
+        await settle()
+        upstream.gates[0].set()  # the first attempt fails
+        await settle()
+        upstream.gates[1].set()  # the hedge wins
+        response = await task
+        assert response.status_code == 200
+        assert ledger.open == 0  # the winner was read and closed by the client; the 503 too
+    assert [body.closed for body in ledger.bodies] == [True, True]
+
+
+async def test_a_failed_answer_arriving_after_the_winner_is_closed() -> None:
+    """A loser that answers 503 after the request was answered has that answer closed."""
+    clock = FakeClock()
+    calls = 0
+
+    async def upstream(request: httpx.Request) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(0)
+                return 503  # it answers anyway, a turn after its cancellation
+        return 200
+
+    ledger = Ledger(upstream)
+    async with hedged(ledger, clock) as client:
+        task = asyncio.create_task(client.get("http://a:8000/x"))
+        await settle()
+        clock.advance(0.05)
+        assert (await task).status_code == 200
+        await settle()
+    assert len(ledger.bodies) == 2
+    assert ledger.open == 0
+
+
+async def test_a_failed_answer_is_closed_when_a_hedged_request_is_cancelled() -> None:
+    """The caller cancels while the first attempt's 503 is in and the hedge is still out:
+    the 503 is closed, the hedge cancelled."""
+    clock = FakeClock()
+    upstream = Gated(503)  # the hedge (second call) never answers
+    ledger = Ledger(upstream)
+    async with hedged(ledger, clock, attempts=1) as client:
+        task = asyncio.create_task(client.get("http://a:8000/x"))
+        await settle()
+        clock.advance(0.05)
+        await settle()
+        upstream.gates[0].set()
+        await settle()
+        assert upstream.calls == 2
+        assert len(ledger.bodies) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert ledger.open == 0
+
+
+async def test_every_attempt_of_a_hedged_post_carries_one_key() -> None:
+    """A POST hedged (POST is in ``retry_methods``) goes out twice with one Idempotency-Key."""
+    clock = FakeClock()
+    upstream = Gated(200, 200)
+    ledger = Ledger(upstream)
+    async with hedged(ledger, clock, retry_methods={"GET", "POST"}) as client:
+        task = asyncio.create_task(client.post("http://a:8000/orders", content=b"order"))
+        await settle()
+        clock.advance(0.05)
+        await settle()
+        upstream.gates[1].set()
+        assert (await task).status_code == 200
+    keys = [r.headers.get("idempotency-key") for r in ledger.requests]
+    assert len(keys) == 2
+    assert keys[0]
+    assert keys[0] == keys[1]
+    assert all(r.content == b"order" for r in ledger.requests)
+
+
+class Racing:
+    """A pure ASGI app: on ``/race`` odd requests answer 503 after 0.1 s and even ones 200
+    after 0.3 s (so a hedge wins over a failed first attempt); on ``/meet`` each request
+    waits until ``expected`` requests are in at once, then all answer 200."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.races = 0
+        self.waiting = 0
+        self.met: asyncio.Event | None = None
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        if scope["type"] != "http":
+            return
+        status = 200
+        if scope["path"] == "/race":
+            self.races += 1
+            if self.races % 2:
+                await asyncio.sleep(0.1)
+                status = 503
+            else:
+                await asyncio.sleep(0.3)
+        else:
+            if self.met is None:
+                self.met = asyncio.Event()
+            self.waiting += 1
+            if self.waiting >= self.expected:
+                self.met.set()
+            await self.met.wait()
+        await send({"type": "http.response.start", "status": status, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"x" * 100})  # type: ignore[operator]
+
+
+async def test_hedged_failures_give_their_connections_back_over_a_real_socket() -> None:
+    """Three hedged requests whose first attempt answered 503 leave a 4-connection pool whole:
+    4 requests then fit in it at once (each waits on the server for the other 3)."""
+    app = Racing(expected=4)
+    inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=4))
+    policy = HttpPolicy(attempts=1, timeout=None, hedge_delay=0.05, hedge_budget=1.0)
+    with serve(app) as server:
+        transport = ResilientTransport(inner, policy=policy)
+        async with httpx.AsyncClient(
+            transport=transport, timeout=httpx.Timeout(10.0, pool=3.0)
+        ) as client:
+            for _ in range(3):
+                response = await client.get(f"{server.url}/race")
+                assert response.status_code == 200
+            meet = [client.get(f"{server.url}/meet") for _ in range(4)]
+            statuses = [r.status_code for r in await asyncio.gather(*meet)]
+    assert statuses == [200] * 4
+    assert app.races == 6

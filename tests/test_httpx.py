@@ -33,6 +33,7 @@ from starlette.routing import Route
 from resilience import (
     BulkheadFullError,
     CircuitOpenError,
+    CircuitState,
     Clock,
     MemoryStore,
     RateLimitedError,
@@ -162,7 +163,7 @@ async def test_retry_after_seconds_is_honoured() -> None:
     """A 429 with ``Retry-After: 7`` makes the retry wait 7 s (on the fake clock)."""
     clock = FakeClock(autojump=True)
     upstream = Upstream(429, 200, headers={"Retry-After": "7"})
-    async with make_client(upstream, clock) as client:
+    async with make_client(upstream, clock, total_timeout=None) as client:
         response = await client.get("/")
     assert response.status_code == 200
     assert clock.slept == [7.0]
@@ -184,7 +185,7 @@ async def test_retry_after_is_capped() -> None:
     """A ``Retry-After`` longer than ``retry_after_max`` waits only ``retry_after_max``."""
     clock = FakeClock(autojump=True)
     upstream = Upstream(503, 200, headers={"Retry-After": "3600"})
-    async with make_client(upstream, clock, retry_after_max=2.5) as client:
+    async with make_client(upstream, clock, retry_after_max=2.5, total_timeout=None) as client:
         await client.get("/")
     assert clock.slept == [2.5]
 
@@ -747,12 +748,12 @@ async def test_retry_after_waits_are_capped_per_request() -> None:
 
 async def test_total_timeout_is_on_by_default_and_forwarded() -> None:
     """By default a request has an overall budget, sent downstream as ``x-deadline-ms``."""
-    assert HttpPolicy().total_timeout == 15.0
+    assert HttpPolicy().total_timeout == 1.5 * HttpPolicy().timeout  # type: ignore[operator]
     assert HttpPolicy(timeout=30).total_timeout == 45.0  # 1.5 x timeout unless given
     assert HttpPolicy(timeout=None).total_timeout is None
     assert HttpPolicy(timeout=30, total_timeout=31).total_timeout == 31.0
     upstream = Upstream(200)
-    async with make_client(upstream) as client:
+    async with make_client(upstream, timeout=10) as client:
         await client.get("/")
     assert 14_000 < int(upstream.requests[0].headers["x-deadline-ms"]) <= 15_000
 
@@ -904,7 +905,7 @@ async def test_listeners_can_choose_their_events() -> None:
 
 
 async def test_retry_after_beyond_the_default_budget_is_not_waited_for() -> None:
-    """With the defaults, a ``Retry-After: 30`` (beyond the 15 s budget) ends retrying at once."""
+    """With the defaults, a ``Retry-After: 30`` (beyond the budget) ends retrying at once."""
     clock = FakeClock(autojump=True)
     upstream = Upstream(429, 200, headers={"Retry-After": "30"})
     async with make_client(upstream, clock) as client:
@@ -912,3 +913,485 @@ async def test_retry_after_beyond_the_default_budget_is_not_waited_for() -> None
     assert response.status_code == 429
     assert clock.slept == []
     assert upstream.hits == 1
+
+
+# --- every response the request does not return is closed ----------------------------------
+
+
+class Ledger(httpx.AsyncBaseTransport):
+    """A transport answering with the status ``handler(request)`` gives (it may be async, or
+    raise), keeping every response it gave: ``open`` counts those whose body was never closed."""
+
+    def __init__(self, handler: Callable[[httpx.Request], Any]) -> None:
+        self.handler = handler
+        self.bodies: list[Tracked] = []
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        self.requests.append(request)
+        status = self.handler(request)
+        if asyncio.iscoroutine(status):
+            status = await status
+        body = Tracked(str(status).encode())
+        self.bodies.append(body)
+        return httpx.Response(status, stream=body, request=request)
+
+    @property
+    def open(self) -> int:
+        """Responses given whose body nobody closed."""
+        return sum(not body.closed for body in self.bodies)
+
+
+def script(*outcomes: int | Exception) -> Callable[[httpx.Request], int]:
+    """A Ledger handler answering ``outcomes`` in turn (exceptions raised; the last repeats)."""
+    queue = list(outcomes)
+
+    def answer(request: httpx.Request) -> int:
+        outcome = queue.pop(0) if len(queue) > 1 else queue[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return answer
+
+
+async def stale(request: httpx.Request, error: Exception) -> httpx.Response:
+    """A fallback answering from a cache."""
+    return httpx.Response(200, text="stale")
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "options", "returned"),
+    [
+        ((503, 503, 200), {}, 200),  # retried to success
+        ((500,), {}, 500),  # attempts ran out: the last one is returned
+        ((503, httpx.ReadError("reset")), {}, None),  # ends in an exception
+        ((500,), {"fallback": stale}, None),  # the fallback answers
+        ((503, 200), {"retry_methods": {"GET", "POST"}}, 200),  # a retried POST
+    ],
+)
+async def test_only_the_returned_response_stays_open(
+    outcomes: tuple[int | Exception, ...], options: dict[str, Any], returned: int | None
+) -> None:
+    """Whichever way a request ends, every response it got is closed but the one returned."""
+    ledger = Ledger(script(*outcomes))
+    policy = HttpPolicy(clock=FakeClock(autojump=True), circuit_breaker=False, **options)
+    transport = ResilientTransport(ledger, policy=policy)
+    request = httpx.Request("POST" if "retry_methods" in options else "GET", "http://up.test/")
+    try:
+        response: httpx.Response | None = await transport.handle_async_request(request)
+    except httpx.HTTPError:
+        response = None
+    assert ledger.bodies
+    ours = response is not None and any(response.stream is body for body in ledger.bodies)
+    assert ours == (returned is not None)
+    assert ledger.open == (1 if ours else 0)
+    if response is not None and ours:
+        assert response.status_code == returned
+        await response.aclose()
+        assert ledger.open == 0
+
+
+async def test_a_failed_response_is_closed_when_the_caller_cancels() -> None:
+    """A 503 kept for the retry is closed when the caller cancels during the backoff."""
+    clock = FakeClock()
+    ledger = Ledger(script(503))
+    transport = ResilientTransport(ledger, policy=HttpPolicy(clock=clock, circuit_breaker=False))
+    task = asyncio.create_task(
+        transport.handle_async_request(httpx.Request("GET", "http://up.test/"))
+    )
+    await settle()
+    assert len(ledger.bodies) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ledger.open == 0
+
+
+# --- Idempotency-Key: set once, before the first attempt of whatever may be sent again ------
+
+
+@pytest.mark.parametrize(
+    ("options", "extension"),
+    [
+        ({"retry_methods": {"GET", "POST"}}, None),  # POST listed: retried
+        ({}, {"retry": True}),  # retried for this request
+    ],
+)
+async def test_every_attempt_of_a_retried_post_carries_one_key(
+    options: dict[str, Any], extension: dict[str, Any] | None
+) -> None:
+    """The first attempt of a POST that may be retried has the key, and every retry the same."""
+    ledger = Ledger(script(503, 503, 200))
+    transport = ResilientTransport(
+        ledger, policy=HttpPolicy(clock=FakeClock(autojump=True), **options)
+    )
+    extensions = {} if extension is None else {"resilience": extension}
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.post("http://up.test/", content=b"x", extensions=extensions)
+    assert response.status_code == 200
+    keys = [r.headers.get("idempotency-key") for r in ledger.requests]
+    assert len(keys) == 3
+    assert keys[0]
+    assert len(set(keys)) == 1
+
+
+async def test_a_post_sent_once_gets_no_key() -> None:
+    """A POST that cannot be sent twice (not retried, one origin) is left as it is."""
+    ledger = Ledger(script(503))
+    transport = ResilientTransport(ledger, policy=HttpPolicy(clock=FakeClock(autojump=True)))
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.post("http://up.test/", content=b"x")
+    assert [r.headers.get("idempotency-key") for r in ledger.requests] == [None]
+
+
+# --- nothing foreign escapes the transport ----------------------------------------------------
+
+
+class Raising(httpx.AsyncBaseTransport):
+    """A transport that raises ``error`` (a fresh copy per request from ``make``)."""
+
+    def __init__(self, make: Callable[[httpx.Request], Exception]) -> None:
+        self.make = make
+        self.calls = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        raise self.make(request)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: ExceptionGroup("task group", [OverflowError("port must be 0-65535")]),
+        lambda r: ExceptionGroup("two", [OSError("a"), ValueError("b")]),
+        lambda r: RuntimeError("a bug below"),
+        lambda r: OSError("no route"),
+    ],
+)
+async def test_a_foreign_error_of_the_wrapped_transport_is_an_httpx_error(
+    make: Callable[[httpx.Request], Exception],
+) -> None:
+    """Whatever the wrapped transport raises leaves as an httpx.TransportError (the original as
+    its cause) and counts as a failure for the breaker."""
+    inner = Raising(make)
+    policy = HttpPolicy(clock=FakeClock(), attempts=1, minimum_calls=3)
+    async with httpx.AsyncClient(transport=ResilientTransport(inner, policy=policy)) as client:
+        for _ in range(3):
+            with pytest.raises(httpx.TransportError) as info:
+                await client.get("http://up.test/")
+            assert not isinstance(info.value, ExceptionGroup)
+            assert type(info.value.__cause__) is type(make(info.value.request))
+            assert info.value.request.url == "http://up.test/"
+        with pytest.raises(CircuitOpen):
+            await client.get("http://up.test/")
+    assert inner.calls == 3
+
+
+async def test_a_group_holding_one_httpx_error_raises_that_error() -> None:
+    """A task group's wrapper around one httpx error is taken off: the httpx error is raised."""
+
+    def make(request: httpx.Request) -> Exception:
+        return ExceptionGroup("task group", [httpx.ConnectError("refused", request=request)])
+
+    policy = HttpPolicy(clock=FakeClock(autojump=True), attempts=1)
+    transport = ResilientTransport(Raising(make), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("http://up.test/")
+
+
+# --- a hang is noticed: attempts cut by the deadline are failures ---------------------------
+
+
+def hanging(request: httpx.Request) -> Any:
+    """A handler that never answers (until cancelled)."""
+    return asyncio.Event().wait()
+
+
+async def test_an_attempt_cut_by_total_timeout_is_a_breaker_failure() -> None:
+    """``total_timeout`` cutting an attempt in flight raises DeadlineExceeded and counts as a
+    failure for the breaker (on the fake clock)."""
+    clock = FakeClock()
+    policy = HttpPolicy(clock=clock, timeout=None, total_timeout=0.5, attempts=1, minimum_calls=1)
+    transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        task = asyncio.create_task(client.get("http://up.test/"))
+        await settle()
+        clock.advance(0.5)
+        with pytest.raises(DeadlineExceeded):
+            await task
+    breaker = transport._origins["http://up.test:80"].breaker
+    assert breaker is not None
+    assert breaker.state is CircuitState.OPEN
+    assert breaker.metrics().opened_by == (1, 1, 0)  # one call, one failure
+
+
+async def test_an_attempt_cut_by_the_callers_deadline_is_a_breaker_failure() -> None:
+    """A caller's deadline (loop time) cutting an attempt counts as a failure too."""
+    policy = HttpPolicy(clock=FakeClock(), attempts=1, minimum_calls=1, timeout=None)
+    transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        with deadline(0.02), pytest.raises(DeadlineExceeded):
+            await client.get("http://up.test/")
+        with deadline(0.02), pytest.raises(CircuitOpen):
+            await client.get("http://up.test/")
+
+
+async def test_a_cancellation_at_the_deadline_still_propagates() -> None:
+    """A caller's own cancel scope expiring with the deadline gets its cancellation (it raises
+    its TimeoutError, not DeadlineExceeded), while the cut attempt still counts as a failure."""
+    from resilience.integrations import get_deadline
+
+    policy = HttpPolicy(clock=FakeClock(), attempts=1, minimum_calls=1, timeout=None)
+    transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        with deadline(0.02):
+            at = get_deadline()
+            assert at is not None
+            with pytest.raises(TimeoutError) as info:
+                async with asyncio.timeout_at(at):
+                    await client.get("http://up.test/")
+        assert type(info.value) is TimeoutError  # the caller's scope's own error
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        with deadline(0.02), pytest.raises(CircuitOpen):
+            await client.get("http://up.test/")
+
+
+async def test_a_plain_cancellation_counts_as_nothing() -> None:
+    """Cancelled by its caller before any deadline, an attempt is no outcome for the breaker."""
+    policy = HttpPolicy(clock=FakeClock(), attempts=1, minimum_calls=1)
+    transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        task = asyncio.create_task(client.get("http://up.test/"))
+        await settle()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    metrics = transport._origins["http://up.test:80"].breaker.metrics()  # type: ignore[union-attr]
+    assert metrics.calls == 0
+
+
+RATE = 30  # requests per second, in the hang tests below
+
+
+async def run_at_rate(
+    client: httpx.AsyncClient, clock: FakeClock, seconds: float, until: Callable[[], bool]
+) -> float:
+    """Send ``RATE`` GETs per second of fake time for ``seconds`` or until ``until()``; the
+    fake time spent. Requests still running at the end are cancelled."""
+    tasks: list[asyncio.Task[httpx.Response]] = []
+    spent = 0.0
+    try:
+        for _ in range(round(seconds * RATE)):
+            tasks.append(asyncio.create_task(client.get("http://up.test/")))
+            await settle(20)
+            clock.advance(1 / RATE)
+            spent += 1 / RATE
+            await settle(20)
+            if until():
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return spent
+
+
+async def test_a_hang_opens_the_breaker_within_about_a_second_with_the_defaults() -> None:
+    """At 30 requests/s, an upstream that stops answering is noticed by the default policy:
+    its breaker opens about a second into the hang (fake time)."""
+    clock = FakeClock()
+    hung = False
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if hung:
+            await asyncio.Event().wait()
+        return httpx.Response(200)
+
+    transport = ResilientTransport(httpx.MockTransport(upstream), policy=HttpPolicy(clock=clock))
+    async with httpx.AsyncClient(transport=transport) as client:
+        await run_at_rate(client, clock, 3.0, lambda: False)  # healthy: fills the window
+        breaker = transport._origins["http://up.test:80"].breaker
+        assert breaker is not None
+        hung = True
+        took = await run_at_rate(client, clock, 5.0, lambda: breaker.state is CircuitState.OPEN)
+    print(f"\nhang noticed after {took:.2f}s of fake time at {RATE} requests/s")
+    assert breaker.state is CircuitState.OPEN
+    assert took <= 1.5
+
+
+async def test_occasional_slow_calls_do_not_open_the_breaker_with_the_defaults() -> None:
+    """At 30 requests/s, one call in 15 outliving the attempt timeout (then retried) leaves
+    the default policy's breaker closed over 10 s of fake time."""
+    clock = FakeClock()
+    calls = 0
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls % 15 == 0:
+            await clock.sleep(3.0)  # beyond the attempt timeout
+        return httpx.Response(200)
+
+    transport = ResilientTransport(httpx.MockTransport(upstream), policy=HttpPolicy(clock=clock))
+    opened: list[object] = []
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get("http://up.test/")
+        breaker = transport._origins["http://up.test:80"].breaker
+        assert breaker is not None
+        await run_at_rate(client, clock, 10.0, lambda: breaker.state is not CircuitState.CLOSED)
+        opened.append(breaker.state)
+    assert calls > 250
+    assert opened == [CircuitState.CLOSED]
+
+
+# --- a health check per origin, bound to its breaker ----------------------------------------
+
+
+class Service:
+    """A MockTransport handler: ``/healthz`` answers 200 while ``up`` (else 503), any other
+    path 200 while ``up`` (else 500); ``hits`` counts the other paths."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.hits = 0
+        self.checks: list[httpx.URL] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/healthz":
+            self.checks.append(request.url)
+            return httpx.Response(200 if self.up else 503)
+        self.hits += 1
+        return httpx.Response(200 if self.up else 500)
+
+
+async def test_each_origin_gets_a_health_check_bound_to_its_breaker() -> None:
+    """``health_path``: the first request to an origin starts a check of that origin's path,
+    bound to its breaker; closing the transport stops it."""
+    clock = FakeClock()
+    service = Service()
+    policy = HttpPolicy(clock=clock, health_path="/healthz", health_interval=2.0)
+    transport = ResilientTransport(httpx.MockTransport(service), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        await settle()
+        assert service.checks == []  # nothing before an origin is used
+        await client.get("https://api.test/items")
+        await client.get("http://other.test:8080/")
+        breaker = transport._origins["https://api.test:443"].breaker
+        assert breaker is not None
+        assert breaker.health is not None
+        check = breaker.health
+        assert check.running
+        assert check.interval == 2.0
+        await settle()
+        clock.advance(2.0)
+        await settle()
+        assert sorted(map(str, service.checks)) == [
+            "http://other.test:8080/healthz",
+            "http://other.test:8080/healthz",
+            "https://api.test/healthz",
+            "https://api.test/healthz",
+        ]
+    assert not check.running
+
+
+async def test_the_check_probes_for_the_breaker_no_request_does() -> None:
+    """Once the breaker is open, the bound check's result (not a user request) closes it."""
+    clock = FakeClock()
+    service = Service()
+    policy = HttpPolicy(
+        clock=clock,
+        attempts=1,
+        minimum_calls=2,
+        open_for=1.0,
+        health_path="/healthz",
+        health_interval=0.5,
+    )
+    transport = ResilientTransport(httpx.MockTransport(service), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        service.up = False
+        for _ in range(2):
+            assert (await client.get("http://api.test/")).status_code == 500
+        breaker = transport._origins["http://api.test:80"].breaker
+        assert breaker is not None
+        assert breaker.state is CircuitState.OPEN
+        sent = service.hits
+        clock.advance(1.5)  # past open_for: a request is still refused, the check probes
+        await settle()
+        with pytest.raises(CircuitOpen):
+            await client.get("http://api.test/")
+        service.up = True
+        for _ in range(3):
+            clock.advance(0.5)
+            await settle()
+        assert breaker.state is CircuitState.CLOSED
+        assert service.hits == sent
+        assert (await client.get("http://api.test/")).status_code == 200
+
+
+async def test_the_check_is_fleet_wide_through_the_store() -> None:
+    """With a store, the origin's check shares it (one replica checks for all)."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    policy = HttpPolicy(clock=clock, store=store, health_path="/healthz")
+    transport = ResilientTransport(httpx.MockTransport(Service()), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get("http://api.test/")
+        breaker = transport._origins["http://api.test:80"].breaker
+        assert breaker is not None
+        assert breaker.health is not None
+        assert breaker.health.store is store
+
+
+async def test_a_forgotten_origin_stops_its_check() -> None:
+    """An origin's pipeline forgotten past ``max_origins`` takes its check with it."""
+    clock = FakeClock()
+    policy = HttpPolicy(clock=clock, health_path="/healthz")
+    transport = ResilientTransport(httpx.MockTransport(Service()), policy=policy, max_origins=1)
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get("http://a.test/")
+        first = transport._origins["http://a.test:80"].breaker
+        assert first is not None
+        assert first.health is not None
+        await client.get("http://b.test/")
+        assert transport.pipeline_names() == ["http://b.test:80"]
+        assert not first.health.running
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "named"),
+    [
+        ({"health_path": "healthz"}, ValueError, "health_path"),
+        ({"health_path": ""}, ValueError, "health_path"),
+        ({"health_path": 3}, TypeError, "health_path"),
+        ({"health_path": "/h", "health_interval": 0}, ValueError, "health_interval"),
+        ({"health_path": "/h", "circuit_breaker": False}, ValueError, "circuit_breaker"),
+    ],
+)
+def test_health_options_are_validated(
+    options: dict[str, Any], error: type[Exception], named: str
+) -> None:
+    """Bad health options fail when the policy is made, naming the option."""
+    with pytest.raises(error, match=named):
+        HttpPolicy(**options)
+
+
+def test_http_check_options_are_validated() -> None:
+    """``http_check`` refuses a client and a transport together, and a port no socket takes."""
+    from resilience.integrations.health import http_check
+
+    async def unused(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200)  # pragma: no cover
+
+    with pytest.raises(ValueError, match="not both"):
+        http_check(
+            "http://a.test/healthz",
+            client=httpx.AsyncClient(),
+            transport=httpx.MockTransport(unused),
+        )
+    with pytest.raises(ValueError, match="99999"):
+        http_check("http://a.test:99999/healthz")
+    with pytest.raises(TypeError, match="transport"):
+        http_check("http://a.test/healthz", transport=object())  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ and set TCP_NODELAY, so a response is not held back by Nagle's algorithm).
 3. **A hanging endpoint.** The same, but the process is stopped (SIGSTOP: the kernel still
    accepts connections into the listen backlog, nobody answers), so only timeouts tell: the
    round-robin rows have an httpx client timeout of ``CLIENT_TIMEOUT`` (2 s), the others
-   ``HttpPolicy()``'s (10 s per attempt, 15 s per request). The requests in flight after the
+   ``HttpPolicy()``'s (1 s per attempt, 1.5 s per request). The requests in flight after the
    watch are waited for (``DRAIN``). Reported as well: the caller's p99 and max latency.
 
 A strategy is a name and a function ``(inner transport, endpoint URLs) -> transport``;

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Case, Loop, Settings, measure, ok_loop
 
 from resilience import Bulkhead, CircuitBreaker, Fallback, Pipeline, RateLimiter, Retry, Timeout
-from resilience.policy import BasePolicy
+from resilience.policies.base import BasePolicy
 
 
 async def ok() -> int:

@@ -51,7 +51,7 @@ END = {"type": "http.response.body", "body": b"ok"}
 
 def configs() -> dict[str, Any]:
     """The limits compared: ``max_concurrent=`` of the middleware (``None``: no limit)."""
-    from resilience.adaptive import AdaptiveLimit
+    from resilience.rules.limits import AdaptiveLimit
 
     return {
         "no limit": None,

@@ -17,10 +17,10 @@ from __future__ import annotations
 import random
 import statistics
 
-from resilience.circuit_state import CLOSED, BreakerConfig, BreakerCore
 from resilience.errors import CircuitOpenError
+from resilience.rules.breaker import CLOSED, BreakerConfig, BreakerCore
+from resilience.rules.windows import CountWindow
 from resilience.testing import FakeClock
-from resilience.windows import CountWindow
 
 RATE = 20.0  # calls per second
 

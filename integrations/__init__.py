@@ -5,27 +5,10 @@
   ASGI app.
 
 This package itself imports neither httpx nor any ASGI framework: only the deadline and
-criticality helpers both adapters share (standard library only).
+criticality helpers both adapters share (standard library only), re-exported here.
 """
 
 from __future__ import annotations
 
-from ._deadline import (
-    CRITICALITY_HEADER,
-    DEADLINE_HEADER,
-    criticality,
-    deadline,
-    get_criticality,
-    get_deadline,
-    remaining,
-)
-
-__all__ = [
-    "CRITICALITY_HEADER",
-    "DEADLINE_HEADER",
-    "criticality",
-    "deadline",
-    "get_criticality",
-    "get_deadline",
-    "remaining",
-]
+from ._deadline import *  # noqa: F403 - the helpers' own __all__
+from ._deadline import __all__ as __all__

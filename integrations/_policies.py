@@ -9,7 +9,7 @@ make it fleet-wide). Each adapter validates its own options; the policies valida
 from __future__ import annotations
 
 from resilience import Bulkhead, Clock, Listener, Policy, RateLimiter, Store, Timeout
-from resilience.ratelimit import AHEAD
+from resilience.policies.ratelimit import AHEAD
 
 
 def limits(

@@ -51,7 +51,7 @@ from resilience import (
     Store,
     StoreUnavailableError,
 )
-from resilience.policy import (
+from resilience.policies.base import (
     check_bool,
     check_fleet_name,
     check_int,
@@ -60,7 +60,7 @@ from resilience.policy import (
     check_seconds,
     store_down,
 )
-from resilience.quota import FleetShare, shortest_lease
+from resilience.policies.quota import FleetShare, shortest_lease
 
 from ._deadline import (
     CRITICAL,

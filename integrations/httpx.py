@@ -89,8 +89,8 @@ from resilience import (
     TimeWindow,
     select,
 )
-from resilience.policy import check_bool, check_int, check_name, check_seconds
-from resilience.throttle import default_accepted
+from resilience.policies.base import check_bool, check_int, check_name, check_seconds
+from resilience.policies.throttle import default_accepted
 
 __all__ = [
     "DEADLINE_HEADER",

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .adaptive import AdaptiveLimit
-from .bulkhead import Bulkhead
-from .circuit import BreakerMetrics, CircuitBreaker, CircuitState
 from .clock import Clock, SystemClock
 from .errors import (
     BulkheadFullError,
@@ -41,25 +38,29 @@ from .events import (
     TimedOut,
     select,
 )
-from .fallback import Fallback, JSONSerializer, Serializer
-from .health import HealthCheck, HealthResult, PhiAccrualDetector, TimeoutDetector
-from .hedge import Hedge, LearnedDelay
-from .policy import Pipeline, Policy
-from .ratelimit import RateLimiter
-from .retry import Retry, RetryBudget
-from .status import PolicyStatus, ReplicaReport, status
+from .policies.base import Pipeline, Policy
+from .policies.bulkhead import Bulkhead
+from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
+from .policies.fallback import Fallback, JSONSerializer, Serializer
+from .policies.health import HealthCheck, HealthResult
+from .policies.hedge import Hedge
+from .policies.ratelimit import RateLimiter
+from .policies.retry import Retry, RetryBudget
+from .policies.throttle import Throttle
+from .policies.timeout import Timeout
+from .rules.detectors import PhiAccrualDetector, TimeoutDetector
+from .rules.limits import AdaptiveLimit
+from .rules.quantile import LearnedDelay
+from .rules.windows import CountWindow, TimeWindow
 from .store import MemoryStore, Store
-from .store.protocol import LATENCY_BUCKETS
-from .throttle import Throttle
-from .timeout import Timeout
-from .windows import CountWindow, TimeWindow
+from .store.protocol import status
+from .store.records import LATENCY_BUCKETS, PolicyStatus, ReplicaReport
+from .version import DISTRIBUTION, __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store.redis import RedisStore as RedisStore
     from .telemetry import Telemetry as Telemetry
 
-__version__ = "0.1.0"
-DISTRIBUTION = "resilience-fleet"  #: the name to ``pip install`` (the import name is resilience)
 
 __all__ = [
     "DISTRIBUTION",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .circuit_state import CircuitState
+    from .states import CircuitState
 
 __all__ = [
     "CallFinished",

@@ -43,8 +43,6 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Status, StatusCode
 
-from .bulkhead import Bulkhead
-from .circuit import CircuitBreaker, CircuitState
 from .clock import Clock
 from .events import (
     CallFinished,
@@ -59,7 +57,11 @@ from .events import (
     SubscriberReplaced,
     TimedOut,
 )
-from .policy import BasePolicy, Pipeline, Protected, check_name
+from .policies.base import BasePolicy, Pipeline, Protected, check_name
+from .policies.bulkhead import Bulkhead
+from .policies.circuit import CircuitBreaker
+from .states import CircuitState
+from .version import __version__
 
 __all__ = ["Telemetry"]
 
@@ -83,8 +85,6 @@ class Telemetry:
         span_events: bool = True,
         call_metrics: bool | Collection[str] = True,
     ) -> None:
-        from . import __version__
-
         if isinstance(call_metrics, bool):
             self.call_metrics: bool | frozenset[str] = call_metrics
         elif isinstance(call_metrics, str) or not isinstance(call_metrics, Collection):

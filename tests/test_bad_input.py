@@ -34,7 +34,7 @@ from resilience import (
     TimeWindow,
     select,
 )
-from resilience.policy import BasePolicy
+from resilience.policies.base import BasePolicy
 from resilience.store.redis import RedisStore
 
 # anything a configuration file, an environment variable or a typo can produce

@@ -155,7 +155,7 @@ def test_readme_first_command_runs_the_demo(readme_demo: tuple[Path, str]) -> No
     assert "dashboard: http://127.0.0.1:" in stdout
     site = subprocess.run(
         [str(clone / ".venv" / "bin" / "python"), "-P", "-c",
-         "import resilience.integrations.demo as d; print(d.__file__)"],
+         "import resilience.ops.demo as d; print(d.__file__)"],
         cwd=clone.parent, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "site-packages" in site.stdout  # the installed copy, not the checkout

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # this checkout's resilience, not an installed one
-from resilience.health import PhiAccrualDetector  # noqa: E402
+from resilience import PhiAccrualDetector  # noqa: E402
 
 STOP = 30.0  # the last heartbeat arrives around here
 END = 40.0

@@ -7,11 +7,13 @@ the current folder first on ``sys.path`` (``python -m resilience`` in the clone'
 demo's replica processes, a test run): the checkout's ``resilience/`` then shadows any
 installed copy, and without this file it would have no ``resilience.integrations``.
 
-So this file takes the place of ``integrations/__init__.py``: it points the package's
-``__path__`` at that folder and runs that folder's ``__init__.py`` as its own code. Both ways,
-``resilience.integrations.httpx`` and the rest are the modules of ``integrations/``, loaded
-once, under one name, and the real ``__init__.py`` stays the one copy of the package's code.
+So this file points the package's ``__path__`` at that folder: ``resilience.integrations.httpx``
+and the rest are the modules of ``integrations/``, loaded once, under one name. The package's
+own names are those of ``integrations/__init__.py``, which re-exports ``_deadline``'s, as
+this file does.
 """
+
+from __future__ import annotations
 
 from pathlib import Path
 
@@ -19,5 +21,6 @@ _folder = Path(__file__).resolve().parent.parent.parent / "integrations"
 if not (_folder / "__init__.py").is_file():  # pragma: no cover - a partial copy of the tree
     raise ImportError(f"resilience.integrations: {_folder} is missing from this checkout")
 __path__ = [str(_folder)]
-__file__ = str(_folder / "__init__.py")
-exec(compile((_folder / "__init__.py").read_bytes(), __file__, "exec"))
+
+from ._deadline import *  # noqa: E402, F403 - the helpers' own __all__
+from ._deadline import __all__ as __all__  # noqa: E402

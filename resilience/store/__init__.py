@@ -11,6 +11,7 @@ process; ``RedisStore`` shares it. A primitive that cannot reach its backend rai
 from __future__ import annotations
 
 from .memory import MemoryStore
-from .protocol import PolicyStatus, ReplicaReport, Store
+from .protocol import Store
+from .records import PolicyStatus, ReplicaReport
 
 __all__ = ["MemoryStore", "PolicyStatus", "ReplicaReport", "Store"]

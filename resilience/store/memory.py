@@ -12,10 +12,11 @@ from types import TracebackType
 from typing import TypeVar
 
 from ..checks import check_counts, check_int, check_name, check_seconds
-from ..circuit_state import BreakerConfig, BreakerCore, CircuitState
 from ..clock import SYSTEM_CLOCK, Clock
-from ..ratelimit import gcra
-from .protocol import MAX_PUBLISHED, PolicyStatus, lease_kind
+from ..rules.breaker import BreakerConfig, BreakerCore
+from ..rules.gcra import gcra
+from ..states import CircuitState
+from .records import MAX_PUBLISHED, PolicyStatus, lease_kind
 
 __all__ = ["MemoryStore"]
 

@@ -1,132 +1,24 @@
-"""The Store protocol, and the small records a store returns to status tools.
+"""The Store protocol: what policies need from shared state.
 
 This module imports no store and no policy, so policies, stores and status tools can all
-refer to it.
+refer to it. The records a store returns to status tools are in ``records``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
-from ..circuit_state import CircuitState
+from ..states import CircuitState
+from .records import PolicyStatus
 
 if TYPE_CHECKING:
-    from ..circuit_state import BreakerConfig, BreakerCore
     from ..clock import Clock
+    from ..rules.breaker import BreakerConfig, BreakerCore
 
-__all__ = ["LATENCY_BUCKETS", "MAX_PUBLISHED", "PolicyStatus", "ReplicaReport", "Store"]
+__all__ = ["Store", "status"]
 
-#: Upper edges (seconds) of the latency histogram breakers keep (the last bucket is open):
-#: bucket ``i`` counts calls that took less than ``LATENCY_BUCKETS[i]`` and at least the edge
-#: before it. Powers of two from 0.5 ms to 4 s.
-LATENCY_BUCKETS: tuple[float, ...] = (*(0.0005 * 2**i for i in range(14)), float("inf"))
-
-#: the prefix of a fleet-wide health check's keys (its runner's lease, its published result):
-#: status tools list such a lease as kind ``"health_check"``, not as a bulkhead
-HEALTH_PREFIX = "health:"
-
-#: the longest value a lease's holder may publish (``Store.publish``), in bytes: anything
-#: longer found where one is published is garbage
-MAX_PUBLISHED = 65_536
-
-
-def lease_kind(name: str) -> str:
-    """What a fleet-wide lease under ``name`` is for: a bulkhead, or a health check's runner."""
-    return "health_check" if name.startswith(HEALTH_PREFIX) else "bulkhead"
-
-
-_Record = TypeVar("_Record")
 _Parsed = TypeVar("_Parsed")
-
-
-def _direct_init(cls: type[_Record]) -> type[_Record]:
-    """Give a frozen slots dataclass an ``__init__`` that fills each slot through its
-    descriptor: the same signature and defaults, twice as fast as the generated one (which
-    calls ``object.__setattr__`` per field). A status of 10,000 names builds 20,000 records."""
-    names: dict[str, Any] = {}
-    params, body = [], []
-    for i, f in enumerate(fields(cls)):  # type: ignore[arg-type]
-        if f.default is MISSING:
-            params.append(f.name)
-        else:
-            names[f"_d{i}"] = f.default
-            params.append(f"{f.name}=_d{i}")
-        names[f"_s{i}"] = cls.__dict__[f.name].__set__
-        body.append(f"    _s{i}(self, {f.name})")
-    exec(f"def __init__(self, *, {', '.join(params)}):\n" + "\n".join(body), names)
-    init = names["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    setattr(cls, "__init__", init)  # noqa: B010 (mypy: no assigning to a method)
-    return cls
-
-
-@_direct_init
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReplicaReport:
-    """One replica's reports on a shared breaker: when it last flushed, and the outcomes it
-    has flushed in all (since it started, or since it was silent for ten minutes)."""
-
-    replica: str
-    last_seen: float  #: seconds ago
-    calls: int
-    failures: int
-    slow_calls: int
-    rejected: int = 0  #: calls this replica's breaker refused (since it started)
-    #: sampled call durations, counts per ``LATENCY_BUCKETS`` bucket (since it started)
-    latency: tuple[int, ...] = ()
-
-
-@_direct_init
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyStatus:
-    """A policy as its store sees it.
-
-    ``kind`` is ``"circuit_breaker"``, ``"bulkhead"`` (fleet-wide leases),
-    ``"health_check"`` (the lease of the replica running a fleet-wide health check:
-    ``in_flight`` 1 while one does), ``"rate_limiter"`` or ``"retry_budget"``; or
-    ``"damaged"`` when what the store holds under that name does not parse (``damaged`` says
-    why). Breaker fields are ``None`` / 0 for other kinds.
-    """
-
-    name: str
-    kind: str
-    state: CircuitState | None = None
-    generation: int | None = None
-    calls: int = 0
-    failures: int = 0
-    slow_calls: int = 0
-    retry_after: float | None = None  #: seconds until an open breaker may probe
-    probes: int = 0  #: half-open probe leases held
-    in_flight: int | None = None  #: leases held (bulkhead)
-    tokens: float | None = None  #: retry budget tokens
-    replicas: tuple[ReplicaReport, ...] = ()
-    local: bool = False  #: this replica's own view (its shared store could not be reached)
-    #: an open breaker: the calls, failures and slow calls that opened it
-    opened_by: tuple[int, int, int] | None = None
-    #: why this entry could not be read (kind ``"damaged"``), else ``None``
-    damaged: str | None = None
-    #: breakers: calls refused, and sampled call durations per ``LATENCY_BUCKETS`` bucket,
-    #: summed over the replicas (running totals: rates come from two readings)
-    rejected: int = 0
-    latency: tuple[int, ...] = ()
-    limit: int | None = None  #: a fleet-wide bulkhead's limit, as last taken
-    #: a fleet-wide bulkhead whose replicas adapt their own limits: their sum, as reported
-    adaptive_limit: int | None = None
-
-    @property
-    def failure_ratio(self) -> float:
-        """Failures over calls in the window (0.0 when empty)."""
-        return self.failures / self.calls if self.calls else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (state as its string value)."""
-        data = asdict(self)
-        data["state"] = None if self.state is None else self.state.value
-        data["failure_ratio"] = self.failure_ratio
-        data["opened_by"] = None if self.opened_by is None else list(self.opened_by)
-        return data
 
 
 @runtime_checkable
@@ -242,3 +134,8 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Stop background work and release connections."""
+
+
+async def status(store: Store) -> list[PolicyStatus]:
+    """Every policy ``store`` knows (fleet-wide for a shared store), sorted by name and kind."""
+    return sorted(await store.status(), key=lambda s: (s.name, s.kind))

@@ -17,7 +17,7 @@ from resilience import (
     CountWindow,
     Store,
 )
-from resilience.circuit import BreakerConfig
+from resilience.policies.circuit import BreakerConfig
 from resilience.testing import FakeClock
 
 
@@ -536,7 +536,7 @@ async def test_status_counts_rejections_latency_and_bulkhead_limits(
 ) -> None:
     """What a dashboard needs: calls refused, sampled durations, a bulkhead's limit."""
     from resilience import status
-    from resilience.store.protocol import LATENCY_BUCKETS
+    from resilience.store.records import LATENCY_BUCKETS
 
     b = breaker(store, failure_if=lambda result: False)  # a result check: not the bare path
     for _ in range(16):  # one call in 8 is timed

@@ -1,0 +1,442 @@
+"""``Dashboard``: a live status page for every policy a store knows, as a Starlette app.
+
+Mount it in Starlette or FastAPI, or serve it alone with uvicorn::
+
+    app = Starlette(routes=[Mount("/resilience", app=Dashboard(store))])
+
+Routes, relative to where it is mounted:
+
+* ``GET /``: the page (one static HTML file, no external resources), with the first status
+  document inside it, so it shows figures at once.
+* ``GET /status``: ``{"policies": [...], "store": {"kind", "degraded"}, "control", "refresh",
+  "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot answer.
+  Each policy carries its ``PolicyStatus`` fields plus ``"replicas_reporting"`` (replicas
+  heard from in the last minute) and, for a breaker, figures computed here from the running
+  totals of two successive snapshots (``None`` before a second one; ``None`` for other kinds):
+  ``"rates"``, per second: ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that
+  keeps no running total of them, as an in-process one) and ``rejected`` (calls refused);
+  ``"percentiles"``: ``{"samples", "p50", "p99"}`` over the calls sampled in between (one in
+  8, or every call of a breaker that times them anyway), each percentile as its histogram
+  bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last edge), or
+  ``None`` when no call was sampled.
+* ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
+  the client goes away.
+* ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
+  with ``allow_control=True`` and ``Authorization: Bearer <token>``; ``403`` otherwise.
+
+Control is off by default, and turning it on requires a token. Every figure comes from the
+store's ``status()``, one call per push (shared by every viewer): no Redis command per
+protected call. Error messages never show where the store is (a Redis URL, host or port);
+the server's log has the details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from html import escape
+from importlib import resources
+from typing import Any
+
+try:
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - the extra is missing
+    raise ImportError(
+        f"resilience.ops.dashboard needs Starlette: pip install "
+        f"'resilience-fleet[dashboard]' ({exc})"
+    ) from exc
+
+from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailableError, status
+from resilience.store.records import LATENCY_BUCKETS
+
+__all__ = ["Dashboard"]
+
+logger = logging.getLogger("resilience.dashboard")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_CONTROL_STATES = {
+    s.value: s for s in (CircuitState.CLOSED, CircuitState.FORCED_OPEN, CircuitState.DISABLED)
+}
+_MAX_BODY = 4096  #: bytes accepted in a control request
+_STREAM_SECONDS = 300.0  #: an event stream ends after this; EventSource reconnects by itself
+_REPORTING = 60.0  #: a replica heard from within this many seconds is reporting
+_BASE_MARK = "__RESILIENCE_BASE__"
+_INITIAL_MARK = "__RESILIENCE_INITIAL__"
+_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+_COMMON_HEADERS = {
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+_UNAVAILABLE = "store unavailable (the dashboard's log says why)"
+
+
+def _store_kind(store: Store) -> str:
+    """``"memory"``, ``"redis"``, or the store's class name."""
+    name = type(store).__name__
+    return {"MemoryStore": "memory", "RedisStore": "redis"}.get(name, name)
+
+
+def _json(doc: Any, code: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(doc, code, headers={**_COMMON_HEADERS, **(headers or {})})
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+_PERCENTILES = (("p50", 50), ("p99", 99))
+
+
+def _growth(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:
+    """How much the running totals ``now`` grew since ``before``.
+
+    Totals that went down were reset (a replica dropped an idle breaker and made it again, or
+    was silent long enough for the store to drop its report): they count from zero, so the
+    growth is ``now`` itself, never negative.
+    """
+    if len(before) != len(now):
+        return now
+    if any(b > a for a, b in zip(now, before, strict=True)):
+        return now
+    return tuple(a - b for a, b in zip(now, before, strict=True))
+
+
+def _percentiles(counts: list[int]) -> dict[str, Any]:
+    """p50 and p99 of a latency histogram (counts per ``LATENCY_BUCKETS`` bucket): each as
+    its bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` for the open last
+    bucket), or ``None`` without samples."""
+    samples = sum(counts)
+    out: dict[str, Any] = {"samples": samples}
+    for name, percent in _PERCENTILES:
+        out[name] = None
+        rank = max(1, -(-samples * percent // 100))  # the rank-th smallest sample, 1-based
+        seen = 0
+        for i, count in enumerate(counts):
+            seen += count
+            if samples and seen >= rank:
+                upper = LATENCY_BUCKETS[i]
+                lower = LATENCY_BUCKETS[i - 1] if i else 0.0
+                out[name] = [lower, None if math.isinf(upper) else upper]
+                break
+    return out
+
+
+#: One source's running totals: (calls, failures, slow calls) or None when the store keeps
+#: none, then (refused calls,), then the latency histogram.
+_Totals = tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]
+#: (rates, percentiles) of one breaker's last interval
+_Figures = tuple[dict[str, Any] | None, dict[str, Any] | None]
+
+
+def _totals(policy: PolicyStatus) -> dict[str, _Totals]:
+    """A breaker's running totals per source: each replica's report, or else the policy's own
+    (an in-process store counts refusals and latency, but keeps no running total of calls)."""
+    if policy.replicas:
+        return {
+            r.replica: ((r.calls, r.failures, r.slow_calls), (r.rejected,), r.latency)
+            for r in policy.replicas
+        }
+    return {"": (None, (policy.rejected,), policy.latency)}
+
+
+class _Intervals:
+    """What each breaker did between two successive snapshots: calls, failures, slow calls
+    and refused calls per second, and the latency percentiles of the calls sampled.
+
+    Stores report running totals (``ReplicaReport``, or the policy's own without replicas):
+    each figure is their growth between two snapshots at least ``min_gap`` seconds apart,
+    per source, summed. A total that went down is a reset: it counts from zero, never as a
+    negative rate. A replica first seen adds its calls (the store counts them from its first
+    flush), not its refusals and latency (its breaker's totals, maybe older than the
+    interval). A breaker switching between its replica's local view and the fleet's starts
+    over (no figures for that interval).
+    """
+
+    def __init__(self, min_gap: float) -> None:
+        self.min_gap = min_gap
+        self._last: dict[tuple[str, str], tuple[float, bool, dict[str, _Totals]]] = {}
+        self._figures: dict[tuple[str, str], _Figures] = {}
+
+    def update(self, policy: PolicyStatus, now: float) -> _Figures:
+        """``(rates, percentiles)`` for ``policy``; both ``None`` before a second snapshot."""
+        key = (policy.kind, policy.name)
+        totals = _totals(policy)
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.min_gap:
+            return self._figures.get(key, (None, None))
+        self._last[key] = (now, policy.local, totals)
+        if last is None or last[1] != policy.local:
+            figures: _Figures = (None, None)
+        else:
+            figures = self._compare(last[2], totals, now - last[0])
+        self._figures[key] = figures
+        return figures
+
+    @staticmethod
+    def _compare(
+        before: dict[str, _Totals], after: dict[str, _Totals], gap: float
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        outcomes: list[int] | None = None
+        rejected = 0
+        latency = [0] * len(LATENCY_BUCKETS)
+        for source, (calls, refused, histogram) in after.items():
+            old = before.get(source)
+            if calls is not None:
+                # a report new since the last snapshot counts its calls from the first flush
+                grown = calls if old is None or old[0] is None else _growth(old[0], calls)
+                outcomes = [a + b for a, b in zip(outcomes or [0, 0, 0], grown, strict=True)]
+            if old is None:
+                # ... but its refusals and latency since its breaker was made, maybe long
+                # before: they are the base the next interval grows from
+                continue
+            rejected += _growth(old[1], refused)[0]
+            if len(histogram) == len(latency):
+                latency = [a + b for a, b in zip(latency, _growth(old[2], histogram), strict=True)]
+        calls_rate, failures_rate, slow_rate = (
+            (None, None, None) if outcomes is None else (round(n / gap, 2) for n in outcomes)
+        )
+        rates = {
+            "calls": calls_rate,
+            "failures": failures_rate,
+            "slow_calls": slow_rate,
+            "rejected": round(rejected / gap, 2),
+        }
+        return rates, _percentiles(latency)
+
+    def forget(self, keep: set[tuple[str, str]]) -> None:
+        for key in set(self._last) - keep:
+            del self._last[key]
+            self._figures.pop(key, None)
+
+
+class Dashboard:
+    """A live status page (and JSON / SSE feeds) for every policy ``store`` knows.
+
+    ``allow_control=True`` lets operators force breakers open, closed or disabled from the
+    page; it requires ``token``, which clients send as ``Authorization: Bearer <token>``.
+    ``refresh`` is the seconds between two pushes on the event stream, in [0.05, 3600].
+    ``clock`` times the snapshots, and so the rates (the store's clock by default).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        allow_control: bool = False,
+        token: str | None = None,
+        refresh: float = 1.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a resilience Store, not {store!r}")
+        if not isinstance(allow_control, bool):
+            raise TypeError(f"allow_control must be True or False, not {allow_control!r}")
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a string or None, not {type(token).__name__}")
+        if token is not None and (not token.strip() or not token.isprintable()):
+            raise ValueError("token must be a non-empty string of printable characters")
+        if allow_control and token is None:
+            raise ValueError("allow_control=True requires a token (sent as a Bearer token)")
+        if isinstance(refresh, bool) or not isinstance(refresh, int | float):
+            raise TypeError(f"refresh must be a number of seconds, not {refresh!r}")
+        # compared before any conversion: a huge int (10**400) is out of range, not an error
+        if not 0.05 <= refresh <= 3600 or (isinstance(refresh, float) and math.isnan(refresh)):
+            raise ValueError(f"refresh must be in [0.05, 3600] seconds, not {refresh!r}")
+        if clock is not None and not isinstance(clock, Clock):
+            raise TypeError(
+                f"clock must provide monotonic(), sleep() and call_later(), not {clock!r}"
+            )
+        self.store = store
+        self.clock: Clock = store.clock if clock is None else clock
+        self.allow_control = allow_control
+        self.refresh = float(refresh)
+        self._token = None if token is None else token.strip().encode()
+        self._page = resources.files(__name__).joinpath("index.html").read_text(encoding="utf-8")
+        self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2))
+        self._latest: tuple[float, int, dict[str, Any]] | None = None
+        self._lock = asyncio.Lock()
+        self.app = Starlette(
+            routes=[
+                Route("/", self._index, methods=["GET"]),
+                Route("/status", self._status, methods=["GET"]),
+                Route("/events", self._events, methods=["GET"]),
+                Route("/control/{name:path}", self._control, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: self._http_error},
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Dashboard({self.store!r}, allow_control={self.allow_control}, "
+            f"refresh={self.refresh:g})"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection (WebSockets are refused: the page uses SSE)."""
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await self.app(scope, receive, send)
+
+    # the status document --------------------------------------------------------------------
+    async def snapshot(self) -> tuple[int, dict[str, Any]]:
+        """The status document and its HTTP status: 200, or 503 when the store failed.
+
+        Viewers share snapshots: one taken less than half a ``refresh`` ago is reused.
+        """
+        async with self._lock:
+            now = self.clock.monotonic()
+            if self._latest is not None and now - self._latest[0] < self.refresh / 2:
+                return self._latest[1], self._latest[2]
+            code, doc = await self._take(now)
+            self._latest = (now, code, doc)
+            return code, doc
+
+    async def _take(self, now: float) -> tuple[int, dict[str, Any]]:
+        store = {"kind": _store_kind(self.store), "degraded": False}
+        doc: dict[str, Any] = {"policies": [], "store": store, "control": self.allow_control}
+        doc["refresh"] = self.refresh
+        code = 200
+        try:
+            policies = await status(self.store)
+        except Exception as exc:  # a status page reports a failing store; it never crashes
+            if isinstance(exc, StoreUnavailableError):
+                logger.warning("dashboard: the store cannot answer: %s", _redact(str(exc)))
+            else:
+                logger.error("dashboard: the store failed to report: %s", _redact(repr(exc)))
+            doc["error"] = _UNAVAILABLE
+            store["degraded"] = True
+            code = 503
+        else:
+            doc["policies"] = [self._policy(p, now) for p in policies]
+            self._intervals.forget({(p.kind, p.name) for p in policies})
+        store["degraded"] = store["degraded"] or bool(getattr(self.store, "degraded", False))
+        doc["time"] = time.time()
+        return code, doc
+
+    def _policy(self, policy: PolicyStatus, now: float) -> dict[str, Any]:
+        data = policy.to_dict()
+        if policy.kind == "circuit_breaker":
+            data["rates"], data["percentiles"] = self._intervals.update(policy, now)
+        else:
+            data["rates"] = data["percentiles"] = None
+        data["replicas_reporting"] = sum(r.last_seen <= _REPORTING for r in policy.replicas)
+        return data
+
+    # routes ---------------------------------------------------------------------------------
+    async def _index(self, request: Request) -> Response:
+        base = str(request.scope.get("root_path", "")).rstrip("/") + "/"
+        _, doc = await self.snapshot()
+        # The first document goes into the page as JSON data (never run as script): "<" is
+        # escaped so no name can close the element.
+        initial = _dumps(doc).replace("<", "\\u003c")
+        body = self._page.replace(_BASE_MARK, escape(base, quote=True), 1)
+        body = body.replace(_INITIAL_MARK, initial, 1)
+        headers = {**_COMMON_HEADERS, "content-security-policy": _CSP, "x-frame-options": "DENY"}
+        return HTMLResponse(body, headers=headers)
+
+    async def _status(self, request: Request) -> Response:
+        code, doc = await self.snapshot()
+        return _json(doc, code)
+
+    async def _events(self, request: Request) -> Response:
+        async def stream() -> AsyncIterator[str]:
+            yield f"retry: {int(max(1.0, self.refresh) * 2000)}\n\n"
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _STREAM_SECONDS
+            while loop.time() < deadline:
+                _, doc = await self.snapshot()
+                yield f"data: {_dumps(doc)}\n\n"
+                await asyncio.sleep(self.refresh)
+
+        headers = {**_COMMON_HEADERS, "x-accel-buffering": "no"}
+        # StreamingResponse stops the stream when the client disconnects.
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    async def _control(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if not self.allow_control:
+            return _json({"error": "control is disabled on this dashboard"}, 403)
+        if not self._authorized(request):
+            return _json({"error": "a valid 'Authorization: Bearer <token>' is needed"}, 403)
+        state = None
+        body = await _read_body(request)
+        if body is not None:
+            try:
+                data = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("state"), str):
+                state = _CONTROL_STATES.get(data["state"])
+        if state is None:
+            choices = ", ".join(sorted(_CONTROL_STATES))
+            return _json({"error": f'send {{"state": one of {choices}}} as JSON'}, 400)
+        if not name:
+            return _json({"error": "no breaker named ''"}, 404)
+        try:
+            await self.store.control(name, state)
+        except KeyError:
+            return _json({"error": f"no breaker named {name!r}"}, 404)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
+        except Exception as exc:  # a failing store is a 503 for the operator, never a crash
+            logger.warning("dashboard: control of %r failed: %s", name, _redact(repr(exc)))
+            return _json({"error": _UNAVAILABLE}, 503)
+        self._latest = None  # the next snapshot shows the change
+        logger.warning("dashboard: breaker %r forced %s", name, state.value)
+        return _json({"name": name, "state": state.value})
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no such page: {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"use {(exc.headers or {}).get('Allow', 'another method')}"
+        else:
+            message = str(exc.detail)
+        return _json({"error": message}, exc.status_code, dict(exc.headers or {}))
+
+    def _authorized(self, request: Request) -> bool:
+        if self._token is None:
+            return False
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self._token)
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or ``None`` if it is larger than ``_MAX_BODY``."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _redact(text: str) -> str:
+    """``text`` without passwords (the command line's rule, one copy of it)."""
+    from resilience.ops.cli import redact
+
+    return redact(text)

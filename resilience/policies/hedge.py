@@ -1,0 +1,273 @@
+"""Hedge: when a call is slow to answer, start another attempt and take the first success.
+
+Hedging trades a little extra load for a shorter tail latency: most calls answer before the
+hedge ``delay`` and cost nothing extra; the few that do not get a second chance, in
+parallel, instead of waiting for the slow attempt. A budget caps the extra load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..clock import Clock, TimerHandle
+from ..events import Listener
+from ..rules.quantile import LearnedDelay
+from .base import (
+    BasePolicy,
+    Protected,
+    check_fleet_name,
+    check_int,
+    check_seconds,
+    check_store,
+)
+from .throttle import SharedCounts, check_window
+
+if TYPE_CHECKING:
+    from ..store.protocol import Store
+
+__all__ = ["Hedge"]
+
+_QUANTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)")
+
+
+def _delay(value: object) -> float | LearnedDelay:
+    if isinstance(value, LearnedDelay):
+        return value
+    if isinstance(value, str):
+        match = _QUANTILE.fullmatch(value)
+        if match is None or not 0 < float(match.group(1)) < 100:
+            raise ValueError(
+                f"delay must be seconds, a LearnedDelay or a percentile such as 'p95', "
+                f"got {value!r}"
+            )
+        return LearnedDelay(float(match.group(1)) / 100)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"delay must be seconds, a LearnedDelay or a percentile such as 'p95', got {value!r}"
+        )
+    seconds: float = check_seconds("delay", value, zero=True)
+    return seconds
+
+
+class Hedge(BasePolicy):
+    """Starts another attempt when the first has not answered after ``delay``.
+
+    A call starts one attempt; if no attempt has succeeded ``delay`` seconds later, another
+    one is started, and so on every ``delay`` seconds up to ``max_hedges`` extra attempts.
+    The first attempt to succeed gives the call its result at once; the others are
+    cancelled and end on their own, within a few loop turns (their ``finally`` blocks run,
+    releasing what they hold; ``ending`` counts them, ``drain()`` waits for them). The answer
+    is not held back for their clean-up. A cancelled call cancels every attempt and waits
+    until they have ended before the cancellation propagates.
+    An attempt that fails does not start another (retrying is ``Retry``'s job): the call
+    waits for the attempts still running, and when every attempt started has failed it
+    raises the error of the first one to fail.
+
+    ``delay`` is seconds, or learned: ``"p95"`` (any percentile ``"pNN"``) or a
+    ``LearnedDelay`` is that quantile of the first attempts' latencies, so about 5 % of calls
+    are hedged. The latency of a first attempt overtaken by a hedge is counted as the time it
+    had run (a lower bound), so a learned delay does not creep down as hedges win.
+
+    ``budget`` caps the extra load: over a sliding window of ``window`` seconds (``buckets``
+    slices), a hedge may start only while ``hedges + 1 <= budget * calls``; one refused
+    ends hedging for that call. ``budget`` is a share of the calls (at most ``max_hedges``:
+    ``budget=max_hedges`` never refuses). With ``store=`` the calls and hedges counted are
+    the fleet's, exchanged in the background every ``sync_interval`` seconds (no round trip
+    on a call's path; see ``SharedCounts``); when the store cannot answer, this replica's
+    own counts.
+    """
+
+    kind = "hedge"
+
+    def __init__(
+        self,
+        *,
+        delay: float | str | LearnedDelay = "p95",
+        max_hedges: int = 1,
+        budget: float = 0.1,
+        window: float = 60.0,
+        buckets: int = 10,
+        store: Store | None = None,
+        sync_interval: float = 1.0,
+        name: str = "hedge",
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        super().__init__(name, clock, listeners)
+        self._delay = _delay(delay)
+        self.max_hedges = check_int("max_hedges", max_hedges, maximum=10)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(f"budget must be a number, got {budget!r}")
+        if not 0 < budget <= self.max_hedges:  # also rejects NaN
+            raise ValueError(f"budget must be in (0, max_hedges] (hedges per call), got {budget!r}")
+        self.budget = float(budget)
+        self.window, self.buckets, self.sync_interval = check_window(window, buckets, sync_interval)
+        self.store = check_store("store", store, "window_add")
+        check_fleet_name("Hedge", self.name, "hedge", self.store)
+        #: (calls, hedges) over the window
+        self.counts = SharedCounts(
+            self.name,
+            window=self.window,
+            buckets=self.buckets,
+            store=self.store,
+            clock=self._clock,
+            sync_interval=self.sync_interval,
+        )
+        self._ending: set[asyncio.Future[Any]] = set()  # losers cancelled, not yet ended
+
+    def __repr__(self) -> str:
+        delay = self._delay
+        shown = f"{delay:g}" if isinstance(delay, float) else repr(delay)
+        return f"Hedge(delay={shown}, max_hedges={self.max_hedges}, name={self.name!r})"
+
+    @property
+    def delay(self) -> float:
+        """The hedge delay now, in seconds (learned or fixed)."""
+        delay = self._delay
+        return delay if isinstance(delay, float) else delay.value
+
+    @property
+    def learned(self) -> LearnedDelay | None:
+        """The ``LearnedDelay`` behind ``delay``, or ``None`` for a fixed one."""
+        delay = self._delay
+        return None if isinstance(delay, float) else delay
+
+    async def sync(self) -> None:
+        """Exchange counts with the store now (tests, shutdown); no-op without a store."""
+        await self.counts.sync()
+
+    def _may_hedge(self) -> bool:
+        """Take a hedge from the budget if it has room: ``hedges + 1 <= budget * calls``."""
+        calls, hedges = self.counts.totals()
+        if hedges + 1 > self.budget * calls + 1e-9:
+            return False
+        self.counts.add(0, 1)
+        return True
+
+    def _wrap(self, fn: Protected) -> Protected:
+        run = self._run
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            return await run(fn, args, kwargs)
+
+        return protected
+
+    async def _run(self, fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.counts.add(1, 0)
+        clock = self._clock
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        due = False
+
+        def finished(_: object) -> None:
+            wake.set()
+
+        def fire() -> None:
+            nonlocal due
+            due = True
+            wake.set()
+
+        def launch() -> asyncio.Future[Any]:
+            attempt = asyncio.ensure_future(fn(*args, **kwargs), loop=loop)
+            attempt.add_done_callback(finished)
+            return attempt
+
+        learned = self.learned
+        delay = self.delay
+        start = clock.monotonic()
+        attempts = [launch()]
+        first = attempts[0]
+        left = self.max_hedges
+        timer: TimerHandle | None = clock.call_later(delay, fire)
+        error: BaseException | None = None  # of the first attempt to fail
+        failed: set[int] = set()  # indexes of the attempts that failed
+        won = False
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                for i, attempt in enumerate(attempts):
+                    if i in failed or not attempt.done():
+                        continue
+                    outcome = (
+                        asyncio.CancelledError() if attempt.cancelled() else attempt.exception()
+                    )
+                    if outcome is None:
+                        if learned is not None and (attempt is first or not first.done()):
+                            # the first attempt's latency, or a lower bound of it
+                            learned.observe(clock.monotonic() - start)
+                        won = True
+                        return attempt.result()
+                    failed.add(i)
+                    if error is None:
+                        error = outcome
+                if len(failed) == len(attempts) and error is not None:
+                    raise error
+                if due:
+                    due = False
+                    timer = None
+                    if left and self._may_hedge():
+                        left -= 1
+                        attempts.append(launch())
+                        if left:
+                            timer = clock.call_later(delay, fire)
+                    else:
+                        left = 0
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if won:  # the losers end on their own: the answer is not held back for them
+                self._abandon(attempts)
+            else:
+                await _cancel(attempts)
+
+    @property
+    def ending(self) -> int:
+        """Losing attempts cancelled but not yet ended (they end within a few loop turns)."""
+        return len(self._ending)
+
+    async def drain(self) -> None:
+        """Wait until every losing attempt cancelled so far has ended (shutdown, tests)."""
+        while self._ending:
+            await asyncio.wait(list(self._ending))
+
+    def _abandon(self, attempts: list[asyncio.Future[Any]]) -> None:
+        """Cancel the attempts still running, without waiting; each is kept (a strong
+        reference) until it has ended, and what it raised is dropped."""
+        for attempt in attempts:
+            if attempt.done():
+                if not attempt.cancelled():
+                    attempt.exception()
+            else:
+                attempt.cancel()
+                self._ending.add(attempt)
+                attempt.add_done_callback(self._ended)
+
+    def _ended(self, attempt: asyncio.Future[Any]) -> None:
+        self._ending.discard(attempt)
+        if not attempt.cancelled():
+            attempt.exception()
+
+
+async def _cancel(attempts: list[asyncio.Future[Any]]) -> None:
+    """Cancel the attempts still running and wait until every one has ended, even if the
+    caller is cancelled meanwhile (then the cancellation is raised once they have)."""
+    for attempt in attempts:
+        attempt.cancel()
+    interrupted = False
+    while True:
+        running = [a for a in attempts if not a.done()]
+        if not running:
+            break
+        try:
+            await asyncio.wait(running)
+        except asyncio.CancelledError:
+            interrupted = True
+    for attempt in attempts:  # what a loser raised while being cancelled is dropped
+        if not attempt.cancelled():
+            attempt.exception()
+    if interrupted:
+        raise asyncio.CancelledError

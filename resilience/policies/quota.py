@@ -1,0 +1,334 @@
+"""Quota leasing: a fleet-wide limit without a round trip per call.
+
+A ``FleetShare`` holds this process's share of a limit that every replica shares through a
+store (``Store.lease_share``). A call takes a permit from the share without any I/O; only
+when the share is used up does it ask the store to grow it (one round trip, shared by the
+calls that need one then), and the store grants at most what the other holders leave free,
+each counted as the larger of its share and its permits in use, so the permits in use
+fleet-wide never exceed the limit. In the background, every ``rebalance`` seconds while
+permits are in use, the share is renewed at the most permits held at once since the last
+renewal, so unused permits go back to the fleet and a busy replica keeps what it uses. A
+share is an expiring lease: a replica that dies gives its share back within ``ttl``; one
+that closes (``aclose()``) gives it back at once.
+
+A class of calls allowed less than the limit (``take(cap=...)``: say sheddable requests,
+allowed 75 % of it) takes a permit only while this holder's permits plus what the other
+holders count for stay under ``cap``, and grows the share only that far, so the rest of the
+limit stays free in the store for the classes allowed more, on any replica.
+
+When the store cannot answer, the calls waiting on the ask under way fail with it (each
+waits at most one store call); none asks again after it. When the store has lost the
+shares (Redis restarted empty, failed over, or its clock jumped), no share grows past what
+its holder had for two ``rebalance`` periods, until every live holder has reported again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..checks import check_int, check_name, check_seconds
+from ..errors import StoreUnavailableError
+from ..forks import reset_in_child
+
+if TYPE_CHECKING:
+    from ..clock import Clock, TimerHandle
+    from ..store.protocol import Store
+
+__all__ = [
+    "MAX_PERMITS",
+    "SHORTEST_LEASE",
+    "FleetShare",
+    "check_lease",
+    "check_permits",
+    "shortest_lease",
+]
+
+logger = logging.getLogger("resilience.quota")
+
+_SLACK = 0.01  # seconds: a share this close to its end is not reported as still held
+
+
+def _holder_id(store: Any) -> str:
+    """A holder id of its own (a store's replica id, when it has one, for readability)."""
+    replica = getattr(store, "replica", "")
+    return f"{replica}:{uuid.uuid4().hex[:8]}" if replica else uuid.uuid4().hex[:12]
+
+
+MAX_PERMITS = 1_000_000_000
+"""The largest fleet-wide limit: stores count permits in Lua numbers and Redis integers."""
+
+SHORTEST_LEASE = 1.0
+"""No fleet-wide lease (a share, a permit) is shorter than this many seconds."""
+
+
+def shortest_lease(store: object) -> float:
+    """The shortest lease a fleet-wide share or permit may have on ``store``.
+
+    A share is renewed every ``min(1 s, lease / 3)`` (a per-call permit every ``lease / 2``,
+    tried again ``lease / 10`` later if that fails), and a renewal may take one store
+    ``timeout``: the lease must outlive a renewal that fails and the one after it, so it is
+    at least 6 store timeouts, and never under ``SHORTEST_LEASE``.
+    """
+    timeout = getattr(store, "timeout", 0.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        timeout = 0.0
+    return max(SHORTEST_LEASE, 6 * float(timeout))
+
+
+def check_lease(what: str, value: object, store: object) -> float:
+    """A lease in seconds, long enough to be renewed on ``store`` (``shortest_lease``)."""
+    seconds: float = check_seconds(what, value)
+    shortest = shortest_lease(store)
+    if seconds < shortest:
+        timeout = getattr(store, "timeout", None)
+        why = f"6 x the store's timeout of {timeout!r} s: " if shortest > SHORTEST_LEASE else ""
+        raise ValueError(
+            f"{what} must be at least {shortest:g} s ({why}a lease is renewed before it runs "
+            f"out, and must outlive a renewal that fails), got {value!r}"
+        )
+    return seconds
+
+
+def check_permits(what: str, value: object) -> int:
+    """A fleet-wide number of permits: an int in ``[1, MAX_PERMITS]``."""
+    return check_int(what, value, maximum=MAX_PERMITS)
+
+
+async def _wait(ask: asyncio.Future[Exception | None]) -> None:
+    """Wait for an ask under way; its store failure is the waiter's too."""
+    error = await asyncio.shield(ask)
+    if error is not None:
+        raise StoreUnavailableError(f"the store did not answer: {error}")
+
+
+class FleetShare:
+    """This process's share of the fleet-wide limit ``limit`` under ``key`` (see the module
+    docstring). ``take_now()`` / ``take()`` a permit, ``give()`` it back, ``aclose()`` at the
+    end. ``held``: permits in use here; ``share``: permits the fleet granted this holder;
+    ``valid_until``: when the share lapses unless renewed (``clock`` time); ``peak``: the most
+    held since the last renewal; ``others``: what the other holders counted for at the last
+    answer. A hot path may inline ``take_now()`` / ``give()`` on these.
+
+    ``ttl`` must be long enough to be renewed (``shortest_lease``), ``limit`` at most
+    ``MAX_PERMITS``."""
+
+    __slots__ = (
+        "__weakref__",
+        "_capped_at",
+        "_capped_until",
+        "_full_until",
+        "_growing",
+        "_pending",
+        "_pending_cap",
+        "_sent",
+        "_task",
+        "_timer",
+        "clock",
+        "held",
+        "holder",
+        "key",
+        "limit",
+        "others",
+        "own_limit",
+        "peak",
+        "rebalance",
+        "settle",
+        "share",
+        "store",
+        "ttl",
+        "valid_until",
+    )
+
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        *,
+        limit: int,
+        ttl: float = 30.0,
+        rebalance: float = 1.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self.store = store
+        self.key = check_name(key, "key")
+        self.limit = check_permits("limit", limit)
+        self.ttl = check_lease("ttl", ttl, store)
+        self.rebalance = min(check_seconds("rebalance", rebalance), self.ttl / 3)
+        self.settle = 2 * self.rebalance  # every live holder renews within it
+        self.clock = store.clock if clock is None else clock
+        self.holder = _holder_id(store)
+        self.held = 0
+        self.share = 0
+        self.others = 0
+        self.own_limit = 0  #: this holder's own (adaptive) limit now, reported with renewals
+        self.peak = 0
+        self.valid_until = float("-inf")
+        self._growing: asyncio.Future[Exception | None] | None = None
+        self._pending = 0  # calls that need a permit and no ask has counted yet
+        self._pending_cap = 0  # the largest cap among them
+        self._sent = 0  # asks sent so far
+        self._task: asyncio.Task[None] | None = None
+        self._timer: TimerHandle | None = None
+        self._full_until = float("-inf")  # the fleet said it was full: ask again after this
+        self._capped_until = float("-inf")  # ... full for a cap up to _capped_at
+        self._capped_at = 0
+        reset_in_child(self)
+
+    def _forked(self) -> None:
+        """In a forked child: a new holder with nothing held (the parent's share is its own;
+        the parent's timer and tasks belong to the parent's event loop)."""
+        self.holder = _holder_id(self.store)
+        self.held = self.share = self.peak = self.others = 0
+        self._pending = self._pending_cap = self._sent = self._capped_at = 0
+        self.valid_until = self._full_until = self._capped_until = float("-inf")
+        self._growing = self._task = self._timer = None
+
+    def take_now(self) -> bool:
+        """A permit from the share, if it is still valid and has room (no I/O)."""
+        if self.held < self.share and self.clock.monotonic() < self.valid_until:
+            self.held += 1
+            if self.held > self.peak:
+                self.peak = self.held
+            return True
+        return False
+
+    def fits(self, cap: int) -> bool:
+        """Whether a call of a class allowed ``cap`` permits fleet-wide may take one now:
+        this holder's permits plus what the other holders count for stay under ``cap``."""
+        return cap >= self.limit or self.held + self.others < cap
+
+    def _refused(self, cap: int) -> bool:
+        """The fleet said it had no room (for ``cap``) a moment ago: do not ask again yet."""
+        now = self.clock.monotonic()
+        if now < self._full_until:
+            return True
+        return cap < self.limit and cap <= self._capped_at and now < self._capped_until
+
+    async def take(self, cap: int | None = None) -> bool:
+        """A permit: from the share, else by growing it (one store round trip, shared by the
+        calls that need it at the same time). ``cap``: the most permits the fleet may hold
+        for this call's class (see the module docstring). ``False``: no permit free.
+
+        A call that comes while an ask is under way waits for it, and if that one did not
+        count it, for at most one more. Raises ``StoreUnavailableError`` when the store
+        cannot answer: every call waiting on that ask at once, none asking again."""
+        cap = self.limit if cap is None else min(cap, self.limit)
+        if self.fits(cap) and self.take_now():
+            return True
+        if self._refused(cap):
+            return False
+        self._pending += 1
+        self._pending_cap = max(self._pending_cap, cap)
+        joined = self._sent
+        try:
+            ask = self._growing
+            if ask is not None:  # sent before this call came: it was not counted in it
+                await _wait(ask)
+                if self.fits(cap) and self.take_now():
+                    return True
+                ask = self._growing
+                if ask is not None:  # sent since, while this call was waiting: counted it
+                    await _wait(ask)
+                    return self.fits(cap) and self.take_now()
+                if self._refused(cap):
+                    return False
+            await self._ask(self.held, cap)  # counts every call waiting, this one too
+            return self.fits(cap) and self.take_now()
+        finally:
+            if self._sent == joined:  # no ask counted this call
+                self._pending -= 1
+
+    def give(self) -> None:
+        """Give a permit back (to the share: it goes back to the fleet at the next renewal)."""
+        if self.held > 0:
+            self.held -= 1
+
+    async def _ask(self, base: int, cap: int | None = None) -> None:
+        """Ask the store for a share of ``base`` plus one per call waiting for a permit (one
+        ask at a time; failures are raised, and are the failure of the calls waiting)."""
+        limit = self.limit
+        want = base + self._pending
+        cap = max(limit if cap is None else cap, self._pending_cap)
+        self._pending = self._pending_cap = 0
+        self._sent += 1
+        done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self._growing = done
+        error: Exception | None = None
+        sent = self.clock.monotonic()
+        try:
+            grant, _, others = await self.store.lease_share(
+                self.key,
+                self.holder,
+                want=want,
+                held=self.held,
+                limit=limit,
+                ttl=self.ttl,
+                own_limit=self.own_limit,
+                cap=cap if cap < limit else None,
+                had=self.share if sent < self.valid_until - _SLACK else 0,
+                settle=self.settle,
+            )
+            self.share = grant
+            self.others = others
+            self.valid_until = sent + self.ttl  # the store's lease lasts at least this long
+            if want > self.held and not (self.held < grant and self.fits(cap)):
+                # no room for one more: do not ask again at once
+                if cap >= limit:
+                    self._full_until = sent + self.rebalance / 4
+                else:
+                    self._capped_until, self._capped_at = sent + self.rebalance / 4, cap
+            if grant or self.held:
+                self._start()
+        except StoreUnavailableError as exc:
+            error = exc
+            raise
+        finally:
+            self._growing = None
+            done.set_result(error)
+
+    def _start(self) -> None:
+        """Renew the share one ``rebalance`` from now (one timer, no task while waiting)."""
+        if self._timer is None:
+            self._timer = self.clock.call_later(self.rebalance, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        self._task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        """Renew the share at the peak use since the last renewal (nothing held and nothing
+        used since: give it back, and stop renewing)."""
+        want = max(self.peak, self.held)
+        self.peak = self.held
+        if self._growing is not None:  # a grow under way renews it anyway
+            self._start()
+            return
+        try:
+            await self._ask(want)
+        except Exception as exc:  # the share lives on until it expires: try again soon
+            if not isinstance(exc, StoreUnavailableError):
+                logger.warning("share of %r could not be renewed: %r", self.key, exc)
+            self._start()
+
+    async def aclose(self) -> None:
+        """Stop renewing and give the share back now (best effort: it expires anyway). The
+        permits still in use here go on counting fleet-wide until the lease runs out."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.share or self.held:  # calls still running here go on counting, until ttl
+            self.share = 0
+            self.valid_until = float("-inf")
+            try:
+                await self.store.lease_share(
+                    self.key, self.holder, want=0, held=self.held, limit=self.limit, ttl=self.ttl
+                )
+            except Exception:  # expires by itself within ttl
+                pass

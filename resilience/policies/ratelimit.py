@@ -1,0 +1,214 @@
+"""RateLimiter: at most ``rate`` calls per ``per`` seconds, with bursts up to ``burst``."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..clock import Clock
+from ..errors import RateLimitedError, StoreUnavailableError
+from ..events import CallRejected, Listener, emit
+from ..forks import reset_in_child
+from ..rules.gcra import EPSILON as _EPSILON
+from ..rules.gcra import gcra
+from .base import (
+    BasePolicy,
+    Protected,
+    check_fleet_name,
+    check_int,
+    check_positive,
+    check_seconds,
+    check_store,
+    store_down,
+)
+
+if TYPE_CHECKING:
+    from ..store.protocol import Store
+
+__all__ = ["AHEAD", "RateLimiter"]
+
+AHEAD = 0.05  #: ``ahead`` that ``ResilienceMiddleware(store=...)`` gives its rate limiter
+
+
+class RateLimiter(BasePolicy):
+    """Admits ``rate`` calls per ``per`` seconds, evenly, allowing bursts of ``burst``.
+
+    A generic cell rate algorithm (GCRA): one float of state, O(1) per call. ``burst``
+    defaults to ``ceil(rate)``, a full period's worth. Calls over the limit fail at once with
+    ``RateLimitedError`` whose ``retry_after`` says when a token frees up.
+
+    With ``store=`` the bucket is shared by every limiter of that name on the store (every
+    replica, through ``RedisStore``): each call is one ``store.rate_take``. With ``ahead``
+    seconds as well (say 0.05), tokens are taken from the fleet's bucket in batches (as many
+    as it allows now, up to what this limiter spent per ``ahead`` lately) and spent here
+    within ``ahead`` or dropped:
+    a busy replica then asks the store about once per batch, not once per call. A token is
+    used at most ``ahead`` after the fleet's bucket counted it, so over any period the fleet
+    admits at most ``rate * ahead`` more than without batches. When the store cannot
+    answer, the call is admitted or rejected by this object's local bucket instead.
+    """
+
+    kind = "rate_limiter"
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        per: float = 1.0,
+        burst: int | None = None,
+        store: Store | None = None,
+        ahead: float = 0.0,
+        name: str = "rate_limiter",
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        super().__init__(name, clock, listeners)
+        self.rate = check_positive("rate", rate)
+        self.per = check_seconds("per", per)
+        self.burst = max(1, math.ceil(self.rate)) if burst is None else check_int("burst", burst)
+        interval = self.per / self.rate
+        if not (math.isfinite(interval) and interval > 0):
+            # RateLimiter(1e-310) would make every interval inf (and 1e308 per 1e-300, zero):
+            # a limiter that admits everything
+            raise ValueError(
+                f"rate / per must give a usable interval between calls, got rate={rate!r}, "
+                f"per={per!r} ({interval!r} s between calls)"
+            )
+        self.interval = interval
+        self.ahead = check_seconds("ahead", ahead, zero=True)
+        if self.ahead > self.per:
+            # tokens held longer than a period would let the fleet admit more than twice its
+            # rate (and ahead=1e308 would overflow a batch's size)
+            raise ValueError(
+                f"ahead must be at most per ({self.per:g} s): tokens taken ahead are spent "
+                f"within one period, got {ahead!r}"
+            )
+        needs = ("rate_take", "rate_take_many") if self.ahead else ("rate_take",)
+        self.store = check_store("store", store, *needs)
+        check_fleet_name("RateLimiter", self.name, "rate_limiter", self.store)
+        self._tat = -math.inf
+        self._ahead = 0  # tokens taken ahead from the fleet's bucket, not used yet
+        self._ahead_until = -math.inf  # ... usable until then
+        self._batch = 1  # tokens asked for last time
+        self._taken = 0  # tokens the last batch brought
+        self._asked_at = -math.inf
+        self._asking: asyncio.Future[None] | None = None
+        if self.ahead and self.store is not None:
+            reset_in_child(self)
+
+    def _forked(self) -> None:
+        """In a forked child: the tokens the parent took ahead are the parent's."""
+        self._ahead, self._taken = 0, 0
+        self._ahead_until = self._asked_at = -math.inf
+        self._asking = None
+
+    def __repr__(self) -> str:
+        return (
+            f"RateLimiter({self.rate:g}, per={self.per:g}, burst={self.burst}, name={self.name!r})"
+        )
+
+    def try_acquire(self) -> float:
+        """Take a token: 0.0 if taken, else the seconds until one frees up."""
+        self._tat, wait = gcra(self._tat, self._clock.monotonic(), self.interval, self.burst)
+        return wait
+
+    def _rejected(self, wait: float) -> RateLimitedError:
+        error = RateLimitedError(self.name, wait)
+        if self._listeners:
+            emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
+        return error
+
+    async def _take_shared(self, store: Store) -> float:
+        """One take from the fleet's bucket; the local bucket when the store is down."""
+        if not store_down(store):
+            try:
+                return await store.rate_take(self.name, interval=self.interval, burst=self.burst)
+            except StoreUnavailableError:
+                pass
+        return self.try_acquire()
+
+    async def _take_ahead(self, store: Store) -> float:
+        """A token taken ahead from the fleet's bucket, else a batch from it (one store call
+        for the calls that need one at the same time); the local bucket when it is down."""
+        while True:
+            now = self._clock.monotonic()
+            if self._ahead and now < self._ahead_until:
+                self._ahead -= 1
+                return 0.0
+            if self._asking is None:
+                break
+            await asyncio.shield(self._asking)
+        if store_down(store):
+            return self.try_acquire()
+        # the next batch: what this limiter spent per ``ahead`` since the last one (growing
+        # at most fourfold at a time), so a busy replica asks about once per ``ahead``
+        spent = self._taken - self._ahead
+        elapsed = max(now - self._asked_at, 1e-6)
+        wanted = math.ceil(spent / elapsed * self.ahead) if spent > 0 else 1
+        self._batch = max(1, min(self.burst, wanted, 4 * self._batch))
+        self._asked_at = now
+        asking: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asking = asking
+        try:
+            took, wait = await store.rate_take_many(
+                self.name, interval=self.interval, burst=self.burst, want=self._batch
+            )
+        except StoreUnavailableError:
+            return self.try_acquire()
+        finally:
+            self._asking = None
+            asking.set_result(None)
+        if not took:
+            self._ahead = self._taken = 0
+            return wait
+        self._taken = took
+        self._ahead, self._ahead_until = took - 1, now + self.ahead
+        return 0.0
+
+    def _wrap(self, fn: Protected) -> Protected:
+        if self.store is not None:
+            return self._wrap_shared(fn, self.store)
+        monotonic = self._clock.monotonic
+        interval = self.interval
+        slack = (self.burst - 1) * interval + _EPSILON
+        rejected = self._rejected
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            now = monotonic()
+            tat = self._tat
+            if tat < now:
+                tat = now
+            if tat - now > slack:
+                raise rejected(tat - now - slack + _EPSILON)
+            self._tat = tat + interval
+            return await fn(*args, **kwargs)
+
+        return protected
+
+    def _wrap_shared(self, fn: Protected, store: Store) -> Protected:
+        rejected = self._rejected
+        if self.ahead:
+            take_ahead = self._take_ahead
+            monotonic = self._clock.monotonic
+
+            async def ahead(*args: Any, **kwargs: Any) -> Any:
+                if self._ahead and monotonic() < self._ahead_until:  # a token taken ahead
+                    self._ahead -= 1
+                else:
+                    wait = await take_ahead(store)
+                    if wait > 0.0:
+                        raise rejected(wait)
+                return await fn(*args, **kwargs)
+
+            return ahead
+        take = self._take_shared
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            wait = await take(store)
+            if wait > 0.0:
+                raise rejected(wait)
+            return await fn(*args, **kwargs)
+
+        return protected

@@ -1,0 +1,292 @@
+"""The connection supervisor of ``RedisStore``: degrade, reconnect, health, forks.
+
+One owner for the question "can we talk to Redis now?":
+
+* every Redis call goes through ``call``: bounded by the store's ``timeout``, and any failure
+  (a dead or slow server, an error reply, a reply we cannot parse) turns the store degraded,
+  with an event naming the reply, and raises ``StoreUnavailableError``;
+* a time-out that happened while this process's event loop was itself late (a busy loop, not
+  a slow Redis) does not degrade the store: the caller retries or goes local once. The
+  lateness measured (here, by the engine's timers and its subscriber's waits) is kept for
+  ``LAG_HORIZON`` seconds: ``loop_lag`` is the worst of that period, so a gauge read every
+  few seconds sees the stall that happened between two reads;
+* ``reconnect`` brings the store back only when Redis accepts our scripts *and* writes again
+  (a replica, a full Redis, an ACL without EVALSHA stay degraded), dropping connections first
+  after READONLY so the next one reaches the new primary;
+* a process forked from one that built the store is a new replica (``forked``);
+* with Redis Cluster, an unreachable node makes only its own keys local (``away``): calls on
+  its keys fail at once, without waiting, until it is tried again (backoff up to 2 s); the
+  store degrades as a whole only when no node answers, or on a cluster-wide error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ...clock import Clock
+from ...errors import StoreUnavailableError
+from ...events import Event, StoreDegraded, StoreRecovered
+from .primitives import is_readonly, outage
+
+__all__ = ["LAG_HORIZON", "Backoff", "LoopLate", "Supervisor", "new_replica_id"]
+
+logger = logging.getLogger("resilience.redis")
+
+LAG_HORIZON = 10.0  #: seconds a measured loop lag counts towards ``loop_lag``
+MAX_BACKOFF = 2.0  #: seconds: the longest wait between two tries to reach Redis again
+
+
+def new_replica_id() -> str:
+    """A replica id: this process's pid and a random part (unique across forks too)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class LoopLate(StoreUnavailableError):
+    """A Redis call timed out while the event loop itself was late: not the store's fault."""
+
+
+class Backoff:
+    """Waits that double from ``first`` up to ``MAX_BACKOFF``; ``reset`` starts over.
+
+    One for each way back to Redis (the flusher's reconnects, the subscriber's): a Redis
+    that accepts connections but answers nothing (paused, blackholed) must not be asked
+    again every few hundred milliseconds.
+    """
+
+    __slots__ = ("delay", "first")
+
+    def __init__(self, first: float) -> None:
+        self.first = self.delay = min(first, MAX_BACKOFF)
+
+    def next(self) -> float:
+        """The wait before the next try (each one twice the last, up to the cap)."""
+        delay = self.delay
+        self.delay = min(delay * 2, MAX_BACKOFF)
+        return delay
+
+    def reset(self) -> None:
+        """Redis answered: the next failure waits ``first`` again."""
+        self.delay = self.first
+
+
+def _drop_connections(client: Any) -> None:
+    """Forget a client's pooled connections without I/O (after a fork, or after READONLY).
+
+    The sockets are not closed politely: in a forked child they belong to the parent too.
+    """
+    pools = []
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        pools.append(pool)
+    for node in getattr(client, "get_nodes", lambda: [])():
+        node_pool = getattr(getattr(node, "redis_connection", None), "connection_pool", None)
+        if node_pool is not None:
+            pools.append(node_pool)
+    for p in pools:
+        reset = getattr(p, "reset", None)
+        if reset is not None:
+            with contextlib.suppress(Exception):
+                reset()
+
+
+class Supervisor:
+    """Whether the store can talk to Redis, and what to do when it cannot (module docstring)."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str,
+        timeout: float,
+        clock: Clock,
+        emit: Callable[[Event], None],
+        health: Callable[[], Awaitable[Any]],
+        cluster: bool,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.timeout = timeout
+        self.clock = clock
+        self.degraded = False
+        self.reason = ""
+        self.since = 0.0
+        self._lags: deque[tuple[float, float]] = deque()  # (when, lag), lags decreasing
+        self._emit = emit
+        self._health = health
+        self._cluster = cluster
+        self.cluster_ready = False
+        self._drop_pending = False
+        self.away: dict[str, tuple[float, float]] = {}  # node -> (retry at, backoff)
+        self.on_degraded: Callable[[], None] = lambda: None
+        self.on_recovered: Callable[[], None] = lambda: None
+
+    # --- one call -------------------------------------------------------------------------
+    async def call(
+        self, awaitable: Awaitable[Any], *, extra: float = 0.0, key: str | None = None
+    ) -> Any:
+        """One Redis call, bounded by ``timeout`` (plus ``extra`` for a big one); failures
+        raise ``StoreUnavailableError``. ``key``: the key it works on (a Cluster node that
+        cannot be reached fails only the calls on its keys)."""
+        node = self.node_of(key) if key is not None else None
+        if node is not None and self.is_away(node):
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise StoreUnavailableError(f"cluster node {node} is away")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(self.timeout + extra):
+                if self._cluster and not self.cluster_ready:
+                    await self.init_cluster()
+                reply = await awaitable
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and (lag := self.late(loop, started, extra)):
+                raise LoopLate(f"the event loop was {lag:.3f}s late") from exc
+            reason = outage(exc)
+            if reason is None:
+                raise
+            if node is not None and self.unreachable(exc):
+                self.lose(node, reason)
+            else:
+                self.fail(exc, reason)
+            raise StoreUnavailableError(reason) from exc
+        if node is not None and node in self.away:
+            self.regain(node)
+        return reply
+
+    # --- Cluster nodes, one at a time -----------------------------------------------------
+    def node_of(self, key: str) -> str | None:
+        """The Cluster node holding ``key`` (``None``: not a Cluster, or slots unknown)."""
+        if not (self._cluster and self.cluster_ready):
+            return None
+        try:
+            return str(self.client.get_node_from_key(key).name)
+        except Exception:  # slots being learned again: decide as a single Redis would
+            return None
+
+    @staticmethod
+    def unreachable(exc: BaseException) -> bool:
+        """A node that does not answer (as opposed to an error reply from it)."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError))
+
+    def is_away(self, node: str) -> bool:
+        """Whether ``node`` is away and not yet due another try."""
+        entry = self.away.get(node)
+        return entry is not None and self.clock.monotonic() < entry[0]
+
+    def lose(self, node: str, reason: str) -> None:
+        """A Cluster node stopped answering: its keys go local; tried again with backoff."""
+        _, backoff = self.away.get(node, (0.0, self.timeout / 2))
+        backoff = min(backoff * 2, MAX_BACKOFF)
+        if node not in self.away:
+            logger.warning("redis store %r: cluster node %s away: %s", self.prefix, node, reason)
+        self.away[node] = (self.clock.monotonic() + backoff, backoff)
+        nodes = self.client.get_nodes() if self._cluster else []
+        if nodes and all(n.name in self.away for n in nodes):
+            self.fail(TimeoutError("no cluster node answers"), f"no cluster node answers: {reason}")
+
+    def regain(self, node: str) -> None:
+        """A Cluster node answers again."""
+        if self.away.pop(node, None) is not None:
+            logger.warning("redis store %r: cluster node %s answers again", self.prefix, node)
+
+    def late(self, loop: asyncio.AbstractEventLoop, started: float, extra: float = 0.0) -> float:
+        """After a time-out: how late the loop was, if so late that Redis may have answered
+        in time (else 0.0)."""
+        lag = loop.time() - started - self.timeout - extra
+        self.note_lag(lag)
+        return lag if lag > max(0.05, self.timeout / 2) else 0.0
+
+    # --- the event loop's lateness --------------------------------------------------------
+    def note_lag(self, lag: float) -> None:
+        """The event loop was ``lag`` seconds late (a timer fired late, a wait ended late).
+
+        Kept as a queue of the measurements that are still the worst of what came after
+        them: O(1) amortised per measurement, a handful of entries."""
+        if lag <= 0.0:
+            return
+        now = self.clock.monotonic()
+        lags = self._lags
+        while lags and lags[0][0] <= now - LAG_HORIZON:
+            lags.popleft()
+        while lags and lags[-1][1] <= lag:
+            lags.pop()
+        lags.append((now, lag))
+
+    @property
+    def loop_lag(self) -> float:
+        """The worst loop lag measured in the last ``LAG_HORIZON`` seconds (0.0: none)."""
+        lags = self._lags
+        horizon = self.clock.monotonic() - LAG_HORIZON
+        while lags and lags[0][0] <= horizon:
+            lags.popleft()
+        return lags[0][1] if lags else 0.0
+
+    async def init_cluster(self) -> None:
+        """Learn the cluster's slots before the first commands (they would race for it)."""
+        await self.client.initialize()
+        self.cluster_ready = True
+
+    # --- degrade and recover --------------------------------------------------------------
+    def fail(self, exc: BaseException, reason: str | None = None) -> None:
+        """The store cannot use Redis now: degrade (once), and report why."""
+        if is_readonly(exc):
+            self._drop_pending = True  # the next connection must find the new primary
+        if self.degraded:
+            return
+        self.degraded = True
+        self.reason = reason or outage(exc) or repr(exc)
+        self.since = self.clock.monotonic()
+        logger.warning("redis store %r degraded: %s", self.prefix, self.reason)
+        self._emit(StoreDegraded(name=self.prefix, error=self.reason))
+        self.on_degraded()
+
+    async def reconnect(self) -> bool:
+        """Try once to come back: Redis must run our scripts and accept writes."""
+        try:
+            if self._drop_pending:
+                self._drop_pending = False
+                with contextlib.suppress(Exception):
+                    await self.client.connection_pool.disconnect()
+            if self._cluster:
+                # start afresh (topology and connections), and ask every node: one that is
+                # still away would only turn the store degraded again at the next round
+                with contextlib.suppress(Exception):
+                    await self.client.aclose()
+                self.cluster_ready = False
+                async with asyncio.timeout(self.timeout * 4):
+                    await self.init_cluster()
+                    await self.client.ping(target_nodes=self.client.ALL_NODES)
+                    await self._health()
+            else:
+                async with asyncio.timeout(self.timeout):
+                    await self._health()
+        except Exception as exc:
+            if outage(exc) is None:
+                raise
+            if is_readonly(exc):
+                self._drop_pending = True
+            return False
+        after = self.clock.monotonic() - self.since
+        self.degraded = False
+        self.reason = ""
+        self.away.clear()
+        self.on_recovered()
+        self._emit(StoreRecovered(name=self.prefix, after=after))
+        logger.warning("redis store %r recovered after %.3fs", self.prefix, after)
+        return True
+
+    def forked(self) -> None:
+        """In a forked child: the parent's connections are not ours."""
+        _drop_connections(self.client)
+        self.cluster_ready = False

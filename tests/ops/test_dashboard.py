@@ -1,0 +1,587 @@
+"""The dashboard ASGI app: status JSON, event stream, control auth, mounting, failing stores."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    MemoryStore,
+    status,
+)
+from resilience.ops.dashboard import Dashboard
+from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
+
+TOKEN = "s3cret-token"
+
+
+async def _fail() -> None:
+    raise ConnectionError("upstream down")
+
+
+async def trip(breaker: CircuitBreaker, store: RedisStore | None = None) -> None:
+    """Fail calls through ``breaker`` until it opens (bounded; a shared store syncs each time)."""
+    for _ in range(20):
+        if breaker.metrics().state is CircuitState.OPEN:
+            return
+        with pytest.raises((ConnectionError, CircuitOpenError)):
+            await breaker.call(_fail)
+        if store is not None:
+            await store.sync()
+    assert breaker.metrics().state is CircuitState.OPEN
+
+
+async def refuse(breaker: CircuitBreaker, times: int) -> None:
+    """Call ``breaker`` ``times`` times, each refused (it must be open)."""
+    for _ in range(times):
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(asyncio.sleep, 0)
+
+
+def memory_breaker(clock: FakeClock) -> tuple[MemoryStore, CircuitBreaker]:
+    """A MemoryStore on a fake clock and a small breaker in it."""
+    store = MemoryStore(clock=clock)
+    breaker = CircuitBreaker(
+        "payments", window=CountWindow(4), minimum_calls=2, open_for=30, store=store, clock=clock
+    )
+    return store, breaker
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    """An httpx client that calls the ASGI app in-process."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dash")
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
+    """A RedisStore under a prefix of this test's own."""
+    store = RedisStore.from_url(redis_url, prefix=f"dash-{uuid.uuid4().hex[:8]}", timeout=1.0)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def test_control_without_token_is_refused() -> None:
+    """allow_control=True without a token is a ValueError at construction."""
+    with pytest.raises(ValueError, match="token"):
+        Dashboard(MemoryStore(), allow_control=True)
+    with pytest.raises(ValueError, match="refresh"):
+        Dashboard(MemoryStore(), refresh=0)
+    with pytest.raises(TypeError, match="Store"):
+        Dashboard(object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "argument"),
+    [
+        ({"refresh": 10**400}, ValueError, "refresh"),
+        ({"refresh": -(10**400)}, ValueError, "refresh"),
+        ({"refresh": float("nan")}, ValueError, "refresh"),
+        ({"refresh": float("inf")}, ValueError, "refresh"),
+        ({"refresh": True}, TypeError, "refresh"),
+        ({"refresh": "1"}, TypeError, "refresh"),
+        ({"refresh": None}, TypeError, "refresh"),
+        ({"allow_control": "false", "token": TOKEN}, TypeError, "allow_control"),
+        ({"allow_control": 1, "token": TOKEN}, TypeError, "allow_control"),
+        ({"token": b"bytes"}, TypeError, "token"),
+        ({"token": 12345}, TypeError, "token"),
+        ({"token": ""}, ValueError, "token"),
+        ({"token": "   "}, ValueError, "token"),
+        ({"token": "a\nb"}, ValueError, "token"),
+        ({"clock": object()}, TypeError, "clock"),
+    ],
+)
+def test_every_argument_is_validated(
+    kwargs: dict[str, Any], error: type[Exception], argument: str
+) -> None:
+    """Bad arguments raise ValueError or TypeError naming the argument (never OverflowError)."""
+    with pytest.raises(error, match=argument):
+        Dashboard(MemoryStore(), **kwargs)
+
+
+async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> None:
+    """calls/s and failures/s are the growth of the replicas' reports between two snapshots,
+    and the replicas reporting are counted; no rate before a second snapshot."""
+    breaker = CircuitBreaker("rated", window=CountWindow(100), store=redis_store)
+    app = Dashboard(redis_store, refresh=0.05)
+    await breaker.call(asyncio.sleep, 0)
+    await redis_store.sync()
+    _, first = await app.snapshot()
+    (before,) = [p for p in first["policies"] if p["name"] == "rated"]
+    assert before["rates"] is None
+    assert before["replicas_reporting"] == 1
+    for _ in range(30):
+        await breaker.call(asyncio.sleep, 0)
+    for _ in range(10):
+        with pytest.raises(ConnectionError):
+            await breaker.call(_fail)
+    await redis_store.sync()
+    await asyncio.sleep(0.06)  # bounded: past the snapshots' minimum gap
+    _, second = await app.snapshot()
+    (after,) = [p for p in second["policies"] if p["name"] == "rated"]
+    assert after["rates"]["calls"] > 0
+    assert after["rates"]["failures"] > 0
+    assert after["rates"]["calls"] > after["rates"]["failures"]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def fake_time_store(
+    request: pytest.FixtureRequest, clock: FakeClock
+) -> AsyncIterator[MemoryStore | RedisStore]:
+    """A MemoryStore, or a RedisStore under a prefix of its own, on the test's fake clock."""
+    if request.param == "memory":
+        yield MemoryStore(clock=clock)
+        return
+    url = request.getfixturevalue("redis_url")
+    prefix = f"dash-{uuid.uuid4().hex[:8]}"
+    store = RedisStore.from_url(url, prefix=prefix, clock=clock, timeout=2.0)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def breaker_status(app: Dashboard, name: str, gap: float) -> dict[str, Any]:
+    """The breaker ``name`` in a fresh snapshot, ``gap`` seconds after the last one (the
+    dashboard and the store share the fake clock, so ``gap`` is exactly the interval)."""
+    clock = app.clock
+    assert isinstance(clock, FakeClock)
+    await app.store.sync()
+    clock.advance(gap)
+    _, doc = await app.snapshot()
+    (policy,) = [p for p in doc["policies"] if p["name"] == name]
+    return policy
+
+
+async def test_rejections_and_latency_between_snapshots(
+    fake_time_store: MemoryStore | RedisStore, clock: FakeClock
+) -> None:
+    """Rejections per second and latency percentiles come from what happened between two
+    snapshots: the calls sampled (one in 8) in their buckets, the calls refused; none when
+    nothing happened. Calls per second only where the store keeps their running totals."""
+    store = fake_time_store
+    shared = isinstance(store, RedisStore)
+    breaker = CircuitBreaker(
+        "timed",
+        window=CountWindow(20),
+        minimum_calls=20,
+        open_for=600,
+        failure_if=lambda result: False,  # a result check: calls are sampled in memory too
+        store=store,
+    )
+
+    async def takes(seconds: float) -> str:
+        clock.advance(seconds)
+        return "ok"
+
+    app = Dashboard(store, refresh=0.05)
+    await breaker.call(takes, 0.001)  # the 1st call: timed (then the 9th, the 17th, ...)
+    first = await breaker_status(app, "timed", 1.0)
+    assert (first["rates"], first["percentiles"]) == (None, None)
+
+    # calls 2 to 81: the 9th to the 73rd take 3 ms, the 81st 300 ms (10 timed calls)
+    for i in range(80):
+        await breaker.call(takes, 0.3 if i >= 72 else 0.003)
+    calm = await breaker_status(app, "timed", 5.0 - (0.003 * 72 + 0.3 * 8))
+    assert calm["percentiles"] == {"samples": 10, "p50": [0.002, 0.004], "p99": [0.256, 0.512]}
+    assert calm["rates"]["rejected"] == 0
+    assert calm["rates"]["calls"] == (16.0 if shared else None)
+    assert calm["rates"]["failures"] == (0 if shared else None)
+
+    failed = 0
+    while breaker.metrics().state is not CircuitState.OPEN:  # bounded: 20 failures open it
+        assert failed < 20
+        with pytest.raises(ConnectionError):
+            await breaker.call(_fail)
+        failed += 1
+        await store.sync()
+    for _ in range(6):
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(takes, 0.001)
+    tripped = await breaker_status(app, "timed", 2.0)
+    assert tripped["state"] == "open"
+    assert tripped["rates"]["rejected"] == 3.0  # 6 refused in 2 s
+    assert tripped["rates"]["failures"] == (failed / 2 if shared else None)
+    assert tripped["rejected"] == 6  # the running total, as the store reports it
+    timed = failed // 8  # the failures are calls 82 onwards: their 8th (the 89th) is timed
+    assert timed >= 1
+    assert tripped["percentiles"]["samples"] == timed
+    assert tripped["percentiles"]["p99"] == [0.0, 0.0005]  # failures fail at once
+
+    quiet = await breaker_status(app, "timed", 1.0)
+    assert quiet["rates"]["rejected"] == 0
+    assert quiet["percentiles"] == {"samples": 0, "p50": None, "p99": None}
+
+
+async def test_a_total_that_goes_down_counts_from_zero(redis_url: str, clock: FakeClock) -> None:
+    """A replica's running total that goes down (its breaker was forgotten, then made again)
+    is a reset: the interval counts it from zero, never as a negative rate."""
+    prefix = f"dash-{uuid.uuid4().hex[:8]}"
+    store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock, forget_after=1.0)
+    options: dict[str, Any] = {"window": CountWindow(2), "minimum_calls": 2, "open_for": 600}
+    try:
+        app = Dashboard(store, refresh=0.05)
+        breaker = CircuitBreaker("reborn", store=store, **options)
+        await trip(breaker, store)
+        await refuse(breaker, 10)
+        before = await breaker_status(app, "reborn", 1.0)
+        assert before["rejected"] == 10
+        del breaker
+        clock.advance(2.0)  # past forget_after: this replica drops the breaker
+        await store.sync()
+        gc.collect()
+        again = CircuitBreaker("reborn", store=store, **options)
+        await store.sync()  # it reads the fleet's state: open
+        await refuse(again, 4)
+        after = await breaker_status(app, "reborn", 2.0)
+    finally:
+        await store.aclose()
+    assert after["rejected"] == 4  # this replica's total went from 10 down to 4
+    assert after["rates"]["rejected"] == 1.0  # 4 refused since the reset, in 4 s
+
+
+async def test_a_replica_first_seen(redis_url: str, clock: FakeClock) -> None:
+    """A replica that appears between two snapshots adds the calls the store counted from its
+    first report; its refusals (totals since its breaker was made, maybe long before) count
+    from the next snapshot on."""
+    prefix = f"dash-{uuid.uuid4().hex[:8]}"
+    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    options: dict[str, Any] = {"window": CountWindow(100), "open_for": 600}
+    try:
+        app = Dashboard(one, refresh=0.05)
+        first = CircuitBreaker("shared", store=one, **options)
+        await first.call(asyncio.sleep, 0)
+        start = await breaker_status(app, "shared", 1.0)
+        assert [r["replica"] for r in start["replicas"]] == [one.replica]
+        second = CircuitBreaker("shared", store=two, **options)
+        for _ in range(4):
+            await second.call(asyncio.sleep, 0)
+        await two.sync()
+        await one.control("shared", CircuitState.FORCED_OPEN)
+        await two.sync()
+        await refuse(second, 5)
+        await refuse(first, 2)
+        await two.sync()
+        joined = await breaker_status(app, "shared", 2.0)
+        assert len(joined["replicas"]) == 2
+        assert joined["rejected"] == 7  # the running totals, as the store reports them
+        assert joined["rates"]["calls"] == 2.0  # the newcomer's 4 calls in 2 s
+        assert joined["rates"]["rejected"] == 1.0  # 2 refused by the replica seen before
+        await refuse(second, 3)
+        await two.sync()
+        later = await breaker_status(app, "shared", 1.0)
+        assert later["rates"]["rejected"] == 3.0
+        assert later["rates"]["calls"] == 0
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_bulkhead_limit_beside_in_flight(fake_time_store: MemoryStore | RedisStore) -> None:
+    """A fleet-wide bulkhead shows its leases in flight and its limit."""
+    pool = Bulkhead(3, distributed=True, store=fake_time_store, name="pool")
+    release = asyncio.Event()
+    held = [asyncio.create_task(pool.call(release.wait)) for _ in range(2)]
+    try:
+        for _ in range(100):  # bounded: until both leases are taken
+            if (await fake_time_store.count_leases("pool")) == 2:
+                break
+            await asyncio.sleep(0.01)
+        async with client(Dashboard(fake_time_store)) as c:
+            doc = (await c.get("/status")).json()
+    finally:
+        release.set()
+        await asyncio.gather(*held)
+    (policy,) = [p for p in doc["policies"] if p["kind"] == "bulkhead"]
+    assert (policy["name"], policy["in_flight"], policy["limit"]) == ("pool", 2, 3)
+    assert (policy["rates"], policy["percentiles"]) == (None, None)
+
+
+async def test_page_carries_the_first_snapshot_as_data(clock: FakeClock) -> None:
+    """GET / embeds the first status document as JSON data, with "<" escaped, so the page
+    shows figures before its stream connects and no name can inject markup."""
+    store = MemoryStore(clock=clock)
+    breaker = CircuitBreaker("</script><img src=x>", store=store, clock=clock)
+    await breaker.call(asyncio.sleep, 0)
+    async with client(Dashboard(store)) as c:
+        page = (await c.get("/")).text
+    data = page.split('<script type="application/json" id="initial">')[1].split("</script>")[0]
+    assert "<" not in data
+    assert json.loads(data)["policies"][0]["name"] == "</script><img src=x>"
+
+
+async def test_status_after_a_trip(clock: FakeClock) -> None:
+    """GET /status lists the tripped breaker as open, with its retry-after and the store kind."""
+    store, breaker = memory_breaker(clock)
+    await trip(breaker)
+    clock.advance(10)
+    async with client(Dashboard(store)) as c:
+        r = await c.get("/status")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert doc["store"] == {"kind": "memory", "degraded": False}
+    assert doc["control"] is False
+    (policy,) = doc["policies"]
+    assert policy["name"] == "payments"
+    assert policy["kind"] == "circuit_breaker"
+    assert policy["state"] == "open"
+    assert policy["retry_after"] == pytest.approx(20)
+    assert isinstance(doc["time"], float)
+
+
+async def test_status_through_redis(redis_store: RedisStore) -> None:
+    """A breaker tripped through a RedisStore shows open, with this replica's report."""
+    breaker = CircuitBreaker(
+        "search", window=CountWindow(4), minimum_calls=2, open_for=30, store=redis_store
+    )
+    await trip(breaker, redis_store)
+    async with client(Dashboard(redis_store)) as c:
+        doc = (await c.get("/status")).json()
+    assert doc["store"] == {"kind": "redis", "degraded": False}
+    (policy,) = [p for p in doc["policies"] if p["kind"] == "circuit_breaker"]
+    assert policy["name"] == "search"
+    assert policy["state"] == "open"
+    assert 0 < policy["retry_after"] <= 30
+    assert [r["replica"] for r in policy["replicas"]] == [redis_store.replica]
+
+
+async def test_page_is_self_contained(clock: FakeClock) -> None:
+    """GET / serves the HTML page with a strict CSP and no external resource."""
+    store, _ = memory_breaker(clock)
+    async with client(Dashboard(store)) as c:
+        r = await c.get("/")
+        head = await c.head("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert '<meta name="resilience-base" content="/">' in r.text
+    assert "EventSource" in r.text
+    for external in ("http://", "https://", "//fonts.", "<link"):
+        assert external not in r.text.replace("http://www.w3.org/2000/svg", "")
+    assert head.status_code == 200
+    assert head.content == b""
+
+
+@pytest.mark.parametrize(
+    ("allow", "header", "expected"),
+    [
+        (False, f"Bearer {TOKEN}", 403),
+        (True, None, 403),
+        (True, "Bearer wrong-token", 403),
+        (True, f"Basic {TOKEN}", 403),
+        (True, f"Bearer {TOKEN}", 200),
+    ],
+    ids=["control-disabled", "no-token", "wrong-token", "wrong-scheme", "right-token"],
+)
+async def test_control_auth(
+    clock: FakeClock, allow: bool, header: str | None, expected: int
+) -> None:
+    """POST /control/{name} needs control allowed and the right Bearer token."""
+    store, _ = memory_breaker(clock)
+    app = Dashboard(store, allow_control=allow, token=TOKEN if allow else None)
+    headers = {} if header is None else {"Authorization": header}
+    async with client(app) as c:
+        r = await c.post("/control/payments", json={"state": "forced_open"}, headers=headers)
+        doc = (await c.get("/status")).json()
+    assert r.status_code == expected, r.text
+    assert doc["control"] is allow
+    state = doc["policies"][0]["state"]
+    assert state == ("forced_open" if expected == 200 else "closed")
+    if expected == 200:
+        assert r.json() == {"name": "payments", "state": "forced_open"}
+
+
+async def test_control_through_redis(redis_store: RedisStore) -> None:
+    """Closing and disabling through the dashboard changes the state Redis holds."""
+    breaker = CircuitBreaker(
+        "search", window=CountWindow(4), minimum_calls=2, open_for=30, store=redis_store
+    )
+    await trip(breaker, redis_store)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with client(Dashboard(redis_store, allow_control=True, token=TOKEN)) as c:
+        for state in ("closed", "disabled"):
+            r = await c.post("/control/search", json={"state": state}, headers=auth)
+            assert r.status_code == 200, r.text
+            (policy,) = [p for p in await status(redis_store) if p.kind == "circuit_breaker"]
+            assert policy.state is CircuitState(state)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        ("/control/nobody", b'{"state": "closed"}', 404),
+        ("/control/", b'{"state": "closed"}', 404),
+        ("/control/payments", b"not json", 400),
+        ("/control/payments", b'{"state": "open"}', 400),
+        ("/control/payments", b'{"state": 3}', 400),
+        ("/control/payments", b'["closed"]', 400),
+        ("/control/payments", b'{"state": "closed", "pad": "' + b"x" * 5000 + b'"}', 400),
+    ],
+    ids=[
+        "unknown-name",
+        "no-name",
+        "not-json",
+        "bad-state",
+        "state-not-text",
+        "not-object",
+        "huge",
+    ],
+)
+async def test_control_errors(clock: FakeClock, path: str, body: bytes, expected: int) -> None:
+    """Unknown breakers are 404 and malformed bodies 400, both as JSON with an error."""
+    store, _ = memory_breaker(clock)
+    app = Dashboard(store, allow_control=True, token=TOKEN)
+    async with client(app) as c:
+        r = await c.post(path, content=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == expected
+    assert "error" in r.json()
+    if expected == 404 and path.endswith("nobody"):
+        assert r.json()["error"] == "no breaker named 'nobody'"
+
+
+async def test_wrong_methods_and_paths(clock: FakeClock) -> None:
+    """Wrong methods are 405 with an Allow header; unknown paths are 404."""
+    store, _ = memory_breaker(clock)
+    async with client(Dashboard(store, allow_control=True, token=TOKEN)) as c:
+        get_control = await c.get("/control/payments")
+        post_status = await c.post("/status")
+        missing = await c.get("/nothing-here")
+    assert get_control.status_code == 405
+    assert get_control.headers["allow"] == "POST"
+    assert post_status.status_code == 405
+    assert "GET" in post_status.headers["allow"]
+    assert missing.status_code == 404
+
+
+async def test_events_stream_until_the_client_leaves(clock: FakeClock) -> None:
+    """GET /events pushes status documents, then stops once the client disconnects."""
+    store, _ = memory_breaker(clock)
+    app = Dashboard(store, refresh=0.05)
+    sent: list[dict[str, Any]] = []
+    two_events = asyncio.Event()
+    leave = asyncio.Event()
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if sum(b"data: " in m.get("body", b"") for m in sent) >= 2:
+            two_events.set()
+
+    scope = {"type": "http", "method": "GET", "path": "/events", "root_path": "", "headers": []}
+    task = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(two_events.wait(), 10)
+    leave.set()
+    await asyncio.wait_for(task, 10)
+    assert sent[0]["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+    events = [m["body"] for m in sent[1:] if m["body"].startswith(b"data: ")]
+    doc = json.loads(events[0][len(b"data: ") :])
+    assert doc["policies"][0]["name"] == "payments"
+    count = len(sent)
+    await asyncio.sleep(0.15)  # bounded: nothing more is sent once the client has gone
+    assert len(sent) == count
+
+
+async def test_mounted_under_starlette(clock: FakeClock) -> None:
+    """Under Starlette's Mount the routes and the page's base URL follow the mount path."""
+    store, breaker = memory_breaker(clock)
+    await trip(breaker)
+    app = Starlette(routes=[Mount("/resilience", app=Dashboard(store))])
+    async with client(app) as c:
+        page = await c.get("/resilience/")
+        doc = await c.get("/resilience/status")
+        outside = await c.get("/status")
+    assert page.status_code == 200
+    assert '<meta name="resilience-base" content="/resilience/">' in page.text
+    assert doc.status_code == 200
+    assert doc.json()["policies"][0]["state"] == "open"
+    assert outside.status_code == 404
+
+
+async def test_failing_store_is_a_503() -> None:
+    """A store that cannot reach Redis gives 503 JSON (status and control), never a crash."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", prefix="dash-down", timeout=0.2)
+    app = Dashboard(store, allow_control=True, token=TOKEN)
+    try:
+        async with client(app) as c:
+            r = await c.get("/status")
+            ctl = await c.post(
+                "/control/payments",
+                json={"state": "closed"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+    finally:
+        await store.aclose()
+    assert r.status_code == 503
+    doc = r.json()
+    assert doc["store"] == {"kind": "redis", "degraded": True}
+    assert doc["error"].startswith("store unavailable")
+    assert "127.0.0.1" not in r.text  # where the store is stays in the server's log
+    assert "127.0.0.1" not in ctl.text
+    assert doc["policies"] == []
+    assert ctl.status_code == 503
+    assert ctl.json()["error"].startswith("store unavailable")
+
+
+async def test_lifespan_and_websocket() -> None:
+    """Lifespan startup/shutdown are acknowledged; a WebSocket is refused."""
+    app = Dashboard(MemoryStore())
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app({"type": "lifespan"}, receive, send), 5)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    sent.clear()
+    inbox.append({"type": "websocket.connect"})
+    await app({"type": "websocket", "path": "/events"}, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+async def test_no_password_or_location_reaches_the_page_or_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With an unreachable store whose URL has a password, neither the page, the feed nor
+    the dashboard's log holds the password; viewers do not see the host either."""
+    url = "redis://:pw-s3cr3t@127.0.0.1:1/0?password=pw-s3cr3t"
+    store = RedisStore.from_url(url, prefix="dash-secret", timeout=0.2)
+    try:
+        async with client(Dashboard(store)) as c:
+            page = (await c.get("/")).text
+            doc = (await c.get("/status")).text
+    finally:
+        await store.aclose()
+    for text in (page, doc, caplog.text):
+        assert "pw-s3cr3t" not in text
+    assert "127.0.0.1:1" not in doc

@@ -1,0 +1,129 @@
+"""The demo's parts: its upstream server's sockets, its transitions, its screen."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections import Counter
+
+import httpx
+
+from resilience import CircuitState, PolicyStatus, StateChanged
+from resilience.ops.demo import Screen, Transitions, breaker_line, free_port, serve
+
+
+async def _ok(scope: dict[str, object], receive: object, send: object) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+
+async def test_upstream_connections_have_tcp_nodelay() -> None:
+    """uvicorn (on asyncio's loop) accepts the demo's connections with TCP_NODELAY set, so a
+    keep-alive response never waits on Nagle's algorithm."""
+    server, task = await serve(_ok, free_port())
+    try:
+        port = server.config.port
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{port}/")).status_code == 200
+            connections = list(server.server_state.connections)
+            assert connections
+            for protocol in connections:
+                sock = protocol.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        server.should_exit = True
+        await task
+
+
+def test_transitions_are_listed_once_each() -> None:
+    """Every replica reports the transitions it sees: each generation is listed once, in order."""
+    now = time.time()
+    transitions = Transitions(start_wall=now)
+    opened = StateChanged(
+        name="http://127.0.0.1:1", old=CircuitState.CLOSED, new=CircuitState.OPEN, generation=1
+    )
+    transitions.listener(opened)
+    transitions.listener(opened)  # a second replica saw the same transition
+    transitions.add("http://127.0.0.1:1", 2, "open", "half_open", now + 1.5)
+    transitions.add("http://127.0.0.1:1", 2, "open", "half_open", now + 1.6)
+    assert [(t.generation, t.new) for t in transitions.ordered()] == [
+        (1, "open"),
+        (2, "half_open"),
+    ]
+    assert len(transitions.take_fresh()) == 2
+    assert transitions.take_fresh() == []
+
+
+def test_piped_screen_prints_phases_and_changes_as_lines() -> None:
+    """Without a terminal the screen writes plain lines: phase changes and state changes."""
+    lines: list[str] = []
+    screen = Screen(lines.append, tty=False, duration=10)
+    transitions = Transitions(start_wall=0.0)
+    transitions.add("b", 1, "closed", "open", 2.0)
+    with screen:
+        screen.show(0.0, "healthy", [Counter()], None, [])
+        screen.show(0.5, "healthy", [Counter()], None, [])
+        screen.show(2.0, "failing", [Counter()], None, transitions.take_fresh())
+    assert lines == [
+        "   0.0s  upstream phase: healthy; breaker: not used yet\n",
+        "   2.0s  upstream phase: failing; breaker: not used yet\n",
+        "   2.0s  breaker b closed -> open (generation 1)\n",
+    ]
+
+
+async def _accepted_nodelay(listener: socket.socket) -> int:
+    """TCP_NODELAY on a connection asyncio accepted on ``listener`` (as uvicorn serves)."""
+    accepted: asyncio.Future[asyncio.BaseTransport] = asyncio.get_running_loop().create_future()
+
+    class Record(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)
+
+    server = await asyncio.get_running_loop().create_server(Record, sock=listener)
+    try:
+        port = listener.getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        transport = await asyncio.wait_for(accepted, 5)
+        sock = transport.get_extra_info("socket")
+        value = int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+        transport.close()
+        await writer.wait_closed()
+        return value
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_socket_bound_without_its_protocol_loses_tcp_nodelay() -> None:
+    """Why `uvicorn --workers` answers keep-alive requests ~40 ms late (docs/deployment.md):
+    it binds its socket with proto 0, and asyncio sets TCP_NODELAY only on sockets that say
+    they are TCP; the same socket with its protocol stated gets it."""
+    bare = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn's bind_socket
+    bare.bind(("127.0.0.1", 0))
+    bare.listen()
+    assert await _accepted_nodelay(bare) == 0
+    stated = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stated.bind(("127.0.0.1", 0))
+    stated.listen()
+    stated = socket.socket(stated.family, stated.type, socket.IPPROTO_TCP, stated.detach())
+    assert await _accepted_nodelay(stated) != 0
+
+
+def test_breaker_line_says_upstream_errors_were_retried() -> None:
+    """A closed breaker's window counts attempts: the line says its errors were retried, and
+    an open one says what opened it."""
+    closed = PolicyStatus(
+        name="b", kind="circuit_breaker", state=CircuitState.CLOSED, calls=20, failures=2
+    )
+    assert breaker_line(closed) == (
+        "breaker: closed, upstream errors, retried: 10% of 20 attempts in the window"
+    )
+    opened = PolicyStatus(
+        name="b", kind="circuit_breaker", state=CircuitState.OPEN, opened_by=(12, 9, 0)
+    )
+    assert breaker_line(opened) == "breaker: OPEN, opened by 9 failed of 12 attempts"
+    assert breaker_line(None) == "breaker: not used yet"

@@ -1,0 +1,619 @@
+"""The hedge policy: hedged attempts, clean cancellation, budget, learned delay."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resilience.errors import StoreUnavailableError
+from resilience.policies.base import Pipeline
+from resilience.policies.bulkhead import Bulkhead
+from resilience.policies.hedge import Hedge
+from resilience.policies.retry import Retry
+from resilience.policies.timeout import Timeout
+from resilience.rules.quantile import LearnedDelay
+from resilience.store import MemoryStore
+from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
+
+
+async def settle() -> None:
+    """Let the tasks started so far run until they block (nothing here waits on real time)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def only_me() -> set[asyncio.Task[Any]]:
+    """The tasks left besides the test's own."""
+    return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+
+class Backend:
+    """Attempt ``i`` waits until ``release(i)`` (or at once if ``instant(i)``), then returns
+    ``i`` or raises what ``errors[i]`` holds; records which attempts started and ended."""
+
+    def __init__(self, instant: Callable[[int], bool] = lambda i: False) -> None:
+        self.instant = instant
+        self.started: list[int] = []
+        self.ended: list[int] = []  # every attempt's finally, cancelled ones included
+        self.gates: dict[int, asyncio.Event] = {}
+        self.errors: dict[int, Exception] = {}
+
+    def release(self, i: int) -> None:
+        self.gates.setdefault(i, asyncio.Event()).set()
+
+    async def __call__(self) -> int:
+        i = len(self.started)
+        self.started.append(i)
+        try:
+            if not self.instant(i):
+                await self.gates.setdefault(i, asyncio.Event()).wait()
+            if i in self.errors:
+                raise self.errors[i]
+            return i
+        finally:
+            self.ended.append(i)
+
+
+def start(hedge: Hedge, fn: Callable[[], Awaitable[int]]) -> asyncio.Task[int]:
+    return asyncio.ensure_future(hedge.call(fn))
+
+
+# --- who wins --------------------------------------------------------------------------------
+
+
+async def test_fast_first_attempt_no_hedge(clock: FakeClock) -> None:
+    """A first attempt answering before the delay is the only one; nothing is left behind."""
+    hedge = Hedge(delay=0.05, budget=1.0, clock=clock)
+    backend = Backend(instant=lambda i: True)
+    assert await hedge.call(backend) == 0
+    assert backend.started == [0]
+    assert clock.pending == 0  # the hedge timer was cancelled
+    assert hedge.counts.totals() == (1, 0)
+    assert only_me() == set()
+
+
+async def test_slow_first_attempt_overtaken_by_hedge(clock: FakeClock) -> None:
+    """After the delay a hedge starts; it answers first, wins, and the first is cancelled."""
+    hedge = Hedge(delay=0.05, budget=1.0, clock=clock)
+    backend = Backend(instant=lambda i: i == 1)
+    task = start(hedge, backend)
+    await settle()
+    assert backend.started == [0]
+    clock.advance(0.049)
+    await settle()
+    assert backend.started == [0]
+    clock.advance(0.001)
+    await settle()
+    assert task.done()
+    assert task.result() == 1
+    assert backend.started == [0, 1]
+    assert sorted(backend.ended) == [0, 1]  # the loser's finally ran before the call returned
+    assert hedge.counts.totals() == (1, 1)
+    assert only_me() == set()
+
+
+async def test_first_success_wins_among_running(clock: FakeClock) -> None:
+    """With two hedges running, whichever succeeds first is the result; the rest are
+    cancelled and awaited."""
+    hedge = Hedge(delay=1.0, max_hedges=2, budget=2.0, clock=clock)
+    backend = Backend()
+    task = start(hedge, backend)
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    assert backend.started == [0, 1, 2]
+    backend.release(1)
+    await settle()
+    assert await task == 1
+    assert sorted(backend.ended) == [0, 1, 2]
+    assert only_me() == set()
+
+
+async def test_all_fail_raises_first_failure(clock: FakeClock) -> None:
+    """When every attempt fails, the error of the first to fail is raised (after the last)."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    backend = Backend()
+    backend.errors = {0: ConnectionError("first"), 1: ValueError("hedge")}
+    task = start(hedge, backend)
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    backend.release(0)
+    await settle()
+    assert not task.done()  # the hedge may still succeed
+    backend.release(1)
+    await settle()
+    with pytest.raises(ConnectionError, match="first"):
+        await task
+    assert only_me() == set()
+
+
+async def test_failure_before_delay_is_not_hedged(clock: FakeClock) -> None:
+    """A first attempt that fails before the delay ends the call: no hedge, no retry."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    backend = Backend(instant=lambda i: True)
+    backend.errors = {0: ValueError("bad")}
+    with pytest.raises(ValueError, match="bad"):
+        await hedge.call(backend)
+    assert backend.started == [0]
+    assert clock.pending == 0
+
+
+async def test_hedge_wins_after_first_failed(clock: FakeClock) -> None:
+    """A failed first attempt does not fail the call while a hedge can still succeed."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    backend = Backend()
+    backend.errors = {0: ConnectionError("first")}
+    task = start(hedge, backend)
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    backend.release(0)
+    await settle()
+    backend.release(1)
+    assert await task == 1
+
+
+async def test_caller_cancellation_cancels_every_attempt(clock: FakeClock) -> None:
+    """Cancelling the caller cancels and awaits every attempt; the cancellation propagates."""
+    hedge = Hedge(delay=1.0, max_hedges=2, budget=2.0, clock=clock)
+    backend = Backend()
+    task = start(hedge, backend)
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    assert backend.started == [0, 1]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(backend.ended) == [0, 1]
+    assert clock.pending == 0  # the next hedge's timer too
+    assert only_me() == set()
+    assert hedge.counts.totals() == (1, 1)
+
+
+async def test_a_loser_slow_to_clean_up_does_not_hold_back_the_answer(clock: FakeClock) -> None:
+    """The hedge wins while the first attempt is still cleaning up after its cancellation:
+    the call returns at once; the loser is kept until it has ended (``ending``, ``drain``)."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    cleaned = asyncio.Event()
+    done: list[str] = []
+
+    async def attempt() -> str:
+        if not done:
+            done.append("first")
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await cleaned.wait()  # slow cleanup (giving back a lease, say)
+                done.append("cleaned")
+        return "hedge"
+
+    task = asyncio.ensure_future(hedge.call(attempt))
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    assert task.done()
+    assert await task == "hedge"
+    assert done == ["first"]  # still cleaning up
+    assert hedge.ending == 1
+    drained = asyncio.ensure_future(hedge.drain())
+    await settle()
+    assert not drained.done()
+    cleaned.set()
+    await drained
+    assert done == ["first", "cleaned"]
+    assert hedge.ending == 0
+    assert only_me() == set()
+
+
+async def test_a_cancelled_call_waits_for_a_stubborn_attempt(clock: FakeClock) -> None:
+    """Cancelling the call cancels its attempts and waits until they have ended, even when
+    one cleans up slowly and the call is cancelled again meanwhile."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    cleaned = asyncio.Event()
+    done: list[str] = []
+
+    async def attempt() -> str:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await cleaned.wait()
+            done.append("cleaned")
+        return "never"
+
+    task = asyncio.ensure_future(hedge.call(attempt))
+    await settle()
+    clock.advance(1.0)  # a hedge is running too
+    await settle()
+    task.cancel()
+    await settle()
+    assert not task.done()
+    task.cancel()
+    await settle()
+    assert not task.done()
+    cleaned.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done == ["cleaned", "cleaned"]
+    assert hedge.ending == 0
+    assert only_me() == set()
+
+
+async def test_losers_release_their_bulkhead_slots(clock: FakeClock) -> None:
+    """In a pipeline, each attempt takes its own bulkhead slot and every slot is given back."""
+    bulkhead = Bulkhead(4, clock=clock)
+    hedge = Hedge(delay=1.0, max_hedges=2, budget=2.0, clock=clock)
+    pipeline = Pipeline(
+        Retry(on=ConnectionError, clock=clock), hedge, Timeout(5.0, clock=clock), bulkhead
+    )
+    backend = Backend(instant=lambda i: i == 2)
+    task = asyncio.ensure_future(pipeline.call(backend))
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    assert bulkhead.in_flight == 2
+    clock.advance(1.0)
+    await settle()
+    assert await task == 2
+    assert bulkhead.in_flight == 0
+    assert only_me() == set()
+
+
+async def test_attempt_timeouts_inside(clock: FakeClock) -> None:
+    """A Timeout inside the hedge limits each attempt on its own."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    pipeline = Pipeline(hedge, Timeout(1.5, clock=clock))
+    backend = Backend()
+    task = asyncio.ensure_future(pipeline.call(backend))
+    await settle()
+    clock.advance(1.0)  # the hedge starts, with a deadline of its own
+    await settle()
+    clock.advance(0.5)  # the first attempt times out; the hedge has 1 s left
+    await settle()
+    assert not task.done()
+    backend.release(1)
+    assert await task == 1
+
+
+# --- the budget ------------------------------------------------------------------------------
+
+
+async def test_budget_refuses_hedges(clock: FakeClock) -> None:
+    """With budget 0.25, the first three slow calls get no hedge, the fourth does."""
+    hedge = Hedge(delay=1.0, budget=0.25, clock=clock)
+    for n in range(1, 5):
+        backend = Backend()
+        task = start(hedge, backend)
+        await settle()
+        clock.advance(1.0)
+        await settle()
+        assert backend.started == ([0, 1] if n == 4 else [0])
+        backend.release(0)
+        assert await task == 0
+    assert hedge.counts.totals() == (4, 1)
+
+
+TICK = 1 / 64  # times are whole ticks: exact in binary, so window edges are exact too
+
+
+def run_pattern(pattern: list[tuple[int, bool]], budget: float, window: float) -> None:
+    """Slow and fast calls at the given gaps (in ticks); every hedge must fit the budget of
+    the window it started in."""
+    clock = FakeClock()
+    buckets = 8
+    hedge = Hedge(delay=TICK, budget=budget, window=window, buckets=buckets, clock=clock)
+    calls: list[float] = []
+    hedges: list[float] = []
+
+    async def main() -> None:
+        for gap, slow in pattern:
+            clock.advance(gap * TICK)
+            backend = Backend(instant=lambda i, slow=slow: not slow or i > 0)  # type: ignore[misc]
+            calls.append(clock.monotonic())
+            task = start(hedge, backend)
+            await settle()
+            if slow:
+                clock.advance(TICK)
+                await settle()
+                if len(backend.started) > 1:
+                    hedges.append(clock.monotonic())
+                backend.release(0)
+            await task
+
+    asyncio.run(main())
+    width = window / buckets
+    for t in hedges:
+        # the window at t holds every event after t - window + width, and none from t -
+        # window or before: the hedges it must see fit the budget of the calls it may count
+        started = sum(1 for h in hedges if t - window + width < h <= t)
+        counted = sum(1 for c in calls if t - window < c <= t)
+        assert started <= budget * counted + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pattern=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=200), st.booleans()),
+        min_size=1,
+        max_size=60,
+    ),
+    budget=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
+    window=st.sampled_from([2.0, 8.0, 64.0]),
+)
+def test_hedges_never_exceed_the_budget(
+    pattern: list[tuple[int, bool]], budget: float, window: float
+) -> None:
+    """Over any pattern of slow and fast calls, hedges stay within the budget."""
+    run_pattern(pattern, budget, window)
+
+
+def test_all_slow_calls_hedge_at_the_budget() -> None:
+    """When every call is slow, hedges reach the budget and stop there: 10 % of 200."""
+    run_pattern([(1, True)] * 200, 0.1, 64.0)
+    clock = FakeClock()
+    hedge = Hedge(delay=0.01, budget=0.1, clock=clock)
+
+    async def main() -> int:
+        hedged = 0
+        for _ in range(200):
+            backend = Backend(instant=lambda i: i > 0)
+            task = start(hedge, backend)
+            await settle()
+            clock.advance(0.01)
+            await settle()
+            hedged += len(backend.started) > 1
+            backend.release(0)
+            await task
+        return hedged
+
+    assert asyncio.run(main()) == 20
+
+
+# --- the learned delay -----------------------------------------------------------------------
+
+
+def test_learned_delay_converges_to_the_quantile() -> None:
+    """Fed latencies from a distribution, the delay converges to their p95 (within 5 %)."""
+    rng = random.Random(5)
+    learned = LearnedDelay(0.95, samples=1000)
+    assert learned.value == 0.1  # the initial value, before min_samples
+    for _ in range(19):
+        learned.observe(rng.lognormvariate(-3, 0.5))
+    assert learned.value == 0.1
+    for _ in range(5000):
+        learned.observe(rng.lognormvariate(-3, 0.5))
+    true_p95 = math.exp(-3 + 0.5 * 1.6448536)
+    assert learned.value == pytest.approx(true_p95, rel=0.05)
+    # the distribution shifts: the window follows it
+    for _ in range(2000):
+        learned.observe(rng.lognormvariate(-2, 0.5))
+    assert learned.value == pytest.approx(math.exp(-2 + 0.5 * 1.6448536), rel=0.05)
+
+
+def test_learned_delay_nearest_rank() -> None:
+    """The quantile is the nearest rank of the samples kept; bad observations are ignored."""
+    learned = LearnedDelay(0.9, samples=10, min_samples=10, initial=0.5)
+    for v in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, -1, math.nan, math.inf):
+        learned.observe(v / 100)
+    assert learned.value == pytest.approx(0.09)
+    learned.observe(0.2)  # replaces the oldest (0.01)
+    assert learned.value == pytest.approx(0.10)
+    learned.reset()
+    assert learned.value == 0.5
+
+
+async def test_hedge_learns_the_p95_of_its_calls(clock: FakeClock) -> None:
+    """delay="p95" converges to the p95 of the first attempts' latencies."""
+    hedge = Hedge(delay="p95", budget=1.0, clock=clock)
+    learned = hedge.learned
+    assert learned is not None
+    assert hedge.delay == 0.1
+    rng = random.Random(11)
+    latencies = [rng.uniform(0.001, 0.01) for _ in range(3000)]
+
+    for latency in latencies:
+
+        async def timed(latency: float = latency) -> float:
+            clock.advance(latency)  # the call takes that long; its answer comes first
+            return latency
+
+        assert await hedge.call(timed) == latency
+    assert hedge.counts.totals()[1] == 0
+    kept = sorted(latencies[-learned.samples :])
+    assert hedge.delay == pytest.approx(kept[math.ceil(0.95 * len(kept)) - 1], rel=0.02)
+    assert hedge.delay == pytest.approx(0.001 + 0.95 * 0.009, rel=0.05)
+
+
+async def test_overtaken_first_attempt_counts_as_a_lower_bound(clock: FakeClock) -> None:
+    """A first attempt overtaken by a hedge is observed at the time it had run."""
+    learned = LearnedDelay(0.5, samples=10, min_samples=1, initial=1.0)
+    hedge = Hedge(delay=learned, budget=1.0, clock=clock)
+    backend = Backend(instant=lambda i: False)
+    task = start(hedge, backend)
+    await settle()
+    clock.advance(1.0)
+    await settle()
+    clock.advance(0.5)
+    backend.release(1)
+    assert await task == 1
+    assert learned.value == pytest.approx(1.5)
+
+
+# --- shared through a store ------------------------------------------------------------------
+
+
+class DownStore(MemoryStore):
+    """A store whose windows cannot be reached."""
+
+    async def window_add(self, key: str, deltas: Any, *, window: float, buckets: int = 10) -> Any:
+        raise StoreUnavailableError("down")
+
+
+async def slow_call(hedge: Hedge, clock: FakeClock) -> bool:
+    """One call whose first attempt is slow: whether it was hedged."""
+    backend = Backend(instant=lambda i: i > 0)
+    task = start(hedge, backend)
+    await settle()
+    clock.advance(hedge.delay)
+    await settle()
+    backend.release(0)
+    await task
+    return len(backend.started) > 1
+
+
+async def fast_call(hedge: Hedge) -> None:
+    await hedge.call(Backend(instant=lambda i: True))
+
+
+async def test_memory_store_budget_is_the_fleets(clock: FakeClock) -> None:
+    """Calls through one replica fund hedges in another, once counts are exchanged."""
+    store = MemoryStore(clock=clock)
+    a = Hedge(delay=0.01, budget=0.1, store=store, name="api", clock=clock)
+    b = Hedge(delay=0.01, budget=0.1, store=store, name="api", clock=clock)
+    for _ in range(20):
+        await fast_call(a)
+    assert not await slow_call(b, clock)  # b alone: 1 call, no room for a hedge
+    await a.sync()
+    await b.sync()
+    assert b.counts.totals() == (21, 0)
+    assert await slow_call(b, clock)
+    assert await slow_call(b, clock)
+    assert not await slow_call(b, clock)  # 3 hedges would exceed 10 % of 24 calls
+    await b.sync()
+    await a.sync()
+    assert a.counts.totals() == (24, 2)
+    assert not await slow_call(a, clock)
+
+
+async def test_degraded_store_budget_is_local(clock: FakeClock) -> None:
+    """A store that cannot answer: the budget counts this replica's calls, and calls go on."""
+    hedge = Hedge(delay=0.01, budget=0.5, store=DownStore(clock=clock), name="api", clock=clock)
+    await fast_call(hedge)
+    await hedge.sync()
+    assert await slow_call(hedge, clock)
+    assert hedge.counts.totals() == (2, 1)
+    assert not hedge.counts.shared
+
+
+_prefixes = itertools.count()
+
+
+async def test_redis_budget_is_the_fleets(redis_url: str, clock: FakeClock) -> None:
+    """Two RedisStores on one server: one replica's calls fund the other's hedges."""
+    prefix = f"hedge{next(_prefixes)}-{time.monotonic_ns()}"
+    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
+    try:
+        a = Hedge(delay=0.01, budget=0.1, store=one, name="api", clock=clock)
+        b = Hedge(delay=0.01, budget=0.1, store=two, name="api", clock=clock)
+        for _ in range(10):
+            await fast_call(a)
+        await a.sync()
+        await b.sync()
+        assert b.counts.totals() == (10, 0)
+        assert await slow_call(b, clock)
+        assert not await slow_call(b, clock)
+        await b.sync()
+        await a.sync()
+        assert a.counts.totals() == (12, 1)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+# --- construction ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"delay": -1}, ValueError, "delay"),
+        ({"delay": math.nan}, ValueError, "delay"),
+        ({"delay": "fast"}, ValueError, "delay"),
+        ({"delay": "p100"}, ValueError, "delay"),
+        ({"delay": "p0"}, ValueError, "delay"),
+        ({"delay": True}, TypeError, "delay"),
+        ({"delay": None}, TypeError, "delay"),
+        ({"max_hedges": 0}, ValueError, "max_hedges"),
+        ({"max_hedges": 11}, ValueError, "max_hedges"),
+        ({"budget": 0}, ValueError, "budget"),
+        ({"budget": 1.5}, ValueError, "budget"),
+        ({"budget": math.nan}, ValueError, "budget"),
+        ({"budget": "0.1"}, TypeError, "budget"),
+        ({"window": 0}, ValueError, "window"),
+        ({"buckets": 0}, ValueError, "buckets"),
+        ({"window": 0.001}, ValueError, "window / buckets"),
+        ({"sync_interval": 100}, ValueError, "sync_interval"),
+        ({"store": object()}, TypeError, "store"),
+    ],
+)
+def test_bad_input_rejected(kwargs: dict[str, Any], error: type[Exception], names: str) -> None:
+    """Bad parameters are refused at construction, naming the parameter."""
+    with pytest.raises(error, match=names):
+        Hedge(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"quantile": 1}, ValueError, "quantile"),
+        ({"quantile": 0}, ValueError, "quantile"),
+        ({"quantile": "0.9"}, TypeError, "quantile"),
+        ({"samples": 5}, ValueError, "samples"),
+        ({"min_samples": 2000}, ValueError, "min_samples"),
+        ({"initial": -1}, ValueError, "initial"),
+    ],
+)
+def test_learned_delay_bad_input(
+    kwargs: dict[str, Any], error: type[Exception], names: str
+) -> None:
+    """LearnedDelay checks its parameters too."""
+    with pytest.raises(error, match=names):
+        LearnedDelay(**kwargs)
+
+
+def test_defaults() -> None:
+    """The documented defaults."""
+    hedge = Hedge()
+    assert hedge.learned is not None
+    assert hedge.learned.quantile == 0.95
+    assert hedge.delay == 0.1
+    assert (hedge.max_hedges, hedge.budget, hedge.window, hedge.buckets) == (1, 0.1, 60.0, 10)
+    assert repr(Hedge(delay=0.2)) == "Hedge(delay=0.2, max_hedges=1, name='hedge')"
+    assert Hedge(delay="p99.9").learned.quantile == pytest.approx(0.999)  # type: ignore[union-attr]
+
+
+async def test_decorator(clock: FakeClock) -> None:
+    """Decorating keeps the function's name; sync functions are refused."""
+    hedge = Hedge(delay=1.0, clock=clock)
+
+    @hedge
+    async def fetch(x: int) -> int:
+        return x * 2
+
+    assert fetch.__name__ == "fetch"
+    assert await fetch(21) == 42
+    with pytest.raises(TypeError):
+        hedge(lambda: None)  # type: ignore[arg-type, return-value]
+
+
+async def test_system_clock_hedge() -> None:
+    """With the real clock and a tiny delay, a hung first attempt is overtaken and cleaned up."""
+    hedge = Hedge(delay=0.001, budget=1.0)
+    backend = Backend(instant=lambda i: i == 1)
+    assert await asyncio.wait_for(hedge.call(backend), timeout=30) == 1
+    assert sorted(backend.ended) == [0, 1]
+    assert only_me() == set()

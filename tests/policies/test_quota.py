@@ -1,0 +1,456 @@
+"""Quota leasing (``FleetShare`` over ``Store.lease_share``): the fleet's limit holds with
+no round trip per call; shares follow demand; a dead holder's share comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resilience import MemoryStore, StoreUnavailableError
+from resilience.policies.quota import FleetShare
+from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
+
+from ..fork_support import in_forked_child
+from ..redis_server import RedisServer
+
+_prefixes = itertools.count()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["take", "give", "tick"]), st.integers(0, 2)),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops, st.integers(1, 6))
+def test_permits_in_use_never_exceed_the_limit(steps: list[tuple[str, int]], limit: int) -> None:
+    """Three holders taking, giving back and renewing in any order: the shares never sum
+    above the limit, nor do the permits in use; a holder never uses more than its share."""
+
+    async def run() -> None:
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        holders = [FleetShare(store, "pool", limit=limit, ttl=3, clock=clock) for _ in range(3)]
+        for op, who in steps:
+            h = holders[who]
+            if op == "take":
+                await h.take()
+            elif op == "give":
+                h.give()
+            else:
+                clock.advance(1.0)  # a rebalance period: renewals run
+                await settle()
+            assert sum(x.held for x in holders) <= limit
+            assert sum(x.share for x in holders) <= limit
+            assert all(x.held <= x.share or x.held == 0 for x in holders)
+        for h in holders:
+            await h.aclose()
+
+    asyncio.run(run())
+
+
+class_ops = st.lists(
+    st.tuples(st.sampled_from(["low", "high", "give low", "give high", "tick"]), st.integers(0, 2)),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(class_ops, st.integers(2, 8), st.floats(0.1, 0.95))
+def test_a_capped_class_never_holds_more_than_its_cap_fleet_wide(
+    steps: list[tuple[str, int]], limit: int, fraction: float
+) -> None:
+    """Three holders take permits for a low class (capped) and a high one (not), give them
+    back and renew in any order: the low class never holds more than its cap fleet-wide,
+    and all permits never more than the limit."""
+    cap = int(fraction * limit) or 1
+
+    async def run() -> None:
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        holders = [FleetShare(store, "pool", limit=limit, ttl=3, clock=clock) for _ in range(3)]
+        low, high = [0, 0, 0], [0, 0, 0]
+        for op, who in steps:
+            h = holders[who]
+            if op == "low" and await h.take(cap):
+                low[who] += 1
+            elif op == "high" and await h.take():
+                high[who] += 1
+            elif op.startswith("give"):
+                kept = low if op == "give low" else high
+                if kept[who]:
+                    kept[who] -= 1
+                    h.give()
+            elif op == "tick":
+                clock.advance(1.0)  # a rebalance period: renewals run
+                await settle()
+            assert sum(low) <= cap
+            assert sum(x.held for x in holders) <= limit
+        for h in holders:
+            await h.aclose()
+
+    asyncio.run(run())
+
+
+async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    a = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
+    b = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
+    assert all([await a.take() for _ in range(4)])
+    assert a.share == 4
+    assert not await b.take()  # the fleet is full
+    for _ in range(3):
+        a.give()
+    clock.advance(1.0)  # renewal: a keeps its peak of the last period (4)
+    await settle()
+    assert a.share == 4
+    clock.advance(1.0)  # the next one: only what it used since (1)
+    await settle()
+    assert a.share == 1
+    assert await b.take()
+    assert await b.take()
+    assert await b.take()
+    assert not await b.take()
+    a.give()
+    for _ in range(2):
+        clock.advance(1.0)
+        await settle()
+    assert a.share == 0  # nothing held: the share is given back, the renewals stop
+    assert a._timer is None
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_a_dead_holders_share_comes_back_within_one_lease() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    dead = FleetShare(store, "pool", limit=2, ttl=3, clock=clock)
+    assert await dead.take()
+    assert await dead.take()
+    assert dead._timer is not None
+    dead._timer.cancel()  # it dies: no renewal, no goodbye
+    other = FleetShare(store, "pool", limit=2, ttl=3, clock=clock)
+    assert not await other.take()
+    clock.advance(3.0)
+    assert await other.take()
+    assert await other.take()
+    await other.aclose()
+
+
+async def test_a_valid_share_admits_while_the_store_is_away() -> None:
+    """Calls go on against a share that is still valid; past it, the caller is told."""
+
+    class Away(MemoryStore):
+        away = False
+
+        async def lease_share(self, *args: object, **kwargs: object) -> tuple[int, int]:
+            if self.away:
+                raise StoreUnavailableError("away")
+            return await super().lease_share(*args, **kwargs)  # type: ignore[arg-type]
+
+    clock = FakeClock()
+    store = Away(clock=clock)
+    share = FleetShare(store, "pool", limit=3, ttl=3, clock=clock)
+    assert await share.take()
+    assert await share.take()
+    share.give()
+    store.away = True
+    assert share.take_now()  # from the share granted before: no store call
+    share.give()
+    clock.advance(3.0)  # the share's lease has run out
+    await settle()
+    assert not share.take_now()
+    with pytest.raises(StoreUnavailableError):
+        await share.take()
+    store.away = False
+    await share.aclose()
+
+
+def test_bad_arguments_are_refused() -> None:
+    store = MemoryStore()
+    with pytest.raises(ValueError, match="limit"):
+        FleetShare(store, "pool", limit=0)
+    with pytest.raises(ValueError, match="ttl"):
+        FleetShare(store, "pool", limit=1, ttl=0)
+    with pytest.raises(TypeError, match="key"):
+        FleetShare(store, 3, limit=1)  # type: ignore[arg-type]
+
+
+# --- on a real Redis --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def evalsha_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("workers", [4, 10])
+async def test_the_fleet_limit_holds_across_replicas_with_few_round_trips(
+    redis_url: str, raw: aioredis.Redis, workers: int
+) -> None:
+    """Two replicas, ``workers`` workers each, a fleet limit of 8 (demand at the limit, and
+    above it): never more than 8 in use at once, and under 0.05 Redis commands per call."""
+    prefix = f"quota{next(_prefixes)}"
+    stores = [RedisStore.from_url(redis_url, prefix=prefix) for _ in range(2)]
+    shares = [FleetShare(s, "pool", limit=8, ttl=10) for s in stores]
+    in_use = peak = taken = refused = 0
+    before = await evalsha_calls(raw)
+
+    async def worker(share: FleetShare) -> None:
+        nonlocal in_use, peak, taken, refused
+        for _ in range(300):
+            if not await share.take():
+                refused += 1
+                await asyncio.sleep(0)
+                continue
+            taken += 1
+            in_use += 1
+            peak = max(peak, in_use)
+            await asyncio.sleep(0)
+            in_use -= 1
+            share.give()
+
+    try:
+        await asyncio.gather(*(worker(s) for s in shares for _ in range(workers)))
+        calls = await evalsha_calls(raw) - before
+    finally:
+        for share in shares:
+            await share.aclose()
+        for s in stores:
+            await s.aclose()
+    assert peak <= 8
+    if workers * 2 <= 8:
+        assert refused == 0  # demand within the limit: every call got a permit
+    assert calls <= 0.05 * (taken + refused), (calls, taken, refused)
+
+
+async def test_status_shows_the_permits_in_use_under_shares(redis_url: str) -> None:
+    from resilience import status
+
+    prefix = f"quota{next(_prefixes)}"
+    store = RedisStore.from_url(redis_url, prefix=prefix)
+    share = FleetShare(store, "uploads", limit=5, ttl=10)
+    try:
+        assert await share.take()
+        assert await share.take()
+        await share._ask(2)  # a renewal: reports the permits held
+        seen = {(s.name, s.kind): s for s in await status(store)}
+        assert seen[("uploads", "bulkhead")].in_flight == 2
+        assert seen[("uploads", "bulkhead")].limit == 5
+    finally:
+        await share.aclose()
+        await store.aclose()
+
+
+async def test_a_forked_child_holds_nothing_of_its_parents_share() -> None:
+    """A child forked while its parent holds a share starts with none: what it takes it
+    asks the fleet for, and the parent's share is not the child's to spend."""
+
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    share = FleetShare(store, "pool", limit=2, ttl=30, clock=clock)
+    assert await share.take()
+    assert await share.take()
+    share.give()  # the parent: one permit in use, a share of 2
+
+    async def child() -> str:
+        now, asked = share.take_now(), await share.take()
+        return f"{share.share} {share.held} {int(now)} {int(asked)}"
+
+    seen = in_forked_child(child)
+    assert seen == "0 0 0 0"  # nothing inherited; the fleet (the parent's share) is full
+    await share.aclose()
+
+
+# --- a store that does not answer ---------------------------------------------------------------
+
+
+class Hung(MemoryStore):
+    """A store whose ``lease_share`` waits until released, then fails (or, ``answer``: answers)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.asked = 0
+        self.release = asyncio.Event()
+        self.answer = False
+
+    async def lease_share(self, *args: Any, **kwargs: Any) -> Any:
+        self.asked += 1
+        await self.release.wait()
+        if not self.answer:
+            raise StoreUnavailableError("timed out")
+        return await super().lease_share(*args, **kwargs)
+
+
+async def test_calls_waiting_on_a_hung_store_fail_with_the_one_ask_under_way() -> None:
+    """80 calls needing a permit while the store hangs wait on one ask together; when it
+    fails they all fail with it (the store cannot answer), none asks again."""
+    clock = FakeClock()
+    store = Hung(clock)
+    share = FleetShare(store, "pool", limit=100, ttl=3, clock=clock)
+    calls = [asyncio.ensure_future(share.take()) for _ in range(80)]
+    await settle()
+    store.release.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailableError) for r in results), results
+    assert store.asked == 1
+
+
+async def test_calls_that_came_during_an_ask_share_one_more() -> None:
+    """Calls that came while an ask was under way (not counted in it) make one more ask
+    together, and each waits for at most those two."""
+    clock = FakeClock()
+    store = Hung(clock)
+    store.answer = True
+    share = FleetShare(store, "pool", limit=100, ttl=3, clock=clock)
+    first = asyncio.ensure_future(share.take())
+    await settle()
+    late = [asyncio.ensure_future(share.take()) for _ in range(5)]
+    await settle()
+    assert store.asked == 1
+    store.release.set()
+    assert await first
+    assert all(await asyncio.gather(*late))
+    assert store.asked == 2
+    assert share.held == 6
+    await share.aclose()
+
+
+# --- Redis loses the shares -------------------------------------------------------------------
+
+
+async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServer) -> None:
+    """Two replicas hold 5 permits each of a fleet limit of 10; Redis is killed and started
+    again empty on the same port, so the store no longer knows their shares, which are still
+    valid on each replica. More calls on one replica get no permit until the other has had
+    time to report again: the permits in use never exceed 10."""
+    clock = FakeClock()
+    prefix = f"quota{next(_prefixes)}"
+    stores = [RedisStore.from_url(redis_server.url, prefix=prefix, clock=clock) for _ in range(2)]
+    a, b = (FleetShare(s, "pool", limit=10, ttl=30, clock=clock) for s in stores)
+    try:
+        for share in (a, b):
+            assert all([await share.take() for _ in range(5)])
+        redis_server.kill()
+        redis_server.start()  # same port, empty: no persistence
+        for _ in range(200):  # until the store answers again (real time: it reconnects)
+            try:
+                await a.take()
+                break
+            except StoreUnavailableError:
+                await asyncio.sleep(0.05)
+        for _ in range(5):
+            await a.take()
+        assert a.held + b.held <= 10, (a.held, b.held)
+        for _ in range(3):  # renewals: b reports its permits again
+            clock.advance(1.0)
+            await asyncio.sleep(0.05)
+        for _ in range(5):
+            b.give()
+        for _ in range(3):
+            clock.advance(1.0)
+            await asyncio.sleep(0.05)
+        assert all([await a.take() for _ in range(5)])  # what b gave back is a's to take
+        assert a.held + b.held <= 10, (a.held, b.held)
+    finally:
+        for share in (a, b):
+            await share.aclose()
+        for s in stores:
+            await s.aclose()
+
+
+async def test_a_stray_share_entry_is_deleted_and_reported(redis_url: str) -> None:
+    """An entry written by someone else, expiring 115 days ahead with a share of a billion,
+    is garbage: deleted and reported (``StoreDataReset``), and the fleet's permits are
+    free again once the holders have had time to report (``settle``), not in 115 days."""
+    from resilience.events import Event, StoreDataReset
+
+    clock = FakeClock()
+    events: list[Event] = []
+    prefix = f"quota{next(_prefixes)}"
+    store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock, listeners=[events.append])
+    raw = aioredis.Redis.from_url(redis_url)
+    far = int(clock.monotonic() * 1000) + 10_000_000_000
+    await raw.hset(f"{prefix}:{{pool}}:shares", "stray", f"1000000000 0 {far} 0")
+    share = FleetShare(store, "pool", limit=20, ttl=30, clock=clock)
+    try:
+        assert not await share.take()
+        assert [e.key for e in events if isinstance(e, StoreDataReset)] == [
+            f"{prefix}:{{pool}}:shares"
+        ]
+        assert await raw.hget(f"{prefix}:{{pool}}:shares", "stray") is None
+        clock.advance(2.5)  # two rebalance periods: the holders have reported
+        assert all([await share.take() for _ in range(20)])
+    finally:
+        await share.aclose()
+        await store.aclose()
+        await raw.aclose()
+
+
+async def test_a_store_clock_stepped_back_does_not_keep_a_dead_holders_share(
+    redis_url: str,
+) -> None:
+    """A holder takes the whole limit and dies; the store's clock steps back an hour (Redis
+    TIME after a failover). Two minutes later the next replica gets every permit: the dead
+    holder's entry, now an hour and a lease ahead, is garbage."""
+
+    class Stepping(FakeClock):
+        def step_back(self, seconds: float) -> None:
+            self._now -= seconds
+
+    clock = Stepping(start=100_000.0)
+    prefix = f"quota{next(_prefixes)}"
+    stores = [RedisStore.from_url(redis_url, prefix=prefix, clock=clock) for _ in range(2)]
+    dead, other = (FleetShare(s, "pool", limit=8, ttl=30, clock=clock) for s in stores)
+    try:
+        assert all([await dead.take() for _ in range(8)])
+        assert dead._timer is not None
+        dead._timer.cancel()  # it dies: no renewal, no goodbye
+        clock.step_back(3600.0)
+        clock.advance(120.0)
+        await other.take()  # finds the garbage: the holders report again first
+        clock.advance(2.5)  # two rebalance periods: the holders have reported
+        assert other.held + sum([await other.take() for _ in range(8)]) == 8
+    finally:
+        await other.aclose()
+        for s in stores:
+            await s.aclose()
+
+
+async def test_closing_gives_the_share_back_but_not_the_permits_in_use() -> None:
+    """aclose() gives the unused share back at once; permits still in use on the closing
+    holder go on counting, so the limit holds while those calls finish."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    closing = FleetShare(store, "pool", limit=10, ttl=3, clock=clock)
+    other = FleetShare(store, "pool", limit=10, ttl=3, clock=clock)
+    assert all([await closing.take() for _ in range(10)])
+    for _ in range(7):
+        closing.give()
+    await closing.aclose()
+    assert sum([await other.take() for _ in range(10)]) == 7
+    await other.aclose()

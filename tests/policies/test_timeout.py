@@ -1,0 +1,365 @@
+"""The timeout policy: expiry on a fake clock, nesting, cancellation bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from resilience.errors import ResilienceTimeoutError
+from resilience.events import CallFinished, Event, TimedOut
+from resilience.policies.timeout import Timeout
+from resilience.testing import FakeClock
+
+
+def policy_events(events: list[Any]) -> Callable[[Any], None]:
+    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
+
+    def listen(event: Any) -> None:
+        if not isinstance(event, CallFinished):
+            events.append(event)
+
+    return listen
+
+
+async def settle(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def test_expires_after_seconds(clock: FakeClock) -> None:
+    """A call outliving ``seconds`` of fake time raises ResilienceTimeoutError (a TimeoutError)."""
+    timeout = Timeout(2, name="t", clock=clock)
+    task = asyncio.create_task(timeout.call(clock.sleep, 10))
+    await settle()
+    clock.advance(1.9)
+    await settle()
+    assert not task.done()
+    clock.advance(0.1)
+    with pytest.raises(ResilienceTimeoutError) as info:
+        await task
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.name == "t"
+    assert info.value.seconds == 2
+    assert isinstance(info.value.__cause__, asyncio.CancelledError)
+
+
+async def test_success_before_deadline(clock: FakeClock) -> None:
+    """A call finishing before the deadline returns its value and leaves no timer behind."""
+    timeout = Timeout(5, clock=clock)
+
+    async def work(x: int, *, y: int) -> int:
+        await clock.sleep(3)
+        return x + y
+
+    task = asyncio.create_task(timeout.call(work, 1, y=2))
+    await settle()
+    clock.advance(3)
+    assert await task == 3
+    clock.advance(10)  # the timer may still fire, but must not touch anything
+    await settle()
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_timed_out_event(clock: FakeClock) -> None:
+    """Expiry delivers a TimedOut event carrying the name and seconds."""
+    events: list[Event] = []
+    timeout = Timeout(1.5, name="slow", clock=clock, listeners=[policy_events(events)])
+    task = asyncio.create_task(timeout.call(clock.sleep, 10))
+    await settle()
+    assert events == []
+    clock.advance(1.5)
+    with pytest.raises(ResilienceTimeoutError):
+        await task
+    assert events == [TimedOut(name="slow", seconds=1.5)]
+
+
+async def test_inner_shorter_timeout_fires(clock: FakeClock) -> None:
+    """Nested: the shorter inner timeout raises its own error and the outer is unaffected."""
+    outer = Timeout(10, name="outer", clock=clock)
+    inner = Timeout(1, name="inner", clock=clock)
+
+    names: list[str] = []
+
+    async def body() -> str:
+        try:
+            await inner.call(clock.sleep, 5)
+        except ResilienceTimeoutError as exc:
+            names.append(exc.name)
+            await clock.sleep(2)  # the outer timeout still lets work continue
+            return "recovered"
+        return "not timed out"
+
+    task = asyncio.create_task(outer.call(body))
+    await settle()
+    clock.advance(1)
+    await settle()
+    clock.advance(2)
+    assert await task == "recovered"
+    assert names == ["inner"]
+
+
+async def test_outer_shorter_timeout_fires(clock: FakeClock) -> None:
+    """Nested: the shorter outer timeout raises from the outer; the inner does not convert it."""
+    outer = Timeout(1, name="outer", clock=clock)
+    inner = Timeout(10, name="inner", clock=clock)
+    seen: list[BaseException] = []
+
+    async def body() -> None:
+        try:
+            await inner.call(clock.sleep, 5)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+
+    task = asyncio.create_task(outer.call(body))
+    await settle()
+    clock.advance(1)
+    with pytest.raises(ResilienceTimeoutError) as info:
+        await task
+    assert info.value.name == "outer"
+    assert len(seen) == 1
+    assert isinstance(seen[0], asyncio.CancelledError)
+
+
+async def _cancelling_after_external_cancel(make_cm: Any, clock: FakeClock) -> tuple[str, int]:
+    """Run ``async with make_cm()`` around a sleep, cancel from outside, report what was seen."""
+    seen: list[tuple[str, int]] = []
+
+    async def body() -> None:
+        try:
+            async with make_cm():
+                await clock.sleep(10)
+        except BaseException as exc:
+            seen.append((type(exc).__name__, asyncio.current_task().cancelling()))  # type: ignore[union-attr]
+            raise
+
+    task = asyncio.create_task(body())
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return seen[0]
+
+
+async def test_external_cancel_passes_through_like_asyncio_timeout(clock: FakeClock) -> None:
+    """An outside task.cancel() surfaces as CancelledError with cancelling() as asyncio.timeout."""
+    ours = await _cancelling_after_external_cancel(lambda: Timeout(5, clock=clock), clock)
+    reference = await _cancelling_after_external_cancel(lambda: asyncio.timeout(5), clock)
+    assert ours == reference == ("CancelledError", 1)
+
+
+async def test_external_cancel_through_call(clock: FakeClock) -> None:
+    """Through ``call``, an outside cancel is CancelledError, and a later expiry does nothing."""
+    events: list[Event] = []
+    timeout = Timeout(5, clock=clock, listeners=[policy_events(events)])
+    task = asyncio.create_task(timeout.call(clock.sleep, 10))
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelling() == 1
+    clock.advance(10)
+    await settle()
+    assert events == []
+
+
+async def test_cancelling_restored_after_expiry(clock: FakeClock) -> None:
+    """After a timeout expires and is caught, the task's cancelling() count is back to 0."""
+    timeout = Timeout(1, clock=clock)
+    counts: list[int] = []
+
+    async def body() -> str:
+        try:
+            await timeout.call(clock.sleep, 10)
+        except ResilienceTimeoutError:
+            counts.append(asyncio.current_task().cancelling())  # type: ignore[union-attr]
+        await clock.sleep(1)  # the task is not cancelled any more: it may go on awaiting
+        return "went on"
+
+    task = asyncio.create_task(body())
+    await settle()
+    clock.advance(1)
+    await settle()
+    clock.advance(1)
+    assert await task == "went on"
+    assert counts == [0]
+
+
+async def test_swallowed_cancellation_returns_value(clock: FakeClock) -> None:
+    """A call swallowing the timeout's cancellation returns its value; cancelling() is restored."""
+    timeout = Timeout(1, clock=clock)
+    counts: list[int] = []
+
+    async def stubborn() -> str:
+        try:
+            await clock.sleep(10)
+        except asyncio.CancelledError:
+            return "swallowed"
+        return "slept"
+
+    async def body() -> str:
+        result = await timeout.call(stubborn)
+        counts.append(asyncio.current_task().cancelling())  # type: ignore[union-attr]
+        return result
+
+    task = asyncio.create_task(body())
+    await settle()
+    clock.advance(1)
+    assert await task == "swallowed"
+    assert counts == [0]
+
+
+async def test_timeout_and_external_cancel_together(clock: FakeClock) -> None:
+    """If the task is also cancelled from outside, CancelledError wins over the timeout."""
+    timeout = Timeout(1, clock=clock)
+    task = asyncio.create_task(timeout.call(clock.sleep, 10))
+    await settle()
+    clock.advance(1)  # the timeout cancels the task ...
+    task.cancel()  # ... and so does someone else before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_concurrent_calls_only_slow_ones_time_out(clock: FakeClock) -> None:
+    """Concurrent calls started at different times: exactly those slower than the limit fail."""
+    timeout = Timeout(5, clock=clock)
+    durations = [1, 3, 6, 8, 4.5, 5.5, 2, 9]
+    tasks: list[tuple[float, asyncio.Task[None]]] = []
+    for i, d in enumerate(durations):
+        tasks.append((d, asyncio.create_task(timeout.call(clock.sleep, d))))
+        await settle()
+        if i % 2:
+            clock.advance(0.75)  # stagger start times, so deadlines differ
+            await settle()
+    for _ in range(40):
+        clock.advance(0.25)
+        await settle()
+    for d, task in tasks:
+        assert task.done()
+        if d < 5:
+            assert task.exception() is None
+        else:
+            assert isinstance(task.exception(), ResilienceTimeoutError)
+
+
+async def test_async_with_form(clock: FakeClock) -> None:
+    """``async with timeout:`` raises on expiry and passes a fast body through."""
+    timeout = Timeout(2, clock=clock)
+
+    async def slow() -> None:
+        async with timeout:
+            await clock.sleep(10)
+
+    async def fast() -> str:
+        async with timeout:
+            await clock.sleep(1)
+        return "fast"
+
+    slow_task = asyncio.create_task(slow())
+    fast_task = asyncio.create_task(fast())
+    await settle()
+    clock.advance(1)
+    assert await fast_task == "fast"
+    assert not slow_task.done()
+    clock.advance(1)
+    with pytest.raises(ResilienceTimeoutError):
+        await slow_task
+
+
+async def test_async_with_nested_same_timeout(clock: FakeClock) -> None:
+    """The same Timeout nested twice: the outer deadline comes first and the outer raises."""
+    timeout = Timeout(2, clock=clock)
+
+    async def body() -> str:
+        async with timeout:
+            await clock.sleep(1)
+            try:
+                async with timeout:
+                    await clock.sleep(10)
+            except ResilienceTimeoutError:
+                return "inner converted the outer's cancellation"
+        return "not cancelled"
+
+    task = asyncio.create_task(body())
+    await settle()
+    clock.advance(1)
+    await settle()
+    clock.advance(1)  # outer deadline reached first, at t=2
+    await settle()
+    with pytest.raises(ResilienceTimeoutError):
+        await task
+
+
+def test_usable_from_two_event_loops() -> None:
+    """One Timeout works across two asyncio.run calls, one after the other."""
+    clock = FakeClock()
+    timeout = Timeout(3, clock=clock)
+
+    async def fast() -> str:
+        return await timeout.call(_value, "fast")
+
+    async def slow() -> type[BaseException] | None:
+        task = asyncio.create_task(timeout.call(clock.sleep, 10))
+        await settle()
+        clock.advance(3)
+        await settle()
+        exc = task.exception()
+        return type(exc) if exc is not None else None
+
+    assert asyncio.run(fast()) == "fast"  # leaves a timer armed on the first loop
+    assert asyncio.run(slow()) is ResilienceTimeoutError
+    assert asyncio.run(slow()) is ResilienceTimeoutError
+
+
+async def _value(v: str) -> str:
+    return v
+
+
+def test_outside_a_task_is_an_error() -> None:
+    """Entering a Timeout outside of an asyncio task raises RuntimeError."""
+    timeout = Timeout(1, clock=FakeClock())
+    coro = timeout.call(_value, "x")
+    with pytest.raises(RuntimeError):
+        coro.send(None)  # type: ignore[attr-defined]
+    coro.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        ("1", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_bad_seconds_rejected(seconds: Any, error: type[Exception]) -> None:
+    """``seconds`` must be a finite number > 0."""
+    with pytest.raises(error):
+        Timeout(seconds)
+
+
+async def test_many_finished_calls_behind_a_slow_one(clock: FakeClock) -> None:
+    """Hundreds of calls finishing behind a slow one leave the slow one's deadline intact."""
+    timeout = Timeout(5, clock=clock)
+    slow = asyncio.create_task(timeout.call(clock.sleep, 100))
+    await settle()
+    for _ in range(300):
+        clock.advance(0.01)
+        assert await timeout.call(_value, "quick") == "quick"
+    late = asyncio.create_task(timeout.call(clock.sleep, 100))
+    await settle()
+    clock.advance(5 - 3.0 + 0.001)  # 3s passed in the loop above: the slow deadline is reached
+    with pytest.raises(ResilienceTimeoutError):
+        await slow
+    assert not late.done()
+    clock.advance(3)
+    with pytest.raises(ResilienceTimeoutError):
+        await late

@@ -1,0 +1,639 @@
+"""Redis chaos: RedisStore behind a fault proxy, a real redis-server behind the proxy.
+
+Each scenario runs a load loop through a shared breaker (and, in a second loop, a pipeline
+with a shared RateLimiter and a distributed Bulkhead) on replica A, which reaches Redis
+through the proxy, while a fault is on. It asserts that no call fails or waits because of the
+store, that the store turns degraded when it must and recovers once the fault is lifted, and
+that state converges afterwards: replica C, which reaches Redis directly, trips the breaker
+and A must see it OPEN within a bound. Measured numbers are printed (run with ``-s``) and
+recorded in docs/reliability.md. ``--full`` runs longer faults and more cuts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    Pipeline,
+    RateLimiter,
+    StoreDegraded,
+    StoreRecovered,
+)
+from resilience.events import Event, SubscriberReplaced
+from resilience.store.redis import RedisStore
+
+from ..faultproxy import Connection, FaultProxy
+from ..redis_server import RedisServer
+
+_prefixes = itertools.count()
+
+CLOSED_PATH_BOUND = 0.05  # seconds: a call through a closed shared breaker never waits longer
+STORE_TIMEOUT = 0.25  # the store's default per-call bound
+SLACK = 0.25  # scheduling on a loaded 2-core machine
+
+
+class UpstreamError(Exception):
+    """What the test's own upstream raises (1 call in 20): the only failures allowed."""
+
+
+async def upstream(i: int) -> int:
+    """The protected function: yields to the loop once, fails every 20th call."""
+    await asyncio.sleep(0)
+    if i % 20 == 19:
+        raise UpstreamError(i)
+    return i
+
+
+async def ok() -> str:
+    """A call that succeeds."""
+    return "ok"
+
+
+async def boom() -> None:
+    """A call that fails."""
+    raise UpstreamError("boom")
+
+
+async def until(condition: Callable[[], bool], seconds: float) -> bool:
+    """Poll ``condition()`` until it holds or ``seconds`` pass; whether it held."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+@dataclass
+class Stats:
+    """Durations and outcomes of one load loop."""
+
+    label: str
+    durations: list[float] = field(default_factory=list)
+    expected: int = 0
+    unexpected: list[str] = field(default_factory=list)
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile of the durations, in seconds (0.0 when empty)."""
+        if not self.durations:
+            return 0.0
+        ordered = sorted(self.durations)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def slowest(self) -> float:
+        """The longest call, in seconds."""
+        return max(self.durations, default=0.0)
+
+    def line(self) -> str:
+        """One printable line: count, p50 / p99 / max in milliseconds, failures."""
+        return (
+            f"{self.label}: n={len(self.durations)} p50={self.quantile(0.5) * 1000:.2f}ms "
+            f"p99={self.quantile(0.99) * 1000:.2f}ms max={self.slowest * 1000:.2f}ms "
+            f"upstream failures={self.expected} other failures={len(self.unexpected)}"
+        )
+
+
+def breaker(store: RedisStore) -> CircuitBreaker:
+    """The shared breaker every replica builds alike (5% upstream failures never trip it)."""
+    return CircuitBreaker(
+        "dep", store=store, window=CountWindow(50), minimum_calls=50, open_for=30.0
+    )
+
+
+class Rig:
+    """Replica A behind the proxy, replica C direct, both on one private redis-server."""
+
+    def __init__(self, server: RedisServer, proxy: FaultProxy, **options: Any) -> None:
+        self.server = server
+        self.proxy = proxy
+        self.events: list[Event] = []
+        prefix = f"chaos{next(_prefixes)}-{time.monotonic_ns()}"
+        options.setdefault("sync_interval", 0.05)
+        self.sync_interval: float = options["sync_interval"]
+        self.a_store = RedisStore.from_url(
+            proxy.url_for("redis"), prefix=prefix, listeners=[self.events.append], **options
+        )
+        self.c_store = RedisStore.from_url(server.url, prefix=prefix, **options)
+        self.a = breaker(self.a_store)
+        self.c = breaker(self.c_store)
+        self.pipeline = Pipeline(
+            self.a,
+            RateLimiter(10_000, store=self.a_store, name="api"),
+            Bulkhead(4, distributed=True, store=self.a_store, name="pool"),
+        )
+
+    async def aclose(self) -> None:
+        """Close both stores."""
+        await self.a_store.aclose()
+        await self.c_store.aclose()
+
+    def count(self, kind: type[Event]) -> int:
+        """How many events of ``kind`` replica A's store emitted."""
+        return sum(isinstance(e, kind) for e in self.events)
+
+    async def warm(self) -> None:
+        """Both replicas learn the breaker and the pipeline's keys exist; subscribers attach."""
+        await self.a.call(ok)
+        await self.pipeline.call(ok)
+        await self.c.call(ok)
+        await self.a_store.sync()
+        await self.c_store.sync()
+        await asyncio.sleep(0.05)
+
+    async def load(self, seconds: float, *, pipeline: bool = True) -> tuple[Stats, Stats]:
+        """Run the breaker loop (and the pipeline loop, two workers) for ``seconds``."""
+        closed = Stats("breaker only")
+        piped = Stats("breaker+rate limit+bulkhead")
+        end = time.monotonic() + seconds
+
+        async def loop(call: Callable[..., Any], stats: Stats) -> None:
+            for i in itertools.count():
+                if time.monotonic() >= end:
+                    return
+                start = time.perf_counter()
+                try:
+                    await call(upstream, i)
+                except UpstreamError:
+                    stats.expected += 1
+                except Exception as exc:
+                    stats.unexpected.append(repr(exc))
+                stats.durations.append(time.perf_counter() - start)
+                await asyncio.sleep(0.001)
+
+        loops = [loop(self.a.call, closed)]
+        if pipeline:
+            loops += [loop(self.pipeline.call, piped), loop(self.pipeline.call, piped)]
+        await asyncio.gather(*loops)
+        return closed, piped
+
+    def degraded_more_than(self, n: int) -> Callable[[], bool]:
+        """A condition: A's store has emitted more than ``n`` StoreDegraded events."""
+        return lambda: self.count(StoreDegraded) > n
+
+    async def until(self, condition: Callable[[], bool], seconds: float, what: str) -> float:
+        """Wait (bounded) until ``condition()``; the seconds it took."""
+        start = time.monotonic()
+        while not condition():
+            assert time.monotonic() - start < seconds, f"{what}: not within {seconds}s"
+            await asyncio.sleep(0.005)
+        return time.monotonic() - start
+
+    async def recovered(self, seconds: float = 10.0) -> float:
+        """Wait until A's store is healthy and every degradation was followed by a recovery."""
+        return await self.until(
+            lambda: (
+                not self.a_store.degraded
+                and self.count(StoreRecovered) == self.count(StoreDegraded)
+            ),
+            seconds,
+            "recovery",
+        )
+
+    async def converge(self, seconds: float = 5.0) -> float:
+        """C trips the breaker; seconds from C seeing OPEN until A (calling) rejects as OPEN."""
+        for _ in range(200):
+            try:
+                await self.c.call(boom)
+            except (UpstreamError, CircuitOpenError):
+                pass
+            if self.c.state is CircuitState.OPEN:
+                break
+            await asyncio.sleep(0.001)
+        assert self.c.state is CircuitState.OPEN
+        start = time.monotonic()
+        while True:
+            try:
+                await self.a.call(ok)
+            except CircuitOpenError:
+                return time.monotonic() - start
+            assert time.monotonic() - start < seconds, "A never saw the breaker open"
+            await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+async def rig_factory(
+    redis_server: RedisServer,
+) -> AsyncIterator[Callable[..., Any]]:
+    """Make rigs (proxy + two replicas) on this test's own server; all closed at the end."""
+    made: list[tuple[Rig, FaultProxy]] = []
+
+    async def make(**options: Any) -> Rig:
+        proxy = await FaultProxy("127.0.0.1", redis_server.port, seed=1).start()
+        rig = Rig(redis_server, proxy, **options)
+        made.append((rig, proxy))
+        await rig.warm()
+        return rig
+
+    yield make
+    for rig, proxy in made:
+        proxy.clear()
+        if proxy.refuse:
+            await proxy.set_refuse(False)
+        await rig.aclose()
+        await proxy.stop()
+
+
+def report(name: str, *lines: str) -> None:
+    """Print measured numbers under a scenario heading (shown with ``pytest -s``)."""
+    print(f"\n[chaos-redis] {name}")
+    for line in lines:
+        print(f"  {line}")
+
+
+def assert_unharmed(closed: Stats, piped: Stats | None, *, piped_bound: float) -> None:
+    """No call failed but for the upstream's own errors; nothing waited on the store."""
+    assert closed.unexpected == [], closed.unexpected[:5]
+    assert closed.expected > 0
+    assert closed.slowest < CLOSED_PATH_BOUND, closed.line()
+    if piped is not None:
+        assert piped.unexpected == [], piped.unexpected[:5]
+        assert piped.slowest < piped_bound, piped.line()
+
+
+async def test_redis_slow(rig_factory: Callable[..., Any], full: bool) -> None:
+    """Redis with p99 ~200 ms: calls stay fast, the store copes (degrading at times), converges."""
+    rig: Rig = await rig_factory()
+    base, base_piped = await rig.load(0.3)
+    base.label, base_piped.label = "baseline " + base.label, "baseline " + base_piped.label
+    rig.proxy.latency = 0.05
+    rig.proxy.jitter = 0.05  # round trip 100-200 ms
+    probe = aioredis.Redis.from_url(rig.proxy.url_for("redis"))
+    try:
+        start = time.perf_counter()
+        await probe.ping()  # a new connection: the client's handshake, then PING
+        handshake = time.perf_counter() - start
+        rtts = []
+        for _ in range(10 if not full else 100):
+            start = time.perf_counter()
+            await probe.ping()
+            rtts.append(time.perf_counter() - start)
+    finally:
+        await probe.aclose()
+    closed, piped = await rig.load(1.0 if not full else 10.0)
+    degraded = rig.count(StoreDegraded)
+    converge = await _trip_and_time(rig)  # while Redis is still slow for A
+    rig.proxy.clear()
+    recovery = await rig.recovered()
+    report(
+        "slow (latency 50 ms + jitter 0-50 ms each way)",
+        f"redis PING through proxy: p50={statistics.median(rtts) * 1000:.0f}ms "
+        f"max={max(rtts) * 1000:.0f}ms; first PING on a new connection "
+        f"{handshake * 1000:.0f}ms",
+        base.line(),
+        base_piped.line(),
+        closed.line(),
+        piped.line(),
+        f"times degraded during the fault: {degraded}; healthy again {recovery:.3f}s after lift",
+        f"A (still slow) saw C's trip after {converge * 1000:.1f}ms",
+    )
+    # the pipeline's shared limiter and bulkhead ask Redis on every call: each of their (up
+    # to three) store calls is bounded by the store's timeout, never by a reconnect
+    assert_unharmed(closed, piped, piped_bound=3 * STORE_TIMEOUT + SLACK)
+    assert converge < 1.0
+
+
+async def test_redis_blackholed(rig_factory: Callable[..., Any], full: bool) -> None:
+    """Redis accepts and never answers: degraded within the timeout, calls go on, recovers."""
+    rig: Rig = await rig_factory()
+    rig.proxy.blackhole = True
+    started = time.monotonic()
+    closed, piped = await rig.load(1.5 if not full else 10.0)
+    assert rig.a_store.degraded
+    held = time.monotonic() - started
+    rig.proxy.blackhole = False
+    recovery = await rig.recovered()
+    converge = await _trip_and_time(rig)
+    report(
+        "blackhole (accepts, never answers)",
+        closed.line(),
+        piped.line(),
+        f"fault held {held:.2f}s; healthy again {recovery:.3f}s after lift",
+        f"A saw C's trip after {converge * 1000:.1f}ms",
+    )
+    assert_unharmed(closed, piped, piped_bound=3 * STORE_TIMEOUT + SLACK)
+    assert rig.count(StoreDegraded) >= 1
+    assert converge < 1.0
+
+
+async def test_redis_blackholed_then_down(rig_factory: Callable[..., Any]) -> None:
+    """A blackhole turns the store degraded within about one timeout, even with no calls."""
+    rig: Rig = await rig_factory()
+    rig.proxy.blackhole = True
+    took = await rig.until(lambda: rig.a_store.degraded, 5.0, "degraded")
+    report("blackhole, idle replica", f"degraded {took * 1000:.0f}ms after the blackhole")
+    rig.proxy.blackhole = False
+    await rig.recovered()
+    assert took < 2.0
+
+
+async def test_connections_cut_mid_flush(rig_factory: Callable[..., Any], full: bool) -> None:
+    """Cut A's command connections while a reply is in flight, again and again: no call harmed."""
+    rig: Rig = await rig_factory()
+    rig.proxy.down.latency = 0.02  # every reply sits in the proxy for 20 ms: a cut loses it
+    rounds = 8 if not full else 100
+    hits = 0  # cuts that caught a reply (a flush's, a lease's...) in flight
+
+    def in_flight(c: Connection) -> bool:
+        """A command connection (not the subscriber's) with a reply inside the proxy."""
+        return b"SUBSCRIBE" not in c.head.upper() and c.held_down > 0
+
+    async def cutter() -> None:
+        nonlocal hits
+        for _ in range(rounds):
+            await rig.until(lambda: not rig.a_store.degraded, 10.0, "healthy before a cut")
+            await rig.until(lambda: any(map(in_flight, rig.proxy.connections)), 5.0, "a flush")
+            before = rig.count(StoreDegraded)
+            hits += rig.proxy.cut(in_flight) > 0
+            rig.proxy.cut(lambda c: b"SUBSCRIBE" not in c.head.upper())
+            await rig.until(rig.degraded_more_than(before), 5.0, "degraded by a cut")
+
+    stop = asyncio.Event()
+
+    async def load() -> list[tuple[Stats, Stats]]:
+        out = []
+        while not stop.is_set():
+            out.append(await rig.load(0.1))
+        return out
+
+    loading = asyncio.ensure_future(load())
+    try:
+        await cutter()
+    finally:
+        stop.set()
+        parts = await loading
+    closed, piped = Stats("breaker only"), Stats("breaker+rate limit+bulkhead")
+    for c, p in parts:
+        for total, part in ((closed, c), (piped, p)):
+            total.durations += part.durations
+            total.expected += part.expected
+            total.unexpected += part.unexpected
+    rig.proxy.clear()
+    recovery = await rig.recovered()
+    converge = await _trip_and_time(rig)
+    report(
+        f"connections cut mid-flush ({hits} cuts with a reply in flight, replies delayed 20 ms)",
+        closed.line(),
+        piped.line(),
+        f"degraded {rig.count(StoreDegraded)} times; healthy again {recovery:.3f}s after the "
+        "last cut",
+        f"A saw C's trip after {converge * 1000:.1f}ms",
+    )
+    assert hits == rounds
+    assert rig.count(StoreDegraded) == rounds  # every lost reply was noticed
+    assert_unharmed(closed, piped, piped_bound=3 * STORE_TIMEOUT + SLACK)
+    assert converge < 1.0
+
+
+async def test_open_state_arrives_without_pubsub(rig_factory: Callable[..., Any]) -> None:
+    """With A's subscriber connection cut (and kept out), a trip on C reaches A by flush reply."""
+    rig: Rig = await rig_factory(sync_interval=0.2)
+    with_pubsub = await _trip_and_time(rig)
+    await rig.c.reset()
+    await rig.c_store.sync()
+    await rig.until(lambda: rig.a.state is CircuitState.CLOSED, 5.0, "closed again")
+    subscribers = rig.proxy.cut(lambda c: b"SUBSCRIBE" in c.head.upper())
+    assert subscribers == 1
+    rig.proxy.kill_if = lambda head: b"SUBSCRIBE" in head.upper()  # no reconnect either
+    await asyncio.sleep(0.1)
+    without = await _trip_and_time(rig)
+    report(
+        "pub/sub connection dropped (sync_interval 0.2 s)",
+        f"A saw C's trip after {with_pubsub * 1000:.1f}ms with pub/sub, "
+        f"{without * 1000:.1f}ms without (flush reply)",
+    )
+    assert not rig.a_store.degraded  # the commands were never disturbed
+    assert without < rig.sync_interval + 1.0
+    assert with_pubsub < 1.0
+
+
+async def _trip_and_time(rig: Rig) -> float:
+    """Keep A calling (a calling replica flushes every interval) while C trips the breaker."""
+    stop = asyncio.Event()
+
+    async def calls() -> None:
+        while not stop.is_set():
+            try:
+                await rig.a.call(ok)
+            except CircuitOpenError:
+                return
+            await asyncio.sleep(0.002)
+
+    caller = asyncio.ensure_future(calls())
+    try:
+        await asyncio.sleep(0.05)
+        took = await rig.converge()
+    finally:
+        stop.set()
+        await caller
+    return took
+
+
+async def test_redis_refusing_connections(rig_factory: Callable[..., Any], full: bool) -> None:
+    """Redis down at the TCP level (refused, connections reset): degraded at once, recovers."""
+    rig: Rig = await rig_factory()
+    await rig.proxy.set_refuse(True)
+    rig.proxy.cut()
+    started = time.monotonic()
+    closed, piped = await rig.load(1.5 if not full else 10.0)
+    held = time.monotonic() - started
+    assert rig.a_store.degraded
+    await rig.proxy.set_refuse(False)
+    recovery = await rig.recovered()
+    converge = await _trip_and_time(rig)
+    report(
+        "refused (nobody listens; open connections reset)",
+        closed.line(),
+        piped.line(),
+        f"fault held {held:.2f}s; healthy again {recovery:.3f}s after lift",
+        f"A saw C's trip after {converge * 1000:.1f}ms",
+    )
+    assert_unharmed(closed, piped, piped_bound=3 * STORE_TIMEOUT + SLACK)
+    assert converge < 1.0
+
+
+# --- faults that once broke the store: each is a regression test now -------------------------
+
+
+async def test_store_reconnects_while_redis_is_still_slow(redis_server: RedisServer) -> None:
+    """A degraded store whose Redis answers in 100 ms (timeout 250 ms) reconnects."""
+    events: list[Event] = []
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(
+            proxy.url_for("redis"), prefix="slowreconnect", listeners=[events.append]
+        )
+        try:
+            b = breaker(store)
+            await b.call(ok)
+            await store.sync()
+            proxy.blackhole = True
+            start = time.monotonic()
+            while not store.degraded and time.monotonic() - start < 5:
+                await b.call(ok)
+                await asyncio.sleep(0.01)
+            assert store.degraded
+            proxy.blackhole = False
+            proxy.latency = 0.05  # a command's round trip: ~100 ms, well inside 250 ms
+            proxy.cut()  # every connection is new from here on
+            start = time.monotonic()
+            while store.degraded and time.monotonic() - start < 2.5:
+                await b.call(ok)  # still served locally, at once
+                await asyncio.sleep(0.01)
+            assert not store.degraded, "never reconnected while Redis stayed slow"
+        finally:
+            await store.aclose()
+
+
+async def test_a_paused_redis_is_not_resubscribed_in_a_tight_loop(
+    redis_server: RedisServer,
+) -> None:
+    """Redis paused (SIGSTOP: connections accepted, nothing answered) for 3 s: the subscriber
+    tries again with backoff (from ``sync_interval`` up to 2 s), not once per unanswered
+    PING; once Redis answers again it subscribes and says so."""
+    events: list[Event] = []
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(
+            proxy.url_for("redis"),
+            prefix=f"paused{next(_prefixes)}",
+            sync_interval=0.01,
+            timeout=0.05,
+            listeners=[events.append],
+        )
+        subscribers: set[Connection] = set()  # every connection that sent a SUBSCRIBE
+
+        def seen() -> int:
+            subscribers.update(c for c in proxy.connections if b"SUBSCRIBE" in c.head)
+            return len(subscribers)
+
+        try:
+            b = breaker(store)
+            await b.call(ok)
+            await store.sync()
+            assert await until(lambda: seen() > 0, 5)
+            before = seen()
+            redis_server.pause()
+            try:
+                deadline = time.monotonic() + 3.0
+                while time.monotonic() < deadline:
+                    seen()
+                    await asyncio.sleep(0.005)
+            finally:
+                redis_server.resume()
+            tries = seen() - before
+            report("paused redis", f"subscriber connections in a 3 s pause: {tries}")
+            # backoff: about 8 (a PING timeout plus 10 ms, 20 ms, ... 1.28 s, 2 s); without
+            # it, one every PING timeout + 50 ms: about 27
+            assert 2 <= tries <= 12, tries
+            replaced = any(isinstance(e, SubscriberReplaced) for e in events)
+            assert not replaced, "no subscription was confirmed while Redis was paused"
+            assert await until(lambda: any(isinstance(e, SubscriberReplaced) for e in events), 10)
+        finally:
+            await store.aclose()
+
+
+async def test_a_permit_lost_to_a_timeout_is_given_back(redis_server: RedisServer) -> None:
+    """The lease script ran but its reply came too late: the permit must not stay taken."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(proxy.url_for("redis"), prefix="lostlease")
+        try:
+            pool = Bulkhead(1, distributed=True, store=store, name="pool")
+            assert await pool.call(ok) == "ok"
+            proxy.down.latency = 0.4  # Redis grants the permit; the grant arrives too late
+            assert await pool.call(ok) == "ok"  # went on under the local limit
+            assert store.degraded
+            proxy.clear()
+            assert await until(lambda: not store.degraded, 5)
+            await asyncio.sleep(0.2)
+            assert await store.count_leases("pool") == 0
+            assert await pool.call(ok) == "ok"  # today: BulkheadFullError for 30 s
+        finally:
+            await store.aclose()
+
+
+async def test_a_lost_flush_reply_does_not_count_outcomes_twice(
+    redis_server: RedisServer,
+) -> None:
+    """40 calls (10 failures) whose first flush reply is lost appear once in the fleet's window."""
+    from resilience import status
+
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(proxy.url_for("redis"), prefix="twice")
+        direct = RedisStore.from_url(redis_server.url, prefix="twice")
+        try:
+            b = CircuitBreaker("dep", store=store, window=CountWindow(1000), minimum_calls=1000)
+            await b.call(ok)
+            await store.sync()
+            proxy.down.latency = 0.4  # the flush runs in Redis; its reply arrives too late
+            for _ in range(10):
+                with pytest.raises(UpstreamError):
+                    await b.call(boom)
+            for _ in range(29):
+                await b.call(ok)
+            assert await until(lambda: store.degraded, 5)
+            proxy.clear()
+            assert await until(lambda: not store.degraded, 5)
+            await store.sync()
+            (dep,) = [p for p in await status(direct) if p.name == "dep"]
+            assert (dep.calls, dep.failures) == (40, 10)
+        finally:
+            await store.aclose()
+            await direct.aclose()
+
+
+async def test_a_probe_lease_granted_to_a_cancelled_caller_is_given_back(
+    redis_server: RedisServer,
+) -> None:
+    """The probe script grants a lease while its caller is being cancelled: it comes back."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(proxy.url_for("redis"), prefix="cancelledprobe", timeout=2.0)
+        direct = aioredis.Redis.from_url(redis_server.url)
+        try:
+            b = CircuitBreaker(
+                "dep", store=store, window=CountWindow(4), minimum_calls=4, open_for=0.05
+            )
+            for _ in range(4):
+                with pytest.raises(UpstreamError):
+                    await b.call(boom)
+            await store.sync()
+            assert b.state is CircuitState.OPEN
+            await asyncio.sleep(0.06)  # past open_for: the next call asks for a probe lease
+            proxy.down.latency = 0.3  # the grant is on its way back when the caller gives up
+            caller = asyncio.create_task(b.call(ok))
+            await asyncio.sleep(0.1)
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            probes = store.key("dep", "probes")
+            assert await until_async(lambda: direct.zcard(probes), 1, 5)  # granted in Redis
+            proxy.clear()
+            assert await until_async(lambda: direct.zcard(probes), 0, 5)  # and given back
+            assert await b.call(ok) == "ok"  # the slot is free: this probe closes the breaker
+            await store.sync()
+            assert b.state is CircuitState.CLOSED
+        finally:
+            await store.aclose()
+            await direct.aclose()
+
+
+async def until_async(read: Callable[[], Any], wanted: int, seconds: float) -> bool:
+    """Poll the awaitable ``read()`` until it returns ``wanted`` (bounded)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if int(await read()) == wanted:
+            return True
+        await asyncio.sleep(0.01)
+    return False

@@ -1,0 +1,1004 @@
+"""The shared-state engine at scale and in a real process's life (real redis-servers).
+
+Cost follows use (idle breakers cost nothing, forgotten ones come back with the fleet's
+state, status() in O(1) round trips), the window's representation, what Redis holds is
+range-checked, quiet connections and busy loops, forks, recovery, and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import itertools
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CountWindow,
+    StateChanged,
+    StoreDataReset,
+    StoreDegraded,
+)
+from resilience.events import Event, SubscriberReplaced
+from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
+
+from ..faultproxy import FaultProxy
+from ..fork_support import in_forked_child
+from ..redis_server import RedisServer
+
+_prefixes = itertools.count()
+
+
+async def ok() -> str:
+    return "ok"
+
+
+async def boom() -> None:
+    raise ValueError("boom")
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0, what: str = "") -> None:
+    """Wait (real time, generous bound) until ``condition()``."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < seconds, f"{what}: not within {seconds}s"
+        await asyncio.sleep(0.005)
+
+
+def prefix() -> str:
+    return f"eng{next(_prefixes)}-{os.getpid()}"
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def stores(redis_url: str) -> AsyncIterator[Callable[..., RedisStore]]:
+    made: list[RedisStore] = []
+
+    def make(**kw: Any) -> RedisStore:
+        kw.setdefault("prefix", prefix())
+        s = RedisStore.from_url(kw.pop("url", redis_url), **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.aclose()
+
+
+async def evalsha_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+# --- cost follows use ------------------------------------------------------------------------
+
+
+async def test_idle_breakers_cost_no_redis_command(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis, clock: FakeClock
+) -> None:
+    """500 breakers, synced once, then idle: time passes and no script runs; one in use
+    costs about one flush per round."""
+    store = stores(clock=clock)
+    breakers = [CircuitBreaker(f"b{i}", store=store) for i in range(500)]
+    for b in breakers:
+        await b.call(ok)
+    await store.sync()
+    before = await evalsha_calls(raw)
+    for _ in range(50):
+        clock.advance(1.0)
+        await asyncio.sleep(0)
+    assert await evalsha_calls(raw) == before
+    for _ in range(5):
+        await breakers[0].call(ok)
+        await store.engine.next_round()  # a round (not sync(), which reads every breaker)
+    used = await evalsha_calls(raw) - before
+    assert 1 <= used <= 10  # one breaker's flushes, not 500 breakers'
+
+
+async def test_a_forgotten_breaker_comes_back_with_the_fleets_state(
+    stores: Callable[..., RedisStore], clock: FakeClock
+) -> None:
+    """Unused for forget_after, a breaker leaves the replica's memory; its name brings back
+    the fleet's state (opened meanwhile by another replica)."""
+    name = prefix()
+    a = stores(clock=clock, forget_after=5.0, prefix=name)
+    b = stores(clock=clock, prefix=name)
+    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 60.0}
+    first = CircuitBreaker("dep", store=a, **options)
+    await first.call(ok)
+    await a.sync()
+    del first
+    clock.advance(10.0)
+    await a.sync()  # a round: the idle breaker is dropped
+    gc.collect()
+    assert "dep" not in a.names()
+    other = CircuitBreaker("dep", store=b, **options)
+    for _ in range(4):
+        with pytest.raises(ValueError, match="boom"):
+            await other.call(boom)
+    await b.sync()
+    assert other.state is CircuitState.OPEN
+    again = CircuitBreaker("dep", store=a, **options)
+    await a.sync()
+    assert again.state is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError):
+        await again.call(ok)
+
+
+async def test_status_reads_many_names_in_few_round_trips(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """status() of 1,200 names: a script call per registry, one per chunk of names, every
+    name listed."""
+    store = stores()
+    for i in range(1200):
+        CircuitBreaker(f"s{i:04}", store=store)
+    await store.sync()
+    before = await evalsha_calls(raw)
+    listed = await store.status()
+    assert len(listed) == 1200
+    from resilience.store.redis import _STATUS_CHUNK
+
+    assert await evalsha_calls(raw) - before == 2 + math.ceil(1200 / _STATUS_CHUNK)
+    assert [s.name for s in await store.status(limit=10)] == [f"s{i:04}" for i in range(10)]
+
+
+async def test_one_damaged_entry_does_not_hide_the_others(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """A budget key holding text: that entry is reported damaged; the rest are shown."""
+    store = stores()
+    CircuitBreaker("good", store=store)
+    await store.sync()
+    await raw.set(store.key("bad", "budget"), "n/a")
+    await raw.sadd(f"{store.prefix}:names", "bad")
+    await raw.sadd(f"{store.prefix}:names:other", "bad")  # as a replica registers a budget
+    listed = {(s.name, s.kind): s for s in await store.status()}
+    assert ("good", "circuit_breaker") in listed
+    damaged = listed[("bad", "damaged")]
+    assert damaged.damaged
+    assert damaged.to_dict()["damaged"]
+
+
+async def exists_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_exists", {}).get("calls", 0))
+
+
+async def test_status_looks_for_bulkheads_only_under_names_that_have_them(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """A name registered only as a breaker costs status no lookup of lease, limiter or budget
+    keys; one that any replica registered as a fleet-wide bulkhead is shown as one."""
+    store = stores()
+    for i in range(300):
+        CircuitBreaker(f"b{i}", store=store)
+    await store.sync()
+    before = await exists_calls(raw)
+    assert len(await store.status()) == 300
+    assert await exists_calls(raw) == before
+    other = stores(prefix=store.prefix)  # another replica takes a permit under one name
+    await other.acquire_lease("b7", limit=2, ttl=30)
+    await other.sync()
+    before = await exists_calls(raw)
+    listed = {(s.name, s.kind): s for s in await store.status()}
+    assert listed[("b7", "bulkhead")].in_flight == 1
+    assert listed[("b7", "bulkhead")].limit == 2
+    assert ("b7", "circuit_breaker") in listed
+    assert 1 <= await exists_calls(raw) - before <= 2  # b7's lookups only
+
+
+async def test_the_registry_is_rebuilt_after_redis_loses_it(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis, clock: FakeClock
+) -> None:
+    """Names in use are registered again (every 10 s of use), with the registry's TTL."""
+    store = stores(clock=clock)
+    b = CircuitBreaker("dep", store=store)
+    await b.call(ok)
+    await store.sync()
+    assert "dep" in await store.known_names()
+    await raw.delete(f"{store.prefix}:names")  # Redis restarted empty, or the TTL ran out
+    clock.advance(11.0)
+    await b.call(ok)
+    await store.sync()
+    assert "dep" in await store.known_names()
+    assert await raw.pttl(f"{store.prefix}:names") > 0
+
+
+async def test_the_registry_outlives_a_short_ttl(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """With ttl=0.6 s a name in use is registered again within a third of it, renewing the
+    registry's lifetime: after 2 s of use another replica's status() still lists it."""
+    store = stores(ttl=0.6)
+    other = stores(prefix=store.prefix)
+    b = CircuitBreaker("dep", store=store)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        await b.call(ok)
+        await asyncio.sleep(0.02)
+    assert await other.known_names() == ["dep"]
+    assert [s.name for s in await other.status()] == ["dep"]
+    assert 0 < await raw.pttl(f"{store.prefix}:names") <= 600
+
+
+async def test_a_registry_that_is_not_a_set_is_reset_alone(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """Something else under a registry key: reset and reported when names are added or
+    read; the store never turns degraded, and the names in use are listed again."""
+    events: list[Event] = []
+    store = stores(listeners=[events.append])
+    await raw.set(f"{store.prefix}:names", "not a set")
+    b = CircuitBreaker("dep", store=store)
+    await b.call(ok)
+    await store.sync()
+    assert await store.known_names() == ["dep"]
+    await raw.set(f"{store.prefix}:names:other", "not a set")
+    assert [s.name for s in await store.status()] == ["dep"]
+    assert not store.degraded
+    assert [type(e) for e in events] == [StoreDataReset, StoreDataReset], events
+
+
+async def test_a_burst_of_new_breakers_is_sent_a_chunk_at_a_time(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """1,200 new breakers, each called once: no pipeline carries more than a chunk of
+    breakers (plus the registrations), and every breaker reads the fleet's state."""
+    from resilience.store.redis.engine import _CHUNK
+
+    store = stores()
+    engine = store.engine
+    sizes: list[int] = []
+    send = engine._send
+
+    async def counted(commands: list[Any]) -> list[Any]:
+        sizes.append(len(commands))
+        return await send(commands)
+
+    engine._send = counted  # type: ignore[method-assign]
+    breakers = [CircuitBreaker(f"n{i}", store=store) for i in range(1200)]
+    for b in breakers:
+        await b.call(ok)
+    await store.sync()
+    assert not store.degraded
+    assert len(sizes) >= 1200 // _CHUNK
+    assert max(sizes) <= _CHUNK + 2, max(sizes)  # + one command per registry
+    assert all(b._core.fleet_gen >= 0 for b in breakers)  # type: ignore[attr-defined]
+    assert len(await store.known_names()) == 1200
+
+
+# --- the window in Redis -----------------------------------------------------------------
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    size=st.integers(1, 60),
+    chunks=st.lists(
+        st.integers(1, 25).flatmap(lambda c: st.tuples(st.just(c), st.integers(0, c))),
+        min_size=1,
+        max_size=12,
+    ),
+)
+async def test_the_count_window_keeps_the_newest_calls(
+    redis_url: str, size: int, chunks: list[tuple[int, int]]
+) -> None:
+    """Running totals match a model that keeps the newest ``size`` calls of the flushed
+    chunks (the oldest chunk cut pro rata), whatever the chunks."""
+    client = aioredis.Redis.from_url(redis_url)
+    store = RedisStore(client, prefix=prefix(), clock=FakeClock())
+    try:
+        engine = store.engine
+        flush = store._scripts["flush"]
+        keys = [store.key("w", s) for s in ("state", "win", "probes", "replicas")]
+        model: list[list[int]] = []
+        for seq, (calls, failures) in enumerate(chunks, 1):
+            reply = await flush(
+                keys=keys,
+                args=[0, calls, failures, 0, "c", size, 0, engine.now_arg(), 60_000, "r", seq],
+            )
+            fields = dict(zip(reply[::2], reply[1::2], strict=True))
+            model.append([calls, failures])
+            total = sum(c for c, _ in model)
+            while total > size:
+                c, f = model[0]
+                if total - c >= size:
+                    model.pop(0)
+                    total -= c
+                else:
+                    room = c - (total - size)
+                    model[0] = [room, math.floor(f * room / c + 0.5)]
+                    total = size
+            assert int(fields[b"calls"]) == sum(c for c, _ in model)
+            assert int(fields[b"failures"]) == sum(f for _, f in model)
+            assert int(fields[b"calls"]) <= size
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("gen", "nan"),
+        ("gen", "inf"),
+        ("gen", "1e300"),
+        ("open_until", "inf"),
+        ("open_until", "1e300"),
+        ("reopens", "nan"),
+        ("tc", "inf"),
+        ("tf", "-1"),
+    ],
+)
+async def test_numbers_out_of_range_are_reset_and_reported(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis, field: str, value: str
+) -> None:
+    """nan, inf and 1e300 are not numbers we wrote: reset, reported, and the breaker works."""
+    events: list[Event] = []
+    store = stores(listeners=[events.append])
+    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 0.2}
+    b = CircuitBreaker("dep", store=store, **options)
+    await b.call(ok)
+    await store.sync()
+    await raw.hset(store.key("dep", "state"), field, value)
+    await store.sync()
+    assert any(isinstance(e, StoreDataReset) for e in events), field
+    for _ in range(4):
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await b.call(boom)
+    await store.sync()
+    assert b.state is CircuitState.OPEN
+    await asyncio.sleep(0.3)  # open_for: the breaker probes again (no deadline at infinity)
+    assert await b.call(ok) == "ok"
+    await store.sync()
+    assert b.state is CircuitState.CLOSED
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300"])
+async def test_shared_primitives_reset_numbers_out_of_range(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis, value: str
+) -> None:
+    """A rate bucket, a budget or a lease at infinity is reset, never a limit forever."""
+    events: list[Event] = []
+    store = stores(listeners=[events.append])
+    await raw.set(store.key("api", "gcra"), value)
+    await raw.set(store.key("bud", "budget"), value)
+    assert await store.rate_take("api", interval=1.0, burst=1) == 0.0
+    assert await store.budget_add("bud", delta=0, maximum=3, ttl=10) == 3
+    if value != "nan":  # a zset score cannot be NaN
+        await raw.zadd(store.key("pool", "leases"), {"ghost": float(value)})
+        assert await store.acquire_lease("pool", limit=1, ttl=5) is not None
+    assert sum(isinstance(e, StoreDataReset) for e in events) == 2
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+async def test_a_quiet_subscriber_is_replaced(redis_server: RedisServer) -> None:
+    """The pub/sub connection dies without a reset (its traffic vanishes): PING finds it,
+    it is replaced, an event says so, and transitions arrive again."""
+    events: list[Event] = []
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        name = prefix()
+        a = RedisStore.from_url(proxy.url_for("redis"), prefix=name, listeners=[events.append])
+        b = RedisStore.from_url(redis_server.url, prefix=name)
+        try:
+            options: dict[str, Any] = {"window": CountWindow(2), "minimum_calls": 2}
+            ba = CircuitBreaker("dep", store=a, **options)
+            bb = CircuitBreaker("dep", store=b, **options)
+            await ba.call(ok)
+            await bb.call(ok)
+            await a.sync()
+            await b.sync()
+            await until(lambda: any(b"SUBSCRIBE" in c.head for c in proxy.connections))
+            for conn in proxy.connections:
+                if b"SUBSCRIBE" in conn.head:
+                    conn.muted = True
+            await until(lambda: any(isinstance(e, SubscriberReplaced) for e in events), 5.0)
+            with pytest.raises(ValueError, match="boom"):
+                await bb.call(boom)  # [ok, failed]: bb trips, and publishes it
+            await until(lambda: ba.state is CircuitState.OPEN, 2.0, "the trip arrives")
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+async def test_a_busy_event_loop_is_not_a_slow_redis(stores: Callable[..., RedisStore]) -> None:
+    """Calls that hold the loop longer than the store's timeout: rounds time out late, are
+    retried, and the store never turns degraded; the lag is reported."""
+    events: list[Event] = []
+    store = stores(timeout=0.05, listeners=[events.append])
+    b = CircuitBreaker("dep", store=store)
+    for _ in range(15):
+        await b.call(ok)
+        store.wake()
+        await asyncio.sleep(0)  # the round starts, sends, and waits for its reply ...
+        time.sleep(0.12)  # noqa: ASYNC251 - this task holds the loop past the timeout
+        await asyncio.sleep(0)
+    await store.sync()
+    assert not any(isinstance(e, StoreDegraded) for e in events), events
+    assert store.loop_lag > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0.0, 0.5, 2.5, 4.0, 9.9, 10.0, 15.0]), st.floats(-0.1, 1.0)),
+        max_size=30,
+    )
+)
+def test_the_loop_lag_is_the_worst_of_the_last_ten_seconds(
+    steps: list[tuple[float, float]],
+) -> None:
+    """``loop_lag`` is the worst lag measured in the last 10 s (0.0 with none): a gauge
+    read every few seconds sees a stall that happened between two reads."""
+    clock = FakeClock()
+    store = RedisStore(aioredis.Redis.from_url("redis://127.0.0.1:1/0"), clock=clock)
+    seen: list[tuple[float, float]] = []
+    for advance, lag in steps:
+        clock.advance(advance)
+        store.supervisor.note_lag(lag)
+        seen.append((clock.monotonic(), lag))
+        recent = [late for when, late in seen if when > clock.monotonic() - 10.0]
+        assert store.loop_lag == max([0.0, *recent])
+
+
+# --- forks, recovery, shutdown -------------------------------------------------------------
+
+
+async def test_a_forked_child_is_a_new_replica(redis_url: str, raw: aioredis.Redis) -> None:
+    """A store built before a fork: the child has its own replica id and connections, its
+    outcomes count in the shared window, and the fleet-wide bulkhead counts it apart."""
+    name = prefix()
+    store = RedisStore.from_url(redis_url, prefix=name)
+    b = CircuitBreaker("dep", store=store, window=CountWindow(1000), minimum_calls=1000)
+    try:
+        for _ in range(10):
+            await b.call(ok)
+        await store.sync()
+        parent_id = store.replica
+
+        async def child() -> str:  # in a forked child: the inherited store
+            for _ in range(20):
+                await b.call(ok)
+            await store.sync()
+            return store.replica
+
+        child_id = in_forked_child(child)
+        assert child_id
+        assert child_id != parent_id
+        for _ in range(10):
+            await b.call(ok)
+        await store.sync()
+        replicas = await raw.hgetall(store.key("dep", "replicas"))
+        counted = {k.decode(): int(v.split()[1]) for k, v in replicas.items()}
+        assert counted == {parent_id: 20, child_id: 20}
+        state = await raw.hgetall(store.key("dep", "state"))
+        assert int(state[b"tc"]) == 40
+    finally:
+        await store.aclose()
+
+
+async def test_a_store_forked_into_workers_limits_the_fleet(redis_url: str) -> None:
+    """Built once, then forked into three workers (a preloading server): a fleet-wide
+    bulkhead of 2 admits 2 of the 3 workers' held calls, never 3."""
+    name = prefix()
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, sys, time
+        from resilience import Bulkhead, BulkheadFullError
+        from resilience.store.redis import RedisStore
+        store = RedisStore.from_url({redis_url!r}, prefix={name!r})  # before the fork
+        pids = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                async def work():
+                    pool = Bulkhead(2, distributed=True, store=store, name="pool")
+                    async def hold():
+                        await asyncio.sleep(1.0)
+                    try:
+                        await pool.call(hold)
+                        return "admitted"
+                    except BulkheadFullError:
+                        return "full"
+                    finally:
+                        await store.aclose()
+                line = f"{{asyncio.run(work())}} {{store.replica}}\\n"
+                os.write(1, line.encode())  # one write: the workers' lines never interleave
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        """
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = done.stdout.split()
+    verdicts, replicas = lines[::2], lines[1::2]
+    assert sorted(verdicts) == ["admitted", "admitted", "full"], done.stdout
+    assert len(set(replicas)) == 3
+
+
+async def test_redis_coming_back_does_not_close_a_rightly_open_breaker(
+    redis_server: RedisServer,
+) -> None:
+    """Both replicas open on a failing dependency while Redis is away; when it returns, the
+    breakers stay open (the local opens reach the fleet first): no replica closes."""
+    events: list[Event] = []
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        name = prefix()
+        stores = [
+            RedisStore.from_url(proxy.url_for("redis"), prefix=name, listeners=[events.append])
+            for _ in range(2)
+        ]
+        try:
+            options: dict[str, Any] = {
+                "window": CountWindow(4),
+                "minimum_calls": 4,
+                "open_for": 30.0,
+                "listeners": [events.append],
+            }
+            breakers = [CircuitBreaker("dep", store=s, **options) for s in stores]
+            for b, s in zip(breakers, stores, strict=True):
+                await b.call(ok)
+                await s.sync()
+            proxy.blackhole = True
+            await until(lambda: all(s.degraded for s in stores), 5.0, "degraded")
+            for b in breakers:
+                for _ in range(4):
+                    with pytest.raises((ValueError, CircuitOpenError)):
+                        await b.call(boom)
+                assert b.state is CircuitState.OPEN
+            proxy.blackhole = False
+            proxy.cut()
+            await until(lambda: not any(s.degraded for s in stores), 10.0, "recovered")
+            for s in stores:
+                await s.sync()
+            await asyncio.sleep(0.2)
+            assert [b.state for b in breakers] == [CircuitState.OPEN] * 2
+            closed = [e for e in events if isinstance(e, StateChanged) and e.new is not e.old]
+            assert all(e.new is CircuitState.OPEN for e in closed), closed
+        finally:
+            for s in stores:
+                await s.aclose()
+
+
+async def test_the_flusher_ends_when_cancelled_mid_round(redis_server: RedisServer) -> None:
+    """Cancel the background tasks mid-round against a slowed Redis, again and again: every
+    time they end (none goes on waiting for work that will never come)."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        proxy.latency = 0.02
+        for i in range(25):
+            store = RedisStore.from_url(proxy.url_for("redis"), prefix=f"cancel{i}", timeout=1.0)
+            b = CircuitBreaker("dep", store=store)
+            await b.call(ok)
+            store.wake()
+            await asyncio.sleep(0.005 + (i % 5) * 0.01)  # somewhere in the round
+            tasks = list(store.engine._tasks)
+            assert tasks
+            for task in tasks:
+                task.cancel()
+            _, pending = await asyncio.wait(tasks, timeout=5.0)
+            assert not pending, f"run {i}: {pending}"
+            await store.client.aclose()
+
+
+def test_an_unclosed_store_never_blocks_interpreter_exit(redis_url: str) -> None:
+    """Breakers on a store that is entered but never closed, many of them, rounds in flight:
+    asyncio.run returns and the process exits."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from resilience import CircuitBreaker
+        from resilience.store.redis import RedisStore
+        async def main():
+            store = RedisStore.from_url({redis_url!r}, prefix="unclosed")
+            await store.__aenter__()
+            async def ok():
+                return 1
+            breakers = [CircuitBreaker(f"b{{i}}", store=store) for i in range(300)]
+            for b in breakers:
+                await b.call(ok)
+            store.wake()
+            await asyncio.sleep(0)
+        asyncio.run(main())
+        print("exited")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "exited" in done.stdout
+
+
+def test_no_import_cycles_in_the_package() -> None:
+    """Modules import in one direction (type-only imports included): no cycles."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "resilience"
+    modules = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        tree = ast.parse(path.read_text())
+        module_level = [*tree.body]
+        for node in tree.body:  # type-only imports count too: they are what a reader follows
+            if isinstance(node, ast.If):
+                module_level.extend(node.body)
+        for node in module_level:  # (imports inside functions are deliberate and lazy)
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    full = f"{target}.{alias.name}"
+                    deps.add(full if full in modules else target)
+        graph[name] = {d for d in deps if d in modules and d != name}
+    # the public import surface re-exports everything; nothing inside imports it
+    graph = {k: v - {"resilience"} for k, v in graph.items() if k != "resilience"}
+    seen: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        seen[node] = 1
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if seen.get(dep) == 1:
+                cycle = stack[stack.index(dep) :]
+                raise AssertionError(f"import cycle: {' -> '.join([*cycle, dep])}")
+            if dep not in seen:
+                visit(dep)
+        stack.pop()
+        seen[node] = 2
+
+    for node in sorted(graph):
+        if node not in seen:
+            visit(node)
+
+
+async def test_manual_control_made_while_redis_is_away_reaches_the_fleet(
+    redis_server: RedisServer,
+) -> None:
+    """force_open() on a replica that cannot reach Redis applies there at once, and reaches
+    every replica once Redis answers again (the fleet's older state does not undo it)."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        name = prefix()
+        a = RedisStore.from_url(proxy.url_for("redis"), prefix=name)
+        b = RedisStore.from_url(redis_server.url, prefix=name)
+        try:
+            ba = CircuitBreaker("dep", store=a)
+            bb = CircuitBreaker("dep", store=b)
+            await ba.call(ok)
+            await bb.call(ok)
+            await a.sync()
+            await b.sync()
+            proxy.blackhole = True
+            await until(lambda: a.degraded, 5.0, "degraded")
+            await ba.force_open()
+            assert ba.state is CircuitState.FORCED_OPEN
+            assert bb.state is CircuitState.CLOSED
+            proxy.blackhole = False
+            proxy.cut()
+            await until(lambda: not a.degraded, 10.0, "recovered")
+            await a.sync()
+            await until(lambda: bb.state is CircuitState.FORCED_OPEN, 3.0, "the fleet forced")
+            assert ba.state is CircuitState.FORCED_OPEN
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+async def test_counts_of_an_older_generation_trip_nothing(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """A flush reply overtaken by news (here: a reset that came first) carries the counts of
+    the generation before it: they must not open the breaker at the new generation."""
+    from resilience.store.redis.primitives import FleetState, FlushReply, Outcomes
+
+    store = stores()
+    b = CircuitBreaker("dep", store=store, window=CountWindow(4), minimum_calls=4)
+    for _ in range(4):
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await b.call(boom)
+    await store.sync()
+    assert b.state is CircuitState.OPEN
+    await b.reset()
+    core = b._core
+    assert core.state is CircuitState.CLOSED
+    before = core.gen
+    stale = FlushReply(FleetState(CircuitState.CLOSED, before - 2, 0, 0, 0, 0), 4, 4, 0)
+    sent = Outcomes(before - 2, 0, 0, 0, 1)
+    assert core.on_flush(sent, stale, 0.0, False) is None  # before the fix: OPEN at `before`
+    assert core.state is CircuitState.CLOSED
+    assert core.gen == before
+
+
+# --- half-open across replicas that die or lose replies ------------------------------------
+
+
+def _probe_options() -> dict[str, Any]:
+    return {"window": CountWindow(2), "minimum_calls": 2, "open_for": 10.0, "probe_lease": 300.0}
+
+
+async def test_a_verdict_whose_reporter_died_is_settled_by_the_next_caller(
+    stores: Callable[..., RedisStore], clock: FakeClock
+) -> None:
+    """The last probe's outcome reached Redis but its replica died before pushing the
+    verdict: the next replica asking for a lease works the verdict out and closes the breaker
+    (before: HALF_OPEN for good, every call rejected, on every replica)."""
+    name = prefix()
+    dead = stores(clock=clock, prefix=name)
+    bd = CircuitBreaker("dep", store=dead, **_probe_options())
+    for _ in range(2):
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await bd.call(boom)
+    await dead.sync()
+    assert bd.state is CircuitState.OPEN
+    clock.advance(10)
+    core = bd._core
+    granted = await dead.engine.probe(core, 4242)  # the dying replica's probe lease ...
+    assert granted.granted
+    report = dead._scripts["report"]  # ... and its report, counted; then it is gone
+    await report(
+        keys=[core.keys[0], core.keys[2]], args=[granted.fleet.gen, f"{dead.replica}:4242", 0, 0]
+    )
+    live = stores(clock=clock, prefix=name)
+    bl = CircuitBreaker("dep", store=live, **_probe_options())
+    await live.sync()
+    assert bl.state is CircuitState.HALF_OPEN
+    assert await bl.call(ok) == "ok"
+    assert bl.state is CircuitState.CLOSED
+
+
+async def test_a_fleet_probe_lease_is_reported_even_if_the_store_degraded_meanwhile(
+    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
+) -> None:
+    """A probe granted by Redis whose store turns degraded during the call: its outcome still
+    goes to Redis once it answers, so the lease is not left behind for probe_lease."""
+    store = stores(clock=clock)
+    b = CircuitBreaker("dep", store=store, **_probe_options())
+    for _ in range(2):
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await b.call(boom)
+    await store.sync()
+    clock.advance(10)
+
+    async def probe_during_a_blip() -> str:
+        store.supervisor.fail(TimeoutError("a blip"))  # as a timed-out round would
+        return "ok"
+
+    assert await b.call(probe_during_a_blip) == "ok"
+    assert store.degraded
+    clock.advance(1)  # the reconnect's backoff
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if not store.degraded:
+            break
+    assert not store.degraded
+    await store.sync()
+    await store.sync()
+    assert await raw.zcard(store.key("dep", "probes")) == 0
+    assert (await raw.hget(store.key("dep", "state"), "state")) == b"closed"
+
+
+async def test_a_new_replica_does_not_undo_an_operators_force_open(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """A replica whose own failures trip before it has read the fleet's state once adopts a
+    forced state instead of pushing its open over it."""
+    name = prefix()
+    operator = stores(prefix=name)
+    forced = CircuitBreaker("dep", store=operator, **_probe_options())
+    await operator.sync()
+    await forced.force_open()
+    newcomer = stores(prefix=name)
+    b = CircuitBreaker("dep", store=newcomer, **_probe_options())
+    for _ in range(2):  # before its first round: it trips on its own
+        with pytest.raises((ValueError, CircuitOpenError)):
+            await b.call(boom)
+    await newcomer.sync()
+    await newcomer.sync()
+    assert (await raw.hget(newcomer.key("dep", "state"), "state")) == b"forced_open"
+    assert b.state is CircuitState.FORCED_OPEN
+
+
+# --- status replies, parsed by the names in their header -------------------------------------
+
+
+def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
+    """The columns are found by name: a reply whose header lists them in another order (or
+    with one more) reads the same; one without a column marks every name damaged."""
+    from resilience.store.redis.status import COLUMNS, parse_status
+
+    values = {"s": "open", "g": "3", "u": "5000", "c": "10", "f": "6", "l": "0", "p": "0"}
+    values |= {"o": "10,6,0", "n": "2", "m": "4", "a": "6", "q": "", "t": "7.5"}
+    report = "r1|900 10 6 0 4 2 0,3"
+
+    def reply(header: list[str]) -> list[Any]:
+        entry = "\t".join([*(values.get(c, "x") for c in header), report])
+        return [1000, "\t".join(header).encode(), entry.encode()]
+
+    first = parse_status(["dep"], reply(list(COLUMNS)))
+    shuffled = parse_status(["dep"], reply(["extra", *reversed(COLUMNS)]))
+    assert first == shuffled
+    breaker, bulkhead, budget = first
+    assert (breaker.state, breaker.generation, breaker.calls, breaker.failures) == (
+        CircuitState.OPEN,
+        3,
+        10,
+        6,
+    )
+    assert breaker.retry_after == pytest.approx(4.0)
+    assert breaker.opened_by == (10, 6, 0)
+    (replica,) = breaker.replicas
+    assert (replica.replica, replica.last_seen, replica.rejected) == ("r1", 0.1, 2)
+    assert replica.latency == (0, 3, *(0,) * 13) == breaker.latency
+    assert (bulkhead.kind, bulkhead.in_flight, bulkhead.limit) == ("bulkhead", 2, 4)
+    assert bulkhead.adaptive_limit == 6
+    assert (budget.kind, budget.tokens) == ("retry_budget", 7.5)
+    broken = parse_status(["a", "b"], reply([c for c in COLUMNS if c != "g"]))
+    assert [(s.name, s.kind) for s in broken] == [("a", "damaged"), ("b", "damaged")]
+    assert "g" in (broken[0].damaged or "")
+
+
+def test_a_short_or_missing_entry_is_damaged_alone() -> None:
+    from resilience.store.redis.status import COLUMNS, parse_status
+
+    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t\t"
+    header = "\t".join(COLUMNS)
+    listed = parse_status(["a", "b", "c", "d"], [5, header, good, "closed\t0", good])
+    assert [(s.name, s.kind) for s in listed] == [
+        ("a", "circuit_breaker"),
+        ("b", "damaged"),
+        ("c", "circuit_breaker"),
+        ("d", "damaged"),  # the reply ended early
+    ]
+
+
+@given(st.lists(st.integers(0, 2**52), min_size=15, max_size=15))
+def test_a_histogram_reads_back_as_it_was_sent(counts: list[int]) -> None:
+    """Trailing zeros are left out of a replica's report; reading it gives every bucket back.
+    The old form (all 15 counts) reads the same; none ("") or too many buckets read as ()."""
+    from resilience.store.redis.primitives import histogram_arg, parse_histogram
+
+    sent = histogram_arg(counts)
+    assert parse_histogram(sent) == tuple(counts)
+    assert parse_histogram(",".join(map(str, counts))) == tuple(counts)
+    assert len(sent) <= len(",".join(map(str, counts)))
+    assert parse_histogram("") == ()
+    assert parse_histogram(",".join(map(str, [*counts, 1]))) == ()
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_a_name_is_escaped_as_percent_encoding_would(name: str) -> None:
+    """The fast path for plain names gives what ``quote(name, safe="")`` gives."""
+    from urllib.parse import quote
+
+    from resilience.store.redis.primitives import escape
+
+    assert escape(name) == quote(name, safe="")
+
+
+# --- quorum opening ----------------------------------------------------------------------------
+
+
+async def test_quorum_votes_open_the_fleet_at_k_and_expire(
+    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
+) -> None:
+    """Three replicas, quorum 2: one replica's trip opens only its own breaker; a vote that
+    outlived the replica's open period does not count towards the quorum; a second live
+    vote opens everyone's; the votes are cleared once the fleet opens."""
+    prefix = f"q{next(_prefixes)}"
+    replicas = [stores(prefix=prefix, clock=clock) for _ in range(3)]
+    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 10}
+    bs = [CircuitBreaker("dep", store=s, open_when="quorum", quorum=2, **options) for s in replicas]
+
+    async def sync() -> None:
+        for s in replicas:
+            await s.sync()
+
+    async def trip(b: CircuitBreaker) -> None:
+        for _ in range(4):
+            with contextlib.suppress(ValueError, CircuitOpenError):
+                await b.call(boom)
+        assert b.state is CircuitState.OPEN
+
+    await sync()
+    await trip(bs[0])
+    await sync()
+    await sync()
+    assert [b.state for b in bs] == [CircuitState.OPEN, CircuitState.CLOSED, CircuitState.CLOSED]
+    clock.advance(11)  # the first vote has lapsed with its open period
+    await trip(bs[1])
+    await sync()
+    await sync()
+    assert [b.state for b in bs][1:] == [CircuitState.OPEN, CircuitState.CLOSED]
+    await trip(bs[2])  # two live votes: the fleet opens
+    await sync()
+    await until(lambda: all(b.state is CircuitState.OPEN for b in bs), what="quorum open")
+    fields = await raw.hkeys(replicas[0].key("dep", "state"))
+    assert not [f for f in fields if f.startswith(b"v.")]
+
+
+def test_quorum_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="quorum=k"):
+        CircuitBreaker("x", open_when="quorum")
+    with pytest.raises(ValueError, match="open_when"):
+        CircuitBreaker("x", open_when="majority", quorum=2)
+    with pytest.raises(ValueError, match="needs open_when"):
+        CircuitBreaker("x", quorum=2)
+    with pytest.raises(ValueError, match="quorum"):
+        CircuitBreaker("x", open_when="quorum", quorum=0)
+    with pytest.raises(TypeError, match="quorum"):
+        CircuitBreaker("x", open_when="quorum", quorum=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quorum"):
+        CircuitBreaker("x", open_when="quorum", quorum=10**6)
+
+
+async def test_a_quorum_breaker_on_a_memory_store_opens_on_its_own_window() -> None:
+    """One process is one replica: its own trip opens it, whatever k."""
+    b = CircuitBreaker("x", window=CountWindow(4), minimum_calls=4, open_when="quorum", quorum=3)
+    for _ in range(4):
+        with contextlib.suppress(ValueError):
+            await b.call(boom)
+    assert b.state is CircuitState.OPEN
+
+
+async def test_a_trip_before_the_first_fleet_reply_is_not_overridden(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """A replica whose own outcomes trip its breaker before it ever heard from the fleet keeps
+    it open, and the fleet opens with it (no OPEN -> CLOSED without a probe)."""
+    events: list[Event] = []
+    store = stores()
+    b = CircuitBreaker(
+        "early", store=store, window=CountWindow(4), minimum_calls=4, listeners=[events.append]
+    )
+    for _ in range(4):
+        with contextlib.suppress(ValueError, CircuitOpenError):
+            await b.call(boom)
+    assert b.state is CircuitState.OPEN
+    for _ in range(3):
+        await store.sync()
+    assert b.state is CircuitState.OPEN
+    moves = [(e.old, e.new) for e in events if isinstance(e, StateChanged)]
+    assert (CircuitState.OPEN, CircuitState.CLOSED) not in moves
+    other = stores(prefix=store.prefix)
+    again = CircuitBreaker("early", store=other, window=CountWindow(4), minimum_calls=4)
+    await other.sync()
+    assert again.state is CircuitState.OPEN

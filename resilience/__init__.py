@@ -38,12 +38,13 @@ from .events import (
     TimedOut,
     select,
 )
-from .policies.base import Pipeline, Policy
+from .policies.base import Policy
 from .policies.bulkhead import Bulkhead
 from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
 from .policies.fallback import Fallback, JSONSerializer, Serializer
 from .policies.health import HealthCheck, HealthResult
 from .policies.hedge import Hedge
+from .policies.pipeline import Pipeline
 from .policies.ratelimit import RateLimiter
 from .policies.retry import Retry, RetryBudget
 from .policies.throttle import Throttle

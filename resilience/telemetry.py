@@ -57,9 +57,10 @@ from .events import (
     SubscriberReplaced,
     TimedOut,
 )
-from .policies.base import BasePolicy, Pipeline, Protected, check_name
+from .policies.base import BasePolicy, Protected, check_name
 from .policies.bulkhead import Bulkhead
 from .policies.circuit import CircuitBreaker
+from .policies.pipeline import Pipeline
 from .states import CircuitState
 from .version import __version__
 

@@ -252,7 +252,7 @@ async def test_no_op_providers_cost_nothing(clock: FakeClock) -> None:
     assert not telemetry.tracing()
     breaker = CircuitBreaker("b", clock=clock, listeners=[telemetry])
     # the policy's own function, not the timing wrapper around it
-    assert "_observed" not in breaker._observed(ok).__qualname__
+    assert "observed" not in breaker.wrap(ok).__qualname__
     attempt = telemetry.attempt()
     assert attempt._wrap(ok) is ok
 

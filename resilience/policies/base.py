@@ -1,4 +1,5 @@
-"""The Policy protocol, the decorator plumbing shared by every policy, and Pipeline."""
+"""The Policy protocol, the plumbing every policy shares (``BasePolicy``), and the input checks
+the policies share."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..events import CallFinished, Listener, call_finished, check_listeners, emi
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
-__all__ = ["BasePolicy", "Pipeline", "Policy"]
+__all__ = ["INVOKE", "BasePolicy", "CallForm", "Policy", "target"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -30,40 +31,69 @@ ExceptionFilter = type[Exception] | tuple[type[Exception], ...] | Callable[[Exce
 
 Protected = Callable[..., Awaitable[Any]]
 
-_CACHE_SIZE = 256
-
 
 @runtime_checkable
 class Policy(Protocol):
-    """Anything that can run an async callable under protection, and decorate one."""
+    """What ``Pipeline`` composes: a ``kind``, a ``name``, and ``wrap(fn)``.
 
+    ``wrap(fn)`` returns a coroutine function that runs ``fn`` under the policy, taking the
+    same arguments. Every policy here implements it (through ``BasePolicy``); a policy of
+    your own needs only these three to join a ``Pipeline``.
+    """
+
+    kind: str
     name: str
 
-    def call(
+    def wrap(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
+        """A coroutine function running ``fn`` under this policy."""
+
+
+class CallForm(Protocol):
+    """``policy.call``: runs ``fn(*args, **kwargs)`` under the policy."""
+
+    def __call__(
         self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Awaitable[T]:
-        """Run ``fn(*args, **kwargs)`` under this policy; await the result."""
+        """``await policy.call(fn, *args, **kwargs)``."""
 
-    def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
-        """Decorate an ``async def`` function."""
+
+INVOKE: Callable[..., Any] = operator.call
+"""What a policy's call form protects: a function that calls its first argument with the rest
+(``operator.call``, in C). ``policy.call(fn, *args)`` is the policy's protected function for
+``INVOKE``, called with ``(fn, *args)``: one protected function serves every ``fn``, and the
+call form costs what the decorated form costs. A policy that looks at the function it
+protects (a retry's hooks, a fallback's cache keys) asks ``target()`` for the user's."""
+
+
+def target(fn: Protected, args: tuple[Any, ...]) -> tuple[Protected, tuple[Any, ...]]:
+    """The user's function and its arguments, from the ``fn`` a protected function wraps and
+    the arguments it was called with: ``fn`` may be another policy's protected function (a
+    ``Pipeline``), which names the function it wraps in ``__wrapped__``, and the innermost may
+    be the call form's ``INVOKE``, which is passed the user's function first."""
+    while (inner := getattr(fn, "__wrapped__", None)) is not None:
+        fn = inner
+    if fn is INVOKE:
+        return args[0], args[1:]
+    return fn, args
 
 
 class BasePolicy:
-    """Shared plumbing: decorator, ``call``, name, listeners, clock.
+    """What every policy here shares: the decorator, ``call``, ``wrap``, name, listeners, clock.
 
     A policy writes its logic once, in ``_wrap(fn)``, which returns a coroutine function that
-    runs ``fn`` under the policy. Decorating returns that function (one coroutine frame per
-    policy, nothing more). ``call(fn, ...)`` is the same function wrapped once around
-    ``operator.call`` (which calls ``fn`` in C): after the first use, ``policy.call`` is that
-    protected function itself, so the call form costs no frame of its own. A policy whose
-    logic depends on which ``fn`` it wraps (a Fallback's cache keys) sets ``_needs_fn`` and
-    gets one protected function per ``fn`` from a small cache instead.
+    runs ``fn`` under the policy (one coroutine frame, nothing more). From it:
+
+    * ``wrap(fn)`` (the ``Policy`` protocol, what ``Pipeline`` uses) adds the ``CallFinished``
+      report when a listener wants it (decided when wrapping: free otherwise);
+    * decorating (``@policy``) is ``wrap(fn)`` with ``fn``'s name, docstring and signature;
+    * ``policy.call(fn, *args, **kwargs)`` is ``wrap(INVOKE)``, made on first use with the
+      listeners of that moment (again after ``add_listener``): however it is captured (a
+      bound ``policy.call``, a ``functools.partial``), it costs what the decorated form costs.
     """
 
     kind: str = "policy"
     name: str
     _listeners: tuple[Listener, ...]
-    _needs_fn: bool = False
 
     def __init__(self, name: str, clock: Clock | None, listeners: Iterable[Listener]) -> None:
         self.name = check_name(name)
@@ -73,13 +103,20 @@ class BasePolicy:
             )
         self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
         self._listeners = check_listeners(listeners)
-        self._wrapped: dict[object, Protected] = {}
-        # ``call`` is an instance attribute from the start (the first call replaces it with
-        # the protected function): adding it later would give this instance an attribute
-        # layout of its own, and every ``self.x`` read in its hot path would get slower (so
-        # would touching ``self.__dict__``)
-        self._call: Callable[..., Awaitable[Any]] = self._first_call
-        self.call = self._call  # type: ignore[method-assign]
+        # set here, with the others: every instance of a class gets its attributes in one
+        # order, so attribute reads on the hot path stay fast
+        self._call: CallForm | None = None
+
+    @property
+    def call(self) -> CallForm:
+        """``await policy.call(fn, *args, **kwargs)``: ``fn(*args, **kwargs)`` under this
+        policy. The protected function behind it is made on first use (``wrap(INVOKE)``) and
+        kept: a bound ``policy.call`` or a ``functools.partial`` of it costs what the
+        decorated form costs."""
+        call = self._call
+        if call is None:
+            call = self._call = cast(CallForm, self.wrap(INVOKE))
+        return call
 
     @property
     def clock(self) -> Clock:
@@ -87,60 +124,26 @@ class BasePolicy:
         return self._clock
 
     def add_listener(self, listener: Listener) -> None:
-        """Add ``listener`` to the callables that receive this policy's events."""
+        """Add ``listener`` to the callables that receive this policy's events.
+
+        Every event reaches it from now on, except ``CallFinished``, which goes to the
+        listeners a protected function was made with (``call`` makes its own again; a
+        function decorated earlier keeps its own).
+        """
         self._listeners = (*self._listeners, *check_listeners((listener,)))
-        self._wrapped.clear()
-        self._call = self._first_call  # rebuilt on the next call, with the new listener
-        self.call = self._call  # type: ignore[method-assign]
+        self._call = None
 
     def _wrap(self, fn: Protected) -> Protected:
-        """Return a coroutine function running ``fn`` under this policy."""
+        """Return a coroutine function running ``fn`` under this policy (the policy's logic)."""
         raise NotImplementedError
 
-    def call(
-        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> Awaitable[T]:
-        """Run ``fn(*args, **kwargs)`` under this policy: ``await policy.call(fn, ...)``."""
-        # reached only through the class (``BasePolicy.call(policy, fn)``): the instance
-        # attribute ``call`` shadows this method
-        return self._call(fn, *args, **kwargs)
-
-    def _first_call(self, fn: Protected, /, *args: Any, **kwargs: Any) -> Awaitable[Any]:
-        """The first ``call``: install the protected call form, then run it."""
-        if self._needs_fn:  # one protected function per fn, from a small cache
-            try:
-                protected = self._wrapped[fn]
-            except KeyError:
-                protected = self._cache(fn)
-            return protected(*args, **kwargs)  # no cast(): this runs on every call
-        # from now on ``policy.call`` is this protected function: ``call(fn, *args)`` runs
-        # ``fn(*args)`` under the policy through operator.call, with no frame of its own
-        run = self._call = self._observed(operator.call)
-        self.call = run  # type: ignore[method-assign]
-        return run(fn, *args, **kwargs)
-
-    def _cache(self, fn: Protected) -> Protected:
-        """``_observed(fn)``, kept for the next ``call(fn)`` (a few hundred functions at most)."""
-        if len(self._wrapped) >= _CACHE_SIZE:
-            self._wrapped.clear()
-        protected = self._wrapped[fn] = self._observed(fn)
-        return protected
-
-    def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
-        """Decorate an ``async def`` function; its name, docstring and signature are kept."""
-        require_async(fn, self)
-        return cast(Callable[P, Awaitable[T]], functools.wraps(fn)(self._observed(fn)))
-
-    def _observed(self, fn: Protected) -> Protected:
-        """``_wrap(fn)``, timed and reported as ``CallFinished`` when a listener wants it.
-
-        Decided once, when wrapping: without listeners wanting ``CallFinished`` from this
-        policy (see ``events.select``), this costs nothing per call.
-        """
+    def wrap(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
+        """A coroutine function running ``fn`` under this policy, reported as ``CallFinished``
+        to the listeners that want it (``events.select``); see the class docstring."""
         protected = self._wrap(fn)
         kind, name = self.kind, self.name
         if not any(wants(x, CallFinished, kind, name) for x in self._listeners):
-            return protected
+            return _wrapping(protected, fn)
         monotonic = self._clock.monotonic
 
         async def observed(*args: Any, **kwargs: Any) -> Any:
@@ -157,10 +160,23 @@ class BasePolicy:
                 if self._listeners:
                     emit(self._listeners, call_finished(name, kind, outcome, monotonic() - start))
 
-        return observed
+        return _wrapping(observed, fn)
+
+    def __call__(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]:
+        """Decorate an ``async def`` function; its name, docstring and signature are kept."""
+        require_async(fn, self)
+        return functools.wraps(fn)(self.wrap(fn))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def _wrapping(protected: Protected, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """``protected``, naming the function it runs in ``__wrapped__`` (as ``functools.wraps``
+    does; ``target()`` follows it), unless it is ``fn`` itself (a policy that adds nothing)."""
+    if protected is not fn:
+        protected.__wrapped__ = fn  # type: ignore[attr-defined]
+    return cast(Callable[P, Awaitable[T]], protected)
 
 
 def _outcome(exc: Exception) -> str:
@@ -171,87 +187,6 @@ def _outcome(exc: Exception) -> str:
     if isinstance(exc, ResilienceTimeoutError):
         return "timeout"
     return "failure"
-
-
-def wrap_with(policy: Policy, fn: Protected) -> Protected:
-    """``policy`` around ``fn``: through ``_observed`` when the policy has one, else ``call``."""
-    wrap = getattr(policy, "_observed", None)
-    if wrap is not None:
-        return cast(Protected, wrap(fn))
-    call = policy.call
-
-    async def protected(*args: Any, **kwargs: Any) -> Any:
-        return await call(fn, *args, **kwargs)
-
-    return protected
-
-
-class Pipeline(BasePolicy):
-    """Policies applied outermost first: ``Pipeline(a, b, c)`` runs ``a(b(c(fn)))``.
-
-    Nested pipelines are flattened. The recommended order is
-    ``Fallback, Retry, CircuitBreaker, RateLimiter, Timeout, Bulkhead``. A ``Timeout`` inside a
-    ``Retry`` limits each attempt; one outside limits the whole call, so an attempt timeout
-    longer than an overall one is rejected as a mistake. ``listeners`` get one
-    ``CallFinished`` per call through the whole pipeline.
-    """
-
-    kind = "pipeline"
-
-    def __init__(
-        self,
-        *policies: Policy,
-        name: str = "pipeline",
-        clock: Clock | None = None,
-        listeners: Iterable[Listener] = (),
-    ) -> None:
-        super().__init__(name, clock, listeners)
-        flat: list[Policy] = []
-        for p in policies:
-            if getattr(p, "_needs_fn", True):  # unknown policies: assume they do
-                self._needs_fn = True
-            if isinstance(p, Pipeline):
-                flat.extend(p.policies)
-            elif isinstance(p, Policy) and not isinstance(p, type):
-                flat.append(p)
-            else:
-                raise TypeError(f"Pipeline takes policy objects, got {p!r}")
-        if not flat:
-            raise ValueError("Pipeline needs at least one policy")
-        _check_order(flat)
-        self.policies: tuple[Policy, ...] = tuple(flat)
-
-    def _wrap(self, fn: Protected) -> Protected:
-        for policy in reversed(self.policies):
-            fn = wrap_with(policy, fn)
-        return fn
-
-    def __repr__(self) -> str:
-        return f"Pipeline({', '.join(map(repr, self.policies))})"
-
-
-def _check_order(policies: list[Policy]) -> None:
-    """Reject an attempt timeout (inside a Retry) longer than an overall one (outside it)."""
-    kinds = [getattr(p, "kind", "") for p in policies]
-    if "retry" not in kinds:
-        return
-    first_retry = kinds.index("retry")
-    outer = [p for p, k in zip(policies[:first_retry], kinds, strict=False) if k == "timeout"]
-    inner = [p for p, k in zip(policies, kinds, strict=True) if k == "timeout"][len(outer) :]
-    if outer and inner:
-        overall = min(_seconds(p) for p in outer)
-        for p in inner:
-            seconds = _seconds(p)
-            if seconds > overall:
-                raise ValueError(
-                    f"the attempt timeout {p!r} ({seconds:g}s, inside Retry) is longer than "
-                    f"the overall timeout ({overall:g}s, outside Retry): it can never expire"
-                )
-
-
-def _seconds(policy: Policy) -> float:
-    seconds: float = getattr(policy, "seconds")  # noqa: B009 - not part of Policy
-    return seconds
 
 
 def check_store(what: str, store: object, *methods: str) -> Store | None:

@@ -23,6 +23,7 @@ from .base import (
     check_store,
     exception_filter,
     store_down,
+    target,
 )
 
 if TYPE_CHECKING:
@@ -62,17 +63,14 @@ class JSONSerializer:
         return "JSONSerializer()"
 
 
-def default_cache_key(fn: Protected) -> Callable[..., str]:
-    """The default item key of ``fn``: its qualified name and the ``repr`` of its arguments."""
+def default_cache_key(fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The default item key of a call: ``fn``'s qualified name and the ``repr`` of its
+    arguments (hashed when long)."""
     prefix = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-    def key(*args: Any, **kwargs: Any) -> str:
-        text = repr(args) if not kwargs else f"{args!r}{sorted(kwargs.items())!r}"
-        if len(text) > _KEY_LIMIT:
-            text = "#" + hashlib.sha256(text.encode()).hexdigest()
-        return prefix + text
-
-    return key
+    text = repr(args) if not kwargs else f"{args!r}{sorted(kwargs.items())!r}"
+    if len(text) > _KEY_LIMIT:
+        text = "#" + hashlib.sha256(text.encode()).hexdigest()
+    return prefix + text
 
 
 class Fallback(BasePolicy):
@@ -126,7 +124,6 @@ class Fallback(BasePolicy):
         self.handler = handler
         self._result_if = check_predicate("result_if", result_if)
         self.cache = store
-        self._needs_fn = store is not None  # its cache keys are made from the arguments
         check_fleet_name("Fallback(cache=...)", self.name, "fallback", store)
         if store is None and (cache_key is not None or serializer is not None):
             raise ValueError("cache_key= and serializer= are only used with cache=")
@@ -184,9 +181,9 @@ class Fallback(BasePolicy):
     def _wrap_cached(self, fn: Protected, store: Store) -> Protected:
         matches = self._matches
         result_if = self._result_if
-        key = self.cache_key if self.cache_key is not None else default_cache_key(fn)
         keep = self._keep
         stale = self._stale
+        item = self._item
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             try:
@@ -194,18 +191,26 @@ class Fallback(BasePolicy):
             except Exception as exc:
                 if not matches(exc):
                     raise
-                value = await stale(store, key(*args, **kwargs), exc)
+                value = await stale(store, item(fn, args, kwargs), exc)
                 if value is _MISSING:
                     raise
                 return value
             if result_if is not None and result_if(result):
                 rejected = UnacceptableResultError(result)
-                value = await stale(store, key(*args, **kwargs), rejected)
+                value = await stale(store, item(fn, args, kwargs), rejected)
                 return result if value is _MISSING else value
-            keep(store, key(*args, **kwargs), result)
+            keep(store, item(fn, args, kwargs), result)
             return result
 
         return protected
+
+    def _item(self, fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The cache item of a call: ``cache_key(*args, **kwargs)``, or the default key (the
+        user's function, not the call form's ``INVOKE``)."""
+        fn, args = target(fn, args)
+        if self.cache_key is not None:
+            return self.cache_key(*args, **kwargs)
+        return default_cache_key(fn, args, kwargs)
 
     def _keep(self, store: Store, item: str, result: Any) -> None:
         """Write ``result`` in the background unless ``item`` was written under refresh ago."""

@@ -24,6 +24,7 @@ from .base import (
     check_store,
     exception_filter,
     store_down,
+    target,
 )
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ class Retry(BasePolicy):
         result: Any,
     ) -> Any:
         clock = self._clock
-        state = RetryCallState(self._tenacity, fn, args, kwargs)
+        state = RetryCallState(self._tenacity, *target(fn, args), kwargs)  # the user's fn
         state.start_time = clock.monotonic() if start is None else start
         retry_if_result = self._retry_if_result
         budget = self.budget

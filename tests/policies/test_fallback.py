@@ -327,7 +327,7 @@ def fallback_key(fn: Any, *args: Any) -> str:
     """The default cache key of ``fn(*args)``."""
     from resilience.policies.fallback import default_cache_key
 
-    return default_cache_key(fn)(*args)
+    return default_cache_key(fn, args, {})
 
 
 async def test_unserializable_result_is_not_cached(

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import StoreUnavailableError
-from resilience.policies.base import Pipeline
 from resilience.policies.bulkhead import Bulkhead
 from resilience.policies.hedge import Hedge
+from resilience.policies.pipeline import Pipeline
 from resilience.policies.retry import Retry
 from resilience.policies.timeout import Timeout
 from resilience.rules.quantile import LearnedDelay

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import math
@@ -15,7 +16,6 @@ import tenacity
 from resilience.events import CallFinished, Event, FallbackUsed, RetryScheduled
 from resilience.policies.base import (
     BasePolicy,
-    Pipeline,
     Policy,
     check_int,
     check_name,
@@ -27,6 +27,7 @@ from resilience.policies.base import (
 )
 from resilience.policies.bulkhead import Bulkhead
 from resilience.policies.fallback import Fallback
+from resilience.policies.pipeline import Pipeline
 from resilience.policies.ratelimit import RateLimiter
 from resilience.policies.retry import Retry
 from resilience.policies.timeout import Timeout
@@ -38,22 +39,22 @@ def fast_retry(attempts: int = 3, **kwargs: Any) -> Retry:
 
 
 class Recorder:
-    """A policy with no ``_wrap``: it logs entry and exit around ``call``."""
+    """A policy of a user's own, on the ``Policy`` protocol alone (``kind``, ``name``,
+    ``wrap``): it logs entry and exit."""
+
+    kind = "recorder"
 
     def __init__(self, name: str, log: list[str]) -> None:
         self.name = name
         self.log = log
 
-    async def call(self, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> Any:
-        self.log.append(f"{self.name} in")
-        try:
-            return await fn(*args, **kwargs)
-        finally:
-            self.log.append(f"{self.name} out")
-
-    def __call__(self, fn: Callable[..., Awaitable[Any]], /) -> Callable[..., Awaitable[Any]]:
+    def wrap(self, fn: Callable[..., Awaitable[Any]], /) -> Callable[..., Awaitable[Any]]:
         async def wrapped(*args: Any, **kwargs: Any) -> Any:
-            return await self.call(fn, *args, **kwargs)
+            self.log.append(f"{self.name} in")
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                self.log.append(f"{self.name} out")
 
         return wrapped
 
@@ -533,3 +534,24 @@ async def test_call_form_runs_under_the_policy_and_sees_new_listeners() -> None:
     with pytest.raises(TypeError):
         await bulkhead.call(add, 1)  # the function's own TypeError, raised under the policy
     assert bulkhead.in_flight == 0
+
+
+async def test_the_call_form_is_made_once_however_it_is_captured() -> None:
+    """``functools.partial(policy.call, fn)`` and a bound ``policy.call``, taken before the first
+    call, run one protected function made once, not one made per call."""
+    made = 0
+
+    class Counting(Bulkhead):
+        def _wrap(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            nonlocal made
+            made += 1
+            return super()._wrap(fn)
+
+    async def ok(x: int) -> int:
+        return x
+
+    policy = Counting(2)
+    captured = functools.partial(policy.call, ok)
+    bound = policy.call
+    assert [await captured(1), await bound(ok, 2), await policy.call(ok, 3)] == [1, 2, 3]
+    assert made == 1

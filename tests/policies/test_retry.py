@@ -13,7 +13,9 @@ import pytest
 import tenacity
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tenacity import RetryCallState
 
+from resilience import Pipeline, Timeout
 from resilience.errors import StoreUnavailableError
 from resilience.events import CallFinished, CallRejected, Event, RetryScheduled
 from resilience.policies.retry import Retry, RetryBudget
@@ -668,3 +670,26 @@ async def test_a_raising_before_sleep_ends_the_call() -> None:
     assert attempts == [1]
     with pytest.raises(TypeError, match="before_sleep"):
         Retry(on=ValueError, before_sleep=3)  # type: ignore[arg-type]
+
+
+async def test_hooks_see_the_users_function_in_every_form(clock: FakeClock) -> None:
+    """``RetryCallState.fn`` is the protected function itself, whether the retry decorates it,
+    runs it through ``call`` or runs inside a ``Pipeline``'s ``call`` (as tenacity's
+    ``before_sleep_log`` prints it)."""
+    seen: list[object] = []
+    failed: set[int] = set()
+
+    async def flaky(x: int) -> int:
+        if x not in failed:  # each call fails once
+            failed.add(x)
+            raise ValueError("once")
+        return x
+
+    def before_sleep(state: RetryCallState) -> None:
+        seen.append((state.fn, state.args))
+
+    retry = Retry(on=ValueError, attempts=2, wait=tenacity.wait_none(), before_sleep=before_sleep)
+    assert await retry(flaky)(1) == 1
+    assert await retry.call(flaky, 2) == 2
+    assert await Pipeline(retry, Timeout(5, clock=clock)).call(flaky, 3) == 3
+    assert seen == [(flaky, (1,)), (flaky, (2,)), (flaky, (3,))]

@@ -23,7 +23,7 @@ from resilience.errors import (
     ThrottledError,
 )
 from resilience.events import CallFinished, CallRejected, Event, StoreDataReset, StoreDegraded
-from resilience.policies.base import Pipeline
+from resilience.policies.pipeline import Pipeline
 from resilience.policies.retry import Retry
 from resilience.policies.throttle import SharedCounts, Throttle, default_accepted
 from resilience.rules.throttle import rejection_probability

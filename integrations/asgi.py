@@ -51,7 +51,7 @@ from resilience import (
     Store,
     StoreUnavailableError,
 )
-from resilience.policies.base import (
+from resilience.checks import (
     check_bool,
     check_fleet_name,
     check_int,

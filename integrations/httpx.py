@@ -89,7 +89,7 @@ from resilience import (
     TimeWindow,
     select,
 )
-from resilience.policies.base import check_bool, check_int, check_name, check_seconds
+from resilience.checks import check_bool, check_int, check_name, check_seconds
 from resilience.policies.throttle import default_accepted
 
 __all__ = [

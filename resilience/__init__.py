@@ -46,7 +46,7 @@ from .policies.health import HealthCheck, HealthResult
 from .policies.hedge import Hedge
 from .policies.pipeline import Pipeline
 from .policies.ratelimit import RateLimiter
-from .policies.retry import Retry, RetryBudget
+from .policies.retry import Retry, RetryBudget, RetryCallState
 from .policies.throttle import Throttle
 from .policies.timeout import Timeout
 from .rules.detectors import PhiAccrualDetector, TimeoutDetector
@@ -101,6 +101,7 @@ __all__ = [
     "ResilienceTimeoutError",
     "Retry",
     "RetryBudget",
+    "RetryCallState",
     "RetryScheduled",
     "Serializer",
     "StateChanged",

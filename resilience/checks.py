@@ -9,11 +9,14 @@ from typing import Any
 
 __all__ = [
     "check_bool",
+    "check_fleet_name",
     "check_int",
     "check_name",
     "check_positive",
     "check_ratio",
     "check_seconds",
+    "is_shared",
+    "store_down",
 ]
 
 
@@ -95,3 +98,36 @@ def check_counts(what: str, values: object) -> tuple[int, ...]:
         if v < 0:
             raise ValueError(f"{what} must be >= 0, got {v!r}")
     return counts
+
+
+# --- stores, by what they say of themselves (duck-typed: no store is imported) -------------
+
+
+def store_down(store: object) -> bool:
+    """True while a store says it cannot reach its backend (``RedisStore.degraded``).
+
+    Policies then go local at once instead of waiting for each primitive to time out; the
+    store reconnects in the background.
+    """
+    return getattr(store, "degraded", False) is True  # duck-typed stores may lack it
+
+
+def is_shared(store: object) -> bool:
+    """Whether ``store`` is seen by other processes: what its ``shared`` attribute says
+    (``MemoryStore``: ``False``, ``RedisStore``: ``True``); a store that does not say is taken
+    as shared."""
+    shared = getattr(store, "shared", True)
+    return shared if isinstance(shared, bool) else True
+
+
+def check_fleet_name(what: str, name: str, default: str, store: object) -> None:
+    """Refuse a fleet-wide policy that keeps its default ``name`` on a shared store.
+
+    Two services on one Redis that both kept ``name="bulkhead"`` would share one limit: a
+    spike in one makes the other shed load. A name that says whose limit it is is required.
+    """
+    if store is not None and name == default and is_shared(store):
+        raise ValueError(
+            f"{what} on a shared store needs a name of its own (name={default!r} is the "
+            f"default, shared by every service on that store): pass name='<service>:<what>'"
+        )

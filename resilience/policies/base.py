@@ -203,15 +203,6 @@ def check_store(what: str, store: object, *methods: str) -> Store | None:
     return cast("Store", store)
 
 
-def store_down(store: object) -> bool:
-    """True while a store says it cannot reach its backend (``RedisStore.degraded``).
-
-    Policies then go local at once instead of waiting for each primitive to time out; the
-    store reconnects in the background.
-    """
-    return getattr(store, "degraded", False) is True  # duck-typed stores may lack it
-
-
 # --- input checks shared by the policies --------------------------------------------------
 
 
@@ -224,33 +215,6 @@ def require_async(fn: object, policy: object) -> None:
         return
     what = "an async generator function" if inspect.isasyncgenfunction(fn) else "not async"
     raise TypeError(f"{policy!r} protects coroutine functions (async def); {fn!r} is {what}")
-
-
-def is_shared(store: object) -> bool:
-    """Whether ``store`` is seen by other processes (every store but ``MemoryStore``).
-
-    A store may say so itself with a ``shared`` attribute; without one, anything that is not
-    a ``MemoryStore`` is taken as shared.
-    """
-    from ..store.memory import MemoryStore
-
-    shared = getattr(store, "shared", None)
-    if isinstance(shared, bool):
-        return shared
-    return not isinstance(store, MemoryStore)
-
-
-def check_fleet_name(what: str, name: str, default: str, store: object) -> None:
-    """Refuse a fleet-wide policy that keeps its default ``name`` on a shared store.
-
-    Two services on one Redis that both kept ``name="bulkhead"`` would share one limit: a
-    spike in one makes the other shed load. A name that says whose limit it is is required.
-    """
-    if store is not None and name == default and is_shared(store):
-        raise ValueError(
-            f"{what} on a shared store needs a name of its own (name={default!r} is the "
-            f"default, shared by every service on that store): pass name='<service>:<what>'"
-        )
 
 
 def exception_filter(

@@ -10,20 +10,12 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from ..checks import check_fleet_name, store_down
 from ..clock import Clock
 from ..errors import BulkheadFullError, RejectedError, StoreUnavailableError
 from ..events import CallRejected, Listener, emit
 from ..rules.limits import AdaptiveLimit, Limiter
-from .base import (
-    BasePolicy,
-    Protected,
-    check_bool,
-    check_fleet_name,
-    check_int,
-    check_seconds,
-    check_store,
-    store_down,
-)
+from .base import BasePolicy, Protected, check_bool, check_int, check_seconds, check_store
 from .quota import FleetShare, check_lease, check_permits
 
 if TYPE_CHECKING:

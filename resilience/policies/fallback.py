@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..checks import check_fleet_name, store_down
 from ..clock import Clock
 from ..errors import UnacceptableResultError
 from ..events import FallbackUsed, Listener, emit
@@ -17,12 +18,10 @@ from .base import (
     BasePolicy,
     ExceptionFilter,
     Protected,
-    check_fleet_name,
     check_predicate,
     check_seconds,
     check_store,
     exception_filter,
-    store_down,
     target,
 )
 

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..checks import check_int, check_name, check_seconds
+from ..checks import check_int, check_name, check_seconds, store_down
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ResilienceTimeoutError
 from ..events import HealthChanged, Listener, check_listeners, emit
 from ..forks import reset_in_child
 from ..rules.detectors import Detector, PhiAccrualDetector
 from ..store.records import HEALTH_PREFIX
-from .base import check_store, require_async, store_down
+from .base import check_store, require_async
 from .timeout import Timeout
 
 if TYPE_CHECKING:

@@ -12,17 +12,11 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..checks import check_fleet_name
 from ..clock import Clock, TimerHandle
 from ..events import Listener
 from ..rules.quantile import LearnedDelay
-from .base import (
-    BasePolicy,
-    Protected,
-    check_fleet_name,
-    check_int,
-    check_seconds,
-    check_store,
-)
+from .base import BasePolicy, Protected, check_int, check_seconds, check_store
 from .throttle import SharedCounts, check_window
 
 if TYPE_CHECKING:

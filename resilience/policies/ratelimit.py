@@ -7,22 +7,14 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..checks import check_fleet_name, store_down
 from ..clock import Clock
 from ..errors import RateLimitedError, StoreUnavailableError
 from ..events import CallRejected, Listener, emit
 from ..forks import reset_in_child
 from ..rules.gcra import EPSILON as _EPSILON
 from ..rules.gcra import gcra
-from .base import (
-    BasePolicy,
-    Protected,
-    check_fleet_name,
-    check_int,
-    check_positive,
-    check_seconds,
-    check_store,
-    store_down,
-)
+from .base import BasePolicy, Protected, check_int, check_positive, check_seconds, check_store
 
 if TYPE_CHECKING:
     from ..store.protocol import Store

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import tenacity
 from tenacity import RetryCallState
 
+from ..checks import store_down
 from ..clock import Clock
 from ..errors import StoreUnavailableError, UnacceptableResultError
 from ..events import CallRejected, Listener, RetryScheduled, emit
@@ -23,14 +24,13 @@ from .base import (
     check_predicate,
     check_store,
     exception_filter,
-    store_down,
     target,
 )
 
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
-__all__ = ["Retry", "RetryBudget"]
+__all__ = ["Retry", "RetryBudget", "RetryCallState"]
 
 #: how long an untouched budget lives in a shared store before it starts full again
 BUDGET_TTL = 3600.0

@@ -22,20 +22,12 @@ import random as _random
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..checks import check_fleet_name, store_down
 from ..clock import Clock, TimerHandle
 from ..errors import RejectedError, ThrottledError
 from ..events import CallRejected, Listener, emit
 from ..rules.throttle import rejection_probability
-from .base import (
-    BasePolicy,
-    Protected,
-    check_fleet_name,
-    check_int,
-    check_predicate,
-    check_seconds,
-    check_store,
-    store_down,
-)
+from .base import BasePolicy, Protected, check_int, check_predicate, check_seconds, check_store
 
 if TYPE_CHECKING:
     from ..store.protocol import Store
@@ -273,6 +265,9 @@ class Throttle(BasePolicy):
     """
 
     kind = "throttle"
+    #: the rule ``accepted_if`` takes by default (``default_accepted``): adapters that add
+    #: their own refusals (an HTTP 429) fall back on it for the rest
+    default_accepted = staticmethod(default_accepted)
 
     def __init__(
         self,

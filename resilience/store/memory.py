@@ -33,6 +33,8 @@ class MemoryStore:
     store behind a client that talks to many hosts does not grow for ever.
     """
 
+    shared = False  #: seen by this process only (policies need no fleet-wide name for it)
+
     def __init__(self, *, clock: Clock | None = None, forget_after: float = 600.0) -> None:
         self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
         self.degraded = False  # nothing to lose touch with

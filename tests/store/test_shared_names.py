@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from resilience import Bulkhead, Fallback, MemoryStore, RateLimiter
-from resilience.policies.base import is_shared
+from resilience.checks import is_shared
 from resilience.store.redis import RedisStore
 
 

@@ -124,6 +124,8 @@ class RedisStore:
     store was built uses it as a new replica (new id, new connections).
     """
 
+    shared = True  #: seen by every replica using the same Redis and prefix
+
     def __init__(
         self,
         client: Any,

@@ -265,9 +265,6 @@ class Throttle(BasePolicy):
     """
 
     kind = "throttle"
-    #: the rule ``accepted_if`` takes by default (``default_accepted``): adapters that add
-    #: their own refusals (an HTTP 429) fall back on it for the rest
-    default_accepted = staticmethod(default_accepted)
 
     def __init__(
         self,
@@ -362,3 +359,7 @@ class Throttle(BasePolicy):
             return result
 
         return protected
+
+    #: the rule ``accepted_if`` takes by default: adapters that add refusals of their own (an
+    #: HTTP 429) fall back on it for the rest (after __init__, whose default it is)
+    default_accepted = staticmethod(default_accepted)

@@ -63,25 +63,10 @@ class RejectedError(ResilienceError):
 class CircuitOpenError(RejectedError):
     """The circuit breaker ``name`` is open (``state``: open, half_open or forced_open)."""
 
-    # Raised on every rejected call, so built as cheaply as Python allows: the arguments are
-    # kept by BaseException.__new__ in ``args`` and read back through properties.
     def __init__(self, name: str, state: str, retry_after: float | None) -> None:
-        pass
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        """The breaker's name."""
-        return self.args[0]  # type: ignore[no-any-return]
-
-    @property
-    def state(self) -> str:
-        """``open``, ``half_open`` or ``forced_open``."""
-        return self.args[1]  # type: ignore[no-any-return]
-
-    @property
-    def retry_after(self) -> float | None:  # type: ignore[override]
-        """Seconds until the breaker may let a probe through (``None``: held open)."""
-        return self.args[2]  # type: ignore[no-any-return]
+        self.name = name
+        self.state = state  #: ``open``, ``half_open`` or ``forced_open``
+        self.retry_after = retry_after  #: seconds until a probe may go (``None``: held open)
 
     def _what(self) -> str:
         return f"circuit {self.name!r} is {self.state}"

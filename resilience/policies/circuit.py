@@ -367,7 +367,10 @@ class CircuitBreaker(BasePolicy):
         fast = plain and local  # an in-process breaker, count window, no result check
         window: CountCounter = core.window  # type: ignore[assignment]
 
+        skip = 0  # calls before the next one is timed (latency is sampled)
+
         async def protected(*args: Any, **kwargs: Any) -> Any:
+            nonlocal skip
             if core.state is CLOSED:
                 gen = core.gen
                 if fast:  # the hot path: a few attribute reads and one try/except
@@ -376,36 +379,29 @@ class CircuitBreaker(BasePolicy):
                     except Exception as exc:
                         settle(gen, 0, 0.0, exc, None)
                         raise
-                    if window.failures or window.slow:
-                        if gen == core.gen:
-                            core.record(gen, 0, False, False)
-                    elif window.calls < window.size and gen == core.gen:
-                        window.calls += 1  # an all-success window: only the count moves
+                    # a full window of successes stays as it is: only read it; until it is
+                    # full, or while it holds failures, the core counts the success
+                    if window.failures or window.slow or window.calls < window.size:
+                        core.record(gen, 0, False, False)
                     return result
                 lease = 0
                 if timed:
                     start = monotonic()
-                elif core.skip:  # latency is sampled: one call in SAMPLE_EVERY is timed
-                    core.skip -= 1
+                elif skip:  # latency is sampled: one call in SAMPLE_EVERY is timed
+                    skip -= 1
                     start = 0.0
                 else:
-                    core.skip = SAMPLE_EVERY - 1
+                    skip = SAMPLE_EVERY - 1
                     start = monotonic()
             elif core.state is OPEN and (now := monotonic()) < core.open_until:
                 error = CircuitOpenError(core.name, "open", core.open_until - now)
-                if local:  # counted for status tools (a shared core also joins a round)
-                    core.rejected += 1
-                else:
-                    core.rejecting()
+                core.rejecting()  # counted for status tools (a shared core joins a round)
                 if self._listeners:
                     self._emit_rejected(error)
                 raise error
             elif core.state is FORCED_OPEN:
                 error = CircuitOpenError(core.name, "forced_open", None)
-                if local:
-                    core.rejected += 1
-                else:
-                    core.rejecting()
+                core.rejecting()
                 if self._listeners:
                     self._emit_rejected(error)
                 raise error

@@ -29,9 +29,18 @@ __all__ = ["Timeout"]
 _current_task = asyncio.current_task
 _CancelledError = asyncio.CancelledError
 
-# An entry is a list, for speed: [deadline, task or None once finished, cancelling, expired]
-_DEADLINE, _TASK, _CANCELLING, _EXPIRED = 0, 1, 2, 3
-Entry = list[Any]
+
+class _Deadline:
+    """One call's place in a Timeout's queue."""
+
+    __slots__ = ("cancelling", "deadline", "expired", "finished", "task")
+
+    def __init__(self, deadline: float, task: asyncio.Task[Any], cancelling: int) -> None:
+        self.deadline = deadline
+        self.task = task
+        self.cancelling = cancelling  #: the task's cancellation count when the call started
+        self.finished = False  #: the call has ended (the entry waits to leave the queue)
+        self.expired = False  #: this timeout cancelled the call
 
 
 class Timeout(BasePolicy):
@@ -52,11 +61,11 @@ class Timeout(BasePolicy):
     ) -> None:
         super().__init__(name, clock, listeners)
         self.seconds: float = check_seconds("seconds", seconds)
-        self._queue: deque[Entry] = deque()
+        self._queue: deque[_Deadline] = deque()
         self._live = 0
         self._timer: TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._held: ContextVar[tuple[Entry, ...]] = ContextVar(
+        self._held: ContextVar[tuple[_Deadline, ...]] = ContextVar(
             f"resilience.timeout.{name}", default=()
         )
 
@@ -64,14 +73,14 @@ class Timeout(BasePolicy):
         return f"Timeout({self.seconds:g}, name={self.name!r})"
 
     # the deadline queue
-    def _enter(self) -> Entry:
+    def _enter(self) -> _Deadline:
         task = _current_task()
         if task is None:
             raise RuntimeError("Timeout must be used inside an asyncio task")
         loop = task.get_loop()
         if loop is not self._loop:  # first use, or a new event loop: start afresh
             self._reset(loop)
-        entry = [self._clock.monotonic() + self.seconds, task, task.cancelling(), False]
+        entry = _Deadline(self._clock.monotonic() + self.seconds, task, task.cancelling())
         self._queue.append(entry)
         self._live += 1
         if self._timer is None:
@@ -86,17 +95,17 @@ class Timeout(BasePolicy):
         self._live = 0
         self._loop = loop
 
-    def _leave(self, entry: Entry) -> None:
-        entry[_TASK] = None
+    def _leave(self, entry: _Deadline) -> None:
+        entry.finished = True
         self._live -= 1
         queue = self._queue
         if queue and queue[0] is entry:
             queue.popleft()
-            while queue and queue[0][_TASK] is None:
+            while queue and queue[0].finished:
                 queue.popleft()
         elif len(queue) > 64 and len(queue) > 4 * self._live:
             # finished entries pile up behind a long-running one: compact
-            self._queue = deque(e for e in queue if e[_TASK] is not None)
+            self._queue = deque(e for e in queue if not e.finished)
 
     def _fire(self) -> None:
         self._timer = None
@@ -104,22 +113,19 @@ class Timeout(BasePolicy):
         now = self._clock.monotonic()
         while queue:
             entry = queue[0]
-            task = entry[_TASK]
-            if task is not None:
-                if entry[_DEADLINE] > now:
-                    self._timer = self._clock.call_later(entry[_DEADLINE] - now, self._fire)
+            if not entry.finished:
+                if entry.deadline > now:
+                    self._timer = self._clock.call_later(entry.deadline - now, self._fire)
                     return
-                entry[_EXPIRED] = True
-                task.cancel()
+                entry.expired = True
+                entry.task.cancel()
                 if self._listeners:
                     emit(self._listeners, TimedOut(name=self.name, seconds=self.seconds))
             queue.popleft()
 
-    def _expired_exit(
-        self, task: asyncio.Task[Any], cancelling: int, exc: BaseException | None
-    ) -> None:
+    def _expired_exit(self, entry: _Deadline, exc: BaseException | None) -> None:
         """Undo our cancellation; raise the timeout error if nobody else cancelled too."""
-        if task.uncancel() <= cancelling and isinstance(exc, _CancelledError):
+        if entry.task.uncancel() <= entry.cancelling and isinstance(exc, _CancelledError):
             raise ResilienceTimeoutError(self.name, self.seconds) from exc
 
     # the policy
@@ -130,17 +136,16 @@ class Timeout(BasePolicy):
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             entry = enter()
-            task = entry[_TASK]
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
                 leave(entry)
-                if entry[_EXPIRED]:
-                    expired_exit(task, entry[_CANCELLING], exc)
+                if entry.expired:
+                    expired_exit(entry, exc)
                 raise
             leave(entry)
-            if entry[_EXPIRED]:  # the call swallowed our cancellation and returned anyway
-                expired_exit(task, entry[_CANCELLING], None)
+            if entry.expired:  # the call swallowed our cancellation and returned anyway
+                expired_exit(entry, None)
             return result
 
         return protected
@@ -157,7 +162,6 @@ class Timeout(BasePolicy):
         held = self._held.get()
         entry = held[-1]
         self._held.set(held[:-1])
-        task = entry[_TASK]
         self._leave(entry)
-        if entry[_EXPIRED]:
-            self._expired_exit(task, entry[_CANCELLING], exc)
+        if entry.expired:
+            self._expired_exit(entry, exc)

@@ -201,7 +201,6 @@ class BreakerCore:
         "rejected",
         "reopens",
         "shown",
-        "skip",
         "state",
         "window",
     )
@@ -223,7 +222,6 @@ class BreakerCore:
         self._probe_done = self._probe_failures = self._probe_slow = 0
         self.rejected = 0  # calls refused, since this core was made
         self.latency = [0] * _BUCKETS  # sampled durations per LATENCY_BUCKETS bucket
-        self.skip = 0  # calls before the next one is timed (a sample)
 
     #: A shared core in strict mode wants ``await commit()`` after each outcome.
     strict = False

@@ -1,6 +1,8 @@
-"""The nemesis: a fleet under load while Redis is paused, restarted empty, cut, slowed, failed
-over and has its clock stepped, at random from a seed; the checker (``tests/nemesis_check.py``)
-then holds what the replicas saw against the docs' promises.
+"""The nemesis: a fleet of replicas under load while Redis fails, at random from a seed.
+
+Redis is paused, restarted empty, cut, slowed, failed over and has its clock stepped; the
+checker (``tests/nemesis_check.py``) then holds what the replicas saw against the docs'
+promises.
 
 The setup: a Sentinel pair (primary, replica, three sentinels; ``tests/cluster_support.py``),
 one fault proxy per Redis (``tests/faultproxy.py``, in this process's event loop), and
@@ -142,7 +144,7 @@ class Options:
         kinds = "" if self.kinds == KINDS else f" --kinds {','.join(self.kinds)}"
         return (
             f"python -m tests.nemesis --seed {self.seed} --seconds {self.seconds:g} "
-            f"--pace {self.pace:g}{kinds}"
+            f"--pace {self.pace:g} --settle {self.settle:g}{kinds}"
         )
 
 
@@ -506,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--pace", type=float, default=1.0)
+    parser.add_argument("--pace", type=float, default=1.0, help="scales gaps and durations")
+    parser.add_argument("--settle", type=float, default=3.0, help="quiet seconds at the end")
     parser.add_argument("--kinds", default=",".join(KINDS))
     args = parser.parse_args(argv)
     opts = replace(
@@ -514,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         seconds=args.seconds,
         pace=args.pace,
+        settle=args.settle,
         kinds=tuple(k for k in args.kinds.split(",") if k),
     )
     verdict = asyncio.run(check_run(opts))

@@ -152,11 +152,12 @@ class History:
 
 @dataclass(frozen=True)
 class Violation:
-    """A broken promise: which check, when, what was seen."""
+    """A broken promise: which check, when (from ``at`` to ``until``), what was seen."""
 
     check: str
     at: float
     what: str
+    until: float | None = None
 
 
 @dataclass
@@ -200,8 +201,8 @@ class Verdict:
                 first, last = run[0], run[-1]
                 span = f"{first.at - rel:.3f}-{last.at - rel:.3f} s" if len(run) > 1 else ""
                 lines.append(
-                    f"  at {first.at - rel:.3f} s ({_near(h, first.at)}): {first.what}"
-                    + (f" [{len(run)} violations {span}]" if span else "")
+                    f"  at {first.at - rel:.3f} s ({_near(h, first.at, first.until)}): "
+                    f"{first.what}" + (f" [{len(run)} violations {span}]" if span else "")
                 )
         lines.append("figures: " + ", ".join(f"{k} {v}" for k, v in self.stats.items()))
         return "\n".join(lines)
@@ -218,8 +219,14 @@ def episodes(found: Sequence[Violation], gap: float = 2.0) -> list[list[Violatio
     return runs
 
 
-def _near(h: History, at: float) -> str:
-    """Which fault ``at`` falls in or follows."""
+def _near(h: History, at: float, until: float | None = None) -> str:
+    """Which faults ``[at, until]`` overlaps, or which one it follows."""
+    if until is not None:
+        inside = [
+            f"#{i} {f.kind}" for i, f in enumerate(h.faults) if f.start <= until and f.end >= at
+        ]
+        if inside:
+            return "a window with " + ", ".join(inside)
     last = None
     for i, f in enumerate(h.faults):
         if f.start <= at:
@@ -413,6 +420,7 @@ def check_rate(h: History) -> tuple[list[Violation], dict[str, Any]]:
                         f"{count} admitted in {width:g} s, bound {bound:.0f} (rate {s.rate:g} x "
                         f"({width:g} + clock step {rise:g}) + burst {s.burst}, "
                         f"+ {locals_} replicas admitting locally)",
+                        until=b,
                     )
                 )
                 flagged_until = b  # one report per excursion
@@ -581,5 +589,11 @@ def check(h: History) -> Verdict:
         stats.update(figures)
     periods = sum(len(Degraded(log.events).starts) for log in h.replicas)
     stats["degraded periods"] = periods
+    stats["data resets"] = sum(k == "reset" for log in h.replicas for _, k, _ in log.events)
+    statuses: dict[int, int] = {}
+    for log in h.replicas:
+        for r in log.requests:
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+    stats["statuses"] = dict(sorted(statuses.items()))
     violations.sort(key=lambda v: (v.check, v.at))
     return Verdict(h, violations, stats)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import mmap
 import os
@@ -511,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pace", type=float, default=1.0, help="scales gaps and durations")
     parser.add_argument("--settle", type=float, default=3.0, help="quiet seconds at the end")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--save", type=Path, help="write the merged history there (JSON)")
     args = parser.parse_args(argv)
     opts = replace(
         Options(),
@@ -520,7 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         settle=args.settle,
         kinds=tuple(k for k in args.kinds.split(",") if k),
     )
-    verdict = asyncio.run(check_run(opts))
+    history = asyncio.run(run(opts))
+    if args.save is not None:
+        args.save.write_text(json.dumps(dataclasses.asdict(history)))
+    verdict = check(history)
     print(verdict.report())
     return 0 if verdict.ok else 1
 

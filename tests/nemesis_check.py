@@ -50,6 +50,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .nemesis_replica import CALLED_DOWN, RATE_FAILED, SHARE_FAILED
+
 __all__ = [
     "Fault",
     "History",
@@ -68,7 +70,6 @@ AGREE_ROUNDS = 5  # sync intervals within which the breakers agree once every st
 WINDOWS = (0.25, 1.0, 2.0, 5.0)  # s: window lengths the rate is checked over
 WINDOW_STEP = 0.025  # s: window starts, this far apart
 RATE_ADMITTED = frozenset({200, 500, 502, 503})  # passed the rate limiter (503: the bulkhead)
-RATE_FAILED, SHARE_FAILED, CALLED_DOWN = 1, 2, 4  # request flags (tests/nemesis_replica.py)
 SHOWN = 10  # episodes listed per check
 
 

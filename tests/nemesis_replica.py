@@ -85,10 +85,49 @@ SCOPE: dict[str, Any] = {
 }
 
 now = time.monotonic
-# the request being served, and the task serving it (a task started from the request, such
-# as a share's renewal, inherits the variable but is not the request)
-_request: contextvars.ContextVar[tuple[list[Any], asyncio.Task[Any] | None] | None] = (
-    contextvars.ContextVar("nemesis_request", default=None)
+
+
+class Record:
+    """What one request went through (the ``"q"`` rows of the module docstring)."""
+
+    __slots__ = (
+        "breaker",
+        "flags",
+        "h_in",
+        "h_out",
+        "in_store",
+        "status",
+        "store_calls",
+        "t0",
+        "t1",
+        "task",
+    )
+
+    def __init__(self) -> None:
+        self.t0 = now()
+        self.h_in = self.h_out = self.t1 = -1.0
+        self.status = self.flags = self.store_calls = 0
+        self.breaker = self.in_store = 0.0
+        self.task = asyncio.current_task()  # the task serving it (not one it started)
+
+    def row(self) -> list[Any]:
+        return [
+            self.t0,
+            self.h_in,
+            self.h_out,
+            self.t1,
+            self.status,
+            self.flags,
+            self.breaker,
+            self.store_calls,
+            self.in_store,
+        ]
+
+
+# the request being served (a task started from it, such as a share's renewal, inherits the
+# variable but is not the request: see Record.task)
+_request: contextvars.ContextVar[Record | None] = contextvars.ContextVar(
+    "nemesis_request", default=None
 )
 
 
@@ -108,11 +147,11 @@ class Control:
         return repr((now() + self.read()[0]) * 1000)
 
 
-def _mine() -> list[Any] | None:
+def _mine() -> Record | None:
     """The record of the request this task serves (None: not a request's own task)."""
-    current = _request.get()
-    if current is not None and current[1] is asyncio.current_task():
-        return current[0]
+    record = _request.get()
+    if record is not None and record.task is asyncio.current_task():
+        return record
     return None
 
 
@@ -125,16 +164,16 @@ async def _store_call(store: RedisStore, failed: int) -> AsyncIterator[None]:
         yield
         return
     if store.degraded:
-        record[5] |= CALLED_DOWN
+        record.flags |= CALLED_DOWN
     started = now()
     try:
         yield
     except StoreUnavailableError:
-        record[5] |= failed
+        record.flags |= failed
         raise
     finally:
-        record[7] += 1
-        record[8] += now() - started
+        record.store_calls += 1
+        record.in_store += now() - started
 
 
 class WatchedStore(RedisStore):
@@ -195,7 +234,7 @@ class Replica:
         self.events: list[list[Any]] = []
         self.lags: list[list[float]] = []
         self.errors: list[str] = []
-        self.open: dict[int, list[Any]] = {}
+        self.open: dict[int, Record] = {}
         self.counts: dict[str, int] = {}
         self.stopping = asyncio.Event()
         self.middleware = ResilienceMiddleware(
@@ -250,22 +289,20 @@ class Replica:
 
     async def app(self, scope: Any, receive: Any, send: Any) -> None:
         """The ASGI app: its time in the handler is what the fleet's concurrency counts."""
-        current = _request.get()
-        assert current is not None
-        record = current[0]
-        record[1] = now()
+        record = _request.get()
+        assert record is not None
+        record.h_in = now()
         try:
-            status, overhead = await self.through_breaker()
+            status, record.breaker = await self.through_breaker()
         finally:
-            record[2] = now()
-        record[6] = overhead
+            record.h_out = now()
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    async def one_request(self) -> list[Any]:
-        record: list[Any] = [now(), -1.0, -1.0, -1.0, 0, 0, 0.0, 0, 0.0]
+    async def one_request(self) -> None:
+        record = Record()
         self.open[id(record)] = record
-        token = _request.set((record, asyncio.current_task()))
+        token = _request.set(record)
         sent: list[int] = []
 
         async def receive() -> dict[str, Any]:
@@ -283,13 +320,12 @@ class Replica:
             self.errors.append(repr(exc)[:300])
         finally:
             _request.reset(token)
-        record[3] = now()
-        record[4] = status
+        record.t1 = now()
+        record.status = status
         del self.open[id(record)]
-        self.requests.append(record)
+        self.requests.append(record.row())
         key = str(status)
         self.counts[key] = self.counts.get(key, 0) + 1
-        return record
 
     async def client(self, seed: int) -> None:
         """One load loop: a request, a seeded pause, and again, until told to stop."""
@@ -365,7 +401,7 @@ class Replica:
         for task in side:
             task.cancel()
         await asyncio.gather(*side, return_exceptions=True)
-        self.report(open=[r for r in self.open.values()])
+        self.report(open=[r.row() for r in self.open.values()])
 
 
 async def self_test(store: RedisStore, control: Control, name: str) -> None:

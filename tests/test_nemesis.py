@@ -16,8 +16,6 @@ import pytest
 
 from .nemesis import KINDS, Options, check_run, schedule
 from .nemesis_check import (
-    CALLED_DOWN,
-    SHARE_FAILED,
     Fault,
     History,
     ReplicaLog,
@@ -30,6 +28,7 @@ from .nemesis_check import (
     check_rate,
     check_recovery,
 )
+from .nemesis_replica import CALLED_DOWN, SHARE_FAILED
 
 SEED = 88  # the in-suite run's first faults: clock, blackhole, slow, restart, pause, cut, refuse
 SECONDS = 7.0

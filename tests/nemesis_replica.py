@@ -182,27 +182,13 @@ class WatchedStore(RedisStore):
     this replica's local limits); one begun while the store was degraded (it waits on a
     store known to be down)."""
 
-    async def rate_take_many(
-        self, key: str, *, interval: float, burst: int, want: int
-    ) -> tuple[int, float]:
+    async def rate_take_many(self, key: str, **options: Any) -> tuple[int, float]:
         async with _store_call(self, RATE_FAILED):
-            return await super().rate_take_many(key, interval=interval, burst=burst, want=want)
+            return await super().rate_take_many(key, **options)
 
-    async def lease_share(
-        self,
-        key: str,
-        holder: str,
-        *,
-        want: int,
-        held: int,
-        limit: int,
-        ttl: float,
-        own_limit: int = 0,
-    ) -> tuple[int, int]:
+    async def lease_share(self, key: str, holder: str, **options: Any) -> tuple[int, int, int]:
         async with _store_call(self, SHARE_FAILED):
-            return await super().lease_share(
-                key, holder, want=want, held=held, limit=limit, ttl=ttl, own_limit=own_limit
-            )
+            return await super().lease_share(key, holder, **options)
 
 
 class MappedSentinel(Sentinel):

@@ -49,6 +49,35 @@ def test_time_window_matches_a_recount_of_its_buckets(
         assert w.slow == sum(s for _, s in live)
 
 
+@given(
+    seconds=st.sampled_from([1.0, 2.5, 10.0]),
+    buckets=st.integers(1, 12),
+    steps=st.lists(
+        st.tuples(st.floats(0, 3, allow_nan=False), st.integers(0, 3), st.integers(0, 3)),
+        max_size=120,
+    ),
+)
+def test_counts_added_in_batches_match_a_recount_of_their_buckets(
+    seconds: float, buckets: int, steps: list[tuple[float, int, int]]
+) -> None:
+    """Counts added in batches (a bucket may hold failures and no calls) are exactly those
+    whose bucket is among the last `buckets`, and leave the window when their bucket does."""
+    w = TimeWindow(seconds, buckets).new()
+    width = seconds / buckets
+    now = 1000.0
+    seen: list[tuple[int, int, int]] = []
+    for dt, calls, failures in steps:
+        now += dt
+        w.add_counts(now, calls, failures)
+        seen.append((int(now // width), calls, failures))
+        head = int(now // width)
+        live = [(c, f) for b, c, f in seen if b > head - buckets]
+        calls, failures = sum(c for c, _ in live), sum(f for _, f in live)
+        assert (w.calls, w.failures, w.slow) == (calls, failures, 0)
+    w.roll(now + seconds)
+    assert (w.calls, w.failures, w.slow) == (0, 0, 0)
+
+
 def test_time_window_forgets_after_its_span() -> None:
     """Outcomes older than the window drop out when the window is read later."""
     w = TimeWindow(10, 10).new()

@@ -40,8 +40,9 @@ from .events import (
 )
 from .policies.base import Policy
 from .policies.bulkhead import Bulkhead
+from .policies.cache import FallbackCache, JSONSerializer, Serializer
 from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
-from .policies.fallback import Fallback, JSONSerializer, Serializer
+from .policies.fallback import Fallback
 from .policies.health import HealthCheck, HealthResult
 from .policies.hedge import Hedge
 from .policies.pipeline import Pipeline
@@ -79,6 +80,7 @@ __all__ = [
     "CountWindow",
     "Event",
     "Fallback",
+    "FallbackCache",
     "FallbackUsed",
     "HealthChanged",
     "HealthCheck",

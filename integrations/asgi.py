@@ -44,12 +44,14 @@ from resilience import (
     Bulkhead,
     BulkheadFullError,
     Clock,
+    FleetShare,
     Listener,
     Pipeline,
     RateLimitedError,
     ResilienceTimeoutError,
     Store,
     StoreUnavailableError,
+    shortest_lease,
 )
 from resilience.checks import (
     check_bool,
@@ -60,7 +62,6 @@ from resilience.checks import (
     check_seconds,
     store_down,
 )
-from resilience.policies.quota import FleetShare, shortest_lease
 
 from ._deadline import (
     CRITICAL,
@@ -202,7 +203,8 @@ class _Route:
         )
         #: this replica's share of the fleet's limit (with a store), and the most permits
         #: the fleet may hold for each class (``ResilienceMiddleware`` fills it in)
-        self.fleet: FleetShare | None = None if self.bulkhead is None else self.bulkhead.fleet_share
+        permits = None if self.bulkhead is None else self.bulkhead.permits
+        self.fleet = permits if isinstance(permits, FleetShare) else None
         self.caps: dict[str, int] = {}
 
         async def run_app(
@@ -536,7 +538,7 @@ class ResilienceMiddleware:
             if not store_down(fleet.store):
                 if not await fleet.take(cap):
                     return True
-                fleet.give()
+                await fleet.give()
                 return False
         except StoreUnavailableError:
             pass

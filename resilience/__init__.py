@@ -45,6 +45,7 @@ from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
 from .policies.fallback import Fallback
 from .policies.health import HealthCheck, HealthResult
 from .policies.hedge import Hedge
+from .policies.permits import FleetLeases, FleetShare, PermitSource, shortest_lease
 from .policies.pipeline import Pipeline
 from .policies.ratelimit import RateLimiter
 from .policies.retry import Retry, RetryBudget, RetryCallState
@@ -82,6 +83,8 @@ __all__ = [
     "Fallback",
     "FallbackCache",
     "FallbackUsed",
+    "FleetLeases",
+    "FleetShare",
     "HealthChanged",
     "HealthCheck",
     "HealthResult",
@@ -91,6 +94,7 @@ __all__ = [
     "Listener",
     "MemoryStore",
     "NoHealthyEndpointError",
+    "PermitSource",
     "PhiAccrualDetector",
     "Pipeline",
     "Policy",
@@ -123,6 +127,7 @@ __all__ = [
     "UnacceptableResultError",
     "__version__",
     "select",
+    "shortest_lease",
     "status",
 ]
 

@@ -9,7 +9,12 @@ make it fleet-wide). Each adapter validates its own options; the policies valida
 from __future__ import annotations
 
 from resilience import Bulkhead, Clock, Listener, Policy, RateLimiter, Store, Timeout
-from resilience.policies.ratelimit import AHEAD
+
+AHEAD = 0.05
+"""Seconds ahead a fleet-wide rate limiter takes tokens for, with ``quota``
+(``RateLimiter(ahead=...)``, at most its ``per``): a replica asks the store about once per
+batch of tokens, and spends each within 50 ms of the fleet's bucket counting it, so the
+fleet admits at most ``rate * 0.05`` more than its rate over any period."""
 
 
 def limits(

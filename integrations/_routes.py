@@ -115,38 +115,23 @@ class Route:
     ) -> None:
         self.timeout = limits.timeout
         self.retry_after = limits.retry_after
-        fixed = limits.max_concurrent
-        adaptive = None
-        if isinstance(fixed, AdaptiveLimit):  # built here: the shared builder takes numbers
-            adaptive, fixed = fixed, None
         policies = build_limits(
             name,
             rate=limits.rate,
             per=limits.per,
             burst=limits.burst,
             timeout=limits.timeout,
-            max_concurrent=fixed,
+            max_concurrent=limits.max_concurrent,
             max_waiting=limits.max_waiting,
             max_wait=limits.max_wait,
             store=store,
             clock=clock,
             listeners=listeners,
-            # fleet-wide with a store; a waiting queue stays per process
+            # fleet-wide with a store; a waiting queue (or an adaptive limit) stays per process
             fleet_bulkhead=not limits.max_waiting,
             lease=_lease(limits.timeout, store),
             quota=True,  # no store round trip per request (shares, tokens taken ahead)
         )
-        if adaptive is not None:  # adapts on this replica's own latency: never fleet-wide
-            policies.append(
-                Bulkhead(
-                    limit=adaptive,
-                    max_waiting=limits.max_waiting,
-                    max_wait=limits.max_wait,
-                    name=name,
-                    clock=clock,
-                    listeners=listeners,
-                )
-            )
         self.bulkhead: Bulkhead | None = next(
             (p for p in policies if isinstance(p, Bulkhead)), None
         )

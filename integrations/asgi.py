@@ -365,7 +365,7 @@ class ResilienceMiddleware:
                 if route.protected is None:
                     await self.app(scope, receive, send)
                 else:
-                    await self._run(route, scope, receive, send)
+                    await self._run(route, scope, receive, send, [])
             else:
                 await self._serve(route, scope, receive, send, budget)
             return
@@ -403,10 +403,7 @@ class ResilienceMiddleware:
         timeout = route.timeout
         if budget is None:
             if timeout is None:
-                if route.protected is None:
-                    await self.app(scope, receive, send)
-                else:
-                    await self._run(route, scope, receive, send)
+                await self._run(route, scope, receive, send, [])
                 return
             seconds = timeout
         elif budget <= 0:
@@ -436,10 +433,20 @@ class ResilienceMiddleware:
         finally:
             _deadline.reset(token)
 
-    async def _run(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
-        """Rejections only: nothing of the app can have started when one is raised."""
-        raised: list[BaseException] = []
-        assert route.protected is not None
+    async def _run(
+        self,
+        route: Route,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raised: list[BaseException],
+    ) -> None:
+        """The app through the route's policies; a rejection of ours is answered (429, 503):
+        nothing of the app can have started when one is raised. ``raised``: what the app
+        itself raised, noted for the caller."""
+        if route.protected is None:
+            await self.app(scope, receive, send)
+            return
         try:
             await route.protected(scope, receive, send, raised)
         except (RateLimitedError, BulkheadFullError) as exc:
@@ -473,20 +480,10 @@ class ResilienceMiddleware:
         raised: list[BaseException] = []
         try:
             if budget is None:
-                if route.protected is None:
-                    await self.app(scope, receive, tracking_send)
-                else:
-                    await route.protected(scope, receive, tracking_send, raised)
+                await self._run(route, scope, receive, tracking_send, raised)
             else:
                 async with budget:
-                    if route.protected is None:
-                        await self.app(scope, receive, tracking_send)
-                    else:
-                        await route.protected(scope, receive, tracking_send, raised)
-        except (RateLimitedError, BulkheadFullError) as exc:
-            if raised:  # the app's own error, not a rejection of ours
-                raise
-            await _shed(send, route, exc)
+                    await self._run(route, scope, receive, tracking_send, raised)
         except TimeoutError as exc:
             if budget is not None and budget.expired():
                 ours = True  # the caller's deadline ran out

@@ -119,6 +119,33 @@ class SharedCounts:
         self._timer: TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @classmethod
+    def of(
+        cls,
+        policy: BasePolicy,
+        what: str,
+        *,
+        window: object,
+        buckets: object,
+        store: object,
+        sync_interval: object,
+    ) -> SharedCounts:
+        """The counts of ``policy`` (``what`` names it in errors: a Throttle, a Hedge), under
+        its name and on its clock: ``window``, ``buckets`` and ``sync_interval`` checked,
+        ``store`` a store with ``window_add`` (or ``None``), and on a shared store a name of
+        the policy's own."""
+        seconds, slices, interval = check_window(window, buckets, sync_interval)
+        checked = check_store("store", store, "window_add")
+        check_fleet_name(what, policy.name, policy.kind, checked)
+        return cls(
+            policy.name,
+            window=seconds,
+            buckets=slices,
+            store=checked,
+            clock=policy.clock,
+            sync_interval=interval,
+        )
+
     def add(self, calls: int, marked: int) -> None:
         """Count ``calls`` and ``marked`` now (no I/O; arms a background sync with a store)."""
         now = self._clock.monotonic()
@@ -246,7 +273,6 @@ class Throttle(BasePolicy):
             # k < 1 refuses calls of a backend that accepts every one of them
             raise ValueError(f"k must be finite and >= 1, got {k!r}")
         self.k = float(k)
-        self.window, self.buckets, self.sync_interval = check_window(window, buckets, sync_interval)
         if not callable(accepted_if):
             raise TypeError(f"accepted_if must be a callable, got {accepted_if!r}")
         self.accepted_if = accepted_if
@@ -256,16 +282,17 @@ class Throttle(BasePolicy):
         elif not callable(random):
             raise TypeError(f"random must be a callable returning [0, 1), got {random!r}")
         self._random = random
-        self.store = check_store("store", store, "window_add")
-        check_fleet_name("Throttle", self.name, "throttle", self.store)
-        self.counts = SharedCounts(
-            self.name,
-            window=self.window,
-            buckets=self.buckets,
-            store=self.store,
-            clock=self._clock,
-            sync_interval=self.sync_interval,
+        #: (requests, accepts) over the window
+        self.counts = counts = SharedCounts.of(
+            self,
+            "Throttle",
+            window=window,
+            buckets=buckets,
+            store=store,
+            sync_interval=sync_interval,
         )
+        self.window, self.buckets = counts.window, counts.buckets
+        self.sync_interval, self.store = counts.sync_interval, counts.store
         self.retry_after = self.window / self.buckets
 
     def __repr__(self) -> str:

@@ -56,6 +56,14 @@ class App:
         return Starlette(routes=routes, middleware=[Middleware(ResilienceMiddleware, **options)])
 
 
+async def called(app: App) -> None:
+    """Wait (a bounded number of loop turns) until ``app`` has been called."""
+    for _ in range(100):
+        if app.calls:
+            return
+        await asyncio.sleep(0)
+
+
 def client_for(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app.test")
 
@@ -411,10 +419,7 @@ async def test_store_makes_the_bulkhead_fleet_wide() -> None:
     replicas = [a.starlette(max_concurrent=1, store=store, clock=clock) for a in apps]
     async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
         busy = asyncio.create_task(first.get("/work"))
-        for _ in range(100):
-            if apps[0].calls:
-                break
-            await asyncio.sleep(0)
+        await called(apps[0])
         shed = await second.get("/work")
         assert shed.status_code == 503
         assert "retry-after" in shed.headers
@@ -535,10 +540,7 @@ async def test_fleet_lease_outlives_the_route_timeout(clock: FakeClock) -> None:
     replicas = [a.starlette(max_concurrent=1, timeout=60, store=store, clock=clock) for a in apps]
     async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
         busy = asyncio.create_task(first.get("/work"))
-        for _ in range(100):
-            if apps[0].calls:
-                break
-            await asyncio.sleep(0)
+        await called(apps[0])
         clock.advance(40)
         assert (await second.get("/work")).status_code == 503
         apps[0].release.set()

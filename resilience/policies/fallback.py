@@ -147,6 +147,7 @@ class Fallback(BasePolicy):
         result_if = self._result_if
         replace = self._replace
         keep = None if self.cache is None else self.cache.keep
+        plain = result_if is None and keep is None  # any result is returned as it is
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             try:
@@ -158,6 +159,8 @@ class Fallback(BasePolicy):
                 if value is MISSING:
                     raise
                 return value
+            if plain:
+                return result
             if result_if is not None and result_if(result):
                 value = await replace(fn, args, kwargs, UnacceptableResultError(result))
                 return result if value is MISSING else value

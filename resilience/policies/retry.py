@@ -198,7 +198,7 @@ class Retry(BasePolicy):
         again = self._again
         single = self.attempts == 1
         budget = self.budget
-        succeeded = None if budget is None else budget.record_success
+        plain = retry_if_result is None and budget is None  # any result is a plain success
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             start = clock.monotonic() if timed else None
@@ -214,9 +214,11 @@ class Retry(BasePolicy):
                     raise
                 error, result = exc, None
             else:
+                if plain:
+                    return result
                 if retry_if_result is None or not retry_if_result(result):
-                    if succeeded is not None:
-                        succeeded()
+                    if budget is not None:
+                        budget.record_success()
                     return result
             # retry outside the except block, so later errors are not chained to this one
             return await again(fn, args, kwargs, start, error, result)

@@ -8,8 +8,22 @@ make it fleet-wide). Each adapter validates its own options; the policies valida
 
 from __future__ import annotations
 
-from resilience import Bulkhead, Clock, Listener, Policy, RateLimiter, Store, Timeout
-from resilience.policies.ratelimit import AHEAD
+from resilience import (
+    AdaptiveLimit,
+    Bulkhead,
+    Clock,
+    Listener,
+    Policy,
+    RateLimiter,
+    Store,
+    Timeout,
+)
+
+AHEAD = 0.05
+"""Seconds ahead a fleet-wide rate limiter takes tokens for, with ``quota``
+(``RateLimiter(ahead=...)``, at most its ``per``): a replica asks the store about once per
+batch of tokens, and spends each within 50 ms of the fleet's bucket counting it, so the
+fleet admits at most ``rate * 0.05`` more than its rate over any period."""
 
 
 def limits(
@@ -19,7 +33,7 @@ def limits(
     per: float,
     burst: int | None,
     timeout: float | None,
-    max_concurrent: int | None,
+    max_concurrent: int | AdaptiveLimit | None,
     max_waiting: int,
     max_wait: float | None,
     store: Store | None,
@@ -35,6 +49,8 @@ def limits(
     fleet-wide through ``store`` only with ``fleet_bulkhead`` (its permits leased for
     ``lease`` seconds), else it limits this process. ``quota``: no store call per call (the
     limiter takes tokens ahead, the fleet-wide bulkhead holds a share of the permits).
+    ``max_concurrent`` may be an ``AdaptiveLimit``: that bulkhead adapts on this process's
+    own latency, so it is never fleet-wide.
     """
     policies: list[Policy] = []
     if rate is not None:
@@ -52,7 +68,18 @@ def limits(
         )
     if timeout is not None:
         policies.append(Timeout(timeout, name=name, clock=clock, listeners=listeners))
-    if max_concurrent is not None:
+    if isinstance(max_concurrent, AdaptiveLimit):
+        policies.append(
+            Bulkhead(
+                limit=max_concurrent,
+                max_waiting=max_waiting,
+                max_wait=max_wait,
+                name=name,
+                clock=clock,
+                listeners=listeners,
+            )
+        )
+    elif max_concurrent is not None:
         fleet = fleet_bulkhead and store is not None
         policies.append(
             Bulkhead(

@@ -40,10 +40,12 @@ from .events import (
 )
 from .policies.base import Policy
 from .policies.bulkhead import Bulkhead
+from .policies.cache import FallbackCache, JSONSerializer, Serializer
 from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
-from .policies.fallback import Fallback, JSONSerializer, Serializer
+from .policies.fallback import Fallback
 from .policies.health import HealthCheck, HealthResult
 from .policies.hedge import Hedge
+from .policies.permits import FleetLeases, FleetShare, PermitSource, shortest_lease
 from .policies.pipeline import Pipeline
 from .policies.ratelimit import RateLimiter
 from .policies.retry import Retry, RetryBudget, RetryCallState
@@ -79,7 +81,10 @@ __all__ = [
     "CountWindow",
     "Event",
     "Fallback",
+    "FallbackCache",
     "FallbackUsed",
+    "FleetLeases",
+    "FleetShare",
     "HealthChanged",
     "HealthCheck",
     "HealthResult",
@@ -89,6 +94,7 @@ __all__ = [
     "Listener",
     "MemoryStore",
     "NoHealthyEndpointError",
+    "PermitSource",
     "PhiAccrualDetector",
     "Pipeline",
     "Policy",
@@ -121,6 +127,7 @@ __all__ = [
     "UnacceptableResultError",
     "__version__",
     "select",
+    "shortest_lease",
     "status",
 ]
 

@@ -12,12 +12,11 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..checks import check_fleet_name
 from ..clock import Clock, TimerHandle
 from ..events import Listener
 from ..rules.quantile import LearnedDelay
-from .base import BasePolicy, Protected, check_int, check_seconds, check_store
-from .throttle import SharedCounts, check_window
+from .base import BasePolicy, Protected, check_int, check_seconds
+from .throttle import SharedCounts
 
 if TYPE_CHECKING:
     from ..store.protocol import Store
@@ -98,18 +97,12 @@ class Hedge(BasePolicy):
         if not 0 < budget <= self.max_hedges:  # also rejects NaN
             raise ValueError(f"budget must be in (0, max_hedges] (hedges per call), got {budget!r}")
         self.budget = float(budget)
-        self.window, self.buckets, self.sync_interval = check_window(window, buckets, sync_interval)
-        self.store = check_store("store", store, "window_add")
-        check_fleet_name("Hedge", self.name, "hedge", self.store)
         #: (calls, hedges) over the window
-        self.counts = SharedCounts(
-            self.name,
-            window=self.window,
-            buckets=self.buckets,
-            store=self.store,
-            clock=self._clock,
-            sync_interval=self.sync_interval,
+        self.counts = counts = SharedCounts.of(
+            self, "Hedge", window=window, buckets=buckets, store=store, sync_interval=sync_interval
         )
+        self.window, self.buckets = counts.window, counts.buckets
+        self.sync_interval, self.store = counts.sync_interval, counts.store
         self._ending: set[asyncio.Future[Any]] = set()  # losers cancelled, not yet ended
 
     def __repr__(self) -> str:

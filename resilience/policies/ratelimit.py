@@ -19,9 +19,7 @@ from .base import BasePolicy, Protected, check_int, check_positive, check_second
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
-__all__ = ["AHEAD", "RateLimiter"]
-
-AHEAD = 0.05  #: ``ahead`` that ``ResilienceMiddleware(store=...)`` gives its rate limiter
+__all__ = ["RateLimiter"]
 
 
 class RateLimiter(BasePolicy):

@@ -191,14 +191,14 @@ class Retry(BasePolicy):
         )
 
     def _wrap(self, fn: Protected) -> Protected:
-        if self.budget is not None:
-            return self._wrap_budgeted(fn, self.budget)
         clock = self._clock
         timed = self.stop is not None
         should_retry = self._should_retry
         retry_if_result = self._retry_if_result
         again = self._again
         single = self.attempts == 1
+        budget = self.budget
+        plain = retry_if_result is None and budget is None  # any result is a plain success
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             start = clock.monotonic() if timed else None
@@ -206,45 +206,21 @@ class Retry(BasePolicy):
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
-                if single or not should_retry(exc):
+                if single:  # no retry: the budget counts a failure it would have retried
+                    if budget is not None and should_retry(exc):
+                        budget.record_failure()
                     raise
-                error, result = exc, None
-            else:
-                if retry_if_result is None or not retry_if_result(result):
-                    return result
-            # retry outside the except block, so later errors are not chained to this one
-            return await again(fn, args, kwargs, start, error, result)
-
-        return protected
-
-    def _wrap_budgeted(self, fn: Protected, budget: RetryBudget) -> Protected:
-        clock = self._clock
-        timed = self.stop is not None
-        should_retry = self._should_retry
-        retry_if_result = self._retry_if_result
-        again = self._again
-        single = self.attempts == 1
-        success = budget.record_success
-
-        async def protected(*args: Any, **kwargs: Any) -> Any:
-            start = clock.monotonic() if timed else None
-            error: Exception | None = None
-            try:
-                result = await fn(*args, **kwargs)
-            except Exception as exc:
                 if not should_retry(exc):
                     raise
-                if single:
-                    budget.record_failure()
-                    raise
                 error, result = exc, None
             else:
+                if plain:
+                    return result
                 if retry_if_result is None or not retry_if_result(result):
-                    success()
+                    if budget is not None:
+                        budget.record_success()
                     return result
-                if single:
-                    budget.record_failure()
-                    return result
+            # retry outside the except block, so later errors are not chained to this one
             return await again(fn, args, kwargs, start, error, result)
 
         return protected

@@ -27,6 +27,7 @@ from ..clock import Clock, TimerHandle
 from ..errors import RejectedError, ThrottledError
 from ..events import CallRejected, Listener, emit
 from ..rules.throttle import rejection_probability
+from ..rules.windows import TimeCounter
 from .base import BasePolicy, Protected, check_int, check_predicate, check_seconds, check_store
 
 if TYPE_CHECKING:
@@ -76,57 +77,14 @@ def check_window(
     return seconds, slices, interval
 
 
-class _Window:
-    """Two running totals over the last ``seconds``, in ``buckets`` slices rolled lazily."""
-
-    __slots__ = ("_a", "_b", "_head", "_n", "_width", "a", "b")
-
-    def __init__(self, seconds: float, buckets: int) -> None:
-        self._n = buckets
-        self._width = seconds / buckets
-        self._a = [0] * buckets
-        self._b = [0] * buckets
-        self._head = 0  # index (time // width) of the newest bucket
-        self.a = self.b = 0
-
-    def roll(self, now: float) -> None:
-        """Drop the slices that have slid out of the window by ``now``."""
-        epoch = int(now // self._width)
-        head = self._head
-        if epoch <= head:
-            return
-        self._head = epoch
-        if not (self.a or self.b):
-            return
-        n = self._n
-        if epoch - head >= n:
-            self._a = [0] * n
-            self._b = [0] * n
-            self.a = self.b = 0
-            return
-        sa, sb = self._a, self._b
-        for e in range(head + 1, epoch + 1):
-            i = e % n
-            self.a -= sa[i]
-            self.b -= sb[i]
-            sa[i] = sb[i] = 0
-
-    def add(self, now: float, a: int, b: int) -> None:
-        """Add ``a`` and ``b`` at ``now`` (a time older than the newest slice joins it)."""
-        if now // self._width > self._head:
-            self.roll(now)
-        i = self._head % self._n
-        self._a[i] += a
-        self._b[i] += b
-        self.a += a
-        self.b += b
-
-
 class SharedCounts:
-    """Two counts over a sliding window, this process's or, with a store, the fleet's.
+    """Two counts over a sliding window, this process's or, with a store, the fleet's:
+    ``calls`` and ``marked`` calls (a throttle's requests and those accepted, a hedge's calls
+    and hedges).
 
     ``add`` and ``totals`` do no I/O. Without a store they use a local window of ``window``
-    seconds in ``buckets`` slices. With one, what is added is also kept as pending deltas that
+    seconds in ``buckets`` slices (a ``TimeCounter``, the breaker's time window, keeping
+    ``marked`` as its failures). With one, what is added is also kept as pending deltas that
     a background sync (armed by the first ``add`` after a sync, run ``sync_interval`` later:
     nothing runs while nothing is added) pushes with one ``store.window_add``, whose reply
     is the fleet's totals. ``totals`` is then the last fleet totals plus the deltas pending
@@ -151,8 +109,8 @@ class SharedCounts:
         self.store = store
         self.sync_interval = sync_interval
         self._clock = clock
-        self._local = _Window(window, buckets)
-        self._pending_a = self._pending_b = 0
+        self._local = TimeCounter(window, buckets)
+        self._pending_calls = self._pending_marked = 0
         self._fleet: tuple[int, int] = (0, 0)
         self._fleet_at = -math.inf  # when the fleet's totals were read (never yet)
         # trusted for a few syncs, and at least one slice (a bucket of the shared window)
@@ -161,27 +119,54 @@ class SharedCounts:
         self._timer: TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, a: int, b: int) -> None:
-        """Count ``a`` and ``b`` now (no I/O; arms a background sync with a store)."""
+    @classmethod
+    def of(
+        cls,
+        policy: BasePolicy,
+        what: str,
+        *,
+        window: object,
+        buckets: object,
+        store: object,
+        sync_interval: object,
+    ) -> SharedCounts:
+        """The counts of ``policy`` (``what`` names it in errors: a Throttle, a Hedge), under
+        its name and on its clock: ``window``, ``buckets`` and ``sync_interval`` checked,
+        ``store`` a store with ``window_add`` (or ``None``), and on a shared store a name of
+        the policy's own."""
+        seconds, slices, interval = check_window(window, buckets, sync_interval)
+        checked = check_store("store", store, "window_add")
+        check_fleet_name(what, policy.name, policy.kind, checked)
+        return cls(
+            policy.name,
+            window=seconds,
+            buckets=slices,
+            store=checked,
+            clock=policy.clock,
+            sync_interval=interval,
+        )
+
+    def add(self, calls: int, marked: int) -> None:
+        """Count ``calls`` and ``marked`` now (no I/O; arms a background sync with a store)."""
         now = self._clock.monotonic()
-        self._local.add(now, a, b)
+        self._local.add_counts(now, calls, marked)
         if self.store is None:
             return
-        self._pending_a += a
-        self._pending_b += b
+        self._pending_calls += calls
+        self._pending_marked += marked
         armed = self._armed_at
         if armed is None or now - armed > self.sync_interval + _LOST_SYNC:
             self._arm(now)
 
     def totals(self) -> tuple[int, int]:
-        """The two counts over the window: the fleet's when known, else this process's."""
+        """``(calls, marked)`` over the window: the fleet's when known, else this process's."""
         now = self._clock.monotonic()
         if now - self._fleet_at <= self._fresh_for:
-            fa, fb = self._fleet
-            return fa + self._pending_a, fb + self._pending_b
+            calls, marked = self._fleet
+            return calls + self._pending_calls, marked + self._pending_marked
         local = self._local
         local.roll(now)
-        return local.a, local.b
+        return local.calls, local.failures
 
     @property
     def shared(self) -> bool:
@@ -212,7 +197,7 @@ class SharedCounts:
         finally:
             self._armed_at = None
             self._task = None
-            if self._pending_a or self._pending_b:  # counted while the sync ran
+            if self._pending_calls or self._pending_marked:  # counted while the sync ran
                 self._arm(self._clock.monotonic())
 
     async def sync(self) -> None:
@@ -223,8 +208,8 @@ class SharedCounts:
         store = self.store
         if store is None:
             return
-        deltas = (self._pending_a, self._pending_b)
-        self._pending_a = self._pending_b = 0
+        deltas = (self._pending_calls, self._pending_marked)
+        self._pending_calls = self._pending_marked = 0
         if store_down(store):
             self._fleet_at = -math.inf
             return
@@ -232,14 +217,14 @@ class SharedCounts:
             reply = await store.window_add(
                 self.name, deltas, window=self.window, buckets=self.buckets
             )
-            a, b = (int(v) for v in reply)
-            if a < 0 or b < 0:
+            calls, marked = (int(v) for v in reply)
+            if calls < 0 or marked < 0:
                 raise ValueError(f"negative totals {reply!r}")
         except Exception as exc:  # StoreUnavailableError, or a reply that does not parse
             logger.debug("%r could not share its counts: %r", self.name, exc)
             self._fleet_at = -math.inf
             return
-        self._fleet = (a, b)
+        self._fleet = (calls, marked)
         self._fleet_at = self._clock.monotonic()
 
 
@@ -288,7 +273,6 @@ class Throttle(BasePolicy):
             # k < 1 refuses calls of a backend that accepts every one of them
             raise ValueError(f"k must be finite and >= 1, got {k!r}")
         self.k = float(k)
-        self.window, self.buckets, self.sync_interval = check_window(window, buckets, sync_interval)
         if not callable(accepted_if):
             raise TypeError(f"accepted_if must be a callable, got {accepted_if!r}")
         self.accepted_if = accepted_if
@@ -298,16 +282,17 @@ class Throttle(BasePolicy):
         elif not callable(random):
             raise TypeError(f"random must be a callable returning [0, 1), got {random!r}")
         self._random = random
-        self.store = check_store("store", store, "window_add")
-        check_fleet_name("Throttle", self.name, "throttle", self.store)
-        self.counts = SharedCounts(
-            self.name,
-            window=self.window,
-            buckets=self.buckets,
-            store=self.store,
-            clock=self._clock,
-            sync_interval=self.sync_interval,
+        #: (requests, accepts) over the window
+        self.counts = counts = SharedCounts.of(
+            self,
+            "Throttle",
+            window=window,
+            buckets=buckets,
+            store=store,
+            sync_interval=sync_interval,
         )
+        self.window, self.buckets = counts.window, counts.buckets
+        self.sync_interval, self.store = counts.sync_interval, counts.store
         self.retry_after = self.window / self.buckets
 
     def __repr__(self) -> str:

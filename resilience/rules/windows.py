@@ -122,7 +122,11 @@ class CountCounter:
 
 
 class TimeCounter:
-    """Per-bucket totals over the last ``seconds``; buckets are cleared lazily as time moves."""
+    """Per-bucket totals over the last ``seconds``; buckets are cleared lazily as time moves.
+
+    A breaker adds one outcome at a time (``add``); a throttle or a hedge adds counts in a
+    batch (``add_counts``), so a bucket may hold failures and no calls.
+    """
 
     __slots__ = (
         "_b_calls",
@@ -152,7 +156,7 @@ class TimeCounter:
         if epoch <= head:
             return
         self._head = epoch
-        if not self.calls:
+        if not (self.calls or self.failures or self.slow):
             return
         n = self._n
         if epoch - head >= n:
@@ -162,11 +166,10 @@ class TimeCounter:
         bc, bf, bs = self._b_calls, self._b_fail, self._b_slow
         for e in range(head + 1, epoch + 1):
             i = e % n
-            if bc[i]:
-                self.calls -= bc[i]
-                self.failures -= bf[i]
-                self.slow -= bs[i]
-                bc[i] = bf[i] = bs[i] = 0
+            self.calls -= bc[i]
+            self.failures -= bf[i]
+            self.slow -= bs[i]
+            bc[i] = bf[i] = bs[i] = 0
 
     def add(self, failed: bool, slow: bool, now: float) -> None:
         """Record one outcome at ``now`` (an outcome older than the newest bucket joins it)."""
@@ -181,6 +184,18 @@ class TimeCounter:
         if slow:
             self._b_slow[i] += 1
             self.slow += 1
+
+    def add_counts(self, now: float, calls: int, failures: int) -> None:
+        """Add ``calls`` and ``failures`` at ``now`` in one step (counts of a throttle or a
+        hedge: ``resilience.policies.throttle.SharedCounts``); a bucket may then hold
+        failures and no calls."""
+        if now // self._width > self._head:
+            self.roll(now)
+        i = self._head % self._n
+        self._b_calls[i] += calls
+        self._b_fail[i] += failures
+        self.calls += calls
+        self.failures += failures
 
     def reset(self) -> None:
         """Forget every outcome."""

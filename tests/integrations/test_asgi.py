@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from resilience.integrations import remaining
-from resilience.integrations.asgi import Message, ResilienceMiddleware, Scope
+from resilience.integrations.asgi import Deadlines, Message, ResilienceMiddleware, Scope, Shedding
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -54,6 +54,14 @@ class App:
             Route("/fast", self.fast),
         ]
         return Starlette(routes=routes, middleware=[Middleware(ResilienceMiddleware, **options)])
+
+
+async def called(app: App) -> None:
+    """Wait (a bounded number of loop turns) until ``app`` has been called."""
+    for _ in range(100):
+        if app.calls:
+            return
+        await asyncio.sleep(0)
 
 
 def client_for(app: Any) -> httpx.AsyncClient:
@@ -311,6 +319,53 @@ async def test_custom_deadline_header_and_opt_out() -> None:
     assert response.status_code == 200
 
 
+async def test_deadline_options_as_a_group() -> None:
+    """``deadlines=Deadlines(...)`` does what its keywords do: the renamed header is read,
+    and a budget spent before the app answers gives 504 when enforced."""
+    app = App()
+    options = Deadlines(deadline_header="Grpc-Timeout-Ms", enforce_deadline=True)
+    async with client_for(app.starlette(deadlines=options)) as client:
+        response = await client.get("/work", headers={"grpc-timeout-ms": "50"})
+        assert response.status_code == 504
+        response = await client.get("/fast", headers={"x-deadline-ms": "0"})  # not read
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"deadlines": Deadlines(), "enforce_deadline": True}, ValueError, "not both"),
+        ({"deadlines": Deadlines(), "deadline_header": None}, ValueError, "not both"),
+        ({"shedding": Shedding(), "trust_criticality": True}, ValueError, "not both"),
+        ({"shedding": Shedding(), "shares": {"sheddable": 0.5}}, ValueError, "not both"),
+        ({"deadlines": Shedding()}, TypeError, "deadlines must be a Deadlines"),
+        ({"shedding": {"criticality": {}}}, TypeError, "shedding must be a Shedding"),
+    ],
+)
+def test_an_option_group_and_its_keywords_are_not_mixed(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """A group next to its own options as keywords (other than their defaults) is a
+    ValueError rather than one of them silently ignored; a group of another kind a
+    TypeError."""
+    with pytest.raises(error, match=match):
+        ResilienceMiddleware(_send, **options)
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: Deadlines(max_deadline=float("inf")), "max_deadline"),
+        (lambda: Deadlines(deadline_header=""), "deadline_header"),
+        (lambda: Deadlines(enforce_deadline=1), "enforce_deadline"),
+    ],
+)
+def test_bad_deadline_options_fail_when_the_group_is_built(factory: Any, match: str) -> None:
+    """Deadlines checks its options itself, naming them (as the keywords would)."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        factory()
+
+
 @pytest.mark.parametrize(
     ("options", "error"),
     [
@@ -364,10 +419,7 @@ async def test_store_makes_the_bulkhead_fleet_wide() -> None:
     replicas = [a.starlette(max_concurrent=1, store=store, clock=clock) for a in apps]
     async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
         busy = asyncio.create_task(first.get("/work"))
-        for _ in range(100):
-            if apps[0].calls:
-                break
-            await asyncio.sleep(0)
+        await called(apps[0])
         shed = await second.get("/work")
         assert shed.status_code == 503
         assert "retry-after" in shed.headers
@@ -488,10 +540,7 @@ async def test_fleet_lease_outlives_the_route_timeout(clock: FakeClock) -> None:
     replicas = [a.starlette(max_concurrent=1, timeout=60, store=store, clock=clock) for a in apps]
     async with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
         busy = asyncio.create_task(first.get("/work"))
-        for _ in range(100):
-            if apps[0].calls:
-                break
-            await asyncio.sleep(0)
+        await called(apps[0])
         clock.advance(40)
         assert (await second.get("/work")).status_code == 503
         apps[0].release.set()

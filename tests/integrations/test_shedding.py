@@ -14,6 +14,7 @@ from resilience.integrations.asgi import (
     CRITICALITY_HEADER,
     ResilienceMiddleware,
     Scope,
+    Shedding,
     criticality,
     get_criticality,
 )
@@ -107,6 +108,51 @@ async def test_sheddable_then_default_then_critical() -> None:
         assert {r.status_code for r in await asyncio.gather(*busy)} == {200}
     rejected = [e for e in events if isinstance(e, CallRejected)]
     assert len(rejected) == 4  # every 503 is reported like a bulkhead rejection
+
+
+async def test_shedding_options_as_a_group() -> None:
+    """``shedding=Shedding(...)`` does what its keywords do: with critical paths the
+    default class is shed at its share too, sheddable requests first."""
+    app = App()
+    asgi = ResilienceMiddleware(
+        app,
+        max_concurrent=10,
+        shedding=Shedding(
+            criticality={"/block": "critical", "/urgent": "critical"},
+            shares={"sheddable": 0.5, "default": 0.8},
+        ),
+    )
+    async with client_for(asgi) as client:
+        busy = [asyncio.create_task(client.get("/block")) for _ in range(5)]
+        await settle(50)
+        assert app.running == 5
+        assert [await status(client, c) for c in ("sheddable", "default")] == [503, 200]
+        busy += [asyncio.create_task(client.get("/block")) for _ in range(3)]
+        await settle(50)
+        assert await status(client, "default") == 503
+        assert await status(client, "default", "/urgent") == 200  # critical by its path
+        app.release.set()
+        assert {r.status_code for r in await asyncio.gather(*busy)} == {200}
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"shares": {"urgent": 0.5}}, ValueError, "unknown keys"),
+        ({"shares": {"sheddable": 0.95}}, ValueError, "must not exceed"),
+        ({"shares": {"default": 1.5}}, ValueError, "shares"),
+        ({"shares": [0.5]}, TypeError, "shares must be a dict"),
+        ({"criticality": {"/a": "urgent"}}, ValueError, "criticality"),
+        ({"criticality_header": ""}, TypeError, "criticality_header"),
+        ({"trust_criticality": "yes"}, TypeError, "trust_criticality"),
+    ],
+)
+def test_bad_shedding_options_fail_when_the_group_is_built(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Shedding checks its options itself, naming them (as the keywords would)."""
+    with pytest.raises(error, match=match):
+        Shedding(**options)
 
 
 async def test_critical_served_while_sheddable_is_refused() -> None:

@@ -625,7 +625,7 @@ async def test_redis_fleet_permit_is_renewed_while_a_long_call_runs(
         for _ in range(6):  # 36 s: more than three leases
             clock.advance(6)
             for _ in range(2000):  # the renewal's two round trips
-                if not any("_Renewal._renew" in repr(t) for t in asyncio.all_tasks()):
+                if not any("_Lease._renew" in repr(t) for t in asyncio.all_tasks()):
                     break
                 await asyncio.sleep(0.001)
             assert await two.count_leases("db") == 1
@@ -776,8 +776,8 @@ async def test_shared_permits_come_from_the_share_only_while_it_is_valid(
     asked = store.asked
     assert await bulkhead.call(ok) == "ok"  # the store is down: the local limit admits it
     assert store.asked == asked + 1
-    assert bulkhead._share is not None
-    assert bulkhead._share.held == 0
+    assert bulkhead.permits is not None
+    assert bulkhead.permits.held == 0
     store.away = False
 
 
@@ -898,3 +898,131 @@ async def test_huge_but_finite_inputs_work(redis_url: str) -> None:
         assert await local.call(ok) == "ok"
     finally:
         await store.aclose()
+
+
+# --- a permit source given (permits=) --------------------------------------------------------
+
+
+class Counted:
+    """A permit source of one's own: no permit at hand, every one a token it counts."""
+
+    def __init__(self, store: MemoryStore, limit: int) -> None:
+        self.store = store
+        self.clock = store.clock
+        self.limit = limit
+        self.held = self.share = self.peak = self.own_limit = 0
+        self.valid_until = -math.inf
+        self.out: set[object] = set()
+        self.taken = self.given = 0
+
+    def take_now(self) -> bool:
+        return False
+
+    async def take(self) -> object:
+        await asyncio.sleep(0)
+        if len(self.out) >= self.limit:
+            return None
+        self.taken += 1
+        token = object()
+        self.out.add(token)
+        return token
+
+    async def give(self, permit: object) -> None:
+        self.given += 1
+        self.out.remove(permit)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_permit_source_of_ones_own_is_asked_once_per_call(clock: FakeClock) -> None:
+    """Bulkhead(permits=<any PermitSource>) takes one permit per call besides its slot and
+    gives that very permit back, however the call ends (cancelled included); a full source
+    rejects with its own limit, a call on the local limit never reaches it."""
+    source = Counted(MemoryStore(clock=clock), limit=2)
+    bulkhead = Bulkhead(3, permits=source, name="db", clock=clock)
+    gate = Gate()
+    running = [asyncio.create_task(bulkhead.call(gate, i)) for i in range(2)]
+    await settle()
+    assert len(source.out) == 2
+    with pytest.raises(BulkheadFullError) as info:
+        await bulkhead.call(gate, 9)
+    assert info.value.max_concurrent == 2
+    assert bulkhead.in_flight == 2  # the refused call gave its slot back
+    running[0].cancel()
+    gate.event(1).set()
+    await asyncio.gather(*running, return_exceptions=True)
+    with pytest.raises(ValueError, match="boom"):
+        await bulkhead.call(boom)
+    async with bulkhead:
+        assert len(source.out) == 1
+    assert (source.out, source.taken, source.given) == (set(), 4, 4)
+    assert bulkhead.in_flight == 0
+
+
+async def test_a_given_share_sets_the_local_limit_unless_told(clock: FakeClock) -> None:
+    """With permits= the local limit is the source's limit by default, or max_concurrent
+    (a replica's own cap under the fleet's); an adaptive limit needs no max_concurrent."""
+    from resilience import AdaptiveLimit, FleetLeases, FleetShare
+
+    store = MemoryStore(clock=clock)
+    share = FleetShare(store, "db", limit=20, clock=clock)
+    assert Bulkhead(permits=share, name="db").current_limit == 20
+    capped = Bulkhead(5, permits=FleetLeases(store, "db2", limit=20), name="db2", clock=clock)
+    assert capped.current_limit == 5
+    gate = Gate()
+    running = [asyncio.create_task(capped.call(gate, i)) for i in range(5)]
+    await settle()
+    with pytest.raises(BulkheadFullError) as info:
+        await capped.call(gate, 9)
+    assert info.value.max_concurrent == 5  # the local limit was full, not the fleet's
+    assert await store.count_leases("db2") == 5
+    for i in range(5):
+        gate.event(i).set()
+    await asyncio.gather(*running)
+    adaptive = Bulkhead(limit=AdaptiveLimit(initial=4), permits=share, name="db")
+    assert (adaptive.current_limit, adaptive.max_concurrent, share.own_limit) == (4, 20, 4)
+    assert await adaptive.call(ok) == "ok"
+    await share.aclose()
+
+
+async def test_share_permits_in_the_context_manager_form(clock: FakeClock) -> None:
+    """``async with`` over a share takes a permit at hand and gives it back on exit."""
+    store = MemoryStore(clock=clock)
+    bulkhead = Bulkhead(2, distributed=True, store=store, name="db", shares=True, clock=clock)
+    share = bulkhead.permits
+    assert share is not None
+    async with bulkhead:
+        assert share.held == 1
+        async with bulkhead:
+            assert share.held == 2
+            with pytest.raises(BulkheadFullError):
+                async with bulkhead:
+                    pass
+    assert (share.held, bulkhead.in_flight) == (0, 0)
+    await bulkhead.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"permits": 3}, TypeError, "permits must be a PermitSource"),
+        ({"distributed": True}, ValueError, "not both"),
+        ({"shares": True}, ValueError, "not both"),
+        ({"store": MemoryStore()}, ValueError, "not both"),
+        ({"max_waiting": 1}, ValueError, "max_waiting must be 0"),
+        ({"limit": "adaptive"}, ValueError, "max_concurrent or limit="),
+    ],
+)
+def test_permits_given_with_options_that_cannot_work(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """permits= is a PermitSource, not next to the shorthand options that build one, nor a
+    waiting queue; with an adaptive limit the fleet's cap is the source's limit."""
+    from resilience import AdaptiveLimit, FleetShare
+
+    config: dict[str, Any] = {"permits": FleetShare(MemoryStore(), "db", limit=4), **options}
+    if config.get("limit") == "adaptive":
+        config["limit"] = AdaptiveLimit()
+    with pytest.raises(error, match=match):
+        Bulkhead(4, name="db", **config)

@@ -325,7 +325,7 @@ async def test_write_does_not_delay_the_caller(clock: FakeClock) -> None:
 
 def fallback_key(fn: Any, *args: Any) -> str:
     """The default cache key of ``fn(*args)``."""
-    from resilience.policies.fallback import default_cache_key
+    from resilience.policies.cache import default_cache_key
 
     return default_cache_key(fn, args, {})
 
@@ -422,7 +422,8 @@ async def test_throttle_forgets_old_items(clock: FakeClock) -> None:
     clock.advance(1.0)
     await fallback.call(value, "last")
     await fallback.flush()
-    assert len(fallback._written) == 1
+    assert fallback.cache is not None
+    assert len(fallback.cache._written) == 1
 
 
 @settings(max_examples=60, deadline=None)

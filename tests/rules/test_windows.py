@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,30 +25,39 @@ def test_count_window_matches_the_last_n_outcomes(size: int, seq: list[tuple[boo
         assert w.slow == sum(s for _, s in last)
 
 
+# one outcome (failed, slow), or counts added in a batch (calls, failures)
+one = st.tuples(st.just("add"), st.booleans(), st.booleans())
+batch = st.tuples(st.just("add_counts"), st.integers(0, 3), st.integers(0, 3))
+
+
 @given(
     seconds=st.sampled_from([1.0, 2.5, 10.0]),
     buckets=st.integers(1, 12),
-    steps=st.lists(
-        st.tuples(st.floats(0, 3, allow_nan=False), st.booleans(), st.booleans()), max_size=120
-    ),
+    steps=st.lists(st.tuples(st.floats(0, 3, allow_nan=False), one | batch), max_size=120),
 )
 def test_time_window_matches_a_recount_of_its_buckets(
-    seconds: float, buckets: int, steps: list[tuple[float, bool, bool]]
+    seconds: float, buckets: int, steps: list[tuple[float, tuple[str, Any, Any]]]
 ) -> None:
-    """A time window counts exactly the outcomes whose bucket is among the last `buckets`."""
+    """A time window counts exactly what was added in its last `buckets` buckets, one
+    outcome at a time or in batches (a bucket may then hold failures and no calls), and
+    forgets it when its bucket leaves the window."""
     w = TimeWindow(seconds, buckets).new()
     width = seconds / buckets
     now = 1000.0
-    seen: list[tuple[int, bool, bool]] = []
-    for dt, failed, slow in steps:
+    seen: list[tuple[int, int, int, int]] = []  # bucket, calls, failures, slow
+    for dt, (how, a, b) in steps:
         now += dt
-        w.add(failed, slow, now)
-        seen.append((int(now // width), failed, slow))
+        if how == "add":
+            w.add(a, b, now)
+            seen.append((int(now // width), 1, int(a), int(b)))
+        else:
+            w.add_counts(now, a, b)
+            seen.append((int(now // width), a, b, 0))
         head = int(now // width)
-        live = [(f, s) for b, f, s in seen if b > head - buckets]
-        assert w.calls == len(live)
-        assert w.failures == sum(f for f, _ in live)
-        assert w.slow == sum(s for _, s in live)
+        live = [counts for bucket, *counts in seen if bucket > head - buckets]
+        assert [w.calls, w.failures, w.slow] == [sum(c[i] for c in live) for i in range(3)]
+    w.roll(now + seconds)
+    assert (w.calls, w.failures, w.slow) == (0, 0, 0)
 
 
 def test_time_window_forgets_after_its_span() -> None:

@@ -1,15 +1,23 @@
-"""Quota leasing: a fleet-wide limit without a round trip per call.
+"""Fleet-wide permits: where a bulkhead's calls take a permit besides their local slot.
 
-A ``FleetShare`` holds this process's share of a limit that every replica shares through a
-store (``Store.lease_share``). A call takes a permit from the share without any I/O; only
-when the share is used up does it ask the store to grow it (one round trip, shared by the
-calls that need one then), and the store grants at most what the other holders leave free,
-each counted as the larger of its share and its permits in use, so the permits in use
-fleet-wide never exceed the limit. In the background, every ``rebalance`` seconds while
-permits are in use, the share is renewed at the most permits held at once since the last
-renewal, so unused permits go back to the fleet and a busy replica keeps what it uses. A
-share is an expiring lease: a replica that dies gives its share back within ``ttl``; one
-that closes (``aclose()``) gives it back at once.
+A ``PermitSource`` holds permits of a limit that every replica shares through a store. Two
+sources, one interface (take a permit at hand, without I/O; take one, with I/O if needed;
+give it back; close):
+
+* ``FleetLeases``: one expiring lease per call (``Store.acquire_lease``), kept renewed while
+  the call runs and returned when it ends: a store round trip per call, and a permit freed
+  anywhere is free at once.
+* ``FleetShare``: quota leasing, a fleet-wide limit without a round trip per call.
+
+A ``FleetShare`` holds this process's share of the limit (``Store.lease_share``). A call
+takes a permit from the share without any I/O; only when the share is used up does it ask
+the store to grow it (one round trip, shared by the calls that need one then), and the store
+grants at most what the other holders leave free, each counted as the larger of its share
+and its permits in use, so the permits in use fleet-wide never exceed the limit. In the
+background, every ``rebalance`` seconds while permits are in use, the share is renewed at
+the most permits held at once since the last renewal, so unused permits go back to the fleet
+and a busy replica keeps what it uses. A share is an expiring lease: a replica that dies
+gives its share back within ``ttl``; one that closes (``aclose()``) gives it back at once.
 
 A class of calls allowed less than the limit (``take(cap=...)``: say sheddable requests,
 allowed 75 % of it) takes a permit only while this holder's permits plus what the other
@@ -26,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..checks import check_int, check_name, check_seconds
 from ..errors import StoreUnavailableError
 from ..forks import reset_in_child
+from .base import check_store
 
 if TYPE_CHECKING:
     from ..clock import Clock, TimerHandle
@@ -40,7 +51,9 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_PERMITS",
     "SHORTEST_LEASE",
+    "FleetLeases",
     "FleetShare",
+    "PermitSource",
     "check_lease",
     "check_permits",
     "shortest_lease",
@@ -97,6 +110,190 @@ def check_permits(what: str, value: object) -> int:
     return check_int(what, value, maximum=MAX_PERMITS)
 
 
+@runtime_checkable
+class PermitSource(Protocol):
+    """Where a bulkhead's fleet-wide permits come from (``Bulkhead(permits=...)``):
+    ``FleetLeases``, ``FleetShare``, or a source of your own.
+
+    Each call takes one permit of the fleet's ``limit`` besides its local slot, and gives it
+    back when it ends, cancelled or not. A permit *at hand* is taken and given back with no
+    I/O: ``take_now()`` counts it in ``held`` while ``held < share``, before
+    ``valid_until`` (on ``clock``), and raises ``peak`` to ``held``; it goes back by
+    ``held -= 1`` (while ``held > 0``), which ``give(True)`` does. A hot path may do both on
+    these attributes itself (the bulkhead does). A source with no permits at hand keeps
+    ``share`` at 0, and every permit is taken with ``take()``.
+    """
+
+    store: Store
+    """The store the permits are shared through (a store that is down is not asked)."""
+    limit: int
+    """The permits the fleet may hold at once."""
+    clock: Clock
+    """The clock of ``valid_until``."""
+    held: int
+    """Permits at hand in use here."""
+    share: int
+    """Permits at hand: ``held`` may grow up to it."""
+    peak: int
+    """The most permits at hand held at once, lately."""
+    valid_until: float
+    """The permits at hand lapse at this ``clock`` time."""
+    own_limit: int
+    """The holder's own limit now (an adaptive one), which a source may report (a share
+    does, with its renewals: status tools sum them)."""
+
+    def take_now(self) -> bool:
+        """Take a permit at hand, with no I/O: whether one was taken."""
+
+    async def take(self) -> object:
+        """Take a permit, with I/O if none is at hand: ``True`` for one at hand, or an object
+        of the source's own (a lease); a false value when the fleet has none free. Raises
+        ``StoreUnavailableError`` when the store cannot answer."""
+
+    async def give(self, permit: object) -> None:
+        """Give back a permit that ``take`` or ``take_now`` (``True``) gave, even if the
+        caller is cancelled meanwhile."""
+
+    async def aclose(self) -> None:
+        """Give back what this holder keeps beyond the permits in use (a share), now."""
+
+
+class _Lease:
+    """One fleet-wide permit taken as a lease of its own, kept alive while its call runs.
+
+    Every half ``ttl`` (one timer, no task while nothing is due) the lease is extended by
+    another ``ttl`` (one store call), so the fleet-wide count holds however long calls run.
+    When the store cannot answer, renewal is tried again after a tenth of the lease; the
+    lease stays valid until its expiry meanwhile. A lease found expired (the store was away
+    longer than a lease) is replaced by a fresh one if the fleet has room; otherwise the call
+    runs on under the local limit only.
+    """
+
+    __slots__ = ("done", "lease", "source", "task", "timer")
+
+    def __init__(self, source: FleetLeases, lease: str) -> None:
+        self.source = source
+        self.lease: str | None = lease
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer = source.clock.call_later(source.ttl / 2, self._due)
+
+    def _due(self) -> None:
+        if not self.done:
+            self.task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        source = self.source
+        store, key, ttl = source.store, source.key, source.ttl
+        delay = ttl / 2
+        try:
+            if self.lease is not None and await store.renew_lease(key, self.lease, ttl=ttl):
+                pass
+            else:  # expired meanwhile: a fresh lease if the fleet has room
+                self.lease = await store.acquire_lease(key, limit=source.limit, ttl=ttl)
+        except Exception as exc:  # the lease lives on until its expiry: try again soon
+            logger.warning("bulkhead %r could not renew a permit: %r", key, exc)
+            delay = ttl / 10
+        if not self.done:
+            self.timer = source.clock.call_later(delay, self._due)
+
+    async def give_back(self) -> None:
+        """Stop renewing and return the lease held now (after a renewal under way)."""
+        self.done = True
+        self.timer.cancel()
+        if self.task is not None:
+            await self.task  # _renew raises nothing; it may swap the lease meanwhile
+        if self.lease is not None:
+            await self.source.release(self.lease)
+
+
+class FleetLeases:
+    """Fleet-wide permits, one expiring lease per call: at most ``limit`` of them under
+    ``key`` on ``store`` (``Store.acquire_lease``), each living ``ttl`` seconds unless
+    renewed (so a replica that dies cannot hold them for ever).
+
+    ``take()`` asks the store for a lease (one round trip; a caller cancelled meanwhile still
+    gives back a lease taken for it); while its call runs the lease is renewed every
+    ``ttl / 2`` seconds; ``give(lease)`` stops renewing and returns it, in a task of its own
+    that cancelling the caller cannot stop. No permit is ever at hand (``share`` is 0).
+    ``ttl`` must be long enough to be renewed (``shortest_lease``), ``limit`` at most
+    ``MAX_PERMITS``.
+    """
+
+    __slots__ = ("_returning", "clock", "key", "limit", "own_limit", "store", "ttl")
+
+    held = 0
+    share = 0  # no permit at hand: every one is a lease of its own
+    peak = 0
+    valid_until = -math.inf
+
+    def __init__(
+        self, store: Store, key: str, *, limit: int, ttl: float = 30.0, clock: Clock | None = None
+    ) -> None:
+        checked = check_store("store", store, "acquire_lease", "release_lease", "renew_lease")
+        if checked is None:
+            raise TypeError("FleetLeases needs a store (MemoryStore, RedisStore), got None")
+        self.store: Store = checked
+        self.key = check_name(key, "key")
+        self.limit = check_permits("limit", limit)
+        self.ttl: float = check_lease("ttl", ttl, checked)
+        self.clock: Clock = checked.clock if clock is None else clock
+        self.own_limit = 0  # not reported: a lease carries no limit
+        self._returning: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"FleetLeases(key={self.key!r}, limit={self.limit}, ttl={self.ttl:g})"
+
+    def take_now(self) -> bool:
+        """No permit is ever at hand: ``False``."""
+        return False
+
+    async def take(self) -> _Lease | None:
+        """A lease of its own, kept renewed until given back; ``None`` when the fleet is
+        full. Taking runs in a task of its own, so a caller cancelled meanwhile still gives
+        back a lease taken for it."""
+        taking = asyncio.ensure_future(
+            self.store.acquire_lease(self.key, limit=self.limit, ttl=self.ttl)
+        )
+        try:
+            lease = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(self._return_late)
+            raise
+        return None if lease is None else _Lease(self, lease)
+
+    def _return_late(self, taking: asyncio.Future[str | None]) -> None:
+        """A lease taken for a caller that was cancelled meanwhile: give it back."""
+        if not taking.cancelled() and taking.exception() is None:
+            lease = taking.result()
+            if lease is not None:
+                self._returned(self.release(lease))
+
+    async def give(self, permit: object) -> None:
+        """Stop renewing ``permit`` and return its lease, in a task of its own: returned even
+        if the caller is cancelled meanwhile (the cancellation is raised at once)."""
+        if not isinstance(permit, _Lease):
+            raise TypeError(f"{self!r} gives back its own leases, not {permit!r}")
+        await asyncio.shield(self._returned(permit.give_back()))
+
+    def _returned(self, returning: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``returning`` in a task of its own, kept until it ends."""
+        task = asyncio.get_running_loop().create_task(returning)
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+        return task
+
+    async def release(self, lease: str) -> None:
+        """Return ``lease`` to the store now (a failure is logged: the lease expires)."""
+        try:
+            await self.store.release_lease(self.key, lease)
+        except Exception as exc:  # the lease expires by itself
+            logger.warning("bulkhead %r could not return a permit: %r", self.key, exc)
+
+    async def aclose(self) -> None:
+        """Nothing kept beyond the leases in use: nothing to do."""
+
+
 async def _wait(ask: asyncio.Future[Exception | None]) -> None:
     """Wait for an ask under way; its store failure is the waiter's too."""
     error = await asyncio.shield(ask)
@@ -105,15 +302,19 @@ async def _wait(ask: asyncio.Future[Exception | None]) -> None:
 
 
 class FleetShare:
-    """This process's share of the fleet-wide limit ``limit`` under ``key`` (see the module
-    docstring). ``take_now()`` / ``take()`` a permit, ``give()`` it back, ``aclose()`` at the
-    end. ``held``: permits in use here; ``share``: permits the fleet granted this holder;
-    ``valid_until``: when the share lapses unless renewed (``clock`` time); ``peak``: the most
-    held since the last renewal; ``others``: what the other holders counted for at the last
-    answer. A hot path may inline ``take_now()`` / ``give()`` on these.
+    """This process's share of the fleet-wide limit ``limit`` under ``key`` on ``store``
+    (see the module docstring): a ``PermitSource`` whose permits are all at hand.
+
+    ``take_now()`` / ``take()`` a permit (``True``; ``False``: none free), ``give()`` it
+    back, ``aclose()`` at the end. ``held``: permits in use here; ``share``: permits the
+    fleet granted this holder; ``valid_until``: when the share lapses unless renewed
+    (``clock`` time, by default the store's); ``peak``: the most held since the last
+    renewal; ``others``: what the other holders counted for at the last answer. A hot path
+    may inline ``take_now()`` / ``give()`` on these.
 
     ``ttl`` must be long enough to be renewed (``shortest_lease``), ``limit`` at most
-    ``MAX_PERMITS``."""
+    ``MAX_PERMITS``; the share is renewed every ``rebalance`` seconds (at most ``ttl / 3``)
+    while permits are in use."""
 
     __slots__ = (
         "__weakref__",
@@ -152,7 +353,10 @@ class FleetShare:
         rebalance: float = 1.0,
         clock: Clock | None = None,
     ) -> None:
-        self.store = store
+        checked = check_store("store", store, "lease_share")
+        if checked is None:
+            raise TypeError("FleetShare needs a store (MemoryStore, RedisStore), got None")
+        self.store: Store = checked
         self.key = check_name(key, "key")
         self.limit = check_permits("limit", limit)
         self.ttl = check_lease("ttl", ttl, store)
@@ -177,6 +381,12 @@ class FleetShare:
         self._capped_at = 0
         reset_in_child(self)
 
+    def __repr__(self) -> str:
+        return (
+            f"FleetShare(key={self.key!r}, limit={self.limit}, share={self.share}, "
+            f"held={self.held})"
+        )
+
     def _forked(self) -> None:
         """In a forked child: a new holder with nothing held (the parent's share is its own;
         the parent's timer and tasks belong to the parent's event loop)."""
@@ -187,7 +397,7 @@ class FleetShare:
         self._growing = self._task = self._timer = None
 
     def take_now(self) -> bool:
-        """A permit from the share, if it is still valid and has room (no I/O)."""
+        """Take a permit from the share, if it is still valid and has room (no I/O)."""
         if self.held < self.share and self.clock.monotonic() < self.valid_until:
             self.held += 1
             if self.held > self.peak:
@@ -241,8 +451,9 @@ class FleetShare:
             if self._sent == joined:  # no ask counted this call
                 self._pending -= 1
 
-    def give(self) -> None:
-        """Give a permit back (to the share: it goes back to the fleet at the next renewal)."""
+    async def give(self, permit: object = True) -> None:
+        """Give a permit back (to the share: it goes back to the fleet at the next renewal;
+        no I/O)."""
         if self.held > 0:
             self.held -= 1
 

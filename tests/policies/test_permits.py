@@ -1,5 +1,6 @@
-"""Quota leasing (``FleetShare`` over ``Store.lease_share``): the fleet's limit holds with
-no round trip per call; shares follow demand; a dead holder's share comes back."""
+"""The permit sources: any source keeps the fleet's limit and leaks nothing; quota leasing
+(``FleetShare`` over ``Store.lease_share``) holds it with no round trip per call, shares
+follow demand, a dead holder's share comes back; ``FleetLeases`` is one lease per call."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resilience import MemoryStore, StoreUnavailableError
-from resilience.policies.quota import FleetShare
+from resilience.policies.permits import FleetLeases, FleetShare, PermitSource
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
@@ -51,7 +52,7 @@ def test_permits_in_use_never_exceed_the_limit(steps: list[tuple[str, int]], lim
             if op == "take":
                 await h.take()
             elif op == "give":
-                h.give()
+                await h.give()
             else:
                 clock.advance(1.0)  # a rebalance period: renewals run
                 await settle()
@@ -60,6 +61,86 @@ def test_permits_in_use_never_exceed_the_limit(steps: list[tuple[str, int]], lim
             assert all(x.held <= x.share or x.held == 0 for x in holders)
         for h in holders:
             await h.aclose()
+
+    asyncio.run(run())
+
+
+class Laggy(MemoryStore):
+    """A store that answers a take one loop turn later, so a caller can be cancelled while
+    its take is under way."""
+
+    async def acquire_lease(self, key: str, *, limit: int, ttl: float) -> str | None:
+        await asyncio.sleep(0)
+        return await super().acquire_lease(key, limit=limit, ttl=ttl)
+
+    async def lease_share(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        return await super().lease_share(*args, **kwargs)
+
+
+def source(kind: str, store: MemoryStore, clock: FakeClock, limit: int) -> PermitSource:
+    if kind == "leases":
+        return FleetLeases(store, "pool", limit=limit, ttl=3, clock=clock)
+    return FleetShare(store, "pool", limit=limit, ttl=3, clock=clock)
+
+
+source_ops = st.lists(
+    st.tuples(st.sampled_from(["take", "take now", "cancel", "give", "tick"]), st.integers(0, 1)),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["leases", "share"]), source_ops, st.integers(1, 5))
+def test_a_source_never_exceeds_its_limit_and_never_leaks(
+    kind: str, steps: list[tuple[str, int]], limit: int
+) -> None:
+    """Two holders of one source kind take permits (with and without I/O), give them back,
+    are cancelled while taking and renew, in any order: the permits held never exceed the
+    limit, fleet-wide; once every permit is given back none is left taken, and a new holder
+    gets the whole limit."""
+
+    async def run() -> None:
+        clock = FakeClock()
+        store = Laggy(clock=clock)
+        holders = [source(kind, store, clock, limit) for _ in range(2)]
+        held: list[list[object]] = [[], []]
+        for op, who in steps:
+            h = holders[who]
+            if op == "take":
+                permit = await h.take()
+                if permit:
+                    held[who].append(permit)
+            elif op == "take now" and h.take_now():
+                held[who].append(True)
+            elif op == "cancel":
+                taking = asyncio.ensure_future(h.take())
+                await asyncio.sleep(0)  # under way, unless a permit was at hand
+                taking.cancel()
+                await asyncio.gather(taking, return_exceptions=True)
+                if not taking.cancelled() and taking.result():  # taken before the cancel
+                    held[who].append(taking.result())
+            elif op == "give" and held[who]:
+                await h.give(held[who].pop())
+            elif op == "tick":
+                clock.advance(1.0)  # renewals run
+            await settle()
+            assert sum(len(mine) for mine in held) <= limit
+            assert await store.count_leases("pool") <= limit
+            assert sum(x.held for x in holders) <= limit
+        for h, mine in zip(holders, held, strict=True):
+            while mine:
+                await h.give(mine.pop())
+            await h.aclose()
+        await settle()
+        assert await store.count_leases("pool") == 0
+        assert all(x.held == 0 for x in holders)
+        clock.advance(1.0)  # past the quarter second a "full" answer is trusted
+        fresh = source(kind, store, clock, limit)
+        assert all([await fresh.take() for _ in range(limit)])
+        assert not await fresh.take()
+        await fresh.aclose()
 
     asyncio.run(run())
 
@@ -96,7 +177,7 @@ def test_a_capped_class_never_holds_more_than_its_cap_fleet_wide(
                 kept = low if op == "give low" else high
                 if kept[who]:
                     kept[who] -= 1
-                    h.give()
+                    await h.give()
             elif op == "tick":
                 clock.advance(1.0)  # a rebalance period: renewals run
                 await settle()
@@ -117,7 +198,7 @@ async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     assert a.share == 4
     assert not await b.take()  # the fleet is full
     for _ in range(3):
-        a.give()
+        await a.give()
     clock.advance(1.0)  # renewal: a keeps its peak of the last period (4)
     await settle()
     assert a.share == 4
@@ -128,7 +209,7 @@ async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     assert await b.take()
     assert await b.take()
     assert not await b.take()
-    a.give()
+    await a.give()
     for _ in range(2):
         clock.advance(1.0)
         await settle()
@@ -170,10 +251,10 @@ async def test_a_valid_share_admits_while_the_store_is_away() -> None:
     share = FleetShare(store, "pool", limit=3, ttl=3, clock=clock)
     assert await share.take()
     assert await share.take()
-    share.give()
+    await share.give()
     store.away = True
     assert share.take_now()  # from the share granted before: no store call
-    share.give()
+    await share.give()
     clock.advance(3.0)  # the share's lease has run out
     await settle()
     assert not share.take_now()
@@ -232,7 +313,7 @@ async def test_the_fleet_limit_holds_across_replicas_with_few_round_trips(
             peak = max(peak, in_use)
             await asyncio.sleep(0)
             in_use -= 1
-            share.give()
+            await share.give()
 
     try:
         await asyncio.gather(*(worker(s) for s in shares for _ in range(workers)))
@@ -275,7 +356,7 @@ async def test_a_forked_child_holds_nothing_of_its_parents_share() -> None:
     share = FleetShare(store, "pool", limit=2, ttl=30, clock=clock)
     assert await share.take()
     assert await share.take()
-    share.give()  # the parent: one permit in use, a share of 2
+    await share.give()  # the parent: one permit in use, a share of 2
 
     async def child() -> str:
         now, asked = share.take_now(), await share.take()
@@ -370,7 +451,7 @@ async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServ
             clock.advance(1.0)
             await asyncio.sleep(0.05)
         for _ in range(5):
-            b.give()
+            await b.give()
         for _ in range(3):
             clock.advance(1.0)
             await asyncio.sleep(0.05)
@@ -450,7 +531,7 @@ async def test_closing_gives_the_share_back_but_not_the_permits_in_use() -> None
     other = FleetShare(store, "pool", limit=10, ttl=3, clock=clock)
     assert all([await closing.take() for _ in range(10)])
     for _ in range(7):
-        closing.give()
+        await closing.give()
     await closing.aclose()
     assert sum([await other.take() for _ in range(10)]) == 7
     await other.aclose()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 from resilience.integrations.asgi import ResilienceMiddleware
@@ -30,6 +30,7 @@ from resilience import (
     ResilienceError,
     Retry,
     RetryBudget,
+    Throttle,
     Timeout,
     TimeWindow,
     select,
@@ -105,6 +106,11 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], dict[str, Any], list[str]]] = 
         RateLimiter,
         {"rate": 10.0},
         ["rate", "per", "burst", "store", "name", "clock", "listeners"],
+    ),
+    "Throttle": (
+        Throttle,
+        {},
+        ["k", "window", "buckets", "accepted_if", "random", "store", "sync_interval", "name"],
     ),
     "Fallback": (
         Fallback,
@@ -227,6 +233,7 @@ def configurations(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 
 @settings(max_examples=600, deadline=None)
 @given(configurations())
+@example(("Throttle", {"k": 10**400}))  # an int beyond any float
 def test_any_configuration_constructs_or_raises_value_or_type_error(
     config: tuple[str, dict[str, Any]],
 ) -> None:

@@ -277,12 +277,12 @@ STRATEGIES: list[tuple[str, Strategy]] = [
     ("round robin, no protection", round_robin),
     ("round robin, `ResilientTransport` per origin", round_robin_protected),
     ("failover + P2C (`endpoints=`)", failover_p2c),
-    ("round robin, per origin, hedging (`hedge_delay='p95'`)", hedged_origin),
-    ("failover + P2C + hedging (`hedge_delay='p95'`)", failover_p2c_hedged),
+    ("round robin, per origin, hedging (`HedgeOptions(delay='p95')`)", hedged_origin),
+    ("failover + P2C + hedging (`HedgeOptions(delay='p95')`)", failover_p2c_hedged),
 ]
 HEDGED = {
-    "round robin, per origin, hedging (`hedge_delay='p95'`)",
-    "failover + P2C + hedging (`hedge_delay='p95'`)",
+    "round robin, per origin, hedging (`HedgeOptions(delay='p95')`)",
+    "failover + P2C + hedging (`HedgeOptions(delay='p95')`)",
 }
 
 

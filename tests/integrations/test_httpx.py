@@ -908,32 +908,13 @@ def test_translated_errors_keep_their_request_and_attributes() -> None:
 # --- the package and its options objects ----------------------------------------------------
 
 # Every public name of resilience.integrations.httpx when it was one module.
-FORMER_NAMES = [
-    "DEADLINE_HEADER",
-    "FAILURE_STATUSES",
-    "FALLBACK_ON",
-    "IDEMPOTENT_METHODS",
-    "MAX_RETRY_AFTER",
-    "TOTAL_TIMEOUT_FACTOR",
-    "AttemptTimeout",
-    "BulkheadFull",
-    "CircuitOpen",
-    "DeadlineExceeded",
-    "FallbackHandler",
-    "HealthSource",
-    "HttpPolicy",
-    "NoHealthyEndpoint",
-    "RateLimited",
-    "Rejected",
-    "ResilientTransport",
-    "Throttled",
-    "WaitStrategy",
-    "deadline",
-    "http_check",
-    "origin_of",
-    "parse_retry_after",
-    "remaining",
-]
+FORMER_NAMES = frozenset({
+    "DEADLINE_HEADER", "FAILURE_STATUSES", "FALLBACK_ON", "IDEMPOTENT_METHODS",
+    "MAX_RETRY_AFTER", "TOTAL_TIMEOUT_FACTOR", "AttemptTimeout", "BulkheadFull", "CircuitOpen",
+    "DeadlineExceeded", "FallbackHandler", "HealthSource", "HttpPolicy", "NoHealthyEndpoint",
+    "RateLimited", "Rejected", "ResilientTransport", "Throttled", "WaitStrategy", "deadline",
+    "http_check", "origin_of", "parse_retry_after", "remaining",
+})  # fmt: skip
 
 # HttpPolicy's former flat keywords, each now a field of a strategy's options object.
 FLAT_KEYWORDS = [

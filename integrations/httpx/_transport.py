@@ -134,7 +134,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through its pipeline; see the class docstring."""
-        senders = self._known(request) or await self._new(request)
+        senders, key = self._known(request)
+        if senders is None:
+            senders = await self._origins.add(key, request)
         overrides = request.extensions.get(_EXTENSION)
         retry, budget = (None, None) if overrides is None else _overrides(overrides)
         send = senders.sender(request, retry)
@@ -150,19 +152,16 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             await exchange.end(response)  # every other response the request got is closed
         return response
 
-    def _known(self, request: httpx.Request) -> Senders | None:
-        """The pipeline ``request`` goes through, if it exists: the service's (its health
-        checks started with the first request), or its key's."""
+    def _known(self, request: httpx.Request) -> tuple[Senders | None, str]:
+        """The key of ``request`` and its pipeline, ``None`` until the key's first request
+        (the service's pipeline starts its health checks with the first request)."""
         service = self._service
         if service is None:
-            return self._origins.get(self.key(request))
+            key = self.key(request)
+            return self._origins.get(key), key
         if not service.started:
             service.start()
-        return service
-
-    async def _new(self, request: httpx.Request) -> Senders:
-        """A pipeline for the key of ``request``, made now."""
-        return await self._origins.add(self.key(request), request)
+        return service, service.name
 
     def handle_request(self, request: httpx.Request) -> NoReturn:
         """Refuse a sync ``httpx.Client``: this transport is async-only."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 from resilience.integrations.asgi import ResilienceMiddleware
-from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+from resilience.integrations.httpx import BulkheadOptions, HttpPolicy, ResilientTransport
 
 BODY = b"ok"
 START = {
@@ -46,7 +46,7 @@ END = {"type": "http.response.body", "body": BODY}
 
 # A realistic middleware configuration: every option that costs something on the way through.
 MIDDLEWARE = {"max_concurrent": 10_000, "rate": 1e9, "timeout": 30.0, "exclude": ("/health",)}
-POLICY = HttpPolicy(timeout=30.0, max_concurrent=10_000)
+POLICY = HttpPolicy(timeout=30.0, bulkhead=BulkheadOptions(max_concurrent=10_000))
 
 
 async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -60,7 +60,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+from resilience.integrations.httpx import (
+    BreakerOptions,
+    HedgeOptions,
+    HttpPolicy,
+    ResilientTransport,
+)
 
 from resilience import CountWindow
 
@@ -197,7 +202,9 @@ def hedged_origin(
 ) -> httpx.AsyncBaseTransport:
     """Round robin over ``ResilientTransport`` per origin with hedging: a request with no
     answer after the learned p95 of its origin is sent again (to the same origin)."""
-    return RoundRobin(ResilientTransport(inner, policy=HttpPolicy(hedge_delay="p95")), endpoints)
+    return RoundRobin(
+        ResilientTransport(inner, policy=HttpPolicy(hedge=HedgeOptions(delay="p95"))), endpoints
+    )
 
 
 def failover_p2c_hedged(
@@ -207,7 +214,7 @@ def failover_p2c_hedged(
     a hedge to another endpoint."""
     return ResilientTransport(
         inner,
-        policy=HttpPolicy(hedge_delay="p95"),
+        policy=HttpPolicy(hedge=HedgeOptions(delay="p95")),
         service="bench",
         endpoints=endpoints,
         rng=random.Random(1),
@@ -270,12 +277,12 @@ STRATEGIES: list[tuple[str, Strategy]] = [
     ("round robin, no protection", round_robin),
     ("round robin, `ResilientTransport` per origin", round_robin_protected),
     ("failover + P2C (`endpoints=`)", failover_p2c),
-    ("round robin, per origin, hedging (`hedge_delay='p95'`)", hedged_origin),
-    ("failover + P2C + hedging (`hedge_delay='p95'`)", failover_p2c_hedged),
+    ("round robin, per origin, hedging (`HedgeOptions(delay='p95')`)", hedged_origin),
+    ("failover + P2C + hedging (`HedgeOptions(delay='p95')`)", failover_p2c_hedged),
 ]
 HEDGED = {
-    "round robin, per origin, hedging (`hedge_delay='p95'`)",
-    "failover + P2C + hedging (`hedge_delay='p95'`)",
+    "round robin, per origin, hedging (`HedgeOptions(delay='p95')`)",
+    "failover + P2C + hedging (`HedgeOptions(delay='p95')`)",
 }
 
 
@@ -595,7 +602,7 @@ def hang_goals(watch: float) -> list[str]:
     """When an endpoint dies, the time until no request goes to it: <= one health interval
     with a health check, <= the breaker's window without one."""
     lines = []
-    policy = HttpPolicy()
+    breaker = BreakerOptions()  # HttpPolicy()'s breaker
     health = HANGS.get(FAULT_STRATEGIES[-1][0])
     if health is not None:
         last = health.last_after or 0.0
@@ -607,17 +614,17 @@ def hang_goals(watch: float) -> list[str]:
         )
     p2c = HANGS.get("failover + P2C (`endpoints=`)")
     if p2c is not None:
-        window = policy.window
+        window = breaker.window
         size = f"{window.size} calls" if isinstance(window, CountWindow) else repr(window)
         within = isinstance(window, CountWindow) and p2c.attempts_after <= window.size
-        opened = "could have" if p2c.attempts_after >= policy.minimum_calls else "could not have"
+        opened = "could have" if p2c.attempts_after >= breaker.minimum_calls else "could not have"
         last = f"{(p2c.last_after or 0.0) * 1e3:,.1f} ms after it"
         if (p2c.last_after or 0.0) > watch * 0.9:
             last += ", at the end of the watch"
         lines.append(
             f"- failover + P2C (`endpoints=`), no health check: {p2c.attempts_after:,} attempts "
             f"reached the hung endpoint after the stop, the last {last}; "
-            f"its breaker needs `minimum_calls={policy.minimum_calls}` in a window of {size}, "
+            f"its breaker needs `minimum_calls={breaker.minimum_calls}` in a window of {size}, "
             f"so it {opened} opened (goal <= the breaker's window: "
             f"{'met' if within else 'not met'})."
         )
@@ -659,7 +666,8 @@ def main() -> None:
     death = asyncio.run(death_rows(args))
     hang = asyncio.run(hang_rows(args))
     policy = HttpPolicy()
-    window = policy.window
+    breaker = BreakerOptions()  # HttpPolicy()'s breaker
+    window = breaker.window
     served = [SERVED[(False, 0.0, name)] for name, _ in STRATEGIES]
     lines = [
         "# Several endpoints of one service",
@@ -734,7 +742,7 @@ def main() -> None:
         *death,
         "",
         f"For comparison, the breaker alone (`HttpPolicy()` defaults: `{window!r}`, "
-        f"`minimum_calls={policy.minimum_calls}`) opens after {policy.minimum_calls} failed "
+        f"`minimum_calls={breaker.minimum_calls}`) opens after {breaker.minimum_calls} failed "
         "attempts to that endpoint at the earliest.",
         "",
         "## One endpoint hangs",
@@ -746,7 +754,7 @@ def main() -> None:
         f"{CLIENT_TIMEOUT:g} s (per attempt; without one httpx waits 5 s, its default); the "
         "`endpoints=` rows have none, so the `HttpPolicy()` defaults decide: "
         f"`timeout={policy.timeout:g}` s per attempt, `total_timeout={policy.total_timeout:g}` "
-        f"s per request, `attempts={policy.attempts}`. After the {args.watch:g} s watched, "
+        f"s per request, `attempts={policy.retry.attempts}`. After the {args.watch:g} s watched, "
         "the requests in flight are waited for (the endpoint still stopped) before the count; "
         "the latencies are every request's, a failed one's until it failed.",
         "",

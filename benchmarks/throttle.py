@@ -7,14 +7,14 @@ Usage::
 
 A backend with a fixed capacity (``--capacity`` requests per second; beyond it each request
 is answered ``503`` at once) is offered twice its capacity, open loop, for ``--seconds``, by
-a client going through ``ResilientTransport(HttpPolicy(attempts=1, throttle=...))``, so half
-of what reaches it without throttling is refused. The backend is an ASGI app called in
-process (``httpx.ASGITransport``): what is measured is how many requests reach it and how
-many it accepts, not the network.
+a client going through ``ResilientTransport(HttpPolicy(retry=RetryOptions(attempts=1),
+throttle=ThrottleOptions(k=...)))``, so half of what reaches it without throttling is
+refused. The backend is an ASGI app called in process (``httpx.ASGITransport``): what is
+measured is how many requests reach it and how many it accepts, not the network.
 
-Rows: no throttle; ``throttle_k=2`` (the SRE book's usual value: the backend may see up to
-twice what it accepts, so at a 50 % refusal rate it cuts nothing); ``throttle_k=1.1`` (the
-backend sees about what it accepts). Goals: with a throttle that acts (``k=1.1``), the load
+Rows: no throttle; ``k=2`` (the SRE book's usual value: the backend may see up to twice what
+it accepts, so at a 50 % refusal rate it cuts nothing); ``k=1.1`` (the backend sees about
+what it accepts). Goals: with a throttle that acts (``k=1.1``), the load
 reaching the backend cut by >= 40 %, and the accepted requests not dropping (>= 95 % of the
 row without a throttle).
 """
@@ -34,7 +34,13 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from resilience.integrations.httpx import HttpPolicy, ResilientTransport, Throttled  # noqa: E402
+from resilience.integrations.httpx import (  # noqa: E402
+    HttpPolicy,
+    ResilientTransport,
+    RetryOptions,
+    Throttled,
+    ThrottleOptions,
+)
 
 from resilience import RateLimiter  # noqa: E402
 
@@ -57,15 +63,13 @@ class Backend:
         await send({"type": "http.response.body", "body": b""})
 
 
-async def run(throttle_k: float | None, capacity: float, seconds: float) -> dict[str, float]:
+async def run(k: float | None, capacity: float, seconds: float) -> dict[str, float]:
     backend = Backend(capacity)
     policy = HttpPolicy(
-        attempts=1,
-        circuit_breaker=False,
+        retry=RetryOptions(attempts=1),
+        breaker=None,
         timeout=None,
-        throttle=throttle_k is not None,
-        throttle_k=throttle_k or 2.0,
-        throttle_window=seconds / 2,
+        throttle=None if k is None else ThrottleOptions(k=k, window=seconds / 2),
     )
     transport = ResilientTransport(httpx.ASGITransport(app=backend), policy=policy)  # type: ignore[arg-type]
     sent = refused = 0
@@ -109,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds = 3.0
     rows = {
         "no throttle": asyncio.run(run(None, args.capacity, args.seconds)),
-        "`throttle_k=2`": asyncio.run(run(2.0, args.capacity, args.seconds)),
-        "`throttle_k=1.1`": asyncio.run(run(1.1, args.capacity, args.seconds)),
+        "`k=2`": asyncio.run(run(2.0, args.capacity, args.seconds)),
+        "`k=1.1`": asyncio.run(run(1.1, args.capacity, args.seconds)),
     }
     base = rows["no throttle"]
     lines = [
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Python {platform.python_version()}. A backend serving {args.capacity:.0f} requests/s "
         f"(503 beyond), offered {2 * args.capacity:.0f} requests/s for {args.seconds:.0f} s "
-        "per row through `ResilientTransport(HttpPolicy(attempts=1, throttle=...))`, the "
+        "per row through `ResilientTransport(HttpPolicy(retry=RetryOptions(attempts=1), "
+        "throttle=ThrottleOptions(k=...)))`, the "
         f"throttle's window {args.seconds / 2:.0f} s.",
         "",
         "| client | sent | refused by the throttle | reached the backend | accepted | load "
@@ -133,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {label} | {r['sent']:,.0f} | {r['refused']:,.0f} | {r['reached']:,.0f} | "
             f"{r['accepted']:,.0f} | {cut:.0%} | {r['accepted'] / base['accepted']:.0%} |"
         )
-    acting = rows["`throttle_k=1.1`"]
+    acting = rows["`k=1.1`"]
     cut = 1 - acting["reached"] / base["reached"]
     kept = acting["accepted"] / base["accepted"]
     lines += [
         "",
-        f"Goals (`throttle_k=1.1`): load reaching the backend cut by >= 40 % ({cut:.0%}): "
+        f"Goals (`k=1.1`): load reaching the backend cut by >= 40 % ({cut:.0%}): "
         f"{'met' if cut >= 0.40 else '**not met**'}; accepted requests not dropping (>= 95 % "
         f"of the row without a throttle: {kept:.0%}): {'met' if kept >= 0.95 else '**not met**'}.",
         "",

@@ -41,14 +41,7 @@ def http_check(
     """
     if not isinstance(url, (str, httpx.URL)) or not str(url):
         raise TypeError(f"url must be a non-empty str or httpx.URL, got {url!r}")
-    try:
-        target = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"url must be an http:// or https:// URL, got {url!r}: {exc}") from None
-    if target.scheme not in ("http", "https") or not target.host:
-        raise ValueError(f"url must be an http:// or https:// URL, got {url!r}")
-    if target.port is not None and not 1 <= target.port <= 65535:
-        raise ValueError(f"url's port must be in 1..65535, got {url!r}")
+    target = http_url(url, "url")
     if client is not None and not isinstance(client, httpx.AsyncClient):
         raise TypeError(f"client must be an httpx.AsyncClient, got {client!r}")
     if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
@@ -81,3 +74,19 @@ def http_check(
 
     check.__qualname__ = check.__name__ = f"http_check({str(target)!r})"
     return check
+
+
+def http_url(value: str | httpx.URL, what: str) -> httpx.URL:
+    """``value`` as an ``http://`` or ``https://`` URL with a host and, if it names one, a
+    port a socket can have; else a ``ValueError`` naming ``what`` and the value."""
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(
+            f"{what} must be an http:// or https:// URL, got {value!r}: {exc}"
+        ) from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{what} must be an http:// or https:// URL, got {value!r}")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError(f"{what}'s port must be in 1..65535, got {value!r}")
+    return url

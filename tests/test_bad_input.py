@@ -11,11 +11,22 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 from resilience.integrations.asgi import ResilienceMiddleware
-from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+from resilience.integrations.httpx import (
+    BreakerOptions,
+    BulkheadOptions,
+    FallbackOptions,
+    HealthCheckOptions,
+    HedgeOptions,
+    HttpPolicy,
+    RateLimitOptions,
+    ResilientTransport,
+    RetryOptions,
+    ThrottleOptions,
+)
 
 from resilience import (
     Bulkhead,
@@ -30,6 +41,7 @@ from resilience import (
     ResilienceError,
     Retry,
     RetryBudget,
+    Throttle,
     Timeout,
     TimeWindow,
     select,
@@ -49,6 +61,11 @@ JUNK = st.one_of(
     st.binary(max_size=3),
     st.lists(st.integers(), max_size=2),
 )
+
+
+async def _fallback(request: Any, error: Exception) -> Any:
+    """A fallback handler that answers nothing useful (never called here)."""
+
 
 CONSTRUCTORS: dict[str, tuple[Callable[..., Any], dict[str, Any], list[str]]] = {
     "CircuitBreaker": (
@@ -106,6 +123,11 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], dict[str, Any], list[str]]] = 
         {"rate": 10.0},
         ["rate", "per", "burst", "store", "name", "clock", "listeners"],
     ),
+    "Throttle": (
+        Throttle,
+        {},
+        ["k", "window", "buckets", "accepted_if", "random", "store", "sync_interval", "name"],
+    ),
     "Fallback": (
         Fallback,
         {"on": ValueError, "value": 0},
@@ -136,35 +158,43 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], dict[str, Any], list[str]]] = 
         HttpPolicy,
         {},
         [
-            "attempts",
-            "wait",
-            "retry_after_max",
-            "retry_budget",
-            "retry_methods",
-            "idempotency_header",
-            "failure_statuses",
-            "circuit_breaker",
-            "failure_ratio",
-            "minimum_calls",
-            "window",
-            "open_for",
-            "open_for_max",
-            "half_open_calls",
-            "rate",
-            "per",
-            "burst",
+            "retry",
+            "breaker",
             "timeout",
             "total_timeout",
-            "max_concurrent",
-            "max_waiting",
-            "max_wait",
+            "failure_statuses",
+            "idempotency_header",
+            "rate_limit",
+            "bulkhead",
+            "throttle",
+            "hedge",
+            "health_check",
             "fallback",
-            "fallback_on",
             "store",
             "clock",
             "listeners",
         ],
     ),
+    "RetryOptions": (
+        RetryOptions,
+        {},
+        ["attempts", "wait", "retry_after_max", "budget", "methods"],
+    ),
+    "BreakerOptions": (
+        BreakerOptions,
+        {},
+        ["failure_ratio", "minimum_calls", "window", "open_for", "open_for_max", "half_open_calls"],
+    ),
+    "RateLimitOptions": (RateLimitOptions, {"rate": 10.0}, ["rate", "per", "burst"]),
+    "BulkheadOptions": (
+        BulkheadOptions,
+        {"max_concurrent": 2},
+        ["max_concurrent", "max_waiting", "max_wait"],
+    ),
+    "ThrottleOptions": (ThrottleOptions, {}, ["k", "window"]),
+    "HedgeOptions": (HedgeOptions, {}, ["delay", "max_hedges", "budget"]),
+    "HealthCheckOptions": (HealthCheckOptions, {"path": "/healthz"}, ["path", "interval"]),
+    "FallbackOptions": (FallbackOptions, {"handler": _fallback}, ["handler", "on"]),
     "ResilientTransport": (
         lambda **kw: ResilientTransport(kw.pop("transport", _MOCK), **kw),
         {},
@@ -227,6 +257,8 @@ def configurations(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 
 @settings(max_examples=600, deadline=None)
 @given(configurations())
+@example(("Throttle", {"k": 10**400}))  # an int beyond any float
+@example(("ThrottleOptions", {"k": 10**400}))
 def test_any_configuration_constructs_or_raises_value_or_type_error(
     config: tuple[str, dict[str, Any]],
 ) -> None:

@@ -39,6 +39,7 @@ def test_wheel_contains_and_imports_integrations(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert len(names) == len(set(names))  # every file once
     assert "resilience/integrations/__init__.py" in names
+    assert "resilience/integrations/httpx/__init__.py" in names  # a subpackage, listed too
     # the installed package's __init__ is integrations/__init__.py, not the checkout's stand-in
     installed = zipfile.ZipFile(wheel).read("resilience/integrations/__init__.py")
     assert installed == (ROOT / "integrations" / "__init__.py").read_bytes()
@@ -48,8 +49,9 @@ def test_wheel_contains_and_imports_integrations(tmp_path: Path) -> None:
     zipfile.ZipFile(wheel).extractall(site)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
-        "import resilience, resilience.integrations as i; "
+        "import resilience, resilience.integrations as i, resilience.integrations.httpx as h; "
         "assert i.__file__.startswith(sys.argv[1]), i.__file__; "
+        "assert h.__file__.startswith(sys.argv[1]), h.__file__; "
         "assert resilience.__file__.startswith(sys.argv[1]); print(resilience.__version__)"
     )
     out = subprocess.run(
@@ -60,6 +62,24 @@ def test_wheel_contains_and_imports_integrations(tmp_path: Path) -> None:
         text=True,
     )
     assert out.stdout.strip() == resilience.__version__
+
+
+def test_every_package_of_the_tree_is_listed() -> None:
+    """Every package folder (``resilience/...``, and ``integrations/...`` installed as
+    ``resilience.integrations...``) is in ``[tool.setuptools] packages``: the package-dir
+    mapping covers a subpackage only if it is listed (else setuptools ships it as data
+    files, a deprecated fallback)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for folder, package in (
+        ("resilience", "resilience"),
+        ("integrations", "resilience.integrations"),
+    ):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            found.add(".".join([package, *init.parent.relative_to(ROOT / folder).parts]))
+    assert found == set(config["packages"])
 
 
 def test_public_surface_is_explicit() -> None:

@@ -56,7 +56,13 @@ from resilience import (
 )
 
 from ..integrations.asgi import ResilienceMiddleware
-from ..integrations.httpx import CircuitOpen, HttpPolicy, ResilientTransport
+from ..integrations.httpx import (
+    BreakerOptions,
+    CircuitOpen,
+    HttpPolicy,
+    ResilientTransport,
+    RetryOptions,
+)
 
 __all__ = ["PHASES", "DemoError", "run_demo"]
 
@@ -157,17 +163,10 @@ def client_policy(store: Store, duration: float) -> HttpPolicy:
     The open time scales with the run, so a short demo still shows a recovery.
     """
     open_for = round(max(0.3, min(2.0, duration / 40)), 2)
-    return HttpPolicy(
-        attempts=2,
-        timeout=0.15,
-        failure_ratio=0.5,
-        minimum_calls=10,
-        window=CountWindow(20),
-        open_for=open_for,
-        open_for_max=4 * open_for,
-        half_open_calls=2,
-        store=store,
+    breaker = BreakerOptions(
+        window=CountWindow(20), open_for=open_for, open_for_max=4 * open_for, half_open_calls=2
     )
+    return HttpPolicy(retry=RetryOptions(attempts=2), breaker=breaker, timeout=0.15, store=store)
 
 
 @dataclass(frozen=True, slots=True)

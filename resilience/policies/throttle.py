@@ -22,7 +22,7 @@ import random as _random
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..checks import check_fleet_name, store_down
+from ..checks import check_fleet_name, check_positive, store_down
 from ..clock import Clock, TimerHandle
 from ..errors import RejectedError, ThrottledError
 from ..events import CallRejected, Listener, emit
@@ -267,12 +267,9 @@ class Throttle(BasePolicy):
         listeners: Iterable[Listener] = (),
     ) -> None:
         super().__init__(name, clock, listeners)
-        if isinstance(k, bool) or not isinstance(k, (int, float)):
-            raise TypeError(f"k must be a number, got {k!r}")
-        if not (math.isfinite(k) and k >= 1):
-            # k < 1 refuses calls of a backend that accepts every one of them
+        self.k = check_positive("k", k)  # a finite number, an int beyond any float included
+        if self.k < 1:  # k < 1 refuses calls of a backend that accepts every one of them
             raise ValueError(f"k must be finite and >= 1, got {k!r}")
-        self.k = float(k)
         if not callable(accepted_if):
             raise TypeError(f"accepted_if must be a callable, got {accepted_if!r}")
         self.accepted_if = accepted_if

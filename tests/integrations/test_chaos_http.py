@@ -18,10 +18,12 @@ import httpx
 import pytest
 from resilience.integrations.httpx import (
     AttemptTimeout,
+    BreakerOptions,
     CircuitOpen,
     DeadlineExceeded,
     HttpPolicy,
     ResilientTransport,
+    RetryOptions,
 )
 from tenacity import wait_fixed
 
@@ -106,12 +108,9 @@ async def client(proxy: FaultProxy) -> AsyncIterator[httpx.AsyncClient]:
 def make_client(proxy: FaultProxy, **options: Any) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` through ``proxy`` with short timeouts and a small window."""
     settings: dict[str, Any] = {
-        "attempts": ATTEMPTS,
-        "wait": wait_fixed(WAIT),
+        "retry": RetryOptions(attempts=ATTEMPTS, wait=wait_fixed(WAIT)),
         "timeout": TIMEOUT,
-        "window": CountWindow(6),
-        "minimum_calls": 6,
-        "open_for": OPEN_FOR,
+        "breaker": BreakerOptions(window=CountWindow(6), minimum_calls=6, open_for=OPEN_FOR),
         # every attempt runs its full timeout here (BUDGET); total_timeout has tests of its own
         "total_timeout": None,
     }
@@ -374,7 +373,11 @@ RETRY_AFTER_VALUES = [
 @pytest.mark.parametrize("value", RETRY_AFTER_VALUES)
 async def test_malformed_retry_after_is_survived(proxy: FaultProxy, value: bytes) -> None:
     """A 503 with a hostile Retry-After is retried (wait capped) and returned, never raised."""
-    async with make_client(proxy, retry_after_max=0.05, circuit_breaker=False) as client:
+    async with make_client(
+        proxy,
+        retry=RetryOptions(attempts=ATTEMPTS, wait=wait_fixed(WAIT), retry_after_max=0.05),
+        breaker=None,
+    ) as client:
         start = time.monotonic()
         response = await client.get("/retry-after", params={"hex": value.hex()})
         took = time.monotonic() - start

@@ -12,7 +12,11 @@ from hypothesis import strategies as st
 from resilience.integrations import DEADLINE_HEADER, deadline, get_deadline, remaining
 from resilience.integrations._deadline import format_budget, parse_budget
 from resilience.integrations.asgi import ResilienceMiddleware
-from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+from resilience.integrations.httpx import (
+    HttpPolicy,
+    ResilientTransport,
+    RetryOptions,
+)
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -111,7 +115,9 @@ async def test_deadline_shrinks_across_two_hops() -> None:
         async def relay(request: Request) -> JSONResponse:
             nonlocal a_calls
             a_calls += 1
-            transport = ResilientTransport(policy=HttpPolicy(attempts=1, timeout=10))
+            transport = ResilientTransport(
+                policy=HttpPolicy(retry=RetryOptions(attempts=1), timeout=10)
+            )
             async with httpx.AsyncClient(transport=transport) as client:
                 await asyncio.sleep(0.01)  # some work in A before calling B
                 response = await client.get(f"{b.url}/echo")

@@ -1,5 +1,6 @@
-"""Tests for several endpoints of one service: ejection, P2C, failover (integrations/_endpoints.py
-and the ``endpoints=`` of ResilientTransport), over MockTransport and uvicorn on loopback."""
+"""Tests for several endpoints of one service: ejection, P2C, failover (integrations/httpx/
+_balancing.py and _endpoints.py, the ``endpoints=`` of ResilientTransport), over
+MockTransport and uvicorn on loopback."""
 
 from __future__ import annotations
 
@@ -15,18 +16,23 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from resilience.integrations._endpoints import (
+from resilience.integrations.httpx import (
+    BreakerOptions,
+    BulkheadOptions,
+    FallbackOptions,
+    HealthCheckOptions,
+    HttpPolicy,
+    NoHealthyEndpoint,
+    ResilientTransport,
+    RetryOptions,
+)
+from resilience.integrations.httpx._balancing import (
     DECAY,
     FAILURE_COST,
     MIN_COST,
     Load,
     eligible,
     pick,
-)
-from resilience.integrations.httpx import (
-    HttpPolicy,
-    NoHealthyEndpoint,
-    ResilientTransport,
 )
 
 from resilience import (
@@ -40,6 +46,9 @@ from resilience import (
 from resilience.testing import FakeClock
 
 from ..asgi_support import LiveServer
+
+ONCE = RetryOptions(attempts=1)
+"""One attempt: no retry."""
 
 A, B, C = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
 ENDPOINTS = [A, B, C]
@@ -112,9 +121,10 @@ async def settle() -> None:
 def same_breaker(name: str, store: MemoryStore, clock: FakeClock) -> CircuitBreaker:
     """A breaker sharing the state of the endpoint breaker ``name`` (the same name, store and
     configuration as ``HttpPolicy()`` gives it)."""
-    policy = HttpPolicy()
+    breaker = HttpPolicy().breaker
+    assert breaker is not None
     return CircuitBreaker(
-        name, minimum_calls=policy.minimum_calls, window=policy.window, store=store, clock=clock
+        name, minimum_calls=breaker.minimum_calls, window=breaker.window, store=store, clock=clock
     )
 
 
@@ -306,7 +316,7 @@ async def test_a_failed_over_post_keeps_one_key_across_endpoints() -> None:
             raise httpx.ConnectError("refused", request=request)
         return httpx.Response(200)
 
-    async with make_client(handler, attempts=1) as client:
+    async with make_client(handler, retry=ONCE) as client:
         for _ in range(5):
             assert (await client.post("/orders", json={})).status_code == 200
     assert any(h != host(C) for h, _ in keys)  # some went to a dead endpoint first
@@ -324,7 +334,7 @@ async def test_a_failed_endpoints_response_is_closed_when_another_answers() -> N
     ledger = Ledger(lambda request: 503 if len(ledger.requests) % 2 else 200)
     transport = ResilientTransport(
         ledger,
-        policy=HttpPolicy(clock=FakeClock(autojump=True), circuit_breaker=False),
+        policy=HttpPolicy(clock=FakeClock(autojump=True), breaker=None),
         service="orders",
         endpoints=ENDPOINTS,
         rng=random.Random(1),
@@ -365,7 +375,7 @@ async def test_error_after_sending_is_not_failed_over_for_post() -> None:
 async def test_all_endpoints_refusing_raises_the_connect_error() -> None:
     """Every endpoint refusing: the connect error is raised once each was tried."""
     upstreams = Upstreams(dead=tuple(ENDPOINTS))
-    async with make_client(upstreams, attempts=1) as client:
+    async with make_client(upstreams, retry=ONCE) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get("/")
     assert sorted(upstreams.tried.values()) == [1, 1, 1]
@@ -375,7 +385,7 @@ async def test_failover_stays_within_the_retry_budget() -> None:
     """A retry budget that refuses stops the failover after the first connect error."""
     budget = RetryBudget(name="orders", max_tokens=2, token_ratio=0.1)
     upstreams = Upstreams(dead=tuple(ENDPOINTS))
-    async with make_client(upstreams, attempts=1, retry_budget=budget) as client:
+    async with make_client(upstreams, retry=RetryOptions(attempts=1, budget=budget)) as client:
         with pytest.raises(httpx.ConnectError):
             await client.post("/", json={})
     assert sum(upstreams.tried.values()) == 1
@@ -402,7 +412,9 @@ async def test_full_bulkhead_fails_over_to_another_endpoint() -> None:
         await release.wait()
         return httpx.Response(200)
 
-    async with make_client(handler, max_concurrent=1, attempts=1) as client:
+    async with make_client(
+        handler, bulkhead=BulkheadOptions(max_concurrent=1), retry=ONCE
+    ) as client:
         calls = [asyncio.ensure_future(client.get("/")) for _ in range(3)]
         for _ in range(1000):
             if len(seen) == 3:
@@ -417,7 +429,7 @@ async def test_full_bulkhead_fails_over_to_another_endpoint() -> None:
 
 
 async def test_no_healthy_endpoint_is_a_rejection_for_fallback() -> None:
-    """``fallback_on="rejections"`` answers when every endpoint is ejected."""
+    """A fallback ``on="rejections"`` answers when every endpoint is ejected."""
 
     async def cached(request: httpx.Request, error: Exception) -> httpx.Response:
         assert isinstance(error, NoHealthyEndpoint)
@@ -426,7 +438,10 @@ async def test_no_healthy_endpoint_is_a_rejection_for_fallback() -> None:
     upstreams = Upstreams()
     health = {url: Flag(healthy=False) for url in ENDPOINTS}
     async with make_client(
-        upstreams, health=health, max_ejected=1.0, fallback=cached, fallback_on="rejections"
+        upstreams,
+        health=health,
+        max_ejected=1.0,
+        fallback=FallbackOptions(handler=cached, on="rejections"),
     ) as client:
         assert (await client.get("/")).text == "cached"
     assert not upstreams.tried
@@ -453,10 +468,8 @@ async def test_all_ejected_raises_no_healthy_endpoint_with_retry_after() -> None
     async with make_client(
         upstreams,
         clock=clock,
-        attempts=1,
-        minimum_calls=2,
-        window=CountWindow(2),
-        open_for=5.0,
+        retry=ONCE,
+        breaker=BreakerOptions(minimum_calls=2, window=CountWindow(2), open_for=5.0),
     ) as client:
         for _ in range(20):
             try:
@@ -487,7 +500,13 @@ async def test_endpoint_back_from_ejection_gets_its_probe() -> None:
     store = MemoryStore()
     upstreams = Upstreams(status={A: 503})
     options: dict[str, Any] = {"minimum_calls": 2, "window": CountWindow(2), "open_for": 5.0}
-    async with make_client(upstreams, clock=clock, store=store, attempts=1, **options) as client:
+    async with make_client(
+        upstreams,
+        clock=clock,
+        store=store,
+        retry=ONCE,
+        breaker=BreakerOptions(**options),
+    ) as client:
         while not upstreams.hits[host(A)]:  # one 503: A now looks slow to P2C
             await client.get("/")
         front = CircuitBreaker(f"orders:{A}", store=store, clock=clock, **options)
@@ -661,10 +680,8 @@ def serve(app: Node) -> Iterator[LiveServer]:
 def live_client(servers: list[LiveServer], **options: Any) -> httpx.AsyncClient:
     settings: dict[str, Any] = {
         "timeout": 5.0,
-        "wait": lambda state: 0.01,
-        "minimum_calls": 6,
-        "window": CountWindow(10),
-        "open_for": 30.0,
+        "retry": RetryOptions(wait=lambda state: 0.01),
+        "breaker": BreakerOptions(minimum_calls=6, window=CountWindow(10), open_for=30.0),
     }
     settings.update(options)
     transport = ResilientTransport(
@@ -726,7 +743,7 @@ async def test_flapping_endpoint_fails_no_idempotent_request() -> None:
 
 
 async def test_each_endpoint_gets_a_health_check_that_ejects_it() -> None:
-    """``health_path``: from the first request on, each endpoint is checked on its own
+    """``health_check``: from the first request on, each endpoint is checked on its own
     address, bound to its breaker; one whose checks fail is ejected (its check is its health
     source); closing the transport stops them all."""
     clock = FakeClock()
@@ -740,7 +757,9 @@ async def test_each_endpoint_gets_a_health_check_that_ejects_it() -> None:
 
     transport = ResilientTransport(
         httpx.MockTransport(handler),
-        policy=HttpPolicy(clock=clock, health_path="/healthz", health_interval=1.0),
+        policy=HttpPolicy(
+            clock=clock, health_check=HealthCheckOptions(path="/healthz", interval=1.0)
+        ),
         service="orders",
         endpoints=ENDPOINTS,
         rng=random.Random(5),

@@ -1,21 +1,35 @@
-"""Hedging and client-side throttling in ResilientTransport (HttpPolicy's hedge_* and
-throttle options), over MockTransport and a fake clock."""
+"""Hedging and client-side throttling in ResilientTransport (HttpPolicy's ``hedge`` and
+``throttle`` options), over MockTransport and a fake clock."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import httpx
 import pytest
-from resilience.integrations.httpx import HttpPolicy, ResilientTransport, Throttled
+from resilience.integrations.httpx import (
+    HedgeOptions,
+    HttpPolicy,
+    ResilientTransport,
+    RetryOptions,
+    Throttled,
+    ThrottleOptions,
+)
 
 from resilience import ThrottledError
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
 from .test_httpx import Ledger
+
+ONCE = RetryOptions(attempts=1)
+"""One attempt: no retry."""
+
+T = TypeVar("T")
 
 ENDPOINTS = ["http://a:8000", "http://b:8000", "http://c:8000"]
 
@@ -49,7 +63,7 @@ def client(handler: object, clock: FakeClock, **options: object) -> httpx.AsyncC
 
 def hedged_service(handler: object, clock: FakeClock, seed: int) -> ResilientTransport:
     """The service ``orders`` on ``ENDPOINTS``, hedged after 0.05 s with room for every hedge."""
-    policy = HttpPolicy(clock=clock, timeout=None, hedge_delay=0.05, hedge_budget=1.0)
+    policy = HttpPolicy(clock=clock, timeout=None, hedge=HedgeOptions(delay=0.05, budget=1.0))
     return ResilientTransport(
         httpx.MockTransport(handler),  # type: ignore[arg-type]
         policy=policy,
@@ -100,7 +114,7 @@ async def test_the_first_answer_wins_and_the_slow_attempt_is_cancelled() -> None
                 raise
         return httpx.Response(200, text=f"attempt {calls}")
 
-    async with client(handler, clock, hedge_delay=0.05, hedge_budget=1.0) as c:
+    async with client(handler, clock, hedge=HedgeOptions(delay=0.05, budget=1.0)) as c:
         task = asyncio.create_task(c.get("/x"))
         await settle()
         assert calls == 1
@@ -117,7 +131,7 @@ async def test_the_first_answer_wins_and_the_slow_attempt_is_cancelled() -> None
 async def test_a_post_is_never_hedged() -> None:
     clock = FakeClock()
     upstreams = Slow("a")
-    async with client(upstreams, clock, hedge_delay=0.05, hedge_budget=1.0) as c:
+    async with client(upstreams, clock, hedge=HedgeOptions(delay=0.05, budget=1.0)) as c:
         task = asyncio.create_task(c.post("/x", content=b"order"))
         await settle()
         clock.advance(1.0)
@@ -140,7 +154,7 @@ async def test_a_throttled_client_stops_sending_to_a_refusing_origin() -> None:
 
     clock = FakeClock()
     errors: list[Throttled] = []
-    async with client(refusing, clock, throttle=True, attempts=1, circuit_breaker=False) as c:
+    async with client(refusing, clock, throttle=ThrottleOptions(), retry=ONCE, breaker=None) as c:
         for _ in range(300):
             try:
                 await c.get("/x")
@@ -157,13 +171,13 @@ async def test_a_throttled_client_stops_sending_to_a_refusing_origin() -> None:
 
 def test_bad_hedge_and_throttle_options_are_refused() -> None:
     with pytest.raises(ValueError, match="delay"):
-        HttpPolicy(hedge_delay="fast")
+        HttpPolicy(hedge=HedgeOptions(delay="fast"))
     with pytest.raises(ValueError, match="budget"):
-        HttpPolicy(hedge_delay=0.1, hedge_budget=0)
+        HttpPolicy(hedge=HedgeOptions(delay=0.1, budget=0))
     with pytest.raises(TypeError, match="throttle"):
         HttpPolicy(throttle="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k"):
-        HttpPolicy(throttle=True, throttle_k=0.5)
+        HttpPolicy(throttle=ThrottleOptions(k=0.5))
 
 
 async def test_the_criticality_of_the_request_being_served_goes_downstream() -> None:
@@ -212,12 +226,33 @@ async def test_an_attempt_overtaken_by_a_hedge_teaches_p2c_its_endpoint_is_slow(
     assert loads[slow].in_flight == 0
 
 
+def late_loser(
+    late: Callable[[], T], then: Callable[[], T]
+) -> Callable[[httpx.Request], Awaitable[T]]:
+    """An upstream whose first call waits until it is cancelled and answers ``late()`` anyway,
+    a turn later (a loser that does not stop at its cancellation); every other call answers
+    ``then()``."""
+    calls = 0
+
+    async def upstream(request: httpx.Request) -> T:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(0)  # it answers anyway, a turn later
+                return late()
+        return then()
+
+    return upstream
+
+
 async def test_an_answer_a_loser_gets_after_the_request_was_answered_is_closed() -> None:
     """A losing attempt that still gets its answer after the winner's was returned (it did
     not stop at its cancellation) has that answer closed: no connection is left held."""
     clock = FakeClock()
     closed: list[str] = []
-    calls = 0
 
     class Tracked(httpx.AsyncByteStream):
         def __init__(self, label: str) -> None:
@@ -229,18 +264,11 @@ async def test_an_answer_a_loser_gets_after_the_request_was_answered_is_closed()
         async def aclose(self) -> None:
             closed.append(self.label)
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                await asyncio.sleep(0)  # it answers anyway, a turn later
-                return httpx.Response(200, stream=Tracked("loser"))
-        return httpx.Response(200, text="winner")
-
-    async with client(handler, clock, hedge_delay=0.05, hedge_budget=1.0) as c:
+    handler = late_loser(
+        lambda: httpx.Response(200, stream=Tracked("loser")),
+        lambda: httpx.Response(200, text="winner"),
+    )
+    async with client(handler, clock, hedge=HedgeOptions(delay=0.05, budget=1.0)) as c:
         task = asyncio.create_task(c.get("/x"))
         await settle()
         clock.advance(0.05)
@@ -275,12 +303,22 @@ def hedged(ledger: Ledger, clock: FakeClock, **options: object) -> httpx.AsyncCl
     policy = HttpPolicy(
         clock=clock,
         timeout=None,
-        hedge_delay=0.05,
-        hedge_budget=1.0,
-        circuit_breaker=False,
-        **options,  # type: ignore[arg-type]
+        hedge=HedgeOptions(delay=0.05, budget=1.0),
+        breaker=None,
+        **options,
     )
     return httpx.AsyncClient(transport=ResilientTransport(ledger, policy=policy))
+
+
+async def hedge_started(
+    clock: FakeClock, request: Coroutine[Any, Any, httpx.Response]
+) -> asyncio.Task[httpx.Response]:
+    """``request`` under way, and its hedge too: the hedge delay (0.05 s) has passed."""
+    task = asyncio.create_task(request)
+    await settle()
+    clock.advance(0.05)
+    await settle()
+    return task
 
 
 async def test_a_losing_attempts_failed_response_is_closed_when_the_hedge_wins() -> None:
@@ -289,11 +327,8 @@ async def test_a_losing_attempts_failed_response_is_closed_when_the_hedge_wins()
     clock = FakeClock()
     upstream = Gated(503, 200)
     ledger = Ledger(upstream)
-    async with hedged(ledger, clock, attempts=1) as client:
-        task = asyncio.create_task(client.get("http://a:8000/x"))
-        await settle()
-        clock.advance(0.05)
-        await settle()
+    async with hedged(ledger, clock, retry=ONCE) as client:
+        task = await hedge_started(clock, client.get("http://a:8000/x"))
         upstream.gates[0].set()  # the first attempt fails
         await settle()
         upstream.gates[1].set()  # the hedge wins
@@ -306,20 +341,7 @@ async def test_a_losing_attempts_failed_response_is_closed_when_the_hedge_wins()
 async def test_a_failed_answer_arriving_after_the_winner_is_closed() -> None:
     """A loser that answers 503 after the request was answered has that answer closed."""
     clock = FakeClock()
-    calls = 0
-
-    async def upstream(request: httpx.Request) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                await asyncio.sleep(0)
-                return 503  # it answers anyway, a turn after its cancellation
-        return 200
-
-    ledger = Ledger(upstream)
+    ledger = Ledger(late_loser(lambda: 503, lambda: 200))
     async with hedged(ledger, clock) as client:
         task = asyncio.create_task(client.get("http://a:8000/x"))
         await settle()
@@ -336,11 +358,8 @@ async def test_a_failed_answer_is_closed_when_a_hedged_request_is_cancelled() ->
     clock = FakeClock()
     upstream = Gated(503)  # the hedge (second call) never answers
     ledger = Ledger(upstream)
-    async with hedged(ledger, clock, attempts=1) as client:
-        task = asyncio.create_task(client.get("http://a:8000/x"))
-        await settle()
-        clock.advance(0.05)
-        await settle()
+    async with hedged(ledger, clock, retry=ONCE) as client:
+        task = await hedge_started(clock, client.get("http://a:8000/x"))
         upstream.gates[0].set()
         await settle()
         assert upstream.calls == 2
@@ -352,15 +371,13 @@ async def test_a_failed_answer_is_closed_when_a_hedged_request_is_cancelled() ->
 
 
 async def test_every_attempt_of_a_hedged_post_carries_one_key() -> None:
-    """A POST hedged (POST is in ``retry_methods``) goes out twice with one Idempotency-Key."""
+    """A POST hedged (POST is in ``RetryOptions.methods``) goes out twice with one
+    Idempotency-Key."""
     clock = FakeClock()
     upstream = Gated(200, 200)
     ledger = Ledger(upstream)
-    async with hedged(ledger, clock, retry_methods={"GET", "POST"}) as client:
-        task = asyncio.create_task(client.post("http://a:8000/orders", content=b"order"))
-        await settle()
-        clock.advance(0.05)
-        await settle()
+    async with hedged(ledger, clock, retry=RetryOptions(methods={"GET", "POST"})) as client:
+        task = await hedge_started(clock, client.post("http://a:8000/orders", content=b"order"))
         upstream.gates[1].set()
         assert (await task).status_code == 200
     keys = [r.headers.get("idempotency-key") for r in ledger.requests]
@@ -408,7 +425,7 @@ async def test_hedged_failures_give_their_connections_back_over_a_real_socket() 
     4 requests then fit in it at once (each waits on the server for the other 3)."""
     app = Racing(expected=4)
     inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=4))
-    policy = HttpPolicy(attempts=1, timeout=None, hedge_delay=0.05, hedge_budget=1.0)
+    policy = HttpPolicy(retry=ONCE, timeout=None, hedge=HedgeOptions(delay=0.05, budget=1.0))
     with serve(app) as server:
         transport = ResilientTransport(inner, policy=policy)
         async with httpx.AsyncClient(

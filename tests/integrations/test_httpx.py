@@ -16,12 +16,20 @@ from resilience.integrations import deadline
 from resilience.integrations.httpx import (
     MAX_RETRY_AFTER,
     AttemptTimeout,
+    BreakerOptions,
     BulkheadFull,
+    BulkheadOptions,
     CircuitOpen,
     DeadlineExceeded,
+    FallbackOptions,
+    HealthCheckOptions,
+    HedgeOptions,
     HttpPolicy,
     RateLimited,
+    RateLimitOptions,
     ResilientTransport,
+    RetryOptions,
+    ThrottleOptions,
     origin_of,
     parse_retry_after,
 )
@@ -44,6 +52,12 @@ from resilience import (
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
+
+ONCE = RetryOptions(attempts=1)
+"""One attempt: no retry."""
+
+OPENS_AT_ONCE = BreakerOptions(minimum_calls=1)
+"""A breaker that opens on the first failure."""
 
 Handler = Callable[[httpx.Request], Any]
 
@@ -91,6 +105,17 @@ def make_client(handler: Handler, clock: Clock | None = None, **options: Any) ->
     return httpx.AsyncClient(transport=transport, base_url="http://upstream.test")
 
 
+async def stale(request: httpx.Request, error: Exception) -> httpx.Response:
+    """A fallback answering from a cache."""
+    return httpx.Response(200, text="stale")
+
+
+async def get_once(handler: Handler, clock: Clock | None = None, **options: Any) -> httpx.Response:
+    """``GET /`` through a client of ``make_client(handler, clock, **options)``, closed after."""
+    async with make_client(handler, clock, **options) as client:
+        return await client.get("/")
+
+
 async def settle(rounds: int = 10) -> None:
     for _ in range(rounds):
         await asyncio.sleep(0)
@@ -102,8 +127,7 @@ async def settle(rounds: int = 10) -> None:
 async def test_success_passes_through() -> None:
     """A 200 is returned as is, after one call upstream."""
     upstream = Upstream(200)
-    async with make_client(upstream) as client:
-        response = await client.get("/")
+    response = await get_once(upstream)
     assert response.status_code == 200
     assert response.text == "200"
     assert upstream.hits == 1
@@ -112,8 +136,7 @@ async def test_success_passes_through() -> None:
 async def test_retries_failing_status_until_success() -> None:
     """A GET answered 503, 502 is retried; the 200 that follows is returned."""
     upstream = Upstream(503, 502, 200)
-    async with make_client(upstream) as client:
-        response = await client.get("/")
+    response = await get_once(upstream)
     assert response.status_code == 200
     assert upstream.hits == 3
 
@@ -121,8 +144,7 @@ async def test_retries_failing_status_until_success() -> None:
 async def test_exhausted_attempts_return_last_response() -> None:
     """When attempts run out on a failing status, the last response comes back, readable."""
     upstream = Upstream(500)
-    async with make_client(upstream, attempts=3) as client:
-        response = await client.get("/")
+    response = await get_once(upstream, retry=RetryOptions(attempts=3))
     assert response.status_code == 500
     assert response.text == "500"
     assert upstream.hits == 3
@@ -148,7 +170,7 @@ async def test_retry_budget_caps_retries_across_requests() -> None:
     budget = RetryBudget(name="client", max_tokens=4, token_ratio=0.1)
     upstream = Upstream(500)
     async with make_client(
-        upstream, attempts=5, retry_budget=budget, circuit_breaker=False
+        upstream, retry=RetryOptions(attempts=5, budget=budget), breaker=None
     ) as client:
         response = await client.get("/")
         assert response.status_code == 500
@@ -163,8 +185,7 @@ async def test_retry_after_seconds_is_honoured() -> None:
     """A 429 with ``Retry-After: 7`` makes the retry wait 7 s (on the fake clock)."""
     clock = FakeClock(autojump=True)
     upstream = Upstream(429, 200, headers={"Retry-After": "7"})
-    async with make_client(upstream, clock, total_timeout=None) as client:
-        response = await client.get("/")
+    response = await get_once(upstream, clock, total_timeout=None)
     assert response.status_code == 200
     assert clock.slept == [7.0]
 
@@ -174,8 +195,7 @@ async def test_retry_after_http_date_is_honoured() -> None:
     clock = FakeClock(autojump=True)
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     upstream = Upstream(503, 200, headers={"Retry-After": when})
-    async with make_client(upstream, clock, total_timeout=None) as client:
-        response = await client.get("/")
+    response = await get_once(upstream, clock, total_timeout=None)
     assert response.status_code == 200
     assert len(clock.slept) == 1
     assert 28.0 <= clock.slept[0] <= 30.0
@@ -185,7 +205,9 @@ async def test_retry_after_is_capped() -> None:
     """A ``Retry-After`` longer than ``retry_after_max`` waits only ``retry_after_max``."""
     clock = FakeClock(autojump=True)
     upstream = Upstream(503, 200, headers={"Retry-After": "3600"})
-    async with make_client(upstream, clock, retry_after_max=2.5, total_timeout=None) as client:
+    async with make_client(
+        upstream, clock, retry=RetryOptions(retry_after_max=2.5), total_timeout=None
+    ) as client:
         await client.get("/")
     assert clock.slept == [2.5]
 
@@ -212,8 +234,7 @@ async def test_transport_errors_are_retried() -> None:
             raise httpx.ConnectError("refused", request=request)
         return httpx.Response(200)
 
-    async with make_client(handler) as client:
-        response = await client.get("/")
+    response = await get_once(handler)
     assert response.status_code == 200
     assert calls == 3
 
@@ -224,7 +245,7 @@ async def test_last_transport_error_is_raised_unchanged() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadError("reset", request=request)
 
-    async with make_client(handler, attempts=2) as client:
+    async with make_client(handler, retry=RetryOptions(attempts=2)) as client:
         with pytest.raises(httpx.ReadError):
             await client.get("/")
 
@@ -240,10 +261,10 @@ async def test_post_is_not_retried_by_default() -> None:
 
 
 async def test_post_retried_when_opted_in_with_same_idempotency_key() -> None:
-    """With POST in ``retry_methods`` every attempt carries the same Idempotency-Key."""
+    """With POST in ``RetryOptions.methods`` every attempt carries the same Idempotency-Key."""
     upstream = Upstream(503, 503, 200)
     methods = {"GET", "POST"}
-    async with make_client(upstream, retry_methods=methods) as client:
+    async with make_client(upstream, retry=RetryOptions(methods=methods)) as client:
         response = await client.post("/", content=b"data")
     assert response.status_code == 200
     keys = {r.headers["idempotency-key"] for r in upstream.requests}
@@ -300,8 +321,7 @@ async def test_unknown_extension_keys_are_rejected() -> None:
 async def test_custom_failure_statuses() -> None:
     """``failure_statuses`` decides which statuses are failures (here 404, not 503)."""
     upstream = Upstream(404, 503)
-    async with make_client(upstream, failure_statuses={404}) as client:
-        response = await client.get("/")
+    response = await get_once(upstream, failure_statuses={404})
     assert response.status_code == 503
     assert upstream.hits == 2
 
@@ -312,7 +332,7 @@ async def test_custom_failure_statuses() -> None:
 async def test_failing_upstream_opens_breaker_and_calls_stop() -> None:
     """After ``minimum_calls`` failures the breaker opens and upstream is no longer called."""
     upstream = Upstream(500)
-    async with make_client(upstream, attempts=1, minimum_calls=4) as client:
+    async with make_client(upstream, retry=ONCE, breaker=BreakerOptions(minimum_calls=4)) as client:
         for _ in range(4):
             assert (await client.get("/")).status_code == 500
         for _ in range(6):
@@ -324,7 +344,7 @@ async def test_failing_upstream_opens_breaker_and_calls_stop() -> None:
 async def test_rejections_are_httpx_and_core_errors() -> None:
     """CircuitOpen is an httpx.TransportError and a CircuitOpenError, with ``request`` set."""
     upstream = Upstream(503)
-    async with make_client(upstream, attempts=1, minimum_calls=1) as client:
+    async with make_client(upstream, retry=ONCE, breaker=OPENS_AT_ONCE) as client:
         await client.get("/")
         try:
             await client.get("/path")
@@ -349,7 +369,7 @@ async def test_one_breaker_per_origin() -> None:
 
     transport = ResilientTransport(
         httpx.MockTransport(handler),
-        policy=HttpPolicy(attempts=1, minimum_calls=2, clock=FakeClock()),
+        policy=HttpPolicy(retry=ONCE, breaker=BreakerOptions(minimum_calls=2), clock=FakeClock()),
     )
     async with httpx.AsyncClient(transport=transport) as client:
         for _ in range(2):
@@ -373,7 +393,9 @@ async def test_policy_function_per_origin() -> None:
 
     def policy(key: str) -> HttpPolicy:
         seen.append(key)
-        return HttpPolicy(attempts=1 if "once" in key else 3, clock=FakeClock(autojump=True))
+        return HttpPolicy(
+            retry=RetryOptions(attempts=1 if "once" in key else 3), clock=FakeClock(autojump=True)
+        )
 
     upstream = Upstream(503)
     transport = ResilientTransport(httpx.MockTransport(upstream), policy=policy)
@@ -388,7 +410,7 @@ async def test_policy_function_per_origin() -> None:
 async def test_shared_store_shares_breakers() -> None:
     """Two transports with one store share each origin's breaker."""
     store = MemoryStore()
-    policy = HttpPolicy(attempts=1, minimum_calls=2, store=store)
+    policy = HttpPolicy(retry=ONCE, breaker=BreakerOptions(minimum_calls=2), store=store)
     upstream = Upstream(500)
     first = ResilientTransport(httpx.MockTransport(upstream), policy=policy)
     second = ResilientTransport(httpx.MockTransport(upstream), policy=policy)
@@ -410,7 +432,10 @@ async def test_failing_upstream_over_a_real_socket_opens_breaker() -> None:
         return PlainTextResponse("down", status_code=503)
 
     app = Starlette(routes=[Route("/", flaky)])
-    policy = HttpPolicy(attempts=2, minimum_calls=4, wait=lambda state: 0.0)
+    policy = HttpPolicy(
+        retry=RetryOptions(attempts=2, wait=lambda state: 0.0),
+        breaker=BreakerOptions(minimum_calls=4),
+    )
     with serve(app) as server:
         async with httpx.AsyncClient(transport=ResilientTransport(policy=policy)) as client:
             statuses = []
@@ -434,7 +459,7 @@ async def test_bulkhead_full_is_httpx_error() -> None:
         await release.wait()
         return httpx.Response(200)
 
-    async with make_client(handler, max_concurrent=1) as client:
+    async with make_client(handler, bulkhead=BulkheadOptions(max_concurrent=1)) as client:
         first = asyncio.create_task(client.get("/"))
         await settle()
         with pytest.raises(httpx.TransportError) as info:
@@ -448,7 +473,9 @@ async def test_bulkhead_full_is_httpx_error() -> None:
 async def test_rate_limited_is_httpx_error() -> None:
     """Over ``rate`` the request fails with RateLimited (a RateLimitedError), not sent."""
     upstream = Upstream(200)
-    async with make_client(upstream, clock=FakeClock(), rate=2, burst=2) as client:
+    async with make_client(
+        upstream, clock=FakeClock(), rate_limit=RateLimitOptions(rate=2, burst=2)
+    ) as client:
         await client.get("/")
         await client.get("/")
         with pytest.raises(RateLimited) as info:
@@ -467,7 +494,7 @@ async def test_attempt_timeout_is_httpx_timeout() -> None:
         await clock.sleep(100)
         return httpx.Response(200)
 
-    async with make_client(handler, clock=clock, attempts=1, timeout=5) as client:
+    async with make_client(handler, clock=clock, retry=ONCE, timeout=5) as client:
         task = asyncio.create_task(client.get("/"))
         await settle()
         clock.advance(5)
@@ -481,12 +508,13 @@ async def test_attempt_timeout_is_httpx_timeout() -> None:
 async def test_fallback_answers_instead_of_raising() -> None:
     """A ``fallback`` turns a rejection into a response of its own."""
 
-    async def fallback(request: httpx.Request, error: Exception) -> httpx.Response:
+    async def answer(request: httpx.Request, error: Exception) -> httpx.Response:
         return httpx.Response(200, text=f"cached ({type(error).__name__})")
 
+    fallback = FallbackOptions(handler=answer, on="rejections")
     upstream = Upstream(500)
     async with make_client(
-        upstream, attempts=1, minimum_calls=1, fallback=fallback, fallback_on="rejections"
+        upstream, retry=ONCE, breaker=OPENS_AT_ONCE, fallback=fallback
     ) as client:
         assert (await client.get("/")).status_code == 500
         response = await client.get("/")
@@ -504,7 +532,12 @@ async def test_cancellation_is_no_failure_and_frees_the_slot() -> None:
 
     transport = ResilientTransport(
         httpx.MockTransport(handler),
-        policy=HttpPolicy(attempts=1, minimum_calls=1, max_concurrent=1, clock=FakeClock()),
+        policy=HttpPolicy(
+            retry=ONCE,
+            breaker=OPENS_AT_ONCE,
+            bulkhead=BulkheadOptions(max_concurrent=1),
+            clock=FakeClock(),
+        ),
     )
     async with httpx.AsyncClient(transport=transport) as client:
         task = asyncio.create_task(client.get("http://upstream.test/"))
@@ -550,7 +583,7 @@ async def test_spent_deadline_fails_fast() -> None:
 async def test_retry_stops_when_the_wait_outlasts_the_deadline() -> None:
     """A Retry-After beyond the remaining budget ends retrying: the 503 comes back."""
     upstream = Upstream(503, 200, headers={"Retry-After": "20"})
-    async with make_client(upstream, retry_after_max=60) as client:
+    async with make_client(upstream, retry=RetryOptions(retry_after_max=60)) as client:
         with deadline(10):
             response = await client.get("/")
     assert response.status_code == 503
@@ -603,34 +636,34 @@ def test_default_inner_transport() -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "error"),
+    ("make", "error"),
     [
-        ({"attempts": 0}, ValueError),
-        ({"attempts": 1.5}, TypeError),
-        ({"timeout": -1}, ValueError),
-        ({"failure_statuses": {700}}, ValueError),
-        ({"retry_methods": "GET"}, TypeError),
-        ({"retry_after_max": float("nan")}, ValueError),
-        ({"failure_ratio": 2}, ValueError),
-        ({"max_concurrent": 0}, ValueError),
-        ({"rate": 0}, ValueError),
-        ({"wait": 3}, TypeError),
-        ({"idempotency_header": ""}, TypeError),
-        ({"attempts": True}, TypeError),
-        ({"circuit_breaker": "no"}, TypeError),
-        ({"circuit_breaker": 0}, TypeError),
-        ({"retry_after_max": 10**400}, ValueError),
-        ({"total_timeout": 10**400}, ValueError),
-        ({"total_timeout": 0}, ValueError),
-        ({"timeout": 20, "total_timeout": 10}, ValueError),
-        ({"fallback_on": "errors"}, ValueError),
-        ({"listeners": "print"}, TypeError),
+        (lambda: RetryOptions(attempts=0), ValueError),
+        (lambda: RetryOptions(attempts=1.5), TypeError),
+        (lambda: HttpPolicy(timeout=-1), ValueError),
+        (lambda: HttpPolicy(failure_statuses={700}), ValueError),
+        (lambda: RetryOptions(methods="GET"), TypeError),
+        (lambda: RetryOptions(retry_after_max=float("nan")), ValueError),
+        (lambda: BreakerOptions(failure_ratio=2), ValueError),
+        (lambda: BulkheadOptions(max_concurrent=0), ValueError),
+        (lambda: RateLimitOptions(rate=0), ValueError),
+        (lambda: RetryOptions(wait=3), TypeError),
+        (lambda: HttpPolicy(idempotency_header=""), TypeError),
+        (lambda: RetryOptions(attempts=True), TypeError),
+        (lambda: HttpPolicy(breaker="no"), TypeError),
+        (lambda: HttpPolicy(breaker=0), TypeError),
+        (lambda: RetryOptions(retry_after_max=10**400), ValueError),
+        (lambda: HttpPolicy(total_timeout=10**400), ValueError),
+        (lambda: HttpPolicy(total_timeout=0), ValueError),
+        (lambda: HttpPolicy(timeout=20, total_timeout=10), ValueError),
+        (lambda: FallbackOptions(handler=stale, on="errors"), ValueError),
+        (lambda: HttpPolicy(listeners="print"), TypeError),
     ],
 )
-def test_policy_validation(options: dict[str, Any], error: type[Exception]) -> None:
-    """Bad options fail when the HttpPolicy is made, naming the option."""
+def test_policy_validation(make: Callable[[], object], error: type[Exception]) -> None:
+    """Bad options fail when the HttpPolicy (or its options object) is made."""
     with pytest.raises(error):
-        HttpPolicy(**options)
+        make()
 
 
 def test_transport_validation() -> None:
@@ -655,8 +688,8 @@ def test_policy_validation_touches_no_store() -> None:
 
 
 def test_policy_normalises_methods() -> None:
-    """``retry_methods`` are upper-cased into a frozenset."""
-    assert HttpPolicy(retry_methods=["get", "post"]).retry_methods == frozenset({"GET", "POST"})
+    """``RetryOptions.methods`` are upper-cased into a frozenset."""
+    assert RetryOptions(methods=["get", "post"]).methods == frozenset({"GET", "POST"})
 
 
 async def test_no_connection_leaks_against_real_server() -> None:
@@ -671,7 +704,7 @@ async def test_no_connection_leaks_against_real_server() -> None:
 
     app = Starlette(routes=[Route("/", flaky)])
     inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1))
-    policy = HttpPolicy(attempts=3, wait=lambda state: 0.0, circuit_breaker=False)
+    policy = HttpPolicy(retry=RetryOptions(attempts=3, wait=lambda state: 0.0), breaker=None)
     timeout = httpx.Timeout(5.0, pool=2.0)
     with serve(app) as server:
         async with httpx.AsyncClient(
@@ -728,8 +761,7 @@ async def test_hostile_retry_after_is_a_plain_503() -> None:
     upstream = Upstream(
         503, 200, headers={"Retry-After": "01 Jan 2020 00:00:00 +99999999999999999999"}
     )
-    async with make_client(upstream) as client:
-        response = await client.get("/")
+    response = await get_once(upstream)
     assert response.status_code == 200
 
 
@@ -738,7 +770,7 @@ async def test_retry_after_waits_are_capped_per_request() -> None:
     clock = FakeClock(autojump=True)
     upstream = Upstream(503, 503, 503, 200, headers={"Retry-After": "20"})
     async with make_client(
-        upstream, clock, attempts=4, retry_after_max=30, total_timeout=None
+        upstream, clock, retry=RetryOptions(attempts=4, retry_after_max=30), total_timeout=None
     ) as client:
         response = await client.get("/")
     assert clock.slept == [20.0, 10.0]  # then nothing is left: the third 503 is returned
@@ -767,24 +799,23 @@ async def test_total_timeout_caps_every_attempt_together() -> None:
 
     clock = SystemClock()  # real time: the upstream hangs in real time
     async with make_client(
-        handler, clock, timeout=0.04, total_timeout=0.05, wait=lambda s: 0
+        handler, clock, timeout=0.04, total_timeout=0.05, retry=RetryOptions(wait=lambda s: 0)
     ) as client:
         with pytest.raises(DeadlineExceeded):
             await client.get("/")
 
 
 async def test_fallback_on_failures_answers_a_last_5xx() -> None:
-    """``fallback_on="failures"``: the last failing response goes to the fallback."""
+    """``on="failures"``: the last failing response goes to the fallback."""
     seen: list[Exception] = []
 
-    async def fallback(request: httpx.Request, error: Exception) -> httpx.Response:
+    async def answer(request: httpx.Request, error: Exception) -> httpx.Response:
         seen.append(error)
         return httpx.Response(200, text="stale")
 
+    fallback = FallbackOptions(handler=answer, on="failures")
     upstream = Upstream(503)
-    async with make_client(
-        upstream, attempts=2, fallback=fallback, fallback_on="failures"
-    ) as client:
+    async with make_client(upstream, retry=RetryOptions(attempts=2), fallback=fallback) as client:
         response = await client.get("/")
     assert response.text == "stale"
     (error,) = seen
@@ -794,14 +825,15 @@ async def test_fallback_on_failures_answers_a_last_5xx() -> None:
 
 
 async def test_fallback_on_failures_lets_rejections_through() -> None:
-    """``fallback_on="failures"``: an open breaker is raised, not answered."""
+    """``on="failures"``: an open breaker is raised, not answered."""
 
-    async def fallback(request: httpx.Request, error: Exception) -> httpx.Response:
+    async def answer(request: httpx.Request, error: Exception) -> httpx.Response:
         return httpx.Response(200, text="stale")
 
+    fallback = FallbackOptions(handler=answer, on="failures")
     upstream = Upstream(500)
     async with make_client(
-        upstream, attempts=1, minimum_calls=1, fallback=fallback, fallback_on="failures"
+        upstream, retry=ONCE, breaker=OPENS_AT_ONCE, fallback=fallback
     ) as client:
         assert (await client.get("/")).text == "stale"
         with pytest.raises(CircuitOpen):
@@ -812,12 +844,15 @@ async def test_fallback_on_both_by_default() -> None:
     """By default the fallback answers failures and rejections alike."""
     answered: list[str] = []
 
-    async def fallback(request: httpx.Request, error: Exception) -> httpx.Response:
+    async def answer(request: httpx.Request, error: Exception) -> httpx.Response:
         answered.append(type(error).__name__)
         return httpx.Response(200)
 
+    fallback = FallbackOptions(handler=answer)
     upstream = Upstream(500)
-    async with make_client(upstream, attempts=1, minimum_calls=1, fallback=fallback) as client:
+    async with make_client(
+        upstream, retry=ONCE, breaker=OPENS_AT_ONCE, fallback=fallback
+    ) as client:
         await client.get("/")
         await client.get("/")
     assert answered == ["HTTPStatusError", "CircuitOpen"]
@@ -844,7 +879,7 @@ async def test_an_open_breaker_is_never_evicted() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(500 if request.url.host == "down.test" else 200)
 
-    policy = HttpPolicy(attempts=1, minimum_calls=1, clock=FakeClock())
+    policy = HttpPolicy(retry=ONCE, breaker=OPENS_AT_ONCE, clock=FakeClock())
     transport = ResilientTransport(httpx.MockTransport(handler), policy=policy, max_origins=2)
     async with httpx.AsyncClient(transport=transport) as client:
         await client.get("http://down.test/")
@@ -858,16 +893,152 @@ async def test_an_open_breaker_is_never_evicted() -> None:
 
 def test_translated_errors_keep_their_request_and_attributes() -> None:
     """The httpx flavour of a core error carries its arguments, attributes and the request."""
-    from resilience.integrations.httpx import _translate
+    from resilience.integrations.httpx._errors import translate
 
     request = httpx.Request("GET", "http://upstream.test/")
-    error = _translate(BulkheadFullError("pool", 4), request)
+    error = translate(BulkheadFullError("pool", 4), request)
     assert isinstance(error, BulkheadFull)
     assert error.request is request
     assert (error.name, error.max_concurrent, error.args) == ("pool", 4, ("pool", 4))
     assert str(error) == str(BulkheadFullError("pool", 4))
     made = RateLimited("api", 0.5)
     assert (made.name, made.retry_after, made.args) == ("api", 0.5, ("api", 0.5))
+
+
+# --- the package and its options objects ----------------------------------------------------
+
+# Every public name of resilience.integrations.httpx when it was one module.
+FORMER_NAMES = frozenset({
+    "DEADLINE_HEADER", "FAILURE_STATUSES", "FALLBACK_ON", "IDEMPOTENT_METHODS",
+    "MAX_RETRY_AFTER", "TOTAL_TIMEOUT_FACTOR", "AttemptTimeout", "BulkheadFull", "CircuitOpen",
+    "DeadlineExceeded", "FallbackHandler", "HealthSource", "HttpPolicy", "NoHealthyEndpoint",
+    "RateLimited", "Rejected", "ResilientTransport", "Throttled", "WaitStrategy", "deadline",
+    "http_check", "origin_of", "parse_retry_after", "remaining",
+})  # fmt: skip
+
+# HttpPolicy's former flat keywords, each now a field of a strategy's options object.
+FLAT_KEYWORDS = [
+    "attempts",
+    "wait",
+    "retry_after_max",
+    "retry_budget",
+    "retry_methods",
+    "circuit_breaker",
+    "failure_ratio",
+    "minimum_calls",
+    "window",
+    "open_for",
+    "open_for_max",
+    "half_open_calls",
+    "rate",
+    "per",
+    "burst",
+    "max_concurrent",
+    "max_waiting",
+    "max_wait",
+    "throttle_k",
+    "throttle_window",
+    "hedge_delay",
+    "max_hedges",
+    "hedge_budget",
+    "health_path",
+    "health_interval",
+    "fallback_on",
+]
+
+OPTIONS = (
+    RetryOptions,
+    BreakerOptions,
+    RateLimitOptions,
+    BulkheadOptions,
+    ThrottleOptions,
+    HedgeOptions,
+    HealthCheckOptions,
+    FallbackOptions,
+)
+
+
+def test_the_package_gives_every_name_the_module_gave() -> None:
+    """``resilience.integrations.httpx`` names every public name it had as one module, and
+    each class and function it names has a docstring."""
+    import inspect
+
+    import resilience.integrations.httpx as adapter
+
+    assert set(FORMER_NAMES) <= set(adapter.__all__)
+    for name in adapter.__all__:
+        value = getattr(adapter, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert inspect.getdoc(value), name
+
+
+@pytest.mark.parametrize("keyword", FLAT_KEYWORDS)
+def test_a_former_flat_keyword_is_a_type_error_naming_it(keyword: str) -> None:
+    """The flat keywords are gone (each lives in its strategy's options object): one given to
+    HttpPolicy is a TypeError naming it, never silently ignored."""
+    with pytest.raises(TypeError, match=keyword):
+        HttpPolicy(**{keyword: 1})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("retry", None, "RetryOptions"),
+        ("breaker", True, "BreakerOptions"),
+        ("throttle", True, "ThrottleOptions"),
+        ("hedge", 0.1, "HedgeOptions"),
+        ("health_check", "/healthz", "HealthCheckOptions"),
+        ("fallback", stale, "FallbackOptions"),
+        ("rate_limit", 10, "RateLimitOptions"),
+        ("bulkhead", 10, "BulkheadOptions"),
+    ],
+)
+def test_a_strategy_takes_its_options_object(field: str, value: object, named: str) -> None:
+    """A strategy given anything but its options object (or None, where that leaves it out)
+    is a TypeError naming the field and the class it takes."""
+    with pytest.raises(TypeError, match=rf"{field} must be a {named}"):
+        HttpPolicy(**{field: value})
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_options_are_frozen_and_keyword_only(options: type) -> None:
+    """Every options object takes keywords only and cannot be changed once made."""
+    import dataclasses
+
+    with pytest.raises(TypeError):
+        options(1)
+    required = {"rate": 10.0, "max_concurrent": 2, "path": "/healthz", "handler": stale}
+    made = options(
+        **{f.name: required[f.name] for f in dataclasses.fields(options) if f.name in required}
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.__setattr__(dataclasses.fields(options)[0].name, None)
+
+
+def test_the_defaults_tables_match_the_options() -> None:
+    """Each default the tables of docs/httpx.md give as a Python value is the field's default."""
+    import ast
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "httpx.md").read_text()
+    checked = 0
+    for options in (*OPTIONS, HttpPolicy):
+        heading = re.search(rf"^###? `[^\n]*\b{options.__name__}\b[^\n]*`$", page, re.M)
+        assert heading is not None, options.__name__
+        table = page[heading.end() : page.index("\n#", heading.end())]
+        for field in dataclasses.fields(options):
+            row = re.search(rf"^\| `{field.name}` \| `([^`]*)` \|", table, re.M)
+            if field.default is dataclasses.MISSING or row is None:
+                continue
+            try:
+                documented = ast.literal_eval(row.group(1))
+            except (ValueError, SyntaxError):  # a name or a formula, not a value
+                continue
+            assert documented == field.default, (options.__name__, field.name)
+            checked += 1
+    assert checked >= 20
 
 
 def test_missing_httpx_names_the_extra() -> None:
@@ -895,7 +1066,9 @@ async def test_listeners_can_choose_their_events() -> None:
     retries: list[object] = []
     listeners = (everything.append, select(retries.append, events=(RetryScheduled,)))
     upstream = Upstream(503, 200)
-    async with make_client(upstream, listeners=listeners, max_concurrent=10) as client:
+    async with make_client(
+        upstream, listeners=listeners, bulkhead=BulkheadOptions(max_concurrent=10)
+    ) as client:
         await client.get("/")
     finished = [e for e in everything if isinstance(e, CallFinished)]
     # retry, breaker (x2 attempts), timeout (x2), bulkhead (x2): not the overall timeout
@@ -908,8 +1081,7 @@ async def test_retry_after_beyond_the_default_budget_is_not_waited_for() -> None
     """With the defaults, a ``Retry-After: 30`` (beyond the budget) ends retrying at once."""
     clock = FakeClock(autojump=True)
     upstream = Upstream(429, 200, headers={"Retry-After": "30"})
-    async with make_client(upstream, clock) as client:
-        response = await client.get("/")
+    response = await get_once(upstream, clock)
     assert response.status_code == 429
     assert clock.slept == []
     assert upstream.hits == 1
@@ -956,19 +1128,14 @@ def script(*outcomes: int | Exception) -> Callable[[httpx.Request], int]:
     return answer
 
 
-async def stale(request: httpx.Request, error: Exception) -> httpx.Response:
-    """A fallback answering from a cache."""
-    return httpx.Response(200, text="stale")
-
-
 @pytest.mark.parametrize(
     ("outcomes", "options", "returned"),
     [
         ((503, 503, 200), {}, 200),  # retried to success
         ((500,), {}, 500),  # attempts ran out: the last one is returned
         ((503, httpx.ReadError("reset")), {}, None),  # ends in an exception
-        ((500,), {"fallback": stale}, None),  # the fallback answers
-        ((503, 200), {"retry_methods": {"GET", "POST"}}, 200),  # a retried POST
+        ((500,), {"fallback": FallbackOptions(handler=stale)}, None),  # the fallback answers
+        ((503, 200), {"retry": RetryOptions(methods={"GET", "POST"})}, 200),  # a retried POST
     ],
 )
 async def test_only_the_returned_response_stays_open(
@@ -976,9 +1143,9 @@ async def test_only_the_returned_response_stays_open(
 ) -> None:
     """Whichever way a request ends, every response it got is closed but the one returned."""
     ledger = Ledger(script(*outcomes))
-    policy = HttpPolicy(clock=FakeClock(autojump=True), circuit_breaker=False, **options)
+    policy = HttpPolicy(clock=FakeClock(autojump=True), breaker=None, **options)
     transport = ResilientTransport(ledger, policy=policy)
-    request = httpx.Request("POST" if "retry_methods" in options else "GET", "http://up.test/")
+    request = httpx.Request("POST" if "retry" in options else "GET", "http://up.test/")
     try:
         response: httpx.Response | None = await transport.handle_async_request(request)
     except httpx.HTTPError:
@@ -997,7 +1164,7 @@ async def test_a_failed_response_is_closed_when_the_caller_cancels() -> None:
     """A 503 kept for the retry is closed when the caller cancels during the backoff."""
     clock = FakeClock()
     ledger = Ledger(script(503))
-    transport = ResilientTransport(ledger, policy=HttpPolicy(clock=clock, circuit_breaker=False))
+    transport = ResilientTransport(ledger, policy=HttpPolicy(clock=clock, breaker=None))
     task = asyncio.create_task(
         transport.handle_async_request(httpx.Request("GET", "http://up.test/"))
     )
@@ -1015,7 +1182,7 @@ async def test_a_failed_response_is_closed_when_the_caller_cancels() -> None:
 @pytest.mark.parametrize(
     ("options", "extension"),
     [
-        ({"retry_methods": {"GET", "POST"}}, None),  # POST listed: retried
+        ({"retry": RetryOptions(methods={"GET", "POST"})}, None),  # POST listed: retried
         ({}, {"retry": True}),  # retried for this request
     ],
 )
@@ -1076,7 +1243,7 @@ async def test_a_foreign_error_of_the_wrapped_transport_is_an_httpx_error(
     """Whatever the wrapped transport raises leaves as an httpx.TransportError (the original as
     its cause) and counts as a failure for the breaker."""
     inner = Raising(make)
-    policy = HttpPolicy(clock=FakeClock(), attempts=1, minimum_calls=3)
+    policy = HttpPolicy(clock=FakeClock(), retry=ONCE, breaker=BreakerOptions(minimum_calls=3))
     async with httpx.AsyncClient(transport=ResilientTransport(inner, policy=policy)) as client:
         for _ in range(3):
             with pytest.raises(httpx.TransportError) as info:
@@ -1095,7 +1262,7 @@ async def test_a_group_holding_one_httpx_error_raises_that_error() -> None:
     def make(request: httpx.Request) -> Exception:
         return ExceptionGroup("task group", [httpx.ConnectError("refused", request=request)])
 
-    policy = HttpPolicy(clock=FakeClock(autojump=True), attempts=1)
+    policy = HttpPolicy(clock=FakeClock(autojump=True), retry=ONCE)
     transport = ResilientTransport(Raising(make), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(httpx.ConnectError):
@@ -1114,7 +1281,13 @@ async def test_an_attempt_cut_by_total_timeout_is_a_breaker_failure() -> None:
     """``total_timeout`` cutting an attempt in flight raises DeadlineExceeded and counts as a
     failure for the breaker (on the fake clock)."""
     clock = FakeClock()
-    policy = HttpPolicy(clock=clock, timeout=None, total_timeout=0.5, attempts=1, minimum_calls=1)
+    policy = HttpPolicy(
+        clock=clock,
+        timeout=None,
+        total_timeout=0.5,
+        retry=ONCE,
+        breaker=OPENS_AT_ONCE,
+    )
     transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
         task = asyncio.create_task(client.get("http://up.test/"))
@@ -1130,7 +1303,7 @@ async def test_an_attempt_cut_by_total_timeout_is_a_breaker_failure() -> None:
 
 async def test_an_attempt_cut_by_the_callers_deadline_is_a_breaker_failure() -> None:
     """A caller's deadline (loop time) cutting an attempt counts as a failure too."""
-    policy = HttpPolicy(clock=FakeClock(), attempts=1, minimum_calls=1, timeout=None)
+    policy = HttpPolicy(clock=FakeClock(), retry=ONCE, breaker=OPENS_AT_ONCE, timeout=None)
     transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
         with deadline(0.02), pytest.raises(DeadlineExceeded):
@@ -1144,7 +1317,7 @@ async def test_a_cancellation_at_the_deadline_still_propagates() -> None:
     its TimeoutError, not DeadlineExceeded), while the cut attempt still counts as a failure."""
     from resilience.integrations import get_deadline
 
-    policy = HttpPolicy(clock=FakeClock(), attempts=1, minimum_calls=1, timeout=None)
+    policy = HttpPolicy(clock=FakeClock(), retry=ONCE, breaker=OPENS_AT_ONCE, timeout=None)
     transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
         with deadline(0.02):
@@ -1161,7 +1334,7 @@ async def test_a_cancellation_at_the_deadline_still_propagates() -> None:
 
 async def test_a_plain_cancellation_counts_as_nothing() -> None:
     """Cancelled by its caller before any deadline, an attempt is no outcome for the breaker."""
-    policy = HttpPolicy(clock=FakeClock(), attempts=1, minimum_calls=1)
+    policy = HttpPolicy(clock=FakeClock(), retry=ONCE, breaker=OPENS_AT_ONCE)
     transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
         task = asyncio.create_task(client.get("http://up.test/"))
@@ -1268,11 +1441,11 @@ class Service:
 
 
 async def test_each_origin_gets_a_health_check_bound_to_its_breaker() -> None:
-    """``health_path``: the first request to an origin starts a check of that origin's path,
+    """``health_check``: the first request to an origin starts a check of that origin's path,
     bound to its breaker; closing the transport stops it."""
     clock = FakeClock()
     service = Service()
-    policy = HttpPolicy(clock=clock, health_path="/healthz", health_interval=2.0)
+    policy = HttpPolicy(clock=clock, health_check=HealthCheckOptions(path="/healthz", interval=2.0))
     transport = ResilientTransport(httpx.MockTransport(service), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
         await settle()
@@ -1303,11 +1476,9 @@ async def test_the_check_probes_for_the_breaker_no_request_does() -> None:
     service = Service()
     policy = HttpPolicy(
         clock=clock,
-        attempts=1,
-        minimum_calls=2,
-        open_for=1.0,
-        health_path="/healthz",
-        health_interval=0.5,
+        retry=ONCE,
+        breaker=BreakerOptions(minimum_calls=2, open_for=1.0),
+        health_check=HealthCheckOptions(path="/healthz", interval=0.5),
     )
     transport = ResilientTransport(httpx.MockTransport(service), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
@@ -1335,7 +1506,7 @@ async def test_the_check_is_fleet_wide_through_the_store() -> None:
     """With a store, the origin's check shares it (one replica checks for all)."""
     clock = FakeClock()
     store = MemoryStore(clock=clock)
-    policy = HttpPolicy(clock=clock, store=store, health_path="/healthz")
+    policy = HttpPolicy(clock=clock, store=store, health_check=HealthCheckOptions(path="/healthz"))
     transport = ResilientTransport(httpx.MockTransport(Service()), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
         await client.get("http://api.test/")
@@ -1348,7 +1519,7 @@ async def test_the_check_is_fleet_wide_through_the_store() -> None:
 async def test_a_forgotten_origin_stops_its_check() -> None:
     """An origin's pipeline forgotten past ``max_origins`` takes its check with it."""
     clock = FakeClock()
-    policy = HttpPolicy(clock=clock, health_path="/healthz")
+    policy = HttpPolicy(clock=clock, health_check=HealthCheckOptions(path="/healthz"))
     transport = ResilientTransport(httpx.MockTransport(Service()), policy=policy, max_origins=1)
     async with httpx.AsyncClient(transport=transport) as client:
         await client.get("http://a.test/")
@@ -1361,21 +1532,25 @@ async def test_a_forgotten_origin_stops_its_check() -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "error", "named"),
+    ("make", "error", "named"),
     [
-        ({"health_path": "healthz"}, ValueError, "health_path"),
-        ({"health_path": ""}, ValueError, "health_path"),
-        ({"health_path": 3}, TypeError, "health_path"),
-        ({"health_path": "/h", "health_interval": 0}, ValueError, "health_interval"),
-        ({"health_path": "/h", "circuit_breaker": False}, ValueError, "circuit_breaker"),
+        (lambda: HealthCheckOptions(path="healthz"), ValueError, "path"),
+        (lambda: HealthCheckOptions(path=""), ValueError, "path"),
+        (lambda: HealthCheckOptions(path=3), TypeError, "path"),
+        (lambda: HealthCheckOptions(path="/h", interval=0), ValueError, "interval"),
+        (
+            lambda: HttpPolicy(health_check=HealthCheckOptions(path="/h"), breaker=None),
+            ValueError,
+            "breaker",
+        ),
     ],
 )
 def test_health_options_are_validated(
-    options: dict[str, Any], error: type[Exception], named: str
+    make: Callable[[], object], error: type[Exception], named: str
 ) -> None:
-    """Bad health options fail when the policy is made, naming the option."""
+    """Bad health options fail when the options (or the policy) are made, naming the option."""
     with pytest.raises(error, match=named):
-        HttpPolicy(**options)
+        make()
 
 
 def test_http_check_options_are_validated() -> None:

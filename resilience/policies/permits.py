@@ -465,6 +465,10 @@ class FleetShare:
         cap = max(limit if cap is None else cap, self._pending_cap)
         self._pending = self._pending_cap = 0
         self._sent += 1
+        if want < self.share:
+            # a smaller share counts here from now on, whether or not the answer arrives: the
+            # store may apply it and lose the reply, and the permits it frees go to others
+            self.share = want
         done: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         self._growing = done
         error: Exception | None = None

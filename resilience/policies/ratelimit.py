@@ -85,6 +85,8 @@ class RateLimiter(BasePolicy):
         self._taken = 0  # tokens the last batch brought
         self._asked_at = -math.inf
         self._asking: asyncio.Future[None] | None = None
+        self._waiting = 0  # calls waiting on the ask under way
+        self._wait = self.interval  # the wait a call refused after two asks is told
         if self.ahead and self.store is not None:
             reset_in_child(self)
 
@@ -93,6 +95,7 @@ class RateLimiter(BasePolicy):
         self._ahead, self._taken = 0, 0
         self._ahead_until = self._asked_at = -math.inf
         self._asking = None
+        self._waiting = 0
 
     def __repr__(self) -> str:
         return (
@@ -121,25 +124,42 @@ class RateLimiter(BasePolicy):
 
     async def _take_ahead(self, store: Store) -> float:
         """A token taken ahead from the fleet's bucket, else a batch from it (one store call
-        for the calls that need one at the same time); the local bucket when it is down."""
+        for the calls that need one at the same time); the local bucket when it is down.
+
+        A call waits on at most two store calls: the one under way when it came (which may
+        not have counted it), then one that counts every call still waiting (its own, or
+        another's sent since). If those left nothing for it, the fleet's bucket is empty
+        for now: it is refused with the last answer's wait, never sent to wait a third time.
+        """
+        waited = 0
         while True:
             now = self._clock.monotonic()
             if self._ahead and now < self._ahead_until:
                 self._ahead -= 1
                 return 0.0
-            if self._asking is None:
+            asking = self._asking
+            if waited == 2:
+                return self._wait
+            if asking is None:
                 break
-            await asyncio.shield(self._asking)
+            self._waiting += 1
+            try:
+                await asyncio.shield(asking)
+            finally:
+                self._waiting -= 1
+            waited += 1
         if store_down(store):
             return self.try_acquire()
         # the next batch: what this limiter spent per ``ahead`` since the last one (growing
-        # at most fourfold at a time), so a busy replica asks about once per ``ahead``
+        # at most fourfold at a time), so a busy replica asks about once per ``ahead``, and
+        # at least one token for each call waiting
         spent = self._taken - self._ahead
         elapsed = max(now - self._asked_at, 1e-6)
         wanted = math.ceil(spent / elapsed * self.ahead) if spent > 0 else 1
-        self._batch = max(1, min(self.burst, wanted, 4 * self._batch))
+        wanted = max(min(wanted, 4 * self._batch), 1 + self._waiting)
+        self._batch = max(1, min(self.burst, wanted))
         self._asked_at = now
-        asking: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asking = asyncio.get_running_loop().create_future()
         self._asking = asking
         try:
             took, wait = await store.rate_take_many(
@@ -152,9 +172,11 @@ class RateLimiter(BasePolicy):
             asking.set_result(None)
         if not took:
             self._ahead = self._taken = 0
-            return wait
+            self._wait = max(wait, _EPSILON)
+            return self._wait
         self._taken = took
         self._ahead, self._ahead_until = took - 1, now + self.ahead
+        self._wait = self.interval  # what a call that finds the batch spent is told
         return 0.0
 
     def _wrap(self, fn: Protected) -> Protected:

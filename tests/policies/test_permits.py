@@ -535,3 +535,39 @@ async def test_closing_gives_the_share_back_but_not_the_permits_in_use() -> None
     await closing.aclose()
     assert sum([await other.take() for _ in range(10)]) == 7
     await other.aclose()
+
+
+class LosesReplies(MemoryStore):
+    """A store that applies a share call and then loses its reply (a time-out after Redis
+    did the work), while ``losing`` is set."""
+
+    losing = False
+
+    async def lease_share(self, key: str, holder: str, **options: Any) -> tuple[int, int, int]:
+        reply = await super().lease_share(key, holder, **options)
+        if self.losing:
+            raise StoreUnavailableError("the reply was lost")
+        return reply
+
+
+async def test_a_shrink_whose_reply_is_lost_counts_here_at_once() -> None:
+    """A renewal that shrinks the share (the permits went unused) and loses its reply, the
+    store having applied it: the holder takes no permit from its old share, which the fleet
+    may have given to another holder meanwhile (together they would exceed the limit)."""
+    clock = FakeClock()
+    store = LosesReplies(clock=clock)
+    a = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
+    b = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
+    assert all([await a.take() for _ in range(4)])
+    for _ in range(4):
+        await a.give()
+    clock.advance(1.0)  # renewal: a keeps its peak of the last period (4)
+    await settle()
+    store.losing = True
+    clock.advance(1.0)  # the next one gives the share back; its reply is lost
+    await settle()
+    store.losing = False
+    assert all([await b.take() for _ in range(4)])  # the store gave the permits to b
+    assert not a.take_now()  # a does not use the share it gave back
+    await a.aclose()
+    await b.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import math
@@ -446,3 +447,40 @@ def test_an_ahead_beyond_any_use_is_refused(ahead: float) -> None:
     with a ValueError naming it, never a bare OverflowError on the second call."""
     with pytest.raises(ValueError, match="ahead"):
         RateLimiter(10, ahead=ahead, store=MemoryStore(), name="x")
+
+
+class OneTokenPerAsk(MemoryStore):
+    """A fleet bucket behind a slow store: each batch it grants holds one token, after one
+    second."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.asks = 0
+
+    async def rate_take_many(
+        self, key: str, *, interval: float, burst: int, want: int
+    ) -> tuple[int, float]:
+        self.asks += 1
+        await self.clock.sleep(1.0)
+        return 1, 0.0
+
+
+async def test_a_call_waits_on_at_most_two_store_calls() -> None:
+    """Calls that find the tokens taken ahead spent wait for the ask under way, then for one
+    that counts them, never for a chain of asks one after another: with a slow store and
+    batches too small for them all, each call is answered within two asks (admitted, or
+    refused with a wait), where one used to wait through every ask queued ahead of it."""
+    clock = FakeClock(autojump=True)
+    store = OneTokenPerAsk(clock)
+    limiter = RateLimiter(100, store=store, name="x", clock=clock, ahead=0.05)
+    took: list[float] = []
+
+    async def call() -> None:
+        start = clock.monotonic()
+        with contextlib.suppress(RateLimitedError):
+            await limiter.call(ok)
+        took.append(clock.monotonic() - start)
+
+    await asyncio.gather(*(call() for _ in range(10)))
+    assert len(took) == 10
+    assert max(took) <= 2.0 + 1e-9, took

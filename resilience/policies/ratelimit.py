@@ -86,6 +86,7 @@ class RateLimiter(BasePolicy):
         self._asked_at = -math.inf
         self._asking: asyncio.Future[None] | None = None
         self._waiting = 0  # calls waiting on the ask under way
+        self._handed = 0  # tokens an ask set aside for the calls that waited on it
         self._wait = self.interval  # the wait a call refused after two asks is told
         if self.ahead and self.store is not None:
             reset_in_child(self)
@@ -95,7 +96,7 @@ class RateLimiter(BasePolicy):
         self._ahead, self._taken = 0, 0
         self._ahead_until = self._asked_at = -math.inf
         self._asking = None
-        self._waiting = 0
+        self._waiting = self._handed = 0
 
     def __repr__(self) -> str:
         return (
@@ -128,8 +129,9 @@ class RateLimiter(BasePolicy):
 
         A call waits on at most two store calls: the one under way when it came (which may
         not have counted it), then one that counts every call still waiting (its own, or
-        another's sent since). If those left nothing for it, the fleet's bucket is empty
-        for now: it is refused with the last answer's wait, never sent to wait a third time.
+        another's sent since), whose tokens are set aside for the calls it counted. If those
+        left nothing for it, the fleet's bucket is empty for now: it is refused with the last
+        answer's wait, never sent to wait a third time.
         """
         waited = 0
         while True:
@@ -148,6 +150,9 @@ class RateLimiter(BasePolicy):
             finally:
                 self._waiting -= 1
             waited += 1
+            if self._handed:  # set aside for the calls that waited on that ask
+                self._handed -= 1
+                return 0.0
         if store_down(store):
             return self.try_acquire()
         # the next batch: what this limiter spent per ``ahead`` since the last one (growing
@@ -159,6 +164,7 @@ class RateLimiter(BasePolicy):
         wanted = max(min(wanted, 4 * self._batch), 1 + self._waiting)
         self._batch = max(1, min(self.burst, wanted))
         self._asked_at = now
+        counted = self._waiting  # the calls waiting now: this ask's tokens are theirs first
         asking = asyncio.get_running_loop().create_future()
         self._asking = asking
         try:
@@ -175,7 +181,9 @@ class RateLimiter(BasePolicy):
             self._wait = max(wait, _EPSILON)
             return self._wait
         self._taken = took
-        self._ahead, self._ahead_until = took - 1, now + self.ahead
+        handed = min(took - 1, counted)  # not for calls that came after them
+        self._handed += handed
+        self._ahead, self._ahead_until = took - 1 - handed, now + self.ahead
         self._wait = self.interval  # what a call that finds the batch spent is told
         return 0.0
 

@@ -34,7 +34,13 @@ from resilience.events import Event
 from resilience.rules.breaker import BreakerConfig
 from resilience.store.redis import RedisStore
 from resilience.store.redis.breaker import VOTE_LEASE, SharedBreakerCore
-from resilience.store.redis.primitives import FleetState, FlushReply, Outcomes, ProbeReply
+from resilience.store.redis.primitives import (
+    BreakerKeys,
+    FleetState,
+    FlushReply,
+    Outcomes,
+    ProbeReply,
+)
 from resilience.testing import FakeClock
 
 from ..faultproxy import FaultProxy
@@ -388,7 +394,7 @@ def test_reported_generations_never_go_back(steps: list[tuple[str, Any]]) -> Non
     clock = FakeClock()
     engine = StubEngine()
     config = BreakerConfig(window=CountWindow(2), minimum_calls=2, open_for=5.0)
-    core = SharedBreakerCore("p", config, clock, engine, ["s", "w", "p", "r"])
+    core = SharedBreakerCore("p", config, clock, engine, BreakerKeys("s", "w", "p", "r"))
     watch = Watch()
     options: dict[str, Any] = {"window": CountWindow(2), "minimum_calls": 2, "open_for": 5.0}
     store: Any = OneCoreStore(core, clock)

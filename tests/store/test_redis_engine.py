@@ -159,9 +159,9 @@ async def test_status_reads_many_names_in_few_round_trips(
     before = await evalsha_calls(raw)
     listed = await store.status()
     assert len(listed) == 1200
-    from resilience.store.redis import _STATUS_CHUNK
+    from resilience.store.redis.status import CHUNK
 
-    assert await evalsha_calls(raw) - before == 2 + math.ceil(1200 / _STATUS_CHUNK)
+    assert await evalsha_calls(raw) - before == 2 + math.ceil(1200 / CHUNK)
     assert [s.name for s in await store.status(limit=10)] == [f"s{i:04}" for i in range(10)]
 
 
@@ -267,25 +267,25 @@ async def test_a_burst_of_new_breakers_is_sent_a_chunk_at_a_time(
 ) -> None:
     """1,200 new breakers, each called once: no pipeline carries more than a chunk of
     breakers (plus the registrations), and every breaker reads the fleet's state."""
-    from resilience.store.redis.engine import _CHUNK
+    from resilience.store.redis.outbox import CHUNK
 
     store = stores()
-    engine = store.engine
+    supervisor = store.supervisor
     sizes: list[int] = []
-    send = engine._send
+    send = supervisor.send
 
     async def counted(commands: list[Any]) -> list[Any]:
         sizes.append(len(commands))
         return await send(commands)
 
-    engine._send = counted  # type: ignore[method-assign]
+    supervisor.send = counted  # type: ignore[method-assign]
     breakers = [CircuitBreaker(f"n{i}", store=store) for i in range(1200)]
     for b in breakers:
         await b.call(ok)
     await store.sync()
     assert not store.degraded
-    assert len(sizes) >= 1200 // _CHUNK
-    assert max(sizes) <= _CHUNK + 2, max(sizes)  # + one command per registry
+    assert len(sizes) >= 1200 // CHUNK
+    assert max(sizes) <= CHUNK + 2, max(sizes)  # + one command per registry
     assert all(b._core.fleet_gen >= 0 for b in breakers)  # type: ignore[attr-defined]
     assert len(await store.known_names()) == 1200
 

@@ -75,7 +75,7 @@ SCRIPTS = (
     "share",
     "names",
 )
-_PRELUDED = ("flush", "transition", "probe", "report", "status", "window")
+_ALONE = ("health", "string")  # the scripts that do not start with the prelude
 
 
 class BadReply(RedisError):
@@ -86,9 +86,9 @@ _SCRIPTS = resources.files(__package__).joinpath("scripts")
 
 
 def script_source(name: str) -> str:
-    """A script's source; the breaker scripts and the window start with the shared prelude."""
+    """A script's source; all but ``_ALONE`` start with the shared prelude."""
     source = _SCRIPTS.joinpath(f"{name}.lua").read_text()
-    if name not in _PRELUDED:
+    if name in _ALONE:
         return source
     prelude = _SCRIPTS.joinpath("prelude.lua").read_text()
     return prelude + "\n" + source

@@ -1,11 +1,28 @@
--- Shared by the breaker scripts and the shared window (prepended to each).
+-- Shared by every script but health and string (prepended to each: see script_source).
+-- server_ms(exact): the server's TIME in ms: whole ms, or with its microseconds if `exact`.
+local function server_ms(exact)
+  local t = redis.call('TIME')
+  if exact then return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 end
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 -- now_ms(arg): the caller's time if given (a store on a fake clock), else the server's TIME;
--- whole milliseconds either way.
+-- whole milliseconds either way. (A script that keeps a fake clock's fraction, as MemoryStore
+-- does, uses `tonumber(arg) or server_ms(...)` instead.)
 local function now_ms(arg)
   local n = tonumber(arg)
   if n then return math.floor(n) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return server_ms(false)
+end
+
+-- own(key, kind): a key of another type than `kind` ('hash', 'list', 'set', 'zset', 'string')
+-- holds data we never write there: it is deleted. Returns 1 if it was (the caller reports a
+-- reset), else 0 (a missing key is ours: empty).
+local function own(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found == kind or found == 'none' then return 0 end
+  redis.call('DEL', key)
+  return 1
 end
 
 local STATES = {closed = true, open = true, half_open = true, forced_open = true, disabled = true}
@@ -31,7 +48,7 @@ end
 -- the highest generation the caller has seen: a stored generation below it (Redis lost data)
 -- is raised to it, so the fleet converges on the highest. A missing hash starts CLOSED at
 -- `floor`; one that is not what we write (wrong type, unknown state, a number out of range) is
--- reset at `floor + 1`, with its window and probes.
+-- reset at `floor + 1`, with its window and probes; probes of another type are deleted.
 -- Returns state, gen, open_until, reopens, reset (1 = garbage reset).
 local function load(keys, floor, now)
   floor = int(floor, 0, MAX_INT) or 0
@@ -45,12 +62,7 @@ local function load(keys, floor, now)
         gen = floor
         redis.call('HSET', keys[1], 'gen', gen)
       end
-      local probes = redis.call('TYPE', keys[3])['ok']
-      if probes ~= 'zset' and probes ~= 'none' then
-        redis.call('DEL', keys[3])
-        return v[1], gen, open_until, reopens, 1
-      end
-      return v[1], gen, open_until, reopens, 0
+      return v[1], gen, open_until, reopens, own(keys[3], 'zset')
     end
   end
   local reset = 0

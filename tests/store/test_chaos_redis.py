@@ -38,11 +38,11 @@ from resilience.store.redis import RedisStore
 
 from ..faultproxy import Connection, FaultProxy
 from ..redis_server import RedisServer
-
-_prefixes = itertools.count()
+from . import support
+from .support import TIMEOUT as STORE_TIMEOUT
+from .support import ok, until
 
 CLOSED_PATH_BOUND = 0.05  # seconds: a call through a closed shared breaker never waits longer
-STORE_TIMEOUT = 0.25  # the store's default per-call bound
 SLACK = 0.25  # scheduling on a loaded 2-core machine
 
 
@@ -58,24 +58,9 @@ async def upstream(i: int) -> int:
     return i
 
 
-async def ok() -> str:
-    """A call that succeeds."""
-    return "ok"
-
-
 async def boom() -> None:
     """A call that fails."""
     raise UpstreamError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition()`` until it holds or ``seconds`` pass; whether it held."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
 
 
 @dataclass
@@ -122,7 +107,7 @@ class Rig:
         self.server = server
         self.proxy = proxy
         self.events: list[Event] = []
-        prefix = f"chaos{next(_prefixes)}-{time.monotonic_ns()}"
+        prefix = support.prefix("chaos")
         options.setdefault("sync_interval", 0.05)
         self.sync_interval: float = options["sync_interval"]
         self.a_store = RedisStore.from_url(
@@ -508,7 +493,7 @@ async def test_a_paused_redis_is_not_resubscribed_in_a_tight_loop(
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
         store = RedisStore.from_url(
             proxy.url_for("redis"),
-            prefix=f"paused{next(_prefixes)}",
+            prefix=support.prefix("paused"),
             sync_interval=0.01,
             timeout=0.05,
             listeners=[events.append],
@@ -523,7 +508,7 @@ async def test_a_paused_redis_is_not_resubscribed_in_a_tight_loop(
             b = breaker(store)
             await b.call(ok)
             await store.sync()
-            assert await until(lambda: seen() > 0, 5)
+            await until(lambda: seen() > 0, 5)
             before = seen()
             redis_server.pause()
             try:
@@ -540,7 +525,7 @@ async def test_a_paused_redis_is_not_resubscribed_in_a_tight_loop(
             assert 2 <= tries <= 12, tries
             replaced = any(isinstance(e, SubscriberReplaced) for e in events)
             assert not replaced, "no subscription was confirmed while Redis was paused"
-            assert await until(lambda: any(isinstance(e, SubscriberReplaced) for e in events), 10)
+            await until(lambda: any(isinstance(e, SubscriberReplaced) for e in events), 10)
         finally:
             await store.aclose()
 
@@ -556,7 +541,7 @@ async def test_a_permit_lost_to_a_timeout_is_given_back(redis_server: RedisServe
             assert await pool.call(ok) == "ok"  # went on under the local limit
             assert store.degraded
             proxy.clear()
-            assert await until(lambda: not store.degraded, 5)
+            await until(lambda: not store.degraded, 5)
             await asyncio.sleep(0.2)
             assert await store.count_leases("pool") == 0
             assert await pool.call(ok) == "ok"  # today: BulkheadFullError for 30 s
@@ -583,9 +568,9 @@ async def test_a_lost_flush_reply_does_not_count_outcomes_twice(
                     await b.call(boom)
             for _ in range(29):
                 await b.call(ok)
-            assert await until(lambda: store.degraded, 5)
+            await until(lambda: store.degraded, 5)
             proxy.clear()
-            assert await until(lambda: not store.degraded, 5)
+            await until(lambda: not store.degraded, 5)
             await store.sync()
             (dep,) = [p for p in await status(direct) if p.name == "dep"]
             assert (dep.calls, dep.failures) == (40, 10)

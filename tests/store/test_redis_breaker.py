@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -46,29 +43,9 @@ from resilience.testing import FakeClock
 from ..faultproxy import FaultProxy
 from ..fork_support import in_forked_child
 from ..redis_server import RedisServer
+from .support import boom, ok, prefix, until
 
-_prefixes = itertools.count()
 OPEN, CLOSED, HALF_OPEN = CircuitState.OPEN, CircuitState.CLOSED, CircuitState.HALF_OPEN
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0, what: str = "") -> None:
-    """Wait (real time, generous bound) until ``condition()``."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < seconds, f"{what}: not within {seconds}s"
-        await asyncio.sleep(0.005)
-
-
-def prefix() -> str:
-    return f"brk{next(_prefixes)}-{os.getpid()}"
 
 
 async def trip(b: CircuitBreaker, calls: int = 4) -> None:
@@ -77,6 +54,22 @@ async def trip(b: CircuitBreaker, calls: int = 4) -> None:
         with contextlib.suppress(ValueError, CircuitOpenError):
             await b.call(boom)
     assert b.state is OPEN
+
+
+async def warm(*replicas: tuple[RedisStore, CircuitBreaker]) -> None:
+    """Each replica's breaker called once and its store synced: all have joined the fleet."""
+    for store, b in replicas:
+        await b.call(ok)
+        await store.sync()
+
+
+async def cut_off(proxy: FaultProxy, store: RedisStore, b: CircuitBreaker) -> None:
+    """``store``'s replica cut off from Redis (connections dropped and refused), then its
+    breaker tripped by its own outcomes: it decides alone from here on."""
+    await proxy.set_refuse(True)
+    proxy.cut()
+    await trip(b)
+    await until(lambda: store.degraded, 5.0, "degraded")
 
 
 class Watch:
@@ -102,28 +95,6 @@ class Watch:
         assert self.seen == sorted(self.seen), self.seen
 
 
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def stores(redis_url: str) -> AsyncIterator[Callable[..., RedisStore]]:
-    made: list[RedisStore] = []
-
-    def make(**kw: Any) -> RedisStore:
-        kw.setdefault("prefix", prefix())
-        s = RedisStore.from_url(kw.pop("url", redis_url), **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        await s.aclose()
-
-
 async def fleet_gen(raw: aioredis.Redis, store: RedisStore, name: str = "dep") -> int:
     return int(await raw.hget(store.key(name, "state"), "gen") or -1)
 
@@ -146,6 +117,21 @@ def quorum_breaker(store: RedisStore, k: int, **options: Any) -> CircuitBreaker:
     )
 
 
+async def voted(
+    stores: Callable[..., RedisStore], clock: FakeClock
+) -> tuple[RedisStore, RedisStore, CircuitBreaker, CircuitBreaker]:
+    """Two replicas of a quorum-2 breaker: the first voted (its own window tripped), the
+    second is healthy (it called once); both synced."""
+    name = prefix()
+    voter, healthy = stores(prefix=name, clock=clock), stores(prefix=name, clock=clock)
+    bv, bh = quorum_breaker(voter, 2), quorum_breaker(healthy, 2)
+    await bh.call(ok)
+    await healthy.sync()
+    await trip(bv)
+    await voter.sync()
+    return voter, healthy, bv, bh
+
+
 # --- generations --------------------------------------------------------------------------
 
 
@@ -164,9 +150,7 @@ async def test_generations_stay_monotonic_when_redis_returns_from_a_pause(
     ba = CircuitBreaker("dep", store=a, listeners=[watch], **options)
     bb = CircuitBreaker("dep", store=b, **options)
     try:
-        for s, br in ((a, ba), (b, bb)):
-            await br.call(ok)
-            await s.sync()
+        await warm((a, ba), (b, bb))
         redis_server.pause()
         try:
             await trip(ba)  # generation 1, pushed to a Redis that does not answer
@@ -218,13 +202,8 @@ async def test_a_replica_back_from_an_outage_is_never_numbered_below_itself(
         ba = quorum_breaker(a, 2, open_for=10.0, listeners=[watch])
         bs = [quorum_breaker(s, 2, open_for=10.0) for s in peers]
         try:
-            for s, br in zip([a, *peers], [ba, *bs], strict=True):
-                await br.call(ok)
-                await s.sync()
-            await proxy.set_refuse(True)
-            proxy.cut()
-            await trip(ba)
-            await until(lambda: a.degraded, 5.0, "degraded")
+            await warm(*zip([a, *peers], [ba, *bs], strict=True))
+            await cut_off(proxy, a, ba)
             clock.advance(11)
             assert await ba.call(ok) == "ok"  # its own probe closes it: generation 3
             assert ba.state is CLOSED
@@ -268,13 +247,8 @@ async def test_an_open_fleet_takes_the_number_of_a_replica_back_from_an_outage(
         ba = CircuitBreaker("dep", store=a, listeners=[watch], **options)
         bb = CircuitBreaker("dep", store=b, listeners=[peer_watch], **options)
         try:
-            for s, br in ((a, ba), (b, bb)):
-                await br.call(ok)
-                await s.sync()
-            await proxy.set_refuse(True)
-            proxy.cut()
-            await trip(ba)
-            await until(lambda: a.degraded, 5.0, "degraded")
+            await warm((a, ba), (b, bb))
+            await cut_off(proxy, a, ba)
             await trip(bb)
             await b.sync()
             assert await fleet_gen(raw, b) == 1
@@ -440,17 +414,11 @@ async def test_a_closed_store_withdraws_its_vote(
 ) -> None:
     """A voter's store closed (a clean shutdown) takes its vote away at once: the same host
     restarted under a new replica id votes alone, and the healthy replicas stay closed."""
-    name = prefix()
-    sick, healthy = stores(prefix=name, clock=clock), stores(prefix=name, clock=clock)
-    bs, bh = quorum_breaker(sick, 2), quorum_breaker(healthy, 2)
-    await bh.call(ok)
-    await healthy.sync()
-    await trip(bs)
-    await sick.sync()
+    sick, healthy, _, bh = await voted(stores, clock)
     assert await votes(raw, sick) == [f"v.{sick.replica}"]
     await sick.aclose()
     assert await votes(raw, sick) == []
-    restarted = stores(prefix=name, clock=clock)
+    restarted = stores(prefix=sick.prefix, clock=clock)
     assert restarted.replica != sick.replica
     await trip(quorum_breaker(restarted, 2))
     await restarted.sync()
@@ -492,13 +460,7 @@ async def test_a_live_voter_renews_its_vote_for_its_whole_open_period(
 ) -> None:
     """A voter that stays alive (but makes no call) keeps its vote past the vote lease while
     its own open period lasts: a second vote 10 s later reaches the quorum."""
-    name = prefix()
-    first, second = stores(prefix=name, clock=clock), stores(prefix=name, clock=clock)
-    b1, b2 = quorum_breaker(first, 2), quorum_breaker(second, 2)
-    await b2.call(ok)
-    await second.sync()
-    await trip(b1)
-    await first.sync()
+    first, second, b1, b2 = await voted(stores, clock)
     for _ in range(40):
         clock.advance(0.25)  # renewals are due now and then: each runs a round
         await first.engine.next_round()

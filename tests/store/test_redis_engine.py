@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
 import math
-import os
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -41,50 +39,7 @@ from resilience.testing import FakeClock
 from ..faultproxy import FaultProxy
 from ..fork_support import in_forked_child
 from ..redis_server import RedisServer
-
-_prefixes = itertools.count()
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0, what: str = "") -> None:
-    """Wait (real time, generous bound) until ``condition()``."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < seconds, f"{what}: not within {seconds}s"
-        await asyncio.sleep(0.005)
-
-
-def prefix() -> str:
-    return f"eng{next(_prefixes)}-{os.getpid()}"
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def stores(redis_url: str) -> AsyncIterator[Callable[..., RedisStore]]:
-    made: list[RedisStore] = []
-
-    def make(**kw: Any) -> RedisStore:
-        kw.setdefault("prefix", prefix())
-        s = RedisStore.from_url(kw.pop("url", redis_url), **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        await s.aclose()
+from .support import boom, ok, prefix, until
 
 
 async def evalsha_calls(raw: aioredis.Redis) -> int:
@@ -923,8 +878,8 @@ async def test_quorum_votes_open_the_fleet_at_k_and_expire(
     """Three replicas, quorum 2: one replica's trip opens only its own breaker; a vote that
     outlived the replica's open period does not count towards the quorum; a second live
     vote opens everyone's; the votes are cleared once the fleet opens."""
-    prefix = f"q{next(_prefixes)}"
-    replicas = [stores(prefix=prefix, clock=clock) for _ in range(3)]
+    name = prefix("q")
+    replicas = [stores(prefix=name, clock=clock) for _ in range(3)]
     options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 10}
     bs = [CircuitBreaker("dep", store=s, open_when="quorum", quorum=2, **options) for s in replicas]
 

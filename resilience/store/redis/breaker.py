@@ -172,14 +172,14 @@ class SharedBreakerCore(BreakerCore):
         recognises: outcomes are counted once, whether or not the first try reached Redis. A
         breaker with nothing buffered sends an empty flush, which reads the fleet's state.
         """
-        pending = self.pending
-        calls = pending.calls
-        self.pending = Pending(pending.gen)
+        p = self.pending
+        calls, failures, slow = p.calls, p.failures, p.slow
+        p.calls = p.failures = p.slow = 0  # emptied in place: its gen stays
         self.marked = False
-        gen = pending.gen if calls else self.gen
+        gen = p.gen if calls else self.gen
         if self.diverged:  # what the fleet may still accept; never our local generation,
             gen = max(self.fleet_gen, 0)  # which the script would take as the fleet's floor
-        batch = Outcomes(gen, calls, pending.failures, pending.slow, seq)
+        batch = Outcomes(gen, calls, failures, slow, seq)
         if calls:
             self.unacked.append(batch)
             del self.unacked[:-64]  # bounded: the oldest are given up

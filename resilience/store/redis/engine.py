@@ -73,7 +73,6 @@ class SyncEngine(Rounds):
         emit: Callable[[Event], None],
         cluster: bool,
     ) -> None:
-        self.client = client
         self.scripts = scripts
         self.supervisor = supervisor
         self.prefix = prefix

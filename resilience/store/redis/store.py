@@ -104,7 +104,7 @@ def _check_prefix(prefix: object) -> str:
 
 
 class RedisStore(StoreBase):
-    """Shares breaker state (and leases) through Redis; see the module docstring.
+    """Shares breaker state (and leases) through Redis; see the package docstring.
 
     ``RedisStore.from_url("redis://...")`` builds its own client with short timeouts and no
     retries; ``RedisStore(client)`` takes any ``redis.asyncio`` client (Cluster and Sentinel

@@ -75,7 +75,7 @@ SCRIPTS = (
     "share",
     "names",
 )
-_ALONE = ("health", "string")  # the scripts that do not start with the prelude
+_PRELUDED = ("flush", "transition", "probe", "report", "status", "window")
 
 
 class BadReply(RedisError):
@@ -86,9 +86,11 @@ _SCRIPTS = resources.files(__package__).joinpath("scripts")
 
 
 def script_source(name: str) -> str:
-    """A script's source; all but ``_ALONE`` start with the shared prelude."""
+    """A script's source; the breaker scripts, the window and status start with the shared
+    prelude. Each call of a script runs the prelude (a closure per function), so the scripts
+    of the fleet-wide primitives, called as often as protected calls are made, carry none."""
     source = _SCRIPTS.joinpath(f"{name}.lua").read_text()
-    if name in _ALONE:
+    if name not in _PRELUDED:
         return source
     prelude = _SCRIPTS.joinpath("prelude.lua").read_text()
     return prelude + "\n" + source

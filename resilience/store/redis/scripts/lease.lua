@@ -11,9 +11,13 @@
 --          count -> live leases
 -- Expired leases (and leases expiring more than ~115 days ahead: garbage) are purged first;
 -- a key of another type is deleted (it holds no lease).
--- (Starts with prelude.lua: server_ms, own, FAR_MS.)
-local n = tonumber(ARGV[2]) or server_ms(false) -- a fake clock's time as it is
-own(KEYS[1], 'zset')
+local n = tonumber(ARGV[2])
+if not n then
+  local t = redis.call('TIME')
+  n = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 local op = ARGV[1]
 if op == 'renew' or op == 'publish' then
   local expiry = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[3]))
@@ -36,7 +40,7 @@ if op == 'give' then
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', n)
 -- a lease expiring implausibly late (inf, or written by someone else) is garbage
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. (n + FAR_MS), '+inf')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. (n + 10000000000), '+inf')
 local held = redis.call('ZCARD', KEYS[1])
 if op == 'count' then return held end
 if held >= tonumber(ARGV[4]) then return 0 end

@@ -1,23 +1,20 @@
--- Shared by every script but health and string (prepended to each: see script_source).
--- server_ms(exact): the server's TIME in ms: whole ms, or with its microseconds if `exact`.
-local function server_ms(exact)
+-- Shared by the breaker scripts, the shared window and status (prepended to each: see
+-- script_source). Each call of a script runs this (a closure per function): the scripts of the
+-- fleet-wide primitives, called as often as calls are made, carry none of it.
+
+-- now_ms(arg, keep): the caller's time if given (a store on a fake clock), else the server's
+-- TIME; whole milliseconds, but a caller's time is kept as it is with `keep` (the shared
+-- window's bucket edges then match MemoryStore's).
+local function now_ms(arg, keep)
+  local n = tonumber(arg)
+  if n then return keep and n or math.floor(n) end
   local t = redis.call('TIME')
-  if exact then return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 end
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- now_ms(arg): the caller's time if given (a store on a fake clock), else the server's TIME;
--- whole milliseconds either way. (A script that keeps a fake clock's fraction, as MemoryStore
--- does, uses `tonumber(arg) or server_ms(...)` instead.)
-local function now_ms(arg)
-  local n = tonumber(arg)
-  if n then return math.floor(n) end
-  return server_ms(false)
-end
-
--- own(key, kind): a key of another type than `kind` ('hash', 'list', 'set', 'zset', 'string')
--- holds data we never write there: it is deleted. Returns 1 if it was (the caller reports a
--- reset), else 0 (a missing key is ours: empty).
+-- own(key, kind): a key of another type than `kind` ('hash', 'list', 'zset') holds data we
+-- never write there: it is deleted. Returns 1 if it was (the caller reports a reset), else 0
+-- (a missing key is ours: empty).
 local function own(key, kind)
   local found = redis.call('TYPE', key)['ok']
   if found == kind or found == 'none' then return 0 end

@@ -7,10 +7,17 @@
 --   "budget" 3 delta, 4 maximum, 5 ttl in ms             -> the tokens after the change
 -- Values are kept as decimal strings; a value that does not parse, or is out of its range,
 -- is reset (reported as "!").
--- (Starts with prelude.lua: server_ms, own.)
-local n = tonumber(ARGV[2]) or server_ms(true) -- exact: a fake clock's, or to the microsecond
+local n = tonumber(ARGV[2])
+if not n then
+  local t = redis.call('TIME')
+  n = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
 local reset = ''
-if own(KEYS[1], 'string') == 1 then reset = '!' end
+if kind ~= 'string' and kind ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  reset = '!'
+end
 local raw = redis.call('GET', KEYS[1])
 local value = tonumber(raw)
 -- a number out of its range (nan, inf, 1e300, a deadline far ahead) is garbage too

@@ -7,9 +7,8 @@
 -- in range: "1.5", "inf", " 2", "1e3"), else 0; then the window's totals, one per figure (the
 -- current bucket and buckets - 1 before it). Old buckets are deleted. Every count is checked
 -- before anything is added, so bad data costs only itself, never an error reply.
--- (Starts with prelude.lua: server_ms, own, count, MAX_INT.)
--- a fake clock's time as it is (not whole ms): bucket edges match MemoryStore's
-local now = tonumber(ARGV[1]) or server_ms(false)
+-- (Starts with prelude.lua: now_ms, own, count, MAX_INT.)
+local now = now_ms(ARGV[1], true) -- a fake clock's time as it is
 local width, buckets, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local epoch = math.floor(now / width)
 local reset = own(KEYS[1], 'hash')

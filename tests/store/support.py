@@ -11,12 +11,28 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
-from resilience import CircuitBreaker, CircuitOpenError
+import redis.asyncio as aioredis
+
+from resilience import CircuitBreaker, CircuitOpenError, CircuitState, CountWindow
 from resilience.store.redis import RedisStore
 
-__all__ = ["TIMEOUT", "Load", "boom", "ok", "prefix", "recovered", "started", "until"]
+__all__ = [
+    "TIMEOUT",
+    "Load",
+    "boom",
+    "command_calls",
+    "evalsha_calls",
+    "fleet_gen",
+    "ok",
+    "prefix",
+    "quorum_breaker",
+    "recovered",
+    "started",
+    "trip",
+    "until",
+]
 
 TIMEOUT = 0.25  #: seconds: the store's default bound on a Redis call
 
@@ -51,6 +67,44 @@ async def until(condition: Callable[[], bool], seconds: float = 10.0, what: str 
         assert time.monotonic() - start < seconds, f"{what or 'condition'}: not within {seconds}s"
         await asyncio.sleep(0.002)
     return time.monotonic() - start
+
+
+async def trip(b: CircuitBreaker, calls: int = 4) -> None:
+    """Fail calls until this replica's own window opens its breaker."""
+    for _ in range(calls):
+        with contextlib.suppress(ValueError, CircuitOpenError):
+            await b.call(boom)
+    assert b.state is CircuitState.OPEN
+
+
+def quorum_breaker(store: RedisStore, k: int, **options: Any) -> CircuitBreaker:
+    """Breaker "dep" opening the fleet once ``k`` replicas' own windows (4 calls) trip."""
+    options.setdefault("open_for", 30.0)
+    return CircuitBreaker(
+        "dep",
+        store=store,
+        window=CountWindow(4),
+        minimum_calls=4,
+        open_when="quorum",
+        quorum=k,
+        **options,
+    )
+
+
+async def fleet_gen(raw: aioredis.Redis, store: RedisStore, name: str = "dep") -> int:
+    """The generation Redis holds for breaker ``name`` (-1: none)."""
+    return int(await raw.hget(store.key(name, "state"), "gen") or -1)
+
+
+async def evalsha_calls(raw: aioredis.Redis) -> int:
+    """How many EVALSHA commands the server has run."""
+    return await command_calls(raw, "evalsha")
+
+
+async def command_calls(raw: aioredis.Redis, command: str) -> int:
+    """How many ``command`` commands (lower case) the server has run."""
+    stats = await raw.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
 def prefix(tag: str = "t") -> str:

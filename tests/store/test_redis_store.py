@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resilience import (
     CircuitBreaker,
@@ -118,6 +120,16 @@ def test_bad_prefixes_are_refused(prefix: str) -> None:
     """A prefix that would break hash tags or key parsing is refused."""
     with pytest.raises(ValueError, match="prefix"):
         RedisStore.from_url("redis://127.0.0.1:1", prefix=prefix)
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_a_name_is_escaped_as_percent_encoding_would(name: str) -> None:
+    """The fast path for plain names gives what ``quote(name, safe="")`` gives."""
+    from urllib.parse import quote
+
+    from resilience.store.redis.primitives import escape
+
+    assert escape(name) == quote(name, safe="")
 
 
 # --- garbage in Redis -----------------------------------------------------------------------

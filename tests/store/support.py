@@ -24,11 +24,13 @@ __all__ = [
     "boom",
     "command_calls",
     "evalsha_calls",
+    "fleet_breaker",
     "fleet_gen",
     "ok",
     "prefix",
     "quorum_breaker",
     "recovered",
+    "report",
     "started",
     "trip",
     "until",
@@ -89,6 +91,21 @@ def quorum_breaker(store: RedisStore, k: int, **options: Any) -> CircuitBreaker:
         quorum=k,
         **options,
     )
+
+
+def fleet_breaker(store: RedisStore) -> CircuitBreaker:
+    """The shared breaker every replica of the chaos tests builds alike (a window of 50: 5%
+    upstream failures never trip it)."""
+    return CircuitBreaker(
+        "dep", store=store, window=CountWindow(50), minimum_calls=50, open_for=30.0
+    )
+
+
+def report(name: str, *lines: str) -> None:
+    """Print measured numbers under a chaos scenario's heading (shown with ``pytest -s``)."""
+    print(f"\n[chaos-redis] {name}")
+    for line in lines:
+        print(f"  {line}")
 
 
 async def fleet_gen(raw: aioredis.Redis, store: RedisStore, name: str = "dep") -> int:

@@ -181,17 +181,21 @@ class Reply:
             replicas = _replicas(parts, self.width, now) if len(parts) > self.width else ()
             rejected, latency = _summed(replicas) if replicas else (0, ())
             is_open = state is OPEN
+            counts = (int(gen), int(calls), int(failures), int(slow), int(probes))
+            if min(counts) < 0 or max(counts) > MAX_INT:
+                raise ValueError(f"out of range: {counts}")
+            generation, n_calls, n_failures, n_slow, n_probes = counts
             out.append(
                 PolicyStatus(
                     name=name,
                     kind="circuit_breaker",
                     state=state,
-                    generation=_int(gen),
-                    calls=_int(calls),
-                    failures=_int(failures),
-                    slow_calls=_int(slow),
+                    generation=generation,
+                    calls=n_calls,
+                    failures=n_failures,
+                    slow_calls=n_slow,
                     retry_after=max(0.0, (_int(until) - now) / 1000) if is_open else None,
-                    probes=_int(probes),
+                    probes=n_probes,
                     opened_by=_opened(opened) if is_open else None,
                     replicas=replicas,
                     rejected=rejected,

@@ -8,14 +8,21 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from ..checks import check_counts, check_int, check_name, check_seconds
+from ..checks import check_int, check_name, check_seconds
 from ..clock import SYSTEM_CLOCK, Clock
 from ..rules.breaker import BreakerConfig, BreakerCore
 from ..rules.gcra import gcra
 from ..states import CircuitState
+from .base import (
+    StoreBase,
+    breaker_status,
+    check_config,
+    check_published,
+    check_share,
+    check_window,
+)
 from .records import MAX_PUBLISHED, PolicyStatus, lease_kind
 
 __all__ = ["MemoryStore"]
@@ -24,7 +31,23 @@ logger = logging.getLogger("resilience")
 _Parsed = TypeVar("_Parsed")
 
 
-class MemoryStore:
+class _Share(NamedTuple):
+    """A holder's share of a limit (``lease_share``)."""
+
+    share: int
+    held: int  #: permits in use under it, as last reported
+    expires: float
+    own_limit: int  #: the holder's own (adaptive) limit, as last reported (0: none)
+
+
+class _Cached(NamedTuple):
+    """A cached (or published) value."""
+
+    value: bytes
+    expires: float
+
+
+class MemoryStore(StoreBase):
     """Keeps breaker cores and leases in this process; nothing to connect, nothing to fail.
 
     Breakers that share a ``MemoryStore`` and a name share one state. ``clock`` times the
@@ -48,9 +71,9 @@ class MemoryStore:
         self._ids = itertools.count(1)
         self._tats: dict[str, float] = {}
         self._budgets: dict[str, float] = {}
-        self._cache: dict[tuple[str, str], tuple[bytes, float]] = {}
-        self._windows: dict[str, dict[int, list[int]]] = {}
-        self._shares: dict[str, dict[str, tuple[int, int, float, int]]] = {}
+        self._cache: dict[tuple[str, str], _Cached] = {}
+        self._windows: dict[str, dict[int, list[int]]] = {}  # key -> bucket -> counts
+        self._shares: dict[str, dict[str, _Share]] = {}
         self._settle: dict[str, float] = {}  # key -> until when the shares' reports settle
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
@@ -59,11 +82,8 @@ class MemoryStore:
         core = self._breakers.get(name)
         if core is None:
             core = self._breakers[name] = BreakerCore(name, config, clock)
-        elif core.config != config:
-            raise ValueError(
-                f"breaker {name!r} already exists in this store with another configuration: "
-                f"{core.config} != {config}"
-            )
+        else:
+            check_config(core, config)
         now = self.clock.monotonic()
         recent = self._recent
         recent.pop(name, None)
@@ -164,23 +184,19 @@ class MemoryStore:
         """``holder``'s share of ``limit`` under ``key``: at most what the others leave free
         (each counted as the larger of its share and its permits in use, at most ``limit``);
         see ``Store.lease_share`` for ``cap``, ``had`` and ``settle``."""
-        check_name(key, "key")
-        check_name(holder, "holder")
-        check_int("want", want, minimum=0)
-        check_int("held", held, minimum=0)
-        check_int("limit", limit)
+        cap = check_share(
+            key, holder, want=want, held=held, limit=limit, own_limit=own_limit, cap=cap, had=had
+        )
         check_seconds("ttl", ttl)
-        check_int("own_limit", own_limit, minimum=0)
-        cap = limit if cap is None else check_int("cap", cap)
-        had = min(check_int("had", had, minimum=0), limit)
+        had = min(had, limit)
         settle = check_seconds("settle", settle, zero=True)
         now = self.clock.monotonic()
         horizon = now + ttl + 1.0  # an entry further ahead is garbage (the clock stepped back)
         shares = self._shares.setdefault(key, {})
         lost = False
         for who, entry in list(shares.items()):
-            if entry[2] <= now or entry[2] > horizon:
-                lost = lost or entry[2] > horizon
+            if entry.expires <= now or entry.expires > horizon:
+                lost = lost or entry.expires > horizon
                 del shares[who]
         settling = self._settle.get(key, -math.inf)
         if settling > horizon:
@@ -191,11 +207,11 @@ class MemoryStore:
             self._settle[key] = now + settle
             settling = True
         others = in_use = 0
-        for who, (s, h, _, _) in shares.items():
+        for who, entry in shares.items():
             if who != holder:
-                others += min(max(s, h), limit)
-                in_use += min(h, limit)
-        keep = max(had, 0 if mine is None else min(mine[0], limit))
+                others += min(max(entry.share, entry.held), limit)
+                in_use += min(entry.held, limit)
+        keep = max(had, 0 if mine is None else min(mine.share, limit))
         grant = min(want, limit - others)
         if cap < limit:
             grant = min(grant, max(keep, cap - others))
@@ -205,7 +221,7 @@ class MemoryStore:
         if grant == 0 and held == 0:
             shares.pop(holder, None)
         else:
-            shares[holder] = (grant, held, now + ttl, own_limit)
+            shares[holder] = _Share(grant, held, now + ttl, own_limit)
         self._limits[key] = limit
         return grant, in_use + held, others
 
@@ -214,10 +230,7 @@ class MemoryStore:
     ) -> tuple[int, ...]:
         """Add ``deltas`` to the current bucket of the sliding window ``key`` and return the
         window's totals, one per figure."""
-        check_name(key, "key")
-        counts = check_counts("deltas", deltas)
-        check_seconds("window", window)
-        check_int("buckets", buckets)
+        counts = check_window(key, deltas, window, buckets)
         epoch = math.floor(self.clock.monotonic() * buckets / window)
         kept = self._windows.setdefault(key, {})
         for old in [b for b in kept if b <= epoch - buckets]:
@@ -234,26 +247,24 @@ class MemoryStore:
         entry = self._cache.get((key, item))
         if entry is None:
             return None
-        if entry[1] <= self.clock.monotonic():
+        if entry.expires <= self.clock.monotonic():
             del self._cache[(key, item)]
             return None
-        return entry[0]
+        return entry.value
 
     async def cache_set(self, key: str, item: str, value: bytes, *, ttl: float) -> None:
         """Cache ``value`` under ``item`` for ``key`` for ``ttl`` seconds."""
         check_seconds("ttl", ttl)
-        self._cache[(key, item)] = (bytes(value), self.clock.monotonic() + ttl)
+        self._cache[(key, item)] = _Cached(bytes(value), self.clock.monotonic() + ttl)
 
     async def publish(self, key: str, item: str, value: bytes, *, lease: str, ttl: float) -> bool:
         """Publish ``value`` under ``item`` of ``key`` for ``ttl`` seconds, only while
         ``lease`` (taken under ``key``) is held; ``False``: it is not, nothing was written."""
-        check_name(key, "key")
+        check_published(key, value)
         check_seconds("ttl", ttl)
-        if len(value) > MAX_PUBLISHED:
-            raise ValueError(f"value must be at most {MAX_PUBLISHED} bytes, got {len(value)}")
         if lease not in self._live(key):
             return False
-        self._cache[(key, item)] = (bytes(value), self.clock.monotonic() + ttl)
+        self._cache[(key, item)] = _Cached(bytes(value), self.clock.monotonic() + ttl)
         return True
 
     async def read_published(
@@ -276,33 +287,16 @@ class MemoryStore:
     async def status(self) -> list[PolicyStatus]:
         """Breakers, lease keys, rate buckets and budgets held here."""
         now = self.clock.monotonic()
-        out = []
-        for name, core in list(self._breakers.items()):
-            m = core.metrics(now)
-            out.append(
-                PolicyStatus(
-                    name=name,
-                    kind="circuit_breaker",
-                    state=m.state,
-                    generation=m.generation,
-                    calls=m.calls,
-                    failures=m.failures,
-                    slow_calls=m.slow_calls,
-                    retry_after=m.retry_after,
-                    probes=len(core._probes),
-                    opened_by=m.opened_by,
-                    rejected=core.rejected,
-                    latency=tuple(core.latency),
-                )
-            )
+        cores = list(self._breakers.values())
+        out = [breaker_status(core, now, probes=len(core._probes)) for core in cores]
         for key in sorted({*self._leases, *self._shares}):
-            live = [e for e in self._shares.get(key, {}).values() if e[2] > now]
-            own = sum(e[3] for e in live)
+            live = [e for e in self._shares.get(key, {}).values() if e.expires > now]
+            own = sum(e.own_limit for e in live)
             out.append(
                 PolicyStatus(
                     name=key,
                     kind=lease_kind(key),
-                    in_flight=len(self._live(key)) + sum(e[1] for e in live),
+                    in_flight=len(self._live(key)) + sum(e.held for e in live),
                     limit=self._limits.get(key),
                     adaptive_limit=own or None,
                 )
@@ -323,20 +317,6 @@ class MemoryStore:
 
     async def sync(self) -> None:
         """Nothing to synchronise: the state is already here."""
-
-    async def aclose(self) -> None:
-        """Nothing to close."""
-
-    async def __aenter__(self) -> MemoryStore:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"MemoryStore(breakers={len(self._breakers)})"

@@ -1,4 +1,8 @@
-"""The Store contract: every store must pass these, with the same FakeClock-driven steps."""
+"""The Store contract: every store must pass these, with the same FakeClock-driven steps.
+
+One module over 600 lines on purpose: it is the whole contract, which a new store is checked
+against at once (``conftest.py`` runs each test on every store).
+"""
 
 from __future__ import annotations
 

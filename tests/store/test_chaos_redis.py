@@ -6,7 +6,8 @@ through the proxy, while a fault is on. It asserts that no call fails or waits b
 store, that the store turns degraded when it must and recovers once the fault is lifted, and
 that state converges afterwards: replica C, which reaches Redis directly, trips the breaker
 and A must see it OPEN within a bound. Measured numbers are printed (run with ``-s``) and
-recorded in docs/reliability.md. ``--full`` runs longer faults and more cuts.
+recorded in docs/reliability.md. ``--full`` runs longer faults and more cuts. The faults that
+once broke the store are regression tests of their own, in ``test_chaos_regressions``.
 """
 
 from __future__ import annotations
@@ -24,25 +25,23 @@ import redis.asyncio as aioredis
 
 from resilience import (
     Bulkhead,
-    CircuitBreaker,
     CircuitOpenError,
     CircuitState,
-    CountWindow,
     Pipeline,
     RateLimiter,
     StoreDegraded,
     StoreRecovered,
 )
-from resilience.events import Event, SubscriberReplaced
+from resilience.events import Event
 from resilience.store.redis import RedisStore
 
 from ..faultproxy import Connection, FaultProxy
 from ..redis_server import RedisServer
-
-_prefixes = itertools.count()
+from . import support
+from .support import TIMEOUT as STORE_TIMEOUT
+from .support import fleet_breaker, ok, report
 
 CLOSED_PATH_BOUND = 0.05  # seconds: a call through a closed shared breaker never waits longer
-STORE_TIMEOUT = 0.25  # the store's default per-call bound
 SLACK = 0.25  # scheduling on a loaded 2-core machine
 
 
@@ -58,24 +57,9 @@ async def upstream(i: int) -> int:
     return i
 
 
-async def ok() -> str:
-    """A call that succeeds."""
-    return "ok"
-
-
 async def boom() -> None:
     """A call that fails."""
     raise UpstreamError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float) -> bool:
-    """Poll ``condition()`` until it holds or ``seconds`` pass; whether it held."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
 
 
 @dataclass
@@ -108,13 +92,6 @@ class Stats:
         )
 
 
-def breaker(store: RedisStore) -> CircuitBreaker:
-    """The shared breaker every replica builds alike (5% upstream failures never trip it)."""
-    return CircuitBreaker(
-        "dep", store=store, window=CountWindow(50), minimum_calls=50, open_for=30.0
-    )
-
-
 class Rig:
     """Replica A behind the proxy, replica C direct, both on one private redis-server."""
 
@@ -122,15 +99,15 @@ class Rig:
         self.server = server
         self.proxy = proxy
         self.events: list[Event] = []
-        prefix = f"chaos{next(_prefixes)}-{time.monotonic_ns()}"
+        prefix = support.prefix("chaos")
         options.setdefault("sync_interval", 0.05)
         self.sync_interval: float = options["sync_interval"]
         self.a_store = RedisStore.from_url(
             proxy.url_for("redis"), prefix=prefix, listeners=[self.events.append], **options
         )
         self.c_store = RedisStore.from_url(server.url, prefix=prefix, **options)
-        self.a = breaker(self.a_store)
-        self.c = breaker(self.c_store)
+        self.a = fleet_breaker(self.a_store)
+        self.c = fleet_breaker(self.c_store)
         self.pipeline = Pipeline(
             self.a,
             RateLimiter(10_000, store=self.a_store, name="api"),
@@ -246,13 +223,6 @@ async def rig_factory(
             await proxy.set_refuse(False)
         await rig.aclose()
         await proxy.stop()
-
-
-def report(name: str, *lines: str) -> None:
-    """Print measured numbers under a scenario heading (shown with ``pytest -s``)."""
-    print(f"\n[chaos-redis] {name}")
-    for line in lines:
-        print(f"  {line}")
 
 
 def assert_unharmed(closed: Stats, piped: Stats | None, *, piped_bound: float) -> None:
@@ -464,176 +434,3 @@ async def test_redis_refusing_connections(rig_factory: Callable[..., Any], full:
     )
     assert_unharmed(closed, piped, piped_bound=3 * STORE_TIMEOUT + SLACK)
     assert converge < 1.0
-
-
-# --- faults that once broke the store: each is a regression test now -------------------------
-
-
-async def test_store_reconnects_while_redis_is_still_slow(redis_server: RedisServer) -> None:
-    """A degraded store whose Redis answers in 100 ms (timeout 250 ms) reconnects."""
-    events: list[Event] = []
-    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        store = RedisStore.from_url(
-            proxy.url_for("redis"), prefix="slowreconnect", listeners=[events.append]
-        )
-        try:
-            b = breaker(store)
-            await b.call(ok)
-            await store.sync()
-            proxy.blackhole = True
-            start = time.monotonic()
-            while not store.degraded and time.monotonic() - start < 5:
-                await b.call(ok)
-                await asyncio.sleep(0.01)
-            assert store.degraded
-            proxy.blackhole = False
-            proxy.latency = 0.05  # a command's round trip: ~100 ms, well inside 250 ms
-            proxy.cut()  # every connection is new from here on
-            start = time.monotonic()
-            while store.degraded and time.monotonic() - start < 2.5:
-                await b.call(ok)  # still served locally, at once
-                await asyncio.sleep(0.01)
-            assert not store.degraded, "never reconnected while Redis stayed slow"
-        finally:
-            await store.aclose()
-
-
-async def test_a_paused_redis_is_not_resubscribed_in_a_tight_loop(
-    redis_server: RedisServer,
-) -> None:
-    """Redis paused (SIGSTOP: connections accepted, nothing answered) for 3 s: the subscriber
-    tries again with backoff (from ``sync_interval`` up to 2 s), not once per unanswered
-    PING; once Redis answers again it subscribes and says so."""
-    events: list[Event] = []
-    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        store = RedisStore.from_url(
-            proxy.url_for("redis"),
-            prefix=f"paused{next(_prefixes)}",
-            sync_interval=0.01,
-            timeout=0.05,
-            listeners=[events.append],
-        )
-        subscribers: set[Connection] = set()  # every connection that sent a SUBSCRIBE
-
-        def seen() -> int:
-            subscribers.update(c for c in proxy.connections if b"SUBSCRIBE" in c.head)
-            return len(subscribers)
-
-        try:
-            b = breaker(store)
-            await b.call(ok)
-            await store.sync()
-            assert await until(lambda: seen() > 0, 5)
-            before = seen()
-            redis_server.pause()
-            try:
-                deadline = time.monotonic() + 3.0
-                while time.monotonic() < deadline:
-                    seen()
-                    await asyncio.sleep(0.005)
-            finally:
-                redis_server.resume()
-            tries = seen() - before
-            report("paused redis", f"subscriber connections in a 3 s pause: {tries}")
-            # backoff: about 8 (a PING timeout plus 10 ms, 20 ms, ... 1.28 s, 2 s); without
-            # it, one every PING timeout + 50 ms: about 27
-            assert 2 <= tries <= 12, tries
-            replaced = any(isinstance(e, SubscriberReplaced) for e in events)
-            assert not replaced, "no subscription was confirmed while Redis was paused"
-            assert await until(lambda: any(isinstance(e, SubscriberReplaced) for e in events), 10)
-        finally:
-            await store.aclose()
-
-
-async def test_a_permit_lost_to_a_timeout_is_given_back(redis_server: RedisServer) -> None:
-    """The lease script ran but its reply came too late: the permit must not stay taken."""
-    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        store = RedisStore.from_url(proxy.url_for("redis"), prefix="lostlease")
-        try:
-            pool = Bulkhead(1, distributed=True, store=store, name="pool")
-            assert await pool.call(ok) == "ok"
-            proxy.down.latency = 0.4  # Redis grants the permit; the grant arrives too late
-            assert await pool.call(ok) == "ok"  # went on under the local limit
-            assert store.degraded
-            proxy.clear()
-            assert await until(lambda: not store.degraded, 5)
-            await asyncio.sleep(0.2)
-            assert await store.count_leases("pool") == 0
-            assert await pool.call(ok) == "ok"  # today: BulkheadFullError for 30 s
-        finally:
-            await store.aclose()
-
-
-async def test_a_lost_flush_reply_does_not_count_outcomes_twice(
-    redis_server: RedisServer,
-) -> None:
-    """40 calls (10 failures) whose first flush reply is lost appear once in the fleet's window."""
-    from resilience import status
-
-    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        store = RedisStore.from_url(proxy.url_for("redis"), prefix="twice")
-        direct = RedisStore.from_url(redis_server.url, prefix="twice")
-        try:
-            b = CircuitBreaker("dep", store=store, window=CountWindow(1000), minimum_calls=1000)
-            await b.call(ok)
-            await store.sync()
-            proxy.down.latency = 0.4  # the flush runs in Redis; its reply arrives too late
-            for _ in range(10):
-                with pytest.raises(UpstreamError):
-                    await b.call(boom)
-            for _ in range(29):
-                await b.call(ok)
-            assert await until(lambda: store.degraded, 5)
-            proxy.clear()
-            assert await until(lambda: not store.degraded, 5)
-            await store.sync()
-            (dep,) = [p for p in await status(direct) if p.name == "dep"]
-            assert (dep.calls, dep.failures) == (40, 10)
-        finally:
-            await store.aclose()
-            await direct.aclose()
-
-
-async def test_a_probe_lease_granted_to_a_cancelled_caller_is_given_back(
-    redis_server: RedisServer,
-) -> None:
-    """The probe script grants a lease while its caller is being cancelled: it comes back."""
-    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        store = RedisStore.from_url(proxy.url_for("redis"), prefix="cancelledprobe", timeout=2.0)
-        direct = aioredis.Redis.from_url(redis_server.url)
-        try:
-            b = CircuitBreaker(
-                "dep", store=store, window=CountWindow(4), minimum_calls=4, open_for=0.05
-            )
-            for _ in range(4):
-                with pytest.raises(UpstreamError):
-                    await b.call(boom)
-            await store.sync()
-            assert b.state is CircuitState.OPEN
-            await asyncio.sleep(0.06)  # past open_for: the next call asks for a probe lease
-            proxy.down.latency = 0.3  # the grant is on its way back when the caller gives up
-            caller = asyncio.create_task(b.call(ok))
-            await asyncio.sleep(0.1)
-            caller.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await caller
-            probes = store.key("dep", "probes")
-            assert await until_async(lambda: direct.zcard(probes), 1, 5)  # granted in Redis
-            proxy.clear()
-            assert await until_async(lambda: direct.zcard(probes), 0, 5)  # and given back
-            assert await b.call(ok) == "ok"  # the slot is free: this probe closes the breaker
-            await store.sync()
-            assert b.state is CircuitState.CLOSED
-        finally:
-            await store.aclose()
-            await direct.aclose()
-
-
-async def until_async(read: Callable[[], Any], wanted: int, seconds: float) -> bool:
-    """Poll the awaitable ``read()`` until it returns ``wanted`` (bounded)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if int(await read()) == wanted:
-            return True
-        await asyncio.sleep(0.01)
-    return False

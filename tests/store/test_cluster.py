@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import signal
 import time
@@ -35,19 +34,13 @@ from resilience import (
 from resilience.store.redis import RedisStore
 
 from ..cluster_support import ClusterSetup, Node, boom, ok, trip, until
-
-TIMEOUT = 0.25
-_prefixes = itertools.count()
+from .support import TIMEOUT, Load, prefix, recovered, started
 
 
 @pytest.fixture
 def cluster() -> Iterator[ClusterSetup]:
     """Three cluster primaries of this test's own (require-full-coverage no), killed at the end."""
-    setup = ClusterSetup(size=3, full_coverage=False, node_timeout=1000)
-    try:
-        yield setup.start()
-    finally:
-        setup.stop()
+    yield from started(ClusterSetup(size=3, full_coverage=False, node_timeout=1000))
 
 
 @contextlib.asynccontextmanager
@@ -79,6 +72,20 @@ def breaker(store: RedisStore, name: str) -> CircuitBreaker:
     return CircuitBreaker(name, store=store, window=CountWindow(20), minimum_calls=10, open_for=60)
 
 
+Breakers = dict[str, CircuitBreaker]
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(
+    setup: ClusterSetup, events: list[Event] | None = None
+) -> AsyncIterator[tuple[RedisStore, RedisStore, Breakers, Breakers]]:
+    """Replicas A (its events in ``events``) and B of one fleet, and their breakers of
+    every name in ``NAMES``; closed at the end."""
+    fleet = prefix("cl")
+    async with cluster_store(setup, fleet, events) as a, cluster_store(setup, fleet) as b:
+        yield a, b, {n: breaker(a, n) for n in NAMES}, {n: breaker(b, n) for n in NAMES}
+
+
 def node_of(store: RedisStore, name: str) -> int:
     """The port of the cluster node holding policy `name`'s keys."""
     client: RedisCluster = store.client
@@ -101,11 +108,8 @@ NAMES = [f"svc-{i}" for i in range(12)]
 async def test_every_script_runs_and_policies_spread_over_nodes(cluster: ClusterSetup) -> None:
     """Breakers, leases, rate limiter, retry budget, fallback cache and status() all run on a
     cluster (no CROSSSLOT); the policies' keys land on every node, one slot per policy."""
-    prefix = f"cl{next(_prefixes)}"
-    async with cluster_store(cluster, prefix) as a, cluster_store(cluster, prefix) as b:
+    async with two_replicas(cluster) as (a, b, breakers_a, breakers_b):
         # breakers: one slot each, spread over the nodes; a trip on A reaches B
-        breakers_a = {n: breaker(a, n) for n in NAMES}
-        breakers_b = {n: breaker(b, n) for n in NAMES}
         for n in NAMES:
             for _ in range(5):
                 assert await breakers_a[n].call(ok) == "ok"
@@ -181,11 +185,8 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
     on the dead node go local (the store never degrades as a whole, and the others stay
     shared), breakers on the surviving nodes keep their state, and the fleet converges on
     the restarted node's breakers again."""
-    prefix = f"cl{next(_prefixes)}"
     events: list[Event] = []
-    async with cluster_store(cluster, prefix, events) as a, cluster_store(cluster, prefix) as b:
-        breakers_a = {n: breaker(a, n) for n in NAMES}
-        breakers_b = {n: breaker(b, n) for n in NAMES}
+    async with two_replicas(cluster, events) as (a, b, breakers_a, breakers_b):
         for n in NAMES:
             await breakers_a[n].call(ok)
         await a.sync()
@@ -201,24 +202,9 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
             lambda: breakers_b[elsewhere[0]].state is CircuitState.OPEN, 3, "B sees the trip"
         )
 
-        failures: list[BaseException] = []
-        calls = 0
-        stop = asyncio.Event()
-
-        async def load(bs: dict[str, CircuitBreaker]) -> None:
-            nonlocal calls
-            while not stop.is_set():
-                for b_ in bs.values():
-                    try:
-                        await b_.call(ok)
-                        calls += 1
-                    except CircuitOpenError:
-                        pass
-                    except Exception as exc:  # a failure caused by the store
-                        failures.append(exc)
-                await asyncio.sleep(0.002)
-
-        workers = [asyncio.create_task(load(bs)) for bs in (breakers_a, breakers_b)]
+        load = Load()
+        for bs in (breakers_a, breakers_b):
+            load.start(list(bs.values()), pause=0.002)
         try:
             await asyncio.sleep(0.3)
             victim.kill()
@@ -231,31 +217,21 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
             await until(
                 lambda: breakers_b[elsewhere[1]].state is CircuitState.OPEN, 3, "B, node down"
             )
-            down_calls = calls
+            down_calls = load.calls
             await asyncio.sleep(1.5)
             still_degraded = a.degraded
             assert not still_degraded
             victim.start()
             restarted = time.monotonic()
             cluster.wait_ok()
-
-            async def synced(store: RedisStore) -> bool:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(store.sync(), 2)
-                return not store.degraded and not store.supervisor.away
-
-            deadline = time.monotonic() + 20
-            while not (await synced(a) and await synced(b)):
-                assert time.monotonic() < deadline, "the stores never recovered"
-                await asyncio.sleep(0.05)
-            recovered = time.monotonic() - restarted
+            await recovered(a, b)
+            back_after = time.monotonic() - restarted
             await asyncio.sleep(0.3)
         finally:
-            stop.set()
-            await asyncio.gather(*workers)
+            await load.stop()
 
-        assert failures == []
-        assert calls > down_calls > 0
+        assert load.failures == []
+        assert load.calls > down_calls > 0
         assert not any(isinstance(e, (StoreDegraded, StoreRecovered)) for e in events)
 
         states = {s.name: s for s in await a.status() if s.kind == "circuit_breaker"}
@@ -274,7 +250,8 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
         local_trip = states[elsewhere[1]]
         print(
             f"node away {degraded_after:.2f}s after the kill, store degraded after 1.5 s: "
-            f"{still_degraded}; recovered {recovered:.2f}s after restart; {calls} calls, 0 failed; "
+            f"{still_degraded}; recovered {back_after:.2f}s after restart; "
+            f"{load.calls} calls, 0 failed; "
             f"victim breaker {on_victim[0]}: {victim_state.state.value} gen "
             f"{victim_state.generation}; local trip while degraded -> "
             f"{local_trip.state.value} on the fleet; B saw a new trip after {took * 1000:.0f} ms"
@@ -285,11 +262,8 @@ async def test_a_paused_node_makes_only_its_own_breakers_local(cluster: ClusterS
     """3 primaries, one paused (SIGSTOP): breakers on the other two stay shared (a trip on A
     reaches B), the store never degrades, no call fails or waits on the paused node, and its
     own breakers decide locally until it answers again."""
-    prefix = f"cl{next(_prefixes)}"
     events: list[Event] = []
-    async with cluster_store(cluster, prefix, events) as a, cluster_store(cluster, prefix) as b:
-        breakers_a = {n: breaker(a, n) for n in NAMES}
-        breakers_b = {n: breaker(b, n) for n in NAMES}
+    async with two_replicas(cluster, events) as (a, b, breakers_a, breakers_b):
         for n in NAMES:
             await breakers_a[n].call(ok)
             await breakers_b[n].call(ok)

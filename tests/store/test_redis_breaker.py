@@ -1,5 +1,6 @@
 """A shared breaker (``SharedBreakerCore`` and ``transition.lua``): the generations a replica
-reports, and a quorum breaker's votes (how long they count, whose they are, what opens).
+reports, with Redis paused or cut off, and against a stub engine (hypothesis). A quorum
+breaker's votes are in ``test_redis_quorum``.
 
 Real redis-servers; the fake clock drives breaker time (a store built with it passes its time
 to the scripts), so votes and open periods are exact.
@@ -9,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,44 +31,37 @@ from resilience.errors import StoreUnavailableError
 from resilience.events import Event
 from resilience.rules.breaker import BreakerConfig
 from resilience.store.redis import RedisStore
-from resilience.store.redis.breaker import VOTE_LEASE, SharedBreakerCore
-from resilience.store.redis.primitives import FleetState, FlushReply, Outcomes, ProbeReply
+from resilience.store.redis.breaker import SharedBreakerCore
+from resilience.store.redis.primitives import (
+    BreakerKeys,
+    FleetState,
+    FlushReply,
+    Outcomes,
+    ProbeReply,
+)
 from resilience.testing import FakeClock
 
 from ..faultproxy import FaultProxy
-from ..fork_support import in_forked_child
 from ..redis_server import RedisServer
+from .support import boom, fleet_gen, ok, prefix, quorum_breaker, trip, until
 
-_prefixes = itertools.count()
 OPEN, CLOSED, HALF_OPEN = CircuitState.OPEN, CircuitState.CLOSED, CircuitState.HALF_OPEN
 
 
-async def ok() -> str:
-    return "ok"
+async def warm(*replicas: tuple[RedisStore, CircuitBreaker]) -> None:
+    """Each replica's breaker called once and its store synced: all have joined the fleet."""
+    for store, b in replicas:
+        await b.call(ok)
+        await store.sync()
 
 
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0, what: str = "") -> None:
-    """Wait (real time, generous bound) until ``condition()``."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < seconds, f"{what}: not within {seconds}s"
-        await asyncio.sleep(0.005)
-
-
-def prefix() -> str:
-    return f"brk{next(_prefixes)}-{os.getpid()}"
-
-
-async def trip(b: CircuitBreaker, calls: int = 4) -> None:
-    """Fail calls until this replica's own window opens its breaker."""
-    for _ in range(calls):
-        with contextlib.suppress(ValueError, CircuitOpenError):
-            await b.call(boom)
-    assert b.state is OPEN
+async def cut_off(proxy: FaultProxy, store: RedisStore, b: CircuitBreaker) -> None:
+    """``store``'s replica cut off from Redis (connections dropped and refused), then its
+    breaker tripped by its own outcomes: it decides alone from here on."""
+    await proxy.set_refuse(True)
+    proxy.cut()
+    await trip(b)
+    await until(lambda: store.degraded, 5.0, "degraded")
 
 
 class Watch:
@@ -96,50 +87,6 @@ class Watch:
         assert self.seen == sorted(self.seen), self.seen
 
 
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def stores(redis_url: str) -> AsyncIterator[Callable[..., RedisStore]]:
-    made: list[RedisStore] = []
-
-    def make(**kw: Any) -> RedisStore:
-        kw.setdefault("prefix", prefix())
-        s = RedisStore.from_url(kw.pop("url", redis_url), **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        await s.aclose()
-
-
-async def fleet_gen(raw: aioredis.Redis, store: RedisStore, name: str = "dep") -> int:
-    return int(await raw.hget(store.key(name, "state"), "gen") or -1)
-
-
-async def votes(raw: aioredis.Redis, store: RedisStore, name: str = "dep") -> list[str]:
-    fields = await raw.hkeys(store.key(name, "state"))
-    return sorted(f.decode() for f in fields if f.startswith(b"v."))
-
-
-def quorum_breaker(store: RedisStore, k: int, **options: Any) -> CircuitBreaker:
-    options.setdefault("open_for", 30.0)
-    return CircuitBreaker(
-        "dep",
-        store=store,
-        window=CountWindow(4),
-        minimum_calls=4,
-        open_when="quorum",
-        quorum=k,
-        **options,
-    )
-
-
 # --- generations --------------------------------------------------------------------------
 
 
@@ -158,9 +105,7 @@ async def test_generations_stay_monotonic_when_redis_returns_from_a_pause(
     ba = CircuitBreaker("dep", store=a, listeners=[watch], **options)
     bb = CircuitBreaker("dep", store=b, **options)
     try:
-        for s, br in ((a, ba), (b, bb)):
-            await br.call(ok)
-            await s.sync()
+        await warm((a, ba), (b, bb))
         redis_server.pause()
         try:
             await trip(ba)  # generation 1, pushed to a Redis that does not answer
@@ -212,13 +157,8 @@ async def test_a_replica_back_from_an_outage_is_never_numbered_below_itself(
         ba = quorum_breaker(a, 2, open_for=10.0, listeners=[watch])
         bs = [quorum_breaker(s, 2, open_for=10.0) for s in peers]
         try:
-            for s, br in zip([a, *peers], [ba, *bs], strict=True):
-                await br.call(ok)
-                await s.sync()
-            await proxy.set_refuse(True)
-            proxy.cut()
-            await trip(ba)
-            await until(lambda: a.degraded, 5.0, "degraded")
+            await warm(*zip([a, *peers], [ba, *bs], strict=True))
+            await cut_off(proxy, a, ba)
             clock.advance(11)
             assert await ba.call(ok) == "ok"  # its own probe closes it: generation 3
             assert ba.state is CLOSED
@@ -262,13 +202,8 @@ async def test_an_open_fleet_takes_the_number_of_a_replica_back_from_an_outage(
         ba = CircuitBreaker("dep", store=a, listeners=[watch], **options)
         bb = CircuitBreaker("dep", store=b, listeners=[peer_watch], **options)
         try:
-            for s, br in ((a, ba), (b, bb)):
-                await br.call(ok)
-                await s.sync()
-            await proxy.set_refuse(True)
-            proxy.cut()
-            await trip(ba)
-            await until(lambda: a.degraded, 5.0, "degraded")
+            await warm((a, ba), (b, bb))
+            await cut_off(proxy, a, ba)
             await trip(bb)
             await b.sync()
             assert await fleet_gen(raw, b) == 1
@@ -388,7 +323,7 @@ def test_reported_generations_never_go_back(steps: list[tuple[str, Any]]) -> Non
     clock = FakeClock()
     engine = StubEngine()
     config = BreakerConfig(window=CountWindow(2), minimum_calls=2, open_for=5.0)
-    core = SharedBreakerCore("p", config, clock, engine, ["s", "w", "p", "r"])
+    core = SharedBreakerCore("p", config, clock, engine, BreakerKeys("s", "w", "p", "r"))
     watch = Watch()
     options: dict[str, Any] = {"window": CountWindow(2), "minimum_calls": 2, "open_for": 5.0}
     store: Any = OneCoreStore(core, clock)
@@ -424,160 +359,3 @@ def test_reported_generations_never_go_back(steps: list[tuple[str, Any]]) -> Non
             watch.check()
     finally:
         loop.close()
-
-
-# --- quorum votes -------------------------------------------------------------------------
-
-
-async def test_a_closed_store_withdraws_its_vote(
-    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
-) -> None:
-    """A voter's store closed (a clean shutdown) takes its vote away at once: the same host
-    restarted under a new replica id votes alone, and the healthy replicas stay closed."""
-    name = prefix()
-    sick, healthy = stores(prefix=name, clock=clock), stores(prefix=name, clock=clock)
-    bs, bh = quorum_breaker(sick, 2), quorum_breaker(healthy, 2)
-    await bh.call(ok)
-    await healthy.sync()
-    await trip(bs)
-    await sick.sync()
-    assert await votes(raw, sick) == [f"v.{sick.replica}"]
-    await sick.aclose()
-    assert await votes(raw, sick) == []
-    restarted = stores(prefix=name, clock=clock)
-    assert restarted.replica != sick.replica
-    await trip(quorum_breaker(restarted, 2))
-    await restarted.sync()
-    await healthy.sync()
-    assert bh.state is CLOSED
-    assert [await bh.call(ok) for _ in range(20)] == ["ok"] * 20
-
-
-async def test_a_dead_replicas_vote_lapses_within_the_vote_lease(
-    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
-) -> None:
-    """A voter that dies without closing its store (a forked child that exits) stops
-    renewing its vote: past the vote lease it no longer counts, though its own open period
-    (30 s) is far from over, so a new replica's vote alone opens nothing."""
-    name = prefix()
-    store = stores(prefix=name, clock=clock)
-    b = quorum_breaker(store, 2)
-    await b.call(ok)
-    await store.sync()
-
-    async def die_after_voting() -> str:
-        await trip(b)
-        await store.sync()
-        return store.replica
-
-    dead = in_forked_child(die_after_voting)
-    assert await votes(raw, store) == [f"v.{dead}"]
-    clock.advance(VOTE_LEASE + 0.01)
-    other = stores(prefix=name, clock=clock)
-    await trip(quorum_breaker(other, 2))
-    await other.sync()
-    await store.sync()
-    assert b.state is CLOSED
-    assert await votes(raw, store) == [f"v.{other.replica}"]
-
-
-async def test_a_live_voter_renews_its_vote_for_its_whole_open_period(
-    stores: Callable[..., RedisStore], clock: FakeClock
-) -> None:
-    """A voter that stays alive (but makes no call) keeps its vote past the vote lease while
-    its own open period lasts: a second vote 10 s later reaches the quorum."""
-    name = prefix()
-    first, second = stores(prefix=name, clock=clock), stores(prefix=name, clock=clock)
-    b1, b2 = quorum_breaker(first, 2), quorum_breaker(second, 2)
-    await b2.call(ok)
-    await second.sync()
-    await trip(b1)
-    await first.sync()
-    for _ in range(40):
-        clock.advance(0.25)  # renewals are due now and then: each runs a round
-        await first.engine.next_round()
-    await trip(b2)
-    await second.sync()
-    await until(lambda: b1.state is OPEN and b2.state is OPEN, 5.0, "the quorum")
-    assert b1.metrics().generation == b2.metrics().generation
-
-
-async def test_a_forked_child_does_not_inherit_its_parents_vote(
-    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
-) -> None:
-    """A process whose breaker tripped forks two workers that never call the dependency:
-    they start from the fleet's state (closed) and cast no vote; quorum 3 is not reached."""
-    name = prefix()
-    store = stores(prefix=name, clock=clock)
-    b = quorum_breaker(store, 3)
-    await b.call(ok)
-    await store.sync()
-    await trip(b)
-    await store.sync()
-
-    async def worker() -> str:
-        await store.sync()
-        return f"{b.state.value} {store.replica}"
-
-    children = [in_forked_child(worker).split() for _ in range(2)]
-    assert [state for state, _ in children] == ["closed", "closed"]
-    assert len({replica for _, replica in children} | {store.replica}) == 3
-    await store.sync()
-    assert await votes(raw, store) == [f"v.{store.replica}"]
-    assert b.state is OPEN  # the parent's own trip: its own, still
-    state = await raw.hget(store.key("dep", "state"), "state")
-    assert state == b"closed"
-
-
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e300", "abc"])
-async def test_garbage_votes_are_reset_and_reported(
-    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis, value: str
-) -> None:
-    """Vote fields that hold no time we write count for nothing: deleted, reported with
-    StoreDataReset, and one real vote does not reach quorum 2 with them."""
-    events: list[Event] = []
-    store = stores(clock=clock, listeners=[events.append])
-    b = quorum_breaker(store, 2)
-    await b.call(ok)
-    await store.sync()
-    key = store.key("dep", "state")
-    gen = await fleet_gen(raw, store)
-    await raw.hset(key, mapping={"vg": gen, "v.ghost1": value, "v.ghost2": value})
-    await trip(b)
-    await store.sync()
-    assert await raw.hget(key, "state") == b"closed"
-    assert await votes(raw, store) == [f"v.{store.replica}"]
-    assert any(isinstance(e, StoreDataReset) for e in events)
-
-
-async def test_a_quorum_opens_the_fleet_for_the_fleets_own_open_time(
-    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
-) -> None:
-    """open_for=0.5: a replica sick for long (its own re-opens grew its open time to 8 s)
-    casts the deciding vote; the fleet's first opening still lasts 0.5 s."""
-    name = prefix()
-    long_sick, newly_sick = stores(prefix=name, clock=clock), stores(prefix=name, clock=clock)
-    options: dict[str, Any] = {"open_for": 0.5, "open_for_max": 8.0}
-    bl, bn = quorum_breaker(long_sick, 2, **options), quorum_breaker(newly_sick, 2, **options)
-    await bn.call(ok)
-    await newly_sick.sync()
-    await trip(bl)
-    for open_for in (0.5, 1.0, 2.0):  # its own probes fail: it re-opens for longer
-        clock.advance(open_for)
-        with pytest.raises(ValueError, match="boom"):
-            await bl.call(boom)
-        assert bl.metrics().open_for == open_for * 2
-        await long_sick.sync()
-    clock.advance(4.0)  # its vote has lapsed with its open period
-    await trip(bn)  # a first vote ...
-    await newly_sick.sync()
-    with pytest.raises(ValueError, match="boom"):
-        await bl.call(boom)  # ... and the long-sick replica's next re-open (8 s) decides
-    assert bl.metrics().open_for == 8.0
-    await long_sick.sync()
-    key = long_sick.key("dep", "state")
-    assert await raw.hget(key, "state") == b"open"
-    open_ms = int(await raw.hget(key, "open_until")) - round(clock.monotonic() * 1000)
-    assert open_ms == 500
-    await until(lambda: bn.state is OPEN, 5.0, "the fleet opened")
-    assert bn.metrics().open_for == 0.5

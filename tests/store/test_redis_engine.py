@@ -1,8 +1,10 @@
 """The shared-state engine at scale and in a real process's life (real redis-servers).
 
 Cost follows use (idle breakers cost nothing, forgotten ones come back with the fleet's
-state, status() in O(1) round trips), the window's representation, what Redis holds is
-range-checked, quiet connections and busy loops, forks, recovery, and shutdown.
+state, a burst of new breakers goes a chunk at a time), quiet connections and busy loops,
+forks, recovery, shutdown, and half-open across replicas that die or lose replies. Status is
+in ``test_redis_status``, the scripts' own rules in ``test_redis_scripts``, quorum opening in
+``test_redis_quorum``.
 """
 
 from __future__ import annotations
@@ -10,19 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
-import math
-import os
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience import (
@@ -31,7 +30,6 @@ from resilience import (
     CircuitState,
     CountWindow,
     StateChanged,
-    StoreDataReset,
     StoreDegraded,
 )
 from resilience.events import Event, SubscriberReplaced
@@ -41,56 +39,7 @@ from resilience.testing import FakeClock
 from ..faultproxy import FaultProxy
 from ..fork_support import in_forked_child
 from ..redis_server import RedisServer
-
-_prefixes = itertools.count()
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0, what: str = "") -> None:
-    """Wait (real time, generous bound) until ``condition()``."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < seconds, f"{what}: not within {seconds}s"
-        await asyncio.sleep(0.005)
-
-
-def prefix() -> str:
-    return f"eng{next(_prefixes)}-{os.getpid()}"
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def stores(redis_url: str) -> AsyncIterator[Callable[..., RedisStore]]:
-    made: list[RedisStore] = []
-
-    def make(**kw: Any) -> RedisStore:
-        kw.setdefault("prefix", prefix())
-        s = RedisStore.from_url(kw.pop("url", redis_url), **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        await s.aclose()
-
-
-async def evalsha_calls(raw: aioredis.Redis) -> int:
-    stats = await raw.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
+from .support import boom, evalsha_calls, ok, prefix, until
 
 # --- cost follows use ------------------------------------------------------------------------
 
@@ -147,251 +96,32 @@ async def test_a_forgotten_breaker_comes_back_with_the_fleets_state(
         await again.call(ok)
 
 
-async def test_status_reads_many_names_in_few_round_trips(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis
-) -> None:
-    """status() of 1,200 names: a script call per registry, one per chunk of names, every
-    name listed."""
-    store = stores()
-    for i in range(1200):
-        CircuitBreaker(f"s{i:04}", store=store)
-    await store.sync()
-    before = await evalsha_calls(raw)
-    listed = await store.status()
-    assert len(listed) == 1200
-    from resilience.store.redis import _STATUS_CHUNK
-
-    assert await evalsha_calls(raw) - before == 2 + math.ceil(1200 / _STATUS_CHUNK)
-    assert [s.name for s in await store.status(limit=10)] == [f"s{i:04}" for i in range(10)]
-
-
-async def test_one_damaged_entry_does_not_hide_the_others(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis
-) -> None:
-    """A budget key holding text: that entry is reported damaged; the rest are shown."""
-    store = stores()
-    CircuitBreaker("good", store=store)
-    await store.sync()
-    await raw.set(store.key("bad", "budget"), "n/a")
-    await raw.sadd(f"{store.prefix}:names", "bad")
-    await raw.sadd(f"{store.prefix}:names:other", "bad")  # as a replica registers a budget
-    listed = {(s.name, s.kind): s for s in await store.status()}
-    assert ("good", "circuit_breaker") in listed
-    damaged = listed[("bad", "damaged")]
-    assert damaged.damaged
-    assert damaged.to_dict()["damaged"]
-
-
-async def exists_calls(raw: aioredis.Redis) -> int:
-    stats = await raw.info("commandstats")
-    return int(stats.get("cmdstat_exists", {}).get("calls", 0))
-
-
-async def test_status_looks_for_bulkheads_only_under_names_that_have_them(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis
-) -> None:
-    """A name registered only as a breaker costs status no lookup of lease, limiter or budget
-    keys; one that any replica registered as a fleet-wide bulkhead is shown as one."""
-    store = stores()
-    for i in range(300):
-        CircuitBreaker(f"b{i}", store=store)
-    await store.sync()
-    before = await exists_calls(raw)
-    assert len(await store.status()) == 300
-    assert await exists_calls(raw) == before
-    other = stores(prefix=store.prefix)  # another replica takes a permit under one name
-    await other.acquire_lease("b7", limit=2, ttl=30)
-    await other.sync()
-    before = await exists_calls(raw)
-    listed = {(s.name, s.kind): s for s in await store.status()}
-    assert listed[("b7", "bulkhead")].in_flight == 1
-    assert listed[("b7", "bulkhead")].limit == 2
-    assert ("b7", "circuit_breaker") in listed
-    assert 1 <= await exists_calls(raw) - before <= 2  # b7's lookups only
-
-
-async def test_the_registry_is_rebuilt_after_redis_loses_it(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis, clock: FakeClock
-) -> None:
-    """Names in use are registered again (every 10 s of use), with the registry's TTL."""
-    store = stores(clock=clock)
-    b = CircuitBreaker("dep", store=store)
-    await b.call(ok)
-    await store.sync()
-    assert "dep" in await store.known_names()
-    await raw.delete(f"{store.prefix}:names")  # Redis restarted empty, or the TTL ran out
-    clock.advance(11.0)
-    await b.call(ok)
-    await store.sync()
-    assert "dep" in await store.known_names()
-    assert await raw.pttl(f"{store.prefix}:names") > 0
-
-
-async def test_the_registry_outlives_a_short_ttl(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis
-) -> None:
-    """With ttl=0.6 s a name in use is registered again within a third of it, renewing the
-    registry's lifetime: after 2 s of use another replica's status() still lists it."""
-    store = stores(ttl=0.6)
-    other = stores(prefix=store.prefix)
-    b = CircuitBreaker("dep", store=store)
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        await b.call(ok)
-        await asyncio.sleep(0.02)
-    assert await other.known_names() == ["dep"]
-    assert [s.name for s in await other.status()] == ["dep"]
-    assert 0 < await raw.pttl(f"{store.prefix}:names") <= 600
-
-
-async def test_a_registry_that_is_not_a_set_is_reset_alone(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis
-) -> None:
-    """Something else under a registry key: reset and reported when names are added or
-    read; the store never turns degraded, and the names in use are listed again."""
-    events: list[Event] = []
-    store = stores(listeners=[events.append])
-    await raw.set(f"{store.prefix}:names", "not a set")
-    b = CircuitBreaker("dep", store=store)
-    await b.call(ok)
-    await store.sync()
-    assert await store.known_names() == ["dep"]
-    await raw.set(f"{store.prefix}:names:other", "not a set")
-    assert [s.name for s in await store.status()] == ["dep"]
-    assert not store.degraded
-    assert [type(e) for e in events] == [StoreDataReset, StoreDataReset], events
-
-
 async def test_a_burst_of_new_breakers_is_sent_a_chunk_at_a_time(
     stores: Callable[..., RedisStore],
 ) -> None:
     """1,200 new breakers, each called once: no pipeline carries more than a chunk of
     breakers (plus the registrations), and every breaker reads the fleet's state."""
-    from resilience.store.redis.engine import _CHUNK
+    from resilience.store.redis.outbox import CHUNK
 
     store = stores()
-    engine = store.engine
+    supervisor = store.supervisor
     sizes: list[int] = []
-    send = engine._send
+    send = supervisor.send
 
     async def counted(commands: list[Any]) -> list[Any]:
         sizes.append(len(commands))
         return await send(commands)
 
-    engine._send = counted  # type: ignore[method-assign]
+    supervisor.send = counted  # type: ignore[method-assign]
     breakers = [CircuitBreaker(f"n{i}", store=store) for i in range(1200)]
     for b in breakers:
         await b.call(ok)
     await store.sync()
     assert not store.degraded
-    assert len(sizes) >= 1200 // _CHUNK
-    assert max(sizes) <= _CHUNK + 2, max(sizes)  # + one command per registry
+    assert len(sizes) >= 1200 // CHUNK
+    assert max(sizes) <= CHUNK + 2, max(sizes)  # + one command per registry
     assert all(b._core.fleet_gen >= 0 for b in breakers)  # type: ignore[attr-defined]
     assert len(await store.known_names()) == 1200
-
-
-# --- the window in Redis -----------------------------------------------------------------
-
-
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    size=st.integers(1, 60),
-    chunks=st.lists(
-        st.integers(1, 25).flatmap(lambda c: st.tuples(st.just(c), st.integers(0, c))),
-        min_size=1,
-        max_size=12,
-    ),
-)
-async def test_the_count_window_keeps_the_newest_calls(
-    redis_url: str, size: int, chunks: list[tuple[int, int]]
-) -> None:
-    """Running totals match a model that keeps the newest ``size`` calls of the flushed
-    chunks (the oldest chunk cut pro rata), whatever the chunks."""
-    client = aioredis.Redis.from_url(redis_url)
-    store = RedisStore(client, prefix=prefix(), clock=FakeClock())
-    try:
-        engine = store.engine
-        flush = store._scripts["flush"]
-        keys = [store.key("w", s) for s in ("state", "win", "probes", "replicas")]
-        model: list[list[int]] = []
-        for seq, (calls, failures) in enumerate(chunks, 1):
-            reply = await flush(
-                keys=keys,
-                args=[0, calls, failures, 0, "c", size, 0, engine.now_arg(), 60_000, "r", seq],
-            )
-            fields = dict(zip(reply[::2], reply[1::2], strict=True))
-            model.append([calls, failures])
-            total = sum(c for c, _ in model)
-            while total > size:
-                c, f = model[0]
-                if total - c >= size:
-                    model.pop(0)
-                    total -= c
-                else:
-                    room = c - (total - size)
-                    model[0] = [room, math.floor(f * room / c + 0.5)]
-                    total = size
-            assert int(fields[b"calls"]) == sum(c for c, _ in model)
-            assert int(fields[b"failures"]) == sum(f for _, f in model)
-            assert int(fields[b"calls"]) <= size
-    finally:
-        await client.aclose()
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("gen", "nan"),
-        ("gen", "inf"),
-        ("gen", "1e300"),
-        ("open_until", "inf"),
-        ("open_until", "1e300"),
-        ("reopens", "nan"),
-        ("tc", "inf"),
-        ("tf", "-1"),
-    ],
-)
-async def test_numbers_out_of_range_are_reset_and_reported(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis, field: str, value: str
-) -> None:
-    """nan, inf and 1e300 are not numbers we wrote: reset, reported, and the breaker works."""
-    events: list[Event] = []
-    store = stores(listeners=[events.append])
-    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 0.2}
-    b = CircuitBreaker("dep", store=store, **options)
-    await b.call(ok)
-    await store.sync()
-    await raw.hset(store.key("dep", "state"), field, value)
-    await store.sync()
-    assert any(isinstance(e, StoreDataReset) for e in events), field
-    for _ in range(4):
-        with pytest.raises((ValueError, CircuitOpenError)):
-            await b.call(boom)
-    await store.sync()
-    assert b.state is CircuitState.OPEN
-    await asyncio.sleep(0.3)  # open_for: the breaker probes again (no deadline at infinity)
-    assert await b.call(ok) == "ok"
-    await store.sync()
-    assert b.state is CircuitState.CLOSED
-
-
-@pytest.mark.parametrize("value", ["nan", "inf", "1e300"])
-async def test_shared_primitives_reset_numbers_out_of_range(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis, value: str
-) -> None:
-    """A rate bucket, a budget or a lease at infinity is reset, never a limit forever."""
-    events: list[Event] = []
-    store = stores(listeners=[events.append])
-    await raw.set(store.key("api", "gcra"), value)
-    await raw.set(store.key("bud", "budget"), value)
-    assert await store.rate_take("api", interval=1.0, burst=1) == 0.0
-    assert await store.budget_add("bud", delta=0, maximum=3, ttl=10) == 3
-    if value != "nan":  # a zset score cannot be NaN
-        await raw.zadd(store.key("pool", "leases"), {"ghost": float(value)})
-        assert await store.acquire_lease("pool", limit=1, ttl=5) is not None
-    assert sum(isinstance(e, StoreDataReset) for e in events) == 2
 
 
 # --- connections ---------------------------------------------------------------------------
@@ -835,148 +565,6 @@ async def test_a_new_replica_does_not_undo_an_operators_force_open(
     await newcomer.sync()
     assert (await raw.hget(newcomer.key("dep", "state"), "state")) == b"forced_open"
     assert b.state is CircuitState.FORCED_OPEN
-
-
-# --- status replies, parsed by the names in their header -------------------------------------
-
-
-def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
-    """The columns are found by name: a reply whose header lists them in another order (or
-    with one more) reads the same; one without a column marks every name damaged."""
-    from resilience.store.redis.status import COLUMNS, parse_status
-
-    values = {"s": "open", "g": "3", "u": "5000", "c": "10", "f": "6", "l": "0", "p": "0"}
-    values |= {"o": "10,6,0", "n": "2", "m": "4", "a": "6", "q": "", "t": "7.5"}
-    report = "r1|900 10 6 0 4 2 0,3"
-
-    def reply(header: list[str]) -> list[Any]:
-        entry = "\t".join([*(values.get(c, "x") for c in header), report])
-        return [1000, "\t".join(header).encode(), entry.encode()]
-
-    first = parse_status(["dep"], reply(list(COLUMNS)))
-    shuffled = parse_status(["dep"], reply(["extra", *reversed(COLUMNS)]))
-    assert first == shuffled
-    breaker, bulkhead, budget = first
-    assert (breaker.state, breaker.generation, breaker.calls, breaker.failures) == (
-        CircuitState.OPEN,
-        3,
-        10,
-        6,
-    )
-    assert breaker.retry_after == pytest.approx(4.0)
-    assert breaker.opened_by == (10, 6, 0)
-    (replica,) = breaker.replicas
-    assert (replica.replica, replica.last_seen, replica.rejected) == ("r1", 0.1, 2)
-    assert replica.latency == (0, 3, *(0,) * 13) == breaker.latency
-    assert (bulkhead.kind, bulkhead.in_flight, bulkhead.limit) == ("bulkhead", 2, 4)
-    assert bulkhead.adaptive_limit == 6
-    assert (budget.kind, budget.tokens) == ("retry_budget", 7.5)
-    broken = parse_status(["a", "b"], reply([c for c in COLUMNS if c != "g"]))
-    assert [(s.name, s.kind) for s in broken] == [("a", "damaged"), ("b", "damaged")]
-    assert "g" in (broken[0].damaged or "")
-
-
-def test_a_short_or_missing_entry_is_damaged_alone() -> None:
-    from resilience.store.redis.status import COLUMNS, parse_status
-
-    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t\t"
-    header = "\t".join(COLUMNS)
-    listed = parse_status(["a", "b", "c", "d"], [5, header, good, "closed\t0", good])
-    assert [(s.name, s.kind) for s in listed] == [
-        ("a", "circuit_breaker"),
-        ("b", "damaged"),
-        ("c", "circuit_breaker"),
-        ("d", "damaged"),  # the reply ended early
-    ]
-
-
-@given(st.lists(st.integers(0, 2**52), min_size=15, max_size=15))
-def test_a_histogram_reads_back_as_it_was_sent(counts: list[int]) -> None:
-    """Trailing zeros are left out of a replica's report; reading it gives every bucket back.
-    The old form (all 15 counts) reads the same; none ("") or too many buckets read as ()."""
-    from resilience.store.redis.primitives import histogram_arg, parse_histogram
-
-    sent = histogram_arg(counts)
-    assert parse_histogram(sent) == tuple(counts)
-    assert parse_histogram(",".join(map(str, counts))) == tuple(counts)
-    assert len(sent) <= len(",".join(map(str, counts)))
-    assert parse_histogram("") == ()
-    assert parse_histogram(",".join(map(str, [*counts, 1]))) == ()
-
-
-@given(st.text(min_size=1, max_size=40))
-def test_a_name_is_escaped_as_percent_encoding_would(name: str) -> None:
-    """The fast path for plain names gives what ``quote(name, safe="")`` gives."""
-    from urllib.parse import quote
-
-    from resilience.store.redis.primitives import escape
-
-    assert escape(name) == quote(name, safe="")
-
-
-# --- quorum opening ----------------------------------------------------------------------------
-
-
-async def test_quorum_votes_open_the_fleet_at_k_and_expire(
-    stores: Callable[..., RedisStore], clock: FakeClock, raw: aioredis.Redis
-) -> None:
-    """Three replicas, quorum 2: one replica's trip opens only its own breaker; a vote that
-    outlived the replica's open period does not count towards the quorum; a second live
-    vote opens everyone's; the votes are cleared once the fleet opens."""
-    prefix = f"q{next(_prefixes)}"
-    replicas = [stores(prefix=prefix, clock=clock) for _ in range(3)]
-    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 10}
-    bs = [CircuitBreaker("dep", store=s, open_when="quorum", quorum=2, **options) for s in replicas]
-
-    async def sync() -> None:
-        for s in replicas:
-            await s.sync()
-
-    async def trip(b: CircuitBreaker) -> None:
-        for _ in range(4):
-            with contextlib.suppress(ValueError, CircuitOpenError):
-                await b.call(boom)
-        assert b.state is CircuitState.OPEN
-
-    await sync()
-    await trip(bs[0])
-    await sync()
-    await sync()
-    assert [b.state for b in bs] == [CircuitState.OPEN, CircuitState.CLOSED, CircuitState.CLOSED]
-    clock.advance(11)  # the first vote has lapsed with its open period
-    await trip(bs[1])
-    await sync()
-    await sync()
-    assert [b.state for b in bs][1:] == [CircuitState.OPEN, CircuitState.CLOSED]
-    await trip(bs[2])  # two live votes: the fleet opens
-    await sync()
-    await until(lambda: all(b.state is CircuitState.OPEN for b in bs), what="quorum open")
-    fields = await raw.hkeys(replicas[0].key("dep", "state"))
-    assert not [f for f in fields if f.startswith(b"v.")]
-
-
-def test_quorum_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="quorum=k"):
-        CircuitBreaker("x", open_when="quorum")
-    with pytest.raises(ValueError, match="open_when"):
-        CircuitBreaker("x", open_when="majority", quorum=2)
-    with pytest.raises(ValueError, match="needs open_when"):
-        CircuitBreaker("x", quorum=2)
-    with pytest.raises(ValueError, match="quorum"):
-        CircuitBreaker("x", open_when="quorum", quorum=0)
-    with pytest.raises(TypeError, match="quorum"):
-        CircuitBreaker("x", open_when="quorum", quorum=2.0)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="quorum"):
-        CircuitBreaker("x", open_when="quorum", quorum=10**6)
-
-
-async def test_a_quorum_breaker_on_a_memory_store_opens_on_its_own_window() -> None:
-    """One process is one replica: its own trip opens it, whatever k."""
-    b = CircuitBreaker("x", window=CountWindow(4), minimum_calls=4, open_when="quorum", quorum=3)
-    for _ in range(4):
-        with contextlib.suppress(ValueError):
-            await b.call(boom)
-    assert b.state is CircuitState.OPEN
 
 
 async def test_a_trip_before_the_first_fleet_reply_is_not_overridden(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import signal
@@ -16,12 +15,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from resilience import CircuitBreaker, CircuitOpenError, CircuitState, CountWindow
+from resilience import CircuitBreaker, CircuitOpenError, CircuitState
 from resilience.store.redis import RedisStore
 from resilience.store.redis.breaker import VOTE_LEASE
 
+from ..fleet_worker import boom, breaker
+from . import support
+
 WORKER = str(Path(__file__).parents[1] / "fleet_worker.py")
-_prefixes = itertools.count()
 
 
 class Worker:
@@ -69,7 +70,7 @@ class Worker:
 @pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own."""
-    return f"fleet{next(_prefixes)}-{os.getpid()}"
+    return support.prefix("fleet")
 
 
 def test_one_replica_trips_the_others_reject_promptly(redis_url: str, prefix: str) -> None:
@@ -99,19 +100,7 @@ async def trip_from_here(
 ) -> tuple[RedisStore, CircuitBreaker]:
     """Open the fleet's breaker from this process (built as the workers build it)."""
     store = RedisStore.from_url(url, prefix=prefix)
-    b = CircuitBreaker(
-        "fleet",
-        store=store,
-        window=CountWindow(10),
-        minimum_calls=10,
-        open_for=0.5,
-        half_open_calls=probes,
-        probe_lease=1.0,
-    )
-
-    async def boom() -> None:
-        raise ValueError
-
+    b = breaker(store, probes)
     for _ in range(10):
         try:
             await b.call(boom)

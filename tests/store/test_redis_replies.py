@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,24 +36,7 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 
 from ..redis_server import RedisServer
-
-_prefixes = itertools.count()
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    """Wait (real time, generous bound) until ``condition()``."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < seconds, f"{what}: not within {seconds}s"
-        await asyncio.sleep(0.01)
+from .support import boom, ok, prefix, until
 
 
 @dataclass
@@ -185,7 +166,7 @@ async def test_an_error_reply_is_an_outage(
         await setup(admin, redis_server)
     events: list[Event] = []
     store = RedisStore.from_url(
-        fault.url(redis_server), prefix=f"err{next(_prefixes)}", listeners=[events.append]
+        fault.url(redis_server), prefix=prefix("err"), listeners=[events.append]
     )
     try:
         breaker = CircuitBreaker(
@@ -245,7 +226,7 @@ async def test_a_readonly_reply_drops_connections(
     redis_server: RedisServer, admin: aioredis.Redis
 ) -> None:
     """READONLY: the store drops its pooled connections, so the next one can reach a primary."""
-    store = RedisStore.from_url(redis_server.url, prefix=f"ro{next(_prefixes)}")
+    store = RedisStore.from_url(redis_server.url, prefix=prefix("ro"))
     try:
         breaker = CircuitBreaker("dep", store=store)
         await breaker.call(ok)

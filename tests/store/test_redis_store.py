@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resilience import (
     CircuitBreaker,
@@ -26,25 +28,7 @@ from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 from ..redis_server import RedisServer
-
-_prefixes = itertools.count()
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0) -> float:
-    """Wait (real time, generous bound) until `condition()` holds; return the time it took."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < seconds, "condition not reached in time"
-        await asyncio.sleep(0.001)
-    return time.monotonic() - start
+from .support import boom, ok, prefix, until
 
 
 def breaker(store: RedisStore, name: str = "dep", **kw: Any) -> CircuitBreaker:
@@ -60,28 +44,10 @@ async def fail(b: CircuitBreaker, times: int) -> None:
 
 
 @pytest.fixture
-async def make_store(redis_url: str) -> AsyncIterator[Callable[..., RedisStore]]:
-    """Build RedisStores on the shared test server, one prefix per test; closed at the end."""
-    prefix = f"t{next(_prefixes)}-{time.monotonic_ns()}"
-    made: list[RedisStore] = []
-
-    def make(url: str | None = None, **kw: Any) -> RedisStore:
-        kw.setdefault("prefix", prefix)
-        s = RedisStore.from_url(url or redis_url, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        await s.aclose()
-
-
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A plain client for looking at (and vandalising) the keys."""
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
+def make_store(stores: Callable[..., RedisStore]) -> Callable[..., RedisStore]:
+    """RedisStores on the shared test server under one prefix per test (replicas of one
+    fleet, unless given another prefix); closed at the end."""
+    return functools.partial(stores, prefix=prefix())
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -154,6 +120,16 @@ def test_bad_prefixes_are_refused(prefix: str) -> None:
     """A prefix that would break hash tags or key parsing is refused."""
     with pytest.raises(ValueError, match="prefix"):
         RedisStore.from_url("redis://127.0.0.1:1", prefix=prefix)
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_a_name_is_escaped_as_percent_encoding_would(name: str) -> None:
+    """The fast path for plain names gives what ``quote(name, safe="")`` gives."""
+    from urllib.parse import quote
+
+    from resilience.store.redis.primitives import escape
+
+    assert escape(name) == quote(name, safe="")
 
 
 # --- garbage in Redis -----------------------------------------------------------------------

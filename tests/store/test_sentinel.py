@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -17,7 +16,6 @@ from redis.backoff import NoBackoff
 
 from resilience import (
     CircuitBreaker,
-    CircuitOpenError,
     CircuitState,
     CountWindow,
     Event,
@@ -26,20 +24,14 @@ from resilience import (
 )
 from resilience.store.redis import RedisStore
 
-from ..cluster_support import SentinelSetup, command, ok, trip, until
-
-TIMEOUT = 0.25
-_prefixes = itertools.count()
+from ..cluster_support import SentinelSetup, command, trip, until
+from .support import TIMEOUT, Load, prefix, recovered, started
 
 
 @pytest.fixture
 def sentinel_setup() -> Iterator[SentinelSetup]:
     """A primary, a replica and three sentinels of this test's own, killed at the end."""
-    setup = SentinelSetup(down_after_ms=500, failover_timeout_ms=2000)
-    try:
-        yield setup.start()
-    finally:
-        setup.stop()
+    yield from started(SentinelSetup(down_after_ms=500, failover_timeout_ms=2000))
 
 
 @contextlib.asynccontextmanager
@@ -81,12 +73,12 @@ async def test_failover_under_load_calls_go_on_and_state_survives(
     a breaker opened (and replicated) before the kill is still open at the same generation,
     and a trip after the failover reaches the other replica."""
     setup = sentinel_setup
-    prefix = f"sentinel{next(_prefixes)}"
+    fleet = prefix("sentinel")
     events_a: list[Event] = []
     events_b: list[Event] = []
     async with (
-        sentinel_store(setup, prefix, events_a) as store_a,
-        sentinel_store(setup, prefix, events_b) as store_b,
+        sentinel_store(setup, fleet, events_a) as store_a,
+        sentinel_store(setup, fleet, events_b) as store_b,
     ):
         # a breaker opened before the failover, replicated (WAIT) before the kill
         pre_a, pre_b = breaker(store_a, "pre"), breaker(store_b, "pre")
@@ -96,23 +88,10 @@ async def test_failover_under_load_calls_go_on_and_state_survives(
         assert "1" in command(setup.primary.port, "WAIT", "1", "2000")
 
         live_a, live_b = breaker(store_a, "live"), breaker(store_b, "live")
-        failures: list[BaseException] = []
-        calls = 0
-        stop = asyncio.Event()
-
-        async def load(b: CircuitBreaker) -> None:
-            nonlocal calls
-            while not stop.is_set():
-                try:
-                    await b.call(ok)
-                    calls += 1
-                except CircuitOpenError:
-                    pass
-                except Exception as exc:  # a failure caused by the store
-                    failures.append(exc)
-                await asyncio.sleep(0.001)
-
-        workers = [asyncio.create_task(load(b)) for b in (live_a, live_b) for _ in range(5)]
+        load = Load()
+        for b in (live_a, live_b):
+            for _ in range(5):
+                load.start([b], pause=0.001)
         try:
             await asyncio.sleep(0.3)
             old_primary = setup.primary.port
@@ -122,25 +101,15 @@ async def test_failover_under_load_calls_go_on_and_state_survives(
                 lambda: setup.master_port() == setup.replica.port, 20, "the sentinels' failover"
             )
             failover = time.monotonic() - killed
-
-            async def synced(store: RedisStore) -> bool:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(store.sync(), 2)
-                return not store.degraded
-
-            deadline = time.monotonic() + 20
-            while not (await synced(store_a) and await synced(store_b)):
-                assert time.monotonic() < deadline, "the stores never recovered"
-                await asyncio.sleep(0.05)
-            recovered = time.monotonic() - killed
-            calls_at_recovery = calls
+            await recovered(store_a, store_b)
+            back_after = time.monotonic() - killed
+            calls_at_recovery = load.calls
             await asyncio.sleep(0.3)  # load goes on against the new primary
         finally:
-            stop.set()
-            await asyncio.gather(*workers)
+            await load.stop()
 
-        assert failures == []
-        assert calls > calls_at_recovery > 0
+        assert load.failures == []
+        assert load.calls > calls_at_recovery > 0
         assert setup.master_port() != old_primary
         # the store went degraded while no primary answered, and came back
         assert any(isinstance(e, StoreDegraded) for e in events_a)
@@ -168,8 +137,8 @@ async def test_failover_under_load_calls_go_on_and_state_survives(
         pubsub = await until(lambda: late_b.state is CircuitState.OPEN, 3, "B to see 'late'")
         assert pubsub < 0.5
         print(
-            f"failover {failover:.2f}s, stores recovered {recovered:.2f}s after the kill, "
-            f"{calls} calls, 0 failed, 'pre' gen {gen_before} -> {pre.generation}, "
+            f"failover {failover:.2f}s, stores recovered {back_after:.2f}s after the kill, "
+            f"{load.calls} calls, 0 failed, 'pre' gen {gen_before} -> {pre.generation}, "
             f"trip seen by the other replica after {took * 1000:.0f} ms just after recovery, "
             f"{pubsub * 1000:.0f} ms 2.5 s later"
         )

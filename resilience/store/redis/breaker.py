@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Protocol
+from typing import Protocol
 
 from ...clock import Clock, TimerHandle
 from ...errors import CircuitOpenError, StoreUnavailableError
@@ -45,9 +45,10 @@ from ...rules.breaker import (
     open_duration,
     tripped,
 )
-from ...rules.windows import CountCounter, CountWindow, TimeWindow
+from ...rules.windows import CountCounter
 from ...states import CLOSED, DISABLED, FORCED_OPEN, HALF_OPEN, OPEN, CircuitState
 from .primitives import (
+    BreakerKeys,
     FleetState,
     FlushReply,
     Outcomes,
@@ -56,16 +57,34 @@ from .primitives import (
     Report,
     ReportReply,
     Transition,
+    WindowArgs,
 )
 from .supervisor import LoopLate
 
-__all__ = ["VOTE_LEASE", "Engine", "SharedBreakerCore"]
+__all__ = ["VOTE_LEASE", "Engine", "Pending", "SharedBreakerCore"]
 
 _NEVER_HEARD = FleetState(CLOSED, 0, 0, 0, 0, 0)  # a breaker the fleet has not answered about
 
 #: Seconds a quorum vote counts unless its replica renews it (it does, at half its life,
 #: while its own open period lasts): the vote of a replica that died lapses within this.
 VOTE_LEASE = 2.0
+
+
+class Pending:
+    """The outcomes a shared breaker buffered since its last flush, and the generation they
+    were counted under. The closed state's hot path adds to it: plain slots, no I/O."""
+
+    __slots__ = ("calls", "failures", "gen", "slow")
+
+    def __init__(self, gen: int = 0) -> None:
+        self.gen = gen
+        self.calls = 0
+        self.failures = 0
+        self.slow = 0
+
+    def __repr__(self) -> str:
+        counts = f"calls={self.calls}, failures={self.failures}, slow={self.slow}"
+        return f"Pending(gen={self.gen}, {counts})"
 
 
 class Engine(Protocol):
@@ -113,7 +132,6 @@ class SharedBreakerCore(BreakerCore):
         "leaving",
         "marked",
         "pending",
-        "pending_gen",
         "seen",
         "seen_at",
         "strict",
@@ -123,21 +141,14 @@ class SharedBreakerCore(BreakerCore):
     )
 
     def __init__(
-        self, name: str, config: BreakerConfig, clock: Clock, engine: Engine, keys: list[str]
+        self, name: str, config: BreakerConfig, clock: Clock, engine: Engine, keys: BreakerKeys
     ) -> None:
         super().__init__(name, config, clock)
         self.engine = engine
         self.strict = bool(getattr(engine, "strict", False))
-        self.keys = keys  # state, window, probes, replicas
-        window = config.window
-        if isinstance(window, CountWindow):
-            self.window_args: list[Any] = ["c", window.size, 0]
-        else:
-            assert isinstance(window, TimeWindow)
-            # the exact bucket width: a shared window covers what an in-process one covers
-            self.window_args = ["t", window.buckets, repr(window.seconds * 1000 / window.buckets)]
-        self.pending = [0, 0, 0]  # calls, failures, slow since the last flush
-        self.pending_gen = 0
+        self.keys = keys
+        self.window_args = WindowArgs.of(config.window)
+        self.pending = Pending()  # buffered since the last flush
         self.unacked: list[Outcomes] = []
         self.marked = False  # in the engine's next round
         self.fleet_gen = -1  # the highest generation adopted from the fleet (-1: none yet)
@@ -161,10 +172,11 @@ class SharedBreakerCore(BreakerCore):
         recognises: outcomes are counted once, whether or not the first try reached Redis. A
         breaker with nothing buffered sends an empty flush, which reads the fleet's state.
         """
-        calls, failures, slow = self.pending
-        self.pending = [0, 0, 0]
+        p = self.pending
+        calls, failures, slow = p.calls, p.failures, p.slow
+        p.calls = p.failures = p.slow = 0  # emptied in place: its gen stays
         self.marked = False
-        gen = self.pending_gen if calls else self.gen
+        gen = p.gen if calls else self.gen
         if self.diverged:  # what the fleet may still accept; never our local generation,
             gen = max(self.fleet_gen, 0)  # which the script would take as the fleet's floor
         batch = Outcomes(gen, calls, failures, slow, seq)
@@ -176,7 +188,7 @@ class SharedBreakerCore(BreakerCore):
 
     def has_news(self) -> bool:
         """Outcomes not yet acknowledged, or local knowledge to push."""
-        return bool(self.unacked or self.pending[0] or self.wanted() is not None)
+        return bool(self.unacked or self.pending.calls or self.wanted() is not None)
 
     def wanted(self) -> Transition | None:
         """What the fleet must hear from this replica: a transition learned locally (before
@@ -257,7 +269,7 @@ class SharedBreakerCore(BreakerCore):
         """In a forked child, a new replica: what the parent observed stays the parent's
         (buffered outcomes, its window, probe leases, its vote, its own trips, an operator's
         control not yet sent); the breaker starts from the fleet's state as last heard."""
-        self.pending = [0, 0, 0]
+        self.pending = Pending(self.pending.gen)
         self.unacked = []
         self.marked = False
         self.rejected = 0
@@ -353,7 +365,7 @@ class SharedBreakerCore(BreakerCore):
             self.open_until = open_until
             self.reopens = fleet.reopens
             self.diverged = False
-            self.pending_gen = fleet.gen
+            self.pending.gen = fleet.gen
             return
         self.diverged = False
         self.state = new
@@ -366,8 +378,7 @@ class SharedBreakerCore(BreakerCore):
         self.window.reset()
         self._probes.clear()
         self._probe_done = self._probe_failures = self._probe_slow = 0
-        self.pending = [0, 0, 0]
-        self.pending_gen = fleet.gen
+        self.pending = Pending(fleet.gen)
         self._full_until = float("-inf")
         if new is not old and announce:
             self._announce(old, new)
@@ -500,11 +511,11 @@ class SharedBreakerCore(BreakerCore):
             self.record(gen, 0, False, False)
             return
         p = self.pending
-        if not p[0]:  # the first outcome since the last flush: join the next round
-            self.pending_gen = gen
+        if not p.calls:  # the first outcome since the last flush: join the next round
+            p.gen = gen
             if not self.marked:
                 self.engine.mark(self)
-        p[0] += 1
+        p.calls += 1
         if w.failures or w.slow:  # a success may complete a window that trips
             BreakerCore.record(self, gen, 0, False, False)
             if self.gen != gen:
@@ -516,13 +527,13 @@ class SharedBreakerCore(BreakerCore):
 
     def _buffer(self, failed: bool, slow: bool) -> None:
         p = self.pending
-        if not p[0]:
-            self.pending_gen = self.gen
+        if not p.calls:
+            p.gen = self.gen
             if not self.marked:
                 self.engine.mark(self)
-        p[0] += 1
-        p[1] += failed
-        p[2] += slow
+        p.calls += 1
+        p.failures += failed
+        p.slow += slow
 
     def _moved_locally(self) -> None:
         """The local state machine moved (a trip, or a degraded replica's own recovery)."""

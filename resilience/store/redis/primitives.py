@@ -3,6 +3,8 @@
 Everything here is about one exchange with Redis: which script, under which keys, what its
 reply says (parsed and range-checked in one place, into typed records), and whether an error
 means that the store is unavailable. It knows nothing of breakers' rules or of background work.
+A parser raises ``BadReply`` for a reply that is not what the script answers (the supervisor
+turns that into an outage: ``Supervisor.parsed``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from urllib.parse import quote
 
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
+from ...rules.windows import CountWindow, WindowSpec
 from ...states import CircuitState
 from ..records import LATENCY_BUCKETS
 
 __all__ = [
+    "BREAKER_SUFFIXES",
     "BY_VALUE",
     "SCRIPTS",
     "BadReply",
+    "BreakerKeys",
     "FleetState",
     "FlushReply",
     "Outcomes",
@@ -29,8 +34,10 @@ __all__ = [
     "Release",
     "Report",
     "ReportReply",
+    "ShareReply",
     "Transition",
     "TransitionReply",
+    "WindowArgs",
     "error_code",
     "is_noscript",
     "is_readonly",
@@ -38,10 +45,15 @@ __all__ = [
     "number",
     "outage",
     "parse_flush",
+    "parse_gcra_many",
     "parse_message",
+    "parse_names",
     "parse_probe",
     "parse_report",
+    "parse_share",
+    "parse_string",
     "parse_transition",
+    "parse_window",
     "real",
     "script_source",
     "text",
@@ -74,7 +86,9 @@ _SCRIPTS = resources.files(__package__).joinpath("scripts")
 
 
 def script_source(name: str) -> str:
-    """A script's source; the breaker scripts and the window start with the shared prelude."""
+    """A script's source; the breaker scripts, the window and status start with the shared
+    prelude. Each call of a script runs the prelude (a closure per function), so the scripts
+    of the fleet-wide primitives, called as often as protected calls are made, carry none."""
     source = _SCRIPTS.joinpath(f"{name}.lua").read_text()
     if name not in _PRELUDED:
         return source
@@ -97,6 +111,46 @@ def key(prefix: str, name: str, suffix: str) -> str:
     name can close the tag or reach another prefix.
     """
     return f"{prefix}:{{{escape(name)}}}:{suffix}"
+
+
+#: the keys of a shared breaker, in the order its scripts take them (``BreakerKeys``)
+BREAKER_SUFFIXES = ("state", "win", "probes", "replicas")
+
+
+class BreakerKeys(NamedTuple):
+    """The keys of one shared breaker (one hash tag), in the order ``flush.lua`` takes them."""
+
+    state: str  #: hash: state, generation, open_until, the count window's totals, votes
+    window: str  #: the shared window (a list of chunks, or a hash of time buckets)
+    probes: str  #: zset: half-open probe leases -> expiry
+    replicas: str  #: hash: each replica's reports (status tools)
+
+    @classmethod
+    def of(cls, prefix: str, name: str) -> BreakerKeys:
+        """The keys of breaker ``name`` under ``prefix``."""
+        state, window, probes, replicas = (key(prefix, name, s) for s in BREAKER_SUFFIXES)
+        return cls(state, window, probes, replicas)
+
+    @property
+    def machine(self) -> tuple[str, str, str]:
+        """The state machine's keys (state, window, probes): ``probe.lua`` and
+        ``transition.lua`` take these."""
+        return self.state, self.window, self.probes
+
+
+class WindowArgs(NamedTuple):
+    """A breaker's window as ``flush.lua`` takes it (ARGV 5 to 7)."""
+
+    kind: str  #: "c": a count window, "t": a time window
+    size: int  #: calls (a count window), or buckets (a time window)
+    width: str | int  #: a time window's bucket width in ms (exact: may have a fraction); 0
+
+    @classmethod
+    def of(cls, window: WindowSpec) -> WindowArgs:
+        """The arguments for ``window``: a shared window covers what an in-process one does."""
+        if isinstance(window, CountWindow):
+            return cls("c", window.size, 0)
+        return cls("t", window.buckets, repr(window.seconds * 1000 / window.buckets))
 
 
 # --- what an error means ---------------------------------------------------------------------
@@ -395,3 +449,80 @@ def parse_message(data: Any) -> tuple[str, FleetState]:
     except (ValueError, KeyError, UnicodeDecodeError):
         raise BadReply(f"unparsable message {data!r:.200}") from None
     return name, fleet
+
+
+# --- the replies of the fleet-wide primitives ------------------------------------------------
+
+
+class Listed(NamedTuple):
+    """A ``names.lua`` reply: the names a registry lists."""
+
+    reset: bool  #: the key held something else: deleted (reported as ``StoreDataReset``)
+    names: list[str]
+
+
+class ShareReply(NamedTuple):
+    """A ``share.lua`` reply: a holder's share of a fleet-wide limit."""
+
+    granted: int
+    in_use: int  #: permits in use fleet-wide, as last reported
+    others: int  #: what the other holders count for
+    reset: bool  #: garbage was deleted (reported as ``StoreDataReset``)
+
+
+class Counted(NamedTuple):
+    """A ``window.lua`` reply: the window's totals, one per figure."""
+
+    reset: bool  #: data that is not ours was deleted (reported as ``StoreDataReset``)
+    totals: tuple[int, ...]
+
+
+class Stored(NamedTuple):
+    """A ``string.lua`` "get" reply: the value under a key."""
+
+    reset: bool  #: another type of key, or a value too long: deleted (``StoreDataReset``)
+    value: bytes | None  #: ``None``: there is none
+
+
+def parse_names(reply: Any) -> Listed:
+    """A ``names.lua`` reply."""
+    if not isinstance(reply, list) or not reply:
+        raise BadReply(f"unexpected names reply {reply!r:.80}")
+    return Listed(bool(number(reply[0])), [text(name) for name in reply[1:]])
+
+
+def parse_share(reply: Any, limit: int) -> ShareReply:
+    """A ``share.lua`` reply for a share of at most ``limit``."""
+    if not isinstance(reply, list) or len(reply) != 5:
+        raise BadReply(f"unexpected share reply {reply!r:.80}")
+    granted, in_use, others = number(reply[0], 0, limit), number(reply[1]), number(reply[3])
+    return ShareReply(granted, in_use, others, reply[4] == 1)
+
+
+def parse_window(reply: Any, figures: int) -> Counted:
+    """A ``window.lua`` reply for a window of ``figures`` figures."""
+    if not isinstance(reply, list) or len(reply) != figures + 1:
+        raise BadReply(f"unexpected window reply {reply!r:.80}")
+    reset, *totals = (number(v) for v in reply)
+    return Counted(bool(reset), tuple(totals))
+
+
+def parse_string(reply: Any) -> Stored:
+    """A ``string.lua`` "get" reply."""
+    if not isinstance(reply, list) or len(reply) != 2:
+        raise BadReply(f"unexpected reply {reply!r:.80}")
+    reset, raw = number(reply[0], 0, 1), reply[1]
+    if raw is not None and not isinstance(raw, bytes):
+        raise BadReply(f"unexpected value {raw!r:.80}")
+    return Stored(bool(reset), raw)
+
+
+def parse_gcra_many(raw: str, want: int) -> tuple[int, float]:
+    """A ``shared.lua`` "gcra" reply for ``want`` tokens (its "!" taken off): the tokens
+    taken, and (none taken) the seconds until one frees up."""
+    took, _, wait = raw.partition(" ")
+    try:
+        taken = number(int(took), 0, want)
+    except ValueError:
+        raise BadReply(f"not a count: {took!r:.80}") from None
+    return taken, real(wait, 0) / 1000

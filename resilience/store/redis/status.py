@@ -1,54 +1,78 @@
-"""Reading ``status.lua`` replies (and a replica's own view) into ``PolicyStatus``.
+"""The fleet's status: ``status.lua`` called for every name, its replies read into
+``PolicyStatus`` records.
 
-Each name's entry is parsed on its own: one damaged entry is reported as damaged, and the
-others are shown.
+Names are read a chunk per script call (a Cluster: one name per call, on its own node), a
+few calls in flight at once, each reply parsed as soon as it arrives, so Redis reads the
+next chunks while this process parses the last. Each name's entry is parsed on its own: one
+damaged entry is reported as damaged, and the others are shown.
 """
 
 from __future__ import annotations
 
+import asyncio
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ...rules.breaker import BreakerCore
 from ...states import OPEN
 from ..records import PolicyStatus, ReplicaReport, lease_kind
-from .primitives import BY_VALUE, MAX_INT, BadReply, number, parse_histogram, real, text
+from .primitives import (
+    BREAKER_SUFFIXES,
+    BY_VALUE,
+    MAX_INT,
+    BadReply,
+    escape,
+    key,
+    number,
+    parse_histogram,
+    real,
+    text,
+)
 
-__all__ = ["COLUMNS", "SUFFIXES", "local_status", "parse_status"]
+if TYPE_CHECKING:
+    from .engine import SyncEngine
+
+__all__ = ["CHUNK", "COLUMNS", "SUFFIXES", "parse_status", "read_status"]
 
 #: the keys ``status.lua`` reads for each name, in order
-SUFFIXES = (
-    "state",
-    "win",
-    "probes",
-    "replicas",
-    "leases",
-    "gcra",
-    "budget",
-    "limit",
-    "shares",
-)
+SUFFIXES = (*BREAKER_SUFFIXES, "leases", "gcra", "budget", "limit", "shares")
 #: the columns this module reads from a ``status.lua`` reply (named in its header)
 COLUMNS = ("s", "g", "u", "c", "f", "l", "p", "o", "n", "m", "a", "q", "t")
+CHUNK = 250  #: names per status script call (one Redis)
+_WORKERS = 3  # status script calls in flight at once (one Redis)
+_CLUSTER_WORKERS = 32  # ... on a Cluster (one name a call, spread over the nodes)
+_PER_NAME = 0.00005  # seconds status() may take per name on top of the timeout
 
 
-def local_status(core: BreakerCore, now: float) -> PolicyStatus:
-    """A breaker as this replica sees it (Redis unreachable)."""
-    m = core.metrics(now)
-    return PolicyStatus(
-        rejected=core.rejected,
-        latency=tuple(core.latency),
-        name=core.name,
-        kind="circuit_breaker",
-        state=m.state,
-        generation=m.generation,
-        calls=m.calls,
-        failures=m.failures,
-        slow_calls=m.slow_calls,
-        retry_after=m.retry_after,
-        local=True,
-        opened_by=m.opened_by,
+async def read_status(
+    engine: SyncEngine, script: Any, names: list[str], others: set[str], *, cluster: bool
+) -> list[PolicyStatus]:
+    """Every name's entry, read with ``script`` (``status.lua``) through ``engine``. Only
+    the ``others`` (registered as bulkheads, rate limiters or budgets) are looked up as
+    such."""
+    now = engine.now_arg()
+    prefix = engine.prefix
+    if cluster:
+        chunks = [[n] for n in names]
+    else:
+        chunks = [names[i : i + CHUNK] for i in range(0, len(names), CHUNK)]
+    parsed: list[list[PolicyStatus]] = [[] for _ in chunks]
+    todo = iter(range(len(chunks)))
+
+    def call(chunk: list[str]) -> Any:
+        if cluster:  # keys declared: the call goes to the name's node
+            return script(keys=[key(prefix, chunk[0], s) for s in SUFFIXES], args=[now])
+        marks = "".join("1" if n in others else "0" for n in chunk)
+        return script(keys=[], args=[now, prefix, "\t".join(map(escape, chunk)), marks])
+
+    async def worker() -> None:
+        for index in todo:
+            parsed[index] = parse_status(chunks[index], await call(chunks[index]))
+
+    workers = min(len(chunks), _CLUSTER_WORKERS if cluster else _WORKERS)
+    await engine.call(
+        asyncio.gather(*(worker() for _ in range(workers))), extra=len(names) * _PER_NAME
     )
+    return [status for chunk in parsed for status in chunk]
 
 
 def _int(raw: str) -> int:
@@ -160,17 +184,18 @@ class Reply:
             counts = (int(gen), int(calls), int(failures), int(slow), int(probes))
             if min(counts) < 0 or max(counts) > MAX_INT:
                 raise ValueError(f"out of range: {counts}")
+            generation, n_calls, n_failures, n_slow, n_probes = counts
             out.append(
                 PolicyStatus(
                     name=name,
                     kind="circuit_breaker",
                     state=state,
-                    generation=counts[0],
-                    calls=counts[1],
-                    failures=counts[2],
-                    slow_calls=counts[3],
+                    generation=generation,
+                    calls=n_calls,
+                    failures=n_failures,
+                    slow_calls=n_slow,
                     retry_after=max(0.0, (_int(until) - now) / 1000) if is_open else None,
-                    probes=counts[4],
+                    probes=n_probes,
                     opened_by=_opened(opened) if is_open else None,
                     replicas=replicas,
                     rejected=rejected,

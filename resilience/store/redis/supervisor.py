@@ -2,9 +2,10 @@
 
 One owner for the question "can we talk to Redis now?":
 
-* every Redis call goes through ``call``: bounded by the store's ``timeout``, and any failure
-  (a dead or slow server, an error reply, a reply we cannot parse) turns the store degraded,
-  with an event naming the reply, and raises ``StoreUnavailableError``;
+* every Redis call goes through ``call`` (a round's commands through ``send``: one pipeline,
+  or on a Cluster node by node): bounded by the store's ``timeout``, and any failure (a dead
+  or slow server, an error reply, a reply we cannot parse: ``parsed``) turns the store
+  degraded, with an event naming the reply, and raises ``StoreUnavailableError``;
 * a time-out that happened while this process's event loop was itself late (a busy loop, not
   a slow Redis) does not degrade the store: the caller retries or goes local once. The
   lateness measured (here, by the engine's timers and its subscriber's waits) is kept for
@@ -27,25 +28,59 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, NamedTuple, TypeVar, cast
 
 from ...clock import Clock
 from ...errors import StoreUnavailableError
 from ...events import Event, StoreDegraded, StoreRecovered
-from .primitives import is_readonly, outage
+from .primitives import BadReply, is_readonly, outage
 
-__all__ = ["LAG_HORIZON", "Backoff", "LoopLate", "Supervisor", "new_replica_id"]
+__all__ = [
+    "LAG_HORIZON",
+    "Backoff",
+    "Command",
+    "LoopLate",
+    "Supervisor",
+    "cancelling",
+    "new_replica_id",
+]
 
 logger = logging.getLogger("resilience.redis")
 
 LAG_HORIZON = 10.0  #: seconds a measured loop lag counts towards ``loop_lag``
 MAX_BACKOFF = 2.0  #: seconds: the longest wait between two tries to reach Redis again
+_PER_COMMAND = 0.0002  # seconds a pipeline's time-out grows by per command (a big one is work)
+_T = TypeVar("_T")
+
+#: one command of a pipeline: a client method's name and its arguments
+Command = tuple[str, tuple[Any, ...]]
+
+
+class _Away(NamedTuple):
+    """A Cluster node that does not answer."""
+
+    retry_at: float  #: not asked again before this (local clock)
+    backoff: float  #: seconds: the wait after the next failure is twice this
+
+
+class _Lag(NamedTuple):
+    """A measured lateness of the event loop."""
+
+    at: float  #: when it was measured (local clock)
+    lag: float  #: seconds
 
 
 def new_replica_id() -> str:
     """A replica id: this process's pid and a random part (unique across forks too)."""
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def cancelling() -> bool:
+    """Whether the running task is being cancelled (even if a library lost the error): the
+    store's background loops end then."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class LoopLate(StoreUnavailableError):
@@ -117,13 +152,13 @@ class Supervisor:
         self.degraded = False
         self.reason = ""
         self.since = 0.0
-        self._lags: deque[tuple[float, float]] = deque()  # (when, lag), lags decreasing
+        self._lags: deque[_Lag] = deque()  # lags decreasing
         self._emit = emit
         self._health = health
         self._cluster = cluster
         self.cluster_ready = False
         self._drop_pending = False
-        self.away: dict[str, tuple[float, float]] = {}  # node -> (retry at, backoff)
+        self.away: dict[str, _Away] = {}  # nodes that do not answer, by name
         self.on_degraded: Callable[[], None] = lambda: None
         self.on_recovered: Callable[[], None] = lambda: None
 
@@ -161,6 +196,55 @@ class Supervisor:
             self.regain(node)
         return reply
 
+    def parsed(self, parse: Callable[[Any], _T], reply: Any) -> _T:
+        """``reply`` as ``parse`` reads it. One that does not parse (``BadReply``) is an
+        outage like any other: the store degrades and ``StoreUnavailableError`` is raised."""
+        try:
+            return parse(reply)
+        except BadReply as exc:
+            self.fail(exc)
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def send(self, commands: list[Command]) -> list[Any]:
+        """Run a round's commands: one pipeline, or (a Cluster) all at once, node by node.
+
+        Replies come back in order, errors as exception objects; a round that cannot reach
+        Redis at all raises (``LoopLate`` when the event loop, not Redis, was late). Unlike
+        ``call``, it degrades nothing itself: the caller decides what each failure means.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        extra = len(commands) * _PER_COMMAND
+        try:
+            async with asyncio.timeout(self.timeout + extra):
+                if self._cluster:
+                    if not self.cluster_ready:
+                        await self.init_cluster()
+                    # each command bounded on its own: a node that does not answer fails only
+                    # its own commands (the caller makes their breakers local)
+                    replies = await asyncio.gather(
+                        *(
+                            asyncio.wait_for(getattr(self.client, cmd)(*argv), self.timeout)
+                            for cmd, argv in commands
+                        ),
+                        return_exceptions=True,
+                    )
+                    return list(replies)
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for cmd, argv in commands:
+                        getattr(pipe, cmd)(*argv)
+                    return cast(list[Any], await pipe.execute(raise_on_error=False))
+        except TimeoutError as exc:
+            if lag := self.late(loop, started, extra):
+                raise LoopLate(f"the event loop was {lag:.3f}s late") from exc
+            raise
+
+    async def load_scripts(self, scripts: Iterable[Any]) -> None:
+        """A server that does not know our scripts (restarted, failed over, a new node)."""
+        for script in scripts:
+            with contextlib.suppress(StoreUnavailableError):
+                await self.call(self.client.script_load(script.script))
+
     # --- Cluster nodes, one at a time -----------------------------------------------------
     def node_of(self, key: str) -> str | None:
         """The Cluster node holding ``key`` (``None``: not a Cluster, or slots unknown)."""
@@ -181,16 +265,16 @@ class Supervisor:
 
     def is_away(self, node: str) -> bool:
         """Whether ``node`` is away and not yet due another try."""
-        entry = self.away.get(node)
-        return entry is not None and self.clock.monotonic() < entry[0]
+        away = self.away.get(node)
+        return away is not None and self.clock.monotonic() < away.retry_at
 
     def lose(self, node: str, reason: str) -> None:
         """A Cluster node stopped answering: its keys go local; tried again with backoff."""
-        _, backoff = self.away.get(node, (0.0, self.timeout / 2))
-        backoff = min(backoff * 2, MAX_BACKOFF)
-        if node not in self.away:
+        away = self.away.get(node)
+        backoff = min((self.timeout / 2 if away is None else away.backoff) * 2, MAX_BACKOFF)
+        if away is None:
             logger.warning("redis store %r: cluster node %s away: %s", self.prefix, node, reason)
-        self.away[node] = (self.clock.monotonic() + backoff, backoff)
+        self.away[node] = _Away(self.clock.monotonic() + backoff, backoff)
         nodes = self.client.get_nodes() if self._cluster else []
         if nodes and all(n.name in self.away for n in nodes):
             self.fail(TimeoutError("no cluster node answers"), f"no cluster node answers: {reason}")
@@ -217,20 +301,20 @@ class Supervisor:
             return
         now = self.clock.monotonic()
         lags = self._lags
-        while lags and lags[0][0] <= now - LAG_HORIZON:
+        while lags and lags[0].at <= now - LAG_HORIZON:
             lags.popleft()
-        while lags and lags[-1][1] <= lag:
+        while lags and lags[-1].lag <= lag:
             lags.pop()
-        lags.append((now, lag))
+        lags.append(_Lag(now, lag))
 
     @property
     def loop_lag(self) -> float:
         """The worst loop lag measured in the last ``LAG_HORIZON`` seconds (0.0: none)."""
         lags = self._lags
         horizon = self.clock.monotonic() - LAG_HORIZON
-        while lags and lags[0][0] <= horizon:
+        while lags and lags[0].at <= horizon:
             lags.popleft()
-        return lags[0][1] if lags else 0.0
+        return lags[0].lag if lags else 0.0
 
     async def init_cluster(self) -> None:
         """Learn the cluster's slots before the first commands (they would race for it)."""

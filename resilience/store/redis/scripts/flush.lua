@@ -1,32 +1,27 @@
 -- flush: merge one replica's buffered outcomes into the shared window; read the state back.
--- KEYS: 1 state (hash; a count window's running totals in tc, tf, ts), 2 window (list of
---       "calls failures slow" chunks, or hash of time buckets), 3 probes (zset),
+-- KEYS: 1 state (hash; a count window's running totals in tc, tf, ts, and the window's kind,
+--       size and width in wk, ws, ww for status tools), 2 window (list of "calls failures
+--       slow" chunks, or hash of time buckets "c<epoch>", "f<epoch>", "s<epoch>"), 3 probes,
 --       4 replicas (hash: replica id -> "last seen ms, calls, failures, slow, last sequence,
 --       refused calls, latency histogram")
--- ARGV: 1 generation the outcomes were counted under, 2 calls, 3 failures, 4 slow calls,
+-- ARGV: 1 generation the outcomes were counted under (also the caller's floor: see load),
+--       2 calls, 3 failures, 4 slow calls,
 --       5 window kind ("c" count, "t" time), 6 window size (calls) or bucket count,
 --       7 bucket width in ms (time windows; may have a fraction), 8 now in ms ("" = server
 --       TIME), 9 ttl in ms, 10 replica id, 11 the flush's sequence number (per replica,
 --       increasing): a flush sent again after its reply was lost is not counted twice,
 --       12 calls this replica refused, 13 its sampled latency histogram ("n,n,...", up to
 --       its last count that is not 0); both running totals, kept as they are (status tools)
--- Returns: fleet(...) + {'calls', c, 'failures', f, 'slow', s}
+-- Returns: fleet(...) + {'calls', c, 'failures', f, 'slow', s}: the window's counts after the
+-- merge. fleet's reset is the sum of what was found and reset: 1 the state hash or probes
+-- (load), 2 a window of another type, 4 a window's data, 8 a replicas key of another type.
+-- (Starts with prelude.lua: now_ms, own, int, count, load, fleet, append, MAX_INT.)
 -- Outcomes are merged only while the state is still CLOSED at that generation. A count
 -- window costs O(1) per flush whatever its size: running totals, chunks trimmed at the old end.
 local now = now_ms(ARGV[8])
 local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1], now)
 local kind = ARGV[5]
-local want = (kind == 'c') and 'list' or 'hash'
-local wtype = redis.call('TYPE', KEYS[2])['ok']
-if wtype ~= 'none' and wtype ~= want then
-  redis.call('DEL', KEYS[2])
-  reset = reset + 2
-end
-local rtype = redis.call('TYPE', KEYS[4])['ok']
-if rtype ~= 'hash' and rtype ~= 'none' then
-  redis.call('DEL', KEYS[4])
-  reset = reset + 8
-end
+reset = reset + 2 * own(KEYS[2], (kind == 'c') and 'list' or 'hash') + 8 * own(KEYS[4], 'hash')
 local pc, pf, ps, pq = 0, 0, 0, -1
 local prev = redis.call('HGET', KEYS[4], ARGV[10])
 if prev then

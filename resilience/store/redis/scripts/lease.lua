@@ -9,7 +9,8 @@
 --          publish -> 1 if it is held and unexpired (the value written), else 0 (nothing
 --          written: a holder that lost its lease, say frozen past its expiry, cannot publish);
 --          count -> live leases
--- Expired leases (and leases expiring more than ~115 days ahead: garbage) are purged first.
+-- Expired leases (and leases expiring more than ~115 days ahead: garbage) are purged first;
+-- a key of another type is deleted (it holds no lease).
 local n = tonumber(ARGV[2])
 if not n then
   local t = redis.call('TIME')

@@ -1,11 +1,25 @@
--- Shared by the breaker scripts and the shared window (prepended to each).
--- now_ms(arg): the caller's time if given (a store on a fake clock), else the server's TIME;
--- whole milliseconds either way.
-local function now_ms(arg)
+-- Shared by the breaker scripts, the shared window and status (prepended to each: see
+-- script_source). Each call of a script runs this (a closure per function): the scripts of the
+-- fleet-wide primitives, called as often as calls are made, carry none of it.
+
+-- now_ms(arg, keep): the caller's time if given (a store on a fake clock), else the server's
+-- TIME; whole milliseconds, but a caller's time is kept as it is with `keep` (the shared
+-- window's bucket edges then match MemoryStore's).
+local function now_ms(arg, keep)
   local n = tonumber(arg)
-  if n then return math.floor(n) end
+  if n then return keep and n or math.floor(n) end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- own(key, kind): a key of another type than `kind` ('hash', 'list', 'zset') holds data we
+-- never write there: it is deleted. Returns 1 if it was (the caller reports a reset), else 0
+-- (a missing key is ours: empty).
+local function own(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found == kind or found == 'none' then return 0 end
+  redis.call('DEL', key)
+  return 1
 end
 
 local STATES = {closed = true, open = true, half_open = true, forced_open = true, disabled = true}
@@ -31,7 +45,7 @@ end
 -- the highest generation the caller has seen: a stored generation below it (Redis lost data)
 -- is raised to it, so the fleet converges on the highest. A missing hash starts CLOSED at
 -- `floor`; one that is not what we write (wrong type, unknown state, a number out of range) is
--- reset at `floor + 1`, with its window and probes.
+-- reset at `floor + 1`, with its window and probes; probes of another type are deleted.
 -- Returns state, gen, open_until, reopens, reset (1 = garbage reset).
 local function load(keys, floor, now)
   floor = int(floor, 0, MAX_INT) or 0
@@ -45,12 +59,7 @@ local function load(keys, floor, now)
         gen = floor
         redis.call('HSET', keys[1], 'gen', gen)
       end
-      local probes = redis.call('TYPE', keys[3])['ok']
-      if probes ~= 'zset' and probes ~= 'none' then
-        redis.call('DEL', keys[3])
-        return v[1], gen, open_until, reopens, 1
-      end
-      return v[1], gen, open_until, reopens, 0
+      return v[1], gen, open_until, reopens, own(keys[3], 'zset')
     end
   end
   local reset = 0

@@ -1,14 +1,16 @@
--- probe: take a half-open probe lease, fleet-wide (moving OPEN to HALF_OPEN when it is time).
+-- probe: take a half-open probe lease, fleet-wide (moving OPEN to HALF_OPEN when it is time,
+-- published like any transition).
 -- KEYS: 1 state, 2 window, 3 probes (zset: lease id -> expiry in ms)
--- ARGV: 1 caller's generation, 2 probes allowed, 3 lease in ms, 4 lease id,
+-- ARGV: 1 caller's generation (its floor: see load), 2 probes allowed, 3 lease in ms, 4 lease id,
 --       5 now in ms ("" = TIME), 6 ttl in ms, 7 channel, 8 breaker name
 -- Returns: fleet(...) + {'granted', 0|1, 'wait', ms until a lease frees,
 --          'done', 'failed', 'slow': the probes' counts while half-open}
 -- A half-open breaker whose probes have all reported but whose verdict never arrived (its
 -- reporter died, or the reply was lost) grants nothing: the caller works out the verdict
 -- from the counts and pushes it (compare-and-set by generation).
--- Expired leases are purged first, so a holder that died cannot wedge the breaker; so are
--- leases expiring implausibly late (a score written by someone else).
+-- While half-open, expired leases are purged first, so a holder that died cannot wedge the
+-- breaker; so are leases expiring implausibly late (a score written by someone else).
+-- (Starts with prelude.lua: now_ms, int, load, publish, fleet, append, MAX_INT.)
 local now = now_ms(ARGV[5])
 local state, gen, open_until, reopens, reset = load(KEYS, ARGV[1], now)
 if state == 'open' and now >= open_until then

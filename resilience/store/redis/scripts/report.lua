@@ -5,7 +5,8 @@
 -- While the breaker is still half-open at that generation, the probes' counts come back
 -- even when this report was not counted (sent again after its reply was lost, its lease
 -- gone): the verdict can always be worked out again, and a verdict pushed twice is harmless
--- (compare-and-set by generation).
+-- (compare-and-set by generation). A state key of another type is left alone: not counted.
+-- (Starts with prelude.lua: int, MAX_INT.)
 local nothing = {'counted', 0, 'done', 0, 'failed', 0, 'slow', 0, 'current', 0}
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return nothing end
 local v = redis.call('HMGET', KEYS[1], 'state', 'gen', 'pd', 'pf', 'ps')

@@ -2,19 +2,21 @@
 -- KEYS: 9 per name (state, window, probes, replicas, leases, gcra, budget, limit, shares),
 --       each "<prefix>:{<escaped name>}:<suffix>"; or none, and the names in ARGV (one Redis
 --       only: not for a Cluster)
--- ARGV: 1 now in ms ("" = server TIME), 2 prefix, 3 the names (escaped) joined by tabs,
---       4 a "1" or "0" per name: whether to look for a bulkhead, rate limiter and budget too
---       (1 for every name when absent; when no KEYS)
+-- ARGV: 1 now in ms ("" = server TIME); without KEYS also 2 prefix, 3 the names (escaped)
+--       joined by tabs, 4 a "1" or "0" per name: whether to look for a bulkhead, rate limiter
+--       and budget too (with KEYS, every name is looked for as all of them)
 -- Returns: {now, header, entry, entry, ...}. The header names the columns, joined by tabs:
 --   breaker: s state, g gen, u open_until, c calls, f failures, l slow (the
 --   window's running totals, or the probes' while half-open), p probe leases held, o the
---   "calls,failures,slow" that opened it; bulkhead: n leases held, m its limit, a the sum of
---   the replicas' own (adaptive) limits; rate limiter: q its arrival time; budget: t tokens.
+--   "calls,failures,slow" that opened it; bulkhead: n permits held (leases, and permits in use
+--   under shares), m its limit, a the sum of the holders' own (adaptive) limits; rate
+--   limiter: q its arrival time; budget: t tokens.
 --   An entry per name: its columns in the header's order joined by tabs (a column is empty
 --   when the name has no such policy), then one "<replica id>|<its report>" per replica.
 --   Compact: a status of 10,000 names is 10,000 strings.
 -- O(1) per name for a count window, O(buckets) for a time window. A key of the wrong type
 -- reads as absent (pcall), so one damaged name cannot fail the others.
+-- (Starts with prelude.lua: now_ms, int, MAX_INT.)
 local now = now_ms(ARGV[1])
 local function get(...)
   local ok = redis.pcall(...)

@@ -8,7 +8,9 @@
 --       caller's replica id, 15 how long its vote lasts (ms), 16 the caller's floor (a
 --       generation it reported: see SharedBreakerCore.sending), 17 the longest a vote lasts
 --       (ms)
--- Returns: fleet(...) + {'changed', 0|1, 'votes', n}
+-- Returns: fleet(...) + {'changed', 0|1, 'votes', n: the live votes after a quorum vote}; a
+-- reset of 16 in fleet: a vote, "vg" or "fl" field that was not ours (replaced or deleted).
+-- (Starts with prelude.lua: now_ms, int, load, publish, fleet, append, MAX_INT, FAR_MS.)
 -- Generations: a transition numbers the new state above the stored generation, the caller's
 -- floor and "fl" (the highest floor a renumbering could not apply yet), so no replica sees
 -- the fleet numbered below a generation it reported (a replica that decided alone while

@@ -7,20 +7,11 @@
 -- in range: "1.5", "inf", " 2", "1e3"), else 0; then the window's totals, one per figure (the
 -- current bucket and buckets - 1 before it). Old buckets are deleted. Every count is checked
 -- before anything is added, so bad data costs only itself, never an error reply.
--- (Starts with prelude.lua: count, MAX_INT.)
-local now = tonumber(ARGV[1]) -- a fake clock's time as it is: bucket edges match MemoryStore's
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+-- (Starts with prelude.lua: now_ms, own, count, MAX_INT.)
+local now = now_ms(ARGV[1], true) -- a fake clock's time as it is
 local width, buckets, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local epoch = math.floor(now / width)
-local reset = 0
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'hash' and kind ~= 'none' then
-  redis.call('DEL', KEYS[1])
-  reset = 1
-end
+local reset = own(KEYS[1], 'hash')
 local figures = #ARGV - 4
 local totals, current = {}, {}
 for i = 1, figures do totals[i], current[i] = 0, 0 end

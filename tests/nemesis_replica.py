@@ -64,7 +64,8 @@ from resilience import (
     StoreRecovered,
     StoreUnavailableError,
 )
-from resilience.store.redis import RedisStore, _lean_handshake
+from resilience.store.redis import RedisStore
+from resilience.store.redis.store import _lean_handshake
 
 CONTROL = struct.Struct("<dd")  # the shared file: Redis's clock offset (s), upstream sick (0/1)
 RATE_FAILED, SHARE_FAILED, CALLED_DOWN = 1, 2, 4  # request flags

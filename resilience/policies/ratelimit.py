@@ -87,7 +87,7 @@ class RateLimiter(BasePolicy):
         self._asking: asyncio.Future[None] | None = None
         self._waiting = 0  # calls waiting on the ask under way
         self._handed = 0  # tokens an ask set aside for the calls that waited on it
-        self._wait = self.interval  # the wait a call refused after two asks is told
+        self._wait: float = self.interval  # the wait a call refused after two asks is told
         if self.ahead and self.store is not None:
             reset_in_child(self)
 

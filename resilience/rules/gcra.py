@@ -15,8 +15,13 @@ def gcra(tat: float, now: float, interval: float, burst: int) -> tuple[float, fl
     """One take from a GCRA bucket: ``(new_tat, 0.0)`` if allowed, else ``(tat, retry_after)``.
 
     ``tat`` is the theoretical arrival time; a call is allowed while it is less than
-    ``burst - 1`` intervals ahead of ``now``.
+    ``burst - 1`` intervals ahead of ``now``. A ``tat`` more than ``burst`` intervals ahead
+    (no take leaves it there) is the clock stepped back: the bucket is held empty until the
+    clock catches up, neither refilled nor closed for as long as the step.
     """
+    full = now + burst * interval
+    if tat > full:
+        tat = full
     base = tat if tat > now else now
     wait = base - now - (burst - 1) * interval
     if wait > EPSILON:

@@ -464,6 +464,39 @@ async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServ
             await s.aclose()
 
 
+async def test_the_limit_holds_when_one_that_held_nothing_asks_first_after_a_restart(
+    redis_server: RedisServer,
+) -> None:
+    """Two replicas hold the whole limit (5 + 5 of 10); a third, which asked a moment ago
+    and holds nothing, is the first to ask once Redis is back, empty: it gets no permit until
+    the others have had time to report again (it used to get the whole limit: 20 in use)."""
+    clock = FakeClock()
+    prefix = f"quota{next(_prefixes)}"
+    stores = [RedisStore.from_url(redis_server.url, prefix=prefix, clock=clock) for _ in range(3)]
+    a, b, c = (FleetShare(s, "pool", limit=10, ttl=30, clock=clock) for s in stores)
+    try:
+        for share in (a, b):
+            assert all([await share.take() for _ in range(5)])
+        assert not await c.take()  # the fleet is full: c has an answer, and no permit
+        clock.advance(0.5)  # past the moment c was told the fleet was full, before a renewal
+        redis_server.kill()
+        redis_server.start()  # same port, empty: no persistence
+        for _ in range(200):  # until the store answers again (real time: it reconnects)
+            try:
+                await c.take()
+                break
+            except StoreUnavailableError:
+                await asyncio.sleep(0.05)
+        for _ in range(9):
+            await c.take()
+        assert a.held + b.held + c.held <= 10, (a.held, b.held, c.held)
+    finally:
+        for share in (a, b, c):
+            await share.aclose()
+        for s in stores:
+            await s.aclose()
+
+
 async def test_a_stray_share_entry_is_deleted_and_reported(redis_url: str) -> None:
     """An entry written by someone else, expiring 115 days ahead with a share of a billion,
     is garbage: deleted and reported (``StoreDataReset``), and the fleet's permits are

@@ -224,16 +224,20 @@ def test_gcra_and_calls_agree(gaps: list[int], rate: int, burst: int) -> None:
     burst=st.integers(1, 10),
 )
 def test_gcra_step(tat: float, now: float, interval: float, burst: int) -> None:
-    """gcra either admits (tat moves one interval past max(tat, now)) or reports a positive wait."""
+    """gcra either admits (tat moves one interval past max(tat, now)) or reports a positive
+    wait of at most one interval; a tat further ahead than a full burst (the clock stepped
+    back) counts as an empty bucket, not as a wait as long as the step."""
+    held = min(tat, now + burst * interval)
     new_tat, wait = gcra(tat, now, interval, burst)
     if wait == 0.0:
-        assert new_tat == pytest.approx(max(tat, now) + interval)
-        assert max(tat, now) - now <= (burst - 1) * interval + 1e-6
+        assert new_tat == pytest.approx(max(held, now) + interval)
+        assert max(held, now) - now <= (burst - 1) * interval + 1e-6
     else:
-        assert new_tat == tat
-        assert wait == pytest.approx(tat - now - (burst - 1) * interval)
+        assert new_tat == held
+        assert wait == pytest.approx(held - now - (burst - 1) * interval)
+        assert wait <= interval + 1e-9
         # after waiting, the same take succeeds
-        assert gcra(tat, now + wait + 1e-9, interval, burst)[1] == 0.0
+        assert gcra(new_tat, now + wait + 1e-9, interval, burst)[1] == 0.0
 
 
 def test_rate_limited_error_retry_after_positive(clock: FakeClock) -> None:

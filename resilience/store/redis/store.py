@@ -335,19 +335,28 @@ class RedisStore(StoreBase):
         cap: int | None = None,
         had: int = 0,
         settle: float = 0.0,
+        recent: bool = False,
     ) -> tuple[int, int, int]:
         """``holder``'s share of the fleet-wide ``limit`` under ``key`` (server time): at
         most what the other holders leave free (``Store.lease_share``; the rule is in
         ``share.lua``). Garbage found under the key is deleted and reported
         (``StoreDataReset``)."""
         cap = check_share(
-            key, holder, want=want, held=held, limit=limit, own_limit=own_limit, cap=cap, had=had
+            key,
+            holder,
+            want=want,
+            held=held,
+            limit=limit,
+            own_limit=own_limit,
+            cap=cap,
+            had=had,
+            recent=recent,
         )
         settle_ms = int(min(check_seconds("settle", settle, zero=True), _MAX_TTL) * 1000)
         self._register(key)
         shares = self.key(key, "shares")
         args = [self.engine.now_arg(), holder, want, held, limit, _ttl_ms(ttl), own_limit]
-        args += [cap, had, settle_ms]
+        args += [cap, had, settle_ms, int(recent)]
         reply = await self._script("share", [shares, self.key(key, "limit")], args)
         share = self.supervisor.parsed(functools.partial(parse_share, limit=limit), reply)
         if share.reset:

@@ -29,6 +29,14 @@ end
 local op = ARGV[1]
 if op == 'gcra' then
   local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+  -- an arrival time further ahead than a full burst, within ~115 days, is the clock stepped
+  -- back (Redis TIME after a failover), not garbage: the bucket is held empty from now on,
+  -- never refilled at once
+  local full = n + burst * interval
+  if value and value > full and value <= n + 10000000000 then
+    value = full
+    redis.call('SET', KEYS[1], string.format('%.6f', full), 'PX', math.ceil(full - n + 1000))
+  end
   local tat = sane(value, 0, n + (burst + 1) * interval + 1000) or n
   if tat < n then tat = n end
   local wait = tat - n - (burst - 1) * interval

@@ -374,9 +374,15 @@ def _offset_rise(offsets: Sequence[tuple[float, float]], a: float, b: float) -> 
     return rise
 
 
+#: faults after which Redis may have forgotten the fleet's bucket (docs/rate-limiter.md: it
+#: restarts full, one more burst): a restart empty, a failover to a replica behind the primary
+FORGETTING = ("restart", "failover", "failover-kill")
+
+
 def check_rate(h: History) -> tuple[list[Violation], dict[str, Any]]:
     """Over windows of several lengths: the fleet's admissions within the bucket's bound,
-    plus a local bucket's worth for each replica that admitted locally in the window."""
+    plus a local bucket's worth for each replica that admitted locally in the window, plus a
+    burst for each time Redis forgot the bucket in it."""
     s = h.settings
     starts: list[float] = []
     ends: list[float] = []
@@ -411,7 +417,9 @@ def check_rate(h: History) -> tuple[list[Violation], dict[str, Any]]:
                 for times in local_times
                 if bisect.bisect_left(times, a) < bisect.bisect_right(times, b)
             )
-            bound = s.rate * (width + rise) + s.burst + locals_ * (s.rate * width + s.burst)
+            forgot = sum(1 for f in h.faults if f.kind in FORGETTING and a <= f.start <= b)
+            bound = s.rate * (width + rise) + s.burst * (1 + forgot)
+            bound += locals_ * (s.rate * width + s.burst)
             worst = max(worst, count / bound)
             if count > bound and a > flagged_until:
                 found.append(
@@ -419,8 +427,9 @@ def check_rate(h: History) -> tuple[list[Violation], dict[str, Any]]:
                         "rate",
                         a,
                         f"{count} admitted in {width:g} s, bound {bound:.0f} (rate {s.rate:g} x "
-                        f"({width:g} + clock step {rise:g}) + burst {s.burst}, "
-                        f"+ {locals_} replicas admitting locally)",
+                        f"({width:g} + clock step {rise:g}) + burst {s.burst} x (1 + {forgot} "
+                        f"times Redis forgot the bucket), + {locals_} replicas admitting "
+                        "locally)",
                         until=b,
                     )
                 )

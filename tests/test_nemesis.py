@@ -150,6 +150,18 @@ def test_a_replica_admitting_locally_adds_one_local_bucket() -> None:
     assert check_rate(history(shared, local))[0]
 
 
+def test_a_restart_inside_the_window_allows_one_more_burst() -> None:
+    """Redis restarted empty forgets the fleet's bucket (docs/rate-limiter.md): it starts
+    full again, so a window holding the restart may admit one more burst, no more."""
+    restart = Fault("restart", {}, 2.5, 2.5, 2.5)
+    assert (
+        check_rate(history(ReplicaLog(requests=evenly(14, seconds=0.99)), faults=(restart,)))[0]
+        == []
+    )
+    found, _ = check_rate(history(ReplicaLog(requests=evenly(16, seconds=0.99)), faults=(restart,)))
+    assert found
+
+
 def slow(t0: float, outside: float, *, flags: int = 0) -> Request:
     """A request that spent ``outside`` seconds in the middleware, 10 ms in the app."""
     return Request(t0, t0 + outside, t0 + outside + 0.01, t0 + outside + 0.01, 200, flags, 0.0)

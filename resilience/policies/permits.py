@@ -318,7 +318,6 @@ class FleetShare:
 
     __slots__ = (
         "__weakref__",
-        "_answered_until",
         "_capped_at",
         "_capped_until",
         "_full_until",
@@ -378,7 +377,6 @@ class FleetShare:
         self._task: asyncio.Task[None] | None = None
         self._timer: TimerHandle | None = None
         self._full_until = float("-inf")  # the fleet said it was full: ask again after this
-        self._answered_until = float("-inf")  # the store knows this key at least until then
         self._capped_until = float("-inf")  # ... full for a cap up to _capped_at
         self._capped_at = 0
         reset_in_child(self)
@@ -396,7 +394,6 @@ class FleetShare:
         self.held = self.share = self.peak = self.others = 0
         self._pending = self._pending_cap = self._sent = self._capped_at = 0
         self.valid_until = self._full_until = self._capped_until = float("-inf")
-        self._answered_until = float("-inf")
         self._growing = self._task = self._timer = None
 
     def take_now(self) -> bool:
@@ -488,12 +485,10 @@ class FleetShare:
                 cap=cap if cap < limit else None,
                 had=self.share if sent < self.valid_until - _SLACK else 0,
                 settle=self.settle,
-                recent=sent < self._answered_until,
             )
             self.share = grant
             self.others = others
             self.valid_until = sent + self.ttl  # the store's lease lasts at least this long
-            self._answered_until = sent + self.ttl  # ... and the store's key as long
             if want > self.held and not (self.held < grant and self.fits(cap)):
                 # no room for one more: do not ask again at once
                 if cap >= limit:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from ..checks import check_bool, check_counts, check_int, check_name, check_seconds
+from ..checks import check_counts, check_int, check_name, check_seconds
 from .records import MAX_PUBLISHED, PolicyStatus
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ def check_share(
     own_limit: int,
     cap: int | None,
     had: int,
-    recent: bool = False,
 ) -> int:
     """``Store.lease_share``'s arguments but its durations; the cap (``limit`` if ``None``)."""
     check_name(key, "key")
@@ -74,7 +73,6 @@ def check_share(
     check_int("own_limit", own_limit, minimum=0)
     cap = limit if cap is None else check_int("cap", cap)
     check_int("had", had, minimum=0)
-    check_bool("recent", recent)
     return cap
 
 

@@ -75,7 +75,6 @@ class MemoryStore(StoreBase):
         self._windows: dict[str, dict[int, list[int]]] = {}  # key -> bucket -> counts
         self._shares: dict[str, dict[str, _Share]] = {}
         self._settle: dict[str, float] = {}  # key -> until when the shares' reports settle
-        self._written: dict[str, float] = {}  # key -> until when its shares are known
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The shared core of breaker ``name`` (created on first use)."""
@@ -181,11 +180,10 @@ class MemoryStore(StoreBase):
         cap: int | None = None,
         had: int = 0,
         settle: float = 0.0,
-        recent: bool = False,
     ) -> tuple[int, int, int]:
         """``holder``'s share of ``limit`` under ``key``: at most what the others leave free
         (each counted as the larger of its share and its permits in use, at most ``limit``);
-        see ``Store.lease_share`` for ``cap``, ``had``, ``settle`` and ``recent``."""
+        see ``Store.lease_share`` for ``cap``, ``had`` and ``settle``."""
         cap = check_share(
             key,
             holder,
@@ -195,17 +193,14 @@ class MemoryStore(StoreBase):
             own_limit=own_limit,
             cap=cap,
             had=had,
-            recent=recent,
         )
         check_seconds("ttl", ttl)
         had = min(had, limit)
         settle = check_seconds("settle", settle, zero=True)
         now = self.clock.monotonic()
         horizon = now + ttl + 1.0  # an entry further ahead is garbage (the clock stepped back)
-        known = self._written.get(key, -math.inf)  # a key outlives its last answer by ttl
-        lost = recent and known <= now
-        self._written[key] = max(known, now + ttl)
         shares = self._shares.setdefault(key, {})
+        lost = False
         for who, entry in list(shares.items()):
             if entry.expires <= now or entry.expires > horizon:
                 lost = lost or entry.expires > horizon

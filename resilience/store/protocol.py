@@ -78,7 +78,6 @@ class Store(Protocol):
         cap: int | None = None,
         had: int = 0,
         settle: float = 0.0,
-        recent: bool = False,
     ) -> tuple[int, int, int]:
         """Quota leasing: ``holder``'s share of the fleet-wide ``limit`` under ``key``.
 
@@ -92,10 +91,9 @@ class Store(Protocol):
         when the store no longer knows it (data lost: a restart, a failover, the clock
         jumped) or finds garbage (deleted: an entry expiring further ahead than ``ttl``, the
         clock stepped back), no share grows past what its holder had for ``settle``
-        seconds, so every live holder reports its permits again first. ``recent``: the holder
-        had an answer about ``key`` within the last ``ttl``; a store that no longer knows the
-        key at all then has lost it too (the key outlives its last answer by ``ttl``), and
-        settles as above, whatever this holder had. The share lasts
+        seconds, so every live holder reports its permits again first. A shared store also
+        settles when it has gone back in time (restarted empty or from an old snapshot), as
+        it can tell from what this replica saw of the key. The share lasts
         ``ttl`` seconds unless asked again. Returns the share granted, the permits in use
         fleet-wide as last reported, and what the other holders count for.
         """

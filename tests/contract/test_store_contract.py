@@ -382,26 +382,6 @@ async def test_shares_the_store_lost_grow_only_after_the_holders_reported_again(
     assert await store.lease_share("pool", "a", want=6, held=3, had=3, **ask) == (3, 5, 7)
 
 
-async def test_a_key_the_store_lost_settles_for_a_holder_that_had_nothing(
-    store: Store, replica: Callable[[], Store], clock: FakeClock
-) -> None:
-    """A holder that had an answer about the key within a ttl (``recent``) and finds the
-    store knowing nothing of it (Redis restarted empty) starts the settling, even with no
-    share of its own; while the store knows the key (its holders gone, within a ttl), it
-    does not."""
-    other = replica()
-    ask = {"limit": 10, "ttl": 5, "settle": 2}
-    assert await store.lease_share("gone", "c", want=4, held=0, recent=True, **ask) == (0, 0, 0)
-    assert await other.lease_share("gone", "a", want=6, held=3, had=3, **ask) == (3, 3, 0)
-    clock.advance(2.5)  # settled
-    assert await store.lease_share("gone", "c", want=4, held=0, recent=True, **ask) == (4, 3, 3)
-    # known: every holder gave its share back a moment ago, the key is still there
-    assert await store.lease_share("kept", "a", want=3, held=0, **ask) == (3, 0, 0)
-    assert await store.lease_share("kept", "a", want=0, held=0, **ask) == (0, 0, 0)
-    clock.advance(1.0)
-    assert await other.lease_share("kept", "b", want=5, held=0, recent=True, **ask) == (5, 0, 0)
-
-
 async def test_entries_from_before_the_clock_stepped_back_are_garbage(
     store: Store, replica: Callable[[], Store], clock: FakeClock
 ) -> None:

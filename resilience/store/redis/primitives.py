@@ -468,6 +468,7 @@ class ShareReply(NamedTuple):
     in_use: int  #: permits in use fleet-wide, as last reported
     others: int  #: what the other holders count for
     reset: bool  #: garbage was deleted (reported as ``StoreDataReset``)
+    writes: int  #: the script's writes under the key so far (it tells a store gone back)
 
 
 class Counted(NamedTuple):
@@ -493,10 +494,10 @@ def parse_names(reply: Any) -> Listed:
 
 def parse_share(reply: Any, limit: int) -> ShareReply:
     """A ``share.lua`` reply for a share of at most ``limit``."""
-    if not isinstance(reply, list) or len(reply) != 5:
+    if not isinstance(reply, list) or len(reply) != 6:
         raise BadReply(f"unexpected share reply {reply!r:.80}")
     granted, in_use, others = number(reply[0], 0, limit), number(reply[1]), number(reply[3])
-    return ShareReply(granted, in_use, others, reply[4] == 1)
+    return ShareReply(granted, in_use, others, reply[4] == 1, number(reply[5]))
 
 
 def parse_window(reply: Any, figures: int) -> Counted:

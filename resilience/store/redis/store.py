@@ -153,6 +153,8 @@ class RedisStore(StoreBase):
         self._owns_client = False
         self._lease_ids = itertools.count(1)
         self._lease_keys: set[str] = set()
+        #: shares keys -> (the script's write count last seen, until when it is known)
+        self._share_writes: dict[str, tuple[int, float]] = {}
         self._cores: weakref.WeakValueDictionary[str, SharedBreakerCore] = (
             weakref.WeakValueDictionary()
         )
@@ -335,11 +337,13 @@ class RedisStore(StoreBase):
         cap: int | None = None,
         had: int = 0,
         settle: float = 0.0,
-        recent: bool = False,
     ) -> tuple[int, int, int]:
         """``holder``'s share of the fleet-wide ``limit`` under ``key`` (server time): at
         most what the other holders leave free (``Store.lease_share``; the rule is in
-        ``share.lua``). Garbage found under the key is deleted and reported
+        ``share.lua``). The script counts its writes under the key; this replica sends the
+        count it last saw (within a ttl), so a store that went back in time (restarted empty
+        or from an old snapshot) settles, whoever asks first. Garbage found under the key is
+        deleted and reported
         (``StoreDataReset``)."""
         cap = check_share(
             key,
@@ -350,15 +354,18 @@ class RedisStore(StoreBase):
             own_limit=own_limit,
             cap=cap,
             had=had,
-            recent=recent,
         )
         settle_ms = int(min(check_seconds("settle", settle, zero=True), _MAX_TTL) * 1000)
         self._register(key)
         shares = self.key(key, "shares")
         args = [self.engine.now_arg(), holder, want, held, limit, _ttl_ms(ttl), own_limit]
-        args += [cap, had, settle_ms, int(recent)]
+        sent = self.clock.monotonic()
+        seen, until = self._share_writes.get(key, (0, sent))
+        args += [cap, had, settle_ms, seen if sent < until else 0]
         reply = await self._script("share", [shares, self.key(key, "limit")], args)
         share = self.supervisor.parsed(functools.partial(parse_share, limit=limit), reply)
+        # the key outlives its last write by a ttl: a count seen since is the store's memory
+        self._share_writes[key] = (share.writes, sent + ttl)
         if share.reset:
             self.engine.reset_seen(key, shares)
         return share.granted, share.in_use, share.others
@@ -543,6 +550,7 @@ class RedisStore(StoreBase):
     def _forked(self) -> None:
         """In a forked child: a new replica (new id, new connections, no inherited tasks)."""
         self.replica = new_replica_id()
+        self._share_writes = {}
         self.supervisor.forked()
         self.engine.forked()
 

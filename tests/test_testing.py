@@ -11,10 +11,7 @@ import pytest
 from resilience.clock import Clock
 from resilience.testing import FakeClock
 
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from .helpers import settle
 
 
 def test_is_a_clock() -> None:

@@ -19,11 +19,7 @@ from resilience import RateLimitedError, ResilienceTimeoutError
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
-
-
-async def settle(rounds: int = 20) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from ..helpers import settle, until
 
 
 class App:
@@ -428,8 +424,7 @@ async def test_store_makes_the_bulkhead_fleet_wide() -> None:
         apps[1].release.set()
         for _ in range(3):  # renewals: the first replica's unused share goes back
             clock.advance(1.0)
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await settle()
         assert (await second.get("/work")).status_code == 200
     (pool,) = [p for p in await status(store) if p.kind == "bulkhead"]
     assert pool.in_flight == 0
@@ -450,13 +445,15 @@ def test_no_starlette_import() -> None:
 # --- whose deadline is believed, and until when ---------------------------------------
 
 
+def _spent() -> bool:
+    """Whether the request's deadline has passed (or there is none)."""
+    left = remaining()
+    return left is None or left < 0
+
+
 async def _until_spent() -> None:
-    """Wait (real time, in small steps) until the request's deadline has passed."""
-    for _ in range(1000):
-        left = remaining()
-        if left is None or left < 0:
-            return
-        await asyncio.sleep(0.005)
+    """Wait (real time) until the request's deadline has passed."""
+    await until(_spent, 5, "the request's deadline", every=0.005)
 
 
 async def test_caller_deadline_does_not_cut_the_app_by_default() -> None:

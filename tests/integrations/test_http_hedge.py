@@ -24,6 +24,7 @@ from resilience import ThrottledError
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
+from ..helpers import settle
 from .test_httpx import Ledger
 
 ONCE = RetryOptions(attempts=1)
@@ -48,11 +49,6 @@ class Slow:
         if host in self.slow:
             await self.release.wait()
         return httpx.Response(200, text=host)
-
-
-async def settle() -> None:
-    for _ in range(10):
-        await asyncio.sleep(0)
 
 
 def client(handler: object, clock: FakeClock, **options: object) -> httpx.AsyncClient:

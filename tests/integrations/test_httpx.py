@@ -52,6 +52,7 @@ from resilience import (
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
+from ..helpers import settle
 
 ONCE = RetryOptions(attempts=1)
 """One attempt: no retry."""
@@ -114,11 +115,6 @@ async def get_once(handler: Handler, clock: Clock | None = None, **options: Any)
     """``GET /`` through a client of ``make_client(handler, clock, **options)``, closed after."""
     async with make_client(handler, clock, **options) as client:
         return await client.get("/")
-
-
-async def settle(rounds: int = 10) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 # --- retry --------------------------------------------------------------------------------

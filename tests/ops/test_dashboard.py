@@ -27,6 +27,8 @@ from resilience.ops.dashboard import Dashboard
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import until
+
 TOKEN = "s3cret-token"
 
 
@@ -300,10 +302,11 @@ async def test_bulkhead_limit_beside_in_flight(fake_time_store: MemoryStore | Re
     release = asyncio.Event()
     held = [asyncio.create_task(pool.call(release.wait)) for _ in range(2)]
     try:
-        for _ in range(100):  # bounded: until both leases are taken
-            if (await fake_time_store.count_leases("pool")) == 2:
-                break
-            await asyncio.sleep(0.01)
+
+        async def taken() -> bool:
+            return await fake_time_store.count_leases("pool") == 2
+
+        await until(taken, 10, "both leases taken", every=0.01)
         async with client(Dashboard(fake_time_store)) as c:
             doc = (await c.get("/status")).json()
     finally:

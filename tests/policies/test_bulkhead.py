@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,26 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import BulkheadFullError, StoreUnavailableError
-from resilience.events import CallFinished, CallRejected, Event
+from resilience.events import CallRejected, Event
 from resilience.policies.bulkhead import Bulkhead
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
-
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from ..helpers import boom, ok, policy_events, settle, until
 
 
 class Gate:
@@ -309,6 +295,16 @@ def unique_prefix() -> str:
     return f"bh{next(_prefixes)}-{time.monotonic_ns()}"
 
 
+async def no_leases(store: RedisStore) -> bool:
+    """Whether Redis holds no permit of the pool "db" any more."""
+    return await store.count_leases("db") == 0
+
+
+def renewing() -> bool:
+    """Whether a fleet permit's renewal is under way (its round trips to Redis)."""
+    return any("_Lease._renew" in repr(t) for t in asyncio.all_tasks())
+
+
 class DownStore(MemoryStore):
     """A store whose lease primitives cannot reach their backend."""
 
@@ -331,10 +327,6 @@ class SlowStore(MemoryStore):
         self.asked.set()
         await self.answer.wait()
         return await super().acquire_lease(key, limit=limit, ttl=ttl)
-
-
-async def boom() -> None:
-    raise ValueError("boom")
 
 
 @pytest.mark.parametrize(
@@ -496,11 +488,7 @@ async def test_redis_fleet_limit_across_two_replicas(redis_url: str, clock: Fake
         gate = Gate()
         first = asyncio.create_task(a.call(gate, 1))
         second = asyncio.create_task(b.call(gate, 2))
-        for _ in range(2000):  # real Redis round trips: a generous bound
-            if gate.running == 2:
-                break
-            await asyncio.sleep(0.001)
-        assert gate.running == 2
+        await until(lambda: gate.running == 2, 10, "both calls running")
         with pytest.raises(BulkheadFullError):
             await b.call(gate, 3)
         with pytest.raises(BulkheadFullError):
@@ -512,11 +500,7 @@ async def test_redis_fleet_limit_across_two_replicas(redis_url: str, clock: Fake
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
             await second
-        for _ in range(200):
-            if await one.count_leases("db") == 0:
-                break
-            await asyncio.sleep(0.001)
-        assert await one.count_leases("db") == 0
+        await until(lambda: no_leases(one), 10, "every permit back", every=0.01)
         assert await two.count_leases("db") == 0
     finally:
         await one.aclose()
@@ -551,19 +535,16 @@ async def test_fleet_permit_is_renewed_while_a_long_call_runs(clock: FakeClock) 
         return "done"
 
     running = asyncio.create_task(one.call(long_call))
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     for _ in range(10):  # 50 s: five leases
         clock.advance(5)
-        for _ in range(10):
-            await asyncio.sleep(0)
+        await settle(10)
         assert await store.count_leases("pool") == 1
         with pytest.raises(BulkheadFullError):
             await two.call(long_call)
     release.set()
     assert await running == "done"
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     assert await store.count_leases("pool") == 0
 
 
@@ -576,17 +557,14 @@ async def test_renewed_permit_is_returned_when_the_caller_is_cancelled(clock: Fa
         await asyncio.Event().wait()
 
     task = asyncio.create_task(pool.call(forever))
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     for _ in range(3):
         clock.advance(2)
-        for _ in range(10):
-            await asyncio.sleep(0)
+        await settle(10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     assert await store.count_leases("pool") == 0
     assert clock.pending == 0  # no renewal timer left behind
 
@@ -598,11 +576,9 @@ async def test_context_manager_permit_is_renewed_too(clock: FakeClock) -> None:
     async with pool:
         for _ in range(4):
             clock.advance(1)
-            for _ in range(10):
-                await asyncio.sleep(0)
+            await settle(10)
             assert await store.count_leases("pool") == 1
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     assert await store.count_leases("pool") == 0
 
 
@@ -618,36 +594,22 @@ async def test_redis_fleet_permit_is_renewed_while_a_long_call_runs(
         b = Bulkhead(1, distributed=True, store=two, name="db", lease=10, clock=clock)
         gate = Gate()
         running = asyncio.create_task(a.call(gate, 1))
-        for _ in range(2000):
-            if gate.running == 1:
-                break
-            await asyncio.sleep(0.001)
+        await until(lambda: gate.running == 1, 10, "the call running")
         for _ in range(6):  # 36 s: more than three leases
             clock.advance(6)
-            for _ in range(2000):  # the renewal's two round trips
-                if not any("_Lease._renew" in repr(t) for t in asyncio.all_tasks()):
-                    break
-                await asyncio.sleep(0.001)
+            await until(lambda: not renewing(), 10, "the renewal's two round trips")
             assert await two.count_leases("db") == 1
             with pytest.raises(BulkheadFullError):
                 await b.call(gate, 2)
         gate.event(1).set()
         assert await running == 1
-        for _ in range(200):
-            if await one.count_leases("db") == 0:
-                break
-            await asyncio.sleep(0.001)
-        assert await one.count_leases("db") == 0
+        await until(lambda: no_leases(one), 10, "the permit back", every=0.01)
     finally:
         await one.aclose()
         await two.aclose()
 
 
 # --- shares (quota leasing) ---------------------------------------------------------------
-
-
-async def ok() -> str:
-    return "ok"
 
 
 def test_shares_need_a_fleet_wide_bulkhead() -> None:

@@ -24,15 +24,9 @@ from resilience import (
 from resilience.policies.circuit import BreakerConfig, half_open_verdict, open_duration, tripped
 from resilience.testing import FakeClock
 
+from ..helpers import boom, ok
+
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
 
 
 def make(clock: FakeClock, **kw: Any) -> CircuitBreaker:

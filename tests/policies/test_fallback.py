@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,21 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import StoreUnavailableError, UnacceptableResultError
-from resilience.events import CallFinished, Event, FallbackUsed
+from resilience.events import Event, FallbackUsed
 from resilience.policies.fallback import Fallback
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
+from ..helpers import policy_events
 
 
 async def fail(exc: BaseException) -> Any:

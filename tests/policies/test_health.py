@@ -44,6 +44,8 @@ from resilience.rules.detectors import PhiAccrualDetector, TimeoutDetector, phi
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import boom, read_line, settle, until
+
 ROOT = Path(__file__).resolve().parents[2]
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
@@ -217,12 +219,6 @@ class Dependency:
             await asyncio.Event().wait()
         if not self.up:
             raise ConnectionError("refused")
-
-
-async def settle() -> None:
-    """Let the background loop run what is due."""
-    for _ in range(30):
-        await asyncio.sleep(0)
 
 
 async def advance(clock: FakeClock, seconds: float, step: float = 0.25) -> None:
@@ -617,10 +613,6 @@ def test_configuration_is_read_only() -> None:
 
 
 # --- breakers that recover through a health check -------------------------------------------
-
-
-async def boom() -> None:
-    raise ValueError("boom")
 
 
 def changes(into: list[StateChanged]) -> Callable[[Event], None]:
@@ -1079,21 +1071,12 @@ async def test_a_degraded_store_means_every_replica_checks_itself() -> None:
     dep = Dependency()
     try:
         async with HealthCheck(dep.check, name="dep", interval=0.05, store=store) as hc:
-            await eventually(lambda: dep.runs >= 5, 10.0)
+            await until(lambda: dep.runs >= 5, 10.0)
             assert not hc.leading
             assert hc.healthy
             assert all(r.ran_here for r in hc.results)
     finally:
         await store.aclose()
-
-
-async def eventually(condition: Callable[[], bool], within: float) -> None:
-    """Wait (real time) until ``condition()`` holds; fail after ``within`` seconds."""
-    for _ in range(int(within / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not within {within} s")
 
 
 @pytest.fixture
@@ -1112,7 +1095,7 @@ async def test_replicas_on_redis_share_one_check(redis_url: str, prefix: str) ->
             HealthCheck(a.check, name="dep", interval=0.2, store=s1) as h1,
             HealthCheck(b.check, name="dep", interval=0.2, store=s2) as h2,
         ):
-            await eventually(lambda: len(h1.results) >= 6 and len(h2.results) >= 6, 10.0)
+            await until(lambda: len(h1.results) >= 6 and len(h2.results) >= 6, 10.0)
             leader, follower = (h1, h2) if h1.leading else (h2, h1)
             assert leader.leading
             assert not follower.leading
@@ -1146,9 +1129,9 @@ async def test_a_shared_breaker_closes_through_the_fleet_check(redis_url: str, p
             await s2.sync()  # trips before its first reply is a store matter, not tested here)
             await trip(b1)
             opened = time.monotonic()
-            await eventually(lambda: b1.state is CLOSED, 5.0)
+            await until(lambda: b1.state is CLOSED, 5.0)
             assert time.monotonic() - opened >= 0.45  # open_for was respected
-            await eventually(lambda: b2.state is CLOSED, 5.0)
+            await until(lambda: b2.state is CLOSED, 5.0)
             assert seen[0].new is OPEN  # the other replica was open too, and closed with it
             assert seen[-1].new is CLOSED
     finally:
@@ -1176,10 +1159,12 @@ async def test_a_suspicion_on_one_replica_opens_the_fleet_breaker(
 
             for _ in range(15):
                 await b2.call(user)
-            await asyncio.sleep(0.3)
+            await until(lambda: len(hc.results) >= 2, 5, "two healthy checks")
+            await s1.sync()
+            await s2.sync()
             assert (b1.state, b2.state) == (CLOSED, CLOSED)
             dep.up = False
-            await eventually(lambda: b2.state is OPEN, 5.0)  # no user call failed anywhere
+            await until(lambda: b2.state is OPEN, 5.0)  # no user call failed anywhere
             assert not hc.healthy
             assert b1.state is OPEN
     finally:
@@ -1190,27 +1175,12 @@ async def test_a_suspicion_on_one_replica_opens_the_fleet_breaker(
 def _replica(mode: str, url: str, prefix: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, __file__, mode, url, prefix],
+        [sys.executable, "-m", "tests.policies.test_health", mode, url, prefix],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
         cwd=ROOT,
     )
-
-
-def _line(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    deadline = time.monotonic() + timeout
-    buffer = ""
-    while time.monotonic() < deadline:
-        buffer += proc.stdout.readline()
-        if buffer.endswith("\n"):
-            return buffer.strip()
-        if proc.poll() is not None:
-            raise AssertionError(f"replica exited with {proc.returncode}")
-        time.sleep(0.005)
-    raise AssertionError("replica said nothing in time")
 
 
 async def test_the_lease_moves_when_its_holder_process_is_killed(
@@ -1221,18 +1191,18 @@ async def test_the_lease_moves_when_its_holder_process_is_killed(
     store = RedisStore.from_url(redis_url, prefix=prefix)
     dep = Dependency()
     try:
-        assert _line(holder) == "leading"
+        assert read_line(holder) == "leading"
         async with HealthCheck(dep.check, name="fleet", interval=0.1, store=store) as hc:
-            await eventually(lambda: sum(not r.ran_here for r in hc.results) >= 5, 10.0)
+            await until(lambda: sum(not r.ran_here for r in hc.results) >= 5, 10.0)
             assert not hc.leading
             assert dep.runs == 0
             assert sum(not r.ran_here for r in hc.results) >= 5
             os.kill(holder.pid, signal.SIGKILL)
             holder.wait(10)
             killed = time.monotonic()
-            await eventually(lambda: hc.leading, 10.0)
+            await until(lambda: hc.leading, 10.0)
             assert time.monotonic() - killed < 5.0
-            await eventually(lambda: dep.runs >= 2, 10.0)
+            await until(lambda: dep.runs >= 2, 10.0)
             assert dep.runs >= 2
             assert hc.results[-1].ran_here
             assert hc.healthy  # the takeover is no outage
@@ -1273,12 +1243,12 @@ async def test_http_check_drives_a_health_check_against_a_real_server() -> None:
     check = http_check(f"http://127.0.0.1:{port}/healthz")
     try:
         async with HealthCheck(check, name="web", interval=0.2, timeout=0.2) as hc:
-            await eventually(lambda: len(hc.results) >= 2, 10.0)
+            await until(lambda: len(hc.results) >= 2, 10.0)
             assert hc.results[0].ok
             assert hc.healthy
             server.close()
             await server.wait_closed()
-            await eventually(lambda: not hc.results[-1].ok, 10.0)
+            await until(lambda: not hc.results[-1].ok, 10.0)
             assert "ConnectError" in (hc.results[-1].error or "")
     finally:
         server.close()
@@ -1333,7 +1303,7 @@ async def _hold(url: str, prefix: str) -> None:
         pass
 
     async with HealthCheck(check, name="fleet", interval=0.1, store=store) as hc:
-        await eventually(lambda: hc.leading, 20.0)
+        await until(lambda: hc.leading, 20.0)
         print("leading", flush=True)
         await asyncio.sleep(20.0)  # until killed
     await store.aclose()

@@ -25,11 +25,7 @@ from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-async def settle() -> None:
-    """Let the tasks started so far run until they block (nothing here waits on real time)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
+from ..helpers import settle
 
 
 def only_me() -> set[asyncio.Task[Any]]:

@@ -20,14 +20,10 @@ from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 from ..fork_support import in_forked_child
+from ..helpers import settle, until
 from ..redis_server import RedisServer
 
 _prefixes = itertools.count()
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 ops = st.lists(
@@ -424,6 +420,11 @@ async def test_calls_that_came_during_an_ask_share_one_more() -> None:
 # --- Redis loses the shares -------------------------------------------------------------------
 
 
+async def renewed(*shares: FleetShare) -> None:
+    """Wait until the renewals the fake clock set off have their answers (Redis round trips)."""
+    await until(lambda: all(s._task is None or s._task.done() for s in shares), 10, "the renewals")
+
+
 async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServer) -> None:
     """Two replicas hold 5 permits each of a fleet limit of 10; Redis is killed and started
     again empty on the same port, so the store no longer knows their shares, which are still
@@ -449,12 +450,12 @@ async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServ
         assert a.held + b.held <= 10, (a.held, b.held)
         for _ in range(3):  # renewals: b reports its permits again
             clock.advance(1.0)
-            await asyncio.sleep(0.05)
+            await renewed(a, b)
         for _ in range(5):
             await b.give()
         for _ in range(3):
             clock.advance(1.0)
-            await asyncio.sleep(0.05)
+            await renewed(a, b)
         assert all([await a.take() for _ in range(5)])  # what b gave back is a's to take
         assert a.held + b.held <= 10, (a.held, b.held)
     finally:

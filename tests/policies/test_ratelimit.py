@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -15,26 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import RateLimitedError, StoreUnavailableError
-from resilience.events import CallFinished, CallRejected, Event
+from resilience.events import CallRejected, Event
 from resilience.policies.ratelimit import RateLimiter
 from resilience.rules.gcra import gcra
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
-
-
-async def ok() -> str:
-    return "ok"
+from ..helpers import ok, policy_events
 
 
 def run_now(awaitable: Awaitable[Any]) -> Any:

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,21 +16,13 @@ from tenacity import RetryCallState
 
 from resilience import Pipeline, Timeout
 from resilience.errors import StoreUnavailableError
-from resilience.events import CallFinished, CallRejected, Event, RetryScheduled
+from resilience.events import CallRejected, Event, RetryScheduled
 from resilience.policies.retry import Retry, RetryBudget
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
+from ..helpers import ok, policy_events, settle
 
 
 class Flaky:
@@ -47,11 +38,6 @@ class Flaky:
         if self.errors:
             raise self.errors.pop(0)
         return self.value
-
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 def test_on_is_required() -> None:
@@ -412,10 +398,6 @@ class DownStore(MemoryStore):
 
 def failing() -> Flaky:
     return Flaky(*[ValueError(i) for i in range(1000)])
-
-
-async def ok() -> str:
-    return "ok"
 
 
 @pytest.mark.parametrize(

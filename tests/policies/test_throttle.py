@@ -31,6 +31,8 @@ from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import ok, settle, until
+
 
 class Overloaded(RejectedError):
     """What the simulated backend raises when it refuses a call (an HTTP 503, say): a
@@ -39,10 +41,6 @@ class Overloaded(RejectedError):
 
 def not_overloaded(exc: Exception) -> bool:
     return not isinstance(exc, Overloaded)
-
-
-async def ok() -> str:
-    return "ok"
 
 
 async def refused() -> None:
@@ -68,12 +66,6 @@ async def outcome(throttle: Throttle, fn: Callable[[], Any]) -> str:
     except ThrottledError:
         return "throttled"
     return "ok"
-
-
-async def settle() -> None:
-    """Let background tasks started by timers run (the stores used never block long)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
 
 
 # --- the formula ---------------------------------------------------------------------------
@@ -467,11 +459,7 @@ async def test_redis_background_sync(redis_url: str) -> None:
         for _ in range(10):
             await outcome(a, refused)
         await b.call(ok)
-        for _ in range(500):  # generous: up to 10 s on a busy machine
-            await asyncio.sleep(0.02)
-            if b.counts.totals() == (11, 1):
-                break
-        assert b.counts.totals() == (11, 1)
+        await until(lambda: b.counts.totals() == (11, 1), 10, "the fleet's counts", every=0.02)
     finally:
         await one.aclose()
         await two.aclose()

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from resilience.errors import ResilienceTimeoutError
-from resilience.events import CallFinished, Event, TimedOut
+from resilience.events import Event, TimedOut
 from resilience.policies.timeout import Timeout
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
-
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from ..helpers import policy_events, settle
 
 
 async def test_expires_after_seconds(clock: FakeClock) -> None:

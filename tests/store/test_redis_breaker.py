@@ -42,8 +42,9 @@ from resilience.store.redis.primitives import (
 from resilience.testing import FakeClock
 
 from ..faultproxy import FaultProxy
+from ..helpers import boom, ok, until
 from ..redis_server import RedisServer
-from .support import boom, fleet_gen, ok, prefix, quorum_breaker, trip, until
+from .support import fleet_gen, prefix, quorum_breaker, trip
 
 OPEN, CLOSED, HALF_OPEN = CircuitState.OPEN, CircuitState.CLOSED, CircuitState.HALF_OPEN
 

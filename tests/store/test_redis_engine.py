@@ -38,8 +38,9 @@ from resilience.testing import FakeClock
 
 from ..faultproxy import FaultProxy
 from ..fork_support import in_forked_child
+from ..helpers import boom, ok, until
 from ..redis_server import RedisServer
-from .support import boom, evalsha_calls, ok, prefix, until
+from .support import evalsha_calls, prefix
 
 # --- cost follows use ------------------------------------------------------------------------
 
@@ -535,11 +536,7 @@ async def test_a_fleet_probe_lease_is_reported_even_if_the_store_degraded_meanwh
     assert await b.call(probe_during_a_blip) == "ok"
     assert store.degraded
     clock.advance(1)  # the reconnect's backoff
-    for _ in range(200):
-        await asyncio.sleep(0.005)
-        if not store.degraded:
-            break
-    assert not store.degraded
+    await until(lambda: not store.degraded, 10, "reconnected")
     await store.sync()
     await store.sync()
     assert await raw.zcard(store.key("dep", "probes")) == 0

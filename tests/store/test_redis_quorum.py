@@ -26,7 +26,8 @@ from resilience.store.redis.breaker import VOTE_LEASE
 from resilience.testing import FakeClock
 
 from ..fork_support import in_forked_child
-from .support import boom, fleet_gen, ok, prefix, quorum_breaker, trip, until
+from ..helpers import boom, ok, until
+from .support import fleet_gen, prefix, quorum_breaker, trip
 
 OPEN, CLOSED, HALF_OPEN = CircuitState.OPEN, CircuitState.CLOSED, CircuitState.HALF_OPEN
 

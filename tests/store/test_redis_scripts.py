@@ -26,7 +26,8 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from .support import boom, ok, prefix
+from ..helpers import boom, ok
+from .support import prefix
 
 
 @settings(

@@ -27,8 +27,9 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import boom, ok, until
 from ..redis_server import RedisServer
-from .support import boom, ok, prefix, until
+from .support import prefix, subscribed
 
 
 def breaker(store: RedisStore, name: str = "dep", **kw: Any) -> CircuitBreaker:
@@ -243,7 +244,7 @@ async def test_a_local_trip_flushes_at_once_and_is_pushed(
     a, b = breaker(a_store), breaker(b_store)
     await a_store.sync()
     await b_store.sync()
-    await asyncio.sleep(0.05)  # let both subscribers attach
+    await subscribed(a_store.client, a_store.channel, 2)
     await fail(a, 4)
     await until(lambda: b.state is CircuitState.OPEN, 5.0)  # no flush due for 60 s: pushed
     assert a.state is CircuitState.OPEN

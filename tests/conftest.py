@@ -1,4 +1,5 @@
-"""Shared fixtures: a fake clock, and real redis-servers started on free loopback ports."""
+"""Shared fixtures: a fake clock, and real redis-servers started on free loopback ports; the
+``redis`` mark on every test that uses one of those servers (see ``docs/testing.md``)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,19 @@ def make_redis_server() -> Iterator[Callable[[], RedisServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+#: the fixtures that start a redis-server (or name one): a test using any of them, itself or
+#: through a fixture built on them, is marked ``redis``
+REDIS_FIXTURES = frozenset({"redis_url", "redis_server", "make_redis_server"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``redis`` every test whose fixtures start or name a redis-server."""
+    for item in items:
+        if REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

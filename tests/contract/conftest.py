@@ -17,7 +17,7 @@ from resilience.testing import FakeClock
 _prefixes = itertools.count()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest) -> str:
     """The name of the store implementation under test."""
     return str(request.param)

@@ -142,7 +142,7 @@ async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> 
     assert after["rates"]["calls"] > after["rates"]["failures"]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def fake_time_store(
     request: pytest.FixtureRequest, clock: FakeClock
 ) -> AsyncIterator[MemoryStore | RedisStore]:

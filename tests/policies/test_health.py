@@ -878,7 +878,7 @@ async def test_a_follower_takes_over_when_the_lease_expires(clock: FakeClock) ->
         assert hb.healthy
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def stores(
     request: pytest.FixtureRequest, clock: FakeClock
 ) -> AsyncIterator[Callable[[], Store]]:

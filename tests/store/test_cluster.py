@@ -37,6 +37,8 @@ from ..cluster_support import ClusterSetup, Node, trip
 from ..helpers import boom, ok, until
 from .support import TIMEOUT, Load, prefix, recovered, started
 
+pytestmark = [pytest.mark.redis, pytest.mark.slow]  # servers of its own, started here
+
 
 @pytest.fixture
 def cluster() -> Iterator[ClusterSetup]:

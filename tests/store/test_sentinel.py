@@ -28,6 +28,8 @@ from ..cluster_support import SentinelSetup, command, trip
 from ..helpers import until
 from .support import TIMEOUT, Load, prefix, recovered, started, subscribed
 
+pytestmark = [pytest.mark.redis, pytest.mark.slow]  # servers of its own, started here
+
 
 @pytest.fixture
 def sentinel_setup() -> Iterator[SentinelSetup]:

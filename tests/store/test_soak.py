@@ -10,6 +10,7 @@ import time
 import tracemalloc
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from resilience import (
@@ -37,6 +38,7 @@ async def client_count(client: aioredis.Redis) -> int:
     return len(await client.client_list()) - 1
 
 
+@pytest.mark.slow
 async def test_every_policy_soaks_flat(redis_server: RedisServer, full: bool) -> None:
     """N calls through Fallback -> Retry(budget) -> CircuitBreaker -> RateLimiter -> Timeout
     -> Bulkhead(distributed), all on a RedisStore: memory, DBSIZE, tasks and connections flat."""

@@ -1,5 +1,6 @@
-"""What the tests share: letting the event loop run, waiting on a condition, keeping a policy's
-own events, and the calls a policy protects (one that succeeds, one that fails).
+"""What the tests share: letting the event loop run (after moving the fake clock on), waiting
+on a condition, cancelling a task, keeping a policy's own events, reading a worker process's
+lines, and the calls a policy protects (one that succeeds, one that fails).
 
 Fixtures are in ``conftest.py``; what only the store tests share is in ``store/support.py``.
 """
@@ -8,15 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import os
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
 
 from resilience.events import CallFinished, Event
+from resilience.testing import FakeClock
 
-__all__ = ["boom", "ok", "policy_events", "read_line", "settle", "until", "wait_until"]
+T = TypeVar("T")
+
+_prefixes = itertools.count()
+
+__all__ = [
+    "advance",
+    "boom",
+    "cancelled",
+    "ok",
+    "policy_events",
+    "read_line",
+    "settle",
+    "started",
+    "unique_prefix",
+    "until",
+    "wait_until",
+]
 
 
 async def ok() -> str:
@@ -29,11 +50,36 @@ async def boom() -> None:
     raise ValueError("boom")
 
 
+def unique_prefix(tag: str = "t") -> str:
+    """A key prefix no other test (or test process) uses."""
+    return f"{tag}{next(_prefixes)}-{os.getpid()}"
+
+
 async def settle(rounds: int = 20) -> None:
     """Let the tasks that are ready run until they block: ``rounds`` turns of the event loop
     (for code on the fake clock or in memory, where nothing waits on real time)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+async def started(call: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """``call`` as a task, run until it blocks (``settle``): under way, waiting on something."""
+    task = asyncio.create_task(call)
+    await settle()
+    return task
+
+
+async def advance(clock: FakeClock, seconds: float) -> None:
+    """Move ``clock`` on by ``seconds`` and let the loop run what came due (``settle``)."""
+    clock.advance(seconds)
+    await settle()
+
+
+async def cancelled(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and see it end cancelled (the cancellation propagates)."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def until(

@@ -1,14 +1,12 @@
-"""What the store tests share: breakers built alike, a load, Redis counters, unique key prefixes.
+"""What the store tests share: breakers built alike, a load, Redis counters, subscribers.
 
-The fixtures they share (``raw``, ``stores``) are in ``conftest.py``.
+The fixtures they use (``raw``, ``stores``) are in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, Self, TypeVar
@@ -27,7 +25,6 @@ __all__ = [
     "evalsha_calls",
     "fleet_breaker",
     "fleet_gen",
-    "prefix",
     "quorum_breaker",
     "recovered",
     "report",
@@ -37,8 +34,6 @@ __all__ = [
 ]
 
 TIMEOUT = 0.25  #: seconds: the store's default bound on a Redis call
-
-_prefixes = itertools.count()
 
 
 class Setup(Protocol):
@@ -114,11 +109,6 @@ async def command_calls(raw: aioredis.Redis, command: str) -> int:
     """How many ``command`` commands (lower case) the server has run."""
     stats = await raw.info("commandstats")
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
-
-
-def prefix(tag: str = "t") -> str:
-    """A key prefix no other test (or test process) uses."""
-    return f"{tag}{next(_prefixes)}-{os.getpid()}"
 
 
 def started(setup: S) -> Iterator[S]:

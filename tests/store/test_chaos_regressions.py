@@ -21,10 +21,10 @@ from resilience import (
 from resilience.events import Event, SubscriberReplaced
 from resilience.store.redis import RedisStore
 
+from .. import helpers
 from ..faultproxy import Connection, FaultProxy
-from ..helpers import boom, ok, until
+from ..helpers import boom, cancelled, ok, until
 from ..redis_server import RedisServer
-from . import support
 from .support import fleet_breaker, report
 
 
@@ -67,7 +67,7 @@ async def test_a_paused_redis_is_not_resubscribed_in_a_tight_loop(
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
         store = RedisStore.from_url(
             proxy.url_for("redis"),
-            prefix=support.prefix("paused"),
+            prefix=helpers.unique_prefix("paused"),
             sync_interval=0.01,
             timeout=0.05,
             listeners=[events.append],
@@ -181,9 +181,7 @@ async def test_a_probe_lease_granted_to_a_cancelled_caller_is_given_back(
 
             caller = asyncio.create_task(b.call(ok))
             await until(lambda: held(1), 5, "the probe lease granted in Redis", every=0.01)
-            caller.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await caller
+            await cancelled(caller)
             proxy.clear()
             await until(lambda: held(0), 5, "the probe lease given back", every=0.01)
             assert await b.call(ok) == "ok"  # the slot is free: this probe closes the breaker

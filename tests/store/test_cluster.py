@@ -34,8 +34,8 @@ from resilience import (
 from resilience.store.redis import RedisStore
 
 from ..cluster_support import ClusterSetup, Node, trip
-from ..helpers import boom, ok, until
-from .support import TIMEOUT, Load, prefix, recovered, started
+from ..helpers import boom, ok, unique_prefix, until
+from .support import TIMEOUT, Load, recovered, started
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]  # servers of its own, started here
 
@@ -84,7 +84,7 @@ async def two_replicas(
 ) -> AsyncIterator[tuple[RedisStore, RedisStore, Breakers, Breakers]]:
     """Replicas A (its events in ``events``) and B of one fleet, and their breakers of
     every name in ``NAMES``; closed at the end."""
-    fleet = prefix("cl")
+    fleet = unique_prefix("cl")
     async with cluster_store(setup, fleet, events) as a, cluster_store(setup, fleet) as b:
         yield a, b, {n: breaker(a, n) for n in NAMES}, {n: breaker(b, n) for n in NAMES}
 

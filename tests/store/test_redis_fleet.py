@@ -20,9 +20,9 @@ from resilience import CircuitBreaker, CircuitOpenError, CircuitState
 from resilience.store.redis import RedisStore
 from resilience.store.redis.breaker import VOTE_LEASE
 
+from .. import helpers
 from ..fleet_worker import boom, breaker
 from ..helpers import read_line, wait_until
-from . import support
 
 WORKER = str(Path(__file__).parents[1] / "fleet_worker.py")
 
@@ -73,7 +73,7 @@ def ready(workers: list[Worker], url: str, prefix: str) -> None:
 @pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own."""
-    return support.prefix("fleet")
+    return helpers.unique_prefix("fleet")
 
 
 def test_one_replica_trips_the_others_reject_promptly(redis_url: str, prefix: str) -> None:

@@ -37,9 +37,8 @@ from resilience import (
 from resilience.events import Event
 from resilience.store.redis import RedisStore
 
-from ..helpers import boom, ok, until
+from ..helpers import boom, ok, unique_prefix, until
 from ..redis_server import RedisServer
-from .support import prefix
 
 
 @dataclass
@@ -188,7 +187,7 @@ async def test_an_error_reply_is_an_outage(
         await setup(admin, redis_server)
     events: list[Event] = []
     store = RedisStore.from_url(
-        fault.url(redis_server), prefix=prefix("err"), listeners=[events.append]
+        fault.url(redis_server), prefix=unique_prefix("err"), listeners=[events.append]
     )
     try:
         breaker = CircuitBreaker(
@@ -248,7 +247,7 @@ async def test_a_readonly_reply_drops_connections(
     redis_server: RedisServer, admin: aioredis.Redis
 ) -> None:
     """READONLY: the store drops its pooled connections, so the next one can reach a primary."""
-    store = RedisStore.from_url(redis_server.url, prefix=prefix("ro"))
+    store = RedisStore.from_url(redis_server.url, prefix=unique_prefix("ro"))
     try:
         breaker = CircuitBreaker("dep", store=store)
         await breaker.call(ok)

@@ -26,8 +26,7 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from ..helpers import boom, ok
-from .support import prefix
+from ..helpers import boom, ok, unique_prefix
 
 
 @settings(
@@ -47,7 +46,7 @@ async def test_the_count_window_keeps_the_newest_calls(
     """Running totals match a model that keeps the newest ``size`` calls of the flushed
     chunks (the oldest chunk cut pro rata), whatever the chunks."""
     client = aioredis.Redis.from_url(redis_url)
-    store = RedisStore(client, prefix=prefix(), clock=FakeClock())
+    store = RedisStore(client, prefix=unique_prefix(), clock=FakeClock())
     try:
         engine = store.engine
         flush = store._scripts["flush"]

@@ -27,9 +27,9 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from ..helpers import boom, ok, until
+from ..helpers import boom, ok, unique_prefix, until
 from ..redis_server import RedisServer
-from .support import prefix, subscribed
+from .support import subscribed
 
 
 def breaker(store: RedisStore, name: str = "dep", **kw: Any) -> CircuitBreaker:
@@ -48,7 +48,7 @@ async def fail(b: CircuitBreaker, times: int) -> None:
 def make_store(stores: Callable[..., RedisStore]) -> Callable[..., RedisStore]:
     """RedisStores on the shared test server under one prefix per test (replicas of one
     fleet, unless given another prefix); closed at the end."""
-    return functools.partial(stores, prefix=prefix())
+    return functools.partial(stores, prefix=unique_prefix())
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -383,21 +383,17 @@ async def test_a_frozen_redis_costs_calls_nothing(redis_server: RedisServer) -> 
         await store.aclose()
 
 
-async def test_an_unreachable_redis_never_raises(clock: FakeClock) -> None:
+async def test_an_unreachable_redis_never_raises(unreachable_store: RedisStore) -> None:
     """A store that never connects: breakers work locally, primitives raise the store error."""
-    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
-    try:
-        b = breaker(store)
-        assert await b.call(ok) == "ok"
-        await b.force_open()  # applied locally
-        with pytest.raises(CircuitOpenError):
-            await b.call(ok)
-        from resilience import StoreUnavailableError
+    b = breaker(unreachable_store)
+    assert await b.call(ok) == "ok"
+    await b.force_open()  # applied locally
+    with pytest.raises(CircuitOpenError):
+        await b.call(ok)
+    from resilience import StoreUnavailableError
 
-        with pytest.raises(StoreUnavailableError):
-            await store.acquire_lease("x", limit=1, ttl=1)
-    finally:
-        await store.aclose()
+    with pytest.raises(StoreUnavailableError):
+        await unreachable_store.acquire_lease("x", limit=1, ttl=1)
 
 
 async def test_scripts_flushed_from_the_server_are_loaded_again(

@@ -25,8 +25,8 @@ from resilience import (
 from resilience.store.redis import RedisStore
 
 from ..cluster_support import SentinelSetup, command, trip
-from ..helpers import until
-from .support import TIMEOUT, Load, prefix, recovered, started, subscribed
+from ..helpers import unique_prefix, until
+from .support import TIMEOUT, Load, recovered, started, subscribed
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]  # servers of its own, started here
 
@@ -76,7 +76,7 @@ async def test_failover_under_load_calls_go_on_and_state_survives(
     a breaker opened (and replicated) before the kill is still open at the same generation,
     and a trip after the failover reaches the other replica."""
     setup = sentinel_setup
-    fleet = prefix("sentinel")
+    fleet = unique_prefix("sentinel")
     events_a: list[Event] = []
     events_b: list[Event] = []
     async with (

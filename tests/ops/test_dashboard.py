@@ -117,11 +117,13 @@ def test_every_argument_is_validated(
         Dashboard(MemoryStore(), **kwargs)
 
 
-async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> None:
+async def test_rates_come_from_successive_snapshots(
+    redis_store: RedisStore, clock: FakeClock
+) -> None:
     """calls/s and failures/s are the growth of the replicas' reports between two snapshots,
     and the replicas reporting are counted; no rate before a second snapshot."""
     breaker = CircuitBreaker("rated", window=CountWindow(100), store=redis_store)
-    app = Dashboard(redis_store, refresh=0.05)
+    app = Dashboard(redis_store, refresh=0.05, clock=clock)  # times the snapshots
     await breaker.call(asyncio.sleep, 0)
     await redis_store.sync()
     _, first = await app.snapshot()
@@ -134,7 +136,7 @@ async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> 
         with pytest.raises(ConnectionError):
             await breaker.call(_fail)
     await redis_store.sync()
-    await asyncio.sleep(0.06)  # bounded: past the snapshots' minimum gap
+    clock.advance(0.06)  # past the snapshots' minimum gap
     _, second = await app.snapshot()
     (after,) = [p for p in second["policies"] if p["name"] == "rated"]
     assert after["rates"]["calls"] > 0

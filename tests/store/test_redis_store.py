@@ -78,14 +78,14 @@ async def test_hostile_names_get_one_hash_tag_each(
 
 
 async def test_every_key_has_a_ttl(
-    make_store: Callable[..., RedisStore], raw: aioredis.Redis
+    make_store: Callable[..., RedisStore], raw: aioredis.Redis, clock: FakeClock
 ) -> None:
     """Nothing this store writes lives forever."""
-    store = make_store()
+    store = make_store(clock=clock)
     b = breaker(store, half_open_calls=2, open_for=0.05)
     await fail(b, 4)
     await store.sync()
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     gate = asyncio.Event()
 
     async def probe() -> None:

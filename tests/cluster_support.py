@@ -14,10 +14,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from resilience import CircuitBreaker, CircuitOpenError, CircuitState
 
+from .helpers import boom, wait_until
 from .redis_server import free_port, redis_binary
 
 
@@ -88,16 +88,6 @@ def info_field(port: int, section: str, field: str) -> str | None:
     return None
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    """Poll `predicate()` every 20 ms until true; AssertionError naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 class Node:
     """One redis-server process (a plain server, a replica, a sentinel or a cluster node)."""
 
@@ -118,7 +108,7 @@ class Node:
         argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         argv += ["--protected-mode", "no"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: command(self.port, "PING").startswith("+PONG"), 10, f"port {self.port}")
+        wait_until(lambda: command(self.port, "PING").startswith("+PONG"), 10, f"port {self.port}")
         return self
 
     @property
@@ -196,7 +186,7 @@ class SentinelSetup:
         """Start everything; return once the replica is in sync and every sentinel sees both."""
         self.primary.start()
         self.replica.start()
-        wait_for(
+        wait_until(
             lambda: info_field(self.replica.port, "replication", "master_link_status") == "up",
             10,
             "the replica to sync",
@@ -213,7 +203,7 @@ class SentinelSetup:
                     return False
             return True
 
-        wait_for(known, 15, "the sentinels to discover each other and the replica")
+        wait_until(known, 15, "the sentinels to discover each other and the replica")
         return self
 
     def stop(self) -> None:
@@ -286,7 +276,7 @@ class ClusterSetup:
                         return False
             return True
 
-        wait_for(ok, timeout, "cluster_state:ok")
+        wait_until(ok, timeout, "cluster_state:ok")
 
     def stop(self) -> None:
         """Kill every node by pid; remove the directories."""
@@ -303,16 +293,6 @@ def info_field_cluster(port: int, field: str) -> str | None:
     return None
 
 
-async def ok() -> str:
-    """A call that succeeds."""
-    return "ok"
-
-
-async def boom() -> None:
-    """A call that fails."""
-    raise ValueError("boom")
-
-
 async def trip(b: CircuitBreaker, limit: float = 10.0) -> None:
     """Fail through `b` until it is open (bounded)."""
     deadline = time.monotonic() + limit
@@ -321,12 +301,3 @@ async def trip(b: CircuitBreaker, limit: float = 10.0) -> None:
         with contextlib.suppress(ValueError, CircuitOpenError):
             await b.call(boom)
         await asyncio.sleep(0.001)
-
-
-async def until(predicate: Any, limit: float, what: str) -> float:
-    """Seconds until `predicate()` holds (polled every 10 ms); fails after `limit`."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < limit, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start

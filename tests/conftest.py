@@ -1,14 +1,19 @@
-"""Shared fixtures: a fake clock, and real redis-servers started on free loopback ports."""
+"""Shared fixtures: a fake clock, and real redis-servers started on free loopback ports; the
+``redis`` mark on every test that uses one of those servers (see ``docs/testing.md``)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from .helpers import unique_prefix
 from .redis_server import RedisServer, redis_binary
 
 
@@ -62,6 +67,63 @@ def make_redis_server() -> Iterator[Callable[[], RedisServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+#: the fixtures that start a redis-server (or name one): a test using any of them, itself or
+#: through a fixture built on them, is marked ``redis``
+REDIS_FIXTURES = frozenset({"redis_url", "redis_server", "make_redis_server"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``redis`` every test whose fixtures start or name a redis-server."""
+    for item in items:
+        if REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the shared test server, for looking at (and vandalising) the keys."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def stores(redis_url: str) -> AsyncIterator[Callable[..., RedisStore]]:
+    """Build RedisStores (``RedisStore.from_url``; ``url=`` another server than the shared
+    test server), each under a prefix of its own unless given one (``prefix=other.prefix``:
+    a replica sharing ``other``'s state); all closed at the end."""
+    made: list[RedisStore] = []
+
+    def make(**kw: Any) -> RedisStore:
+        kw.setdefault("prefix", unique_prefix())
+        store = RedisStore.from_url(kw.pop("url", redis_url), **kw)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()
+
+
+@pytest.fixture
+def redis_pair(
+    stores: Callable[..., RedisStore], clock: FakeClock
+) -> tuple[RedisStore, RedisStore]:
+    """The RedisStores of two replicas sharing state (one prefix) on the shared test server,
+    both on the test's fake clock."""
+    one = stores(clock=clock)
+    return one, stores(prefix=one.prefix, clock=clock)
+
+
+@pytest.fixture
+async def unreachable_store(clock: FakeClock) -> AsyncIterator[RedisStore]:
+    """A RedisStore on the fake clock whose server never answers (nobody listens on port 1)."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
+    yield store
+    await store.aclose()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -145,8 +145,7 @@ async def main(mode: str, url: str, prefix: str, arg: str | None) -> None:
             await quorum(store, int(arg or "2"))
             return
         b = breaker(store, 1 if mode == "hold" else 2)
-        await store.sync()
-        await asyncio.sleep(0.05)  # let the subscriber attach
+        await store.sync()  # its subscriber attaches soon after: the test waits for it
         if mode != "probe":
             say("ready")
         if mode == "watch":

@@ -49,6 +49,8 @@ from resilience import (
 from resilience.policies.base import BasePolicy
 from resilience.store.redis import RedisStore
 
+from .helpers import boom, ok
+
 # anything a configuration file, an environment variable or a typo can produce
 JUNK = st.one_of(
     st.none(),
@@ -371,7 +373,7 @@ def test_any_breaker_name_works_in_one_hash_tag_without_collisions(
                 for n in names
             ]
             for b in breakers:
-                await b.call(_ok)
+                await b.call(ok)
             await store.sync()
             tags = set()
             for n in names:
@@ -387,7 +389,7 @@ def test_any_breaker_name_works_in_one_hash_tag_without_collisions(
                 if first.state is CircuitState.OPEN:
                     break
                 with pytest.raises((ValueError, CircuitOpenError)):
-                    await first.call(_boom)
+                    await first.call(boom)
                 await asyncio.sleep(0.001)  # let the flusher run
             await store.sync()
             status = {s.name: s.state for s in await store.status() if s.kind == "circuit_breaker"}
@@ -398,14 +400,6 @@ def test_any_breaker_name_works_in_one_hash_tag_without_collisions(
             await client.flushdb()
 
     asyncio.run(check())
-
-
-async def _ok() -> str:
-    return "ok"
-
-
-async def _boom() -> None:
-    raise ValueError("boom")
 
 
 # --- malformed deadline headers at the ASGI middleware -------------------------------------

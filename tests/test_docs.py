@@ -279,7 +279,11 @@ def runs(request: pytest.FixtureRequest) -> Iterator[Runs]:
     started.close()
 
 
-@pytest.mark.parametrize("example", COMPLETE, ids=str)
+@pytest.mark.parametrize(
+    "example",
+    [pytest.param(e, marks=pytest.mark.redis) if needs_redis(e) else e for e in COMPLETE],
+    ids=str,
+)
 def test_complete_example_runs(example: Example, runs: Runs) -> None:
     """The example runs as written (URLs swapped for loopback ones) and prints what it says."""
     result = runs.result(example)

@@ -21,9 +21,7 @@ from resilience import (
 )
 from resilience.testing import FakeClock
 
-
-async def ok() -> str:
-    return "ok"
+from .helpers import ok
 
 
 async def test_select_by_event_type_skips_call_timing(clock: FakeClock) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from .faultproxy import FaultProxy
+from .helpers import until
 
 
 class Echo:
@@ -99,8 +100,7 @@ async def test_passes_data_through_and_counts_it(proxy: FaultProxy, echo: Echo) 
     assert (proxy.accepted, proxy.active) == (1, 1)
     assert (proxy.bytes_up, proxy.bytes_down, echo.received) == (11, 11, 11)
     await close(stream)
-    await asyncio.sleep(0.05)
-    assert proxy.active == 0
+    await until(lambda: proxy.active == 0, 5, "the proxy closing its side")
 
 
 async def test_latency_is_added_each_way(proxy: FaultProxy) -> None:
@@ -242,7 +242,7 @@ async def test_stop_ends_every_task(proxy: FaultProxy) -> None:
     proxy.latency = 1.0
     for _, writer in streams:
         writer.write(b"slow")
-    await asyncio.sleep(0.05)
+    await until(lambda: sum(c.held_up for c in proxy.connections) == 12, 5, "the writes held")
     await proxy.stop()
     assert proxy.active == 0
     assert not proxy._tasks

@@ -258,6 +258,7 @@ def soak_options(full: bool) -> Options:
 
 
 @pytest.mark.slow
+@pytest.mark.redis  # a Sentinel setup of its own
 async def test_the_fleet_keeps_its_promises_under_the_nemesis(full: bool) -> None:
     """Four replicas under load while the nemesis faults Redis: the fleet's calls in flight
     stay within the bulkhead, its admissions within the rate limit (both as the docs allow

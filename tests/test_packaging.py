@@ -15,6 +15,8 @@ import pytest
 
 import resilience
 
+pytestmark = pytest.mark.packaging
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -29,6 +29,8 @@ from resilience.events import CallFinished, SubscriberReplaced
 from resilience.telemetry import Telemetry
 from resilience.testing import FakeClock
 
+from .helpers import boom, ok
+
 
 class Otel:
     """An SDK meter and tracer writing to memory."""
@@ -64,14 +66,6 @@ def otel() -> Iterator[Otel]:
     yield o
     o.meters.shutdown()
     o.tracers.shutdown()
-
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def ok() -> str:
-    return "ok"
 
 
 async def test_calls_and_durations_by_outcome(otel: Otel, clock: FakeClock) -> None:

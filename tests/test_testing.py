@@ -11,10 +11,7 @@ import pytest
 from resilience.clock import Clock
 from resilience.testing import FakeClock
 
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from .helpers import cancelled, settle, started
 
 
 def test_is_a_clock() -> None:
@@ -100,8 +97,7 @@ def test_bad_advance_rejected(value: Any, error: type[Exception]) -> None:
 async def test_sleep_resumes_only_after_enough_advance() -> None:
     """sleep(s) returns only once the clock has been advanced by a total of s."""
     clock = FakeClock()
-    task = asyncio.create_task(clock.sleep(3))
-    await settle()
+    task = await started(clock.sleep(3))
     clock.advance(1)
     await settle()
     clock.advance(1.5)
@@ -125,12 +121,9 @@ async def test_sleep_zero_and_negative_return_at_once() -> None:
 async def test_cancelled_sleep_leaves_no_timer() -> None:
     """Cancelling a sleeping task cancels its timer."""
     clock = FakeClock()
-    task = asyncio.create_task(clock.sleep(5))
-    await settle()
+    task = await started(clock.sleep(5))
     assert clock.pending == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled(task)
     assert clock.pending == 0
 
 

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -14,10 +13,10 @@ import pytest
 from resilience import MemoryStore, Store
 from resilience.testing import FakeClock
 
-_prefixes = itertools.count()
+from ..helpers import unique_prefix
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def backend(request: pytest.FixtureRequest) -> str:
     """The name of the store implementation under test."""
     return str(request.param)
@@ -50,7 +49,7 @@ def replica(
     from resilience.store.redis import RedisStore
 
     url = request.getfixturevalue("redis_url")
-    prefix = f"contract{next(_prefixes)}"
+    prefix = unique_prefix("contract")
 
     def make_redis() -> Store:
         s = RedisStore.from_url(url, prefix=prefix, clock=clock, timeout=2.0)

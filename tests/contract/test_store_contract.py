@@ -7,7 +7,6 @@ against at once (``conftest.py`` runs each test on every store).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -24,13 +23,7 @@ from resilience import (
 from resilience.policies.circuit import BreakerConfig
 from resilience.testing import FakeClock
 
-
-async def boom() -> None:
-    raise ValueError("boom")
-
-
-async def ok() -> str:
-    return "ok"
+from ..helpers import boom, ok, until
 
 
 def breaker(store: Store, name: str = "dep", **kw: object) -> CircuitBreaker:
@@ -40,14 +33,6 @@ def breaker(store: Store, name: str = "dep", **kw: object) -> CircuitBreaker:
 
 
 Settle = Callable[[], Awaitable[None]]
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    """Yield to the loop until `condition()` holds (a generous bound, for real round trips)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.001)
 
 
 async def fail(b: CircuitBreaker, times: int) -> None:

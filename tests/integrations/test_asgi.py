@@ -19,11 +19,7 @@ from resilience import RateLimitedError, ResilienceTimeoutError
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
-
-
-async def settle(rounds: int = 20) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from ..helpers import advance, cancelled, settle, started, until
 
 
 class App:
@@ -100,8 +96,7 @@ async def test_exclude_matches_whole_segments() -> None:
     app = App()
     asgi = app.starlette(max_concurrent=1, exclude=("/health",))
     async with client_for(asgi) as client:
-        busy = asyncio.create_task(client.get("/work"))
-        await settle()
+        busy = await started(client.get("/work"))
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/healthz")).status_code == 503
         app.release.set()
@@ -129,8 +124,7 @@ async def test_timeout_answers_504_before_the_response_starts() -> None:
     clock = FakeClock()
     app = App()
     async with client_for(app.starlette(timeout=5, clock=clock)) as client:
-        task = asyncio.create_task(client.get("/work"))
-        await settle()
+        task = await started(client.get("/work"))
         clock.advance(5)
         response = await task
     assert response.status_code == 504
@@ -155,8 +149,7 @@ async def test_timeout_after_the_response_started_aborts_instead() -> None:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     scope: Scope = {"type": "http", "path": "/", "headers": []}
-    task = asyncio.create_task(middleware(scope, receive, send))
-    await settle()
+    task = await started(middleware(scope, receive, send))
     clock.advance(5)
     with pytest.raises(ResilienceTimeoutError):
         await task
@@ -188,11 +181,8 @@ async def test_cancelled_request_gives_its_slot_back() -> None:
     """A request cancelled mid-flight (client gone) frees its bulkhead slot at once."""
     app = App()
     async with client_for(app.starlette(max_concurrent=1)) as client:
-        gone = asyncio.create_task(client.get("/work"))
-        await settle()
-        gone.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await gone
+        gone = await started(client.get("/work"))
+        await cancelled(gone)
         assert (await client.get("/fast")).status_code == 200
 
 
@@ -201,11 +191,9 @@ async def test_overrides_are_compartments_of_their_own() -> None:
     app = App()
     asgi = app.starlette(max_concurrent=5, overrides={"/slow": {"max_concurrent": 1}})
     async with client_for(asgi) as client:
-        busy = asyncio.create_task(client.get("/slow/work"))
-        await settle()
+        busy = await started(client.get("/slow/work"))
         shed = await client.get("/slow/work")
-        other = asyncio.create_task(client.get("/work"))
-        await settle()
+        other = await started(client.get("/work"))
         app.release.set()
         assert (await other).status_code == 200
         assert (await busy).status_code == 200
@@ -427,9 +415,7 @@ async def test_store_makes_the_bulkhead_fleet_wide() -> None:
         assert (await busy).status_code == 200
         apps[1].release.set()
         for _ in range(3):  # renewals: the first replica's unused share goes back
-            clock.advance(1.0)
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await advance(clock, 1.0)
         assert (await second.get("/work")).status_code == 200
     (pool,) = [p for p in await status(store) if p.kind == "bulkhead"]
     assert pool.in_flight == 0
@@ -450,13 +436,15 @@ def test_no_starlette_import() -> None:
 # --- whose deadline is believed, and until when ---------------------------------------
 
 
+def _spent() -> bool:
+    """Whether the request's deadline has passed (or there is none)."""
+    left = remaining()
+    return left is None or left < 0
+
+
 async def _until_spent() -> None:
-    """Wait (real time, in small steps) until the request's deadline has passed."""
-    for _ in range(1000):
-        left = remaining()
-        if left is None or left < 0:
-            return
-        await asyncio.sleep(0.005)
+    """Wait (real time) until the request's deadline has passed."""
+    await until(_spent, 5, "the request's deadline", every=0.005)
 
 
 async def test_caller_deadline_does_not_cut_the_app_by_default() -> None:

@@ -31,6 +31,7 @@ from resilience import CountWindow
 
 from ..asgi_support import LiveServer, serve
 from ..faultproxy import Connection, FaultProxy
+from ..helpers import until
 
 TIMEOUT = 0.2  # per attempt
 ATTEMPTS = 3
@@ -249,11 +250,7 @@ def _reply_in_flight(conn: Connection) -> bool:
 
 async def cut_first_reply(proxy: FaultProxy) -> None:
     """Cut the first connection that has a response in flight (bounded wait)."""
-    for _ in range(2000):
-        if proxy.cut(_reply_in_flight):
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("no response ever came through")
+    await until(lambda: proxy.cut(_reply_in_flight) > 0, 10, "a response in flight", every=0.001)
 
 
 async def test_lost_response_is_retried_for_get_not_post(

@@ -46,6 +46,7 @@ from resilience import (
 from resilience.testing import FakeClock
 
 from ..asgi_support import LiveServer
+from ..helpers import settle
 
 ONCE = RetryOptions(attempts=1)
 """One attempt: no retry."""
@@ -110,12 +111,6 @@ def make_client(
 
 def host(url: str) -> str:
     return httpx.URL(url).host
-
-
-async def settle() -> None:
-    """Let the loop run the tasks that are ready (a few turns)."""
-    for _ in range(10):
-        await asyncio.sleep(0)
 
 
 def same_breaker(name: str, store: MemoryStore, clock: FakeClock) -> CircuitBreaker:

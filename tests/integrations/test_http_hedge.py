@@ -24,6 +24,7 @@ from resilience import ThrottledError
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
+from ..helpers import advance, cancelled, settle, started
 from .test_httpx import Ledger
 
 ONCE = RetryOptions(attempts=1)
@@ -48,11 +49,6 @@ class Slow:
         if host in self.slow:
             await self.release.wait()
         return httpx.Response(200, text=host)
-
-
-async def settle() -> None:
-    for _ in range(10):
-        await asyncio.sleep(0)
 
 
 def client(handler: object, clock: FakeClock, **options: object) -> httpx.AsyncClient:
@@ -88,8 +84,7 @@ async def test_a_hedge_goes_to_another_endpoint(seed: int) -> None:
 
     transport = hedged_service(handler, clock, seed)
     async with httpx.AsyncClient(transport=transport, base_url="http://orders") as c:
-        task = asyncio.create_task(c.get("/x"))
-        await settle()
+        task = await started(c.get("/x"))
         assert len(hosts) == 1  # no hedge before the delay
         clock.advance(0.05)
         response = await task
@@ -115,8 +110,7 @@ async def test_the_first_answer_wins_and_the_slow_attempt_is_cancelled() -> None
         return httpx.Response(200, text=f"attempt {calls}")
 
     async with client(handler, clock, hedge=HedgeOptions(delay=0.05, budget=1.0)) as c:
-        task = asyncio.create_task(c.get("/x"))
-        await settle()
+        task = await started(c.get("/x"))
         assert calls == 1
         clock.advance(0.05)
         response = await task
@@ -132,10 +126,8 @@ async def test_a_post_is_never_hedged() -> None:
     clock = FakeClock()
     upstreams = Slow("a")
     async with client(upstreams, clock, hedge=HedgeOptions(delay=0.05, budget=1.0)) as c:
-        task = asyncio.create_task(c.post("/x", content=b"order"))
-        await settle()
-        clock.advance(1.0)
-        await settle()
+        task = await started(c.post("/x", content=b"order"))
+        await advance(clock, 1.0)
         assert upstreams.hits["a"] == 1
         upstreams.release.set()
         assert (await task).status_code == 200
@@ -215,8 +207,7 @@ async def test_an_attempt_overtaken_by_a_hedge_teaches_p2c_its_endpoint_is_slow(
     assert transport._service is not None
     loads = {e.host: e.load for e in transport._service.endpoints}
     async with httpx.AsyncClient(transport=transport, base_url="http://orders") as c:
-        task = asyncio.create_task(c.get("/x"))
-        await settle()
+        task = await started(c.get("/x"))
         clock.advance(0.05)
         response = await task
     slow, winner = hosts[0], response.text
@@ -269,8 +260,7 @@ async def test_an_answer_a_loser_gets_after_the_request_was_answered_is_closed()
         lambda: httpx.Response(200, text="winner"),
     )
     async with client(handler, clock, hedge=HedgeOptions(delay=0.05, budget=1.0)) as c:
-        task = asyncio.create_task(c.get("/x"))
-        await settle()
+        task = await started(c.get("/x"))
         clock.advance(0.05)
         response = await task
         assert response.text == "winner"
@@ -314,10 +304,8 @@ async def hedge_started(
     clock: FakeClock, request: Coroutine[Any, Any, httpx.Response]
 ) -> asyncio.Task[httpx.Response]:
     """``request`` under way, and its hedge too: the hedge delay (0.05 s) has passed."""
-    task = asyncio.create_task(request)
-    await settle()
-    clock.advance(0.05)
-    await settle()
+    task = await started(request)
+    await advance(clock, 0.05)
     return task
 
 
@@ -343,8 +331,7 @@ async def test_a_failed_answer_arriving_after_the_winner_is_closed() -> None:
     clock = FakeClock()
     ledger = Ledger(late_loser(lambda: 503, lambda: 200))
     async with hedged(ledger, clock) as client:
-        task = asyncio.create_task(client.get("http://a:8000/x"))
-        await settle()
+        task = await started(client.get("http://a:8000/x"))
         clock.advance(0.05)
         assert (await task).status_code == 200
         await settle()
@@ -364,9 +351,7 @@ async def test_a_failed_answer_is_closed_when_a_hedged_request_is_cancelled() ->
         await settle()
         assert upstream.calls == 2
         assert len(ledger.bodies) == 1
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled(task)
     assert ledger.open == 0
 
 

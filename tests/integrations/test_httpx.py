@@ -52,6 +52,7 @@ from resilience import (
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
+from ..helpers import advance, cancelled, settle, started
 
 ONCE = RetryOptions(attempts=1)
 """One attempt: no retry."""
@@ -114,11 +115,6 @@ async def get_once(handler: Handler, clock: Clock | None = None, **options: Any)
     """``GET /`` through a client of ``make_client(handler, clock, **options)``, closed after."""
     async with make_client(handler, clock, **options) as client:
         return await client.get("/")
-
-
-async def settle(rounds: int = 10) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 # --- retry --------------------------------------------------------------------------------
@@ -460,8 +456,7 @@ async def test_bulkhead_full_is_httpx_error() -> None:
         return httpx.Response(200)
 
     async with make_client(handler, bulkhead=BulkheadOptions(max_concurrent=1)) as client:
-        first = asyncio.create_task(client.get("/"))
-        await settle()
+        first = await started(client.get("/"))
         with pytest.raises(httpx.TransportError) as info:
             await client.get("/")
         release.set()
@@ -495,8 +490,7 @@ async def test_attempt_timeout_is_httpx_timeout() -> None:
         return httpx.Response(200)
 
     async with make_client(handler, clock=clock, retry=ONCE, timeout=5) as client:
-        task = asyncio.create_task(client.get("/"))
-        await settle()
+        task = await started(client.get("/"))
         clock.advance(5)
         with pytest.raises(httpx.TimeoutException) as info:
             await task
@@ -542,15 +536,11 @@ async def test_cancellation_is_no_failure_and_frees_the_slot() -> None:
     async with httpx.AsyncClient(transport=transport) as client:
         task = asyncio.create_task(client.get("http://upstream.test/"))
         await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled(task)
         started.clear()
         again = asyncio.create_task(client.get("http://upstream.test/"))
         await started.wait()  # the slot is free again: the second request got through
-        again.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await again
+        await cancelled(again)
     assert transport.pipeline_names() == ["http://upstream.test:80"]
 
 
@@ -1170,9 +1160,7 @@ async def test_a_failed_response_is_closed_when_the_caller_cancels() -> None:
     )
     await settle()
     assert len(ledger.bodies) == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled(task)
     assert ledger.open == 0
 
 
@@ -1290,8 +1278,7 @@ async def test_an_attempt_cut_by_total_timeout_is_a_breaker_failure() -> None:
     )
     transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
-        task = asyncio.create_task(client.get("http://up.test/"))
-        await settle()
+        task = await started(client.get("http://up.test/"))
         clock.advance(0.5)
         with pytest.raises(DeadlineExceeded):
             await task
@@ -1337,11 +1324,8 @@ async def test_a_plain_cancellation_counts_as_nothing() -> None:
     policy = HttpPolicy(clock=FakeClock(), retry=ONCE, breaker=OPENS_AT_ONCE)
     transport = ResilientTransport(httpx.MockTransport(hanging), policy=policy)
     async with httpx.AsyncClient(transport=transport) as client:
-        task = asyncio.create_task(client.get("http://up.test/"))
-        await settle()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        task = await started(client.get("http://up.test/"))
+        await cancelled(task)
     metrics = transport._origins["http://up.test:80"].breaker.metrics()  # type: ignore[union-attr]
     assert metrics.calls == 0
 
@@ -1459,8 +1443,7 @@ async def test_each_origin_gets_a_health_check_bound_to_its_breaker() -> None:
         assert check.running
         assert check.interval == 2.0
         await settle()
-        clock.advance(2.0)
-        await settle()
+        await advance(clock, 2.0)
         assert sorted(map(str, service.checks)) == [
             "http://other.test:8080/healthz",
             "http://other.test:8080/healthz",
@@ -1489,14 +1472,12 @@ async def test_the_check_probes_for_the_breaker_no_request_does() -> None:
         assert breaker is not None
         assert breaker.state is CircuitState.OPEN
         sent = service.hits
-        clock.advance(1.5)  # past open_for: a request is still refused, the check probes
-        await settle()
+        await advance(clock, 1.5)  # past open_for: a request is still refused, the check probes
         with pytest.raises(CircuitOpen):
             await client.get("http://api.test/")
         service.up = True
         for _ in range(3):
-            clock.advance(0.5)
-            await settle()
+            await advance(clock, 0.5)
         assert breaker.state is CircuitState.CLOSED
         assert service.hits == sent
         assert (await client.get("http://api.test/")).status_code == 200

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from resilience.store.redis import RedisStore
@@ -41,6 +42,7 @@ async def read_counters(url: str, prefix: str) -> tuple[int, int, int, int, dict
     return inflight_max, inflight, probes_max, probes, per_second, leases
 
 
+@pytest.mark.slow
 def test_fleet_limits_hold_under_load(redis_server: RedisServer, full: bool) -> None:
     """Fleet-wide concurrency <= limit, admissions per second <= rate + burst, concurrent
     probes <= half_open_calls, and every lease and slot is given back at the end."""

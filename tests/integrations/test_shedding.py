@@ -23,10 +23,7 @@ from resilience.events import CallRejected, Event
 from resilience.rules.limits import AdaptiveLimit
 from resilience.testing import FakeClock
 
-
-async def settle(rounds: int = 20) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from ..helpers import settle, until
 
 
 class App:
@@ -386,19 +383,21 @@ async def test_two_replicas_keep_the_critical_reserve_fleet_wide(redis_url: str)
             for _ in range(20)
             for c in clients
         ]
-        for _ in range(400):  # until every flood request is running or refused
-            if app.running + sum(t.done() for t in flood) == len(flood):
-                break
-            await asyncio.sleep(0.005)
+        await until(
+            lambda: app.running + sum(t.done() for t in flood) == len(flood),
+            10,
+            "every flood request running or refused",
+        )
         sheddable = app.running
         critical = [
             asyncio.create_task(c.get("/block", headers=level("critical")))
             for c in (*clients, *clients, clients[0])
         ]
-        for _ in range(400):
-            if app.running + sum(t.done() for t in critical) == sheddable + 5:
-                break
-            await asyncio.sleep(0.005)
+        await until(
+            lambda: app.running + sum(t.done() for t in critical) == sheddable + 5,
+            10,
+            "every critical request running or refused",
+        )
         refused = [t.result().status_code for t in critical if t.done()]
         app.release.set()
         served = [r.status_code for r in await asyncio.gather(*critical)]

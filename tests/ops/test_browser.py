@@ -36,6 +36,8 @@ from resilience.testing import FakeClock
 
 from ..redis_server import free_port
 
+pytestmark = pytest.mark.browser
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("RESILIENCE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

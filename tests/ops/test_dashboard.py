@@ -27,6 +27,8 @@ from resilience.ops.dashboard import Dashboard
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import until
+
 TOKEN = "s3cret-token"
 
 
@@ -115,11 +117,13 @@ def test_every_argument_is_validated(
         Dashboard(MemoryStore(), **kwargs)
 
 
-async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> None:
+async def test_rates_come_from_successive_snapshots(
+    redis_store: RedisStore, clock: FakeClock
+) -> None:
     """calls/s and failures/s are the growth of the replicas' reports between two snapshots,
     and the replicas reporting are counted; no rate before a second snapshot."""
     breaker = CircuitBreaker("rated", window=CountWindow(100), store=redis_store)
-    app = Dashboard(redis_store, refresh=0.05)
+    app = Dashboard(redis_store, refresh=0.05, clock=clock)  # times the snapshots
     await breaker.call(asyncio.sleep, 0)
     await redis_store.sync()
     _, first = await app.snapshot()
@@ -132,7 +136,7 @@ async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> 
         with pytest.raises(ConnectionError):
             await breaker.call(_fail)
     await redis_store.sync()
-    await asyncio.sleep(0.06)  # bounded: past the snapshots' minimum gap
+    clock.advance(0.06)  # past the snapshots' minimum gap
     _, second = await app.snapshot()
     (after,) = [p for p in second["policies"] if p["name"] == "rated"]
     assert after["rates"]["calls"] > 0
@@ -140,7 +144,7 @@ async def test_rates_come_from_successive_snapshots(redis_store: RedisStore) -> 
     assert after["rates"]["calls"] > after["rates"]["failures"]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def fake_time_store(
     request: pytest.FixtureRequest, clock: FakeClock
 ) -> AsyncIterator[MemoryStore | RedisStore]:
@@ -300,10 +304,11 @@ async def test_bulkhead_limit_beside_in_flight(fake_time_store: MemoryStore | Re
     release = asyncio.Event()
     held = [asyncio.create_task(pool.call(release.wait)) for _ in range(2)]
     try:
-        for _ in range(100):  # bounded: until both leases are taken
-            if (await fake_time_store.count_leases("pool")) == 2:
-                break
-            await asyncio.sleep(0.01)
+
+        async def taken() -> bool:
+            return await fake_time_store.count_leases("pool") == 2
+
+        await until(taken, 10, "both leases taken", every=0.01)
         async with client(Dashboard(fake_time_store)) as c:
             doc = (await c.get("/status")).json()
     finally:

@@ -3,37 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import BulkheadFullError, StoreUnavailableError
-from resilience.events import CallFinished, CallRejected, Event
+from resilience.events import CallRejected, Event
 from resilience.policies.bulkhead import Bulkhead
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
-
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from ..helpers import (
+    advance,
+    boom,
+    cancelled,
+    ok,
+    policy_events,
+    settle,
+    started,
+    unique_prefix,
+    until,
+)
+from ..store.support import evalsha_calls
 
 
 class Gate:
@@ -47,6 +45,11 @@ class Gate:
 
     def event(self, key: int) -> asyncio.Event:
         return self.events.setdefault(key, asyncio.Event())
+
+    async def start(self, bulkhead: Bulkhead, key: int) -> asyncio.Task[int]:
+        """A call of ``key`` through ``bulkhead``, started and run until it blocks (holding a
+        slot, queued, or refused)."""
+        return await started(bulkhead.call(self, key))
 
     async def __call__(self, key: int) -> int:
         self.running += 1
@@ -83,8 +86,7 @@ async def test_full_rejects_without_queue() -> None:
     events: list[Event] = []
     bulkhead = Bulkhead(1, name="bh", listeners=[policy_events(events)])
     gate = Gate()
-    holder = asyncio.create_task(bulkhead.call(gate, 0))
-    await settle()
+    holder = await gate.start(bulkhead, 0)
     with pytest.raises(BulkheadFullError) as info:
         await bulkhead.call(gate, 1)
     assert info.value.name == "bh"
@@ -121,12 +123,9 @@ async def test_max_wait_expiry(clock: FakeClock) -> None:
     """A waiter still queued after max_wait of fake time fails with BulkheadFullError."""
     bulkhead = Bulkhead(1, max_waiting=1, max_wait=2, clock=clock)
     gate = Gate()
-    holder = asyncio.create_task(bulkhead.call(gate, 0))
-    await settle()
-    waiter = asyncio.create_task(bulkhead.call(gate, 1))
-    await settle()
-    clock.advance(1.9)
-    await settle()
+    holder = await gate.start(bulkhead, 0)
+    waiter = await gate.start(bulkhead, 1)
+    await advance(clock, 1.9)
     assert not waiter.done()
     clock.advance(0.1)
     with pytest.raises(BulkheadFullError):
@@ -142,10 +141,8 @@ async def test_waiter_served_before_max_wait(clock: FakeClock) -> None:
     """A waiter handed a slot before max_wait runs, and its expiry timer is cancelled."""
     bulkhead = Bulkhead(1, max_waiting=1, max_wait=5, clock=clock)
     gate = Gate()
-    holder = asyncio.create_task(bulkhead.call(gate, 0))
-    await settle()
-    waiter = asyncio.create_task(bulkhead.call(gate, 1))
-    await settle()
+    holder = await gate.start(bulkhead, 0)
+    waiter = await gate.start(bulkhead, 1)
     clock.advance(1)
     gate.event(0).set()
     await holder
@@ -162,8 +159,7 @@ async def test_max_wait_zero_rejects_at_once(clock: FakeClock) -> None:
     """max_wait=0 never queues, even with room in the queue."""
     bulkhead = Bulkhead(1, max_waiting=5, max_wait=0, clock=clock)
     gate = Gate()
-    holder = asyncio.create_task(bulkhead.call(gate, 0))
-    await settle()
+    holder = await gate.start(bulkhead, 0)
     with pytest.raises(BulkheadFullError):
         await bulkhead.call(gate, 1)
     gate.event(0).set()
@@ -190,13 +186,9 @@ async def test_slot_released_when_running_call_cancelled() -> None:
     """Cancelling a running call frees its slot for the next waiter."""
     bulkhead = Bulkhead(1, max_waiting=1)
     gate = Gate()
-    running = asyncio.create_task(bulkhead.call(gate, 0))
-    await settle()
-    waiter = asyncio.create_task(bulkhead.call(gate, 1))
-    await settle()
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
+    running = await gate.start(bulkhead, 0)
+    waiter = await gate.start(bulkhead, 1)
+    await cancelled(running)
     await settle()
     assert gate.started == [0, 1]
     gate.event(1).set()
@@ -208,16 +200,11 @@ async def test_cancelled_waiter_leaves_queue() -> None:
     """A waiter cancelled while queued never runs, frees its queue place, and takes no slot."""
     bulkhead = Bulkhead(1, max_waiting=1)
     gate = Gate()
-    holder = asyncio.create_task(bulkhead.call(gate, 0))
-    await settle()
-    waiter = asyncio.create_task(bulkhead.call(gate, 1))
-    await settle()
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
+    holder = await gate.start(bulkhead, 0)
+    waiter = await gate.start(bulkhead, 1)
+    await cancelled(waiter)
     assert bulkhead.waiting == 0
-    second = asyncio.create_task(bulkhead.call(gate, 2))  # the queue place is free again
-    await settle()
+    second = await gate.start(bulkhead, 2)  # the queue place is free again
     assert bulkhead.waiting == 1
     gate.event(0).set()
     gate.event(2).set()
@@ -233,13 +220,10 @@ async def test_waiter_cancelled_after_handover_passes_slot_on() -> None:
     gate = Gate()
     async with bulkhead:
         first = asyncio.create_task(bulkhead.call(gate, 1))
-        second = asyncio.create_task(bulkhead.call(gate, 2))
-        await settle()
+        second = await gate.start(bulkhead, 2)
         assert bulkhead.waiting == 2
     # leaving the block handed the slot to ``first``, which has not run yet
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
+    await cancelled(first)
     await settle()
     assert gate.started == [2]
     assert bulkhead.in_flight == 1
@@ -254,11 +238,8 @@ async def test_last_waiter_cancelled_after_handover_frees_slot() -> None:
     bulkhead = Bulkhead(1, max_waiting=1)
     gate = Gate()
     async with bulkhead:
-        only = asyncio.create_task(bulkhead.call(gate, 1))
-        await settle()
-    only.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await only
+        only = await gate.start(bulkhead, 1)
+    await cancelled(only)
     assert gate.started == []
     assert bulkhead.in_flight == 0
     assert await bulkhead.call(_value, 3) == 3
@@ -302,11 +283,15 @@ def test_bad_arguments_rejected(kwargs: dict[str, Any], error: type[Exception]) 
 
 # --- fleet-wide (distributed=True) ----------------------------------------------------------
 
-_prefixes = itertools.count()
+
+async def no_leases(store: RedisStore) -> bool:
+    """Whether Redis holds no permit of the pool "db" any more."""
+    return await store.count_leases("db") == 0
 
 
-def unique_prefix() -> str:
-    return f"bh{next(_prefixes)}-{time.monotonic_ns()}"
+def renewing() -> bool:
+    """Whether a fleet permit's renewal is under way (its round trips to Redis)."""
+    return any("_Lease._renew" in repr(t) for t in asyncio.all_tasks())
 
 
 class DownStore(MemoryStore):
@@ -331,10 +316,6 @@ class SlowStore(MemoryStore):
         self.asked.set()
         await self.answer.wait()
         return await super().acquire_lease(key, limit=limit, ttl=ttl)
-
-
-async def boom() -> None:
-    raise ValueError("boom")
 
 
 @pytest.mark.parametrize(
@@ -386,12 +367,9 @@ async def test_permits_returned_however_the_call_ends(clock: FakeClock) -> None:
     assert await bulkhead.call(gate, 0) == 0
     with pytest.raises(ValueError, match="boom"):
         await bulkhead.call(boom)
-    running = asyncio.create_task(bulkhead.call(gate, 1))
-    await settle()
+    running = await gate.start(bulkhead, 1)
     assert await store.count_leases("db") == 1
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
+    await cancelled(running)
     await settle()
     assert await store.count_leases("db") == 0
     assert bulkhead.in_flight == 0
@@ -404,9 +382,7 @@ async def test_cancelled_while_taking_permit_returns_it(clock: FakeClock) -> Non
     gate = Gate()
     caller = asyncio.create_task(bulkhead.call(gate, 1))
     await store.asked.wait()
-    caller.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await caller
+    await cancelled(caller)
     assert bulkhead.in_flight == 0
     store.answer.set()
     await settle()
@@ -418,8 +394,7 @@ async def test_store_down_falls_back_to_local_limit(clock: FakeClock) -> None:
     """When the store is unavailable calls still run, under the local limit only."""
     bulkhead = Bulkhead(1, distributed=True, store=DownStore(clock=clock), name="db")
     gate = Gate()
-    running = asyncio.create_task(bulkhead.call(gate, 1))
-    await settle()
+    running = await gate.start(bulkhead, 1)
     assert gate.running == 1
     with pytest.raises(BulkheadFullError):
         await bulkhead.call(gate, 2)
@@ -485,58 +460,40 @@ def test_no_permit_is_lost(outcomes: list[str]) -> None:
     asyncio.run(main())
 
 
-async def test_redis_fleet_limit_across_two_replicas(redis_url: str, clock: FakeClock) -> None:
+async def test_redis_fleet_limit_across_two_replicas(
+    redis_pair: tuple[RedisStore, RedisStore], clock: FakeClock
+) -> None:
     """Two RedisStores on one Redis share the limit; every permit is returned at the end."""
-    prefix = unique_prefix()
-    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    try:
-        a = Bulkhead(2, distributed=True, store=one, name="db")
-        b = Bulkhead(2, distributed=True, store=two, name="db")
-        gate = Gate()
-        first = asyncio.create_task(a.call(gate, 1))
-        second = asyncio.create_task(b.call(gate, 2))
-        for _ in range(2000):  # real Redis round trips: a generous bound
-            if gate.running == 2:
-                break
-            await asyncio.sleep(0.001)
-        assert gate.running == 2
-        with pytest.raises(BulkheadFullError):
-            await b.call(gate, 3)
-        with pytest.raises(BulkheadFullError):
-            await a.call(gate, 4)
-        gate.event(1).set()
-        assert await first == 1
-        with pytest.raises(ValueError, match="boom"):
-            await a.call(boom)
-        second.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await second
-        for _ in range(200):
-            if await one.count_leases("db") == 0:
-                break
-            await asyncio.sleep(0.001)
-        assert await one.count_leases("db") == 0
-        assert await two.count_leases("db") == 0
-    finally:
-        await one.aclose()
-        await two.aclose()
+    one, two = redis_pair
+    a = Bulkhead(2, distributed=True, store=one, name="db")
+    b = Bulkhead(2, distributed=True, store=two, name="db")
+    gate = Gate()
+    first = asyncio.create_task(a.call(gate, 1))
+    second = asyncio.create_task(b.call(gate, 2))
+    await until(lambda: gate.running == 2, 10, "both calls running")
+    with pytest.raises(BulkheadFullError):
+        await b.call(gate, 3)
+    with pytest.raises(BulkheadFullError):
+        await a.call(gate, 4)
+    gate.event(1).set()
+    assert await first == 1
+    with pytest.raises(ValueError, match="boom"):
+        await a.call(boom)
+    await cancelled(second)
+    await until(lambda: no_leases(one), 10, "every permit back", every=0.01)
+    assert await two.count_leases("db") == 0
 
 
-async def test_redis_unreachable_runs_locally(clock: FakeClock) -> None:
+async def test_redis_unreachable_runs_locally(unreachable_store: RedisStore) -> None:
     """A RedisStore that cannot connect never fails a call: the local limit still applies."""
-    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
-    try:
-        bulkhead = Bulkhead(1, distributed=True, store=store, name="db")
-        gate = Gate()
-        gate.event(1).set()
-        assert await bulkhead.call(gate, 1) == 1
-        assert await bulkhead.call(gate, 1) == 1
-        with pytest.raises(ValueError, match="boom"):
-            await bulkhead.call(boom)
-        assert bulkhead.in_flight == 0
-    finally:
-        await store.aclose()
+    bulkhead = Bulkhead(1, distributed=True, store=unreachable_store, name="db")
+    gate = Gate()
+    gate.event(1).set()
+    assert await bulkhead.call(gate, 1) == 1
+    assert await bulkhead.call(gate, 1) == 1
+    with pytest.raises(ValueError, match="boom"):
+        await bulkhead.call(boom)
+    assert bulkhead.in_flight == 0
 
 
 async def test_fleet_permit_is_renewed_while_a_long_call_runs(clock: FakeClock) -> None:
@@ -551,19 +508,16 @@ async def test_fleet_permit_is_renewed_while_a_long_call_runs(clock: FakeClock) 
         return "done"
 
     running = asyncio.create_task(one.call(long_call))
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     for _ in range(10):  # 50 s: five leases
         clock.advance(5)
-        for _ in range(10):
-            await asyncio.sleep(0)
+        await settle(10)
         assert await store.count_leases("pool") == 1
         with pytest.raises(BulkheadFullError):
             await two.call(long_call)
     release.set()
     assert await running == "done"
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     assert await store.count_leases("pool") == 0
 
 
@@ -576,17 +530,12 @@ async def test_renewed_permit_is_returned_when_the_caller_is_cancelled(clock: Fa
         await asyncio.Event().wait()
 
     task = asyncio.create_task(pool.call(forever))
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     for _ in range(3):
         clock.advance(2)
-        for _ in range(10):
-            await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    for _ in range(10):
-        await asyncio.sleep(0)
+        await settle(10)
+    await cancelled(task)
+    await settle(10)
     assert await store.count_leases("pool") == 0
     assert clock.pending == 0  # no renewal timer left behind
 
@@ -598,56 +547,34 @@ async def test_context_manager_permit_is_renewed_too(clock: FakeClock) -> None:
     async with pool:
         for _ in range(4):
             clock.advance(1)
-            for _ in range(10):
-                await asyncio.sleep(0)
+            await settle(10)
             assert await store.count_leases("pool") == 1
-    for _ in range(10):
-        await asyncio.sleep(0)
+    await settle(10)
     assert await store.count_leases("pool") == 0
 
 
 async def test_redis_fleet_permit_is_renewed_while_a_long_call_runs(
-    redis_url: str, clock: FakeClock
+    redis_pair: tuple[RedisStore, RedisStore], clock: FakeClock
 ) -> None:
     """Through Redis too: a call outliving its lease keeps its permit, and returns it."""
-    prefix = unique_prefix()
-    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    try:
-        a = Bulkhead(1, distributed=True, store=one, name="db", lease=10, clock=clock)
-        b = Bulkhead(1, distributed=True, store=two, name="db", lease=10, clock=clock)
-        gate = Gate()
-        running = asyncio.create_task(a.call(gate, 1))
-        for _ in range(2000):
-            if gate.running == 1:
-                break
-            await asyncio.sleep(0.001)
-        for _ in range(6):  # 36 s: more than three leases
-            clock.advance(6)
-            for _ in range(2000):  # the renewal's two round trips
-                if not any("_Lease._renew" in repr(t) for t in asyncio.all_tasks()):
-                    break
-                await asyncio.sleep(0.001)
-            assert await two.count_leases("db") == 1
-            with pytest.raises(BulkheadFullError):
-                await b.call(gate, 2)
-        gate.event(1).set()
-        assert await running == 1
-        for _ in range(200):
-            if await one.count_leases("db") == 0:
-                break
-            await asyncio.sleep(0.001)
-        assert await one.count_leases("db") == 0
-    finally:
-        await one.aclose()
-        await two.aclose()
+    one, two = redis_pair
+    a = Bulkhead(1, distributed=True, store=one, name="db", lease=10, clock=clock)
+    b = Bulkhead(1, distributed=True, store=two, name="db", lease=10, clock=clock)
+    gate = Gate()
+    running = asyncio.create_task(a.call(gate, 1))
+    await until(lambda: gate.running == 1, 10, "the call running")
+    for _ in range(6):  # 36 s: more than three leases
+        clock.advance(6)
+        await until(lambda: not renewing(), 10, "the renewal's two round trips")
+        assert await two.count_leases("db") == 1
+        with pytest.raises(BulkheadFullError):
+            await b.call(gate, 2)
+    gate.event(1).set()
+    assert await running == 1
+    await until(lambda: no_leases(one), 10, "the permit back", every=0.01)
 
 
 # --- shares (quota leasing) ---------------------------------------------------------------
-
-
-async def ok() -> str:
-    return "ok"
 
 
 def test_shares_need_a_fleet_wide_bulkhead() -> None:
@@ -657,14 +584,21 @@ def test_shares_need_a_fleet_wide_bulkhead() -> None:
         Bulkhead(2, distributed=True, store=MemoryStore(), name="db", shares=1)  # type: ignore[arg-type]
 
 
+def sharing(limit: int, clock: FakeClock) -> tuple[Bulkhead, Bulkhead]:
+    """Two replicas' bulkheads "db" holding a fleet limit of ``limit`` in shares (one
+    MemoryStore)."""
+    store = MemoryStore(clock=clock)
+    one, two = (
+        Bulkhead(limit, distributed=True, store=store, name="db", shares=True, clock=clock)
+        for _ in range(2)
+    )
+    return one, two
+
+
 async def test_shared_permits_hold_the_fleet_limit_and_follow_demand(clock: FakeClock) -> None:
     """Two replicas, a fleet limit of 2 held in shares: never more than 2 calls at once; a
     share one replica no longer uses goes to the other after a renewal."""
-    store = MemoryStore(clock=clock)
-    one, two = (
-        Bulkhead(2, distributed=True, store=store, name="db", shares=True, clock=clock)
-        for _ in range(2)
-    )
+    one, two = sharing(2, clock)
     gate = asyncio.Event()
 
     async def held() -> str:
@@ -680,21 +614,19 @@ async def test_shared_permits_hold_the_fleet_limit_and_follow_demand(clock: Fake
     with pytest.raises(BulkheadFullError):
         await two.call(ok)  # one's share is still its own until it renews
     for _ in range(2):
-        clock.advance(1.0)
-        await settle()
+        await advance(clock, 1.0)
     assert await two.call(ok) == "ok"
     assert await two.call(ok) == "ok"
 
 
-async def test_shared_permits_cost_few_store_calls(redis_url: str) -> None:
+async def test_shared_permits_cost_few_store_calls(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
     """Two replicas, four workers each, a fleet limit of 8: at most 8 in flight, and under
     0.05 Redis script calls per call."""
-    import redis.asyncio as aioredis
-
-    prefix = f"bh-shares{next(_prefixes)}-{time.monotonic_ns()}"
-    stores = [RedisStore.from_url(redis_url, prefix=prefix) for _ in range(2)]
-    raw = aioredis.Redis.from_url(redis_url)
-    bulkheads = [Bulkhead(8, distributed=True, store=s, name="db", shares=True) for s in stores]
+    one = stores()
+    replicas = [one, stores(prefix=one.prefix)]
+    bulkheads = [Bulkhead(8, distributed=True, store=s, name="db", shares=True) for s in replicas]
     in_flight = peak = calls = 0
 
     async def work() -> None:
@@ -710,14 +642,9 @@ async def test_shared_permits_cost_few_store_calls(redis_url: str) -> None:
             await b.call(work)
             calls += 1
 
-    before = (await raw.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
-    try:
-        await asyncio.gather(*(worker(b) for b in bulkheads for _ in range(4)))
-        after = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
-    finally:
-        for s in stores:
-            await s.aclose()
-        await raw.aclose()
+    before = await evalsha_calls(raw)
+    await asyncio.gather(*(worker(b) for b in bulkheads for _ in range(4)))
+    after = await evalsha_calls(raw)
     assert calls == 2400
     assert peak <= 8
     assert after - before <= 0.05 * calls, after - before
@@ -771,8 +698,7 @@ async def test_shared_permits_come_from_the_share_only_while_it_is_valid(
     for _ in range(3):
         assert await bulkhead.call(ok) == "ok"
     assert store.asked == asked  # from the share: no store call
-    clock.advance(31.0)  # past the lease (renewals fail meanwhile)
-    await settle()
+    await advance(clock, 31.0)  # past the lease (renewals fail meanwhile)
     asked = store.asked
     assert await bulkhead.call(ok) == "ok"  # the store is down: the local limit admits it
     assert store.asked == asked + 1
@@ -851,11 +777,7 @@ async def test_the_shortest_lease_follows_the_stores_timeout(redis_url: str) -> 
 async def test_aclose_gives_the_share_back_to_the_fleet_at_once(clock: FakeClock) -> None:
     """A replica that closes its bulkhead gives its share back now: the replica taking its
     traffic gets every permit at once, not when the lease runs out."""
-    store = MemoryStore(clock=clock)
-    leaving, staying = (
-        Bulkhead(8, distributed=True, store=store, name="db", shares=True, clock=clock)
-        for _ in range(2)
-    )
+    leaving, staying = sharing(8, clock)
     release = asyncio.Event()
 
     async def hold() -> None:

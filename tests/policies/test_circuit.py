@@ -24,15 +24,9 @@ from resilience import (
 from resilience.policies.circuit import BreakerConfig, half_open_verdict, open_duration, tripped
 from resilience.testing import FakeClock
 
+from ..helpers import boom, cancelled, ok
+
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> None:
-    raise ValueError("boom")
 
 
 def make(clock: FakeClock, **kw: Any) -> CircuitBreaker:
@@ -152,9 +146,7 @@ async def test_cancelled_probe_frees_its_permit(clock: FakeClock) -> None:
     clock.advance(10)
     task = asyncio.create_task(b.call(asyncio.sleep, 100))
     await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled(task)
     assert b.state is HALF_OPEN
     assert await b.call(ok) == "ok"
     assert b.state is CLOSED
@@ -166,9 +158,7 @@ async def test_cancellation_is_neither_success_nor_failure(clock: FakeClock) -> 
     await run(b, "fff")
     task = asyncio.create_task(b.call(asyncio.sleep, 100))
     await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled(task)
     m = b.metrics()
     assert (m.calls, m.failures) == (3, 3)
     assert b.state is CLOSED

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,21 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import StoreUnavailableError, UnacceptableResultError
-from resilience.events import CallFinished, Event, FallbackUsed
+from resilience.events import Event, FallbackUsed
 from resilience.policies.fallback import Fallback
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
+from ..helpers import cancelled, policy_events
 
 
 async def fail(exc: BaseException) -> Any:
@@ -154,9 +143,7 @@ async def test_cancellation_never_falls_back() -> None:
     never = asyncio.Event()
     task = asyncio.create_task(fallback.call(never.wait))
     await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled(task)
 
 
 async def test_cancelled_error_raised_by_call_is_not_caught() -> None:
@@ -178,8 +165,6 @@ async def test_fallback_used_event() -> None:
 
 
 # --- stale-if-error: cache= -----------------------------------------------------------------
-
-_prefixes = itertools.count()
 
 
 class SpyStore(MemoryStore):
@@ -447,34 +432,26 @@ def test_writes_follow_the_refresh_rule(gaps: list[int]) -> None:
     asyncio.run(main())
 
 
-async def test_redis_cache_shared_by_two_replicas(redis_url: str, clock: FakeClock) -> None:
+async def test_redis_cache_shared_by_two_replicas(
+    redis_pair: tuple[RedisStore, RedisStore], clock: FakeClock
+) -> None:
     """A value cached through one replica's RedisStore is served by another on failure."""
-    prefix = f"fb{next(_prefixes)}-{time.monotonic_ns()}"
-    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    try:
-        a = Fallback(on=ConnectionError, cache=one, name="prices", cache_key=str)
-        b = Fallback(on=ConnectionError, cache=two, name="prices", cache_key=str, value="none")
-        assert await a.call(value, {"apple": 1.5}) == {"apple": 1.5}
-        await a.flush()
-        assert await b.call(fail, ConnectionError()) == "none"  # another item: a miss
+    one, two = redis_pair
+    a = Fallback(on=ConnectionError, cache=one, name="prices", cache_key=str)
+    b = Fallback(on=ConnectionError, cache=two, name="prices", cache_key=str, value="none")
+    assert await a.call(value, {"apple": 1.5}) == {"apple": 1.5}
+    await a.flush()
+    assert await b.call(fail, ConnectionError()) == "none"  # another item: a miss
 
-        async def down(arg: Any) -> Any:
-            raise ConnectionError("down")
+    async def down(arg: Any) -> Any:
+        raise ConnectionError("down")
 
-        assert await b.call(down, {"apple": 1.5}) == {"apple": 1.5}
-    finally:
-        await one.aclose()
-        await two.aclose()
+    assert await b.call(down, {"apple": 1.5}) == {"apple": 1.5}
 
 
-async def test_redis_unreachable_cache_never_fails(clock: FakeClock) -> None:
+async def test_redis_unreachable_cache_never_fails(unreachable_store: RedisStore) -> None:
     """A RedisStore that cannot connect: successes pass, failures get the fallback value."""
-    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
-    try:
-        fallback = Fallback(on=ConnectionError, cache=store, value="default", name="prices")
-        assert await fallback.call(value, 1) == 1
-        await fallback.flush()
-        assert await fallback.call(fail, ConnectionError()) == "default"
-    finally:
-        await store.aclose()
+    fallback = Fallback(on=ConnectionError, cache=unreachable_store, value="default", name="prices")
+    assert await fallback.call(value, 1) == 1
+    await fallback.flush()
+    assert await fallback.call(fail, ConnectionError()) == "default"

@@ -44,6 +44,8 @@ from resilience.rules.detectors import PhiAccrualDetector, TimeoutDetector, phi
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import boom, read_line, settle, unique_prefix, until
+
 ROOT = Path(__file__).resolve().parents[2]
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
@@ -217,12 +219,6 @@ class Dependency:
             await asyncio.Event().wait()
         if not self.up:
             raise ConnectionError("refused")
-
-
-async def settle() -> None:
-    """Let the background loop run what is due."""
-    for _ in range(30):
-        await asyncio.sleep(0)
 
 
 async def advance(clock: FakeClock, seconds: float, step: float = 0.25) -> None:
@@ -619,10 +615,6 @@ def test_configuration_is_read_only() -> None:
 # --- breakers that recover through a health check -------------------------------------------
 
 
-async def boom() -> None:
-    raise ValueError("boom")
-
-
 def changes(into: list[StateChanged]) -> Callable[[Event], None]:
     """A listener keeping the breaker's transitions."""
 
@@ -757,19 +749,26 @@ async def test_open_on_suspect_opens_before_users_fail(clock: FakeClock, dep: De
         assert b.state is CLOSED  # and the check closes it again
 
 
+def suspecting(
+    hc: HealthCheck, clock: FakeClock, window: TimeWindow, failure_ratio: float
+) -> CircuitBreaker:
+    """Breaker "dep" on ``window`` (10 calls at least) that opens on ``hc``'s suspicion."""
+    return CircuitBreaker(
+        "dep",
+        window=window,
+        minimum_calls=10,
+        failure_ratio=failure_ratio,
+        clock=clock,
+        health=hc,
+        open_on_suspect=True,
+    )
+
+
 async def test_open_on_suspect_with_a_time_window(clock: FakeClock, dep: Dependency) -> None:
     """A time window with successes in it trips too (failure_ratio < 1)."""
     hc = HealthCheck(dep.check, name="dep", interval=1.0, clock=clock)
     async with hc:
-        b = CircuitBreaker(
-            "dep",
-            window=TimeWindow(30.0),
-            minimum_calls=10,
-            failure_ratio=0.8,
-            clock=clock,
-            health=hc,
-            open_on_suspect=True,
-        )
+        b = suspecting(hc, clock, TimeWindow(30.0), failure_ratio=0.8)
 
         async def user() -> str:
             return "ok"
@@ -798,15 +797,7 @@ async def test_open_on_suspect_on_a_time_window_edges(
     can never reach a ratio of 1.0 stays closed, with a warning."""
     hc = HealthCheck(dep.check, name="dep", interval=1.0, clock=clock)
     async with hc:
-        b = CircuitBreaker(
-            "dep",
-            window=TimeWindow(60.0),
-            minimum_calls=10,
-            failure_ratio=ratio,
-            clock=clock,
-            health=hc,
-            open_on_suspect=True,
-        )
+        b = suspecting(hc, clock, TimeWindow(60.0), failure_ratio=ratio)
 
         async def user() -> str:
             return "ok"
@@ -886,7 +877,7 @@ async def test_a_follower_takes_over_when_the_lease_expires(clock: FakeClock) ->
         assert hb.healthy
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def stores(
     request: pytest.FixtureRequest, clock: FakeClock
 ) -> AsyncIterator[Callable[[], Store]]:
@@ -894,7 +885,7 @@ async def stores(
     server and prefix), all on the test's fake clock; closed at the end."""
     made: list[Store] = []
     shared = MemoryStore(clock=clock)
-    prefix = f"health{time.monotonic_ns()}-{os.getpid()}"
+    prefix = unique_prefix("health")
 
     def make() -> Store:
         if request.param == "memory":
@@ -1042,7 +1033,7 @@ async def test_a_wrong_type_under_the_result_key_is_no_outage(
 ) -> None:
     """A hash, a list or a huge string under the result key is reset and reported by the
     script that reads it: the store never turns degraded, the next result is read."""
-    prefix = f"health{time.monotonic_ns()}-{os.getpid()}"
+    prefix = unique_prefix("health")
     store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock, timeout=2.0)
     raw = aioredis.Redis.from_url(redis_url)
     events: list[Event] = []
@@ -1079,7 +1070,7 @@ async def test_a_degraded_store_means_every_replica_checks_itself() -> None:
     dep = Dependency()
     try:
         async with HealthCheck(dep.check, name="dep", interval=0.05, store=store) as hc:
-            await eventually(lambda: dep.runs >= 5, 10.0)
+            await until(lambda: dep.runs >= 5, 10.0)
             assert not hc.leading
             assert hc.healthy
             assert all(r.ran_here for r in hc.results)
@@ -1087,130 +1078,108 @@ async def test_a_degraded_store_means_every_replica_checks_itself() -> None:
         await store.aclose()
 
 
-async def eventually(condition: Callable[[], bool], within: float) -> None:
-    """Wait (real time) until ``condition()`` holds; fail after ``within`` seconds."""
-    for _ in range(int(within / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not within {within} s")
-
-
 @pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own."""
-    return f"health{time.monotonic_ns()}-{os.getpid()}"
+    return unique_prefix("health")
 
 
-async def test_replicas_on_redis_share_one_check(redis_url: str, prefix: str) -> None:
+@pytest.fixture
+async def replicas(redis_url: str, prefix: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two replicas' RedisStores under this test's prefix on the shared test server, on the
+    system clock (their checks run by themselves); closed at the end."""
+    pair = (
+        RedisStore.from_url(redis_url, prefix=prefix),
+        RedisStore.from_url(redis_url, prefix=prefix),
+    )
+    yield pair
+    for store in pair:
+        await store.aclose()
+
+
+async def test_replicas_on_redis_share_one_check(replicas: tuple[RedisStore, RedisStore]) -> None:
     """Two stores on one redis-server: one runs the check, the other sees its results."""
-    s1 = RedisStore.from_url(redis_url, prefix=prefix)
-    s2 = RedisStore.from_url(redis_url, prefix=prefix)
+    s1, s2 = replicas
     a, b = Dependency(), Dependency()
-    try:
-        async with (
-            HealthCheck(a.check, name="dep", interval=0.2, store=s1) as h1,
-            HealthCheck(b.check, name="dep", interval=0.2, store=s2) as h2,
-        ):
-            await eventually(lambda: len(h1.results) >= 6 and len(h2.results) >= 6, 10.0)
-            leader, follower = (h1, h2) if h1.leading else (h2, h1)
-            assert leader.leading
-            assert not follower.leading
-            assert min(a.runs, b.runs) == 0
-            assert max(a.runs, b.runs) >= 6
-            seen = [r for r in follower.results if not r.ran_here]
-            assert len(seen) >= 5
-            assert all(r.ok for r in seen)
-            assert follower.healthy
-            assert follower.last_ok is not None
-    finally:
-        await s1.aclose()
-        await s2.aclose()
+    async with (
+        HealthCheck(a.check, name="dep", interval=0.2, store=s1) as h1,
+        HealthCheck(b.check, name="dep", interval=0.2, store=s2) as h2,
+    ):
+        await until(lambda: len(h1.results) >= 6 and len(h2.results) >= 6, 10.0)
+        leader, follower = (h1, h2) if h1.leading else (h2, h1)
+        assert leader.leading
+        assert not follower.leading
+        assert min(a.runs, b.runs) == 0
+        assert max(a.runs, b.runs) >= 6
+        seen = [r for r in follower.results if not r.ran_here]
+        assert len(seen) >= 5
+        assert all(r.ok for r in seen)
+        assert follower.healthy
+        assert follower.last_ok is not None
 
 
-async def test_a_shared_breaker_closes_through_the_fleet_check(redis_url: str, prefix: str) -> None:
+async def test_a_shared_breaker_closes_through_the_fleet_check(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
     """A breaker shared through Redis closes on every replica via the check, no user call."""
-    s1 = RedisStore.from_url(redis_url, prefix=prefix)
-    s2 = RedisStore.from_url(redis_url, prefix=prefix)
+    s1, s2 = replicas
     a, b = Dependency(), Dependency()
     options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 0.5}
-    try:
-        async with (
-            HealthCheck(a.check, name="dep", interval=0.1, store=s1) as h1,
-            HealthCheck(b.check, name="dep", interval=0.1, store=s2) as h2,
-        ):
-            seen: list[StateChanged] = []
-            b1 = CircuitBreaker("dep", store=s1, health=h1, **options)
-            b2 = CircuitBreaker("dep", store=s2, health=h2, listeners=[changes(seen)], **options)
-            await s1.sync()  # both know the fleet's state before one trips (a replica that
-            await s2.sync()  # trips before its first reply is a store matter, not tested here)
-            await trip(b1)
-            opened = time.monotonic()
-            await eventually(lambda: b1.state is CLOSED, 5.0)
-            assert time.monotonic() - opened >= 0.45  # open_for was respected
-            await eventually(lambda: b2.state is CLOSED, 5.0)
-            assert seen[0].new is OPEN  # the other replica was open too, and closed with it
-            assert seen[-1].new is CLOSED
-    finally:
-        await s1.aclose()
-        await s2.aclose()
+    async with (
+        HealthCheck(a.check, name="dep", interval=0.1, store=s1) as h1,
+        HealthCheck(b.check, name="dep", interval=0.1, store=s2) as h2,
+    ):
+        seen: list[StateChanged] = []
+        b1 = CircuitBreaker("dep", store=s1, health=h1, **options)
+        b2 = CircuitBreaker("dep", store=s2, health=h2, listeners=[changes(seen)], **options)
+        await s1.sync()  # both know the fleet's state before one trips (a replica that
+        await s2.sync()  # trips before its first reply is a store matter, not tested here)
+        await trip(b1)
+        opened = time.monotonic()
+        await until(lambda: b1.state is CLOSED, 5.0)
+        assert time.monotonic() - opened >= 0.45  # open_for was respected
+        await until(lambda: b2.state is CLOSED, 5.0)
+        assert seen[0].new is OPEN  # the other replica was open too, and closed with it
+        assert seen[-1].new is CLOSED
 
 
 async def test_a_suspicion_on_one_replica_opens_the_fleet_breaker(
-    redis_url: str, prefix: str
+    replicas: tuple[RedisStore, RedisStore],
 ) -> None:
     """open_on_suspect on the replica that sees the check fail opens the breaker fleet-wide."""
-    s1 = RedisStore.from_url(redis_url, prefix=prefix)
-    s2 = RedisStore.from_url(redis_url, prefix=prefix)
+    s1, s2 = replicas
     dep = Dependency()
     options: dict[str, Any] = {"window": CountWindow(20), "minimum_calls": 10}
-    try:
-        async with HealthCheck(dep.check, name="dep", interval=0.2, timeout=0.1) as hc:
-            b1 = CircuitBreaker("dep", store=s1, health=hc, open_on_suspect=True, **options)
-            b2 = CircuitBreaker("dep", store=s2, **options)
-            await s1.sync()
-            await s2.sync()
+    async with HealthCheck(dep.check, name="dep", interval=0.2, timeout=0.1) as hc:
+        b1 = CircuitBreaker("dep", store=s1, health=hc, open_on_suspect=True, **options)
+        b2 = CircuitBreaker("dep", store=s2, **options)
+        await s1.sync()
+        await s2.sync()
 
-            async def user() -> str:
-                return "ok"
+        async def user() -> str:
+            return "ok"
 
-            for _ in range(15):
-                await b2.call(user)
-            await asyncio.sleep(0.3)
-            assert (b1.state, b2.state) == (CLOSED, CLOSED)
-            dep.up = False
-            await eventually(lambda: b2.state is OPEN, 5.0)  # no user call failed anywhere
-            assert not hc.healthy
-            assert b1.state is OPEN
-    finally:
-        await s1.aclose()
-        await s2.aclose()
+        for _ in range(15):
+            await b2.call(user)
+        await until(lambda: len(hc.results) >= 2, 5, "two healthy checks")
+        await s1.sync()
+        await s2.sync()
+        assert (b1.state, b2.state) == (CLOSED, CLOSED)
+        dep.up = False
+        await until(lambda: b2.state is OPEN, 5.0)  # no user call failed anywhere
+        assert not hc.healthy
+        assert b1.state is OPEN
 
 
 def _replica(mode: str, url: str, prefix: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, __file__, mode, url, prefix],
+        [sys.executable, "-m", "tests.policies.test_health", mode, url, prefix],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
         cwd=ROOT,
     )
-
-
-def _line(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    deadline = time.monotonic() + timeout
-    buffer = ""
-    while time.monotonic() < deadline:
-        buffer += proc.stdout.readline()
-        if buffer.endswith("\n"):
-            return buffer.strip()
-        if proc.poll() is not None:
-            raise AssertionError(f"replica exited with {proc.returncode}")
-        time.sleep(0.005)
-    raise AssertionError("replica said nothing in time")
 
 
 async def test_the_lease_moves_when_its_holder_process_is_killed(
@@ -1221,18 +1190,18 @@ async def test_the_lease_moves_when_its_holder_process_is_killed(
     store = RedisStore.from_url(redis_url, prefix=prefix)
     dep = Dependency()
     try:
-        assert _line(holder) == "leading"
+        assert read_line(holder) == "leading"
         async with HealthCheck(dep.check, name="fleet", interval=0.1, store=store) as hc:
-            await eventually(lambda: sum(not r.ran_here for r in hc.results) >= 5, 10.0)
+            await until(lambda: sum(not r.ran_here for r in hc.results) >= 5, 10.0)
             assert not hc.leading
             assert dep.runs == 0
             assert sum(not r.ran_here for r in hc.results) >= 5
             os.kill(holder.pid, signal.SIGKILL)
             holder.wait(10)
             killed = time.monotonic()
-            await eventually(lambda: hc.leading, 10.0)
+            await until(lambda: hc.leading, 10.0)
             assert time.monotonic() - killed < 5.0
-            await eventually(lambda: dep.runs >= 2, 10.0)
+            await until(lambda: dep.runs >= 2, 10.0)
             assert dep.runs >= 2
             assert hc.results[-1].ran_here
             assert hc.healthy  # the takeover is no outage
@@ -1273,12 +1242,12 @@ async def test_http_check_drives_a_health_check_against_a_real_server() -> None:
     check = http_check(f"http://127.0.0.1:{port}/healthz")
     try:
         async with HealthCheck(check, name="web", interval=0.2, timeout=0.2) as hc:
-            await eventually(lambda: len(hc.results) >= 2, 10.0)
+            await until(lambda: len(hc.results) >= 2, 10.0)
             assert hc.results[0].ok
             assert hc.healthy
             server.close()
             await server.wait_closed()
-            await eventually(lambda: not hc.results[-1].ok, 10.0)
+            await until(lambda: not hc.results[-1].ok, 10.0)
             assert "ConnectError" in (hc.results[-1].error or "")
     finally:
         server.close()
@@ -1333,7 +1302,7 @@ async def _hold(url: str, prefix: str) -> None:
         pass
 
     async with HealthCheck(check, name="fleet", interval=0.1, store=store) as hc:
-        await eventually(lambda: hc.leading, 20.0)
+        await until(lambda: hc.leading, 20.0)
         print("leading", flush=True)
         await asyncio.sleep(20.0)  # until killed
     await store.aclose()

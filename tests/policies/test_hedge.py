@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,11 +23,7 @@ from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-async def settle() -> None:
-    """Let the tasks started so far run until they block (nothing here waits on real time)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
+from ..helpers import advance, cancelled, settle, started
 
 
 def only_me() -> set[asyncio.Task[Any]]:
@@ -89,11 +83,9 @@ async def test_slow_first_attempt_overtaken_by_hedge(clock: FakeClock) -> None:
     task = start(hedge, backend)
     await settle()
     assert backend.started == [0]
-    clock.advance(0.049)
-    await settle()
+    await advance(clock, 0.049)
     assert backend.started == [0]
-    clock.advance(0.001)
-    await settle()
+    await advance(clock, 0.001)
     assert task.done()
     assert task.result() == 1
     assert backend.started == [0, 1]
@@ -109,10 +101,8 @@ async def test_first_success_wins_among_running(clock: FakeClock) -> None:
     backend = Backend()
     task = start(hedge, backend)
     await settle()
-    clock.advance(1.0)
-    await settle()
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
+    await advance(clock, 1.0)
     assert backend.started == [0, 1, 2]
     backend.release(1)
     await settle()
@@ -128,8 +118,7 @@ async def test_all_fail_raises_first_failure(clock: FakeClock) -> None:
     backend.errors = {0: ConnectionError("first"), 1: ValueError("hedge")}
     task = start(hedge, backend)
     await settle()
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
     backend.release(0)
     await settle()
     assert not task.done()  # the hedge may still succeed
@@ -158,8 +147,7 @@ async def test_hedge_wins_after_first_failed(clock: FakeClock) -> None:
     backend.errors = {0: ConnectionError("first")}
     task = start(hedge, backend)
     await settle()
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
     backend.release(0)
     await settle()
     backend.release(1)
@@ -172,12 +160,9 @@ async def test_caller_cancellation_cancels_every_attempt(clock: FakeClock) -> No
     backend = Backend()
     task = start(hedge, backend)
     await settle()
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
     assert backend.started == [0, 1]
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled(task)
     assert sorted(backend.ended) == [0, 1]
     assert clock.pending == 0  # the next hedge's timer too
     assert only_me() == set()
@@ -201,16 +186,13 @@ async def test_a_loser_slow_to_clean_up_does_not_hold_back_the_answer(clock: Fak
                 done.append("cleaned")
         return "hedge"
 
-    task = asyncio.ensure_future(hedge.call(attempt))
-    await settle()
-    clock.advance(1.0)
-    await settle()
+    task = await started(hedge.call(attempt))
+    await advance(clock, 1.0)
     assert task.done()
     assert await task == "hedge"
     assert done == ["first"]  # still cleaning up
     assert hedge.ending == 1
-    drained = asyncio.ensure_future(hedge.drain())
-    await settle()
+    drained = await started(hedge.drain())
     assert not drained.done()
     cleaned.set()
     await drained
@@ -234,10 +216,8 @@ async def test_a_cancelled_call_waits_for_a_stubborn_attempt(clock: FakeClock) -
             done.append("cleaned")
         return "never"
 
-    task = asyncio.ensure_future(hedge.call(attempt))
-    await settle()
-    clock.advance(1.0)  # a hedge is running too
-    await settle()
+    task = await started(hedge.call(attempt))
+    await advance(clock, 1.0)  # a hedge is running too
     task.cancel()
     await settle()
     assert not task.done()
@@ -260,13 +240,10 @@ async def test_losers_release_their_bulkhead_slots(clock: FakeClock) -> None:
         Retry(on=ConnectionError, clock=clock), hedge, Timeout(5.0, clock=clock), bulkhead
     )
     backend = Backend(instant=lambda i: i == 2)
-    task = asyncio.ensure_future(pipeline.call(backend))
-    await settle()
-    clock.advance(1.0)
-    await settle()
+    task = await started(pipeline.call(backend))
+    await advance(clock, 1.0)
     assert bulkhead.in_flight == 2
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
     assert await task == 2
     assert bulkhead.in_flight == 0
     assert only_me() == set()
@@ -277,12 +254,9 @@ async def test_attempt_timeouts_inside(clock: FakeClock) -> None:
     hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
     pipeline = Pipeline(hedge, Timeout(1.5, clock=clock))
     backend = Backend()
-    task = asyncio.ensure_future(pipeline.call(backend))
-    await settle()
-    clock.advance(1.0)  # the hedge starts, with a deadline of its own
-    await settle()
-    clock.advance(0.5)  # the first attempt times out; the hedge has 1 s left
-    await settle()
+    task = await started(pipeline.call(backend))
+    await advance(clock, 1.0)  # the hedge starts, with a deadline of its own
+    await advance(clock, 0.5)  # the first attempt times out; the hedge has 1 s left
     assert not task.done()
     backend.release(1)
     assert await task == 1
@@ -298,8 +272,7 @@ async def test_budget_refuses_hedges(clock: FakeClock) -> None:
         backend = Backend()
         task = start(hedge, backend)
         await settle()
-        clock.advance(1.0)
-        await settle()
+        await advance(clock, 1.0)
         assert backend.started == ([0, 1] if n == 4 else [0])
         backend.release(0)
         assert await task == 0
@@ -326,8 +299,7 @@ def run_pattern(pattern: list[tuple[int, bool]], budget: float, window: float) -
             task = start(hedge, backend)
             await settle()
             if slow:
-                clock.advance(TICK)
-                await settle()
+                await advance(clock, TICK)
                 if len(backend.started) > 1:
                     hedges.append(clock.monotonic())
                 backend.release(0)
@@ -372,8 +344,7 @@ def test_all_slow_calls_hedge_at_the_budget() -> None:
             backend = Backend(instant=lambda i: i > 0)
             task = start(hedge, backend)
             await settle()
-            clock.advance(0.01)
-            await settle()
+            await advance(clock, 0.01)
             hedged += len(backend.started) > 1
             backend.release(0)
             await task
@@ -444,8 +415,7 @@ async def test_overtaken_first_attempt_counts_as_a_lower_bound(clock: FakeClock)
     backend = Backend(instant=lambda i: False)
     task = start(hedge, backend)
     await settle()
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
     clock.advance(0.5)
     backend.release(1)
     assert await task == 1
@@ -467,8 +437,7 @@ async def slow_call(hedge: Hedge, clock: FakeClock) -> bool:
     backend = Backend(instant=lambda i: i > 0)
     task = start(hedge, backend)
     await settle()
-    clock.advance(hedge.delay)
-    await settle()
+    await advance(clock, hedge.delay)
     backend.release(0)
     await task
     return len(backend.started) > 1
@@ -508,30 +477,23 @@ async def test_degraded_store_budget_is_local(clock: FakeClock) -> None:
     assert not hedge.counts.shared
 
 
-_prefixes = itertools.count()
-
-
-async def test_redis_budget_is_the_fleets(redis_url: str, clock: FakeClock) -> None:
+async def test_redis_budget_is_the_fleets(
+    redis_pair: tuple[RedisStore, RedisStore], clock: FakeClock
+) -> None:
     """Two RedisStores on one server: one replica's calls fund the other's hedges."""
-    prefix = f"hedge{next(_prefixes)}-{time.monotonic_ns()}"
-    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    try:
-        a = Hedge(delay=0.01, budget=0.1, store=one, name="api", clock=clock)
-        b = Hedge(delay=0.01, budget=0.1, store=two, name="api", clock=clock)
-        for _ in range(10):
-            await fast_call(a)
-        await a.sync()
-        await b.sync()
-        assert b.counts.totals() == (10, 0)
-        assert await slow_call(b, clock)
-        assert not await slow_call(b, clock)
-        await b.sync()
-        await a.sync()
-        assert a.counts.totals() == (12, 1)
-    finally:
-        await one.aclose()
-        await two.aclose()
+    one, two = redis_pair
+    a = Hedge(delay=0.01, budget=0.1, store=one, name="api", clock=clock)
+    b = Hedge(delay=0.01, budget=0.1, store=two, name="api", clock=clock)
+    for _ in range(10):
+        await fast_call(a)
+    await a.sync()
+    await b.sync()
+    assert b.counts.totals() == (10, 0)
+    assert await slow_call(b, clock)
+    assert not await slow_call(b, clock)
+    await b.sync()
+    await a.sync()
+    assert a.counts.totals() == (12, 1)
 
 
 # --- construction ----------------------------------------------------------------------------

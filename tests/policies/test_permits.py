@@ -5,8 +5,6 @@ follow demand, a dead holder's share comes back; ``FleetLeases`` is one lease pe
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,15 +18,9 @@ from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 from ..fork_support import in_forked_child
+from ..helpers import advance, settle, started, unique_prefix, until
 from ..redis_server import RedisServer
-
-_prefixes = itertools.count()
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
+from ..store.support import evalsha_calls
 
 ops = st.lists(
     st.tuples(st.sampled_from(["take", "give", "tick"]), st.integers(0, 2)),
@@ -46,7 +38,7 @@ def test_permits_in_use_never_exceed_the_limit(steps: list[tuple[str, int]], lim
     async def run() -> None:
         clock = FakeClock()
         store = MemoryStore(clock=clock)
-        holders = [FleetShare(store, "pool", limit=limit, ttl=3, clock=clock) for _ in range(3)]
+        holders = [pool(store, limit) for _ in range(3)]
         for op, who in steps:
             h = holders[who]
             if op == "take":
@@ -54,8 +46,7 @@ def test_permits_in_use_never_exceed_the_limit(steps: list[tuple[str, int]], lim
             elif op == "give":
                 await h.give()
             else:
-                clock.advance(1.0)  # a rebalance period: renewals run
-                await settle()
+                await advance(clock, 1.0)  # a rebalance period: renewals run
             assert sum(x.held for x in holders) <= limit
             assert sum(x.share for x in holders) <= limit
             assert all(x.held <= x.share or x.held == 0 for x in holders)
@@ -78,10 +69,16 @@ class Laggy(MemoryStore):
         return await super().lease_share(*args, **kwargs)
 
 
+def pool(store: MemoryStore, limit: int) -> FleetShare:
+    """A holder of the fleet limit "pool" on ``store`` (on the store's clock), whose share
+    lives 3 s unless renewed."""
+    return FleetShare(store, "pool", limit=limit, ttl=3)
+
+
 def source(kind: str, store: MemoryStore, clock: FakeClock, limit: int) -> PermitSource:
     if kind == "leases":
         return FleetLeases(store, "pool", limit=limit, ttl=3, clock=clock)
-    return FleetShare(store, "pool", limit=limit, ttl=3, clock=clock)
+    return pool(store, limit)
 
 
 source_ops = st.lists(
@@ -165,7 +162,7 @@ def test_a_capped_class_never_holds_more_than_its_cap_fleet_wide(
     async def run() -> None:
         clock = FakeClock()
         store = MemoryStore(clock=clock)
-        holders = [FleetShare(store, "pool", limit=limit, ttl=3, clock=clock) for _ in range(3)]
+        holders = [pool(store, limit) for _ in range(3)]
         low, high = [0, 0, 0], [0, 0, 0]
         for op, who in steps:
             h = holders[who]
@@ -179,8 +176,7 @@ def test_a_capped_class_never_holds_more_than_its_cap_fleet_wide(
                     kept[who] -= 1
                     await h.give()
             elif op == "tick":
-                clock.advance(1.0)  # a rebalance period: renewals run
-                await settle()
+                await advance(clock, 1.0)  # a rebalance period: renewals run
             assert sum(low) <= cap
             assert sum(x.held for x in holders) <= limit
         for h in holders:
@@ -192,18 +188,16 @@ def test_a_capped_class_never_holds_more_than_its_cap_fleet_wide(
 async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     clock = FakeClock()
     store = MemoryStore(clock=clock)
-    a = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
-    b = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
+    a = pool(store, 4)
+    b = pool(store, 4)
     assert all([await a.take() for _ in range(4)])
     assert a.share == 4
     assert not await b.take()  # the fleet is full
     for _ in range(3):
         await a.give()
-    clock.advance(1.0)  # renewal: a keeps its peak of the last period (4)
-    await settle()
+    await advance(clock, 1.0)  # renewal: a keeps its peak of the last period (4)
     assert a.share == 4
-    clock.advance(1.0)  # the next one: only what it used since (1)
-    await settle()
+    await advance(clock, 1.0)  # the next one: only what it used since (1)
     assert a.share == 1
     assert await b.take()
     assert await b.take()
@@ -211,8 +205,7 @@ async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     assert not await b.take()
     await a.give()
     for _ in range(2):
-        clock.advance(1.0)
-        await settle()
+        await advance(clock, 1.0)
     assert a.share == 0  # nothing held: the share is given back, the renewals stop
     assert a._timer is None
     await a.aclose()
@@ -222,12 +215,12 @@ async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
 async def test_a_dead_holders_share_comes_back_within_one_lease() -> None:
     clock = FakeClock()
     store = MemoryStore(clock=clock)
-    dead = FleetShare(store, "pool", limit=2, ttl=3, clock=clock)
+    dead = pool(store, 2)
     assert await dead.take()
     assert await dead.take()
     assert dead._timer is not None
     dead._timer.cancel()  # it dies: no renewal, no goodbye
-    other = FleetShare(store, "pool", limit=2, ttl=3, clock=clock)
+    other = pool(store, 2)
     assert not await other.take()
     clock.advance(3.0)
     assert await other.take()
@@ -248,15 +241,14 @@ async def test_a_valid_share_admits_while_the_store_is_away() -> None:
 
     clock = FakeClock()
     store = Away(clock=clock)
-    share = FleetShare(store, "pool", limit=3, ttl=3, clock=clock)
+    share = pool(store, 3)
     assert await share.take()
     assert await share.take()
     await share.give()
     store.away = True
     assert share.take_now()  # from the share granted before: no store call
     await share.give()
-    clock.advance(3.0)  # the share's lease has run out
-    await settle()
+    await advance(clock, 3.0)  # the share's lease has run out
     assert not share.take_now()
     with pytest.raises(StoreUnavailableError):
         await share.take()
@@ -277,25 +269,13 @@ def test_bad_arguments_are_refused() -> None:
 # --- on a real Redis --------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-async def evalsha_calls(raw: aioredis.Redis) -> int:
-    stats = await raw.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 @pytest.mark.parametrize("workers", [4, 10])
 async def test_the_fleet_limit_holds_across_replicas_with_few_round_trips(
     redis_url: str, raw: aioredis.Redis, workers: int
 ) -> None:
     """Two replicas, ``workers`` workers each, a fleet limit of 8 (demand at the limit, and
     above it): never more than 8 in use at once, and under 0.05 Redis commands per call."""
-    prefix = f"quota{next(_prefixes)}"
+    prefix = unique_prefix("quota")
     stores = [RedisStore.from_url(redis_url, prefix=prefix) for _ in range(2)]
     shares = [FleetShare(s, "pool", limit=8, ttl=10) for s in stores]
     in_use = peak = taken = refused = 0
@@ -332,7 +312,7 @@ async def test_the_fleet_limit_holds_across_replicas_with_few_round_trips(
 async def test_status_shows_the_permits_in_use_under_shares(redis_url: str) -> None:
     from resilience import status
 
-    prefix = f"quota{next(_prefixes)}"
+    prefix = unique_prefix("quota")
     store = RedisStore.from_url(redis_url, prefix=prefix)
     share = FleetShare(store, "uploads", limit=5, ttl=10)
     try:
@@ -392,7 +372,7 @@ async def test_calls_waiting_on_a_hung_store_fail_with_the_one_ask_under_way() -
     fails they all fail with it (the store cannot answer), none asks again."""
     clock = FakeClock()
     store = Hung(clock)
-    share = FleetShare(store, "pool", limit=100, ttl=3, clock=clock)
+    share = pool(store, 100)
     calls = [asyncio.ensure_future(share.take()) for _ in range(80)]
     await settle()
     store.release.set()
@@ -407,9 +387,8 @@ async def test_calls_that_came_during_an_ask_share_one_more() -> None:
     clock = FakeClock()
     store = Hung(clock)
     store.answer = True
-    share = FleetShare(store, "pool", limit=100, ttl=3, clock=clock)
-    first = asyncio.ensure_future(share.take())
-    await settle()
+    share = pool(store, 100)
+    first = await started(share.take())
     late = [asyncio.ensure_future(share.take()) for _ in range(5)]
     await settle()
     assert store.asked == 1
@@ -424,37 +403,51 @@ async def test_calls_that_came_during_an_ask_share_one_more() -> None:
 # --- Redis loses the shares -------------------------------------------------------------------
 
 
+async def renewed(*shares: FleetShare) -> None:
+    """Wait until the renewals the fake clock set off have their answers (Redis round trips)."""
+    await until(lambda: all(s._task is None or s._task.done() for s in shares), 10, "the renewals")
+
+
+async def restarted_empty(server: RedisServer, share: FleetShare) -> None:
+    """Kill ``server`` and start it again on the same port, empty (no persistence); then wait
+    (real time: the store reconnects) until ``share`` has its first answer: a permit or none."""
+    server.kill()
+    server.start()
+
+    async def answered() -> bool:
+        try:
+            await share.take()
+        except StoreUnavailableError:
+            return False
+        return True
+
+    await until(answered, 10, "the store answering again", every=0.05)
+
+
 async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServer) -> None:
     """Two replicas hold 5 permits each of a fleet limit of 10; Redis is killed and started
     again empty on the same port, so the store no longer knows their shares, which are still
     valid on each replica. More calls on one replica get no permit until the other has had
     time to report again: the permits in use never exceed 10."""
     clock = FakeClock()
-    prefix = f"quota{next(_prefixes)}"
+    prefix = unique_prefix("quota")
     stores = [RedisStore.from_url(redis_server.url, prefix=prefix, clock=clock) for _ in range(2)]
     a, b = (FleetShare(s, "pool", limit=10, ttl=30, clock=clock) for s in stores)
     try:
         for share in (a, b):
             assert all([await share.take() for _ in range(5)])
-        redis_server.kill()
-        redis_server.start()  # same port, empty: no persistence
-        for _ in range(200):  # until the store answers again (real time: it reconnects)
-            try:
-                await a.take()
-                break
-            except StoreUnavailableError:
-                await asyncio.sleep(0.05)
+        await restarted_empty(redis_server, a)
         for _ in range(5):
             await a.take()
         assert a.held + b.held <= 10, (a.held, b.held)
         for _ in range(3):  # renewals: b reports its permits again
             clock.advance(1.0)
-            await asyncio.sleep(0.05)
+            await renewed(a, b)
         for _ in range(5):
             await b.give()
         for _ in range(3):
             clock.advance(1.0)
-            await asyncio.sleep(0.05)
+            await renewed(a, b)
         assert all([await a.take() for _ in range(5)])  # what b gave back is a's to take
         assert a.held + b.held <= 10, (a.held, b.held)
     finally:
@@ -471,7 +464,7 @@ async def test_the_limit_holds_when_one_that_held_nothing_asks_first_after_a_res
     and holds nothing, is the first to ask once Redis is back, empty: it gets no permit until
     the others have had time to report again (it used to get the whole limit: 20 in use)."""
     clock = FakeClock()
-    prefix = f"quota{next(_prefixes)}"
+    prefix = unique_prefix("quota")
     stores = [RedisStore.from_url(redis_server.url, prefix=prefix, clock=clock) for _ in range(3)]
     a, b, c = (FleetShare(s, "pool", limit=10, ttl=30, clock=clock) for s in stores)
     try:
@@ -479,14 +472,7 @@ async def test_the_limit_holds_when_one_that_held_nothing_asks_first_after_a_res
             assert all([await share.take() for _ in range(5)])
         assert not await c.take()  # the fleet is full: c has an answer, and no permit
         clock.advance(0.5)  # past the moment c was told the fleet was full, before a renewal
-        redis_server.kill()
-        redis_server.start()  # same port, empty: no persistence
-        for _ in range(200):  # until the store answers again (real time: it reconnects)
-            try:
-                await c.take()
-                break
-            except StoreUnavailableError:
-                await asyncio.sleep(0.05)
+        await restarted_empty(redis_server, c)
         for _ in range(9):
             await c.take()
         assert a.held + b.held + c.held <= 10, (a.held, b.held, c.held)
@@ -505,7 +491,7 @@ async def test_a_stray_share_entry_is_deleted_and_reported(redis_url: str) -> No
 
     clock = FakeClock()
     events: list[Event] = []
-    prefix = f"quota{next(_prefixes)}"
+    prefix = unique_prefix("quota")
     store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock, listeners=[events.append])
     raw = aioredis.Redis.from_url(redis_url)
     far = int(clock.monotonic() * 1000) + 10_000_000_000
@@ -537,7 +523,7 @@ async def test_a_store_clock_stepped_back_does_not_keep_a_dead_holders_share(
             self._now -= seconds
 
     clock = Stepping(start=100_000.0)
-    prefix = f"quota{next(_prefixes)}"
+    prefix = unique_prefix("quota")
     stores = [RedisStore.from_url(redis_url, prefix=prefix, clock=clock) for _ in range(2)]
     dead, other = (FleetShare(s, "pool", limit=8, ttl=30, clock=clock) for s in stores)
     try:
@@ -560,8 +546,8 @@ async def test_closing_gives_the_share_back_but_not_the_permits_in_use() -> None
     holder go on counting, so the limit holds while those calls finish."""
     clock = FakeClock()
     store = MemoryStore(clock=clock)
-    closing = FleetShare(store, "pool", limit=10, ttl=3, clock=clock)
-    other = FleetShare(store, "pool", limit=10, ttl=3, clock=clock)
+    closing = pool(store, 10)
+    other = pool(store, 10)
     assert all([await closing.take() for _ in range(10)])
     for _ in range(7):
         await closing.give()
@@ -589,16 +575,14 @@ async def test_a_shrink_whose_reply_is_lost_counts_here_at_once() -> None:
     may have given to another holder meanwhile (together they would exceed the limit)."""
     clock = FakeClock()
     store = LosesReplies(clock=clock)
-    a = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
-    b = FleetShare(store, "pool", limit=4, ttl=3, clock=clock)
+    a = pool(store, 4)
+    b = pool(store, 4)
     assert all([await a.take() for _ in range(4)])
     for _ in range(4):
         await a.give()
-    clock.advance(1.0)  # renewal: a keeps its peak of the last period (4)
-    await settle()
+    await advance(clock, 1.0)  # renewal: a keeps its peak of the last period (4)
     store.losing = True
-    clock.advance(1.0)  # the next one gives the share back; its reply is lost
-    await settle()
+    await advance(clock, 1.0)  # the next one gives the share back; its reply is lost
     store.losing = False
     assert all([await b.take() for _ in range(4)])  # the store gave the permits to b
     assert not a.take_now()  # a does not use the share it gave back

@@ -33,6 +33,8 @@ from resilience.policies.retry import Retry
 from resilience.policies.timeout import Timeout
 from resilience.testing import FakeClock
 
+from ..helpers import settle
+
 
 def fast_retry(attempts: int = 3, **kwargs: Any) -> Retry:
     return Retry(on=ValueError, attempts=attempts, clock=FakeClock(autojump=True), **kwargs)
@@ -369,8 +371,7 @@ async def test_pipeline_attempt_timeout_per_attempt() -> None:
     retry = Retry(on=TimeoutError, attempts=2, wait=tenacity.wait_fixed(0), clock=clock)
     pipeline = Pipeline(Timeout(5, clock=clock), retry, Timeout(1, clock=clock))
     task = asyncio.create_task(pipeline.call(slow_then_fast))
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await settle(5)
     clock.advance(1)
     assert await task == "fast"
     assert [t - begin for t in started] == [0, 1]

@@ -20,6 +20,8 @@ from resilience import (
 )
 from resilience.testing import FakeClock
 
+from ..helpers import ok
+
 
 class PredicateBroke(Exception):
     """Raised by the predicates below."""
@@ -31,10 +33,6 @@ def broken(value: object) -> bool:
 
 async def fails() -> None:
     raise ValueError("upstream")
-
-
-async def ok() -> str:
-    return "ok"
 
 
 async def test_retry_on_that_raises_frees_the_bulkhead_slots(clock: FakeClock) -> None:

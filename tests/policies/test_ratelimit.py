@@ -4,37 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience.errors import RateLimitedError, StoreUnavailableError
-from resilience.events import CallFinished, CallRejected, Event
+from resilience.events import CallRejected, Event
 from resilience.policies.ratelimit import RateLimiter
 from resilience.rules.gcra import gcra
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
-
-
-async def ok() -> str:
-    return "ok"
+from ..helpers import ok, policy_events
+from ..store.support import evalsha_calls
 
 
 def run_now(awaitable: Awaitable[Any]) -> Any:
@@ -253,8 +241,6 @@ def test_rate_limited_error_retry_after_positive(clock: FakeClock) -> None:
 
 # --- shared through a store -----------------------------------------------------------------
 
-_prefixes = itertools.count()
-
 
 class DownStore(MemoryStore):
     """A store whose GCRA bucket cannot be reached."""
@@ -318,38 +304,32 @@ async def test_store_down_uses_local_bucket(clock: FakeClock) -> None:
     assert info.value.retry_after == pytest.approx(1.0)
 
 
-async def test_redis_rate_limit_shared_by_two_replicas(redis_url: str, clock: FakeClock) -> None:
+async def test_redis_rate_limit_shared_by_two_replicas(
+    redis_pair: tuple[RedisStore, RedisStore], clock: FakeClock
+) -> None:
     """Two RedisStores on one Redis share one bucket: the burst is for the fleet."""
-    prefix = f"rl{next(_prefixes)}-{time.monotonic_ns()}"
-    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    try:
-        a = RateLimiter(2, burst=3, store=one, name="api", clock=clock)
-        b = RateLimiter(2, burst=3, store=two, name="api", clock=clock)
-        assert [await a.call(ok), await b.call(ok), await a.call(ok)] == ["ok"] * 3
-        with pytest.raises(RateLimitedError) as info:
-            await b.call(ok)
-        assert info.value.retry_after == pytest.approx(0.5, abs=1e-3)
-        clock.advance(0.5)
-        assert await b.call(ok) == "ok"
-        with pytest.raises(RateLimitedError):
-            await a.call(ok)
-    finally:
-        await one.aclose()
-        await two.aclose()
+    one, two = redis_pair
+    a = RateLimiter(2, burst=3, store=one, name="api", clock=clock)
+    b = RateLimiter(2, burst=3, store=two, name="api", clock=clock)
+    assert [await a.call(ok), await b.call(ok), await a.call(ok)] == ["ok"] * 3
+    with pytest.raises(RateLimitedError) as info:
+        await b.call(ok)
+    assert info.value.retry_after == pytest.approx(0.5, abs=1e-3)
+    clock.advance(0.5)
+    assert await b.call(ok) == "ok"
+    with pytest.raises(RateLimitedError):
+        await a.call(ok)
 
 
-async def test_redis_unreachable_uses_local_bucket(clock: FakeClock) -> None:
+async def test_redis_unreachable_uses_local_bucket(
+    unreachable_store: RedisStore, clock: FakeClock
+) -> None:
     """A RedisStore that cannot connect never fails a call: the local bucket decides."""
-    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
-    try:
-        limiter = RateLimiter(1, burst=2, store=store, name="api", clock=clock)
-        assert await limiter.call(ok) == "ok"
-        assert await limiter.call(ok) == "ok"
-        with pytest.raises(RateLimitedError):
-            await limiter.call(ok)
-    finally:
-        await store.aclose()
+    limiter = RateLimiter(1, burst=2, store=unreachable_store, name="api", clock=clock)
+    assert await limiter.call(ok) == "ok"
+    assert await limiter.call(ok) == "ok"
+    with pytest.raises(RateLimitedError):
+        await limiter.call(ok)
 
 
 # --- tokens taken ahead (ahead=) ---------------------------------------------------------------
@@ -391,30 +371,22 @@ def test_tokens_taken_ahead_admit_at_most_rate_times_ahead_more(
     asyncio.run(run())
 
 
-async def test_tokens_taken_ahead_cost_few_redis_commands(redis_url: str) -> None:
+async def test_tokens_taken_ahead_cost_few_redis_commands(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
     """Busy replicas ask the fleet's bucket about once per batch, not once per call."""
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    prefix = f"rl{next(_prefixes)}-{time.monotonic_ns()}"
-    stores = [RedisStore.from_url(redis_url, prefix=prefix) for _ in range(2)]
-    raw = aioredis.Redis.from_url(redis_url)
-    limiters = [RateLimiter(1_000_000, store=s, name="api", ahead=0.05) for s in stores]
-    before = (await raw.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    one = stores()
+    replicas = [one, stores(prefix=one.prefix)]
+    limiters = [RateLimiter(1_000_000, store=s, name="api", ahead=0.05) for s in replicas]
+    before = await evalsha_calls(raw)
 
     async def worker(limiter: RateLimiter) -> None:
         for _ in range(500):
             await limiter.call(ok)
             await asyncio.sleep(0)
 
-    try:
-        await asyncio.gather(*(worker(lim) for lim in limiters for _ in range(4)))
-        after = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
-    finally:
-        for s in stores:
-            await s.aclose()
-        await raw.aclose()
+    await asyncio.gather(*(worker(lim) for lim in limiters for _ in range(4)))
+    after = await evalsha_calls(raw)
     assert after - before <= 0.05 * 4000, after - before
 
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,21 +14,13 @@ from tenacity import RetryCallState
 
 from resilience import Pipeline, Timeout
 from resilience.errors import StoreUnavailableError
-from resilience.events import CallFinished, CallRejected, Event, RetryScheduled
+from resilience.events import CallRejected, Event, RetryScheduled
 from resilience.policies.retry import Retry, RetryBudget
 from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
+from ..helpers import advance, cancelled, ok, policy_events, started
 
 
 class Flaky:
@@ -47,11 +36,6 @@ class Flaky:
         if self.errors:
             raise self.errors.pop(0)
         return self.value
-
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 def test_on_is_required() -> None:
@@ -208,11 +192,9 @@ async def test_retry_waits_for_fake_time() -> None:
     clock = FakeClock()
     fn = Flaky(ValueError(), value="ok")
     retry = Retry(on=ValueError, attempts=2, wait=tenacity.wait_fixed(3), clock=clock)
-    task = asyncio.create_task(retry.call(fn))
-    await settle()
+    task = await started(retry.call(fn))
     assert fn.calls == 1
-    clock.advance(2.5)
-    await settle()
+    await advance(clock, 2.5)
     assert fn.calls == 1
     assert not task.done()
     clock.advance(0.5)
@@ -301,13 +283,9 @@ async def test_cancel_during_attempt_is_not_retried() -> None:
         await never.wait()
 
     retry = Retry(on=Exception, attempts=5, wait=tenacity.wait_fixed(1), clock=clock)
-    task = asyncio.create_task(retry.call(fn))
-    await settle()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    clock.advance(100)
-    await settle()
+    task = await started(retry.call(fn))
+    await cancelled(task)
+    await advance(clock, 100)
     assert calls == 1
     assert clock.slept == []
 
@@ -317,14 +295,10 @@ async def test_cancel_during_backoff_is_not_retried() -> None:
     clock = FakeClock()
     fn = Flaky(*[ValueError(i) for i in range(5)])
     retry = Retry(on=Exception, attempts=5, wait=tenacity.wait_fixed(5), clock=clock)
-    task = asyncio.create_task(retry.call(fn))
-    await settle()
+    task = await started(retry.call(fn))
     assert clock.slept == [5]
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    clock.advance(100)
-    await settle()
+    await cancelled(task)
+    await advance(clock, 100)
     assert fn.calls == 1
     assert clock.pending == 0
 
@@ -388,8 +362,6 @@ async def test_default_wait_is_exponential_from_a_tenth() -> None:
 
 # --- retry budget ---------------------------------------------------------------------------
 
-_prefixes = itertools.count()
-
 
 class SpyStore(MemoryStore):
     """A MemoryStore that records every budget_add (delta) it is asked for."""
@@ -412,10 +384,6 @@ class DownStore(MemoryStore):
 
 def failing() -> Flaky:
     return Flaky(*[ValueError(i) for i in range(1000)])
-
-
-async def ok() -> str:
-    return "ok"
 
 
 @pytest.mark.parametrize(
@@ -562,32 +530,28 @@ async def test_budget_store_down_decides_locally(clock: FakeClock) -> None:
     assert budget.tokens == pytest.approx(1.1)
 
 
-async def test_redis_budget_shared_by_two_replicas(redis_url: str, clock: FakeClock) -> None:
+async def test_redis_budget_shared_by_two_replicas(
+    redis_pair: tuple[RedisStore, RedisStore], clock: FakeClock
+) -> None:
     """Two RedisStores on one Redis share one budget; pending successes are pushed later."""
-    prefix = f"rb{next(_prefixes)}-{time.monotonic_ns()}"
-    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    try:
-        sleeper = FakeClock(autojump=True)
-        budget_a = RetryBudget(name="api", max_tokens=4, token_ratio=0.5, store=one)
-        budget_b = RetryBudget(name="api", max_tokens=4, token_ratio=0.5, store=two)
-        a = Retry(on=ValueError, attempts=3, budget=budget_a, clock=sleeper)
-        b = Retry(on=ValueError, attempts=3, budget=budget_b, clock=sleeper)
-        with pytest.raises(ValueError, match=r"^\d+$"):
-            await a.call(failing())  # fleet: 4 -> 3 -> 2
-        fn = failing()
-        with pytest.raises(ValueError, match=r"^\d+$"):
-            await b.call(fn)
-        assert fn.calls == 1  # fleet: 2 -> 1, refused
-        for _ in range(6):
-            assert await a.call(ok) == "ok"  # +3, pending on replica a
-        fn = Flaky(ValueError("x"))
-        assert await a.call(fn) == "ok"  # pushes +3 - 1: fleet 3 > 2, retried
-        assert fn.calls == 2
-        assert budget_a.tokens == pytest.approx(3.5)
-    finally:
-        await one.aclose()
-        await two.aclose()
+    one, two = redis_pair
+    sleeper = FakeClock(autojump=True)
+    budget_a = RetryBudget(name="api", max_tokens=4, token_ratio=0.5, store=one)
+    budget_b = RetryBudget(name="api", max_tokens=4, token_ratio=0.5, store=two)
+    a = Retry(on=ValueError, attempts=3, budget=budget_a, clock=sleeper)
+    b = Retry(on=ValueError, attempts=3, budget=budget_b, clock=sleeper)
+    with pytest.raises(ValueError, match=r"^\d+$"):
+        await a.call(failing())  # fleet: 4 -> 3 -> 2
+    fn = failing()
+    with pytest.raises(ValueError, match=r"^\d+$"):
+        await b.call(fn)
+    assert fn.calls == 1  # fleet: 2 -> 1, refused
+    for _ in range(6):
+        assert await a.call(ok) == "ok"  # +3, pending on replica a
+    fn = Flaky(ValueError("x"))
+    assert await a.call(fn) == "ok"  # pushes +3 - 1: fleet 3 > 2, retried
+    assert fn.calls == 2
+    assert budget_a.tokens == pytest.approx(3.5)
 
 
 @settings(max_examples=60, deadline=None)

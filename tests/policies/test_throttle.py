@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +29,8 @@ from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import advance, cancelled, ok, unique_prefix, until
+
 
 class Overloaded(RejectedError):
     """What the simulated backend raises when it refuses a call (an HTTP 503, say): a
@@ -39,10 +39,6 @@ class Overloaded(RejectedError):
 
 def not_overloaded(exc: Exception) -> bool:
     return not isinstance(exc, Overloaded)
-
-
-async def ok() -> str:
-    return "ok"
 
 
 async def refused() -> None:
@@ -68,12 +64,6 @@ async def outcome(throttle: Throttle, fn: Callable[[], Any]) -> str:
     except ThrottledError:
         return "throttled"
     return "ok"
-
-
-async def settle() -> None:
-    """Let background tasks started by timers run (the stores used never block long)."""
-    for _ in range(20):
-        await asyncio.sleep(0)
 
 
 # --- the formula ---------------------------------------------------------------------------
@@ -243,9 +233,7 @@ async def test_cancelled_call_counts_as_nothing(clock: FakeClock) -> None:
 
     task = asyncio.create_task(throttle.call(hangs))
     await started.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled(task)
     assert throttle.counts.totals() == (0, 0)
 
 
@@ -360,12 +348,10 @@ async def test_memory_store_fleet_counts_drive_both(clock: FakeClock) -> None:
         await outcome(b, ok)
     assert b.counts.totals() == (4, 4)  # nothing exchanged yet: b's own counts
     assert b.ratio == 0.0
-    clock.advance(1.0)  # the background syncs run, one interval after the first count
-    await settle()
+    await advance(clock, 1.0)  # the background syncs run, one interval after the first count
     clock.advance(1.0)  # a has pushed before b read, so b syncs again to see a's counts
     await outcome(b, ok)
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
     assert a.counts.shared
     assert b.counts.shared
     assert b.counts.totals() == (25, 5)
@@ -382,8 +368,7 @@ async def test_no_sync_while_idle(clock: FakeClock) -> None:
     await throttle.call(ok)
     await throttle.call(ok)
     assert clock.pending == 1
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
     assert clock.pending == 0
     assert throttle.counts.totals() == (2, 2)
     await throttle.call(ok)
@@ -417,8 +402,7 @@ async def test_degraded_store_keeps_working_locally(clock: FakeClock) -> None:
     )
     for _ in range(5):
         assert await outcome(throttle, ok) == "ok"
-    clock.advance(1.0)
-    await settle()
+    await advance(clock, 1.0)
     await throttle.sync()
     assert not throttle.counts.shared
     assert throttle.counts.totals() == (5, 5)
@@ -428,53 +412,37 @@ async def test_degraded_store_keeps_working_locally(clock: FakeClock) -> None:
     assert throttle.counts.totals() == (16, 5)
 
 
-_prefixes = itertools.count()
-
-
-async def test_redis_fleet_counts_drive_both(redis_url: str, clock: FakeClock) -> None:
+async def test_redis_fleet_counts_drive_both(
+    redis_pair: tuple[RedisStore, RedisStore], clock: FakeClock
+) -> None:
     """Two RedisStores on one server: each throttle decides on the fleet's counts."""
-    prefix = f"th{next(_prefixes)}-{time.monotonic_ns()}"
-    one = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    two = RedisStore.from_url(redis_url, prefix=prefix, clock=clock)
-    try:
-        a = Throttle(name="api", store=one, random=always, accepted_if=not_overloaded, clock=clock)
-        b = Throttle(name="api", store=two, random=always, accepted_if=not_overloaded, clock=clock)
-        for _ in range(30):
-            await outcome(a, refused)
-        for _ in range(5):
-            assert await outcome(b, ok) == "ok"  # b alone has seen only accepts
-        await a.sync()
-        await b.sync()
-        assert b.counts.totals() == (35, 5)
-        assert b.ratio == pytest.approx(25 / 36)
-        assert await outcome(b, ok) == "throttled"  # the fleet's refusals throttle b
-        await b.sync()
-        await a.sync()
-        assert a.counts.totals() == (36, 5)
-    finally:
-        await one.aclose()
-        await two.aclose()
+    one, two = redis_pair
+    a = Throttle(name="api", store=one, random=always, accepted_if=not_overloaded, clock=clock)
+    b = Throttle(name="api", store=two, random=always, accepted_if=not_overloaded, clock=clock)
+    for _ in range(30):
+        await outcome(a, refused)
+    for _ in range(5):
+        assert await outcome(b, ok) == "ok"  # b alone has seen only accepts
+    await a.sync()
+    await b.sync()
+    assert b.counts.totals() == (35, 5)
+    assert b.ratio == pytest.approx(25 / 36)
+    assert await outcome(b, ok) == "throttled"  # the fleet's refusals throttle b
+    await b.sync()
+    await a.sync()
+    assert a.counts.totals() == (36, 5)
 
 
-async def test_redis_background_sync(redis_url: str) -> None:
+async def test_redis_background_sync(stores: Callable[..., RedisStore]) -> None:
     """With the system clock, counts reach the fleet by themselves within a few intervals."""
-    prefix = f"th{next(_prefixes)}-{time.monotonic_ns()}"
-    one = RedisStore.from_url(redis_url, prefix=prefix)
-    two = RedisStore.from_url(redis_url, prefix=prefix)
-    try:
-        a = Throttle(name="api", store=one, sync_interval=0.02, accepted_if=not_overloaded)
-        b = Throttle(name="api", store=two, sync_interval=0.02)
-        for _ in range(10):
-            await outcome(a, refused)
-        await b.call(ok)
-        for _ in range(500):  # generous: up to 10 s on a busy machine
-            await asyncio.sleep(0.02)
-            if b.counts.totals() == (11, 1):
-                break
-        assert b.counts.totals() == (11, 1)
-    finally:
-        await one.aclose()
-        await two.aclose()
+    one = stores()
+    two = stores(prefix=one.prefix)  # a replica of one
+    a = Throttle(name="api", store=one, sync_interval=0.02, accepted_if=not_overloaded)
+    b = Throttle(name="api", store=two, sync_interval=0.02)
+    for _ in range(10):
+        await outcome(a, refused)
+    await b.call(ok)
+    await until(lambda: b.counts.totals() == (11, 1), 10, "the fleet's counts", every=0.02)
 
 
 @pytest.mark.parametrize("value", ["1.5", "inf"])
@@ -484,7 +452,7 @@ async def test_garbage_under_the_window_costs_the_store_nothing(
     """A count that is not ours under a throttle's shared window is reset once and reported;
     the store never turns degraded and the fleet's counts stay shared."""
     events: list[Event] = []
-    prefix = f"th{next(_prefixes)}-{time.monotonic_ns()}"
+    prefix = unique_prefix("th")
     store = RedisStore.from_url(redis_url, prefix=prefix, clock=clock, listeners=[events.append])
     raw = aioredis.Redis.from_url(redis_url)
     try:
@@ -505,17 +473,15 @@ async def test_garbage_under_the_window_costs_the_store_nothing(
         await store.aclose()
 
 
-async def test_redis_unreachable_keeps_working_locally(clock: FakeClock) -> None:
+async def test_redis_unreachable_keeps_working_locally(
+    unreachable_store: RedisStore, clock: FakeClock
+) -> None:
     """A RedisStore that cannot connect: calls go on, decided by local counts."""
-    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
-    try:
-        throttle = Throttle(name="api", store=store, random=always, clock=clock)
-        assert await throttle.call(ok) == "ok"
-        await throttle.sync()
-        assert await throttle.call(ok) == "ok"
-        assert throttle.counts.totals() == (2, 2)
-    finally:
-        await store.aclose()
+    throttle = Throttle(name="api", store=unreachable_store, random=always, clock=clock)
+    assert await throttle.call(ok) == "ok"
+    await throttle.sync()
+    assert await throttle.call(ok) == "ok"
+    assert throttle.counts.totals() == (2, 2)
 
 
 def test_shared_counts_outside_a_loop(clock: FakeClock) -> None:

@@ -4,39 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from resilience.errors import ResilienceTimeoutError
-from resilience.events import CallFinished, Event, TimedOut
+from resilience.events import Event, TimedOut
 from resilience.policies.timeout import Timeout
 from resilience.testing import FakeClock
 
-
-def policy_events(events: list[Any]) -> Callable[[Any], None]:
-    """A listener keeping a policy's own events (not the per-call CallFinished reports)."""
-
-    def listen(event: Any) -> None:
-        if not isinstance(event, CallFinished):
-            events.append(event)
-
-    return listen
-
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
+from ..helpers import advance, cancelled, policy_events, settle, started
 
 
 async def test_expires_after_seconds(clock: FakeClock) -> None:
     """A call outliving ``seconds`` of fake time raises ResilienceTimeoutError (a TimeoutError)."""
     timeout = Timeout(2, name="t", clock=clock)
-    task = asyncio.create_task(timeout.call(clock.sleep, 10))
-    await settle()
-    clock.advance(1.9)
-    await settle()
+    task = await started(timeout.call(clock.sleep, 10))
+    await advance(clock, 1.9)
     assert not task.done()
     clock.advance(0.1)
     with pytest.raises(ResilienceTimeoutError) as info:
@@ -55,12 +39,10 @@ async def test_success_before_deadline(clock: FakeClock) -> None:
         await clock.sleep(3)
         return x + y
 
-    task = asyncio.create_task(timeout.call(work, 1, y=2))
-    await settle()
+    task = await started(timeout.call(work, 1, y=2))
     clock.advance(3)
     assert await task == 3
-    clock.advance(10)  # the timer may still fire, but must not touch anything
-    await settle()
+    await advance(clock, 10)  # the timer may still fire, but must not touch anything
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
@@ -68,8 +50,7 @@ async def test_timed_out_event(clock: FakeClock) -> None:
     """Expiry delivers a TimedOut event carrying the name and seconds."""
     events: list[Event] = []
     timeout = Timeout(1.5, name="slow", clock=clock, listeners=[policy_events(events)])
-    task = asyncio.create_task(timeout.call(clock.sleep, 10))
-    await settle()
+    task = await started(timeout.call(clock.sleep, 10))
     assert events == []
     clock.advance(1.5)
     with pytest.raises(ResilienceTimeoutError):
@@ -93,10 +74,8 @@ async def test_inner_shorter_timeout_fires(clock: FakeClock) -> None:
             return "recovered"
         return "not timed out"
 
-    task = asyncio.create_task(outer.call(body))
-    await settle()
-    clock.advance(1)
-    await settle()
+    task = await started(outer.call(body))
+    await advance(clock, 1)
     clock.advance(2)
     assert await task == "recovered"
     assert names == ["inner"]
@@ -115,8 +94,7 @@ async def test_outer_shorter_timeout_fires(clock: FakeClock) -> None:
             seen.append(exc)
             raise
 
-    task = asyncio.create_task(outer.call(body))
-    await settle()
+    task = await started(outer.call(body))
     clock.advance(1)
     with pytest.raises(ResilienceTimeoutError) as info:
         await task
@@ -137,11 +115,8 @@ async def _cancelling_after_external_cancel(make_cm: Any, clock: FakeClock) -> t
             seen.append((type(exc).__name__, asyncio.current_task().cancelling()))  # type: ignore[union-attr]
             raise
 
-    task = asyncio.create_task(body())
-    await settle()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    task = await started(body())
+    await cancelled(task)
     return seen[0]
 
 
@@ -156,14 +131,10 @@ async def test_external_cancel_through_call(clock: FakeClock) -> None:
     """Through ``call``, an outside cancel is CancelledError, and a later expiry does nothing."""
     events: list[Event] = []
     timeout = Timeout(5, clock=clock, listeners=[policy_events(events)])
-    task = asyncio.create_task(timeout.call(clock.sleep, 10))
-    await settle()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    task = await started(timeout.call(clock.sleep, 10))
+    await cancelled(task)
     assert task.cancelling() == 1
-    clock.advance(10)
-    await settle()
+    await advance(clock, 10)
     assert events == []
 
 
@@ -180,10 +151,8 @@ async def test_cancelling_restored_after_expiry(clock: FakeClock) -> None:
         await clock.sleep(1)  # the task is not cancelled any more: it may go on awaiting
         return "went on"
 
-    task = asyncio.create_task(body())
-    await settle()
-    clock.advance(1)
-    await settle()
+    task = await started(body())
+    await advance(clock, 1)
     clock.advance(1)
     assert await task == "went on"
     assert counts == [0]
@@ -206,8 +175,7 @@ async def test_swallowed_cancellation_returns_value(clock: FakeClock) -> None:
         counts.append(asyncio.current_task().cancelling())  # type: ignore[union-attr]
         return result
 
-    task = asyncio.create_task(body())
-    await settle()
+    task = await started(body())
     clock.advance(1)
     assert await task == "swallowed"
     assert counts == [0]
@@ -216,8 +184,7 @@ async def test_swallowed_cancellation_returns_value(clock: FakeClock) -> None:
 async def test_timeout_and_external_cancel_together(clock: FakeClock) -> None:
     """If the task is also cancelled from outside, CancelledError wins over the timeout."""
     timeout = Timeout(1, clock=clock)
-    task = asyncio.create_task(timeout.call(clock.sleep, 10))
-    await settle()
+    task = await started(timeout.call(clock.sleep, 10))
     clock.advance(1)  # the timeout cancels the task ...
     task.cancel()  # ... and so does someone else before it runs
     with pytest.raises(asyncio.CancelledError):
@@ -233,11 +200,9 @@ async def test_concurrent_calls_only_slow_ones_time_out(clock: FakeClock) -> Non
         tasks.append((d, asyncio.create_task(timeout.call(clock.sleep, d))))
         await settle()
         if i % 2:
-            clock.advance(0.75)  # stagger start times, so deadlines differ
-            await settle()
+            await advance(clock, 0.75)  # stagger start times, so deadlines differ
     for _ in range(40):
-        clock.advance(0.25)
-        await settle()
+        await advance(clock, 0.25)
     for d, task in tasks:
         assert task.done()
         if d < 5:
@@ -260,8 +225,7 @@ async def test_async_with_form(clock: FakeClock) -> None:
         return "fast"
 
     slow_task = asyncio.create_task(slow())
-    fast_task = asyncio.create_task(fast())
-    await settle()
+    fast_task = await started(fast())
     clock.advance(1)
     assert await fast_task == "fast"
     assert not slow_task.done()
@@ -284,12 +248,9 @@ async def test_async_with_nested_same_timeout(clock: FakeClock) -> None:
                 return "inner converted the outer's cancellation"
         return "not cancelled"
 
-    task = asyncio.create_task(body())
-    await settle()
-    clock.advance(1)
-    await settle()
-    clock.advance(1)  # outer deadline reached first, at t=2
-    await settle()
+    task = await started(body())
+    await advance(clock, 1)
+    await advance(clock, 1)  # outer deadline reached first, at t=2
     with pytest.raises(ResilienceTimeoutError):
         await task
 
@@ -303,10 +264,8 @@ def test_usable_from_two_event_loops() -> None:
         return await timeout.call(_value, "fast")
 
     async def slow() -> type[BaseException] | None:
-        task = asyncio.create_task(timeout.call(clock.sleep, 10))
-        await settle()
-        clock.advance(3)
-        await settle()
+        task = await started(timeout.call(clock.sleep, 10))
+        await advance(clock, 3)
         exc = task.exception()
         return type(exc) if exc is not None else None
 
@@ -349,13 +308,11 @@ def test_bad_seconds_rejected(seconds: Any, error: type[Exception]) -> None:
 async def test_many_finished_calls_behind_a_slow_one(clock: FakeClock) -> None:
     """Hundreds of calls finishing behind a slow one leave the slow one's deadline intact."""
     timeout = Timeout(5, clock=clock)
-    slow = asyncio.create_task(timeout.call(clock.sleep, 100))
-    await settle()
+    slow = await started(timeout.call(clock.sleep, 100))
     for _ in range(300):
         clock.advance(0.01)
         assert await timeout.call(_value, "quick") == "quick"
-    late = asyncio.create_task(timeout.call(clock.sleep, 100))
-    await settle()
+    late = await started(timeout.call(clock.sleep, 100))
     clock.advance(5 - 3.0 + 0.001)  # 3s passed in the loop above: the slow deadline is reached
     with pytest.raises(ResilienceTimeoutError):
         await slow

@@ -28,6 +28,8 @@ from resilience.rules.limits import AdaptiveLimit, Limiter
 from resilience.store import MemoryStore
 from resilience.testing import FakeClock
 
+from ..helpers import settle
+
 SERVICE = 0.05  # seconds per request on a worker
 
 
@@ -383,11 +385,6 @@ def test_options_are_frozen_and_keyword_only() -> None:
 
 
 # --- the bulkhead ---------------------------------------------------------------------------
-
-
-async def settle(rounds: int = 5) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 async def test_bulkhead_limit_follows_latency(clock: FakeClock) -> None:

@@ -1,16 +1,14 @@
-"""What the store tests share: protected functions, a bounded wait, unique key prefixes.
+"""What the store tests share: breakers built alike, a load, Redis counters, subscribers.
 
-The fixtures they share (``raw``, ``stores``) are in ``conftest.py``.
+The fixtures they use (``raw``, ``stores``) are in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, Self, TypeVar
 
 import redis.asyncio as aioredis
@@ -18,27 +16,24 @@ import redis.asyncio as aioredis
 from resilience import CircuitBreaker, CircuitOpenError, CircuitState, CountWindow
 from resilience.store.redis import RedisStore
 
+from ..helpers import boom, ok, until
+
 __all__ = [
     "TIMEOUT",
     "Load",
-    "boom",
     "command_calls",
     "evalsha_calls",
     "fleet_breaker",
     "fleet_gen",
-    "ok",
-    "prefix",
     "quorum_breaker",
     "recovered",
     "report",
     "started",
+    "subscribed",
     "trip",
-    "until",
 ]
 
 TIMEOUT = 0.25  #: seconds: the store's default bound on a Redis call
-
-_prefixes = itertools.count()
 
 
 class Setup(Protocol):
@@ -50,25 +45,6 @@ class Setup(Protocol):
 
 
 S = TypeVar("S", bound=Setup)
-
-
-async def ok() -> str:
-    """A call that succeeds."""
-    return "ok"
-
-
-async def boom() -> None:
-    """A call that fails."""
-    raise ValueError("boom")
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0, what: str = "") -> float:
-    """Wait (real time, generous bound) until ``condition()`` holds; the time it took."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < seconds, f"{what or 'condition'}: not within {seconds}s"
-        await asyncio.sleep(0.002)
-    return time.monotonic() - start
 
 
 async def trip(b: CircuitBreaker, calls: int = 4) -> None:
@@ -118,15 +94,21 @@ async def evalsha_calls(raw: aioredis.Redis) -> int:
     return await command_calls(raw, "evalsha")
 
 
+async def subscribed(client: aioredis.Redis, channel: str, count: int) -> None:
+    """Wait until ``count`` connections listen on ``channel`` (every replica's subscriber has
+    attached), as the server ``client`` talks to counts them."""
+
+    async def listening() -> bool:
+        ((_, listeners),) = await client.pubsub_numsub(channel)
+        return int(listeners) >= count
+
+    await until(listening, 10, f"{count} subscribers on {channel}", every=0.01)
+
+
 async def command_calls(raw: aioredis.Redis, command: str) -> int:
     """How many ``command`` commands (lower case) the server has run."""
     stats = await raw.info("commandstats")
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
-
-
-def prefix(tag: str = "t") -> str:
-    """A key prefix no other test (or test process) uses."""
-    return f"{tag}{next(_prefixes)}-{os.getpid()}"
 
 
 def started(setup: S) -> Iterator[S]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -23,10 +21,11 @@ from resilience import (
 from resilience.events import Event, SubscriberReplaced
 from resilience.store.redis import RedisStore
 
+from .. import helpers
 from ..faultproxy import Connection, FaultProxy
+from ..helpers import boom, cancelled, ok, until
 from ..redis_server import RedisServer
-from . import support
-from .support import boom, fleet_breaker, ok, report, until
+from .support import fleet_breaker, report
 
 
 async def test_store_reconnects_while_redis_is_still_slow(redis_server: RedisServer) -> None:
@@ -68,7 +67,7 @@ async def test_a_paused_redis_is_not_resubscribed_in_a_tight_loop(
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
         store = RedisStore.from_url(
             proxy.url_for("redis"),
-            prefix=support.prefix("paused"),
+            prefix=helpers.unique_prefix("paused"),
             sync_interval=0.01,
             timeout=0.05,
             listeners=[events.append],
@@ -117,8 +116,11 @@ async def test_a_permit_lost_to_a_timeout_is_given_back(redis_server: RedisServe
             assert store.degraded
             proxy.clear()
             await until(lambda: not store.degraded, 5)
-            await asyncio.sleep(0.2)
-            assert await store.count_leases("pool") == 0
+
+            async def leases(n: int) -> bool:
+                return await store.count_leases("pool") == n
+
+            await until(lambda: leases(0), 5, "the late permit given back", every=0.01)
             assert await pool.call(ok) == "ok"  # today: BulkheadFullError for 30 s
         finally:
             await store.aclose()
@@ -172,28 +174,19 @@ async def test_a_probe_lease_granted_to_a_cancelled_caller_is_given_back(
             assert b.state is CircuitState.OPEN
             await asyncio.sleep(0.06)  # past open_for: the next call asks for a probe lease
             proxy.down.latency = 0.3  # the grant is on its way back when the caller gives up
-            caller = asyncio.create_task(b.call(ok))
-            await asyncio.sleep(0.1)
-            caller.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await caller
             probes = store.key("dep", "probes")
-            assert await until_async(lambda: direct.zcard(probes), 1, 5)  # granted in Redis
+
+            async def held(n: int) -> bool:
+                return int(await direct.zcard(probes)) == n
+
+            caller = asyncio.create_task(b.call(ok))
+            await until(lambda: held(1), 5, "the probe lease granted in Redis", every=0.01)
+            await cancelled(caller)
             proxy.clear()
-            assert await until_async(lambda: direct.zcard(probes), 0, 5)  # and given back
+            await until(lambda: held(0), 5, "the probe lease given back", every=0.01)
             assert await b.call(ok) == "ok"  # the slot is free: this probe closes the breaker
             await store.sync()
             assert b.state is CircuitState.CLOSED
         finally:
             await store.aclose()
             await direct.aclose()
-
-
-async def until_async(read: Callable[[], Any], wanted: int, seconds: float) -> bool:
-    """Poll the awaitable ``read()`` until it returns ``wanted`` (bounded)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if int(await read()) == wanted:
-            return True
-        await asyncio.sleep(0.01)
-    return False

@@ -33,8 +33,11 @@ from resilience import (
 )
 from resilience.store.redis import RedisStore
 
-from ..cluster_support import ClusterSetup, Node, boom, ok, trip, until
-from .support import TIMEOUT, Load, prefix, recovered, started
+from ..cluster_support import ClusterSetup, Node, trip
+from ..helpers import boom, ok, unique_prefix, until
+from .support import TIMEOUT, Load, recovered, started
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]  # servers of its own, started here
 
 
 @pytest.fixture
@@ -81,7 +84,7 @@ async def two_replicas(
 ) -> AsyncIterator[tuple[RedisStore, RedisStore, Breakers, Breakers]]:
     """Replicas A (its events in ``events``) and B of one fleet, and their breakers of
     every name in ``NAMES``; closed at the end."""
-    fleet = prefix("cl")
+    fleet = unique_prefix("cl")
     async with cluster_store(setup, fleet, events) as a, cluster_store(setup, fleet) as b:
         yield a, b, {n: breaker(a, n) for n in NAMES}, {n: breaker(b, n) for n in NAMES}
 
@@ -136,9 +139,11 @@ async def test_every_script_runs_and_policies_spread_over_nodes(cluster: Cluster
         bulk_a = Bulkhead(2, distributed=True, store=a, name="bulk")
         bulk_b = Bulkhead(2, distributed=True, store=b, name="bulk")
         running = [asyncio.create_task(bulk_a.call(held)), asyncio.create_task(bulk_b.call(held))]
-        await until(lambda: bulk_a.in_flight + bulk_b.in_flight == 2, 3, "two permits")
-        await asyncio.sleep(0.05)
-        assert await a.count_leases("bulk") == 2
+
+        async def leases(n: int) -> bool:
+            return await a.count_leases("bulk") == n
+
+        await until(lambda: leases(2), 10, "two permits taken in Redis", every=0.01)
         held_kinds = {(s.name, s.kind, s.in_flight) for s in await b.status()}
         assert ("bulk", "bulkhead", 2) in held_kinds
         with pytest.raises(BulkheadFullError):
@@ -167,7 +172,7 @@ async def test_every_script_runs_and_policies_spread_over_nodes(cluster: Cluster
         assert await fallback.call(ok) == "ok"
 
         # status(): every policy, read from its own node
-        await asyncio.sleep(0.1)
+        await a.sync()
         kinds = {(s.name, s.kind) for s in await b.status()}
         assert {(n, "circuit_breaker") for n in NAMES} <= kinds
         assert ("rl", "rate_limiter") in kinds
@@ -206,7 +211,7 @@ async def test_node_killed_and_restarted_no_call_fails_and_state_converges(
         for bs in (breakers_a, breakers_b):
             load.start(list(bs.values()), pause=0.002)
         try:
-            await asyncio.sleep(0.3)
+            await until(lambda: load.calls > 0, 5, "the load under way")
             victim.kill()
             killed = time.monotonic()
             await until(lambda: bool(a.supervisor.away), 5, "the store to notice the dead node")
@@ -294,12 +299,13 @@ async def test_a_paused_node_makes_only_its_own_breakers_local(cluster: ClusterS
         finally:
             os.kill(victim.pid, signal.SIGCONT)
         cluster.wait_ok()
-        deadline = time.monotonic() + 10
-        while a.supervisor.away:
-            assert time.monotonic() < deadline, "the node never came back"
+
+        async def back() -> bool:
             with contextlib.suppress(Exception):
                 await a.sync()
-            await asyncio.sleep(0.05)
+            return not a.supervisor.away
+
+        await until(back, 10, "the node back", every=0.05)
         # what A learned while the node was away reaches the fleet: B sees the local opens
         for n in on_victim:
             await until(lambda n=n: breakers_b[n].state is CircuitState.OPEN, 5, f"B: {n}")

@@ -42,8 +42,9 @@ from resilience.store.redis.primitives import (
 from resilience.testing import FakeClock
 
 from ..faultproxy import FaultProxy
+from ..helpers import boom, ok, unique_prefix, until
 from ..redis_server import RedisServer
-from .support import boom, fleet_gen, ok, prefix, quorum_breaker, trip, until
+from .support import fleet_gen, quorum_breaker, trip
 
 OPEN, CLOSED, HALF_OPEN = CircuitState.OPEN, CircuitState.CLOSED, CircuitState.HALF_OPEN
 
@@ -97,7 +98,7 @@ async def test_generations_stay_monotonic_when_redis_returns_from_a_pause(
     when it returns, the fleet opens above them, the replica reports no lower number, and
     replica, peer and fleet agree on every generation from then on."""
     watch = Watch()
-    name = prefix()
+    name = unique_prefix()
     a = RedisStore.from_url(redis_server.url, prefix=name, clock=clock, timeout=0.1)
     b = RedisStore.from_url(redis_server.url, prefix=name, clock=clock, timeout=0.1)
     raw = aioredis.Redis.from_url(redis_server.url)
@@ -147,7 +148,7 @@ async def test_a_replica_back_from_an_outage_is_never_numbered_below_itself(
     fleet's next transition (two peers' votes) is numbered above it, so all agree again."""
     watch = Watch()
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        name = prefix()
+        name = unique_prefix()
         a = RedisStore.from_url(proxy.url_for("redis"), prefix=name, clock=clock, timeout=0.2)
         peers = [
             RedisStore.from_url(redis_server.url, prefix=name, clock=clock, timeout=0.2)
@@ -194,7 +195,7 @@ async def test_an_open_fleet_takes_the_number_of_a_replica_back_from_an_outage(
     without going back: the open fleet is renumbered to its 3 at once, peer included."""
     watch, peer_watch = Watch(), Watch()
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        name = prefix()
+        name = unique_prefix()
         a = RedisStore.from_url(proxy.url_for("redis"), prefix=name, clock=clock, timeout=0.2)
         b = RedisStore.from_url(redis_server.url, prefix=name, clock=clock, timeout=0.2)
         raw = aioredis.Redis.from_url(redis_server.url)

@@ -38,8 +38,9 @@ from resilience.testing import FakeClock
 
 from ..faultproxy import FaultProxy
 from ..fork_support import in_forked_child
+from ..helpers import boom, ok, unique_prefix, until
 from ..redis_server import RedisServer
-from .support import boom, evalsha_calls, ok, prefix, until
+from .support import evalsha_calls
 
 # --- cost follows use ------------------------------------------------------------------------
 
@@ -71,7 +72,7 @@ async def test_a_forgotten_breaker_comes_back_with_the_fleets_state(
 ) -> None:
     """Unused for forget_after, a breaker leaves the replica's memory; its name brings back
     the fleet's state (opened meanwhile by another replica)."""
-    name = prefix()
+    name = unique_prefix()
     a = stores(clock=clock, forget_after=5.0, prefix=name)
     b = stores(clock=clock, prefix=name)
     options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 60.0}
@@ -132,7 +133,7 @@ async def test_a_quiet_subscriber_is_replaced(redis_server: RedisServer) -> None
     it is replaced, an event says so, and transitions arrive again."""
     events: list[Event] = []
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        name = prefix()
+        name = unique_prefix()
         a = RedisStore.from_url(proxy.url_for("redis"), prefix=name, listeners=[events.append])
         b = RedisStore.from_url(redis_server.url, prefix=name)
         try:
@@ -202,7 +203,7 @@ def test_the_loop_lag_is_the_worst_of_the_last_ten_seconds(
 async def test_a_forked_child_is_a_new_replica(redis_url: str, raw: aioredis.Redis) -> None:
     """A store built before a fork: the child has its own replica id and connections, its
     outcomes count in the shared window, and the fleet-wide bulkhead counts it apart."""
-    name = prefix()
+    name = unique_prefix()
     store = RedisStore.from_url(redis_url, prefix=name)
     b = CircuitBreaker("dep", store=store, window=CountWindow(1000), minimum_calls=1000)
     try:
@@ -235,7 +236,7 @@ async def test_a_forked_child_is_a_new_replica(redis_url: str, raw: aioredis.Red
 async def test_a_store_forked_into_workers_limits_the_fleet(redis_url: str) -> None:
     """Built once, then forked into three workers (a preloading server): a fleet-wide
     bulkhead of 2 admits 2 of the 3 workers' held calls, never 3."""
-    name = prefix()
+    name = unique_prefix()
     script = textwrap.dedent(
         f"""
         import asyncio, os, sys, time
@@ -286,7 +287,7 @@ async def test_redis_coming_back_does_not_close_a_rightly_open_breaker(
     breakers stay open (the local opens reach the fleet first): no replica closes."""
     events: list[Event] = []
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        name = prefix()
+        name = unique_prefix()
         stores = [
             RedisStore.from_url(proxy.url_for("redis"), prefix=name, listeners=[events.append])
             for _ in range(2)
@@ -427,7 +428,7 @@ async def test_manual_control_made_while_redis_is_away_reaches_the_fleet(
     """force_open() on a replica that cannot reach Redis applies there at once, and reaches
     every replica once Redis answers again (the fleet's older state does not undo it)."""
     async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
-        name = prefix()
+        name = unique_prefix()
         a = RedisStore.from_url(proxy.url_for("redis"), prefix=name)
         b = RedisStore.from_url(redis_server.url, prefix=name)
         try:
@@ -491,7 +492,7 @@ async def test_a_verdict_whose_reporter_died_is_settled_by_the_next_caller(
     """The last probe's outcome reached Redis but its replica died before pushing the
     verdict: the next replica asking for a lease works the verdict out and closes the breaker
     (before: HALF_OPEN for good, every call rejected, on every replica)."""
-    name = prefix()
+    name = unique_prefix()
     dead = stores(clock=clock, prefix=name)
     bd = CircuitBreaker("dep", store=dead, **_probe_options())
     for _ in range(2):
@@ -535,11 +536,7 @@ async def test_a_fleet_probe_lease_is_reported_even_if_the_store_degraded_meanwh
     assert await b.call(probe_during_a_blip) == "ok"
     assert store.degraded
     clock.advance(1)  # the reconnect's backoff
-    for _ in range(200):
-        await asyncio.sleep(0.005)
-        if not store.degraded:
-            break
-    assert not store.degraded
+    await until(lambda: not store.degraded, 10, "reconnected")
     await store.sync()
     await store.sync()
     assert await raw.zcard(store.key("dep", "probes")) == 0
@@ -551,7 +548,7 @@ async def test_a_new_replica_does_not_undo_an_operators_force_open(
 ) -> None:
     """A replica whose own failures trip before it has read the fleet's state once adopts a
     forced state instead of pushing its open over it."""
-    name = prefix()
+    name = unique_prefix()
     operator = stores(prefix=name)
     forced = CircuitBreaker("dep", store=operator, **_probe_options())
     await operator.sync()

@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from resilience import CircuitBreaker, CircuitOpenError, CircuitState
 from resilience.store.redis import RedisStore
 from resilience.store.redis.breaker import VOTE_LEASE
 
+from .. import helpers
 from ..fleet_worker import boom, breaker
-from . import support
+from ..helpers import read_line, wait_until
 
 WORKER = str(Path(__file__).parents[1] / "fleet_worker.py")
 
@@ -38,19 +40,7 @@ class Worker:
 
     def line(self, timeout: float = 20.0) -> str:
         """The next line the worker prints (fails the test after `timeout`)."""
-        assert self.proc.stdout is not None
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        deadline = time.monotonic() + timeout
-        buffer = ""
-        while time.monotonic() < deadline:
-            chunk = self.proc.stdout.readline()
-            buffer += chunk
-            if buffer.endswith("\n"):
-                return buffer.strip()
-            if not chunk and self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}")
-            time.sleep(0.002)
-        raise AssertionError("worker said nothing in time")
+        return read_line(self.proc, timeout, "worker")
 
     def send(self, text: str) -> None:
         assert self.proc.stdin is not None
@@ -67,10 +57,23 @@ class Worker:
                 pipe.close()
 
 
+def ready(workers: list[Worker], url: str, prefix: str) -> None:
+    """Each of ``workers`` said "ready" (its store synced), and its subscriber listens."""
+    for w in workers:
+        assert w.line() == "ready"
+
+    def subscribers() -> int:
+        with redis.Redis.from_url(url) as client:
+            ((_, listening),) = client.pubsub_numsub(f"{prefix}:events")  # the store's channel
+        return int(listening)
+
+    wait_until(lambda: subscribers() >= len(workers), 10, "every worker's subscriber")
+
+
 @pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own."""
-    return support.prefix("fleet")
+    return helpers.unique_prefix("fleet")
 
 
 def test_one_replica_trips_the_others_reject_promptly(redis_url: str, prefix: str) -> None:
@@ -78,8 +81,7 @@ def test_one_replica_trips_the_others_reject_promptly(redis_url: str, prefix: st
     watchers = [Worker("watch", redis_url, prefix) for _ in range(3)]
     tripper = Worker("trip", redis_url, prefix)
     try:
-        for w in [*watchers, tripper]:
-            assert w.line() == "ready"
+        ready([*watchers, tripper], redis_url, prefix)
         tripper.send("go")
         word, when = tripper.line().split()
         assert word == "tripped"
@@ -117,8 +119,7 @@ def test_half_open_burst_from_four_processes_runs_exactly_the_probes(
     """20 concurrent calls from 4 processes in half-open: exactly half_open_calls run."""
     workers = [Worker("probe", redis_url, prefix, "5") for _ in range(4)]
     try:
-        for w in workers:
-            assert w.line() == "ready"
+        ready(workers, redis_url, prefix)
 
         async def arrange() -> int:
             store, _ = await trip_from_here(redis_url, prefix)
@@ -198,8 +199,7 @@ def test_a_quorum_breaker_opens_the_fleet_only_when_k_replicas_trip(
         return [w.line() for w in workers]
 
     try:
-        for w in workers:
-            assert w.line() == "ready"
+        ready(workers, redis_url, prefix)
         workers[0].send("trip")
         assert workers[0].line() == "tripped"
         time.sleep(0.5)  # a fleet-wide open reaches the others in milliseconds: none came
@@ -225,8 +225,7 @@ def test_a_killed_voter_restarted_under_a_new_id_does_not_reach_quorum_alone(
     sick = Worker("quorum", redis_url, prefix, "2")
     workers = [*healthy, sick]
     try:
-        for w in workers:
-            assert w.line() == "ready"
+        ready(workers, redis_url, prefix)
         sick.send("trip")
         assert sick.line() == "tripped"
         sick.stop()  # SIGKILL

@@ -26,7 +26,8 @@ from resilience.store.redis.breaker import VOTE_LEASE
 from resilience.testing import FakeClock
 
 from ..fork_support import in_forked_child
-from .support import boom, fleet_gen, ok, prefix, quorum_breaker, trip, until
+from ..helpers import boom, ok, unique_prefix, until
+from .support import fleet_gen, quorum_breaker, trip
 
 OPEN, CLOSED, HALF_OPEN = CircuitState.OPEN, CircuitState.CLOSED, CircuitState.HALF_OPEN
 
@@ -41,7 +42,7 @@ async def voted(
 ) -> tuple[RedisStore, RedisStore, CircuitBreaker, CircuitBreaker]:
     """Two replicas of a quorum-2 breaker: the first voted (its own window tripped), the
     second is healthy (it called once); both synced."""
-    name = prefix()
+    name = unique_prefix()
     voter, healthy = stores(prefix=name, clock=clock), stores(prefix=name, clock=clock)
     bv, bh = quorum_breaker(voter, 2), quorum_breaker(healthy, 2)
     await bh.call(ok)
@@ -75,7 +76,7 @@ async def test_a_dead_replicas_vote_lapses_within_the_vote_lease(
     """A voter that dies without closing its store (a forked child that exits) stops
     renewing its vote: past the vote lease it no longer counts, though its own open period
     (30 s) is far from over, so a new replica's vote alone opens nothing."""
-    name = prefix()
+    name = unique_prefix()
     store = stores(prefix=name, clock=clock)
     b = quorum_breaker(store, 2)
     await b.call(ok)
@@ -117,7 +118,7 @@ async def test_a_forked_child_does_not_inherit_its_parents_vote(
 ) -> None:
     """A process whose breaker tripped forks two workers that never call the dependency:
     they start from the fleet's state (closed) and cast no vote; quorum 3 is not reached."""
-    name = prefix()
+    name = unique_prefix()
     store = stores(prefix=name, clock=clock)
     b = quorum_breaker(store, 3)
     await b.call(ok)
@@ -165,7 +166,7 @@ async def test_a_quorum_opens_the_fleet_for_the_fleets_own_open_time(
 ) -> None:
     """open_for=0.5: a replica sick for long (its own re-opens grew its open time to 8 s)
     casts the deciding vote; the fleet's first opening still lasts 0.5 s."""
-    name = prefix()
+    name = unique_prefix()
     long_sick, newly_sick = stores(prefix=name, clock=clock), stores(prefix=name, clock=clock)
     options: dict[str, Any] = {"open_for": 0.5, "open_for_max": 8.0}
     bl, bn = quorum_breaker(long_sick, 2, **options), quorum_breaker(newly_sick, 2, **options)
@@ -199,7 +200,7 @@ async def test_quorum_votes_open_the_fleet_at_k_and_expire(
     """Three replicas, quorum 2: one replica's trip opens only its own breaker; a vote that
     outlived the replica's open period does not count towards the quorum; a second live
     vote opens everyone's; the votes are cleared once the fleet opens."""
-    name = prefix("q")
+    name = unique_prefix("q")
     replicas = [stores(prefix=name, clock=clock) for _ in range(3)]
     options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 10}
     bs = [CircuitBreaker("dep", store=s, open_when="quorum", quorum=2, **options) for s in replicas]

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from resilience import (
     Bulkhead,
@@ -35,8 +37,8 @@ from resilience import (
 from resilience.events import Event
 from resilience.store.redis import RedisStore
 
+from ..helpers import boom, ok, unique_prefix, until
 from ..redis_server import RedisServer
-from .support import boom, ok, prefix, until
 
 
 @dataclass
@@ -94,7 +96,15 @@ async def _busy_apply(admin: aioredis.Redis, server: RedisServer) -> None:
     # a script that never ends: after lua-time-limit every other client gets BUSY
     task = asyncio.create_task(spinner.eval("while true do end", 0))
     _busy_task[server.port] = (spinner, task)
-    await asyncio.sleep(0.1)
+
+    async def busy() -> bool:  # past lua-time-limit, every other client is told BUSY
+        try:
+            await admin.ping()
+        except ResponseError as exc:
+            return str(exc).startswith("BUSY")
+        return False
+
+    await until(busy, 5, "the server answering BUSY")
 
 
 async def _busy_undo(admin: aioredis.Redis, server: RedisServer) -> None:
@@ -120,7 +130,18 @@ async def _sleep_apply(admin: aioredis.Redis, server: RedisServer) -> None:
     sleeper = aioredis.Redis.from_url(server.url)
     task = asyncio.create_task(sleeper.execute_command("DEBUG", "SLEEP", "1.5"))
     _sleeper[server.port] = (sleeper, task)
-    await asyncio.sleep(0.05)
+
+    async def asleep() -> bool:  # the server answers nobody once DEBUG SLEEP runs
+        probe = aioredis.Redis.from_url(server.url, socket_timeout=0.05)
+        try:
+            await probe.ping()
+        except RedisTimeoutError:
+            return True
+        finally:
+            await probe.aclose()
+        return False
+
+    await until(asleep, 5, "the server asleep")
 
 
 async def _sleep_undo(admin: aioredis.Redis, server: RedisServer) -> None:
@@ -166,7 +187,7 @@ async def test_an_error_reply_is_an_outage(
         await setup(admin, redis_server)
     events: list[Event] = []
     store = RedisStore.from_url(
-        fault.url(redis_server), prefix=prefix("err"), listeners=[events.append]
+        fault.url(redis_server), prefix=unique_prefix("err"), listeners=[events.append]
     )
     try:
         breaker = CircuitBreaker(
@@ -226,7 +247,7 @@ async def test_a_readonly_reply_drops_connections(
     redis_server: RedisServer, admin: aioredis.Redis
 ) -> None:
     """READONLY: the store drops its pooled connections, so the next one can reach a primary."""
-    store = RedisStore.from_url(redis_server.url, prefix=prefix("ro"))
+    store = RedisStore.from_url(redis_server.url, prefix=unique_prefix("ro"))
     try:
         breaker = CircuitBreaker("dep", store=store)
         await breaker.call(ok)

@@ -5,7 +5,6 @@ and reported, never a limit for ever.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,7 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from .support import boom, ok, prefix
+from ..helpers import boom, ok, unique_prefix
 
 
 @settings(
@@ -46,7 +45,7 @@ async def test_the_count_window_keeps_the_newest_calls(
     """Running totals match a model that keeps the newest ``size`` calls of the flushed
     chunks (the oldest chunk cut pro rata), whatever the chunks."""
     client = aioredis.Redis.from_url(redis_url)
-    store = RedisStore(client, prefix=prefix(), clock=FakeClock())
+    store = RedisStore(client, prefix=unique_prefix(), clock=FakeClock())
     try:
         engine = store.engine
         flush = store._scripts["flush"]
@@ -90,11 +89,15 @@ async def test_the_count_window_keeps_the_newest_calls(
     ],
 )
 async def test_numbers_out_of_range_are_reset_and_reported(
-    stores: Callable[..., RedisStore], raw: aioredis.Redis, field: str, value: str
+    stores: Callable[..., RedisStore],
+    raw: aioredis.Redis,
+    clock: FakeClock,
+    field: str,
+    value: str,
 ) -> None:
     """nan, inf and 1e300 are not numbers we wrote: reset, reported, and the breaker works."""
     events: list[Event] = []
-    store = stores(listeners=[events.append])
+    store = stores(listeners=[events.append], clock=clock)
     options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4, "open_for": 0.2}
     b = CircuitBreaker("dep", store=store, **options)
     await b.call(ok)
@@ -107,7 +110,7 @@ async def test_numbers_out_of_range_are_reset_and_reported(
             await b.call(boom)
     await store.sync()
     assert b.state is CircuitState.OPEN
-    await asyncio.sleep(0.3)  # open_for: the breaker probes again (no deadline at infinity)
+    clock.advance(0.3)  # open_for: the breaker probes again (no deadline at infinity)
     assert await b.call(ok) == "ok"
     await store.sync()
     assert b.state is CircuitState.CLOSED

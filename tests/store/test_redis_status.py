@@ -25,7 +25,8 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from .support import command_calls, evalsha_calls, ok
+from ..helpers import ok
+from .support import command_calls, evalsha_calls
 
 
 async def test_status_reads_many_names_in_few_round_trips(

@@ -27,8 +27,9 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import boom, ok, unique_prefix, until
 from ..redis_server import RedisServer
-from .support import boom, ok, prefix, until
+from .support import subscribed
 
 
 def breaker(store: RedisStore, name: str = "dep", **kw: Any) -> CircuitBreaker:
@@ -47,7 +48,7 @@ async def fail(b: CircuitBreaker, times: int) -> None:
 def make_store(stores: Callable[..., RedisStore]) -> Callable[..., RedisStore]:
     """RedisStores on the shared test server under one prefix per test (replicas of one
     fleet, unless given another prefix); closed at the end."""
-    return functools.partial(stores, prefix=prefix())
+    return functools.partial(stores, prefix=unique_prefix())
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -77,14 +78,14 @@ async def test_hostile_names_get_one_hash_tag_each(
 
 
 async def test_every_key_has_a_ttl(
-    make_store: Callable[..., RedisStore], raw: aioredis.Redis
+    make_store: Callable[..., RedisStore], raw: aioredis.Redis, clock: FakeClock
 ) -> None:
     """Nothing this store writes lives forever."""
-    store = make_store()
+    store = make_store(clock=clock)
     b = breaker(store, half_open_calls=2, open_for=0.05)
     await fail(b, 4)
     await store.sync()
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     gate = asyncio.Event()
 
     async def probe() -> None:
@@ -243,7 +244,7 @@ async def test_a_local_trip_flushes_at_once_and_is_pushed(
     a, b = breaker(a_store), breaker(b_store)
     await a_store.sync()
     await b_store.sync()
-    await asyncio.sleep(0.05)  # let both subscribers attach
+    await subscribed(a_store.client, a_store.channel, 2)
     await fail(a, 4)
     await until(lambda: b.state is CircuitState.OPEN, 5.0)  # no flush due for 60 s: pushed
     assert a.state is CircuitState.OPEN
@@ -382,21 +383,17 @@ async def test_a_frozen_redis_costs_calls_nothing(redis_server: RedisServer) -> 
         await store.aclose()
 
 
-async def test_an_unreachable_redis_never_raises(clock: FakeClock) -> None:
+async def test_an_unreachable_redis_never_raises(unreachable_store: RedisStore) -> None:
     """A store that never connects: breakers work locally, primitives raise the store error."""
-    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.05, clock=clock)
-    try:
-        b = breaker(store)
-        assert await b.call(ok) == "ok"
-        await b.force_open()  # applied locally
-        with pytest.raises(CircuitOpenError):
-            await b.call(ok)
-        from resilience import StoreUnavailableError
+    b = breaker(unreachable_store)
+    assert await b.call(ok) == "ok"
+    await b.force_open()  # applied locally
+    with pytest.raises(CircuitOpenError):
+        await b.call(ok)
+    from resilience import StoreUnavailableError
 
-        with pytest.raises(StoreUnavailableError):
-            await store.acquire_lease("x", limit=1, ttl=1)
-    finally:
-        await store.aclose()
+    with pytest.raises(StoreUnavailableError):
+        await unreachable_store.acquire_lease("x", limit=1, ttl=1)
 
 
 async def test_scripts_flushed_from_the_server_are_loaded_again(

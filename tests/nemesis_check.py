@@ -518,11 +518,12 @@ def _all_back(degraded: Sequence[Degraded], since: float) -> float:
 
 def _caught_up(mine: BreakerView, theirs: BreakerView, a: float, b: float) -> float | None:
     """How long after ``a`` ``theirs`` first showed a view at least as new as ``mine`` did
-    at that moment (a later generation, or the same state at the same one); ``None`` if not
-    by ``b``."""
+    at that moment (a later generation, or the same state at any: a replica that decided
+    alone reports a generation above the fleet's until the fleet's next transition, as
+    docs/shared-state.md says); ``None`` if not by ``b``."""
     for t in [a, *sorted({*mine.between(a, b), *theirs.between(a, b)})]:
         ours, other = mine.at(t), theirs.at(t)
-        if ours is None or (other is not None and (other[1] > ours[1] or other == ours)):
+        if ours is None or (other is not None and (other[1] > ours[1] or other[0] == ours[0])):
             return t - a
     return None
 

@@ -226,6 +226,18 @@ def test_breakers_that_never_agree_after_a_fault_are_a_violation() -> None:
     assert [v.check for v in found] == ["agreement"]
 
 
+def test_the_same_state_under_another_generation_agrees() -> None:
+    """A replica that decided alone numbers its moves above the fleet's until the fleet's
+    next transition (docs/shared-state.md, generations): the same state under a lower
+    generation agrees; another state under a lower one does not."""
+    ahead = ReplicaLog(breaker=[(0.5, "closed", 11)])
+    fleet = ReplicaLog(breaker=[(0.5, "closed", 9)])
+    assert check_recovery(history(ahead, fleet, faults=(fault(1.0, 1.0),)))[0] == []
+    other = ReplicaLog(breaker=[(0.5, "open", 9)])
+    found, _ = check_recovery(history(ahead, other, faults=(fault(1.0, 1.0),)))
+    assert "agreement" in [v.check for v in found]
+
+
 def test_a_request_that_raised_and_a_replica_that_died_are_violations() -> None:
     """No call raises because of the store, and every replica ends cleanly."""
     raised = ReplicaLog(requests=[call(1.0, status=-1)], errors=["RuntimeError('x')"])

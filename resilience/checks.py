@@ -58,13 +58,18 @@ def check_positive(what: str, value: object) -> float:
     return float(value)
 
 
-def check_int(what: str, value: object, *, minimum: int = 1, maximum: int | None = None) -> int:
-    """An int no smaller than ``minimum`` (and no larger than ``maximum``)."""
+#: The largest int any setting takes unless it names a smaller bound: the largest a float holds
+#: exactly, so arithmetic that mixes it with seconds never overflows or rounds it away.
+MAX_INT = 2**53
+
+
+def check_int(what: str, value: object, *, minimum: int = 1, maximum: int = MAX_INT) -> int:
+    """An int no smaller than ``minimum`` and no larger than ``maximum`` (:data:`MAX_INT`)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
+    if value > maximum:
         raise ValueError(f"{what} must be <= {maximum:,}, got {value!r}")
     return value
 

@@ -460,3 +460,10 @@ async def test_a_call_waits_on_at_most_two_store_calls() -> None:
     await asyncio.gather(*(call() for _ in range(10)))
     assert len(took) == 10
     assert max(took) <= 2.0 + 1e-9, took
+
+
+def test_a_burst_beyond_what_a_float_holds_is_refused() -> None:
+    """A burst no float holds exactly is refused at construction, not overflowed in a call."""
+    with pytest.raises(ValueError, match="burst"):
+        RateLimiter(10, burst=10**400)
+    assert RateLimiter(10, burst=2**53).burst == 2**53

@@ -26,11 +26,11 @@ The rules, each as the docs state it:
   wait on at most two store calls: the one under way when the request came, then one that
   counts it (docs/rate-limiter.md, docs/bulkhead.md), so the time it spends outside the app
   is at most ``4 * timeout``; one that starts while the store is degraded goes local at once
-  and may only join a store call already in flight (``1 * timeout``). The breaker adds at most one store call (a probe
-  lease) to the upstream's own time. Each bound is widened by ``SLACK`` and by the time the
-  replica's event loop was measured late during the request. And once a store is degraded
-  "policies go local at once instead of waiting for each primitive to time out": a request
-  never starts a store call while its store is degraded.
+  and may only join a store call already in flight (``1 * timeout``). The breaker adds at
+  most one store call (a probe lease) to the upstream's own time. Each bound is widened by
+  ``SLACK`` and by the time the replica's event loop was measured late during the request.
+  And once a store is degraded "policies go local at once instead of waiting for each
+  primitive to time out": a request never starts a store call while its store is degraded.
 * **Recovery** (docs/shared-state.md): a degraded store checks Redis with a backoff of at
   most 2 s, each check bounded by ``timeout``; ``RECOVERY_SLACK`` after that every store
   is healthy again.

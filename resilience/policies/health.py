@@ -356,16 +356,24 @@ class HealthCheck:
         """Stop the loop (waiting until it has ended) and give the fleet's lease back."""
         self._resume = False
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait([task])
-        self._timer._reset(None)  # disarm its deadline timer: nothing left on the clock
-        lease, self._lease = self._lease, None
-        if lease is not None and self._store is not None:
-            try:
-                await self._store.release_lease(self._key, lease)
-            except Exception as exc:  # it expires by itself
-                logger.debug("health check %r could not return its lease: %r", self._name, exc)
+        try:
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        finally:  # cancelled while the check stops, too: the lease goes back all the same
+            self._timer._reset(None)  # disarm its deadline timer: nothing left on the clock
+            lease, self._lease = self._lease, None
+            if lease is not None and self._store is not None:
+                await asyncio.shield(asyncio.ensure_future(self._give_back(lease)))
+
+    async def _give_back(self, lease: str) -> None:
+        """Return the fleet's lease (in a task of its own: a cancelled ``aclose`` waits no
+        longer, but the lease still goes back)."""
+        assert self._store is not None
+        try:
+            await self._store.release_lease(self._key, lease)
+        except Exception as exc:  # it expires by itself
+            logger.debug("health check %r could not return its lease: %r", self._name, exc)
 
     async def __aenter__(self) -> HealthCheck:
         self.start()

@@ -1323,3 +1323,35 @@ async def test_status_lists_a_fleet_health_check_as_one() -> None:
     await store.acquire_lease("uploads", limit=3, ttl=30)
     kinds = {p.name: p.kind for p in await status(store)}
     assert kinds == {"health:payments": "health_check", "uploads": "bulkhead"}
+
+
+async def test_an_aclose_cancelled_while_the_check_stops_still_gives_the_lease_back(
+    clock: FakeClock,
+) -> None:
+    """aclose() cancelled while it waits for a slow-to-stop check still returns the fleet's
+    lease: another replica leads at once, not after the lease's time to live."""
+    store = MemoryStore(clock=clock)
+    started, stopping, finish = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stopping.set()
+            await finish.wait()  # cleans up for a while
+            raise
+
+    hc = HealthCheck(slow_to_stop, name="dep", interval=1.0, store=store)
+    hc.start()
+    await started.wait()
+    assert hc.leading
+    closing = asyncio.create_task(hc.aclose())
+    await stopping.wait()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await settle()
+    assert await store.acquire_lease("health:dep", limit=1, ttl=60.0)  # free for another
+    finish.set()
+    await settle()

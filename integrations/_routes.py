@@ -17,7 +17,7 @@ from resilience import (
     Store,
     shortest_lease,
 )
-from resilience.checks import check_int, check_seconds
+from resilience.checks import check_int, check_mapping, check_seconds
 
 from ._asgi_types import ASGIApp, Receive, Scope, Send
 from ._policies import limits as build_limits
@@ -73,14 +73,7 @@ class Limits:
     def override(self, path: str, options: object) -> Limits:
         """These limits with an override's ``options`` for ``path``, checked."""
         check_pattern("overrides", path)
-        if not isinstance(options, Mapping):
-            raise TypeError(f"overrides[{path!r}] must be a dict of options, got {options!r}")
-        unknown = set(options) - ROUTE_OPTIONS
-        if unknown:
-            raise ValueError(
-                f"overrides[{path!r}] has unknown options {sorted(unknown)}; "
-                f"known: {sorted(ROUTE_OPTIONS)}"
-            )
+        options = check_mapping(f"overrides[{path!r}]", options, ROUTE_OPTIONS)
         where = f"overrides[{path!r}]."
         check_seconds(f"{where}timeout", options.get("timeout"), none=True)
         if "retry_after" in options:

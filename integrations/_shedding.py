@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from resilience import Bulkhead, FleetShare, StoreUnavailableError
-from resilience.checks import check_bool, check_ratio, store_down
+from resilience.checks import check_bool, check_mapping, check_ratio, store_down
 
 from ._deadline import (
     CRITICAL,
@@ -79,14 +79,8 @@ def _check_shares(shares: object) -> None:
     """``shares``: a mapping of ``sheddable`` and ``default`` to ratios, sheddable first."""
     if shares is None:
         return
-    if not isinstance(shares, Mapping):
-        raise TypeError(f"shares must be a dict of {{criticality: share}}, got {shares!r}")
-    unknown = set(shares) - {SHEDDABLE, DEFAULT}
-    if unknown:
-        raise ValueError(
-            f"shares has unknown keys {sorted(unknown)}: only 'sheddable' and 'default' "
-            "(critical requests may always fill the whole limit)"
-        )
+    # critical requests may always fill the whole limit: they have no share
+    shares = check_mapping("shares", shares, (SHEDDABLE, DEFAULT))
     for key, value in shares.items():
         check_ratio(f"shares[{key!r}]", value)
     sheddable = shares.get(SHEDDABLE, SHARES[SHEDDABLE])

@@ -5,6 +5,7 @@ of the package, so any module may use it."""
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 from typing import Any
 
 __all__ = [
@@ -71,6 +72,19 @@ def check_int(what: str, value: object, *, minimum: int = 1, maximum: int = MAX_
         raise ValueError(f"{what} must be >= {minimum}, got {value!r}")
     if value > maximum:
         raise ValueError(f"{what} must be <= {maximum:,}, got {value!r}")
+    return value
+
+
+def check_mapping(what: str, value: object, known: Collection[str]) -> Mapping[str, object]:
+    """A mapping whose keys are all in ``known``: a ``TypeError`` if ``value`` is not a mapping,
+    a ``ValueError`` naming the unknown keys and the known ones."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict, got {value!r}")
+    unknown = set(value) - set(known)
+    if unknown:
+        raise ValueError(
+            f"{what} has unknown keys {sorted(map(str, unknown))}; known: {sorted(known)}"
+        )
     return value
 
 

@@ -18,7 +18,7 @@ from typing import NoReturn
 import httpx
 
 from resilience import ResilienceTimeoutError
-from resilience.checks import check_int, check_seconds
+from resilience.checks import check_int, check_mapping, check_seconds
 
 from .._deadline import DEADLINE_HEADER, _deadline, check_deadline_header, deadline
 from ._balancing import HealthSource
@@ -187,14 +187,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
 def _overrides(value: object) -> tuple[bool | None, float | None]:
     """``request.extensions["resilience"]``, validated: ``(retry, deadline)``."""
-    if not isinstance(value, Mapping):
-        raise TypeError(f'extensions["resilience"] must be a dict, got {value!r}')
-    unknown = set(value) - _EXTENSION_KEYS
-    if unknown:
-        raise ValueError(
-            f'unknown keys in extensions["resilience"]: {sorted(map(str, unknown))}; '
-            f"known: {sorted(_EXTENSION_KEYS)}"
-        )
+    value = check_mapping('extensions["resilience"]', value, _EXTENSION_KEYS)
     retry = value.get("retry")
     if retry is not None and not isinstance(retry, bool):
         raise TypeError(f'extensions["resilience"]["retry"] must be a bool, got {retry!r}')

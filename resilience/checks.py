@@ -75,7 +75,7 @@ def check_int(what: str, value: object, *, minimum: int = 1, maximum: int = MAX_
     return value
 
 
-def check_mapping(what: str, value: object, known: Collection[str]) -> Mapping[str, object]:
+def check_mapping(what: str, value: object, known: Collection[str]) -> Mapping[str, Any]:
     """A mapping whose keys are all in ``known``: a ``TypeError`` if ``value`` is not a mapping,
     a ``ValueError`` naming the unknown keys and the known ones."""
     if not isinstance(value, Mapping):

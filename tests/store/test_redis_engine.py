@@ -157,6 +157,64 @@ async def test_a_quiet_subscriber_is_replaced(redis_server: RedisServer) -> None
             await b.aclose()
 
 
+async def test_the_subscriber_pings_once_a_second_idle_or_busy(
+    stores: Callable[..., RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pub/sub connection is PINGed after a second of silence, not after every
+    ``sync_interval``: an idle replica, and one whose breaker is in use, send a PING or two
+    in 1.5 s, not 30 (a busy replica's rounds notice an outage themselves)."""
+    from redis.asyncio.client import PubSub
+
+    pings = 0
+    ping = PubSub.ping
+
+    async def counted(self: PubSub, *args: Any, **kwargs: Any) -> Any:
+        nonlocal pings
+        pings += 1
+        return await ping(self, *args, **kwargs)
+
+    monkeypatch.setattr(PubSub, "ping", counted)
+    store = stores()
+    b = CircuitBreaker("dep", store=store)
+    await b.call(ok)
+    await store.sync()
+    pings = 0
+    await asyncio.sleep(1.5)
+    idle = pings
+    pings = 0
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        await b.call(ok)
+        await asyncio.sleep(0.005)
+    assert idle <= 2, (idle, pings)
+    assert pings <= 2, (idle, pings)
+    assert not store.degraded
+
+
+async def test_a_blackhole_is_noticed_within_a_second_while_breakers_are_used(
+    redis_server: RedisServer,
+) -> None:
+    """Redis stops answering while a breaker is called: the store is degraded within 1 s
+    (the flush rounds carry the calls' outcomes and time out), and calls go on."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(proxy.url_for("redis"), prefix=unique_prefix())
+        try:
+            b = CircuitBreaker("dep", store=store)
+            await b.call(ok)
+            await store.sync()
+            proxy.blackhole = True
+            start = time.monotonic()
+            while not store.degraded and time.monotonic() - start < 5:
+                assert await b.call(ok) == "ok"
+                await asyncio.sleep(0.005)
+            took = time.monotonic() - start
+            assert store.degraded
+            assert took < 1.0, took
+        finally:
+            proxy.blackhole = False
+            await store.aclose()
+
+
 async def test_a_busy_event_loop_is_not_a_slow_redis(stores: Callable[..., RedisStore]) -> None:
     """Calls that hold the loop longer than the store's timeout: rounds time out late, are
     retried, and the store never turns degraded; the lag is reported."""

@@ -505,7 +505,11 @@ class SharedBreakerCore(BreakerCore):
             self.engine.wake()
 
     def success(self, gen: int) -> None:
-        """The hot path of a shared breaker: buffer one success, no I/O (degraded or not)."""
+        """The hot path of a shared breaker: buffer one success, no I/O (degraded or not).
+
+        The breaker's wrapper adds to ``pending.calls`` itself in the common case (a count
+        window full of successes, outcomes buffered since the last flush, the same generation,
+        not strict): only that, as here."""
         w = self.window
         if gen != self.gen or self.state is not CLOSED or w.__class__ is not CountCounter:
             self.record(gen, 0, False, False)

@@ -91,9 +91,7 @@ def _opened(raw: str) -> tuple[int, int, int] | None:
     return (calls, failures, slow) if calls else None
 
 
-def _replica(
-    report: str, now: int, histograms: dict[str, tuple[int, ...]]
-) -> ReplicaReport | None:
+def _replica(report: str, now: int, histograms: dict[str, tuple[int, ...]]) -> ReplicaReport | None:
     """``<id>|<last seen ms> <calls> <failures> <slow> <seq> <refused> <histogram>`` (the
     last two absent in reports of older replicas; fewer fields: not a report).
     ``histograms``: the histograms parsed so far, by their text (most are alike)."""

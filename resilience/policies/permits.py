@@ -545,7 +545,8 @@ class FleetShare:
         if want > share:
             return True  # permits held above a share that shrank: reported
         # the lease, and the store's settling after a loss, count on a renewal this often
-        return self.clock.monotonic() >= self._answered + self.renew_every - self.rebalance / 2
+        due: float = self._answered + self.renew_every - self.rebalance / 2
+        return self.clock.monotonic() >= due
 
     async def _renew(self, want: int) -> None:
         """Renew the share at ``want`` (nothing held and nothing used in the last period:

@@ -270,6 +270,9 @@ class StubEngine:
     def wake(self) -> None:
         pass
 
+    def push(self, core: SharedBreakerCore) -> None:
+        pass
+
     def enqueue(self, core: SharedBreakerCore, op: object) -> None:
         pass
 

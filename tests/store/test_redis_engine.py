@@ -215,6 +215,47 @@ async def test_a_blackhole_is_noticed_within_a_second_while_breakers_are_used(
             await store.aclose()
 
 
+async def test_a_local_trip_does_not_wait_for_the_round_under_way(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """A replica's own failures trip its breaker while a flush round is under way (its
+    reply held back): the trip reaches the other replica at once, on its own, not after
+    that round's reply and another round."""
+    a = stores()
+    b = stores(prefix=a.prefix)
+    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4}
+    ba = CircuitBreaker("dep", store=a, **options)
+    bb = CircuitBreaker("dep", store=b, **options)
+    await ba.call(ok)
+    await bb.call(ok)
+    await a.sync()
+    await b.sync()
+    sending, held = asyncio.Event(), asyncio.Event()
+    send = a.supervisor.send
+
+    async def slow(commands: list[Any]) -> list[Any]:
+        sending.set()
+        await held.wait()  # the round's reply is late
+        return await send(commands)
+
+    a.supervisor.send = slow  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            await ba.call(boom)
+        a.wake()
+        await asyncio.wait_for(sending.wait(), 3.0)  # a round carries it, and waits
+        for _ in range(2):  # [ok, failed, failed, failed]: it trips
+            with pytest.raises(ValueError, match="boom"):
+                await ba.call(boom)
+        assert ba.state is CircuitState.OPEN
+        await until(lambda: bb.state is CircuitState.OPEN, 3.0, "the trip reaches B")
+        assert not held.is_set()
+    finally:
+        held.set()
+    await a.sync()
+    assert ba.state is CircuitState.OPEN
+
+
 async def test_a_busy_event_loop_is_not_a_slow_redis(stores: Callable[..., RedisStore]) -> None:
     """Calls that hold the loop longer than the store's timeout: rounds time out late, are
     retried, and the store never turns degraded; the lag is reported."""

@@ -102,6 +102,9 @@ class Engine(Protocol):
     def wake(self) -> None:
         """Run a flush round now."""
 
+    def push(self, core: SharedBreakerCore) -> None:
+        """``core`` tripped on its own outcomes: push its open to the fleet now."""
+
     def enqueue(self, core: SharedBreakerCore, op: Report | Release) -> None:
         """Send a probe report or a lease release with the next round (started now)."""
 
@@ -544,7 +547,7 @@ class SharedBreakerCore(BreakerCore):
         self.diverged = True
         self.engine.mark(self)
         if self.state is OPEN:
-            self.engine.wake()  # push the trip to the fleet now
+            self.engine.push(self)  # the trip goes to the fleet now
 
     # --- manual control -------------------------------------------------------------------
     async def control(self, state: CircuitState, now: float) -> None:

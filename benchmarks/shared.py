@@ -44,6 +44,7 @@ from shared_cases import (  # noqa: E402
     Skip,
     checked,
     fail,
+    fail_io,
     load_redis_server,
     ok,
     ours_memory,
@@ -611,6 +612,9 @@ class Observer:
                 await self.proc.wait()
 
 
+YIELDING = "A's own outcomes trip, each call yielding once as I/O would (10 in A)"
+
+
 async def propagation(url: str, s: Settings, report: Report) -> None:
     progress("5. cross-process propagation")
     from shared_worker import make_breaker
@@ -639,9 +643,10 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
     try:
         if (await observer.line(20.0)) != ["ready"]:
             raise RuntimeError("observer did not start")
-        for case, command, own in (
-            ("A's own outcomes trip (10 failures in A)", "watch", 10),
-            ("only the fleet's sum trips (5 in B, then 5 in A)", "fail 5", 5),
+        for case, command, own, failing in (
+            ("A's own outcomes trip (10 failures in A)", "watch", 10, fail),
+            (YIELDING, "watch", 10, fail_io),
+            ("only the fleet's sum trips (5 in B, then 5 in A)", "fail 5", 5, fail),
         ):
             times: dict[str, list[float]] = {"adopt": [], "reject": [], "a": []}
             problems: list[str] = []
@@ -660,7 +665,7 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
                 await asyncio.sleep(rng.uniform(0, s.sync_interval))
                 for _ in range(own):
                     try:
-                        await a.call(fail)
+                        await a.call(failing)
                     except (ValueError, CircuitOpenError):
                         pass
                 t0 = time.monotonic_ns()
@@ -699,7 +704,9 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
         "RedisStore) share breaker `propagation` (CountWindow(10), minimum_calls 10, "
         f"failure_ratio 0.5, sync_interval {s.sync_interval * 1000:.0f} ms). Before each run A "
         "resets the breaker fleet-wide and B confirms it sees CLOSED; A waits a random "
-        "0..sync_interval, then fails its calls. Times are from A's last failing outcome "
+        "0..sync_interval, then fails its calls (in the second case each failing call "
+        "awaits `asyncio.sleep(0)` first, so A's flusher runs between them). Times are from "
+        "A's last failing outcome "
         "(CLOCK_MONOTONIC, shared by both processes) to: *B adopts*, B's `StateChanged` "
         "listener seeing OPEN, from which moment every call in B is rejected; *B rejects*, "
         "B's poller (checking `breaker.state` every 0.2 ms, which asyncio rounds up to 1 ms "

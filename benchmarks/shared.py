@@ -200,8 +200,10 @@ async def per_call(url: str, s: Settings, report: Report) -> dict[str, float]:
         "## 1. Per-call cost, closed breaker",
         "",
         f"`await protected()` in a tight loop, one task; median (and min) of {s.rounds} "
-        "interleaved rounds, ns per call. Target for resilience (RedisStore): <= 2x the "
-        "in-memory breaker (and 0 Redis commands per call, table 2).",
+        "interleaved rounds, ns per call. Target for resilience (RedisStore): <= 1.5x the "
+        "in-memory breaker (and 0 Redis commands per call, table 2); it was 1.75x (747 "
+        "against 428 ns) once one call in 8 was timed for the latency figures, before a "
+        "success in a full window of successes only added to the buffer in the wrapper.",
         "",
     )
     rows = []
@@ -210,7 +212,7 @@ async def per_call(url: str, s: Settings, report: Report) -> dict[str, float]:
             rows.append([m.case.label, "-", "-", "-", "-", f"failed: {m.error}"])
             continue
         ratio = m.median / base
-        verdict = met(ratio <= 2.0) if m.case.label == "resilience (RedisStore)" else ""
+        verdict = met(ratio <= 1.5) if m.case.label == "resilience (RedisStore)" else ""
         rows.append(
             [
                 m.case.label,
@@ -711,7 +713,12 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
         "listener seeing OPEN, from which moment every call in B is rejected; *B rejects*, "
         "B's poller (checking `breaker.state` every 0.2 ms, which asyncio rounds up to 1 ms "
         "when idle) getting `CircuitOpenError` from a real call; *A opens*, A's own listener. "
-        f"Targets are judged on *B adopts*. p99 is nearest-rank over {s.propagation_runs} runs"
+        "Targets: when A's own outcomes trip, *B adopts* p99 <= 2 ms and *B rejects* median "
+        "<= 1 ms, p99 <= 2 ms (measured side by side with peers that read Redis on every "
+        "call, B rejecting took a median of 2.4 ms and at most 3.2 ms when the trip waited "
+        "for a round under way; those peers took 1.0-1.3 ms, for two round trips per call); "
+        "when only the fleet's sum trips, *B adopts* p99 <= sync_interval + 2 ms. p99 is "
+        f"nearest-rank over {s.propagation_runs} runs"
         + (" (with fewer than 100 runs, the maximum)." if s.propagation_runs < 100 else "."),
         "",
     )
@@ -721,11 +728,15 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
         if not adopt:
             rows.append([case, "0", "-", "-", "-", "-", "-", "-", "-", "no run finished"])
             continue
+        reject = r["reject"]
         if r["own"] == 10:
-            bound, target = 2.0, "p99 <= 2 ms"
+            bound, target = 2.0, "p99 <= 2 ms; rejects: median <= 1 ms, p99 <= 2 ms"
+            ok_ = pct(adopt, 99) <= bound and statistics.median(reject) <= 1.0
+            ok_ = ok_ and pct(reject, 99) <= 2.0
         else:
             bound = s.sync_interval * 1000 + 2
             target = f"p99 <= sync_interval + 2 ms = {bound:.0f} ms"
+            ok_ = pct(adopt, 99) <= bound
         rows.append(
             [
                 case,
@@ -734,10 +745,10 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
                 f"{pct(adopt, 99):.2f}",
                 f"{max(adopt):.2f}",
                 str(sum(x > bound for x in adopt)),
-                f"{statistics.median(r['reject']):.2f}",
-                f"{pct(r['reject'], 99):.2f}",
+                f"{statistics.median(reject):.2f}",
+                f"{pct(reject, 99):.2f}",
                 f"{statistics.median(r['a']):.2f}" if r["a"] else "-",
-                f"{met(pct(adopt, 99) <= bound)} ({target})",
+                f"{met(ok_)} ({target})",
             ]
         )
         for problem in sorted(set(r["problems"])):
@@ -749,7 +760,8 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
         report.note(
             "Propagation when A's own outcomes trip: A opens at its last failure (its local "
             "window trips) and wakes its flusher, whose next round carries the flush and the "
-            "compare-and-set transition in one pipeline; the transition publishes and B's "
+            "compare-and-set transition in one pipeline (when a round is already under way, "
+            "the compare-and-set goes at once on its own); the transition publishes and B's "
             "subscriber adopts. That is one round trip plus a pub/sub hop and process "
             "wake-ups on two shared cores. For scale, on a warm connection a flush takes "
             f"{statistics.median(flush_us):.0f} us and a transition "

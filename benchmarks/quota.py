@@ -90,7 +90,8 @@ async def drive(target: Callable[..., Awaitable[None]], requests: int) -> float:
     return (time.process_time() - started) / requests
 
 
-async def commandstats(url: str) -> tuple[int, float]:
+async def command_stats(url: str) -> dict[str, Any]:
+    """``INFO commandstats`` so far, by command (the commands scripts run are counted too)."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(url)
@@ -98,23 +99,18 @@ async def commandstats(url: str) -> tuple[int, float]:
         stats = await client.info("commandstats")
     finally:
         await client.aclose()
-    # the commands scripts run are counted too: count the script calls, and their time
-    scripts = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
+    return {k.removeprefix("cmdstat_"): v for k, v in stats.items()}
+
+
+async def commandstats(url: str) -> tuple[int, float]:
+    """The script calls so far, and their time in Redis (us)."""
+    scripts = (await command_stats(url)).get("evalsha", {"calls": 0, "usec": 0})
     return int(scripts["calls"]), float(scripts["usec"])
 
 
 async def calls_by_command(url: str) -> dict[str, int]:
-    """Every command's call count so far (``INFO commandstats``; INFO itself left out)."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(url)
-    try:
-        stats = await client.info("commandstats")
-    finally:
-        await client.aclose()
-    return {
-        k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info"
-    }
+    """Every command's call count so far (INFO itself left out)."""
+    return {k: int(v["calls"]) for k, v in (await command_stats(url)).items() if k != "info"}
 
 
 async def measure(url: str, rounds: int, requests: int) -> dict[str, dict[str, float]]:

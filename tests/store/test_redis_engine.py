@@ -40,7 +40,7 @@ from ..faultproxy import FaultProxy
 from ..fork_support import in_forked_child
 from ..helpers import boom, ok, unique_prefix, until
 from ..redis_server import RedisServer
-from .support import evalsha_calls
+from .support import evalsha_calls, synced
 
 # --- cost follows use ------------------------------------------------------------------------
 
@@ -137,13 +137,7 @@ async def test_a_quiet_subscriber_is_replaced(redis_server: RedisServer) -> None
         a = RedisStore.from_url(proxy.url_for("redis"), prefix=name, listeners=[events.append])
         b = RedisStore.from_url(redis_server.url, prefix=name)
         try:
-            options: dict[str, Any] = {"window": CountWindow(2), "minimum_calls": 2}
-            ba = CircuitBreaker("dep", store=a, **options)
-            bb = CircuitBreaker("dep", store=b, **options)
-            await ba.call(ok)
-            await bb.call(ok)
-            await a.sync()
-            await b.sync()
+            ba, bb = await synced(a, b, window=CountWindow(2), minimum_calls=2)
             await until(lambda: any(b"SUBSCRIBE" in c.head for c in proxy.connections))
             for conn in proxy.connections:
                 if b"SUBSCRIBE" in conn.head:
@@ -223,13 +217,7 @@ async def test_a_local_trip_does_not_wait_for_the_round_under_way(
     that round's reply and another round."""
     a = stores()
     b = stores(prefix=a.prefix)
-    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4}
-    ba = CircuitBreaker("dep", store=a, **options)
-    bb = CircuitBreaker("dep", store=b, **options)
-    await ba.call(ok)
-    await bb.call(ok)
-    await a.sync()
-    await b.sync()
+    ba, bb = await synced(a, b, window=CountWindow(4), minimum_calls=4)
     sending, held = asyncio.Event(), asyncio.Event()
     send = a.supervisor.send
 

@@ -330,18 +330,24 @@ async def run(url: str, s: Settings) -> list[str]:
         "each of two replicas (two replica reports with a latency histogram each). CPU: this "
         "process; Redis: the status script's time (`INFO commandstats`); the two overlap.",
         "",
-        "| breakers | wall median | min | max | Python CPU | Redis |",
-        "|---|---|---|---|---|---|",
+        "| breakers | wall median | min | max | Python CPU | Redis | before (wall median) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    before = {"idle": "95 ms", "used by 2 replicas": "140-160 ms"}
     for label, r in (("idle", idle), ("used by 2 replicas", busy)):
         lines.append(
             f"| {r['listed']:,} {label} | {r['median'] * 1000:.0f} ms | {r['min'] * 1000:.0f} ms "
-            f"| {r['max'] * 1000:.0f} ms | {r['cpu'] * 1000:.0f} ms | {r['redis'] * 1000:.0f} ms |"
+            f"| {r['max'] * 1000:.0f} ms | {r['cpu'] * 1000:.0f} ms | {r['redis'] * 1000:.0f} ms "
+            f"| {before[label]} |"
         )
+    goal = max(idle["median"], busy["median"]) <= 0.1
     lines += [
         "",
-        f"Goal: <= 100 ms for 10,000 names (the idle case: in a fleet of thousands of "
-        f"breakers most are idle): {'met' if idle['median'] <= 0.1 else '**not met**'}. "
+        f"Goal: <= 100 ms for 10,000 names, idle or used by two replicas: "
+        f"{'met' if goal else '**not met**'}. Before, a name used by two replicas cost twice "
+        "an idle one in this process: each replica's latency histogram was parsed on its own "
+        "and summed through a generic zip; they are now parsed once per reply by their text "
+        "(most are alike) and two are added bucket by bucket. "
         "The max is a full garbage collection of this process (100,000 objects and more "
         "held by 10,000 breakers) that the status call's allocations set off, about one "
         "call in three.",

@@ -44,6 +44,7 @@ from shared_cases import (  # noqa: E402
     Skip,
     checked,
     fail,
+    fail_io,
     load_redis_server,
     ok,
     ours_memory,
@@ -199,8 +200,10 @@ async def per_call(url: str, s: Settings, report: Report) -> dict[str, float]:
         "## 1. Per-call cost, closed breaker",
         "",
         f"`await protected()` in a tight loop, one task; median (and min) of {s.rounds} "
-        "interleaved rounds, ns per call. Target for resilience (RedisStore): <= 2x the "
-        "in-memory breaker (and 0 Redis commands per call, table 2).",
+        "interleaved rounds, ns per call. Target for resilience (RedisStore): <= 1.5x the "
+        "in-memory breaker (and 0 Redis commands per call, table 2); it was 1.75x (747 "
+        "against 428 ns) once one call in 8 was timed for the latency figures, before a "
+        "success in a full window of successes only added to the buffer in the wrapper.",
         "",
     )
     rows = []
@@ -209,7 +212,7 @@ async def per_call(url: str, s: Settings, report: Report) -> dict[str, float]:
             rows.append([m.case.label, "-", "-", "-", "-", f"failed: {m.error}"])
             continue
         ratio = m.median / base
-        verdict = met(ratio <= 2.0) if m.case.label == "resilience (RedisStore)" else ""
+        verdict = met(ratio <= 1.5) if m.case.label == "resilience (RedisStore)" else ""
         rows.append(
             [
                 m.case.label,
@@ -282,6 +285,9 @@ async def flush_traffic(url: str, s: Settings, report: Report, counter: CommandC
     before = counter.snapshot()
     calls, elapsed = await drive(fn, TASKS, s.idle_seconds, BATCH)
     busy = CommandCounter.delta(before, counter.snapshot())
+    before = counter.snapshot()
+    paced, paced_s = await drive_paced(fn, PACED_RATE, PACED_SECONDS)
+    slow = CommandCounter.delta(before, counter.snapshot())
     await close()
     rounds = busy.get("evalsha", 0)
     if rounds:
@@ -298,22 +304,113 @@ async def flush_traffic(url: str, s: Settings, report: Report, counter: CommandC
         f"(sync_interval {s.sync_interval * 1000:.0f} ms; Lua-internal commands included):",
         "",
     )
+
+    def row(load: str, seconds: float, n: int, counts: dict[str, int]) -> list[str]:
+        per_call = "-" if not n else f"{sum(counts.values()) / n:.2g}"
+        pings = "-" if not n else f"{counts.get('ping', 0) / n:.3g}"
+        return [
+            load,
+            f"{seconds:.2f}",
+            f"{sum(counts.values()) / seconds:.1f}",
+            per_call,
+            pings,
+            fmt_commands(counts),
+        ]
+
     report.table(
-        ["load", "seconds", "commands/s", "commands/call", "commands (total)"],
+        ["load", "seconds", "commands/s", "commands/call", "PINGs/call", "commands (total)"],
         [
+            row("idle (no calls)", idle_s, 0, idle),
+            row(f"{TASKS} tasks calling ({calls:,} calls)", elapsed, calls, busy),
+            row(f"one task, {PACED_RATE} calls/s ({paced:,} calls)", paced_s, paced, slow),
+        ],
+    )
+    report.add(
+        "Target: PINGs under 0.05 per call at "
+        f"{PACED_RATE} calls/s ({met(slow.get('ping', 0) / max(paced, 1) < 0.05)}); they were "
+        "0.60 per request, 20 a second, before the pub/sub connection was pinged only after a "
+        "second of silence.",
+        "",
+    )
+    await idle_cpu(url, s, report)
+
+
+PACED_RATE = 30  # calls per second of the paced load (a replica serving 30 requests/s)
+PACED_SECONDS = 4.0  # how long it runs (a few of the subscriber's 1 s keepalives)
+
+
+async def drive_paced(
+    fn: Callable[[], Awaitable[Any]], rate: int, seconds: float
+) -> tuple[int, float]:
+    """One task calling ``fn`` ``rate`` times a second for ``seconds``: (calls, elapsed)."""
+    start = time.perf_counter()
+    n = 0
+    while (elapsed := time.perf_counter() - start) < seconds:
+        await fn()
+        n += 1
+        await asyncio.sleep(max(0.0, n / rate - (time.perf_counter() - start)))
+    return n, elapsed
+
+
+IDLE_WORKER = """
+import asyncio, sys, time
+async def main(url, store_on, seconds):
+    if store_on:
+        from resilience import CircuitBreaker
+        from resilience.store.redis import RedisStore
+        store = RedisStore.from_url(url, prefix="idlecpu")
+        breaker = CircuitBreaker("idle", store=store)
+        async def ok():
+            return 1
+        await breaker.call(ok)
+        await store.sync()
+    await asyncio.sleep(1.0)
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    print((time.process_time() - cpu) / (time.perf_counter() - wall) * 1000)
+    if store_on:
+        await store.aclose()
+asyncio.run(main(sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])))
+"""
+
+
+async def idle_cpu(url: str, s: Settings, report: Report) -> None:
+    """CPU an idle process spends per second, with a RedisStore (one breaker, used once) and
+    without: each a fresh interpreter running only an asyncio loop, interleaved."""
+    progress("2c. idle CPU")
+    seconds = 2.0 if s.quick else 5.0
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(1 if s.quick else 3):
+        for store_on in (False, True):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                IDLE_WORKER,
+                url,
+                "1" if store_on else "0",
+                str(seconds),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await proc.communicate()
+            runs[store_on].append(float(out.decode().strip()))
+    bare, store = statistics.median(runs[False]), statistics.median(runs[True])
+    report.add(
+        f"CPU of an idle process (an asyncio loop and nothing else, {seconds:.0f} s, median of "
+        f"{len(runs[True])} interleaved fresh interpreters), ms of CPU per second. Target: a "
+        "store adds at most 3 ms/s (it added 12-13 ms/s when the pub/sub connection was "
+        "pinged after every `sync_interval` of silence).",
+        "",
+    )
+    report.table(
+        ["case", "CPU ms/s (median)", "min", "added by the store", "target"],
+        [
+            ["no store", f"{bare:.2f}", f"{min(runs[False]):.2f}", "", ""],
             [
-                "idle (no calls)",
-                f"{idle_s:.2f}",
-                f"{sum(idle.values()) / idle_s:.1f}",
-                "-",
-                fmt_commands(idle),
-            ],
-            [
-                f"{TASKS} tasks calling ({calls:,} calls)",
-                f"{elapsed:.2f}",
-                f"{sum(busy.values()) / elapsed:.1f}",
-                f"{sum(busy.values()) / max(calls, 1):.2g}",
-                fmt_commands(busy),
+                "RedisStore, one breaker used once",
+                f"{store:.2f}",
+                f"{min(runs[True]):.2f}",
+                f"{store - bare:.2f}",
+                met(store - bare <= 3.0),
             ],
         ],
     )
@@ -517,6 +614,9 @@ class Observer:
                 await self.proc.wait()
 
 
+YIELDING = "A's own outcomes trip, each call yielding once as I/O would (10 in A)"
+
+
 async def propagation(url: str, s: Settings, report: Report) -> None:
     progress("5. cross-process propagation")
     from shared_worker import make_breaker
@@ -545,9 +645,10 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
     try:
         if (await observer.line(20.0)) != ["ready"]:
             raise RuntimeError("observer did not start")
-        for case, command, own in (
-            ("A's own outcomes trip (10 failures in A)", "watch", 10),
-            ("only the fleet's sum trips (5 in B, then 5 in A)", "fail 5", 5),
+        for case, command, own, failing in (
+            ("A's own outcomes trip (10 failures in A)", "watch", 10, fail),
+            (YIELDING, "watch", 10, fail_io),
+            ("only the fleet's sum trips (5 in B, then 5 in A)", "fail 5", 5, fail),
         ):
             times: dict[str, list[float]] = {"adopt": [], "reject": [], "a": []}
             problems: list[str] = []
@@ -566,7 +667,7 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
                 await asyncio.sleep(rng.uniform(0, s.sync_interval))
                 for _ in range(own):
                     try:
-                        await a.call(fail)
+                        await a.call(failing)
                     except (ValueError, CircuitOpenError):
                         pass
                 t0 = time.monotonic_ns()
@@ -605,12 +706,19 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
         "RedisStore) share breaker `propagation` (CountWindow(10), minimum_calls 10, "
         f"failure_ratio 0.5, sync_interval {s.sync_interval * 1000:.0f} ms). Before each run A "
         "resets the breaker fleet-wide and B confirms it sees CLOSED; A waits a random "
-        "0..sync_interval, then fails its calls. Times are from A's last failing outcome "
+        "0..sync_interval, then fails its calls (in the second case each failing call "
+        "awaits `asyncio.sleep(0)` first, so A's flusher runs between them). Times are from "
+        "A's last failing outcome "
         "(CLOCK_MONOTONIC, shared by both processes) to: *B adopts*, B's `StateChanged` "
         "listener seeing OPEN, from which moment every call in B is rejected; *B rejects*, "
         "B's poller (checking `breaker.state` every 0.2 ms, which asyncio rounds up to 1 ms "
         "when idle) getting `CircuitOpenError` from a real call; *A opens*, A's own listener. "
-        f"Targets are judged on *B adopts*. p99 is nearest-rank over {s.propagation_runs} runs"
+        "Targets: when A's own outcomes trip, *B adopts* p99 <= 2 ms and *B rejects* median "
+        "<= 1 ms, p99 <= 2 ms (measured side by side with peers that read Redis on every "
+        "call, B rejecting took a median of 2.4 ms and at most 3.2 ms when the trip waited "
+        "for a round under way; those peers took 1.0-1.3 ms, for two round trips per call); "
+        "when only the fleet's sum trips, *B adopts* p99 <= sync_interval + 2 ms. p99 is "
+        f"nearest-rank over {s.propagation_runs} runs"
         + (" (with fewer than 100 runs, the maximum)." if s.propagation_runs < 100 else "."),
         "",
     )
@@ -620,11 +728,15 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
         if not adopt:
             rows.append([case, "0", "-", "-", "-", "-", "-", "-", "-", "no run finished"])
             continue
+        reject = r["reject"]
         if r["own"] == 10:
-            bound, target = 2.0, "p99 <= 2 ms"
+            bound, target = 2.0, "p99 <= 2 ms; rejects: median <= 1 ms, p99 <= 2 ms"
+            ok_ = pct(adopt, 99) <= bound and statistics.median(reject) <= 1.0
+            ok_ = ok_ and pct(reject, 99) <= 2.0
         else:
             bound = s.sync_interval * 1000 + 2
             target = f"p99 <= sync_interval + 2 ms = {bound:.0f} ms"
+            ok_ = pct(adopt, 99) <= bound
         rows.append(
             [
                 case,
@@ -633,10 +745,10 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
                 f"{pct(adopt, 99):.2f}",
                 f"{max(adopt):.2f}",
                 str(sum(x > bound for x in adopt)),
-                f"{statistics.median(r['reject']):.2f}",
-                f"{pct(r['reject'], 99):.2f}",
+                f"{statistics.median(reject):.2f}",
+                f"{pct(reject, 99):.2f}",
                 f"{statistics.median(r['a']):.2f}" if r["a"] else "-",
-                f"{met(pct(adopt, 99) <= bound)} ({target})",
+                f"{met(ok_)} ({target})",
             ]
         )
         for problem in sorted(set(r["problems"])):
@@ -648,7 +760,8 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
         report.note(
             "Propagation when A's own outcomes trip: A opens at its last failure (its local "
             "window trips) and wakes its flusher, whose next round carries the flush and the "
-            "compare-and-set transition in one pipeline; the transition publishes and B's "
+            "compare-and-set transition in one pipeline (when a round is already under way, "
+            "the compare-and-set goes at once on its own); the transition publishes and B's "
             "subscriber adopts. That is one round trip plus a pub/sub hop and process "
             "wake-ups on two shared cores. For scale, on a warm connection a flush takes "
             f"{statistics.median(flush_us):.0f} us and a transition "

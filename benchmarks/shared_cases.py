@@ -7,6 +7,7 @@ inside their builders, so a missing or broken peer becomes a skipped row with it
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import subprocess
 import sys
@@ -49,6 +50,12 @@ async def ok() -> int:
 
 async def fail() -> int:
     """A failing call, used to trip breakers."""
+    raise ValueError("boom")
+
+
+async def fail_io() -> int:
+    """A failing call that yields to the event loop first, as I/O would."""
+    await asyncio.sleep(0)
     raise ValueError("boom")
 
 

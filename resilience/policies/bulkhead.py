@@ -53,10 +53,11 @@ class Bulkhead(BasePolicy):
     ``permits=FleetLeases(store, name, limit=max_concurrent, ttl=lease)``, and with
     ``shares=True`` as well for ``permits=FleetShare(...)`` with the same options: a call
     takes and returns a permit with no store call, the store is asked only to grow the share
-    (renewed once a second at its peak use, given back within ``lease`` if the replica dies,
-    and at once by ``aclose()``), and a permit freed here reaches other replicas at the next
-    renewal. ``lease`` must outlive a renewal that fails (``shortest_lease``: at least 1 s
-    and 6 store timeouts), and ``max_concurrent`` is at most ``MAX_PERMITS``.
+    (checked once a second against its peak use, renewed every 4 seconds, given back within
+    ``lease`` if the replica dies, and at once by ``aclose()``), and a permit freed here
+    reaches other replicas at the next renewal. ``lease`` must outlive a renewal that fails
+    (``shortest_lease``: at least 1 s and 6 store timeouts), and ``max_concurrent`` is at
+    most ``MAX_PERMITS``.
 
     With ``limit=AdaptiveLimit(...)`` the number of slots follows the latency of the calls
     (see ``resilience.adaptive``): each call that returns, or fails with a timeout or a

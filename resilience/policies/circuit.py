@@ -366,6 +366,10 @@ class CircuitBreaker(BasePolicy):
 
         fast = plain and local  # an in-process breaker, count window, no result check
         window: CountCounter = core.window  # type: ignore[assignment]
+        # a shared breaker, count window, no result check, not strict: a success in a full
+        # window of successes only adds to the buffer (SharedBreakerCore.success otherwise)
+        buffered = plain and not local and type(window) is CountCounter and not core.strict
+        success = core.success
 
         skip = 0  # calls before the next one is timed (latency is sampled)
 
@@ -426,8 +430,18 @@ class CircuitBreaker(BasePolicy):
                 settle(gen, lease, start, None, result)
                 if core.strict:
                     await core.commit()
+            elif buffered:
+                p = core.pending  # type: ignore[attr-defined]
+                if (
+                    p.calls
+                    and gen == core.gen
+                    and not (window.failures or window.slow or window.calls < window.size)
+                ):
+                    p.calls += 1  # the common case of SharedBreakerCore.success
+                else:
+                    success(gen)
             elif not local:
-                core.success(gen)
+                success(gen)
                 if core.strict:
                     await core.commit()
             # else: a local breaker admitted while DISABLED: nothing to count

@@ -14,10 +14,15 @@ takes a permit from the share without any I/O; only when the share is used up do
 the store to grow it (one round trip, shared by the calls that need one then), and the store
 grants at most what the other holders leave free, each counted as the larger of its share
 and its permits in use, so the permits in use fleet-wide never exceed the limit. In the
-background, every ``rebalance`` seconds while permits are in use, the share is renewed at
-the most permits held at once since the last renewal, so unused permits go back to the fleet
-and a busy replica keeps what it uses. A share is an expiring lease: a replica that dies
-gives its share back within ``ttl``; one that closes (``aclose()``) gives it back at once.
+background, every ``rebalance`` seconds while permits are in use, the share is checked
+against the most permits held at once in that period: when fewer were used and the fleet
+had no permit free at the last answer (or none was used at all), the share shrinks to that
+use at once, so unused permits go back to the fleet where another holder may need them, and
+a busy replica keeps what it uses. Otherwise the share is renewed every ``4 x rebalance``
+seconds (at most ``ttl / 3``), at the use of the last period: a share that fits its use
+costs a store call every few seconds, whatever the traffic. A share is an expiring lease: a
+replica that dies gives its share back within ``ttl``; one that closes (``aclose()``) gives
+it back at once.
 
 A class of calls allowed less than the limit (``take(cap=...)``: say sheddable requests,
 allowed 75 % of it) takes a permit only while this holder's permits plus what the other
@@ -27,7 +32,8 @@ limit stays free in the store for the classes allowed more, on any replica.
 When the store cannot answer, the calls waiting on the ask under way fail with it (each
 waits at most one store call); none asks again after it. When the store has lost the
 shares (Redis restarted empty, failed over, or its clock jumped), no share grows past what
-its holder had for two ``rebalance`` periods, until every live holder has reported again.
+its holder had for two renewal periods (``settle``), until every live holder has reported
+again.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ __all__ = [
 logger = logging.getLogger("resilience.quota")
 
 _SLACK = 0.01  # seconds: a share this close to its end is not reported as still held
+_RENEW_EVERY = 4  # rebalance periods: the longest a share in use goes unrenewed (ttl / 3 at most)
 
 
 def _holder_id(store: Any) -> str:
@@ -80,7 +87,8 @@ SHORTEST_LEASE = 1.0
 def shortest_lease(store: object) -> float:
     """The shortest lease a fleet-wide share or permit may have on ``store``.
 
-    A share is renewed every ``min(1 s, lease / 3)`` (a per-call permit every ``lease / 2``,
+    A share is renewed at least every ``min(4 s, lease / 3)`` (a per-call permit every
+    ``lease / 2``,
     tried again ``lease / 10`` later if that fails), and a renewal may take one store
     ``timeout``: the lease must outlive a renewal that fails and the one after it, so it is
     at least 6 store timeouts, and never under ``SHORTEST_LEASE``.
@@ -313,11 +321,13 @@ class FleetShare:
     may inline ``take_now()`` / ``give()`` on these.
 
     ``ttl`` must be long enough to be renewed (``shortest_lease``), ``limit`` at most
-    ``MAX_PERMITS``; the share is renewed every ``rebalance`` seconds (at most ``ttl / 3``)
-    while permits are in use."""
+    ``MAX_PERMITS``; while permits are in use, the share is checked every ``rebalance``
+    seconds (at most ``ttl / 3``) and renewed every ``renew_every`` (``4 x rebalance``, at
+    most ``ttl / 3``), or at once when it shrinks (see the module docstring)."""
 
     __slots__ = (
         "__weakref__",
+        "_answered",
         "_capped_at",
         "_capped_until",
         "_full_until",
@@ -336,6 +346,7 @@ class FleetShare:
         "own_limit",
         "peak",
         "rebalance",
+        "renew_every",
         "settle",
         "share",
         "store",
@@ -361,7 +372,8 @@ class FleetShare:
         self.limit = check_permits("limit", limit)
         self.ttl = check_lease("ttl", ttl, store)
         self.rebalance = min(check_seconds("rebalance", rebalance), self.ttl / 3)
-        self.settle = 2 * self.rebalance  # every live holder renews within it
+        self.renew_every = min(_RENEW_EVERY * self.rebalance, self.ttl / 3)
+        self.settle = 2 * self.renew_every  # every live holder renews within it
         self.clock = store.clock if clock is None else clock
         self.holder = _holder_id(store)
         self.held = 0
@@ -370,6 +382,7 @@ class FleetShare:
         self.own_limit = 0  #: this holder's own (adaptive) limit now, reported with renewals
         self.peak = 0
         self.valid_until = float("-inf")
+        self._answered = float("-inf")  # when the last answer's ask was sent
         self._growing: asyncio.Future[Exception | None] | None = None
         self._pending = 0  # calls that need a permit and no ask has counted yet
         self._pending_cap = 0  # the largest cap among them
@@ -394,6 +407,7 @@ class FleetShare:
         self.held = self.share = self.peak = self.others = 0
         self._pending = self._pending_cap = self._sent = self._capped_at = 0
         self.valid_until = self._full_until = self._capped_until = float("-inf")
+        self._answered = float("-inf")
         self._growing = self._task = self._timer = None
 
     def take_now(self) -> bool:
@@ -488,6 +502,7 @@ class FleetShare:
             )
             self.share = grant
             self.others = others
+            self._answered = sent
             self.valid_until = sent + self.ttl  # the store's lease lasts at least this long
             if want > self.held and not (self.held < grant and self.fits(cap)):
                 # no room for one more: do not ask again at once
@@ -510,17 +525,32 @@ class FleetShare:
             self._timer = self.clock.call_later(self.rebalance, self._due)
 
     def _due(self) -> None:
+        """A ``rebalance`` period is over: renew the share if it is time (``_renewing``), at
+        the peak use of that period; else look again one period later (no task, no I/O)."""
         self._timer = None
-        self._task = asyncio.get_running_loop().create_task(self._renew())
-
-    async def _renew(self) -> None:
-        """Renew the share at the peak use since the last renewal (nothing held and nothing
-        used since: give it back, and stop renewing)."""
         want = max(self.peak, self.held)
         self.peak = self.held
-        if self._growing is not None:  # a grow under way renews it anyway
-            self._start()
+        if self._growing is not None or not self._renewing(want):
+            self._start()  # a grow under way renews it anyway
             return
+        self._task = asyncio.get_running_loop().create_task(self._renew(want))
+
+    def _renewing(self, want: int) -> bool:
+        """Whether the share is renewed now, at ``want`` (the most used in the last period):
+        when it shrinks to nothing, or below what the store granted while the fleet had no
+        permit free, when it is ``renew_every`` old, or when the use is above it."""
+        share = self.share
+        if want < share and (not want or self.others + share >= self.limit):
+            return True  # permits to give back, and another holder may need them
+        if want > share:
+            return True  # permits held above a share that shrank: reported
+        # the lease, and the store's settling after a loss, count on a renewal this often
+        due: float = self._answered + self.renew_every - self.rebalance / 2
+        return self.clock.monotonic() >= due
+
+    async def _renew(self, want: int) -> None:
+        """Renew the share at ``want`` (nothing held and nothing used in the last period:
+        give it back, and stop renewing)."""
         try:
             await self._ask(want)
         except Exception as exc:  # the share lives on until it expires: try again soon

@@ -212,6 +212,45 @@ async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     await b.aclose()
 
 
+class Counted(MemoryStore):
+    """A store that counts its share calls."""
+
+    asks = 0
+
+    async def lease_share(self, key: str, holder: str, **options: Any) -> tuple[int, int, int]:
+        self.asks += 1
+        return await super().lease_share(key, holder, **options)
+
+
+async def test_a_share_that_fits_its_use_is_renewed_every_few_seconds() -> None:
+    """A holder using 2 permits of its share of 2 asks the store every ``renew_every``
+    (4 s), not every ``rebalance``; one using fewer than it holds keeps them while the fleet
+    has permits free, and gives them back at the next period once it had none free."""
+    clock = FakeClock()
+    store = Counted(clock=clock)
+    a = FleetShare(store, "pool", limit=10, ttl=30)
+    assert a.renew_every == 4.0
+    assert a.settle == 8.0
+    assert all([await a.take() for _ in range(2)])
+    store.asks = 0
+    for _ in range(12):
+        await advance(clock, 1.0)
+    assert store.asks == 3  # one renewal each 4 s (it was 12: one a second)
+    assert a.share == 2
+    await a.give()  # one permit in use of a share of 2; the fleet has 8 free
+    await advance(clock, 1.0)
+    await advance(clock, 1.0)
+    assert a.share == 2  # kept: no other holder needs it
+    b = FleetShare(store, "pool", limit=10, ttl=30)
+    assert all([await b.take() for _ in range(8)])  # the fleet is full now
+    for _ in range(4):  # a's next renewal sees it: the unused permit goes back
+        await advance(clock, 1.0)
+    assert a.share == 1
+    assert await b.take()
+    await a.aclose()
+    await b.aclose()
+
+
 async def test_a_dead_holders_share_comes_back_within_one_lease() -> None:
     clock = FakeClock()
     store = MemoryStore(clock=clock)
@@ -440,12 +479,13 @@ async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServ
         for _ in range(5):
             await a.take()
         assert a.held + b.held <= 10, (a.held, b.held)
-        for _ in range(3):  # renewals: b reports its permits again
+        for _ in range(4):  # renewals: b reports its permits again (within renew_every)
             clock.advance(1.0)
             await renewed(a, b)
+        assert a.held + b.held <= 10, (a.held, b.held)
         for _ in range(5):
             await b.give()
-        for _ in range(3):
+        for _ in range(5):  # b gives its share back; the store settles (8 s after the loss)
             clock.advance(1.0)
             await renewed(a, b)
         assert all([await a.take() for _ in range(5)])  # what b gave back is a's to take
@@ -503,7 +543,7 @@ async def test_a_stray_share_entry_is_deleted_and_reported(redis_url: str) -> No
             f"{prefix}:{{pool}}:shares"
         ]
         assert await raw.hget(f"{prefix}:{{pool}}:shares", "stray") is None
-        clock.advance(2.5)  # two rebalance periods: the holders have reported
+        clock.advance(share.settle + 0.5)  # the holders have reported: settled
         assert all([await share.take() for _ in range(20)])
     finally:
         await share.aclose()
@@ -533,7 +573,7 @@ async def test_a_store_clock_stepped_back_does_not_keep_a_dead_holders_share(
         clock.step_back(3600.0)
         clock.advance(120.0)
         await other.take()  # finds the garbage: the holders report again first
-        clock.advance(2.5)  # two rebalance periods: the holders have reported
+        clock.advance(other.settle + 0.5)  # the holders have reported: settled
         assert other.held + sum([await other.take() for _ in range(8)]) == 8
     finally:
         await other.aclose()

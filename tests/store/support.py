@@ -69,6 +69,17 @@ def quorum_breaker(store: RedisStore, k: int, **options: Any) -> CircuitBreaker:
     )
 
 
+async def synced(*stores: RedisStore, **options: Any) -> list[CircuitBreaker]:
+    """Breaker "dep" (``options``) on each of ``stores``, called once and synced: every
+    replica has read the fleet's state."""
+    breakers = [CircuitBreaker("dep", store=s, **options) for s in stores]
+    for b in breakers:
+        await b.call(ok)
+    for s in stores:
+        await s.sync()
+    return breakers
+
+
 def fleet_breaker(store: RedisStore) -> CircuitBreaker:
     """The shared breaker every replica of the chaos tests builds alike (a window of 50: 5%
     upstream failures never trip it)."""

@@ -299,7 +299,8 @@ async def test_redis_blackholed(rig_factory: Callable[..., Any], full: bool) -> 
 
 
 async def test_redis_blackholed_then_down(rig_factory: Callable[..., Any]) -> None:
-    """A blackhole turns the store degraded within about one timeout, even with no calls."""
+    """A blackhole turns the store degraded with no calls, within about a second (the
+    subscriber's PING after a second of silence) and one timeout."""
     rig: Rig = await rig_factory()
     rig.proxy.blackhole = True
     took = await until(lambda: rig.a_store.degraded, 5.0, "degraded")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -269,6 +270,9 @@ class StubEngine:
     def wake(self) -> None:
         pass
 
+    def push(self, core: SharedBreakerCore) -> None:
+        pass
+
     def enqueue(self, core: SharedBreakerCore, op: object) -> None:
         pass
 
@@ -360,3 +364,39 @@ def test_reported_generations_never_go_back(steps: list[tuple[str, Any]]) -> Non
             watch.check()
     finally:
         loop.close()
+
+
+async def test_every_outcome_is_flushed_once(
+    stores: Callable[..., RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Successes and failures in any order, with flushes in between (a success in a full
+    window of successes takes the wrapper's short path, the others the core's): the flushes
+    carry each outcome exactly once."""
+    flushed = [0, 0]
+    take = SharedBreakerCore.take_outcomes
+
+    def counted(core: SharedBreakerCore, seq: int) -> list[Any]:
+        flushed[0] += core.pending.calls
+        flushed[1] += core.pending.failures
+        return take(core, seq)
+
+    monkeypatch.setattr(SharedBreakerCore, "take_outcomes", counted)
+    rng = random.Random(7)
+    store = stores()
+    # a window of 10 opens only on 10 failures in a row: never here
+    b = CircuitBreaker("dep", store=store, window=CountWindow(10), failure_ratio=1.0)
+    calls = failures = 0
+    for _ in range(60):
+        if rng.random() < 0.2:
+            await store.sync()
+        for _ in range(rng.randint(0, 4)):
+            calls += 1
+            failures += 1
+            with pytest.raises(ValueError, match="boom"):
+                await b.call(boom)
+        for _ in range(rng.randint(1, 40)):
+            calls += 1
+            await b.call(ok)
+    await store.sync()
+    assert b.state is CircuitState.CLOSED
+    assert flushed == [calls, failures]

@@ -40,7 +40,7 @@ from ..faultproxy import FaultProxy
 from ..fork_support import in_forked_child
 from ..helpers import boom, ok, unique_prefix, until
 from ..redis_server import RedisServer
-from .support import evalsha_calls
+from .support import evalsha_calls, synced
 
 # --- cost follows use ------------------------------------------------------------------------
 
@@ -137,13 +137,7 @@ async def test_a_quiet_subscriber_is_replaced(redis_server: RedisServer) -> None
         a = RedisStore.from_url(proxy.url_for("redis"), prefix=name, listeners=[events.append])
         b = RedisStore.from_url(redis_server.url, prefix=name)
         try:
-            options: dict[str, Any] = {"window": CountWindow(2), "minimum_calls": 2}
-            ba = CircuitBreaker("dep", store=a, **options)
-            bb = CircuitBreaker("dep", store=b, **options)
-            await ba.call(ok)
-            await bb.call(ok)
-            await a.sync()
-            await b.sync()
+            ba, bb = await synced(a, b, window=CountWindow(2), minimum_calls=2)
             await until(lambda: any(b"SUBSCRIBE" in c.head for c in proxy.connections))
             for conn in proxy.connections:
                 if b"SUBSCRIBE" in conn.head:
@@ -155,6 +149,99 @@ async def test_a_quiet_subscriber_is_replaced(redis_server: RedisServer) -> None
         finally:
             await a.aclose()
             await b.aclose()
+
+
+async def test_the_subscriber_pings_once_a_second_idle_or_busy(
+    stores: Callable[..., RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pub/sub connection is PINGed after a second of silence, not after every
+    ``sync_interval``: an idle replica, and one whose breaker is in use, send a PING or two
+    in 1.5 s, not 30 (a busy replica's rounds notice an outage themselves)."""
+    from redis.asyncio.client import PubSub
+
+    pings = 0
+    ping = PubSub.ping
+
+    async def counted(self: PubSub, *args: Any, **kwargs: Any) -> Any:
+        nonlocal pings
+        pings += 1
+        return await ping(self, *args, **kwargs)
+
+    monkeypatch.setattr(PubSub, "ping", counted)
+    store = stores()
+    b = CircuitBreaker("dep", store=store)
+    await b.call(ok)
+    await store.sync()
+    pings = 0
+    await asyncio.sleep(1.5)
+    idle = pings
+    pings = 0
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        await b.call(ok)
+        await asyncio.sleep(0.005)
+    assert idle <= 2, (idle, pings)
+    assert pings <= 2, (idle, pings)
+    assert not store.degraded
+
+
+async def test_a_blackhole_is_noticed_within_a_second_while_breakers_are_used(
+    redis_server: RedisServer,
+) -> None:
+    """Redis stops answering while a breaker is called: the store is degraded within 1 s
+    (the flush rounds carry the calls' outcomes and time out), and calls go on."""
+    async with FaultProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore.from_url(proxy.url_for("redis"), prefix=unique_prefix())
+        try:
+            b = CircuitBreaker("dep", store=store)
+            await b.call(ok)
+            await store.sync()
+            proxy.blackhole = True
+            start = time.monotonic()
+            while not store.degraded and time.monotonic() - start < 5:
+                assert await b.call(ok) == "ok"
+                await asyncio.sleep(0.005)
+            took = time.monotonic() - start
+            assert store.degraded
+            assert took < 1.0, took
+        finally:
+            proxy.blackhole = False
+            await store.aclose()
+
+
+async def test_a_local_trip_does_not_wait_for_the_round_under_way(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """A replica's own failures trip its breaker while a flush round is under way (its
+    reply held back): the trip reaches the other replica at once, on its own, not after
+    that round's reply and another round."""
+    a = stores()
+    b = stores(prefix=a.prefix)
+    ba, bb = await synced(a, b, window=CountWindow(4), minimum_calls=4)
+    sending, held = asyncio.Event(), asyncio.Event()
+    send = a.supervisor.send
+
+    async def slow(commands: list[Any]) -> list[Any]:
+        sending.set()
+        await held.wait()  # the round's reply is late
+        return await send(commands)
+
+    a.supervisor.send = slow  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            await ba.call(boom)
+        a.wake()
+        await asyncio.wait_for(sending.wait(), 3.0)  # a round carries it, and waits
+        for _ in range(2):  # [ok, failed, failed, failed]: it trips
+            with pytest.raises(ValueError, match="boom"):
+                await ba.call(boom)
+        assert ba.state is CircuitState.OPEN
+        await until(lambda: bb.state is CircuitState.OPEN, 3.0, "the trip reaches B")
+        assert not held.is_set()
+    finally:
+        held.set()
+    await a.sync()
+    assert ba.state is CircuitState.OPEN
 
 
 async def test_a_busy_event_loop_is_not_a_slow_redis(stores: Callable[..., RedisStore]) -> None:

@@ -201,3 +201,46 @@ def test_a_histogram_reads_back_as_it_was_sent(counts: list[int]) -> None:
     assert len(sent) <= len(",".join(map(str, counts)))
     assert parse_histogram("") == ()
     assert parse_histogram(",".join(map(str, [*counts, 1]))) == ()
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.sampled_from(["", "0", "1", "0,3", "2,0,1", "5"]), st.integers(0, 9)),
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_replica_reports_read_and_sum_alike_whatever_repeats(
+    names: list[list[tuple[str, int]]],
+) -> None:
+    """Names with none to three replica reports, their histograms often alike (parsed once
+    per reply): each replica reads back as sent, sorted by id, and each breaker's latency
+    and refused calls are the replicas' sums."""
+    from resilience.store.redis.primitives import parse_histogram
+    from resilience.store.redis.status import COLUMNS, parse_status
+
+    columns = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t\t"
+    entries = []
+    for reports in names:
+        parts = [
+            f"r{9 - i}|900 1 0 0 4 {refused}" + (f" {histogram}" if histogram else "")
+            for i, (histogram, refused) in enumerate(reports)
+        ]
+        entries.append("\t".join([columns, *parts]).encode())
+    listed = parse_status(
+        [f"n{i}" for i in range(len(names))], [1000, "\t".join(COLUMNS).encode(), *entries]
+    )
+    for breaker, reports in zip(listed, names, strict=True):
+        expected = sorted(
+            (f"r{9 - i}", parse_histogram(h) if h else (), refused)
+            for i, (h, refused) in enumerate(reports)
+        )
+        assert [(r.replica, r.latency, r.rejected) for r in breaker.replicas] == expected
+        histograms = [latency for _, latency, _ in expected if latency]
+        assert breaker.latency == (
+            tuple(map(sum, zip(*histograms, strict=True))) if histograms else ()
+        )
+        assert breaker.rejected == sum(refused for *_, refused in expected)

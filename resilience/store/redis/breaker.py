@@ -102,6 +102,9 @@ class Engine(Protocol):
     def wake(self) -> None:
         """Run a flush round now."""
 
+    def push(self, core: SharedBreakerCore) -> None:
+        """``core`` tripped on its own outcomes: push its open to the fleet now."""
+
     def enqueue(self, core: SharedBreakerCore, op: Report | Release) -> None:
         """Send a probe report or a lease release with the next round (started now)."""
 
@@ -505,7 +508,11 @@ class SharedBreakerCore(BreakerCore):
             self.engine.wake()
 
     def success(self, gen: int) -> None:
-        """The hot path of a shared breaker: buffer one success, no I/O (degraded or not)."""
+        """The hot path of a shared breaker: buffer one success, no I/O (degraded or not).
+
+        The breaker's wrapper adds to ``pending.calls`` itself in the common case (a count
+        window full of successes, outcomes buffered since the last flush, the same generation,
+        not strict): only that, as here."""
         w = self.window
         if gen != self.gen or self.state is not CLOSED or w.__class__ is not CountCounter:
             self.record(gen, 0, False, False)
@@ -540,7 +547,7 @@ class SharedBreakerCore(BreakerCore):
         self.diverged = True
         self.engine.mark(self)
         if self.state is OPEN:
-            self.engine.wake()  # push the trip to the fleet now
+            self.engine.push(self)  # the trip goes to the fleet now
 
     # --- manual control -------------------------------------------------------------------
     async def control(self, state: CircuitState, now: float) -> None:

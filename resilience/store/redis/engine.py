@@ -7,8 +7,10 @@
   fleet state must be read (new, revived, just recovered), and the names to register. An
   idle store runs no round and costs no loop time.
 * Rounds start ``sync_interval`` apart while there is news, at once when a breaker trips on
-  its own outcomes, a probe reports, or strict mode waits. While the store is degraded, the
-  flusher tries to reconnect with backoff (up to 2 s); calls never wait for it.
+  its own outcomes, a probe reports, or strict mode waits. A trip that comes while a round
+  is under way is pushed at once on its own (``push``), not after that round's reply. While
+  the store is degraded, the flusher tries to reconnect with backoff (up to 2 s); calls
+  never wait for it.
 * A breaker unused for ``forget_after`` is dropped from memory (unless a policy holds it).
 * Background loops end once their task is being cancelled, even when a library below them
   loses the ``CancelledError``.
@@ -102,6 +104,8 @@ class SyncEngine(Rounds):
         self._wake = asyncio.Event()
         self._round_done: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._pushes: set[asyncio.Task[None]] = set()  # trips pushed on their own (push)
+        self._in_round = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._late_retries = 0
@@ -130,6 +134,28 @@ class SyncEngine(Rounds):
         """Run a round now."""
         self.start()
         self._wake.set()
+
+    def push(self, core: SharedBreakerCore) -> None:
+        """``core`` tripped on its own outcomes: its open goes to the fleet now, with a round
+        started now, or on its own if a round is under way (it would wait for its reply).
+        Should it fail, ``core`` is marked: the next round pushes it."""
+        if not self._in_round or self.degraded or core.config.quorum:
+            self.wake()
+            return
+        self.start()
+        if self._loop is not None:
+            task = self._loop.create_task(self._push(core))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
+
+    async def _push(self, core: SharedBreakerCore) -> None:
+        wanted = core.wanted()
+        if wanted is None or self.degraded:
+            return
+        try:
+            await self.transition(core, wanted)
+        except Exception as exc:  # marked: the next round pushes it again
+            logger.debug("resilience: pushing a trip of %r failed: %r", core.name, exc)
 
     def enqueue(self, core: SharedBreakerCore, op: Report | Release) -> None:
         """A probe report or a lease release, sent with a round started now."""
@@ -289,7 +315,11 @@ class SyncEngine(Rounds):
                     else:
                         next_try = self.clock.monotonic() + backoff.next()
                         continue
-                await self.round()
+                self._in_round = True
+                try:
+                    await self.round()
+                finally:
+                    self._in_round = False
                 self._forget_idle()
             except Exception:  # never let the flusher die
                 logger.exception("resilience flush round failed")
@@ -323,7 +353,7 @@ class SyncEngine(Rounds):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = [*self._tasks, *self._pushes], []
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -333,6 +363,8 @@ class SyncEngine(Rounds):
     def forked(self) -> None:
         """In a forked child: nothing of the parent's background work or buffers is ours."""
         self._tasks = []
+        self._pushes = set()
+        self._in_round = False
         self._loop = None
         self._timer = None
         self._round_done = None

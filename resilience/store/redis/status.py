@@ -10,7 +10,7 @@ damaged entry is reported as damaged, and the others are shown.
 from __future__ import annotations
 
 import asyncio
-from operator import attrgetter, itemgetter
+from operator import add, attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ...states import OPEN
@@ -91,35 +91,50 @@ def _opened(raw: str) -> tuple[int, int, int] | None:
     return (calls, failures, slow) if calls else None
 
 
-def _replica(report: str, now: int) -> ReplicaReport | None:
+def _replica(report: str, now: int, histograms: dict[str, tuple[int, ...]]) -> ReplicaReport | None:
     """``<id>|<last seen ms> <calls> <failures> <slow> <seq> <refused> <histogram>`` (the
-    last two absent in reports of older replicas; fewer fields: not a report)."""
+    last two absent in reports of older replicas; fewer fields: not a report).
+    ``histograms``: the histograms parsed so far, by their text (most are alike)."""
     rid, _, value = report.rpartition("|")
     parts = value.split(" ")
-    if len(parts) < 4:
+    n = len(parts)
+    if n < 4:
         return None
     at = int(parts[0])
     if not 0 <= at <= MAX_INT:
         raise ValueError(f"replica report {report!r:.60}")
+    latency: tuple[int, ...] = ()
+    if n > 6:
+        raw = parts[6]
+        latency = histograms.get(raw, _UNPARSED)
+        if latency is _UNPARSED:
+            latency = histograms[raw] = parse_histogram(raw)
     return ReplicaReport(
-        replica=rid,
-        last_seen=max(0.0, (now - at) / 1000),
-        calls=int(parts[1]),
-        failures=int(parts[2]),
-        slow_calls=int(parts[3]),
-        rejected=int(parts[5]) if len(parts) > 5 else 0,
-        latency=parse_histogram(parts[6]) if len(parts) > 6 else (),
+        rid,
+        max(0.0, (now - at) / 1000),
+        int(parts[1]),
+        int(parts[2]),
+        int(parts[3]),
+        int(parts[5]) if n > 5 else 0,
+        latency,
     )
 
 
-def _replicas(parts: list[str], start: int, now: int) -> tuple[ReplicaReport, ...]:
+_UNPARSED: tuple[int, ...] = (-1,)  # a histogram not parsed yet (no histogram reads so)
+_BY_REPLICA = attrgetter("replica")
+
+
+def _replicas(
+    parts: list[str], start: int, now: int, histograms: dict[str, tuple[int, ...]]
+) -> tuple[ReplicaReport, ...]:
     """The replicas' reports from ``parts[start:]``, sorted by replica id."""
-    if len(parts) == start + 1:  # the usual case
-        one = _replica(parts[start], now)
-        return () if one is None else (one,)
-    reports = (_replica(report, now) for report in parts[start:])
-    out = [r for r in reports if r is not None]
-    out.sort(key=attrgetter("replica"))
+    out = []
+    for report in parts[start:]:
+        one = _replica(report, now, histograms)
+        if one is not None:
+            out.append(one)
+    if len(out) > 1:
+        out.sort(key=_BY_REPLICA)
     return tuple(out)
 
 
@@ -128,14 +143,17 @@ def _summed(replicas: tuple[ReplicaReport, ...]) -> tuple[int, tuple[int, ...]]:
     if len(replicas) == 1:
         return replicas[0].rejected, replicas[0].latency
     histograms = [r.latency for r in replicas if r.latency]
-    latency = tuple(map(sum, zip(*histograms, strict=True))) if histograms else ()
+    if len(histograms) == 2:  # the usual case of a breaker in use on two replicas
+        latency = tuple(map(add, *histograms))
+    else:
+        latency = tuple(map(sum, zip(*histograms, strict=True))) if histograms else ()
     return sum(r.rejected for r in replicas), latency
 
 
 class Reply:
     """One ``status.lua`` reply: the server's time, where each column is, and the entries."""
 
-    __slots__ = ("entries", "now", "pick", "width")
+    __slots__ = ("entries", "histograms", "now", "pick", "width")
 
     def __init__(self, reply: Any) -> None:
         if not isinstance(reply, list) or len(reply) < 2:
@@ -148,6 +166,7 @@ class Reply:
         self.width = len(header)
         self.pick = itemgetter(*(header.index(c) for c in COLUMNS))
         self.entries: list[Any] = reply[2:]
+        self.histograms: dict[str, tuple[int, ...]] = {}  # parsed, by their text
 
     def read(self, names: list[str]) -> list[PolicyStatus]:
         """The policies under each name (one per kind), in the names' order; a name whose
@@ -178,7 +197,11 @@ class Reply:
             state = BY_VALUE.get(s)
             if state is None:
                 raise BadReply(f"unknown state {s!r:.40}")
-            replicas = _replicas(parts, self.width, now) if len(parts) > self.width else ()
+            replicas = (
+                _replicas(parts, self.width, now, self.histograms)
+                if len(parts) > self.width
+                else ()
+            )
             rejected, latency = _summed(replicas) if replicas else (0, ())
             is_open = state is OPEN
             counts = (int(gen), int(calls), int(failures), int(slow), int(probes))

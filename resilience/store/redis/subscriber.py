@@ -4,9 +4,15 @@ Each replica listens on ``<prefix>:events``; a message names a breaker and its n
 which the breaker adopts if this replica holds it (``on_message``). A lost message costs at
 most one flush interval: each flush reply carries the authoritative state too.
 
-* The connection is health-checked: a PING when nothing was heard for ``sync_interval``, a
-  PONG expected within the store's timeout. A connection that goes quiet is replaced (on a
-  single Redis, that also turns the store degraded: the same server answers our commands).
+* The connection is health-checked: a PING when nothing was heard for ``KEEPALIVE`` (1 s,
+  or ``sync_interval`` if longer), a PONG expected within the store's timeout. A connection
+  that goes quiet is replaced (on a single Redis, that also turns the store degraded: the
+  same server answers our commands). That is how an idle replica notices an outage, within
+  about a second plus the timeout; a replica whose breakers are in use notices it sooner,
+  through its flush rounds (they time out). The PING is not sent more often: a replica's
+  pub/sub connection is mostly silent (it hears transitions only), and PINGs after every
+  ``sync_interval`` of silence cost an idle worker several milliseconds of CPU a second and
+  were the most frequent Redis command of a busy one.
 * Replacements back off (from ``sync_interval`` up to 2 s), and the backoff starts over only
   once the new subscription is heard from (its confirmation, a PONG, a message): a Redis
   that accepts connections but answers nothing (paused, blackholed) is not asked again every
@@ -28,9 +34,11 @@ from typing import Any
 from .primitives import BadReply, FleetState, parse_message
 from .supervisor import Backoff, Supervisor, cancelling
 
-__all__ = ["Subscriber"]
+__all__ = ["KEEPALIVE", "Subscriber"]
 
 logger = logging.getLogger("resilience.redis")
+
+KEEPALIVE = 1.0  #: seconds of silence on the pub/sub connection before it is PINGed
 
 
 class Subscriber:
@@ -116,7 +124,7 @@ class Subscriber:
         alive = False
         pinged: float | None = None
         lagging = False
-        interval = self.sync_interval
+        interval = max(self.sync_interval, KEEPALIVE)
         timeout = self.supervisor.timeout
         while not self.closed() and not cancelling():
             now = loop.time()

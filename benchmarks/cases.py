@@ -66,6 +66,7 @@ GROUPS: dict[str, str] = {
     "ratelimit": "4c. rate limiter, token available",
     "rejection": "5. open breaker: reject, raise and catch",
     "stack": "6. full stack (fallback, retry, breaker, timeout, bulkhead)",
+    "hedge": "7. hedge, first attempt answers before the delay",
 }
 
 
@@ -523,6 +524,34 @@ async def pyresilience_stack() -> Loop:
     return await checked(deco(ok))
 
 
+# --- 7. hedge --------------------------------------------------------------------------------
+
+
+async def ours_hedge() -> Loop:
+    from resilience import Hedge
+
+    return await checked(Hedge(delay=10.0, budget=1.0)(ok))
+
+
+async def nopanic_hedge() -> Loop:
+    from nopanic import hedge
+
+    return await checked(hedge(delay=10.0)(ok))
+
+
+async def stdlib_hedge() -> Loop:
+    """The first attempt as a task, raced against the delay with ``asyncio.wait``."""
+
+    async def fn() -> int:
+        first = asyncio.ensure_future(ok())
+        done, _ = await asyncio.wait({first}, timeout=10.0)
+        if not done:
+            raise AssertionError("unreachable: ok() answers at once")
+        return first.result()
+
+    return await checked(fn)
+
+
 # --- the list --------------------------------------------------------------------------------
 
 SPECS: list[Spec] = [
@@ -564,6 +593,9 @@ SPECS: list[Spec] = [
     Spec("stack", "nopanic compose", "nopanic", nopanic_stack),
     Spec("stack", "hyx (stacked decorators)", "hyx", hyx_stack),
     Spec("stack", "pyresilience @resilient", "pyresilience", pyresilience_stack),
+    Spec("hedge", "resilience Hedge", "resilience", ours_hedge, primary=True),
+    Spec("hedge", "asyncio task + asyncio.wait", "stdlib", stdlib_hedge),
+    Spec("hedge", "nopanic", "nopanic", nopanic_hedge),
 ]
 
 

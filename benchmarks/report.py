@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from cases import GROUPS
+from cases import CURRENT_TASK, FORWARDING, FORWARDING_5, GROUPS, RAISE_CATCH, REJECT_FRAME, TIMER
 from harness import Case, Measured, Settings
 
 __all__ = ["Report", "console_table", "write_chart", "write_markdown"]
@@ -241,6 +241,62 @@ def _targets(report: Report) -> list[str]:
     return [*lines, ""]
 
 
+def _part(report: Report, label: str) -> float:
+    m = next((m for c, m in report.rows("parts") if c.label == label and m and m.ok), None)
+    return m.median if m else float("nan")
+
+
+def _own(report: Report, group: str) -> float:
+    m = report.primary(group)
+    return m.median if m else float("nan")
+
+
+def _spent(report: Report) -> list[str]:
+    """Each target row taken apart with the ``parts`` rows measured in the same run."""
+    bare, fwd, fwd5 = report.bare, _part(report, FORWARDING), _part(report, FORWARDING_5)
+    task, timer = _part(report, CURRENT_TASK), _part(report, TIMER)
+    one, frame = _part(report, RAISE_CATCH), _part(report, REJECT_FRAME)
+    scale = bare / TARGET_BARE_NS
+    wrapper = fwd - bare
+    singles = ("fallback", "retry", "breaker", "timeout", "bulkhead")
+    own = {g: _own(report, g) - fwd for g in singles}
+    parts = {
+        "breaker": f"the forwarding wrapper any decorator needs is {_ns(fwd)} ({_ns(wrapper)} "
+        f"over the bare await); the breaker's own work (the state and generation reads, the "
+        f"window check) is the other {_ns(own['breaker'])}",
+        "retry": f"the forwarding wrapper is {_ns(fwd)}; the retry's own work (its try/except "
+        f"and the plain-success check) is the other {_ns(own['retry'])}: the target is below "
+        "what a wrapper forwarding `*args, **kwargs` costs",
+        "rejection": f"a coroutine that only raises a fresh CircuitOpenError, awaited and "
+        f"caught, costs {_ns(frame)} (making, raising and catching one in a single frame: "
+        f"{_ns(one)}); the breaker's checks, its count of rejections and the listeners' "
+        f"check are the other {_ns(_own(report, 'rejection') - frame)}",
+        "timeout": f"the forwarding wrapper is {_ns(fwd)}; asyncio.current_task(), which "
+        f"cancelling the right task needs, is {_ns(task)}; the deadline queue the rest",
+        "stack": f"five nested forwarding wrappers cost {_ns(fwd5)}; above their wrapper, "
+        + ", ".join(f"{g} {_ns(own[g])}" for g in singles)
+        + f" (sum {_ns(sum(own.values()))}), of which asyncio.current_task() in the "
+        f"Timeout is {_ns(task)}",
+        "hedge": f"the forwarding wrapper is {_ns(fwd)}; one timer armed and cancelled "
+        f"({_ns(timer)}), asyncio.current_task() ({_ns(task)}), the call's state object and "
+        "the budget's count the rest",
+    }
+    lines = [
+        "## Where the time goes",
+        "",
+        "Each target row taken apart with the `8. parts` rows of this run (medians).",
+        "",
+    ]
+    for group, target in TARGETS.items():
+        value = _own(report, group)
+        verdict = "meets" if value <= target * scale else "**misses**"
+        lines.append(
+            f"- {GROUPS[group]}: {_ns(value)}, {verdict} its scaled target "
+            f"({_ns(target * scale)}): {parts[group]}."
+        )
+    return [*lines, ""]
+
+
 def _named(m: Measured | None) -> str:
     return f"{m.case.label} ({_ns(m.median)})" if m else "-"
 
@@ -255,6 +311,7 @@ def write_markdown(report: Report, path: Path) -> None:
         *_machine(report),
         METHOD,
         *_targets(report),
+        *_spent(report),
         "## Results",
         "",
         "![results](results.png)",

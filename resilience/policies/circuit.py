@@ -190,7 +190,9 @@ class CircuitBreaker(BasePolicy):
             store = MemoryStore(clock=self._clock)
         self.store = store
         self._core: BreakerCore = store.breaker(name, config, self._clock)
-        self._core.fronts.add(self)
+        self._plain = not self._timed and self._failure_if is None  # a success is a success
+        self._local = type(self._core) is BreakerCore  # no store to tell
+        self._core.add_front(self)
         self._held: ContextVar[tuple[tuple[int, int, float], ...]] = ContextVar(
             f"resilience.breaker.{name}", default=()
         )
@@ -356,17 +358,12 @@ class CircuitBreaker(BasePolicy):
             raise error
 
     def _wrap(self, fn: Protected) -> Protected:
+        # few free variables: each is a cell, a GC-tracked object kept as long as the
+        # function; the paths off the hottest one read the breaker's attributes instead
         core = self._core
-        admit = self._admit
-        settle = self._settle
-        timed = self._timed
-        plain = not timed and self._failure_if is None
-        local = type(core) is BreakerCore
         monotonic = self._clock.monotonic
-
-        fast = plain and local  # an in-process breaker, count window, no result check
+        fast = self._plain and self._local  # an in-process breaker, count window, no result check
         window: CountCounter = core.window  # type: ignore[assignment]
-
         skip = 0  # calls before the next one is timed (latency is sampled)
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
@@ -377,7 +374,7 @@ class CircuitBreaker(BasePolicy):
                     try:
                         result = await fn(*args, **kwargs)
                     except Exception as exc:
-                        settle(gen, 0, 0.0, exc, None)
+                        self._settle(gen, 0, 0.0, exc, None)
                         raise
                     # a full window of successes stays as it is: only read it; until it is
                     # full, or while it holds failures, the core counts the success
@@ -385,7 +382,7 @@ class CircuitBreaker(BasePolicy):
                         core.record(gen, 0, False, False)
                     return result
                 lease = 0
-                if timed:
+                if self._timed:
                     start = monotonic()
                 elif skip:  # latency is sampled: one call in SAMPLE_EVERY is timed
                     skip -= 1
@@ -406,13 +403,13 @@ class CircuitBreaker(BasePolicy):
                     self._emit_rejected(error)
                 raise error
             else:
-                gen, lease, start = await admit()
+                gen, lease, start = await self._admit()
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
                 if start:
                     core.took(monotonic() - start)
-                settle(gen, lease, start, exc, None)
+                self._settle(gen, lease, start, exc, None)
                 if core.strict:
                     await core.commit()
                 raise
@@ -422,11 +419,11 @@ class CircuitBreaker(BasePolicy):
                 raise
             if start:
                 core.took(monotonic() - start)
-            if lease or not plain:
-                settle(gen, lease, start, None, result)
+            if lease or not self._plain:
+                self._settle(gen, lease, start, None, result)
                 if core.strict:
                     await core.commit()
-            elif not local:
+            elif not self._local:
                 core.success(gen)
                 if core.strict:
                     await core.commit()

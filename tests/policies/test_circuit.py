@@ -696,3 +696,24 @@ async def test_a_dropped_breaker_is_forgotten_by_its_core(clock: FakeClock) -> N
     await first.reset()
     assert len(heard) == 3
     assert isinstance(heard[-1], StateChanged)
+
+
+@pytest.mark.parametrize("trip", ["force_open", "tripped"])
+async def test_a_rejection_is_freed_once_caught(clock: FakeClock, trip: str) -> None:
+    """The CircuitOpenError an open breaker raises is in no reference cycle (with the frame
+    it was raised from): it is freed as soon as the caller drops it, with no collection."""
+    b = make(clock)
+    if trip == "force_open":
+        await b.force_open()
+    else:
+        await run(b, "ffff")
+    assert b.state is not CLOSED
+    gc.disable()
+    try:
+        try:
+            await b.call(ok)
+        except CircuitOpenError as exc:
+            freed = weakref.ref(exc)
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -3,9 +3,11 @@ the policies share."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import operator
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
@@ -21,7 +23,7 @@ from ..events import CallFinished, Listener, call_finished, check_listeners, emi
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
-__all__ = ["INVOKE", "BasePolicy", "CallForm", "Policy", "target"]
+__all__ = ["INVOKE", "BasePolicy", "CallForm", "CallerTask", "Policy", "target"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -187,6 +189,41 @@ def _outcome(exc: Exception) -> str:
     if isinstance(exc, ResilienceTimeoutError):
         return "timeout"
     return "failure"
+
+
+class CallerTask:
+    """Finds the task running the caller: ``asyncio.current_task()``, faster.
+
+    ``asyncio.current_task()`` finds the running loop first, which costs a ``getpid()``
+    system call on CPython 3.11 (a few hundred ns, most of what a ``Timeout`` costs). The
+    task running on the loop found last, asked of that loop, is the caller's when that
+    loop runs in this thread: one loop runs per thread at a time, and a coroutine runs in
+    a task of the loop running its thread. Otherwise the full lookup, which ``loop``
+    (the loop of the task found last) and ``thread`` then follow.
+    """
+
+    __slots__ = ("loop", "thread")
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = 0  # threading.get_ident() of the thread ``loop`` ran in
+
+    def find(self) -> asyncio.Task[Any] | None:
+        """The task running the caller; ``None`` outside of a task, and ``RuntimeError``
+        with no running loop, as ``asyncio.current_task()``."""
+        loop = self.loop
+        if loop is not None and _get_ident() == self.thread:
+            task = _current_task(loop)
+            if task is not None:
+                return task
+        task = _current_task()
+        if task is not None:
+            self.loop, self.thread = task.get_loop(), _get_ident()
+        return task
+
+
+_current_task = asyncio.current_task
+_get_ident = threading.get_ident
 
 
 def check_store(what: str, store: object, *methods: str) -> Store | None:

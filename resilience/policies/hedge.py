@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..clock import Clock, TimerHandle
 from ..events import Listener
 from ..rules.quantile import LearnedDelay
-from .base import BasePolicy, Protected, check_int, check_seconds
+from .base import BasePolicy, CallerTask, Protected, check_int, check_seconds
 from .throttle import SharedCounts
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ class Hedge(BasePolicy):
         self.window, self.buckets = counts.window, counts.buckets
         self.sync_interval, self.store = counts.sync_interval, counts.store
         self._ending: set[asyncio.Task[Any]] = set()  # losers cancelled, not yet ended
+        self._tasks = CallerTask()
 
     def __repr__(self) -> str:
         delay = self._delay
@@ -149,7 +150,7 @@ class Hedge(BasePolicy):
 
     async def _run(self, fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.counts.add(1, 0)
-        task = asyncio.current_task()
+        task = self._tasks.find()
         if task is None:
             raise RuntimeError("Hedge must be used inside an asyncio task")
         race = _Race(self, fn, args, kwargs, task)

@@ -17,6 +17,7 @@ from typing import Any, cast
 from harness import Case, Loop, Protected, ok_loop, reject_loop
 
 __all__ = [
+    "CALLER_TASK",
     "CURRENT_TASK",
     "FORWARDING",
     "FORWARDING_5",
@@ -613,12 +614,25 @@ async def part_reject_through_frame() -> Loop:
 
 
 async def part_current_task() -> Loop:
-    """``asyncio.current_task()``, which a Timeout and a Hedge need once per call."""
+    """``asyncio.current_task()``: what a Timeout and a Hedge would pay to find their task."""
     current = asyncio.current_task
 
     async def loop(n: int) -> None:
         for _ in range(n):
             current()
+
+    return loop
+
+
+async def part_caller_task() -> Loop:
+    """``CallerTask.find()``: how a Timeout and a Hedge find the task they run in."""
+    from resilience.policies.base import CallerTask
+
+    find = CallerTask().find
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            find()
 
     return loop
 
@@ -644,6 +658,7 @@ FORWARDING_5 = "five such wrappers, nested"
 RAISE_CATCH = "make, raise, catch CircuitOpenError (one frame)"
 REJECT_FRAME = "coroutine raising CircuitOpenError, awaited, caught"
 CURRENT_TASK = "asyncio.current_task()"
+CALLER_TASK = "CallerTask.find() (policies.base)"
 TIMER = "loop.call_later() + cancel()"
 
 SPECS: list[Spec] = [
@@ -693,6 +708,7 @@ SPECS: list[Spec] = [
     Spec("parts", RAISE_CATCH, "stdlib", part_raise_catch),
     Spec("parts", REJECT_FRAME, "stdlib", part_reject_through_frame),
     Spec("parts", CURRENT_TASK, "stdlib", part_current_task),
+    Spec("parts", CALLER_TASK, "resilience", part_caller_task),
     Spec("parts", TIMER, "stdlib", part_timer),
 ]
 

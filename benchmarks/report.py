@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from cases import CURRENT_TASK, FORWARDING, FORWARDING_5, GROUPS, RAISE_CATCH, REJECT_FRAME, TIMER
+from cases import (
+    CALLER_TASK,
+    CURRENT_TASK,
+    FORWARDING,
+    FORWARDING_5,
+    GROUPS,
+    RAISE_CATCH,
+    REJECT_FRAME,
+    TIMER,
+)
 from harness import Case, Measured, Settings
 
 __all__ = ["Report", "console_table", "write_chart", "write_markdown"]
@@ -254,7 +263,8 @@ def _own(report: Report, group: str) -> float:
 def _spent(report: Report) -> list[str]:
     """Each target row taken apart with the ``parts`` rows measured in the same run."""
     bare, fwd, fwd5 = report.bare, _part(report, FORWARDING), _part(report, FORWARDING_5)
-    task, timer = _part(report, CURRENT_TASK), _part(report, TIMER)
+    task, timer = _part(report, CALLER_TASK), _part(report, TIMER)
+    full_lookup = _part(report, CURRENT_TASK)
     one, frame = _part(report, RAISE_CATCH), _part(report, REJECT_FRAME)
     scale = bare / TARGET_BARE_NS
     wrapper = fwd - bare
@@ -271,15 +281,16 @@ def _spent(report: Report) -> list[str]:
         f"caught, costs {_ns(frame)} (making, raising and catching one in a single frame: "
         f"{_ns(one)}); the breaker's checks, its count of rejections and the listeners' "
         f"check are the other {_ns(_own(report, 'rejection') - frame)}",
-        "timeout": f"the forwarding wrapper is {_ns(fwd)}; asyncio.current_task(), which "
-        f"cancelling the right task needs, is {_ns(task)}; the deadline queue the rest",
+        "timeout": f"the forwarding wrapper is {_ns(fwd)}; finding the task to cancel "
+        f"(CallerTask.find()) is {_ns(task)} (asyncio.current_task() would be "
+        f"{_ns(full_lookup)}); the deadline queue (an entry made, queued and taken off, the "
+        "clock read) the rest",
         "stack": f"five nested forwarding wrappers cost {_ns(fwd5)}; above their wrapper, "
         + ", ".join(f"{g} {_ns(own[g])}" for g in singles)
-        + f" (sum {_ns(sum(own.values()))}), of which asyncio.current_task() in the "
-        f"Timeout is {_ns(task)}",
+        + f" (sum {_ns(sum(own.values()))}): the Timeout's deadline queue is most of it",
         "hedge": f"the forwarding wrapper is {_ns(fwd)}; one timer armed and cancelled "
-        f"({_ns(timer)}), asyncio.current_task() ({_ns(task)}), the call's state object and "
-        "the budget's count the rest",
+        f"({_ns(timer)}), finding the caller's task ({_ns(task)}), a copy of the context, "
+        "the call's state object and the budget's count the rest",
     }
     lines = [
         "## Where the time goes",

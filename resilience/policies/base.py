@@ -4,6 +4,7 @@ the policies share."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import operator
@@ -105,20 +106,30 @@ class BasePolicy:
             )
         self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
         self._listeners = check_listeners(listeners)
-        # set here, with the others: every instance of a class gets its attributes in one
-        # order, so attribute reads on the hot path stay fast
-        self._call: CallForm | None = None
+        # given its place here, with the others, then left to _MadeOnFirstRead until made:
+        # every instance of a class gets its attributes in one order, so attribute reads on
+        # the hot path stay fast
+        self._call = cast(CallForm, None)
+        del self._call
 
-    @property
-    def call(self) -> CallForm:
-        """``await policy.call(fn, *args, **kwargs)``: ``fn(*args, **kwargs)`` under this
-        policy. The protected function behind it is made on first use (``wrap(INVOKE)``) and
-        kept: a bound ``policy.call`` or a ``functools.partial`` of it costs what the
-        decorated form costs."""
-        call = self._call
-        if call is None:
-            call = self._call = cast(CallForm, self.wrap(INVOKE))
-        return call
+    #: the call form, once made (an instance attribute); until then ``_MadeOnFirstRead``
+    _call: CallForm
+
+    if TYPE_CHECKING:
+
+        @property
+        def call(self) -> CallForm:
+            """See below."""
+            ...
+
+    else:
+        call = property(
+            operator.attrgetter("_call"),  # in C: no frame of its own per read
+            doc="""``await policy.call(fn, *args, **kwargs)``: ``fn(*args, **kwargs)`` under
+        this policy. The protected function behind it is made on first use
+        (``wrap(INVOKE)``) and kept: a bound ``policy.call`` or a ``functools.partial`` of
+        it costs what the decorated form costs.""",
+        )
 
     @property
     def clock(self) -> Clock:
@@ -133,7 +144,8 @@ class BasePolicy:
         function decorated earlier keeps its own).
         """
         self._listeners = (*self._listeners, *check_listeners((listener,)))
-        self._call = None
+        with contextlib.suppress(AttributeError):  # made again on the next read
+            del self._call
 
     def _wrap(self, fn: Protected) -> Protected:
         """Return a coroutine function running ``fn`` under this policy (the policy's logic)."""
@@ -171,6 +183,23 @@ class BasePolicy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+class _MadeOnFirstRead:
+    """``BasePolicy._call`` until it is first read: reading it makes the call form
+    (``wrap(INVOKE)``), which the policy keeps as an attribute of its own from then on
+    (an instance attribute hides this non-data descriptor)."""
+
+    __slots__ = ()
+
+    def __get__(self, policy: BasePolicy | None, owner: type | None = None) -> Any:
+        if policy is None:
+            return self
+        call = policy._call = cast(CallForm, policy.wrap(INVOKE))
+        return call
+
+
+BasePolicy._call = _MadeOnFirstRead()  # type: ignore[assignment]
 
 
 def _wrapping(protected: Protected, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:

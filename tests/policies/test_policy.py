@@ -35,7 +35,7 @@ from resilience.policies.retry import Retry
 from resilience.policies.timeout import Timeout
 from resilience.testing import FakeClock
 
-from ..helpers import settle
+from ..helpers import ok, settle
 
 
 def fast_retry(attempts: int = 3, **kwargs: Any) -> Retry:
@@ -590,3 +590,17 @@ def test_caller_task_is_the_current_task_on_every_loop_and_thread() -> None:
     assert seen == [True] * 12
     with pytest.raises(RuntimeError):
         tasks.find()
+
+
+async def test_a_listener_added_before_the_call_form_is_made() -> None:
+    """``add_listener`` on a policy whose call form was never made, then ``call``: the call
+    form is made with the listener; ``call`` stays one object until the next listener."""
+    bulkhead = Bulkhead(1)
+    got: list[object] = []
+    bulkhead.add_listener(got.append)
+    call = bulkhead.call
+    assert bulkhead.call is call
+    assert await call(ok) == "ok"
+    assert [type(e) for e in got] == [CallFinished]
+    bulkhead.add_listener(got.append)
+    assert bulkhead.call is not call

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import sys
 from collections.abc import Callable
@@ -51,6 +52,7 @@ POLICIES: dict[str, Callable[[], BasePolicy]] = {
 
 
 async def run(settings: Settings) -> str:
+    load = os.getloadavg()[0]
     cases = []
     for group, make in POLICIES.items():
         cases.append(Case(group, "decorated", "resilience", ok_loop(make()(ok))))
@@ -61,7 +63,9 @@ async def run(settings: Settings) -> str:
         "# `policy.call(fn)` against the decorated form",
         "",
         f"Python {platform.python_version()}, {settings.rounds} interleaved rounds; ns per call, "
-        "median (min). Target: `call` within 25 % of the decorated form (ratio <= 1.25). "
+        f"median (min); load (1-minute average) {load:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end. "
+        "Target: `call` within 25 % of the decorated form (ratio <= 1.25). "
         "`call` adds a fixed cost (reading `policy.call`, and `operator.call` in C), so its "
         "ratio grows as the decorated form gets cheaper: the added ns are shown too.",
         "",

@@ -75,6 +75,7 @@ class Report:
     results: Sequence[Measured]
     settings: Settings
     seconds: float
+    load: tuple[float, float] = (math.nan, math.nan)  #: 1-minute load average: start, end
 
     def rows(self, group: str) -> list[tuple[Case, Measured | None]]:
         by_case = {id(m.case): m for m in self.results}
@@ -172,6 +173,8 @@ def _machine(report: Report) -> list[str]:
         "- Libraries: " + ", ".join(f"{d} {_version(d)}" for d in LIBS),
         f"- Run: {s.rounds} rounds, up to {s.calls:,} calls per sample "
         f"(about {s.target_ms:g} ms per sample), {report.seconds:.0f} s in all",
+        f"- Load (1-minute average, as `uptime` shows it): {report.load[0]:.2f} at the start, "
+        f"{report.load[1]:.2f} at the end, on {_cpu_count()} cores",
         "",
     ]
 

@@ -165,12 +165,16 @@ class Hedge(BasePolicy):
                 if not race.interrupted():
                     raise
                 result = race.winner.result()  # type: ignore[union-attr]
-            except Exception as exc:
+            except Exception:
                 race.inline = False
                 if race.winner is None and race.attempts:  # a hedge may still succeed
-                    result = await race.outlast(exc)
-                    won = True
-                    return result
+                    await race.outlast()
+                    if race.winner is not None:
+                        won = True
+                        return race.winner.result()
+                    if race.error is not None:  # a hedge failed before the first attempt
+                        raise race.first_error() from None
+                    raise
                 if not race.interrupted():
                     raise
                 result = race.winner.result()  # type: ignore[union-attr]
@@ -253,6 +257,7 @@ class _Race:
         "cancelling",
         "context",
         "delay",
+        "error",
         "fn",
         "hedge",
         "inline",
@@ -281,6 +286,7 @@ class _Race:
         self.left = hedge.max_hedges
         self.inline = True  # the first attempt is running
         self.winner: asyncio.Task[Any] | None = None
+        self.error: BaseException | None = None  # of a hedge that failed first
         self.wake: asyncio.Event | None = None
         self.delay = delay = hedge.delay
         self.timer: TimerHandle | None = hedge._clock.call_later(delay, self.fire)
@@ -308,11 +314,14 @@ class _Race:
     def finished(self, attempt: asyncio.Task[Any]) -> None:
         """A hedge ended: the first to succeed wins (interrupting the first attempt if it is
         still running); otherwise wake ``outlast``."""
-        if self.winner is None and not attempt.cancelled() and attempt.exception() is None:
+        error = asyncio.CancelledError() if attempt.cancelled() else attempt.exception()
+        if self.winner is None and error is None:
             self.winner = attempt
             if self.inline:
                 self.task.cancel()
                 return
+        elif self.inline and self.error is None:  # it failed before the first attempt ended
+            self.error = error
         if self.wake is not None:
             self.wake.set()
 
@@ -321,13 +330,17 @@ class _Race:
         the call meanwhile (then the cancellation goes on)."""
         return self.winner is not None and self.task.uncancel() <= self.cancelling
 
-    async def outlast(self, error: Exception) -> Any:
-        """The first attempt failed while hedges run: the first of them to succeed gives the
-        result; when every one has failed, ``error`` (the first attempt's) is raised."""
+    async def outlast(self) -> None:
+        """The first attempt failed while hedges run: wait until one of them succeeds (the
+        ``winner``) or every one has ended."""
         self.wake = wake = asyncio.Event()
-        while self.winner is None:
-            if all(a.done() for a in self.attempts):
-                raise error
+        while self.winner is None and not all(a.done() for a in self.attempts):
             await wake.wait()
             wake.clear()
-        return self.winner.result()
+
+    def first_error(self) -> BaseException:
+        """The error of a hedge that failed while the first attempt ran, taken from here (so
+        that nothing but the traceback it is raised with holds it)."""
+        error, self.error = self.error, None
+        assert error is not None
+        return error

@@ -129,6 +129,25 @@ async def test_all_fail_raises_first_failure(clock: FakeClock) -> None:
     assert only_me() == set()
 
 
+async def test_all_fail_raises_a_hedges_failure_that_came_first(clock: FakeClock) -> None:
+    """When a hedge fails before the first attempt does, and the first attempt fails too,
+    the hedge's error (the first to fail) is raised."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    backend = Backend()
+    backend.errors = {0: ConnectionError("first"), 1: ValueError("hedge")}
+    task = start(hedge, backend)
+    await settle()
+    await advance(clock, 1.0)
+    backend.release(1)
+    await settle()
+    assert not task.done()  # the first attempt may still succeed
+    backend.release(0)
+    await settle()
+    with pytest.raises(ValueError, match="hedge"):
+        await task
+    assert only_me() == set()
+
+
 async def test_failure_before_delay_is_not_hedged(clock: FakeClock) -> None:
     """A first attempt that fails before the delay ends the call: no hedge, no retry."""
     hedge = Hedge(delay=1.0, budget=1.0, clock=clock)

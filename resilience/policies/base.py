@@ -109,27 +109,14 @@ class BasePolicy:
         # given its place here, with the others, then left to _MadeOnFirstRead until made:
         # every instance of a class gets its attributes in one order, so attribute reads on
         # the hot path stay fast
-        self._call = cast(CallForm, None)
-        del self._call
+        self.call = cast(CallForm, None)
+        del self.call
 
-    #: the call form, once made (an instance attribute); until then ``_MadeOnFirstRead``
-    _call: CallForm
-
-    if TYPE_CHECKING:
-
-        @property
-        def call(self) -> CallForm:
-            """See below."""
-            ...
-
-    else:
-        call = property(
-            operator.attrgetter("_call"),  # in C: no frame of its own per read
-            doc="""``await policy.call(fn, *args, **kwargs)``: ``fn(*args, **kwargs)`` under
-        this policy. The protected function behind it is made on first use
-        (``wrap(INVOKE)``) and kept: a bound ``policy.call`` or a ``functools.partial`` of
-        it costs what the decorated form costs.""",
-        )
+    #: ``await policy.call(fn, *args, **kwargs)``: ``fn(*args, **kwargs)`` under this
+    #: policy. The protected function behind it is made on first use (``wrap(INVOKE)``)
+    #: and kept: a bound ``policy.call`` or a ``functools.partial`` of it costs what the
+    #: decorated form costs. (Until first read, ``_MadeOnFirstRead``.)
+    call: CallForm
 
     @property
     def clock(self) -> Clock:
@@ -145,7 +132,7 @@ class BasePolicy:
         """
         self._listeners = (*self._listeners, *check_listeners((listener,)))
         with contextlib.suppress(AttributeError):  # made again on the next read
-            del self._call
+            del self.call
 
     def _wrap(self, fn: Protected) -> Protected:
         """Return a coroutine function running ``fn`` under this policy (the policy's logic)."""
@@ -186,20 +173,21 @@ class BasePolicy:
 
 
 class _MadeOnFirstRead:
-    """``BasePolicy._call`` until it is first read: reading it makes the call form
-    (``wrap(INVOKE)``), which the policy keeps as an attribute of its own from then on
-    (an instance attribute hides this non-data descriptor)."""
+    """``BasePolicy.call`` until it is first read: reading it makes the call form
+    (``wrap(INVOKE)``), which the policy keeps as an attribute of its own from then on (an
+    instance attribute hides this non-data descriptor: later reads are one lookup)."""
 
     __slots__ = ()
 
     def __get__(self, policy: BasePolicy | None, owner: type | None = None) -> Any:
         if policy is None:
             return self
-        call = policy._call = cast(CallForm, policy.wrap(INVOKE))
+        call = cast(CallForm, policy.wrap(INVOKE))
+        setattr(policy, "call", call)  # noqa: B010 - an attribute this descriptor leaves alone
         return call
 
 
-BasePolicy._call = _MadeOnFirstRead()  # type: ignore[assignment]
+BasePolicy.call = _MadeOnFirstRead()  # type: ignore[assignment]
 
 
 def _wrapping(protected: Protected, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:

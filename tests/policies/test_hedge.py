@@ -450,6 +450,76 @@ def test_hedges_never_exceed_the_budget(
     run_pattern(pattern, budget, window)
 
 
+DELAY = 16  # ticks; an attempt ends at a tick that is never a multiple of it (no ties)
+
+
+def race_model(
+    durations: list[int], outcomes: list[bool], max_hedges: int
+) -> tuple[list[int], int | str]:
+    """Which attempts start and what the call gives: attempt ``i`` starts at ``i * DELAY``
+    while the call is undecided, up to ``max_hedges`` hedges; the first to succeed gives its
+    number; once every started attempt has failed, the first failure's (``"error i"``)."""
+    ends: list[tuple[int, int]] = []  # (tick, attempt)
+    started: list[int] = []
+    failed: list[int] = []
+    for tick in range(DELAY * (max_hedges + 1) + max(durations) * DELAY + 64):
+        if tick % DELAY == 0 and tick // DELAY <= max_hedges:
+            i = tick // DELAY
+            started.append(i)
+            ends.append((tick + durations[i], i))
+        for end, i in sorted(ends):
+            if end != tick:
+                continue
+            if outcomes[i]:
+                return started, i
+            failed.append(i)
+            if len(failed) == len(started):
+                return started, f"error {failed[0]}"
+    raise AssertionError("the model did not decide")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    max_hedges=st.integers(min_value=1, max_value=3),
+    lengths=st.lists(st.integers(min_value=0, max_value=3), min_size=4, max_size=4),
+    outcomes=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_a_hedged_call_matches_the_race_model(
+    max_hedges: int, lengths: list[int], outcomes: list[bool]
+) -> None:
+    """For any durations and outcomes of the attempts, the hedged call starts the attempts
+    the model starts and gives what it gives (the first success, or the first failure once
+    every started attempt failed), the first attempt running inline; nothing is left."""
+    durations = [DELAY * n + 1 + i for i, n in enumerate(lengths)]
+    expected_started, expected = race_model(durations, outcomes, max_hedges)
+    clock = FakeClock()
+    hedge = Hedge(delay=DELAY * TICK, max_hedges=max_hedges, budget=max_hedges, clock=clock)
+    began: list[int] = []
+
+    async def attempt() -> int:
+        i = len(began)
+        began.append(i)
+        await clock.sleep(durations[i] * TICK)
+        if not outcomes[i]:
+            raise ValueError(f"error {i}")
+        return i
+
+    async def main() -> int | str:
+        task = await started(hedge.call(attempt))
+        while not task.done():
+            await advance(clock, TICK)
+        try:
+            got: int | str = task.result()
+        except ValueError as exc:
+            got = str(exc)
+        await hedge.drain()
+        assert only_me() == set()
+        return got
+
+    assert asyncio.run(main()) == expected
+    assert began == expected_started
+
+
 def test_all_slow_calls_hedge_at_the_budget() -> None:
     """When every call is slow, hedges reach the budget and stop there: 10 % of 200."""
     run_pattern([(1, True)] * 200, 0.1, 64.0)

@@ -173,9 +173,13 @@ class BasePolicy:
 
 
 class _MadeOnFirstRead:
-    """``BasePolicy.call`` until it is first read: reading it makes the call form
-    (``wrap(INVOKE)``), which the policy keeps as an attribute of its own from then on (an
-    instance attribute hides this non-data descriptor: later reads are one lookup)."""
+    """``await policy.call(fn, *args, **kwargs)``: ``fn(*args, **kwargs)`` under the policy.
+
+    The protected function behind it (``wrap(INVOKE)``) is made on the first read of
+    ``policy.call`` and kept as an attribute of the policy's own, which hides this
+    (non-data) descriptor from then on: later reads are one lookup, and a bound
+    ``policy.call`` or a ``functools.partial`` of it costs what the decorated form costs.
+    """
 
     __slots__ = ()
 

@@ -141,60 +141,57 @@ class Hedge(BasePolicy):
         return True
 
     def _wrap(self, fn: Protected) -> Protected:
-        run = self._run
+        tasks = self._tasks
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
-            return await run(fn, args, kwargs)
+            self.counts.add(1, 0)
+            task = tasks.find()
+            if task is None:
+                raise RuntimeError("Hedge must be used inside an asyncio task")
+            race = _Race(self, fn, args, kwargs, task)
+            learned = self._delay if isinstance(self._delay, LearnedDelay) else None
+            start = self._clock.monotonic() if learned is not None else 0.0
+            won = False
+            try:
+                try:  # the first attempt runs here, in the caller's task
+                    result = await fn(*args, **kwargs)
+                except asyncio.CancelledError:
+                    race.inline = False
+                    if not race.interrupted():
+                        raise
+                    result = race.winner.result()  # type: ignore[union-attr]
+                except Exception:
+                    race.inline = False
+                    if race.winner is None and race.attempts:  # a hedge may still succeed
+                        await race.outlast()
+                        if race.winner is not None:
+                            won = True
+                            return race.winner.result()
+                        if race.error is not None:  # a hedge failed before the first attempt
+                            raise race.first_error() from None
+                        raise
+                    if not race.interrupted():
+                        raise
+                    result = race.winner.result()  # type: ignore[union-attr]
+                else:
+                    race.inline = False
+                    if race.interrupted():  # it swallowed the interruption: the hedge came first
+                        result = race.winner.result()  # type: ignore[union-attr]
+                if learned is not None:  # the first attempt's latency, or a lower bound of it
+                    learned.observe(self._clock.monotonic() - start)
+                won = True
+                return result
+            finally:
+                race.left = 0  # no more hedges (a launch already due does nothing)
+                if race.timer is not None:
+                    race.timer.cancel()
+                if race.attempts:
+                    if won:  # the losers end on their own: the answer is not held back for them
+                        self._abandon(race.attempts)
+                    else:
+                        await _cancel(race.attempts)
 
         return protected
-
-    async def _run(self, fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.counts.add(1, 0)
-        task = self._tasks.find()
-        if task is None:
-            raise RuntimeError("Hedge must be used inside an asyncio task")
-        race = _Race(self, fn, args, kwargs, task)
-        learned = self._delay if isinstance(self._delay, LearnedDelay) else None
-        start = self._clock.monotonic() if learned is not None else 0.0
-        won = False
-        try:
-            try:  # the first attempt runs here, in the caller's task
-                result = await fn(*args, **kwargs)
-            except asyncio.CancelledError:
-                race.inline = False
-                if not race.interrupted():
-                    raise
-                result = race.winner.result()  # type: ignore[union-attr]
-            except Exception:
-                race.inline = False
-                if race.winner is None and race.attempts:  # a hedge may still succeed
-                    await race.outlast()
-                    if race.winner is not None:
-                        won = True
-                        return race.winner.result()
-                    if race.error is not None:  # a hedge failed before the first attempt
-                        raise race.first_error() from None
-                    raise
-                if not race.interrupted():
-                    raise
-                result = race.winner.result()  # type: ignore[union-attr]
-            else:
-                race.inline = False
-                if race.interrupted():  # it swallowed the interruption: the hedge came first
-                    result = race.winner.result()  # type: ignore[union-attr]
-            if learned is not None:  # the first attempt's latency, or a lower bound of it
-                learned.observe(self._clock.monotonic() - start)
-            won = True
-            return result
-        finally:
-            race.left = 0  # no more hedges (a launch already due does nothing)
-            if race.timer is not None:
-                race.timer.cancel()
-            if race.attempts:
-                if won:  # the losers end on their own: the answer is not held back for them
-                    self._abandon(race.attempts)
-                else:
-                    await _cancel(race.attempts)
 
     @property
     def ending(self) -> int:

@@ -11,7 +11,7 @@ import asyncio
 import contextvars
 import re
 from collections.abc import Coroutine, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..clock import Clock, TimerHandle
 from ..events import Listener
@@ -301,7 +301,7 @@ class _Race:
             self.left = 0
             return
         self.left -= 1
-        call: Coroutine[Any, Any, Any] = self.fn(*self.args, **self.kwargs)  # type: ignore[assignment]
+        call = cast("Coroutine[Any, Any, Any]", self.fn(*self.args, **self.kwargs))
         attempt = self.task.get_loop().create_task(call, context=self.context)
         attempt.add_done_callback(self.finished)
         self.attempts.append(attempt)

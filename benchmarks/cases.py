@@ -16,7 +16,19 @@ from typing import Any, cast
 
 from harness import Case, Loop, Protected, ok_loop, reject_loop
 
-__all__ = ["GROUPS", "SPECS", "Spec", "build_cases", "ok"]
+__all__ = [
+    "CALLER_TASK",
+    "CURRENT_TASK",
+    "FORWARDING",
+    "FORWARDING_5",
+    "GROUPS",
+    "REJECT_FRAME",
+    "SPECS",
+    "TIMER",
+    "Spec",
+    "build_cases",
+    "ok",
+]
 
 BIG = 10**9  # a rate no benchmark reaches
 TRIP = 5  # failures used to trip peers' breakers
@@ -66,6 +78,8 @@ GROUPS: dict[str, str] = {
     "ratelimit": "4c. rate limiter, token available",
     "rejection": "5. open breaker: reject, raise and catch",
     "stack": "6. full stack (fallback, retry, breaker, timeout, bulkhead)",
+    "hedge": "7. hedge, first attempt answers before the delay",
+    "parts": "8. parts: what the rows above are made of",
 }
 
 
@@ -523,7 +537,129 @@ async def pyresilience_stack() -> Loop:
     return await checked(deco(ok))
 
 
-# --- the list --------------------------------------------------------------------------------
+# --- 7. hedge --------------------------------------------------------------------------------
+
+
+async def ours_hedge() -> Loop:
+    from resilience import Hedge
+
+    return await checked(Hedge(delay=10.0, budget=1.0)(ok))
+
+
+async def nopanic_hedge() -> Loop:
+    from nopanic import hedge
+
+    return await checked(hedge(delay=10.0)(ok))
+
+
+async def stdlib_hedge() -> Loop:
+    """The first attempt as a task, raced against the delay with ``asyncio.wait``."""
+
+    async def fn() -> int:
+        first = asyncio.ensure_future(ok())
+        done, _ = await asyncio.wait({first}, timeout=10.0)
+        if not done:
+            raise AssertionError("unreachable: ok() answers at once")
+        return first.result()
+
+    return await checked(fn)
+
+
+# --- 8. parts -------------------------------------------------------------------------------
+
+
+def forwarding(fn: Protected) -> Protected:
+    """The least a decorator can do: an ``async def`` forwarding ``*args, **kwargs``."""
+
+    async def forward(*args: Any, **kwargs: Any) -> Any:
+        return await fn(*args, **kwargs)
+
+    return forward
+
+
+async def part_forwarding() -> Loop:
+    return await checked(forwarding(ok))
+
+
+async def part_forwarding_5() -> Loop:
+    fn = ok
+    for _ in range(5):
+        fn = forwarding(fn)
+    return await checked(fn)
+
+
+async def part_raise_catch() -> Loop:
+    """Make, raise and catch a CircuitOpenError in one frame: no policy, no await."""
+    from resilience import CircuitOpenError
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            try:
+                raise CircuitOpenError("o", "forced_open", None)
+            except CircuitOpenError:
+                pass
+
+    return loop
+
+
+async def part_reject_through_frame() -> Loop:
+    """A coroutine that raises a fresh CircuitOpenError, awaited and caught: the floor of a
+    rejection through one protected function."""
+    from resilience import CircuitOpenError
+
+    async def refuse() -> int:
+        raise CircuitOpenError("o", "forced_open", None)
+
+    return reject_loop(refuse, CircuitOpenError)
+
+
+async def part_current_task() -> Loop:
+    """``asyncio.current_task()``: what a Timeout and a Hedge would pay to find their task."""
+    current = asyncio.current_task
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            current()
+
+    return loop
+
+
+async def part_caller_task() -> Loop:
+    """``CallerTask.find()``: how a Timeout and a Hedge find the task they run in."""
+    from resilience.policies.base import CallerTask
+
+    find = CallerTask().find
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            find()
+
+    return loop
+
+
+async def part_timer() -> Loop:
+    """``loop.call_later`` and ``cancel()``: the timer a Hedge arms once per call."""
+    loop_ = asyncio.get_running_loop()
+
+    def nothing() -> None:
+        pass
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            loop_.call_later(10.0, nothing).cancel()
+
+    return loop
+
+
+# --- the list ------------------------------------------------------------------------------
+
+FORWARDING = "async wrapper forwarding *args, **kwargs"
+FORWARDING_5 = "five such wrappers, nested"
+RAISE_CATCH = "make, raise, catch CircuitOpenError (one frame)"
+REJECT_FRAME = "coroutine raising CircuitOpenError, awaited, caught"
+CURRENT_TASK = "asyncio.current_task()"
+CALLER_TASK = "CallerTask.find() (policies.base)"
+TIMER = "loop.call_later() + cancel()"
 
 SPECS: list[Spec] = [
     Spec("bare", "await ok()", "stdlib", bare, primary=True),
@@ -564,6 +700,16 @@ SPECS: list[Spec] = [
     Spec("stack", "nopanic compose", "nopanic", nopanic_stack),
     Spec("stack", "hyx (stacked decorators)", "hyx", hyx_stack),
     Spec("stack", "pyresilience @resilient", "pyresilience", pyresilience_stack),
+    Spec("hedge", "resilience Hedge", "resilience", ours_hedge, primary=True),
+    Spec("hedge", "asyncio task + asyncio.wait", "stdlib", stdlib_hedge),
+    Spec("hedge", "nopanic", "nopanic", nopanic_hedge),
+    Spec("parts", FORWARDING, "stdlib", part_forwarding),
+    Spec("parts", FORWARDING_5, "stdlib", part_forwarding_5),
+    Spec("parts", RAISE_CATCH, "stdlib", part_raise_catch),
+    Spec("parts", REJECT_FRAME, "stdlib", part_reject_through_frame),
+    Spec("parts", CURRENT_TASK, "stdlib", part_current_task),
+    Spec("parts", CALLER_TASK, "resilience", part_caller_task),
+    Spec("parts", TIMER, "stdlib", part_timer),
 ]
 
 

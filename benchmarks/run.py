@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 import warnings
@@ -56,11 +57,11 @@ def progress(index: int, rounds: int) -> None:
 
 
 async def run(settings: Settings) -> Report:
-    start = time.monotonic()
+    start, load = time.monotonic(), os.getloadavg()[0]
     cases = await build_cases()
     results = await measure(cases, settings, progress)
     print(file=sys.stderr)
-    return Report(cases, results, settings, time.monotonic() - start)
+    return Report(cases, results, settings, time.monotonic() - start, (load, os.getloadavg()[0]))
 
 
 def main(argv: list[str] | None = None) -> int:

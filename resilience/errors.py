@@ -15,13 +15,19 @@
           +-- StoreUnavailableError       a shared store could not answer (policies catch it
                                           and carry on with local state; users never see it)
 
-Every rejection raises a fresh exception object, so tracebacks never accumulate. The
-rejections' constructors set their attributes and leave ``args`` to ``BaseException.__new__``
-(they call no ``super().__init__``), so an adapter may mix them with a foreign base class
-(httpx's ``TransportError``) whose ``__init__`` takes other arguments.
+Every rejection raises a fresh exception object, so tracebacks never accumulate. A
+rejection keeps its fields in ``args``, which ``BaseException.__new__`` stores (in C), and
+reads them through properties: making one runs no Python code but its constructor's check
+that ``args`` holds every field (it fills them in when given by keyword). Storing them as
+attributes as well cost more than anything else an open breaker's rejection does. The
+constructors call no ``super().__init__``, so an adapter may mix the rejections with a
+foreign base class (httpx's ``TransportError``) whose ``__init__`` takes other arguments,
+and a copy made with ``cls.__new__(cls, *error.args)`` has every field.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 __all__ = [
     "BulkheadFullError",
@@ -49,8 +55,18 @@ class RejectedError(ResilienceError):
     """
 
     def __init__(self, name: str = "", retry_after: float | None = None) -> None:
-        self.name = name
-        self.retry_after = retry_after
+        if len(self.args) != 2:  # given by keyword, or left out: args holds them all
+            self.args = (name, retry_after)
+
+    @property
+    def name(self) -> str:
+        """The name of the policy that refused the call."""
+        return cast(str, self.args[0])
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds after which a new call may succeed, or ``None`` when unknown."""
+        return cast("float | None", self.args[1])
 
     def __str__(self) -> str:
         hint = "" if self.retry_after is None else f"; retry after {self.retry_after:.3f}s"
@@ -64,9 +80,18 @@ class CircuitOpenError(RejectedError):
     """The circuit breaker ``name`` is open (``state``: open, half_open or forced_open)."""
 
     def __init__(self, name: str, state: str, retry_after: float | None) -> None:
-        self.name = name
-        self.state = state  #: ``open``, ``half_open`` or ``forced_open``
-        self.retry_after = retry_after  #: seconds until a probe may go (``None``: held open)
+        if len(self.args) != 3:
+            self.args = (name, state, retry_after)
+
+    @property
+    def state(self) -> str:
+        """``open``, ``half_open`` or ``forced_open``."""
+        return cast(str, self.args[1])
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until a probe may go (``None``: held open until reset)."""
+        return cast("float | None", self.args[2])
 
     def _what(self) -> str:
         return f"circuit {self.name!r} is {self.state}"
@@ -76,9 +101,18 @@ class BulkheadFullError(RejectedError):
     """The bulkhead ``name`` had no free slot (and no room or time left to wait for one)."""
 
     def __init__(self, name: str, max_concurrent: int) -> None:
-        self.name = name
-        self.retry_after = None
-        self.max_concurrent = max_concurrent
+        if len(self.args) != 2:
+            self.args = (name, max_concurrent)
+
+    @property
+    def max_concurrent(self) -> int:
+        """The bulkhead's limit when it refused the call."""
+        return cast(int, self.args[1])
+
+    @property
+    def retry_after(self) -> None:
+        """Always ``None``: a slot frees up when a call ends, which cannot be foreseen."""
+        return None
 
     def _what(self) -> str:
         return f"bulkhead {self.name!r} is full ({self.max_concurrent} calls in flight)"
@@ -88,8 +122,8 @@ class RateLimitedError(RejectedError):
     """The rate limiter ``name`` has no token left; one frees up after ``retry_after``."""
 
     def __init__(self, name: str, retry_after: float) -> None:
-        self.name = name
-        self.retry_after = retry_after
+        if len(self.args) != 2:
+            self.args = (name, retry_after)
 
     def _what(self) -> str:
         return f"rate limit {self.name!r} reached"
@@ -100,9 +134,13 @@ class ThrottledError(RejectedError):
     calls lately (``ratio``: the share of calls refused here), so this one was not sent."""
 
     def __init__(self, name: str, retry_after: float, ratio: float) -> None:
-        self.name = name
-        self.retry_after = retry_after
-        self.ratio = ratio
+        if len(self.args) != 3:
+            self.args = (name, retry_after, ratio)
+
+    @property
+    def ratio(self) -> float:
+        """The share of calls this throttle refuses now."""
+        return cast(float, self.args[2])
 
     def _what(self) -> str:
         return f"throttle {self.name!r} refused the call (refusing {self.ratio:.0%} of calls)"
@@ -113,9 +151,13 @@ class NoHealthyEndpointError(RejectedError):
     failing); the first may be back after ``retry_after``."""
 
     def __init__(self, name: str, retry_after: float | None, endpoints: int) -> None:
-        self.name = name
-        self.retry_after = retry_after
-        self.endpoints = endpoints
+        if len(self.args) != 3:
+            self.args = (name, retry_after, endpoints)
+
+    @property
+    def endpoints(self) -> int:
+        """How many endpoints are ejected."""
+        return cast(int, self.args[2])
 
     def _what(self) -> str:
         return f"no healthy endpoint of {self.name!r} ({self.endpoints} ejected)"

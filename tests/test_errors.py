@@ -9,10 +9,12 @@ import pytest
 from resilience.errors import (
     BulkheadFullError,
     CircuitOpenError,
+    NoHealthyEndpointError,
     RateLimitedError,
     RejectedError,
     ResilienceError,
     ResilienceTimeoutError,
+    ThrottledError,
     UnacceptableResultError,
 )
 
@@ -99,3 +101,45 @@ def test_pickle_round_trip(error: Exception) -> None:
     assert copy.args == error.args
     assert vars(copy) == vars(error)
     assert str(copy) == str(error)
+
+
+@pytest.mark.parametrize(
+    ("error", "fields"),
+    [
+        (RejectedError("r", 1.0), {"name": "r", "retry_after": 1.0}),
+        (
+            CircuitOpenError("db", "open", 2.5),
+            {"name": "db", "state": "open", "retry_after": 2.5},
+        ),
+        (
+            BulkheadFullError("pool", 4),
+            {"name": "pool", "max_concurrent": 4, "retry_after": None},
+        ),
+        (RateLimitedError("api", 0.25), {"name": "api", "retry_after": 0.25}),
+        (
+            ThrottledError("t", 0.5, 0.75),
+            {"name": "t", "retry_after": 0.5, "ratio": 0.75},
+        ),
+        (
+            NoHealthyEndpointError("svc", None, 3),
+            {"name": "svc", "retry_after": None, "endpoints": 3},
+        ),
+    ],
+)
+def test_rejection_fields_live_in_args(error: RejectedError, fields: dict[str, object]) -> None:
+    """A rejection stores nothing besides ``args`` (made in C), and a copy made from its
+    ``args`` alone (``cls.__new__(cls, *args)``, as adapters do) has every field."""
+    assert vars(error) == {}
+    copy = type(error).__new__(type(error), *error.args)
+    assert {k: getattr(copy, k) for k in fields} == fields
+    assert str(copy) == str(error)
+
+
+def test_rejection_fields_given_by_keyword() -> None:
+    """Fields given by keyword, or left to their defaults, are kept in ``args`` too."""
+    error = CircuitOpenError(name="db", state="forced_open", retry_after=None)
+    assert error.args == ("db", "forced_open", None)
+    assert (error.name, error.state, error.retry_after) == ("db", "forced_open", None)
+    assert RejectedError().args == ("", None)
+    assert RejectedError("x").retry_after is None
+    assert pickle.loads(pickle.dumps(error)).state == "forced_open"

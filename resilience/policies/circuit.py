@@ -190,7 +190,17 @@ class CircuitBreaker(BasePolicy):
             store = MemoryStore(clock=self._clock)
         self.store = store
         self._core: BreakerCore = store.breaker(name, config, self._clock)
-        self._core.fronts.add(self)
+        self._plain = not self._timed and self._failure_if is None  # a success is a success
+        self._local = type(self._core) is BreakerCore  # no store to tell
+        # a shared breaker, count window, no result check, not strict: a success in a full
+        # window of successes only adds to the buffer (SharedBreakerCore.success otherwise)
+        self._buffered = (
+            self._plain
+            and not self._local
+            and type(self._core.window) is CountCounter
+            and not self._core.strict
+        )
+        self._core.add_front(self)
         self._held: ContextVar[tuple[tuple[int, int, float], ...]] = ContextVar(
             f"resilience.breaker.{name}", default=()
         )
@@ -231,10 +241,18 @@ class CircuitBreaker(BasePolicy):
         )
         emit(self._listeners, event)
 
-    def _reject(self, error: CircuitOpenError) -> None:
-        self._core.rejecting()
+    def _rejected(self, error: CircuitOpenError) -> CircuitOpenError:
+        """``error``, counted for status tools and reported to the listeners.
+
+        The caller raises what this returns, ``raise self._rejected(CircuitOpenError(...))``,
+        so the error is never a variable of the frame it is raised from: one would keep
+        that frame, its traceback and itself in a reference cycle that only the garbage
+        collector frees, which cost about 150 ns per rejection.
+        """
+        self._core.rejecting()  # a shared core joins it to a round
         if self._listeners:
             self._emit_rejected(error)
+        return error
 
     def _emit_rejected(self, error: CircuitOpenError) -> None:
         emit(self._listeners, CallRejected(name=self.name, policy=self.kind, error=error))
@@ -247,17 +265,14 @@ class CircuitBreaker(BasePolicy):
         if probing and health is not None and health.running:
             # the health check probes for us: no user call becomes a probe
             if core.state is OPEN and now < core.open_until:
-                error = CircuitOpenError(core.name, "open", core.open_until - now)
-            else:
-                error = CircuitOpenError(core.name, str(core.state), health.interval)
-            self._reject(error)
-            raise error
+                raise self._rejected(CircuitOpenError(core.name, "open", core.open_until - now))
+            raise self._rejected(CircuitOpenError(core.name, str(core.state), health.interval))
         try:
             admitted = core.acquire(now)
             if admitted is None:
                 admitted = await core.acquire_remote(now)
         except CircuitOpenError as error:
-            self._reject(error)
+            self._rejected(error)
             raise
         return admitted[0], admitted[1], now
 
@@ -356,21 +371,12 @@ class CircuitBreaker(BasePolicy):
             raise error
 
     def _wrap(self, fn: Protected) -> Protected:
+        # few free variables: each is a cell, a GC-tracked object kept as long as the
+        # function; the paths off the hottest one read the breaker's attributes instead
         core = self._core
-        admit = self._admit
-        settle = self._settle
-        timed = self._timed
-        plain = not timed and self._failure_if is None
-        local = type(core) is BreakerCore
         monotonic = self._clock.monotonic
-
-        fast = plain and local  # an in-process breaker, count window, no result check
+        fast = self._plain and self._local  # an in-process breaker, count window, no result check
         window: CountCounter = core.window  # type: ignore[assignment]
-        # a shared breaker, count window, no result check, not strict: a success in a full
-        # window of successes only adds to the buffer (SharedBreakerCore.success otherwise)
-        buffered = plain and not local and type(window) is CountCounter and not core.strict
-        success = core.success
-
         skip = 0  # calls before the next one is timed (latency is sampled)
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
@@ -381,7 +387,7 @@ class CircuitBreaker(BasePolicy):
                     try:
                         result = await fn(*args, **kwargs)
                     except Exception as exc:
-                        settle(gen, 0, 0.0, exc, None)
+                        self._settle(gen, 0, 0.0, exc, None)
                         raise
                     # a full window of successes stays as it is: only read it; until it is
                     # full, or while it holds failures, the core counts the success
@@ -389,7 +395,7 @@ class CircuitBreaker(BasePolicy):
                         core.record(gen, 0, False, False)
                     return result
                 lease = 0
-                if timed:
+                if self._timed:
                     start = monotonic()
                 elif skip:  # latency is sampled: one call in SAMPLE_EVERY is timed
                     skip -= 1
@@ -398,25 +404,17 @@ class CircuitBreaker(BasePolicy):
                     skip = SAMPLE_EVERY - 1
                     start = monotonic()
             elif core.state is OPEN and (now := monotonic()) < core.open_until:
-                error = CircuitOpenError(core.name, "open", core.open_until - now)
-                core.rejecting()  # counted for status tools (a shared core joins a round)
-                if self._listeners:
-                    self._emit_rejected(error)
-                raise error
+                raise self._rejected(CircuitOpenError(core.name, "open", core.open_until - now))
             elif core.state is FORCED_OPEN:
-                error = CircuitOpenError(core.name, "forced_open", None)
-                core.rejecting()
-                if self._listeners:
-                    self._emit_rejected(error)
-                raise error
+                raise self._rejected(CircuitOpenError(core.name, "forced_open", None))
             else:
-                gen, lease, start = await admit()
+                gen, lease, start = await self._admit()
             try:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
                 if start:
                     core.took(monotonic() - start)
-                settle(gen, lease, start, exc, None)
+                self._settle(gen, lease, start, exc, None)
                 if core.strict:
                     await core.commit()
                 raise
@@ -426,22 +424,22 @@ class CircuitBreaker(BasePolicy):
                 raise
             if start:
                 core.took(monotonic() - start)
-            if lease or not plain:
-                settle(gen, lease, start, None, result)
+            if lease or not self._plain:
+                self._settle(gen, lease, start, None, result)
                 if core.strict:
                     await core.commit()
-            elif buffered:
+            elif self._buffered:  # the common case of SharedBreakerCore.success, inline
                 p = core.pending  # type: ignore[attr-defined]
                 if (
                     p.calls
                     and gen == core.gen
                     and not (window.failures or window.slow or window.calls < window.size)
                 ):
-                    p.calls += 1  # the common case of SharedBreakerCore.success
+                    p.calls += 1
                 else:
-                    success(gen)
-            elif not local:
-                success(gen)
+                    core.success(gen)
+            elif not self._local:
+                core.success(gen)
                 if core.strict:
                     await core.commit()
             # else: a local breaker admitted while DISABLED: nothing to count

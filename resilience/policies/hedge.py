@@ -8,14 +8,15 @@ parallel, instead of waiting for the slow attempt. A budget caps the extra load.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import re
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from ..clock import Clock, TimerHandle
 from ..events import Listener
 from ..rules.quantile import LearnedDelay
-from .base import BasePolicy, Protected, check_int, check_seconds
+from .base import BasePolicy, CallerTask, Protected, check_int, check_seconds
 from .throttle import SharedCounts
 
 if TYPE_CHECKING:
@@ -50,11 +51,15 @@ class Hedge(BasePolicy):
 
     A call starts one attempt; if no attempt has succeeded ``delay`` seconds later, another
     one is started, and so on every ``delay`` seconds up to ``max_hedges`` extra attempts.
-    The first attempt to succeed gives the call its result at once; the others are
-    cancelled and end on their own, within a few loop turns (their ``finally`` blocks run,
-    releasing what they hold; ``ending`` counts them, ``drain()`` waits for them). The answer
-    is not held back for their clean-up. A cancelled call cancels every attempt and waits
-    until they have ended before the cancellation propagates.
+    The first attempt runs in the caller's task (a call answered before the delay starts
+    no task); each hedge runs in a task of its own. The first attempt to succeed gives the
+    call its result: a hedge that wins while the first attempt runs interrupts it as
+    ``asyncio.timeout`` does (a cancellation of the caller's task, undone once the first
+    attempt has ended); losing hedges are cancelled and end on their own, within a few loop
+    turns (their ``finally`` blocks run, releasing what they hold; ``ending`` counts them,
+    ``drain()`` waits for them), and the answer is not held back for their clean-up. A
+    cancelled call cancels every attempt and waits until they have ended before the
+    cancellation propagates.
     An attempt that fails does not start another (retrying is ``Retry``'s job): the call
     waits for the attempts still running, and when every attempt started has failed it
     raises the error of the first one to fail.
@@ -103,7 +108,8 @@ class Hedge(BasePolicy):
         )
         self.window, self.buckets = counts.window, counts.buckets
         self.sync_interval, self.store = counts.sync_interval, counts.store
-        self._ending: set[asyncio.Future[Any]] = set()  # losers cancelled, not yet ended
+        self._ending: set[asyncio.Task[Any]] = set()  # losers cancelled, not yet ended
+        self._tasks = CallerTask()
 
     def __repr__(self) -> str:
         delay = self._delay
@@ -135,81 +141,57 @@ class Hedge(BasePolicy):
         return True
 
     def _wrap(self, fn: Protected) -> Protected:
-        run = self._run
+        tasks = self._tasks
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
-            return await run(fn, args, kwargs)
+            self.counts.add(1, 0)
+            task = tasks.find()
+            if task is None:
+                raise RuntimeError("Hedge must be used inside an asyncio task")
+            race = _Race(self, fn, args, kwargs, task)
+            learned = self._delay if isinstance(self._delay, LearnedDelay) else None
+            start = self._clock.monotonic() if learned is not None else 0.0
+            won = False
+            try:
+                try:  # the first attempt runs here, in the caller's task
+                    result = await fn(*args, **kwargs)
+                except asyncio.CancelledError:
+                    race.inline = False
+                    if not race.interrupted():
+                        raise
+                    result = race.winner.result()  # type: ignore[union-attr]
+                except Exception:
+                    race.inline = False
+                    if race.winner is None and race.attempts:  # a hedge may still succeed
+                        await race.outlast()
+                        if race.winner is not None:
+                            won = True
+                            return race.winner.result()
+                        if race.error is not None:  # a hedge failed before the first attempt
+                            raise race.first_error() from None
+                        raise
+                    if not race.interrupted():
+                        raise
+                    result = race.winner.result()  # type: ignore[union-attr]
+                else:
+                    race.inline = False
+                    if race.interrupted():  # it swallowed the interruption: the hedge came first
+                        result = race.winner.result()  # type: ignore[union-attr]
+                if learned is not None:  # the first attempt's latency, or a lower bound of it
+                    learned.observe(self._clock.monotonic() - start)
+                won = True
+                return result
+            finally:
+                race.left = 0  # no more hedges (a launch already due does nothing)
+                if race.timer is not None:
+                    race.timer.cancel()
+                if race.attempts:
+                    if won:  # the losers end on their own: the answer is not held back for them
+                        self._abandon(race.attempts)
+                    else:
+                        await _cancel(race.attempts)
 
         return protected
-
-    async def _run(self, fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.counts.add(1, 0)
-        clock = self._clock
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        due = False
-
-        def finished(_: object) -> None:
-            wake.set()
-
-        def fire() -> None:
-            nonlocal due
-            due = True
-            wake.set()
-
-        def launch() -> asyncio.Future[Any]:
-            attempt = asyncio.ensure_future(fn(*args, **kwargs), loop=loop)
-            attempt.add_done_callback(finished)
-            return attempt
-
-        learned = self.learned
-        delay = self.delay
-        start = clock.monotonic()
-        attempts = [launch()]
-        first = attempts[0]
-        left = self.max_hedges
-        timer: TimerHandle | None = clock.call_later(delay, fire)
-        error: BaseException | None = None  # of the first attempt to fail
-        failed: set[int] = set()  # indexes of the attempts that failed
-        won = False
-        try:
-            while True:
-                await wake.wait()
-                wake.clear()
-                for i, attempt in enumerate(attempts):
-                    if i in failed or not attempt.done():
-                        continue
-                    outcome = (
-                        asyncio.CancelledError() if attempt.cancelled() else attempt.exception()
-                    )
-                    if outcome is None:
-                        if learned is not None and (attempt is first or not first.done()):
-                            # the first attempt's latency, or a lower bound of it
-                            learned.observe(clock.monotonic() - start)
-                        won = True
-                        return attempt.result()
-                    failed.add(i)
-                    if error is None:
-                        error = outcome
-                if len(failed) == len(attempts) and error is not None:
-                    raise error
-                if due:
-                    due = False
-                    timer = None
-                    if left and self._may_hedge():
-                        left -= 1
-                        attempts.append(launch())
-                        if left:
-                            timer = clock.call_later(delay, fire)
-                    else:
-                        left = 0
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if won:  # the losers end on their own: the answer is not held back for them
-                self._abandon(attempts)
-            else:
-                await _cancel(attempts)
 
     @property
     def ending(self) -> int:
@@ -221,7 +203,7 @@ class Hedge(BasePolicy):
         while self._ending:
             await asyncio.wait(list(self._ending))
 
-    def _abandon(self, attempts: list[asyncio.Future[Any]]) -> None:
+    def _abandon(self, attempts: list[asyncio.Task[Any]]) -> None:
         """Cancel the attempts still running, without waiting; each is kept (a strong
         reference) until it has ended, and what it raised is dropped."""
         for attempt in attempts:
@@ -233,13 +215,13 @@ class Hedge(BasePolicy):
                 self._ending.add(attempt)
                 attempt.add_done_callback(self._ended)
 
-    def _ended(self, attempt: asyncio.Future[Any]) -> None:
+    def _ended(self, attempt: asyncio.Task[Any]) -> None:
         self._ending.discard(attempt)
         if not attempt.cancelled():
             attempt.exception()
 
 
-async def _cancel(attempts: list[asyncio.Future[Any]]) -> None:
+async def _cancel(attempts: list[asyncio.Task[Any]]) -> None:
     """Cancel the attempts still running and wait until every one has ended, even if the
     caller is cancelled meanwhile (then the cancellation is raised once they have)."""
     for attempt in attempts:
@@ -258,3 +240,104 @@ async def _cancel(attempts: list[asyncio.Future[Any]]) -> None:
             attempt.exception()
     if interrupted:
         raise asyncio.CancelledError
+
+
+class _Race:
+    """One hedged call: the timer that starts hedges, and the hedges, each a task of its own
+    (the first attempt runs in the caller's task). A hedge that succeeds while the first
+    attempt runs interrupts it by cancelling the caller's task, as ``asyncio.timeout``
+    does; ``interrupted()`` undoes that cancellation."""
+
+    __slots__ = (
+        "args",
+        "attempts",
+        "cancelling",
+        "context",
+        "delay",
+        "error",
+        "fn",
+        "hedge",
+        "inline",
+        "kwargs",
+        "left",
+        "task",
+        "timer",
+        "wake",
+        "winner",
+    )
+
+    def __init__(
+        self,
+        hedge: Hedge,
+        fn: Protected,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        task: asyncio.Task[Any],
+    ) -> None:
+        self.hedge = hedge
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.task = task
+        self.cancelling = task.cancelling()
+        self.context = contextvars.copy_context()  # the caller's, before the first attempt
+        self.attempts: list[asyncio.Task[Any]] = []
+        self.left = hedge.max_hedges
+        self.inline = True  # the first attempt is running
+        self.winner: asyncio.Task[Any] | None = None
+        self.error: BaseException | None = None  # of a hedge that failed first
+        self.wake: asyncio.Event | None = None
+        self.delay = delay = hedge.delay
+        self.timer: TimerHandle | None = hedge._clock.call_later(delay, self.fire)
+
+    def fire(self) -> None:
+        """The delay passed: decide on the next turn of the loop, so an answer that comes in
+        the same turn as the timer (on a fake clock, moved by the attempt) still wins."""
+        self.timer = None
+        self.task.get_loop().call_soon(self.launch, context=self.context)
+
+    def launch(self) -> None:
+        """Still no answer: start a hedge if the budget has room."""
+        hedge = self.hedge
+        if not self.left or self.winner is not None or not hedge._may_hedge():
+            self.left = 0
+            return
+        self.left -= 1
+        call = cast("Coroutine[Any, Any, Any]", self.fn(*self.args, **self.kwargs))
+        attempt = self.task.get_loop().create_task(call, context=self.context)
+        attempt.add_done_callback(self.finished)
+        self.attempts.append(attempt)
+        if self.left:
+            self.timer = hedge._clock.call_later(self.delay, self.fire)
+
+    def finished(self, attempt: asyncio.Task[Any]) -> None:
+        """A hedge ended: the first to succeed wins (interrupting the first attempt if it is
+        still running); otherwise wake ``outlast``."""
+        error = asyncio.CancelledError() if attempt.cancelled() else attempt.exception()
+        if self.winner is None and error is None:
+            self.winner = attempt
+            if self.inline:
+                self.task.cancel()
+                return
+        elif self.inline and self.error is None:  # it failed before the first attempt ended
+            self.error = error
+        if self.wake is not None:
+            self.wake.set()
+
+    def interrupted(self) -> bool:
+        """Whether a winning hedge interrupted the first attempt, and nobody else cancelled
+        the call meanwhile (then the cancellation goes on)."""
+        return self.winner is not None and self.task.uncancel() <= self.cancelling
+
+    async def outlast(self) -> None:
+        """The first attempt failed while hedges run: wait until one of them succeeds (the
+        ``winner``) or every one has ended."""
+        self.wake = wake = asyncio.Event()
+        while self.winner is None and not all(a.done() for a in self.attempts):
+            await wake.wait()
+            wake.clear()
+
+    def first_error(self) -> BaseException:
+        """The error of a hedge that failed while the first attempt ran, taken from here (so
+        that nothing but the traceback it is raised with holds it)."""
+        error, self.error = self.error, None
+        assert error is not None
+        return error

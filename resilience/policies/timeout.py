@@ -22,11 +22,10 @@ from typing import Any
 from ..clock import Clock, TimerHandle
 from ..errors import ResilienceTimeoutError
 from ..events import Listener, TimedOut, emit
-from .base import BasePolicy, Protected, check_seconds
+from .base import BasePolicy, CallerTask, Protected, check_seconds
 
 __all__ = ["Timeout"]
 
-_current_task = asyncio.current_task
 _CancelledError = asyncio.CancelledError
 
 
@@ -65,6 +64,7 @@ class Timeout(BasePolicy):
         self._live = 0
         self._timer: TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks = CallerTask()
         self._held: ContextVar[tuple[_Deadline, ...]] = ContextVar(
             f"resilience.timeout.{name}", default=()
         )
@@ -74,12 +74,12 @@ class Timeout(BasePolicy):
 
     # the deadline queue
     def _enter(self) -> _Deadline:
-        task = _current_task()
+        tasks = self._tasks
+        task = tasks.find()
         if task is None:
             raise RuntimeError("Timeout must be used inside an asyncio task")
-        loop = task.get_loop()
-        if loop is not self._loop:  # first use, or a new event loop: start afresh
-            self._reset(loop)
+        if tasks.loop is not self._loop:  # first use, or a new event loop: start afresh
+            self._reset(tasks.loop)
         entry = _Deadline(self._clock.monotonic() + self.seconds, task, task.cancelling())
         self._queue.append(entry)
         self._live += 1

@@ -217,7 +217,9 @@ class BreakerCore:
         self.reopens = 0
         self.opened_by: tuple[int, int, int] | None = None
         self.window: Counter = config.window.new()
-        self.fronts: weakref.WeakSet[Any] = weakref.WeakSet()  # of Front
+        #: the breaker objects using this core, weakly (a tuple of references: a WeakSet
+        #: cost six GC-tracked objects per breaker, and most cores have one front)
+        self.fronts: tuple[weakref.ref[Any], ...] = ()
         self._probes: dict[int, float] = {}  # lease id -> expiry
         self._probe_done = self._probe_failures = self._probe_slow = 0
         self.rejected = 0  # calls refused, since this core was made
@@ -363,12 +365,18 @@ class BreakerCore:
         self._probe_done = self._probe_failures = self._probe_slow = 0
         self._announce(old, new)
 
+    def add_front(self, front: Any) -> None:
+        """``front`` (a breaker object) uses this core: it hears of every transition for as
+        long as it lives (the core keeps only a weak reference)."""
+        self.fronts = (*(r for r in self.fronts if r() is not None), weakref.ref(front))
+
     def _announce(self, old: CircuitState, new: CircuitState) -> None:
         """Tell every breaker object using this core (each tells its listeners); the event is
         numbered above every one before it."""
         self.shown = max(self.gen, self.shown + 1)
-        for front in list(self.fronts):
-            if front._listeners:
+        for ref in self.fronts:
+            front = ref()
+            if front is not None and front._listeners:
                 front._transitioned(self, old, new)
 
     def counts(self, now: float) -> tuple[int, int, int]:

@@ -129,6 +129,25 @@ async def test_all_fail_raises_first_failure(clock: FakeClock) -> None:
     assert only_me() == set()
 
 
+async def test_all_fail_raises_a_hedges_failure_that_came_first(clock: FakeClock) -> None:
+    """When a hedge fails before the first attempt does, and the first attempt fails too,
+    the hedge's error (the first to fail) is raised."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    backend = Backend()
+    backend.errors = {0: ConnectionError("first"), 1: ValueError("hedge")}
+    task = start(hedge, backend)
+    await settle()
+    await advance(clock, 1.0)
+    backend.release(1)
+    await settle()
+    assert not task.done()  # the first attempt may still succeed
+    backend.release(0)
+    await settle()
+    with pytest.raises(ValueError, match="hedge"):
+        await task
+    assert only_me() == set()
+
+
 async def test_failure_before_delay_is_not_hedged(clock: FakeClock) -> None:
     """A first attempt that fails before the delay ends the call: no hedge, no retry."""
     hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
@@ -170,8 +189,64 @@ async def test_caller_cancellation_cancels_every_attempt(clock: FakeClock) -> No
 
 
 async def test_a_loser_slow_to_clean_up_does_not_hold_back_the_answer(clock: FakeClock) -> None:
-    """The hedge wins while the first attempt is still cleaning up after its cancellation:
+    """The first attempt wins while the hedge is still cleaning up after its cancellation:
     the call returns at once; the loser is kept until it has ended (``ending``, ``drain``)."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    first, cleaned = asyncio.Event(), asyncio.Event()
+    done: list[str] = []
+
+    async def attempt() -> str:
+        if not done:
+            done.append("first")
+            await first.wait()
+            return "first"
+        done.append("hedge")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await cleaned.wait()  # slow cleanup (giving back a lease, say)
+            done.append("cleaned")
+        return "hedge"
+
+    task = await started(hedge.call(attempt))
+    await advance(clock, 1.0)
+    assert done == ["first", "hedge"]
+    first.set()
+    await settle()
+    assert task.done()
+    assert await task == "first"
+    assert done == ["first", "hedge"]  # still cleaning up
+    assert hedge.ending == 1
+    drained = await started(hedge.drain())
+    assert not drained.done()
+    cleaned.set()
+    await drained
+    assert done == ["first", "hedge", "cleaned"]
+    assert hedge.ending == 0
+    assert only_me() == set()
+
+
+async def test_the_first_attempt_runs_in_the_callers_task(clock: FakeClock) -> None:
+    """The first attempt runs inline, in the caller's task; only a hedge gets a task."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    seen: list[asyncio.Task[Any] | None] = []
+
+    async def attempt() -> int:
+        seen.append(asyncio.current_task())
+        if len(seen) == 1:
+            await asyncio.Event().wait()
+        return len(seen)
+
+    task = await started(hedge.call(attempt))
+    await advance(clock, 1.0)
+    assert await task == 2
+    assert seen[0] is task
+    assert seen[1] is not task
+
+
+async def test_a_winning_hedge_waits_for_the_first_attempts_clean_up(clock: FakeClock) -> None:
+    """A hedge that wins interrupts the first attempt (a cancellation, as asyncio.timeout's);
+    the call returns once the first attempt's clean-up has run, and is not cancelled."""
     hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
     cleaned = asyncio.Event()
     done: list[str] = []
@@ -182,28 +257,71 @@ async def test_a_loser_slow_to_clean_up_does_not_hold_back_the_answer(clock: Fak
             try:
                 await asyncio.Event().wait()
             finally:
-                await cleaned.wait()  # slow cleanup (giving back a lease, say)
+                await cleaned.wait()
                 done.append("cleaned")
         return "hedge"
 
     task = await started(hedge.call(attempt))
     await advance(clock, 1.0)
-    assert task.done()
-    assert await task == "hedge"
-    assert done == ["first"]  # still cleaning up
-    assert hedge.ending == 1
-    drained = await started(hedge.drain())
-    assert not drained.done()
+    assert not task.done()  # the first attempt is cleaning up, in the caller's task
     cleaned.set()
-    await drained
+    await settle()
+    assert await task == "hedge"
+    assert task.cancelling() == 0
     assert done == ["first", "cleaned"]
     assert hedge.ending == 0
     assert only_me() == set()
 
 
+async def test_a_call_cancelled_as_its_hedge_wins_is_cancelled(clock: FakeClock) -> None:
+    """When the caller cancels the call in the same turn as a hedge wins, the cancellation
+    propagates: the hedge's own interruption does not swallow it."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    backend = Backend(instant=lambda i: i == 1)
+    task = await started(hedge.call(backend))
+    clock.advance(1.0)  # the hedge starts and answers at its first step
+    for _ in range(20):  # until the hedge has won and interrupts the first attempt
+        await asyncio.sleep(0)
+        if task.cancelling():
+            break
+    assert task.cancelling() == 1
+    assert not task.done()
+    task.cancel()
+    await settle()
+    assert hedge.counts.totals() == (1, 1)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert only_me() == set()
+
+
+async def test_a_first_attempt_ignoring_the_interruption_loses(clock: FakeClock) -> None:
+    """A first attempt that swallows the interruption and returns anyway: the hedge's answer,
+    which came first, is the call's, and the call is not left cancelled."""
+    hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
+    calls: list[int] = []
+
+    async def attempt() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return "first"
+        return "hedge"
+
+    task = await started(hedge.call(attempt))
+    await advance(clock, 1.0)
+    assert await task == "hedge"
+    assert calls == [1, 1]
+    assert task.cancelling() == 0
+    assert only_me() == set()
+
+
 async def test_a_cancelled_call_waits_for_a_stubborn_attempt(clock: FakeClock) -> None:
-    """Cancelling the call cancels its attempts and waits until they have ended, even when
-    one cleans up slowly and the call is cancelled again meanwhile."""
+    """Cancelling the call cancels its attempts and waits until the hedges have ended, even
+    when one cleans up slowly and the call is cancelled again meanwhile (the first attempt
+    runs in the caller's task: the second cancellation reaches its clean-up, as it would
+    reach any code the caller awaits)."""
     hedge = Hedge(delay=1.0, budget=1.0, clock=clock)
     cleaned = asyncio.Event()
     done: list[str] = []
@@ -227,7 +345,7 @@ async def test_a_cancelled_call_waits_for_a_stubborn_attempt(clock: FakeClock) -
     cleaned.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert done == ["cleaned", "cleaned"]
+    assert done == ["cleaned"]  # the hedge's
     assert hedge.ending == 0
     assert only_me() == set()
 
@@ -330,6 +448,76 @@ def test_hedges_never_exceed_the_budget(
 ) -> None:
     """Over any pattern of slow and fast calls, hedges stay within the budget."""
     run_pattern(pattern, budget, window)
+
+
+DELAY = 16  # ticks; an attempt ends at a tick that is never a multiple of it (no ties)
+
+
+def race_model(
+    durations: list[int], outcomes: list[bool], max_hedges: int
+) -> tuple[list[int], int | str]:
+    """Which attempts start and what the call gives: attempt ``i`` starts at ``i * DELAY``
+    while the call is undecided, up to ``max_hedges`` hedges; the first to succeed gives its
+    number; once every started attempt has failed, the first failure's (``"error i"``)."""
+    ends: list[tuple[int, int]] = []  # (tick, attempt)
+    started: list[int] = []
+    failed: list[int] = []
+    for tick in range(DELAY * (max_hedges + 1) + max(durations) * DELAY + 64):
+        if tick % DELAY == 0 and tick // DELAY <= max_hedges:
+            i = tick // DELAY
+            started.append(i)
+            ends.append((tick + durations[i], i))
+        for end, i in sorted(ends):
+            if end != tick:
+                continue
+            if outcomes[i]:
+                return started, i
+            failed.append(i)
+            if len(failed) == len(started):
+                return started, f"error {failed[0]}"
+    raise AssertionError("the model did not decide")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    max_hedges=st.integers(min_value=1, max_value=3),
+    lengths=st.lists(st.integers(min_value=0, max_value=3), min_size=4, max_size=4),
+    outcomes=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_a_hedged_call_matches_the_race_model(
+    max_hedges: int, lengths: list[int], outcomes: list[bool]
+) -> None:
+    """For any durations and outcomes of the attempts, the hedged call starts the attempts
+    the model starts and gives what it gives (the first success, or the first failure once
+    every started attempt failed), the first attempt running inline; nothing is left."""
+    durations = [DELAY * n + 1 + i for i, n in enumerate(lengths)]
+    expected_started, expected = race_model(durations, outcomes, max_hedges)
+    clock = FakeClock()
+    hedge = Hedge(delay=DELAY * TICK, max_hedges=max_hedges, budget=max_hedges, clock=clock)
+    began: list[int] = []
+
+    async def attempt() -> int:
+        i = len(began)
+        began.append(i)
+        await clock.sleep(durations[i] * TICK)
+        if not outcomes[i]:
+            raise ValueError(f"error {i}")
+        return i
+
+    async def main() -> int | str:
+        task = await started(hedge.call(attempt))
+        while not task.done():
+            await advance(clock, TICK)
+        try:
+            got: int | str = task.result()
+        except ValueError as exc:
+            got = str(exc)
+        await hedge.drain()
+        assert only_me() == set()
+        return got
+
+    assert asyncio.run(main()) == expected
+    assert began == expected_started
 
 
 def test_all_slow_calls_hedge_at_the_budget() -> None:

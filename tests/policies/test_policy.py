@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import tenacity
 from resilience.events import CallFinished, Event, FallbackUsed, RetryScheduled
 from resilience.policies.base import (
     BasePolicy,
+    CallerTask,
     Policy,
     check_int,
     check_name,
@@ -33,7 +35,7 @@ from resilience.policies.retry import Retry
 from resilience.policies.timeout import Timeout
 from resilience.testing import FakeClock
 
-from ..helpers import settle
+from ..helpers import ok, settle
 
 
 def fast_retry(attempts: int = 3, **kwargs: Any) -> Retry:
@@ -556,3 +558,49 @@ async def test_the_call_form_is_made_once_however_it_is_captured() -> None:
     bound = policy.call
     assert [await captured(1), await bound(ok, 2), await policy.call(ok, 3)] == [1, 2, 3]
     assert made == 1
+
+
+# --- the caller's task -----------------------------------------------------------------------
+
+
+def test_caller_task_is_the_current_task_on_every_loop_and_thread() -> None:
+    """``CallerTask.find()`` is ``asyncio.current_task()`` in every task: on a first loop, a
+    loop in another thread, a later loop in this thread; ``None`` in a loop's callback, and
+    ``RuntimeError`` with no running loop."""
+    tasks = CallerTask()
+    seen: list[bool] = []
+
+    async def child() -> None:
+        await asyncio.sleep(0)
+        seen.append(tasks.find() is asyncio.current_task())
+
+    async def probe() -> None:
+        seen.append(tasks.find() is asyncio.current_task())
+        await asyncio.gather(child(), child())
+        in_callback: list[object] = []
+        asyncio.get_running_loop().call_soon(lambda: in_callback.append(tasks.find()))
+        await settle()
+        seen.append(in_callback == [None])
+
+    asyncio.run(probe())
+    thread = threading.Thread(target=lambda: asyncio.run(probe()))
+    thread.start()
+    thread.join(timeout=30)
+    asyncio.run(probe())
+    assert seen == [True] * 12
+    with pytest.raises(RuntimeError):
+        tasks.find()
+
+
+async def test_a_listener_added_before_the_call_form_is_made() -> None:
+    """``add_listener`` on a policy whose call form was never made, then ``call``: the call
+    form is made with the listener; ``call`` stays one object until the next listener."""
+    bulkhead = Bulkhead(1)
+    got: list[object] = []
+    bulkhead.add_listener(got.append)
+    call = bulkhead.call
+    assert bulkhead.call is call
+    assert await call(ok) == "ok"
+    assert [type(e) for e in got] == [CallFinished]
+    bulkhead.add_listener(got.append)
+    assert bulkhead.call is not call

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from typing import Any
 
 import pytest
@@ -272,6 +273,26 @@ def test_usable_from_two_event_loops() -> None:
     assert asyncio.run(fast()) == "fast"  # leaves a timer armed on the first loop
     assert asyncio.run(slow()) is ResilienceTimeoutError
     assert asyncio.run(slow()) is ResilienceTimeoutError
+
+
+def test_usable_from_a_loop_in_another_thread() -> None:
+    """One Timeout used on a loop in this thread, then on a loop in another thread: each
+    deadline cancels the task running the call, in the thread it runs in."""
+    clock = FakeClock()
+    timeout = Timeout(3, clock=clock)
+    ran: list[object] = []
+
+    async def slow() -> None:
+        task = await started(timeout.call(clock.sleep, 10))
+        await advance(clock, 3)
+        ran.append(type(task.exception()))
+
+    asyncio.run(slow())
+    thread = threading.Thread(target=lambda: asyncio.run(slow()))
+    thread.start()
+    thread.join(timeout=30)
+    asyncio.run(slow())
+    assert ran == [ResilienceTimeoutError] * 3
 
 
 async def _value(v: str) -> str:

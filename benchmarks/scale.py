@@ -394,7 +394,8 @@ async def run(url: str, s: Settings) -> list[str]:
         "",
         f"Goals {'met' if goal else '**not met**'}. The longer stalls are CPython's full "
         "collections: each scans every tracked object of the process, and a breaker holds "
-        "about 40 (its wrapped function's closure, the core's lists, the set of its fronts), "
+        "about 34 (its wrapped function's closure, the core's lists, the weak references to "
+        "its fronts), "
         "so the collections the burst sets off grow with it, up to "
         f"{b['gc_max_ms']:.0f} ms at {s.burst:,} breakers here. An application that builds "
         "its breakers at start-up and calls `gc.freeze()` afterwards keeps them out of every "

@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
@@ -141,13 +142,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def serve(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    """Run ``app`` with uvicorn on 127.0.0.1:``port`` in this loop; wait until it listens."""
+async def serve(
+    app: Any, port: int, sock: socket.socket | None = None
+) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """Run ``app`` with uvicorn on 127.0.0.1:``port`` (or on ``sock``, already listening
+    there) in this loop; wait until it listens."""
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="error", lifespan="off", access_log=False
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(None if sock is None else [sock]))
     for _ in range(500):
         if server.started or task.done():
             break
@@ -255,6 +259,10 @@ STATE_STYLE = {
 }
 
 
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def breaker_line(policy: PolicyStatus | None) -> str:
     """The shared breaker in words: its state, and its window or what opened it.
 
@@ -266,10 +274,12 @@ def breaker_line(policy: PolicyStatus | None) -> str:
     state = STATE_LABEL.get(policy.state, str(policy.state))
     if policy.opened_by:
         calls, failures, _ = policy.opened_by
-        return f"breaker: {state}, opened by {failures} failed of {calls} attempts"
+        return f"breaker: {state}, opened by {_counted(failures, 'failed attempt')} of {calls}"
+    if not policy.calls:
+        return f"breaker: {state}; no attempt in its window yet"
     return (
-        f"breaker: {state}, upstream errors, retried: {policy.failure_ratio:.0%} of "
-        f"{policy.calls} attempts in the window"
+        f"breaker: {state}; {policy.failures} of the last {_counted(policy.calls, 'attempt')} "
+        f"failed ({policy.failure_ratio:.0%}), each retried"
     )
 
 
@@ -325,14 +335,18 @@ class Screen:
         breaker: PolicyStatus | None,
         fresh: list[Transition],
     ) -> None:
+        lines = []  # in time order: a replica's report may arrive after a phase change
         if phase != self.phase:
             self.phase = phase
-            self.line(f"{elapsed:6.1f}s  upstream phase: {phase}; {breaker_line(breaker)}")
-        for change in fresh:
-            self.line(transition_line(change))
+            lines.append(
+                (elapsed, f"{elapsed:6.1f}s  upstream phase: {phase}; {breaker_line(breaker)}")
+            )
+        lines += ((change.at, transition_line(change)) for change in fresh)
+        for _, text in sorted(lines, key=itemgetter(0)):
+            self.line(text)
         if self.live is None:
             return
-        table = Table(title=None, expand=False)
+        table = Table(title="requests (each makes up to 2 attempts)", expand=False)
         table.add_column("replica")
         for column in ("requests", "ok", "failed", "rejected"):
             table.add_column(column, justify="right")
@@ -374,12 +388,17 @@ async def run_demo(
     seed: int | None = None,
     write: Callable[[str], object] | None = None,
     tty: bool | None = None,
+    port: int = 0,
 ) -> dict[str, Any]:
     """Run the demo for ``duration`` seconds; return the summary it prints at the end.
 
+    The dashboard listens on ``port`` (0: any free one; ``CommandError`` when it cannot).
     Raises ``DemoError`` when a replica process dies (``--redis``), with its error.
     """
-    from resilience.ops.cli import redact
+    from resilience.ops.cli import listen, redact
+
+    dash_socket = listen("127.0.0.1", port)
+    dash_port = int(dash_socket.getsockname()[1])
 
     from .dashboard import Dashboard
 
@@ -400,13 +419,14 @@ async def run_demo(
             await status(store)
         except StoreUnavailableError as exc:
             await store.aclose()
+            dash_socket.close()
             raise DemoError(f"cannot reach Redis at {redact(redis_url)}: {exc}") from exc
-    upstream_port, dash_port = free_port(), free_port()
+    upstream_port = free_port()
     guarded = ResilienceMiddleware(
         upstream_app(timeline, seed), max_concurrent=64, timeout=2.0, retry_after=1.0
     )
     upstream, upstream_task = await serve(guarded, upstream_port)
-    dashboard, dashboard_task = await serve(Dashboard(store, refresh=0.5), dash_port)
+    dashboard, dashboard_task = await serve(Dashboard(store, refresh=0.5), dash_port, dash_socket)
     url = f"http://127.0.0.1:{upstream_port}"
     where = f"Redis {redact(redis_url)}" if redis_url else "an in-process MemoryStore"
     out(

@@ -15,6 +15,7 @@ __all__ = [
     "HEALTH_PREFIX",
     "LATENCY_BUCKETS",
     "MAX_PUBLISHED",
+    "REPORTING",
     "PolicyStatus",
     "ReplicaReport",
     "lease_kind",
@@ -24,6 +25,11 @@ __all__ = [
 #: bucket ``i`` counts calls that took less than ``LATENCY_BUCKETS[i]`` and at least the edge
 #: before it. Powers of two from 0.5 ms to 4 s.
 LATENCY_BUCKETS: tuple[float, ...] = (*(0.0005 * 2**i for i in range(14)), float("inf"))
+
+#: a replica heard from within this many seconds is reporting; one silent for longer has
+#: exited, lost its store, or made no call since (a replica flushes only when it has news,
+#: every ``sync_interval`` while it does): either way nothing it does shows in the figures
+REPORTING = 5.0
 
 #: the prefix of a fleet-wide health check's keys (its runner's lease, its published result):
 #: status tools list such a lease as kind ``"health_check"``, not as a bulkhead
@@ -87,6 +93,10 @@ class PolicyStatus(NamedTuple):
     limit: int | None = None  #: a fleet-wide bulkhead's limit, as last taken
     #: a fleet-wide bulkhead whose replicas adapt their own limits: their sum, as reported
     adaptive_limit: int | None = None
+
+    def reporting(self, within: float = REPORTING) -> int:
+        """How many of ``replicas`` were heard from in the last ``within`` seconds."""
+        return sum(r.last_seen <= within for r in self.replicas)
 
     @property
     def failure_ratio(self) -> float:

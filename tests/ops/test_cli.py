@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from resilience import (
     CircuitOpenError,
     CircuitState,
     CountWindow,
+    PolicyStatus,
     __version__,
     status,
 )
@@ -39,11 +41,13 @@ from resilience.ops.cli import (
     CommandError,
     _read_token,
     build_parser,
+    format_table,
     main,
     missing_modules,
     redact,
 )
 from resilience.ops.demo import DemoError, Transitions, _read_replica
+from resilience.store.records import ReplicaReport
 from resilience.store.redis import RedisStore
 
 from ..redis_server import free_port
@@ -462,3 +466,106 @@ def test_unparsable_url_password_is_not_printed() -> None:
     assert out.returncode in (1, 2)
     assert "s3[cr3t" not in out.stderr
     assert "cr3t" not in out.stderr
+
+
+# usage errors and messages ------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:6379/0"])
+def test_demo_with_an_invalid_redis_url_says_so_in_one_line(url: str) -> None:
+    """`demo --redis` with something that is no Redis URL is one line and exit 2, as `status`."""
+    out = resilience("demo", "--duration", "1", "--redis", url)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("resilience: invalid Redis URL"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["demo", "--duration", "0"], "usage: resilience demo"),
+        (["demo", "--replicas", "0"], "usage: resilience demo"),
+        (["demo", "--port", "70000"], "usage: resilience demo"),
+        (["dashboard", "--allow-control"], "usage: resilience dashboard"),
+        (["dashboard", "--refresh", "0"], "usage: resilience dashboard"),
+    ],
+)
+def test_range_errors_show_the_subcommands_usage(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value out of range is a usage error of its subcommand, with that subcommand's usage."""
+    clean = {k: os.environ.pop(k) for k in ENV_VARS if k in os.environ}
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+    finally:
+        os.environ.update(clean)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith(usage)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["dashboard", "--port", "abc"], "argument --port: not a TCP port: 'abc'"),
+        (["demo", "--port", "abc"], "argument --port: not a TCP port: 'abc'"),
+        (["dashboard", "--refresh", "soon"], "argument --refresh: not a number of seconds"),
+        (["demo", "--duration", "long"], "argument --duration: not a number of seconds"),
+        (["demo", "--replicas", "many"], "argument --replicas: not a whole number: 'many'"),
+    ],
+)
+def test_a_value_that_does_not_parse_names_its_option(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value of the wrong type names the option and says what it must be, never a function."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert says in err, err
+    assert "invalid" not in err
+
+
+def test_dashboard_on_a_port_in_use_says_so_before_any_url() -> None:
+    """`dashboard` on a port already taken exits 1 with one line, and never prints its URL."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        out = resilience("dashboard", "--port", str(port))
+    finally:
+        taken.close()
+    assert out.returncode == 1, out.stderr
+    assert "dashboard on" not in out.stdout
+    last = out.stderr.strip().splitlines()[-1]  # after the in-memory store's warning
+    assert last == f"resilience: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert "Traceback" not in out.stderr
+
+
+def test_demo_serves_its_dashboard_on_the_given_port() -> None:
+    """`demo --port` puts the dashboard on that port."""
+    port = free_port()
+    out = run_demo("--duration", "1", "--port", str(port))
+    assert f"dashboard: http://127.0.0.1:{port}/" in out.stdout
+
+
+def test_status_table_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy() -> None:
+    """An open breaker's row shows the window that opened it (its live window is empty), a
+    forced one no figures, and REPLICAS counts only replicas heard from lately, of those known."""
+
+    def report(i: int, seen: float) -> ReplicaReport:
+        return ReplicaReport(replica=f"r{i}", last_seen=seen, calls=5, failures=5, slow_calls=0)
+
+    gone = tuple(report(i, 180.0) for i in range(3))
+    policies = [
+        PolicyStatus(
+            name="pay", kind="circuit_breaker", state=CircuitState.OPEN, retry_after=3.0,
+            opened_by=(20, 15, 0), replicas=(report(0, 0.2), *gone[1:]),
+        ),
+        PolicyStatus(name="inv", kind="circuit_breaker", state=CircuitState.FORCED_OPEN),
+        PolicyStatus(
+            name="old", kind="circuit_breaker", state=CircuitState.CLOSED, calls=8, replicas=gone
+        ),
+    ]  # fmt: skip
+    lines = format_table(policies).splitlines()
+    assert lines[1].split() == ["pay", "circuit_breaker", "open", "20", "15", "75%", "3.0s", "1/3"]
+    assert lines[2].split() == ["inv", "circuit_breaker", "forced_open", "-", "-", "-", "-", "-"]
+    assert lines[3].split()[-1] == "0/3"
+    assert lines[-1] == "open: CALLS, FAILURES and RATIO are the window that opened it"

@@ -114,16 +114,40 @@ async def test_a_socket_bound_without_its_protocol_loses_tcp_nodelay() -> None:
 
 
 def test_breaker_line_says_upstream_errors_were_retried() -> None:
-    """A closed breaker's window counts attempts: the line says its errors were retried, and
-    an open one says what opened it."""
+    """A closed breaker's window counts attempts: the line says its errors were retried, an
+    open one says what opened it, and counts agree with their nouns."""
     closed = PolicyStatus(
         name="b", kind="circuit_breaker", state=CircuitState.CLOSED, calls=20, failures=2
     )
     assert breaker_line(closed) == (
-        "breaker: closed, upstream errors, retried: 10% of 20 attempts in the window"
+        "breaker: closed; 2 of the last 20 attempts failed (10%), each retried"
     )
+    empty = PolicyStatus(name="b", kind="circuit_breaker", state=CircuitState.CLOSED)
+    assert breaker_line(empty) == "breaker: closed; no attempt in its window yet"
     opened = PolicyStatus(
         name="b", kind="circuit_breaker", state=CircuitState.OPEN, opened_by=(12, 9, 0)
     )
-    assert breaker_line(opened) == "breaker: OPEN, opened by 9 failed of 12 attempts"
+    assert breaker_line(opened) == "breaker: OPEN, opened by 9 failed attempts of 12"
+    one = PolicyStatus(
+        name="b", kind="circuit_breaker", state=CircuitState.OPEN, opened_by=(1, 1, 0)
+    )
+    assert breaker_line(one) == "breaker: OPEN, opened by 1 failed attempt of 1"
     assert breaker_line(None) == "breaker: not used yet"
+
+
+def test_piped_screen_prints_lines_in_time_order() -> None:
+    """State changes that arrive late (a replica reports every 0.2 s) print in the order they
+    happened, before a phase change seen after them."""
+    lines: list[str] = []
+    screen = Screen(lines.append, tty=False, duration=10)
+    transitions = Transitions(start_wall=0.0)
+    transitions.add("b", 2, "open", "half_open", 3.5)
+    transitions.add("b", 1, "closed", "open", 2.5)
+    with screen:
+        screen.show(0.0, "healthy", [Counter()], None, [])
+        screen.show(4.0, "failing", [Counter()], None, transitions.take_fresh())
+    assert lines[1:] == [
+        "   2.5s  breaker b closed -> open (generation 1)\n",
+        "   3.5s  breaker b open -> half_open (generation 2)\n",
+        "   4.0s  upstream phase: failing; breaker: not used yet\n",
+    ]

@@ -9,16 +9,18 @@ Routes, relative to where it is mounted:
 * ``GET /``: the page (one static HTML file, no external resources), with the first status
   document inside it, so it shows figures at once.
 * ``GET /status``: ``{"policies": [...], "store": {"kind", "degraded"}, "control", "refresh",
-  "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot answer.
-  Each policy carries its ``PolicyStatus`` fields plus ``"replicas_reporting"`` (replicas
-  heard from in the last minute) and, for a breaker, figures computed here from the running
-  totals of two successive snapshots (``None`` before a second one; ``None`` for other kinds):
-  ``"rates"``, per second: ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that
-  keeps no running total of them, as an in-process one) and ``rejected`` (calls refused);
-  ``"percentiles"``: ``{"samples", "p50", "p99"}`` over the calls sampled in between (one in
-  8, or every call of a breaker that times them anyway), each percentile as its histogram
-  bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last edge), or
-  ``None`` when no call was sampled.
+  "reporting", "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot
+  answer. Each policy carries its ``PolicyStatus`` fields plus ``"replicas_reporting"``
+  (replicas heard from in the last ``"reporting"`` seconds: ``REPORTING``) and, for a
+  breaker, figures computed here from the running totals of two successive snapshots
+  (``None`` before a second one; ``None`` for other kinds): ``"rates"``, per second:
+  ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that keeps no running total
+  of them, as an in-process one) and ``rejected`` (calls refused); ``"percentiles"``:
+  ``{"samples", "p50", "p90", "p99", "p99.5", "mean"}`` over the calls sampled in between
+  (one in 8, or every call of a breaker that times them anyway), each percentile as its
+  histogram bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last
+  edge), the mean in seconds as estimated from the buckets; ``None`` when no call was
+  sampled.
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
@@ -56,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     ) from exc
 
 from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailableError, status
-from resilience.store.records import LATENCY_BUCKETS
+from resilience.store.records import LATENCY_BUCKETS, REPORTING
 
 __all__ = ["Dashboard"]
 
@@ -72,7 +74,6 @@ _CONTROL_STATES = {
 }
 _MAX_BODY = 4096  #: bytes accepted in a control request
 _STREAM_SECONDS = 300.0  #: an event stream ends after this; EventSource reconnects by itself
-_REPORTING = 60.0  #: a replica heard from within this many seconds is reporting
 _BASE_MARK = "__RESILIENCE_BASE__"
 _INITIAL_MARK = "__RESILIENCE_INITIAL__"
 _CSP = (
@@ -102,7 +103,8 @@ def _dumps(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
-_PERCENTILES = (("p50", 50), ("p99", 99))
+#: the percentiles shown, each with its rank in thousandths
+_PERCENTILES = (("p50", 500), ("p90", 900), ("p99", 990), ("p99.5", 995))
 
 
 def _growth(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:
@@ -120,22 +122,25 @@ def _growth(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _percentiles(counts: list[int]) -> dict[str, Any]:
-    """p50 and p99 of a latency histogram (counts per ``LATENCY_BUCKETS`` bucket): each as
-    its bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` for the open last
-    bucket), or ``None`` without samples."""
+    """p50, p90, p99 and p99.5 of a latency histogram (counts per ``LATENCY_BUCKETS``
+    bucket), each as its bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` for
+    the open last bucket), and the mean as estimated from the buckets (each sample at its
+    bucket's middle; at the lower edge in the open one); ``None`` without samples."""
     samples = sum(counts)
+    edges = [(LATENCY_BUCKETS[i - 1] if i else 0.0, LATENCY_BUCKETS[i]) for i in range(len(counts))]
     out: dict[str, Any] = {"samples": samples}
-    for name, percent in _PERCENTILES:
+    for name, permille in _PERCENTILES:
         out[name] = None
-        rank = max(1, -(-samples * percent // 100))  # the rank-th smallest sample, 1-based
+        rank = max(1, -(-samples * permille // 1000))  # the rank-th smallest sample, 1-based
         seen = 0
-        for i, count in enumerate(counts):
+        for (lower, upper), count in zip(edges, counts, strict=True):
             seen += count
             if samples and seen >= rank:
-                upper = LATENCY_BUCKETS[i]
-                lower = LATENCY_BUCKETS[i - 1] if i else 0.0
                 out[name] = [lower, None if math.isinf(upper) else upper]
                 break
+    middles = (lower if math.isinf(upper) else (lower + upper) / 2 for lower, upper in edges)
+    total = sum(count * middle for count, middle in zip(counts, middles, strict=True))
+    out["mean"] = round(total / samples, 6) if samples else None
     return out
 
 
@@ -314,6 +319,7 @@ class Dashboard:
         store = {"kind": _store_kind(self.store), "degraded": False}
         doc: dict[str, Any] = {"policies": [], "store": store, "control": self.allow_control}
         doc["refresh"] = self.refresh
+        doc["reporting"] = REPORTING
         code = 200
         try:
             policies = await status(self.store)
@@ -338,7 +344,7 @@ class Dashboard:
             data["rates"], data["percentiles"] = self._intervals.update(policy, now)
         else:
             data["rates"] = data["percentiles"] = None
-        data["replicas_reporting"] = sum(r.last_seen <= _REPORTING for r in policy.replicas)
+        data["replicas_reporting"] = policy.reporting()
         return data
 
     # routes ---------------------------------------------------------------------------------

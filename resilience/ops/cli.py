@@ -161,6 +161,12 @@ def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
             state = "running" if p.in_flight else "not running"
         elif p.kind == "retry_budget" and p.tokens is not None:
             state = f"{p.tokens:.1f} tokens"
+        elif p.window is not None:  # a throttle's or a hedge's shared window
+            first, second = p.window
+            state = {
+                "throttle": f"{second} accepted of {first} requests",
+                "hedge": f"{second} hedges for {first} calls",
+            }.get(p.kind, f"{first}, {second}")
         # replicas heard from lately, of those known: a fleet that exited reads 0/3
         replicas = f"{p.reporting()}/{len(p.replicas)}" if breaker and p.replicas else "-"
         rows.append((p.name, p.kind, state, *_window(p), _seconds(p.retry_after), replicas))

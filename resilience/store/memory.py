@@ -23,7 +23,7 @@ from .base import (
     check_share,
     check_window,
 )
-from .records import MAX_PUBLISHED, PolicyStatus, lease_kind
+from .records import MAX_PUBLISHED, PolicyStatus, lease_kind, window_kind
 
 __all__ = ["MemoryStore"]
 
@@ -313,6 +313,10 @@ class MemoryStore(StoreBase):
             PolicyStatus(name=key, kind="retry_budget", tokens=tokens)
             for key, tokens in self._budgets.items()
         )
+        for key, kept in self._windows.items():  # as the last window_add left them
+            totals = [sum(counts[i] for counts in kept.values() if len(counts) > i) for i in (0, 1)]
+            kind, name = window_kind(key)
+            out.append(PolicyStatus(name=name, kind=kind, window=(totals[0], totals[1])))
         return out
 
     async def control(self, name: str, state: CircuitState) -> None:

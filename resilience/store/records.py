@@ -19,6 +19,7 @@ __all__ = [
     "PolicyStatus",
     "ReplicaReport",
     "lease_kind",
+    "window_kind",
 ]
 
 #: Upper edges (seconds) of the latency histogram breakers keep (the last bucket is open):
@@ -45,6 +46,18 @@ def lease_kind(name: str) -> str:
     return "health_check" if name.startswith(HEALTH_PREFIX) else "bulkhead"
 
 
+#: the kinds whose two-figure window a store keeps under ``"<kind>:<name>"``
+#: (``SharedCounts``): a throttle's requests and accepts, a hedge's calls and hedges
+WINDOW_KINDS = ("throttle", "hedge")
+
+
+def window_kind(key: str) -> tuple[str, str]:
+    """``(kind, name)`` of the policy whose shared window is kept under ``key``; a key
+    without a kind's prefix (written by an older version) is kind ``"window"``."""
+    kind, colon, name = key.partition(":")
+    return (kind, name) if colon and kind in WINDOW_KINDS else ("window", key)
+
+
 class ReplicaReport(NamedTuple):
     """One replica's reports on a shared breaker: when it last flushed, and the outcomes it
     has flushed in all (since it started, or since it was silent for ten minutes)."""
@@ -64,7 +77,8 @@ class PolicyStatus(NamedTuple):
 
     ``kind`` is ``"circuit_breaker"``, ``"bulkhead"`` (fleet-wide leases),
     ``"health_check"`` (the lease of the replica running a fleet-wide health check:
-    ``in_flight`` 1 while one does), ``"rate_limiter"`` or ``"retry_budget"``; or
+    ``in_flight`` 1 while one does), ``"rate_limiter"``, ``"retry_budget"``, ``"throttle"``
+    or ``"hedge"`` (a window shared through the store: ``window``); or
     ``"damaged"`` when what the store holds under that name does not parse (``damaged`` says
     why). Breaker fields are ``None`` / 0 for other kinds.
     """
@@ -93,6 +107,9 @@ class PolicyStatus(NamedTuple):
     limit: int | None = None  #: a fleet-wide bulkhead's limit, as last taken
     #: a fleet-wide bulkhead whose replicas adapt their own limits: their sum, as reported
     adaptive_limit: int | None = None
+    #: a throttle's (requests, accepts) or a hedge's (calls, hedges) over its shared window,
+    #: as the last replica to exchange counts left it
+    window: tuple[int, int] | None = None
 
     def reporting(self, within: float = REPORTING) -> int:
         """How many of ``replicas`` were heard from in the last ``within`` seconds."""
@@ -110,4 +127,5 @@ class PolicyStatus(NamedTuple):
         data["replicas"] = [replica._asdict() for replica in self.replicas]
         data["failure_ratio"] = self.failure_ratio
         data["opened_by"] = None if self.opened_by is None else list(self.opened_by)
+        data["window"] = None if self.window is None else list(self.window)
         return data

@@ -563,6 +563,26 @@ async def test_status_counts_rejections_latency_and_bulkhead_limits(
     assert (pool.in_flight, pool.limit) == (1, 3)
 
 
+async def test_status_shows_throttle_and_hedge_windows_apart(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """A throttle's and a hedge's shared windows show in status() from any replica, each as
+    its own kind under its own name, even when the two share that name."""
+    from resilience import Hedge, Throttle, status
+
+    throttle = Throttle(store=store, name="api", clock=clock, sync_interval=0.1)
+    hedge = Hedge(delay=0.01, store=store, name="api", clock=clock, sync_interval=0.1)
+    throttle.counts.add(10, 7)
+    hedge.counts.add(40, 2)
+    await throttle.sync()
+    await hedge.sync()
+    await settle()  # the names registered
+    listed = {(s.name, s.kind): s for s in await status(replica())}
+    assert listed[("api", "throttle")].window == (10, 7)
+    assert listed[("api", "hedge")].window == (40, 2)
+    assert listed[("api", "hedge")].to_dict()["window"] == [40, 2]
+
+
 async def test_a_raising_failure_if_leaks_no_probe(
     store: Store, clock: FakeClock, settle: Settle
 ) -> None:

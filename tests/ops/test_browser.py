@@ -524,6 +524,8 @@ SCENE = [
     PolicyStatus(
         name="old", kind="circuit_breaker", state=CircuitState.CLOSED, calls=8, replicas=FLEET_GONE
     ),
+    PolicyStatus(name="api", kind="throttle", window=(10, 7)),
+    PolicyStatus(name="api", kind="hedge", window=(40, 2)),
 ]  # fmt: skip
 
 
@@ -548,8 +550,9 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
     page: Any,
 ) -> None:
     """An open breaker shows the window that opened it (never 0% / 0 / 0), a forced one no
-    figures; a fleet silent for minutes reads as silent, not reporting; the feed says "live"
-    only while the store answers, and says so again once it does."""
+    figures; a fleet silent for minutes reads as silent, not reporting; a throttle's and a
+    hedge's windows read as what they count; the feed says "live" only while the store
+    answers, and says so again once it does."""
     from resilience.ops.dashboard import Dashboard
 
     scene = Scene()
@@ -572,6 +575,14 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
             )
             assert "No replica heard from for 3 min" in await old.locator(".stale").inner_text()
             assert all("(silent)" in row for row in await _texts(old.locator("tbody tr")))
+            throttle = page.locator('[data-policy="api"][data-kind="throttle"] .figure')
+            hedge = page.locator('[data-policy="api"][data-kind="hedge"] .figure')
+            assert (await throttle.inner_text()).strip() == (
+                "accepted 7 of 10 requests (70%) over its window"
+            )
+            assert (
+                await hedge.inner_text()
+            ).strip() == "hedges sent 2 for 40 calls (5.0%) over its window"
             live = page.locator('#feed[data-feed="live"]')
             await live.wait_for(timeout=10_000)
 

@@ -568,3 +568,14 @@ def test_status_table_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy() -
     assert lines[2].split() == ["inv", "circuit_breaker", "forced_open", "-", "-", "-", "-", "-"]
     assert lines[3].split()[-1] == "0/3"
     assert lines[-1] == "open: CALLS, FAILURES and RATIO are the window that opened it"
+
+
+def test_status_table_shows_throttle_and_hedge_windows() -> None:
+    """A throttle's and a hedge's shared windows read as what they count."""
+    policies = [
+        PolicyStatus(name="api", kind="throttle", window=(10, 7)),
+        PolicyStatus(name="api", kind="hedge", window=(40, 2)),
+    ]
+    lines = format_table(policies).splitlines()
+    assert "7 accepted of 10 requests" in lines[1]
+    assert "2 hedges for 40 calls" in lines[2]

@@ -14,7 +14,7 @@ from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ...states import OPEN
-from ..records import PolicyStatus, ReplicaReport, lease_kind
+from ..records import PolicyStatus, ReplicaReport, lease_kind, window_kind
 from .primitives import (
     BREAKER_SUFFIXES,
     BY_VALUE,
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 __all__ = ["CHUNK", "COLUMNS", "SUFFIXES", "parse_status", "read_status"]
 
 #: the keys ``status.lua`` reads for each name, in order
-SUFFIXES = (*BREAKER_SUFFIXES, "leases", "gcra", "budget", "limit", "shares")
+SUFFIXES = (*BREAKER_SUFFIXES, "leases", "gcra", "budget", "limit", "shares", "counts")
 #: the columns this module reads from a ``status.lua`` reply (named in its header)
-COLUMNS = ("s", "g", "u", "c", "f", "l", "p", "o", "n", "m", "a", "q", "t")
+COLUMNS = ("s", "g", "u", "c", "f", "l", "p", "o", "n", "m", "a", "q", "t", "w")
 CHUNK = 250  #: names per status script call (one Redis)
 _WORKERS = 3  # status script calls in flight at once (one Redis)
 _CLUSTER_WORKERS = 32  # ... on a Cluster (one name a call, spread over the nodes)
@@ -170,7 +170,7 @@ class Reply:
         parts = text(entry).split("\t")
         if len(parts) < self.width:
             raise BadReply(f"a status entry of {len(parts)} columns, not {self.width}")
-        s, gen, until, calls, failures, slow, probes, opened, held, limit, own, tat, tokens = (
+        s, gen, until, calls, failures, slow, probes, opened, held, limit, own, tat, tokens, w = (
             self.pick(parts)
         )
         now = self.now
@@ -217,6 +217,10 @@ class Reply:
             out.append(PolicyStatus(name=name, kind="rate_limiter"))
         if tokens:
             out.append(PolicyStatus(name=name, kind="retry_budget", tokens=real(tokens, 0)))
+        if w:
+            kind, shown = window_kind(name)
+            first, second = map(_int, w.split(","))
+            out.append(PolicyStatus(name=shown, kind=kind, window=(first, second)))
 
 
 def parse_status(names: list[str], reply: Any) -> list[PolicyStatus]:

@@ -219,12 +219,12 @@ async def replica(
     until: float,
     tally: Counter[str],
     concurrency: int = 4,
-    listener: Callable[[Event], None] | None = None,
+    listeners: tuple[Callable[[Event], None], ...] = (),
 ) -> None:
     """One client replica: a few workers calling the upstream through ResilientTransport."""
     policy = client_policy(store, duration)
-    if listener is not None:
-        policy = dataclasses.replace(policy, listeners=(listener,))
+    if listeners:
+        policy = dataclasses.replace(policy, listeners=listeners)
     transport = ResilientTransport(policy=policy)
     async with httpx.AsyncClient(transport=transport, base_url=url) as client:
 
@@ -426,7 +426,8 @@ async def run_demo(
         upstream_app(timeline, seed), max_concurrent=64, timeout=2.0, retry_after=1.0
     )
     upstream, upstream_task = await serve(guarded, upstream_port)
-    dashboard, dashboard_task = await serve(Dashboard(store, refresh=0.5), dash_port, dash_socket)
+    board = Dashboard(store, refresh=0.5)
+    dashboard, dashboard_task = await serve(board, dash_port, dash_socket)
     url = f"http://127.0.0.1:{upstream_port}"
     where = f"Redis {redact(redis_url)}" if redis_url else "an in-process MemoryStore"
     out(
@@ -444,9 +445,12 @@ async def run_demo(
     files = contextlib.ExitStack()  # the replicas' stderr, read back if one dies
     try:
         if redis_url is None:
+            # in one process the breaker's calls are told to the dashboard: an in-process
+            # store keeps no running total of them
+            listeners = (transitions.listener, board.calls)
             workers = [
                 asyncio.create_task(
-                    replica(url, store, duration, until, tallies[i], listener=transitions.listener)
+                    replica(url, store, duration, until, tallies[i], listeners=listeners)
                 )
                 for i in range(replicas)
             ]
@@ -603,7 +607,9 @@ async def _replica_process(
 
     async with RedisStore.from_url(redis_url, prefix=prefix, timeout=1.0) as store:
         until = time.monotonic() + seconds
-        task = asyncio.create_task(replica(url, store, duration, until, tally, listener=listener))
+        task = asyncio.create_task(
+            replica(url, store, duration, until, tally, listeners=(listener,))
+        )
         while not task.done():
             report()
             await asyncio.sleep(0.2)

@@ -22,6 +22,7 @@ from resilience import (
     CountWindow,
     MemoryStore,
     PolicyStatus,
+    ResilienceTimeoutError,
     status,
 )
 from resilience.ops.dashboard import Dashboard, _percentiles
@@ -268,6 +269,42 @@ def test_only_replicas_heard_from_lately_are_reporting() -> None:
     policy = PolicyStatus(name="b", kind="circuit_breaker", replicas=reports)
     assert policy.reporting() == 2
     assert policy.reporting(within=200) == 4
+
+
+async def test_in_process_breakers_reporting_their_calls_get_rates(clock: FakeClock) -> None:
+    """A breaker of an in-process store that reports its calls to ``dashboard.calls`` gets
+    calls/s and failed/s (timeouts failed, refusals not calls), and every call's latency;
+    one that does not keeps none, as before."""
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    told = CircuitBreaker("told", minimum_calls=100, store=store, listeners=[app.calls])
+    silent = CircuitBreaker("silent", store=store)
+
+    async def takes(seconds: float) -> str:
+        clock.advance(seconds)
+        return "ok"
+
+    async def too_slow() -> None:
+        raise ResilienceTimeoutError("upstream", 0.1)
+
+    await told.call(takes, 0)
+    await silent.call(takes, 0)
+    await breaker_status(app, "told", 1.0)
+    for _ in range(6):
+        await told.call(takes, 0.003)
+    with pytest.raises(ConnectionError):
+        await told.call(_fail)
+    with pytest.raises(ResilienceTimeoutError):
+        await told.call(too_slow)
+    await told.force_open()
+    with pytest.raises(CircuitOpenError):
+        await told.call(takes, 0)
+    policy = await breaker_status(app, "told", 2.0 - 6 * 0.003)  # 2 s since the last
+    assert policy["rates"] == {"calls": 4.0, "failures": 1.0, "slow_calls": None, "rejected": 0.5}
+    assert policy["percentiles"]["samples"] == 8  # every call, not one in 8
+    assert policy["percentiles"]["p50"] == [0.002, 0.004]
+    quiet = await breaker_status(app, "silent", 0.0)
+    assert quiet["rates"]["calls"] is None
 
 
 async def test_a_total_that_goes_down_counts_from_zero(redis_url: str, clock: FakeClock) -> None:

@@ -10,7 +10,7 @@ from collections import Counter
 import httpx
 
 from resilience import CircuitState, PolicyStatus, StateChanged
-from resilience.ops.demo import Screen, Transitions, breaker_line, free_port, serve
+from resilience.ops.demo import Screen, Transitions, breaker_line, free_port, run_demo, serve
 
 
 async def _ok(scope: dict[str, object], receive: object, send: object) -> None:
@@ -151,3 +151,30 @@ def test_piped_screen_prints_lines_in_time_order() -> None:
         "   3.5s  breaker b open -> half_open (generation 2)\n",
         "   4.0s  upstream phase: failing; breaker: not used yet\n",
     ]
+
+
+async def test_the_in_process_demo_dashboard_shows_calls_and_latency() -> None:
+    """Without Redis the demo's dashboard still shows the breaker's calls/s, failed/s and
+    latency: its replicas tell the dashboard about every call."""
+    port = free_port()
+    seen: list[dict[str, object]] = []
+
+    async def watch() -> None:
+        async with httpx.AsyncClient() as client:
+            for _ in range(200):  # bounded: 20 s
+                await asyncio.sleep(0.1)
+                try:
+                    doc = (await client.get(f"http://127.0.0.1:{port}/status")).json()
+                except httpx.HTTPError:
+                    continue
+                breakers = [p for p in doc["policies"] if p["kind"] == "circuit_breaker"]
+                rates = breakers[0]["rates"] if breakers else None
+                if rates and rates["calls"] and breakers[0]["percentiles"]["samples"]:
+                    seen.append(breakers[0])
+                    return
+
+    watching = asyncio.create_task(watch())
+    await run_demo(4, replicas=2, seed=3, port=port, write=lambda _: None, tty=False)
+    watching.cancel()
+    await asyncio.gather(watching, return_exceptions=True)
+    assert seen, "the in-process demo's dashboard never showed calls/s with latency"

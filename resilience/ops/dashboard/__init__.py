@@ -26,6 +26,10 @@ Routes, relative to where it is mounted:
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
   with ``allow_control=True`` and ``Authorization: Bearer <token>``; ``403`` otherwise.
 
+A store shared through Redis carries every replica's running totals; an in-process store
+keeps none of calls: breakers built with ``listeners=[dashboard.calls]`` report theirs to the
+dashboard (``CallCounts``), which gives their cards calls/s, failed/s and latency.
+
 Control is off by default, and turning it on requires a token. Every figure comes from the
 store's ``status()``, one call per push (shared by every viewer): no Redis command per
 protected call. Error messages never show where the store is (a Redis URL, host or port);
@@ -59,6 +63,8 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
 
 from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailableError, status
 from resilience.store.records import LATENCY_BUCKETS, REPORTING
+
+from .calls import CallCounts
 
 __all__ = ["Dashboard"]
 
@@ -144,22 +150,27 @@ def _percentiles(counts: list[int]) -> dict[str, Any]:
     return out
 
 
-#: One source's running totals: (calls, failures, slow calls) or None when the store keeps
-#: none, then (refused calls,), then the latency histogram.
+#: One source's running totals: (calls, failures, slow calls), (calls, failures) when slow
+#: calls are not counted, or None when nothing keeps a total of calls; then (refused calls,),
+#: then the latency histogram.
 _Totals = tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]
 #: (rates, percentiles) of one breaker's last interval
 _Figures = tuple[dict[str, Any] | None, dict[str, Any] | None]
 
 
-def _totals(policy: PolicyStatus) -> dict[str, _Totals]:
+def _totals(policy: PolicyStatus, calls: CallCounts) -> dict[str, _Totals]:
     """A breaker's running totals per source: each replica's report, or else the policy's own
-    (an in-process store counts refusals and latency, but keeps no running total of calls)."""
+    (an in-process store counts refusals and latency, but keeps no running total of calls:
+    those its breaker reported to ``calls``, if any, with their latency, every call timed)."""
     if policy.replicas:
         return {
             r.replica: ((r.calls, r.failures, r.slow_calls), (r.rejected,), r.latency)
             for r in policy.replicas
         }
-    return {"": (None, (policy.rejected,), policy.latency)}
+    reported = calls.totals(policy.name)
+    if reported is None:
+        return {"": (None, (policy.rejected,), policy.latency)}
+    return {"": (reported[0], (policy.rejected,), reported[1])}
 
 
 class _Intervals:
@@ -175,15 +186,16 @@ class _Intervals:
     over (no figures for that interval).
     """
 
-    def __init__(self, min_gap: float) -> None:
+    def __init__(self, min_gap: float, calls: CallCounts) -> None:
         self.min_gap = min_gap
+        self.calls = calls
         self._last: dict[tuple[str, str], tuple[float, bool, dict[str, _Totals]]] = {}
         self._figures: dict[tuple[str, str], _Figures] = {}
 
     def update(self, policy: PolicyStatus, now: float) -> _Figures:
         """``(rates, percentiles)`` for ``policy``; both ``None`` before a second snapshot."""
         key = (policy.kind, policy.name)
-        totals = _totals(policy)
+        totals = _totals(policy, self.calls)
         last = self._last.get(key)
         if last is not None and now - last[0] < self.min_gap:
             return self._figures.get(key, (None, None))
@@ -200,6 +212,7 @@ class _Intervals:
         before: dict[str, _Totals], after: dict[str, _Totals], gap: float
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         outcomes: list[int] | None = None
+        slow_counted = True
         rejected = 0
         latency = [0] * len(LATENCY_BUCKETS)
         for source, (calls, refused, histogram) in after.items():
@@ -207,6 +220,8 @@ class _Intervals:
             if calls is not None:
                 # a report new since the last snapshot counts its calls from the first flush
                 grown = calls if old is None or old[0] is None else _growth(old[0], calls)
+                slow_counted = slow_counted and len(grown) == 3
+                grown = (*grown, 0)[:3]
                 outcomes = [a + b for a, b in zip(outcomes or [0, 0, 0], grown, strict=True)]
             if old is None:
                 # ... but its refusals and latency since its breaker was made, maybe long
@@ -221,7 +236,7 @@ class _Intervals:
         rates = {
             "calls": calls_rate,
             "failures": failures_rate,
-            "slow_calls": slow_rate,
+            "slow_calls": slow_rate if slow_counted else None,
             "rejected": round(rejected / gap, 2),
         }
         return rates, _percentiles(latency)
@@ -275,7 +290,10 @@ class Dashboard:
         self.refresh = float(refresh)
         self._token = None if token is None else token.strip().encode()
         self._page = resources.files(__name__).joinpath("index.html").read_text(encoding="utf-8")
-        self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2))
+        #: a listener for this process's breakers (``listeners=[dashboard.calls]``): their
+        #: calls/s, failed/s and latency where the store keeps no running totals of them
+        self.calls = CallCounts()
+        self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2), calls=self.calls)
         self._latest: tuple[float, int, dict[str, Any]] | None = None
         self._lock = asyncio.Lock()
         self.app = Starlette(

@@ -159,6 +159,8 @@ def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
             state = f"{p.in_flight} lease{'' if p.in_flight == 1 else 's'} held"
         elif p.kind == "health_check":
             state = "running" if p.in_flight else "not running"
+            if p.healthy is not None:
+                state += ", healthy" if p.healthy else f", unhealthy: {p.health_error or '?'}"
         elif p.kind == "retry_budget" and p.tokens is not None:
             state = f"{p.tokens:.1f} tokens"
         elif p.window is not None:  # a throttle's or a hedge's shared window

@@ -7,18 +7,21 @@ of them), compared field by field. Build them with keywords.
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 from ..states import CircuitState
 
 __all__ = [
     "HEALTH_PREFIX",
+    "HEALTH_RESULT",
     "LATENCY_BUCKETS",
     "MAX_PUBLISHED",
     "REPORTING",
     "PolicyStatus",
     "ReplicaReport",
     "lease_kind",
+    "published_health",
     "window_kind",
 ]
 
@@ -44,6 +47,23 @@ MAX_PUBLISHED = 65_536
 def lease_kind(name: str) -> str:
     """What a fleet-wide lease under ``name`` is for: a bulkhead, or a health check's runner."""
     return "health_check" if name.startswith(HEALTH_PREFIX) else "bulkhead"
+
+
+#: where a fleet-wide health check's runner publishes each result (``Store.publish`` item)
+HEALTH_RESULT = "result"
+
+
+def published_health(raw: bytes | str) -> tuple[bool, str | None] | None:
+    """``(healthy, error)`` of a health check's published result (JSON: ``"ok"``, and
+    ``"error"`` when it failed), or ``None`` for anything a runner never writes."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
+        return None
+    error = data.get("error")
+    return data["ok"], error[:1000] if isinstance(error, str) else None
 
 
 #: the kinds whose two-figure window a store keeps under ``"<kind>:<name>"``
@@ -110,6 +130,10 @@ class PolicyStatus(NamedTuple):
     #: a throttle's (requests, accepts) or a hedge's (calls, hedges) over its shared window,
     #: as the last replica to exchange counts left it
     window: tuple[int, int] | None = None
+    #: a fleet-wide health check: its last published result (``None``: none yet, or gone
+    #: with its time to live), and the error it failed with
+    healthy: bool | None = None
+    health_error: str | None = None
 
     def reporting(self, within: float = REPORTING) -> int:
         """How many of ``replicas`` were heard from in the last ``within`` seconds."""

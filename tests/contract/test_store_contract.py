@@ -583,6 +583,36 @@ async def test_status_shows_throttle_and_hedge_windows_apart(
     assert listed[("api", "hedge")].to_dict()["window"] == [40, 2]
 
 
+async def test_status_shows_a_fleet_health_checks_last_result(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """A fleet-wide health check's last published result shows in status() from any replica:
+    healthy, or unhealthy with the error it failed with."""
+    from resilience import HealthCheck, status
+
+    failing = False
+
+    async def check() -> None:
+        if failing:
+            raise ConnectionError("no route to db")
+
+    hc = HealthCheck(check, name="db", interval=1.0, store=store, clock=clock)
+    await hc._round()
+    await settle()
+    listed = {(s.name, s.kind): s for s in await status(replica())}
+    db = listed[("health:db", "health_check")]
+    assert (db.healthy, db.health_error) == (True, None)
+    failing = True
+    clock.advance(1.0)
+    await hc._round()
+    await settle()
+    listed = {(s.name, s.kind): s for s in await status(replica())}
+    db = listed[("health:db", "health_check")]
+    assert db.healthy is False
+    assert "no route to db" in (db.health_error or "")
+    await hc.aclose()
+
+
 async def test_a_raising_failure_if_leaks_no_probe(
     store: Store, clock: FakeClock, settle: Settle
 ) -> None:

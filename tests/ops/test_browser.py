@@ -526,6 +526,10 @@ SCENE = [
     ),
     PolicyStatus(name="api", kind="throttle", window=(10, 7)),
     PolicyStatus(name="api", kind="hedge", window=(40, 2)),
+    PolicyStatus(
+        name="health:db", kind="health_check", in_flight=1, healthy=False,
+        health_error="ConnectionError: no route",
+    ),
 ]  # fmt: skip
 
 
@@ -551,8 +555,8 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
 ) -> None:
     """An open breaker shows the window that opened it (never 0% / 0 / 0), a forced one no
     figures; a fleet silent for minutes reads as silent, not reporting; a throttle's and a
-    hedge's windows read as what they count; the feed says "live" only while the store
-    answers, and says so again once it does."""
+    hedge's windows read as what they count, a health check whether it is healthy; the feed
+    says "live" only while the store answers, and says so again once it does."""
     from resilience.ops.dashboard import Dashboard
 
     scene = Scene()
@@ -583,6 +587,10 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
             assert (
                 await hedge.inner_text()
             ).strip() == "hedges sent 2 for 40 calls (5.0%) over its window"
+            db = page.locator('[data-policy="health:db"][data-health="false"] .figure')
+            assert (await db.inner_text()).strip() == (
+                "unhealthy: ConnectionError: no route · a replica is running it"
+            )
             live = page.locator('#feed[data-feed="live"]')
             await live.wait_for(timeout=10_000)
 

@@ -570,12 +570,20 @@ def test_status_table_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy() -
     assert lines[-1] == "open: CALLS, FAILURES and RATIO are the window that opened it"
 
 
-def test_status_table_shows_throttle_and_hedge_windows() -> None:
-    """A throttle's and a hedge's shared windows read as what they count."""
+def test_status_table_shows_throttle_and_hedge_windows_and_health() -> None:
+    """A throttle's and a hedge's shared windows read as what they count, and a fleet-wide
+    health check says whether its last result was healthy, and why not."""
     policies = [
         PolicyStatus(name="api", kind="throttle", window=(10, 7)),
         PolicyStatus(name="api", kind="hedge", window=(40, 2)),
-    ]
+        PolicyStatus(
+            name="health:db", kind="health_check", in_flight=1, healthy=False,
+            health_error="ConnectionError: no route",
+        ),
+        PolicyStatus(name="health:mq", kind="health_check", in_flight=0, healthy=True),
+    ]  # fmt: skip
     lines = format_table(policies).splitlines()
     assert "7 accepted of 10 requests" in lines[1]
     assert "2 hedges for 40 calls" in lines[2]
+    assert "running, unhealthy: ConnectionError: no route" in lines[3]
+    assert "not running, healthy" in lines[4]

@@ -146,6 +146,7 @@ def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
 
     values = {"s": "open", "g": "3", "u": "5000", "c": "10", "f": "6", "l": "0", "p": "0"}
     values |= {"o": "10,6,0", "n": "2", "m": "4", "a": "6", "q": "", "t": "7.5", "w": "12,3"}
+    values["h"] = ""
     report = "r1|900 10 6 0 4 2 0,3"
 
     def reply(header: list[str]) -> list[Any]:
@@ -179,7 +180,7 @@ def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
 def test_a_short_or_missing_entry_is_damaged_alone() -> None:
     from resilience.store.redis.status import COLUMNS, parse_status
 
-    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t\t\t"
+    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0" + "\t" * (len(COLUMNS) - 8)
     header = "\t".join(COLUMNS)
     listed = parse_status(["a", "b", "c", "d"], [5, header, good, "closed\t0", good])
     assert [(s.name, s.kind) for s in listed] == [

@@ -41,12 +41,12 @@ from resilience.ops.cli import (
     CommandError,
     _read_token,
     build_parser,
-    format_table,
     main,
     missing_modules,
     redact,
 )
 from resilience.ops.demo import DemoError, Transitions, _read_replica
+from resilience.ops.table import format_table
 from resilience.store.records import ReplicaReport
 from resilience.store.redis import RedisStore
 

@@ -10,7 +10,8 @@ from collections import Counter
 import httpx
 
 from resilience import CircuitState, PolicyStatus, StateChanged
-from resilience.ops.demo import Screen, Transitions, breaker_line, free_port, run_demo, serve
+from resilience.ops.demo import free_port, run_demo, serve
+from resilience.ops.screen import Screen, Transitions, breaker_line
 
 
 async def _ok(scope: dict[str, object], receive: object, send: object) -> None:

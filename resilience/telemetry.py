@@ -359,24 +359,14 @@ class Telemetry:
             yield Observation(bulkhead.current_limit, {"resilience.name": bulkhead.name})
 
     def _observe_throttles(self, options: CallbackOptions) -> Iterable[Observation]:
-        for throttle in list(self._throttles):
-            requests, accepts = throttle.counts.totals()
-            for figure, value in (("requests", requests), ("accepts", accepts)):
-                yield Observation(
-                    value, {"resilience.name": throttle.name, "resilience.figure": figure}
-                )
+        return _windows(self._throttles, ("requests", "accepts"))
 
     def _observe_throttle_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
         for throttle in list(self._throttles):
             yield Observation(throttle.ratio, {"resilience.name": throttle.name})
 
     def _observe_hedges(self, options: CallbackOptions) -> Iterable[Observation]:
-        for hedge in list(self._hedges):
-            calls, hedges = hedge.counts.totals()
-            for figure, value in (("calls", calls), ("hedges", hedges)):
-                yield Observation(
-                    value, {"resilience.name": hedge.name, "resilience.figure": figure}
-                )
+        return _windows(self._hedges, ("calls", "hedges"))
 
     def _observe_hedge_delays(self, options: CallbackOptions) -> Iterable[Observation]:
         for hedge in list(self._hedges):
@@ -393,6 +383,15 @@ class Telemetry:
             if isinstance(lag, float):
                 name = getattr(store, "prefix", type(store).__name__)
                 yield Observation(lag, {"resilience.store": name})
+
+
+def _windows(
+    policies: Iterable[Throttle | Hedge], figures: tuple[str, str]
+) -> Iterable[Observation]:
+    """Each policy's two window totals, as ``figures`` name them."""
+    for policy in list(policies):
+        for figure, value in zip(figures, policy.counts.totals(), strict=True):
+            yield Observation(value, {"resilience.name": policy.name, "resilience.figure": figure})
 
 
 def _no_op(provider: object, no_op: type) -> bool:

@@ -67,6 +67,8 @@ def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
                 state += ", healthy" if p.healthy else f", unhealthy: {p.health_error or '?'}"
         elif p.kind == "retry_budget" and p.tokens is not None:
             state = f"{p.tokens:.1f} tokens"
+        elif p.kind == "rate_limiter" and p.backlog is not None:
+            state = f"full again in {p.backlog:.1f}s" if p.backlog > 0 else "bucket full"
         elif p.window is not None:  # a throttle's or a hedge's shared window
             first, second = p.window
             state = {

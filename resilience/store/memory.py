@@ -324,7 +324,10 @@ class MemoryStore(StoreBase):
                     health_error=error,
                 )
             )
-        out.extend(PolicyStatus(name=key, kind="rate_limiter") for key in self._tats)
+        out.extend(
+            PolicyStatus(name=key, kind="rate_limiter", backlog=max(0.0, tat - now))
+            for key, tat in self._tats.items()
+        )
         out.extend(
             PolicyStatus(name=key, kind="retry_budget", tokens=tokens)
             for key, tokens in self._budgets.items()

@@ -97,8 +97,8 @@ class PolicyStatus(NamedTuple):
 
     ``kind`` is ``"circuit_breaker"``, ``"bulkhead"`` (fleet-wide leases),
     ``"health_check"`` (the lease of the replica running a fleet-wide health check:
-    ``in_flight`` 1 while one does), ``"rate_limiter"``, ``"retry_budget"``, ``"throttle"``
-    or ``"hedge"`` (a window shared through the store: ``window``); or
+    ``in_flight`` 1 while one does), ``"rate_limiter"`` (``backlog``), ``"retry_budget"``,
+    ``"throttle"`` or ``"hedge"`` (a window shared through the store: ``window``); or
     ``"damaged"`` when what the store holds under that name does not parse (``damaged`` says
     why). Breaker fields are ``None`` / 0 for other kinds.
     """
@@ -134,6 +134,9 @@ class PolicyStatus(NamedTuple):
     #: with its time to live), and the error it failed with
     healthy: bool | None = None
     health_error: str | None = None
+    #: a shared rate limiter: seconds until its bucket is full again (0: full), which is how
+    #: far its arrival time runs ahead of now
+    backlog: float | None = None
 
     def reporting(self, within: float = REPORTING) -> int:
         """How many of ``replicas`` were heard from in the last ``within`` seconds."""

@@ -18,6 +18,7 @@ from resilience import (
     CircuitOpenError,
     CircuitState,
     CountWindow,
+    PolicyStatus,
     Store,
 )
 from resilience.policies.circuit import BreakerConfig
@@ -581,6 +582,27 @@ async def test_status_shows_throttle_and_hedge_windows_apart(
     assert listed[("api", "throttle")].window == (10, 7)
     assert listed[("api", "hedge")].window == (40, 2)
     assert listed[("api", "hedge")].to_dict()["window"] == [40, 2]
+
+
+async def test_status_shows_how_far_a_rate_limiter_runs_ahead(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """A shared rate limiter shows the seconds until its bucket is full again: five takes of
+    a 1-per-second bucket put it 5 s behind, and it is full once they have passed."""
+    from resilience import status
+
+    for _ in range(5):
+        assert await store.rate_take("api", interval=1.0, burst=10) == 0
+    await settle()
+
+    def backlog(listed: list[PolicyStatus]) -> float | None:
+        return {(s.name, s.kind): s for s in listed}[("api", "rate_limiter")].backlog
+
+    assert backlog(await status(replica())) == pytest.approx(5.0, abs=0.01)
+    clock.advance(2.0)
+    assert backlog(await status(replica())) == pytest.approx(3.0, abs=0.01)
+    clock.advance(10.0)
+    assert backlog(await status(replica())) == 0.0
 
 
 async def test_status_shows_a_fleet_health_checks_last_result(

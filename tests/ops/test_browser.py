@@ -530,6 +530,7 @@ SCENE = [
         name="health:db", kind="health_check", in_flight=1, healthy=False,
         health_error="ConnectionError: no route",
     ),
+    PolicyStatus(name="quota", kind="rate_limiter", backlog=2.5),
 ]  # fmt: skip
 
 
@@ -591,6 +592,8 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
             assert (await db.inner_text()).strip() == (
                 "unhealthy: ConnectionError: no route · a replica is running it"
             )
+            quota = page.locator('[data-policy="quota"][data-kind="rate_limiter"] .figure')
+            assert (await quota.inner_text()).strip() == "full again in 2.5 s (shared GCRA bucket)"
             live = page.locator('#feed[data-feed="live"]')
             await live.wait_for(timeout=10_000)
 

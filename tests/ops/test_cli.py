@@ -571,8 +571,9 @@ def test_status_table_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy() -
 
 
 def test_status_table_shows_throttle_and_hedge_windows_and_health() -> None:
-    """A throttle's and a hedge's shared windows read as what they count, and a fleet-wide
-    health check says whether its last result was healthy, and why not."""
+    """A throttle's and a hedge's shared windows read as what they count, a fleet-wide
+    health check says whether its last result was healthy, and why not, and a rate limiter
+    when its bucket is full again."""
     policies = [
         PolicyStatus(name="api", kind="throttle", window=(10, 7)),
         PolicyStatus(name="api", kind="hedge", window=(40, 2)),
@@ -581,9 +582,13 @@ def test_status_table_shows_throttle_and_hedge_windows_and_health() -> None:
             health_error="ConnectionError: no route",
         ),
         PolicyStatus(name="health:mq", kind="health_check", in_flight=0, healthy=True),
+        PolicyStatus(name="api", kind="rate_limiter", backlog=1.25),
+        PolicyStatus(name="idle", kind="rate_limiter", backlog=0.0),
     ]  # fmt: skip
     lines = format_table(policies).splitlines()
     assert "7 accepted of 10 requests" in lines[1]
     assert "2 hedges for 40 calls" in lines[2]
     assert "running, unhealthy: ConnectionError: no route" in lines[3]
     assert "not running, healthy" in lines[4]
+    assert "full again in 1.2s" in lines[5]
+    assert "bucket full" in lines[6]

@@ -241,8 +241,8 @@ class Reply:
                 )
             )
         if tat:
-            real(tat, 0)
-            out.append(PolicyStatus(name=name, kind="rate_limiter"))
+            backlog = max(0.0, (real(tat, 0) - now) / 1000)
+            out.append(PolicyStatus(name=name, kind="rate_limiter", backlog=backlog))
         if tokens:
             out.append(PolicyStatus(name=name, kind="retry_budget", tokens=real(tokens, 0)))
         if w:

@@ -557,7 +557,7 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
     """An open breaker shows the window that opened it (never 0% / 0 / 0), a forced one no
     figures; a fleet silent for minutes reads as silent, not reporting; a throttle's and a
     hedge's windows read as what they count, a health check whether it is healthy; the feed
-    says "live" only while the store answers, and says so again once it does."""
+    says "live" only while the store answers and is not degraded, and again once it is."""
     from resilience.ops.dashboard import Dashboard
 
     scene = Scene()
@@ -602,6 +602,10 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
             assert "store down" in await page.locator("#feed").inner_text()
             assert await page.locator("#banner").is_visible()
             scene.down = False
+            await live.wait_for(timeout=10_000)
+            scene.degraded = True  # a store deciding on local state: not live either
+            await page.locator('#feed[data-feed="degraded"]').wait_for(timeout=10_000)
+            scene.degraded = False
             await live.wait_for(timeout=10_000)
         finally:
             await page.goto("about:blank")  # the event stream ends with the page

@@ -547,6 +547,39 @@ async def serving(app: Any) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 10)
 
 
+async def test_a_breakers_neighbours_figures_show_when_reported(page: Any) -> None:
+    """Timeouts, bulkhead refusals and fallbacks reported under a breaker's name (to
+    ``dashboard.calls``) show on its card as rates; a card with none reported shows none."""
+    from resilience.events import FallbackUsed, TimedOut
+    from resilience.ops.dashboard import Dashboard
+
+    scene = Scene()
+    scene.records = SCENE
+    dashboard = Dashboard(scene, refresh=0.2)
+    async with serving(dashboard) as base:
+        try:
+            await page.goto(base)
+            inv = page.locator('[data-breaker="inv"]')
+            await inv.wait_for(timeout=10_000)
+            for _ in range(100):  # bounded: 10 s of reports, until the card shows them
+                dashboard.calls(TimedOut(name="inv", seconds=0.1))
+                dashboard.calls(FallbackUsed(name="inv", error=ConnectionError("x")))
+                if await inv.locator(".others").is_visible():
+                    break
+                await asyncio.sleep(0.1)
+            await page.wait_for_function(
+                """() => parseFloat(document.querySelector(
+                    '[data-breaker="inv"] .timeouts-rate').textContent) > 0""",
+                timeout=10_000,
+            )
+            assert (
+                await inv.locator(".fallbacks-rate").inner_text() != "\u2013"
+            )  # a rate, not the dash of none
+            assert not await page.locator('[data-breaker="pay"] .others').is_visible()
+        finally:
+            await page.goto("about:blank")
+
+
 async def _texts(locator: Any) -> list[str]:
     return [text.strip() for text in await locator.all_text_contents()]
 

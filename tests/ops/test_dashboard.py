@@ -16,15 +16,18 @@ from starlette.routing import Mount
 
 from resilience import (
     Bulkhead,
+    BulkheadFullError,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
     CountWindow,
+    Fallback,
     MemoryStore,
     PolicyStatus,
     ResilienceTimeoutError,
     status,
 )
+from resilience.events import TimedOut
 from resilience.ops.dashboard import Dashboard, _percentiles
 from resilience.store.records import LATENCY_BUCKETS, REPORTING, ReplicaReport
 from resilience.store.redis import RedisStore
@@ -300,11 +303,49 @@ async def test_in_process_breakers_reporting_their_calls_get_rates(clock: FakeCl
     with pytest.raises(CircuitOpenError):
         await told.call(takes, 0)
     policy = await breaker_status(app, "told", 2.0 - 6 * 0.003)  # 2 s since the last
-    assert policy["rates"] == {"calls": 4.0, "failures": 1.0, "slow_calls": None, "rejected": 0.5}
+    assert policy["rates"] == {
+        "calls": 4.0,
+        "failures": 1.0,
+        "slow_calls": None,
+        "rejected": 0.5,
+        "timeouts": 0.0,
+        "bulkhead_rejected": 0.0,
+        "fallbacks": 0.0,
+    }
     assert policy["percentiles"]["samples"] == 8  # every call, not one in 8
     assert policy["percentiles"]["p50"] == [0.002, 0.004]
     quiet = await breaker_status(app, "silent", 0.0)
     assert quiet["rates"]["calls"] is None
+    assert quiet["rates"]["timeouts"] is None
+
+
+async def test_timeouts_bulkhead_refusals_and_fallbacks_under_a_breakers_name(
+    clock: FakeClock,
+) -> None:
+    """Policies named as a breaker that report to ``dashboard.calls`` add, per second, the
+    timeouts that expired, the calls their bulkhead refused and the fallbacks served to that
+    breaker's figures (as Hystrix groups a command's); a store's replicas report none."""
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    told = [app.calls]
+    breaker = CircuitBreaker("dep", store=store, listeners=told)
+    pool = Bulkhead(1, name="dep", listeners=told)
+    fallback = Fallback(on=ConnectionError, value="cached", name="dep", listeners=told)
+    await breaker.call(asyncio.sleep, 0)
+    await breaker_status(app, "dep", 1.0)
+    gate = asyncio.Event()
+    holding = asyncio.create_task(pool.call(gate.wait))
+    await asyncio.sleep(0)
+    for _ in range(3):
+        with pytest.raises(BulkheadFullError):
+            await pool.call(asyncio.sleep, 0)
+    for _ in range(4):
+        assert await fallback.call(_fail) == "cached"
+    app.calls(TimedOut(name="dep", seconds=0.1))  # as a Timeout named "dep" reports one
+    gate.set()
+    await holding
+    rates = (await breaker_status(app, "dep", 2.0))["rates"]
+    assert (rates["timeouts"], rates["bulkhead_rejected"], rates["fallbacks"]) == (0.5, 1.5, 2.0)
 
 
 async def test_a_total_that_goes_down_counts_from_zero(redis_url: str, clock: FakeClock) -> None:

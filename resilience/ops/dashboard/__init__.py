@@ -15,7 +15,9 @@ Routes, relative to where it is mounted:
   breaker, figures computed here from the running totals of two successive snapshots
   (``None`` before a second one; ``None`` for other kinds): ``"rates"``, per second:
   ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that keeps no running total
-  of them, as an in-process one) and ``rejected`` (calls refused); ``"percentiles"``:
+  of them, as an in-process one) and ``rejected`` (calls refused), and ``timeouts``,
+  ``bulkhead_rejected`` and ``fallbacks`` (``None`` unless this process's policies of that
+  name report to ``dashboard.calls``); ``"percentiles"``:
   ``{"samples", "p50", "p90", "p99", "p99.5", "mean"}`` over the calls sampled in between
   (one in 8, or every call of a breaker that times them anyway), each percentile as its
   histogram bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last
@@ -151,8 +153,9 @@ def _percentiles(counts: list[int]) -> dict[str, Any]:
 
 
 #: One source's running totals: (calls, failures, slow calls), (calls, failures) when slow
-#: calls are not counted, or None when nothing keeps a total of calls; then (refused calls,),
-#: then the latency histogram.
+#: calls are not counted, or None when nothing keeps a total of calls; then (refused calls,)
+#: or, where its policies report to ``CallCounts``, (refused calls, timeouts, calls
+#: bulkheads refused, fallbacks served); then the latency histogram.
 _Totals = tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]
 #: (rates, percentiles) of one breaker's last interval
 _Figures = tuple[dict[str, Any] | None, dict[str, Any] | None]
@@ -167,10 +170,11 @@ def _totals(policy: PolicyStatus, calls: CallCounts) -> dict[str, _Totals]:
             r.replica: ((r.calls, r.failures, r.slow_calls), (r.rejected,), r.latency)
             for r in policy.replicas
         }
-    reported = calls.totals(policy.name)
+    reported, events = calls.totals(policy.name), calls.events(policy.name)
+    refused = (policy.rejected,) if events is None else (policy.rejected, *events)
     if reported is None:
-        return {"": (None, (policy.rejected,), policy.latency)}
-    return {"": (reported[0], (policy.rejected,), reported[1])}
+        return {"": (None, refused, policy.latency)}
+    return {"": (reported[0], refused, reported[1])}
 
 
 class _Intervals:
@@ -214,6 +218,7 @@ class _Intervals:
         outcomes: list[int] | None = None
         slow_counted = True
         rejected = 0
+        others: tuple[int, ...] | None = None  # timeouts, bulkhead refusals, fallbacks
         latency = [0] * len(LATENCY_BUCKETS)
         for source, (calls, refused, histogram) in after.items():
             old = before.get(source)
@@ -227,7 +232,9 @@ class _Intervals:
                 # ... but its refusals and latency since its breaker was made, maybe long
                 # before: they are the base the next interval grows from
                 continue
-            rejected += _growth(old[1], refused)[0]
+            grown = _growth(old[1], refused)
+            rejected += grown[0]
+            others = grown[1:] if len(grown) == 4 else others
             if len(histogram) == len(latency):
                 latency = [a + b for a, b in zip(latency, _growth(old[2], histogram), strict=True)]
         calls_rate, failures_rate, slow_rate = (
@@ -239,6 +246,8 @@ class _Intervals:
             "slow_calls": slow_rate if slow_counted else None,
             "rejected": round(rejected / gap, 2),
         }
+        for figure, i in (("timeouts", 0), ("bulkhead_rejected", 1), ("fallbacks", 2)):
+            rates[figure] = None if others is None else round(others[i] / gap, 2)
         return rates, _percentiles(latency)
 
     def forget(self, keep: set[tuple[str, str]]) -> None:

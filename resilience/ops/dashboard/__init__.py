@@ -263,6 +263,8 @@ class Dashboard:
     page; it requires ``token``, which clients send as ``Authorization: Bearer <token>``.
     ``refresh`` is the seconds between two pushes on the event stream, in [0.05, 3600].
     ``clock`` times the snapshots, and so the rates (the store's clock by default).
+    ``calls`` is a listener for this process's policies (``listeners=[dashboard.calls]``):
+    what they report fills in the figures an in-process store keeps no total of.
     """
 
     def __init__(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import StoreUnavailableError
 from ..states import CircuitState
 from ..store.protocol import status
-from ..store.records import PolicyStatus
+from ..store.records import REPORTING, PolicyStatus
 from ..version import DISTRIBUTION, __version__
 from .table import missing_modules, print_table
 
@@ -129,10 +129,12 @@ async def _with_store(url: str, prefix: str, work: Callable[[RedisStore], Awaita
 def status_document(
     policies: Sequence[PolicyStatus], *, kind: str, degraded: bool
 ) -> dict[str, Any]:
-    """The JSON document of ``status --json`` (the dashboard's ``/status`` shape)."""
+    """The JSON document of ``status --json`` (the dashboard's ``/status`` shape): each
+    policy with the replicas heard from in the last ``"reporting"`` seconds."""
     return {
-        "policies": [p.to_dict() for p in policies],
+        "policies": [{**p.to_dict(), "replicas_reporting": p.reporting()} for p in policies],
         "store": {"kind": kind, "degraded": degraded},
+        "reporting": REPORTING,
         "time": time.time(),
     }
 

@@ -225,6 +225,11 @@ def test_status_json_from_the_environment(tripped: tuple[str, str]) -> None:
     assert doc["store"] == {"kind": "redis", "degraded": False}
     states = {p["name"]: p["state"] for p in doc["policies"] if p["kind"] == "circuit_breaker"}
     assert states == {"payments": "open", "search": "closed"}
+    assert doc["reporting"] == 5.0  # as the dashboard's document: replicas heard from lately
+    assert {p["name"]: p["replicas_reporting"] for p in doc["policies"]} == {
+        "payments": 1,
+        "search": 1,
+    }
 
 
 def test_status_of_an_empty_prefix(redis_url: str) -> None:

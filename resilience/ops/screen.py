@@ -105,16 +105,24 @@ def transition_line(t: Transition) -> str:
     return f"{t.at:6.1f}s  breaker {t.name} {t.old} -> {t.new} (generation {t.generation})"
 
 
+#: seconds a line waits before it is printed, for a late report (a replica process reports
+#: every 0.2 s) of something that happened before it to be printed first
+HOLD = 0.5
+
+
 class Screen:
     """A live table and progress bar (rich) on a terminal; plain lines elsewhere.
 
-    Plain lines: the upstream's phase changes and the breakers' state changes as they happen.
+    Plain lines: the upstream's phase changes and the breakers' state changes, in the order
+    they happened: each is held ``HOLD`` seconds, so a report that arrives late still goes
+    before what happened after it. The rest are printed when the screen closes.
     """
 
     def __init__(self, write: Callable[[str], object], tty: bool, duration: float) -> None:
         self.write = write
         self.tty = tty
         self.phase = ""
+        self.held: list[tuple[float, str]] = []  # (when it happened, the line)
         self.live: Live | None = None
         if tty:
             self.console = Console(highlight=False)
@@ -133,6 +141,7 @@ class Screen:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._print_held(float("inf"))
         if self.live is not None:
             self.live.__exit__(None, None, None)
             self.live = None
@@ -152,15 +161,12 @@ class Screen:
         breaker: PolicyStatus | None,
         fresh: list[Transition],
     ) -> None:
-        lines = []  # in time order: a replica's report may arrive after a phase change
         if phase != self.phase:
             self.phase = phase
-            lines.append(
-                (elapsed, f"{elapsed:6.1f}s  upstream phase: {phase}; {breaker_line(breaker)}")
-            )
-        lines += ((change.at, transition_line(change)) for change in fresh)
-        for _, text in sorted(lines, key=itemgetter(0)):
-            self.line(text)
+            line = f"{elapsed:6.1f}s  upstream phase: {phase}; {breaker_line(breaker)}"
+            self.held.append((elapsed, line))
+        self.held += ((change.at, transition_line(change)) for change in fresh)
+        self._print_held(elapsed - HOLD)
         if self.live is None:
             return
         table = Table(title="requests (each makes up to 2 attempts)", expand=False)
@@ -179,3 +185,11 @@ class Screen:
         self.live.update(
             Group(table, f"[{style}]{breaker_line(breaker)}[/]" if style else "", self.progress)
         )
+
+    def _print_held(self, until: float) -> None:
+        """Print the held lines of what happened up to ``until``, in time order."""
+        self.held.sort(key=itemgetter(0))  # stable: a phase line before a change at its time
+        due = [text for at, text in self.held if at <= until]
+        del self.held[: len(due)]
+        for text in due:
+            self.line(text)

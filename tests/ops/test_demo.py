@@ -136,6 +136,23 @@ def test_breaker_line_says_upstream_errors_were_retried() -> None:
     assert breaker_line(None) == "breaker: not used yet"
 
 
+def test_a_late_report_still_prints_before_what_happened_after_it() -> None:
+    """A state change reported after a later phase change was seen (a replica process
+    reports every 0.2 s) is printed before it: lines wait HOLD seconds before printing."""
+    lines: list[str] = []
+    screen = Screen(lines.append, tty=False, duration=10)
+    transitions = Transitions(start_wall=0.0)
+    with screen:
+        screen.show(0.0, "healthy", [Counter()], None, [])
+        screen.show(4.0, "failing", [Counter()], None, [])
+        transitions.add("b", 1, "closed", "open", 3.9)  # reported at 4.2, happened at 3.9
+        screen.show(4.2, "failing", [Counter()], None, transitions.take_fresh())
+        assert len(lines) == 1  # the phase change at 4.0 waits; the change at 3.9 too
+        screen.show(5.0, "failing", [Counter()], None, [])
+        assert len(lines) == 3  # both past HOLD: printed in order
+    assert [line.split()[0] for line in lines] == ["0.0s", "3.9s", "4.0s"]
+
+
 def test_piped_screen_prints_lines_in_time_order() -> None:
     """State changes that arrive late (a replica reports every 0.2 s) print in the order they
     happened, before a phase change seen after them."""

@@ -200,6 +200,7 @@ async def test_dashboard_follows_a_breaker(
             card = page.locator('[data-breaker="payments"]')
             await card.and_(page.locator('[data-state="closed"]')).wait_for(timeout=10_000)
             await _figures_change(page, "http://127.0.0.1:18001")
+            await _rate_above_zero(page, "http://127.0.0.1:18001", "ok-rate")
             await _latency_follows_the_calls(page, search)
             await _rate_above_zero(page, "inventory", "rejected-rate")
             await asyncio.sleep(1.0)  # a few updates for the sparklines

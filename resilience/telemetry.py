@@ -26,6 +26,13 @@ Metric names (all attributes are low-cardinality: policy kind, policy name, outc
 ``resilience.timeouts``            counter    timeouts that expired
 ``resilience.bulkhead.in_flight``  gauge      calls holding a slot
 ``resilience.bulkhead.limit``      gauge      calls allowed in flight now (adaptive or fixed)
+``resilience.throttle.window``     gauge      a throttle's window: ``resilience.figure``
+                                              ``requests`` and ``accepts``
+``resilience.throttle.rejection_probability``
+                                   gauge      the chance a throttle refuses a call now
+``resilience.hedge.window``        gauge      a hedge's window: ``resilience.figure``
+                                              ``calls`` and ``hedges``
+``resilience.hedge.delay``         gauge      seconds a hedge waits before its next attempt
 ``resilience.store.degraded``      gauge      1 while a store runs on local state
 ``resilience.store.loop_lag``      gauge      seconds the event loop was late (Redis store)
 ``resilience.store.events``        counter    degraded / recovered / data_reset /
@@ -60,7 +67,9 @@ from .events import (
 from .policies.base import BasePolicy, Protected, check_name
 from .policies.bulkhead import Bulkhead
 from .policies.circuit import CircuitBreaker
+from .policies.hedge import Hedge
 from .policies.pipeline import Pipeline
+from .policies.throttle import Throttle
 from .states import CircuitState
 from .version import __version__
 
@@ -163,16 +172,47 @@ class Telemetry:
             unit="s",
             description="The worst lateness of the event loop a store measured in the last 10 s.",
         )
+        self._windows(meter)
         self._labels: dict[tuple[str, str, str], dict[str, str]] = {}
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._bulkheads: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
+        self._throttles: weakref.WeakSet[Throttle] = weakref.WeakSet()
+        self._hedges: weakref.WeakSet[Hedge] = weakref.WeakSet()
         self._stores: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def _windows(self, meter: metrics.Meter) -> None:
+        """The gauges of throttles' and hedges' windows (the fleet's, when they share one)."""
+        meter.create_observable_gauge(
+            "resilience.throttle.window",
+            callbacks=[self._observe_throttles],
+            unit="{call}",
+            description="A throttle's requests and accepts over its window.",
+        )
+        meter.create_observable_gauge(
+            "resilience.throttle.rejection_probability",
+            callbacks=[self._observe_throttle_ratios],
+            unit="1",
+            description="The probability that a throttle refuses a call now.",
+        )
+        meter.create_observable_gauge(
+            "resilience.hedge.window",
+            callbacks=[self._observe_hedges],
+            unit="{call}",
+            description="A hedge's calls and hedges sent over its window.",
+        )
+        meter.create_observable_gauge(
+            "resilience.hedge.delay",
+            callbacks=[self._observe_hedge_delays],
+            unit="s",
+            description="Seconds a hedge waits before sending another attempt (learned or fixed).",
+        )
 
     # wiring ---------------------------------------------------------------------------------
     def instrument(self, *targets: object) -> None:
         """Listen to policies, pipelines (and their policies) and stores.
 
-        Breakers, bulkheads and stores are also watched by the observable gauges. Instrument a
+        Breakers, bulkheads, throttles, hedges and stores are also watched by the observable
+        gauges. Instrument a
         policy before decorating with it: ``CallFinished`` reports are set up at wrap time.
         """
         for target in targets:
@@ -181,25 +221,30 @@ class Telemetry:
             if isinstance(target, BasePolicy):
                 if self not in target._listeners:
                     target.add_listener(self)
-                if isinstance(target, CircuitBreaker):
-                    self._breakers.add(target)
-                elif isinstance(target, Bulkhead):
-                    self._bulkheads.add(target)
+                if isinstance(target, CircuitBreaker | Bulkhead | Throttle | Hedge):
+                    self.watch(target)
             elif hasattr(target, "add_listener") and hasattr(target, "degraded"):
                 target.add_listener(self)
                 self._stores.add(target)
             elif not isinstance(target, Pipeline):
                 raise TypeError(f"cannot instrument {target!r}: not a policy or a store")
 
-    def watch(self, *targets: CircuitBreaker | Bulkhead) -> None:
-        """Report gauges for breakers and bulkheads built with ``listeners=[telemetry]``."""
+    def watch(self, *targets: CircuitBreaker | Bulkhead | Throttle | Hedge) -> None:
+        """Report gauges for breakers, bulkheads, throttles and hedges built with
+        ``listeners=[telemetry]``."""
         for target in targets:
             if isinstance(target, CircuitBreaker):
                 self._breakers.add(target)
             elif isinstance(target, Bulkhead):
                 self._bulkheads.add(target)
+            elif isinstance(target, Throttle):
+                self._throttles.add(target)
+            elif isinstance(target, Hedge):
+                self._hedges.add(target)
             else:
-                raise TypeError(f"can watch breakers and bulkheads, not {target!r}")
+                raise TypeError(
+                    f"can watch breakers, bulkheads, throttles and hedges, not {target!r}"
+                )
 
     def attempt(
         self, name: str = "attempt", *, span: bool = True, clock: Clock | None = None
@@ -313,6 +358,20 @@ class Telemetry:
         for bulkhead in list(self._bulkheads):
             yield Observation(bulkhead.current_limit, {"resilience.name": bulkhead.name})
 
+    def _observe_throttles(self, options: CallbackOptions) -> Iterable[Observation]:
+        return _windows(self._throttles, ("requests", "accepts"))
+
+    def _observe_throttle_ratios(self, options: CallbackOptions) -> Iterable[Observation]:
+        for throttle in list(self._throttles):
+            yield Observation(throttle.ratio, {"resilience.name": throttle.name})
+
+    def _observe_hedges(self, options: CallbackOptions) -> Iterable[Observation]:
+        return _windows(self._hedges, ("calls", "hedges"))
+
+    def _observe_hedge_delays(self, options: CallbackOptions) -> Iterable[Observation]:
+        for hedge in list(self._hedges):
+            yield Observation(hedge.delay, {"resilience.name": hedge.name})
+
     def _observe_stores(self, options: CallbackOptions) -> Iterable[Observation]:
         for store in list(self._stores):
             name = getattr(store, "prefix", type(store).__name__)
@@ -324,6 +383,15 @@ class Telemetry:
             if isinstance(lag, float):
                 name = getattr(store, "prefix", type(store).__name__)
                 yield Observation(lag, {"resilience.store": name})
+
+
+def _windows(
+    policies: Iterable[Throttle | Hedge], figures: tuple[str, str]
+) -> Iterable[Observation]:
+    """Each policy's two window totals, as ``figures`` name them."""
+    for policy in list(policies):
+        for figure, value in zip(figures, policy.counts.totals(), strict=True):
+            yield Observation(value, {"resilience.name": policy.name, "resilience.figure": figure})
 
 
 def _no_op(provider: object, no_op: type) -> bool:

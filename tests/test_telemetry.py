@@ -19,10 +19,12 @@ from resilience import (
     CircuitOpenError,
     CountWindow,
     Fallback,
+    Hedge,
     MemoryStore,
     Pipeline,
     ResilienceTimeoutError,
     Retry,
+    Throttle,
     Timeout,
 )
 from resilience.events import CallFinished, SubscriberReplaced
@@ -125,6 +127,33 @@ async def test_breaker_state_and_bulkhead_gauges(otel: Otel, clock: FakeClock) -
     assert otel.points("resilience.bulkhead.in_flight") == [({"resilience.name": "pool"}, 1)]
     gate.set()
     await task
+
+
+async def _refused() -> None:
+    raise ConnectionError("refused")  # a call the backend did not accept
+
+
+async def test_throttle_and_hedge_window_gauges(otel: Otel, clock: FakeClock) -> None:
+    """A throttle's window (requests, accepts) and the chance it refuses a call now, and a
+    hedge's window (calls, hedges) and its delay, are observable gauges."""
+    throttle = Throttle(k=2.0, window=60, clock=clock, random=lambda: 0.99, name="api")
+    hedge = Hedge(delay=0.25, name="search", clock=clock)
+    otel.telemetry.instrument(throttle)
+    otel.telemetry.watch(hedge)
+    for _ in range(6):
+        await throttle.call(ok)
+    for _ in range(4):
+        with pytest.raises(ConnectionError):
+            await throttle.call(_refused)
+    hedge.counts.add(10, 1)
+    window = {a["resilience.figure"]: v for a, v in otel.points("resilience.throttle.window")}
+    assert window == {"requests": 10, "accepts": 6}
+    ((labels, chance),) = otel.points("resilience.throttle.rejection_probability")
+    assert labels == {"resilience.name": "api"}
+    assert chance == pytest.approx(throttle.ratio)
+    window = {a["resilience.figure"]: v for a, v in otel.points("resilience.hedge.window")}
+    assert window == {"calls": 10, "hedges": 1}
+    assert otel.points("resilience.hedge.delay") == [({"resilience.name": "search"}, 0.25)]
 
 
 async def test_retries_fallbacks_timeouts_and_span_events(otel: Otel) -> None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import importlib.util
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import StoreUnavailableError
 from ..states import CircuitState
 from ..store.protocol import status
-from ..store.records import PolicyStatus
+from ..store.records import REPORTING, PolicyStatus
 from ..version import DISTRIBUTION, __version__
+from .table import missing_modules, print_table
 
 if TYPE_CHECKING:
     from ..store.redis import RedisStore
@@ -125,84 +126,15 @@ async def _with_store(url: str, prefix: str, work: Callable[[RedisStore], Awaita
         await store.aclose()
 
 
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}s"
-
-
-_HEAD = ("NAME", "KIND", "STATE", "CALLS", "FAILURES", "RATIO", "RETRY-AFTER", "REPLICAS")
-
-
-def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = []
-    for p in policies:
-        breaker = p.kind == "circuit_breaker"
-        state = str(p.state) if p.state is not None else "-"
-        if p.kind == "bulkhead":
-            state = f"{p.in_flight} lease{'' if p.in_flight == 1 else 's'} held"
-        elif p.kind == "health_check":
-            state = "running" if p.in_flight else "not running"
-        elif p.kind == "retry_budget" and p.tokens is not None:
-            state = f"{p.tokens:.1f} tokens"
-        rows.append(
-            (
-                p.name,
-                p.kind,
-                state,
-                str(p.calls) if breaker else "-",
-                str(p.failures) if breaker else "-",
-                f"{p.failure_ratio:.0%}" if breaker else "-",
-                _seconds(p.retry_after),
-                str(len(p.replicas)) if breaker else "-",
-            )
-        )
-    return rows
-
-
-def format_table(policies: Sequence[PolicyStatus]) -> str:
-    """The ``status`` table as plain text: one line per policy."""
-    rows = [_HEAD, *_rows(policies)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEAD))]
-    right = {3, 4, 5, 6, 7}
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(w) if i in right else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def print_table(policies: Sequence[PolicyStatus], out: Callable[[str], object]) -> None:
-    """The ``status`` table: drawn with rich on a terminal when it is installed, else plain."""
-    if out is not print or not sys.stdout.isatty() or missing_modules(["rich"]):
-        out(format_table(policies))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    plain = format_table(policies)
-    if max(len(line) for line in plain.splitlines()) + 8 > console.width:
-        out(plain)  # too narrow for columns: plain lines, names never cut
-        return
-    table = Table(box=None, header_style="bold")
-    for i, column in enumerate(_HEAD):
-        table.add_column(column, justify="right" if i >= 3 else "left", no_wrap=True)
-    colour = {"open": "red", "forced_open": "red", "half_open": "yellow", "closed": "green"}
-    for p, row in zip(policies, _rows(policies), strict=True):
-        style = colour.get(str(p.state.value)) if p.state is not None else None
-        table.add_row(*row, style=style)
-    console.print(table)
-
-
 def status_document(
     policies: Sequence[PolicyStatus], *, kind: str, degraded: bool
 ) -> dict[str, Any]:
-    """The JSON document of ``status --json`` (the dashboard's ``/status`` shape)."""
+    """The JSON document of ``status --json`` (the dashboard's ``/status`` shape): each
+    policy with the replicas heard from in the last ``"reporting"`` seconds."""
     return {
-        "policies": [p.to_dict() for p in policies],
+        "policies": [{**p.to_dict(), "replicas_reporting": p.reporting()} for p in policies],
         "store": {"kind": kind, "degraded": degraded},
+        "reporting": REPORTING,
         "time": time.time(),
     }
 
@@ -282,10 +214,11 @@ async def run_dashboard(args: argparse.Namespace, out: Callable[[str], object]) 
             lifespan="on",
             timeout_graceful_shutdown=2,
         )
+        sock = listen(args.host, args.port)
         control = "control allowed (Bearer token)" if args.allow_control else "read-only"
         out(f"dashboard on http://{args.host}:{args.port}/ for {where}; {control}")
         server = uvicorn.Server(config)
-        await server.serve()
+        await server.serve(sockets=[sock])
         return 0 if server.started else 1
     finally:
         await store.aclose()
@@ -326,34 +259,68 @@ def _add_store_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _port(value: str) -> int:
-    port = int(value)
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value!r}")
     return port
 
 
-def _refresh(value: str) -> float:
-    seconds = float(value)
-    if not 0.05 <= seconds <= 3600:
-        raise argparse.ArgumentTypeError(f"must be in [0.05, 3600] seconds: {value}")
+def _within(low: float, high: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argument type: seconds in ``[low, high]`` (``(low, high]`` when ``above``)."""
+
+    def seconds(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+        if not ((low < number) if above else (low <= number)) or not number <= high:
+            bounds = f"{'(' if above else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be in {bounds} seconds: {value}")
+        return number
+
     return seconds
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argument type: a whole number in ``low..high``."""
+
+    def count(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}: {value}")
+        return number
+
+    return count
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (``CommandError`` when it cannot), bound before
+    anything says where to connect. Its protocol is stated, so asyncio sets TCP_NODELAY on
+    the connections it accepts."""
+    sock = None
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
 
 
 #: the demo's dependencies, by import name: each is in the 'demo' extra
 DEMO_NEEDS = ("httpx", "uvicorn", "starlette", "rich")
-
-
-def missing_modules(names: Sequence[str]) -> list[str]:
-    """The modules of ``names`` that cannot be imported here (looked up, not imported)."""
-    missing = []
-    for name in names:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ValueError:  # in sys.modules as None: an import of it fails
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -365,13 +332,19 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.redis:  # a URL that is none is a usage error, before anything starts
+        asyncio.run(open_store(args.redis, "resilience").aclose())
     # The core never imports integrations statically; the command is their one user. With its
     # dependencies present, an ImportError here is a real error and shows as one.
     demo: Any = importlib.import_module("resilience.ops.demo")
     try:
         asyncio.run(
             demo.run_demo(
-                args.duration, replicas=args.replicas, redis_url=args.redis, seed=args.seed
+                args.duration,
+                replicas=args.replicas,
+                redis_url=args.redis,
+                seed=args.seed,
+                port=args.port,
             )
         )
     except demo.DemoError as exc:
@@ -413,10 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
         "dashboard, on loopback for --duration seconds; then a summary.",
     )
     p_demo.add_argument(
-        "--duration", type=float, default=60.0, help="seconds to run (default: %(default)g)"
+        "--duration",
+        type=_within(0, 3600, above=True),
+        default=60.0,
+        help="seconds to run, up to an hour (default: %(default)g)",
     )
     p_demo.add_argument(
-        "--replicas", type=int, default=3, help="client replicas (default: %(default)s)"
+        "--replicas",
+        type=_count(1, 16),
+        default=3,
+        help="client replicas, 1 to 16 (default: %(default)s)",
+    )
+    p_demo.add_argument(
+        "--port", type=_port, default=0, help="the dashboard's port (default: any free one)"
     )
     p_demo.add_argument(
         "--redis",
@@ -452,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_dash.add_argument("--port", type=_port, default=8765, help="port (default: %(default)s)")
     p_dash.add_argument(
         "--refresh",
-        type=_refresh,
+        type=_within(0.05, 3600),
         default=1.0,
         help="seconds between two pushes to the page (default: %(default)g)",
     )
@@ -471,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the token itself; visible to every user in 'ps': prefer --token-file or "
         f"${TOKEN_ENV} (default: ${TOKEN_ENV})",
     )
+    for subparser in sub.choices.values():  # its own usage for errors found after parsing
+        subparser.set_defaults(subparser=subparser)
     return parser
 
 
@@ -490,19 +474,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if not 0 < args.duration <= 3600:
-            parser.error("--duration must be in (0, 3600] seconds")
-        if not 1 <= args.replicas <= 16:
-            parser.error("--replicas must be in 1..16")
-        return _demo(args)
-    args.redis = args.redis or os.environ.get(URL_ENV) or None
-    args.prefix = args.prefix or os.environ.get(PREFIX_ENV) or "resilience"
     try:
+        if args.command == "demo":
+            return _demo(args)
+        args.redis = args.redis or os.environ.get(URL_ENV) or None
+        args.prefix = args.prefix or os.environ.get(PREFIX_ENV) or "resilience"
         if args.command == "dashboard":
             args.token = _read_token(args)
             if args.allow_control and not args.token:
-                parser.error(f"--allow-control needs --token-file, ${TOKEN_ENV} or --token")
+                args.subparser.error(f"--allow-control needs --token-file, ${TOKEN_ENV} or --token")
         # One-shot commands report a failing store in one line of their own; the dashboard
         # keeps the store's warnings (degraded, recovered) as log lines.
         logging.basicConfig(format="resilience: %(levelname)s: %(message)s")

@@ -31,24 +31,18 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 import uvicorn
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 import resilience
 from resilience import (
-    CircuitState,
     CountWindow,
     Event,
     MemoryStore,
-    PolicyStatus,
     StateChanged,
     Store,
     StoreUnavailableError,
@@ -63,6 +57,7 @@ from ..integrations.httpx import (
     ResilientTransport,
     RetryOptions,
 )
+from .screen import Screen, Transitions, transition_line
 
 __all__ = ["PHASES", "DemoError", "run_demo"]
 
@@ -141,13 +136,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def serve(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    """Run ``app`` with uvicorn on 127.0.0.1:``port`` in this loop; wait until it listens."""
+async def serve(
+    app: Any, port: int, sock: socket.socket | None = None
+) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """Run ``app`` with uvicorn on 127.0.0.1:``port`` (or on ``sock``, already listening
+    there) in this loop; wait until it listens."""
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="error", lifespan="off", access_log=False
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(None if sock is None else [sock]))
     for _ in range(500):
         if server.started or task.done():
             break
@@ -169,45 +167,6 @@ def client_policy(store: Store, duration: float) -> HttpPolicy:
     return HttpPolicy(retry=RetryOptions(attempts=2), breaker=breaker, timeout=0.15, store=store)
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One state change of a breaker, as a ``StateChanged`` event reported it."""
-
-    name: str
-    generation: int
-    old: str
-    new: str
-    at: float  #: seconds since the demo started
-
-
-@dataclass
-class Transitions:
-    """Every transition the replicas report, once each (each replica reports those it sees)."""
-
-    start_wall: float
-    seen: dict[tuple[str, int], Transition] = field(default_factory=dict)
-    fresh: list[Transition] = field(default_factory=list)
-
-    def add(self, name: str, generation: int, old: str, new: str, wall: float) -> None:
-        key = (name, generation)
-        if key not in self.seen and old != new:
-            t = Transition(name, generation, old, new, max(0.0, wall - self.start_wall))
-            self.seen[key] = t
-            self.fresh.append(t)
-
-    def listener(self, event: Event) -> None:
-        """A ``listeners=`` entry for the replicas' policies."""
-        if isinstance(event, StateChanged):
-            self.add(event.name, event.generation, event.old.value, event.new.value, time.time())
-
-    def take_fresh(self) -> list[Transition]:
-        fresh, self.fresh = self.fresh, []
-        return fresh
-
-    def ordered(self) -> list[Transition]:
-        return sorted(self.seen.values(), key=lambda t: (t.at, t.name, t.generation))
-
-
 async def replica(
     url: str,
     store: Store,
@@ -215,12 +174,12 @@ async def replica(
     until: float,
     tally: Counter[str],
     concurrency: int = 4,
-    listener: Callable[[Event], None] | None = None,
+    listeners: tuple[Callable[[Event], None], ...] = (),
 ) -> None:
     """One client replica: a few workers calling the upstream through ResilientTransport."""
     policy = client_policy(store, duration)
-    if listener is not None:
-        policy = dataclasses.replace(policy, listeners=(listener,))
+    if listeners:
+        policy = dataclasses.replace(policy, listeners=listeners)
     transport = ResilientTransport(policy=policy)
     async with httpx.AsyncClient(transport=transport, base_url=url) as client:
 
@@ -237,117 +196,6 @@ async def replica(
                 await asyncio.sleep(0.01)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-
-STATE_LABEL = {
-    CircuitState.CLOSED: "closed",
-    CircuitState.OPEN: "OPEN",
-    CircuitState.HALF_OPEN: "half-open",
-    CircuitState.FORCED_OPEN: "FORCED OPEN",
-    CircuitState.DISABLED: "disabled",
-}
-STATE_STYLE = {
-    CircuitState.CLOSED: "green",
-    CircuitState.OPEN: "bold red",
-    CircuitState.HALF_OPEN: "yellow",
-    CircuitState.FORCED_OPEN: "bold red",
-    CircuitState.DISABLED: "dim",
-}
-
-
-def breaker_line(policy: PolicyStatus | None) -> str:
-    """The shared breaker in words: its state, and its window or what opened it.
-
-    The window counts attempts, and ``HttpPolicy`` retries a failed attempt: so while the
-    breaker is closed, upstream errors show here although the requests succeed on a retry.
-    """
-    if policy is None or policy.state is None:
-        return "breaker: not used yet"
-    state = STATE_LABEL.get(policy.state, str(policy.state))
-    if policy.opened_by:
-        calls, failures, _ = policy.opened_by
-        return f"breaker: {state}, opened by {failures} failed of {calls} attempts"
-    return (
-        f"breaker: {state}, upstream errors, retried: {policy.failure_ratio:.0%} of "
-        f"{policy.calls} attempts in the window"
-    )
-
-
-def transition_line(t: Transition) -> str:
-    """One state change, as a plain line."""
-    return f"{t.at:6.1f}s  breaker {t.name} {t.old} -> {t.new} (generation {t.generation})"
-
-
-class Screen:
-    """A live table and progress bar (rich) on a terminal; plain lines elsewhere.
-
-    Plain lines: the upstream's phase changes and the breakers' state changes as they happen.
-    """
-
-    def __init__(self, write: Callable[[str], object], tty: bool, duration: float) -> None:
-        self.write = write
-        self.tty = tty
-        self.phase = ""
-        self.live: Live | None = None
-        if tty:
-            self.console = Console(highlight=False)
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TimeElapsedColumn(),
-                console=self.console,
-            )
-            self.task = self.progress.add_task("demo", total=duration)
-
-    def __enter__(self) -> Screen:
-        if self.tty:
-            self.live = Live(console=self.console, refresh_per_second=8, transient=False)
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
-            self.live.__exit__(None, None, None)
-            self.live = None
-
-    def line(self, text: str) -> None:
-        """A line that stays (above the live table on a terminal)."""
-        if self.live is not None:
-            self.live.console.print(text, markup=False)
-        else:
-            self.write(text + "\n")
-
-    def show(
-        self,
-        elapsed: float,
-        phase: str,
-        tallies: list[Counter[str]],
-        breaker: PolicyStatus | None,
-        fresh: list[Transition],
-    ) -> None:
-        if phase != self.phase:
-            self.phase = phase
-            self.line(f"{elapsed:6.1f}s  upstream phase: {phase}; {breaker_line(breaker)}")
-        for change in fresh:
-            self.line(transition_line(change))
-        if self.live is None:
-            return
-        table = Table(title=None, expand=False)
-        table.add_column("replica")
-        for column in ("requests", "ok", "failed", "rejected"):
-            table.add_column(column, justify="right")
-        for i, t in enumerate(tallies):
-            table.add_row(f"#{i}", *(str(t[k]) for k in ("requests", "ok", "failed", "rejected")))
-        total = sum(tallies, Counter[str]())
-        table.add_row(
-            "all", *(str(total[k]) for k in ("requests", "ok", "failed", "rejected")),
-            style="bold",
-        )  # fmt: skip
-        style = STATE_STYLE.get(breaker.state, "") if breaker and breaker.state else ""
-        self.progress.update(self.task, completed=elapsed, description=f"phase: {phase:<9}")
-        self.live.update(
-            Group(table, f"[{style}]{breaker_line(breaker)}[/]" if style else "", self.progress)
-        )
 
 
 def _try_commands(redis_url: str, prefix: str, breaker: str) -> str:
@@ -374,12 +222,17 @@ async def run_demo(
     seed: int | None = None,
     write: Callable[[str], object] | None = None,
     tty: bool | None = None,
+    port: int = 0,
 ) -> dict[str, Any]:
     """Run the demo for ``duration`` seconds; return the summary it prints at the end.
 
+    The dashboard listens on ``port`` (0: any free one; ``CommandError`` when it cannot).
     Raises ``DemoError`` when a replica process dies (``--redis``), with its error.
     """
-    from resilience.ops.cli import redact
+    from resilience.ops.cli import listen, redact
+
+    dash_socket = listen("127.0.0.1", port)
+    dash_port = int(dash_socket.getsockname()[1])
 
     from .dashboard import Dashboard
 
@@ -400,13 +253,15 @@ async def run_demo(
             await status(store)
         except StoreUnavailableError as exc:
             await store.aclose()
+            dash_socket.close()
             raise DemoError(f"cannot reach Redis at {redact(redis_url)}: {exc}") from exc
-    upstream_port, dash_port = free_port(), free_port()
+    upstream_port = free_port()
     guarded = ResilienceMiddleware(
         upstream_app(timeline, seed), max_concurrent=64, timeout=2.0, retry_after=1.0
     )
     upstream, upstream_task = await serve(guarded, upstream_port)
-    dashboard, dashboard_task = await serve(Dashboard(store, refresh=0.5), dash_port)
+    board = Dashboard(store, refresh=0.5)
+    dashboard, dashboard_task = await serve(board, dash_port, dash_socket)
     url = f"http://127.0.0.1:{upstream_port}"
     where = f"Redis {redact(redis_url)}" if redis_url else "an in-process MemoryStore"
     out(
@@ -424,9 +279,12 @@ async def run_demo(
     files = contextlib.ExitStack()  # the replicas' stderr, read back if one dies
     try:
         if redis_url is None:
+            # in one process the breaker's calls are told to the dashboard: an in-process
+            # store keeps no running total of them
+            listeners = (transitions.listener, board.calls)
             workers = [
                 asyncio.create_task(
-                    replica(url, store, duration, until, tallies[i], listener=transitions.listener)
+                    replica(url, store, duration, until, tallies[i], listeners=listeners)
                 )
                 for i in range(replicas)
             ]
@@ -583,7 +441,9 @@ async def _replica_process(
 
     async with RedisStore.from_url(redis_url, prefix=prefix, timeout=1.0) as store:
         until = time.monotonic() + seconds
-        task = asyncio.create_task(replica(url, store, duration, until, tally, listener=listener))
+        task = asyncio.create_task(
+            replica(url, store, duration, until, tally, listeners=(listener,))
+        )
         while not task.done():
             report()
             await asyncio.sleep(0.2)

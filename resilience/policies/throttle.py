@@ -90,7 +90,9 @@ class SharedCounts:
     is the fleet's totals. ``totals`` is then the last fleet totals plus the deltas pending
     since. When the store cannot answer (or the last totals are older than a few intervals),
     ``totals`` is the local window; deltas pushed while the store was away are dropped (the
-    local window has them), so an outage costs the fleet at most those counts.
+    local window has them), so an outage costs the fleet at most those counts. ``of`` keeps
+    a policy's window under ``"<kind>:<name>"``, so status tools tell a throttle's from a
+    hedge's (``window_kind``) and the two never share one.
     """
 
     def __init__(
@@ -138,7 +140,7 @@ class SharedCounts:
         checked = check_store("store", store, "window_add")
         check_fleet_name(what, policy.name, policy.kind, checked)
         return cls(
-            policy.name,
+            f"{policy.kind}:{policy.name}",  # a throttle and a hedge of one name: two windows
             window=seconds,
             buckets=slices,
             store=checked,

@@ -23,7 +23,15 @@ from .base import (
     check_share,
     check_window,
 )
-from .records import MAX_PUBLISHED, PolicyStatus, lease_kind
+from .records import (
+    HEALTH_PREFIX,
+    HEALTH_RESULT,
+    MAX_PUBLISHED,
+    PolicyStatus,
+    lease_kind,
+    published_health,
+    window_kind,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -296,9 +304,15 @@ class MemoryStore(StoreBase):
         now = self.clock.monotonic()
         cores = list(self._breakers.values())
         out = [breaker_status(core, now, probes=len(core._probes)) for core in cores]
-        for key in sorted({*self._leases, *self._shares}):
+        results = {  # fleet-wide health checks' published results, while they live
+            key: published_health(entry.value)
+            for (key, item), entry in self._cache.items()
+            if item == HEALTH_RESULT and key.startswith(HEALTH_PREFIX) and entry.expires > now
+        }
+        for key in sorted({*self._leases, *self._shares, *results}):
             live = [e for e in self._shares.get(key, {}).values() if e.expires > now]
             own = sum(e.own_limit for e in live)
+            healthy, error = results.get(key) or (None, None)
             out.append(
                 PolicyStatus(
                     name=key,
@@ -306,13 +320,22 @@ class MemoryStore(StoreBase):
                     in_flight=len(self._live(key)) + sum(e.held for e in live),
                     limit=self._limits.get(key),
                     adaptive_limit=own or None,
+                    healthy=healthy,
+                    health_error=error,
                 )
             )
-        out.extend(PolicyStatus(name=key, kind="rate_limiter") for key in self._tats)
+        out.extend(
+            PolicyStatus(name=key, kind="rate_limiter", backlog=max(0.0, tat - now))
+            for key, tat in self._tats.items()
+        )
         out.extend(
             PolicyStatus(name=key, kind="retry_budget", tokens=tokens)
             for key, tokens in self._budgets.items()
         )
+        for key, kept in self._windows.items():  # as the last window_add left them
+            totals = [sum(counts[i] for counts in kept.values() if len(counts) > i) for i in (0, 1)]
+            kind, name = window_kind(key)
+            out.append(PolicyStatus(name=name, kind=kind, window=(totals[0], totals[1])))
         return out
 
     async def control(self, name: str, state: CircuitState) -> None:

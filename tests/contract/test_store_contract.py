@@ -18,6 +18,7 @@ from resilience import (
     CircuitOpenError,
     CircuitState,
     CountWindow,
+    PolicyStatus,
     Store,
 )
 from resilience.policies.circuit import BreakerConfig
@@ -561,6 +562,77 @@ async def test_status_counts_rejections_latency_and_bulkhead_limits(
     assert dep.latency[0] == sum(dep.latency)  # a fake clock: no time passes in a call
     pool = listed[("pool", "bulkhead")]
     assert (pool.in_flight, pool.limit) == (1, 3)
+
+
+async def test_status_shows_throttle_and_hedge_windows_apart(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """A throttle's and a hedge's shared windows show in status() from any replica, each as
+    its own kind under its own name, even when the two share that name."""
+    from resilience import Hedge, Throttle, status
+
+    throttle = Throttle(store=store, name="api", clock=clock, sync_interval=0.1)
+    hedge = Hedge(delay=0.01, store=store, name="api", clock=clock, sync_interval=0.1)
+    throttle.counts.add(10, 7)
+    hedge.counts.add(40, 2)
+    await throttle.sync()
+    await hedge.sync()
+    await settle()  # the names registered
+    listed = {(s.name, s.kind): s for s in await status(replica())}
+    assert listed[("api", "throttle")].window == (10, 7)
+    assert listed[("api", "hedge")].window == (40, 2)
+    assert listed[("api", "hedge")].to_dict()["window"] == [40, 2]
+
+
+async def test_status_shows_how_far_a_rate_limiter_runs_ahead(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """A shared rate limiter shows the seconds until its bucket is full again: five takes of
+    a 1-per-second bucket put it 5 s behind, and it is full once they have passed."""
+    from resilience import status
+
+    for _ in range(5):
+        assert await store.rate_take("api", interval=1.0, burst=10) == 0
+    await settle()
+
+    def backlog(listed: list[PolicyStatus]) -> float | None:
+        return {(s.name, s.kind): s for s in listed}[("api", "rate_limiter")].backlog
+
+    assert backlog(await status(replica())) == pytest.approx(5.0, abs=0.01)
+    clock.advance(2.0)
+    assert backlog(await status(replica())) == pytest.approx(3.0, abs=0.01)
+    clock.advance(10.0)
+    assert backlog(await status(replica())) == 0.0
+
+
+async def test_status_shows_a_fleet_health_checks_last_result(
+    store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
+) -> None:
+    """A fleet-wide health check's last published result shows in status() from any replica:
+    healthy, or unhealthy with the error it failed with."""
+    from resilience import HealthCheck, status
+
+    failing = False
+
+    async def check() -> None:
+        if failing:
+            raise ConnectionError("no route to db")
+
+    hc = HealthCheck(check, name="db", interval=1.0, store=store, clock=clock)
+    await hc._round()
+    await settle()
+    listed = {(s.name, s.kind): s for s in await status(replica())}
+    db = listed[("health:db", "health_check")]
+    assert (db.healthy, db.health_error) == (True, None)
+    failing = True
+    clock.advance(1.0)
+    await hc._round()
+    await settle()
+    listed = {(s.name, s.kind): s for s in await status(replica())}
+    db = listed[("health:db", "health_check")]
+    assert db.healthy is False
+    assert "no route to db" in (db.health_error or "")
+    await hc.aclose()
 
 
 async def test_a_raising_failure_if_leaks_no_probe(

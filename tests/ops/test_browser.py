@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -29,8 +30,11 @@ from resilience import (
     CircuitState,
     CountWindow,
     MemoryStore,
+    PolicyStatus,
+    StoreUnavailableError,
     status,
 )
+from resilience.store.records import ReplicaReport
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
@@ -196,6 +200,7 @@ async def test_dashboard_follows_a_breaker(
             card = page.locator('[data-breaker="payments"]')
             await card.and_(page.locator('[data-state="closed"]')).wait_for(timeout=10_000)
             await _figures_change(page, "http://127.0.0.1:18001")
+            await _rate_above_zero(page, "http://127.0.0.1:18001", "ok-rate")
             await _latency_follows_the_calls(page, search)
             await _rate_above_zero(page, "inventory", "rejected-rate")
             await asyncio.sleep(1.0)  # a few updates for the sparklines
@@ -372,7 +377,7 @@ async def _figures_change(page: Any, name: str) -> None:
     assert len(seen) >= 2, seen
     assert any(float(t) > 0 for t in seen), seen
     reporting = await page.locator(f'[data-breaker="{name}"] .reporting').inner_text()
-    assert "1 of 1 replica reporting" in reporting
+    assert "1 of 1 replica heard from in the last 5 s" in reporting
 
 
 async def _sort_and_filter(page: Any) -> None:
@@ -425,7 +430,8 @@ async def _sometimes_fails(i: int) -> int:
 async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeClock) -> None:
     """An in-process store's breaker and bulkhead, figures exact on a fake clock: the page
     shows rejected/s (and no calls/s), p50 and p99 as "< 4 ms" and "≥ 4.1 s" (past the last
-    bucket), the samples, and a full bulkhead as "in flight 4 of 4" with a full bar."""
+    bucket; p99.5 too), the mean as estimated from the buckets, the samples, and a full
+    bulkhead as "in flight 4 of 4" with a full bar."""
     from resilience.ops.dashboard import Dashboard
     from resilience.ops.demo import serve
 
@@ -456,7 +462,14 @@ async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeC
         clock.advance(6.0 - 5.003)  # 6 s since the first snapshot: 1.0 refusal a second
         _, doc = await app.snapshot()  # the page gets this one: the fake clock stands still
         (timed,) = [p for p in doc["policies"] if p["name"] == "timed"]
-        assert timed["percentiles"] == {"samples": 2, "p50": [0.002, 0.004], "p99": [4.096, None]}
+        assert timed["percentiles"] == {
+            "samples": 2,
+            "p50": [0.002, 0.004],
+            "p90": [4.096, None],
+            "p99": [4.096, None],
+            "p99.5": [4.096, None],
+            "mean": pytest.approx((0.003 + 4.096) / 2),
+        }
         server, task = await serve(app, free_port())
         try:
             await page.goto(f"http://127.0.0.1:{server.config.port}/")
@@ -464,6 +477,8 @@ async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeC
             await card.wait_for(timeout=10_000)
             assert (await card.locator(".p50").inner_text()).strip() == "< 4 ms"
             assert (await card.locator(".p99").inner_text()).strip() == "≥ 4.1 s"
+            assert (await card.locator(".p995").inner_text()).strip() == "≥ 4.1 s"
+            assert (await card.locator(".mean").inner_text()).strip() == "≈ 2.0 s"
             assert (await card.locator(".sampled").inner_text()).strip() == "· 2 sampled"
             assert (await card.locator(".rejected-rate").inner_text()).strip() == "1.0"
             assert (await card.locator(".calls-rate").inner_text()).strip() == "\u2013"  # no total
@@ -478,3 +493,253 @@ async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeC
     finally:
         release.set()
         await asyncio.gather(*held, return_exceptions=True)
+
+
+class Scene(MemoryStore):
+    """A store whose ``status()`` is whatever the test sets: records, or an outage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[PolicyStatus] = []
+        self.down = False
+
+    async def status(self) -> list[PolicyStatus]:
+        if self.down:
+            raise StoreUnavailableError("the scene's store is down")
+        return list(self.records)
+
+
+def _report(replica: str, seen: float, calls: int = 100) -> ReplicaReport:
+    return ReplicaReport(
+        replica=replica, last_seen=seen, calls=calls, failures=calls // 4, slow_calls=0
+    )
+
+
+FLEET_GONE = tuple(_report(f"host-{i}:{100 + i}", 180.0) for i in range(3))
+SCENE = [
+    PolicyStatus(
+        name="pay", kind="circuit_breaker", state=CircuitState.OPEN, retry_after=20.0,
+        opened_by=(20, 15, 1), replicas=(_report("host-0:1", 0.1),),
+    ),
+    PolicyStatus(name="inv", kind="circuit_breaker", state=CircuitState.FORCED_OPEN),
+    PolicyStatus(
+        name="old", kind="circuit_breaker", state=CircuitState.CLOSED, calls=8, replicas=FLEET_GONE
+    ),
+    PolicyStatus(name="api", kind="throttle", window=(10, 7)),
+    PolicyStatus(name="api", kind="hedge", window=(40, 2)),
+    PolicyStatus(
+        name="health:db", kind="health_check", in_flight=1, healthy=False,
+        health_error="ConnectionError: no route",
+    ),
+    PolicyStatus(name="quota", kind="rate_limiter", backlog=2.5),
+]  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """``app`` served on loopback in this loop: yields its base URL."""
+    from resilience.ops.demo import serve
+
+    server, task = await serve(app, free_port())
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_breakers_neighbours_figures_show_when_reported(page: Any) -> None:
+    """Timeouts, bulkhead refusals and fallbacks reported under a breaker's name (to
+    ``dashboard.calls``) show on its card as rates; a card with none reported shows none."""
+    from resilience.events import FallbackUsed, TimedOut
+    from resilience.ops.dashboard import Dashboard
+
+    scene = Scene()
+    scene.records = SCENE
+    dashboard = Dashboard(scene, refresh=0.2)
+    async with serving(dashboard) as base:
+        try:
+            await page.goto(base)
+            inv = page.locator('[data-breaker="inv"]')
+            await inv.wait_for(timeout=10_000)
+            for _ in range(100):  # bounded: 10 s of reports, until the card shows them
+                dashboard.calls(TimedOut(name="inv", seconds=0.1))
+                dashboard.calls(FallbackUsed(name="inv", error=ConnectionError("x")))
+                if await inv.locator(".others").is_visible():
+                    break
+                await asyncio.sleep(0.1)
+            await page.wait_for_function(
+                """() => parseFloat(document.querySelector(
+                    '[data-breaker="inv"] .timeouts-rate').textContent) > 0""",
+                timeout=10_000,
+            )
+            assert (
+                await inv.locator(".fallbacks-rate").inner_text() != "\u2013"
+            )  # a rate, not the dash of none
+            assert not await page.locator('[data-breaker="pay"] .others').is_visible()
+        finally:
+            await page.goto("about:blank")
+
+
+async def _texts(locator: Any) -> list[str]:
+    return [text.strip() for text in await locator.all_text_contents()]
+
+
+async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
+    page: Any,
+) -> None:
+    """An open breaker shows the window that opened it (never 0% / 0 / 0), a forced one no
+    figures; a fleet silent for minutes reads as silent, not reporting; a throttle's and a
+    hedge's windows read as what they count, a health check whether it is healthy; the feed
+    says "live" only while the store answers and is not degraded, and again once it is."""
+    from resilience.ops.dashboard import Dashboard
+
+    scene = Scene()
+    scene.records = SCENE
+    async with serving(Dashboard(scene, refresh=0.2)) as base:
+        try:
+            await page.goto(base)
+            pay = page.locator('[data-breaker="pay"][data-state="open"]')
+            await pay.wait_for(timeout=10_000)
+            assert await _texts(pay.locator(".figures dd")) == ["75%", "20", "15", "1"]
+            assert "the window that opened it" in await pay.locator(".figcap").inner_text()
+            inv = page.locator('[data-breaker="inv"][data-state="forced_open"]')
+            assert await _texts(inv.locator(".figures dd")) == ["—"] * 4
+            assert "forced open" in await inv.locator(".figcap").inner_text()
+
+            old = page.locator('[data-breaker="old"]')
+            assert "silent" in (await old.get_attribute("class") or "").split()
+            assert (await old.locator(".reporting").inner_text()).startswith(
+                "0 of 3 replicas heard from in the last 5 s"
+            )
+            assert "No replica heard from for 3 min" in await old.locator(".stale").inner_text()
+            assert all("(silent)" in row for row in await _texts(old.locator("tbody tr")))
+            throttle = page.locator('[data-policy="api"][data-kind="throttle"] .figure')
+            hedge = page.locator('[data-policy="api"][data-kind="hedge"] .figure')
+            assert (await throttle.inner_text()).strip() == (
+                "accepted 7 of 10 requests (70%) over its window"
+            )
+            assert (
+                await hedge.inner_text()
+            ).strip() == "hedges sent 2 for 40 calls (5.0%) over its window"
+            db = page.locator('[data-policy="health:db"][data-health="false"] .figure')
+            assert (await db.inner_text()).strip() == (
+                "unhealthy: ConnectionError: no route · a replica is running it"
+            )
+            quota = page.locator('[data-policy="quota"][data-kind="rate_limiter"] .figure')
+            assert (await quota.inner_text()).strip() == "full again in 2.5 s (shared GCRA bucket)"
+            live = page.locator('#feed[data-feed="live"]')
+            await live.wait_for(timeout=10_000)
+
+            scene.down = True
+            await page.locator('#feed[data-feed="down"]').wait_for(timeout=10_000)
+            assert "store down" in await page.locator("#feed").inner_text()
+            assert await page.locator("#banner").is_visible()
+            scene.down = False
+            await live.wait_for(timeout=10_000)
+            scene.degraded = True  # a store deciding on local state: not live either
+            await page.locator('#feed[data-feed="degraded"]').wait_for(timeout=10_000)
+            scene.degraded = False
+            await live.wait_for(timeout=10_000)
+        finally:
+            await page.goto("about:blank")  # the event stream ends with the page
+
+
+class ConfigStub:
+    """The live configuration endpoints as the dashboard serves them, for one policy: what
+    the page sends, and the answers it gets (a value over 1 is refused)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {"failure_threshold": 0.5, "open_for": 30.0}
+        self.history: list[dict[str, Any]] = [
+            {"version": 1, "values": dict(self.values), "at": 1.7e9, "source": "code"}
+        ]
+        self.received: list[tuple[str, str, Any]] = []
+
+    def document(self) -> dict[str, Any]:
+        base = {"failure_threshold": 0.5, "open_for": 30.0}
+        return {
+            "version": self.history[-1]["version"],
+            "values": self.values,
+            "base": base,
+            "history": self.history,
+        }
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+
+        request = Request(scope, receive)
+        path = request.url.path.removeprefix("/api/config/")
+        body = json.loads(await request.body() or b"null")
+        self.received.append((request.method, path, body))
+        if request.headers.get("authorization") != f"Bearer {TOKEN}":
+            answer = JSONResponse({"error": "a valid token is needed"}, 403)
+        elif request.method == "GET":
+            answer = JSONResponse(self.document())
+        elif path.endswith("/rollback"):
+            self.history.append({**self.history[-2], "version": len(self.history) + 1})
+            self.values = dict(self.history[-1]["values"])
+            answer = JSONResponse({"version": len(self.history)})
+        elif any(v > 1 for k, v in body["values"].items() if k == "failure_threshold"):
+            answer = JSONResponse({"error": "failure_threshold must be in (0, 1], not 2"}, 400)
+        else:
+            self.values = {**self.values, **body["values"]}
+            self.history.append(
+                {"version": len(self.history) + 1, "values": dict(self.values), "at": 1.7e9}
+            )
+            answer = JSONResponse({"version": len(self.history)})
+        await answer(scope, receive, send)
+
+
+async def test_live_values_editor_calls_the_config_endpoints(page: Any) -> None:
+    """The page's editor reads a policy's values with the token, sends only the values
+    changed, shows the version it gets or the error as sent, and rolls back."""
+    from resilience.ops.dashboard import Dashboard
+
+    scene = Scene()
+    scene.records = SCENE
+    dashboard = Dashboard(scene, refresh=0.2, allow_control=True, token=TOKEN)
+    stub = ConfigStub()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/config/"):
+            await stub(scope, receive, send)
+        else:
+            await dashboard(scope, receive, send)
+
+    async with serving(app) as base:
+        try:
+            await page.goto(base)
+            card = page.locator('[data-breaker="pay"]')
+            await card.wait_for(timeout=10_000)
+            await page.fill("#token", TOKEN)
+            await card.locator(".config summary").click()
+            threshold = card.locator('.config input[data-key="failure_threshold"]')
+            await threshold.wait_for(timeout=10_000)
+            assert stub.received == [("GET", "pay", None)]
+            assert await threshold.input_value() == "0.5"
+            assert "version 1" in await card.locator(".config .version").inner_text()
+
+            await card.locator('.config input[data-key="open_for"]').fill("10")
+            await card.locator('button[data-config="apply"]').click()
+            note = card.locator(".config-note")
+            await card.locator('.config-note:has-text("applied: version 2")').wait_for()
+            assert stub.received[1] == ("POST", "pay", {"values": {"open_for": 10}})
+            assert await card.locator(".config .history li").count() == 2
+
+            await threshold.fill("2")
+            await card.locator('button[data-config="apply"]').click()
+            await card.locator(
+                '.config-note:has-text("failure_threshold must be in (0, 1], not 2")'
+            ).wait_for()
+            assert stub.values["open_for"] == 10
+
+            await card.locator('button[data-config="rollback"]').click()
+            await card.locator('.config-note:has-text("rolled back: version 3")').wait_for()
+            assert ("POST", "pay/rollback", {}) in stub.received
+            assert await threshold.input_value() == "0.5"
+            assert await card.locator('.config input[data-key="open_for"]').input_value() == "30"
+            assert "version 3" in await note.locator("xpath=..").locator(".version").inner_text()
+        finally:
+            await page.goto("about:blank")

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from resilience import (
     CircuitOpenError,
     CircuitState,
     CountWindow,
+    PolicyStatus,
     __version__,
     status,
 )
@@ -44,6 +46,8 @@ from resilience.ops.cli import (
     redact,
 )
 from resilience.ops.demo import DemoError, Transitions, _read_replica
+from resilience.ops.table import format_table
+from resilience.store.records import ReplicaReport
 from resilience.store.redis import RedisStore
 
 from ..redis_server import free_port
@@ -88,9 +92,8 @@ def test_demo_runs_and_reports() -> None:
     assert "upstream phase: failing" in stdout
     for line in stdout.splitlines():
         if "upstream phase:" in line:  # each says what the breaker's window holds
-            assert any(
-                what in line for what in ("upstream errors, retried", "opened by", "not used yet")
-            ), line
+            says = ("failed (", "each retried", "opened by", "no attempt in", "not used yet")
+            assert any(what in line for what in says), line
     assert "\x1b[" not in stdout  # no terminal codes in a pipe
 
 
@@ -222,6 +225,11 @@ def test_status_json_from_the_environment(tripped: tuple[str, str]) -> None:
     assert doc["store"] == {"kind": "redis", "degraded": False}
     states = {p["name"]: p["state"] for p in doc["policies"] if p["kind"] == "circuit_breaker"}
     assert states == {"payments": "open", "search": "closed"}
+    assert doc["reporting"] == 5.0  # as the dashboard's document: replicas heard from lately
+    assert {p["name"]: p["replicas_reporting"] for p in doc["policies"]} == {
+        "payments": 1,
+        "search": 1,
+    }
 
 
 def test_status_of_an_empty_prefix(redis_url: str) -> None:
@@ -462,3 +470,130 @@ def test_unparsable_url_password_is_not_printed() -> None:
     assert out.returncode in (1, 2)
     assert "s3[cr3t" not in out.stderr
     assert "cr3t" not in out.stderr
+
+
+# usage errors and messages ------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:6379/0"])
+def test_demo_with_an_invalid_redis_url_says_so_in_one_line(url: str) -> None:
+    """`demo --redis` with something that is no Redis URL is one line and exit 2, as `status`."""
+    out = resilience("demo", "--duration", "1", "--redis", url)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("resilience: invalid Redis URL"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["demo", "--duration", "0"], "usage: resilience demo"),
+        (["demo", "--replicas", "0"], "usage: resilience demo"),
+        (["demo", "--port", "70000"], "usage: resilience demo"),
+        (["dashboard", "--allow-control"], "usage: resilience dashboard"),
+        (["dashboard", "--refresh", "0"], "usage: resilience dashboard"),
+    ],
+)
+def test_range_errors_show_the_subcommands_usage(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value out of range is a usage error of its subcommand, with that subcommand's usage."""
+    clean = {k: os.environ.pop(k) for k in ENV_VARS if k in os.environ}
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+    finally:
+        os.environ.update(clean)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith(usage)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["dashboard", "--port", "abc"], "argument --port: not a TCP port: 'abc'"),
+        (["demo", "--port", "abc"], "argument --port: not a TCP port: 'abc'"),
+        (["dashboard", "--refresh", "soon"], "argument --refresh: not a number of seconds"),
+        (["demo", "--duration", "long"], "argument --duration: not a number of seconds"),
+        (["demo", "--replicas", "many"], "argument --replicas: not a whole number: 'many'"),
+    ],
+)
+def test_a_value_that_does_not_parse_names_its_option(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value of the wrong type names the option and says what it must be, never a function."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert says in err, err
+    assert "invalid" not in err
+
+
+def test_dashboard_on_a_port_in_use_says_so_before_any_url() -> None:
+    """`dashboard` on a port already taken exits 1 with one line, and never prints its URL."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        out = resilience("dashboard", "--port", str(port))
+    finally:
+        taken.close()
+    assert out.returncode == 1, out.stderr
+    assert "dashboard on" not in out.stdout
+    last = out.stderr.strip().splitlines()[-1]  # after the in-memory store's warning
+    assert last == f"resilience: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert "Traceback" not in out.stderr
+
+
+def test_demo_serves_its_dashboard_on_the_given_port() -> None:
+    """`demo --port` puts the dashboard on that port."""
+    port = free_port()
+    out = run_demo("--duration", "1", "--port", str(port))
+    assert f"dashboard: http://127.0.0.1:{port}/" in out.stdout
+
+
+def test_status_table_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy() -> None:
+    """An open breaker's row shows the window that opened it (its live window is empty), a
+    forced one no figures, and REPLICAS counts only replicas heard from lately, of those known."""
+
+    def report(i: int, seen: float) -> ReplicaReport:
+        return ReplicaReport(replica=f"r{i}", last_seen=seen, calls=5, failures=5, slow_calls=0)
+
+    gone = tuple(report(i, 180.0) for i in range(3))
+    policies = [
+        PolicyStatus(
+            name="pay", kind="circuit_breaker", state=CircuitState.OPEN, retry_after=3.0,
+            opened_by=(20, 15, 0), replicas=(report(0, 0.2), *gone[1:]),
+        ),
+        PolicyStatus(name="inv", kind="circuit_breaker", state=CircuitState.FORCED_OPEN),
+        PolicyStatus(
+            name="old", kind="circuit_breaker", state=CircuitState.CLOSED, calls=8, replicas=gone
+        ),
+    ]  # fmt: skip
+    lines = format_table(policies).splitlines()
+    assert lines[1].split() == ["pay", "circuit_breaker", "open", "20", "15", "75%", "3.0s", "1/3"]
+    assert lines[2].split() == ["inv", "circuit_breaker", "forced_open", "-", "-", "-", "-", "-"]
+    assert lines[3].split()[-1] == "0/3"
+    assert lines[-1] == "open: CALLS, FAILURES and RATIO are the window that opened it"
+
+
+def test_status_table_shows_throttle_and_hedge_windows_and_health() -> None:
+    """A throttle's and a hedge's shared windows read as what they count, a fleet-wide
+    health check says whether its last result was healthy, and why not, and a rate limiter
+    when its bucket is full again."""
+    policies = [
+        PolicyStatus(name="api", kind="throttle", window=(10, 7)),
+        PolicyStatus(name="api", kind="hedge", window=(40, 2)),
+        PolicyStatus(
+            name="health:db", kind="health_check", in_flight=1, healthy=False,
+            health_error="ConnectionError: no route",
+        ),
+        PolicyStatus(name="health:mq", kind="health_check", in_flight=0, healthy=True),
+        PolicyStatus(name="api", kind="rate_limiter", backlog=1.25),
+        PolicyStatus(name="idle", kind="rate_limiter", backlog=0.0),
+    ]  # fmt: skip
+    lines = format_table(policies).splitlines()
+    assert "7 accepted of 10 requests" in lines[1]
+    assert "2 hedges for 40 calls" in lines[2]
+    assert "running, unhealthy: ConnectionError: no route" in lines[3]
+    assert "not running, healthy" in lines[4]
+    assert "full again in 1.2s" in lines[5]
+    assert "bucket full" in lines[6]

@@ -16,14 +16,20 @@ from starlette.routing import Mount
 
 from resilience import (
     Bulkhead,
+    BulkheadFullError,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
     CountWindow,
+    Fallback,
     MemoryStore,
+    PolicyStatus,
+    ResilienceTimeoutError,
     status,
 )
-from resilience.ops.dashboard import Dashboard
+from resilience.events import TimedOut
+from resilience.ops.dashboard import Dashboard, _percentiles
+from resilience.store.records import LATENCY_BUCKETS, REPORTING, ReplicaReport
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
@@ -203,7 +209,14 @@ async def test_rejections_and_latency_between_snapshots(
     for i in range(80):
         await breaker.call(takes, 0.3 if i >= 72 else 0.003)
     calm = await breaker_status(app, "timed", 5.0 - (0.003 * 72 + 0.3 * 8))
-    assert calm["percentiles"] == {"samples": 10, "p50": [0.002, 0.004], "p99": [0.256, 0.512]}
+    assert calm["percentiles"] == {
+        "samples": 10,
+        "p50": [0.002, 0.004],
+        "p90": [0.002, 0.004],
+        "p99": [0.256, 0.512],
+        "p99.5": [0.256, 0.512],
+        "mean": pytest.approx(0.003 * 0.9 + 0.384 * 0.1),  # each at its bucket's middle
+    }
     assert calm["rates"]["rejected"] == 0
     assert calm["rates"]["calls"] == (16.0 if shared else None)
     assert calm["rates"]["failures"] == (0 if shared else None)
@@ -230,7 +243,109 @@ async def test_rejections_and_latency_between_snapshots(
 
     quiet = await breaker_status(app, "timed", 1.0)
     assert quiet["rates"]["rejected"] == 0
-    assert quiet["percentiles"] == {"samples": 0, "p50": None, "p99": None}
+    assert quiet["percentiles"] == dict.fromkeys(["p50", "p90", "p99", "p99.5", "mean"], None) | {
+        "samples": 0
+    }
+
+
+def test_percentiles_and_mean_of_a_histogram() -> None:
+    """Each percentile is the bucket its rank falls in (p99.5 of 1000 samples: the 995th),
+    the open last bucket has no upper edge, and the mean puts each sample at its bucket's
+    middle (the open bucket's at its lower edge)."""
+    counts = [0] * len(LATENCY_BUCKETS)
+    counts[0], counts[3], counts[-1] = 900, 94, 6  # < 0.5 ms, 2-4 ms, >= 4.096 s
+    got = _percentiles(counts)
+    assert got["samples"] == 1000
+    assert got["p50"] == got["p90"] == [0.0, 0.0005]
+    assert got["p99"] == [0.002, 0.004]
+    assert got["p99.5"] == [LATENCY_BUCKETS[-2], None]
+    mean = (900 * 0.00025 + 94 * 0.003 + 6 * LATENCY_BUCKETS[-2]) / 1000
+    assert got["mean"] == pytest.approx(mean, abs=1e-6)
+
+
+def test_only_replicas_heard_from_lately_are_reporting() -> None:
+    """A replica silent for longer than REPORTING seconds no longer counts as reporting."""
+    reports = tuple(
+        ReplicaReport(replica=f"r{i}", last_seen=seen, calls=1, failures=0, slow_calls=0)
+        for i, seen in enumerate([0.0, REPORTING, REPORTING + 0.1, 180.0])
+    )
+    policy = PolicyStatus(name="b", kind="circuit_breaker", replicas=reports)
+    assert policy.reporting() == 2
+    assert policy.reporting(within=200) == 4
+
+
+async def test_in_process_breakers_reporting_their_calls_get_rates(clock: FakeClock) -> None:
+    """A breaker of an in-process store that reports its calls to ``dashboard.calls`` gets
+    calls/s and failed/s (timeouts failed, refusals not calls), and every call's latency;
+    one that does not keeps none, as before."""
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    told = CircuitBreaker("told", minimum_calls=100, store=store, listeners=[app.calls])
+    silent = CircuitBreaker("silent", store=store)
+
+    async def takes(seconds: float) -> str:
+        clock.advance(seconds)
+        return "ok"
+
+    async def too_slow() -> None:
+        raise ResilienceTimeoutError("upstream", 0.1)
+
+    await told.call(takes, 0)
+    await silent.call(takes, 0)
+    await breaker_status(app, "told", 1.0)
+    for _ in range(6):
+        await told.call(takes, 0.003)
+    with pytest.raises(ConnectionError):
+        await told.call(_fail)
+    with pytest.raises(ResilienceTimeoutError):
+        await told.call(too_slow)
+    await told.force_open()
+    with pytest.raises(CircuitOpenError):
+        await told.call(takes, 0)
+    policy = await breaker_status(app, "told", 2.0 - 6 * 0.003)  # 2 s since the last
+    assert policy["rates"] == {
+        "calls": 4.0,
+        "failures": 1.0,
+        "slow_calls": None,
+        "rejected": 0.5,
+        "timeouts": 0.0,
+        "bulkhead_rejected": 0.0,
+        "fallbacks": 0.0,
+    }
+    assert policy["percentiles"]["samples"] == 8  # every call, not one in 8
+    assert policy["percentiles"]["p50"] == [0.002, 0.004]
+    quiet = await breaker_status(app, "silent", 0.0)
+    assert quiet["rates"]["calls"] is None
+    assert quiet["rates"]["timeouts"] is None
+
+
+async def test_timeouts_bulkhead_refusals_and_fallbacks_under_a_breakers_name(
+    clock: FakeClock,
+) -> None:
+    """Policies named as a breaker that report to ``dashboard.calls`` add, per second, the
+    timeouts that expired, the calls their bulkhead refused and the fallbacks served to that
+    breaker's figures (as Hystrix groups a command's); a store's replicas report none."""
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    told = [app.calls]
+    breaker = CircuitBreaker("dep", store=store, listeners=told)
+    pool = Bulkhead(1, name="dep", listeners=told)
+    fallback = Fallback(on=ConnectionError, value="cached", name="dep", listeners=told)
+    await breaker.call(asyncio.sleep, 0)
+    await breaker_status(app, "dep", 1.0)
+    gate = asyncio.Event()
+    holding = asyncio.create_task(pool.call(gate.wait))
+    await asyncio.sleep(0)
+    for _ in range(3):
+        with pytest.raises(BulkheadFullError):
+            await pool.call(asyncio.sleep, 0)
+    for _ in range(4):
+        assert await fallback.call(_fail) == "cached"
+    app.calls(TimedOut(name="dep", seconds=0.1))  # as a Timeout named "dep" reports one
+    gate.set()
+    await holding
+    rates = (await breaker_status(app, "dep", 2.0))["rates"]
+    assert (rates["timeouts"], rates["bulkhead_rejected"], rates["fallbacks"]) == (0.5, 1.5, 2.0)
 
 
 async def test_a_total_that_goes_down_counts_from_zero(redis_url: str, clock: FakeClock) -> None:

@@ -10,7 +10,8 @@ from collections import Counter
 import httpx
 
 from resilience import CircuitState, PolicyStatus, StateChanged
-from resilience.ops.demo import Screen, Transitions, breaker_line, free_port, serve
+from resilience.ops.demo import free_port, run_demo, serve
+from resilience.ops.screen import Screen, Transitions, breaker_line
 
 
 async def _ok(scope: dict[str, object], receive: object, send: object) -> None:
@@ -114,16 +115,84 @@ async def test_a_socket_bound_without_its_protocol_loses_tcp_nodelay() -> None:
 
 
 def test_breaker_line_says_upstream_errors_were_retried() -> None:
-    """A closed breaker's window counts attempts: the line says its errors were retried, and
-    an open one says what opened it."""
+    """A closed breaker's window counts attempts: the line says its errors were retried, an
+    open one says what opened it, and counts agree with their nouns."""
     closed = PolicyStatus(
         name="b", kind="circuit_breaker", state=CircuitState.CLOSED, calls=20, failures=2
     )
     assert breaker_line(closed) == (
-        "breaker: closed, upstream errors, retried: 10% of 20 attempts in the window"
+        "breaker: closed; 2 of the last 20 attempts failed (10%), each retried"
     )
+    empty = PolicyStatus(name="b", kind="circuit_breaker", state=CircuitState.CLOSED)
+    assert breaker_line(empty) == "breaker: closed; no attempt in its window yet"
     opened = PolicyStatus(
         name="b", kind="circuit_breaker", state=CircuitState.OPEN, opened_by=(12, 9, 0)
     )
-    assert breaker_line(opened) == "breaker: OPEN, opened by 9 failed of 12 attempts"
+    assert breaker_line(opened) == "breaker: OPEN, opened by 9 failed attempts of 12"
+    one = PolicyStatus(
+        name="b", kind="circuit_breaker", state=CircuitState.OPEN, opened_by=(1, 1, 0)
+    )
+    assert breaker_line(one) == "breaker: OPEN, opened by 1 failed attempt of 1"
     assert breaker_line(None) == "breaker: not used yet"
+
+
+def test_a_late_report_still_prints_before_what_happened_after_it() -> None:
+    """A state change reported after a later phase change was seen (a replica process
+    reports every 0.2 s) is printed before it: lines wait HOLD seconds before printing."""
+    lines: list[str] = []
+    screen = Screen(lines.append, tty=False, duration=10)
+    transitions = Transitions(start_wall=0.0)
+    with screen:
+        screen.show(0.0, "healthy", [Counter()], None, [])
+        screen.show(4.0, "failing", [Counter()], None, [])
+        transitions.add("b", 1, "closed", "open", 3.9)  # reported at 4.2, happened at 3.9
+        screen.show(4.2, "failing", [Counter()], None, transitions.take_fresh())
+        assert len(lines) == 1  # the phase change at 4.0 waits; the change at 3.9 too
+        screen.show(5.0, "failing", [Counter()], None, [])
+        assert len(lines) == 3  # both past HOLD: printed in order
+    assert [line.split()[0] for line in lines] == ["0.0s", "3.9s", "4.0s"]
+
+
+def test_piped_screen_prints_lines_in_time_order() -> None:
+    """State changes that arrive late (a replica reports every 0.2 s) print in the order they
+    happened, before a phase change seen after them."""
+    lines: list[str] = []
+    screen = Screen(lines.append, tty=False, duration=10)
+    transitions = Transitions(start_wall=0.0)
+    transitions.add("b", 2, "open", "half_open", 3.5)
+    transitions.add("b", 1, "closed", "open", 2.5)
+    with screen:
+        screen.show(0.0, "healthy", [Counter()], None, [])
+        screen.show(4.0, "failing", [Counter()], None, transitions.take_fresh())
+    assert lines[1:] == [
+        "   2.5s  breaker b closed -> open (generation 1)\n",
+        "   3.5s  breaker b open -> half_open (generation 2)\n",
+        "   4.0s  upstream phase: failing; breaker: not used yet\n",
+    ]
+
+
+async def test_the_in_process_demo_dashboard_shows_calls_and_latency() -> None:
+    """Without Redis the demo's dashboard still shows the breaker's calls/s, failed/s and
+    latency: its replicas tell the dashboard about every call."""
+    port = free_port()
+    seen: list[dict[str, object]] = []
+
+    async def watch() -> None:
+        async with httpx.AsyncClient() as client:
+            for _ in range(200):  # bounded: 20 s
+                await asyncio.sleep(0.1)
+                try:
+                    doc = (await client.get(f"http://127.0.0.1:{port}/status")).json()
+                except httpx.HTTPError:
+                    continue
+                breakers = [p for p in doc["policies"] if p["kind"] == "circuit_breaker"]
+                rates = breakers[0]["rates"] if breakers else None
+                if rates and rates["calls"] and breakers[0]["percentiles"]["samples"]:
+                    seen.append(breakers[0])
+                    return
+
+    watching = asyncio.create_task(watch())
+    await run_demo(4, replicas=2, seed=3, port=port, write=lambda _: None, tty=False)
+    watching.cancel()
+    await asyncio.gather(watching, return_exceptions=True)
+    assert seen, "the in-process demo's dashboard never showed calls/s with latency"

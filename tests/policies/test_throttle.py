@@ -459,7 +459,7 @@ async def test_garbage_under_the_window_costs_the_store_nothing(
         throttle = Throttle(name="api", store=store, random=never, clock=clock)
         await outcome(throttle, ok)
         await throttle.sync()
-        counts = store.key("api", "counts")
+        counts = store.key("throttle:api", "counts")  # a throttle's window, by kind
         await raw.hset(counts, mapping=dict.fromkeys(await raw.hkeys(counts), value))
         for _ in range(5):
             await outcome(throttle, ok)

@@ -145,17 +145,18 @@ def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
     from resilience.store.redis.status import COLUMNS, parse_status
 
     values = {"s": "open", "g": "3", "u": "5000", "c": "10", "f": "6", "l": "0", "p": "0"}
-    values |= {"o": "10,6,0", "n": "2", "m": "4", "a": "6", "q": "", "t": "7.5"}
+    values |= {"o": "10,6,0", "n": "2", "m": "4", "a": "6", "q": "", "t": "7.5", "w": "12,3"}
+    values["h"] = ""
     report = "r1|900 10 6 0 4 2 0,3"
 
     def reply(header: list[str]) -> list[Any]:
         entry = "\t".join([*(values.get(c, "x") for c in header), report])
         return [1000, "\t".join(header).encode(), entry.encode()]
 
-    first = parse_status(["dep"], reply(list(COLUMNS)))
-    shuffled = parse_status(["dep"], reply(["extra", *reversed(COLUMNS)]))
+    first = parse_status(["throttle:dep"], reply(list(COLUMNS)))
+    shuffled = parse_status(["throttle:dep"], reply(["extra", *reversed(COLUMNS)]))
     assert first == shuffled
-    breaker, bulkhead, budget = first
+    breaker, bulkhead, budget, window = first
     assert (breaker.state, breaker.generation, breaker.calls, breaker.failures) == (
         CircuitState.OPEN,
         3,
@@ -170,6 +171,7 @@ def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
     assert (bulkhead.kind, bulkhead.in_flight, bulkhead.limit) == ("bulkhead", 2, 4)
     assert bulkhead.adaptive_limit == 6
     assert (budget.kind, budget.tokens) == ("retry_budget", 7.5)
+    assert (window.name, window.kind, window.window) == ("dep", "throttle", (12, 3))
     broken = parse_status(["a", "b"], reply([c for c in COLUMNS if c != "g"]))
     assert [(s.name, s.kind) for s in broken] == [("a", "damaged"), ("b", "damaged")]
     assert "g" in (broken[0].damaged or "")
@@ -178,7 +180,7 @@ def test_a_status_reply_is_read_by_its_header_not_by_position() -> None:
 def test_a_short_or_missing_entry_is_damaged_alone() -> None:
     from resilience.store.redis.status import COLUMNS, parse_status
 
-    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t\t"
+    good = "closed\t0\t0\t1\t0\t0\t0\t0,0,0" + "\t" * (len(COLUMNS) - 8)
     header = "\t".join(COLUMNS)
     listed = parse_status(["a", "b", "c", "d"], [5, header, good, "closed\t0", good])
     assert [(s.name, s.kind) for s in listed] == [

@@ -9,20 +9,28 @@ Routes, relative to where it is mounted:
 * ``GET /``: the page (one static HTML file, no external resources), with the first status
   document inside it, so it shows figures at once.
 * ``GET /status``: ``{"policies": [...], "store": {"kind", "degraded"}, "control", "refresh",
-  "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot answer.
-  Each policy carries its ``PolicyStatus`` fields plus ``"replicas_reporting"`` (replicas
-  heard from in the last minute) and, for a breaker, figures computed here from the running
-  totals of two successive snapshots (``None`` before a second one; ``None`` for other kinds):
-  ``"rates"``, per second: ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that
-  keeps no running total of them, as an in-process one) and ``rejected`` (calls refused);
-  ``"percentiles"``: ``{"samples", "p50", "p99"}`` over the calls sampled in between (one in
-  8, or every call of a breaker that times them anyway), each percentile as its histogram
-  bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last edge), or
-  ``None`` when no call was sampled.
+  "reporting", "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot
+  answer. Each policy carries its ``PolicyStatus`` fields plus ``"replicas_reporting"``
+  (replicas heard from in the last ``"reporting"`` seconds: ``REPORTING``) and, for a
+  breaker, figures computed here from the running totals of two successive snapshots
+  (``None`` before a second one; ``None`` for other kinds): ``"rates"``, per second:
+  ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that keeps no running total
+  of them, as an in-process one) and ``rejected`` (calls refused), and ``timeouts``,
+  ``bulkhead_rejected`` and ``fallbacks`` (``None`` unless this process's policies of that
+  name report to ``dashboard.calls``); ``"percentiles"``:
+  ``{"samples", "p50", "p90", "p99", "p99.5", "mean"}`` over the calls sampled in between
+  (one in 8, or every call of a breaker that times them anyway), each percentile as its
+  histogram bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last
+  edge), the mean in seconds as estimated from the buckets; ``None`` when no call was
+  sampled.
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
   with ``allow_control=True`` and ``Authorization: Bearer <token>``; ``403`` otherwise.
+
+A store shared through Redis carries every replica's running totals; an in-process store
+keeps none of calls: breakers built with ``listeners=[dashboard.calls]`` report theirs to the
+dashboard (``CallCounts``), which gives their cards calls/s, failed/s and latency.
 
 Control is off by default, and turning it on requires a token. Every figure comes from the
 store's ``status()``, one call per push (shared by every viewer): no Redis command per
@@ -56,7 +64,9 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     ) from exc
 
 from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailableError, status
-from resilience.store.records import LATENCY_BUCKETS
+from resilience.store.records import LATENCY_BUCKETS, REPORTING
+
+from .calls import CallCounts
 
 __all__ = ["Dashboard"]
 
@@ -72,7 +82,6 @@ _CONTROL_STATES = {
 }
 _MAX_BODY = 4096  #: bytes accepted in a control request
 _STREAM_SECONDS = 300.0  #: an event stream ends after this; EventSource reconnects by itself
-_REPORTING = 60.0  #: a replica heard from within this many seconds is reporting
 _BASE_MARK = "__RESILIENCE_BASE__"
 _INITIAL_MARK = "__RESILIENCE_INITIAL__"
 _CSP = (
@@ -102,7 +111,8 @@ def _dumps(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
-_PERCENTILES = (("p50", 50), ("p99", 99))
+#: the percentiles shown, each with its rank in thousandths
+_PERCENTILES = (("p50", 500), ("p90", 900), ("p99", 990), ("p99.5", 995))
 
 
 def _growth(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:
@@ -120,41 +130,51 @@ def _growth(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _percentiles(counts: list[int]) -> dict[str, Any]:
-    """p50 and p99 of a latency histogram (counts per ``LATENCY_BUCKETS`` bucket): each as
-    its bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` for the open last
-    bucket), or ``None`` without samples."""
+    """p50, p90, p99 and p99.5 of a latency histogram (counts per ``LATENCY_BUCKETS``
+    bucket), each as its bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` for
+    the open last bucket), and the mean as estimated from the buckets (each sample at its
+    bucket's middle; at the lower edge in the open one); ``None`` without samples."""
     samples = sum(counts)
+    edges = [(LATENCY_BUCKETS[i - 1] if i else 0.0, LATENCY_BUCKETS[i]) for i in range(len(counts))]
     out: dict[str, Any] = {"samples": samples}
-    for name, percent in _PERCENTILES:
+    for name, permille in _PERCENTILES:
         out[name] = None
-        rank = max(1, -(-samples * percent // 100))  # the rank-th smallest sample, 1-based
+        rank = max(1, -(-samples * permille // 1000))  # the rank-th smallest sample, 1-based
         seen = 0
-        for i, count in enumerate(counts):
+        for (lower, upper), count in zip(edges, counts, strict=True):
             seen += count
             if samples and seen >= rank:
-                upper = LATENCY_BUCKETS[i]
-                lower = LATENCY_BUCKETS[i - 1] if i else 0.0
                 out[name] = [lower, None if math.isinf(upper) else upper]
                 break
+    middles = (lower if math.isinf(upper) else (lower + upper) / 2 for lower, upper in edges)
+    total = sum(count * middle for count, middle in zip(counts, middles, strict=True))
+    out["mean"] = round(total / samples, 6) if samples else None
     return out
 
 
-#: One source's running totals: (calls, failures, slow calls) or None when the store keeps
-#: none, then (refused calls,), then the latency histogram.
+#: One source's running totals: (calls, failures, slow calls), (calls, failures) when slow
+#: calls are not counted, or None when nothing keeps a total of calls; then (refused calls,)
+#: or, where its policies report to ``CallCounts``, (refused calls, timeouts, calls
+#: bulkheads refused, fallbacks served); then the latency histogram.
 _Totals = tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]
 #: (rates, percentiles) of one breaker's last interval
 _Figures = tuple[dict[str, Any] | None, dict[str, Any] | None]
 
 
-def _totals(policy: PolicyStatus) -> dict[str, _Totals]:
+def _totals(policy: PolicyStatus, calls: CallCounts) -> dict[str, _Totals]:
     """A breaker's running totals per source: each replica's report, or else the policy's own
-    (an in-process store counts refusals and latency, but keeps no running total of calls)."""
+    (an in-process store counts refusals and latency, but keeps no running total of calls:
+    those its breaker reported to ``calls``, if any, with their latency, every call timed)."""
     if policy.replicas:
         return {
             r.replica: ((r.calls, r.failures, r.slow_calls), (r.rejected,), r.latency)
             for r in policy.replicas
         }
-    return {"": (None, (policy.rejected,), policy.latency)}
+    reported, events = calls.totals(policy.name), calls.events(policy.name)
+    refused = (policy.rejected,) if events is None else (policy.rejected, *events)
+    if reported is None:
+        return {"": (None, refused, policy.latency)}
+    return {"": (reported[0], refused, reported[1])}
 
 
 class _Intervals:
@@ -170,15 +190,16 @@ class _Intervals:
     over (no figures for that interval).
     """
 
-    def __init__(self, min_gap: float) -> None:
+    def __init__(self, min_gap: float, calls: CallCounts) -> None:
         self.min_gap = min_gap
+        self.calls = calls
         self._last: dict[tuple[str, str], tuple[float, bool, dict[str, _Totals]]] = {}
         self._figures: dict[tuple[str, str], _Figures] = {}
 
     def update(self, policy: PolicyStatus, now: float) -> _Figures:
         """``(rates, percentiles)`` for ``policy``; both ``None`` before a second snapshot."""
         key = (policy.kind, policy.name)
-        totals = _totals(policy)
+        totals = _totals(policy, self.calls)
         last = self._last.get(key)
         if last is not None and now - last[0] < self.min_gap:
             return self._figures.get(key, (None, None))
@@ -195,19 +216,25 @@ class _Intervals:
         before: dict[str, _Totals], after: dict[str, _Totals], gap: float
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         outcomes: list[int] | None = None
+        slow_counted = True
         rejected = 0
+        others: tuple[int, ...] | None = None  # timeouts, bulkhead refusals, fallbacks
         latency = [0] * len(LATENCY_BUCKETS)
         for source, (calls, refused, histogram) in after.items():
             old = before.get(source)
             if calls is not None:
                 # a report new since the last snapshot counts its calls from the first flush
                 grown = calls if old is None or old[0] is None else _growth(old[0], calls)
+                slow_counted = slow_counted and len(grown) == 3
+                grown = (*grown, 0)[:3]
                 outcomes = [a + b for a, b in zip(outcomes or [0, 0, 0], grown, strict=True)]
             if old is None:
                 # ... but its refusals and latency since its breaker was made, maybe long
                 # before: they are the base the next interval grows from
                 continue
-            rejected += _growth(old[1], refused)[0]
+            grown = _growth(old[1], refused)
+            rejected += grown[0]
+            others = grown[1:] if len(grown) == 4 else others
             if len(histogram) == len(latency):
                 latency = [a + b for a, b in zip(latency, _growth(old[2], histogram), strict=True)]
         calls_rate, failures_rate, slow_rate = (
@@ -216,9 +243,11 @@ class _Intervals:
         rates = {
             "calls": calls_rate,
             "failures": failures_rate,
-            "slow_calls": slow_rate,
+            "slow_calls": slow_rate if slow_counted else None,
             "rejected": round(rejected / gap, 2),
         }
+        for figure, i in (("timeouts", 0), ("bulkhead_rejected", 1), ("fallbacks", 2)):
+            rates[figure] = None if others is None else round(others[i] / gap, 2)
         return rates, _percentiles(latency)
 
     def forget(self, keep: set[tuple[str, str]]) -> None:
@@ -234,6 +263,8 @@ class Dashboard:
     page; it requires ``token``, which clients send as ``Authorization: Bearer <token>``.
     ``refresh`` is the seconds between two pushes on the event stream, in [0.05, 3600].
     ``clock`` times the snapshots, and so the rates (the store's clock by default).
+    ``calls`` is a listener for this process's policies (``listeners=[dashboard.calls]``):
+    what they report fills in the figures an in-process store keeps no total of.
     """
 
     def __init__(
@@ -270,7 +301,10 @@ class Dashboard:
         self.refresh = float(refresh)
         self._token = None if token is None else token.strip().encode()
         self._page = resources.files(__name__).joinpath("index.html").read_text(encoding="utf-8")
-        self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2))
+        #: a listener for this process's breakers (``listeners=[dashboard.calls]``): their
+        #: calls/s, failed/s and latency where the store keeps no running totals of them
+        self.calls = CallCounts()
+        self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2), calls=self.calls)
         self._latest: tuple[float, int, dict[str, Any]] | None = None
         self._lock = asyncio.Lock()
         self.app = Starlette(
@@ -314,6 +348,7 @@ class Dashboard:
         store = {"kind": _store_kind(self.store), "degraded": False}
         doc: dict[str, Any] = {"policies": [], "store": store, "control": self.allow_control}
         doc["refresh"] = self.refresh
+        doc["reporting"] = REPORTING
         code = 200
         try:
             policies = await status(self.store)
@@ -338,7 +373,7 @@ class Dashboard:
             data["rates"], data["percentiles"] = self._intervals.update(policy, now)
         else:
             data["rates"] = data["percentiles"] = None
-        data["replicas_reporting"] = sum(r.last_seen <= _REPORTING for r in policy.replicas)
+        data["replicas_reporting"] = policy.reporting()
         return data
 
     # routes ---------------------------------------------------------------------------------

@@ -14,7 +14,14 @@ from operator import add, attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ...states import OPEN
-from ..records import PolicyStatus, ReplicaReport, lease_kind
+from ..records import (
+    HEALTH_RESULT,
+    PolicyStatus,
+    ReplicaReport,
+    lease_kind,
+    published_health,
+    window_kind,
+)
 from .primitives import (
     BREAKER_SUFFIXES,
     BY_VALUE,
@@ -34,9 +41,12 @@ if TYPE_CHECKING:
 __all__ = ["CHUNK", "COLUMNS", "SUFFIXES", "parse_status", "read_status"]
 
 #: the keys ``status.lua`` reads for each name, in order
-SUFFIXES = (*BREAKER_SUFFIXES, "leases", "gcra", "budget", "limit", "shares")
+SUFFIXES = (
+    *BREAKER_SUFFIXES,
+    *("leases", "gcra", "budget", "limit", "shares", "counts", f"cache:{HEALTH_RESULT}"),
+)
 #: the columns this module reads from a ``status.lua`` reply (named in its header)
-COLUMNS = ("s", "g", "u", "c", "f", "l", "p", "o", "n", "m", "a", "q", "t")
+COLUMNS = ("s", "g", "u", "c", "f", "l", "p", "o", "n", "m", "a", "q", "t", "w", "h")
 CHUNK = 250  #: names per status script call (one Redis)
 _WORKERS = 3  # status script calls in flight at once (one Redis)
 _CLUSTER_WORKERS = 32  # ... on a Cluster (one name a call, spread over the nodes)
@@ -189,9 +199,23 @@ class Reply:
         parts = text(entry).split("\t")
         if len(parts) < self.width:
             raise BadReply(f"a status entry of {len(parts)} columns, not {self.width}")
-        s, gen, until, calls, failures, slow, probes, opened, held, limit, own, tat, tokens = (
-            self.pick(parts)
-        )
+        (
+            s,
+            gen,
+            until,
+            calls,
+            failures,
+            slow,
+            probes,
+            opened,
+            held,
+            limit,
+            own,
+            tat,
+            tokens,
+            w,
+            h,
+        ) = self.pick(parts)
         now = self.now
         if s:
             state = BY_VALUE.get(s)
@@ -225,21 +249,29 @@ class Reply:
                     latency=latency,
                 )
             )
-        if held:
+        health = published_health(h) if h else None
+        if held or health:
+            healthy, error = health or (None, None)
             out.append(
                 PolicyStatus(
                     name=name,
                     kind=lease_kind(name),
-                    in_flight=_int(held),
+                    in_flight=_int(held) if held else 0,
                     limit=_int(limit) if limit else None,
                     adaptive_limit=_int(own) if own else None,
+                    healthy=healthy,
+                    health_error=error,
                 )
             )
         if tat:
-            real(tat, 0)
-            out.append(PolicyStatus(name=name, kind="rate_limiter"))
+            backlog = max(0.0, (real(tat, 0) - now) / 1000)
+            out.append(PolicyStatus(name=name, kind="rate_limiter", backlog=backlog))
         if tokens:
             out.append(PolicyStatus(name=name, kind="retry_budget", tokens=real(tokens, 0)))
+        if w:
+            kind, shown = window_kind(name)
+            first, second = map(_int, w.split(","))
+            out.append(PolicyStatus(name=shown, kind=kind, window=(first, second)))
 
 
 def parse_status(names: list[str], reply: Any) -> list[PolicyStatus]:

@@ -1,5 +1,6 @@
 -- status: everything known about some policy names, for status tools. Read-only.
--- KEYS: 9 per name (state, window, probes, replicas, leases, gcra, budget, limit, shares),
+-- KEYS: 11 per name (state, window, probes, replicas, leases, gcra, budget, limit, shares,
+--       counts, cache:result),
 --       each "<prefix>:{<escaped name>}:<suffix>"; or none, and the names in ARGV (one Redis
 --       only: not for a Cluster)
 -- ARGV: 1 now in ms ("" = server TIME); without KEYS also 2 prefix, 3 the names (escaped)
@@ -10,7 +11,9 @@
 --   window's running totals, or the probes' while half-open), p probe leases held, o the
 --   "calls,failures,slow" that opened it; bulkhead: n permits held (leases, and permits in use
 --   under shares), m its limit, a the sum of the holders' own (adaptive) limits; rate
---   limiter: q its arrival time; budget: t tokens.
+--   limiter: q its arrival time; budget: t tokens; shared window (a throttle's, a hedge's):
+--   w its two figures' totals over the buckets kept, "<first>,<second>"; a health check
+--   (a name under "health:"): h its runner's last published result, as published (JSON).
 --   An entry per name: its columns in the header's order joined by tabs (a column is empty
 --   when the name has no such policy), then one "<replica id>|<its report>" per replica.
 --   Compact: a status of 10,000 names is 10,000 strings.
@@ -88,11 +91,32 @@ local function shared(key)
   return held, own
 end
 
--- the columns n..t: fleet-wide leases (per call, and shares), rate limiter and budget
+-- a shared window's two totals over the buckets it keeps (window.lua deletes the old ones
+-- at each exchange), '' when there is none; fields that are not ours are skipped
+local function counts(key)
+  local all = get('HGETALL', key)
+  if not all or #all == 0 then return '' end
+  local totals = {0, 0}
+  for i = 1, #all, 2 do
+    local figure = tonumber(string.match(all[i], '^%-?%d+%.(%d+)$'))
+    local v = count(all[i + 1])
+    if v and totals[figure] then totals[figure] = math.min(totals[figure] + v, MAX_INT) end
+  end
+  return totals[1] .. ',' .. totals[2]
+end
+
+-- the columns n..h: fleet-wide leases (per call, and shares), rate limiter, budget, window,
+-- health check's result
 local function others(base)
-  local leases, shares, gcra, budget = base .. 'leases', base .. 'shares', base .. 'gcra',
-    base .. 'budget'
-  if redis.call('EXISTS', leases, shares, gcra, budget) == 0 then return '\t\t\t\t' end
+  local leases, shares, gcra, budget, shared_window = base .. 'leases', base .. 'shares',
+    base .. 'gcra', base .. 'budget', base .. 'counts'
+  local result = ''
+  if string.find(base, ':{health%3A', 1, true) then -- a health check: its published result
+    result = get('GET', base .. 'cache:result') or ''
+  end
+  if redis.call('EXISTS', leases, shares, gcra, budget, shared_window) == 0 then
+    return '\t\t\t\t\t\t' .. result
+  end
   local held, limit, own = '', '', ''
   if redis.call('EXISTS', leases, shares) > 0 then
     local in_shares, adaptive = shared(shares)
@@ -101,13 +125,13 @@ local function others(base)
     if adaptive > 0 then own = adaptive end
   end
   return held .. '\t' .. limit .. '\t' .. own .. '\t' .. (get('GET', gcra) or '') .. '\t' ..
-    (get('GET', budget) or '')
+    (get('GET', budget) or '') .. '\t' .. counts(shared_window) .. '\t' .. result
 end
 
 -- each name's keys share a base, "<prefix>:{<escaped name>}:" (KEYS[1] is the first's state)
 local bases = {}
 if #KEYS > 0 then
-  for n = 1, #KEYS, 9 do bases[#bases + 1] = string.sub(KEYS[n], 1, -6) end
+  for n = 1, #KEYS, 11 do bases[#bases + 1] = string.sub(KEYS[n], 1, -6) end
 else
   local head = ARGV[2] .. ':{'
   for name in string.gmatch(ARGV[3] or '', '[^\t]+') do
@@ -115,10 +139,10 @@ else
   end
 end
 local marks = ARGV[4] or ''
-local out = {now, 's\tg\tu\tc\tf\tl\tp\to\tn\tm\ta\tq\tt'}
+local out = {now, 's\tg\tu\tc\tf\tl\tp\to\tn\tm\ta\tq\tt\tw\th'}
 for n = 1, #bases do
   local columns, reports = breaker(bases[n])
-  local more = '\t\t\t\t'
+  local more = '\t\t\t\t\t\t'
   if string.byte(marks, n) ~= 48 then more = others(bases[n]) end -- '0': a breaker only
   out[n + 2] = columns .. '\t' .. more .. reports
 end

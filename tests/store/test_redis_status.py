@@ -224,7 +224,8 @@ def test_replica_reports_read_and_sum_alike_whatever_repeats(
     from resilience.store.redis.primitives import parse_histogram
     from resilience.store.redis.status import COLUMNS, parse_status
 
-    columns = "closed\t0\t0\t1\t0\t0\t0\t0,0,0\t\t\t\t\t"
+    breaker_columns = ["closed", "0", "0", "1", "0", "0", "0", "0,0,0"]
+    columns = "\t".join(breaker_columns + [""] * (len(COLUMNS) - len(breaker_columns)))
     entries = []
     for reports in names:
         parts = [

@@ -25,6 +25,7 @@ from .errors import (
 from .events import (
     CallFinished,
     CallRejected,
+    Coalesced,
     Event,
     FallbackUsed,
     HealthChanged,
@@ -42,6 +43,7 @@ from .policies.base import Policy
 from .policies.bulkhead import Bulkhead
 from .policies.cache import FallbackCache, JSONSerializer, Serializer
 from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
+from .policies.coalesce import Coalesce
 from .policies.fallback import Fallback
 from .policies.health import HealthCheck, HealthResult
 from .policies.hedge import Hedge
@@ -78,6 +80,8 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "Clock",
+    "Coalesce",
+    "Coalesced",
     "CountWindow",
     "Event",
     "Fallback",

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CallFinished",
     "CallRejected",
+    "Coalesced",
     "Event",
     "FallbackUsed",
     "HealthChanged",
@@ -170,6 +171,14 @@ class SubscriberReplaced(Event):
     breakers it holds read the fleet's state again."""
 
     policy: str = "store"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Coalesced(Event):
+    """One execution of a ``Coalesce`` served ``callers`` concurrent calls (more than one)."""
+
+    policy: str = "coalesce"
+    callers: int
 
 
 class Listener(Protocol):

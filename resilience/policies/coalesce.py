@@ -1,0 +1,133 @@
+"""Coalesce: concurrent identical calls share one execution (single flight).
+
+When a popular entry expires, many callers ask the dependency for the same thing at once.
+Under ``Coalesce`` the first call with a key starts the execution; every call with the same
+key that arrives while it runs waits for it, and each gets its outcome: the same result
+object, or the same exception. The next call after it ended runs afresh: nothing is cached.
+
+The execution runs in a task of its own, so no caller owns it: a caller that is cancelled
+(or times out) leaves it and the other callers alone; when every caller has gone, the
+execution is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable, Iterable
+from functools import partial
+from typing import Any
+
+from ..clock import Clock
+from ..events import Coalesced, Listener, emit
+from .base import BasePolicy, Protected, target
+
+__all__ = ["Coalesce", "default_key"]
+
+_shield = asyncio.shield
+_CancelledError = asyncio.CancelledError
+
+
+def default_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+    """The key of a call by default: its positional arguments and its keyword arguments
+    (in any order). Hashing it raises ``TypeError`` when an argument is unhashable."""
+    return (args, frozenset(kwargs.items())) if kwargs else args
+
+
+class _Flight:
+    """One execution under way and the callers waiting for it."""
+
+    __slots__ = ("abandoned", "callers", "task", "waiting")
+
+    def __init__(self, task: asyncio.Future[Any]) -> None:
+        self.task = task
+        self.abandoned = False  #: every caller left; cancelled, its cancellation under way
+        self.waiting = 0  #: callers awaiting it now
+        self.callers = 0  #: callers it has served or serves
+
+
+class Coalesce(BasePolicy):
+    """Concurrent calls with the same key share one execution; each gets its outcome.
+
+    A call's key is ``key(*args, **kwargs)`` if given, else its arguments
+    (``default_key``); calls of different functions never share. A call whose default key
+    is unhashable (a list, a dict among its arguments) runs on its own, unshared; a ``key``
+    that returns something unhashable is a ``TypeError`` for the call.
+
+    Every caller gets the *same* result object: a caller that mutates it mutates everyone's.
+    ``copy`` (``copy.deepcopy``, ``dict``, ...) is applied to the result for each caller,
+    who then gets a copy of their own. An exception reaches every caller (the same
+    exception object).
+    """
+
+    kind = "coalesce"
+
+    def __init__(
+        self,
+        *,
+        key: Callable[..., Hashable] | None = None,
+        copy: Callable[[Any], Any] | None = None,
+        name: str = "coalesce",
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        super().__init__(name, clock, listeners)
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a callable returning a hashable key, got {key!r}")
+        if copy is not None and not callable(copy):
+            raise TypeError(f"copy must be a callable or None, got {copy!r}")
+        self.key = key
+        self.copy = copy
+        self._flights: dict[Hashable, _Flight] = {}
+
+    def __repr__(self) -> str:
+        return f"Coalesce(name={self.name!r})"
+
+    @property
+    def in_flight(self) -> int:
+        """Executions under way now."""
+        return len(self._flights)
+
+    def _wrap(self, fn: Protected) -> Protected:
+        flights = self._flights
+        key_of = self.key
+        copy = self.copy
+        create_task = asyncio.ensure_future
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            user_fn, user_args = target(fn, args)
+            if key_of is None:
+                try:
+                    key: Hashable = (fn, user_fn, default_key(user_args, kwargs))
+                    flight = flights.get(key)
+                except TypeError:  # an unhashable argument: this call cannot be shared
+                    return await fn(*args, **kwargs)
+            else:
+                key = (fn, user_fn, key_of(*user_args, **kwargs))
+                flight = flights.get(key)
+            while flight is not None and flight.abandoned:  # wait for its cancellation to end
+                await asyncio.wait((flight.task,))
+                flight = flights.get(key)
+            if flight is None:
+                flight = _Flight(create_task(fn(*args, **kwargs)))
+                flights[key] = flight
+                flight.task.add_done_callback(partial(self._landed, key, flight))
+            flight.waiting += 1
+            flight.callers += 1
+            try:
+                result = await _shield(flight.task)
+            finally:
+                flight.waiting -= 1
+                if not flight.waiting and not flight.task.done():
+                    # every caller has gone (cancelled): so has the reason to run it
+                    flight.abandoned = True
+                    flight.task.cancel()
+            return result if copy is None else copy(result)
+
+        return protected
+
+    def _landed(self, key: Hashable, flight: _Flight, task: object) -> None:
+        """The execution ``flight`` ended: the next call with ``key`` runs afresh."""
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if flight.callers > 1 and self._listeners:
+            emit(self._listeners, Coalesced(name=self.name, callers=flight.callers))

@@ -23,6 +23,7 @@ from .errors import (
     UnacceptableResultError,
 )
 from .events import (
+    BatchCalled,
     CallFinished,
     CallRejected,
     Coalesced,
@@ -44,6 +45,7 @@ from .policies.bulkhead import Bulkhead
 from .policies.cache import FallbackCache, JSONSerializer, Serializer
 from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
 from .policies.coalesce import Coalesce
+from .policies.collapse import Collapse
 from .policies.fallback import Fallback
 from .policies.health import HealthCheck, HealthResult
 from .policies.hedge import Hedge
@@ -71,6 +73,7 @@ __all__ = [
     "DISTRIBUTION",
     "LATENCY_BUCKETS",
     "AdaptiveLimit",
+    "BatchCalled",
     "BreakerMetrics",
     "Bulkhead",
     "BulkheadFullError",
@@ -82,6 +85,7 @@ __all__ = [
     "Clock",
     "Coalesce",
     "Coalesced",
+    "Collapse",
     "CountWindow",
     "Event",
     "Fallback",

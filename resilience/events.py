@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .states import CircuitState
 
 __all__ = [
+    "BatchCalled",
     "CallFinished",
     "CallRejected",
     "Coalesced",
@@ -179,6 +180,17 @@ class Coalesced(Event):
 
     policy: str = "coalesce"
     callers: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchCalled(Event):
+    """A ``Collapse`` called its batch function with ``size`` keys for ``callers`` calls,
+    ``delay`` seconds after the batch's first call arrived."""
+
+    policy: str = "collapse"
+    size: int
+    callers: int
+    delay: float
 
 
 class Listener(Protocol):

@@ -13,8 +13,7 @@ execution is cancelled.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable, Iterable
-from functools import partial
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any
 
 from ..clock import Clock
@@ -23,8 +22,9 @@ from .base import BasePolicy, Protected, target
 
 __all__ = ["Coalesce", "default_key"]
 
-_shield = asyncio.shield
 _CancelledError = asyncio.CancelledError
+_create_task = asyncio.ensure_future
+_get_loop = asyncio.get_running_loop
 
 
 def default_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
@@ -34,15 +34,16 @@ def default_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
 
 
 class _Flight:
-    """One execution under way and the callers waiting for it."""
+    """One execution under way and the callers waiting for it (a future each)."""
 
     __slots__ = ("abandoned", "callers", "task", "waiting")
 
-    def __init__(self, task: asyncio.Future[Any]) -> None:
-        self.task = task
+    task: asyncio.Future[None]  #: set as soon as the flight is made
+
+    def __init__(self) -> None:
+        self.callers: list[asyncio.Future[Any]] = []  #: one future per caller
+        self.waiting = 0  #: callers not cancelled
         self.abandoned = False  #: every caller left; cancelled, its cancellation under way
-        self.waiting = 0  #: callers awaiting it now
-        self.callers = 0  #: callers it has served or serves
 
 
 class Coalesce(BasePolicy):
@@ -91,7 +92,7 @@ class Coalesce(BasePolicy):
         flights = self._flights
         key_of = self.key
         copy = self.copy
-        create_task = asyncio.ensure_future
+        execute = self._execute
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             user_fn, user_args = target(fn, args)
@@ -107,27 +108,51 @@ class Coalesce(BasePolicy):
             while flight is not None and flight.abandoned:  # wait for its cancellation to end
                 await asyncio.wait((flight.task,))
                 flight = flights.get(key)
+            future = _get_loop().create_future()
             if flight is None:
-                flight = _Flight(create_task(fn(*args, **kwargs)))
-                flights[key] = flight
-                flight.task.add_done_callback(partial(self._landed, key, flight))
+                call = fn(*args, **kwargs)
+                flight = flights[key] = _Flight()
+                flight.task = _create_task(execute(key, flight, call))
+            flight.callers.append(future)
             flight.waiting += 1
-            flight.callers += 1
             try:
-                result = await _shield(flight.task)
-            finally:
+                result = await future
+            except _CancelledError:
                 flight.waiting -= 1
                 if not flight.waiting and not flight.task.done():
                     # every caller has gone (cancelled): so has the reason to run it
                     flight.abandoned = True
                     flight.task.cancel()
+                raise
             return result if copy is None else copy(result)
 
         return protected
 
-    def _landed(self, key: Hashable, flight: _Flight, task: object) -> None:
+    async def _execute(self, key: Hashable, flight: _Flight, call: Awaitable[Any]) -> None:
+        """Await ``call`` and hand its outcome to every caller of ``flight`` still waiting;
+        from then on a call with ``key`` runs afresh."""
+        try:
+            result = await call
+        except BaseException as exc:
+            self._landed(key, flight)
+            for future in flight.callers:
+                if not future.done():
+                    if isinstance(exc, _CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._landed(key, flight)
+        for future in flight.callers:
+            if not future.done():
+                future.set_result(result)
+
+    def _landed(self, key: Hashable, flight: _Flight) -> None:
         """The execution ``flight`` ended: the next call with ``key`` runs afresh."""
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        if flight.callers > 1 and self._listeners:
-            emit(self._listeners, Coalesced(name=self.name, callers=flight.callers))
+        if self._flights.get(key) is not flight:
+            return
+        del self._flights[key]
+        if len(flight.callers) > 1 and self._listeners:
+            emit(self._listeners, Coalesced(name=self.name, callers=len(flight.callers)))

@@ -266,3 +266,15 @@ def test_grouping_property(calls: list[tuple[str, str]], release: list[int]) -> 
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
     asyncio.run(main())
+
+
+async def test_call_that_cannot_start_leaves_nothing_behind() -> None:
+    """A call whose function refuses its arguments raises, and the key stays free."""
+    backend = Backend()
+    coalesce = Coalesce()
+    fetch = coalesce(backend)
+    with pytest.raises(TypeError):
+        await fetch("a", "b")  # type: ignore[call-arg]
+    assert coalesce.in_flight == 0
+    backend.gate("a").set()
+    assert await fetch("a") == {"key": "a", "call": 1}

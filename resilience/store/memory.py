@@ -24,6 +24,7 @@ from .base import (
     check_window,
 )
 from .records import MAX_PUBLISHED, PolicyStatus, lease_kind
+from .wakes import FlightWakes
 
 __all__ = ["MemoryStore"]
 
@@ -77,6 +78,7 @@ class MemoryStore(StoreBase):
         self._cache: dict[tuple[str, str], _Cached] = {}
         self._flights: dict[tuple[str, str], tuple[str, float]] = {}  # -> holder, expiry
         self._landed: dict[tuple[str, str], tuple[str, _Cached]] = {}  # -> holder, value
+        self._wakes = FlightWakes()
         self._windows: dict[str, dict[int, list[int]]] = {}  # key -> bucket -> counts
         self._shares: dict[str, dict[str, _Share]] = {}
         self._settle: dict[str, float] = {}  # key -> until when the shares' reports settle
@@ -315,7 +317,14 @@ class MemoryStore(StoreBase):
         if value is not None:
             expires = self.clock.monotonic() + ttl
             self._landed[(key, item)] = (holder, _Cached(bytes(value), expires))
+        self._wakes.wake(f"{key}\n{item}")
         return True
+
+    async def flight_wait(self, key: str, item: str, *, longest: float) -> None:
+        """Return when flight ``item`` of ``key`` lands or is given back, or after
+        ``longest`` seconds."""
+        check_seconds("longest", longest)
+        await self._wakes.wait(f"{key}\n{item}", self.clock, longest)
 
     def _holder(self, key: str, item: str, holder: str, ttl: float) -> str | None:
         """The holder of flight ``item``'s lease now (``None``: free); expired flights and

@@ -144,6 +144,11 @@ class Store(Protocol):
         ``MAX_PUBLISHED`` bytes; ``None``: nothing) for ``ttl`` seconds and free the lease,
         atomically; ``False`` if ``holder`` no longer held it, and nothing was written."""
 
+    async def flight_wait(self, key: str, item: str, *, longest: float) -> None:
+        """Return when flight ``item`` of ``key`` lands or is given back (in any replica),
+        or after ``longest`` seconds, whichever comes first (a wake-up may be missed: the
+        caller looks again then)."""
+
     async def status(self) -> list[PolicyStatus]:
         """Every policy this store knows, with its state and figures (for status tools)."""
 

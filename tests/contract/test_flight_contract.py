@@ -3,6 +3,7 @@ every store passes these, with the same FakeClock-driven steps."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from resilience import Store
 from resilience.store.records import MAX_PUBLISHED
 from resilience.testing import FakeClock
+
+from ..helpers import settle, until
 
 
 async def test_first_joiner_holds_the_lease_others_see_it(replica: Callable[[], Store]) -> None:
@@ -78,3 +81,17 @@ async def test_value_too_long_is_refused(replica: Callable[[], Store]) -> None:
     with pytest.raises(ValueError, match="at most"):
         await one.flight_land("c", "k", holder="a", value=b"x" * (MAX_PUBLISHED + 1), ttl=10)
     assert await one.flight_renew("c", "k", holder="a", ttl=10)
+
+
+async def test_wait_ends_after_its_longest(replica: Callable[[], Store], clock: FakeClock) -> None:
+    """Waiting for a flight that does not end returns after ``longest`` seconds."""
+    one = replica()
+    await one.flight_join("c", "k", holder="a", awaited="", ttl=10)
+    waiting = asyncio.ensure_future(one.flight_wait("c", "k", longest=2))
+    await settle()
+    clock.advance(1)
+    await settle()
+    assert not waiting.done()
+    clock.advance(1)
+    await until(waiting.done, 10, "the wait's end")
+    await waiting

@@ -76,6 +76,19 @@ async def test_three_replicas_make_one_upstream_call(clock: FakeClock) -> None:
     assert sum(upstream.calls.values()) == 1
 
 
+async def test_waiting_replicas_wake_when_the_flight_lands(clock: FakeClock) -> None:
+    """The other replicas' callers get the result as the holder publishes it, without
+    waiting for their next poll (the clock does not move)."""
+    store = MemoryStore(clock=clock)
+    upstream = Upstream()
+    fleet = replicas(store, upstream, clock)
+    tasks = [await started(fetch("tea")) for fetch in fleet]
+    upstream.gate.set()
+    await settle()
+    assert all(t.done() for t in tasks)
+    assert [t.result() for t in tasks] == [{"price": 9.5}] * 3
+
+
 async def test_the_next_call_runs_afresh(clock: FakeClock) -> None:
     """A result published for one flight is not served to a call that starts later."""
     store = MemoryStore(clock=clock)

@@ -1,8 +1,10 @@
-"""Coalesce across processes on a real Redis: a leader killed (SIGKILL) or stopped
-(SIGSTOP) past its lease mid-call is taken over by a waiting replica."""
+"""Coalesce across replicas on a real Redis: a leader killed (SIGKILL) or stopped (SIGSTOP)
+past its lease mid-call is taken over by a waiting replica; waiters wake on the leader's
+message."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,9 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+
+from resilience import Coalesce
+from resilience.store.redis import RedisStore
 
 from ..coalesce_worker import LEASE
-from ..helpers import read_line, unique_prefix
+from ..helpers import read_line, unique_prefix, until
 
 pytestmark = pytest.mark.redis
 
@@ -99,3 +105,40 @@ def test_a_waiter_takes_over_from_a_dead_or_stopped_leader(
     assert results[0] == results[1]
     assert results[0]["by"] in {w.proc.pid for w in waiters}
     assert took >= LEASE * 0.5  # they waited for the lease to lapse, not for a message
+
+
+async def test_waiting_replica_wakes_on_the_leaders_message(redis_url: str) -> None:
+    """A waiting replica learns of the result from the store's channel at once, not at its
+    next poll (30 s here)."""
+    prefix = unique_prefix("coalesce")
+    stores = [RedisStore.from_url(redis_url, prefix=prefix, timeout=2.0) for _ in range(2)]
+    gate = asyncio.Event()
+    calls = 0
+
+    async def fetch(item: str) -> str:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return item.upper()
+
+    leader, waiter = (Coalesce(store=s, lease=60, poll=30, name="p")(fetch) for s in stores)
+    try:
+        first = asyncio.ensure_future(leader("tea"))
+        await until(lambda: calls == 1, 10, "the leader's call")
+        second = asyncio.ensure_future(waiter("tea"))
+
+        def listening() -> int:
+            with redis.Redis.from_url(redis_url) as client:
+                ((_, count),) = client.pubsub_numsub(f"{prefix}:events")
+            return int(count)
+
+        await until(lambda: listening() >= 2, 10, "both stores' subscribers")
+        await asyncio.sleep(0.1)  # the waiter is waiting
+        gate.set()
+        took = await until(second.done, 10, "the waiter's result")
+        assert await first == await second == "TEA"
+        assert calls == 1
+        assert took < 5  # far below its poll: woken by the message
+    finally:
+        for s in stores:
+            await s.aclose()

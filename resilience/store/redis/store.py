@@ -42,6 +42,7 @@ from ..base import (
     check_window,
 )
 from ..records import MAX_PUBLISHED, PolicyStatus
+from ..wakes import FlightWakes
 from .breaker import SharedBreakerCore
 from .engine import SyncEngine
 from .primitives import (
@@ -190,6 +191,8 @@ class RedisStore(StoreBase):
             cluster=cluster,
         )
         self.supervisor.on_degraded = self.engine.wake
+        self._wakes = FlightWakes()  # flight_wait's waiters, woken by the flight's message
+        self.engine.subscriber.on_flight = self._wakes.wake
         reset_in_child(self, store=True)
 
     @classmethod
@@ -474,6 +477,11 @@ class RedisStore(StoreBase):
         op, data = ("give", "") if value is None else ("land", value)
         return bool(number(await self._flight(op, key, item, holder, ttl, data)))
 
+    async def flight_wait(self, key: str, item: str, *, longest: float) -> None:
+        """Wait for flight ``item``'s message (it landed, or was given back), or ``longest``."""
+        check_seconds("longest", longest)
+        await self._wakes.wait(self.key(key, "flight:" + escape(item)), self.clock, longest)
+
     async def _flight(
         self, op: str, key: str, item: str, holder: str, ttl: float, data: Any
     ) -> Any:
@@ -481,7 +489,7 @@ class RedisStore(StoreBase):
         check_name(holder, "holder")
         self._register(key)
         keys = [self.key(key, "flight:" + escape(item)), self.key(key, "landed:" + escape(item))]
-        args = [op, self.engine.now_arg(), holder, _ttl_ms(ttl), data]
+        args = [op, self.engine.now_arg(), holder, _ttl_ms(ttl), data, self.channel]
         return await self._script("flight", keys, args)
 
     async def read_published(

@@ -3,7 +3,8 @@
 -- KEYS: 1 the flight's lease (a string "<holder> <expiry in ms>"), 2 what its holder published
 --       (a string "<holder> <expiry in ms>\n<value>")
 -- ARGV: 1 op ("join", "renew", "land", "give"), 2 now in ms ("" = TIME), 3 holder, 4 ttl in
---       ms, 5 join: the holder awaited ("" = none); land: the value
+--       ms, 5 join: the holder awaited ("" = none); land: the value; 6 the store's channel,
+--       where land and give publish "flight <KEYS[1]>" (waiters wake up and look)
 -- Returns: join -> {holder, value}: value is what the awaited holder published, if it did;
 --            else value is false and holder is the lease's holder: another one, or ARGV[3]
 --            when the lease was free (or expired), now ARGV[3]'s for ttl;
@@ -45,6 +46,7 @@ if op ~= 'join' then
   if op == 'land' then
     redis.call('SET', KEYS[2], holder .. ' ' .. (n + ttl) .. '\n' .. ARGV[5], 'PX', ttl)
   end
+  redis.call('PUBLISH', ARGV[6], 'flight ' .. KEYS[1])
   return 1
 end
 local awaited = ARGV[5]

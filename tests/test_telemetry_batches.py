@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
-
-import pytest
+from collections.abc import Mapping
 
 from resilience import Coalesce, Collapse
 from resilience.testing import FakeClock
 
+from . import test_telemetry
 from .helpers import advance, started
 from .test_telemetry import Otel
 
-
-@pytest.fixture
-def otel() -> Iterator[Otel]:
-    """SDK providers for one test, shut down afterwards."""
-    o = Otel()
-    yield o
-    o.meters.shutdown()
-    o.tracers.shutdown()
+otel = test_telemetry.otel  # the fixture, shared
 
 
 async def test_coalesced_calls_are_counted(otel: Otel) -> None:

@@ -29,7 +29,7 @@ from ..checks import check_int, check_seconds, store_down
 from ..clock import Clock
 from ..store.records import MAX_PUBLISHED
 from .base import check_store
-from .cache import JSONSerializer, Serializer
+from .cache import Serializer, check_serializer
 
 if TYPE_CHECKING:
     from ..store.protocol import Store
@@ -66,13 +66,7 @@ class FleetFlight:
         self.poll: float = check_seconds("poll", poll)
         if poll >= lease:
             raise ValueError(f"poll must be shorter than lease ({lease:g}s), got {poll!r}")
-        if serializer is None:
-            serializer = JSONSerializer()
-        elif not isinstance(serializer, Serializer):
-            raise TypeError(
-                f"serializer must have dumps(value) -> bytes and loads(bytes), got {serializer!r}"
-            )
-        self.serializer = serializer
+        self.serializer = check_serializer("serializer", serializer)
         self.max_bytes = check_int("max_bytes", max_bytes, maximum=MAX_PUBLISHED - 1)
         self._landing: set[asyncio.Future[None]] = set()
 

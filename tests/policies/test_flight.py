@@ -8,6 +8,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilience import Coalesce, MemoryStore
 from resilience.testing import FakeClock
@@ -219,3 +221,62 @@ def test_bad_fleet_options(options: dict[str, Any], error: type[Exception], matc
     options.setdefault("store", MemoryStore())
     with pytest.raises(error, match=match):
         Coalesce(**options)
+
+
+FLEET_OPS = st.one_of(
+    st.tuples(st.just("call"), st.integers(0, 2), st.sampled_from("ab")),
+    st.tuples(st.just("cancel"), st.integers(0, 30), st.just("")),
+    st.tuples(st.just("release"), st.integers(0, 0), st.just("")),
+    st.tuples(st.just("poll"), st.integers(1, 3), st.just("")),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(FLEET_OPS, min_size=1, max_size=20))
+def test_fleet_property(ops: list[tuple[str, int, str]]) -> None:
+    """Whatever the order of calls on three replicas, cancellations, returns and polls:
+    every caller not cancelled gets the result of its own key, and at the end no flight is
+    held in the store and no task is left."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        gate = asyncio.Event()
+
+        async def fetch(item: str) -> str:
+            await gate.wait()
+            return item.upper()
+
+        fleet = [
+            Coalesce(store=store, key=str, lease=LEASE, poll=POLL, clock=clock, name="p")(fetch)
+            for _ in range(3)
+        ]
+        calls: list[tuple[str, asyncio.Task[Any]]] = []
+        gone: set[int] = set()
+        for op, n, item in ops:
+            if op == "call":
+                calls.append((item, asyncio.create_task(fleet[n](item))))
+            elif op == "cancel" and calls:
+                if calls[n % len(calls)][1].cancel():
+                    gone.add(n % len(calls))
+            elif op == "release":
+                gate.set()
+                await settle()
+                gate.clear()
+            else:
+                for _ in range(n):
+                    await advance(clock, POLL)
+            await settle(3)
+        gate.set()
+        outcomes = await polled(clock, [t for _, t in calls])
+        for i, ((item, _), outcome) in enumerate(zip(calls, outcomes, strict=True)):
+            if i in gone:
+                assert isinstance(outcome, asyncio.CancelledError)
+            else:
+                assert outcome == item.upper()
+        await settle()
+        for item in "ab":  # free: whoever asks next holds it
+            assert await store.flight_join("p", item, holder="x", awaited="", ttl=1) == ("x", None)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(main())

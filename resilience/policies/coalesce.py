@@ -13,7 +13,7 @@ execution is cancelled.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +35,18 @@ POLL = 0.5
 """Seconds between a waiting replica's looks for a result when no wake-up came, by default."""
 
 _CancelledError = asyncio.CancelledError
-_create_task = asyncio.ensure_future
 _get_loop = asyncio.get_running_loop
+
+
+# an execution's task starts at once where asyncio can (3.12+): a call that never waits then
+# ends before its caller awaits it, without a turn of the event loop
+def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    """``loop.create_task(coro)``: where asyncio has no eager tasks (3.11)."""
+    return loop.create_task(coro)
+
+
+_create_task: Callable[[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]], asyncio.Future[None]]
+_create_task = getattr(asyncio, "eager_task_factory", _task)
 
 
 def default_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
@@ -163,16 +173,21 @@ class Coalesce(BasePolicy):
             while flight is not None and flight.abandoned:  # wait for its cancellation to end
                 await asyncio.wait((flight.task,))
                 flight = flights.get(key)
-            future = _get_loop().create_future()
+            loop = _get_loop()
+            future = loop.create_future()
             if flight is None:
                 if fleet is None:
                     call = fn(*args, **kwargs)
                 else:
                     call = fleet.run(item, partial(fn, *args, **kwargs))
                 flight = flights[key] = _Flight()
-                flight.task = _create_task(execute(key, flight, call))
-            flight.callers.append(future)
-            flight.waiting += 1
+                flight.callers.append(future)
+                flight.waiting += 1
+                # an eager task may run the call to its end right here
+                flight.task = _create_task(loop, execute(key, flight, call))
+            else:
+                flight.callers.append(future)
+                flight.waiting += 1
             try:
                 result = await future
             except _CancelledError:

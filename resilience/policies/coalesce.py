@@ -7,7 +7,7 @@ object, or the same exception. The next call after it ended runs afresh: nothing
 
 The execution runs in a task of its own, so no caller owns it: a caller that is cancelled
 (or times out) leaves it and the other callers alone; when every caller has gone, the
-execution is cancelled.
+execution is cancelled. With a store, the execution is shared by the fleet (``FleetFlight``).
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ _CancelledError = asyncio.CancelledError
 _get_loop = asyncio.get_running_loop
 
 
-# an execution's task starts at once where asyncio can (3.12+): a call that never waits then
-# ends before its caller awaits it, without a turn of the event loop
 def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
     """``loop.create_task(coro)``: where asyncio has no eager tasks (3.11)."""
     return loop.create_task(coro)
 
 
+# an execution's task starts at once where asyncio can (3.12+): a call that never waits then
+# ends before its caller awaits it, without a turn of the event loop
 _create_task: Callable[[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]], asyncio.Future[None]]
 _create_task = getattr(asyncio, "eager_task_factory", _task)
 

@@ -22,7 +22,7 @@ from ..events import Coalesced, Listener, emit
 from ..store.records import MAX_PUBLISHED
 from .base import BasePolicy, Protected, target
 from .cache import Serializer, default_cache_key
-from .flight import FleetFlight
+from .flight import FleetFlight, check_fleet_options
 
 if TYPE_CHECKING:
     from ..store.protocol import Store
@@ -121,7 +121,9 @@ class Coalesce(BasePolicy):
     ) -> None:
         super().__init__(name, clock, listeners)
         self.fleet: FleetFlight | None = None
-        if store is not None:
+        if store is None:  # the fleet's options are checked even when unused
+            check_fleet_options(lease, poll, serializer, max_bytes)
+        else:
             self.fleet = FleetFlight(
                 store,
                 name=self.name,

@@ -34,13 +34,26 @@ from .cache import Serializer, check_serializer
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
-__all__ = ["FleetFlight"]
+__all__ = ["FleetFlight", "check_fleet_options"]
 
 logger = logging.getLogger("resilience")
 
 _VALUE = b"="  # a published frame: a result follows
 _NOTHING = b"!"  # a published frame: the holder has no result to share
 _PRIMITIVES = ("flight_join", "flight_renew", "flight_land", "flight_wait")
+
+
+def check_fleet_options(
+    lease: object, poll: object, serializer: object, max_bytes: object
+) -> tuple[float, float, Serializer, int]:
+    """``lease``, ``poll`` (shorter), ``serializer`` (``None``: JSON) and ``max_bytes``,
+    checked."""
+    seconds: float = check_seconds("lease", lease)
+    every: float = check_seconds("poll", poll)
+    if every >= seconds:
+        raise ValueError(f"poll must be shorter than lease ({seconds:g}s), got {poll!r}")
+    checked = check_serializer("serializer", serializer)
+    return seconds, every, checked, check_int("max_bytes", max_bytes, maximum=MAX_PUBLISHED - 1)
 
 
 class FleetFlight:
@@ -62,12 +75,9 @@ class FleetFlight:
         self.store = cast("Store", check_store("store", store, *_PRIMITIVES))
         self.name = name
         self.clock = clock
-        self.lease: float = check_seconds("lease", lease)
-        self.poll: float = check_seconds("poll", poll)
-        if poll >= lease:
-            raise ValueError(f"poll must be shorter than lease ({lease:g}s), got {poll!r}")
-        self.serializer = check_serializer("serializer", serializer)
-        self.max_bytes = check_int("max_bytes", max_bytes, maximum=MAX_PUBLISHED - 1)
+        self.lease, self.poll, self.serializer, self.max_bytes = check_fleet_options(
+            lease, poll, serializer, max_bytes
+        )
         self._landing: set[asyncio.Future[None]] = set()
 
     async def run(self, item: str, start: Callable[[], Awaitable[Any]]) -> Any:

@@ -15,6 +15,7 @@ from resilience.events import Event
 from resilience.testing import FakeClock
 
 from ..helpers import advance, cancelled, policy_events, settle, started
+from ..test_bad_input import JUNK
 
 
 class Batches:
@@ -209,3 +210,17 @@ def test_batching_property(calls: list[tuple[int, bool]], max_size: int) -> None
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
     asyncio.run(main())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["max_size", "delay", "key", "name", "clock"]), JUNK, max_size=3
+    )
+)
+def test_any_options_construct_or_raise_value_or_type_error(options: dict[str, Any]) -> None:
+    """Collapse fed junk options builds, or raises ValueError / TypeError at construction."""
+    try:
+        Collapse(Batches(), **{"max_size": 2, "delay": 0.0, **options})
+    except (ValueError, TypeError):
+        return

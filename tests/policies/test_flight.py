@@ -15,6 +15,7 @@ from resilience import Coalesce, MemoryStore
 from resilience.testing import FakeClock
 
 from ..helpers import advance, cancelled, settle, started
+from ..test_bad_input import JUNK
 
 LEASE = 3.0
 POLL = 0.1
@@ -219,10 +220,13 @@ async def test_key_must_be_a_str_with_a_store(clock: FakeClock) -> None:
     ],
 )
 def test_bad_fleet_options(options: dict[str, Any], error: type[Exception], match: str) -> None:
-    """Bad fleet options are refused at construction, naming the option."""
-    options.setdefault("store", MemoryStore())
+    """Bad fleet options are refused at construction, naming the option, with a store or
+    without one (where they would be unused)."""
     with pytest.raises(error, match=match):
-        Coalesce(**options)
+        Coalesce(**{"store": MemoryStore(), **options})
+    if "store" not in options:
+        with pytest.raises(error, match=match):
+            Coalesce(**options)
 
 
 FLEET_OPS = st.one_of(
@@ -280,5 +284,31 @@ def test_fleet_property(ops: list[tuple[str, int, str]]) -> None:
         for item in "ab":  # free: whoever asks next holds it
             assert await store.flight_join("p", item, holder="x", awaited="", ttl=1) == ("x", None)
         assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(main())
+
+
+COALESCE_OPTIONS = ["key", "copy", "lease", "poll", "serializer", "max_bytes", "name", "clock"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(COALESCE_OPTIONS), JUNK, max_size=4), st.booleans())
+def test_any_options_construct_or_raise_value_or_type_error(
+    options: dict[str, Any], shared: bool
+) -> None:
+    """Coalesce fed junk options builds a policy that runs a call, or raises ValueError /
+    TypeError at construction."""
+    if shared:
+        options["store"] = MemoryStore()
+    try:
+        policy = Coalesce(**options)
+    except (ValueError, TypeError):
+        return
+
+    async def one() -> int:
+        return 1
+
+    async def main() -> None:
+        assert await policy.call(one) == 1
 
     asyncio.run(main())

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilience import BatchCalled, Collapse
+from resilience import BatchCalled, Collapse, Pipeline, Retry, Timeout
 from resilience.events import Event
 from resilience.testing import FakeClock
 
@@ -224,3 +224,12 @@ def test_any_options_construct_or_raise_value_or_type_error(options: dict[str, A
         Collapse(Batches(), **{"max_size": 2, "delay": 0.0, **options})
     except (ValueError, TypeError):
         return
+
+
+async def test_policies_wrap_a_collapser_and_its_batch_function(clock: FakeClock) -> None:
+    """A policy decorates a Collapse (an async callable: per caller) and a pipeline wraps its
+    batch function (per batch)."""
+    batches = Batches()
+    per_batch = Pipeline(Retry(on=ConnectionError, attempts=2)).wrap(batches)
+    load = Timeout(5, clock=clock)(Collapse(per_batch, max_size=2, delay=1.0, clock=clock))
+    assert await asyncio.gather(load(1), load(2)) == [10, 20]

@@ -23,8 +23,10 @@ from .errors import (
     UnacceptableResultError,
 )
 from .events import (
+    BatchCalled,
     CallFinished,
     CallRejected,
+    Coalesced,
     Event,
     FallbackUsed,
     HealthChanged,
@@ -42,6 +44,8 @@ from .policies.base import Policy
 from .policies.bulkhead import Bulkhead
 from .policies.cache import FallbackCache, JSONSerializer, Serializer
 from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
+from .policies.coalesce import Coalesce
+from .policies.collapse import Collapse
 from .policies.fallback import Fallback
 from .policies.health import HealthCheck, HealthResult
 from .policies.hedge import Hedge
@@ -69,6 +73,7 @@ __all__ = [
     "DISTRIBUTION",
     "LATENCY_BUCKETS",
     "AdaptiveLimit",
+    "BatchCalled",
     "BreakerMetrics",
     "Bulkhead",
     "BulkheadFullError",
@@ -78,6 +83,9 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "Clock",
+    "Coalesce",
+    "Coalesced",
+    "Collapse",
     "CountWindow",
     "Event",
     "Fallback",

@@ -16,8 +16,10 @@ if TYPE_CHECKING:
     from .states import CircuitState
 
 __all__ = [
+    "BatchCalled",
     "CallFinished",
     "CallRejected",
+    "Coalesced",
     "Event",
     "FallbackUsed",
     "HealthChanged",
@@ -170,6 +172,25 @@ class SubscriberReplaced(Event):
     breakers it holds read the fleet's state again."""
 
     policy: str = "store"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Coalesced(Event):
+    """One execution of a ``Coalesce`` served ``callers`` concurrent calls (more than one)."""
+
+    policy: str = "coalesce"
+    callers: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchCalled(Event):
+    """A ``Collapse`` called its batch function with ``size`` keys for ``callers`` calls,
+    ``delay`` seconds after the batch's first call arrived."""
+
+    policy: str = "collapse"
+    size: int
+    callers: int
+    delay: float
 
 
 class Listener(Protocol):

@@ -37,6 +37,10 @@ Metric names (all attributes are low-cardinality: policy kind, policy name, outc
 ``resilience.store.loop_lag``      gauge      seconds the event loop was late (Redis store)
 ``resilience.store.events``        counter    degraded / recovered / data_reset /
                                               subscriber_replaced
+``resilience.coalesce.joined``     counter    calls that shared an execution under way
+``resilience.batch.size``          histogram  distinct keys per batch a ``Collapse`` sent
+``resilience.batch.callers``       histogram  calls served per batch
+``resilience.batch.delay``         histogram  seconds a batch gathered calls before it was sent
 =================================  =========  ===============================================
 """
 
@@ -52,8 +56,10 @@ from opentelemetry.trace import Status, StatusCode
 
 from .clock import Clock
 from .events import (
+    BatchCalled,
     CallFinished,
     CallRejected,
+    Coalesced,
     Event,
     FallbackUsed,
     RetryScheduled,
@@ -67,6 +73,7 @@ from .events import (
 from .policies.base import BasePolicy, Protected, check_name
 from .policies.bulkhead import Bulkhead
 from .policies.circuit import CircuitBreaker
+from .policies.collapse import Collapse
 from .policies.hedge import Hedge
 from .policies.pipeline import Pipeline
 from .policies.throttle import Throttle
@@ -141,6 +148,18 @@ class Telemetry:
         )
         self._store_events = meter.create_counter(
             "resilience.store.events", unit="{event}", description="Store degraded/recovered."
+        )
+        self._joined = meter.create_counter(
+            "resilience.coalesce.joined", unit="{call}", description="Calls that shared one."
+        )
+        self._batch_size = meter.create_histogram(
+            "resilience.batch.size", unit="{key}", description="Distinct keys per batch."
+        )
+        self._batch_callers = meter.create_histogram(
+            "resilience.batch.callers", unit="{call}", description="Calls served per batch."
+        )
+        self._batch_delay = meter.create_histogram(
+            "resilience.batch.delay", unit="s", description="Time a batch gathered calls."
         )
         meter.create_observable_gauge(
             "resilience.breaker.state",
@@ -223,6 +242,9 @@ class Telemetry:
                     target.add_listener(self)
                 if isinstance(target, CircuitBreaker | Bulkhead | Throttle | Hedge):
                     self.watch(target)
+            elif isinstance(target, Collapse):
+                if self not in target._listeners:
+                    target.add_listener(self)
             elif hasattr(target, "add_listener") and hasattr(target, "degraded"):
                 target.add_listener(self)
                 self._stores.add(target)
@@ -325,6 +347,12 @@ class Telemetry:
         elif isinstance(event, TimedOut):
             self._timeouts.add(1, attrs)
             self._span_event("resilience.timeout", {**attrs, "resilience.seconds": event.seconds})
+        elif isinstance(event, Coalesced):
+            self._joined.add(event.callers - 1, attrs)
+        elif isinstance(event, BatchCalled):
+            self._batch_size.record(event.size, attrs)
+            self._batch_callers.record(event.callers, attrs)
+            self._batch_delay.record(event.delay, attrs)
         elif isinstance(event, (StoreDegraded, StoreRecovered, StoreDataReset, SubscriberReplaced)):
             kind = {
                 StoreDegraded: "degraded",

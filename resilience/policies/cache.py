@@ -30,6 +30,7 @@ __all__ = [
     "JSONSerializer",
     "Serializer",
     "check_cache_options",
+    "check_serializer",
     "default_cache_key",
 ]
 
@@ -102,14 +103,19 @@ def check_cache_options(
         )
     if key is not None and not callable(key):
         raise TypeError(f"{key_name} must be a callable returning a str, got {key!r}")
+    checked = check_serializer(serializer_name, serializer)
+    return seconds, every, cast("Callable[..., str] | None", key), checked
+
+
+def check_serializer(what: str, serializer: object) -> Serializer:
+    """A ``serializer=`` option: ``None`` is the default ``JSONSerializer()``."""
     if serializer is None:
-        serializer = JSONSerializer()
-    elif not isinstance(serializer, Serializer):
+        return JSONSerializer()
+    if not isinstance(serializer, Serializer):
         raise TypeError(
-            f"{serializer_name} must have dumps(value) -> bytes and loads(bytes), "
-            f"got {serializer!r}"
+            f"{what} must have dumps(value) -> bytes and loads(bytes), got {serializer!r}"
         )
-    return seconds, every, cast("Callable[..., str] | None", key), serializer
+    return serializer
 
 
 class FallbackCache:

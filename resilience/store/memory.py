@@ -32,6 +32,7 @@ from .records import (
     published_health,
     window_kind,
 )
+from .wakes import FlightWakes
 
 __all__ = ["MemoryStore"]
 
@@ -46,6 +47,9 @@ class _Share(NamedTuple):
     held: int  #: permits in use under it, as last reported
     expires: float
     own_limit: int  #: the holder's own (adaptive) limit, as last reported (0: none)
+
+
+_PURGE_ABOVE = 1024  # flights and results kept before the expired ones are dropped
 
 
 class _Cached(NamedTuple):
@@ -80,6 +84,9 @@ class MemoryStore(StoreBase):
         self._tats: dict[str, float] = {}
         self._budgets: dict[str, float] = {}
         self._cache: dict[tuple[str, str], _Cached] = {}
+        self._flights: dict[tuple[str, str], tuple[str, float]] = {}  # -> holder, expiry
+        self._landed: dict[tuple[str, str], tuple[str, _Cached]] = {}  # -> holder, value
+        self._wakes = FlightWakes()
         self._windows: dict[str, dict[int, list[int]]] = {}  # key -> bucket -> counts
         self._shares: dict[str, dict[str, _Share]] = {}
         self._settle: dict[str, float] = {}  # key -> until when the shares' reports settle
@@ -281,6 +288,67 @@ class MemoryStore(StoreBase):
             return False
         self._cache[(key, item)] = _Cached(bytes(value), self.clock.monotonic() + ttl)
         return True
+
+    async def flight_join(
+        self, key: str, item: str, *, holder: str, awaited: str, ttl: float
+    ) -> tuple[str, bytes | None]:
+        """What ``awaited`` published for flight ``item`` of ``key``, if it did; else the
+        holder of the flight's lease (``holder``'s for ``ttl`` seconds if it was free)."""
+        current = self._holder(key, item, holder, ttl)
+        landed = self._landed.get((key, item))
+        now = self.clock.monotonic()
+        if awaited and landed is not None and landed[0] == awaited and landed[1].expires > now:
+            return awaited, landed[1].value
+        if current is not None:
+            return current, None
+        self._flights[(key, item)] = (holder, now + ttl)
+        return holder, None
+
+    async def flight_renew(self, key: str, item: str, *, holder: str, ttl: float) -> bool:
+        """Extend ``holder``'s lease on flight ``item`` by ``ttl`` from now; ``False`` if it
+        no longer held it."""
+        if self._holder(key, item, holder, ttl) != holder:
+            return False
+        self._flights[(key, item)] = (holder, self.clock.monotonic() + ttl)
+        return True
+
+    async def flight_land(
+        self, key: str, item: str, *, holder: str, value: bytes | None, ttl: float
+    ) -> bool:
+        """As ``holder``, publish ``value`` (``None``: nothing) for flight ``item`` for
+        ``ttl`` seconds and free its lease; ``False`` if it no longer held it."""
+        if value is not None:
+            check_published(key, value)
+        if self._holder(key, item, holder, ttl) != holder:
+            return False
+        del self._flights[(key, item)]
+        if value is not None:
+            expires = self.clock.monotonic() + ttl
+            self._landed[(key, item)] = (holder, _Cached(bytes(value), expires))
+        self._wakes.wake(f"{key}\n{item}")
+        return True
+
+    async def flight_wait(self, key: str, item: str, *, longest: float) -> None:
+        """Return when flight ``item`` of ``key`` lands or is given back, or after
+        ``longest`` seconds."""
+        check_seconds("longest", longest)
+        await self._wakes.wait(f"{key}\n{item}", self.clock, longest)
+
+    def _holder(self, key: str, item: str, holder: str, ttl: float) -> str | None:
+        """The holder of flight ``item``'s lease now (``None``: free); expired flights and
+        results are dropped here, so memory follows the flights in use."""
+        check_name(key, "key")
+        check_name(holder, "holder")
+        check_seconds("ttl", ttl)
+        now = self.clock.monotonic()
+        if len(self._flights) + len(self._landed) > _PURGE_ABOVE:
+            self._flights = {k: v for k, v in self._flights.items() if v[1] > now}
+            self._landed = {k: v for k, v in self._landed.items() if v[1].expires > now}
+        lease = self._flights.get((key, item))
+        if lease is None or lease[1] > now:
+            return None if lease is None else lease[0]
+        del self._flights[(key, item)]
+        return None
 
     async def read_published(
         self, key: str, item: str, parse: Callable[[bytes], _Parsed]

@@ -125,6 +125,30 @@ class Store(Protocol):
         nothing was (or it expired). A value no holder writes (another type, too long, or
         one that ``parse`` rejects by raising) is deleted and reported, never an outage."""
 
+    async def flight_join(
+        self, key: str, item: str, *, holder: str, awaited: str, ttl: float
+    ) -> tuple[str, bytes | None]:
+        """Join the single flight ``item`` of policy ``key``: ``(awaited, value)`` if the
+        holder ``awaited`` (one seen before; ``""``: none) published ``value`` for it; else
+        ``(current, None)``: the holder of the flight's lease, which is ``holder``, for
+        ``ttl`` seconds, if it was free (or expired). Checked and taken atomically."""
+
+    async def flight_renew(self, key: str, item: str, *, holder: str, ttl: float) -> bool:
+        """Extend ``holder``'s lease on flight ``item`` of ``key`` to ``ttl`` seconds from
+        now; ``False`` if it no longer held it (expired, taken over)."""
+
+    async def flight_land(
+        self, key: str, item: str, *, holder: str, value: bytes | None, ttl: float
+    ) -> bool:
+        """As the holder of flight ``item``'s lease: publish ``value`` (at most
+        ``MAX_PUBLISHED`` bytes; ``None``: nothing) for ``ttl`` seconds and free the lease,
+        atomically; ``False`` if ``holder`` no longer held it, and nothing was written."""
+
+    async def flight_wait(self, key: str, item: str, *, longest: float) -> None:
+        """Return when flight ``item`` of ``key`` lands or is given back (in any replica),
+        or after ``longest`` seconds, whichever comes first (a wake-up may be missed: the
+        caller looks again then)."""
+
     async def status(self) -> list[PolicyStatus]:
         """Every policy this store knows, with its state and figures (for status tools)."""
 

@@ -44,6 +44,7 @@ __all__ = [
     "key",
     "number",
     "outage",
+    "parse_flight",
     "parse_flush",
     "parse_gcra_many",
     "parse_message",
@@ -74,6 +75,7 @@ SCRIPTS = (
     "window",
     "share",
     "names",
+    "flight",
 )
 _PRELUDED = ("flush", "transition", "probe", "report", "status", "window")
 
@@ -354,6 +356,16 @@ def _fields(reply: Any) -> dict[str, Any]:
     if not isinstance(reply, list) or len(reply) % 2:
         raise BadReply(f"unexpected reply {reply!r:.200}")
     return {text(k): v for k, v in zip(reply[::2], reply[1::2], strict=True)}
+
+
+def parse_flight(reply: Any) -> tuple[str, bytes | None]:
+    """``flight.lua``'s reply to a join: a holder, and what it published (``None``: not
+    yet); anything else is a ``BadReply``."""
+    if isinstance(reply, list) and len(reply) == 2 and isinstance(reply[0], bytes):
+        value = reply[1]
+        if value is None or isinstance(value, bytes):
+            return reply[0].decode(), value
+    raise BadReply(f"unexpected flight reply {reply!r:.200}")
 
 
 def number(value: Any, lo: float = 0, hi: float = MAX_INT) -> int:

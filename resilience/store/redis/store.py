@@ -3,10 +3,12 @@
 The class reads in groups: its construction (``from_url`` builds a client with short
 timeouts and no retries), the shared breakers, the primitives of the fleet-wide policies
 (leases, quota shares, GCRA buckets, retry budgets, sliding windows, cached and published
-values: each one script call, its arguments checked first and its reply parsed into a
-typed record), status and manual control, and its life (``sync``, ``aclose``, forks,
-events). What it does in the background is the sync engine's (``engine``); how a shared
-breaker works is in the package docstring and docs/shared-state.md.
+values, single flights: each one script call, its arguments checked first and its reply
+parsed into a typed record), status and manual control, and its life (``sync``, ``aclose``,
+forks, events). What it does in the background is the sync engine's (``engine``); how a
+shared breaker works is in the package docstring and docs/shared-state.md. It runs past 600
+lines because it is the one implementation of every primitive of the ``Store`` protocol on
+Redis, a short method each: split, the primitives would only be scattered.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..base import (
     check_window,
 )
 from ..records import MAX_PUBLISHED, PolicyStatus
+from ..wakes import FlightWakes
 from .breaker import SharedBreakerCore
 from .engine import SyncEngine
 from .primitives import (
@@ -49,6 +52,7 @@ from .primitives import (
     escape,
     key,
     number,
+    parse_flight,
     parse_gcra_many,
     parse_share,
     parse_string,
@@ -187,6 +191,8 @@ class RedisStore(StoreBase):
             cluster=cluster,
         )
         self.supervisor.on_degraded = self.engine.wake
+        self._wakes = FlightWakes()  # flight_wait's waiters, woken by the flight's message
+        self.engine.subscriber.on_flight = self._wakes.wake
         reset_in_child(self, store=True)
 
     @classmethod
@@ -449,6 +455,42 @@ class RedisStore(StoreBase):
         keys = [self.key(key, "leases"), self._cache_key(key, item)]
         args = ["publish", self.engine.now_arg(), lease, value, _ttl_ms(ttl)]
         return bool(self.supervisor.parsed(number, await self._script("lease", keys, args)))
+
+    # --- single flights (flight.lua): the Store protocol says what each one does ------------
+    async def flight_join(
+        self, key: str, item: str, *, holder: str, awaited: str, ttl: float
+    ) -> tuple[str, bytes | None]:
+        """What ``awaited`` published for flight ``item``, or the holder of its lease."""
+        reply = await self._flight("join", key, item, holder, ttl, awaited)
+        return self.supervisor.parsed(parse_flight, reply)
+
+    async def flight_renew(self, key: str, item: str, *, holder: str, ttl: float) -> bool:
+        """Extend ``holder``'s lease on flight ``item``; ``False`` if it lost it."""
+        return bool(number(await self._flight("renew", key, item, holder, ttl, "")))
+
+    async def flight_land(
+        self, key: str, item: str, *, holder: str, value: bytes | None, ttl: float
+    ) -> bool:
+        """Publish ``value`` (``None``: nothing) and free the lease, if ``holder`` held it."""
+        if value is not None:
+            check_published(key, value)
+        op, data = ("give", "") if value is None else ("land", value)
+        return bool(number(await self._flight(op, key, item, holder, ttl, data)))
+
+    async def flight_wait(self, key: str, item: str, *, longest: float) -> None:
+        """Wait for flight ``item``'s message (it landed, or was given back), or ``longest``."""
+        check_seconds("longest", longest)
+        await self._wakes.wait(self.key(key, "flight:" + escape(item)), self.clock, longest)
+
+    async def _flight(
+        self, op: str, key: str, item: str, holder: str, ttl: float, data: Any
+    ) -> Any:
+        check_name(key, "key")
+        check_name(holder, "holder")
+        self._register(key)
+        keys = [self.key(key, "flight:" + escape(item)), self.key(key, "landed:" + escape(item))]
+        args = [op, self.engine.now_arg(), holder, _ttl_ms(ttl), data, self.channel]
+        return await self._script("flight", keys, args)
 
     async def read_published(
         self, key: str, item: str, parse: Callable[[bytes], _Parsed]

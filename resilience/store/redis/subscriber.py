@@ -50,6 +50,7 @@ class Subscriber:
         "client",
         "closed",
         "cluster",
+        "on_flight",
         "on_replaced",
         "on_transition",
         "supervisor",
@@ -76,6 +77,7 @@ class Subscriber:
         self.closed = closed  #: whether the store is closed (the loop then ends)
         self.on_transition = on_transition  #: breaker name, its state as published
         self.on_replaced = on_replaced  #: a replacement subscription was heard from
+        self.on_flight: Callable[[str], None] = _ignore  #: a single flight ended (its key)
         self._turn = 0  # a Cluster: which node the next connection goes to
 
     async def run(self) -> None:
@@ -158,10 +160,18 @@ class Subscriber:
                 self.on_message(message.get("data"))
 
     def on_message(self, data: Any) -> None:
-        """A published transition, handed on; one that does not parse is logged and ignored."""
+        """A published transition, handed on; one that does not parse is logged and ignored.
+        A single flight's end (``flight <key>``) goes to ``on_flight``."""
+        if isinstance(data, bytes) and data.startswith(b"flight "):
+            self.on_flight(data[7:].decode(errors="replace"))
+            return
         try:
             name, fleet = parse_message(data)
         except BadReply:
             logger.warning("ignored an unparsable message on %r: %r", self.channel, data)
             return
         self.on_transition(name, fleet)
+
+
+def _ignore(flight: str) -> None:
+    """``on_flight`` until a store sets it."""

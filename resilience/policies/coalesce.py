@@ -1,0 +1,233 @@
+"""Coalesce: concurrent identical calls share one execution (single flight).
+
+When a popular entry expires, many callers ask the dependency for the same thing at once.
+Under ``Coalesce`` the first call with a key starts the execution; every call with the same
+key that arrives while it runs waits for it, and each gets its outcome: the same result
+object, or the same exception. The next call after it ended runs afresh: nothing is cached.
+
+The execution runs in a task of its own, so no caller owns it: a caller that is cancelled
+(or times out) leaves it and the other callers alone; when every caller has gone, the
+execution is cancelled. With a store, the execution is shared by the fleet (``FleetFlight``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from ..clock import Clock
+from ..events import Coalesced, Listener, emit
+from ..store.records import MAX_PUBLISHED
+from .base import BasePolicy, Protected, target
+from .cache import Serializer, default_cache_key
+from .flight import FleetFlight, check_fleet_options
+
+if TYPE_CHECKING:
+    from ..store.protocol import Store
+
+__all__ = ["LEASE", "POLL", "Coalesce", "default_key", "fleet_item"]
+
+LEASE = 10.0
+"""Seconds a fleet's flight stays with a replica that stopped renewing it, by default."""
+POLL = 0.5
+"""Seconds between a waiting replica's looks for a result when no wake-up came, by default."""
+
+_CancelledError = asyncio.CancelledError
+_get_loop = asyncio.get_running_loop
+
+
+def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    """``loop.create_task(coro)``: where asyncio has no eager tasks (3.11)."""
+    return loop.create_task(coro)
+
+
+# an execution's task starts at once where asyncio can (3.12+): a call that never waits then
+# ends before its caller awaits it, without a turn of the event loop
+_create_task: Callable[[asyncio.AbstractEventLoop, Coroutine[Any, Any, None]], asyncio.Future[None]]
+_create_task = getattr(asyncio, "eager_task_factory", _task)
+
+
+def default_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+    """The key of a call by default: its positional arguments and its keyword arguments
+    (in any order). Hashing it raises ``TypeError`` when an argument is unhashable."""
+    return (args, frozenset(kwargs.items())) if kwargs else args
+
+
+def fleet_item(
+    key: Callable[..., Hashable] | None,
+    fn: Protected,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> str:
+    """A call's item in the fleet's flights: what ``key`` returns (a str), or by default
+    ``fn``'s qualified name and the ``repr`` of its arguments (``default_cache_key``)."""
+    if key is None:
+        return default_cache_key(fn, args, kwargs)
+    item = key(*args, **kwargs)
+    if not isinstance(item, str) or not item:
+        raise TypeError(f"key must return a non-empty str with a store, got {item!r}")
+    return item
+
+
+class _Flight:
+    """One execution under way and the callers waiting for it (a future each)."""
+
+    __slots__ = ("abandoned", "callers", "task", "waiting")
+
+    task: asyncio.Future[None]  #: set as soon as the flight is made
+
+    def __init__(self) -> None:
+        self.callers: list[asyncio.Future[Any]] = []  #: one future per caller
+        self.waiting = 0  #: callers not cancelled
+        self.abandoned = False  #: every caller left; cancelled, its cancellation under way
+
+
+class Coalesce(BasePolicy):
+    """Concurrent calls with the same key share one execution; each gets its outcome.
+
+    A call's key is ``key(*args, **kwargs)`` if given, else its arguments
+    (``default_key``); calls of different functions never share. A call whose default key
+    is unhashable (a list, a dict among its arguments) runs on its own, unshared; a ``key``
+    that returns something unhashable is a ``TypeError`` for the call.
+
+    Every caller gets the *same* result object: a caller that mutates it mutates everyone's.
+    ``copy`` (``copy.deepcopy``, ``dict``, ...) is applied to the result for each caller,
+    who then gets a copy of their own. An exception reaches every caller (the same
+    exception object).
+
+    With a ``store`` (``RedisStore``), one replica of the fleet runs the call and the others
+    wait for the result it publishes (``FleetFlight``: ``lease``, ``poll``, ``serializer``,
+    ``max_bytes``); the key is then a str: what ``key`` returns, or by default the function's
+    qualified name and the ``repr`` of its arguments.
+    """
+
+    kind = "coalesce"
+
+    def __init__(
+        self,
+        *,
+        key: Callable[..., Hashable] | None = None,
+        copy: Callable[[Any], Any] | None = None,
+        store: Store | None = None,
+        lease: float = LEASE,
+        poll: float = POLL,
+        serializer: Serializer | None = None,
+        max_bytes: int = MAX_PUBLISHED - 1,
+        name: str = "coalesce",
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        super().__init__(name, clock, listeners)
+        self.fleet: FleetFlight | None = None
+        if store is None:  # the fleet's options are checked even when unused
+            check_fleet_options(lease, poll, serializer, max_bytes)
+        else:
+            self.fleet = FleetFlight(
+                store,
+                name=self.name,
+                clock=self._clock,
+                lease=lease,
+                poll=poll,
+                serializer=serializer,
+                max_bytes=max_bytes,
+            )
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a callable returning a hashable key, got {key!r}")
+        if copy is not None and not callable(copy):
+            raise TypeError(f"copy must be a callable or None, got {copy!r}")
+        self.key = key
+        self.copy = copy
+        self._flights: dict[Hashable, _Flight] = {}
+
+    def __repr__(self) -> str:
+        return f"Coalesce(name={self.name!r})"
+
+    @property
+    def in_flight(self) -> int:
+        """Executions under way now."""
+        return len(self._flights)
+
+    def _wrap(self, fn: Protected) -> Protected:
+        flights = self._flights
+        key_of = self.key
+        copy = self.copy
+        execute = self._execute
+        fleet = self.fleet
+
+        async def protected(*args: Any, **kwargs: Any) -> Any:
+            user_fn, user_args = target(fn, args)
+            item = ""
+            if fleet is not None:
+                item = fleet_item(key_of, user_fn, user_args, kwargs)
+                key: Hashable = (fn, item)
+                flight = flights.get(key)
+            elif key_of is None:
+                try:
+                    key = (fn, user_fn, default_key(user_args, kwargs))
+                    flight = flights.get(key)
+                except TypeError:  # an unhashable argument: this call cannot be shared
+                    return await fn(*args, **kwargs)
+            else:
+                key = (fn, user_fn, key_of(*user_args, **kwargs))
+                flight = flights.get(key)
+            while flight is not None and flight.abandoned:  # wait for its cancellation to end
+                await asyncio.wait((flight.task,))
+                flight = flights.get(key)
+            loop = _get_loop()
+            future = loop.create_future()
+            if flight is None:
+                if fleet is None:
+                    call = fn(*args, **kwargs)
+                else:
+                    call = fleet.run(item, partial(fn, *args, **kwargs))
+                flight = flights[key] = _Flight()
+                flight.callers.append(future)
+                flight.waiting += 1
+                # an eager task may run the call to its end right here
+                flight.task = _create_task(loop, execute(key, flight, call))
+            else:
+                flight.callers.append(future)
+                flight.waiting += 1
+            try:
+                result = await future
+            except _CancelledError:
+                flight.waiting -= 1
+                if not flight.waiting and not flight.task.done():
+                    # every caller has gone (cancelled): so has the reason to run it
+                    flight.abandoned = True
+                    flight.task.cancel()
+                raise
+            return result if copy is None else copy(result)
+
+        return protected
+
+    async def _execute(self, key: Hashable, flight: _Flight, call: Awaitable[Any]) -> None:
+        """Await ``call`` and hand its outcome to every caller of ``flight`` still waiting;
+        from then on a call with ``key`` runs afresh."""
+        try:
+            result = await call
+        except BaseException as exc:
+            self._landed(key, flight)
+            for future in flight.callers:
+                if not future.done():
+                    if isinstance(exc, _CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._landed(key, flight)
+        for future in flight.callers:
+            if not future.done():
+                future.set_result(result)
+
+    def _landed(self, key: Hashable, flight: _Flight) -> None:
+        """The execution ``flight`` ended: the next call with ``key`` runs afresh."""
+        if self._flights.get(key) is not flight:
+            return
+        del self._flights[key]
+        if len(flight.callers) > 1 and self._listeners:
+            emit(self._listeners, Coalesced(name=self.name, callers=len(flight.callers)))

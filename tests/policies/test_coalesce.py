@@ -1,0 +1,290 @@
+"""Coalesce: concurrent identical calls share one execution (single flight)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections import Counter
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resilience import Coalesce, Coalesced, Pipeline, Retry, Timeout
+from resilience.events import Event
+
+from ..helpers import cancelled, policy_events, settle, started
+
+
+class Backend:
+    """An async function of a key that blocks until its key's gate opens; it counts the
+    executions running per key, the most that ever ran at once, and how they ended."""
+
+    def __init__(self) -> None:
+        self.gates: dict[Any, asyncio.Event] = {}
+        self.running: Counter[Any] = Counter()
+        self.peak: Counter[Any] = Counter()
+        self.calls: Counter[Any] = Counter()
+        self.cancelled: Counter[Any] = Counter()
+        self.fail: set[Any] = set()
+
+    def gate(self, key: Any) -> asyncio.Event:
+        return self.gates.setdefault(key, asyncio.Event())
+
+    async def __call__(self, key: Any) -> dict[str, Any]:
+        self.calls[key] += 1
+        self.running[key] += 1
+        self.peak[key] = max(self.peak[key], self.running[key])
+        try:
+            await self.gate(key).wait()
+        except asyncio.CancelledError:
+            self.cancelled[key] += 1
+            await asyncio.sleep(0)  # a cleanup that takes a turn of the loop
+            raise
+        finally:
+            self.running[key] -= 1
+        if key in self.fail:
+            raise ValueError(f"failed {key}")
+        return {"key": key, "call": self.calls[key]}
+
+
+async def test_concurrent_calls_share_one_execution() -> None:
+    """Five concurrent calls with one key run the function once and all get its result."""
+    backend = Backend()
+    fetch = Coalesce()(backend)
+    tasks = [await started(fetch("a")) for _ in range(5)]
+    assert backend.calls["a"] == 1
+    backend.gate("a").set()
+    results = await asyncio.gather(*tasks)
+    assert all(r is results[0] for r in results)
+    assert results[0] == {"key": "a", "call": 1}
+
+
+async def test_different_keys_and_functions_do_not_share() -> None:
+    """Different arguments, and different functions with the same arguments, run apart."""
+    one, two = Backend(), Backend()
+    coalesce = Coalesce()
+    tasks = [
+        await started(coalesce.call(one, "a")),
+        await started(coalesce.call(one, "b")),
+        await started(coalesce.call(two, "a")),
+        await started(coalesce.call(one, "a")),
+    ]
+    assert (one.calls, two.calls) == (Counter(a=1, b=1), Counter(a=1))
+    for backend in (one, two):
+        backend.gate("a").set()
+        backend.gate("b").set()
+    await asyncio.gather(*tasks)
+    assert coalesce.in_flight == 0
+
+
+async def test_error_reaches_every_waiter_and_next_call_runs_afresh() -> None:
+    """A failure is raised in every caller; the call after it executes again."""
+    backend = Backend()
+    backend.fail.add("a")
+    fetch = Coalesce()(backend)
+    tasks = [await started(fetch("a")) for _ in range(3)]
+    backend.gate("a").set()
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        assert isinstance(outcome, ValueError)
+    backend.fail.clear()
+    assert await fetch("a") == {"key": "a", "call": 2}
+
+
+async def test_next_call_after_success_runs_afresh() -> None:
+    """Nothing is cached: a call after the shared one ended executes again."""
+    backend = Backend()
+    backend.gate("a").set()
+    fetch = Coalesce()(backend)
+    assert await fetch("a") == {"key": "a", "call": 1}
+    assert await fetch("a") == {"key": "a", "call": 2}
+
+
+async def test_a_cancelled_waiter_leaves_the_others_alone() -> None:
+    """Cancelling the first caller (and another) neither cancels the execution nor the rest."""
+    backend = Backend()
+    fetch = Coalesce()(backend)
+    tasks = [await started(fetch("a")) for _ in range(3)]
+    await cancelled(tasks[0])
+    await cancelled(tasks[1])
+    assert backend.cancelled["a"] == 0
+    backend.gate("a").set()
+    assert await tasks[2] == {"key": "a", "call": 1}
+    assert backend.calls["a"] == 1
+
+
+async def test_execution_is_cancelled_when_every_waiter_has_gone() -> None:
+    """When its last caller is cancelled, the execution is cancelled too, and the next call
+    starts a new one only after the old one has finished cancelling."""
+    backend = Backend()
+    fetch = Coalesce()(backend)
+    tasks = [await started(fetch("a")) for _ in range(2)]
+    for task in tasks:
+        task.cancel()
+    nxt = asyncio.create_task(fetch("a"))
+    await settle()
+    assert backend.cancelled["a"] == 1
+    assert backend.calls["a"] == 2
+    assert backend.peak["a"] == 1
+    backend.gate("a").set()
+    assert await nxt == {"key": "a", "call": 2}
+
+
+async def test_unhashable_arguments_run_unshared() -> None:
+    """A call with an unhashable argument runs on its own (the default key cannot hold it)."""
+    calls = 0
+
+    async def fetch(items: list[int], *, extra: Any = None) -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        return sum(items)
+
+    shared = Coalesce()(fetch)
+    assert await asyncio.gather(shared([1, 2]), shared([1, 2])) == [3, 3]
+    assert await asyncio.gather(shared([1], extra=[]), shared([1], extra=[])) == [1, 1]
+    assert calls == 4
+
+
+async def test_key_function_groups_calls() -> None:
+    """Calls that ``key`` maps to one key share, whatever their other arguments."""
+    backend = Backend()
+    coalesce = Coalesce(key=lambda key, attempt: key)
+
+    async def fetch(key: str, attempt: int) -> dict[str, Any]:
+        return await backend(key)
+
+    shared = coalesce(fetch)
+    tasks = [await started(shared("a", n)) for n in range(3)]
+    backend.gate("a").set()
+    await asyncio.gather(*tasks)
+    assert backend.calls["a"] == 1
+
+
+async def test_unhashable_key_from_key_function_is_a_type_error() -> None:
+    """A ``key`` that returns something unhashable fails the call with TypeError."""
+    backend = Backend()
+    shared = Coalesce(key=lambda key: [key])(backend)
+    with pytest.raises(TypeError):
+        await shared("a")
+    assert backend.calls["a"] == 0
+
+
+async def test_results_are_shared_objects_unless_copied() -> None:
+    """Without ``copy`` every caller gets one object; with it each gets its own copy."""
+    for hook, same in ((None, True), (copy.deepcopy, False)):
+        backend = Backend()
+        fetch = Coalesce(copy=hook)(backend)
+        tasks = [await started(fetch("a")) for _ in range(2)]
+        backend.gate("a").set()
+        first, second = await asyncio.gather(*tasks)
+        assert first == second
+        assert (first is second) is same
+
+
+async def test_coalesced_event_counts_callers() -> None:
+    """A shared execution reports how many callers it served; a lone one reports nothing."""
+    events: list[Event] = []
+    backend = Backend()
+    fetch = Coalesce(name="users", listeners=[policy_events(events)])(backend)
+    tasks = [await started(fetch("a")) for _ in range(4)]
+    backend.gate("a").set()
+    await asyncio.gather(*tasks)
+    backend.gate("b").set()
+    await fetch("b")
+    await settle()
+    assert events == [Coalesced(name="users", callers=4)]
+
+
+async def test_composes_in_a_pipeline() -> None:
+    """Inside a Pipeline's call form, calls share by the user's function and arguments."""
+    one, two = Backend(), Backend()
+    pipeline = Pipeline(Coalesce(), Retry(on=ValueError, attempts=2), Timeout(10))
+    tasks = [
+        await started(pipeline.call(one, "a")),
+        await started(pipeline.call(one, "a")),
+        await started(pipeline.call(two, "a")),
+    ]
+    assert (one.calls["a"], two.calls["a"]) == (1, 1)
+    one.gate("a").set()
+    two.gate("a").set()
+    first, second, third = await asyncio.gather(*tasks)
+    assert first is second
+    assert third is not first
+
+
+@pytest.mark.parametrize(("option", "value"), [("key", 3), ("copy", "deep")])
+def test_bad_options_are_type_errors(option: str, value: object) -> None:
+    """A ``key`` or ``copy`` that is not callable is refused, naming the option."""
+    with pytest.raises(TypeError, match=option):
+        Coalesce(**{option: value})
+
+
+OPS = st.one_of(
+    st.tuples(st.just("call"), st.sampled_from("abc")),
+    st.tuples(st.just("cancel"), st.integers(0, 20)),
+    st.tuples(st.just("release"), st.sampled_from("abc")),
+    st.tuples(st.just("turns"), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(OPS, min_size=1, max_size=25), st.sets(st.sampled_from("abc")))
+def test_grouping_property(ops: list[tuple[str, Any]], failing: set[str]) -> None:
+    """Whatever the order of calls, cancellations, returns and turns of the loop between
+    them: each caller that was not cancelled gets the outcome of an execution of its own
+    key, a key never runs twice at once, and nothing is left behind (no execution, no
+    task)."""
+
+    async def main() -> None:
+        backend = Backend()
+        backend.fail = set(failing)
+        coalesce = Coalesce()
+        fetch = coalesce(backend)
+        calls: list[tuple[str, asyncio.Task[Any]]] = []
+        gone: set[int] = set()
+        for op, arg in ops:
+            if op == "call":
+                calls.append((arg, asyncio.create_task(fetch(arg))))
+            elif op == "cancel" and calls:
+                i = arg % len(calls)
+                if calls[i][1].cancel():
+                    gone.add(i)
+            elif op == "release":
+                backend.gate(arg).set()
+                await settle()
+                backend.gate(arg).clear()
+            else:
+                await settle(arg)
+        for key in "abc":
+            backend.gate(key).set()
+        outcomes = await asyncio.gather(*(t for _, t in calls), return_exceptions=True)
+        for i, ((key, _), outcome) in enumerate(zip(calls, outcomes, strict=True)):
+            if i in gone:
+                assert isinstance(outcome, asyncio.CancelledError)
+            elif key in failing:
+                assert isinstance(outcome, ValueError)
+                assert str(outcome) == f"failed {key}"
+            else:
+                assert isinstance(outcome, dict)
+                assert outcome["key"] == key
+        assert max(backend.peak.values(), default=0) <= 1
+        assert not any(backend.running.values())
+        await settle()
+        assert coalesce.in_flight == 0
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(main())
+
+
+async def test_call_that_cannot_start_leaves_nothing_behind() -> None:
+    """A call whose function refuses its arguments raises, and the key stays free."""
+    backend = Backend()
+    coalesce = Coalesce()
+    fetch = coalesce(backend)
+    with pytest.raises(TypeError):
+        await fetch("a", "b")  # type: ignore[call-arg]
+    assert coalesce.in_flight == 0
+    backend.gate("a").set()
+    assert await fetch("a") == {"key": "a", "call": 1}

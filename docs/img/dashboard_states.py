@@ -77,13 +77,13 @@ async def main() -> None:
     redis_port, demo_port, dash_port = free_port(), free_port(), free_port()
     url = f"redis://127.0.0.1:{redis_port}/0"
     with tempfile.TemporaryDirectory() as folder:
-        redis = subprocess.Popen(
+        redis = subprocess.Popen(  # noqa: ASYNC220 (started once, never waited on here)
             [server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", folder],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        time.sleep(0.5)
-        demo = subprocess.Popen(
+        await asyncio.sleep(0.5)
+        demo = subprocess.Popen(  # noqa: ASYNC220 (started once, never waited on here)
             command("demo", "--redis", url, "--duration", str(DURATION), "--seed", "7",
                     "--port", str(demo_port)),
             stdout=subprocess.PIPE, text=True, env=env,
@@ -99,9 +99,10 @@ async def main() -> None:
                 name = found.group(1) if found else name
                 if prefix and name:
                     break
-            assert prefix and name, "the demo did not say its prefix"
+            assert prefix, "the demo did not say its prefix"
+            assert name, "the demo did not say its breaker's name"
             start = time.monotonic()
-            dashboard = subprocess.Popen(
+            dashboard = subprocess.Popen(  # noqa: ASYNC220 (started once, not waited on)
                 command("dashboard", "--redis", url, "--prefix", prefix, "--port",
                         str(dash_port), "--refresh", "0.5", "--allow-control"),
                 env=env,
@@ -125,10 +126,14 @@ async def main() -> None:
                 await shoot(page, "open")
                 await asyncio.sleep(max(0.0, 31.0 - (time.monotonic() - start)))
                 where = ("--redis", url, "--prefix", prefix)
-                subprocess.run(command("open", name, *where), env=env, check=True)
+                await asyncio.to_thread(
+                    subprocess.run, command("open", name, *where), env=env, check=True
+                )
                 await until(page, f'{card}[data-state="forced_open"]')
                 await shoot(page, "forced")
-                subprocess.run(command("close", name, *where), env=env, check=True)
+                await asyncio.to_thread(
+                    subprocess.run, command("close", name, *where), env=env, check=True
+                )
                 demo.wait(DURATION + 30)
                 await until(page, f"{card}.silent")
                 await shoot(page, "stale")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CallFinished",
     "CallRejected",
+    "ConfigChanged",
     "Event",
     "FallbackUsed",
     "HealthChanged",
@@ -170,6 +171,19 @@ class SubscriberReplaced(Event):
     breakers it holds read the fleet's state again."""
 
     policy: str = "store"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigChanged(Event):
+    """The policy ``name`` of kind ``policy`` runs live settings ``version`` from its next
+    call on: ``values`` are every live setting it now runs with; ``origin`` says who changed
+    them; ``note`` says what else the change did (a breaker's new window), or is empty."""
+
+    policy: str
+    version: int
+    values: dict[str, object]
+    origin: str = ""
+    note: str = ""
 
 
 class Listener(Protocol):

@@ -21,6 +21,7 @@ from ..clock import Clock
 from ..errors import BulkheadFullError, RejectedError, StoreUnavailableError
 from ..events import CallRejected, Listener, emit
 from ..rules.limits import AdaptiveLimit, Limiter
+from ..store.config import Schema, follow, register_schema
 from .base import BasePolicy, Protected, check_bool, check_int, check_seconds, check_store
 from .permits import FleetLeases, FleetShare, PermitSource, check_lease, check_permits
 
@@ -148,6 +149,42 @@ class Bulkhead(BasePolicy):
         self._active = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._held: dict[asyncio.Task[Any] | None, list[tuple[object, float]]] = {}
+        self._code = {"max_concurrent": self.max_concurrent, "max_waiting": self.max_waiting}
+        follow(self)
+
+    def _live_base(self) -> dict[str, Any]:
+        """Its live settings in code."""
+        return dict(self._code)
+
+    def _live_apply(self, values: dict[str, Any]) -> str:
+        """Calls from now on are held to ``max_concurrent`` (a fleet-wide bulkhead's permits
+        too) and ``max_waiting``; a larger limit lets waiting calls in at once, a smaller one
+        takes slots back as calls end."""
+        limit, waiting = values["max_concurrent"], values["max_waiting"]
+        if self.limit is not None and limit != self._code["max_concurrent"]:
+            raise ValueError(
+                f"max_concurrent of an adaptive bulkhead cannot change live, got {limit!r}"
+            )
+        fleet = self.permits is not None
+        check = check_permits if fleet else check_int
+        limit = check("max_concurrent", limit)
+        waiting = check_int("max_waiting", waiting, minimum=0)
+        if fleet and waiting:
+            raise ValueError(
+                f"max_waiting must be 0 with fleet-wide permits, got {waiting!r}: "
+                "they are not waited for (the call is rejected at once)"
+            )
+        self.max_concurrent, self.max_waiting = limit, waiting
+        if self.limit is None:
+            self._limit_now = limit
+        if self.permits is not None:
+            self.permits.limit = limit
+        while self._waiters and self._active < self._limit_now:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._active += 1
+                fut.set_result(True)
+        return ""
 
     def _shorthand(self, store: Store | None) -> PermitSource:
         """The permit source ``distributed=True`` (and ``shares=True``) stand for."""
@@ -386,3 +423,12 @@ class Bulkhead(BasePolicy):
         bulkheads."""
         if self.permits is not None:
             await self.permits.aclose()
+
+
+register_schema(
+    Schema(
+        "bulkhead",
+        ("max_concurrent", "max_waiting"),
+        lambda values, base: Bulkhead(**{"max_concurrent": 1, **values}),
+    )
+)

@@ -25,6 +25,7 @@ from .errors import (
 from .events import (
     CallFinished,
     CallRejected,
+    ConfigChanged,
     Event,
     FallbackUsed,
     HealthChanged,
@@ -56,6 +57,7 @@ from .rules.limits import AdaptiveLimit
 from .rules.quantile import LearnedDelay
 from .rules.windows import CountWindow, TimeWindow
 from .store import MemoryStore, Store
+from .store.config import ConfigChange, ConfigState, configure_from
 from .store.protocol import status
 from .store.records import LATENCY_BUCKETS, PolicyStatus, ReplicaReport
 from .version import DISTRIBUTION, __version__
@@ -78,6 +80,9 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "Clock",
+    "ConfigChange",
+    "ConfigChanged",
+    "ConfigState",
     "CountWindow",
     "Event",
     "Fallback",
@@ -126,6 +131,7 @@ __all__ = [
     "TimeoutDetector",
     "UnacceptableResultError",
     "__version__",
+    "configure_from",
     "select",
     "shortest_lease",
     "status",

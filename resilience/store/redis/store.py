@@ -41,6 +41,7 @@ from ..base import (
 )
 from ..records import MAX_PUBLISHED, PolicyStatus
 from .breaker import SharedBreakerCore
+from .config import RedisConfig
 from .engine import SyncEngine
 from .primitives import (
     SCRIPTS,
@@ -103,7 +104,7 @@ def _check_prefix(prefix: object) -> str:
     return prefix
 
 
-class RedisStore(StoreBase):
+class RedisStore(RedisConfig, StoreBase):
     """Shares breaker state (and leases) through Redis; see the package docstring.
 
     ``RedisStore.from_url("redis://...")`` builds its own client with short timeouts and no
@@ -187,6 +188,7 @@ class RedisStore(StoreBase):
             cluster=cluster,
         )
         self.supervisor.on_degraded = self.engine.wake
+        self._config_start()
         reset_in_child(self, store=True)
 
     @classmethod
@@ -528,7 +530,9 @@ class RedisStore(StoreBase):
 
     # --- life -------------------------------------------------------------------------------
     async def sync(self) -> None:
-        """Flush every buffered outcome and refresh every breaker's state now."""
+        """Flush every buffered outcome and refresh every breaker's state now (and read the
+        live settings of the names this process's policies follow, if not read yet)."""
+        await self._config_settled()
         self.engine.read_all()
         for _ in range(3):  # a round carries all that waits; what its replies ask, the next
             await self.engine.next_round()

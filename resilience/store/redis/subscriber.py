@@ -42,6 +42,7 @@ class Subscriber:
         "client",
         "closed",
         "cluster",
+        "on_config",
         "on_replaced",
         "on_transition",
         "supervisor",
@@ -68,6 +69,7 @@ class Subscriber:
         self.closed = closed  #: whether the store is closed (the loop then ends)
         self.on_transition = on_transition  #: breaker name, its state as published
         self.on_replaced = on_replaced  #: a replacement subscription was heard from
+        self.on_config: Callable[[Any], None] | None = None  #: a settings change (JSON)
         self._turn = 0  # a Cluster: which node the next connection goes to
 
     async def run(self) -> None:
@@ -150,7 +152,15 @@ class Subscriber:
                 self.on_message(message.get("data"))
 
     def on_message(self, data: Any) -> None:
-        """A published transition, handed on; one that does not parse is logged and ignored."""
+        """A published transition, handed on; one that does not parse is logged and ignored.
+        A settings change (a JSON object) goes to ``on_config``."""
+        if (
+            self.on_config is not None
+            and isinstance(data, (bytes, str))
+            and data[:1] in (b"{", "{")
+        ):
+            self.on_config(data)
+            return
         try:
             name, fleet = parse_message(data)
         except BadReply:

@@ -92,16 +92,16 @@ def _quorum(open_when: object, quorum: object) -> int:
 
 def _breaker_config(
     *,
-    failure_ratio: float,
-    minimum_calls: int | None,
-    window: WindowSpec | None,
-    slow_call_duration: float | None,
-    slow_call_ratio: float,
-    open_for: float,
-    open_for_max: float | None,
-    half_open_calls: int,
-    probe_lease: float,
-    quorum: int,
+    failure_ratio: float = 0.5,
+    minimum_calls: int | None = None,
+    window: WindowSpec | None = None,
+    slow_call_duration: float | None = None,
+    slow_call_ratio: float = 1.0,
+    open_for: float = 5.0,
+    open_for_max: float | None = None,
+    half_open_calls: int = 1,
+    probe_lease: float = 30.0,
+    quorum: int = 0,
 ) -> BreakerConfig:
     """The configuration ``CircuitBreaker`` builds from its options (and live settings)."""
     if window is None:

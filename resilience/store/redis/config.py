@@ -98,6 +98,7 @@ class RedisConfig(LiveConfig):
     _config_runs: dict[str, int]  # name -> the version this replica runs
     _config_waiting: set[str]  # names to read once a loop runs
     _config_tasks: set[asyncio.Task[None]]
+    _config_loop: asyncio.AbstractEventLoop | None  # where the store's background work runs
 
     def key(self, name: str, suffix: str) -> str:
         raise NotImplementedError
@@ -120,7 +121,8 @@ class RedisConfig(LiveConfig):
             self._config_read_waiting()
 
         subscriber.on_replaced = on_replaced
-        self.engine.on_start = self._config_read_waiting
+        self._config_loop: asyncio.AbstractEventLoop | None = None
+        self.engine.on_start = self._config_started
         config.add_sink(self)
 
     def _config_keys(self, name: str) -> list[str]:
@@ -137,7 +139,8 @@ class RedisConfig(LiveConfig):
         return state
 
     async def _config_read(self, name: str) -> ConfigState:
-        return await self._config_call(name, ["read"])
+        state = await self._config_call(name, ["read"])
+        return state._replace(base={**state.base, **config.bases(name)})  # ours are sure
 
     async def _config_write(
         self, name: str, expected: int, values: Values, origin: str, rollback_of: int | None
@@ -164,14 +167,20 @@ class RedisConfig(LiveConfig):
     # --- what replicas learn -----------------------------------------------------------------
     def _config_watch(self, name: str, kind: str, base: Values) -> None:
         """A policy of this process follows ``name``: its settings are read (and its values
-        in code kept for the checks) as soon as a loop runs."""
+        in code kept for the checks) now if this store runs on this loop, else once it
+        starts (its first use; ``await store.sync()`` at start-up)."""
         self._config_runs.setdefault(name, 0)
         self._config_waiting.add(name)
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # read once the engine starts
-        self.engine.start()
+            return
+        if loop is self._config_loop and not self.engine.subscriber.closed():
+            self._config_read_waiting()
+
+    def _config_started(self) -> None:
+        """The store's background work started (on the running loop)."""
+        self._config_loop = asyncio.get_running_loop()
         self._config_read_waiting()
 
     def _config_read_waiting(self) -> None:

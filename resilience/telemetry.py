@@ -47,6 +47,7 @@ from .clock import Clock
 from .events import (
     CallFinished,
     CallRejected,
+    ConfigChanged,
     Event,
     FallbackUsed,
     RetryScheduled,
@@ -280,6 +281,9 @@ class Telemetry:
         elif isinstance(event, TimedOut):
             self._timeouts.add(1, attrs)
             self._span_event("resilience.timeout", {**attrs, "resilience.seconds": event.seconds})
+        elif isinstance(event, ConfigChanged):
+            version = {"resilience.config.version": event.version}
+            self._span_event("resilience.config_changed", {**attrs, **version})
         elif isinstance(event, (StoreDegraded, StoreRecovered, StoreDataReset, SubscriberReplaced)):
             kind = {
                 StoreDegraded: "degraded",

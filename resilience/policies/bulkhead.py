@@ -153,27 +153,14 @@ class Bulkhead(BasePolicy):
         follow(self)
 
     def _live_base(self) -> dict[str, Any]:
-        """Its live settings in code."""
-        return dict(self._code)
+        """Its live settings in code, and whether its limit is adaptive or fleet-wide."""
+        return {**self._code, "adaptive": self.limit is not None, "fleet": self.permits is not None}
 
     def _live_apply(self, values: dict[str, Any]) -> str:
         """Calls from now on are held to ``max_concurrent`` (a fleet-wide bulkhead's permits
         too) and ``max_waiting``; a larger limit lets waiting calls in at once, a smaller one
         takes slots back as calls end."""
-        limit, waiting = values["max_concurrent"], values["max_waiting"]
-        if self.limit is not None and limit != self._code["max_concurrent"]:
-            raise ValueError(
-                f"max_concurrent of an adaptive bulkhead cannot change live, got {limit!r}"
-            )
-        fleet = self.permits is not None
-        check = check_permits if fleet else check_int
-        limit = check("max_concurrent", limit)
-        waiting = check_int("max_waiting", waiting, minimum=0)
-        if fleet and waiting:
-            raise ValueError(
-                f"max_waiting must be 0 with fleet-wide permits, got {waiting!r}: "
-                "they are not waited for (the call is rejected at once)"
-            )
+        limit, waiting = _live_limits(self._live_base(), values)
         self.max_concurrent, self.max_waiting = limit, waiting
         if self.limit is None:
             self._limit_now = limit
@@ -425,10 +412,26 @@ class Bulkhead(BasePolicy):
             await self.permits.aclose()
 
 
+def _live_limits(base: dict[str, Any], values: dict[str, Any]) -> tuple[int, int]:
+    """``max_concurrent`` and ``max_waiting`` from live ``values``, checked as the constructor
+    checks them for a bulkhead whose values in code are ``base`` (empty: a local one)."""
+    limit = values.get("max_concurrent", base.get("max_concurrent", 1))
+    waiting = values.get("max_waiting", base.get("max_waiting", 0))
+    if base.get("adaptive") and limit != base["max_concurrent"]:
+        raise ValueError(
+            f"max_concurrent of an adaptive bulkhead cannot change live, got {limit!r}"
+        )
+    fleet = bool(base.get("fleet"))
+    limit = check_permits("max_concurrent", limit) if fleet else check_int("max_concurrent", limit)
+    waiting = check_int("max_waiting", waiting, minimum=0)
+    if fleet and waiting:
+        raise ValueError(
+            f"max_waiting must be 0 with fleet-wide permits, got {waiting!r}: "
+            "they are not waited for (the call is rejected at once)"
+        )
+    return limit, waiting
+
+
 register_schema(
-    Schema(
-        "bulkhead",
-        ("max_concurrent", "max_waiting"),
-        lambda values, base: Bulkhead(**{"max_concurrent": 1, **values}),
-    )
+    Schema("bulkhead", ("max_concurrent", "max_waiting"), lambda v, base: _live_limits(base, v))
 )

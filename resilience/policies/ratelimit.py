@@ -73,6 +73,7 @@ class RateLimiter(BasePolicy):
         super().__init__(name, clock, listeners)
         self.per = check_seconds("per", per)
         self.rate, self.burst, self.interval = _rate(rate, self.per, burst)
+        self._slack = (self.burst - 1) * self.interval + _EPSILON  # the burst, in seconds
         self.ahead = check_seconds("ahead", ahead, zero=True)
         if self.ahead > self.per:
             # tokens held longer than a period would let the fleet admit more than twice its
@@ -104,8 +105,14 @@ class RateLimiter(BasePolicy):
         return {**self._code, "per": self.per}
 
     def _live_apply(self, values: dict[str, Any]) -> str:
-        """Calls from now on are admitted at ``rate`` per ``per`` with bursts of ``burst``."""
-        self.rate, self.burst, self.interval = _rate(values["rate"], self.per, values["burst"])
+        """Calls from now on are admitted at ``rate`` per ``per`` with bursts of ``burst``; the
+        tokens this replica owes are kept, counted at the new rate."""
+        rate, burst, interval = _rate(values["rate"], self.per, values["burst"])
+        now = self._clock.monotonic()
+        if self._tat > now:
+            self._tat = now + (self._tat - now) * interval / self.interval
+        self.rate, self.burst, self.interval = rate, burst, interval
+        self._slack = (burst - 1) * interval + _EPSILON
         return ""
 
     def _forked(self) -> None:
@@ -208,8 +215,6 @@ class RateLimiter(BasePolicy):
         if self.store is not None:
             return self._wrap_shared(fn, self.store)
         monotonic = self._clock.monotonic
-        interval = self.interval
-        slack = (self.burst - 1) * interval + _EPSILON
         rejected = self._rejected
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
@@ -217,9 +222,10 @@ class RateLimiter(BasePolicy):
             tat = self._tat
             if tat < now:
                 tat = now
+            slack = self._slack  # read per call: live settings change it between calls
             if tat - now > slack:
                 raise rejected(tat - now - slack + _EPSILON)
-            self._tat = tat + interval
+            self._tat = tat + self.interval
             return await fn(*args, **kwargs)
 
         return protected

@@ -318,4 +318,15 @@ class Retry(BasePolicy):
         return result
 
 
-register_schema(Schema("retry", ("attempts",), lambda values, base: Retry(on=Exception, **values)))
+def _check_attempts(values: dict[str, Any], base: dict[str, Any]) -> None:
+    """Live ``attempts``, checked as the constructor checks it, for a retry whose values in
+    code are ``base``: one built with ``attempts=1`` wraps no retry path, so it stays at 1."""
+    Retry(on=Exception, attempts=values["attempts"])
+    if base.get("attempts") == 1 and values["attempts"] != 1:
+        raise ValueError(
+            f"attempts of a retry built with attempts=1 cannot change live (it wraps no retry "
+            f"path), got {values['attempts']!r}"
+        )
+
+
+register_schema(Schema("retry", ("attempts",), _check_attempts))

@@ -325,7 +325,6 @@ class Throttle(BasePolicy):
     def _wrap(self, fn: Protected) -> Protected:
         counts = self.counts
         totals, add = counts.totals, counts.add
-        k = self.k
         draw = self._random
         refuse = self._refuse
         accepted_if = self.accepted_if
@@ -333,7 +332,7 @@ class Throttle(BasePolicy):
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             requests, accepts = totals()
-            excess = requests - k * accepts  # rejection_probability, inlined
+            excess = requests - self.k * accepts  # rejection_probability, inlined (k: live)
             if excess > 0:
                 ratio = excess / (requests + 1)
                 if draw() < ratio:

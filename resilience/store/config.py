@@ -112,6 +112,7 @@ _targets: dict[str, weakref.WeakSet[Any]] = {}  # name -> the policies following
 _live: dict[str, tuple[int, Values]] = {}  # name -> the live version and values last applied
 _defaults: dict[str, Values] = {}  # name -> defaults declared without code
 _sinks: weakref.WeakSet[Any] = weakref.WeakSet()
+_running: weakref.WeakKeyDictionary[Any, Values] = weakref.WeakKeyDictionary()  # what it runs
 _state = {"checking": 0, "file_read": 0}
 
 
@@ -231,6 +232,8 @@ def follow(target: Target) -> None:
             target._live_apply(values)
         except (TypeError, ValueError) as exc:
             logger.error("%s %r refused settings: %s", target.kind, target.name, exc)
+            return
+        _running[target] = values
 
 
 def add_sink(sink: Sink) -> None:
@@ -258,7 +261,8 @@ def applied_version(name: str) -> int:
 def apply(name: str, version: int, values: Values, origin: str = "") -> None:
     """Live ``values`` (version ``version``) for every policy ``name`` of this process:
     each runs, from its next call on, its values in code with the declared defaults and
-    ``values`` on top. A policy that refuses them keeps what it had (logged)."""
+    ``values`` on top. A policy whose values do not change is left alone; one that refuses
+    them keeps what it had (logged)."""
     _live[name] = (version, dict(values))
     for target in list(_targets.get(name, ())):
         kind = target.kind
@@ -267,11 +271,14 @@ def apply(name: str, version: int, values: Values, origin: str = "") -> None:
             **_own(kind, _defaults.get(name, {})),
             **_own(kind, values),
         }
+        if run == _running.get(target, target._live_base()):
+            continue
         try:
             note = target._live_apply(run)
         except (TypeError, ValueError) as exc:
             logger.error("%s %r refused settings version %d: %s", kind, name, version, exc)
             continue
+        _running[target] = run
         logger.info(
             "%s %r runs settings version %d from %s: %s%s",
             kind,

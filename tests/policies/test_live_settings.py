@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ from resilience import (
     Throttle,
     Timeout,
 )
+from resilience.store import config as live
 from resilience.testing import FakeClock
 
 from ..helpers import advance, started
@@ -142,3 +144,18 @@ async def test_a_policy_whose_values_do_not_change_hears_nothing() -> None:
     await MemoryStore().configure(NAME, seconds=0.5)
     assert [getattr(e, "policy", None) for e in events] == ["timeout"]
     assert timeout.seconds == 0.5
+
+
+async def test_defaults_from_the_file_resilience_config_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TOML file's tables are defaults per name; a bad value in it names the file."""
+    path = tmp_path / "resilience.toml"
+    path.write_text("[filed]\nseconds = 0.25\n\n[other]\nk = 3\n")
+    monkeypatch.setenv("RESILIENCE_CONFIG", str(path))
+    assert Timeout(1.0, name="filed").seconds == 0.25
+    assert Timeout(1.0, name="elsewhere").seconds == 1.0
+    live._forget()
+    path.write_text("[filed]\nseconds = -1\n")
+    with pytest.raises(ValueError, match=r"RESILIENCE_CONFIG=.*seconds must be finite and > 0"):
+        Timeout(1.0, name="filed")

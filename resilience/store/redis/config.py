@@ -125,6 +125,12 @@ class RedisConfig(LiveConfig):
         self.engine.on_start = self._config_started
         config.add_sink(self)
 
+    def _config_forked(self) -> None:
+        """In a forked child: no task of the parent's is ours; its names are read again."""
+        self._config_tasks = set()
+        self._config_loop = None
+        self._config_waiting.update(self._config_runs)
+
     def _config_keys(self, name: str) -> list[str]:
         return [self.key(name, s) for s in ("config", "config:log", "config:base")]
 

@@ -557,6 +557,7 @@ class RedisStore(RedisConfig, StoreBase):
         self._share_writes = {}
         self.supervisor.forked()
         self.engine.forked()
+        self._config_forked()
 
     async def aclose(self) -> None:
         """Stop the background tasks (after a last flush) and close an owned client."""

@@ -217,7 +217,7 @@ def watch(target: Target) -> Values | None:
     name, kind = target.name, target.kind
     _targets.setdefault(name, weakref.WeakSet()).add(target)
     base = target._live_base()
-    for sink in list(_sinks):
+    for sink in _sinks_of(target):
         sink._config_watch(name, kind, base)
     overrides = {**_own(kind, _defaults.get(name, {})), **_own(kind, _live_values(name))}
     return {**base, **overrides} if overrides else None
@@ -237,11 +237,24 @@ def follow(target: Target) -> None:
 
 
 def add_sink(sink: Sink) -> None:
-    """A shared store: told of every policy following settings, built before or after."""
+    """A shared store: told of the policies following settings, built before or after, that
+    use it or no shared store at all."""
     _sinks.add(sink)
     for name, targets in list(_targets.items()):
         for target in list(targets):
-            sink._config_watch(name, target.kind, target._live_base())
+            if sink in _sinks_of(target):
+                sink._config_watch(name, target.kind, target._live_base())
+
+
+def _sinks_of(target: Target) -> list[Any]:
+    """The shared stores ``target`` reads its settings from: its own, if it uses one (a
+    breaker's, a fleet-wide bulkhead's or limiter's, ...), else every one of this process."""
+    store = getattr(target, "store", None)
+    if store is None:  # a retry's budget holds its store
+        store = getattr(getattr(target, "budget", None), "store", None)
+    if store is not None and store in _sinks:
+        return [store]
+    return list(_sinks)
 
 
 def bases(name: str) -> dict[str, Values]:

@@ -125,6 +125,14 @@ class RedisConfig(LiveConfig):
         self.engine.on_start = self._config_started
         config.add_sink(self)
 
+    async def _config_close(self) -> None:
+        """Cancel the reads of settings under way (the store is closing)."""
+        tasks, self._config_tasks = self._config_tasks, set()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def _config_forked(self) -> None:
         """In a forked child: no task of the parent's is ours; its names are read again."""
         self._config_tasks = set()
@@ -191,7 +199,7 @@ class RedisConfig(LiveConfig):
 
     def _config_read_waiting(self) -> None:
         """Read the settings of every name waiting (on the running loop)."""
-        if not self._config_waiting:
+        if not self._config_waiting or self.engine.subscriber.closed():
             return
         names, self._config_waiting = self._config_waiting, set()
         for name in names:

@@ -561,6 +561,7 @@ class RedisStore(RedisConfig, StoreBase):
 
     async def aclose(self) -> None:
         """Stop the background tasks (after a last flush) and close an owned client."""
+        await self._config_close()
         await self.engine.aclose(self.timeout * 2)
         if self._owns_client:
             self._owns_client = False

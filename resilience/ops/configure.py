@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..store.config import ConfigChange, ConfigState
-from ..store.protocol import Store
+from ..store.config import ConfigChange, ConfigState, ConfigStore
 
 __all__ = ["add_configure_parser", "format_config", "parse_values", "run_configure"]
 
@@ -78,7 +77,7 @@ def config_document(name: str, state: ConfigState) -> dict[str, Any]:
 
 
 async def run_configure(
-    store: Store, args: argparse.Namespace, out: Callable[[str], object]
+    store: ConfigStore, args: argparse.Namespace, out: Callable[[str], object]
 ) -> int:
     """Show, change or roll back ``args.name``'s settings on ``store``; raises the store's
     ``ValueError``/``TypeError`` for a bad key or value (nothing changed)."""

@@ -28,7 +28,7 @@ import socket
 import tomllib
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from ..events import ConfigChanged, emit
 
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_HISTORY",
     "ConfigChange",
     "ConfigState",
+    "ConfigStore",
     "LiveConfig",
     "Schema",
     "apply",
@@ -98,6 +99,27 @@ class Target(Protocol):
     def _live_apply(self, values: Values) -> str:
         """Run with ``values`` (every live setting) from the next call on; returns a note
         for the log and the event (say, that a new window started), or ``""``."""
+
+
+@runtime_checkable
+class ConfigStore(Protocol):
+    """A store that keeps live settings (``MemoryStore``, ``RedisStore``): what the command
+    line and the dashboard use. Not part of ``Store``: a store of your own need not keep
+    them."""
+
+    async def configure(self, name: str, *, origin: str | None = None, **values: Any) -> int:
+        """Change the settings of every policy ``name`` on every replica; the new version."""
+
+    async def rollback(
+        self, name: str, *, version: int | None = None, origin: str | None = None
+    ) -> int:
+        """Go back to the settings before the last change (or of ``version``)."""
+
+    async def config(self, name: str) -> ConfigState:
+        """The live settings of ``name``: version, values, values in code, history."""
+
+    async def config_history(self, name: str) -> list[ConfigChange]:
+        """The changes of ``name``, newest first."""
 
 
 class Sink(Protocol):

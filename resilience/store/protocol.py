@@ -7,7 +7,7 @@ refer to it. The records a store returns to status tools are in ``records``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from ..states import CircuitState
 from .records import PolicyStatus
@@ -15,7 +15,6 @@ from .records import PolicyStatus
 if TYPE_CHECKING:
     from ..clock import Clock
     from ..rules.breaker import BreakerConfig, BreakerCore
-    from .config import ConfigChange, ConfigState
 
 __all__ = ["Store", "status"]
 
@@ -131,22 +130,6 @@ class Store(Protocol):
 
     async def control(self, name: str, state: CircuitState) -> None:
         """Force breaker ``name`` CLOSED, FORCED_OPEN or DISABLED (``KeyError`` if unknown)."""
-
-    async def configure(self, name: str, *, origin: str | None = None, **values: Any) -> int:
-        """Change live settings of every policy ``name`` (every replica); the new version.
-        A bad value raises the constructor's error and changes nothing (``store.config``)."""
-
-    async def rollback(
-        self, name: str, *, version: int | None = None, origin: str | None = None
-    ) -> int:
-        """Go back to the settings before the last change (or of ``version``); the new
-        version."""
-
-    async def config(self, name: str) -> ConfigState:
-        """The live settings of ``name``: version, values, values in code, history."""
-
-    async def config_history(self, name: str) -> list[ConfigChange]:
-        """The changes of ``name``, newest first."""
 
     async def sync(self) -> None:
         """Push buffered outcomes and pull the latest shared state (no-op when local)."""

@@ -48,7 +48,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from html import escape
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 try:
     from starlette.applications import Starlette
@@ -63,7 +63,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     ) from exc
 
 from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailableError, status
-from resilience.store.config import origin
+from resilience.store.config import ConfigStore, origin
 from resilience.store.records import LATENCY_BUCKETS
 
 from ..configure import config_document
@@ -427,7 +427,7 @@ class Dashboard:
         name = request.path_params["name"]
 
         async def read() -> dict[str, Any]:
-            return config_document(name, await self.store.config(name))
+            return config_document(name, await _settings(self.store).config(name))
 
         return await self._config_call(name, read)
 
@@ -442,7 +442,7 @@ class Dashboard:
             return _json({"error": 'send {"values": {"setting": value, ...}} as JSON'}, 400)
 
         async def change() -> dict[str, Any]:
-            version = await self.store.configure(name, origin=_origin(), **values)
+            version = await _settings(self.store).configure(name, origin=_origin(), **values)
             return {"name": name, "version": version}
 
         return await self._config_call(name, change)
@@ -456,7 +456,7 @@ class Dashboard:
         version = data.get("version") if isinstance(data, dict) else None
 
         async def back() -> dict[str, Any]:
-            new = await self.store.rollback(name, version=version, origin=_origin())
+            new = await _settings(self.store).rollback(name, version=version, origin=_origin())
             return {"name": name, "version": new}
 
         return await self._config_call(name, back)
@@ -470,6 +470,8 @@ class Dashboard:
 
     async def _config_call(self, name: str, work: Callable[[], Awaitable[Any]]) -> Response:
         """``work``'s document; a bad name, key or value is a 400 with its message."""
+        if not isinstance(self.store, ConfigStore):
+            return _json({"error": "this store keeps no live settings"}, 404)
         try:
             return _json(await work())
         except (TypeError, ValueError) as exc:
@@ -507,6 +509,11 @@ async def _read_body(request: Request) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _settings(store: Store) -> ConfigStore:
+    """``store``, which ``_config_call`` found keeps live settings."""
+    return cast("ConfigStore", store)
 
 
 def _origin() -> str:

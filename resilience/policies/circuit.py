@@ -6,6 +6,7 @@ The state machine it drives (states, configuration, pure rules, ``BreakerCore``)
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -92,16 +93,16 @@ def _quorum(open_when: object, quorum: object) -> int:
 
 def _breaker_config(
     *,
-    failure_ratio: float = 0.5,
-    minimum_calls: int | None = None,
-    window: WindowSpec | None = None,
-    slow_call_duration: float | None = None,
-    slow_call_ratio: float = 1.0,
-    open_for: float = 5.0,
-    open_for_max: float | None = None,
-    half_open_calls: int = 1,
-    probe_lease: float = 30.0,
-    quorum: int = 0,
+    failure_ratio: float,
+    minimum_calls: int | None,
+    window: WindowSpec | None,
+    slow_call_duration: float | None,
+    slow_call_ratio: float,
+    open_for: float,
+    open_for_max: float | None,
+    half_open_calls: int,
+    probe_lease: float,
+    quorum: int,
 ) -> BreakerConfig:
     """The configuration ``CircuitBreaker`` builds from its options (and live settings)."""
     if window is None:
@@ -179,7 +180,13 @@ def _live_config(values: dict[str, Any], base: dict[str, Any], quorum: int = 0) 
             f"not from when they are wrapped): it was {base.get('slow_call_duration')!r}, "
             f"got {options.get('slow_call_duration')!r}"
         )
-    return _breaker_config(window=window, quorum=quorum, **options)
+    return _breaker_config(**{**_defaults(), **options, "window": window, "quorum": quorum})
+
+
+def _defaults() -> dict[str, Any]:
+    """The constructor's defaults of the live settings."""
+    parameters = inspect.signature(CircuitBreaker.__init__).parameters
+    return {key: parameters[key].default for key in LIVE}
 
 
 class CircuitBreaker(BasePolicy):

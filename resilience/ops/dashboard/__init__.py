@@ -432,34 +432,35 @@ class Dashboard:
         return await self._config_call(name, read)
 
     async def _config_set(self, request: Request) -> Response:
+        return await self._config_post(request, self._configure)
+
+    async def _config_rollback(self, request: Request) -> Response:
+        return await self._config_post(request, self._rollback)
+
+    async def _config_post(
+        self, request: Request, act: Callable[[str, Any], Awaitable[int]]
+    ) -> Response:
+        """A change behind the token: ``act(name, body)`` gives the new version."""
         name = request.path_params["name"]
         refused = self._refused(request)
         if refused is not None:
             return refused
-        data = await _json_body(request)
-        values = data.get("values") if isinstance(data, dict) else None
-        if not isinstance(values, dict) or not values:
-            return _json({"error": 'send {"values": {"setting": value, ...}} as JSON'}, 400)
+        body = await _json_body(request)
 
         async def change() -> dict[str, Any]:
-            version = await _settings(self.store).configure(name, origin=_origin(), **values)
-            return {"name": name, "version": version}
+            return {"name": name, "version": await act(name, body)}
 
         return await self._config_call(name, change)
 
-    async def _config_rollback(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
-        data = await _json_body(request)
-        version = data.get("version") if isinstance(data, dict) else None
+    async def _configure(self, name: str, body: Any) -> int:
+        values = body.get("values") if isinstance(body, dict) else None
+        if not isinstance(values, dict) or not values:
+            raise ValueError('send {"values": {"setting": value, ...}} as JSON')
+        return await _settings(self.store).configure(name, origin=_origin(), **values)
 
-        async def back() -> dict[str, Any]:
-            new = await _settings(self.store).rollback(name, version=version, origin=_origin())
-            return {"name": name, "version": new}
-
-        return await self._config_call(name, back)
+    async def _rollback(self, name: str, body: Any) -> int:
+        version = body.get("version") if isinstance(body, dict) else None
+        return await _settings(self.store).rollback(name, version=version, origin=_origin())
 
     def _refused(self, request: Request) -> Response | None:
         if not self.allow_control:

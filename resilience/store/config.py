@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import tomllib
@@ -44,7 +43,6 @@ __all__ = [
     "configure_from",
     "follow",
     "register_schema",
-    "settings",
     "watch",
 ]
 
@@ -143,11 +141,6 @@ def register_schema(schema: Schema) -> None:
     _schemas[schema.kind] = schema
 
 
-def settings() -> dict[str, tuple[str, ...]]:
-    """Every kind's live settings."""
-    return {kind: s.keys for kind, s in sorted(_schemas.items())}
-
-
 def origin() -> str:
     """This process, as a history entry names it: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -180,9 +173,6 @@ def check_change(
         if not any(key in s.keys for s in _schemas.values()):
             names = ", ".join(sorted({k for s in _schemas.values() for k in s.keys}))
             raise ValueError(f"unknown setting {key!r}: the settings that can change are {names}")
-        value = changed[key]
-        if isinstance(value, float) and not math.isfinite(value) and value != math.inf:
-            raise ValueError(f"{key} must be a number, got {value!r}")
     merged = {**current, **changed}
     touched = [s for s in _schemas.values() if any(k in s.keys for k in changed)]
     known = [s for s in touched if s.kind in base]
@@ -286,11 +276,6 @@ def bases(name: str) -> dict[str, Values]:
 
 def _live_values(name: str) -> Values:
     return _live.get(name, (0, {}))[1]
-
-
-def applied_version(name: str) -> int:
-    """The live version of ``name`` this process runs (0: none)."""
-    return _live.get(name, (0, {}))[0]
 
 
 def apply(name: str, version: int, values: Values, origin: str = "") -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -64,11 +65,15 @@ def said(proc: subprocess.Popen[str], event: str) -> dict[str, Any]:
 
 
 def show(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    """The values ``proc`` runs now."""
+    """The values ``proc`` runs now (past the changes it reports first)."""
     assert proc.stdin is not None
     proc.stdin.write("show\n")
     proc.stdin.flush()
-    return said(proc, "values")
+    while True:  # the changes it reported meanwhile come first
+        line = json.loads(read_line(proc, 20.0, "replica"))
+        if line["event"] == "values":
+            return dict(line)
+        assert line["event"] == "changed", line
 
 
 async def test_a_change_reaches_the_other_replica(
@@ -153,3 +158,30 @@ async def test_a_replica_whose_redis_is_gone_keeps_its_values(redis_server: Redi
         assert late.seconds == 0.5
     finally:
         await store.aclose()
+
+
+async def test_any_sequence_leaves_the_other_replica_on_the_head(
+    stores: Callable[..., RedisStore], replica: Replica
+) -> None:
+    """After any run of changes and rollbacks (seeded), the other replica runs the head."""
+    rng = random.Random(7)
+    store = stores()
+    other = replica(store.prefix)
+    said(other, "ready")
+    for _ in range(40):
+        history = await store.config_history(NAME)
+        if history and rng.random() < 0.3:
+            versions = [0, *(c.version for c in history)]
+            version = await store.rollback(NAME, version=rng.choice(versions))
+        else:
+            values = {"open_for": rng.choice([1.0, 2.5, 7.0]), "seconds": rng.choice([0.1, 2.0])}
+            version = await store.configure(NAME, **rng.choice([values, {"open_for": 3.0}]))
+        head = await store.config(NAME)
+        assert head.version == version
+        want = {"open_for": 5.0, "seconds": 1.0, **head.values}
+        deadline = time.monotonic() + 10
+        while True:  # a change that touches no value of the breaker is no "changed" line
+            values = show(other)
+            if (values["open_for"], values["seconds"]) == (want["open_for"], want["seconds"]):
+                break
+            assert time.monotonic() < deadline, (values, want)

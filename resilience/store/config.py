@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from ..checks import check_name
 from ..events import ConfigChanged, emit
 
 __all__ = [
@@ -129,7 +130,7 @@ class Sink(Protocol):
 
 _schemas: dict[str, Schema] = {}
 _targets: dict[str, weakref.WeakSet[Any]] = {}  # name -> the policies following it
-_live: dict[str, tuple[int, Values]] = {}  # name -> the live version and values last applied
+_live: dict[str, Values] = {}  # name -> the live values last applied
 _defaults: dict[str, Values] = {}  # name -> defaults declared without code
 _sinks: weakref.WeakSet[Any] = weakref.WeakSet()
 _running: weakref.WeakKeyDictionary[Any, Values] = weakref.WeakKeyDictionary()  # what it runs
@@ -231,7 +232,7 @@ def watch(target: Target) -> Values | None:
     base = target._live_base()
     for sink in _sinks_of(target):
         sink._config_watch(name, kind, base)
-    overrides = {**_own(kind, _defaults.get(name, {})), **_own(kind, _live_values(name))}
+    overrides = {**_own(kind, _defaults.get(name, {})), **_own(kind, _live.get(name, {}))}
     return {**base, **overrides} if overrides else None
 
 
@@ -274,16 +275,12 @@ def bases(name: str) -> dict[str, Values]:
     return {t.kind: t._live_base() for t in list(_targets.get(name, ()))}
 
 
-def _live_values(name: str) -> Values:
-    return _live.get(name, (0, {}))[1]
-
-
 def apply(name: str, version: int, values: Values, origin: str = "") -> None:
     """Live ``values`` (version ``version``) for every policy ``name`` of this process:
     each runs, from its next call on, its values in code with the declared defaults and
     ``values`` on top. A policy whose values do not change is left alone; one that refuses
     them keeps what it had (logged)."""
-    _live[name] = (version, dict(values))
+    _live[name] = dict(values)
     for target in list(_targets.get(name, ())):
         kind = target.kind
         run = {
@@ -340,8 +337,6 @@ class LiveConfig:
 
     async def config(self, name: str) -> ConfigState:
         """The live settings of ``name``: version, values, values in code, history."""
-        from ..checks import check_name
-
         return await self._config_read(check_name(name))
 
     async def config_history(self, name: str) -> list[ConfigChange]:
@@ -373,8 +368,6 @@ class LiveConfig:
     async def _change(
         self, name: str, values: Values | None, who: str | None, back_to: int | None
     ) -> int:
-        from ..checks import check_name
-
         check_name(name)
         for _ in range(_CONFLICTS):
             state = await self._config_read(name)

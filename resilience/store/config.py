@@ -313,9 +313,12 @@ def apply(name: str, version: int, values: Values, origin: str = "") -> None:
 
 
 def _forget() -> None:
-    """Forget every declaration and live value (tests)."""
+    """Forget every declaration, live value and policy following them (tests: the policies
+    of a test that ended are not followers of the next one's names)."""
     _live.clear()
     _defaults.clear()
+    _targets.clear()
+    _running.clear()
     _state["file_read"] = 0
 
 

@@ -134,7 +134,7 @@ _live: dict[str, Values] = {}  # name -> the live values last applied
 _defaults: dict[str, Values] = {}  # name -> defaults declared without code
 _sinks: weakref.WeakSet[Any] = weakref.WeakSet()
 _running: weakref.WeakKeyDictionary[Any, Values] = weakref.WeakKeyDictionary()  # what it runs
-_state = {"checking": 0, "file_read": 0}
+_state = {"checking": 0, "file_read": 0, "prune_at": 64}
 
 
 def register_schema(schema: Schema) -> None:
@@ -228,6 +228,8 @@ def watch(target: Target) -> Values | None:
         return None
     _read_file()
     name, kind = target.name, target.kind
+    if name not in _targets and len(_targets) >= _state["prune_at"]:
+        _prune()
     _targets.setdefault(name, weakref.WeakSet()).add(target)
     base = target._live_base()
     for sink in _sinks_of(target):
@@ -268,6 +270,19 @@ def _sinks_of(target: Target) -> list[Any]:
     if store is not None and store in _sinks:
         return [store]
     return list(_sinks)
+
+
+def _prune() -> None:
+    """Forget the names no policy follows any more (amortised: when their number doubled),
+    so a process that makes policies per key (per origin, per host) stays bounded."""
+    for name in [n for n, targets in _targets.items() if not targets]:
+        del _targets[name]
+    _state["prune_at"] = max(64, 2 * len(_targets))
+
+
+def followed(name: str) -> bool:
+    """Whether a policy of this process follows ``name``."""
+    return bool(_targets.get(name))
 
 
 def bases(name: str) -> dict[str, Values]:

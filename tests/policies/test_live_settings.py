@@ -159,3 +159,12 @@ async def test_defaults_from_the_file_resilience_config_names(
     path.write_text("[filed]\nseconds = -1\n")
     with pytest.raises(ValueError, match=r"RESILIENCE_CONFIG=.*seconds must be finite and > 0"):
         Timeout(1.0, name="filed")
+
+
+def test_names_no_policy_follows_are_forgotten() -> None:
+    """Policies made per key and dropped leave the registry bounded."""
+    kept = [Timeout(1.0, name=f"kept-{i}") for i in range(10)]
+    for i in range(1000):
+        Timeout(1.0, name=f"origin-{i}")  # dropped at once
+    assert len(live._targets) < 200
+    assert all(live.followed(t.name) for t in kept)

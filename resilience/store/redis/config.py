@@ -96,6 +96,7 @@ class RedisConfig(LiveConfig):
     channel: str
     ttl_ms: int
     _config_runs: dict[str, int]  # name -> the version this replica runs
+    _config_prune_at: int  # _config_runs is pruned when it grows to this
     _config_waiting: set[str]  # names to read once a loop runs
     _config_tasks: set[asyncio.Task[None]]
     _config_loop: asyncio.AbstractEventLoop | None  # where the store's background work runs
@@ -109,6 +110,7 @@ class RedisConfig(LiveConfig):
     def _config_start(self) -> None:
         """Listen for changes (``__init__`` calls it once the engine exists)."""
         self._config_runs = {}
+        self._config_prune_at = 64
         self._config_waiting = set()
         self._config_tasks = set()
         subscriber = self.engine.subscriber
@@ -183,7 +185,12 @@ class RedisConfig(LiveConfig):
         """A policy of this process follows ``name``: its settings are read (and its values
         in code kept for the checks) now if this store runs on this loop, else once it
         starts (its first use; ``await store.sync()`` at start-up)."""
-        self._config_runs.setdefault(name, 0)
+        runs = self._config_runs
+        if name not in runs and len(runs) >= self._config_prune_at:
+            for gone in [n for n in runs if not config.followed(n)]:
+                del runs[gone]  # no policy follows it: bounded by the names in use
+            self._config_prune_at = max(64, 2 * len(runs))
+        runs.setdefault(name, 0)
         self._config_waiting.add(name)
         try:
             loop = asyncio.get_running_loop()

@@ -17,7 +17,7 @@ import pytest
 from resilience import CircuitBreaker, StoreUnavailableError, Timeout
 from resilience.store.redis import RedisStore
 
-from ..helpers import read_line
+from ..helpers import read_line, until
 from ..redis_server import RedisServer
 
 WORKER = str(Path(__file__).parents[2] / "benchmarks" / "config_worker.py")
@@ -185,3 +185,18 @@ async def test_any_sequence_leaves_the_other_replica_on_the_head(
             if (values["open_for"], values["seconds"]) == (want["open_for"], want["seconds"]):
                 break
             assert time.monotonic() < deadline, (values, want)
+
+
+async def test_a_message_that_does_not_parse_is_ignored(
+    stores: Callable[..., RedisStore], raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage that looks like a change is logged and ignored; real changes still arrive."""
+    store = stores()
+    other = stores(prefix=store.prefix)  # another replica's store, listening
+    Timeout(1.0, name=NAME)
+    await other.sync()
+    await raw.publish(f"{store.prefix}:events", b'{"config": 1}')
+    await raw.publish(f"{store.prefix}:events", b"{not json")
+    version = await store.configure(NAME, seconds=0.5)
+    await until(lambda: other._config_runs.get(NAME) == version, what="the change pushed")
+    assert [r for r in caplog.records if "unparsable change" in r.message]

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -31,11 +32,17 @@ sys.path.insert(0, str(HERE))
 from shared_cases import load_redis_server, redis_version  # noqa: E402
 
 WORKER = str(HERE / "config_worker.py")
+WAIT = 10.0  # seconds any answer of the replica may take
 
 
 def _line(proc: subprocess.Popen[str], event: str) -> dict[str, object]:
+    """The next ``event`` the replica says, within ``WAIT`` seconds."""
     assert proc.stdout is not None
+    deadline = time.monotonic() + WAIT
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            raise RuntimeError(f"the replica did not say {event!r} within {WAIT} s")
         raw = proc.stdout.readline()
         if not raw:
             raise RuntimeError(f"the replica exited before saying {event!r}")
@@ -63,7 +70,8 @@ async def measure(url: str, prefix: str, proc: subprocess.Popen[str], changes: i
         _line(proc, "ready")
         for i in range(changes):
             sent = time.monotonic_ns()
-            await store.configure("svc", open_for=5.0 + i % 7, seconds=0.5 + i % 3)
+            # every change changes a value (one that changes none is applied by no policy)
+            await store.configure("svc", open_for=6.0 + i % 7, seconds=0.5 + i % 3)
             done = time.monotonic_ns()
             seen = _line(proc, "changed")
             pushed.append((int(str(seen["ns"])) - sent) / 1e6)

@@ -5,10 +5,10 @@ Usage: python benchmarks/config_worker.py URL PREFIX
 
 Builds a breaker, a timeout and a bulkhead named ``svc`` on a ``RedisStore``, reads the live
 settings (``store.sync()``) and says ``{"event": "ready", ...}`` with the values it runs.
-Then it says ``{"event": "changed", "version": v, "ns": t}`` for each change it applies
-(``t``: ``time.monotonic_ns()`` when the breaker's ``ConfigChanged`` arrived; CLOCK_MONOTONIC
-is shared by the processes of a machine), and answers one command a line from stdin:
-``show`` (the values it runs now) and ``quit``. It gives up after ``LIMIT`` seconds.
+Then it says ``{"event": "changed", "version": v, "ns": t}`` for each change that changes a
+value of one of them (``t``: ``time.monotonic_ns()`` when the first ``ConfigChanged`` of that
+version arrived; CLOCK_MONOTONIC is shared by the processes of a machine), and answers one
+command a line from stdin: ``show`` (the values it runs now) and ``quit``. It gives up after ``LIMIT`` seconds.
 """
 
 from __future__ import annotations
@@ -33,8 +33,12 @@ def say(**fields: object) -> None:
 async def main(url: str, prefix: str) -> None:
     store = RedisStore.from_url(url, prefix=prefix, timeout=0.5)
 
-    def changed(event: Event) -> None:
-        if isinstance(event, ConfigChanged):
+    reported = 0
+
+    def changed(event: Event) -> None:  # once per version, whichever policy applies it first
+        nonlocal reported
+        if isinstance(event, ConfigChanged) and event.version != reported:
+            reported = event.version
             say(event="changed", version=event.version, ns=time.monotonic_ns())
 
     breaker = CircuitBreaker(
@@ -45,8 +49,8 @@ async def main(url: str, prefix: str) -> None:
         open_for=5.0,
         listeners=[changed],
     )
-    timeout = Timeout(1.0, name=NAME)
-    bulkhead = Bulkhead(4, name=NAME)
+    timeout = Timeout(1.0, name=NAME, listeners=[changed])
+    bulkhead = Bulkhead(4, name=NAME, listeners=[changed])
 
     def values() -> dict[str, Any]:
         return {

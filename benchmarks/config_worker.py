@@ -8,7 +8,8 @@ settings (``store.sync()``) and says ``{"event": "ready", ...}`` with the values
 Then it says ``{"event": "changed", "version": v, "ns": t}`` for each change that changes a
 value of one of them (``t``: ``time.monotonic_ns()`` when the first ``ConfigChanged`` of that
 version arrived; CLOCK_MONOTONIC is shared by the processes of a machine), and answers one
-command a line from stdin: ``show`` (the values it runs now) and ``quit``. It gives up after ``LIMIT`` seconds.
+command a line from stdin: ``show`` (the values it runs now) and ``quit``. It gives up
+after ``LIMIT`` seconds.
 """
 
 from __future__ import annotations

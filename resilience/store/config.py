@@ -334,6 +334,7 @@ def _forget() -> None:
     _defaults.clear()
     _targets.clear()
     _running.clear()
+    _state["prune_at"] = 64
     _state["file_read"] = 0
 
 

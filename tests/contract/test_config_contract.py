@@ -195,3 +195,19 @@ def test_any_sequence_leaves_every_policy_on_the_head(ops: list[tuple[str, float
 
     asyncio.run(run())
     live._forget()
+
+
+async def test_concurrent_changes_are_each_checked_and_kept(store: Store) -> None:
+    """Changes made at once get versions of their own; none is lost or written unchecked."""
+    changes = [
+        {"open_for": 6.0},
+        {"seconds": 0.5},
+        {"max_concurrent": 3},
+        {"failure_ratio": 0.3},
+        {"k": 3.0},
+    ]
+    versions = await asyncio.gather(*(store.configure(NAME, **c) for c in changes))
+    assert sorted(versions) == [1, 2, 3, 4, 5]
+    state = await store.config(NAME)
+    assert state.values == {k: v for c in changes for k, v in c.items()}
+    assert [c.version for c in state.history] == [5, 4, 3, 2, 1]

@@ -27,6 +27,7 @@ from .events import (
     CallFinished,
     CallRejected,
     Coalesced,
+    ConfigChanged,
     Event,
     FallbackUsed,
     HealthChanged,
@@ -60,6 +61,7 @@ from .rules.limits import AdaptiveLimit
 from .rules.quantile import LearnedDelay
 from .rules.windows import CountWindow, TimeWindow
 from .store import MemoryStore, Store
+from .store.config import ConfigChange, ConfigState, configure_from
 from .store.protocol import status
 from .store.records import LATENCY_BUCKETS, PolicyStatus, ReplicaReport
 from .version import DISTRIBUTION, __version__
@@ -86,6 +88,9 @@ __all__ = [
     "Coalesce",
     "Coalesced",
     "Collapse",
+    "ConfigChange",
+    "ConfigChanged",
+    "ConfigState",
     "CountWindow",
     "Event",
     "Fallback",
@@ -134,6 +139,7 @@ __all__ = [
     "TimeoutDetector",
     "UnacceptableResultError",
     "__version__",
+    "configure_from",
     "select",
     "shortest_lease",
     "status",

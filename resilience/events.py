@@ -20,6 +20,7 @@ __all__ = [
     "CallFinished",
     "CallRejected",
     "Coalesced",
+    "ConfigChanged",
     "Event",
     "FallbackUsed",
     "HealthChanged",
@@ -191,6 +192,19 @@ class BatchCalled(Event):
     size: int
     callers: int
     delay: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigChanged(Event):
+    """The policy ``name`` of kind ``policy`` runs live settings ``version`` from its next
+    call on: ``values`` are every live setting it now runs with; ``origin`` says who changed
+    them; ``note`` says what else the change did (a breaker's new window), or is empty."""
+
+    policy: str
+    version: int
+    values: dict[str, object]
+    origin: str = ""
+    note: str = ""
 
 
 class Listener(Protocol):

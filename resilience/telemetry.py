@@ -60,6 +60,7 @@ from .events import (
     CallFinished,
     CallRejected,
     Coalesced,
+    ConfigChanged,
     Event,
     FallbackUsed,
     RetryScheduled,
@@ -353,6 +354,9 @@ class Telemetry:
             self._batch_size.record(event.size, attrs)
             self._batch_callers.record(event.callers, attrs)
             self._batch_delay.record(event.delay, attrs)
+        elif isinstance(event, ConfigChanged):
+            version = {"resilience.config.version": event.version}
+            self._span_event("resilience.config_changed", {**attrs, **version})
         elif isinstance(event, (StoreDegraded, StoreRecovered, StoreDataReset, SubscriberReplaced)):
             kind = {
                 StoreDegraded: "degraded",

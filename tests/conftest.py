@@ -10,11 +10,19 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from resilience.store import config as live_settings
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 from .helpers import unique_prefix
 from .redis_server import RedisServer, redis_binary
+
+
+@pytest.fixture(autouse=True)
+def _live_settings() -> Iterator[None]:
+    """Every test starts with no live settings and no declared defaults (they are per process)."""
+    yield
+    live_settings._forget()
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from ..states import CircuitState
 from ..store.protocol import status
 from ..store.records import REPORTING, PolicyStatus
 from ..version import DISTRIBUTION, __version__
+from .configure import add_configure_parser, run_configure
 from .table import missing_modules, print_table
 
 if TYPE_CHECKING:
@@ -170,6 +171,18 @@ async def run_control(
         return 0
 
     return await _with_store(url, prefix, work)
+
+
+async def _configure(args: argparse.Namespace, out: Callable[[str], object]) -> int:
+    """``resilience configure``: a bad key or value is one line and exit code 2."""
+
+    async def work(store: RedisStore) -> int:
+        try:
+            return await run_configure(store, args, out)
+        except (TypeError, ValueError) as exc:
+            raise CommandError(str(exc), 2) from None
+
+    return await _with_store(_url(args), args.prefix, work)
 
 
 async def run_dashboard(args: argparse.Namespace, out: Callable[[str], object]) -> int:
@@ -422,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
             "name", help="the breaker's name (ResilientTransport names each after its origin)"
         )
         _add_store_options(p)
+    add_configure_parser(sub, _add_store_options)
     p_dash = sub.add_parser(
         "dashboard",
         help="serve the live dashboard (needs the 'dashboard' extra)",
@@ -490,6 +504,8 @@ def _main(argv: Sequence[str] | None) -> int:
             logging.getLogger("resilience.redis").setLevel(logging.ERROR)
         if args.command == "status":
             return asyncio.run(run_status(_url(args), args.prefix, args.json, print))
+        if args.command == "configure":
+            return asyncio.run(_configure(args, print))
         if args.command in (*_CONTROL, "reset"):
             state = _CONTROL["close" if args.command == "reset" else args.command]
             return asyncio.run(run_control(_url(args), args.prefix, args.name, state, print))

@@ -21,6 +21,7 @@ from ..clock import Clock
 from ..errors import BulkheadFullError, RejectedError, StoreUnavailableError
 from ..events import CallRejected, Listener, emit
 from ..rules.limits import AdaptiveLimit, Limiter
+from ..store.config import Schema, follow, register_schema
 from .base import BasePolicy, Protected, check_bool, check_int, check_seconds, check_store
 from .permits import FleetLeases, FleetShare, PermitSource, check_lease, check_permits
 
@@ -149,6 +150,29 @@ class Bulkhead(BasePolicy):
         self._active = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._held: dict[asyncio.Task[Any] | None, list[tuple[object, float]]] = {}
+        self._code = {"max_concurrent": self.max_concurrent, "max_waiting": self.max_waiting}
+        follow(self)
+
+    def _live_base(self) -> dict[str, Any]:
+        """Its live settings in code, and whether its limit is adaptive or fleet-wide."""
+        return {**self._code, "adaptive": self.limit is not None, "fleet": self.permits is not None}
+
+    def _live_apply(self, values: dict[str, Any]) -> str:
+        """Calls from now on are held to ``max_concurrent`` (a fleet-wide bulkhead's permits
+        too) and ``max_waiting``; a larger limit lets waiting calls in at once, a smaller one
+        takes slots back as calls end."""
+        limit, waiting = _live_limits(self._live_base(), values)
+        self.max_concurrent, self.max_waiting = limit, waiting
+        if self.limit is None:
+            self._limit_now = limit
+        if self.permits is not None:
+            self.permits.limit = limit
+        while self._waiters and self._active < self._limit_now:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._active += 1
+                fut.set_result(True)
+        return ""
 
     def _shorthand(self, store: Store | None) -> PermitSource:
         """The permit source ``distributed=True`` (and ``shares=True``) stand for."""
@@ -387,3 +411,28 @@ class Bulkhead(BasePolicy):
         bulkheads."""
         if self.permits is not None:
             await self.permits.aclose()
+
+
+def _live_limits(base: dict[str, Any], values: dict[str, Any]) -> tuple[int, int]:
+    """``max_concurrent`` and ``max_waiting`` from live ``values``, checked as the constructor
+    checks them for a bulkhead whose values in code are ``base`` (empty: a local one)."""
+    limit = values.get("max_concurrent", base.get("max_concurrent", 1))
+    waiting = values.get("max_waiting", base.get("max_waiting", 0))
+    if base.get("adaptive") and limit != base["max_concurrent"]:
+        raise ValueError(
+            f"max_concurrent of an adaptive bulkhead cannot change live, got {limit!r}"
+        )
+    fleet = bool(base.get("fleet"))
+    limit = check_permits("max_concurrent", limit) if fleet else check_int("max_concurrent", limit)
+    waiting = check_int("max_waiting", waiting, minimum=0)
+    if fleet and waiting:
+        raise ValueError(
+            f"max_waiting must be 0 with fleet-wide permits, got {waiting!r}: "
+            "they are not waited for (the call is rejected at once)"
+        )
+    return limit, waiting
+
+
+register_schema(
+    Schema("bulkhead", ("max_concurrent", "max_waiting"), lambda v, base: _live_limits(base, v))
+)

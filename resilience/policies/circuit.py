@@ -6,6 +6,7 @@ The state machine it drives (states, configuration, pure rules, ``BreakerCore``)
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -33,6 +34,7 @@ from ..rules.breaker import (
     tripped,
 )
 from ..rules.windows import CountCounter, CountWindow, TimeWindow, WindowSpec
+from ..store.config import Schema, follow, register_schema
 from .base import (
     BasePolicy,
     ExceptionFilter,
@@ -87,6 +89,104 @@ def _quorum(open_when: object, quorum: object) -> int:
     if quorum < 1:
         raise ValueError(f"quorum must be >= 1, got {quorum!r}")
     return quorum
+
+
+def _breaker_config(
+    *,
+    failure_ratio: float,
+    minimum_calls: int | None,
+    window: WindowSpec | None,
+    slow_call_duration: float | None,
+    slow_call_ratio: float,
+    open_for: float,
+    open_for_max: float | None,
+    half_open_calls: int,
+    probe_lease: float,
+    quorum: int,
+) -> BreakerConfig:
+    """The configuration ``CircuitBreaker`` builds from its options (and live settings)."""
+    if window is None:
+        window = CountWindow(100)
+    if minimum_calls is None:
+        minimum_calls = min(100, window.size) if isinstance(window, CountWindow) else 100
+    if open_for_max is None:
+        open_for_max = check_seconds("open_for", open_for)
+    return BreakerConfig(
+        failure_ratio=failure_ratio,
+        minimum_calls=minimum_calls,
+        window=window,
+        slow_call_duration=slow_call_duration,
+        slow_call_ratio=slow_call_ratio,
+        open_for=open_for,
+        open_for_max=open_for_max,
+        half_open_calls=half_open_calls,
+        probe_lease=probe_lease,
+        quorum=quorum,
+    )
+
+
+#: a breaker's settings that can change live (``window``: its size, in calls or seconds)
+LIVE = (
+    "failure_ratio",
+    "minimum_calls",
+    "window",
+    "slow_call_duration",
+    "slow_call_ratio",
+    "open_for",
+    "open_for_max",
+    "half_open_calls",
+    "probe_lease",
+)
+
+
+def _live_values(config: BreakerConfig) -> dict[str, Any]:
+    """``config``'s live settings (``open_for_max`` is ``None`` where it follows ``open_for``)."""
+    window = config.window
+    return {
+        "failure_ratio": config.failure_ratio,
+        "minimum_calls": config.minimum_calls,
+        "window": window.size if isinstance(window, CountWindow) else window.seconds,
+        "slow_call_duration": config.slow_call_duration,
+        "slow_call_ratio": config.slow_call_ratio,
+        "open_for": config.open_for,
+        "open_for_max": None if config.open_for_max == config.open_for else config.open_for_max,
+        "half_open_calls": config.half_open_calls,
+        "probe_lease": config.probe_lease,
+    }
+
+
+def _live_config(values: dict[str, Any], base: dict[str, Any], quorum: int = 0) -> BreakerConfig:
+    """The configuration live ``values`` give a breaker whose settings in code are ``base``
+    (empty: unknown), checked as the constructor checks them. A window keeps its kind (the
+    breaker's calls are timed or not from when they are wrapped), so does whether slow calls
+    are counted."""
+    options = dict(values)
+    size = options.pop("window", None)
+    counted = base.get("window", size)
+    window: WindowSpec | None = None
+    if size is not None:
+        if isinstance(counted, int) and not isinstance(size, int):
+            raise TypeError(
+                f"window of a count window must be an int (calls), got {size!r}: a window's "
+                "kind cannot change live"
+            )
+        time_window = not isinstance(counted, int)
+        window = TimeWindow(check_seconds("window", size)) if time_window else CountWindow(size)
+    if base and (base.get("slow_call_duration") is None) != (
+        options.get("slow_call_duration") is None
+    ):
+        raise ValueError(
+            "slow_call_duration cannot be set or removed live (a breaker times its calls or "
+            f"not from when they are wrapped): it was {base.get('slow_call_duration')!r}, "
+            f"got {options.get('slow_call_duration')!r}"
+        )
+    return _breaker_config(**{**_defaults(), **options, "window": window, "quorum": quorum})
+
+
+def _defaults() -> dict[str, Any]:
+    """The constructor's defaults of the live settings."""
+    parameters = inspect.signature(CircuitBreaker.__init__).parameters
+    return {key: parameters[key].default for key in LIVE}
 
 
 class CircuitBreaker(BasePolicy):
@@ -154,13 +254,7 @@ class CircuitBreaker(BasePolicy):
         check_bool("open_on_suspect", open_on_suspect)
         if open_on_suspect and health is None:
             raise ValueError("open_on_suspect=True needs a health check: pass health=...")
-        if window is None:
-            window = CountWindow(100)
-        if minimum_calls is None:
-            minimum_calls = min(100, window.size) if isinstance(window, CountWindow) else 100
-        if open_for_max is None:
-            open_for_max = check_seconds("open_for", open_for)
-        config = BreakerConfig(
+        config = _breaker_config(
             failure_ratio=failure_ratio,
             minimum_calls=minimum_calls,
             window=window,
@@ -183,7 +277,7 @@ class CircuitBreaker(BasePolicy):
         self._is_ignored = exception_filter("ignore", ignore, allow_empty=True)
         self._failure_if = check_predicate("failure_if", failure_if)
         self._slow_after = config.slow_call_duration
-        self._timed = self._slow_after is not None or isinstance(window, TimeWindow)
+        self._timed = self._slow_after is not None or isinstance(config.window, TimeWindow)
         if store is None:
             from ..store.memory import MemoryStore
 
@@ -208,6 +302,21 @@ class CircuitBreaker(BasePolicy):
         self.open_on_suspect = open_on_suspect
         if health is not None:
             health._watch(self._on_health)
+        follow(self)
+
+    def _live_base(self) -> dict[str, Any]:
+        """Its live settings in code."""
+        return _live_values(self._core.base)
+
+    def _live_apply(self, values: dict[str, Any]) -> str:
+        """Every breaker of this core runs ``values`` from its next call on."""
+        core = self._core
+        config = _live_config(values, _live_values(core.base), core.base.quorum)
+        renewed = config != core.config and core.reconfigure(config)
+        for front in list(core.fronts):
+            front.config = config
+            front._slow_after = config.slow_call_duration
+        return "its window started anew, empty" if renewed else ""
 
     @property
     def state(self) -> CircuitState:
@@ -469,3 +578,12 @@ class CircuitBreaker(BasePolicy):
             return
         if self._core.strict:
             await self._core.commit()
+
+
+register_schema(
+    Schema(
+        "circuit_breaker",
+        LIVE,
+        lambda values, base: _live_config(values, base),
+    )
+)

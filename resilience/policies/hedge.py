@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..clock import Clock, TimerHandle
 from ..events import Listener
 from ..rules.quantile import LearnedDelay
+from ..store.config import Schema, follow, register_schema
 from .base import BasePolicy, CallerTask, Protected, check_int, check_seconds
 from .throttle import SharedCounts
 
@@ -44,6 +45,20 @@ def _delay(value: object) -> float | LearnedDelay:
         )
     seconds: float = check_seconds("delay", value, zero=True)
     return seconds
+
+
+def _budget(budget: object, max_hedges: int) -> float:
+    """A hedge's ``budget``: hedges per call, in (0, ``max_hedges``]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a number, got {budget!r}")
+    if not 0 < budget <= max_hedges:  # also rejects NaN
+        raise ValueError(f"budget must be in (0, max_hedges] (hedges per call), got {budget!r}")
+    return float(budget)
+
+
+def _delay_value(delay: float | LearnedDelay) -> float | str:
+    """A delay as a live setting: seconds, or the percentile a learned delay tracks."""
+    return delay if isinstance(delay, float) else f"p{delay.quantile * 100:g}"
 
 
 class Hedge(BasePolicy):
@@ -97,11 +112,7 @@ class Hedge(BasePolicy):
         super().__init__(name, clock, listeners)
         self._delay = _delay(delay)
         self.max_hedges = check_int("max_hedges", max_hedges, maximum=10)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise TypeError(f"budget must be a number, got {budget!r}")
-        if not 0 < budget <= self.max_hedges:  # also rejects NaN
-            raise ValueError(f"budget must be in (0, max_hedges] (hedges per call), got {budget!r}")
-        self.budget = float(budget)
+        self.budget = _budget(budget, self.max_hedges)
         #: (calls, hedges) over the window
         self.counts = counts = SharedCounts.of(
             self, "Hedge", window=window, buckets=buckets, store=store, sync_interval=sync_interval
@@ -110,6 +121,23 @@ class Hedge(BasePolicy):
         self.sync_interval, self.store = counts.sync_interval, counts.store
         self._ending: set[asyncio.Task[Any]] = set()  # losers cancelled, not yet ended
         self._tasks = CallerTask()
+        self._code = {"delay": _delay_value(self._delay), "budget": self.budget}
+        follow(self)
+
+    def _live_base(self) -> dict[str, Any]:
+        """Its live settings in code (and ``max_hedges``, which bounds the budget)."""
+        return {**self._code, "max_hedges": self.max_hedges}
+
+    def _live_apply(self, values: dict[str, Any]) -> str:
+        """Calls from now on wait ``delay`` (a new learned delay learns afresh) and keep to
+        ``budget``."""
+        budget = _budget(values["budget"], self.max_hedges)
+        note = ""
+        if values["delay"] != _delay_value(self._delay):
+            self._delay = _delay(values["delay"])
+            note = "a learned delay starts learning afresh" if self.learned else ""
+        self.budget = budget
+        return note
 
     def __repr__(self) -> str:
         delay = self._delay
@@ -341,3 +369,6 @@ class _Race:
         error, self.error = self.error, None
         assert error is not None
         return error
+
+
+register_schema(Schema("hedge", ("delay", "budget"), lambda values, base: Hedge(**values)))

@@ -14,12 +14,28 @@ from ..events import CallRejected, Listener, emit
 from ..forks import reset_in_child
 from ..rules.gcra import EPSILON as _EPSILON
 from ..rules.gcra import gcra
+from ..store.config import Schema, follow, register_schema
 from .base import BasePolicy, Protected, check_int, check_positive, check_seconds, check_store
 
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
 __all__ = ["RateLimiter"]
+
+
+def _rate(rate: object, per: float, burst: object) -> tuple[float, int, float]:
+    """A limiter's rate, burst (``None``: the rate, rounded up) and interval between calls."""
+    checked = check_positive("rate", rate)
+    burst = max(1, math.ceil(checked)) if burst is None else check_int("burst", burst)
+    interval = per / checked
+    if not (math.isfinite(interval) and interval > 0):
+        # RateLimiter(1e-310) would make every interval inf (and 1e308 per 1e-300, zero):
+        # a limiter that admits everything
+        raise ValueError(
+            f"rate / per must give a usable interval between calls, got rate={rate!r}, "
+            f"per={per!r} ({interval!r} s between calls)"
+        )
+    return checked, burst, interval
 
 
 class RateLimiter(BasePolicy):
@@ -55,18 +71,9 @@ class RateLimiter(BasePolicy):
         listeners: Iterable[Listener] = (),
     ) -> None:
         super().__init__(name, clock, listeners)
-        self.rate = check_positive("rate", rate)
         self.per = check_seconds("per", per)
-        self.burst = max(1, math.ceil(self.rate)) if burst is None else check_int("burst", burst)
-        interval = self.per / self.rate
-        if not (math.isfinite(interval) and interval > 0):
-            # RateLimiter(1e-310) would make every interval inf (and 1e308 per 1e-300, zero):
-            # a limiter that admits everything
-            raise ValueError(
-                f"rate / per must give a usable interval between calls, got rate={rate!r}, "
-                f"per={per!r} ({interval!r} s between calls)"
-            )
-        self.interval = interval
+        self.rate, self.burst, self.interval = _rate(rate, self.per, burst)
+        self._slack = (self.burst - 1) * self.interval + _EPSILON  # the burst, in seconds
         self.ahead = check_seconds("ahead", ahead, zero=True)
         if self.ahead > self.per:
             # tokens held longer than a period would let the fleet admit more than twice its
@@ -90,6 +97,23 @@ class RateLimiter(BasePolicy):
         self._wait: float = self.interval  # the wait a call refused after two asks is told
         if self.ahead and self.store is not None:
             reset_in_child(self)
+        self._code = {"rate": self.rate, "burst": self.burst}
+        follow(self)
+
+    def _live_base(self) -> dict[str, Any]:
+        """Its live settings in code (and ``per``, which ``rate`` counts in)."""
+        return {**self._code, "per": self.per}
+
+    def _live_apply(self, values: dict[str, Any]) -> str:
+        """Calls from now on are admitted at ``rate`` per ``per`` with bursts of ``burst``; the
+        tokens this replica owes are kept, counted at the new rate."""
+        rate, burst, interval = _rate(values["rate"], self.per, values["burst"])
+        now = self._clock.monotonic()
+        if self._tat > now:
+            self._tat = now + (self._tat - now) * interval / self.interval
+        self.rate, self.burst, self.interval = rate, burst, interval
+        self._slack = (burst - 1) * interval + _EPSILON
+        return ""
 
     def _forked(self) -> None:
         """In a forked child: the tokens the parent took ahead are the parent's."""
@@ -191,8 +215,6 @@ class RateLimiter(BasePolicy):
         if self.store is not None:
             return self._wrap_shared(fn, self.store)
         monotonic = self._clock.monotonic
-        interval = self.interval
-        slack = (self.burst - 1) * interval + _EPSILON
         rejected = self._rejected
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
@@ -200,9 +222,10 @@ class RateLimiter(BasePolicy):
             tat = self._tat
             if tat < now:
                 tat = now
+            slack = self._slack  # read per call: live settings change it between calls
             if tat - now > slack:
                 raise rejected(tat - now - slack + _EPSILON)
-            self._tat = tat + interval
+            self._tat = tat + self.interval
             return await fn(*args, **kwargs)
 
         return protected
@@ -232,3 +255,12 @@ class RateLimiter(BasePolicy):
             return await fn(*args, **kwargs)
 
         return protected
+
+
+register_schema(
+    Schema(
+        "rate_limiter",
+        ("rate", "burst"),
+        lambda values, base: RateLimiter(**{"rate": 1.0, **values}),
+    )
+)

@@ -14,6 +14,7 @@ from ..checks import store_down
 from ..clock import Clock
 from ..errors import StoreUnavailableError, UnacceptableResultError
 from ..events import CallRejected, Listener, RetryScheduled, emit
+from ..store.config import Schema, follow, register_schema
 from .base import (
     BasePolicy,
     ExceptionFilter,
@@ -186,9 +187,26 @@ class Retry(BasePolicy):
         if before_sleep is not None and not callable(before_sleep):
             raise TypeError(f"before_sleep must be a callable or None, got {before_sleep!r}")
         self.before_sleep: BeforeSleep | None = before_sleep
-        self._tenacity = tenacity.AsyncRetrying(
-            sleep=self._clock.sleep, stop=tenacity.stop_after_attempt(attempts), wait=wait
+        self._tenacity = self._retrying()
+        self._code = {"attempts": self.attempts}
+        follow(self)
+
+    def _retrying(self) -> tenacity.AsyncRetrying:
+        """The tenacity state a failed attempt's decision is built on."""
+        return tenacity.AsyncRetrying(
+            sleep=self._clock.sleep, stop=tenacity.stop_after_attempt(self.attempts), wait=self.wait
         )
+
+    def _live_base(self) -> dict[str, Any]:
+        """Its live settings in code."""
+        return dict(self._code)
+
+    def _live_apply(self, values: dict[str, Any]) -> str:
+        """Calls from now on make at most ``attempts`` attempts (a retry built with
+        ``attempts=1`` wraps no retrying: it stays at one)."""
+        self.attempts = check_int("attempts", values["attempts"])
+        self._tenacity = self._retrying()
+        return ""
 
     def _wrap(self, fn: Protected) -> Protected:
         clock = self._clock
@@ -298,3 +316,17 @@ class Retry(BasePolicy):
         if error is not None:
             raise error
         return result
+
+
+def _check_attempts(values: dict[str, Any], base: dict[str, Any]) -> None:
+    """Live ``attempts``, checked as the constructor checks it, for a retry whose values in
+    code are ``base``: one built with ``attempts=1`` wraps no retry path, so it stays at 1."""
+    Retry(on=Exception, attempts=values["attempts"])
+    if base.get("attempts") == 1 and values["attempts"] != 1:
+        raise ValueError(
+            f"attempts of a retry built with attempts=1 cannot change live (it wraps no retry "
+            f"path), got {values['attempts']!r}"
+        )
+
+
+register_schema(Schema("retry", ("attempts",), _check_attempts))

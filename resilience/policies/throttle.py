@@ -28,6 +28,7 @@ from ..errors import RejectedError, ThrottledError
 from ..events import CallRejected, Listener, emit
 from ..rules.throttle import rejection_probability
 from ..rules.windows import TimeCounter
+from ..store.config import Schema, follow, register_schema
 from .base import BasePolicy, Protected, check_int, check_predicate, check_seconds, check_store
 
 if TYPE_CHECKING:
@@ -269,9 +270,7 @@ class Throttle(BasePolicy):
         listeners: Iterable[Listener] = (),
     ) -> None:
         super().__init__(name, clock, listeners)
-        self.k = check_positive("k", k)  # a finite number, an int beyond any float included
-        if self.k < 1:  # k < 1 refuses calls of a backend that accepts every one of them
-            raise ValueError(f"k must be finite and >= 1, got {k!r}")
+        self.k = _check_k(k)
         if not callable(accepted_if):
             raise TypeError(f"accepted_if must be a callable, got {accepted_if!r}")
         self.accepted_if = accepted_if
@@ -293,6 +292,17 @@ class Throttle(BasePolicy):
         self.window, self.buckets = counts.window, counts.buckets
         self.sync_interval, self.store = counts.sync_interval, counts.store
         self.retry_after = self.window / self.buckets
+        self._code = {"k": self.k}
+        follow(self)
+
+    def _live_base(self) -> dict[str, Any]:
+        """Its live settings in code."""
+        return dict(self._code)
+
+    def _live_apply(self, values: dict[str, Any]) -> str:
+        """Decisions from now on use ``k``."""
+        self.k = _check_k(values["k"])
+        return ""
 
     def __repr__(self) -> str:
         return f"Throttle(k={self.k:g}, window={self.window:g}, name={self.name!r})"
@@ -317,7 +327,6 @@ class Throttle(BasePolicy):
     def _wrap(self, fn: Protected) -> Protected:
         counts = self.counts
         totals, add = counts.totals, counts.add
-        k = self.k
         draw = self._random
         refuse = self._refuse
         accepted_if = self.accepted_if
@@ -325,7 +334,7 @@ class Throttle(BasePolicy):
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             requests, accepts = totals()
-            excess = requests - k * accepts  # rejection_probability, inlined
+            excess = requests - self.k * accepts  # rejection_probability, inlined (k: live)
             if excess > 0:
                 ratio = excess / (requests + 1)
                 if draw() < ratio:
@@ -347,3 +356,14 @@ class Throttle(BasePolicy):
     #: the rule ``accepted_if`` takes by default: adapters that add refusals of their own (an
     #: HTTP 429) fall back on it for the rest (after __init__, whose default it is)
     default_accepted = staticmethod(default_accepted)
+
+
+def _check_k(k: object) -> float:
+    """A throttle's ``k``: a finite number >= 1."""
+    checked = check_positive("k", k)  # a finite number, an int beyond any float included
+    if checked < 1:  # k < 1 refuses calls of a backend that accepts every one of them
+        raise ValueError(f"k must be finite and >= 1, got {k!r}")
+    return checked
+
+
+register_schema(Schema("throttle", ("k",), lambda values, base: _check_k(values["k"])))

@@ -22,6 +22,7 @@ from typing import Any
 from ..clock import Clock, TimerHandle
 from ..errors import ResilienceTimeoutError
 from ..events import Listener, TimedOut, emit
+from ..store.config import Schema, follow, register_schema
 from .base import BasePolicy, CallerTask, Protected, check_seconds
 
 __all__ = ["Timeout"]
@@ -68,9 +69,32 @@ class Timeout(BasePolicy):
         self._held: ContextVar[tuple[_Deadline, ...]] = ContextVar(
             f"resilience.timeout.{name}", default=()
         )
+        self._code = {"seconds": self.seconds}
+        follow(self)
 
     def __repr__(self) -> str:
         return f"Timeout({self.seconds:g}, name={self.name!r})"
+
+    # live settings
+    def _live_base(self) -> dict[str, Any]:
+        """Its live settings in code."""
+        return dict(self._code)
+
+    def _live_apply(self, values: dict[str, Any]) -> str:
+        """Calls started from now on get ``seconds``; a shorter one also bounds the calls in
+        flight to ``seconds`` from now (the deadlines stay in order)."""
+        seconds = check_seconds("seconds", values["seconds"])
+        queue = self._queue
+        if seconds < self.seconds and queue:
+            now = self._clock.monotonic()
+            cap = now + seconds
+            for entry in queue:
+                entry.deadline = min(entry.deadline, cap)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._clock.call_later(max(0.0, queue[0].deadline - now), self._fire)
+        self.seconds = seconds
+        return ""
 
     # the deadline queue
     def _enter(self) -> _Deadline:
@@ -165,3 +189,6 @@ class Timeout(BasePolicy):
         self._leave(entry)
         if entry.expired:
             self._expired_exit(entry, exc)
+
+
+register_schema(Schema("timeout", ("seconds",), lambda values, base: Timeout(**values)))

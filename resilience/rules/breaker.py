@@ -189,6 +189,7 @@ class BreakerCore:
         "_probe_failures",
         "_probe_slow",
         "_probes",
+        "base",
         "clock",
         "config",
         "fronts",
@@ -208,6 +209,7 @@ class BreakerCore:
     def __init__(self, name: str, config: BreakerConfig, clock: Clock) -> None:
         self.name = name
         self.config = config
+        self.base = config  # the configuration in code; ``config`` is what runs (live settings)
         self.clock = clock
         self.state = CLOSED
         self.gen = 0
@@ -336,6 +338,15 @@ class BreakerCore:
             self.window.reset()
             return
         self._move(state, now)
+
+    def reconfigure(self, config: BreakerConfig) -> bool:
+        """Run with ``config`` from the next call on (live settings); ``True`` if its window
+        changed size, which starts it anew, empty (a window's kind does not change)."""
+        renewed = config.window != self.config.window
+        self.config = config
+        if renewed:
+            self.window.renew(config.window)
+        return renewed
 
     async def control(self, state: CircuitState, now: float) -> None:
         """``force``, as a coroutine: a shared store makes it fleet-wide."""

@@ -8,7 +8,7 @@ free; the time window rolls its buckets lazily, when it is written or read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..checks import check_int, check_seconds
 
@@ -34,6 +34,9 @@ class Counter(Protocol):
 
     def reset(self) -> None:
         """Forget everything."""
+
+    def renew(self, spec: Any) -> None:
+        """Start anew, empty, as ``spec`` (a window of the same kind), in place."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,11 @@ class CountCounter:
         self._ring = bytearray(self.size)
         self._pos = self.calls = self.failures = self.slow = 0
 
+    def renew(self, spec: CountWindow) -> None:
+        """Start anew, empty, as ``spec`` (in place: whoever holds this counter sees it)."""
+        self.size = spec.size
+        self.reset()
+
 
 class TimeCounter:
     """Per-bucket totals over the last ``seconds``; buckets are cleared lazily as time moves.
@@ -196,6 +204,13 @@ class TimeCounter:
         self._b_fail[i] += failures
         self.calls += calls
         self.failures += failures
+
+    def renew(self, spec: TimeWindow) -> None:
+        """Start anew, empty, as ``spec`` (in place: whoever holds this counter sees it)."""
+        self._n = spec.buckets
+        self._width = spec.seconds / spec.buckets
+        self._head = 0
+        self.reset()
 
     def reset(self) -> None:
         """Forget every outcome."""

@@ -45,11 +45,12 @@ class StoreBase:
 
 
 def check_config(core: BreakerCore, config: BreakerConfig) -> None:
-    """A breaker asked for again must be configured as it was."""
-    if core.config != config:
+    """A breaker asked for again must be configured as it was (in code: its live settings
+    may have changed since)."""
+    if config != core.base:
         raise ValueError(
             f"breaker {core.name!r} already exists in this store with another configuration: "
-            f"{core.config} != {config}"
+            f"{core.base} != {config}"
         )
 
 

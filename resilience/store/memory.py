@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..rules.breaker import BreakerConfig, BreakerCore
 from ..rules.gcra import gcra
 from ..states import CircuitState
+from . import config
 from .base import (
     StoreBase,
     breaker_status,
@@ -23,6 +25,7 @@ from .base import (
     check_share,
     check_window,
 )
+from .config import MAX_HISTORY, ConfigChange, ConfigState, LiveConfig
 from .records import (
     HEALTH_PREFIX,
     HEALTH_RESULT,
@@ -59,7 +62,7 @@ class _Cached(NamedTuple):
     expires: float
 
 
-class MemoryStore(StoreBase):
+class MemoryStore(LiveConfig, StoreBase):
     """Keeps breaker cores and leases in this process; nothing to connect, nothing to fail.
 
     Breakers that share a ``MemoryStore`` and a name share one state. ``clock`` times the
@@ -90,6 +93,7 @@ class MemoryStore(StoreBase):
         self._windows: dict[str, dict[int, list[int]]] = {}  # key -> bucket -> counts
         self._shares: dict[str, dict[str, _Share]] = {}
         self._settle: dict[str, float] = {}  # key -> until when the shares' reports settle
+        self._config: dict[str, list[ConfigChange]] = {}  # name -> its changes, newest first
 
     def breaker(self, name: str, config: BreakerConfig, clock: Clock) -> BreakerCore:
         """The shared core of breaker ``name`` (created on first use)."""
@@ -405,6 +409,32 @@ class MemoryStore(StoreBase):
             kind, name = window_kind(key)
             out.append(PolicyStatus(name=name, kind=kind, window=(totals[0], totals[1])))
         return out
+
+    async def _config_read(self, name: str) -> ConfigState:
+        """Live settings of ``name``: the history this store keeps, the values in code of
+        this process's policies."""
+        history = self._config.get(name, [])
+        head = history[0] if history else None
+        version, values = (head.version, head.values) if head else (0, {})
+        return ConfigState(version, dict(values), config.bases(name), list(history))
+
+    async def _config_write(
+        self,
+        name: str,
+        expected: int,
+        values: config.Values,
+        origin: str,
+        rollback_of: int | None,
+    ) -> int | None:
+        """The next version of ``name``'s settings, applied to this process's policies."""
+        history = self._config.setdefault(name, [])
+        if (history[0].version if history else 0) != expected:
+            return None
+        change = ConfigChange(expected + 1, dict(values), time.time(), origin, rollback_of)
+        history.insert(0, change)
+        del history[MAX_HISTORY:]
+        config.apply(name, change.version, change.values, origin)
+        return change.version
 
     async def control(self, name: str, state: CircuitState) -> None:
         """Force breaker ``name`` into ``state`` (CLOSED resets it)."""

@@ -27,6 +27,13 @@ Routes, relative to where it is mounted:
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
   with ``allow_control=True`` and ``Authorization: Bearer <token>``; ``403`` otherwise.
+* ``GET /api/config/{name}``: the live settings of ``name``: ``{"name", "version", "values",
+  "base", "history"}`` (``base``: the values in code, by policy kind; ``history``: newest
+  first, each ``{"version", "values", "at", "origin", "rollback_of"}``).
+* ``POST /api/config/{name}`` with ``{"values": {...}}``: ``{"name", "version"}``, or ``400``
+  ``{"error": "<the policy constructor's message>"}`` and nothing changed;
+  ``POST /api/config/{name}/rollback`` with an optional ``{"version": n}``: ``{"name",
+  "version"}``. Both behind the token, as control is.
 
 A store shared through Redis carries every replica's running totals; an in-process store
 keeps none of calls: breakers built with ``listeners=[dashboard.calls]`` report theirs to the
@@ -49,7 +56,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from html import escape
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 try:
     from starlette.applications import Starlette
@@ -64,8 +71,10 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     ) from exc
 
 from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailableError, status
+from resilience.store.config import ConfigStore, origin
 from resilience.store.records import LATENCY_BUCKETS, REPORTING
 
+from ..configure import config_document
 from .calls import CallCounts
 
 __all__ = ["Dashboard"]
@@ -313,6 +322,7 @@ class Dashboard:
                 Route("/status", self._status, methods=["GET"]),
                 Route("/events", self._events, methods=["GET"]),
                 Route("/control/{name:path}", self._control, methods=["POST"]),
+                *self._config_routes(),
             ],
             exception_handlers={HTTPException: self._http_error},
         )
@@ -439,6 +449,72 @@ class Dashboard:
         logger.warning("dashboard: breaker %r forced %s", name, state.value)
         return _json({"name": name, "state": state.value})
 
+    # live settings ---------------------------------------------------------------------------
+    def _config_routes(self) -> list[Route]:
+        return [
+            Route("/api/config/{name:path}/rollback", self._config_rollback, methods=["POST"]),
+            Route("/api/config/{name:path}", self._config_get, methods=["GET"]),
+            Route("/api/config/{name:path}", self._config_set, methods=["POST"]),
+        ]
+
+    async def _config_get(self, request: Request) -> Response:
+        name = request.path_params["name"]
+
+        async def read() -> dict[str, Any]:
+            return config_document(name, await _settings(self.store).config(name))
+
+        return await self._config_call(name, read)
+
+    async def _config_set(self, request: Request) -> Response:
+        return await self._config_post(request, self._configure)
+
+    async def _config_rollback(self, request: Request) -> Response:
+        return await self._config_post(request, self._rollback)
+
+    async def _config_post(
+        self, request: Request, act: Callable[[str, Any], Awaitable[int]]
+    ) -> Response:
+        """A change behind the token: ``act(name, body)`` gives the new version."""
+        name = request.path_params["name"]
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        body = await _json_body(request)
+
+        async def change() -> dict[str, Any]:
+            return {"name": name, "version": await act(name, body)}
+
+        return await self._config_call(name, change)
+
+    async def _configure(self, name: str, body: Any) -> int:
+        values = body.get("values") if isinstance(body, dict) else None
+        if not isinstance(values, dict) or not values:
+            raise ValueError('send {"values": {"setting": value, ...}} as JSON')
+        return await _settings(self.store).configure(name, origin=_origin(), **values)
+
+    async def _rollback(self, name: str, body: Any) -> int:
+        version = body.get("version") if isinstance(body, dict) else None
+        return await _settings(self.store).rollback(name, version=version, origin=_origin())
+
+    def _refused(self, request: Request) -> Response | None:
+        if not self.allow_control:
+            return _json({"error": "control is disabled on this dashboard"}, 403)
+        if not self._authorized(request):
+            return _json({"error": "a valid 'Authorization: Bearer <token>' is needed"}, 403)
+        return None
+
+    async def _config_call(self, name: str, work: Callable[[], Awaitable[Any]]) -> Response:
+        """``work``'s document; a bad name, key or value is a 400 with its message."""
+        if not isinstance(self.store, ConfigStore):
+            return _json({"error": "this store keeps no live settings"}, 404)
+        try:
+            return _json(await work())
+        except (TypeError, ValueError) as exc:
+            return _json({"error": str(exc)}, 400)
+        except Exception as exc:  # a failing store is a 503 for the operator, never a crash
+            logger.warning("dashboard: settings of %r failed: %s", name, _redact(repr(exc)))
+            return _json({"error": _UNAVAILABLE}, 503)
+
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
@@ -468,6 +544,27 @@ async def _read_body(request: Request) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _settings(store: Store) -> ConfigStore:
+    """``store``, which ``_config_call`` found keeps live settings."""
+    return cast("ConfigStore", store)
+
+
+def _origin() -> str:
+    """Who changed settings through the dashboard, as the history says it."""
+    return f"dashboard on {origin()}"
+
+
+async def _json_body(request: Request) -> Any:
+    """The request's JSON body; ``None`` if absent, too large or not JSON."""
+    body = await _read_body(request)
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _redact(text: str) -> str:

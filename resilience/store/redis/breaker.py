@@ -167,6 +167,11 @@ class SharedBreakerCore(BreakerCore):
         self._renewal: TimerHandle | None = None  # the vote's next renewal
         self._raised: tuple[int, int] | None = None  # (gen, generation) the fleet was told
 
+    def reconfigure(self, config: BreakerConfig) -> bool:
+        """As ``BreakerCore.reconfigure``; flushes describe the new window from then on."""
+        self.window_args = WindowArgs.of(config.window)
+        return super().reconfigure(config)
+
     # --- what the engine asks -------------------------------------------------------------
     def take_outcomes(self, seq: int) -> list[Outcomes]:
         """The flushes to send: every unacknowledged one, then the buffer as a new one.

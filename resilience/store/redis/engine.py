@@ -113,6 +113,7 @@ class SyncEngine(Rounds):
         self._timer_idle = True
         self._timer_due = 0.0
         self._last_start = float("-inf")
+        self.on_start: Callable[[], None] | None = None  #: run once background work starts
 
     # --- the Engine protocol (what a shared core asks) ------------------------------------
     def mark(self, core: SharedBreakerCore, *, used: bool = True) -> None:
@@ -266,6 +267,8 @@ class SyncEngine(Rounds):
             loop.create_task(self._flusher(), name=f"resilience-flush-{self.prefix}"),
             loop.create_task(self.subscriber.run(), name=f"resilience-sub-{self.prefix}"),
         ]
+        if self.on_start is not None:
+            self.on_start()
 
     def _soon(self) -> None:
         """Make sure a round runs within ``sync_interval`` (news is waiting)."""

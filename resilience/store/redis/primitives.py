@@ -63,6 +63,7 @@ __all__ = [
 BY_VALUE = {s.value: s for s in CircuitState}  #: a state as Redis holds it -> CircuitState
 MAX_INT = 2**52  # the Lua side's bound: doubles count exactly below it
 SCRIPTS = (
+    "config",
     "flush",
     "transition",
     "probe",

@@ -44,6 +44,7 @@ from ..base import (
 from ..records import MAX_PUBLISHED, PolicyStatus
 from ..wakes import FlightWakes
 from .breaker import SharedBreakerCore
+from .config import RedisConfig
 from .engine import SyncEngine
 from .primitives import (
     SCRIPTS,
@@ -107,7 +108,7 @@ def _check_prefix(prefix: object) -> str:
     return prefix
 
 
-class RedisStore(StoreBase):
+class RedisStore(RedisConfig, StoreBase):
     """Shares breaker state (and leases) through Redis; see the package docstring.
 
     ``RedisStore.from_url("redis://...")`` builds its own client with short timeouts and no
@@ -193,6 +194,7 @@ class RedisStore(StoreBase):
         self.supervisor.on_degraded = self.engine.wake
         self._wakes = FlightWakes()  # flight_wait's waiters, woken by the flight's message
         self.engine.subscriber.on_flight = self._wakes.wake
+        self._config_start()
         reset_in_child(self, store=True)
 
     @classmethod
@@ -570,7 +572,9 @@ class RedisStore(StoreBase):
 
     # --- life -------------------------------------------------------------------------------
     async def sync(self) -> None:
-        """Flush every buffered outcome and refresh every breaker's state now."""
+        """Flush every buffered outcome and refresh every breaker's state now (and read the
+        live settings of the names this process's policies follow, if not read yet)."""
+        await self._config_settled()
         self.engine.read_all()
         for _ in range(3):  # a round carries all that waits; what its replies ask, the next
             await self.engine.next_round()
@@ -595,9 +599,11 @@ class RedisStore(StoreBase):
         self._share_writes = {}
         self.supervisor.forked()
         self.engine.forked()
+        self._config_forked()
 
     async def aclose(self) -> None:
         """Stop the background tasks (after a last flush) and close an owned client."""
+        await self._config_close()
         await self.engine.aclose(self.timeout * 2)
         if self._owns_client:
             self._owns_client = False

@@ -50,6 +50,7 @@ class Subscriber:
         "client",
         "closed",
         "cluster",
+        "on_config",
         "on_flight",
         "on_replaced",
         "on_transition",
@@ -78,6 +79,7 @@ class Subscriber:
         self.on_transition = on_transition  #: breaker name, its state as published
         self.on_replaced = on_replaced  #: a replacement subscription was heard from
         self.on_flight: Callable[[str], None] = _ignore  #: a single flight ended (its key)
+        self.on_config: Callable[[Any], None] | None = None  #: a settings change (JSON)
         self._turn = 0  # a Cluster: which node the next connection goes to
 
     async def run(self) -> None:
@@ -161,9 +163,17 @@ class Subscriber:
 
     def on_message(self, data: Any) -> None:
         """A published transition, handed on; one that does not parse is logged and ignored.
-        A single flight's end (``flight <key>``) goes to ``on_flight``."""
+        A single flight's end (``flight <key>``) goes to ``on_flight``, a settings change
+        (a JSON object) to ``on_config``."""
         if isinstance(data, bytes) and data.startswith(b"flight "):
             self.on_flight(data[7:].decode(errors="replace"))
+            return
+        if (
+            self.on_config is not None
+            and isinstance(data, (bytes, str))
+            and data[:1] in (b"{", "{")
+        ):
+            self.on_config(data)
             return
         try:
             name, fleet = parse_message(data)

@@ -1,0 +1,259 @@
+"""Live settings through Redis: ``RedisStore``'s side of ``resilience.store.config``.
+
+A name's settings are three keys under its hash tag (``config.lua``): the head (version and
+values), the history (the last ``MAX_HISTORY`` changes) and the values in code each kind of
+policy reported. A change is written only if the head is still the version it was checked
+against, and published on the store's channel in the same script: every replica's
+subscriber hands it to ``config.apply`` within milliseconds, between calls; nothing is read
+on a call's path.
+
+A replica reads the settings of each name its policies follow when it starts listening (its
+engine starts, or a policy is built inside a running loop) and again whenever its
+subscription is replaced (a message may have been lost meanwhile). A push is always the
+newest change; a read is taken only if it is newer than what the replica runs, so a replica
+whose Redis lost the data keeps the last values it had (until the next change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .. import config
+from ..config import MAX_HISTORY, ConfigChange, ConfigState, LiveConfig, Values
+from .primitives import BadReply, number, text
+
+if TYPE_CHECKING:
+    from .engine import SyncEngine
+    from .supervisor import Supervisor
+
+__all__ = ["RedisConfig", "parse_config", "parse_pushed"]
+
+logger = logging.getLogger("resilience.redis")
+
+_MIN_TTL_MS = 30 * 86_400_000  # settings outlive an idle month, whatever the store's ttl
+
+
+def _object(raw: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text(raw))
+    except (ValueError, UnicodeDecodeError):
+        raise BadReply(f"unparsable settings {raw!r:.200}") from None
+    if not isinstance(value, dict):
+        raise BadReply(f"unparsable settings {raw!r:.200}")
+    return value
+
+
+def _change(raw: Any) -> ConfigChange:
+    entry = _object(raw)
+    try:
+        rollback = entry["rollback_of"]
+        return ConfigChange(
+            version=number(entry["version"]),
+            values=dict(entry["values"]),
+            at=float(entry["at"]),
+            origin=str(entry["origin"]),
+            rollback_of=None if rollback is None else number(rollback),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise BadReply(f"unparsable change {raw!r:.200}") from None
+
+
+def parse_config(reply: Any) -> tuple[bool, ConfigState]:
+    """A ``config.lua`` read: whether bad data was reset, and the name's settings."""
+    if not isinstance(reply, list) or len(reply) < 4:
+        raise BadReply(f"unexpected reply {reply!r:.200}")
+    reset, version, values, count = reply[:4]
+    kinds = number(count)
+    flat = reply[4 : 4 + 2 * kinds]
+    bases = {text(k): _object(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+    history = [_change(raw) for raw in reply[4 + 2 * kinds :]]
+    state = ConfigState(number(version), _object(values), bases, history)
+    return bool(number(reset)), state
+
+
+def parse_pushed(data: Any) -> tuple[str, int, Values, str]:
+    """A change published on the channel: name, version, values, origin."""
+    message = _object(data)
+    try:
+        name, values = message["config"], message["values"]
+        if not isinstance(name, str) or not isinstance(values, dict):
+            raise TypeError(name)
+        return name, number(message["version"]), values, str(message["origin"])
+    except (KeyError, TypeError, ValueError):
+        raise BadReply(f"unparsable change {data!r:.200}") from None
+
+
+class RedisConfig(LiveConfig):
+    """``RedisStore``'s live settings (see the module docstring)."""
+
+    # what RedisStore provides
+    engine: SyncEngine
+    supervisor: Supervisor
+    channel: str
+    ttl_ms: int
+    _config_runs: dict[str, int]  # name -> the version this replica runs
+    _config_prune_at: int  # _config_runs is pruned when it grows to this
+    _config_waiting: set[str]  # names to read once a loop runs
+    _config_tasks: set[asyncio.Task[None]]
+    _config_loop: asyncio.AbstractEventLoop | None  # where the store's background work runs
+
+    def key(self, name: str, suffix: str) -> str:
+        raise NotImplementedError
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def _config_start(self) -> None:
+        """Listen for changes (``__init__`` calls it once the engine exists)."""
+        self._config_runs = {}
+        self._config_prune_at = 64
+        self._config_waiting = set()
+        self._config_tasks = set()
+        subscriber = self.engine.subscriber
+        subscriber.on_config = self._config_pushed
+        replaced = subscriber.on_replaced
+
+        def on_replaced() -> None:  # a message may have been lost meanwhile: read again
+            replaced()
+            self._config_waiting.update(self._config_runs)
+            self._config_read_waiting()
+
+        subscriber.on_replaced = on_replaced
+        self._config_loop: asyncio.AbstractEventLoop | None = None
+        self.engine.on_start = self._config_started
+        config.add_sink(self)
+
+    async def _config_close(self) -> None:
+        """Cancel the reads of settings under way (the store is closing)."""
+        tasks, self._config_tasks = self._config_tasks, set()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _config_forked(self) -> None:
+        """In a forked child: no task of the parent's is ours; its names are read again."""
+        self._config_tasks = set()
+        self._config_loop = None
+        self._config_waiting.update(self._config_runs)
+
+    def _config_keys(self, name: str) -> list[str]:
+        return [self.key(name, s) for s in ("config", "config:log", "config:base")]
+
+    def _config_ttl(self) -> int:
+        return max(self.ttl_ms, _MIN_TTL_MS)
+
+    async def _config_call(self, name: str, args: list[Any]) -> ConfigState:
+        reply = await self._script("config", self._config_keys(name), args)
+        reset, state = self.supervisor.parsed(parse_config, reply)
+        if reset:
+            self.engine.reset_seen(name, self.key(name, "config"))
+        return state
+
+    async def _config_read(self, name: str) -> ConfigState:
+        state = await self._config_call(name, ["read"])
+        return state._replace(base={**state.base, **config.bases(name)})  # ours are sure
+
+    async def _config_write(
+        self, name: str, expected: int, values: Values, origin: str, rollback_of: int | None
+    ) -> int | None:
+        args = [
+            "set",
+            expected,
+            json.dumps(values),
+            json.dumps(origin),
+            "" if rollback_of is None else rollback_of,
+            self.engine.now_arg(),
+            self._config_ttl(),
+            MAX_HISTORY,
+            self.channel,
+            json.dumps(name),
+        ]
+        reply = await self._script("config", self._config_keys(name), args)
+        version = self.supervisor.parsed(lambda r: number(r[0], -1), reply)
+        if version < 0:
+            return None
+        self._config_adopt(name, version, values, origin, pushed=True)  # not waiting for it
+        return version
+
+    # --- what replicas learn -----------------------------------------------------------------
+    def _config_watch(self, name: str, kind: str, base: Values) -> None:
+        """A policy of this process follows ``name``: its settings are read (and its values
+        in code kept for the checks) now if this store runs on this loop, else once it
+        starts (its first use; ``await store.sync()`` at start-up)."""
+        runs = self._config_runs
+        if name not in runs and len(runs) >= self._config_prune_at:
+            for gone in [n for n in runs if not config.followed(n)]:
+                del runs[gone]  # no policy follows it: bounded by the names in use
+            self._config_prune_at = max(64, 2 * len(runs))
+        runs.setdefault(name, 0)
+        self._config_waiting.add(name)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if loop is self._config_loop and not self.engine.subscriber.closed():
+            self._config_read_waiting()
+
+    def _config_started(self) -> None:
+        """The store's background work started (on the running loop)."""
+        self._config_loop = asyncio.get_running_loop()
+        self._config_read_waiting()
+
+    def _config_read_waiting(self) -> None:
+        """Read the settings of every name waiting (on the running loop)."""
+        if not self._config_waiting or self.engine.subscriber.closed():
+            return
+        names, self._config_waiting = self._config_waiting, set()
+        for name in names:
+            task = asyncio.get_running_loop().create_task(self._config_fetch(name))
+            self._config_tasks.add(task)
+            task.add_done_callback(self._config_tasks.discard)
+
+    async def _config_fetch(self, name: str) -> None:
+        """Report the values in code of ``name``'s policies, take the settings if newer."""
+        try:
+            bases = config.bases(name)
+            state = None
+            for kind, base in bases.items():
+                args = ["base", kind, json.dumps(base, default=repr), self._config_ttl()]
+                state = await self._config_call(name, args)
+            if state is None:
+                state = await self._config_read(name)
+        except Exception as exc:  # Redis away: the replica keeps what it runs
+            logger.debug("settings of %r not read: %r", name, exc)
+            self._config_waiting.add(name)  # read again when the subscription is replaced
+            return
+        if state.history:
+            origin = state.history[0].origin
+            self._config_adopt(name, state.version, state.values, origin, pushed=False)
+
+    async def _config_settled(self) -> None:
+        """Wait for the reads of settings under way (``sync``)."""
+        self._config_read_waiting()
+        if self._config_tasks:
+            await asyncio.gather(*self._config_tasks, return_exceptions=True)
+
+    def _config_pushed(self, data: Any) -> None:
+        """A change published on the channel (always the newest): applied at once."""
+        try:
+            name, version, values, origin = parse_pushed(data)
+        except BadReply:
+            logger.warning("ignored an unparsable change on %r: %r", self.channel, data)
+            return
+        self._config_adopt(name, version, values, origin, pushed=True)
+        with contextlib.suppress(RuntimeError):
+            self._config_read_waiting()
+
+    def _config_adopt(
+        self, name: str, version: int, values: Values, origin: str, *, pushed: bool
+    ) -> None:
+        runs = self._config_runs.get(name, 0)
+        if version == runs or (not pushed and version < runs):
+            return
+        self._config_runs[name] = version
+        config.apply(name, version, values, origin)

@@ -1,0 +1,202 @@
+"""Live settings across replicas on a real Redis: the other replica is its own OS process
+(``benchmarks/config_worker.py``), so nothing is shared but Redis."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resilience import CircuitBreaker, StoreUnavailableError, Timeout
+from resilience.store.redis import RedisStore
+
+from ..helpers import read_line, until
+from ..redis_server import RedisServer
+
+WORKER = str(Path(__file__).parents[2] / "benchmarks" / "config_worker.py")
+NAME = "svc"
+
+Replica = Callable[[str], subprocess.Popen[str]]
+
+
+@pytest.fixture
+def replica(redis_url: str) -> Iterator[Replica]:
+    """Start other replicas (processes) on a prefix; each is told to quit at the end."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(prefix: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, WORKER, redis_url, prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            assert proc.stdin is not None
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def said(proc: subprocess.Popen[str], event: str) -> dict[str, Any]:
+    """The next line ``proc`` says, which must be ``event``."""
+    line = json.loads(read_line(proc, 20.0, "replica"))
+    assert line["event"] == event, line
+    return dict(line)
+
+
+def show(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The values ``proc`` runs now (past the changes it reports first)."""
+    assert proc.stdin is not None
+    proc.stdin.write("show\n")
+    proc.stdin.flush()
+    while True:  # the changes it reported meanwhile come first
+        line = json.loads(read_line(proc, 20.0, "replica"))
+        if line["event"] == "values":
+            return dict(line)
+        assert line["event"] == "changed", line
+
+
+async def test_a_change_reaches_the_other_replica(
+    stores: Callable[..., RedisStore], replica: Replica
+) -> None:
+    """A change made in one process is applied by the other replica's policies."""
+    store = stores()
+    other = replica(store.prefix)
+    assert said(other, "ready")["open_for"] == 5.0
+    sent = time.monotonic_ns()
+    version = await store.configure(NAME, open_for=9.0, seconds=0.25, max_concurrent=2)
+    changed = said(other, "changed")
+    assert changed["version"] == version
+    print(f"pushed in {(changed['ns'] - sent) / 1e6:.2f} ms")  # bounded by the 20 s read
+    values = show(other)
+    assert (values["open_for"], values["seconds"], values["max_concurrent"]) == (9.0, 0.25, 2)
+
+
+async def test_a_replica_started_later_runs_the_current_values(
+    stores: Callable[..., RedisStore], replica: Replica
+) -> None:
+    """A replica that starts after the change reads it before it says it is ready."""
+    store = stores()
+    version = await store.configure(NAME, open_for=11.0, seconds=0.5)
+    other = replica(store.prefix)
+    assert said(other, "changed")["version"] == version  # read as it starts
+    ready = said(other, "ready")
+    assert (ready["open_for"], ready["seconds"]) == (11.0, 0.5)
+
+
+async def test_a_bad_value_changes_nothing_on_any_replica(
+    stores: Callable[..., RedisStore], replica: Replica
+) -> None:
+    """A value a replica would refuse is refused before anything is written or pushed."""
+    store = stores()
+    other = replica(store.prefix)
+    said(other, "ready")
+    await store.sync()  # the other replica's values in code are in Redis now
+    version = await store.configure(NAME, open_for=8.0)
+    said(other, "changed")
+    with pytest.raises(ValueError, match="open_for must be finite and > 0, got -1"):
+        await store.configure(NAME, open_for=-1)
+    with pytest.raises(ValueError, match=r"minimum_calls \(60\) is larger than the count window"):
+        await store.configure(NAME, minimum_calls=60)  # the other replica's window is 50
+    state = await store.config(NAME)
+    assert (state.version, len(state.history)) == (version, 1)
+    assert show(other)["open_for"] == 8.0
+
+
+async def test_rollback_reaches_every_replica(
+    stores: Callable[..., RedisStore], replica: Replica
+) -> None:
+    """A rollback is a change like any other: pushed, applied, in the history."""
+    store = stores()
+    other = replica(store.prefix)
+    said(other, "ready")
+    await store.configure(NAME, open_for=6.0)
+    await store.configure(NAME, open_for=7.0)
+    said(other, "changed")
+    said(other, "changed")
+    version = await store.rollback(NAME)
+    assert said(other, "changed")["version"] == version
+    assert show(other)["open_for"] == 6.0
+    await store.rollback(NAME, version=0)
+    said(other, "changed")
+    assert show(other)["open_for"] == 5.0
+
+
+async def test_a_replica_whose_redis_is_gone_keeps_its_values(redis_server: RedisServer) -> None:
+    """Redis away: the policies run on with the last values; a change fails, changing nothing."""
+    store = RedisStore.from_url(redis_server.url, timeout=0.2)
+    try:
+        breaker = CircuitBreaker(NAME, store=store, open_for=5.0)
+        timeout = Timeout(1.0, name=NAME)
+        await store.sync()
+        await store.configure(NAME, open_for=12.0, seconds=0.5)
+        redis_server.stop()
+        with pytest.raises(StoreUnavailableError):
+            await store.configure(NAME, open_for=1.0)
+        assert (breaker.config.open_for, timeout.seconds) == (12.0, 0.5)
+        late = Timeout(1.0, name=NAME)  # built while Redis is away: the values this process has
+        assert late.seconds == 0.5
+    finally:
+        await store.aclose()
+
+
+async def test_any_sequence_leaves_the_other_replica_on_the_head(
+    stores: Callable[..., RedisStore], replica: Replica
+) -> None:
+    """After any run of changes and rollbacks (seeded), the other replica runs the head."""
+    rng = random.Random(7)
+    store = stores()
+    other = replica(store.prefix)
+    said(other, "ready")
+    for _ in range(40):
+        history = await store.config_history(NAME)
+        if history and rng.random() < 0.3:
+            versions = [0, *(c.version for c in history)]
+            version = await store.rollback(NAME, version=rng.choice(versions))
+        else:
+            values = {"open_for": rng.choice([1.0, 2.5, 7.0]), "seconds": rng.choice([0.1, 2.0])}
+            version = await store.configure(NAME, **rng.choice([values, {"open_for": 3.0}]))
+        head = await store.config(NAME)
+        assert head.version == version
+        want = {"open_for": 5.0, "seconds": 1.0, **head.values}
+        deadline = time.monotonic() + 10
+        while True:  # a change that touches no value of the breaker is no "changed" line
+            values = show(other)
+            if (values["open_for"], values["seconds"]) == (want["open_for"], want["seconds"]):
+                break
+            assert time.monotonic() < deadline, (values, want)
+
+
+async def test_a_message_that_does_not_parse_is_ignored(
+    stores: Callable[..., RedisStore], raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage that looks like a change is logged and ignored; real changes still arrive."""
+    store = stores()
+    other = stores(prefix=store.prefix)  # another replica's store, listening
+    Timeout(1.0, name=NAME)
+    await other.sync()
+    await raw.publish(f"{store.prefix}:events", b'{"config": 1}')
+    await raw.publish(f"{store.prefix}:events", b"{not json")
+    version = await store.configure(NAME, seconds=0.5)
+    await until(lambda: other._config_runs.get(NAME) == version, what="the change pushed")
+    assert [r for r in caplog.records if "unparsable change" in r.message]

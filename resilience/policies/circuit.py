@@ -313,7 +313,10 @@ class CircuitBreaker(BasePolicy):
         core = self._core
         config = _live_config(values, _live_values(core.base), core.base.quorum)
         renewed = config != core.config and core.reconfigure(config)
-        for front in list(core.fronts):
+        for ref in core.fronts:
+            front = ref()
+            if front is None:
+                continue
             front.config = config
             front._slow_after = config.slow_call_duration
         return "its window started anew, empty" if renewed else ""

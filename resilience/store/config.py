@@ -129,7 +129,9 @@ class Sink(Protocol):
 
 
 _schemas: dict[str, Schema] = {}
-_targets: dict[str, weakref.WeakSet[Any]] = {}  # name -> the policies following it
+# name -> the policies following it (weak references in a list: two GC-tracked objects per
+# policy, where a WeakSet made seven; a burst of 10,000 breakers is a case)
+_targets: dict[str, list[weakref.ref[Any]]] = {}
 _live: dict[str, Values] = {}  # name -> the live values last applied
 _defaults: dict[str, Values] = {}  # name -> defaults declared without code
 _sinks: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -230,7 +232,7 @@ def watch(target: Target) -> Values | None:
     name, kind = target.name, target.kind
     if name not in _targets and len(_targets) >= _state["prune_at"]:
         _prune()
-    _targets.setdefault(name, weakref.WeakSet()).add(target)
+    _targets.setdefault(name, []).append(weakref.ref(target))
     base = target._live_base()
     for sink in _sinks_of(target):
         sink._config_watch(name, kind, base)
@@ -255,8 +257,8 @@ def add_sink(sink: Sink) -> None:
     """A shared store: told of the policies following settings, built before or after, that
     use it or no shared store at all."""
     _sinks.add(sink)
-    for name, targets in list(_targets.items()):
-        for target in list(targets):
+    for name in list(_targets):
+        for target in _following(name):
             if sink in _sinks_of(target):
                 sink._config_watch(name, target.kind, target._live_base())
 
@@ -272,22 +274,34 @@ def _sinks_of(target: Target) -> list[Any]:
     return list(_sinks)
 
 
+def _following(name: str) -> list[Any]:
+    """The policies alive that follow ``name`` (the references to those gone are dropped)."""
+    refs = _targets.get(name)
+    if not refs:
+        return []
+    alive = [t for t in (ref() for ref in refs) if t is not None]
+    if len(alive) < len(refs):
+        refs[:] = [ref for ref in refs if ref() is not None]
+    return alive
+
+
 def _prune() -> None:
     """Forget the names no policy follows any more (amortised: when their number doubled),
     so a process that makes policies per key (per origin, per host) stays bounded."""
-    for name in [n for n, targets in _targets.items() if not targets]:
-        del _targets[name]
+    for name in list(_targets):
+        if not _following(name):
+            del _targets[name]
     _state["prune_at"] = max(64, 2 * len(_targets))
 
 
 def followed(name: str) -> bool:
     """Whether a policy of this process follows ``name``."""
-    return bool(_targets.get(name))
+    return bool(_following(name))
 
 
 def bases(name: str) -> dict[str, Values]:
     """The values in code of the policies ``name`` of this process, by kind."""
-    return {t.kind: t._live_base() for t in list(_targets.get(name, ()))}
+    return {t.kind: t._live_base() for t in _following(name)}
 
 
 def apply(name: str, version: int, values: Values, origin: str = "") -> None:
@@ -296,7 +310,7 @@ def apply(name: str, version: int, values: Values, origin: str = "") -> None:
     ``values`` on top. A policy whose values do not change is left alone; one that refuses
     them keeps what it had (logged)."""
     _live[name] = dict(values)
-    for target in list(_targets.get(name, ())):
+    for target in _following(name):
         kind = target.kind
         run = {
             **target._live_base(),

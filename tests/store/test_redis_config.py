@@ -195,6 +195,12 @@ async def test_a_message_that_does_not_parse_is_ignored(
     other = stores(prefix=store.prefix)  # another replica's store, listening
     Timeout(1.0, name=NAME)
     await other.sync()
+
+    async def listening() -> bool:  # the other replica's subscription is live
+        [(_, count)] = await raw.pubsub_numsub(f"{store.prefix}:events")
+        return bool(count)
+
+    await until(listening, what="the other replica subscribed")
     await raw.publish(f"{store.prefix}:events", b'{"config": 1}')
     await raw.publish(f"{store.prefix}:events", b"{not json")
     version = await store.configure(NAME, seconds=0.5)

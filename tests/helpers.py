@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from resilience import CircuitBreaker, CountWindow, Store
 from resilience.events import CallFinished, Event
 from resilience.testing import FakeClock
 
@@ -28,6 +29,7 @@ _prefixes = itertools.count()
 __all__ = [
     "advance",
     "boom",
+    "breaker",
     "cancelled",
     "ok",
     "policy_events",
@@ -48,6 +50,13 @@ async def ok() -> str:
 async def boom() -> None:
     """A call that fails."""
     raise ValueError("boom")
+
+
+def breaker(store: Store, name: str = "dep", **options: Any) -> CircuitBreaker:
+    """A breaker on ``store`` that trips on four failed calls in a window of four and stays
+    open ten seconds; ``options`` (the breaker's) override these."""
+    config: dict[str, Any] = {"minimum_calls": 4, "window": CountWindow(4), "open_for": 10.0}
+    return CircuitBreaker(name, store=store, **(config | options))
 
 
 def unique_prefix(tag: str = "t") -> str:

@@ -12,6 +12,7 @@ import inspect
 import itertools
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ __all__ = [
     "boom",
     "breaker",
     "cancelled",
+    "in_three_loops",
     "ok",
     "policy_events",
     "read_line",
@@ -57,6 +59,16 @@ def breaker(store: Store, name: str = "dep", **options: Any) -> CircuitBreaker:
     open ten seconds; ``options`` (the breaker's) override these."""
     config: dict[str, Any] = {"minimum_calls": 4, "window": CountWindow(4), "open_for": 10.0}
     return CircuitBreaker(name, store=store, **(config | options))
+
+
+def in_three_loops(main: Callable[[], Coroutine[Any, Any, object]]) -> None:
+    """Run ``main()`` in a new event loop, then in one of another thread (bounded wait), then
+    again here: for what must work in any loop, not only the first that used it."""
+    asyncio.run(main())
+    thread = threading.Thread(target=lambda: asyncio.run(main()))
+    thread.start()
+    thread.join(timeout=30)
+    asyncio.run(main())
 
 
 def unique_prefix(tag: str = "t") -> str:

@@ -10,7 +10,6 @@ lookup per call), and 1.95x in ``RESULTS.md`` earlier.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Case, Loop, Settings, measure, ok_loop, script_parser
+from harness import Case, Loop, Settings, measure, ok_loop, timed_report
 
 from resilience import Bulkhead, CircuitBreaker, Fallback, Pipeline, RateLimiter, Retry, Timeout
 from resilience.policies.base import BasePolicy
@@ -90,10 +89,7 @@ async def run(settings: Settings) -> str:
 
 
 def main() -> None:
-    args = script_parser(__doc__).parse_args()
-    settings = Settings(rounds=3, calls=2_000) if args.quick else Settings()
-    report = asyncio.run(run(settings))
-    print(report)
+    args, report = timed_report(__doc__, run)
     if not args.quick:
         (args.out / "CALL.md").write_text(report)
 

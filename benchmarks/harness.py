@@ -5,9 +5,10 @@ every case once, in a shuffled order, with the garbage collector off; the report
 the time of the loop divided by ``n``. The median (and min) over rounds is what we report.
 
 Also what every benchmark script shares: its ``--quick``/``--out`` command line
-(``script_parser``), the machine's CPU model for a report's header (``cpu_model``), the
-test support modules loaded by path (``load_test_module``) and a benchmark's own server in a
-child process (``start_server``, ``serve_asgi`` in the child, ``stop_server``).
+(``script_parser``; ``timed_report`` for a timing script), the machine's CPU model for a
+report's header (``cpu_model``), the test support modules loaded by path
+(``load_test_module``) and a benchmark's own server in a child process (``start_server``,
+``serve_asgi`` in the child, ``stop_server``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "serve_asgi",
     "start_server",
     "stop_server",
+    "timed_report",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -208,6 +210,18 @@ def script_parser(
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--out", type=Path, default=out, help=out_help)
     return parser
+
+
+def timed_report(
+    doc: str | None, run: Callable[[Settings], Awaitable[str]]
+) -> tuple[argparse.Namespace, str]:
+    """A timing script's body: parse its command line (``script_parser``), ``run`` it
+    (``--quick``: 3 rounds of at most 2,000 calls) and print its report; the command line
+    and the report are returned for the script to write where it writes."""
+    args = script_parser(doc).parse_args()
+    report = asyncio.run(run(Settings(rounds=3, calls=2_000) if args.quick else Settings()))
+    print(report)
+    return args, report
 
 
 def cpu_model() -> str:

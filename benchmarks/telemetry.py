@@ -10,14 +10,13 @@ telemetry should cost nothing: the no-SDK rows should match "no telemetry".
 
 from __future__ import annotations
 
-import asyncio
 import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Case, Settings, measure, ok_loop, script_parser
+from harness import Case, Settings, measure, ok_loop, timed_report
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -88,10 +87,7 @@ async def run(settings: Settings) -> str:
 
 
 def main() -> None:
-    args = script_parser(__doc__).parse_args()
-    settings = Settings(rounds=3, calls=2_000) if args.quick else Settings()
-    report = asyncio.run(run(settings))
-    print(report)
+    args, report = timed_report(__doc__, run)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "TELEMETRY.md").write_text(report)
 

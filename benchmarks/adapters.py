@@ -24,15 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import httpx
+from harness import serve_asgi, start_server, stop_server
 from resilience.integrations.asgi import ResilienceMiddleware
 from resilience.integrations.httpx import BulkheadOptions, HttpPolicy, ResilientTransport
 
@@ -67,8 +67,6 @@ def wrapped_app() -> Any:
 
 def serve(port: int) -> None:
     """Run uvicorn with two mounts: ``/bare/...`` and ``/wrapped/...`` (child process)."""
-    import uvicorn
-
     wrapped = wrapped_app()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -77,40 +75,7 @@ def serve(port: int) -> None:
         else:
             await bare_app(scope, receive, send)
 
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        http="h11",
-        loop="asyncio",
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_server() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
-    limit = time.monotonic() + 15
-    while time.monotonic() < limit:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("the uvicorn server did not start")
+    serve_asgi(app, port, log_level="warning")
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -168,23 +133,26 @@ async def loopback(url: str, seconds: float, rounds: int, concurrency: int) -> N
     bare_client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(limits=limits))
     inner = httpx.AsyncHTTPTransport(limits=limits)
     resilient = httpx.AsyncClient(transport=ResilientTransport(inner, policy=POLICY))
+    bare, wrapped = f"{url}/bare/x", f"{url}/wrapped/x"
+    pairs = [  # (label, client, url) of the bare side, then of the resilient one
+        (
+            ("client  bare transport    ", bare_client, bare),
+            ("        ResilientTransport", resilient, bare),
+        ),
+        (
+            ("server  app               ", bare_client, bare),
+            ("        app + middleware  ", bare_client, wrapped),
+        ),
+    ]
     async with bare_client, resilient:
-        b, w, r = await interleave(
-            rounds,
-            lambda: rate(bare_client, f"{url}/bare/x", seconds, concurrency),
-            lambda: rate(resilient, f"{url}/bare/x", seconds, concurrency),
-        )
-        print(f"  client  bare transport     {b:9.0f} req/s")
-        cost = overhead(r, higher_is_better=True)
-        print(f"          ResilientTransport {w:9.0f} req/s   overhead {cost}")
-        b, w, r = await interleave(
-            rounds,
-            lambda: rate(bare_client, f"{url}/bare/x", seconds, concurrency),
-            lambda: rate(bare_client, f"{url}/wrapped/x", seconds, concurrency),
-        )
-        print(f"  server  app                {b:9.0f} req/s")
-        cost = overhead(r, higher_is_better=True)
-        print(f"          app + middleware   {w:9.0f} req/s   overhead {cost}")
+        for (label_a, client_a, url_a), (label_b, client_b, url_b) in pairs:
+            b, w, r = await interleave(
+                rounds,
+                partial(rate, client_a, url_a, seconds, concurrency),
+                partial(rate, client_b, url_b, seconds, concurrency),
+            )
+            print(f"  {label_a} {b:9.0f} req/s")
+            print(f"  {label_b} {w:9.0f} req/s   overhead {overhead(r, higher_is_better=True)}")
 
 
 async def per_call(fn: Callable[[], Awaitable[object]], seconds: float) -> float:
@@ -244,16 +212,13 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
-    proc, url = start_server()
+    proc, port = start_server(__file__)
     try:
         print(f"loopback, uvicorn (h11) in a separate process, {args.concurrency} in flight:")
+        url = f"http://127.0.0.1:{port}"
         asyncio.run(loopback(url, args.seconds, args.rounds, args.concurrency))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     print("in process, no network:")
     asyncio.run(in_process(min(args.seconds, 0.25), args.rounds))
     print(f"(python {sys.version.split()[0]}, pid {os.getpid()}, median of {args.rounds} rounds)")

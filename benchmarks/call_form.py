@@ -10,8 +10,6 @@ lookup per call), and 1.95x in ``RESULTS.md`` earlier.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import platform
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Case, Loop, Settings, measure, ok_loop
+from harness import Case, Loop, Settings, measure, ok_loop, timed_report
 
 from resilience import Bulkhead, CircuitBreaker, Fallback, Pipeline, RateLimiter, Retry, Timeout
 from resilience.policies.base import BasePolicy
@@ -91,13 +89,7 @@ async def run(settings: Settings) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args()
-    settings = Settings(rounds=3, calls=2_000) if args.quick else Settings()
-    report = asyncio.run(run(settings))
-    print(report)
+    args, report = timed_report(__doc__, run)
     if not args.quick:
         (args.out / "CALL.md").write_text(report)
 

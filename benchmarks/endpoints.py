@@ -562,39 +562,28 @@ def last_sent(fault: Fault, watch: float) -> str:
     return last
 
 
-async def death_rows(args: argparse.Namespace) -> list[str]:
-    rows = [
-        "| strategy | requests | failed for the caller | attempts to the dead endpoint "
-        "after the kill | last one sent after the kill |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for name, strategy in FAULT_STRATEGIES:
-        death = await run_fault(strategy, args, hang=False)
-        rows.append(
-            f"| {name} | {death.total:,} | {death.failures:,} | {death.attempts_after:,} | "
-            f"{last_sent(death, args.watch)} |"
-        )
-    return rows
-
-
 CLIENT_TIMEOUT = 2.0  # the httpx client's in the hang table, for the round-robin rows
 HANGS: dict[str, Fault] = {}  # strategy -> its row in the hang table
 
 
-async def hang_rows(args: argparse.Namespace) -> list[str]:
-    """The victim stopped (SIGSTOP) rather than killed."""
-    rows = [
-        "| strategy | requests | failed for the caller | p99 | max | attempts to the hung "
-        "endpoint after the stop | last one sent after the stop |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+async def fault_rows(args: argparse.Namespace, *, hang: bool) -> list[str]:
+    """A row per strategy with the victim killed or, with ``hang``, stopped (SIGSTOP); the
+    hang table also gives the caller's p99 and worst latency."""
+    victim, fault = ("hung", "stop") if hang else ("dead", "kill")
+    latency = ["p99", "max"] if hang else []
+    header = ["strategy", "requests", "failed for the caller", *latency]
+    header += [f"attempts to the {victim} endpoint after the {fault}"]
+    header += [f"last one sent after the {fault}"]
+    rows = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for name, strategy in FAULT_STRATEGIES:
-        hang = HANGS[name] = await run_fault(strategy, args, hang=True)
-        rows.append(
-            f"| {name} | {hang.total:,} | {hang.failures:,} | "
-            f"{pct(hang.latencies, 0.99) * 1e3:,.1f} ms | {max(hang.latencies) * 1e3:,.1f} ms | "
-            f"{hang.attempts_after:,} | {last_sent(hang, args.watch)} |"
-        )
+        seen = await run_fault(strategy, args, hang=hang)
+        cells = [name, f"{seen.total:,}", f"{seen.failures:,}"]
+        if hang:
+            HANGS[name] = seen
+            cells += [f"{pct(seen.latencies, 0.99) * 1e3:,.1f} ms"]
+            cells += [f"{max(seen.latencies) * 1e3:,.1f} ms"]
+        cells += [f"{seen.attempts_after:,}", last_sent(seen, args.watch)]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
@@ -663,8 +652,8 @@ def main() -> None:
     baseline = asyncio.run(latency_rows(args, 0.0, open_loop=False))
     open_latency = asyncio.run(latency_rows(args, args.slow_share, open_loop=True))
     open_baseline = asyncio.run(latency_rows(args, 0.0, open_loop=True))
-    death = asyncio.run(death_rows(args))
-    hang = asyncio.run(hang_rows(args))
+    death = asyncio.run(fault_rows(args, hang=False))
+    hang = asyncio.run(fault_rows(args, hang=True))
     policy = HttpPolicy()
     breaker = BreakerOptions()  # HttpPolicy()'s breaker
     window = breaker.window

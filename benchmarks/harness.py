@@ -3,19 +3,51 @@
 Each case is a loop ``loop(n)`` that awaits its protected callable ``n`` times. A round runs
 every case once, in a shuffled order, with the garbage collector off; the reported figure is
 the time of the loop divided by ``n``. The median (and min) over rounds is what we report.
+
+Also what every benchmark script shares: its ``--quick``/``--out`` command line
+(``script_parser``; ``timed_report`` for a timing script), the machine's CPU model for a
+report's header (``cpu_model``), the test support modules loaded by path
+(``load_test_module``) and a benchmark's own server in a child process (``start_server``,
+``serve_asgi`` in the child, ``stop_server``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
+import importlib.util
+import platform
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-__all__ = ["Case", "Loop", "Measured", "Settings", "measure", "ok_loop", "reject_loop"]
+__all__ = [
+    "HERE",
+    "Case",
+    "Loop",
+    "Measured",
+    "Settings",
+    "cpu_model",
+    "load_test_module",
+    "measure",
+    "ok_loop",
+    "reject_loop",
+    "script_parser",
+    "serve_asgi",
+    "start_server",
+    "stop_server",
+    "timed_report",
+]
+
+HERE = Path(__file__).resolve().parent
 
 Loop = Callable[[int], Awaitable[None]]
 Protected = Callable[[], Awaitable[object]]
@@ -159,3 +191,97 @@ async def measure(
         if progress is not None:
             progress(index, settings.rounds)
     return results
+
+
+# --- what the benchmark scripts share ---------------------------------------------------------
+
+
+def script_parser(
+    doc: str | None,
+    *,
+    quick: str = "a few seconds, for smoke tests",
+    out: Path = HERE,
+    out_help: str = "output directory",
+) -> argparse.ArgumentParser:
+    """A script's command line: described by its docstring's first line, with ``--quick``
+    (a smoke run, helped as ``quick``) and ``--out`` (where its report goes); the script adds
+    its own options."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, default=out, help=out_help)
+    return parser
+
+
+def timed_report(
+    doc: str | None, run: Callable[[Settings], Awaitable[str]]
+) -> tuple[argparse.Namespace, str]:
+    """A timing script's body: parse its command line (``script_parser``), ``run`` it
+    (``--quick``: 3 rounds of at most 2,000 calls) and print its report; the command line
+    and the report are returned for the script to write where it writes."""
+    args = script_parser(doc).parse_args()
+    report = asyncio.run(run(Settings(rounds=3, calls=2_000) if args.quick else Settings()))
+    print(report)
+    return args, report
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_test_module(name: str) -> Any:
+    """The module ``tests/<name>.py``, loaded by path (the tests package is not needed)."""
+    path = HERE.parent / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def serve_asgi(app: Any, port: int, **options: Any) -> None:
+    """Serve ``app`` on ``127.0.0.1:port`` until the process is killed (a child process's
+    body), configured as the tests' servers are (``tests/asgi_support.uvicorn_config``);
+    ``options`` are uvicorn's (``log_level``, ``backlog``, ...)."""
+    import uvicorn
+
+    config = load_test_module("asgi_support").uvicorn_config
+    uvicorn.Server(config(app, host="127.0.0.1", port=port, **options)).run()
+
+
+def start_server(script: str, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Run ``script --serve ARGS PORT`` (a benchmark's own server) on a free loopback port;
+    return the process and the port once the server accepts connections."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, script, "--serve", *args, str(port)])
+    limit = time.monotonic() + 15
+    while time.monotonic() < limit:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the uvicorn server did not start")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """End a server that ``start_server`` started: terminated, killed if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

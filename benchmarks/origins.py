@@ -14,14 +14,13 @@ checkpoint waits that long before measuring, so what is measured is what stays.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import platform
 import tracemalloc
-from pathlib import Path
 
 import httpx
+from harness import script_parser
 from resilience.integrations.httpx import HttpPolicy, ResilientTransport
 
 TIMEOUT = 1.0
@@ -86,10 +85,7 @@ async def run(total: int, unbounded_total: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args()
+    args = script_parser(__doc__).parse_args()
     total, unbounded = (5_000, 2_000) if args.quick else (100_000, 20_000)
     report = asyncio.run(run(total, unbounded))
     print(report)

@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import socket
-import subprocess
-import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from harness import script_parser, serve_asgi, start_server, stop_server
 
 CAPACITY = 8  # workers
 SERVICE = 0.1  # seconds per request on a worker
@@ -72,7 +71,6 @@ def configs() -> dict[str, Any]:
 
 def serve(name: str, port: int) -> None:
     """Run the fixed-capacity app behind the middleware configured as ``name`` (child)."""
-    import uvicorn
     from resilience.integrations.asgi import ResilienceMiddleware
 
     workers = asyncio.Semaphore(CAPACITY)
@@ -87,50 +85,7 @@ def serve(name: str, port: int) -> None:
 
     limit = configs()[name]
     wrapped = app if limit is None else ResilienceMiddleware(app, max_concurrent=limit)
-    uvicorn.run(
-        wrapped,
-        host="127.0.0.1",
-        port=port,
-        log_level="critical",
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        http="h11",
-        loop="asyncio",
-        backlog=4096,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_server(name: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", name, str(port)])
-    limit = time.monotonic() + 15
-    while time.monotonic() < limit:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("the uvicorn server did not start")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    serve_asgi(wrapped, port, backlog=4096)
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -223,7 +178,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(name: str, load: float, warmup: float, seconds: float) -> Point:
-    proc, port = start_server(name)
+    proc, port = start_server(__file__, name)
     try:
         results = asyncio.run(offer(port, load * RATE, warmup, seconds))
     finally:
@@ -270,37 +225,28 @@ def report(points: list[Point], out: Path, args: argparse.Namespace, chart: bool
         "",
         "![goodput and p99 served by offered load](overload.png)",
         "",
-        "## Goodput (share of capacity)",
-        "",
-        "| limit | " + " | ".join(f"{load:g}x" for load in LOADS) + " |",
-        "| --- | " + " | ".join("---:" for _ in LOADS) + " |",
     ]
-    for name in names:
-        cells = [f"{table[(name, load)].goodput:.0%}" for load in LOADS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## p99 of what is served (ms)",
-        "",
-        "| limit | " + " | ".join(f"{load:g}x" for load in LOADS) + " |",
-        "| --- | " + " | ".join("---:" for _ in LOADS) + " |",
+    sections: list[tuple[str, Callable[[Point], str]]] = [
+        ("Goodput (share of capacity)", lambda p: f"{p.goodput:.0%}"),
+        ("p99 of what is served (ms)", lambda p: ms(p.served_p99)),
+        (
+            "Shed (503) / given up by the client, share of requests",
+            lambda p: f"{p.shed:.0%} / {p.lost:.0%}",
+        ),
     ]
-    for name in names:
-        cells = [ms(table[(name, load)].served_p99) for load in LOADS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Shed (503) / given up by the client, share of requests",
-        "",
-        "| limit | " + " | ".join(f"{load:g}x" for load in LOADS) + " |",
-        "| --- | " + " | ".join("---:" for _ in LOADS) + " |",
-    ]
-    for name in names:
-        cells = [
-            f"{table[(name, load)].shed:.0%} / {table[(name, load)].lost:.0%}" for load in LOADS
+    for title, cell in sections:  # a table each: a row per limit, a column per load
+        lines += [
+            f"## {title}",
+            "",
+            "| limit | " + " | ".join(f"{load:g}x" for load in LOADS) + " |",
+            "| --- | " + " | ".join("---:" for _ in LOADS) + " |",
         ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Goals", ""]
+        for name in names:
+            lines.append(
+                f"| {name} | " + " | ".join(cell(table[(name, load)]) for load in LOADS) + " |"
+            )
+        lines.append("")
+    lines += ["## Goals", ""]
     for name in names:
         if not name.startswith("adaptive"):
             continue
@@ -353,13 +299,11 @@ def plot(points: list[Point], names: list[str], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, quick="1 s warm-up, 2 s measured")
     parser.add_argument("--serve", nargs=2, metavar=("CONFIG", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
-    parser.add_argument("--quick", action="store_true", help="1 s warm-up, 2 s measured")
     parser.add_argument("--only", action="append", help="run only these configs (repeatable)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--no-chart", action="store_true")
     args = parser.parse_args()
     if args.serve:

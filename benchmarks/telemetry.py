@@ -10,15 +10,13 @@ telemetry should cost nothing: the no-SDK rows should match "no telemetry".
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Case, Settings, measure, ok_loop
+from harness import Case, Settings, measure, ok_loop, timed_report
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -89,13 +87,7 @@ async def run(settings: Settings) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args()
-    settings = Settings(rounds=3, calls=2_000) if args.quick else Settings()
-    report = asyncio.run(run(settings))
-    print(report)
+    args, report = timed_report(__doc__, run)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "TELEMETRY.md").write_text(report)
 

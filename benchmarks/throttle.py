@@ -21,7 +21,6 @@ row without a throttle).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import platform
 import sys
@@ -34,6 +33,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from harness import script_parser  # noqa: E402
 from resilience.integrations.httpx import (  # noqa: E402
     HttpPolicy,
     ResilientTransport,
@@ -103,11 +103,11 @@ async def run(k: float | None, capacity: float, seconds: float) -> dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(
+        __doc__, quick="a smoke run, prints only", out_help="where THROTTLE.md goes"
+    )
     parser.add_argument("--capacity", type=float, default=200.0, help="requests per second")
     parser.add_argument("--seconds", type=float, default=12.0, help="per row")
-    parser.add_argument("--quick", action="store_true", help="a smoke run, prints only")
-    parser.add_argument("--out", type=Path, default=HERE, help="where THROTTLE.md goes")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 3.0

@@ -14,6 +14,20 @@ import uvicorn
 STARTUP_TIMEOUT = 10.0
 
 
+def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for ``app`` on a bare loopback server: h11, no lifespan, no
+    websockets, no access log, quiet unless ``options`` (uvicorn's) say otherwise."""
+    plain: dict[str, Any] = {
+        "log_level": "critical",
+        "access_log": False,
+        "lifespan": "off",
+        "ws": "none",
+        "http": "h11",
+        "loop": "asyncio",
+    }
+    return uvicorn.Config(app, **(plain | options))
+
+
 class LiveServer:
     """A uvicorn server running ``app`` on ``127.0.0.1:<free port>`` until ``stop()``."""
 
@@ -25,16 +39,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            log_level="critical",
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            http="h11",
-            loop="asyncio",
-        )
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )

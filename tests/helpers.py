@@ -12,12 +12,14 @@ import inspect
 import itertools
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
+from resilience import CircuitBreaker, CountWindow, Store
 from resilience.events import CallFinished, Event
 from resilience.testing import FakeClock
 
@@ -28,7 +30,9 @@ _prefixes = itertools.count()
 __all__ = [
     "advance",
     "boom",
+    "breaker",
     "cancelled",
+    "in_three_loops",
     "ok",
     "policy_events",
     "read_line",
@@ -48,6 +52,23 @@ async def ok() -> str:
 async def boom() -> None:
     """A call that fails."""
     raise ValueError("boom")
+
+
+def breaker(store: Store, name: str = "dep", **options: Any) -> CircuitBreaker:
+    """A breaker on ``store`` that trips on four failed calls in a window of four and stays
+    open ten seconds; ``options`` (the breaker's) override these."""
+    config: dict[str, Any] = {"minimum_calls": 4, "window": CountWindow(4), "open_for": 10.0}
+    return CircuitBreaker(name, store=store, **(config | options))
+
+
+def in_three_loops(main: Callable[[], Coroutine[Any, Any, object]]) -> None:
+    """Run ``main()`` in a new event loop, then in one of another thread (bounded wait), then
+    again here: for what must work in any loop, not only the first that used it."""
+    asyncio.run(main())
+    thread = threading.Thread(target=lambda: asyncio.run(main()))
+    thread.start()
+    thread.join(timeout=30)
+    asyncio.run(main())
 
 
 def unique_prefix(tag: str = "t") -> str:

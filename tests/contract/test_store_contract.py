@@ -24,14 +24,7 @@ from resilience import (
 from resilience.policies.circuit import BreakerConfig
 from resilience.testing import FakeClock
 
-from ..helpers import boom, ok, until
-
-
-def breaker(store: Store, name: str = "dep", **kw: object) -> CircuitBreaker:
-    options: dict[str, object] = {"minimum_calls": 4, "window": CountWindow(4), "open_for": 10.0}
-    options.update(kw)
-    return CircuitBreaker(name, store=store, **options)  # type: ignore[arg-type]
-
+from ..helpers import boom, breaker, ok, until
 
 Settle = Callable[[], Awaitable[None]]
 

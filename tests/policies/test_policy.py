@@ -7,7 +7,6 @@ import functools
 import inspect
 import logging
 import math
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,7 +34,7 @@ from resilience.policies.retry import Retry
 from resilience.policies.timeout import Timeout
 from resilience.testing import FakeClock
 
-from ..helpers import ok, settle
+from ..helpers import in_three_loops, ok, settle
 
 
 def fast_retry(attempts: int = 3, **kwargs: Any) -> Retry:
@@ -582,11 +581,7 @@ def test_caller_task_is_the_current_task_on_every_loop_and_thread() -> None:
         await settle()
         seen.append(in_callback == [None])
 
-    asyncio.run(probe())
-    thread = threading.Thread(target=lambda: asyncio.run(probe()))
-    thread.start()
-    thread.join(timeout=30)
-    asyncio.run(probe())
+    in_three_loops(probe)
     assert seen == [True] * 12
     with pytest.raises(RuntimeError):
         tasks.find()

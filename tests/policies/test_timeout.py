@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ from resilience.events import Event, TimedOut
 from resilience.policies.timeout import Timeout
 from resilience.testing import FakeClock
 
-from ..helpers import advance, cancelled, policy_events, settle, started
+from ..helpers import advance, cancelled, in_three_loops, policy_events, settle, started
 
 
 async def test_expires_after_seconds(clock: FakeClock) -> None:
@@ -287,11 +286,7 @@ def test_usable_from_a_loop_in_another_thread() -> None:
         await advance(clock, 3)
         ran.append(type(task.exception()))
 
-    asyncio.run(slow())
-    thread = threading.Thread(target=lambda: asyncio.run(slow()))
-    thread.start()
-    thread.join(timeout=30)
-    asyncio.run(slow())
+    in_three_loops(slow)
     assert ran == [ResilienceTimeoutError] * 3
 
 

@@ -28,14 +28,14 @@ from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
 from ..helpers import boom, ok, unique_prefix, until
+from ..helpers import breaker as small_breaker
 from ..redis_server import RedisServer
 from .support import subscribed
 
 
-def breaker(store: RedisStore, name: str = "dep", **kw: Any) -> CircuitBreaker:
-    options: dict[str, Any] = {"minimum_calls": 4, "window": CountWindow(4), "open_for": 30.0}
-    options.update(kw)
-    return CircuitBreaker(name, store=store, **options)
+def breaker(store: RedisStore, name: str = "dep", **options: Any) -> CircuitBreaker:
+    """The tests' small breaker, open thirty seconds: longer than any test here waits."""
+    return small_breaker(store, name, **{"open_for": 30.0, **options})
 
 
 async def fail(b: CircuitBreaker, times: int) -> None:

@@ -44,7 +44,7 @@ from .events import (
 from .policies.base import Policy
 from .policies.bulkhead import Bulkhead
 from .policies.cache import FallbackCache, JSONSerializer, Serializer
-from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
+from .policies.circuit import CircuitBreaker
 from .policies.coalesce import Coalesce
 from .policies.collapse import Collapse
 from .policies.fallback import Fallback
@@ -56,10 +56,12 @@ from .policies.ratelimit import RateLimiter
 from .policies.retry import Retry, RetryBudget, RetryCallState
 from .policies.throttle import Throttle
 from .policies.timeout import Timeout
+from .rules.breaker import BreakerMetrics
 from .rules.detectors import PhiAccrualDetector, TimeoutDetector
 from .rules.limits import AdaptiveLimit
 from .rules.quantile import LearnedDelay
 from .rules.windows import CountWindow, TimeWindow
+from .states import CircuitState
 from .store import MemoryStore, Store
 from .store.config import ConfigChange, ConfigState, configure_from
 from .store.protocol import status

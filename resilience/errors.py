@@ -27,7 +27,8 @@ and a copy made with ``cls.__new__(cls, *error.args)`` has every field.
 
 from __future__ import annotations
 
-from typing import cast
+from types import TracebackType
+from typing import TypeAlias, cast
 
 __all__ = [
     "BulkheadFullError",
@@ -41,6 +42,12 @@ __all__ = [
     "ThrottledError",
     "UnacceptableResultError",
 ]
+
+
+#: ``__aexit__``'s first and last arguments, as the policies and stores that are async context
+#: managers take them
+ExcType: TypeAlias = type[BaseException] | None
+Traceback: TypeAlias = TracebackType | None
 
 
 class ResilienceError(Exception):

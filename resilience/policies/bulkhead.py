@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Iterable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..checks import check_fleet_name, store_down
 from ..clock import Clock
-from ..errors import BulkheadFullError, RejectedError, StoreUnavailableError
+from ..errors import BulkheadFullError, ExcType, RejectedError, StoreUnavailableError, Traceback
 from ..events import CallRejected, Listener, emit
 from ..rules.limits import AdaptiveLimit, Limiter
 from ..store.config import Schema, follow, register_schema
@@ -382,12 +381,7 @@ class Bulkhead(BasePolicy):
             entry = (permit, self._clock.monotonic())
             self._held.setdefault(asyncio.current_task(), []).append(entry)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         permits = self.permits
         if permits is None and self._limiter is None:
             self._release()

@@ -11,11 +11,10 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
-from ..errors import CircuitOpenError
+from ..errors import CircuitOpenError, ExcType, Traceback
 from ..events import CallRejected, Listener, StateChanged, emit
 from ..rules.breaker import (
     CLOSED,
@@ -28,10 +27,6 @@ from ..rules.breaker import (
     BreakerCore,
     BreakerMetrics,
     CircuitState,
-    half_open_verdict,
-    open_duration,
-    over_threshold,
-    tripped,
 )
 from ..rules.windows import CountCounter, CountWindow, TimeWindow, WindowSpec
 from ..store.config import Schema, follow, register_schema
@@ -51,22 +46,7 @@ from .health import HealthCheck, HealthResult
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
-__all__ = [
-    "CLOSED",
-    "DISABLED",
-    "FORCED_OPEN",
-    "HALF_OPEN",
-    "OPEN",
-    "BreakerConfig",
-    "BreakerCore",
-    "BreakerMetrics",
-    "CircuitBreaker",
-    "CircuitState",
-    "half_open_verdict",
-    "open_duration",
-    "over_threshold",
-    "tripped",
-]
+__all__ = ["CircuitBreaker"]
 
 
 logger = logging.getLogger("resilience")
@@ -563,12 +543,7 @@ class CircuitBreaker(BasePolicy):
         gen, lease, start = await self._admit()
         self._held.set((*self._held.get(), (gen, lease, start)))
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         held = self._held.get()
         gen, lease, start = held[-1]
         self._held.set(held[:-1])

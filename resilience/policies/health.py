@@ -20,12 +20,11 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..checks import check_int, check_name, check_seconds, store_down
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ResilienceTimeoutError
+from ..errors import ExcType, ResilienceTimeoutError, Traceback
 from ..events import HealthChanged, Listener, check_listeners, emit
 from ..forks import reset_in_child
 from ..rules.detectors import Detector, PhiAccrualDetector
@@ -379,12 +378,7 @@ class HealthCheck:
         self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         await self.aclose()
 
     def _alive(self) -> bool:

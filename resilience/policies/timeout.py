@@ -16,11 +16,10 @@ import asyncio
 from collections import deque
 from collections.abc import Iterable
 from contextvars import ContextVar
-from types import TracebackType
 from typing import Any
 
 from ..clock import Clock, TimerHandle
-from ..errors import ResilienceTimeoutError
+from ..errors import ExcType, ResilienceTimeoutError, Traceback
 from ..events import Listener, TimedOut, emit
 from ..store.config import Schema, follow, register_schema
 from .base import BasePolicy, CallerTask, Protected, check_seconds
@@ -177,12 +176,7 @@ class Timeout(BasePolicy):
     async def __aenter__(self) -> None:
         self._held.set((*self._held.get(), self._enter()))
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         held = self._held.get()
         entry = held[-1]
         self._held.set(held[:-1])

@@ -5,10 +5,10 @@ breaker's status record."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from ..checks import check_counts, check_int, check_name, check_seconds
+from ..errors import ExcType, Traceback
 from .records import MAX_PUBLISHED, PolicyStatus
 
 if TYPE_CHECKING:
@@ -35,12 +35,7 @@ class StoreBase:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, kind: ExcType, exc: BaseException | None, tb: Traceback) -> None:
         await self.aclose()
 
 

@@ -21,7 +21,7 @@ from resilience import (
     PolicyStatus,
     Store,
 )
-from resilience.policies.circuit import BreakerConfig
+from resilience.rules.breaker import BreakerConfig
 from resilience.testing import FakeClock
 
 from ..helpers import boom, breaker, ok, until

@@ -23,7 +23,7 @@ from resilience import (
     StateChanged,
     TimeWindow,
 )
-from resilience.policies.circuit import BreakerConfig, half_open_verdict, open_duration, tripped
+from resilience.rules.breaker import BreakerConfig, half_open_verdict, open_duration, tripped
 from resilience.testing import FakeClock
 
 from ..helpers import boom, cancelled, ok

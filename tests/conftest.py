@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -23,6 +24,17 @@ def _live_settings() -> Iterator[None]:
     """Every test starts with no live settings and no declared defaults (they are per process)."""
     yield
     live_settings._forget()
+
+
+@pytest.fixture(autouse=True)
+def _log_levels() -> Iterator[None]:
+    """A test that runs the CLI in this process (which quiets the store's logger) leaves the
+    levels as it found them."""
+    loggers = [logging.getLogger(name) for name in ("resilience", "resilience.redis")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
 @pytest.fixture

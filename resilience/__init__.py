@@ -44,7 +44,7 @@ from .policies.base import Policy
 from .policies.bulkhead import Bulkhead
 from .policies.cache import FallbackCache, JSONSerializer, Serializer
 from .policies.circuit import BreakerMetrics, CircuitBreaker, CircuitState
-from .policies.coalesce import Coalesce
+from .policies.coalesce import Coalesce, request_scope
 from .policies.collapse import Collapse
 from .policies.fallback import Fallback
 from .policies.health import HealthCheck, HealthResult
@@ -134,6 +134,7 @@ __all__ = [
     "TimeoutDetector",
     "UnacceptableResultError",
     "__version__",
+    "request_scope",
     "select",
     "shortest_lease",
     "status",

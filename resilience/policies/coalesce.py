@@ -253,11 +253,13 @@ class Coalesce(BasePolicy):
             else:
                 key = (fn, user_fn, key_of(*user_args, **kwargs))
                 flight = flights.get(key)
-            request = _request.get() if per_request else None
-            if request is not None:
-                result = request.results.get((self, key), _MISSING)
+            keep = None
+            if per_request and (request := _request.get()) is not None:
+                results = request.results
+                result = results.get((self, key), _MISSING)
                 if result is not _MISSING:  # this request made the same call before
                     return result if copy is None else copy(result)
+                keep = partial(results.__setitem__, (self, key))
                 key = (request, key)  # shared with the request's own calls only
                 flight = flights.get(key)
             while flight is not None and flight.abandoned:  # wait for its cancellation to end
@@ -274,7 +276,7 @@ class Coalesce(BasePolicy):
                 flight.callers.append(future)
                 flight.waiting += 1
                 # an eager task may run the call to its end right here
-                flight.task = _create_task(loop, execute(key, flight, call, request))
+                flight.task = _create_task(loop, execute(key, flight, call, keep))
             else:
                 flight.callers.append(future)
                 flight.waiting += 1
@@ -292,11 +294,15 @@ class Coalesce(BasePolicy):
         return protected
 
     async def _execute(
-        self, key: Hashable, flight: _Flight, call: Awaitable[Any], request: _Request | None
+        self,
+        key: Hashable,
+        flight: _Flight,
+        call: Awaitable[Any],
+        keep: Callable[[Any], object] | None,
     ) -> None:
         """Await ``call`` and hand its outcome to every caller of ``flight`` still waiting;
-        from then on a call with ``key`` runs afresh, or, in a ``request``, gets the result
-        (``key`` is then ``(request, key)``)."""
+        from then on a call with ``key`` runs afresh, unless ``keep`` (a request's cache)
+        kept its result."""
         try:
             result = await call
         except BaseException as exc:
@@ -310,8 +316,8 @@ class Coalesce(BasePolicy):
             if not isinstance(exc, Exception):
                 raise
             return
-        if request is not None:
-            request.results[self, key[1]] = result  # type: ignore[index]
+        if keep is not None:
+            keep(result)
         self._landed(key, flight)
         for future in flight.callers:
             if not future.done():

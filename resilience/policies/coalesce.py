@@ -81,46 +81,36 @@ def fleet_item(
     return item
 
 
-class _Request:
-    """One request's cache: the results of its calls, by policy and key. Hashed by identity:
-    it also keeps the request's executions apart from the other requests'."""
-
-    __slots__ = ("results",)
-
-    def __init__(self) -> None:
-        self.results: dict[Hashable, Any] = {}  #: ``(policy, key)``: the result
-
-
-_request: ContextVar[_Request | None] = ContextVar("resilience_request", default=None)
-_MISSING = object()
-
-
 class request_scope:
-    """The calls inside are one request: ``with request_scope():`` or ``async with
-    request_scope():`` around a request's work (a job in a worker, a test, a request of a
-    framework without ``ResilienceMiddleware``, which opens one for each HTTP request).
+    """One request: ``with request_scope():`` or ``async with request_scope():`` around a
+    request's work (a job in a worker, a test, a request of a framework without
+    ``ResilienceMiddleware``, which opens one for each HTTP request).
 
     Within it, a ``Coalesce(scope="request")`` shares executions only among the request's
     calls (the tasks it starts too: they copy its context), and keeps each call's result
-    for the rest of the request. A scope opened inside another is a new request, with a
-    cache of its own, until it ends. ``open()`` and ``close()`` are ``with``'s two halves.
+    in the request's cache until it ends. A scope opened inside another is a new request,
+    with a cache of its own, until it ends. ``open()`` and ``close()`` are ``with``'s two
+    halves. Hashed by identity: it also keeps the request's executions apart.
     """
 
-    __slots__ = ("_token",)
+    __slots__ = ("_results", "_token")
 
     in_use: ClassVar[bool] = False
     """Whether a ``Coalesce(scope="request")`` was made in this process: until then a
     request scope has no use, and ``ResilienceMiddleware`` opens none."""
 
-    _token: Token[_Request | None]
+    _token: Token[request_scope | None]
+
+    def __init__(self) -> None:
+        self._results: dict[Hashable, Any] = {}  #: the cache: ``(policy, key)``: the result
 
     def open(self) -> request_scope:
-        """Start the request: its cache is empty."""
-        self._token = _request.set(_Request())
+        """Start the request: the calls from here on are its calls."""
+        self._token = _request.set(self)
         return self
 
     def close(self, *exc_info: object) -> None:
-        """End the request: its cache is dropped, the enclosing one (if any) comes back."""
+        """End the request: the enclosing one (if any) comes back."""
         _request.reset(self._token)
 
     __enter__ = open
@@ -131,6 +121,10 @@ class request_scope:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_request: ContextVar[request_scope | None] = ContextVar("resilience_request", default=None)
+_MISSING = object()
 
 
 class _Flight:
@@ -255,7 +249,7 @@ class Coalesce(BasePolicy):
                 flight = flights.get(key)
             keep = None
             if per_request and (request := _request.get()) is not None:
-                results = request.results
+                results = request._results
                 result = results.get((self, key), _MISSING)
                 if result is not _MISSING:  # this request made the same call before
                     return result if copy is None else copy(result)

@@ -17,6 +17,8 @@ from starlette.routing import Route
 
 from resilience import Coalesce, request_scope
 
+from ..helpers import started
+
 
 class Shop:
     """A Starlette app whose ``/price`` and ``/health`` look the price up three times (twice
@@ -24,6 +26,8 @@ class Shop:
 
     def __init__(self, **options: object) -> None:
         self.lookups: Counter[str] = Counter()
+        self.gate = asyncio.Event()  #: the lookups return once it is set
+        self.gate.set()
         self.price = Coalesce(scope="request")(self.lookup)
         routes = [Route("/price", self.handle), Route("/health", self.handle)]
         middleware = [Middleware(ResilienceMiddleware, **options)]
@@ -31,7 +35,7 @@ class Shop:
 
     async def lookup(self, item: str) -> dict[str, float]:
         self.lookups[item] += 1
-        await asyncio.sleep(0)
+        await self.gate.wait()
         return {"price": 9.5}
 
     async def handle(self, request: Request) -> JSONResponse:
@@ -52,6 +56,18 @@ async def test_each_request_has_a_cache_of_its_own() -> None:
             response = await client.get(path)
             assert response.json() == {"same": True}
     assert shop.lookups["tea"] == 3
+
+
+async def test_concurrent_requests_do_not_share() -> None:
+    """Two requests under way at once each run their own lookup (one each, not one)."""
+    shop = Shop(max_concurrent=10)
+    shop.gate.clear()
+    async with shop.client() as client:
+        requests = [await started(client.get("/price")) for _ in range(2)]
+        assert shop.lookups["tea"] == 2
+        shop.gate.set()
+        for response in await asyncio.gather(*requests):
+            assert response.json() == {"same": True}
 
 
 async def test_the_request_cache_ends_with_the_request() -> None:

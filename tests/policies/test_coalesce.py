@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import copy
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -222,12 +223,58 @@ def test_bad_options_are_type_errors(option: str, value: object) -> None:
         Coalesce(**{option: value})
 
 
-OPS = st.one_of(
-    st.tuples(st.just("call"), st.sampled_from("abc")),
-    st.tuples(st.just("cancel"), st.integers(0, 20)),
-    st.tuples(st.just("release"), st.sampled_from("abc")),
-    st.tuples(st.just("turns"), st.integers(1, 3)),
-)
+async def drive(
+    backend: Backend, ops: list[tuple[str, Any]], call: Callable[[Any], asyncio.Task[Any]]
+) -> list[tuple[Any, object]]:
+    """Play ``ops``: calls (``call(arg)`` starts one), cancellations, returns of a key, turns
+    of the loop; then let every key return. The calls not cancelled, with their outcomes
+    (those cancelled are checked to have ended cancelled)."""
+    calls: list[tuple[Any, asyncio.Task[Any]]] = []
+    gone: set[int] = set()
+    for op, arg in ops:
+        if op == "call":
+            calls.append((arg, call(arg)))
+        elif op == "cancel" and calls:
+            i = arg % len(calls)
+            if calls[i][1].cancel():
+                gone.add(i)
+        elif op == "release":
+            backend.gate(arg).set()
+            await settle()
+            backend.gate(arg).clear()
+        else:
+            await settle(arg)
+    for key in "abc":
+        backend.gate(key).set()
+    outcomes = await asyncio.gather(*(t for _, t in calls), return_exceptions=True)
+    for i in gone:
+        assert isinstance(outcomes[i], asyncio.CancelledError)
+    done = enumerate(zip(calls, outcomes, strict=True))
+    return [(arg, outcome) for i, ((arg, _), outcome) in done if i not in gone]
+
+
+def assert_outcome_of(key: str, outcome: object, failing: set[str]) -> None:
+    """``outcome`` is that of an execution of ``key``: its failure, or its result."""
+    if key in failing:
+        assert isinstance(outcome, ValueError)
+        assert str(outcome) == f"failed {key}"
+    else:
+        assert isinstance(outcome, dict)
+        assert outcome["key"] == key
+
+
+def steps(calls: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[str, Any]]:
+    """The steps ``drive`` plays: a call (its argument drawn from ``calls``), a cancellation,
+    a key's return, turns of the loop."""
+    return st.one_of(
+        st.tuples(st.just("call"), calls),
+        st.tuples(st.just("cancel"), st.integers(0, 20)),
+        st.tuples(st.just("release"), st.sampled_from("abc")),
+        st.tuples(st.just("turns"), st.integers(1, 3)),
+    )
+
+
+OPS = steps(st.sampled_from("abc"))
 
 
 @settings(max_examples=100, deadline=None)
@@ -243,33 +290,8 @@ def test_grouping_property(ops: list[tuple[str, Any]], failing: set[str]) -> Non
         backend.fail = set(failing)
         coalesce = Coalesce()
         fetch = coalesce(backend)
-        calls: list[tuple[str, asyncio.Task[Any]]] = []
-        gone: set[int] = set()
-        for op, arg in ops:
-            if op == "call":
-                calls.append((arg, asyncio.create_task(fetch(arg))))
-            elif op == "cancel" and calls:
-                i = arg % len(calls)
-                if calls[i][1].cancel():
-                    gone.add(i)
-            elif op == "release":
-                backend.gate(arg).set()
-                await settle()
-                backend.gate(arg).clear()
-            else:
-                await settle(arg)
-        for key in "abc":
-            backend.gate(key).set()
-        outcomes = await asyncio.gather(*(t for _, t in calls), return_exceptions=True)
-        for i, ((key, _), outcome) in enumerate(zip(calls, outcomes, strict=True)):
-            if i in gone:
-                assert isinstance(outcome, asyncio.CancelledError)
-            elif key in failing:
-                assert isinstance(outcome, ValueError)
-                assert str(outcome) == f"failed {key}"
-            else:
-                assert isinstance(outcome, dict)
-                assert outcome["key"] == key
+        for key, outcome in await drive(backend, ops, lambda key: asyncio.create_task(fetch(key))):
+            assert_outcome_of(key, outcome, failing)
         assert max(backend.peak.values(), default=0) <= 1
         assert not any(backend.running.values())
         await settle()
@@ -420,12 +442,7 @@ def test_bad_scope_is_refused(value: object, error: type[Exception]) -> None:
         Coalesce(scope=value)  # type: ignore[arg-type]
 
 
-REQUEST_OPS = st.one_of(
-    st.tuples(st.just("call"), st.tuples(st.sampled_from([None, 0, 1]), st.sampled_from("ab"))),
-    st.tuples(st.just("cancel"), st.integers(0, 20)),
-    st.tuples(st.just("release"), st.sampled_from("ab")),
-    st.tuples(st.just("turns"), st.integers(1, 3)),
-)
+REQUEST_OPS = steps(st.tuples(st.sampled_from([None, 0, 1]), st.sampled_from("ab")))
 
 
 @settings(max_examples=100, deadline=None)
@@ -444,37 +461,17 @@ def test_request_scope_property(ops: list[tuple[str, Any]], failing: set[str]) -
         requests = [contextvars.copy_context() for _ in range(2)]
         for context in requests:
             context.run(request_scope().open)
-        calls: list[tuple[tuple[int | None, str], asyncio.Task[Any]]] = []
-        gone: set[int] = set()
-        for op, arg in ops:
-            if op == "call":
-                request, key = arg
-                context = None if request is None else requests[request]
-                calls.append((arg, asyncio.create_task(fetch(key), context=context)))
-            elif op == "cancel" and calls:
-                i = arg % len(calls)
-                if calls[i][1].cancel():
-                    gone.add(i)
-            elif op == "release":
-                backend.gate(arg).set()
-                await settle()
-                backend.gate(arg).clear()
-            else:
-                await settle(arg)
-        for key in "ab":
-            backend.gate(key).set()
-        outcomes = await asyncio.gather(*(t for _, t in calls), return_exceptions=True)
+
+        def call(arg: tuple[int | None, str]) -> asyncio.Task[Any]:
+            request, key = arg
+            context = None if request is None else requests[request]
+            return asyncio.create_task(fetch(key), context=context)
+
         kept: dict[tuple[int, str], int] = {}
-        for i, (((request, key), _), outcome) in enumerate(zip(calls, outcomes, strict=True)):
-            if i in gone:
-                assert isinstance(outcome, asyncio.CancelledError)
-            elif key in failing:
-                assert isinstance(outcome, ValueError)
-            else:
-                assert isinstance(outcome, dict)
-                assert outcome["key"] == key
-                if request is not None:
-                    assert kept.setdefault((request, key), id(outcome)) == id(outcome)
+        for (request, key), outcome in await drive(backend, ops, call):
+            assert_outcome_of(key, outcome, failing)
+            if request is not None and key not in failing:
+                assert kept.setdefault((request, key), id(outcome)) == id(outcome)
         for key in "ab":
             assert kept.get((0, key), 0) != kept.get((1, key), 1)
         assert not any(backend.running.values())

@@ -14,7 +14,8 @@ median of the per-round ratios, so load from other processes mostly cancels out:
    ``ResilienceMiddleware`` vs the same app without it.
 2. In process, the adapters' own cost with no network: microseconds per request handled by
    ``MockTransport`` directly and through ``ResilientTransport``, and per direct ASGI call of
-   a minimal app with and without the middleware.
+   a minimal app with and without the middleware, and through the middleware with and
+   without a request scope per request (opened once a ``Coalesce(scope="request")`` exists).
 
 Only loopback sockets are used; the server process is stopped at the end.
 """
@@ -35,6 +36,8 @@ import httpx
 from harness import serve_asgi, start_server, stop_server
 from resilience.integrations.asgi import ResilienceMiddleware
 from resilience.integrations.httpx import BulkheadOptions, HttpPolicy, ResilientTransport
+
+from resilience import request_scope
 
 BODY = b"ok"
 START = {
@@ -200,6 +203,17 @@ async def in_process(seconds: float, rounds: int) -> None:
     )
     print(f"  ASGI app, called directly          {b:6.2f} us/request")
     print(f"  ... + ResilienceMiddleware         {w:6.2f} us/request   (+{w - b:.2f} us)")
+
+    async def scoped(in_use: bool) -> float:
+        request_scope.in_use = in_use  # as if a Coalesce(scope="request") existed, or not
+        return await per_call(lambda: middleware(scope, receive, send), seconds)
+
+    in_use = request_scope.in_use
+    try:
+        b, w, _ = await interleave(rounds, lambda: scoped(False), lambda: scoped(True))
+    finally:
+        request_scope.in_use = in_use
+    print(f"  ... + a request scope per request  {w:6.2f} us/request   (+{w - b:.2f} us)")
 
 
 def main() -> None:

@@ -27,6 +27,9 @@ Rows:
    against the bare await of the same function (interleaved rounds; goal: under 1 us above
    the bare call, scaled by this run's bare await against the 65 ns of the reference
    machine, as in benchmarks/README.md).
+5. **A request's cache**: ns per awaited call through ``Coalesce(scope="request")`` within
+   a ``request_scope()``: with a new key each time (run, then kept), and with the key of a
+   call the request made before (answered from its cache), in the same rounds as row 4.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from resilience import Coalesce, Collapse  # noqa: E402
+from resilience import Coalesce, Collapse, request_scope  # noqa: E402
 
 REFERENCE_BARE_NS = 65.0  # a bare await on the machine the targets were set on
 TARGET_NS = 1000.0  # a never-shared key: at most this much above the bare call there
@@ -127,23 +130,33 @@ async def throughput(n: int, collapse: bool) -> tuple[float, int]:
 
 
 async def unshared(rounds: int, calls: int) -> dict[str, list[float]]:
-    """Row 4: ns per awaited call, bare and through Coalesce with a new key each time."""
+    """Rows 4 and 5: ns per awaited call, bare and through Coalesce with a new key each time;
+    through ``Coalesce(scope="request")`` in a request, with a new key and with a kept one."""
 
     async def ok(key: int) -> int:
         return 1
 
     fetch = Coalesce()(ok)
+    per_request = Coalesce(scope="request")(ok)
     keys = itertools.count()
-    out: dict[str, list[float]] = {"bare": [], "coalesce": []}
-    cases: list[tuple[str, Callable[[int], Awaitable[int]]]] = [("bare", ok), ("coalesce", fetch)]
+    out: dict[str, list[float]] = {"bare": [], "coalesce": [], "request": [], "kept": []}
+    cases: list[tuple[str, Callable[[int], Awaitable[int]]]] = [
+        ("bare", ok),
+        ("coalesce", fetch),
+        ("request", per_request),
+        ("kept", lambda key: per_request(-1)),
+    ]
     for r in range(rounds + 1):
         for name, fn in cases if r % 2 else cases[::-1]:
             await asyncio.sleep(0)
+            scope = request_scope().open()
+            await per_request(-1)
             gc.disable()
             start = time.perf_counter_ns()
             for _ in range(calls):
                 await fn(next(keys))
             elapsed = time.perf_counter_ns() - start
+            scope.close()
             gc.enable()
             if r:  # the first round warms up
                 out[name].append(elapsed / calls)
@@ -275,7 +288,18 @@ async def main(quick: bool, url: str) -> list[str]:
         "Python 3.11 it runs on the next turn of the event loop, which hands the caller its "
         "outcome a turn later; from 3.12 it starts at once (asyncio's eager tasks), and a call "
         "that never waits ends before its caller awaits it.",
+        "",
+        "## 5. A request's cache (ns per call, median / min, same rounds as row 4)",
+        "",
+        "| case | ns | above bare |",
+        "| --- | --- | --- |",
     ]
+    for case, label in (
+        ("request", '`Coalesce(scope="request")` in a request, a new key (runs, then kept)'),
+        ("kept", '`Coalesce(scope="request")` in a request, a kept key (from its cache)'),
+    ):
+        median = statistics.median(cost[case])
+        lines.append(f"| {label} | {median:.0f} / {min(cost[case]):.0f} | {median - bare:.0f} |")
     return lines
 
 

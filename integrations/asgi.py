@@ -44,6 +44,7 @@ from resilience import (
     RateLimitedError,
     ResilienceTimeoutError,
     Store,
+    request_scope,
 )
 from resilience.checks import check_bool, check_fleet_name, check_name, check_seconds
 
@@ -334,46 +335,56 @@ class ResilienceMiddleware:
                 receive = self._lifespan(receive)
             await self.app(scope, receive, send)
             return
-        if self._plain:
-            route, level = self._default, None
-        else:
-            found = self._route(scope.get("path", "/"))
-            if found is None:
-                await self.app(scope, receive, send)
-                return
-            route, level = found
-        budget, claimed = self._headers(scope)
-        if level is None:
-            level = claimed
-        bulkhead = route.bulkhead
-        if bulkhead is not None and level is not CRITICAL and (share := self.shares[level]) < 1.0:
-            # a lower class may fill only its share of the limit (at least one slot)
-            fleet = route.fleet
-            if fleet is None:  # crowded_here(), inlined: this replica's requests
-                full = bulkhead.in_flight >= (int(share * bulkhead.current_limit) or 1)
-            elif fleet.held < fleet.share and fleet.clock.monotonic() < fleet.valid_until:
-                # the fleet's limit: this replica's requests plus what the others hold
-                full = fleet.held + fleet.others >= route.caps[level]
-            else:  # the share is used up: grow it, within the class's share (one round trip)
-                full = await crowded(bulkhead, fleet, route.caps[level], share)
-            if full:
-                bulkhead.rejection()  # reported to the listeners like the bulkhead's own
-                await _answer(send, 503, _OVERLOADED, route.retry_after)
-                return
-        if level is DEFAULT:
-            if budget is None and route.timeout is None:  # the common case, inlined
-                if route.protected is None:
-                    await self.app(scope, receive, send)
-                else:
-                    await self._run(route, scope, receive, send, [])
-            else:
-                await self._serve(route, scope, receive, send, budget)
-            return
-        token = _criticality.set(level)  # forwarded downstream by ResilientTransport
+        # each request is a request scope, once a Coalesce(scope="request") exists
+        opened = request_scope().open() if request_scope.in_use else None
         try:
-            await self._serve(route, scope, receive, send, budget)
+            if self._plain:
+                route, level = self._default, None
+            else:
+                found = self._route(scope.get("path", "/"))
+                if found is None:
+                    await self.app(scope, receive, send)
+                    return
+                route, level = found
+            budget, claimed = self._headers(scope)
+            if level is None:
+                level = claimed
+            bulkhead = route.bulkhead
+            if (
+                bulkhead is not None
+                and level is not CRITICAL
+                and (share := self.shares[level]) < 1.0
+            ):
+                # a lower class may fill only its share of the limit (at least one slot)
+                fleet = route.fleet
+                if fleet is None:  # crowded_here(), inlined: this replica's requests
+                    full = bulkhead.in_flight >= (int(share * bulkhead.current_limit) or 1)
+                elif fleet.held < fleet.share and fleet.clock.monotonic() < fleet.valid_until:
+                    # the fleet's limit: this replica's requests plus what the others hold
+                    full = fleet.held + fleet.others >= route.caps[level]
+                else:  # the share is used up: grow it, within the class's share (one round trip)
+                    full = await crowded(bulkhead, fleet, route.caps[level], share)
+                if full:
+                    bulkhead.rejection()  # reported to the listeners like the bulkhead's own
+                    await _answer(send, 503, _OVERLOADED, route.retry_after)
+                    return
+            if level is DEFAULT:
+                if budget is None and route.timeout is None:  # the common case, inlined
+                    if route.protected is None:
+                        await self.app(scope, receive, send)
+                    else:
+                        await self._run(route, scope, receive, send, [])
+                else:
+                    await self._serve(route, scope, receive, send, budget)
+                return
+            token = _criticality.set(level)  # forwarded downstream by ResilientTransport
+            try:
+                await self._serve(route, scope, receive, send, budget)
+            finally:
+                _criticality.reset(token)
         finally:
-            _criticality.reset(token)
+            if opened is not None:
+                opened.close()
 
     def _lifespan(self, receive: Receive) -> Receive:
         """``receive`` for the lifespan scope: on ``lifespan.shutdown`` (the server has stopped

@@ -45,7 +45,7 @@ from .policies.base import Policy
 from .policies.bulkhead import Bulkhead
 from .policies.cache import FallbackCache, JSONSerializer, Serializer
 from .policies.circuit import CircuitBreaker
-from .policies.coalesce import Coalesce
+from .policies.coalesce import Coalesce, request_scope
 from .policies.collapse import Collapse
 from .policies.fallback import Fallback
 from .policies.health import HealthCheck, HealthResult
@@ -142,6 +142,7 @@ __all__ = [
     "UnacceptableResultError",
     "__version__",
     "configure_from",
+    "request_scope",
     "select",
     "shortest_lease",
     "status",

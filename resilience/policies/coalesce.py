@@ -8,14 +8,20 @@ object, or the same exception. The next call after it ended runs afresh: nothing
 The execution runs in a task of its own, so no caller owns it: a caller that is cancelled
 (or times out) leaves it and the other callers alone; when every caller has gone, the
 execution is cancelled. With a store, the execution is shared by the fleet (``FleetFlight``).
+
+With ``scope="request"``, calls share only with the calls of their own request (a
+``request_scope``, which ``ResilienceMiddleware`` opens for each HTTP request), and a result
+is kept for the rest of the request: the next identical call gets it without running (the
+request cache). Outside any request scope, such a policy is a plain single flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
+from contextvars import ContextVar, Token
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ..clock import Clock
 from ..events import Coalesced, Listener, emit
@@ -27,12 +33,16 @@ from .flight import FleetFlight, check_fleet_options
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
-__all__ = ["LEASE", "POLL", "Coalesce", "default_key", "fleet_item"]
+__all__ = ["LEASE", "POLL", "SCOPES", "Coalesce", "default_key", "fleet_item", "request_scope"]
 
 LEASE = 10.0
 """Seconds a fleet's flight stays with a replica that stopped renewing it, by default."""
 POLL = 0.5
 """Seconds between a waiting replica's looks for a result when no wake-up came, by default."""
+
+SCOPES = ("flight", "request")
+"""What a ``Coalesce`` shares within: executions under way (``"flight"``), or also the
+results of the calls of one request (``"request"``)."""
 
 _CancelledError = asyncio.CancelledError
 _get_loop = asyncio.get_running_loop
@@ -71,6 +81,52 @@ def fleet_item(
     return item
 
 
+class request_scope:
+    """One request: ``with request_scope():`` or ``async with request_scope():`` around a
+    request's work (a job in a worker, a test, a request of a framework without
+    ``ResilienceMiddleware``, which opens one for each HTTP request).
+
+    Within it, a ``Coalesce(scope="request")`` shares executions only among the request's
+    calls (the tasks it starts too: they copy its context), and keeps each call's result
+    in the request's cache until it ends. A scope opened inside another is a new request,
+    with a cache of its own, until it ends. ``open()`` and ``close()`` are ``with``'s two
+    halves. Hashed by identity: it also keeps the request's executions apart.
+    """
+
+    __slots__ = ("_results", "_token")
+
+    in_use: ClassVar[bool] = False
+    """Whether a ``Coalesce(scope="request")`` was made in this process: until then a
+    request scope has no use, and ``ResilienceMiddleware`` opens none."""
+
+    _token: Token[request_scope | None]
+
+    def __init__(self) -> None:
+        self._results: dict[Hashable, Any] = {}  #: the cache: ``(policy, key)``: the result
+
+    def open(self) -> request_scope:
+        """Start the request: the calls from here on are its calls."""
+        self._token = _request.set(self)
+        return self
+
+    def close(self, *exc_info: object) -> None:
+        """End the request: the enclosing one (if any) comes back."""
+        _request.reset(self._token)
+
+    __enter__ = open
+    __exit__ = close
+
+    async def __aenter__(self) -> request_scope:
+        return self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_request: ContextVar[request_scope | None] = ContextVar("resilience_request", default=None)
+_MISSING = object()
+
+
 class _Flight:
     """One execution under way and the callers waiting for it (a future each)."""
 
@@ -101,6 +157,12 @@ class Coalesce(BasePolicy):
     wait for the result it publishes (``FleetFlight``: ``lease``, ``poll``, ``serializer``,
     ``max_bytes``); the key is then a str: what ``key`` returns, or by default the function's
     qualified name and the ``repr`` of its arguments.
+
+    With ``scope="request"``, within a ``request_scope`` the calls share only with the
+    calls of their request, and a call's result is kept for the rest of it: the next call
+    with the same key (and function, and policy) gets it at once (through ``copy``).
+    Failures and cancelled calls are not kept. Outside any request scope it is a plain
+    single flight. A request's cache is local: ``store`` is then refused.
     """
 
     kind = "coalesce"
@@ -110,6 +172,7 @@ class Coalesce(BasePolicy):
         *,
         key: Callable[..., Hashable] | None = None,
         copy: Callable[[Any], Any] | None = None,
+        scope: Literal["flight", "request"] = "flight",
         store: Store | None = None,
         lease: float = LEASE,
         poll: float = POLL,
@@ -120,6 +183,14 @@ class Coalesce(BasePolicy):
         listeners: Iterable[Listener] = (),
     ) -> None:
         super().__init__(name, clock, listeners)
+        if not isinstance(scope, str):
+            raise TypeError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if scope == "request" and store is not None:
+            raise ValueError(
+                f"scope='request' takes no store (a request's cache is local), got {store!r}"
+            )
         self.fleet: FleetFlight | None = None
         if store is None:  # the fleet's options are checked even when unused
             check_fleet_options(lease, poll, serializer, max_bytes)
@@ -139,6 +210,9 @@ class Coalesce(BasePolicy):
             raise TypeError(f"copy must be a callable or None, got {copy!r}")
         self.key = key
         self.copy = copy
+        self.scope = scope
+        if scope == "request":
+            request_scope.in_use = True
         self._flights: dict[Hashable, _Flight] = {}
 
     def __repr__(self) -> str:
@@ -155,6 +229,7 @@ class Coalesce(BasePolicy):
         copy = self.copy
         execute = self._execute
         fleet = self.fleet
+        per_request = self.scope == "request"
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             user_fn, user_args = target(fn, args)
@@ -172,6 +247,15 @@ class Coalesce(BasePolicy):
             else:
                 key = (fn, user_fn, key_of(*user_args, **kwargs))
                 flight = flights.get(key)
+            keep = None
+            if per_request and (request := _request.get()) is not None:
+                results = request._results
+                result = results.get((self, key), _MISSING)
+                if result is not _MISSING:  # this request made the same call before
+                    return result if copy is None else copy(result)
+                keep = partial(results.__setitem__, (self, key))
+                key = (request, key)  # shared with the request's own calls only
+                flight = flights.get(key)
             while flight is not None and flight.abandoned:  # wait for its cancellation to end
                 await asyncio.wait((flight.task,))
                 flight = flights.get(key)
@@ -186,7 +270,7 @@ class Coalesce(BasePolicy):
                 flight.callers.append(future)
                 flight.waiting += 1
                 # an eager task may run the call to its end right here
-                flight.task = _create_task(loop, execute(key, flight, call))
+                flight.task = _create_task(loop, execute(key, flight, call, keep))
             else:
                 flight.callers.append(future)
                 flight.waiting += 1
@@ -203,9 +287,16 @@ class Coalesce(BasePolicy):
 
         return protected
 
-    async def _execute(self, key: Hashable, flight: _Flight, call: Awaitable[Any]) -> None:
+    async def _execute(
+        self,
+        key: Hashable,
+        flight: _Flight,
+        call: Awaitable[Any],
+        keep: Callable[[Any], object] | None,
+    ) -> None:
         """Await ``call`` and hand its outcome to every caller of ``flight`` still waiting;
-        from then on a call with ``key`` runs afresh."""
+        from then on a call with ``key`` runs afresh, unless ``keep`` (a request's cache)
+        kept its result."""
         try:
             result = await call
         except BaseException as exc:
@@ -219,6 +310,8 @@ class Coalesce(BasePolicy):
             if not isinstance(exc, Exception):
                 raise
             return
+        if keep is not None:
+            keep(result)
         self._landed(key, flight)
         for future in flight.callers:
             if not future.done():

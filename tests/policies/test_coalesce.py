@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilience import Coalesce, Coalesced, Pipeline, Retry, Timeout
+from resilience import Coalesce, Coalesced, MemoryStore, Pipeline, Retry, Timeout, request_scope
 from resilience.events import Event
 
 from ..helpers import cancelled, policy_events, settle, started
@@ -221,12 +223,58 @@ def test_bad_options_are_type_errors(option: str, value: object) -> None:
         Coalesce(**{option: value})
 
 
-OPS = st.one_of(
-    st.tuples(st.just("call"), st.sampled_from("abc")),
-    st.tuples(st.just("cancel"), st.integers(0, 20)),
-    st.tuples(st.just("release"), st.sampled_from("abc")),
-    st.tuples(st.just("turns"), st.integers(1, 3)),
-)
+async def drive(
+    backend: Backend, ops: list[tuple[str, Any]], call: Callable[[Any], asyncio.Task[Any]]
+) -> list[tuple[Any, object]]:
+    """Play ``ops``: calls (``call(arg)`` starts one), cancellations, returns of a key, turns
+    of the loop; then let every key return. The calls not cancelled, with their outcomes
+    (those cancelled are checked to have ended cancelled)."""
+    calls: list[tuple[Any, asyncio.Task[Any]]] = []
+    gone: set[int] = set()
+    for op, arg in ops:
+        if op == "call":
+            calls.append((arg, call(arg)))
+        elif op == "cancel" and calls:
+            i = arg % len(calls)
+            if calls[i][1].cancel():
+                gone.add(i)
+        elif op == "release":
+            backend.gate(arg).set()
+            await settle()
+            backend.gate(arg).clear()
+        else:
+            await settle(arg)
+    for key in "abc":
+        backend.gate(key).set()
+    outcomes = await asyncio.gather(*(t for _, t in calls), return_exceptions=True)
+    for i in gone:
+        assert isinstance(outcomes[i], asyncio.CancelledError)
+    done = enumerate(zip(calls, outcomes, strict=True))
+    return [(arg, outcome) for i, ((arg, _), outcome) in done if i not in gone]
+
+
+def assert_outcome_of(key: str, outcome: object, failing: set[str]) -> None:
+    """``outcome`` is that of an execution of ``key``: its failure, or its result."""
+    if key in failing:
+        assert isinstance(outcome, ValueError)
+        assert str(outcome) == f"failed {key}"
+    else:
+        assert isinstance(outcome, dict)
+        assert outcome["key"] == key
+
+
+def steps(calls: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[str, Any]]:
+    """The steps ``drive`` plays: a call (its argument drawn from ``calls``), a cancellation,
+    a key's return, turns of the loop."""
+    return st.one_of(
+        st.tuples(st.just("call"), calls),
+        st.tuples(st.just("cancel"), st.integers(0, 20)),
+        st.tuples(st.just("release"), st.sampled_from("abc")),
+        st.tuples(st.just("turns"), st.integers(1, 3)),
+    )
+
+
+OPS = steps(st.sampled_from("abc"))
 
 
 @settings(max_examples=100, deadline=None)
@@ -242,33 +290,8 @@ def test_grouping_property(ops: list[tuple[str, Any]], failing: set[str]) -> Non
         backend.fail = set(failing)
         coalesce = Coalesce()
         fetch = coalesce(backend)
-        calls: list[tuple[str, asyncio.Task[Any]]] = []
-        gone: set[int] = set()
-        for op, arg in ops:
-            if op == "call":
-                calls.append((arg, asyncio.create_task(fetch(arg))))
-            elif op == "cancel" and calls:
-                i = arg % len(calls)
-                if calls[i][1].cancel():
-                    gone.add(i)
-            elif op == "release":
-                backend.gate(arg).set()
-                await settle()
-                backend.gate(arg).clear()
-            else:
-                await settle(arg)
-        for key in "abc":
-            backend.gate(key).set()
-        outcomes = await asyncio.gather(*(t for _, t in calls), return_exceptions=True)
-        for i, ((key, _), outcome) in enumerate(zip(calls, outcomes, strict=True)):
-            if i in gone:
-                assert isinstance(outcome, asyncio.CancelledError)
-            elif key in failing:
-                assert isinstance(outcome, ValueError)
-                assert str(outcome) == f"failed {key}"
-            else:
-                assert isinstance(outcome, dict)
-                assert outcome["key"] == key
+        for key, outcome in await drive(backend, ops, lambda key: asyncio.create_task(fetch(key))):
+            assert_outcome_of(key, outcome, failing)
         assert max(backend.peak.values(), default=0) <= 1
         assert not any(backend.running.values())
         await settle()
@@ -288,3 +311,172 @@ async def test_call_that_cannot_start_leaves_nothing_behind() -> None:
     assert coalesce.in_flight == 0
     backend.gate("a").set()
     assert await fetch("a") == {"key": "a", "call": 1}
+
+
+# --- scope="request": the request's cache ----------------------------------------------------
+
+
+async def test_request_scope_returns_the_first_result_within_one_request() -> None:
+    """In one request, the second identical call gets the first one's result object, without
+    running; in another request, it runs again."""
+    backend = Backend()
+    backend.gate("a").set()
+    backend.gate("b").set()
+    fetch = Coalesce(scope="request")(backend)
+    async with request_scope():
+        first = await fetch("a")
+        assert await fetch("a") is first
+        assert (await fetch("b"))["key"] == "b"
+    with request_scope():
+        assert await fetch("a") == {"key": "a", "call": 2}
+    assert backend.calls == Counter(a=2, b=1)
+
+
+async def test_request_scope_outside_any_scope_is_a_plain_single_flight() -> None:
+    """Outside a request scope, concurrent calls share one execution and nothing is kept."""
+    backend = Backend()
+    fetch = Coalesce(scope="request")(backend)
+    tasks = [await started(fetch("a")) for _ in range(3)]
+    assert backend.calls["a"] == 1
+    backend.gate("a").set()
+    assert len({id(r) for r in await asyncio.gather(*tasks)}) == 1
+    assert await fetch("a") == {"key": "a", "call": 2}
+
+
+async def test_request_scope_errors_are_not_cached() -> None:
+    """A failed call is not kept: the next identical call in the request runs again."""
+    backend = Backend()
+    backend.gate("a").set()
+    backend.fail.add("a")
+    fetch = Coalesce(scope="request")(backend)
+    with request_scope():
+        with pytest.raises(ValueError, match="failed a"):
+            await fetch("a")
+        backend.fail.clear()
+        assert await fetch("a") == {"key": "a", "call": 2}
+        assert await fetch("a") == {"key": "a", "call": 2}
+
+
+async def test_request_scope_concurrent_calls_share_one_execution_per_request() -> None:
+    """Concurrent identical calls of one request (its tasks) share one execution; another
+    request's calls do not join it, and each request keeps its own result."""
+    backend = Backend()
+    fetch = Coalesce(scope="request")(backend)
+
+    async def request(n: int) -> list[dict[str, Any]]:
+        with request_scope():
+            return list(await asyncio.gather(*(fetch("a") for _ in range(n))))
+
+    tasks = [await started(request(3)), await started(request(2))]
+    assert backend.calls["a"] == 2
+    backend.gate("a").set()
+    one, two = await asyncio.gather(*tasks)
+    assert all(r is one[0] for r in one)
+    assert all(r is two[0] for r in two)
+    assert one[0] is not two[0]
+
+
+async def test_request_scope_applies_the_copy_hook_to_cached_results() -> None:
+    """With ``copy``, a call answered from the request's cache gets a copy of its own."""
+    backend = Backend()
+    backend.gate("a").set()
+    fetch = Coalesce(scope="request", copy=copy.deepcopy)(backend)
+    with request_scope():
+        first = await fetch("a")
+        first["key"] = "changed"
+        second = await fetch("a")
+    assert second == {"key": "a", "call": 1}
+    assert backend.calls["a"] == 1
+
+
+async def test_request_scope_keeps_policies_and_functions_apart() -> None:
+    """Two request-scoped policies, or two functions, never answer each other's calls."""
+    one, two = Backend(), Backend()
+    for backend in (one, two):
+        backend.gate("a").set()
+    first, second = Coalesce(scope="request"), Coalesce(scope="request")
+    with request_scope():
+        await first.call(one, "a")
+        await second.call(one, "a")
+        await first.call(two, "a")
+        await first.call(one, "a")
+    assert (one.calls["a"], two.calls["a"]) == (2, 1)
+
+
+async def test_request_scope_cancelled_call_is_not_cached() -> None:
+    """A call whose every caller was cancelled leaves nothing: the next one runs again."""
+    backend = Backend()
+    fetch = Coalesce(scope="request")(backend)
+    with request_scope():
+        await cancelled(await started(fetch("a")))
+        await settle()
+        backend.gate("a").set()
+        assert await fetch("a") == {"key": "a", "call": 2}
+    assert backend.cancelled["a"] == 1
+
+
+async def test_nested_request_scope_starts_a_cache_of_its_own() -> None:
+    """A scope opened inside another is a new request; the outer cache comes back after."""
+    backend = Backend()
+    backend.gate("a").set()
+    fetch = Coalesce(scope="request")(backend)
+    async with request_scope():
+        outer = await fetch("a")
+        async with request_scope():
+            assert await fetch("a") is not outer
+        assert await fetch("a") is outer
+
+
+def test_request_scope_with_a_store_is_refused() -> None:
+    """A request's cache is local: ``store=`` with ``scope="request"`` is a ValueError."""
+    with pytest.raises(ValueError, match="scope"):
+        Coalesce(scope="request", store=MemoryStore())
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [("fleet", ValueError), ("", ValueError), (None, TypeError), (1, TypeError)]
+)
+def test_bad_scope_is_refused(value: object, error: type[Exception]) -> None:
+    """A scope other than "flight" or "request" is refused, naming the parameter and value."""
+    with pytest.raises(error, match=f"scope.*{value!r}"):
+        Coalesce(scope=value)  # type: ignore[arg-type]
+
+
+REQUEST_OPS = steps(st.tuples(st.sampled_from([None, 0, 1]), st.sampled_from("ab")))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(REQUEST_OPS, min_size=1, max_size=25), st.sets(st.sampled_from("ab")))
+def test_request_scope_property(ops: list[tuple[str, Any]], failing: set[str]) -> None:
+    """Whatever the order of calls from two requests and from outside any, cancellations,
+    returns and turns of the loop: each caller not cancelled gets its own key's outcome, the
+    calls of one request that succeed all get one result object, two requests never get the
+    same one, and nothing is left behind."""
+
+    async def main() -> None:
+        backend = Backend()
+        backend.fail = set(failing)
+        coalesce = Coalesce(scope="request")
+        fetch = coalesce(backend)
+        requests = [contextvars.copy_context() for _ in range(2)]
+        for context in requests:
+            context.run(request_scope().open)
+
+        def call(arg: tuple[int | None, str]) -> asyncio.Task[Any]:
+            request, key = arg
+            context = None if request is None else requests[request]
+            return asyncio.create_task(fetch(key), context=context)
+
+        kept: dict[tuple[int, str], int] = {}
+        for (request, key), outcome in await drive(backend, ops, call):
+            assert_outcome_of(key, outcome, failing)
+            if request is not None and key not in failing:
+                assert kept.setdefault((request, key), id(outcome)) == id(outcome)
+        for key in "ab":
+            assert kept.get((0, key), 0) != kept.get((1, key), 1)
+        assert not any(backend.running.values())
+        await settle()
+        assert coalesce.in_flight == 0
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(main())

@@ -24,6 +24,8 @@ from resilience import (
     Fallback,
     MemoryStore,
     PolicyStatus,
+    RateLimitedError,
+    RateLimiter,
     ResilienceTimeoutError,
     status,
 )
@@ -36,6 +38,7 @@ from resilience.testing import FakeClock
 from ..helpers import until
 
 TOKEN = "s3cret-token"
+BREAKER = "circuit_breaker"
 
 
 async def _fail() -> None:
@@ -175,7 +178,7 @@ async def breaker_status(app: Dashboard, name: str, gap: float) -> dict[str, Any
     await app.store.sync()
     clock.advance(gap)
     _, doc = await app.snapshot()
-    (policy,) = [p for p in doc["policies"] if p["name"] == name]
+    (policy,) = [p for p in doc["policies"] if p["name"] == name and p["kind"] == BREAKER]
     return policy
 
 
@@ -432,6 +435,60 @@ async def test_bulkhead_limit_beside_in_flight(fake_time_store: MemoryStore | Re
     (policy,) = [p for p in doc["policies"] if p["kind"] == "bulkhead"]
     assert (policy["name"], policy["in_flight"], policy["limit"]) == ("pool", 2, 3)
     assert (policy["rates"], policy["percentiles"]) == (None, None)
+    # fleet-wide permits are never waited for: this process queues none; it reports no
+    # refusals to this dashboard, so their rate is unknown (None), not 0
+    shared = isinstance(fake_time_store, RedisStore)
+    assert policy["pool"] == {
+        "active": 2,
+        "queued": 0,
+        "limit": 3,
+        "rejected": None,
+        "fleet": shared,
+    }
+
+
+async def pool_of(app: Dashboard, name: str, gap: float) -> dict[str, Any]:
+    """The ``"pool"`` figures of bulkhead ``name`` in a snapshot ``gap`` seconds later."""
+    clock = app.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(gap)
+    _, doc = await app.snapshot()
+    (policy,) = [p for p in doc["policies"] if p["name"] == name and p["kind"] == "bulkhead"]
+    pool: dict[str, Any] = policy["pool"]
+    return pool
+
+
+async def test_a_local_bulkheads_pool_card(clock: FakeClock) -> None:
+    """A bulkhead of this process only (no store lists it) gets a card with all four
+    figures: active, queued, its limit, and refusals per second when it reports them to
+    ``dashboard.calls``; one that does not report has no refusal rate (None), not 0."""
+    app = Dashboard(MemoryStore(clock=clock), refresh=0.05, clock=clock)
+    told = Bulkhead(2, max_waiting=1, name="local-pool", listeners=[app.calls])
+    quiet = Bulkhead(1, name="quiet-pool")
+    gate = asyncio.Event()
+    running = [asyncio.create_task(told.call(gate.wait)) for _ in range(3)]
+    running.append(asyncio.create_task(quiet.call(gate.wait)))
+    await asyncio.sleep(0)
+    try:
+        first = await pool_of(app, "local-pool", 1.0)
+        assert first == {"active": 2, "queued": 1, "limit": 2, "rejected": None, "fleet": False}
+        for _ in range(3):
+            with pytest.raises(BulkheadFullError):
+                await told.call(asyncio.sleep, 0)
+            with pytest.raises(BulkheadFullError):
+                await quiet.call(asyncio.sleep, 0)
+        assert (await pool_of(app, "local-pool", 2.0))["rejected"] == 1.5
+        assert await pool_of(app, "quiet-pool", 0.0) == {
+            "active": 1,
+            "queued": 0,
+            "limit": 1,
+            "rejected": None,
+            "fleet": False,
+        }
+    finally:
+        gate.set()
+        await asyncio.gather(*running)
+    assert (await pool_of(app, "local-pool", 1.0))["active"] == 0
 
 
 async def test_page_carries_the_first_snapshot_as_data(clock: FakeClock) -> None:
@@ -705,3 +762,49 @@ async def test_no_password_or_location_reaches_the_page_or_log(
     for text in (page, doc, caplog.text):
         assert "pw-s3cr3t" not in text
     assert "127.0.0.1:1" not in doc
+
+
+async def test_a_rate_limiters_tokens_rate_and_refusals(clock: FakeClock) -> None:
+    """A shared rate limiter's card has its rate and burst in code, live values on top, the
+    tokens available (burst - backlog / interval, within [0, burst]) and the calls it
+    refused per second when it reports them to ``dashboard.calls``; without a report, no
+    refusal rate (None), not 0."""
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    limiter = RateLimiter(10, burst=5, store=store, name="quota", listeners=[app.calls])
+    quiet = RateLimiter(10, burst=5, store=store, name="quiet-quota")
+
+    async def bucket(name: str, gap: float) -> dict[str, Any]:
+        clock.advance(gap)
+        _, doc = await app.snapshot()
+        (policy,) = [p for p in doc["policies"] if p["name"] == name]
+        figures: dict[str, Any] = policy["bucket"]
+        return figures
+
+    await limiter.call(asyncio.sleep, 0)
+    await quiet.call(asyncio.sleep, 0)
+    await bucket("quota", 1.0)
+    clock.advance(1.7)
+    for _ in range(5):
+        await limiter.call(asyncio.sleep, 0)
+    for _ in range(4):
+        with pytest.raises(RateLimitedError):
+            await limiter.call(asyncio.sleep, 0)
+    figures = await bucket("quota", 0.3)  # 2 s since the last snapshot; 0.2 s of backlog
+    assert figures == {"tokens": 3.0, "rate": 10, "per": 1.0, "burst": 5, "refused": 2.0}
+    assert (await bucket("quiet-quota", 0.0))["refused"] is None
+    await store.configure("quota", rate=20)  # live: the interval halves
+    live = await bucket("quota", 0.05)  # 0.15 s of backlog: 3 intervals of 0.05 s (not 1.5)
+    assert (live["rate"], live["tokens"]) == (20, 2.0)
+    assert (await bucket("quota", 10.0))["tokens"] == 5.0  # full, never over the burst
+
+
+async def test_a_rate_limiter_without_settings_has_no_token_count(clock: FakeClock) -> None:
+    """A rate limiter whose rate and burst no replica reported (none alive here, or a store
+    that keeps no settings) has no token count (None), only its backlog."""
+    store = MemoryStore(clock=clock)
+    await store.rate_take("elsewhere", interval=0.1, burst=5)
+    _, doc = await Dashboard(store, clock=clock).snapshot()
+    (policy,) = [p for p in doc["policies"] if p["name"] == "elsewhere"]
+    assert policy["bucket"]["tokens"] is None
+    assert policy["backlog"] == pytest.approx(0.1)

@@ -22,7 +22,8 @@ Routes, relative to where it is mounted:
   (one in 8, or every call of a breaker that times them anyway), each percentile as its
   histogram bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last
   edge), the mean in seconds as estimated from the buckets; ``None`` when no call was
-  sampled.
+  sampled. A bulkhead carries ``"pool"`` and a rate limiter ``"bucket"`` (see ``pools``); a
+  bulkhead of this process that the store does not list is added as a policy of its own.
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
@@ -76,6 +77,7 @@ from resilience.store.records import LATENCY_BUCKETS, REPORTING
 
 from ..configure import config_document
 from .calls import CallCounts
+from .pools import Cards
 
 __all__ = ["Dashboard"]
 
@@ -314,6 +316,7 @@ class Dashboard:
         #: calls/s, failed/s and latency where the store keeps no running totals of them
         self.calls = CallCounts()
         self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2), calls=self.calls)
+        self._cards = Cards(self.calls, min_gap=min(0.5, self.refresh / 2))
         self._latest: tuple[float, int, dict[str, Any]] | None = None
         self._lock = asyncio.Lock()
         self.app = Starlette(
@@ -371,18 +374,30 @@ class Dashboard:
             store["degraded"] = True
             code = 503
         else:
-            doc["policies"] = [self._policy(p, now) for p in policies]
+            shared = _store_kind(self.store) != "memory"
+            listed = [await self._policy(p, now, fleet=shared) for p in policies]
+            local = self._cards.local_pools(policies)
+            doc["policies"] = [*listed, *[await self._policy(p, now) for p in local]]
+            policies = [*policies, *local]
             self._intervals.forget({(p.kind, p.name) for p in policies})
+            self._cards.forget({(p.kind, p.name) for p in policies})
         store["degraded"] = store["degraded"] or bool(getattr(self.store, "degraded", False))
         doc["time"] = time.time()
         return code, doc
 
-    def _policy(self, policy: PolicyStatus, now: float) -> dict[str, Any]:
+    async def _policy(
+        self, policy: PolicyStatus, now: float, fleet: bool = False
+    ) -> dict[str, Any]:
+        """``policy``'s document; ``fleet``: a shared store lists it."""
         data = policy.to_dict()
         if policy.kind == "circuit_breaker":
             data["rates"], data["percentiles"] = self._intervals.update(policy, now)
         else:
             data["rates"] = data["percentiles"] = None
+        if policy.kind == "bulkhead":
+            data["pool"] = self._cards.pool(policy, fleet, now)
+        elif policy.kind == "rate_limiter":
+            data["bucket"] = await self._cards.bucket(self.store, policy, now)
         data["replicas_reporting"] = policy.reporting()
         return data
 

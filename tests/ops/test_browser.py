@@ -503,7 +503,8 @@ async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeC
 async def test_in_process_pool_and_bucket_cards(page: Any, clock: FakeClock) -> None:
     """In process, a bulkhead's card shows all four figures (active of its limit, queued,
     rejected/s) and a rate limiter's its tokens of its burst, its rate and refused/s, exact
-    on a fake clock; none of them says "this process only"."""
+    on a fake clock; none of them says "this process only". A health check's result seen
+    published between two updates has an age."""
     from resilience.ops.dashboard import Dashboard
 
     store = MemoryStore(clock=clock)
@@ -512,10 +513,19 @@ async def test_in_process_pool_and_bucket_cards(page: Any, clock: FakeClock) -> 
     quota = RateLimiter(10, burst=5, store=store, name="quota", listeners=[app.calls])
     release = asyncio.Event()
     held = [asyncio.create_task(pool.call(release.wait)) for _ in range(3)]
+    lease = await store.acquire_lease("health:db", limit=1, ttl=60)
+    assert lease is not None
+
+    async def publish(seq: int) -> None:
+        result = {"id": "runner", "seq": seq, "ok": True, "duration": 0.01, "error": None}
+        await store.publish("health:db", "result", json.dumps(result).encode(), lease=lease, ttl=60)
+
     try:
         await asyncio.sleep(0)
         await quota.call(asyncio.sleep, 0)
+        await publish(1)
         await app.snapshot()
+        await publish(2)  # a new result: the next update sees it change
         clock.advance(1.7)
         for _ in range(5):
             await quota.call(asyncio.sleep, 0)
@@ -539,6 +549,9 @@ async def test_in_process_pool_and_bucket_cards(page: Any, clock: FakeClock) -> 
                 assert (await bucket.locator(".figure").inner_text()).strip() == "tokens 3 of 5"
                 assert (await bucket.locator(".rate").inner_text()).strip() == "10 per s"
                 assert (await bucket.locator(".refused-rate").inner_text()).strip() == "2.0"
+                db = page.locator('[data-policy="health:db"][data-kind="health_check"]')
+                assert (await db.locator(".published").inner_text()).strip() == "just now"
+                assert "age not known" not in await db.locator(".extra").inner_text()
             finally:
                 await page.goto("about:blank")  # the event stream ends with the page
     finally:
@@ -678,6 +691,11 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
             assert (await db.inner_text()).strip() == (
                 "unhealthy: ConnectionError: no route · a replica is running it"
             )
+            db_card = page.locator('[data-policy="health:db"][data-kind="health_check"]')
+            assert (await db_card.locator(".published").inner_text()).strip() == "\u2013"
+            said = await db_card.locator(".extra").inner_text()
+            assert "age not known yet" in said
+            assert "phi is not shared" in said
             quota = page.locator('[data-policy="quota"][data-kind="rate_limiter"] .figure')
             assert (await quota.inner_text()).strip() == "full again in 2.5 s (shared GCRA bucket)"
             # what this process cannot know reads as a dash and says why, never 0

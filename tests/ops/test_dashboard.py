@@ -808,3 +808,33 @@ async def test_a_rate_limiter_without_settings_has_no_token_count(clock: FakeClo
     (policy,) = [p for p in doc["policies"] if p["name"] == "elsewhere"]
     assert policy["bucket"]["tokens"] is None
     assert policy["backlog"] == pytest.approx(0.1)
+
+
+async def test_a_health_checks_result_age(clock: FakeClock) -> None:
+    """A fleet-wide health check's card carries the age of its last published result: not
+    known (None) for a result already there when the dashboard first looked, then the
+    seconds since the dashboard saw a new one (its sequence number changed)."""
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    key = "health:db"
+    lease = await store.acquire_lease(key, limit=1, ttl=60)
+    assert lease is not None
+
+    async def publish(seq: int, ok: bool) -> None:
+        error = None if ok else "ConnectionError: no route"
+        result = {"id": "runner", "seq": seq, "ok": ok, "duration": 0.01, "error": error}
+        assert await store.publish(key, "result", json.dumps(result).encode(), lease=lease, ttl=30)
+
+    async def card(gap: float) -> dict[str, Any]:
+        clock.advance(gap)
+        _, doc = await app.snapshot()
+        (policy,) = [p for p in doc["policies"] if p["name"] == key]
+        return policy
+
+    await publish(1, True)
+    assert (await card(1.0))["result_age"] is None  # published before the dashboard looked
+    assert (await card(4.0))["result_age"] is None  # the same result: still not known
+    await publish(2, False)
+    fresh = await card(1.0)
+    assert (fresh["healthy"], fresh["result_age"]) == (False, 0.0)
+    assert (await card(2.5))["result_age"] == 2.5

@@ -22,8 +22,9 @@ Routes, relative to where it is mounted:
   (one in 8, or every call of a breaker that times them anyway), each percentile as its
   histogram bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last
   edge), the mean in seconds as estimated from the buckets; ``None`` when no call was
-  sampled. A bulkhead carries ``"pool"`` and a rate limiter ``"bucket"`` (see ``pools``); a
-  bulkhead of this process that the store does not list is added as a policy of its own.
+  sampled. A bulkhead carries ``"pool"``, a rate limiter ``"bucket"`` and a health check
+  ``"result_age"`` (see ``pools``); a bulkhead of this process that the store does not list
+  is added as a policy of its own.
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
@@ -398,6 +399,8 @@ class Dashboard:
             data["pool"] = self._cards.pool(policy, fleet, now)
         elif policy.kind == "rate_limiter":
             data["bucket"] = await self._cards.bucket(self.store, policy, now)
+        elif policy.kind == "health_check":
+            data["result_age"] = self._cards.result_age(policy, now)
         data["replicas_reporting"] = policy.reporting()
         return data
 

@@ -13,6 +13,12 @@ values in code its replicas reported with live values on top (``store.config(nam
 ``tokens`` available (``burst - backlog / interval``, ``interval = per / rate``, within
 ``[0, burst]``) and ``refused`` per second (this process's, as for a bulkhead's).
 
+A fleet-wide health check's card (``"result_age"``): the seconds since its runner published
+its last result, as this dashboard saw it: the time since its sequence number changed, known
+within one update; ``None`` until the dashboard has seen one change (a result it found
+already published is of unknown age). Phi is not shared: each replica's detector computes
+its own from the results it read.
+
 Each figure is ``None`` when it is not known: the page says so, never a zero in its place.
 """
 
@@ -78,11 +84,14 @@ class _Rates:
 class Cards:
     """The pool and bucket figures of each snapshot (``calls``: the dashboard's listener)."""
 
-    __slots__ = ("_rates", "calls")
+    __slots__ = ("_rates", "_results", "calls")
 
     def __init__(self, calls: CallCounts, min_gap: float) -> None:
         self.calls = calls
         self._rates = _Rates(min_gap)
+        #: per health check: its result's sequence number, when this dashboard saw it
+        #: first, and whether it saw it change (else its age is not known)
+        self._results: dict[str, tuple[int | None, float, bool]] = {}
 
     def local_pools(self, policies: list[PolicyStatus]) -> list[PolicyStatus]:
         """A bulkhead entry for each name of this process's bulkheads that ``policies`` (the
@@ -132,9 +141,22 @@ class Cards:
             "refused": self._refused("rate_limiter", policy.name, here, now),
         }
 
+    def result_age(self, policy: PolicyStatus, now: float) -> float | None:
+        """Seconds since a health check's runner published the result ``policy`` carries,
+        known once this dashboard saw its sequence number change; else ``None``."""
+        if policy.healthy is None or policy.health_seq is None:
+            self._results.pop(policy.name, None)
+            return None
+        seen = self._results.get(policy.name)
+        if seen is None or seen[0] != policy.health_seq:
+            seen = self._results[policy.name] = (policy.health_seq, now, seen is not None)
+        return round(now - seen[1], 1) if seen[2] else None
+
     def forget(self, keep: set[tuple[str, str]]) -> None:
         """Drop the totals of the policies no longer listed."""
         self._rates.forget({f"{kind}:{name}" for kind, name in keep})
+        for name in set(self._results) - {name for kind, name in keep if kind == "health_check"}:
+            del self._results[name]
 
 
 async def _settings(store: Store, name: str) -> dict[str, Any]:

@@ -838,3 +838,17 @@ async def test_a_health_checks_result_age(clock: FakeClock) -> None:
     fresh = await card(1.0)
     assert (fresh["healthy"], fresh["result_age"]) == (False, 0.0)
     assert (await card(2.5))["result_age"] == 2.5
+
+
+async def test_a_shared_rate_limiters_tokens(fake_time_store: MemoryStore | RedisStore) -> None:
+    """Through either store, a rate limiter's card has the tokens its bucket holds, from the
+    rate and burst its replica reported to live settings and the store's backlog."""
+    name = f"quota-{uuid.uuid4().hex[:8]}"
+    limiter = RateLimiter(10, burst=5, store=fake_time_store, name=name)
+    for _ in range(3):
+        await limiter.call(asyncio.sleep, 0)
+    await fake_time_store.sync()
+    _, doc = await Dashboard(fake_time_store).snapshot()
+    (policy,) = [p for p in doc["policies"] if p["name"] == name]
+    assert policy["bucket"]["tokens"] == pytest.approx(2.0, abs=0.01)
+    assert (policy["bucket"]["rate"], policy["bucket"]["burst"]) == (10, 5)

@@ -42,9 +42,9 @@ keeps none of calls: breakers built with ``listeners=[dashboard.calls]`` report 
 dashboard (``CallCounts``), which gives their cards calls/s, failed/s and latency.
 
 Control is off by default, and turning it on requires a token. Every figure comes from the
-store's ``status()``, one call per push (shared by every viewer): no Redis command per
-protected call. Error messages never show where the store is (a Redis URL, host or port);
-the server's log has the details.
+store's ``status()``, one call per push (shared by every viewer), and a live-settings read
+per rate limiter (its rate and burst): no Redis command per protected call. Error messages
+never show where the store is (a Redis URL, host or port); the server's log has the details.
 """
 
 from __future__ import annotations
@@ -376,6 +376,7 @@ class Dashboard:
             code = 503
         else:
             shared = _store_kind(self.store) != "memory"
+            self._cards.look()
             listed = [await self._policy(p, now, fleet=shared) for p in policies]
             local = self._cards.local_pools(policies)
             doc["policies"] = [*listed, *[await self._policy(p, now) for p in local]]

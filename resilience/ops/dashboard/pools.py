@@ -84,7 +84,7 @@ class _Rates:
 class Cards:
     """The pool and bucket figures of each snapshot (``calls``: the dashboard's listener)."""
 
-    __slots__ = ("_rates", "_results", "calls")
+    __slots__ = ("_alive", "_rates", "_results", "calls")
 
     def __init__(self, calls: CallCounts, min_gap: float) -> None:
         self.calls = calls
@@ -92,6 +92,11 @@ class Cards:
         #: per health check: its result's sequence number, when this dashboard saw it
         #: first, and whether it saw it change (else its age is not known)
         self._results: dict[str, tuple[int | None, float, bool]] = {}
+        self._alive: dict[str, dict[str, list[Any]]] = {}
+
+    def look(self) -> None:
+        """Find this process's bulkheads and rate limiters, once per snapshot."""
+        self._alive = {kind: _here(kind) for kind in ("bulkhead", "rate_limiter")}
 
     def local_pools(self, policies: list[PolicyStatus]) -> list[PolicyStatus]:
         """A bulkhead entry for each name of this process's bulkheads that ``policies`` (the
@@ -104,7 +109,7 @@ class Cards:
                 in_flight=sum(b.in_flight for b in pools),
                 limit=sum(b.current_limit for b in pools),
             )
-            for name, pools in sorted(_here("bulkhead").items())
+            for name, pools in sorted(self._alive.get("bulkhead", {}).items())
             if name not in listed
         ]
 
@@ -116,7 +121,7 @@ class Cards:
 
     def pool(self, policy: PolicyStatus, fleet: bool, now: float) -> dict[str, Any]:
         """A bulkhead's figures; ``fleet``: the store lists it and is shared."""
-        here = _here("bulkhead").get(policy.name, [])
+        here = self._alive.get("bulkhead", {}).get(policy.name, [])
         return {
             "active": policy.in_flight,
             "queued": sum(b.waiting for b in here) if here else None,
@@ -132,7 +137,7 @@ class Cards:
         tokens = None
         if rate and per and burst and policy.backlog is not None:
             tokens = round(min(burst, max(0.0, burst - policy.backlog * rate / per)), 2)
-        here = _here("rate_limiter").get(policy.name, [])
+        here = self._alive.get("rate_limiter", {}).get(policy.name, [])
         return {
             "tokens": tokens,
             "rate": rate,

@@ -661,6 +661,7 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
 
     scene = Scene()
     scene.records = SCENE
+    own = Bulkhead(3, name="own-pool")  # this process's, not in the shared store
     async with serving(Dashboard(scene, refresh=0.2)) as base:
         try:
             await page.goto(base)
@@ -709,6 +710,10 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
             assert (await conns.locator(".rejected-rate").inner_text()).strip() == "\u2013"
             assert "this process only" in await conns.locator(".extra").inner_text()
             assert "no bulkhead of this name" in await conns.locator(".extra").inner_text()
+            mine = page.locator(f'[data-policy="{own.name}"][data-kind="bulkhead"]')
+            assert (await mine.locator(".figure").inner_text()).strip() == "active 0 of 3"
+            assert (await mine.locator(".queued").inner_text()).strip() == "0"
+            assert "not shared through the store" in await mine.locator(".extra").inner_text()
             live = page.locator('#feed[data-feed="live"]')
             await live.wait_for(timeout=10_000)
 

@@ -432,8 +432,8 @@ async def test_bulkhead_limit_beside_in_flight(fake_time_store: MemoryStore | Re
     finally:
         release.set()
         await asyncio.gather(*held)
-    (policy,) = [p for p in doc["policies"] if p["kind"] == "bulkhead"]
-    assert (policy["name"], policy["in_flight"], policy["limit"]) == ("pool", 2, 3)
+    (policy,) = [p for p in doc["policies"] if p["kind"] == "bulkhead" and p["name"] == "pool"]
+    assert (policy["in_flight"], policy["limit"]) == (2, 3)
     assert (policy["rates"], policy["percentiles"]) == (None, None)
     # fleet-wide permits are never waited for: this process queues none; it reports no
     # refusals to this dashboard, so their rate is unknown (None), not 0

@@ -765,12 +765,12 @@ async def test_no_password_or_location_reaches_the_page_or_log(
 
 
 async def test_a_rate_limiters_tokens_rate_and_refusals(clock: FakeClock) -> None:
-    """A shared rate limiter's card has its rate and burst in code, live values on top, the
-    tokens available (burst - backlog / interval, within [0, burst]) and the calls it
+    """A shared rate limiter's card has its rate and burst in code with live values on top,
+    the tokens available (burst - backlog / interval, within [0, burst]) and the calls it
     refused per second when it reports them to ``dashboard.calls``; without a report, no
-    refusal rate (None), not 0."""
+    refusal rate (None), not 0. Settings changed through the dashboard show at once."""
     store = MemoryStore(clock=clock)
-    app = Dashboard(store, refresh=0.05, clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock, allow_control=True, token=TOKEN)
     limiter = RateLimiter(10, burst=5, store=store, name="quota", listeners=[app.calls])
     quiet = RateLimiter(10, burst=5, store=store, name="quiet-quota")
 
@@ -781,22 +781,28 @@ async def test_a_rate_limiters_tokens_rate_and_refusals(clock: FakeClock) -> Non
         figures: dict[str, Any] = policy["bucket"]
         return figures
 
+    await store.configure("quota", rate=20)  # live: an interval of 0.05 s, not 0.1 s
     await limiter.call(asyncio.sleep, 0)
     await quiet.call(asyncio.sleep, 0)
     await bucket("quota", 1.0)
-    clock.advance(1.7)
+    clock.advance(1.9)
     for _ in range(5):
         await limiter.call(asyncio.sleep, 0)
     for _ in range(4):
         with pytest.raises(RateLimitedError):
             await limiter.call(asyncio.sleep, 0)
-    figures = await bucket("quota", 0.3)  # 2 s since the last snapshot; 0.2 s of backlog
-    assert figures == {"tokens": 3.0, "rate": 10, "per": 1.0, "burst": 5, "refused": 2.0}
+    figures = await bucket("quota", 0.1)  # 2 s since the last snapshot; 0.15 s of backlog
+    assert figures == {"tokens": 2.0, "rate": 20, "per": 1.0, "burst": 5, "refused": 2.0}
     assert (await bucket("quiet-quota", 0.0))["refused"] is None
-    await store.configure("quota", rate=20)  # live: the interval halves
-    live = await bucket("quota", 0.05)  # 0.15 s of backlog: 3 intervals of 0.05 s (not 1.5)
-    assert (live["rate"], live["tokens"]) == (20, 2.0)
-    assert (await bucket("quota", 10.0))["tokens"] == 5.0  # full, never over the burst
+    async with client(app) as c:
+        changed = await c.post(
+            "/api/config/quota",
+            json={"values": {"burst": 8}},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+    assert changed.status_code == 200
+    assert (await bucket("quota", 0.0))["burst"] == 8
+    assert (await bucket("quota", 10.0))["tokens"] == 8.0  # full, never over the burst
 
 
 async def test_a_rate_limiter_without_settings_has_no_token_count(clock: FakeClock) -> None:
@@ -852,3 +858,25 @@ async def test_a_shared_rate_limiters_tokens(fake_time_store: MemoryStore | Redi
     (policy,) = [p for p in doc["policies"] if p["name"] == name]
     assert policy["bucket"]["tokens"] == pytest.approx(2.0, abs=0.01)
     assert (policy["bucket"]["rate"], policy["bucket"]["burst"]) == (10, 5)
+
+
+async def test_a_rate_limiters_settings_are_read_every_few_seconds(clock: FakeClock) -> None:
+    """Snapshots read a rate limiter's settings from the store at most every
+    ``SETTINGS_AGE`` seconds, not once per update."""
+    from resilience.ops.dashboard.pools import SETTINGS_AGE
+
+    reads: list[str] = []
+
+    class Counting(MemoryStore):
+        async def config(self, name: str) -> Any:
+            reads.append(name)
+            return await super().config(name)
+
+    store = Counting(clock=clock)
+    limiter = RateLimiter(10, burst=5, store=store, name="counted-quota")
+    await limiter.call(asyncio.sleep, 0)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    for _ in range(10):
+        clock.advance(SETTINGS_AGE / 4)
+        await app.snapshot()
+    assert len(reads) == 3  # at 0, after SETTINGS_AGE and after 2 * SETTINGS_AGE

@@ -43,7 +43,7 @@ dashboard (``CallCounts``), which gives their cards calls/s, failed/s and latenc
 
 Control is off by default, and turning it on requires a token. Every figure comes from the
 store's ``status()``, one call per push (shared by every viewer), and a live-settings read
-per rate limiter (its rate and burst): no Redis command per protected call. Error messages
+per rate limiter every ``SETTINGS_AGE`` seconds: no Redis command per protected call. Error messages
 never show where the store is (a Redis URL, host or port); the server's log has the details.
 """
 
@@ -376,10 +376,10 @@ class Dashboard:
             code = 503
         else:
             shared = _store_kind(self.store) != "memory"
-            self._cards.look()
-            listed = [await self._policy(p, now, fleet=shared) for p in policies]
+            await self._cards.look(self.store, policies, now)
+            listed = [self._policy(p, now, fleet=shared) for p in policies]
             local = self._cards.local_pools(policies)
-            doc["policies"] = [*listed, *[await self._policy(p, now) for p in local]]
+            doc["policies"] = [*listed, *[self._policy(p, now) for p in local]]
             policies = [*policies, *local]
             self._intervals.forget({(p.kind, p.name) for p in policies})
             self._cards.forget({(p.kind, p.name) for p in policies})
@@ -387,9 +387,7 @@ class Dashboard:
         doc["time"] = time.time()
         return code, doc
 
-    async def _policy(
-        self, policy: PolicyStatus, now: float, fleet: bool = False
-    ) -> dict[str, Any]:
+    def _policy(self, policy: PolicyStatus, now: float, fleet: bool = False) -> dict[str, Any]:
         """``policy``'s document; ``fleet``: a shared store lists it."""
         data = policy.to_dict()
         if policy.kind == "circuit_breaker":
@@ -399,7 +397,7 @@ class Dashboard:
         if policy.kind == "bulkhead":
             data["pool"] = self._cards.pool(policy, fleet, now)
         elif policy.kind == "rate_limiter":
-            data["bucket"] = await self._cards.bucket(self.store, policy, now)
+            data["bucket"] = self._cards.bucket(policy, now)
         elif policy.kind == "health_check":
             data["result_age"] = self._cards.result_age(policy, now)
         data["replicas_reporting"] = policy.reporting()
@@ -501,7 +499,10 @@ class Dashboard:
         body = await _json_body(request)
 
         async def change() -> dict[str, Any]:
-            return {"name": name, "version": await act(name, body)}
+            version = await act(name, body)
+            self._cards.reread(name)
+            self._latest = None  # the next snapshot shows the change
+            return {"name": name, "version": version}
 
         return await self._config_call(name, change)
 

@@ -256,11 +256,15 @@ async def run_demo(
             dash_socket.close()
             raise DemoError(f"cannot reach Redis at {redact(redis_url)}: {exc}") from exc
     upstream_port = free_port()
-    guarded = ResilienceMiddleware(
-        upstream_app(timeline, seed), max_concurrent=64, timeout=2.0, retry_after=1.0
+    board = Dashboard(store, refresh=0.5)
+    guarded = ResilienceMiddleware(  # its bulkhead's refusals reach the dashboard's card
+        upstream_app(timeline, seed),
+        max_concurrent=64,
+        timeout=2.0,
+        retry_after=1.0,
+        listeners=[board.calls],
     )
     upstream, upstream_task = await serve(guarded, upstream_port)
-    board = Dashboard(store, refresh=0.5)
     dashboard, dashboard_task = await serve(board, dash_port, dash_socket)
     url = f"http://127.0.0.1:{upstream_port}"
     where = f"Redis {redact(redis_url)}" if redis_url else "an in-process MemoryStore"

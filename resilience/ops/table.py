@@ -60,7 +60,9 @@ def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
         breaker = p.kind == "circuit_breaker"
         state = str(p.state) if p.state is not None else "-"
         if p.kind == "bulkhead":
-            state = f"{p.in_flight} lease{'' if p.in_flight == 1 else 's'} held"
+            held = f"{p.in_flight}" if p.limit is None else f"{p.in_flight} of {p.limit}"
+            plural = "" if p.in_flight == 1 and p.limit is None else "s"
+            state = f"{held} lease{plural} held"
         elif p.kind == "health_check":
             state = "running" if p.in_flight else "not running"
             if p.healthy is not None:

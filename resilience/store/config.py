@@ -299,6 +299,11 @@ def followed(name: str) -> bool:
     return bool(_following(name))
 
 
+def following(kind: str) -> list[Any]:
+    """The policies of ``kind`` alive in this process that follow live settings (all do)."""
+    return [t for name in list(_targets) for t in _following(name) if t.kind == kind]
+
+
 def bases(name: str) -> dict[str, Values]:
     """The values in code of the policies ``name`` of this process, by kind."""
     return {t.kind: t._live_base() for t in _following(name)}

@@ -384,7 +384,7 @@ class MemoryStore(LiveConfig, StoreBase):
         for key in sorted({*self._leases, *self._shares, *results}):
             live = [e for e in self._shares.get(key, {}).values() if e.expires > now]
             own = sum(e.own_limit for e in live)
-            healthy, error = results.get(key) or (None, None)
+            healthy, error, seq = results.get(key) or (None, None, None)
             out.append(
                 PolicyStatus(
                     name=key,
@@ -394,6 +394,7 @@ class MemoryStore(LiveConfig, StoreBase):
                     adaptive_limit=own or None,
                     healthy=healthy,
                     health_error=error,
+                    health_seq=seq,
                 )
             )
         out.extend(

@@ -53,17 +53,22 @@ def lease_kind(name: str) -> str:
 HEALTH_RESULT = "result"
 
 
-def published_health(raw: bytes | str) -> tuple[bool, str | None] | None:
-    """``(healthy, error)`` of a health check's published result (JSON: ``"ok"``, and
-    ``"error"`` when it failed), or ``None`` for anything a runner never writes."""
+def published_health(raw: bytes | str) -> tuple[bool, str | None, int | None] | None:
+    """``(healthy, error, seq)`` of a health check's published result (JSON: ``"ok"``,
+    ``"error"`` when it failed, and ``"seq"``, which grows with each result its runner
+    publishes), or ``None`` for anything a runner never writes."""
     try:
         data = json.loads(raw)
     except ValueError:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
         return None
-    error = data.get("error")
-    return data["ok"], error[:1000] if isinstance(error, str) else None
+    error, seq = data.get("error"), data.get("seq")
+    return (
+        data["ok"],
+        error[:1000] if isinstance(error, str) else None,
+        seq if type(seq) is int else None,
+    )
 
 
 #: the kinds whose two-figure window a store keeps under ``"<kind>:<name>"``
@@ -134,6 +139,9 @@ class PolicyStatus(NamedTuple):
     #: with its time to live), and the error it failed with
     healthy: bool | None = None
     health_error: str | None = None
+    #: the published result's sequence number (a new one for each result its runner
+    #: publishes): a status tool that sees it change knows a result was published since
+    health_seq: int | None = None
     #: a shared rate limiter: seconds until its bucket is full again (0: full), which is how
     #: far its arrival time runs ahead of now
     backlog: float | None = None

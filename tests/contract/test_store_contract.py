@@ -602,7 +602,8 @@ async def test_status_shows_a_fleet_health_checks_last_result(
     store: Store, replica: Callable[[], Store], clock: FakeClock, settle: Settle
 ) -> None:
     """A fleet-wide health check's last published result shows in status() from any replica:
-    healthy, or unhealthy with the error it failed with."""
+    healthy, or unhealthy with the error it failed with, and its sequence number, which
+    changes with each result published."""
     from resilience import HealthCheck, status
 
     failing = False
@@ -617,6 +618,8 @@ async def test_status_shows_a_fleet_health_checks_last_result(
     listed = {(s.name, s.kind): s for s in await status(replica())}
     db = listed[("health:db", "health_check")]
     assert (db.healthy, db.health_error) == (True, None)
+    first = db.health_seq
+    assert first is not None
     failing = True
     clock.advance(1.0)
     await hc._round()
@@ -625,6 +628,8 @@ async def test_status_shows_a_fleet_health_checks_last_result(
     db = listed[("health:db", "health_check")]
     assert db.healthy is False
     assert "no route to db" in (db.health_error or "")
+    assert db.health_seq is not None
+    assert db.health_seq != first
     await hc.aclose()
 
 

@@ -25,12 +25,15 @@ import pytest
 
 from resilience import (
     Bulkhead,
+    BulkheadFullError,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
     CountWindow,
     MemoryStore,
     PolicyStatus,
+    RateLimitedError,
+    RateLimiter,
     StoreUnavailableError,
     status,
 )
@@ -226,7 +229,9 @@ async def test_dashboard_follows_a_breaker(
             )
             thumbnails = page.locator('[data-policy="thumbnails"][data-kind="bulkhead"]')
             assert (await thumbnails.locator(".value").inner_text()).strip() == "1"
-            assert (await thumbnails.locator(".figure").inner_text()).strip() == "in flight 1 of 10"
+            assert (await thumbnails.locator(".figure").inner_text()).strip() == (
+                "active 1 of 10 across the fleet"
+            )
             meter = thumbnails.locator('.bar[role="meter"]')
             assert await meter.is_visible()
             assert await meter.get_attribute("aria-valuenow") == "1"
@@ -431,7 +436,7 @@ async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeC
     """An in-process store's breaker and bulkhead, figures exact on a fake clock: the page
     shows rejected/s (and no calls/s), p50 and p99 as "< 4 ms" and "≥ 4.1 s" (past the last
     bucket; p99.5 too), the mean as estimated from the buckets, the samples, and a full
-    bulkhead as "in flight 4 of 4" with a full bar."""
+    bulkhead as "active 4 of 4" with a full bar."""
     from resilience.ops.dashboard import Dashboard
     from resilience.ops.demo import serve
 
@@ -484,12 +489,71 @@ async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeC
             assert (await card.locator(".calls-rate").inner_text()).strip() == "\u2013"  # no total
             assert "in-process store" in await card.locator(".reporting").inner_text()
             bulkhead = page.locator('[data-policy="pool"][data-kind="bulkhead"]')
-            assert (await bulkhead.locator(".figure").inner_text()).strip() == "in flight 4 of 4"
+            assert (await bulkhead.locator(".figure").inner_text()).strip() == "active 4 of 4"
             assert "full" in (await bulkhead.locator(".bar").get_attribute("class") or "")
         finally:
             await page.goto("about:blank")  # the event stream ends with the page
             server.should_exit = True
             await asyncio.wait_for(task, 10)
+    finally:
+        release.set()
+        await asyncio.gather(*held, return_exceptions=True)
+
+
+async def test_in_process_pool_and_bucket_cards(page: Any, clock: FakeClock) -> None:
+    """In process, a bulkhead's card shows all four figures (active of its limit, queued,
+    rejected/s) and a rate limiter's its tokens of its burst, its rate and refused/s, exact
+    on a fake clock; none of them says "this process only". A health check's result seen
+    published between two updates has an age."""
+    from resilience.ops.dashboard import Dashboard
+
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.5, clock=clock)
+    pool = Bulkhead(2, max_waiting=1, name="workers", listeners=[app.calls])
+    quota = RateLimiter(10, burst=5, store=store, name="quota", listeners=[app.calls])
+    release = asyncio.Event()
+    held = [asyncio.create_task(pool.call(release.wait)) for _ in range(3)]
+    lease = await store.acquire_lease("health:db", limit=1, ttl=60)
+    assert lease is not None
+
+    async def publish(seq: int) -> None:
+        result = {"id": "runner", "seq": seq, "ok": True, "duration": 0.01, "error": None}
+        await store.publish("health:db", "result", json.dumps(result).encode(), lease=lease, ttl=60)
+
+    try:
+        await asyncio.sleep(0)
+        await quota.call(asyncio.sleep, 0)
+        await publish(1)
+        await app.snapshot()
+        await publish(2)  # a new result: the next update sees it change
+        clock.advance(1.7)
+        for _ in range(5):
+            await quota.call(asyncio.sleep, 0)
+        for _ in range(4):
+            with pytest.raises(RateLimitedError):
+                await quota.call(asyncio.sleep, 0)
+            with pytest.raises(BulkheadFullError):
+                await pool.call(asyncio.sleep, 0)
+        clock.advance(0.3)  # 2 s since the first snapshot: 2.0 refusals a second each
+        await app.snapshot()  # the page gets this one: the fake clock stands still
+        async with serving(app) as base:
+            try:
+                await page.goto(base)
+                workers = page.locator('[data-policy="workers"][data-kind="bulkhead"]')
+                await workers.wait_for(timeout=10_000)
+                assert (await workers.locator(".figure").inner_text()).strip() == "active 2 of 2"
+                assert (await workers.locator(".queued").inner_text()).strip() == "1"
+                assert (await workers.locator(".rejected-rate").inner_text()).strip() == "2.0"
+                assert "this process only" not in await workers.locator(".extra").inner_text()
+                bucket = page.locator('[data-policy="quota"][data-kind="rate_limiter"]')
+                assert (await bucket.locator(".figure").inner_text()).strip() == "tokens 3 of 5"
+                assert (await bucket.locator(".rate").inner_text()).strip() == "10 per s"
+                assert (await bucket.locator(".refused-rate").inner_text()).strip() == "2.0"
+                db = page.locator('[data-policy="health:db"][data-kind="health_check"]')
+                assert (await db.locator(".published").inner_text()).strip() == "just now"
+                assert "age not known" not in await db.locator(".extra").inner_text()
+            finally:
+                await page.goto("about:blank")  # the event stream ends with the page
     finally:
         release.set()
         await asyncio.gather(*held, return_exceptions=True)
@@ -532,6 +596,7 @@ SCENE = [
         health_error="ConnectionError: no route",
     ),
     PolicyStatus(name="quota", kind="rate_limiter", backlog=2.5),
+    PolicyStatus(name="conns", kind="bulkhead", in_flight=3, limit=8),
 ]  # fmt: skip
 
 
@@ -596,6 +661,7 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
 
     scene = Scene()
     scene.records = SCENE
+    own = Bulkhead(3, name="own-pool")  # this process's, not in the shared store
     async with serving(Dashboard(scene, refresh=0.2)) as base:
         try:
             await page.goto(base)
@@ -626,8 +692,28 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
             assert (await db.inner_text()).strip() == (
                 "unhealthy: ConnectionError: no route · a replica is running it"
             )
+            db_card = page.locator('[data-policy="health:db"][data-kind="health_check"]')
+            assert (await db_card.locator(".published").inner_text()).strip() == "\u2013"
+            said = await db_card.locator(".extra").inner_text()
+            assert "age not known yet" in said
+            assert "phi is not shared" in said
             quota = page.locator('[data-policy="quota"][data-kind="rate_limiter"] .figure')
             assert (await quota.inner_text()).strip() == "full again in 2.5 s (shared GCRA bucket)"
+            # what this process cannot know reads as a dash and says why, never 0
+            quota_card = page.locator('[data-policy="quota"][data-kind="rate_limiter"]')
+            assert (await quota_card.locator(".refused-rate").inner_text()).strip() == "\u2013"
+            conns = page.locator('[data-policy="conns"][data-kind="bulkhead"]')
+            assert (await conns.locator(".figure").inner_text()).strip() == (
+                "active 3 of 8 across the fleet"
+            )
+            assert (await conns.locator(".queued").inner_text()).strip() == "\u2013"
+            assert (await conns.locator(".rejected-rate").inner_text()).strip() == "\u2013"
+            assert "this process only" in await conns.locator(".extra").inner_text()
+            assert "no bulkhead of this name" in await conns.locator(".extra").inner_text()
+            mine = page.locator(f'[data-policy="{own.name}"][data-kind="bulkhead"]')
+            assert (await mine.locator(".figure").inner_text()).strip() == "active 0 of 3"
+            assert (await mine.locator(".queued").inner_text()).strip() == "0"
+            assert "not shared through the store" in await mine.locator(".extra").inner_text()
             live = page.locator('#feed[data-feed="live"]')
             await live.wait_for(timeout=10_000)
 

@@ -597,3 +597,15 @@ def test_status_table_shows_throttle_and_hedge_windows_and_health() -> None:
     assert "not running, healthy" in lines[4]
     assert "full again in 1.2s" in lines[5]
     assert "bucket full" in lines[6]
+
+
+def test_status_table_shows_a_bulkheads_leases_of_its_limit() -> None:
+    """A fleet-wide bulkhead's row shows its leases held of its limit when the store knows
+    the limit, and the leases alone when it does not."""
+    policies = [
+        PolicyStatus(name="pool", kind="bulkhead", in_flight=1, limit=10),
+        PolicyStatus(name="old", kind="bulkhead", in_flight=2),
+    ]
+    lines = format_table(policies).splitlines()
+    assert "1 of 10 leases held" in lines[1]
+    assert "2 leases held" in lines[2]

@@ -24,6 +24,8 @@ from resilience import (
     Fallback,
     MemoryStore,
     PolicyStatus,
+    RateLimitedError,
+    RateLimiter,
     ResilienceTimeoutError,
     status,
 )
@@ -36,6 +38,7 @@ from resilience.testing import FakeClock
 from ..helpers import until
 
 TOKEN = "s3cret-token"
+BREAKER = "circuit_breaker"
 
 
 async def _fail() -> None:
@@ -175,7 +178,7 @@ async def breaker_status(app: Dashboard, name: str, gap: float) -> dict[str, Any
     await app.store.sync()
     clock.advance(gap)
     _, doc = await app.snapshot()
-    (policy,) = [p for p in doc["policies"] if p["name"] == name]
+    (policy,) = [p for p in doc["policies"] if p["name"] == name and p["kind"] == BREAKER]
     return policy
 
 
@@ -429,9 +432,63 @@ async def test_bulkhead_limit_beside_in_flight(fake_time_store: MemoryStore | Re
     finally:
         release.set()
         await asyncio.gather(*held)
-    (policy,) = [p for p in doc["policies"] if p["kind"] == "bulkhead"]
-    assert (policy["name"], policy["in_flight"], policy["limit"]) == ("pool", 2, 3)
+    (policy,) = [p for p in doc["policies"] if p["kind"] == "bulkhead" and p["name"] == "pool"]
+    assert (policy["in_flight"], policy["limit"]) == (2, 3)
     assert (policy["rates"], policy["percentiles"]) == (None, None)
+    # fleet-wide permits are never waited for: this process queues none; it reports no
+    # refusals to this dashboard, so their rate is unknown (None), not 0
+    shared = isinstance(fake_time_store, RedisStore)
+    assert policy["pool"] == {
+        "active": 2,
+        "queued": 0,
+        "limit": 3,
+        "rejected": None,
+        "fleet": shared,
+    }
+
+
+async def pool_of(app: Dashboard, name: str, gap: float) -> dict[str, Any]:
+    """The ``"pool"`` figures of bulkhead ``name`` in a snapshot ``gap`` seconds later."""
+    clock = app.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(gap)
+    _, doc = await app.snapshot()
+    (policy,) = [p for p in doc["policies"] if p["name"] == name and p["kind"] == "bulkhead"]
+    pool: dict[str, Any] = policy["pool"]
+    return pool
+
+
+async def test_a_local_bulkheads_pool_card(clock: FakeClock) -> None:
+    """A bulkhead of this process only (no store lists it) gets a card with all four
+    figures: active, queued, its limit, and refusals per second when it reports them to
+    ``dashboard.calls``; one that does not report has no refusal rate (None), not 0."""
+    app = Dashboard(MemoryStore(clock=clock), refresh=0.05, clock=clock)
+    told = Bulkhead(2, max_waiting=1, name="local-pool", listeners=[app.calls])
+    quiet = Bulkhead(1, name="quiet-pool")
+    gate = asyncio.Event()
+    running = [asyncio.create_task(told.call(gate.wait)) for _ in range(3)]
+    running.append(asyncio.create_task(quiet.call(gate.wait)))
+    await asyncio.sleep(0)
+    try:
+        first = await pool_of(app, "local-pool", 1.0)
+        assert first == {"active": 2, "queued": 1, "limit": 2, "rejected": None, "fleet": False}
+        for _ in range(3):
+            with pytest.raises(BulkheadFullError):
+                await told.call(asyncio.sleep, 0)
+            with pytest.raises(BulkheadFullError):
+                await quiet.call(asyncio.sleep, 0)
+        assert (await pool_of(app, "local-pool", 2.0))["rejected"] == 1.5
+        assert await pool_of(app, "quiet-pool", 0.0) == {
+            "active": 1,
+            "queued": 0,
+            "limit": 1,
+            "rejected": None,
+            "fleet": False,
+        }
+    finally:
+        gate.set()
+        await asyncio.gather(*running)
+    assert (await pool_of(app, "local-pool", 1.0))["active"] == 0
 
 
 async def test_page_carries_the_first_snapshot_as_data(clock: FakeClock) -> None:
@@ -705,3 +762,121 @@ async def test_no_password_or_location_reaches_the_page_or_log(
     for text in (page, doc, caplog.text):
         assert "pw-s3cr3t" not in text
     assert "127.0.0.1:1" not in doc
+
+
+async def test_a_rate_limiters_tokens_rate_and_refusals(clock: FakeClock) -> None:
+    """A shared rate limiter's card has its rate and burst in code with live values on top,
+    the tokens available (burst - backlog / interval, within [0, burst]) and the calls it
+    refused per second when it reports them to ``dashboard.calls``; without a report, no
+    refusal rate (None), not 0. Settings changed through the dashboard show at once."""
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock, allow_control=True, token=TOKEN)
+    limiter = RateLimiter(10, burst=5, store=store, name="quota", listeners=[app.calls])
+    quiet = RateLimiter(10, burst=5, store=store, name="quiet-quota")
+
+    async def bucket(name: str, gap: float) -> dict[str, Any]:
+        clock.advance(gap)
+        _, doc = await app.snapshot()
+        (policy,) = [p for p in doc["policies"] if p["name"] == name]
+        figures: dict[str, Any] = policy["bucket"]
+        return figures
+
+    await store.configure("quota", rate=20)  # live: an interval of 0.05 s, not 0.1 s
+    await limiter.call(asyncio.sleep, 0)
+    await quiet.call(asyncio.sleep, 0)
+    await bucket("quota", 1.0)
+    clock.advance(1.9)
+    for _ in range(5):
+        await limiter.call(asyncio.sleep, 0)
+    for _ in range(4):
+        with pytest.raises(RateLimitedError):
+            await limiter.call(asyncio.sleep, 0)
+    figures = await bucket("quota", 0.1)  # 2 s since the last snapshot; 0.15 s of backlog
+    assert figures == {"tokens": 2.0, "rate": 20, "per": 1.0, "burst": 5, "refused": 2.0}
+    assert (await bucket("quiet-quota", 0.0))["refused"] is None
+    async with client(app) as c:
+        changed = await c.post(
+            "/api/config/quota",
+            json={"values": {"burst": 8}},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+    assert changed.status_code == 200
+    assert (await bucket("quota", 0.0))["burst"] == 8
+    assert (await bucket("quota", 10.0))["tokens"] == 8.0  # full, never over the burst
+
+
+async def test_a_rate_limiter_without_settings_has_no_token_count(clock: FakeClock) -> None:
+    """A rate limiter whose rate and burst no replica reported (none alive here, or a store
+    that keeps no settings) has no token count (None), only its backlog."""
+    store = MemoryStore(clock=clock)
+    await store.rate_take("elsewhere", interval=0.1, burst=5)
+    _, doc = await Dashboard(store, clock=clock).snapshot()
+    (policy,) = [p for p in doc["policies"] if p["name"] == "elsewhere"]
+    assert policy["bucket"]["tokens"] is None
+    assert policy["backlog"] == pytest.approx(0.1)
+
+
+async def test_a_health_checks_result_age(clock: FakeClock) -> None:
+    """A fleet-wide health check's card carries the age of its last published result: not
+    known (None) for a result already there when the dashboard first looked, then the
+    seconds since the dashboard saw a new one (its sequence number changed)."""
+    store = MemoryStore(clock=clock)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    key = "health:db"
+    lease = await store.acquire_lease(key, limit=1, ttl=60)
+    assert lease is not None
+
+    async def publish(seq: int, ok: bool) -> None:
+        error = None if ok else "ConnectionError: no route"
+        result = {"id": "runner", "seq": seq, "ok": ok, "duration": 0.01, "error": error}
+        assert await store.publish(key, "result", json.dumps(result).encode(), lease=lease, ttl=30)
+
+    async def card(gap: float) -> dict[str, Any]:
+        clock.advance(gap)
+        _, doc = await app.snapshot()
+        (policy,) = [p for p in doc["policies"] if p["name"] == key]
+        return policy
+
+    await publish(1, True)
+    assert (await card(1.0))["result_age"] is None  # published before the dashboard looked
+    assert (await card(4.0))["result_age"] is None  # the same result: still not known
+    await publish(2, False)
+    fresh = await card(1.0)
+    assert (fresh["healthy"], fresh["result_age"]) == (False, 0.0)
+    assert (await card(2.5))["result_age"] == 2.5
+
+
+async def test_a_shared_rate_limiters_tokens(fake_time_store: MemoryStore | RedisStore) -> None:
+    """Through either store, a rate limiter's card has the tokens its bucket holds, from the
+    rate and burst its replica reported to live settings and the store's backlog."""
+    name = f"quota-{uuid.uuid4().hex[:8]}"
+    limiter = RateLimiter(10, burst=5, store=fake_time_store, name=name)
+    for _ in range(3):
+        await limiter.call(asyncio.sleep, 0)
+    await fake_time_store.sync()
+    _, doc = await Dashboard(fake_time_store).snapshot()
+    (policy,) = [p for p in doc["policies"] if p["name"] == name]
+    assert policy["bucket"]["tokens"] == pytest.approx(2.0, abs=0.01)
+    assert (policy["bucket"]["rate"], policy["bucket"]["burst"]) == (10, 5)
+
+
+async def test_a_rate_limiters_settings_are_read_every_few_seconds(clock: FakeClock) -> None:
+    """Snapshots read a rate limiter's settings from the store at most every
+    ``SETTINGS_AGE`` seconds, not once per update."""
+    from resilience.ops.dashboard.pools import SETTINGS_AGE
+
+    reads: list[str] = []
+
+    class Counting(MemoryStore):
+        async def config(self, name: str) -> Any:
+            reads.append(name)
+            return await super().config(name)
+
+    store = Counting(clock=clock)
+    limiter = RateLimiter(10, burst=5, store=store, name="counted-quota")
+    await limiter.call(asyncio.sleep, 0)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    for _ in range(10):
+        clock.advance(SETTINGS_AGE / 4)
+        await app.snapshot()
+    assert len(reads) == 3  # at 0, after SETTINGS_AGE and after 2 * SETTINGS_AGE

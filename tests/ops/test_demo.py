@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
 from collections import Counter
@@ -173,9 +174,12 @@ def test_piped_screen_prints_lines_in_time_order() -> None:
 
 async def test_the_in_process_demo_dashboard_shows_calls_and_latency() -> None:
     """Without Redis the demo's dashboard still shows the breaker's calls/s, failed/s and
-    latency: its replicas tell the dashboard about every call."""
+    latency: its replicas tell the dashboard about every call; and the upstream's bulkhead
+    with all four figures: active, queued, limit and rejected/s (none of them unknown)."""
+    gc.collect()  # middlewares other tests left behind would add to the "asgi" bulkhead's card
     port = free_port()
     seen: list[dict[str, object]] = []
+    pools: list[dict[str, object]] = []
 
     async def watch() -> None:
         async with httpx.AsyncClient() as client:
@@ -185,10 +189,16 @@ async def test_the_in_process_demo_dashboard_shows_calls_and_latency() -> None:
                     doc = (await client.get(f"http://127.0.0.1:{port}/status")).json()
                 except httpx.HTTPError:
                     continue
+                pools.extend(
+                    p["pool"]
+                    for p in doc["policies"]
+                    if p["kind"] == "bulkhead" and p["name"] == "asgi"
+                )
                 breakers = [p for p in doc["policies"] if p["kind"] == "circuit_breaker"]
                 rates = breakers[0]["rates"] if breakers else None
                 if rates and rates["calls"] and breakers[0]["percentiles"]["samples"]:
                     seen.append(breakers[0])
+                if seen and pools and pools[-1]["rejected"] is not None:
                     return
 
     watching = asyncio.create_task(watch())
@@ -196,3 +206,8 @@ async def test_the_in_process_demo_dashboard_shows_calls_and_latency() -> None:
     watching.cancel()
     await asyncio.gather(watching, return_exceptions=True)
     assert seen, "the in-process demo's dashboard never showed calls/s with latency"
+    assert pools, "the in-process demo's dashboard never showed the upstream's bulkhead"
+    last = pools[-1]
+    assert last["limit"] == 64
+    assert last["fleet"] is False
+    assert None not in (last["active"], last["queued"], last["rejected"])

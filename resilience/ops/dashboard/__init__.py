@@ -22,7 +22,9 @@ Routes, relative to where it is mounted:
   (one in 8, or every call of a breaker that times them anyway), each percentile as its
   histogram bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last
   edge), the mean in seconds as estimated from the buckets; ``None`` when no call was
-  sampled.
+  sampled. A bulkhead carries ``"pool"``, a rate limiter ``"bucket"`` and a health check
+  ``"result_age"`` (see ``pools``); a bulkhead of this process that the store does not list
+  is added as a policy of its own.
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
@@ -40,9 +42,9 @@ keeps none of calls: breakers built with ``listeners=[dashboard.calls]`` report 
 dashboard (``CallCounts``), which gives their cards calls/s, failed/s and latency.
 
 Control is off by default, and turning it on requires a token. Every figure comes from the
-store's ``status()``, one call per push (shared by every viewer): no Redis command per
-protected call. Error messages never show where the store is (a Redis URL, host or port);
-the server's log has the details.
+store's ``status()``, one call per push (shared by every viewer), and a live-settings read
+per rate limiter every ``SETTINGS_AGE`` seconds: no Redis command per protected call. Error messages
+never show where the store is (a Redis URL, host or port); the server's log has the details.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from resilience.store.records import LATENCY_BUCKETS, REPORTING
 
 from ..configure import config_document
 from .calls import CallCounts
+from .pools import Cards
 
 __all__ = ["Dashboard"]
 
@@ -314,6 +317,7 @@ class Dashboard:
         #: calls/s, failed/s and latency where the store keeps no running totals of them
         self.calls = CallCounts()
         self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2), calls=self.calls)
+        self._cards = Cards(self.calls, min_gap=min(0.5, self.refresh / 2))
         self._latest: tuple[float, int, dict[str, Any]] | None = None
         self._lock = asyncio.Lock()
         self.app = Starlette(
@@ -371,18 +375,31 @@ class Dashboard:
             store["degraded"] = True
             code = 503
         else:
-            doc["policies"] = [self._policy(p, now) for p in policies]
+            shared = _store_kind(self.store) != "memory"
+            await self._cards.look(self.store, policies, now)
+            listed = [self._policy(p, now, fleet=shared) for p in policies]
+            local = self._cards.local_pools(policies)
+            doc["policies"] = [*listed, *[self._policy(p, now) for p in local]]
+            policies = [*policies, *local]
             self._intervals.forget({(p.kind, p.name) for p in policies})
+            self._cards.forget({(p.kind, p.name) for p in policies})
         store["degraded"] = store["degraded"] or bool(getattr(self.store, "degraded", False))
         doc["time"] = time.time()
         return code, doc
 
-    def _policy(self, policy: PolicyStatus, now: float) -> dict[str, Any]:
+    def _policy(self, policy: PolicyStatus, now: float, fleet: bool = False) -> dict[str, Any]:
+        """``policy``'s document; ``fleet``: a shared store lists it."""
         data = policy.to_dict()
         if policy.kind == "circuit_breaker":
             data["rates"], data["percentiles"] = self._intervals.update(policy, now)
         else:
             data["rates"] = data["percentiles"] = None
+        if policy.kind == "bulkhead":
+            data["pool"] = self._cards.pool(policy, fleet, now)
+        elif policy.kind == "rate_limiter":
+            data["bucket"] = self._cards.bucket(policy, now)
+        elif policy.kind == "health_check":
+            data["result_age"] = self._cards.result_age(policy, now)
         data["replicas_reporting"] = policy.reporting()
         return data
 
@@ -482,7 +499,10 @@ class Dashboard:
         body = await _json_body(request)
 
         async def change() -> dict[str, Any]:
-            return {"name": name, "version": await act(name, body)}
+            version = await act(name, body)
+            self._cards.reread(name)
+            self._latest = None  # the next snapshot shows the change
+            return {"name": name, "version": version}
 
         return await self._config_call(name, change)
 

@@ -4,9 +4,10 @@ A store shared through Redis carries every replica's running totals of calls, fa
 slow calls; an in-process store keeps none (its breakers' hot path stays a few attribute
 reads). Policies built with ``listeners=[dashboard.calls]`` report to this listener instead:
 each call a breaker ends (``CallFinished``), and the rarer events of the policies around it
-(a timeout that expired, a call a bulkhead refused, a fallback served). The dashboard turns
-these running totals, per name, into rates on the breaker's card of that name (``HttpPolicy``
-names every policy of an origin after it, as Hystrix groups a command's figures).
+(a timeout that expired, a call a bulkhead or a rate limiter refused, a fallback served).
+The dashboard turns these running totals, per name, into rates on the breaker's card of that
+name (``HttpPolicy`` names every policy of an origin after it, as Hystrix groups a command's
+figures), and on the bulkhead's and the rate limiter's cards.
 """
 
 from __future__ import annotations
@@ -19,22 +20,33 @@ __all__ = ["CallCounts"]
 _BREAKER = "circuit_breaker"
 _FAILED = frozenset({"failure", "timeout"})  # an exception, or no answer in time
 #: the rare events counted per name, each as the figure it adds to
-_RARE = {TimedOut: "timeouts", FallbackUsed: "fallbacks", CallRejected: "bulkhead_rejected"}
+_RARE = {TimedOut: "timeouts", FallbackUsed: "fallbacks"}
+#: calls refused by these kinds of policy are counted per name, each as the figure it adds to
+_REFUSED = {"bulkhead": "bulkhead_rejected", "rate_limiter": "rate_limited"}
 
 
 class _Totals:
-    __slots__ = ("bulkhead_rejected", "calls", "failures", "fallbacks", "latency", "timeouts")
+    __slots__ = (
+        "bulkhead_rejected",
+        "calls",
+        "failures",
+        "fallbacks",
+        "latency",
+        "rate_limited",
+        "timeouts",
+    )
 
     def __init__(self) -> None:
         self.calls = self.failures = 0
-        self.timeouts = self.bulkhead_rejected = self.fallbacks = 0
+        self.timeouts = self.bulkhead_rejected = self.fallbacks = self.rate_limited = 0
         self.latency = [0] * len(LATENCY_BUCKETS)
 
 
 class CallCounts:
     """A listener keeping running totals per policy name: the calls breakers ended, those
     that failed (raised, or timed out) and their durations (counts per ``LATENCY_BUCKETS``
-    bucket); timeouts that expired, calls bulkheads refused and fallbacks served.
+    bucket); timeouts that expired, calls bulkheads and rate limiters refused and fallbacks
+    served.
 
     A call a breaker refused is not a call here (the breaker counts it itself) and a
     cancelled call counts as nothing. Of ``CallFinished`` it wants a breaker's only, so no
@@ -66,11 +78,11 @@ class CallCounts:
             totals.failures += event.outcome in _FAILED
             last = len(LATENCY_BUCKETS) - 1
             totals.latency[min(last, int(max(0.0, event.duration) * 2000).bit_length())] += 1
-        elif isinstance(event, CallRejected):
-            if event.policy == "bulkhead":
-                self._of(event.name).bulkhead_rejected += 1
-        elif isinstance(event, TimedOut | FallbackUsed):
-            figure = _RARE[type(event)]
+        elif isinstance(event, TimedOut | FallbackUsed | CallRejected):
+            figure = _REFUSED.get(event.policy) if isinstance(event, CallRejected) else None
+            figure = figure or _RARE.get(type(event))
+            if figure is None:
+                return  # a breaker's refusal: the breaker counts it itself
             totals = self._of(event.name)
             setattr(totals, figure, getattr(totals, figure) + 1)
 
@@ -90,3 +102,10 @@ class CallCounts:
         if totals is None:
             return None
         return totals.timeouts, totals.bulkhead_rejected, totals.fallbacks
+
+    def refused(self, kind: str, name: str) -> int:
+        """Calls the policies ``name`` of ``kind`` (``"bulkhead"``, ``"rate_limiter"``)
+        refused since counting began, as reported here (0: none reported)."""
+        totals = self._totals.get(name)
+        figure = _REFUSED.get(kind)
+        return 0 if totals is None or figure is None else int(getattr(totals, figure))

@@ -251,7 +251,7 @@ class Reply:
             )
         health = published_health(h) if h else None
         if held or health:
-            healthy, error = health or (None, None)
+            healthy, error, seq = health or (None, None, None)
             out.append(
                 PolicyStatus(
                     name=name,
@@ -261,6 +261,7 @@ class Reply:
                     adaptive_limit=_int(own) if own else None,
                     healthy=healthy,
                     health_error=error,
+                    health_seq=seq,
                 )
             )
         if tat:

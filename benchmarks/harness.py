@@ -45,6 +45,7 @@ __all__ = [
     "start_server",
     "stop_server",
     "timed_report",
+    "write_report",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -210,6 +211,14 @@ def script_parser(
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--out", type=Path, default=out, help=out_help)
     return parser
+
+
+def write_report(out: Path, name: str, text: str) -> None:
+    """Print a script's report ``text`` and write it to ``out/name`` (``--out``, made if
+    missing)."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(text)
 
 
 def timed_report(

@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import script_parser  # noqa: E402
+from harness import script_parser, write_report  # noqa: E402
 from shared_cases import private_redis, redis_version  # noqa: E402
 
 from resilience import CircuitBreaker, StoreDegraded  # noqa: E402
@@ -413,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.insert(5, f"redis-server {redis_version(binary)}.")
     lines.insert(6, "")
     text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "SCALE.md").write_text(text)
+    write_report(args.out, "SCALE.md", text)
     return 0
 
 

@@ -85,6 +85,82 @@ __all__ = ["Telemetry"]
 
 _SCOPE = "resilience"
 
+#: what the listener records into: the attribute, a counter or a histogram, name, unit, text
+_RECORDED = (
+    ("_calls", "counter", "resilience.calls", "{call}", "Calls through a policy, by outcome."),
+    ("_duration", "histogram", "resilience.call.duration", "s", "Time spent in a policy's call."),
+    ("_attempt", "histogram", "resilience.attempt.duration", "s", "Time of one attempt."),
+    ("_transitions", "counter", "resilience.breaker.transitions", "{transition}", "State changes."),
+    ("_retries", "counter", "resilience.retries", "{retry}", "Retries scheduled."),
+    ("_rejections", "counter", "resilience.rejections", "{call}", "Calls refused before starting."),
+    ("_fallbacks", "counter", "resilience.fallbacks", "{call}", "Fallback values served."),
+    ("_timeouts", "counter", "resilience.timeouts", "{call}", "Timeouts that expired."),
+    ("_store_events", "counter", "resilience.store.events", "{event}", "Store degraded/recovered."),
+    ("_joined", "counter", "resilience.coalesce.joined", "{call}", "Calls that shared one."),
+    ("_batch_size", "histogram", "resilience.batch.size", "{key}", "Distinct keys per batch."),
+    (
+        "_batch_callers",
+        "histogram",
+        "resilience.batch.callers",
+        "{call}",
+        "Calls served per batch.",
+    ),
+    ("_batch_delay", "histogram", "resilience.batch.delay", "s", "Time a batch gathered calls."),
+)
+
+#: the observable gauges: the method that observes them, name, unit, text
+_GAUGES = (
+    (
+        "_observe_breakers",
+        "resilience.breaker.state",
+        "1",
+        "1 for a breaker's current state, 0 for the others.",
+    ),
+    (
+        "_observe_bulkheads",
+        "resilience.bulkhead.in_flight",
+        "{call}",
+        "Calls holding a bulkhead slot.",
+    ),
+    (
+        "_observe_limits",
+        "resilience.bulkhead.limit",
+        "{call}",
+        "Calls a bulkhead allows in flight now (its adaptive limit, if any).",
+    ),
+    ("_observe_stores", "resilience.store.degraded", "1", "1 while a store runs on local state."),
+    (
+        "_observe_loop_lag",
+        "resilience.store.loop_lag",
+        "s",
+        "The worst lateness of the event loop a store measured in the last 10 s.",
+    ),
+    (
+        "_observe_throttles",
+        "resilience.throttle.window",
+        "{call}",
+        "A throttle's requests and accepts over its window.",
+    ),
+    (
+        "_observe_throttle_ratios",
+        "resilience.throttle.rejection_probability",
+        "1",
+        "The probability that a throttle refuses a call now.",
+    ),
+    (
+        "_observe_hedges",
+        "resilience.hedge.window",
+        "{call}",
+        "A hedge's calls and hedges sent over its window.",
+    ),
+    (
+        "_observe_hedge_delays",
+        "resilience.hedge.delay",
+        "s",
+        "Seconds a hedge waits before sending another attempt (learned or fixed).",
+    ),
+)
+
 
 class Telemetry:
     """Turns policy events into OpenTelemetry metrics and span events.
@@ -94,6 +170,21 @@ class Telemetry:
     changes. ``call_metrics``: ``True`` (every policy), ``False`` (none), or the policy
     kinds and names whose calls are counted and timed.
     """
+
+    # made from _RECORDED
+    _calls: metrics.Counter
+    _duration: metrics.Histogram
+    _attempt: metrics.Histogram
+    _transitions: metrics.Counter
+    _retries: metrics.Counter
+    _rejections: metrics.Counter
+    _fallbacks: metrics.Counter
+    _timeouts: metrics.Counter
+    _store_events: metrics.Counter
+    _joined: metrics.Counter
+    _batch_size: metrics.Histogram
+    _batch_callers: metrics.Histogram
+    _batch_delay: metrics.Histogram
 
     def __init__(
         self,
@@ -123,109 +214,18 @@ class Telemetry:
             _SCOPE, __version__
         )
         self.span_events = bool(span_events)
-        self._calls = meter.create_counter(
-            "resilience.calls", unit="{call}", description="Calls through a policy, by outcome."
-        )
-        self._duration = meter.create_histogram(
-            "resilience.call.duration", unit="s", description="Time spent in a policy's call."
-        )
-        self._attempt = meter.create_histogram(
-            "resilience.attempt.duration", unit="s", description="Time of one attempt."
-        )
-        self._transitions = meter.create_counter(
-            "resilience.breaker.transitions", unit="{transition}", description="State changes."
-        )
-        self._retries = meter.create_counter(
-            "resilience.retries", unit="{retry}", description="Retries scheduled."
-        )
-        self._rejections = meter.create_counter(
-            "resilience.rejections", unit="{call}", description="Calls refused before starting."
-        )
-        self._fallbacks = meter.create_counter(
-            "resilience.fallbacks", unit="{call}", description="Fallback values served."
-        )
-        self._timeouts = meter.create_counter(
-            "resilience.timeouts", unit="{call}", description="Timeouts that expired."
-        )
-        self._store_events = meter.create_counter(
-            "resilience.store.events", unit="{event}", description="Store degraded/recovered."
-        )
-        self._joined = meter.create_counter(
-            "resilience.coalesce.joined", unit="{call}", description="Calls that shared one."
-        )
-        self._batch_size = meter.create_histogram(
-            "resilience.batch.size", unit="{key}", description="Distinct keys per batch."
-        )
-        self._batch_callers = meter.create_histogram(
-            "resilience.batch.callers", unit="{call}", description="Calls served per batch."
-        )
-        self._batch_delay = meter.create_histogram(
-            "resilience.batch.delay", unit="s", description="Time a batch gathered calls."
-        )
-        meter.create_observable_gauge(
-            "resilience.breaker.state",
-            callbacks=[self._observe_breakers],
-            unit="1",
-            description="1 for a breaker's current state, 0 for the others.",
-        )
-        meter.create_observable_gauge(
-            "resilience.bulkhead.in_flight",
-            callbacks=[self._observe_bulkheads],
-            unit="{call}",
-            description="Calls holding a bulkhead slot.",
-        )
-        meter.create_observable_gauge(
-            "resilience.bulkhead.limit",
-            callbacks=[self._observe_limits],
-            unit="{call}",
-            description="Calls a bulkhead allows in flight now (its adaptive limit, if any).",
-        )
-        meter.create_observable_gauge(
-            "resilience.store.degraded",
-            callbacks=[self._observe_stores],
-            unit="1",
-            description="1 while a store runs on local state.",
-        )
-        meter.create_observable_gauge(
-            "resilience.store.loop_lag",
-            callbacks=[self._observe_loop_lag],
-            unit="s",
-            description="The worst lateness of the event loop a store measured in the last 10 s.",
-        )
-        self._windows(meter)
+        for attr, make, name, unit, text in _RECORDED:
+            create = meter.create_counter if make == "counter" else meter.create_histogram
+            setattr(self, attr, create(name, unit=unit, description=text))
+        for method, name, unit, text in _GAUGES:
+            callbacks = [getattr(self, method)]
+            meter.create_observable_gauge(name, callbacks, unit=unit, description=text)
         self._labels: dict[tuple[str, str, str], dict[str, str]] = {}
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._bulkheads: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
         self._throttles: weakref.WeakSet[Throttle] = weakref.WeakSet()
         self._hedges: weakref.WeakSet[Hedge] = weakref.WeakSet()
         self._stores: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def _windows(self, meter: metrics.Meter) -> None:
-        """The gauges of throttles' and hedges' windows (the fleet's, when they share one)."""
-        meter.create_observable_gauge(
-            "resilience.throttle.window",
-            callbacks=[self._observe_throttles],
-            unit="{call}",
-            description="A throttle's requests and accepts over its window.",
-        )
-        meter.create_observable_gauge(
-            "resilience.throttle.rejection_probability",
-            callbacks=[self._observe_throttle_ratios],
-            unit="1",
-            description="The probability that a throttle refuses a call now.",
-        )
-        meter.create_observable_gauge(
-            "resilience.hedge.window",
-            callbacks=[self._observe_hedges],
-            unit="{call}",
-            description="A hedge's calls and hedges sent over its window.",
-        )
-        meter.create_observable_gauge(
-            "resilience.hedge.delay",
-            callbacks=[self._observe_hedge_delays],
-            unit="s",
-            description="Seconds a hedge waits before sending another attempt (learned or fixed).",
-        )
 
     # wiring ---------------------------------------------------------------------------------
     def instrument(self, *targets: object) -> None:

@@ -30,9 +30,11 @@ import socket
 import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Connection", "FaultProxy", "Faults"]
+
+T = TypeVar("T")
 
 _HEAD = 4096  # bytes of the client's first data kept for kill_if / inspection
 
@@ -51,6 +53,25 @@ class Faults:
         self.latency = self.jitter = 0.0
         self.bandwidth = None
         self.blackhole = False
+
+
+class _BothWays(Generic[T]):
+    """A fault set on both directions at once (``proxy.up`` and ``proxy.down``); read as
+    ``read(up's, down's)``."""
+
+    def __init__(self, read: Callable[[T, T], T]) -> None:
+        self.read = read
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, proxy: FaultProxy, owner: type | None = None) -> T:
+        return self.read(getattr(proxy.up, self.name), getattr(proxy.down, self.name))
+
+    def __set__(self, proxy: FaultProxy, value: T) -> None:
+        setattr(proxy.up, self.name, value)
+        setattr(proxy.down, self.name, value)
 
 
 def _abort(writer: asyncio.StreamWriter | None) -> None:
@@ -189,41 +210,10 @@ class FaultProxy:
         return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     # faults ----------------------------------------------------------------------------------
-    @property
-    def latency(self) -> float:
-        """Seconds added to every chunk, each way (setting it sets both directions)."""
-        return max(self.up.latency, self.down.latency)
-
-    @latency.setter
-    def latency(self, seconds: float) -> None:
-        self.up.latency = self.down.latency = seconds
-
-    @property
-    def jitter(self) -> float:
-        """Random extra delay per chunk in ``[0, jitter)``, each way (sets both)."""
-        return max(self.up.jitter, self.down.jitter)
-
-    @jitter.setter
-    def jitter(self, seconds: float) -> None:
-        self.up.jitter = self.down.jitter = seconds
-
-    @property
-    def bandwidth(self) -> float | None:
-        """Bytes per second each way (``None``: unlimited; setting it sets both)."""
-        return self.down.bandwidth
-
-    @bandwidth.setter
-    def bandwidth(self, rate: float | None) -> None:
-        self.up.bandwidth = self.down.bandwidth = rate
-
-    @property
-    def blackhole(self) -> bool:
-        """Accept, read and discard everything, both ways, never answer (sets both)."""
-        return self.up.blackhole and self.down.blackhole
-
-    @blackhole.setter
-    def blackhole(self, on: bool) -> None:
-        self.up.blackhole = self.down.blackhole = on
+    latency = _BothWays[float](max)  # seconds added to every chunk
+    jitter = _BothWays[float](max)  # random extra delay per chunk in [0, jitter)
+    bandwidth = _BothWays[float | None](lambda up, down: down)  # bytes/s (None: unlimited)
+    blackhole = _BothWays[bool](lambda up, down: up and down)  # read and discard, never answer
 
     @property
     def refuse(self) -> bool:

@@ -47,6 +47,7 @@ from resilience import (
     select,
 )
 from resilience.policies.base import BasePolicy
+from resilience.policies.circuit import LIVE
 from resilience.store.redis import RedisStore
 
 from .helpers import boom, ok
@@ -73,24 +74,7 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], dict[str, Any], list[str]]] = 
     "CircuitBreaker": (
         CircuitBreaker,
         {"name": "b"},
-        [
-            "name",
-            "failure_ratio",
-            "minimum_calls",
-            "window",
-            "slow_call_duration",
-            "slow_call_ratio",
-            "open_for",
-            "open_for_max",
-            "half_open_calls",
-            "probe_lease",
-            "on",
-            "ignore",
-            "failure_if",
-            "store",
-            "clock",
-            "listeners",
-        ],
+        ["name", *LIVE, "on", "ignore", "failure_if", "store", "clock", "listeners"],
     ),
     "CountWindow": (CountWindow, {"size": 10}, ["size"]),
     "TimeWindow": (TimeWindow, {"seconds": 10}, ["seconds", "buckets"]),

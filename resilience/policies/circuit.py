@@ -234,18 +234,9 @@ class CircuitBreaker(BasePolicy):
         check_bool("open_on_suspect", open_on_suspect)
         if open_on_suspect and health is None:
             raise ValueError("open_on_suspect=True needs a health check: pass health=...")
-        config = _breaker_config(
-            failure_ratio=failure_ratio,
-            minimum_calls=minimum_calls,
-            window=window,
-            slow_call_duration=slow_call_duration,
-            slow_call_ratio=slow_call_ratio,
-            open_for=open_for,
-            open_for_max=open_for_max,
-            half_open_calls=half_open_calls,
-            probe_lease=probe_lease,
-            quorum=_quorum(open_when, quorum),
-        )
+        given = locals()  # the settings are the arguments LIVE names, as live settings are
+        settings = {key: given[key] for key in LIVE}
+        config = _breaker_config(**settings, quorum=_quorum(open_when, quorum))
         store = check_store(
             "store", store, "breaker", "acquire_lease", "release_lease", "status", "sync"
         )

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from resilience.events import Event, StoreDataReset
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
@@ -78,3 +79,25 @@ async def test_a_store_that_went_back_settles_once(redis_url: str, raw: aioredis
     finally:
         for store in (a, b):
             await store.aclose()
+
+
+async def test_a_key_of_another_type_under_the_shares_is_reset_and_reported(
+    redis_url: str, raw: aioredis.Redis
+) -> None:
+    """A string under the shares key (data the script never writes) is deleted and reported
+    as a StoreDataReset, not answered with an error; the shares then settle as after a loss:
+    no share grows past what its holder had until the settling time has passed."""
+    clock = FakeClock()
+    store = RedisStore.from_url(redis_url, prefix=f"shares{next(_prefixes)}", clock=clock)
+    events: list[Event] = []
+    store.add_listener(events.append)
+    try:
+        key = store.key("pool", "shares")
+        await raw.set(key, "not a hash")
+        assert (await store.lease_share("pool", "a", want=2, held=0, **ASK))[0] == 0
+        assert events == [StoreDataReset(name="pool", key=key)]
+        assert await raw.type(key) == b"hash"
+        clock.advance(2.5)  # settled
+        assert (await store.lease_share("pool", "a", want=2, held=0, **ASK))[0] == 2
+    finally:
+        await store.aclose()

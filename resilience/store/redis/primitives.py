@@ -78,7 +78,7 @@ SCRIPTS = (
     "names",
     "flight",
 )
-_PRELUDED = ("flush", "transition", "probe", "report", "status", "window")
+_PRELUDED = ("flush", "transition", "probe", "report", "status", "window", "share", "names")
 
 
 class BadReply(RedisError):
@@ -89,9 +89,10 @@ _SCRIPTS = resources.files(__package__).joinpath("scripts")
 
 
 def script_source(name: str) -> str:
-    """A script's source; the breaker scripts, the window and status start with the shared
-    prelude. Each call of a script runs the prelude (a closure per function), so the scripts
-    of the fleet-wide primitives, called as often as protected calls are made, carry none."""
+    """A script's source; the breaker scripts, the window, status, the quota shares (asked
+    once per renewal, not per call) and the name registry start with the shared prelude.
+    Each call of a script runs the prelude (a closure per function), so the scripts of the
+    fleet-wide primitives, called as often as protected calls are made, carry none."""
     source = _SCRIPTS.joinpath(f"{name}.lua").read_text()
     if name not in _PRELUDED:
         return source

@@ -5,12 +5,7 @@
 -- Returns: add -> {reset}; read -> {reset, name, name, ...}. A key of another type is deleted
 -- first (reset = 1, reported as StoreDataReset): bad data costs the registry, never an error
 -- reply that would turn the whole store degraded.
-local reset = 0
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'set' and kind ~= 'none' then
-  redis.call('DEL', KEYS[1])
-  reset = 1
-end
+local reset = own(KEYS[1], 'set')
 if ARGV[1] == 'read' then
   local names = redis.call('SMEMBERS', KEYS[1])
   table.insert(names, 1, reset)

@@ -1,6 +1,6 @@
--- Shared by the breaker scripts, the shared window and status (prepended to each: see
--- script_source). Each call of a script runs this (a closure per function): the scripts of the
--- fleet-wide primitives, called as often as calls are made, carry none of it.
+-- Shared by the breaker scripts, the shared window, status, shares and names (prepended to
+-- each: see script_source). Each call of a script runs this (a closure per function): the
+-- scripts of the fleet-wide primitives, called as often as calls are made, carry none of it.
 
 -- now_ms(arg, keep): the caller's time if given (a store on a fake clock), else the server's
 -- TIME; whole milliseconds, but a caller's time is kept as it is with `keep` (the shared
@@ -12,7 +12,7 @@ local function now_ms(arg, keep)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- own(key, kind): a key of another type than `kind` ('hash', 'list', 'zset') holds data we
+-- own(key, kind): a key of another type than `kind` ('hash', 'set', 'zset', ...) holds data we
 -- never write there: it is deleted. Returns 1 if it was (the caller reports a reset), else 0
 -- (a missing key is ours: empty).
 local function own(key, kind)

@@ -22,18 +22,8 @@
 -- replica behind, or the clock jumped), no share grows past what its holder says it had
 -- for `settle` ms (after a loss the store's own records of it are not believed), so that
 -- every live holder has reported its permits again before any grows (settle < ttl).
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-now = math.floor(now)
-local reset = 0
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'hash' and kind ~= 'none' then
-  redis.call('DEL', KEYS[1])
-  reset = 1
-end
+local now = now_ms(ARGV[1])
+local reset = own(KEYS[1], 'hash')
 local me, want, held = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local limit, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 local cap, had, settle = tonumber(ARGV[8]), math.min(tonumber(ARGV[9]), limit), tonumber(ARGV[10])

@@ -266,6 +266,9 @@ class SyncEngine(Rounds):
             loop.create_task(self._flusher(), name=f"resilience-flush-{self.prefix}"),
             loop.create_task(self.subscriber.run(), name=f"resilience-sub-{self.prefix}"),
         ]
+        if self.supervisor.sentinel_pool is not None:  # a failover must be seen at once
+            watch = self.supervisor.watch_primary()
+            self._tasks.append(loop.create_task(watch, name=f"resilience-primary-{self.prefix}"))
 
     def _soon(self) -> None:
         """Make sure a round runs within ``sync_interval`` (news is waiting)."""

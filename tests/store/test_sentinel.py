@@ -28,6 +28,7 @@ from resilience import (
 from resilience.store.redis import RedisStore
 
 from ..cluster_support import SentinelSetup, command, info_field, trip
+from ..fork_support import in_forked_child
 from ..helpers import unique_prefix, until
 from .support import TIMEOUT, Load, recovered, started, subscribed
 
@@ -285,3 +286,31 @@ async def test_only_a_store_on_a_sentinel_primary_watches_where_the_primary_is()
     for store in clients.values():
         await store.aclose()
     assert tasks == {"plain": 2, "primary": 3, "replica": 2}
+
+
+def pooled(client: Any) -> int:
+    """Connections a redis-py client's pool holds (idle and in use)."""
+    pool = client.connection_pool
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+async def test_a_forked_child_asks_the_sentinels_on_connections_of_its_own(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """A store over Sentinel, forked: the child holds none of its parent's connections to
+    the sentinels (the watch asks them every second, from both processes), and finds the
+    same primary through new ones."""
+    setup = sentinel_setup
+    async with sentinel_store(setup, unique_prefix("forked"), []) as store:
+        await store.sync()
+        assert not await store.supervisor.check_primary()
+        sentinels = store.supervisor.sentinel_pool.sentinel_manager.sentinels
+        assert sum(pooled(s) for s in sentinels) >= 1
+
+        async def child() -> str:  # in a forked child: the inherited store
+            inherited = sum(pooled(s) for s in sentinels)
+            moved = await store.supervisor.check_primary()
+            return f"{inherited} {moved} {store.supervisor.primary}"
+
+        assert in_forked_child(child) == f"0 False {('127.0.0.1', setup.primary.port)}"
+        assert not await store.supervisor.check_primary()

@@ -446,6 +446,10 @@ class Supervisor:
         return None
 
     def forked(self) -> None:
-        """In a forked child: the parent's connections are not ours."""
+        """In a forked child: the parent's connections are not ours (to the sentinels
+        either)."""
         _drop_connections(self.client)
+        if self.sentinel_pool is not None:
+            for sentinel in self.sentinel_pool.sentinel_manager.sentinels:
+                _drop_connections(sentinel)
         self.cluster_ready = False

@@ -43,11 +43,15 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
 
 @contextlib.asynccontextmanager
 async def sentinel_store(
-    setup: SentinelSetup, prefix: str, events: list[Event]
+    setup: SentinelSetup, prefix: str, events: list[Event], **options: Any
 ) -> AsyncIterator[RedisStore]:
-    """A replica's store over `Sentinel(...).master_for(...)`; every client closed at the end."""
+    """A replica's store over `Sentinel(...).master_for(...)` (`options`: the Sentinel's);
+    every client closed at the end."""
     sentinel = Sentinel(
-        setup.sentinel_addresses, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+        setup.sentinel_addresses,
+        socket_timeout=TIMEOUT,
+        socket_connect_timeout=TIMEOUT,
+        **options,
     )
     client = sentinel.master_for(
         SentinelSetup.MASTER,
@@ -314,3 +318,20 @@ async def test_a_forked_child_asks_the_sentinels_on_connections_of_its_own(
 
         assert in_forked_child(child) == f"0 False {('127.0.0.1', setup.primary.port)}"
         assert not await store.supervisor.check_primary()
+
+
+async def test_the_primary_is_named_as_the_client_finds_it(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """A Sentinel client that names the primary its own way (`force_master_ip`, or a
+    subclass that maps addresses) is asked the way its pool asks: no failover is seen where
+    there is none, and the store neither degrades nor drops its connections."""
+    setup = sentinel_setup
+    events: list[Event] = []
+    options = {"force_master_ip": "localhost"}
+    async with sentinel_store(setup, unique_prefix("named"), events, **options) as store:
+        await store.sync()
+        for _ in range(3):
+            assert not await store.supervisor.check_primary()
+        assert store.supervisor.primary == ("localhost", setup.primary.port)
+        assert not [e for e in events if isinstance(e, StoreDegraded)]

@@ -14,14 +14,14 @@ One owner for the question "can we talk to Redis now?":
 * ``reconnect`` brings the store back only when Redis accepts our scripts *and* writes again
   (a replica, a full Redis, an ACL without EVALSHA stay degraded), dropping connections first
   after READONLY so the next one reaches the new primary;
-* with Sentinel (a ``Sentinel(...).master_for(...)`` client), ``watch_primary`` asks a
-  sentinel where the primary is every ``PRIMARY_CHECK`` second: after a failover the old
-  primary stays a writable primary until Sentinel reconfigures it (seconds), and redis-py asks
-  the sentinels only when it opens a connection, so pooled connections (the subscriber's
-  among them) would go on writing to the old one while new ones reach the new one. On a
-  change the store degrades and drops every pooled connection: it comes back on the new
-  primary (``reconnect``), reading the fleet's state there. While no sentinel answers,
-  nothing changes;
+* with Sentinel (a ``Sentinel(...).master_for(...)`` client), ``watch_primary`` asks the
+  sentinels where the primary is every ``PRIMARY_CHECK`` second, as the pool asks them:
+  after a failover the old primary stays a writable primary until Sentinel reconfigures it
+  (seconds), and redis-py asks the sentinels only when it opens a connection, so pooled
+  connections (the subscriber's among them) would go on writing to the old one while new
+  ones reach the new one. On a change the store degrades and drops every pooled connection:
+  it comes back on the new primary (``reconnect``), reading the fleet's state there. While
+  no sentinel answers, nothing changes;
 * a process forked from one that built the store is a new replica (``forked``);
 * with Redis Cluster, an unreachable node makes only its own keys local (``away``): calls on
   its keys fail at once, without waiting, until it is tried again (backoff up to 2 s); the
@@ -430,20 +430,19 @@ class Supervisor:
         return True
 
     async def _ask_sentinels(self) -> tuple[str, int] | None:
-        """The primary's address as the first sentinel that answers names it (``None``: none
-        answers). One small command (``SENTINEL get-master-addr-by-name``), on the sentinel
-        the client last found the primary through."""
+        """The primary's address as the client's pool would find it now (``None``: no
+        sentinel answers). Asked the pool's way (``discover_master``: the first sentinel that
+        answers, its address mapped as the client maps it), so an address named another way
+        (``force_master_ip``, a subclass) is never taken for a failover. Bounded: a sentinel
+        that does not answer costs at most ``timeout``."""
         pool = self.sentinel_pool
-        for sentinel in list(pool.sentinel_manager.sentinels):
-            try:
-                async with asyncio.timeout(self.timeout):
-                    found = await sentinel.sentinel_get_master_addr_by_name(pool.service_name)
-            except Exception as exc:  # this one is away: ask the next
-                logger.debug("redis store %r: a sentinel does not answer: %r", self.prefix, exc)
-                continue
-            if found:
-                return _address(found)
-        return None
+        manager = pool.sentinel_manager
+        try:
+            async with asyncio.timeout(self.timeout * (1 + len(manager.sentinels))):
+                return _address(await manager.discover_master(pool.service_name))
+        except Exception as exc:  # no sentinel answers (or none names a sound primary)
+            logger.debug("redis store %r: no sentinel answers: %r", self.prefix, exc)
+            return None
 
     def forked(self) -> None:
         """In a forked child: the parent's connections are not ours (to the sentinels

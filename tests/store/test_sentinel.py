@@ -1,5 +1,6 @@
 """RedisStore through Redis Sentinel: the primary is SIGKILLed under load and a replica is
-promoted; calls never fail because of it, and the fleet's breakers converge on the new primary."""
+promoted; calls never fail because of it, and the fleet's breakers converge on the new primary.
+A switch whose old primary stays up (`SENTINEL FAILOVER`) is followed within a second."""
 
 from __future__ import annotations
 
@@ -256,8 +257,8 @@ async def test_while_no_sentinel_answers_the_store_keeps_its_primary(
     sentinel_setup: SentinelSetup,
 ) -> None:
     """With every sentinel killed, asking where the primary is changes nothing: the primary
-    the store knows stays, and the watch neither degrades the store nor drops its
-    connections (it asks again a second later)."""
+    the store knows stays, and the watch does not degrade the store (it asks again a second
+    later)."""
     setup = sentinel_setup
     events: list[Event] = []
     async with sentinel_store(setup, unique_prefix("blind"), events) as store:

@@ -1,5 +1,6 @@
 """RedisStore through Redis Sentinel: the primary is SIGKILLed under load and a replica is
-promoted; calls never fail because of it, and the fleet's breakers converge on the new primary."""
+promoted; calls never fail because of it, and the fleet's breakers converge on the new primary.
+A switch whose old primary stays up (`SENTINEL FAILOVER`) is followed within a second."""
 
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from resilience import (
+    Bulkhead,
+    BulkheadFullError,
     CircuitBreaker,
     CircuitState,
     CountWindow,
     Event,
     StoreDegraded,
     StoreRecovered,
+    StoreUnavailableError,
 )
 from resilience.store.redis import RedisStore
 
-from ..cluster_support import SentinelSetup, command, trip
+from ..cluster_support import SentinelSetup, command, info_field, trip
+from ..fork_support import in_forked_child
 from ..helpers import unique_prefix, until
 from .support import TIMEOUT, Load, recovered, started, subscribed
 
@@ -39,11 +44,15 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
 
 @contextlib.asynccontextmanager
 async def sentinel_store(
-    setup: SentinelSetup, prefix: str, events: list[Event]
+    setup: SentinelSetup, prefix: str, events: list[Event], **options: Any
 ) -> AsyncIterator[RedisStore]:
-    """A replica's store over `Sentinel(...).master_for(...)`; every client closed at the end."""
+    """A replica's store over `Sentinel(...).master_for(...)` (`options`: the Sentinel's);
+    every client closed at the end."""
     sentinel = Sentinel(
-        setup.sentinel_addresses, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+        setup.sentinel_addresses,
+        socket_timeout=TIMEOUT,
+        socket_connect_timeout=TIMEOUT,
+        **options,
     )
     client = sentinel.master_for(
         SentinelSetup.MASTER,
@@ -153,3 +162,177 @@ async def status_of(store: RedisStore, name: str) -> Any:
         if s.name == name and s.kind == "circuit_breaker":
             return s
     raise AssertionError(f"no breaker {name!r} in status()")
+
+
+def pool_address(store: RedisStore) -> tuple[str, int] | None:
+    """The primary the store's pooled connections point at (as its Sentinel pool knows it)."""
+    address = store.client.connection_pool.master_address
+    return None if address is None else (str(address[0]), int(address[1]))
+
+
+async def same_primary(writer: RedisStore, reader: RedisStore) -> bool:
+    """Whether what `writer` writes now is what `reader` reads (both on the same primary)."""
+    token = str(time.monotonic_ns()).encode()
+    try:
+        await writer.cache_set("agree", "token", token, ttl=60)
+        return await reader.cache_get("agree", "token") == token
+    except StoreUnavailableError:  # one of them is moving to the new primary
+        return False
+
+
+async def test_after_a_sentinel_failover_every_replica_writes_to_the_new_primary(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """`SENTINEL FAILOVER` leaves the old primary up and writable for seconds: a replica
+    connected before it and one connected after it agree within about 2 s (what one writes the
+    other reads; a trip on either is seen open by the other; a fleet-wide bulkhead's limit
+    holds across both), while the old primary is still a writable primary."""
+    setup = sentinel_setup
+    fleet = unique_prefix("switch")
+    events_a: list[Event] = []
+    events_b: list[Event] = []
+    async with sentinel_store(setup, fleet, events_a) as store_a:
+        await trip(breaker(store_a, "before"))
+        await store_a.sync()
+        await subscribed(store_a.client, store_a.channel, 1)
+        old, new = setup.primary.port, setup.replica.port
+        assert pool_address(store_a) == ("127.0.0.1", old)
+        assert "OK" in command(setup.sentinels[0].port, "SENTINEL", "FAILOVER", setup.MASTER)
+        await until(
+            lambda: all(setup.master_port(s) == new for s in setup.sentinels), 10, "the switch"
+        )
+        switched = time.monotonic()
+        async with sentinel_store(setup, fleet, events_b) as store_b:
+            await until(lambda: same_primary(store_a, store_b), 4, "A and B to agree")
+            agreed = time.monotonic() - switched
+            assert await same_primary(store_b, store_a)
+            assert pool_address(store_a) == ("127.0.0.1", new)
+            # the old primary is still a writable primary: the agreement is the store's doing
+            assert info_field(old, "replication", "role") == "master"
+
+            a, b = breaker(store_a, "after-a"), breaker(store_b, "after-a")
+            await store_b.sync()
+            await trip(a)
+            seen_by_b = await until(lambda: b.state is CircuitState.OPEN, 3, "B to see A's trip")
+            a2, b2 = breaker(store_a, "after-b"), breaker(store_b, "after-b")
+            await store_a.sync()
+            await trip(b2)
+            seen_by_a = await until(lambda: a2.state is CircuitState.OPEN, 3, "A to see B's trip")
+
+            # one fleet-wide limit of 4 concurrent calls, not one on each primary
+            bulkheads = [
+                Bulkhead(4, distributed=True, shares=True, store=s, name="pool")
+                for s in (store_a, store_b)
+            ]
+            gate = asyncio.Event()
+
+            async def held() -> str:
+                await gate.wait()
+                return "ok"
+
+            calls = [asyncio.ensure_future(bh.call(held)) for bh in bulkheads for _ in range(4)]
+            await until(lambda: sum(bh.in_flight for bh in bulkheads) >= 4, 5, "4 calls in")
+            await asyncio.sleep(0.3)  # the shares settle: nothing more gets in
+            in_flight = sum(bh.in_flight for bh in bulkheads)
+            gate.set()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for bh in bulkheads:
+                await bh.aclose()
+            assert in_flight == 4
+            assert results.count("ok") == 4
+            assert all(isinstance(r, BulkheadFullError) for r in results if r != "ok")
+            assert info_field(old, "replication", "role") == "master"
+        degraded = [e for e in events_a if isinstance(e, StoreDegraded)]
+        assert degraded
+        assert "sentinel failover" in degraded[-1].error
+        print(
+            f"both replicas on the new primary {agreed:.2f}s after the sentinels switched; "
+            f"trips seen by the other replica after {seen_by_b * 1000:.0f} / "
+            f"{seen_by_a * 1000:.0f} ms; the old primary still a primary after "
+            f"{time.monotonic() - switched:.2f}s"
+        )
+
+
+async def test_while_no_sentinel_answers_the_store_keeps_its_primary(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """With every sentinel killed, asking where the primary is changes nothing: the primary
+    the store knows stays, and the watch does not degrade the store (it asks again a second
+    later)."""
+    setup = sentinel_setup
+    events: list[Event] = []
+    async with sentinel_store(setup, unique_prefix("blind"), events) as store:
+        await store.sync()
+        assert not await store.supervisor.check_primary()  # the primary it uses
+        assert store.supervisor.primary == ("127.0.0.1", setup.primary.port)
+        for sentinel in setup.sentinels:
+            sentinel.kill()
+        assert not await store.supervisor.check_primary()
+        await asyncio.sleep(2.5)  # the store's own watch asks twice more
+        assert store.supervisor.primary == ("127.0.0.1", setup.primary.port)
+        assert not [e for e in events if isinstance(e, StoreDegraded)]
+        assert not store.degraded
+
+
+async def test_only_a_store_on_a_sentinel_primary_watches_where_the_primary_is() -> None:
+    """The watch (one command a second) runs only for a `master_for` client: a plain client
+    or a `slave_for` one costs nothing more."""
+    sentinel = Sentinel([("127.0.0.1", 1)], socket_timeout=TIMEOUT)
+    clients = {
+        "plain": RedisStore.from_url("redis://127.0.0.1:1"),
+        "primary": RedisStore(sentinel.master_for("x")),
+        "replica": RedisStore(sentinel.slave_for("x")),
+    }
+    watching = {name: s.supervisor.sentinel_pool is not None for name, s in clients.items()}
+    assert watching == {"plain": False, "primary": True, "replica": False}
+    for store in clients.values():
+        store.engine.start()
+    tasks = {name: len(s.engine._tasks) for name, s in clients.items()}
+    for store in clients.values():
+        await store.aclose()
+    assert tasks == {"plain": 2, "primary": 3, "replica": 2}
+
+
+def pooled(client: Any) -> int:
+    """Connections a redis-py client's pool holds (idle and in use)."""
+    pool = client.connection_pool
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+async def test_a_forked_child_asks_the_sentinels_on_connections_of_its_own(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """A store over Sentinel, forked: the child holds none of its parent's connections to
+    the sentinels (the watch asks them every second, from both processes), and finds the
+    same primary through new ones."""
+    setup = sentinel_setup
+    async with sentinel_store(setup, unique_prefix("forked"), []) as store:
+        await store.sync()
+        assert not await store.supervisor.check_primary()
+        sentinels = store.supervisor.sentinel_pool.sentinel_manager.sentinels
+        assert sum(pooled(s) for s in sentinels) >= 1
+
+        async def child() -> str:  # in a forked child: the inherited store
+            inherited = sum(pooled(s) for s in sentinels)
+            moved = await store.supervisor.check_primary()
+            return f"{inherited} {moved} {store.supervisor.primary}"
+
+        assert in_forked_child(child) == f"0 False {('127.0.0.1', setup.primary.port)}"
+        assert not await store.supervisor.check_primary()
+
+
+async def test_the_primary_is_named_as_the_client_finds_it(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    """A Sentinel client that names the primary its own way (`force_master_ip`, or a
+    subclass that maps addresses) is asked the way its pool asks: no failover is seen where
+    there is none, and the store neither degrades nor drops its connections."""
+    setup = sentinel_setup
+    events: list[Event] = []
+    options = {"force_master_ip": "localhost"}
+    async with sentinel_store(setup, unique_prefix("named"), events, **options) as store:
+        await store.sync()
+        for _ in range(3):
+            assert not await store.supervisor.check_primary()
+        assert store.supervisor.primary == ("localhost", setup.primary.port)
+        assert not [e for e in events if isinstance(e, StoreDegraded)]

@@ -267,6 +267,9 @@ class SyncEngine(Rounds):
             loop.create_task(self._flusher(), name=f"resilience-flush-{self.prefix}"),
             loop.create_task(self.subscriber.run(), name=f"resilience-sub-{self.prefix}"),
         ]
+        if self.supervisor.sentinel_pool is not None:  # a failover must be seen at once
+            watch = self.supervisor.watch_primary()
+            self._tasks.append(loop.create_task(watch, name=f"resilience-primary-{self.prefix}"))
         if self.on_start is not None:
             self.on_start()
 

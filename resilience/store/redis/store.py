@@ -121,7 +121,9 @@ class RedisStore(RedisConfig, StoreBase):
     still holds it); using its name again reads the fleet's state. ``clock`` replaces Redis
     ``TIME`` (tests). The store starts its background work on first use; use
     ``async with store:`` or ``await store.aclose()`` to end it. A process forked after the
-    store was built uses it as a new replica (new id, new connections).
+    store was built uses it as a new replica (new id, new connections). Over a
+    ``Sentinel.master_for`` client the store asks the sentinels where the primary is once a
+    second, and moves to a new one at once.
     """
 
     shared = True  #: seen by every replica using the same Redis and prefix

@@ -14,6 +14,14 @@ One owner for the question "can we talk to Redis now?":
 * ``reconnect`` brings the store back only when Redis accepts our scripts *and* writes again
   (a replica, a full Redis, an ACL without EVALSHA stay degraded), dropping connections first
   after READONLY so the next one reaches the new primary;
+* with Sentinel (a ``Sentinel(...).master_for(...)`` client), ``watch_primary`` asks the
+  sentinels where the primary is every ``PRIMARY_CHECK`` second, as the pool asks them:
+  after a failover the old primary stays a writable primary until Sentinel reconfigures it
+  (seconds), and redis-py asks the sentinels only when it opens a connection, so pooled
+  connections (the subscriber's among them) would go on writing to the old one while new
+  ones reach the new one. On a change the store degrades and drops every pooled connection:
+  it comes back on the new primary (``reconnect``), reading the fleet's state there. While
+  no sentinel answers, nothing changes;
 * a process forked from one that built the store is a new replica (``forked``);
 * with Redis Cluster, an unreachable node makes only its own keys local (``away``): calls on
   its keys fail at once, without waiting, until it is tried again (backoff up to 2 s); the
@@ -38,6 +46,7 @@ from .primitives import BadReply, is_readonly, outage
 
 __all__ = [
     "LAG_HORIZON",
+    "PRIMARY_CHECK",
     "Backoff",
     "Command",
     "LoopLate",
@@ -50,6 +59,7 @@ logger = logging.getLogger("resilience.redis")
 
 LAG_HORIZON = 10.0  #: seconds a measured loop lag counts towards ``loop_lag``
 MAX_BACKOFF = 2.0  #: seconds: the longest wait between two tries to reach Redis again
+PRIMARY_CHECK = 1.0  #: seconds between two questions to a sentinel: where is the primary?
 _PER_COMMAND = 0.0002  # seconds a pipeline's time-out grows by per command (a big one is work)
 _T = TypeVar("_T")
 
@@ -131,6 +141,22 @@ def _drop_connections(client: Any) -> None:
                 reset()
 
 
+def _sentinel_pool(client: Any) -> Any:
+    """The Sentinel pool of a client built by ``Sentinel.master_for`` (``None``: another)."""
+    pool = getattr(client, "connection_pool", None)
+    if getattr(pool, "sentinel_manager", None) is None or not getattr(pool, "is_master", False):
+        return None
+    return pool
+
+
+def _address(address: Any) -> tuple[str, int] | None:
+    """A ``(host, port)`` pair as Sentinel names it (``None``: none)."""
+    if not address:
+        return None
+    host = address[0]
+    return (host.decode() if isinstance(host, bytes) else str(host)), int(address[1])
+
+
 class Supervisor:
     """Whether the store can talk to Redis, and what to do when it cannot (module docstring)."""
 
@@ -158,6 +184,9 @@ class Supervisor:
         self._cluster = cluster
         self.cluster_ready = False
         self._drop_pending = False
+        #: with Sentinel: the client's pool, and the primary its sentinels last named
+        self.sentinel_pool = _sentinel_pool(client)
+        self.primary: tuple[str, int] | None = None
         self.away: dict[str, _Away] = {}  # nodes that do not answer, by name
         self.on_degraded: Callable[[], None] = lambda: None
         self.on_recovered: Callable[[], None] = lambda: None
@@ -370,7 +399,56 @@ class Supervisor:
         logger.warning("redis store %r recovered after %.3fs", self.prefix, after)
         return True
 
+    # --- Sentinel: where the primary is -------------------------------------------------
+    async def watch_primary(self) -> None:
+        """With Sentinel: ``check_primary`` every ``PRIMARY_CHECK`` s until cancelled."""
+        while not cancelling():
+            try:
+                await self.check_primary()
+            except Exception:  # never let the watch die
+                logger.exception("redis store %r: asking the sentinels failed", self.prefix)
+            await asyncio.sleep(PRIMARY_CHECK)
+
+    async def check_primary(self) -> bool:
+        """Ask the sentinels where the primary is; if it moved since they were last asked,
+        degrade and drop every pooled connection (commands and the subscriber's), so the
+        next ones reach the new primary. Whether it moved."""
+        found = await self._ask_sentinels()
+        if found is None:  # no sentinel answers: keep the primary we have
+            return False
+        known, self.primary = self.primary or _address(self.sentinel_pool.master_address), found
+        if known is None or known == found:
+            return False
+        reason = (
+            f"sentinel failover: the primary moved from {known[0]}:{known[1]} "
+            f"to {found[0]}:{found[1]}"
+        )
+        self.fail(StoreUnavailableError(reason), reason)  # before the drop: the reason is ours
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timeout):
+                await self.sentinel_pool.disconnect()
+        return True
+
+    async def _ask_sentinels(self) -> tuple[str, int] | None:
+        """The primary's address as the client's pool would find it now (``None``: no
+        sentinel answers). Asked the pool's way (``discover_master``: the first sentinel that
+        answers, its address mapped as the client maps it), so an address named another way
+        (``force_master_ip``, a subclass) is never taken for a failover. Bounded: a sentinel
+        that does not answer costs at most ``timeout``."""
+        pool = self.sentinel_pool
+        manager = pool.sentinel_manager
+        try:
+            async with asyncio.timeout(self.timeout * (1 + len(manager.sentinels))):
+                return _address(await manager.discover_master(pool.service_name))
+        except Exception as exc:  # no sentinel answers (or none names a sound primary)
+            logger.debug("redis store %r: no sentinel answers: %r", self.prefix, exc)
+            return None
+
     def forked(self) -> None:
-        """In a forked child: the parent's connections are not ours."""
+        """In a forked child: the parent's connections are not ours (to the sentinels
+        either)."""
         _drop_connections(self.client)
+        if self.sentinel_pool is not None:
+            for sentinel in self.sentinel_pool.sentinel_manager.sentinels:
+                _drop_connections(sentinel)
         self.cluster_ready = False

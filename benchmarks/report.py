@@ -24,7 +24,7 @@ from harness import Case, Measured, Settings, cpu_model
 __all__ = ["Report", "console_table", "write_chart", "write_markdown"]
 
 LIBS = (
-    "resilience",
+    "resilience-fleet",
     "circuitbreaker",
     "aiobreaker",
     "purgatory",

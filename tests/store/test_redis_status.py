@@ -64,6 +64,20 @@ async def test_one_damaged_entry_does_not_hide_the_others(
     assert damaged.to_dict()["damaged"]
 
 
+async def test_a_registry_member_that_is_not_utf8_is_skipped(
+    stores: Callable[..., RedisStore], raw: aioredis.Redis
+) -> None:
+    """A member no replica wrote (bytes that are not UTF-8) in the names registry: status()
+    and known_names() list the real names, never a UnicodeDecodeError."""
+    store = stores()
+    CircuitBreaker("good", store=store)
+    await store.sync()
+    await raw.sadd(f"{store.prefix}:names", b"\xff\xfebad")
+    await raw.sadd(f"{store.prefix}:names:other", b"\xff\xfe")
+    assert [(s.name, s.kind) for s in await store.status()] == [("good", "circuit_breaker")]
+    assert await store.known_names() == ["good"]
+
+
 async def test_status_looks_for_bulkheads_only_under_names_that_have_them(
     stores: Callable[..., RedisStore], raw: aioredis.Redis
 ) -> None:

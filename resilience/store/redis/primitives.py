@@ -349,8 +349,14 @@ def parse_histogram(raw: str) -> tuple[int, ...]:
 
 
 def text(value: Any) -> str:
-    """A Redis reply item (bytes or a number) as a str."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A Redis reply item (bytes or a number) as a str; bytes that are not UTF-8 are a
+    ``BadReply`` (written by someone else), never a ``UnicodeDecodeError``."""
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise BadReply(f"not UTF-8: {value!r:.80}") from None
 
 
 def _fields(reply: Any) -> dict[str, Any]:
@@ -503,7 +509,13 @@ def parse_names(reply: Any) -> Listed:
     """A ``names.lua`` reply."""
     if not isinstance(reply, list) or not reply:
         raise BadReply(f"unexpected names reply {reply!r:.80}")
-    return Listed(bool(number(reply[0])), [text(name) for name in reply[1:]])
+    names = []
+    for item in reply[1:]:
+        try:
+            names.append(text(item))
+        except BadReply:  # no name this library wrote (they are escaped: ASCII): skipped
+            continue
+    return Listed(bool(number(reply[0])), names)
 
 
 def parse_share(reply: Any, limit: int) -> ShareReply:

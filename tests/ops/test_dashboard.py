@@ -896,7 +896,7 @@ async def test_a_shared_rate_limiters_tokens(fake_time_store: MemoryStore | Redi
 async def test_a_rate_limiters_settings_are_read_every_few_seconds(clock: FakeClock) -> None:
     """Snapshots read a rate limiter's settings from the store at most every
     ``SETTINGS_AGE`` seconds, not once per update."""
-    from resilience.ops.dashboard.pools import SETTINGS_AGE
+    from resilience.ops.cards import SETTINGS_AGE
 
     reads: list[str] = []
 

@@ -1,5 +1,6 @@
-"""Figures of the bulkhead and rate limiter cards: what the store's ``status()`` gives, with
-what this process knows on top.
+"""Figures of the bulkhead, rate limiter and health check cards: what the store's
+``status()`` gives, with what this process knows on top. The dashboard shows them on its
+cards; ``resilience status`` prints them (``--json``) and a rate limiter's tokens.
 
 A bulkhead's card (``"pool"``): ``active`` (calls holding a permit or a slot), ``queued``
 (calls waiting for a slot), ``limit`` and ``rejected`` (calls refused per second). A
@@ -187,6 +188,21 @@ class Cards:
         if seen is None or seen[0] != policy.health_seq:
             seen = self._results[policy.name] = (policy.health_seq, now, seen is not None)
         return round(now - seen[1], 1) if seen[2] else None
+
+    def figures(self, policy: PolicyStatus, now: float, fleet: bool) -> dict[str, Any]:
+        """What ``policy``'s entry carries on top of its ``PolicyStatus`` fields, by its kind:
+        a bulkhead's ``"pool"``, a rate limiter's ``"bucket"``, a health check's
+        ``"result_age"`` and ``"suspicion"``; ``fleet``: a shared store lists it."""
+        if policy.kind == "bulkhead":
+            return {"pool": self.pool(policy, fleet, now)}
+        if policy.kind == "rate_limiter":
+            return {"bucket": self.bucket(policy, now)}
+        if policy.kind == "health_check":
+            return {
+                "result_age": self.result_age(policy, now),
+                "suspicion": self.suspicion(policy),
+            }
+        return {}
 
     def suspicion(self, policy: PolicyStatus) -> dict[str, Any] | None:
         """The phi of this process's health check ``policy`` names, and whether it is

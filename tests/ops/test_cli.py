@@ -47,7 +47,7 @@ from resilience.ops.cli import (
     missing_modules,
     redact,
 )
-from resilience.ops.demo import DemoError, Transitions, _read_replica
+from resilience.ops.demo import FLEET_BURST, FLEET_RATE, DemoError, Transitions, _read_replica
 from resilience.ops.table import format_table
 from resilience.store.records import ReplicaReport
 from resilience.store.redis import RedisStore
@@ -101,7 +101,8 @@ def test_demo_runs_and_reports() -> None:
 
 def test_demo_with_redis_runs_replicas_as_processes(redis_url: str, tmp_path: Path) -> None:
     """With --redis the replicas are separate processes sharing the breaker through Redis;
-    the demo prints its prefix and the commands that show it, which work beside it."""
+    the demo prints its prefix and the commands that show it, which work beside it, and its
+    upstream's rate limiter is fleet-wide: the store lists it with its rate and burst."""
     out = run_demo("--redis", redis_url, "--replicas", "2", cwd=tmp_path)
     check_demo_output(out.stdout)
     assert "Redis redis://" in out.stdout
@@ -109,6 +110,10 @@ def test_demo_with_redis_runs_replicas_as_processes(redis_url: str, tmp_path: Pa
     assert prefix, out.stdout
     assert f"resilience status --redis '{redis_url}' --prefix {prefix[1]}" in out.stdout
     assert summary_generations(out.stdout)
+    shown = resilience("status", "--json", "--redis", redis_url, "--prefix", prefix[1])
+    kinds = {p["kind"]: p for p in json.loads(shown.stdout)["policies"]}
+    bucket = kinds["rate_limiter"]["bucket"]  # the upstream's fleet-wide rate limiter
+    assert (bucket["rate"], bucket["burst"]) == (FLEET_RATE, FLEET_BURST)
 
 
 def test_a_replica_that_dies_stops_the_demo_with_its_error() -> None:

@@ -110,10 +110,17 @@ def test_demo_with_redis_runs_replicas_as_processes(redis_url: str, tmp_path: Pa
     assert prefix, out.stdout
     assert f"resilience status --redis '{redis_url}' --prefix {prefix[1]}" in out.stdout
     assert summary_generations(out.stdout)
-    shown = resilience("status", "--json", "--redis", redis_url, "--prefix", prefix[1])
-    kinds = {p["kind"]: p for p in json.loads(shown.stdout)["policies"]}
-    bucket = kinds["rate_limiter"]["bucket"]  # the upstream's fleet-wide rate limiter
-    assert (bucket["rate"], bucket["burst"]) == (FLEET_RATE, FLEET_BURST)
+
+    async def reported() -> dict[str, Any]:
+        async with RedisStore.from_url(redis_url, prefix=prefix[1], timeout=1.0) as store:
+            return (await store.config("upstream")).base
+
+    # its policies reported their values in code to the store (a full bucket's key expires
+    # a second after its last request: the settings stay)
+    base = asyncio.run(reported())
+    assert base["rate_limiter"]["rate"] == FLEET_RATE
+    assert base["rate_limiter"]["burst"] == FLEET_BURST
+    assert base["bulkhead"]["max_concurrent"] == 64
 
 
 def test_a_replica_that_dies_stops_the_demo_with_its_error() -> None:

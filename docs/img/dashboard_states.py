@@ -5,7 +5,8 @@ It starts a throwaway ``redis-server`` on loopback, runs ``resilience demo --red
 it, and serves ``resilience dashboard`` on the demo's prefix (that one outlives the demo).
 Then, as the demo's upstream goes through its phases, it takes:
 
-* ``dashboard-busy.png``: healthy, the breaker closed and busy;
+* ``dashboard-busy.png``: healthy, the breaker closed and busy, with the cards of the
+  upstream's fleet-wide bulkhead (its pool) and rate limiter (its bucket's tokens);
 * ``dashboard-open.png``: the upstream failing, the breaker open;
 * ``dashboard-forced.png``: forced open with ``resilience open`` (then closed again);
 * ``dashboard-stale.png``: the demo's replicas gone, the fleet silent;
@@ -120,6 +121,8 @@ async def main() -> None:
                     except Exception:
                         await asyncio.sleep(0.1)
                 await until(page, f'{card}[data-state="closed"]')
+                await until(page, '[data-kind="bulkhead"]')  # the upstream's pool
+                await until(page, '[data-kind="rate_limiter"]')  # and its bucket
                 await asyncio.sleep(max(0.0, 6.0 - (time.monotonic() - start)))
                 await shoot(page, "busy")
                 await until(page, f'{card}[data-state="open"]')

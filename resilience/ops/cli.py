@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreUnavailableError
 from ..states import CircuitState
-from ..store.protocol import status
+from ..store.protocol import Store, status
 from ..store.records import REPORTING, PolicyStatus
 from ..version import DISTRIBUTION, __version__
+from .calls import CallCounts
+from .cards import Cards
 from .configure import add_configure_parser, run_configure
 from .table import missing_modules, print_table
 
@@ -127,13 +129,24 @@ async def _with_store(url: str, prefix: str, work: Callable[[RedisStore], Awaita
         await store.aclose()
 
 
-def status_document(
-    policies: Sequence[PolicyStatus], *, kind: str, degraded: bool
+async def status_document(
+    store: Store, policies: Sequence[PolicyStatus], *, kind: str, degraded: bool
 ) -> dict[str, Any]:
     """The JSON document of ``status --json`` (the dashboard's ``/status`` shape): each
-    policy with the replicas heard from in the last ``"reporting"`` seconds."""
+    policy with the replicas heard from in the last ``"reporting"`` seconds and the figures
+    the dashboard's cards compute from ``store`` (``resilience.ops.cards``: a bulkhead's
+    ``"pool"``, a rate limiter's ``"bucket"``; what only a process holding the policies or
+    a second reading knows is ``None``)."""
+    cards = Cards(CallCounts(), min_gap=0.0)
+    now = time.monotonic()
+    await cards.look(store, list(policies), now)
+    fleet = kind != "memory"
+    entries = [
+        {**p.to_dict(), **cards.figures(p, now, fleet), "replicas_reporting": p.reporting()}
+        for p in policies
+    ]
     return {
-        "policies": [{**p.to_dict(), "replicas_reporting": p.reporting()} for p in policies],
+        "policies": entries,
         "store": {"kind": kind, "degraded": degraded},
         "reporting": REPORTING,
         "time": time.time(),
@@ -145,13 +158,14 @@ async def run_status(url: str, prefix: str, as_json: bool, out: Callable[[str], 
 
     async def work(store: RedisStore) -> int:
         policies = await status(store)
+        doc = await status_document(store, policies, kind="redis", degraded=store.degraded)
         if as_json:
-            doc = status_document(policies, kind="redis", degraded=store.degraded)
             out(json.dumps(doc, indent=2))
         elif not policies:
             out(f"no policies under prefix {prefix!r} at {redact(url)}")
         else:
-            print_table(policies, out)
+            buckets = {p["name"]: p["bucket"] for p in doc["policies"] if "bucket" in p}
+            print_table(policies, out, buckets)
         return 0
 
     return await _with_store(url, prefix, work)
@@ -198,7 +212,7 @@ async def run_dashboard(args: argparse.Namespace, out: Callable[[str], object]) 
 
     # The core never imports integrations statically; the command is their one user.
     dashboard: Any = importlib.import_module("resilience.ops.dashboard")
-    from ..store import MemoryStore, Store
+    from ..store import MemoryStore
 
     store: Store
     if args.redis:

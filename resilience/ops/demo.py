@@ -4,7 +4,8 @@ Everything runs on loopback for a bounded time, then prints a summary:
 
 * an upstream service (pure ASGI, served by uvicorn) that goes through phases: healthy, a
   burst of failures, a slow period, and recovery; it is protected by ``ResilienceMiddleware``
-  (load shedding, a timeout);
+  (load shedding, a timeout; with ``--redis`` its bulkhead and a rate limiter, ``FLEET_RATE``
+  requests a second, are fleet-wide, so every dashboard of the demo's prefix shows them);
 * several client replicas calling it through ``ResilientTransport`` with one shared breaker:
   tasks of this process sharing a ``MemoryStore`` by default, or separate processes sharing
   Redis with ``--redis URL``;
@@ -69,6 +70,10 @@ class DemoError(RuntimeError):
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
+
+#: with ``--redis``, the upstream's fleet-wide rate limit (requests a second) and burst: above
+#: what the demo's replicas send, so it refuses nothing and its card shows its bucket
+FLEET_RATE, FLEET_BURST = 2000.0, 200
 
 #: (name, share of the run, failure rate, extra latency range in seconds)
 PHASES = (
@@ -257,12 +262,16 @@ async def run_demo(
             raise DemoError(f"cannot reach Redis at {redact(redis_url)}: {exc}") from exc
     upstream_port = free_port()
     board = Dashboard(store, refresh=0.5)
+    fleet: dict[str, Any] = {}
+    if redis_url is not None:
+        fleet = {"store": store, "name": "upstream", "rate": FLEET_RATE, "burst": FLEET_BURST}
     guarded = ResilienceMiddleware(  # its bulkhead's refusals reach the dashboard's card
         upstream_app(timeline, seed),
         max_concurrent=64,
         timeout=2.0,
         retry_after=1.0,
         listeners=[board.calls],
+        **fleet,
     )
     upstream, upstream_task = await serve(guarded, upstream_port)
     dashboard, dashboard_task = await serve(board, dash_port, dash_socket)
@@ -337,6 +346,7 @@ async def run_demo(
         files.close()
         upstream.should_exit = dashboard.should_exit = True
         await asyncio.gather(upstream_task, dashboard_task, return_exceptions=True)
+        await guarded.aclose()  # the fleet-wide share goes back at once
         await store.aclose()
     total = sum(tallies, Counter[str]())
     changes = transitions.ordered()

@@ -3,13 +3,16 @@ terminal when it is installed, else as plain text.
 
 An open breaker's row shows the window that opened it (its live window is empty while
 open), with a note under the table; REPLICAS counts those heard from lately, of those known.
+A rate limiter's row shows its tokens of its burst when its bucket's figures are known
+(``buckets``: by name, as ``resilience.ops.cards`` computes them), else when it is full again.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..states import CircuitState
 from ..store.records import PolicyStatus
@@ -54,7 +57,11 @@ def _window(p: PolicyStatus) -> tuple[str, str, str]:
     return str(p.calls), str(p.failures), f"{p.failure_ratio:.0%}"
 
 
-def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
+#: a rate limiter's bucket figures, by its name
+Buckets = Mapping[str, Mapping[str, Any]]
+
+
+def _rows(policies: Sequence[PolicyStatus], buckets: Buckets) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for p in policies:
         breaker = p.kind == "circuit_breaker"
@@ -69,6 +76,9 @@ def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
                 state += ", healthy" if p.healthy else f", unhealthy: {p.health_error or '?'}"
         elif p.kind == "retry_budget" and p.tokens is not None:
             state = f"{p.tokens:.1f} tokens"
+        elif p.kind == "rate_limiter" and buckets.get(p.name, {}).get("tokens") is not None:
+            bucket = buckets[p.name]
+            state = f"{bucket['tokens']:.1f} of {bucket['burst']:g} tokens"
         elif p.kind == "rate_limiter" and p.backlog is not None:
             state = f"full again in {p.backlog:.1f}s" if p.backlog > 0 else "bucket full"
         elif p.window is not None:  # a throttle's or a hedge's shared window
@@ -83,11 +93,11 @@ def _rows(policies: Sequence[PolicyStatus]) -> list[tuple[str, ...]]:
     return rows
 
 
-def format_table(policies: Sequence[PolicyStatus]) -> str:
+def format_table(policies: Sequence[PolicyStatus], buckets: Buckets | None = None) -> str:
     """The ``status`` table as plain text: one line per policy (and a note under it when a
     breaker is open). REPLICAS counts those heard from in the last ``REPORTING`` seconds, of
-    those the store knows."""
-    rows = [_HEAD, *_rows(policies)]
+    those the store knows; ``buckets``: the rate limiters' figures, by name, where known."""
+    rows = [_HEAD, *_rows(policies, buckets or {})]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEAD))]
     right = {3, 4, 5, 6, 7}
     lines = []
@@ -102,16 +112,20 @@ def format_table(policies: Sequence[PolicyStatus]) -> str:
     return "\n".join(lines)
 
 
-def print_table(policies: Sequence[PolicyStatus], out: Callable[[str], object]) -> None:
+def print_table(
+    policies: Sequence[PolicyStatus],
+    out: Callable[[str], object],
+    buckets: Buckets | None = None,
+) -> None:
     """The ``status`` table: drawn with rich on a terminal when it is installed, else plain."""
     if out is not print or not sys.stdout.isatty() or missing_modules(["rich"]):
-        out(format_table(policies))
+        out(format_table(policies, buckets))
         return
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    plain = format_table(policies)
+    plain = format_table(policies, buckets)
     if max(len(line) for line in plain.splitlines()) + 8 > console.width:
         out(plain)  # too narrow for columns: plain lines, names never cut
         return
@@ -119,7 +133,7 @@ def print_table(policies: Sequence[PolicyStatus], out: Callable[[str], object]) 
     for i, column in enumerate(_HEAD):
         table.add_column(column, justify="right" if i >= 3 else "left", no_wrap=True)
     colour = {"open": "red", "forced_open": "red", "half_open": "yellow", "closed": "green"}
-    for p, row in zip(policies, _rows(policies), strict=True):
+    for p, row in zip(policies, _rows(policies, buckets or {}), strict=True):
         style = colour.get(str(p.state.value)) if p.state is not None else None
         table.add_row(*row, style=style)
     console.print(table)

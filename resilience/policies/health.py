@@ -35,7 +35,7 @@ from .timeout import Timeout
 if TYPE_CHECKING:
     from ..store.protocol import Store
 
-__all__ = ["HealthCheck", "HealthResult"]
+__all__ = ["HealthCheck", "HealthResult", "living"]
 
 logger = logging.getLogger("resilience")
 
@@ -128,6 +128,15 @@ class _Published(NamedTuple):
 def _cut(error: str | None) -> str | None:
     """A failure's text, at most ``_MAX_ERROR`` characters."""
     return error if error is None or len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 3] + "..."
+
+
+#: the health checks of this process, weakly held (an operator's view shows their phi)
+_checks: weakref.WeakSet[HealthCheck] = weakref.WeakSet()
+
+
+def living() -> list[HealthCheck]:
+    """The health checks alive in this process."""
+    return list(_checks)
 
 
 def _default_detector(interval: float) -> PhiAccrualDetector:
@@ -257,6 +266,7 @@ class HealthCheck:
         self._resume = False  # forked while running: start again at the first use here
         self._watchers: list[Callable[[], Watcher | None]] = []
         reset_in_child(self)
+        _checks.add(self)
 
     def __repr__(self) -> str:
         state = "running" if self._alive() else "stopped"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from resilience import (
     CircuitOpenError,
     CircuitState,
     CountWindow,
+    HealthCheck,
     MemoryStore,
     PolicyStatus,
     RateLimitedError,
@@ -504,7 +506,7 @@ async def test_in_process_pool_and_bucket_cards(page: Any, clock: FakeClock) -> 
     """In process, a bulkhead's card shows all four figures (active of its limit, queued,
     rejected/s) and a rate limiter's its tokens of its burst, its rate and refused/s, exact
     on a fake clock; none of them says "this process only". A health check's result seen
-    published between two updates has an age."""
+    published between two updates has an age, and one living in this process its phi."""
     from resilience.ops.dashboard import Dashboard
 
     store = MemoryStore(clock=clock)
@@ -515,6 +517,7 @@ async def test_in_process_pool_and_bucket_cards(page: Any, clock: FakeClock) -> 
     held = [asyncio.create_task(pool.call(release.wait)) for _ in range(3)]
     lease = await store.acquire_lease("health:db", limit=1, ttl=60)
     assert lease is not None
+    here = HealthCheck(_healthy, name="db", store=store, clock=clock)  # not started: phi 0
 
     async def publish(seq: int) -> None:
         result = {"id": "runner", "seq": seq, "ok": True, "duration": 0.01, "error": None}
@@ -552,11 +555,17 @@ async def test_in_process_pool_and_bucket_cards(page: Any, clock: FakeClock) -> 
                 db = page.locator('[data-policy="health:db"][data-kind="health_check"]')
                 assert (await db.locator(".published").inner_text()).strip() == "just now"
                 assert "age not known" not in await db.locator(".extra").inner_text()
+                assert (await db.locator(".phi").inner_text()).strip() == "0.00 of 8"
+                said = await db.locator(".extra").inner_text()
+                assert "phi: this process" in said
+                assert "phi is not shared" not in said
             finally:
                 await page.goto("about:blank")  # the event stream ends with the page
     finally:
         release.set()
         await asyncio.gather(*held, return_exceptions=True)
+        del here
+        gc.collect()  # no health check of this process is left for the next test
 
 
 class Scene(MemoryStore):

@@ -26,11 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilience import (
+    Bulkhead,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
     CountWindow,
     PolicyStatus,
+    RateLimiter,
     __version__,
     status,
 )
@@ -45,7 +47,7 @@ from resilience.ops.cli import (
     missing_modules,
     redact,
 )
-from resilience.ops.demo import DemoError, Transitions, _read_replica
+from resilience.ops.demo import FLEET_BURST, FLEET_RATE, DemoError, Transitions, _read_replica
 from resilience.ops.table import format_table
 from resilience.store.records import ReplicaReport
 from resilience.store.redis import RedisStore
@@ -99,7 +101,8 @@ def test_demo_runs_and_reports() -> None:
 
 def test_demo_with_redis_runs_replicas_as_processes(redis_url: str, tmp_path: Path) -> None:
     """With --redis the replicas are separate processes sharing the breaker through Redis;
-    the demo prints its prefix and the commands that show it, which work beside it."""
+    the demo prints its prefix and the commands that show it, which work beside it, and its
+    upstream's rate limiter is fleet-wide: the store lists it with its rate and burst."""
     out = run_demo("--redis", redis_url, "--replicas", "2", cwd=tmp_path)
     check_demo_output(out.stdout)
     assert "Redis redis://" in out.stdout
@@ -107,6 +110,17 @@ def test_demo_with_redis_runs_replicas_as_processes(redis_url: str, tmp_path: Pa
     assert prefix, out.stdout
     assert f"resilience status --redis '{redis_url}' --prefix {prefix[1]}" in out.stdout
     assert summary_generations(out.stdout)
+
+    async def reported() -> dict[str, Any]:
+        async with RedisStore.from_url(redis_url, prefix=prefix[1], timeout=1.0) as store:
+            return (await store.config("upstream")).base
+
+    # its policies reported their values in code to the store (a full bucket's key expires
+    # a second after its last request: the settings stay)
+    base = asyncio.run(reported())
+    assert base["rate_limiter"]["rate"] == FLEET_RATE
+    assert base["rate_limiter"]["burst"] == FLEET_BURST
+    assert base["bulkhead"]["max_concurrent"] == 64
 
 
 def test_a_replica_that_dies_stops_the_demo_with_its_error() -> None:
@@ -230,6 +244,58 @@ def test_status_json_from_the_environment(tripped: tuple[str, str]) -> None:
         "payments": 1,
         "search": 1,
     }
+
+
+async def test_status_carries_pool_and_bucket_figures(redis_url: str) -> None:
+    """`status --json` gives a fleet-wide bulkhead its pool figures and a rate limiter its
+    bucket's (tokens of the burst its replica reported), as the dashboard computes them, and
+    the table shows the rate limiter's tokens."""
+    prefix = f"cli-{uuid.uuid4().hex[:8]}"
+    store = RedisStore.from_url(redis_url, prefix=prefix, timeout=1.0)
+    try:
+        pool = Bulkhead(4, distributed=True, store=store, name="pool")
+        quota = RateLimiter(1, per=60.0, burst=10, store=store, name="quota")
+        release = asyncio.Event()
+        held = asyncio.create_task(pool.call(release.wait))
+        for _ in range(3):
+            await quota.call(asyncio.sleep, 0)
+        await store.sync()
+        try:
+            out = await asyncio.to_thread(
+                resilience, "status", "--json", "--redis", redis_url, "--prefix", prefix
+            )
+            table = await asyncio.to_thread(
+                resilience, "status", "--redis", redis_url, "--prefix", prefix
+            )
+        finally:
+            release.set()
+            await held
+    finally:
+        await store.aclose()
+    assert out.returncode == 0, out.stderr
+    policies = {p["kind"]: p for p in json.loads(out.stdout)["policies"]}
+    figures = policies["bulkhead"]["pool"]
+    assert (figures["active"], figures["limit"], figures["fleet"]) == (1, 4, True)
+    assert figures["queued"] is None  # no bulkhead of that name in the command's process
+    bucket = policies["rate_limiter"]["bucket"]
+    assert (bucket["rate"], bucket["per"], bucket["burst"]) == (1, 60.0, 10)
+    assert 7.0 <= bucket["tokens"] < 7.5  # three taken, a little of one back since
+    assert table.returncode == 0, table.stderr
+    (row,) = [line for line in table.stdout.splitlines() if line.startswith("quota")]
+    assert re.search(r"7\.\d of 10 tokens", row), row
+
+
+def test_status_table_shows_a_rate_limiters_tokens_when_known() -> None:
+    """A rate limiter's row shows its tokens of its burst when its bucket's figures are
+    known, else when its bucket is full again."""
+    policies = [
+        PolicyStatus(name="quota", kind="rate_limiter", backlog=150.0),
+        PolicyStatus(name="other", kind="rate_limiter", backlog=1.25),
+    ]
+    buckets = {"quota": {"tokens": 7.5, "rate": 1, "per": 60.0, "burst": 10, "refused": None}}
+    lines = format_table(policies, buckets).splitlines()
+    assert "7.5 of 10 tokens" in lines[1]
+    assert "full again in 1.2s" in lines[2]
 
 
 def test_status_of_an_empty_prefix(redis_url: str) -> None:

@@ -22,6 +22,7 @@ from resilience import (
     CircuitState,
     CountWindow,
     Fallback,
+    HealthCheck,
     MemoryStore,
     PolicyStatus,
     RateLimitedError,
@@ -35,7 +36,7 @@ from resilience.store.records import LATENCY_BUCKETS, REPORTING, ReplicaReport
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from ..helpers import until
+from ..helpers import advance, until
 
 TOKEN = "s3cret-token"
 BREAKER = "circuit_breaker"
@@ -846,6 +847,38 @@ async def test_a_health_checks_result_age(clock: FakeClock) -> None:
     assert (await card(2.5))["result_age"] == 2.5
 
 
+async def test_a_health_check_of_this_process_shows_its_phi(clock: FakeClock) -> None:
+    """A health check living in the dashboard's process gives its card its phi and whether it
+    is suspected now; one known only through the store has no suspicion (None)."""
+    store = MemoryStore(clock=clock)
+    answers = [True]
+
+    async def check() -> bool:
+        return answers[-1]
+
+    elsewhere = await store.acquire_lease("health:cache", limit=1, ttl=600)
+    assert elsewhere is not None
+    app = Dashboard(store, refresh=0.05, clock=clock)
+
+    async def cards() -> dict[str, dict[str, Any]]:
+        _, doc = await app.snapshot()
+        return {p["name"]: p for p in doc["policies"] if p["kind"] == "health_check"}
+
+    async with HealthCheck(check, name="db", interval=1.0, store=store, clock=clock) as hc:
+        for _ in range(10):
+            await advance(clock, 1.0)
+        seen = await cards()
+        assert seen["health:cache"]["suspicion"] is None
+        trusted = seen["health:db"]["suspicion"]
+        assert trusted == {"phi": round(hc.phi, 2), "threshold": 8.0, "suspected": False}
+        answers.append(False)
+        for _ in range(10):
+            await advance(clock, 1.0)
+        suspected = (await cards())["health:db"]["suspicion"]
+        assert suspected["suspected"] is True
+        assert suspected["phi"] == round(hc.phi, 2) >= 8.0 > trusted["phi"]
+
+
 async def test_a_shared_rate_limiters_tokens(fake_time_store: MemoryStore | RedisStore) -> None:
     """Through either store, a rate limiter's card has the tokens its bucket holds, from the
     rate and burst its replica reported to live settings and the store's backlog."""
@@ -863,7 +896,7 @@ async def test_a_shared_rate_limiters_tokens(fake_time_store: MemoryStore | Redi
 async def test_a_rate_limiters_settings_are_read_every_few_seconds(clock: FakeClock) -> None:
     """Snapshots read a rate limiter's settings from the store at most every
     ``SETTINGS_AGE`` seconds, not once per update."""
-    from resilience.ops.dashboard.pools import SETTINGS_AGE
+    from resilience.ops.cards import SETTINGS_AGE
 
     reads: list[str] = []
 

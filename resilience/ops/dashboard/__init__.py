@@ -23,8 +23,8 @@ Routes, relative to where it is mounted:
   histogram bucket's ``[lower, upper]`` edges in seconds (``upper`` ``None`` past the last
   edge), the mean in seconds as estimated from the buckets; ``None`` when no call was
   sampled. A bulkhead carries ``"pool"``, a rate limiter ``"bucket"`` and a health check
-  ``"result_age"`` (see ``pools``); a bulkhead of this process that the store does not list
-  is added as a policy of its own.
+  ``"result_age"`` and ``"suspicion"`` (see ``resilience.ops.cards``); a bulkhead of this
+  process that the store does not list is added as a policy of its own.
 * ``GET /events``: Server-Sent Events pushing that document every ``refresh`` seconds until
   the client goes away.
 * ``POST /control/{name}`` with ``{"state": "forced_open" | "closed" | "disabled"}``: only
@@ -76,9 +76,9 @@ from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailabl
 from resilience.store.config import ConfigStore, origin
 from resilience.store.records import LATENCY_BUCKETS, REPORTING
 
+from ..calls import CallCounts
+from ..cards import Cards
 from ..configure import config_document
-from .calls import CallCounts
-from .pools import Cards
 
 __all__ = ["Dashboard"]
 
@@ -394,12 +394,7 @@ class Dashboard:
             data["rates"], data["percentiles"] = self._intervals.update(policy, now)
         else:
             data["rates"] = data["percentiles"] = None
-        if policy.kind == "bulkhead":
-            data["pool"] = self._cards.pool(policy, fleet, now)
-        elif policy.kind == "rate_limiter":
-            data["bucket"] = self._cards.bucket(policy, now)
-        elif policy.kind == "health_check":
-            data["result_age"] = self._cards.result_age(policy, now)
+        data.update(self._cards.figures(policy, now, fleet))
         data["replicas_reporting"] = policy.reporting()
         return data
 

@@ -1,5 +1,6 @@
-"""Figures of the bulkhead and rate limiter cards: what the store's ``status()`` gives, with
-what this process knows on top.
+"""Figures of the bulkhead, rate limiter and health check cards: what the store's
+``status()`` gives, with what this process knows on top. The dashboard shows them on its
+cards; ``resilience status`` prints them (``--json``) and a rate limiter's tokens.
 
 A bulkhead's card (``"pool"``): ``active`` (calls holding a permit or a slot), ``queued``
 (calls waiting for a slot), ``limit`` and ``rejected`` (calls refused per second). A
@@ -18,7 +19,9 @@ A fleet-wide health check's card (``"result_age"``): the seconds since its runne
 its last result, as this dashboard saw it: the time since its sequence number changed, known
 within one update; ``None`` until the dashboard has seen one change (a result it found
 already published is of unknown age). Phi is not shared: each replica's detector computes
-its own from the results it read.
+its own from the results it read. A health check of that name living in this process gives
+its ``"suspicion"``: ``{"phi", "threshold", "suspected"}`` as of the snapshot (of the most
+suspicious, if several live here); ``None`` for one known only through the store.
 
 Each figure is ``None`` when it is not known: the page says so, never a zero in its place.
 """
@@ -31,8 +34,10 @@ import math
 from typing import Any
 
 from resilience import PolicyStatus, Store
+from resilience.policies import health
 from resilience.store import config
 from resilience.store.config import ConfigStore
+from resilience.store.records import HEALTH_PREFIX
 
 from .calls import CallCounts
 
@@ -91,7 +96,7 @@ class _Rates:
 class Cards:
     """The pool and bucket figures of each snapshot (``calls``: the dashboard's listener)."""
 
-    __slots__ = ("_alive", "_rates", "_results", "_settings", "calls")
+    __slots__ = ("_alive", "_rates", "_results", "_settings", "_suspicion", "calls")
 
     def __init__(self, calls: CallCounts, min_gap: float) -> None:
         self.calls = calls
@@ -100,6 +105,7 @@ class Cards:
         #: first, and whether it saw it change (else its age is not known)
         self._results: dict[str, tuple[int | None, float, bool]] = {}
         self._alive: dict[str, dict[str, list[Any]]] = {}
+        self._suspicion: dict[str, dict[str, Any]] = {}
         #: per rate limiter: when its settings were read, and what they were
         self._settings: dict[str, tuple[float, dict[str, Any]]] = {}
 
@@ -108,6 +114,7 @@ class Cards:
         settings of the rate limiters ``policies`` list, each at most every ``SETTINGS_AGE``
         seconds (all at once: their round trips overlap)."""
         self._alive = {kind: _here(kind) for kind in ("bulkhead", "rate_limiter")}
+        self._suspicion = _suspicion(policies)
         listed = {p.name for p in policies if p.kind == "rate_limiter"}
         for name in set(self._settings) - listed:
             del self._settings[name]
@@ -182,11 +189,51 @@ class Cards:
             seen = self._results[policy.name] = (policy.health_seq, now, seen is not None)
         return round(now - seen[1], 1) if seen[2] else None
 
+    def figures(self, policy: PolicyStatus, now: float, fleet: bool) -> dict[str, Any]:
+        """What ``policy``'s entry carries on top of its ``PolicyStatus`` fields, by its kind:
+        a bulkhead's ``"pool"``, a rate limiter's ``"bucket"``, a health check's
+        ``"result_age"`` and ``"suspicion"``; ``fleet``: a shared store lists it."""
+        if policy.kind == "bulkhead":
+            return {"pool": self.pool(policy, fleet, now)}
+        if policy.kind == "rate_limiter":
+            return {"bucket": self.bucket(policy, now)}
+        if policy.kind == "health_check":
+            return {
+                "result_age": self.result_age(policy, now),
+                "suspicion": self.suspicion(policy),
+            }
+        return {}
+
+    def suspicion(self, policy: PolicyStatus) -> dict[str, Any] | None:
+        """The phi of this process's health check ``policy`` names, and whether it is
+        suspected, as of this snapshot; ``None`` if none lives here."""
+        return self._suspicion.get(policy.name)
+
     def forget(self, keep: set[tuple[str, str]]) -> None:
         """Drop the totals of the policies no longer listed."""
         self._rates.forget({f"{kind}:{name}" for kind, name in keep})
         for name in set(self._results) - {name for kind, name in keep if kind == "health_check"}:
             del self._results[name]
+
+
+def _suspicion(policies: list[PolicyStatus]) -> dict[str, dict[str, Any]]:
+    """By the name ``policies`` list it under: the phi of this process's health check, its
+    detector's threshold and whether it is suspected now (the most suspicious, if several
+    have that name). No reference to a check is kept: they come and go with their owners."""
+    listed = {p.name for p in policies if p.kind == "health_check"}
+    found: dict[str, tuple[float, Any]] = {}
+    for check in health.living():
+        key, level = f"{HEALTH_PREFIX}{check.name}", check.phi
+        if key in listed and (key not in found or level > found[key][0]):
+            found[key] = (level, check)
+    return {
+        key: {
+            "phi": round(level, 2) if math.isfinite(level) else None,
+            "threshold": check.detector.threshold,
+            "suspected": not check.healthy,
+        }
+        for key, (level, check) in found.items()
+    }
 
 
 async def _settings(store: Store, name: str) -> dict[str, Any]:

@@ -710,8 +710,9 @@ async def test_killed_endpoint_fails_no_idempotent_request() -> None:
 
 
 async def test_slowed_endpoint_is_avoided_by_p2c() -> None:
-    """One endpoint answering in 50 ms, two at once: most requests go to the fast two."""
-    nodes = [Node(), Node(delay=0.05), Node()]
+    """One endpoint answering in 200 ms, two at once: most requests go to the fast two (the
+    gap is wide, so a loaded machine's own latency does not blur it)."""
+    nodes = [Node(), Node(delay=0.2), Node()]
     with serve(nodes[0]) as one, serve(nodes[1]) as two, serve(nodes[2]) as three:
         async with live_client([one, two, three]) as client:
 

@@ -33,13 +33,14 @@ WORKERS = 20
 MEMORY_SLACK = 256 * 1024  # bytes the traced stretch may add (caches, allocator noise)
 
 
-async def own_keys(client: aioredis.Redis) -> int:
-    """The keys that must stay flat: not the fallback's cached values (one per argument that
-    ever succeeded, at most 989, counted on their own) nor the rate limiter's bucket, which
-    expires about a second after it is full again and comes back with the next call (on a
-    slow machine it may be gone when the first count is taken)."""
+async def key_counts(client: aioredis.Redis) -> tuple[int, int]:
+    """The keys that must stay flat, and the fallback's cached values apart (one per argument
+    that ever succeeded: at most 989). The rate limiter's bucket is in neither: it expires
+    about a second after it is full again and comes back with the next call (on a slow
+    machine it may be gone when the first count is taken)."""
     keys = [key async for key in client.scan_iter(count=1000)]
-    return sum(b":cache:" not in key and not key.endswith(b":gcra") for key in keys)
+    cached = sum(b":cache:" in key for key in keys)
+    return sum(not key.endswith(b":gcra") for key in keys) - cached, cached
 
 
 async def client_count(client: aioredis.Redis) -> int:
@@ -102,7 +103,7 @@ async def test_every_policy_soaks_flat(redis_server: RedisServer, full: bool) ->
         await until(lambda: not strays(), 10, "the calls' own tasks to end")
         gc.collect()
         tasks_before = len(asyncio.all_tasks())
-        keys_before = await own_keys(observer)
+        keys_before, _ = await key_counts(observer)
         clients_before = await client_count(observer)
         await run(total - warmup - traced)
         # memory: traced over the last stretch only (tracemalloc slows every call down ~4x)
@@ -122,8 +123,7 @@ async def test_every_policy_soaks_flat(redis_server: RedisServer, full: bool) ->
         growth = sum(s.size_diff for s in mem_after.compare_to(mem_before, "filename"))
         top = mem_after.compare_to(mem_before, "lineno")[:3]
         tasks_after = len(asyncio.all_tasks())
-        keys_after = await own_keys(observer)
-        cached = await observer.dbsize() - keys_after
+        keys_after, cached = await key_counts(observer)
         clients_after = await client_count(observer)
         leases = await store.count_leases("soak-bh")
     await observer.aclose()

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
+from ...checks import check_seconds
 from ...rules.windows import CountWindow, WindowSpec
 from ...states import CircuitState
 from ..records import LATENCY_BUCKETS
@@ -24,6 +25,7 @@ from ..records import LATENCY_BUCKETS
 __all__ = [
     "BREAKER_SUFFIXES",
     "BY_VALUE",
+    "MAX_TTL",
     "SCRIPTS",
     "BadReply",
     "BreakerKeys",
@@ -58,7 +60,16 @@ __all__ = [
     "real",
     "script_source",
     "text",
+    "ttl_ms",
 ]
+
+MAX_TTL = 10 * 365 * 86_400.0  #: seconds: ten years is "for ever" for a key's lifetime
+
+
+def ttl_ms(ttl: object) -> int:
+    """A lifetime in whole milliseconds (at least 1, at most ten years)."""
+    return max(1, int(min(check_seconds("ttl", ttl), MAX_TTL) * 1000))
+
 
 BY_VALUE = {s.value: s for s in CircuitState}  #: a state as Redis holds it -> CircuitState
 MAX_INT = 2**52  # the Lua side's bound: doubles count exactly below it

@@ -3,12 +3,11 @@
 The class reads in groups: its construction (``from_url`` builds a client with short
 timeouts and no retries), the shared breakers, the primitives of the fleet-wide policies
 (leases, quota shares, GCRA buckets, retry budgets, sliding windows, cached and published
-values, single flights: each one script call, its arguments checked first and its reply
-parsed into a typed record), status and manual control, and its life (``sync``, ``aclose``,
-forks, events). What it does in the background is the sync engine's (``engine``); how a
-shared breaker works is in the package docstring and docs/shared-state.md. It runs past 600
-lines because it is the one implementation of every primitive of the ``Store`` protocol on
-Redis, a short method each: split, the primitives would only be scattered.
+values: each one script call, its arguments checked first and its reply parsed into a typed
+record), status and manual control, and its life (``sync``, ``aclose``, forks, events). Live
+settings (``config.py``) and single flights (``flights.py``) are mixins of their own. What
+it does in the background is the sync engine's (``engine``); how a shared breaker works is
+in the package docstring and docs/shared-state.md.
 """
 
 from __future__ import annotations
@@ -42,18 +41,18 @@ from ..base import (
     check_window,
 )
 from ..records import MAX_PUBLISHED, PolicyStatus
-from ..wakes import FlightWakes
 from .breaker import SharedBreakerCore
 from .config import RedisConfig
 from .engine import SyncEngine
+from .flights import RedisFlights
 from .primitives import (
+    MAX_TTL,
     SCRIPTS,
     BreakerKeys,
     Transition,
     escape,
     key,
     number,
-    parse_flight,
     parse_gcra_many,
     parse_share,
     parse_string,
@@ -61,6 +60,7 @@ from .primitives import (
     real,
     script_source,
     text,
+    ttl_ms,
 )
 from .status import read_status
 from .supervisor import Supervisor, new_replica_id
@@ -69,7 +69,6 @@ __all__ = ["RedisStore"]
 
 logger = logging.getLogger("resilience.redis")
 
-_MAX_TTL = 10 * 365 * 86_400.0  # seconds: ten years is "for ever" for a key's lifetime
 _Parsed = TypeVar("_Parsed")
 _MAX_STRING = 512 * 1024 * 1024  # bytes: the longest string Redis holds
 
@@ -96,11 +95,6 @@ def _is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)
 
 
-def _ttl_ms(ttl: object) -> int:
-    """A lifetime in whole milliseconds (at least 1, at most ten years)."""
-    return max(1, int(min(check_seconds("ttl", ttl), _MAX_TTL) * 1000))
-
-
 def _check_prefix(prefix: object) -> str:
     prefix = check_name(prefix, "prefix")
     if any(c in prefix for c in "{} \t\r\n"):
@@ -108,7 +102,7 @@ def _check_prefix(prefix: object) -> str:
     return prefix
 
 
-class RedisStore(RedisConfig, StoreBase):
+class RedisStore(RedisConfig, RedisFlights, StoreBase):
     """Shares breaker state (and leases) through Redis; see the package docstring.
 
     ``RedisStore.from_url("redis://...")`` builds its own client with short timeouts and no
@@ -149,8 +143,8 @@ class RedisStore(RedisConfig, StoreBase):
         self.strict = strict
         self.timeout = check_seconds("timeout", timeout)
         ttl = check_seconds("ttl", ttl)
-        if ttl > _MAX_TTL:
-            raise ValueError(f"ttl must be at most {_MAX_TTL:,.0f} seconds, got {ttl!r}")
+        if ttl > MAX_TTL:
+            raise ValueError(f"ttl must be at most {MAX_TTL:,.0f} seconds, got {ttl!r}")
         self.ttl_ms = int(ttl * 1000)
         self.forget_after = check_seconds("forget_after", forget_after)
         self.clock: Clock = SYSTEM_CLOCK if clock is None else clock
@@ -194,8 +188,7 @@ class RedisStore(RedisConfig, StoreBase):
             cluster=cluster,
         )
         self.supervisor.on_degraded = self.engine.wake
-        self._wakes = FlightWakes()  # flight_wait's waiters, woken by the flight's message
-        self.engine.subscriber.on_flight = self._wakes.wake
+        self._flights_start()
         self._config_start()
         reset_in_child(self, store=True)
 
@@ -295,12 +288,12 @@ class RedisStore(RedisConfig, StoreBase):
         """Take one of ``limit`` fleet-wide permits under ``key`` for ``ttl`` seconds."""
         check_name(key, "key")
         check_int("limit", limit)
-        ttl_ms = _ttl_ms(ttl)
+        lifetime = ttl_ms(ttl)
         lease = f"{self.replica}:{next(self._lease_ids)}"
         keys = [self.key(key, "leases"), self.key(key, "limit")]
         try:
             got = await self._script(
-                "lease", keys, ["take", self.engine.now_arg(), lease, limit, ttl_ms]
+                "lease", keys, ["take", self.engine.now_arg(), lease, limit, lifetime]
             )
         except StoreUnavailableError:
             self.engine.orphan(key, lease)  # it may have been granted: give it back later
@@ -321,7 +314,7 @@ class RedisStore(RedisConfig, StoreBase):
     async def renew_lease(self, key: str, lease: str, *, ttl: float) -> bool:
         """Extend an unexpired permit to ``ttl`` seconds from now; ``False`` if it expired."""
         check_name(key, "key")
-        got = await self._lease(key, "renew", lease, _ttl_ms(ttl))
+        got = await self._lease(key, "renew", lease, ttl_ms(ttl))
         return bool(self.supervisor.parsed(number, got))
 
     async def count_leases(self, key: str) -> int:
@@ -365,10 +358,10 @@ class RedisStore(RedisConfig, StoreBase):
             cap=cap,
             had=had,
         )
-        settle_ms = int(min(check_seconds("settle", settle, zero=True), _MAX_TTL) * 1000)
+        settle_ms = int(min(check_seconds("settle", settle, zero=True), MAX_TTL) * 1000)
         self._register(key)
         shares = self.key(key, "shares")
-        args = [self.engine.now_arg(), holder, want, held, limit, _ttl_ms(ttl), own_limit]
+        args = [self.engine.now_arg(), holder, want, held, limit, ttl_ms(ttl), own_limit]
         sent = self.clock.monotonic()
         seen, until = self._share_writes.get(key, (0, sent))
         args += [cap, had, settle_ms, seen if sent < until else 0]
@@ -399,8 +392,8 @@ class RedisStore(RedisConfig, StoreBase):
 
     async def budget_add(self, key: str, *, delta: float, maximum: float, ttl: float) -> float:
         """Add ``delta`` to the fleet's token count ``key`` (starting full), clamped."""
-        ttl_ms = _ttl_ms(ttl)
-        args = [self.engine.now_arg(), repr(float(delta)), repr(float(maximum)), ttl_ms]
+        lifetime = ttl_ms(ttl)
+        args = [self.engine.now_arg(), repr(float(delta)), repr(float(maximum)), lifetime]
         return self.supervisor.parsed(real, await self._shared(key, "budget", *args))
 
     async def _shared(self, key: str, op: str, *args: Any) -> str:
@@ -426,7 +419,7 @@ class RedisStore(RedisConfig, StoreBase):
             raise ValueError(f"window / buckets must be >= 1 ms, got {width_ms!r} ms")
         self._register(key)
         counter = self.key(key, "counts")
-        args = [self.engine.now_arg(), repr(width_ms), buckets, _ttl_ms(2 * window), *counts]
+        args = [self.engine.now_arg(), repr(width_ms), buckets, ttl_ms(2 * window), *counts]
         reply = await self._script("window", [counter], args)
         counted = self.supervisor.parsed(
             functools.partial(parse_window, figures=len(counts)), reply
@@ -446,9 +439,9 @@ class RedisStore(RedisConfig, StoreBase):
         """Cache ``value`` under ``item`` for policy ``key`` for ``ttl`` seconds."""
         check_name(key, "key")
         self._register(key)
-        ttl_ms = _ttl_ms(ttl)
+        lifetime = ttl_ms(ttl)
         cache_key = self._cache_key(key, item)
-        await self.engine.call(self.client.set(cache_key, value, px=ttl_ms), key=cache_key)
+        await self.engine.call(self.client.set(cache_key, value, px=lifetime), key=cache_key)
 
     async def publish(self, key: str, item: str, value: bytes, *, lease: str, ttl: float) -> bool:
         """Publish ``value`` under ``item`` of policy ``key`` for ``ttl`` seconds as the holder
@@ -457,44 +450,8 @@ class RedisStore(RedisConfig, StoreBase):
         check_published(key, value)
         self._register(key)
         keys = [self.key(key, "leases"), self._cache_key(key, item)]
-        args = ["publish", self.engine.now_arg(), lease, value, _ttl_ms(ttl)]
+        args = ["publish", self.engine.now_arg(), lease, value, ttl_ms(ttl)]
         return bool(self.supervisor.parsed(number, await self._script("lease", keys, args)))
-
-    # --- single flights (flight.lua): the Store protocol says what each one does ------------
-    async def flight_join(
-        self, key: str, item: str, *, holder: str, awaited: str, ttl: float
-    ) -> tuple[str, bytes | None]:
-        """What ``awaited`` published for flight ``item``, or the holder of its lease."""
-        reply = await self._flight("join", key, item, holder, ttl, awaited)
-        return self.supervisor.parsed(parse_flight, reply)
-
-    async def flight_renew(self, key: str, item: str, *, holder: str, ttl: float) -> bool:
-        """Extend ``holder``'s lease on flight ``item``; ``False`` if it lost it."""
-        return bool(number(await self._flight("renew", key, item, holder, ttl, "")))
-
-    async def flight_land(
-        self, key: str, item: str, *, holder: str, value: bytes | None, ttl: float
-    ) -> bool:
-        """Publish ``value`` (``None``: nothing) and free the lease, if ``holder`` held it."""
-        if value is not None:
-            check_published(key, value)
-        op, data = ("give", "") if value is None else ("land", value)
-        return bool(number(await self._flight(op, key, item, holder, ttl, data)))
-
-    async def flight_wait(self, key: str, item: str, *, longest: float) -> None:
-        """Wait for flight ``item``'s message (it landed, or was given back), or ``longest``."""
-        check_seconds("longest", longest)
-        await self._wakes.wait(self.key(key, "flight:" + escape(item)), self.clock, longest)
-
-    async def _flight(
-        self, op: str, key: str, item: str, holder: str, ttl: float, data: Any
-    ) -> Any:
-        check_name(key, "key")
-        check_name(holder, "holder")
-        self._register(key)
-        keys = [self.key(key, "flight:" + escape(item)), self.key(key, "landed:" + escape(item))]
-        args = [op, self.engine.now_arg(), holder, _ttl_ms(ttl), data, self.channel]
-        return await self._script("flight", keys, args)
 
     async def read_published(
         self, key: str, item: str, parse: Callable[[bytes], _Parsed]

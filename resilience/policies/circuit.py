@@ -88,7 +88,7 @@ def _breaker_config(
     if window is None:
         window = CountWindow(100)
     if minimum_calls is None:
-        minimum_calls = min(100, window.size) if isinstance(window, CountWindow) else 100
+        minimum_calls = _minimum(window)
     if open_for_max is None:
         open_for_max = check_seconds("open_for", open_for)
     return BreakerConfig(
@@ -119,12 +119,18 @@ LIVE = (
 )
 
 
+def _minimum(window: WindowSpec) -> int:
+    """The ``minimum_calls`` a breaker derives from its window when none is given."""
+    return min(100, window.size) if isinstance(window, CountWindow) else 100
+
+
 def _live_values(config: BreakerConfig) -> dict[str, Any]:
     """``config``'s live settings (``open_for_max`` is ``None`` where it follows ``open_for``)."""
     window = config.window
     return {
         "failure_ratio": config.failure_ratio,
-        "minimum_calls": config.minimum_calls,
+        # a value the constructor derived is None: it follows what it came from, live too
+        "minimum_calls": None if config.minimum_calls == _minimum(window) else config.minimum_calls,
         "window": window.size if isinstance(window, CountWindow) else window.seconds,
         "slow_call_duration": config.slow_call_duration,
         "slow_call_ratio": config.slow_call_ratio,

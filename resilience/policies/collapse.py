@@ -177,7 +177,11 @@ class Collapse(Generic[K, V]):
                     future.cancel()
             raise
         for key, futures in live.items():
-            value = mapping.get(key, _MISSING)
+            try:  # the mapping is the user's: one that fails to answer fails its callers
+                value = mapping.get(key, _MISSING)
+            except Exception as exc:
+                _settle(futures, exc)
+                continue
             if value is _MISSING:
                 _settle(futures, KeyError(f"{self.name}: batch_fn returned no entry for {key!r}"))
             else:

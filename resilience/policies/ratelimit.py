@@ -97,7 +97,8 @@ class RateLimiter(BasePolicy):
         self._wait: float = self.interval  # the wait a call refused after two asks is told
         if self.ahead and self.store is not None:
             reset_in_child(self)
-        self._code = {"rate": self.rate, "burst": self.burst}
+        # a burst left out follows the rate (live changes of the rate too): None, not derived
+        self._code = {"rate": self.rate, "burst": burst}
         follow(self)
 
     def _live_base(self) -> dict[str, Any]:

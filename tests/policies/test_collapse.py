@@ -233,3 +233,29 @@ async def test_policies_wrap_a_collapser_and_its_batch_function(clock: FakeClock
     per_batch = Pipeline(Retry(on=ConnectionError, attempts=2)).wrap(batches)
     load = Timeout(5, clock=clock)(Collapse(per_batch, max_size=2, delay=1.0, clock=clock))
     assert await asyncio.gather(load(1), load(2)) == [10, 20]
+
+
+class _Refusing(Mapping[int, int]):
+    """A mapping whose lookups fail."""
+
+    def __getitem__(self, key: int) -> int:
+        raise RuntimeError("lookup failed")
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 1
+
+
+async def test_a_mapping_that_fails_to_answer_fails_its_callers(clock: FakeClock) -> None:
+    """A batch whose mapping raises on lookup: every caller gets that error, none waits."""
+
+    async def refusing(keys: list[int]) -> Mapping[int, int]:
+        return _Refusing()
+
+    load = Collapse(refusing, max_size=10, delay=0.01, clock=clock)
+    tasks = [await started(load(k)) for k in (1, 2)]
+    await advance(clock, 0.01)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert [type(r) for r in results] == [RuntimeError, RuntimeError]

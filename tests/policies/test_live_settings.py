@@ -168,3 +168,17 @@ def test_names_no_policy_follows_are_forgotten() -> None:
         Timeout(1.0, name=f"origin-{i}")  # dropped at once
     assert len(live._targets) < 200
     assert all(live.followed(t.name) for t in kept)
+
+
+async def test_a_window_alone_changes_a_breaker_whose_minimum_was_derived() -> None:
+    """A breaker given no minimum_calls takes a smaller window live: its minimum follows."""
+    breaker = CircuitBreaker(NAME)  # window 100, minimum derived: 100
+    await MemoryStore().configure(NAME, window=20)
+    assert breaker.config.minimum_calls == 20
+
+
+async def test_a_burst_left_out_follows_a_rate_changed_live() -> None:
+    """A limiter given no burst takes a new rate live: its burst follows the rate."""
+    limiter = RateLimiter(10, name=NAME)
+    await MemoryStore().configure(NAME, rate=100)
+    assert (limiter.rate, limiter.burst) == (100, 100)

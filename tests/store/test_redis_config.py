@@ -210,3 +210,36 @@ async def test_a_message_that_does_not_parse_is_ignored(
     await until(logged, what="the garbage logged")
     version = await store.configure(NAME, seconds=0.5)
     await until(lambda: other._config_runs.get(NAME) == version, what="the change pushed")
+
+
+async def test_settings_data_that_does_not_parse_costs_only_itself(
+    stores: Callable[..., RedisStore], raw: Any
+) -> None:
+    """Values, values in code and a history entry that no replica wrote: the name's settings
+    read without them, reported; the store does not degrade (its breakers stay shared)."""
+    store = stores()
+    version = await store.configure(NAME, seconds=0.5)
+    await raw.hset(store.key(NAME, "config"), "values", b"{not json")
+    await raw.hset(store.key(NAME, "config:base"), "timeout", b"\xff\xfe")
+    await raw.lpush(store.key(NAME, "config:log"), b"[1, 2]")
+    state = await store.config(NAME)
+    assert not store.degraded
+    assert state.version == version
+    assert state.values == {}
+    assert [c.version for c in state.history] == [version]
+
+
+def test_a_handler_that_fails_loses_its_message_not_the_subscription(
+    stores: Callable[..., RedisStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message whose handler raises is logged; the listening loop is not torn down."""
+    subscriber = stores().engine.subscriber
+
+    def failing(_: Any) -> None:
+        raise RuntimeError("handler failed")
+
+    subscriber.on_flight = failing
+    subscriber.on_config = failing
+    subscriber.on_message(b"flight k")
+    subscriber.on_message(b'{"config": "x"}')
+    assert len([r for r in caplog.records if "could not be applied" in r.getMessage()]) == 2

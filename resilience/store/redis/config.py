@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import config
 from ..config import MAX_HISTORY, ConfigChange, ConfigState, LiveConfig, Values
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["RedisConfig", "parse_config", "parse_pushed"]
 
 logger = logging.getLogger("resilience.redis")
+
+_T = TypeVar("_T")
 
 _MIN_TTL_MS = 30 * 86_400_000  # settings outlive an idle month, whatever the store's ttl
 
@@ -63,16 +66,43 @@ def _change(raw: Any) -> ConfigChange:
 
 
 def parse_config(reply: Any) -> tuple[bool, ConfigState]:
-    """A ``config.lua`` read: whether bad data was reset, and the name's settings."""
+    """A ``config.lua`` read: whether bad data was found (reset by the script, or skipped
+    here), and the name's settings. A reply of the wrong shape is an outage (``BadReply``);
+    values, values in code or history entries that do not parse (written by someone else)
+    cost only themselves: skipped, and reported, never an outage of the whole store."""
     if not isinstance(reply, list) or len(reply) < 4:
         raise BadReply(f"unexpected reply {reply!r:.200}")
     reset, version, values, count = reply[:4]
     kinds = number(count)
     flat = reply[4 : 4 + 2 * kinds]
-    bases = {text(k): _object(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
-    history = [_change(raw) for raw in reply[4 + 2 * kinds :]]
-    state = ConfigState(number(version), _object(values), bases, history)
-    return bool(number(reset)), state
+    if len(flat) != 2 * kinds:
+        raise BadReply(f"unexpected reply {reply!r:.200}")
+    damaged = False
+
+    def parsed(parse: Callable[[Any], _T], raw: Any) -> _T | None:
+        nonlocal damaged
+        try:
+            return parse(raw)
+        except BadReply:
+            damaged = True
+            return None
+
+    bases = {}
+    for kind, raw in zip(flat[::2], flat[1::2], strict=True):
+        base, name = parsed(_object, raw), parsed(text, kind)
+        if base is not None and name is not None:
+            bases[name] = base
+    history = [c for c in (parsed(_change, raw) for raw in reply[4 + 2 * kinds :]) if c]
+    live = parsed(_object, values) if values else {}
+    state = ConfigState(number(version), live or {}, bases, history)
+    return bool(number(reset)) or damaged, state
+
+
+def _version(reply: Any) -> int:
+    """A ``config.lua`` "set" reply: the new version, or -1 (another writer came first)."""
+    if not isinstance(reply, list) or not reply:
+        raise BadReply(f"unexpected reply {reply!r:.200}")
+    return number(reply[0], -1)
 
 
 def parse_pushed(data: Any) -> tuple[str, int, Values, str]:
@@ -174,7 +204,7 @@ class RedisConfig(LiveConfig):
             json.dumps(name),
         ]
         reply = await self._script("config", self._config_keys(name), args)
-        version = self.supervisor.parsed(lambda r: number(r[0], -1), reply)
+        version = self.supervisor.parsed(_version, reply)
         if version < 0:
             return None
         self._config_adopt(name, version, values, origin, pushed=True)  # not waiting for it

@@ -133,7 +133,8 @@ class Subscriber:
         while not self.closed() and not cancelling():
             now = loop.time()
             if pinged is None and now - last >= interval:
-                await pubsub.ping()
+                async with asyncio.timeout(timeout):  # it may reconnect: bounded too
+                    await pubsub.ping()
                 pinged = now
             elif pinged is not None and now - pinged > timeout:
                 if lagging:  # our loop was late, not the connection: ask again
@@ -164,7 +165,14 @@ class Subscriber:
     def on_message(self, data: Any) -> None:
         """A published transition, handed on; one that does not parse is logged and ignored.
         A single flight's end (``flight <key>``) goes to ``on_flight``, a settings change
-        (a JSON object) to ``on_config``."""
+        (a JSON object) to ``on_config``. A handler that fails is logged: the message is
+        lost, the subscription is not (replacing it would lose the messages meanwhile)."""
+        try:
+            self._dispatch(data)
+        except Exception:
+            logger.exception("a message on %r could not be applied: %r", self.channel, data)
+
+    def _dispatch(self, data: Any) -> None:
         if isinstance(data, bytes) and data.startswith(b"flight "):
             self.on_flight(data[7:].decode(errors="replace"))
             return

@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 from resilience import DISTRIBUTION
 
@@ -99,15 +99,22 @@ def deadline(seconds: float) -> Iterator[float]:
         raise TypeError(f"seconds must be a number, got {seconds!r}")
     if math.isnan(seconds):
         raise ValueError("seconds must not be NaN")
-    at = asyncio.get_running_loop().time() + seconds
-    outer = _deadline.get()
-    if outer is not None and outer < at:
-        at = outer
-    token = _deadline.set(at)
+    at, token = shrink_deadline(seconds)
     try:
         yield at
     finally:
         _deadline.reset(token)
+
+
+def shrink_deadline(seconds: float) -> tuple[float, Token[float | None]]:
+    """Set the deadline ``seconds`` from now, or keep the current one if it comes sooner;
+    returns the deadline in force and the token that restores the one before
+    (``_deadline.reset(token)``). ``deadline()`` without its checks, for per-request use."""
+    at = asyncio.get_running_loop().time() + seconds
+    outer = _deadline.get()
+    if outer is not None and outer < at:
+        at = outer
+    return at, _deadline.set(at)
 
 
 def get_criticality() -> str | None:

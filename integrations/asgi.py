@@ -64,6 +64,7 @@ from ._deadline import (
     parse_budget,
     parse_criticality,
     remaining,
+    shrink_deadline,
 )
 from ._routes import Limits, Route, check_pattern, matches
 from ._shedding import SHARES, Shedding, crowded
@@ -424,12 +425,7 @@ class ResilienceMiddleware:
             seconds = budget if timeout is None else min(budget, timeout)
         # the request's deadline, forwarded downstream: the sooner of the caller's budget
         # and our own timeout
-        # (set directly, not with ``deadline()``: this runs on every request)
-        at = asyncio.get_running_loop().time() + seconds
-        outer = _deadline.get()
-        if outer is not None and outer < at:
-            at = outer
-        token = _deadline.set(at)
+        at, token = shrink_deadline(seconds)
         try:
             # the caller's budget cuts the app off only when enforced, and only if it comes
             # before our own timeout (which the Timeout policy enforces)

@@ -20,16 +20,8 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
-from resilience import (
-    Bulkhead,
-    BulkheadFullError,
-    CircuitBreaker,
-    CircuitOpenError,
-    CircuitState,
-    CountWindow,
-    RateLimitedError,
-    RateLimiter,
-)
+from resilience import Bulkhead, CircuitBreaker, CircuitState, CountWindow, RateLimiter
+from resilience.errors import BulkheadFullError, CircuitOpenError, RateLimitedError
 from resilience.store.redis import RedisStore
 
 RATE, BURST, LIMIT, PROBES, FLIP = 300.0, 30, 5, 2, 0.5

@@ -26,18 +26,20 @@ import pytest
 
 from resilience import (
     Bulkhead,
-    BulkheadFullError,
     CircuitBreaker,
-    CircuitOpenError,
     CircuitState,
     CountWindow,
     HealthCheck,
     MemoryStore,
     PolicyStatus,
-    RateLimitedError,
     RateLimiter,
-    StoreUnavailableError,
     status,
+)
+from resilience.errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    RateLimitedError,
+    StoreUnavailableError,
 )
 from resilience.store.records import ReplicaReport
 from resilience.store.redis import RedisStore

@@ -62,6 +62,12 @@ class Gate:
         return key
 
 
+async def held_and_queued(bulkhead: Bulkhead) -> tuple[Gate, asyncio.Task[int], asyncio.Task[int]]:
+    """Call 0 holding ``bulkhead``'s only slot and call 1 queued behind it."""
+    gate = Gate()
+    return gate, await gate.start(bulkhead, 0), await gate.start(bulkhead, 1)
+
+
 async def test_max_concurrent_enforced() -> None:
     """No more than max_concurrent calls run at once; the rest wait and then all complete."""
     bulkhead = Bulkhead(2, max_waiting=10)
@@ -122,9 +128,7 @@ async def test_queue_is_fifo_and_bounded() -> None:
 async def test_max_wait_expiry(clock: FakeClock) -> None:
     """A waiter still queued after max_wait of fake time fails with BulkheadFullError."""
     bulkhead = Bulkhead(1, max_waiting=1, max_wait=2, clock=clock)
-    gate = Gate()
-    holder = await gate.start(bulkhead, 0)
-    waiter = await gate.start(bulkhead, 1)
+    gate, holder, waiter = await held_and_queued(bulkhead)
     await advance(clock, 1.9)
     assert not waiter.done()
     clock.advance(0.1)
@@ -140,9 +144,7 @@ async def test_max_wait_expiry(clock: FakeClock) -> None:
 async def test_waiter_served_before_max_wait(clock: FakeClock) -> None:
     """A waiter handed a slot before max_wait runs, and its expiry timer is cancelled."""
     bulkhead = Bulkhead(1, max_waiting=1, max_wait=5, clock=clock)
-    gate = Gate()
-    holder = await gate.start(bulkhead, 0)
-    waiter = await gate.start(bulkhead, 1)
+    gate, holder, waiter = await held_and_queued(bulkhead)
     clock.advance(1)
     gate.event(0).set()
     await holder
@@ -185,9 +187,7 @@ async def test_slot_released_on_success_and_exception() -> None:
 async def test_slot_released_when_running_call_cancelled() -> None:
     """Cancelling a running call frees its slot for the next waiter."""
     bulkhead = Bulkhead(1, max_waiting=1)
-    gate = Gate()
-    running = await gate.start(bulkhead, 0)
-    waiter = await gate.start(bulkhead, 1)
+    gate, running, waiter = await held_and_queued(bulkhead)
     await cancelled(running)
     await settle()
     assert gate.started == [0, 1]
@@ -199,9 +199,7 @@ async def test_slot_released_when_running_call_cancelled() -> None:
 async def test_cancelled_waiter_leaves_queue() -> None:
     """A waiter cancelled while queued never runs, frees its queue place, and takes no slot."""
     bulkhead = Bulkhead(1, max_waiting=1)
-    gate = Gate()
-    holder = await gate.start(bulkhead, 0)
-    waiter = await gate.start(bulkhead, 1)
+    gate, holder, waiter = await held_and_queued(bulkhead)
     await cancelled(waiter)
     assert bulkhead.waiting == 0
     second = await gate.start(bulkhead, 2)  # the queue place is free again

@@ -13,16 +13,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from resilience import (
-    CallRejected,
-    CircuitBreaker,
-    CircuitOpenError,
-    CircuitState,
-    CountWindow,
-    MemoryStore,
-    StateChanged,
-    TimeWindow,
-)
+from resilience import CircuitBreaker, CircuitState, CountWindow, MemoryStore, TimeWindow
+from resilience.errors import CircuitOpenError
+from resilience.events import CallRejected, StateChanged
 from resilience.rules.breaker import BreakerConfig, half_open_verdict, open_duration, tripped
 from resilience.testing import FakeClock
 

@@ -27,18 +27,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from resilience.integrations.health import http_check
 
-from resilience import (
-    CircuitBreaker,
-    CircuitOpenError,
-    CircuitState,
-    CountWindow,
-    MemoryStore,
-    StateChanged,
-    Store,
-    StoreDataReset,
-    TimeWindow,
-)
-from resilience.events import Event, HealthChanged
+from resilience import CircuitBreaker, CircuitState, CountWindow, MemoryStore, Store, TimeWindow
+from resilience.errors import CircuitOpenError
+from resilience.events import Event, HealthChanged, StateChanged, StoreDataReset
 from resilience.policies.health import HealthCheck, HealthResult
 from resilience.rules.detectors import PhiAccrualDetector, TimeoutDetector, phi
 from resilience.store.redis import RedisStore

@@ -17,20 +17,16 @@ from redis.backoff import NoBackoff
 
 from resilience import (
     Bulkhead,
-    BulkheadFullError,
     CircuitBreaker,
-    CircuitOpenError,
     CircuitState,
     CountWindow,
-    Event,
     Fallback,
-    RateLimitedError,
     RateLimiter,
     Retry,
     RetryBudget,
-    StoreDegraded,
-    StoreRecovered,
 )
+from resilience.errors import BulkheadFullError, CircuitOpenError, RateLimitedError
+from resilience.events import Event, StoreDegraded, StoreRecovered
 from resilience.store.redis import RedisStore
 
 from ..cluster_support import ClusterSetup, Node, trip

@@ -15,17 +15,9 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from resilience import (
-    Bulkhead,
-    BulkheadFullError,
-    CircuitBreaker,
-    CircuitState,
-    CountWindow,
-    Event,
-    StoreDegraded,
-    StoreRecovered,
-    StoreUnavailableError,
-)
+from resilience import Bulkhead, CircuitBreaker, CircuitState, CountWindow
+from resilience.errors import BulkheadFullError, StoreUnavailableError
+from resilience.events import Event, StoreDegraded, StoreRecovered
 from resilience.store.redis import RedisStore
 
 from ..cluster_support import SentinelSetup, command, info_field, trip

@@ -75,6 +75,17 @@ def pool(store: MemoryStore, limit: int) -> FleetShare:
     return FleetShare(store, "pool", limit=limit, ttl=3)
 
 
+async def granted(holder: PermitSource, n: int) -> int:
+    """How many of ``n`` permits asked of ``holder`` one after another it grants."""
+    return sum([bool(await holder.take()) for _ in range(n)])
+
+
+async def give_back(holder: PermitSource, n: int) -> None:
+    """``n`` permits given back to ``holder``."""
+    for _ in range(n):
+        await holder.give()
+
+
 def source(kind: str, store: MemoryStore, clock: FakeClock, limit: int) -> PermitSource:
     if kind == "leases":
         return FleetLeases(store, "pool", limit=limit, ttl=3, clock=clock)
@@ -135,7 +146,7 @@ def test_a_source_never_exceeds_its_limit_and_never_leaks(
         assert all(x.held == 0 for x in holders)
         clock.advance(1.0)  # past the quarter second a "full" answer is trusted
         fresh = source(kind, store, clock, limit)
-        assert all([await fresh.take() for _ in range(limit)])
+        assert await granted(fresh, limit) == limit
         assert not await fresh.take()
         await fresh.aclose()
 
@@ -190,11 +201,10 @@ async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     store = MemoryStore(clock=clock)
     a = pool(store, 4)
     b = pool(store, 4)
-    assert all([await a.take() for _ in range(4)])
+    assert await granted(a, 4) == 4
     assert a.share == 4
     assert not await b.take()  # the fleet is full
-    for _ in range(3):
-        await a.give()
+    await give_back(a, 3)
     await advance(clock, 1.0)  # renewal: a keeps its peak of the last period (4)
     assert a.share == 4
     await advance(clock, 1.0)  # the next one: only what it used since (1)
@@ -231,7 +241,7 @@ async def test_a_share_that_fits_its_use_is_renewed_every_few_seconds() -> None:
     a = FleetShare(store, "pool", limit=10, ttl=30)
     assert a.renew_every == 4.0
     assert a.settle == 8.0
-    assert all([await a.take() for _ in range(2)])
+    assert await granted(a, 2) == 2
     store.asks = 0
     for _ in range(12):
         await advance(clock, 1.0)
@@ -242,7 +252,7 @@ async def test_a_share_that_fits_its_use_is_renewed_every_few_seconds() -> None:
     await advance(clock, 1.0)
     assert a.share == 2  # kept: no other holder needs it
     b = FleetShare(store, "pool", limit=10, ttl=30)
-    assert all([await b.take() for _ in range(8)])  # the fleet is full now
+    assert await granted(b, 8) == 8  # the fleet is full now
     for _ in range(4):  # a's next renewal sees it: the unused permit goes back
         await advance(clock, 1.0)
     assert a.share == 1
@@ -474,7 +484,7 @@ async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServ
     a, b = (FleetShare(s, "pool", limit=10, ttl=30, clock=clock) for s in stores)
     try:
         for share in (a, b):
-            assert all([await share.take() for _ in range(5)])
+            assert await granted(share, 5) == 5
         await restarted_empty(redis_server, a)
         for _ in range(5):
             await a.take()
@@ -483,12 +493,11 @@ async def test_the_limit_holds_when_redis_restarts_empty(redis_server: RedisServ
             clock.advance(1.0)
             await renewed(a, b)
         assert a.held + b.held <= 10, (a.held, b.held)
-        for _ in range(5):
-            await b.give()
+        await give_back(b, 5)
         for _ in range(5):  # b gives its share back; the store settles (8 s after the loss)
             clock.advance(1.0)
             await renewed(a, b)
-        assert all([await a.take() for _ in range(5)])  # what b gave back is a's to take
+        assert await granted(a, 5) == 5  # what b gave back is a's to take
         assert a.held + b.held <= 10, (a.held, b.held)
     finally:
         for share in (a, b):
@@ -509,7 +518,7 @@ async def test_the_limit_holds_when_one_that_held_nothing_asks_first_after_a_res
     a, b, c = (FleetShare(s, "pool", limit=10, ttl=30, clock=clock) for s in stores)
     try:
         for share in (a, b):
-            assert all([await share.take() for _ in range(5)])
+            assert await granted(share, 5) == 5
         assert not await c.take()  # the fleet is full: c has an answer, and no permit
         clock.advance(0.5)  # past the moment c was told the fleet was full, before a renewal
         await restarted_empty(redis_server, c)
@@ -544,7 +553,7 @@ async def test_a_stray_share_entry_is_deleted_and_reported(redis_url: str) -> No
         ]
         assert await raw.hget(f"{prefix}:{{pool}}:shares", "stray") is None
         clock.advance(share.settle + 0.5)  # the holders have reported: settled
-        assert all([await share.take() for _ in range(20)])
+        assert await granted(share, 20) == 20
     finally:
         await share.aclose()
         await store.aclose()
@@ -567,14 +576,14 @@ async def test_a_store_clock_stepped_back_does_not_keep_a_dead_holders_share(
     stores = [RedisStore.from_url(redis_url, prefix=prefix, clock=clock) for _ in range(2)]
     dead, other = (FleetShare(s, "pool", limit=8, ttl=30, clock=clock) for s in stores)
     try:
-        assert all([await dead.take() for _ in range(8)])
+        assert await granted(dead, 8) == 8
         assert dead._timer is not None
         dead._timer.cancel()  # it dies: no renewal, no goodbye
         clock.step_back(3600.0)
         clock.advance(120.0)
         await other.take()  # finds the garbage: the holders report again first
         clock.advance(other.settle + 0.5)  # the holders have reported: settled
-        assert other.held + sum([await other.take() for _ in range(8)]) == 8
+        assert other.held + await granted(other, 8) == 8
     finally:
         await other.aclose()
         for s in stores:
@@ -588,11 +597,10 @@ async def test_closing_gives_the_share_back_but_not_the_permits_in_use() -> None
     store = MemoryStore(clock=clock)
     closing = pool(store, 10)
     other = pool(store, 10)
-    assert all([await closing.take() for _ in range(10)])
-    for _ in range(7):
-        await closing.give()
+    assert await granted(closing, 10) == 10
+    await give_back(closing, 7)
     await closing.aclose()
-    assert sum([await other.take() for _ in range(10)]) == 7
+    assert await granted(other, 10) == 7
     await other.aclose()
 
 
@@ -617,14 +625,13 @@ async def test_a_shrink_whose_reply_is_lost_counts_here_at_once() -> None:
     store = LosesReplies(clock=clock)
     a = pool(store, 4)
     b = pool(store, 4)
-    assert all([await a.take() for _ in range(4)])
-    for _ in range(4):
-        await a.give()
+    assert await granted(a, 4) == 4
+    await give_back(a, 4)
     await advance(clock, 1.0)  # renewal: a keeps its peak of the last period (4)
     store.losing = True
     await advance(clock, 1.0)  # the next one gives the share back; its reply is lost
     store.losing = False
-    assert all([await b.take() for _ in range(4)])  # the store gave the permits to b
+    assert await granted(b, 4) == 4  # the store gave the permits to b
     assert not a.take_now()  # a does not use the share it gave back
     await a.aclose()
     await b.aclose()

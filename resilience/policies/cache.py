@@ -32,6 +32,7 @@ __all__ = [
     "check_cache_options",
     "check_serializer",
     "default_cache_key",
+    "encoded",
 ]
 
 logger = logging.getLogger("resilience")
@@ -107,6 +108,25 @@ def check_cache_options(
     return seconds, every, cast("Callable[..., str] | None", key), checked
 
 
+def encoded(
+    serializer: Serializer, value: Any, what: str, level: int = logging.WARNING
+) -> bytes | None:
+    """``serializer.dumps(value)``, or ``None`` (logged at ``level``, ``what`` saying what
+    could not be done) when it raises or returns anything but bytes: a value that cannot
+    travel never fails the call it came from."""
+    try:
+        data = serializer.dumps(value)
+    except Exception as exc:
+        logger.log(level, "%s a %s: %r", what, type(value).__name__, exc)
+        return None
+    if not isinstance(data, bytes):
+        logger.log(
+            level, "%s: %r.dumps() returned a %s, not bytes", what, serializer, type(data).__name__
+        )
+        return None
+    return data
+
+
 def check_serializer(what: str, serializer: object) -> Serializer:
     """A ``serializer=`` option: ``None`` is the default ``JSONSerializer()``."""
     if serializer is None:
@@ -169,13 +189,18 @@ class FallbackCache:
     def __repr__(self) -> str:
         return f"FallbackCache({self.store!r}, name={self.name!r}, ttl={self.ttl:g})"
 
-    def item(self, fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def item(self, fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The item of a call of ``fn``, a protected function's inner function: ``key(*args,
-        **kwargs)`` or the default key (of the user's function, not the call form's)."""
+        **kwargs)`` or the default key (of the user's function, not the call form's);
+        ``None`` (logged) when it cannot be made: such a call is neither kept nor read."""
         fn, args = target(fn, args)
-        if self.key is not None:
-            return self.key(*args, **kwargs)
-        return default_cache_key(fn, args, kwargs)
+        try:
+            if self.key is not None:
+                return self.key(*args, **kwargs)
+            return default_cache_key(fn, args, kwargs)
+        except Exception as exc:
+            logger.warning("fallback %r cannot cache a call of %r: its key %r", self.name, fn, exc)
+            return None
 
     def keep(
         self, fn: Protected, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
@@ -183,6 +208,8 @@ class FallbackCache:
         """Write ``result`` as the call's item in the background, unless that item was
         written less than ``refresh`` ago (no I/O here)."""
         item = self.item(fn, args, kwargs)
+        if item is None:
+            return
         now = self.clock.monotonic()
         written = self._written
         last = written.get(item)
@@ -197,12 +224,8 @@ class FallbackCache:
             if old == item or written[old] > horizon:
                 break
             del written[old]
-        try:
-            data = self.serializer.dumps(result)
-        except Exception as exc:
-            logger.warning(
-                "fallback %r cannot cache a %s result: %r", self.name, type(result).__name__, exc
-            )
+        data = encoded(self.serializer, result, f"fallback {self.name!r} cannot cache")
+        if data is None:
             return
         task = asyncio.get_running_loop().create_task(self._write(item, data))
         self._writes.add(task)
@@ -218,7 +241,7 @@ class FallbackCache:
         """The value kept for the call's item, or ``MISSING``."""
         item = self.item(fn, args, kwargs)
         store = self.store
-        if store_down(store):
+        if item is None or store_down(store):
             return MISSING
         try:
             data = await store.cache_get(self.name, item)

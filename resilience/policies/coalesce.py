@@ -235,7 +235,13 @@ class Coalesce(BasePolicy):
             user_fn, user_args = target(fn, args)
             item = ""
             if fleet is not None:
-                item = fleet_item(key_of, user_fn, user_args, kwargs)
+                try:
+                    item = fleet_item(key_of, user_fn, user_args, kwargs)
+                except Exception:
+                    if key_of is not None:
+                        raise
+                    # an argument without a repr: this call cannot be named fleet-wide
+                    return await fn(*args, **kwargs)
                 key: Hashable = (fn, item)
                 flight = flights.get(key)
             elif key_of is None:

@@ -29,7 +29,7 @@ from ..checks import check_int, check_seconds, store_down
 from ..clock import Clock
 from ..store.records import MAX_PUBLISHED
 from .base import check_store
-from .cache import Serializer, check_serializer
+from .cache import Serializer, check_serializer, encoded
 
 if TYPE_CHECKING:
     from ..store.protocol import Store
@@ -94,6 +94,9 @@ class FleetFlight:
             except Exception as exc:  # the store failed: no reason to fail the call
                 logger.debug("coalesce %r runs %r alone: %r", self.name, item, exc)
                 break
+            except BaseException:  # cancelled: the store may have given this replica the
+                self._land_later(item, me, None)  # lease already; give it back (if held)
+                raise
             if holder == me:
                 return await self._lead(item, me, start)
             if raw is not None:
@@ -123,9 +126,13 @@ class FleetFlight:
             raise
         finally:
             renewing.cancel()
-            landing = asyncio.ensure_future(self._land(item, me, frame))
-            self._landing.add(landing)
-            landing.add_done_callback(self._landing.discard)
+            self._land_later(item, me, frame)
+
+    def _land_later(self, item: str, me: str, frame: bytes | None) -> None:
+        """``_land`` in the background: the caller does not wait for the store."""
+        landing = asyncio.ensure_future(self._land(item, me, frame))
+        self._landing.add(landing)
+        landing.add_done_callback(self._landing.discard)
 
     async def _renew(self, item: str, me: str) -> None:
         """Keep the lease while the call runs (every third of ``lease``)."""
@@ -147,12 +154,13 @@ class FleetFlight:
 
     def _encode(self, result: Any) -> bytes:
         """A result as published: ``=`` and its encoding, or ``!`` when it cannot be."""
-        try:
-            data = self.serializer.dumps(result)
-        except Exception as exc:
-            logger.debug("coalesce %r cannot share %r: %r", self.name, type(result), exc)
+        # a result that cannot be shared is no news (the docs say so): debug only
+        data = encoded(
+            self.serializer, result, f"coalesce {self.name!r} cannot share", logging.DEBUG
+        )
+        if data is None or len(data) > self.max_bytes:
             return _NOTHING
-        return _VALUE + data if len(data) <= self.max_bytes else _NOTHING
+        return _VALUE + data
 
     def _decode(self, raw: bytes) -> tuple[bool, Any]:
         """``(True, result)`` from a published frame, ``(False, None)`` if it holds none."""

@@ -329,6 +329,30 @@ async def test_unserializable_result_is_not_cached(
     assert await fallback.call(fail, ConnectionError()) == "default"
 
 
+class Unprintable:
+    """An argument whose ``repr`` raises (the default cache key is the arguments' repr)."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_a_call_without_a_cache_key_is_not_cached(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call whose cache key cannot be made (an argument's repr raises, or ``cache_key``
+    does) keeps its own outcome: a success is returned (not cached, logged), a failure
+    falls back to the value."""
+    for options in ({}, {"cache_key": lambda x: 1 / 0}):
+        store = SpyStore(clock=clock)
+        fallback = Fallback(on=ConnectionError, cache=store, value="default", **options)
+        odd = Unprintable()
+        assert await fallback.call(value, odd) is odd
+        await fallback.flush()
+        assert store.writes == []
+        assert await fallback.call(fail, ConnectionError(odd)) == "default"
+    assert "cannot cache" in caplog.text
+
+
 async def test_cache_expires_after_ttl(clock: FakeClock) -> None:
     """A cached value older than cache_ttl is no longer served."""
     fallback = Fallback(on=ConnectionError, cache=MemoryStore(clock=clock), cache_ttl=10, value=0)

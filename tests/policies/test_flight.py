@@ -209,6 +209,80 @@ async def test_key_must_be_a_str_with_a_store(clock: FakeClock) -> None:
         await fetch("tea")
 
 
+class TextSerializer:
+    """A serializer that breaks its contract: ``dumps`` returns a str, not bytes."""
+
+    def dumps(self, value: Any, /) -> Any:
+        return repr(value)
+
+    def loads(self, data: bytes, /) -> Any:
+        return data
+
+
+async def test_a_serializer_that_returns_no_bytes_is_no_failure_of_the_call(
+    clock: FakeClock,
+) -> None:
+    """A serializer whose ``dumps`` returns a str: the holder's callers still get the
+    result (nothing travels), and the waiting replica runs its own call."""
+    store = MemoryStore(clock=clock)
+    upstream = Upstream()
+    one, two = replicas(store, upstream, clock, count=2, serializer=TextSerializer())
+    first = await started(one("tea"))
+    second = await started(two("tea"))
+    upstream.gate.set()
+    assert await polled(clock, [first, second]) == [{"price": 9.5}] * 2
+    assert upstream.calls == Counter(r0=1, r1=1)
+
+
+class Unprintable:
+    """An argument whose ``repr`` raises."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_an_argument_without_a_repr_runs_the_call_unshared(clock: FakeClock) -> None:
+    """The default fleet key is the arguments' ``repr``: a call whose argument has none
+    runs on its own (as a call with an unhashable argument does), it does not fail."""
+    upstream = Upstream()
+    upstream.gate.set()
+    (fetch,) = replicas(MemoryStore(clock=clock), upstream, clock, count=1)
+    assert await fetch(Unprintable()) == {"price": 9.5}
+    assert upstream.calls == Counter(r0=1)
+
+
+class SlowJoin(MemoryStore):
+    """A store whose ``flight_join`` reply comes back only when ``reply`` is set: the join
+    is applied (the lease may be granted) before the caller sees it."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.reply = asyncio.Event()
+
+    async def flight_join(self, *args: Any, **kwargs: Any) -> tuple[str, bytes | None]:
+        joined = await super().flight_join(*args, **kwargs)
+        await self.reply.wait()
+        return joined
+
+
+async def test_a_join_cancelled_after_its_grant_gives_the_lease_back(clock: FakeClock) -> None:
+    """A replica whose callers leave while its join's reply is on the way (the store gave
+    it the lease) gives the lease back: the next replica runs the call at once instead of
+    waiting for the lease to lapse."""
+    store = SlowJoin(clock=clock)
+    upstream = Upstream()
+    upstream.gate.set()
+    one, two = replicas(store, upstream, clock, count=2)
+    first = await started(one("tea"))
+    await cancelled(first)
+    store.reply.set()
+    second = await started(two("tea"))
+    await settle()
+    assert second.done()
+    assert await second == {"price": 9.5}
+    assert upstream.calls == Counter(r1=1)
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [

@@ -268,6 +268,10 @@ class FleetLeases:
         except asyncio.CancelledError:
             taking.add_done_callback(self._return_late)
             raise
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:  # whatever else the store raised: it cannot answer either
+            raise unavailable(exc) from exc
         return None if lease is None else _Lease(self, lease)
 
     def _return_late(self, taking: asyncio.Future[str | None]) -> None:
@@ -300,6 +304,12 @@ class FleetLeases:
 
     async def aclose(self) -> None:
         """Nothing kept beyond the leases in use: nothing to do."""
+
+
+def unavailable(error: Exception) -> StoreUnavailableError:
+    """A store's failure of another kind than ``StoreUnavailableError``, as a
+    ``PermitSource`` raises it."""
+    return StoreUnavailableError(f"the store did not answer: {error!r}")
 
 
 async def _wait(ask: asyncio.Future[Exception | None]) -> None:
@@ -515,6 +525,9 @@ class FleetShare:
         except StoreUnavailableError as exc:
             error = exc
             raise
+        except Exception as exc:  # whatever else the store raised: it cannot answer either
+            error = exc
+            raise unavailable(exc) from exc
         finally:
             self._growing = None
             done.set_result(error)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resilience import MemoryStore, StoreUnavailableError
+from resilience import Bulkhead, MemoryStore, StoreUnavailableError
 from resilience.policies.permits import FleetLeases, FleetShare, PermitSource
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
@@ -428,6 +428,43 @@ async def test_calls_waiting_on_a_hung_store_fail_with_the_one_ask_under_way() -
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert all(isinstance(r, StoreUnavailableError) for r in results), results
     assert store.asked == 1
+
+
+class Broken(MemoryStore):
+    """A store of another make whose permit primitives fail with errors of their own, not
+    ``StoreUnavailableError``."""
+
+    async def lease_share(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        raise ConnectionError("reset by peer")
+
+    async def acquire_lease(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        raise ConnectionError("reset by peer")
+
+
+@pytest.mark.parametrize("kind", ["leases", "share"])
+async def test_any_failure_of_the_store_is_store_unavailable(kind: str) -> None:
+    """Whatever error the store raises, every call taking a permit at that moment gets
+    ``StoreUnavailableError`` (which a bulkhead answers by running the call under its local
+    limit), none a raw error or a false "the fleet is full"."""
+    clock = FakeClock()
+    holder = source(kind, Broken(clock=clock), clock, 10)
+    results = await asyncio.gather(*[holder.take() for _ in range(5)], return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailableError) for r in results), results
+
+
+async def test_a_bulkhead_runs_calls_when_the_store_fails_its_own_way() -> None:
+    """A fleet-wide bulkhead over a store that fails with errors of its own runs the calls
+    under its local limit: the store's failure is no failure of the call."""
+    clock = FakeClock()
+    bulkhead = Bulkhead(4, distributed=True, store=Broken(clock=clock), name="pool")
+
+    async def work() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    assert await asyncio.gather(*[bulkhead.call(work) for _ in range(4)]) == ["done"] * 4
 
 
 async def test_calls_that_came_during_an_ask_share_one_more() -> None:

@@ -199,6 +199,10 @@ class RateLimiter(BasePolicy):
         except StoreUnavailableError:
             return self.try_acquire()
         finally:
+            # each answer sets aside tokens for the calls that waited on it, and drops what
+            # was set aside before (for calls cancelled before they woke): a token is spent
+            # only right after the fleet's bucket counted it
+            self._handed = 0
             self._asking = None
             asking.set_result(None)
         if not took:
@@ -207,7 +211,7 @@ class RateLimiter(BasePolicy):
             return self._wait
         self._taken = took
         handed = min(took - 1, counted)  # not for calls that came after them
-        self._handed += handed
+        self._handed = handed
         self._ahead, self._ahead_until = took - 1 - handed, now + self.ahead
         self._wait = self.interval  # what a call that finds the batch spent is told
         return 0.0

@@ -21,7 +21,7 @@ from resilience.store import MemoryStore
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from ..helpers import ok, policy_events
+from ..helpers import ok, policy_events, settle, started
 from ..store.support import evalsha_calls
 
 
@@ -467,3 +467,62 @@ def test_a_burst_beyond_what_a_float_holds_is_refused() -> None:
     with pytest.raises(ValueError, match="burst"):
         RateLimiter(10, burst=10**400)
     assert RateLimiter(10, burst=2**53).burst == 2**53
+
+
+class GatedBucket(MemoryStore):
+    """A fleet bucket whose batches are answered one at a time, when the test says so
+    (``answer()``), from the real bucket, or empty while ``empty`` is set."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.gates: list[asyncio.Event] = []
+        self.empty = False
+
+    async def rate_take_many(
+        self, key: str, *, interval: float, burst: int, want: int
+    ) -> tuple[int, float]:
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        if self.empty:
+            return 0, interval
+        return await super().rate_take_many(key, interval=interval, burst=burst, want=want)
+
+    async def answer(self) -> None:
+        """Answer the oldest batch not answered yet; let every call move on."""
+        await settle()
+        self.gates.pop(0).set()
+        await settle()
+
+
+async def test_a_token_set_aside_for_a_call_cancelled_meanwhile_is_not_spent_later(
+    clock: FakeClock,
+) -> None:
+    """A batch sets tokens aside for the calls that waited on it; one of them cancelled before
+    it woke leaves its token unused. That token is dropped with the next answer: a call
+    waiting on an ask the fleet answers "empty" is refused, not admitted on a token the
+    fleet's bucket counted long ago."""
+    store = GatedBucket(clock)
+    limiter = RateLimiter(1000, store=store, name="x", clock=clock, ahead=0.05)
+    first = await started(limiter.call(ok))  # asks for a batch
+    second = await started(limiter.call(ok))  # waits on it
+    third = await started(limiter.call(ok))  # waits on it
+    await store.answer()  # one token (nothing was spent yet): the first call's
+    assert await first == "ok"
+    # the second asked for itself and the third (still counted as waiting): cancel the third
+    assert len(store.gates) == 1
+    third.cancel()
+    await store.answer()
+    assert await second == "ok"
+    assert third.cancelled()
+    store.empty = True
+    clock.advance(1.0)
+    asker = await started(limiter.call(ok))
+    waiter = await started(limiter.call(ok))
+    await store.answer()  # the fleet's bucket is empty
+    with pytest.raises(RateLimitedError):
+        await asker
+    assert not waiter.done()  # it asks once more (it was not counted): refused again
+    await store.answer()
+    with pytest.raises(RateLimitedError):
+        await waiter

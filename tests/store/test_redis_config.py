@@ -243,3 +243,59 @@ def test_a_handler_that_fails_loses_its_message_not_the_subscription(
     subscriber.on_message(b"flight k")
     subscriber.on_message(b'{"config": "x"}')
     assert len([r for r in caplog.records if "could not be applied" in r.getMessage()]) == 2
+
+
+async def test_many_names_read_their_settings_in_a_few_pipelines(
+    stores: Callable[..., RedisStore], redis_url: str
+) -> None:
+    """Policies made by the hundred (a fleet of breakers built at start-up) read their live
+    settings a chunk of names per round trip, one chunk at a time: the store is not flooded
+    with a call per name at once (which exhausted the connection pool and timed out into an
+    outage with 10,000 names). Each name still reports its values in code and runs the
+    current settings."""
+    import redis as sync_redis
+
+    store = stores()
+    await store.configure("b7", open_for=7.0)
+    sha = store._scripts["config"].sha
+    sends: list[int] = []  # the settings' commands in each pipeline
+    in_flight = peak = 0
+    send = store.supervisor.send
+
+    async def counted(commands: list[Any]) -> list[Any]:
+        nonlocal in_flight, peak
+        sends.append(sum(argv[0] == sha for _, argv in commands))
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await send(commands)
+        finally:
+            in_flight -= 1
+
+    call = store.engine.call
+    calls = 0
+
+    async def counted_call(awaitable: Any, **options: Any) -> Any:
+        nonlocal calls, in_flight, peak
+        calls += 1
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await call(awaitable, **options)
+        finally:
+            in_flight -= 1
+
+    store.supervisor.send = counted  # type: ignore[method-assign]
+    store.engine.call = counted_call  # type: ignore[method-assign]
+    breakers = [CircuitBreaker(f"b{i}", store=store) for i in range(300)]
+    await store.sync()
+    assert peak <= 2  # a chunk of settings, and perhaps a round
+    assert calls <= 2
+    assert [n for n in sends if n] == [50] * 6  # 300 names, 50 a pipeline
+    assert breakers[7].config.open_for == 7.0
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        kept = client.keys(f"{store.prefix}*b2*config:base*")
+    finally:
+        client.close()
+    assert kept

@@ -9,7 +9,8 @@ on a call's path.
 
 A replica reads the settings of each name its policies follow when it starts listening (its
 engine starts, or a policy is built inside a running loop) and again whenever its
-subscription is replaced (a message may have been lost meanwhile). A push is always the
+subscription is replaced (a message may have been lost meanwhile): one reader task, a
+pipeline of ``CONFIG_CHUNK`` names at a time. A push is always the
 newest change; a read is taken only if it is newer than what the replica runs, so a replica
 whose Redis lost the data keeps the last values it had (until the next change).
 """
@@ -25,11 +26,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import config
 from ..config import MAX_HISTORY, ConfigChange, ConfigState, LiveConfig, Values
-from .primitives import BadReply, number, text
+from .primitives import BadReply, is_noscript, number, text
 
 if TYPE_CHECKING:
     from .engine import SyncEngine
-    from .supervisor import Supervisor
+    from .supervisor import Command, Supervisor
 
 __all__ = ["RedisConfig", "parse_config", "parse_pushed"]
 
@@ -37,6 +38,7 @@ logger = logging.getLogger("resilience.redis")
 
 _T = TypeVar("_T")
 
+CONFIG_CHUNK = 50  #: names whose settings one pipeline reads
 _MIN_TTL_MS = 30 * 86_400_000  # settings outlive an idle month, whatever the store's ttl
 
 
@@ -130,6 +132,7 @@ class RedisConfig(LiveConfig):
     _config_waiting: set[str]  # names to read once a loop runs
     _config_tasks: set[asyncio.Task[None]]
     _config_loop: asyncio.AbstractEventLoop | None  # where the store's background work runs
+    _scripts: dict[str, Any]
 
     def key(self, name: str, suffix: str) -> str:
         raise NotImplementedError
@@ -235,32 +238,58 @@ class RedisConfig(LiveConfig):
         self._config_read_waiting()
 
     def _config_read_waiting(self) -> None:
-        """Read the settings of every name waiting (on the running loop)."""
-        if not self._config_waiting or self.engine.subscriber.closed():
+        """Read the settings of every name waiting (on the running loop), in the one reader
+        task: names that come meanwhile (a fleet of policies built at once) join its chunks."""
+        if not self._config_waiting or self.engine.subscriber.closed() or self._config_tasks:
             return
-        names, self._config_waiting = self._config_waiting, set()
-        for name in names:
-            task = asyncio.get_running_loop().create_task(self._config_fetch(name))
-            self._config_tasks.add(task)
-            task.add_done_callback(self._config_tasks.discard)
+        task = asyncio.get_running_loop().create_task(self._config_reader())
+        self._config_tasks.add(task)
+        task.add_done_callback(self._config_tasks.discard)
 
-    async def _config_fetch(self, name: str) -> None:
-        """Report the values in code of ``name``'s policies, take the settings if newer."""
-        try:
-            bases = config.bases(name)
-            state = None
-            for kind, base in bases.items():
-                args = ["base", kind, json.dumps(base, default=repr), self._config_ttl()]
-                state = await self._config_call(name, args)
-            if state is None:
-                state = await self._config_read(name)
-        except Exception as exc:  # Redis away: the replica keeps what it runs
-            logger.debug("settings of %r not read: %r", name, exc)
-            self._config_waiting.add(name)  # read again when the subscription is replaced
-            return
-        if state.history:
-            origin = state.history[0].origin
-            self._config_adopt(name, state.version, state.values, origin, pushed=False)
+    async def _config_reader(self) -> None:
+        """Read the waiting names ``CONFIG_CHUNK`` at a time, a pipeline each, one after
+        another (a call per name at once floods the store: with thousands of names it ran
+        out of connections and timed out into an outage)."""
+        waiting = self._config_waiting
+        while waiting and not self.engine.subscriber.closed():
+            names = [waiting.pop() for _ in range(min(CONFIG_CHUNK, len(waiting)))]
+            try:
+                await self._config_fetch(names)
+            except Exception as exc:  # Redis away: the replica keeps what it runs
+                logger.debug("settings of %d names not read: %r", len(names), exc)
+                waiting.update(names)  # read again when the subscription is replaced
+                return
+
+    async def _config_fetch(self, names: list[str]) -> None:
+        """Report the values in code of ``names``' policies and take their settings if newer,
+        in one pipeline (the script loaded first if Redis does not know it)."""
+        sha = self._scripts["config"].sha
+        ttl = self._config_ttl()
+        commands: list[Command] = []
+        owners: list[str] = []  # the name of each command
+        for name in names:
+            reports = [
+                ["base", kind, json.dumps(base, default=repr), ttl]
+                for kind, base in config.bases(name).items()
+            ]
+            for args in reports or [["read"]]:
+                commands.append(("evalsha", (sha, 3, *self._config_keys(name), *args)))
+                owners.append(name)
+        replies = await self.supervisor.send(commands)
+        if any(isinstance(r, BaseException) and is_noscript(r) for r in replies):
+            await self.supervisor.load_scripts([self._scripts["config"]])
+            replies = await self.supervisor.send(commands)
+        states: dict[str, ConfigState] = {}
+        for name, reply in zip(owners, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            reset, states[name] = self.supervisor.parsed(parse_config, reply)  # the last one
+            if reset:
+                self.engine.reset_seen(name, self.key(name, "config"))
+        for name, state in states.items():
+            if state.history:
+                origin = state.history[0].origin
+                self._config_adopt(name, state.version, state.values, origin, pushed=False)
 
     async def _config_settled(self) -> None:
         """Wait for the reads of settings under way (``sync``)."""

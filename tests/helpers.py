@@ -90,6 +90,19 @@ async def started(call: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
     return task
 
 
+async def raises_each(
+    times: int,
+    error: type[BaseException] | tuple[type[BaseException], ...],
+    call: Callable[..., Awaitable[object]],
+    *args: Any,
+    match: str | None = None,
+) -> None:
+    """``await call(*args)`` ``times`` times, each raising ``error`` (matching ``match``)."""
+    for _ in range(times):
+        with pytest.raises(error, match=match):
+            await call(*args)
+
+
 async def advance(clock: FakeClock, seconds: float) -> None:
     """Move ``clock`` on by ``seconds`` and let the loop run what came due (``settle``)."""
     clock.advance(seconds)

@@ -31,7 +31,7 @@ from resilience.events import CallFinished, SubscriberReplaced
 from resilience.telemetry import Telemetry
 from resilience.testing import FakeClock
 
-from .helpers import boom, ok
+from .helpers import boom, ok, raises_each
 
 
 class Otel:
@@ -81,9 +81,7 @@ async def test_calls_and_durations_by_outcome(otel: Otel, clock: FakeClock) -> N
         listeners=[otel.telemetry],
     )
     assert await b.call(ok) == "ok"
-    for _ in range(2):
-        with pytest.raises(ValueError, match="boom"):
-            await b.call(boom)
+    await raises_each(2, ValueError, b.call, boom, match="boom")
     with pytest.raises(CircuitOpenError):
         await b.call(ok)
     calls = {p[0]["resilience.outcome"]: p[1] for p in otel.points("resilience.calls")}
@@ -142,9 +140,7 @@ async def test_throttle_and_hedge_window_gauges(otel: Otel, clock: FakeClock) ->
     otel.telemetry.watch(hedge)
     for _ in range(6):
         await throttle.call(ok)
-    for _ in range(4):
-        with pytest.raises(ConnectionError):
-            await throttle.call(_refused)
+    await raises_each(4, ConnectionError, throttle.call, _refused)
     hedge.counts.add(10, 1)
     window = {a["resilience.figure"]: v for a, v in otel.points("resilience.throttle.window")}
     assert window == {"requests": 10, "accepts": 6}

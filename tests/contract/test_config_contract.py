@@ -21,6 +21,8 @@ from resilience import (
 from resilience.store import config as live
 from resilience.store.config import MAX_HISTORY
 
+from ..helpers import raises_each
+
 NAME = "svc"
 
 
@@ -87,9 +89,7 @@ async def test_a_window_changes_size_not_kind_and_starts_anew(store: Store) -> N
     async def fail() -> None:
         raise ValueError("boom")
 
-    for _ in range(3):
-        with pytest.raises(ValueError, match="boom"):
-            await b.call(fail)
+    await raises_each(3, ValueError, b.call, fail, match="boom")
     assert b.metrics().failures == 3
     await store.configure(NAME, window=30)
     assert b.config.window == CountWindow(30)

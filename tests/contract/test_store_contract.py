@@ -24,15 +24,13 @@ from resilience import (
 from resilience.rules.breaker import BreakerConfig
 from resilience.testing import FakeClock
 
-from ..helpers import boom, breaker, ok, until
+from ..helpers import boom, breaker, ok, raises_each, until
 
 Settle = Callable[[], Awaitable[None]]
 
 
 async def fail(b: CircuitBreaker, times: int) -> None:
-    for _ in range(times):
-        with pytest.raises(ValueError, match="boom"):
-            await b.call(boom)
+    await raises_each(times, ValueError, b.call, boom, match="boom")
 
 
 async def test_same_name_same_core(store: Store) -> None:
@@ -542,9 +540,7 @@ async def test_status_counts_rejections_latency_and_bulkhead_limits(
     for _ in range(16):  # one call in 8 is timed
         assert await b.call(ok) == "ok"
     await fail(b, 2)  # [ok, ok, failed, failed]: open
-    for _ in range(3):
-        with pytest.raises(CircuitOpenError):
-            await b.call(ok)
+    await raises_each(3, CircuitOpenError, b.call, ok)
     assert await store.acquire_lease("pool", limit=3, ttl=5) is not None
     await settle()
     listed = {(s.name, s.kind): s for s in await status(store)}

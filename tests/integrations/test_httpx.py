@@ -52,7 +52,7 @@ from resilience import (
 from resilience.testing import FakeClock
 
 from ..asgi_support import serve
-from ..helpers import advance, cancelled, settle, started
+from ..helpers import advance, cancelled, raises_each, settle, started
 
 ONCE = RetryOptions(attempts=1)
 """One attempt: no retry."""
@@ -331,9 +331,7 @@ async def test_failing_upstream_opens_breaker_and_calls_stop() -> None:
     async with make_client(upstream, retry=ONCE, breaker=BreakerOptions(minimum_calls=4)) as client:
         for _ in range(4):
             assert (await client.get("/")).status_code == 500
-        for _ in range(6):
-            with pytest.raises(CircuitOpen):
-                await client.get("/")
+        await raises_each(6, CircuitOpen, client.get, "/")
     assert upstream.hits == 4
 
 

@@ -45,6 +45,7 @@ from resilience.store.records import ReplicaReport
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
+from ..helpers import raises_each
 from ..redis_server import free_port
 
 pytestmark = pytest.mark.browser
@@ -465,9 +466,7 @@ async def test_in_process_figures_as_the_page_shows_them(page: Any, clock: FakeC
         for n in range(2, 18):
             await breaker.call(takes, {9: 0.003, 17: 5.0}.get(n, 0))
         await store.control("timed", CircuitState.FORCED_OPEN)
-        for _ in range(6):
-            with pytest.raises(CircuitOpenError):
-                await breaker.call(takes, 0)
+        await raises_each(6, CircuitOpenError, breaker.call, takes, 0)
         clock.advance(6.0 - 5.003)  # 6 s since the first snapshot: 1.0 refusal a second
         _, doc = await app.snapshot()  # the page gets this one: the fake clock stands still
         (timed,) = [p for p in doc["policies"] if p["name"] == "timed"]

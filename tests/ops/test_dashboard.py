@@ -36,7 +36,7 @@ from resilience.store.records import LATENCY_BUCKETS, REPORTING, ReplicaReport
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from ..helpers import advance, until
+from ..helpers import advance, raises_each, until
 
 TOKEN = "s3cret-token"
 BREAKER = "circuit_breaker"
@@ -60,9 +60,7 @@ async def trip(breaker: CircuitBreaker, store: RedisStore | None = None) -> None
 
 async def refuse(breaker: CircuitBreaker, times: int) -> None:
     """Call ``breaker`` ``times`` times, each refused (it must be open)."""
-    for _ in range(times):
-        with pytest.raises(CircuitOpenError):
-            await breaker.call(asyncio.sleep, 0)
+    await raises_each(times, CircuitOpenError, breaker.call, asyncio.sleep, 0)
 
 
 def memory_breaker(clock: FakeClock) -> tuple[MemoryStore, CircuitBreaker]:
@@ -142,9 +140,7 @@ async def test_rates_come_from_successive_snapshots(
     assert before["replicas_reporting"] == 1
     for _ in range(30):
         await breaker.call(asyncio.sleep, 0)
-    for _ in range(10):
-        with pytest.raises(ConnectionError):
-            await breaker.call(_fail)
+    await raises_each(10, ConnectionError, breaker.call, _fail)
     await redis_store.sync()
     clock.advance(0.06)  # past the snapshots' minimum gap
     _, second = await app.snapshot()
@@ -232,9 +228,7 @@ async def test_rejections_and_latency_between_snapshots(
             await breaker.call(_fail)
         failed += 1
         await store.sync()
-    for _ in range(6):
-        with pytest.raises(CircuitOpenError):
-            await breaker.call(takes, 0.001)
+    await raises_each(6, CircuitOpenError, breaker.call, takes, 0.001)
     tripped = await breaker_status(app, "timed", 2.0)
     assert tripped["state"] == "open"
     assert tripped["rates"]["rejected"] == 3.0  # 6 refused in 2 s
@@ -340,9 +334,7 @@ async def test_timeouts_bulkhead_refusals_and_fallbacks_under_a_breakers_name(
     gate = asyncio.Event()
     holding = asyncio.create_task(pool.call(gate.wait))
     await asyncio.sleep(0)
-    for _ in range(3):
-        with pytest.raises(BulkheadFullError):
-            await pool.call(asyncio.sleep, 0)
+    await raises_each(3, BulkheadFullError, pool.call, asyncio.sleep, 0)
     for _ in range(4):
         assert await fallback.call(_fail) == "cached"
     app.calls(TimedOut(name="dep", seconds=0.1))  # as a Timeout named "dep" reports one
@@ -789,9 +781,7 @@ async def test_a_rate_limiters_tokens_rate_and_refusals(clock: FakeClock) -> Non
     clock.advance(1.9)
     for _ in range(5):
         await limiter.call(asyncio.sleep, 0)
-    for _ in range(4):
-        with pytest.raises(RateLimitedError):
-            await limiter.call(asyncio.sleep, 0)
+    await raises_each(4, RateLimitedError, limiter.call, asyncio.sleep, 0)
     figures = await bucket("quota", 0.1)  # 2 s since the last snapshot; 0.15 s of backlog
     assert figures == {"tokens": 2.0, "rate": 20, "per": 1.0, "burst": 5, "refused": 2.0}
     assert (await bucket("quiet-quota", 0.0))["refused"] is None

@@ -35,7 +35,7 @@ from resilience.rules.detectors import PhiAccrualDetector, TimeoutDetector, phi
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from ..helpers import boom, read_line, settle, unique_prefix, until
+from ..helpers import boom, raises_each, read_line, settle, unique_prefix, until
 
 ROOT = Path(__file__).resolve().parents[2]
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
@@ -629,9 +629,7 @@ def bound_breaker(clock: FakeClock, hc: HealthCheck, **kw: Any) -> CircuitBreake
 
 
 async def trip(b: CircuitBreaker) -> None:
-    for _ in range(4):
-        with pytest.raises(ValueError, match="boom"):
-            await b.call(boom)
+    await raises_each(4, ValueError, b.call, boom, match="boom")
     assert b.state is OPEN
 
 
@@ -795,9 +793,7 @@ async def test_open_on_suspect_on_a_time_window_edges(
 
         for _ in range(successes):
             await b.call(user)
-        for _ in range(failures):
-            with pytest.raises(ValueError, match="boom"):
-                await b.call(boom)
+        await raises_each(failures, ValueError, b.call, boom, match="boom")
         assert b.state is CLOSED
         dep.up = False
         await advance(clock, 5.0)

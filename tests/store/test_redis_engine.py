@@ -426,6 +426,7 @@ async def test_the_flusher_ends_when_cancelled_mid_round(redis_server: RedisServ
             await asyncio.sleep(0.005 + (i % 5) * 0.01)  # somewhere in the round
             tasks = list(store.engine._tasks)
             assert tasks
+            tasks += store._config_tasks  # reading the live settings, if still under way
             for task in tasks:
                 task.cancel()
             _, pending = await asyncio.wait(tasks, timeout=5.0)

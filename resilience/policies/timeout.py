@@ -23,7 +23,7 @@ from ..clock import Clock, TimerHandle
 from ..errors import ExcType, ResilienceTimeoutError, Traceback
 from ..events import Listener, TimedOut, emit
 from ..store.config import Schema, follow, register_schema
-from .base import BasePolicy, CallerTask, Protected, check_seconds
+from .base import BasePolicy, CallerTask, Protected, check_seconds, task_of
 
 __all__ = ["Timeout"]
 
@@ -48,7 +48,6 @@ class _Deadline:
 
 
 _get_ident = threading.get_ident
-_current_task = asyncio.current_task
 
 
 class Timeout(BasePolicy):
@@ -198,7 +197,7 @@ class Timeout(BasePolicy):
                 loop is tasks.loop
                 and loop is not None
                 and tasks.thread == _get_ident()
-                and (task := _current_task(loop)) is not None
+                and (task := task_of(loop)) is not None
             ):
                 entry = _Deadline()
                 entry.deadline = monotonic() + self.seconds

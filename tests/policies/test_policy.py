@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import math
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from resilience.policies.base import (
     BasePolicy,
     CallerTask,
     Policy,
+    _task_lookup,
     check_int,
     check_name,
     check_predicate,
@@ -585,6 +587,32 @@ def test_caller_task_is_the_current_task_on_every_loop_and_thread() -> None:
     assert seen == [True] * 12
     with pytest.raises(RuntimeError):
         tasks.find()
+
+
+def test_the_task_of_a_loop_is_asyncio_current_task() -> None:
+    """The lookup ``CallerTask`` and ``Timeout`` use answers as ``asyncio.current_task(loop)``
+    (the running task, ``None`` for a loop running none), without the Python frame of a
+    Python ``current_task`` (CPython 3.11); any other ``current_task`` is used as it is."""
+    lookup = _task_lookup(asyncio.current_task)
+    if isinstance(asyncio.current_task, types.FunctionType):
+        assert lookup is not asyncio.current_task  # the frame is skipped
+    idle = asyncio.new_event_loop()
+
+    async def probe() -> None:
+        loop = asyncio.get_running_loop()
+        assert lookup(loop) is asyncio.current_task(loop) is not None
+        assert lookup(idle) is asyncio.current_task(idle) is None
+
+    try:
+        asyncio.run(probe())
+    finally:
+        idle.close()
+
+    def elsewhere(loop: Any = None) -> None:
+        return None
+
+    assert _task_lookup(elsewhere) is elsewhere
+    assert _task_lookup(len) is len
 
 
 async def test_a_listener_added_before_the_call_form_is_made() -> None:

@@ -18,12 +18,15 @@ from harness import Case, Loop, Protected, ok_loop, reject_loop
 
 __all__ = [
     "CALLER_TASK",
+    "CLOCK",
     "CURRENT_TASK",
+    "DEADLINE",
     "FORWARDING",
     "FORWARDING_5",
     "GROUPS",
     "REJECT_FRAME",
     "SPECS",
+    "TASK_OF",
     "TIMER",
     "Spec",
     "build_cases",
@@ -637,6 +640,55 @@ async def part_caller_task() -> Loop:
     return loop
 
 
+async def part_task_of() -> Loop:
+    """The caller's task as a Timeout finds it: the task of the loop found last, asked of
+    that loop (``task_of``), once the loop is seen to run in this thread."""
+    import threading
+
+    from resilience.policies.base import CallerTask, task_of
+
+    tasks = CallerTask()
+    tasks.find()
+    get_ident = threading.get_ident
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            if tasks.thread == get_ident():
+                task_of(tasks.loop)  # type: ignore[arg-type]
+
+    return loop
+
+
+async def part_clock() -> Loop:
+    """``time.monotonic()``: the clock read a Timeout makes per call."""
+    import time
+
+    monotonic = time.monotonic
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            monotonic()
+
+    return loop
+
+
+async def part_deadline() -> Loop:
+    """A Timeout's deadline record, made and its fields set as the protected function does."""
+    from resilience.policies.timeout import _Deadline
+
+    task = asyncio.current_task()
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            entry = _Deadline()
+            entry.deadline = 1.0
+            entry.task = task  # type: ignore[assignment]
+            entry.cancelling = 0
+            entry.finished = entry.expired = False
+
+    return loop
+
+
 async def part_timer() -> Loop:
     """``loop.call_later`` and ``cancel()``: the timer a Hedge arms once per call."""
     loop_ = asyncio.get_running_loop()
@@ -659,6 +711,9 @@ RAISE_CATCH = "make, raise, catch CircuitOpenError (one frame)"
 REJECT_FRAME = "coroutine raising CircuitOpenError, awaited, caught"
 CURRENT_TASK = "asyncio.current_task()"
 CALLER_TASK = "CallerTask.find() (policies.base)"
+TASK_OF = "the caller's task as a Timeout finds it (task_of)"
+CLOCK = "time.monotonic()"
+DEADLINE = "a Timeout's deadline record, made"
 TIMER = "loop.call_later() + cancel()"
 
 SPECS: list[Spec] = [
@@ -709,6 +764,9 @@ SPECS: list[Spec] = [
     Spec("parts", REJECT_FRAME, "stdlib", part_reject_through_frame),
     Spec("parts", CURRENT_TASK, "stdlib", part_current_task),
     Spec("parts", CALLER_TASK, "resilience", part_caller_task),
+    Spec("parts", TASK_OF, "resilience", part_task_of),
+    Spec("parts", CLOCK, "stdlib", part_clock),
+    Spec("parts", DEADLINE, "resilience", part_deadline),
     Spec("parts", TIMER, "stdlib", part_timer),
 ]
 

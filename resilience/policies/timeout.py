@@ -35,13 +35,15 @@ class _Deadline:
 
     Made without an ``__init__`` (a Python call that made it cost about 80 ns, twice what
     the object and its fields cost): its fields are set where it is made, ``_enter()`` and
-    the protected function's copy of it.
+    the protected function's copy of it. The protected function keeps the record of the
+    last call it took off the queue itself (task deleted) and fills it again for the next
+    one, which saves making one (about 30 ns).
     """
 
     __slots__ = ("cancelling", "deadline", "expired", "finished", "task")
 
     deadline: float
-    task: asyncio.Task[Any]
+    task: asyncio.Task[Any]  #: the task running the call (deleted while the record is spare)
     cancelling: int  #: the task's cancellation count when the call started
     finished: bool  #: the call has ended (the entry waits to leave the queue)
     expired: bool  #: this timeout cancelled the call (the entry has left the queue)
@@ -70,6 +72,7 @@ class Timeout(BasePolicy):
         self.seconds: float = check_seconds("seconds", seconds)
         self._queue: deque[_Deadline] = deque()
         self._stale = 0  # finished entries still queued, behind a call that runs
+        self._spare: _Deadline | None = None  # a record no call holds, to fill again
         self._timer: TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks = CallerTask()
@@ -199,7 +202,11 @@ class Timeout(BasePolicy):
                 and tasks.thread == _get_ident()
                 and (task := task_of(loop)) is not None
             ):
-                entry = _Deadline()
+                entry = self._spare
+                if entry is None:
+                    entry = _Deadline()
+                else:
+                    self._spare = None
                 entry.deadline = monotonic() + self.seconds
                 entry.task = task
                 entry.cancelling = task.cancelling()
@@ -216,9 +223,11 @@ class Timeout(BasePolicy):
                     self._expired_exit(entry, exc)
                 raise
             # _leave(), inlined for the oldest call (which this timeout did not cancel: it
-            # would be off the queue)
+            # would be off the queue); nothing holds its record now, kept for the next call
             if queue and queue[0] is entry:
                 queue.popleft()
+                del entry.task
+                self._spare = entry
                 if queue:
                     self._drop_finished()
             elif self._leave(entry):  # the call swallowed our cancellation and returned anyway

@@ -673,18 +673,26 @@ async def part_clock() -> Loop:
 
 
 async def part_deadline() -> Loop:
-    """A Timeout's deadline record, made and its fields set as the protected function does."""
-    from resilience.policies.timeout import _Deadline
+    """A Timeout's deadline record as the protected function handles it: the spare record
+    taken, its fields set, its task deleted and the record kept as the spare again."""
+    from resilience.policies.timeout import Timeout, _Deadline
 
+    timeout = Timeout(10)
+    timeout._spare = _Deadline()
     task = asyncio.current_task()
+    assert task is not None
 
     async def loop(n: int) -> None:
         for _ in range(n):
-            entry = _Deadline()
+            entry = timeout._spare
+            assert entry is not None
+            timeout._spare = None
             entry.deadline = 1.0
-            entry.task = task  # type: ignore[assignment]
+            entry.task = task
             entry.cancelling = 0
             entry.finished = entry.expired = False
+            del entry.task
+            timeout._spare = entry
 
     return loop
 
@@ -713,7 +721,7 @@ CURRENT_TASK = "asyncio.current_task()"
 CALLER_TASK = "CallerTask.find() (policies.base)"
 TASK_OF = "the caller's task as a Timeout finds it (task_of)"
 CLOCK = "time.monotonic()"
-DEADLINE = "a Timeout's deadline record, made"
+DEADLINE = "a Timeout's deadline record, filled and kept"
 TIMER = "loop.call_later() + cancel()"
 
 SPECS: list[Spec] = [

@@ -287,7 +287,7 @@ def _spent(report: Report) -> list[str]:
         "timeout": f"the forwarding wrapper is {_ns(fwd)}; finding the task to cancel is "
         f"{_ns(task_of)} (the task of the loop found last, asked of that loop; "
         f"asyncio.current_task() would be {_ns(full_lookup)}), reading the clock "
-        f"{_ns(clock)}, making the deadline's record {_ns(record)}; queueing it and taking it "
+        f"{_ns(clock)}, filling the deadline's record {_ns(record)}; queueing it and taking it "
         f"off, the task's cancelling() count and the timer's check are the other "
         f"{_ns(own['timeout'] - task_of - clock - record)}",
         "stack": f"five nested forwarding wrappers cost {_ns(fwd5)}; above their wrapper, "

@@ -205,12 +205,12 @@ class Timeout(BasePolicy):
                 entry = self._spare
                 if entry is None:
                     entry = _Deadline()
-                else:
+                    entry.finished = entry.expired = False
+                else:  # neither finished nor expired: it left the queue at its head, below
                     self._spare = None
                 entry.deadline = monotonic() + self.seconds
                 entry.task = task
                 entry.cancelling = task.cancelling()
-                entry.finished = entry.expired = False
                 queue.append(entry)
                 if self._timer is None:
                     self._timer = self._clock.call_later(self.seconds, self._fire)

@@ -678,7 +678,8 @@ async def part_deadline() -> Loop:
     from resilience.policies.timeout import Timeout, _Deadline
 
     timeout = Timeout(10)
-    timeout._spare = _Deadline()
+    timeout._spare = spare = _Deadline()
+    spare.finished = spare.expired = False
     task = asyncio.current_task()
     assert task is not None
 
@@ -690,7 +691,6 @@ async def part_deadline() -> Loop:
             entry.deadline = 1.0
             entry.task = task
             entry.cancelling = 0
-            entry.finished = entry.expired = False
             del entry.task
             timeout._spare = entry
 

@@ -102,8 +102,7 @@ class Timeout(BasePolicy):
                 entry.deadline = min(entry.deadline, cap)
             if self._timer is not None:
                 self._timer.cancel()
-                delay = max(0.0, queue[0].deadline - now)
-                self._timer = self._clock.call_later(delay, self._fire)
+                self._timer = self._clock.call_later(max(0.0, queue[0].deadline - now), self._fire)
         self.seconds = seconds
         return ""
 
@@ -166,17 +165,16 @@ class Timeout(BasePolicy):
         now = self._clock.monotonic()
         while queue:
             entry = queue[0]
-            if entry.finished:
-                queue.popleft()
+            if not entry.finished:
+                if entry.deadline > now:
+                    self._timer = self._clock.call_later(entry.deadline - now, self._fire)
+                    return
+                entry.expired = True
+                entry.task.cancel()
+                if self._listeners:
+                    emit(self._listeners, TimedOut(name=self.name, seconds=self.seconds))
+            else:
                 self._stale -= 1
-                continue
-            if entry.deadline > now:
-                self._timer = self._clock.call_later(entry.deadline - now, self._fire)
-                return
-            entry.expired = True
-            entry.task.cancel()
-            if self._listeners:
-                emit(self._listeners, TimedOut(name=self.name, seconds=self.seconds))
             queue.popleft()
 
     def _expired_exit(self, entry: _Deadline, exc: BaseException | None) -> None:

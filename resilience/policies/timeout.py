@@ -75,6 +75,7 @@ class Timeout(BasePolicy):
         self._spare: _Deadline | None = None  # a record no call holds, to fill again
         self._timer: TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0  # the thread _loop ran in at the last _enter(); 0: none yet
         self._tasks = CallerTask()
         self._held: ContextVar[tuple[_Deadline, ...]] = ContextVar(
             f"resilience.timeout.{name}", default=()
@@ -114,6 +115,7 @@ class Timeout(BasePolicy):
             raise RuntimeError("Timeout must be used inside an asyncio task")
         if tasks.loop is not self._loop:  # first use, or a new event loop: start afresh
             self._reset(tasks.loop)
+        self._thread = tasks.thread
         entry = _Deadline()
         entry.deadline = self._clock.monotonic() + self.seconds
         entry.task = task
@@ -131,6 +133,7 @@ class Timeout(BasePolicy):
         self._queue.clear()
         self._stale = 0
         self._loop = loop
+        self._thread = 0
 
     def _leave(self, entry: _Deadline) -> bool:
         """The call ``entry`` stands for has ended: off the queue; did this timeout cancel it?"""
@@ -186,20 +189,16 @@ class Timeout(BasePolicy):
     def _wrap(self, fn: Protected) -> Protected:
         # few free variables (each is copied into every call's frame): the paths off the
         # hottest one call the timeout's methods
-        tasks = self._tasks
         queue = self._queue
         monotonic = self._clock.monotonic
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
-            # _enter(), inlined while CallerTask.find()'s first guess holds: the task found
-            # last on this timeout's loop, when that loop runs in this thread
-            loop = self._loop
-            if (
-                loop is tasks.loop
-                and loop is not None
-                and tasks.thread == _get_ident()
-                and (task := task_of(loop)) is not None
-            ):
+            # _enter(), inlined while CallerTask.find()'s first guess holds: the task of this
+            # timeout's loop, in the thread that loop ran in at the last _enter()
+            task = None
+            if self._thread == _get_ident():  # _loop is set: _thread is 0 while it is None
+                task = task_of(self._loop)  # type: ignore[arg-type]
+            if task is not None:
                 entry = self._spare
                 if entry is None:
                     entry = _Deadline()

@@ -479,8 +479,11 @@ class CircuitBreaker(BasePolicy):
                         self._settle(gen, 0, 0.0, exc, None)
                         raise
                     # a full window of successes stays as it is: only read it; until it is
-                    # full, or while it holds failures, the core counts the success
-                    if window.failures or window.slow or window.calls < window.size:
+                    # full, or while it holds failures, the core counts the success. It holds
+                    # no slow calls: every breaker of a core has its configuration (the store
+                    # refuses another), this one times no call, and slow_call_duration cannot
+                    # be set live
+                    if window.failures or window.calls < window.size:
                         core.record(gen, 0, False, False)
                     return result
                 lease = 0

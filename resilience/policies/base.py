@@ -92,6 +92,10 @@ class BasePolicy:
     * ``policy.call(fn, *args, **kwargs)`` is ``wrap(INVOKE)``, made on first use with the
       listeners of that moment (again after ``add_listener``): however it is captured (a
       bound ``policy.call``, a ``functools.partial``), it costs what the decorated form costs.
+
+    A protected function calls ``fn(*args)`` when it was given no keyword arguments, else
+    ``fn(*args, **kwargs)``: a call with ``**kwargs`` copies the dict first, even an empty
+    one (about 10 ns a policy).
     """
 
     kind: str = "policy"
@@ -151,7 +155,7 @@ class BasePolicy:
             start = monotonic()
             outcome = "cancelled"
             try:
-                result = await protected(*args, **kwargs)
+                result = await (protected(*args, **kwargs) if kwargs else protected(*args))
                 outcome = "success"
                 return result
             except Exception as exc:

@@ -346,10 +346,10 @@ class Bulkhead(BasePolicy):
                 # 3. the call (returned from inside the try), with a sample for the
                 # adaptive limit if there is one
                 if learn is None:
-                    return await fn(*args, **kwargs)
+                    return await (fn(*args, **kwargs) if kwargs else fn(*args))
                 start = monotonic()
                 try:
-                    result = await fn(*args, **kwargs)
+                    result = await (fn(*args, **kwargs) if kwargs else fn(*args))
                 except Exception as exc:
                     learn(start, exc)
                     raise

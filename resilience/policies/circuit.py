@@ -474,7 +474,7 @@ class CircuitBreaker(BasePolicy):
                 gen = core.gen
                 if fast:  # the hot path: a few attribute reads and one try/except
                     try:
-                        result = await fn(*args, **kwargs)
+                        result = await (fn(*args, **kwargs) if kwargs else fn(*args))
                     except Exception as exc:
                         self._settle(gen, 0, 0.0, exc, None)
                         raise
@@ -502,7 +502,7 @@ class CircuitBreaker(BasePolicy):
             else:
                 gen, lease, start = await self._admit()
             try:
-                result = await fn(*args, **kwargs)
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
             except Exception as exc:
                 if start:
                     core.took(monotonic() - start)

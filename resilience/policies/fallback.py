@@ -150,8 +150,8 @@ class Fallback(BasePolicy):
         async def protected(*args: Any, **kwargs: Any) -> Any:
             try:
                 if plain:  # returned from inside the try: the success path is this line
-                    return await fn(*args, **kwargs)
-                result = await fn(*args, **kwargs)
+                    return await (fn(*args, **kwargs) if kwargs else fn(*args))
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
             except Exception as exc:
                 if not self._matches(exc):
                     raise

@@ -219,8 +219,8 @@ class Retry(BasePolicy):
             start = self._clock.monotonic() if timed else None
             try:
                 if plain:  # returned from inside the try: the success path is this line
-                    return await fn(*args, **kwargs)
-                result = await fn(*args, **kwargs)
+                    return await (fn(*args, **kwargs) if kwargs else fn(*args))
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
             except Exception as exc:
                 if single:  # no retry: the budget counts a failure it would have retried
                     if self.budget is not None and self._should_retry(exc):

@@ -214,7 +214,7 @@ class Timeout(BasePolicy):
             else:
                 entry = self._enter()
             try:
-                result = await fn(*args, **kwargs)
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
             except BaseException as exc:
                 if self._leave(entry):
                     self._expired_exit(entry, exc)

@@ -145,6 +145,43 @@ async def test_call_passes_args_and_kwargs() -> None:
         assert await policy.call(fn, 1, "two", three=3) == ((1, "two"), {"three": 3})
 
 
+def _every_policy() -> list[BasePolicy]:
+    """A policy of each kind and mode whose protected function forwards the arguments."""
+    from resilience import AdaptiveLimit, CircuitBreaker
+
+    return [
+        fast_retry(),
+        fast_retry(retry_if_result=lambda result: False),
+        fast_retry(stop=tenacity.stop_after_delay(10)),
+        Fallback(on=ValueError, value=0),
+        Fallback(on=ValueError, value=0, result_if=lambda result: False),
+        Bulkhead(2),
+        Bulkhead(limit=AdaptiveLimit()),
+        CircuitBreaker("plain"),
+        CircuitBreaker("checked", failure_if=lambda result: False),
+        Timeout(5),
+        Pipeline(fast_retry(), CircuitBreaker("in-pipeline"), Timeout(5), Bulkhead(2)),
+        Timeout(5, listeners=[lambda event: None]),  # the CallFinished report around it
+    ]
+
+
+@pytest.mark.parametrize("policy", _every_policy(), ids=repr)
+async def test_arguments_reach_the_function_with_and_without_keywords(
+    policy: BasePolicy,
+) -> None:
+    """Every policy, decorating or through ``call``, passes exactly the arguments it is
+    given: none, positional ones, keywords, both (a protected function calls ``fn(*args)``
+    when there are no keywords)."""
+
+    async def fn(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        return args, kwargs
+
+    decorated = policy(fn)
+    for args, kwargs in [((), {}), ((1, "two"), {}), ((), {"three": 3}), ((1,), {"two": 2})]:
+        assert await decorated(*args, **kwargs) == (args, kwargs)
+        assert await policy.call(fn, *args, **kwargs) == (args, kwargs)
+
+
 async def test_call_cache_survives_many_functions() -> None:
     """``call`` with more distinct functions than its cache holds still runs each correctly."""
     retry = fast_retry()

@@ -572,10 +572,11 @@ async def stdlib_hedge() -> Loop:
 
 
 def forwarding(fn: Protected) -> Protected:
-    """The least a decorator can do: an ``async def`` forwarding ``*args, **kwargs``."""
+    """The least a decorator can do: an ``async def`` forwarding ``*args, **kwargs`` (as the
+    policies do: without ``**`` when there are no keywords, which spares a copy of the dict)."""
 
     async def forward(*args: Any, **kwargs: Any) -> Any:
-        return await fn(*args, **kwargs)
+        return await (fn(*args, **kwargs) if kwargs else fn(*args))
 
     return forward
 

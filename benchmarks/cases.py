@@ -18,12 +18,15 @@ from harness import Case, Loop, Protected, ok_loop, reject_loop
 
 __all__ = [
     "CALLER_TASK",
+    "CLOCK",
     "CURRENT_TASK",
+    "DEADLINE",
     "FORWARDING",
     "FORWARDING_5",
     "GROUPS",
     "REJECT_FRAME",
     "SPECS",
+    "TASK_OF",
     "TIMER",
     "Spec",
     "build_cases",
@@ -569,10 +572,11 @@ async def stdlib_hedge() -> Loop:
 
 
 def forwarding(fn: Protected) -> Protected:
-    """The least a decorator can do: an ``async def`` forwarding ``*args, **kwargs``."""
+    """The least a decorator can do: an ``async def`` forwarding ``*args, **kwargs`` (as the
+    policies do: without ``**`` when there are no keywords, which spares a copy of the dict)."""
 
     async def forward(*args: Any, **kwargs: Any) -> Any:
-        return await fn(*args, **kwargs)
+        return await (fn(*args, **kwargs) if kwargs else fn(*args))
 
     return forward
 
@@ -637,6 +641,63 @@ async def part_caller_task() -> Loop:
     return loop
 
 
+async def part_task_of() -> Loop:
+    """The caller's task as a Timeout finds it: the task of the loop found last, asked of
+    that loop (``task_of``), once the loop is seen to run in this thread."""
+    import threading
+
+    from resilience.policies.base import CallerTask, task_of
+
+    tasks = CallerTask()
+    tasks.find()
+    get_ident = threading.get_ident
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            if tasks.thread == get_ident():
+                task_of(tasks.loop)  # type: ignore[arg-type]
+
+    return loop
+
+
+async def part_clock() -> Loop:
+    """``time.monotonic()``: the clock read a Timeout makes per call."""
+    import time
+
+    monotonic = time.monotonic
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            monotonic()
+
+    return loop
+
+
+async def part_deadline() -> Loop:
+    """A Timeout's deadline record as the protected function handles it: the spare record
+    taken, its fields set, its task deleted and the record kept as the spare again."""
+    from resilience.policies.timeout import Timeout, _Deadline
+
+    timeout = Timeout(10)
+    timeout._spare = spare = _Deadline()
+    spare.finished = spare.expired = False
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            entry = timeout._spare
+            assert entry is not None
+            timeout._spare = None
+            entry.deadline = 1.0
+            entry.task = task
+            entry.cancelling = 0
+            del entry.task
+            timeout._spare = entry
+
+    return loop
+
+
 async def part_timer() -> Loop:
     """``loop.call_later`` and ``cancel()``: the timer a Hedge arms once per call."""
     loop_ = asyncio.get_running_loop()
@@ -659,6 +720,9 @@ RAISE_CATCH = "make, raise, catch CircuitOpenError (one frame)"
 REJECT_FRAME = "coroutine raising CircuitOpenError, awaited, caught"
 CURRENT_TASK = "asyncio.current_task()"
 CALLER_TASK = "CallerTask.find() (policies.base)"
+TASK_OF = "the caller's task as a Timeout finds it (task_of)"
+CLOCK = "time.monotonic()"
+DEADLINE = "a Timeout's deadline record, filled and kept"
 TIMER = "loop.call_later() + cancel()"
 
 SPECS: list[Spec] = [
@@ -709,6 +773,9 @@ SPECS: list[Spec] = [
     Spec("parts", REJECT_FRAME, "stdlib", part_reject_through_frame),
     Spec("parts", CURRENT_TASK, "stdlib", part_current_task),
     Spec("parts", CALLER_TASK, "resilience", part_caller_task),
+    Spec("parts", TASK_OF, "resilience", part_task_of),
+    Spec("parts", CLOCK, "stdlib", part_clock),
+    Spec("parts", DEADLINE, "resilience", part_deadline),
     Spec("parts", TIMER, "stdlib", part_timer),
 ]
 

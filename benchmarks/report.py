@@ -11,12 +11,15 @@ from pathlib import Path
 
 from cases import (
     CALLER_TASK,
+    CLOCK,
     CURRENT_TASK,
+    DEADLINE,
     FORWARDING,
     FORWARDING_5,
     GROUPS,
     RAISE_CATCH,
     REJECT_FRAME,
+    TASK_OF,
     TIMER,
 )
 from harness import Case, Measured, Settings, cpu_model
@@ -257,33 +260,42 @@ def _spent(report: Report) -> list[str]:
     """Each target row taken apart with the ``parts`` rows measured in the same run."""
     bare, fwd, fwd5 = report.bare, _part(report, FORWARDING), _part(report, FORWARDING_5)
     task, timer = _part(report, CALLER_TASK), _part(report, TIMER)
+    task_of, clock, record = _part(report, TASK_OF), _part(report, CLOCK), _part(report, DEADLINE)
     full_lookup = _part(report, CURRENT_TASK)
     one, frame = _part(report, RAISE_CATCH), _part(report, REJECT_FRAME)
     scale = bare / TARGET_BARE_NS
     wrapper = fwd - _own(report, "bare")
     singles = ("fallback", "retry", "breaker", "timeout", "bulkhead")
     own = {g: _own(report, g) - fwd for g in singles}
+    largest = max(singles, key=lambda g: own[g])
     parts = {
         "breaker": f"the forwarding wrapper any decorator needs is {_ns(fwd)} ({_ns(wrapper)} "
         f"over the bare await); the breaker's own work (the state and generation reads, the "
         f"window check) is the other {_ns(own['breaker'])}",
-        "retry": f"the forwarding wrapper is {_ns(fwd)}; the retry's own work (its try/except "
-        f"and the plain-success check) is the other {_ns(own['retry'])}: the target is below "
-        "what a wrapper forwarding `*args, **kwargs` costs",
+        "retry": f"the forwarding wrapper is {_ns(fwd)}; the retry's own work (its try/except, "
+        f"the checks for a stop strategy and for results that need a look) is the other "
+        f"{_ns(own['retry'])}"
+        + (
+            ": the target is below what a wrapper forwarding `*args, **kwargs` costs"
+            if TARGETS["retry"] * scale < fwd
+            else ""
+        ),
         "rejection": f"a coroutine that only raises a fresh CircuitOpenError, awaited and "
         f"caught, costs {_ns(frame)} (making, raising and catching one in a single frame: "
         f"{_ns(one)}); the breaker's checks, its count of rejections and the listeners' "
         f"check are the other {_ns(_own(report, 'rejection') - frame)}",
-        "timeout": f"the forwarding wrapper is {_ns(fwd)}; finding the task to cancel "
-        f"(CallerTask.find()) is {_ns(task)} (asyncio.current_task() would be "
-        f"{_ns(full_lookup)}); the deadline queue (an entry made, queued and taken off, the "
-        "clock read) the rest",
+        "timeout": f"the forwarding wrapper is {_ns(fwd)}; finding the task to cancel is "
+        f"{_ns(task_of)} (the task of the loop found last, asked of that loop; "
+        f"asyncio.current_task() would be {_ns(full_lookup)}), reading the clock "
+        f"{_ns(clock)}, filling the deadline's record {_ns(record)}; queueing it and taking it "
+        f"off, the task's cancelling() count and the timer's check are the other "
+        f"{_ns(own['timeout'] - task_of - clock - record)}",
         "stack": f"five nested forwarding wrappers cost {_ns(fwd5)}; above their wrapper, "
         + ", ".join(f"{g} {_ns(own[g])}" for g in singles)
-        + f" (sum {_ns(sum(own.values()))}): the Timeout's deadline queue is most of it",
+        + f" (sum {_ns(sum(own.values()))}): the {largest}'s is the largest part",
         "hedge": f"the forwarding wrapper is {_ns(fwd)}; one timer armed and cancelled "
-        f"({_ns(timer)}), finding the caller's task ({_ns(task)}), a copy of the context, "
-        "the call's state object and the budget's count the rest",
+        f"({_ns(timer)}), finding the caller's task (CallerTask.find(): {_ns(task)}), a copy "
+        "of the context, the call's state object and the budget's count the rest",
     }
     lines = [
         "## Where the time goes",

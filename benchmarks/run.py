@@ -5,6 +5,7 @@ Usage::
     python benchmarks/run.py                 # full run (about a minute), writes RESULTS.md + PNG
     python benchmarks/run.py --quick         # seconds-long smoke run
     python benchmarks/run.py --rounds 31 --calls 50000 --out /tmp/bench
+    python benchmarks/run.py --only timeout,stack,parts   # some groups, printed, not written
 
 See benchmarks/README.md for what is measured and how.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cases import build_cases
+from cases import GROUPS, SPECS, build_cases
 from harness import Settings, measure
 from report import Report, console_table, write_chart, write_markdown
 
@@ -39,7 +40,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--out", type=Path, default=HERE, help="output directory")
     parser.add_argument("--no-chart", action="store_true", help="skip results.png")
+    parser.add_argument(
+        "--only",
+        type=_groups,
+        help="comma-separated groups to measure (of: " + ", ".join(GROUPS) + "), with the "
+        "bare await; the table is printed, nothing is written",
+    )
     return parser.parse_args(argv)
+
+
+def _groups(value: str) -> set[str]:
+    groups = {g.strip() for g in value.split(",") if g.strip()}
+    unknown = groups - set(GROUPS)
+    if unknown or not groups:
+        raise argparse.ArgumentTypeError(
+            f"unknown groups {sorted(unknown)}: choose from {', '.join(GROUPS)}"
+        )
+    return groups | {"bare"}
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -56,9 +73,9 @@ def progress(index: int, rounds: int) -> None:
     print(f"\r{what} done", end="", file=sys.stderr, flush=True)
 
 
-async def run(settings: Settings) -> Report:
+async def run(settings: Settings, only: set[str] | None = None) -> Report:
     start, load = time.monotonic(), os.getloadavg()[0]
-    cases = await build_cases()
+    cases = await build_cases([s for s in SPECS if only is None or s.group in only])
     results = await measure(cases, settings, progress)
     print(file=sys.stderr)
     return Report(cases, results, settings, time.monotonic() - start, (load, os.getloadavg()[0]))
@@ -69,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peers' deprecation warnings are not our results
-        report = asyncio.run(run(settings))
+        report = asyncio.run(run(settings, args.only))
     print(console_table(report))
+    if args.only is not None:
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(report, args.out / "RESULTS.md")
     if not args.no_chart:

@@ -317,9 +317,8 @@ class Bulkhead(BasePolicy):
 
     # the steps, in order ---------------------------------------------------------------------
     def _wrap(self, fn: Protected) -> Protected:
-        acquire = self._acquire
-        release = self._release
-        take = self._take_permit
+        # few free variables (each is copied into every call's frame): the paths off the
+        # hottest one call the bulkhead's methods
         fleet = self.permits
         learn = None if self._limiter is None else self._learn
         monotonic = self._clock.monotonic
@@ -330,7 +329,7 @@ class Bulkhead(BasePolicy):
             if self._active < self._limit_now and not self._waiters:
                 self._active += 1
             else:
-                await acquire()
+                await self._acquire()
             # 2. a fleet-wide permit: fleet.take_now(), inlined (a permit at hand counts in
             # held, below share, before valid_until: no I/O), else _take_permit()
             permit: object = None
@@ -342,23 +341,24 @@ class Bulkhead(BasePolicy):
                         fleet.peak = held
                     permit = True
                 else:
-                    permit = await take(fleet)
-            # 3. the call, a sample for the adaptive limit
-            start = 0.0 if learn is None else monotonic()
+                    permit = await self._take_permit(fleet)
             try:
-                result = await fn(*args, **kwargs)
-            except Exception as exc:
-                if learn is not None:
+                # 3. the call (returned from inside the try), with a sample for the
+                # adaptive limit if there is one
+                if learn is None:
+                    return await (fn(*args, **kwargs) if kwargs else fn(*args))
+                start = monotonic()
+                try:
+                    result = await (fn(*args, **kwargs) if kwargs else fn(*args))
+                except Exception as exc:
                     learn(start, exc)
-                raise
-            else:
-                if learn is not None:
-                    learn(start, None)
+                    raise
+                learn(start, None)
                 return result
             finally:
                 # 4. the slot back (_release(), inlined while nobody waits), then the permit
                 if self._waiters:
-                    release()
+                    self._release()
                 else:
                     self._active -= 1
                 if fleet is not None and permit is not None:

@@ -474,13 +474,16 @@ class CircuitBreaker(BasePolicy):
                 gen = core.gen
                 if fast:  # the hot path: a few attribute reads and one try/except
                     try:
-                        result = await fn(*args, **kwargs)
+                        result = await (fn(*args, **kwargs) if kwargs else fn(*args))
                     except Exception as exc:
                         self._settle(gen, 0, 0.0, exc, None)
                         raise
                     # a full window of successes stays as it is: only read it; until it is
-                    # full, or while it holds failures, the core counts the success
-                    if window.failures or window.slow or window.calls < window.size:
+                    # full, or while it holds failures, the core counts the success. It holds
+                    # no slow calls: every breaker of a core has its configuration (the store
+                    # refuses another), this one times no call, and slow_call_duration cannot
+                    # be set live
+                    if window.failures or window.calls < window.size:
                         core.record(gen, 0, False, False)
                     return result
                 lease = 0
@@ -499,7 +502,7 @@ class CircuitBreaker(BasePolicy):
             else:
                 gen, lease, start = await self._admit()
             try:
-                result = await fn(*args, **kwargs)
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
             except Exception as exc:
                 if start:
                     core.took(monotonic() - start)

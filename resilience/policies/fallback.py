@@ -143,29 +143,28 @@ class Fallback(BasePolicy):
         return await self._substitute(error)
 
     def _wrap(self, fn: Protected) -> Protected:
-        matches = self._matches
-        result_if = self._result_if
-        replace = self._replace
-        keep = None if self.cache is None else self.cache.keep
-        plain = result_if is None and keep is None  # any result is returned as it is
+        # few free variables (each is copied into every call's frame): the paths off the
+        # success path read the fallback's attributes
+        plain = self._result_if is None and self.cache is None  # results are returned as is
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
             try:
-                result = await fn(*args, **kwargs)
+                if plain:  # returned from inside the try: the success path is this line
+                    return await (fn(*args, **kwargs) if kwargs else fn(*args))
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
             except Exception as exc:
-                if not matches(exc):
+                if not self._matches(exc):
                     raise
-                value = await replace(fn, args, kwargs, exc)
+                value = await self._replace(fn, args, kwargs, exc)
                 if value is MISSING:
                     raise
                 return value
-            if plain:
-                return result
+            result_if = self._result_if
             if result_if is not None and result_if(result):
-                value = await replace(fn, args, kwargs, UnacceptableResultError(result))
+                value = await self._replace(fn, args, kwargs, UnacceptableResultError(result))
                 return result if value is MISSING else value
-            if keep is not None:
-                keep(fn, args, kwargs, result)
+            if self.cache is not None:
+                self.cache.keep(fn, args, kwargs, result)
             return result
 
         return protected

@@ -209,37 +209,36 @@ class Retry(BasePolicy):
         return ""
 
     def _wrap(self, fn: Protected) -> Protected:
-        clock = self._clock
+        # few free variables (each is copied into every call's frame): the paths off the
+        # success path read the retry's attributes
         timed = self.stop is not None
-        should_retry = self._should_retry
-        retry_if_result = self._retry_if_result
-        again = self._again
         single = self.attempts == 1
-        budget = self.budget
-        plain = retry_if_result is None and budget is None  # any result is a plain success
+        plain = self._retry_if_result is None and self.budget is None  # any result will do
 
         async def protected(*args: Any, **kwargs: Any) -> Any:
-            start = clock.monotonic() if timed else None
-            error: Exception | None = None
+            start = self._clock.monotonic() if timed else None
             try:
-                result = await fn(*args, **kwargs)
+                if plain:  # returned from inside the try: the success path is this line
+                    return await (fn(*args, **kwargs) if kwargs else fn(*args))
+                result = await (fn(*args, **kwargs) if kwargs else fn(*args))
             except Exception as exc:
                 if single:  # no retry: the budget counts a failure it would have retried
-                    if budget is not None and should_retry(exc):
-                        budget.record_failure()
+                    if self.budget is not None and self._should_retry(exc):
+                        self.budget.record_failure()
                     raise
-                if not should_retry(exc):
+                if not self._should_retry(exc):
                     raise
-                error, result = exc, None
+                error: Exception | None = exc
+                result = None
             else:
-                if plain:
+                check = self._retry_if_result
+                if check is None or not check(result):
+                    if self.budget is not None:
+                        self.budget.record_success()
                     return result
-                if retry_if_result is None or not retry_if_result(result):
-                    if budget is not None:
-                        budget.record_success()
-                    return result
+                error = None
             # retry outside the except block, so later errors are not chained to this one
-            return await again(fn, args, kwargs, start, error, result)
+            return await self._again(fn, args, kwargs, start, error, result)
 
         return protected
 

@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import math
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from resilience.policies.base import (
     BasePolicy,
     CallerTask,
     Policy,
+    _task_lookup,
     check_int,
     check_name,
     check_predicate,
@@ -141,6 +143,43 @@ async def test_call_passes_args_and_kwargs() -> None:
 
     for policy in (fast_retry(), Timeout(5), Bulkhead(1), RateLimiter(5)):
         assert await policy.call(fn, 1, "two", three=3) == ((1, "two"), {"three": 3})
+
+
+def _every_policy() -> list[BasePolicy]:
+    """A policy of each kind and mode whose protected function forwards the arguments."""
+    from resilience import AdaptiveLimit, CircuitBreaker
+
+    return [
+        fast_retry(),
+        fast_retry(retry_if_result=lambda result: False),
+        fast_retry(stop=tenacity.stop_after_delay(10)),
+        Fallback(on=ValueError, value=0),
+        Fallback(on=ValueError, value=0, result_if=lambda result: False),
+        Bulkhead(2),
+        Bulkhead(limit=AdaptiveLimit()),
+        CircuitBreaker("plain"),
+        CircuitBreaker("checked", failure_if=lambda result: False),
+        Timeout(5),
+        Pipeline(fast_retry(), CircuitBreaker("in-pipeline"), Timeout(5), Bulkhead(2)),
+        Timeout(5, listeners=[lambda event: None]),  # the CallFinished report around it
+    ]
+
+
+@pytest.mark.parametrize("policy", _every_policy(), ids=repr)
+async def test_arguments_reach_the_function_with_and_without_keywords(
+    policy: BasePolicy,
+) -> None:
+    """Every policy, decorating or through ``call``, passes exactly the arguments it is
+    given: none, positional ones, keywords, both (a protected function calls ``fn(*args)``
+    when there are no keywords)."""
+
+    async def fn(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        return args, kwargs
+
+    decorated = policy(fn)
+    for args, kwargs in [((), {}), ((1, "two"), {}), ((), {"three": 3}), ((1,), {"two": 2})]:
+        assert await decorated(*args, **kwargs) == (args, kwargs)
+        assert await policy.call(fn, *args, **kwargs) == (args, kwargs)
 
 
 async def test_call_cache_survives_many_functions() -> None:
@@ -585,6 +624,32 @@ def test_caller_task_is_the_current_task_on_every_loop_and_thread() -> None:
     assert seen == [True] * 12
     with pytest.raises(RuntimeError):
         tasks.find()
+
+
+def test_the_task_of_a_loop_is_asyncio_current_task() -> None:
+    """The lookup ``CallerTask`` and ``Timeout`` use answers as ``asyncio.current_task(loop)``
+    (the running task, ``None`` for a loop running none), without the Python frame of a
+    Python ``current_task`` (CPython 3.11); any other ``current_task`` is used as it is."""
+    lookup = _task_lookup(asyncio.current_task)
+    if isinstance(asyncio.current_task, types.FunctionType):
+        assert lookup is not asyncio.current_task  # the frame is skipped
+    idle = asyncio.new_event_loop()
+
+    async def probe() -> None:
+        loop = asyncio.get_running_loop()
+        assert lookup(loop) is asyncio.current_task(loop) is not None
+        assert lookup(idle) is asyncio.current_task(idle) is None
+
+    try:
+        asyncio.run(probe())
+    finally:
+        idle.close()
+
+    def elsewhere(loop: Any = None) -> None:
+        return None
+
+    assert _task_lookup(elsewhere) is elsewhere
+    assert _task_lookup(len) is len
 
 
 async def test_a_listener_added_before_the_call_form_is_made() -> None:

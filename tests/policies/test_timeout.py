@@ -7,6 +7,8 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilience.errors import ResilienceTimeoutError
 from resilience.events import Event, TimedOut
@@ -336,3 +338,69 @@ async def test_many_finished_calls_behind_a_slow_one(clock: FakeClock) -> None:
     clock.advance(3)
     with pytest.raises(ResilienceTimeoutError):
         await late
+
+
+_CALL = st.tuples(
+    st.integers(min_value=0, max_value=6),  # ticks to wait before starting it
+    st.sampled_from([1, 2, 3, 4, 6, 7, 9]),  # its duration in ticks (the limit is 5)
+    st.sampled_from(["call", "async with", "cancelled"]),  # how: cancelled is from outside
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(calls=st.lists(_CALL, min_size=1, max_size=12))
+def test_concurrent_calls_end_as_their_durations_say(calls: list[tuple[int, int, str]]) -> None:
+    """Calls started at any ticks, finishing in any order, in both forms: exactly the slower
+    ones time out, a cancelled one is cancelled, every task's cancelling() count ends as it
+    began, and nothing is left queued."""
+    clock = FakeClock()
+    timeout = Timeout(5, clock=clock)
+
+    async def one(duration: int, form: str) -> tuple[str, int]:
+        try:
+            if form == "async with":
+                async with timeout:
+                    await clock.sleep(duration)
+            else:
+                await timeout.call(clock.sleep, duration)
+        except ResilienceTimeoutError:
+            return "timed out", asyncio.current_task().cancelling()  # type: ignore[union-attr]
+        return "done", asyncio.current_task().cancelling()  # type: ignore[union-attr]
+
+    async def main() -> None:
+        tasks: list[tuple[int, str, asyncio.Task[tuple[str, int]]]] = []
+        for wait, duration, form in calls:
+            for _ in range(wait):
+                await advance(clock, 1)
+            tasks.append((duration, form, await started(one(duration, form))))
+            if form == "cancelled":
+                tasks[-1][2].cancel()
+        for _ in range(12):
+            await advance(clock, 1)
+        for duration, form, task in tasks:
+            assert task.done()
+            if form == "cancelled":
+                assert task.cancelled()
+            else:
+                assert task.result() == ("timed out" if duration > 5 else "done", 0)
+        assert not timeout._queue
+
+    asyncio.run(main())
+
+
+async def test_finished_calls_behind_a_slow_one_do_not_pile_up(clock: FakeClock) -> None:
+    """Thousands of calls finishing behind a slow one (and some beside it) leave a bounded
+    queue: the finished entries are dropped while the slow one still runs."""
+    timeout = Timeout(5, clock=clock)
+    slow = await started(timeout.call(clock.sleep, 100))
+    beside = [await started(timeout.call(clock.sleep, 1)) for _ in range(10)]
+    for _ in range(2000):
+        assert await timeout.call(_value, "quick") == "quick"
+        assert len(timeout._queue) <= 1 + 10 + 4 * 65
+    clock.advance(1)
+    await asyncio.gather(*beside)
+    for _ in range(2000):
+        assert await timeout.call(_value, "quick") == "quick"
+    assert len(timeout._queue) <= 1 + 4 * 65
+    assert not slow.done()
+    await cancelled(slow)

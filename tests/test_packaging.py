@@ -195,3 +195,16 @@ def test_readme_first_command_with_redis(readme_demo: tuple[Path, str], redis_ur
     assert out.returncode == 0, out.stdout + out.stderr
     assert answered(out.stdout) > 0
     assert "resilience status --redis" in out.stdout
+
+
+def test_the_installed_command_runs(readme_demo: tuple[Path, str]) -> None:
+    """The ``resilience`` command the install puts on PATH runs, as ``python -m resilience``
+    does (its entry point names the module the CLI lives in)."""
+    clone, _ = readme_demo
+    command = clone / ".venv" / "bin" / "resilience"
+    out = subprocess.run(
+        [str(command), "--help"], cwd=clone.parent, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for sub in ("demo", "status", "configure"):
+        assert sub in out.stdout

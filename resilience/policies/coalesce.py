@@ -298,6 +298,7 @@ class Coalesce(BasePolicy):
                     await _one_turn()
                 result = future.result() if future.done() else await future
             except _CancelledError:
+                future.cancel()  # cancelled before it waited on it: no outcome for it now
                 flight.waiting -= 1
                 if not flight.waiting and not flight.task.done():
                     # every caller has gone (cancelled): so has the reason to run it

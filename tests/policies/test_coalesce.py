@@ -480,3 +480,37 @@ def test_request_scope_property(ops: list[tuple[str, Any]], failing: set[str]) -
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
     asyncio.run(main())
+
+
+async def test_a_caller_cancelled_before_its_first_wait_leaves_no_outcome_behind() -> None:
+    """The first caller cancelled at once (before it waits on the shared call) while another
+    waits: the shared call's error reaches the other caller, and none is left on an
+    abandoned future for asyncio to report as "never retrieved"."""
+    import gc
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        gate = asyncio.Event()
+
+        async def work(x: int) -> None:
+            await gate.wait()
+            raise ValueError("boom")
+
+        fetch = Coalesce()(work)
+        first = asyncio.ensure_future(fetch(1))
+        second = asyncio.ensure_future(fetch(1))
+        await asyncio.sleep(0)
+        first.cancel()
+        await settle()
+        gate.set()
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        assert first.cancelled()
+        assert isinstance(outcomes[1], ValueError)
+        del outcomes, first, second, fetch
+        await settle()
+        gc.collect()
+        assert [c.get("message") for c in reported] == []
+    finally:
+        loop.set_exception_handler(None)

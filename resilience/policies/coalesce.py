@@ -298,7 +298,10 @@ class Coalesce(BasePolicy):
                     await _one_turn()
                 result = future.result() if future.done() else await future
             except _CancelledError:
-                future.cancel()  # cancelled before it waited on it: no outcome for it now
+                # this caller's outcome goes unused: none for it from now on, and one that
+                # came meanwhile is marked seen (not reported as never retrieved)
+                if not future.cancel() and not future.cancelled():
+                    future.exception()
                 flight.waiting -= 1
                 if not flight.waiting and not flight.task.done():
                     # every caller has gone (cancelled): so has the reason to run it

@@ -30,8 +30,21 @@ def check_name(name: object, what: str = "name") -> str:
     return name
 
 
-def check_seconds(what: str, value: object, *, none: bool = False, zero: bool = False) -> Any:
-    """A duration in seconds: a finite number > 0 (or >= 0 with ``zero``; ``None`` allowed)."""
+YEARS_10 = 10 * 365 * 86_400.0
+"""Ten years in seconds: the longest a duration that a store keeps in milliseconds may be
+(an ``open_for``, a ``probe_lease``, the interval between a rate limiter's calls)."""
+
+
+def check_seconds(
+    what: str,
+    value: object,
+    *,
+    none: bool = False,
+    zero: bool = False,
+    maximum: float = math.inf,
+) -> Any:
+    """A duration in seconds: a finite number > 0 (or >= 0 with ``zero``; ``None`` allowed),
+    at most ``maximum``."""
     if value is None and none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -43,6 +56,8 @@ def check_seconds(what: str, value: object, *, none: bool = False, zero: bool = 
     if not finite or value < 0 or (value == 0 and not zero):
         bound = ">= 0" if zero else "> 0"
         raise ValueError(f"{what} must be finite and {bound}, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{what} must be at most {maximum:g} s, got {value!r}")
     return float(value)
 
 

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..checks import check_fleet_name, store_down
+from ..checks import YEARS_10, check_fleet_name, store_down
 from ..clock import Clock
 from ..errors import RateLimitedError, StoreUnavailableError
 from ..events import CallRejected, Listener, emit
@@ -28,9 +28,10 @@ def _rate(rate: object, per: float, burst: object) -> tuple[float, int, float]:
     checked = check_positive("rate", rate)
     burst = max(1, math.ceil(checked)) if burst is None else check_int("burst", burst)
     interval = per / checked
-    if not (math.isfinite(interval) and interval > 0):
+    if not (math.isfinite(interval) and 0 < interval <= YEARS_10):
         # RateLimiter(1e-310) would make every interval inf (and 1e308 per 1e-300, zero):
-        # a limiter that admits everything
+        # a limiter that admits everything; a store keeps the interval in milliseconds,
+        # ten years at most
         raise ValueError(
             f"rate / per must give a usable interval between calls, got rate={rate!r}, "
             f"per={per!r} ({interval!r} s between calls)"

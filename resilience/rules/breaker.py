@@ -19,7 +19,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..checks import check_int, check_ratio, check_seconds
+from ..checks import YEARS_10, check_int, check_ratio, check_seconds
 from ..clock import Clock
 from ..errors import CircuitOpenError
 from ..states import CLOSED, DISABLED, FORCED_OPEN, HALF_OPEN, OPEN, CircuitState
@@ -92,9 +92,10 @@ class BreakerConfig:
                 f"({self.window.size}): the breaker could never trip"
             )
         check_seconds("slow_call_duration", self.slow_call_duration, none=True)
-        check_seconds("open_for", self.open_for)
-        check_seconds("open_for_max", self.open_for_max)
-        check_seconds("probe_lease", self.probe_lease)
+        # a store keeps these in milliseconds: ten years at most (force_open() is for ever)
+        check_seconds("open_for", self.open_for, maximum=YEARS_10)
+        check_seconds("open_for_max", self.open_for_max, maximum=YEARS_10)
+        check_seconds("probe_lease", self.probe_lease, maximum=YEARS_10)
         if self.open_for_max < self.open_for:
             raise ValueError(
                 f"open_for_max ({self.open_for_max!r}) must be >= open_for ({self.open_for!r})"

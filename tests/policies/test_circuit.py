@@ -325,6 +325,10 @@ def test_decorating_a_sync_function_is_a_type_error(clock: FakeClock) -> None:
         ({"half_open_calls": 0}, ValueError),
         ({"open_for": -1}, ValueError),
         ({"open_for": math.inf}, ValueError),
+        ({"open_for": 1e308}, ValueError),  # a store keeps it in ms: at most ten years
+        ({"open_for": 2**63}, ValueError),
+        ({"open_for": 10, "open_for_max": 1e12}, ValueError),
+        ({"probe_lease": 1e308}, ValueError),
         ({"open_for": 10, "open_for_max": 5}, ValueError),
         ({"slow_call_duration": 0}, ValueError),
         ({"probe_lease": math.nan}, ValueError),

@@ -526,3 +526,12 @@ async def test_a_token_set_aside_for_a_call_cancelled_meanwhile_is_not_spent_lat
     await store.answer()
     with pytest.raises(RateLimitedError):
         await waiter
+
+
+@pytest.mark.parametrize("rate", [1e-300, 1e-9])
+def test_a_rate_slower_than_one_call_in_ten_years_is_refused(rate: float) -> None:
+    """A store keeps the interval between calls in milliseconds: an interval over ten years
+    is refused at construction (it made the shared bucket's script fail into an outage)."""
+    with pytest.raises(ValueError, match="rate"):
+        RateLimiter(rate)
+    assert RateLimiter(1, per=86_400).interval == 86_400

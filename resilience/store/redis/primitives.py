@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
-from ...checks import check_seconds
+from ...checks import YEARS_10, check_seconds
 from ...rules.windows import CountWindow, WindowSpec
 from ...states import CircuitState
 from ..records import LATENCY_BUCKETS
@@ -63,7 +63,7 @@ __all__ = [
     "ttl_ms",
 ]
 
-MAX_TTL = 10 * 365 * 86_400.0  #: seconds: ten years is "for ever" for a key's lifetime
+MAX_TTL = YEARS_10  #: seconds: ten years is "for ever" for a key's lifetime
 
 
 def ttl_ms(ttl: object) -> int:

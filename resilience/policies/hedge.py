@@ -57,8 +57,15 @@ def _budget(budget: object, max_hedges: int) -> float:
 
 
 def _delay_value(delay: float | LearnedDelay) -> float | str:
-    """A delay as a live setting: seconds, or the percentile a learned delay tracks."""
-    return delay if isinstance(delay, float) else f"p{delay.quantile * 100:g}"
+    """A delay as a live setting: seconds, or the percentile a learned delay tracks, written
+    in full (``"p99.99999"``, never rounded or with an exponent: ``_delay`` reads it back)."""
+    if isinstance(delay, float):
+        return delay
+    percent = delay.quantile * 100
+    text = repr(percent)
+    if "e" in text:  # 1e-05: written out, which the percentile's pattern reads
+        text = f"{percent:.20f}".rstrip("0")
+    return "p" + text.removesuffix(".0")
 
 
 class Hedge(BasePolicy):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from resilience.errors import StoreUnavailableError
 from resilience.policies.bulkhead import Bulkhead
-from resilience.policies.hedge import Hedge
+from resilience.policies.hedge import Hedge, _delay, _delay_value
 from resilience.policies.pipeline import Pipeline
 from resilience.policies.retry import Retry
 from resilience.policies.timeout import Timeout
@@ -756,3 +756,15 @@ async def test_system_clock_hedge() -> None:
     assert await asyncio.wait_for(hedge.call(backend), timeout=30) == 1
     assert sorted(backend.ended) == [0, 1]
     assert only_me() == set()
+
+
+@given(st.floats(min_value=1e-12, max_value=1 - 1e-12, exclude_min=True, exclude_max=True))
+def test_a_learned_delay_reads_back_as_it_reports_itself(quantile: float) -> None:
+    """The percentile a hedge reports as its delay in code (a live setting) is one its own
+    check accepts and reads back as the same quantile: "p99.99999" was reported as "p100"
+    and "p0.00001" as "p1e-05", which then refused every change of the hedge's settings."""
+    reported = _delay_value(LearnedDelay(quantile))
+    assert isinstance(reported, str)
+    back = _delay(reported)
+    assert isinstance(back, LearnedDelay)
+    assert math.isclose(back.quantile, quantile, rel_tol=1e-9)

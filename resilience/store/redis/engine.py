@@ -106,7 +106,6 @@ class SyncEngine(Rounds):
         self._tasks: list[asyncio.Task[None]] = []
         self._pushes: set[asyncio.Task[None]] = set()  # trips pushed on their own (push)
         self.pushing: set[SharedBreakerCore] = set()  # ... their breakers, until answered
-        self._in_round = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._late_retries = 0
@@ -327,11 +326,7 @@ class SyncEngine(Rounds):
                     else:
                         next_try = self.clock.monotonic() + backoff.next()
                         continue
-                self._in_round = True
-                try:
-                    await self.round()
-                finally:
-                    self._in_round = False
+                await self.round()
                 self._forget_idle()
             except Exception:  # never let the flusher die
                 logger.exception("resilience flush round failed")
@@ -379,7 +374,6 @@ class SyncEngine(Rounds):
         self._tasks = []
         self._pushes = set()
         self.pushing = set()
-        self._in_round = False
         self._loop = None
         self._timer = None
         self._round_done = None

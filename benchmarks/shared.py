@@ -616,6 +616,7 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
     from resilience.store.redis import RedisStore
 
     prefix = f"bench{os.getpid()}-prop"
+    load = os.getloadavg()
     opened = asyncio.Event()
     opened_at: list[int] = []
 
@@ -701,15 +702,18 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
         "A's last failing outcome "
         "(CLOCK_MONOTONIC, shared by both processes) to: *B adopts*, B's `StateChanged` "
         "listener seeing OPEN, from which moment every call in B is rejected; *B rejects*, "
-        "B's poller (checking `breaker.state` every 0.2 ms, which asyncio rounds up to 1 ms "
-        "when idle) getting `CircuitOpenError` from a real call; *A opens*, A's own listener. "
+        "B's poller (woken by that listener, else checking `breaker.state` every 0.2 ms, "
+        "which asyncio rounds up to 1 ms when idle) getting `CircuitOpenError` from a real "
+        "call; *A opens*, A's own listener. "
         "Targets: when A's own outcomes trip, *B adopts* p99 <= 2 ms and *B rejects* median "
         "<= 1 ms, p99 <= 2 ms (measured side by side with peers that read Redis on every "
         "call, B rejecting took a median of 2.4 ms and at most 3.2 ms when the trip waited "
         "for a round under way; those peers took 1.0-1.3 ms, for two round trips per call); "
         "when only the fleet's sum trips, *B adopts* p99 <= sync_interval + 2 ms. p99 is "
         f"nearest-rank over {s.propagation_runs} runs"
-        + (" (with fewer than 100 runs, the maximum)." if s.propagation_runs < 100 else "."),
+        + (" (with fewer than 100 runs, the maximum)." if s.propagation_runs < 100 else ".")
+        + f" Load average (1 min) before and after this measurement: {load[0]:.2f}, "
+        f"{os.getloadavg()[0]:.2f}.",
         "",
     )
     rows = []
@@ -746,20 +750,20 @@ async def propagation(url: str, s: Settings, report: Report) -> None:
     self_trip = results.get("A's own outcomes trip (10 failures in A)", {})
     if self_trip.get("adopt"):
         adopted = self_trip["adopt"]
-        warm = (statistics.median(flush_us) + statistics.median(transition_us)) / 1000
         report.note(
             "Propagation when A's own outcomes trip: A opens at its last failure (its local "
-            "window trips) and wakes its flusher, whose next round carries the flush and the "
-            "compare-and-set transition in one pipeline (when a round is already under way, "
-            "the compare-and-set goes at once on its own); the transition publishes and B's "
-            "subscriber adopts. That is one round trip plus a pub/sub hop and process "
-            "wake-ups on two shared cores. For scale, on a warm connection a flush takes "
-            f"{statistics.median(flush_us):.0f} us and a transition "
-            f"{statistics.median(transition_us):.0f} us when sent one after the other "
-            f"(medians; a PING {report.rtt_us:.0f} us, {warm:.2f} ms for both), while B adopts "
-            f"{statistics.median(adopted):.2f} ms (median) after the last outcome, worst "
-            f"{max(adopted):.2f} ms; the rest is waking idle processes (presumably idle vCPUs "
-            "of this VM too) and scheduling on two shared cores."
+            "window trips) and sends the compare-and-set transition at once, on its own (the "
+            "flush of the outcomes follows with the next round); the transition publishes and "
+            "B's subscriber adopts. That is one round trip plus a pub/sub hop and process "
+            "wake-ups on two shared cores. For scale, on a warm connection a transition takes "
+            f"{statistics.median(transition_us):.0f} us and a flush "
+            f"{statistics.median(flush_us):.0f} us (medians; a PING {report.rtt_us:.0f} us), "
+            f"while B adopts {statistics.median(adopted):.2f} ms (median) after the last "
+            f"outcome, worst {max(adopted):.2f} ms; the rest is waking idle processes "
+            "(presumably idle vCPUs of this VM too) and scheduling on two shared cores: in "
+            "traced runs the slowest ones were B or Redis waiting for a core (B's 1 ms epoll "
+            "returning milliseconds late, after the published message had reached A), or a "
+            "full garbage collection in A."
         )
     report.table(
         [

@@ -5,8 +5,10 @@ Usage: python benchmarks/shared_worker.py URL PREFIX SYNC_INTERVAL
 Reads one command a line from stdin and answers on stdout:
 
 * ``watch``: wait until the breaker is CLOSED, say ``polling``, then check ``breaker.state``
-  every ``POLL`` seconds (sleeping in between, so the subscriber runs and no core is burnt)
-  until it is not CLOSED; confirm with a real call that it rejects; say
+  every ``POLL`` seconds, and as soon as a ``StateChanged`` listener saw it open (waiting in
+  between, so the subscriber runs and no core is burnt; asyncio rounds an idle loop's sleep
+  up to 1 ms, which a call arriving in a real process does not wait), until it is not
+  CLOSED; confirm with a real call that it rejects; say
   ``rejected <adopted_ns> <rejected_ns> <ok>``: when a ``StateChanged`` listener saw the
   breaker open (from then on every call is rejected) and when the poller's call was rejected
   (``time.monotonic_ns``; CLOCK_MONOTONIC is shared by all processes of the machine).
@@ -20,6 +22,7 @@ Every wait is bounded; the whole process gives up after ``LIMIT`` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 
@@ -64,14 +67,18 @@ async def until_closed(b: CircuitBreaker) -> bool:
     return b.state is CircuitState.CLOSED
 
 
-async def poll(b: CircuitBreaker, opened: list[int]) -> None:
-    """Check ``b.state`` every ``POLL`` seconds until it leaves CLOSED, then call once."""
+async def poll(b: CircuitBreaker, opened: list[int], changed: asyncio.Event) -> None:
+    """Check ``b.state`` every ``POLL`` seconds, or once ``changed`` is set, until it leaves
+    CLOSED, then call once."""
     opened.clear()
+    changed.clear()
     say("polling")
     deadline = time.monotonic() + WAIT
     closed = CircuitState.CLOSED
     while b.state is closed:
-        await asyncio.sleep(POLL)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(POLL):
+                await changed.wait()
         if time.monotonic() > deadline:
             say("timeout")
             return
@@ -90,10 +97,12 @@ async def main(url: str, prefix: str, sync_interval: float) -> None:
     async with RedisStore.from_url(url, prefix=prefix, sync_interval=sync_interval) as store:
         b = make_breaker(store)
         opened: list[int] = []
+        changed = asyncio.Event()
 
         def on_event(event: object) -> None:
             if isinstance(event, StateChanged) and event.new is CircuitState.OPEN:
                 opened.append(time.monotonic_ns())
+                changed.set()
 
         b.add_listener(on_event)
         await store.sync()
@@ -113,7 +122,7 @@ async def main(url: str, prefix: str, sync_interval: float) -> None:
                     except (ValueError, CircuitOpenError):
                         pass
                 await store.sync()
-            await poll(b, opened)
+            await poll(b, opened, changed)
 
 
 if __name__ == "__main__":

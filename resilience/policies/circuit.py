@@ -465,6 +465,7 @@ class CircuitBreaker(BasePolicy):
         core = self._core
         monotonic = self._clock.monotonic
         fast = self._plain and self._local  # an in-process breaker, count window, no result check
+        buffered = self._buffered  # a shared one, its successes buffered (see __init__)
         window: CountCounter = core.window  # type: ignore[assignment]
         skip = 0  # calls before the next one is timed (latency is sampled)
 
@@ -485,6 +486,34 @@ class CircuitBreaker(BasePolicy):
                     # be set live
                     if window.failures or window.calls < window.size:
                         core.record(gen, 0, False, False)
+                    return result
+                if buffered:  # a shared breaker's hot path (one call in SAMPLE_EVERY timed)
+                    if skip:
+                        skip -= 1
+                        start = 0.0
+                    else:
+                        skip = SAMPLE_EVERY - 1
+                        start = monotonic()
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except Exception as exc:
+                        if start:
+                            core.took(monotonic() - start)
+                        self._settle(gen, 0, start, exc, None)
+                        raise
+                    if start:
+                        core.took(monotonic() - start)
+                    # the common case of SharedBreakerCore.success, inline: a full window of
+                    # successes, outcomes buffered since the last flush, the same generation
+                    p = core.pending  # type: ignore[attr-defined]
+                    if (
+                        p.calls
+                        and gen == core.gen
+                        and not (window.failures or window.slow or window.calls < window.size)
+                    ):
+                        p.calls += 1
+                    else:
+                        core.success(gen)
                     return result
                 lease = 0
                 if self._timed:
@@ -520,16 +549,6 @@ class CircuitBreaker(BasePolicy):
                 self._settle(gen, lease, start, None, result)
                 if core.strict:
                     await core.commit()
-            elif self._buffered:  # the common case of SharedBreakerCore.success, inline
-                p = core.pending  # type: ignore[attr-defined]
-                if (
-                    p.calls
-                    and gen == core.gen
-                    and not (window.failures or window.slow or window.calls < window.size)
-                ):
-                    p.calls += 1
-                else:
-                    core.success(gen)
             elif not self._local:
                 core.success(gen)
                 if core.strict:

@@ -246,7 +246,8 @@ class BreakerCore:
 
     def took(self, seconds: float) -> None:
         """A sampled call took ``seconds`` (bucket ``i``: below 0.5 ms x 2**i)."""
-        self.latency[min(_BUCKETS - 1, int(seconds * 2000).bit_length())] += 1
+        i = int(seconds * 2000).bit_length()
+        self.latency[i if i < _BUCKETS else _BUCKETS - 1] += 1
 
     # admission
     def acquire(self, now: float) -> tuple[int, int] | None:

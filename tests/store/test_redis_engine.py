@@ -246,6 +246,74 @@ async def test_a_local_trip_does_not_wait_for_the_round_under_way(
     assert ba.state is CircuitState.OPEN
 
 
+async def test_a_local_trip_goes_to_the_fleet_before_its_outcomes(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """With no round under way, a replica's own failures trip its breaker: the trip reaches
+    the other replica on its own (one compare-and-set), while the round that flushes the
+    outcomes that tripped it is held back; that round then adds nothing the fleet acts on."""
+    a = stores()
+    b = stores(prefix=a.prefix)
+    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4}
+    ba = CircuitBreaker("dep", store=a, **options)
+    bb = CircuitBreaker("dep", store=b, **options)
+    await ba.call(ok)
+    await bb.call(ok)
+    await a.sync()
+    await b.sync()
+    held = asyncio.Event()
+    send = a.supervisor.send
+
+    async def slow(commands: list[Any]) -> list[Any]:
+        await held.wait()  # every round's reply is late
+        return await send(commands)
+
+    a.supervisor.send = slow  # type: ignore[method-assign]
+    try:
+        for _ in range(3):  # [ok, failed, failed, failed]: it trips, no round under way
+            with pytest.raises(ValueError, match="boom"):
+                await ba.call(boom)
+        assert ba.state is CircuitState.OPEN
+        await until(lambda: bb.state is CircuitState.OPEN, 3.0, "the trip reaches B")
+        assert not held.is_set()
+    finally:
+        held.set()
+    await a.sync()
+    await b.sync()
+    assert ba.state is CircuitState.OPEN
+    assert bb.state is CircuitState.OPEN
+    assert ba._core.gen == bb._core.gen  # type: ignore[attr-defined]
+
+
+async def test_a_trip_pushed_on_its_own_is_not_sent_again_by_the_round(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """A round that runs while a trip's push is on its way flushes the outcomes that tripped
+    it but sends no compare-and-set of its own: one transition per trip."""
+    a = stores()
+    ba = CircuitBreaker("dep", store=a, window=CountWindow(4), minimum_calls=4)
+    await ba.call(ok)
+    await a.sync()
+    sent: list[Any] = []
+    send = a.supervisor.send
+
+    async def recorded(commands: list[Any]) -> list[Any]:
+        sent.extend(commands)
+        return await send(commands)
+
+    a.supervisor.send = recorded  # type: ignore[method-assign]
+    for _ in range(3):  # [ok, failed, failed, failed]: it trips, no round under way
+        with pytest.raises(ValueError, match="boom"):
+            await ba.call(boom)
+    await a.engine.next_round()
+    transition = a.engine.scripts["transition"].sha
+    flush = a.engine.scripts["flush"].sha
+    assert any(c[1][0] == flush for c in sent)  # the outcomes went with the round
+    assert not [c for c in sent if c[1][0] == transition]
+    assert ba.state is CircuitState.OPEN
+    assert ba._core.diverged is False  # type: ignore[attr-defined]
+
+
 async def test_a_busy_event_loop_is_not_a_slow_redis(stores: Callable[..., RedisStore]) -> None:
     """Calls that hold the loop longer than the store's timeout: rounds time out late, are
     retried, and the store never turns degraded; the lag is reported."""

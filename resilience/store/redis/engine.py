@@ -7,8 +7,8 @@
   fleet state must be read (new, revived, just recovered), and the names to register. An
   idle store runs no round and costs no loop time.
 * Rounds start ``sync_interval`` apart while there is news, at once when a breaker trips on
-  its own outcomes, a probe reports, or strict mode waits. A trip that comes while a round
-  is under way is pushed at once on its own (``push``), not after that round's reply. While
+  its own outcomes, a probe reports, or strict mode waits. A breaker's own trip is pushed at
+  once on its own (``push``): not after a round under way, nor behind its flush. While
   the store is degraded, the flusher tries to reconnect with backoff (up to 2 s); calls
   never wait for it.
 * A breaker unused for ``forget_after`` is dropped from memory (unless a policy holds it).
@@ -105,7 +105,7 @@ class SyncEngine(Rounds):
         self._round_done: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pushes: set[asyncio.Task[None]] = set()  # trips pushed on their own (push)
-        self._in_round = False
+        self.pushing: set[SharedBreakerCore] = set()  # ... their breakers, until answered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._late_retries = 0
@@ -137,26 +137,31 @@ class SyncEngine(Rounds):
         self._wake.set()
 
     def push(self, core: SharedBreakerCore) -> None:
-        """``core`` tripped on its own outcomes: its open goes to the fleet now, with a round
-        started now, or on its own if a round is under way (it would wait for its reply).
-        Should it fail, ``core`` is marked: the next round pushes it."""
-        if not self._in_round or self.degraded or core.config.quorum:
+        """``core`` tripped on its own outcomes: its open goes to the fleet now, on its own
+        (one compare-and-set, which publishes it), neither after a round under way nor
+        behind the flush of the outcomes that tripped it: those follow with the next round,
+        which leaves the push to this. Should it fail, the next round pushes it. A quorum
+        vote, or a store degraded, goes with a round started now."""
+        if self.degraded or core.config.quorum:
             self.wake()
             return
         self.start()
-        if self._loop is not None:
+        if self._loop is not None and core not in self.pushing:
+            self.pushing.add(core)
             task = self._loop.create_task(self._push(core))
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
 
     async def _push(self, core: SharedBreakerCore) -> None:
-        wanted = core.wanted()
-        if wanted is None or self.degraded:
-            return
         try:
-            await self.transition(core, wanted)
-        except Exception as exc:  # marked: the next round pushes it again
+            wanted = core.wanted()
+            if wanted is not None and not self.degraded:
+                await self.transition(core, wanted)
+        except Exception as exc:  # the next round pushes it again
             logger.debug("resilience: pushing a trip of %r failed: %r", core.name, exc)
+            self.mark(core)
+        finally:
+            self.pushing.discard(core)
 
     def enqueue(self, core: SharedBreakerCore, op: Report | Release) -> None:
         """A probe report or a lease release, sent with a round started now."""
@@ -321,11 +326,7 @@ class SyncEngine(Rounds):
                     else:
                         next_try = self.clock.monotonic() + backoff.next()
                         continue
-                self._in_round = True
-                try:
-                    await self.round()
-                finally:
-                    self._in_round = False
+                await self.round()
                 self._forget_idle()
             except Exception:  # never let the flusher die
                 logger.exception("resilience flush round failed")
@@ -354,6 +355,8 @@ class SyncEngine(Rounds):
         if self._tasks and not self.degraded:
             for core in list(self.cores.values()):
                 core.leave()  # a quorum vote goes with its replica
+            if self._pushes:  # a trip on its way is answered (or given up) first
+                await asyncio.wait(list(self._pushes), timeout=last_round)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.next_round()), last_round)
         self._closed = True
@@ -370,7 +373,7 @@ class SyncEngine(Rounds):
         """In a forked child: nothing of the parent's background work or buffers is ours."""
         self._tasks = []
         self._pushes = set()
-        self._in_round = False
+        self.pushing = set()
         self._loop = None
         self._timer = None
         self._round_done = None

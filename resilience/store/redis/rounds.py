@@ -6,8 +6,9 @@ each reply does (``Rounds``, the base of ``SyncEngine``, which decides when roun
   chunks; each chunk also carries the probe reports, releases and permits to give back
   queued by the time it is built.
 * A chunk sends, per breaker, its unacknowledged flushes and its buffer (``flush.lua``), then
-  the local trips to push (``transition.lua``, after their breakers' flushes); then probe
-  reports (``report.lua``), releases, permits to give back, and registrations.
+  the local knowledge to push (``transition.lua``, after their breakers' flushes; not a trip
+  being pushed on its own meanwhile, see ``SyncEngine.push``); then probe reports
+  (``report.lua``), releases, permits to give back, and registrations.
 * Each reply goes to its breaker's core, which answers with the transition it wants; those
   are compare-and-set in a second pipeline. A command whose reply is lost is sent again with
   the next round; NOSCRIPT loads the scripts again (once a round) and resends at once; a
@@ -90,6 +91,7 @@ class Rounds:
     _wake: asyncio.Event
     _closed: bool
     _seq: int  # the last flush sequence number (per replica, increasing)
+    pushing: set[SharedBreakerCore]  # breakers whose trip is being pushed on its own
     _late_retries: int
 
     def mark(self, core: SharedBreakerCore, *, used: bool = True) -> None:
@@ -262,12 +264,13 @@ class Rounds:
                 outbox.mark(core)
                 continue
             retry = functools.partial(self.mark, core, used=False)
-            wanted = core.wanted()
+            pushed = core in self.pushing  # its trip is on its way, on its own
+            wanted = None if pushed else core.wanted()
             figures = (core.rejected, histogram_arg(core.latency))
             for o in core.take_outcomes(self._seq):
                 args = (o.gen, o.calls, o.failures, o.slow, *core.window_args, now, self.ttl_ms)
                 command = ("evalsha", (flush, 4, *keys, *args, replica, o.seq, *figures))
-                done = functools.partial(self._flushed, core, o, wanted is not None)
+                done = functools.partial(self._flushed, core, o, pushed or wanted is not None)
                 items.append(_Item(command, done, retry, core, node))
             if wanted is not None:
                 moved = functools.partial(self._moved, core)

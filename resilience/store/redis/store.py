@@ -194,11 +194,14 @@ class RedisStore(RedisConfig, RedisFlights, StoreBase):
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = 64, **options: Any) -> RedisStore:
-        """A store with its own client for ``url``: short socket timeouts, no retries.
+        """A store with its own client for ``url``: a short connect timeout, no retries.
 
         Its pool holds at most ``max_connections``; a call finding them all busy waits for
         one (within the store's ``timeout``) instead of failing, so a burst of fleet-wide
-        bulkhead or rate-limit calls queues rather than turning the store degraded.
+        bulkhead or rate-limit calls queues rather than turning the store degraded. Reads
+        and writes have no socket timeout: the store bounds each of its calls by ``timeout``
+        itself, and a socket timeout made redis-py run every write as a task of its own
+        (``asyncio.wait_for``), a few event-loop turns per command.
         """
         _check_prefix(options.get("prefix", "resilience"))
         timeout = check_seconds("timeout", options.get("timeout", 0.25))
@@ -207,7 +210,7 @@ class RedisStore(RedisConfig, RedisFlights, StoreBase):
             url,
             max_connections=max_connections,
             timeout=timeout,
-            socket_timeout=timeout,
+            socket_timeout=None,
             socket_connect_timeout=timeout,
             retry=RedisRetry(NoBackoff(), 0),
             retry_on_timeout=False,

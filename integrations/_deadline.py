@@ -70,6 +70,7 @@ _LEVELS = {b"critical": CRITICAL, b"default": DEFAULT, b"sheddable": SHEDDABLE}
 
 # An optional minus sign, up to 15 digits, an optional fraction: nothing else is a budget.
 _BUDGET = re.compile(rb"-?[0-9]{1,15}(?:\.[0-9]{1,6})?")
+_MAX_SENT = 999_999_999_999_999.0  # the most milliseconds a header says: 15 digits
 
 
 def get_deadline() -> float | None:
@@ -89,16 +90,21 @@ def remaining() -> float | None:
 def deadline(seconds: float) -> Iterator[float]:
     """Run the block under a deadline ``seconds`` from now; yields the absolute deadline.
 
-    Deadlines only shrink: inside an earlier deadline the sooner of the two applies. Call it
-    from a coroutine (it reads the running loop's clock)::
+    Deadlines only shrink: inside an earlier deadline the sooner of the two applies. A NaN
+    or infinite ``seconds`` is a ``ValueError`` (no deadline is no ``with deadline``). Call
+    it from a coroutine (it reads the running loop's clock)::
 
         with deadline(2.0):
             await client.get("https://api.example.com/")  # sends x-deadline-ms: 2000 or less
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(f"seconds must be a number, got {seconds!r}")
-    if math.isnan(seconds):
-        raise ValueError("seconds must not be NaN")
+    try:
+        finite = math.isfinite(seconds)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValueError(f"seconds must be finite (not NaN nor infinite), got {seconds!r}")
     at, token = shrink_deadline(seconds)
     try:
         yield at
@@ -199,10 +205,11 @@ def parse_budget(value: bytes | str, cap: float = MAX_BUDGET) -> float | None:
 
 
 def format_budget(seconds: float) -> str:
-    """Seconds as a header value: whole milliseconds, rounded down, never below zero."""
-    if seconds <= 0:
+    """Seconds as a header value: whole milliseconds, rounded down, never below zero, and
+    never more than the 15 digits ``parse_budget`` reads (a budget of ~31,700 years)."""
+    if not seconds > 0:  # NaN too
         return "0"
-    return str(int(seconds * 1000.0))
+    return str(int(min(seconds * 1000.0, _MAX_SENT)))
 
 
 def check_deadline_header(value: object, what: str = "deadline_header") -> str | None:

@@ -483,6 +483,84 @@ async def test_caller_deadline_never_cancels_background_work() -> None:
     assert audit == [None, 0.0]
 
 
+def _streamed_with_background(seen: list[object]) -> Starlette:
+    """A Starlette app streaming its response, whose background task notes ``remaining()``
+    and the deadline its outgoing call through ``ResilientTransport`` sends."""
+    from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+    from starlette.background import BackgroundTask
+
+    def downstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("x-deadline-ms"))
+        return httpx.Response(200)
+
+    policy = HttpPolicy(timeout=None, total_timeout=None)
+    transport = ResilientTransport(httpx.MockTransport(downstream), policy=policy)
+
+    async def note() -> None:
+        seen.append(remaining())
+        async with httpx.AsyncClient(transport=transport) as client:
+            await client.get("https://downstream.test/")
+
+    async def body() -> Any:
+        yield b"hello"
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        return StreamingResponse(body(), background=BackgroundTask(note))
+
+    return Starlette(routes=[Route("/", endpoint)])
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+@pytest.mark.parametrize("options", [{}, {"timeout": 60}], ids=["budget", "budget+timeout"])
+async def test_streamed_response_lifts_the_deadline_for_background_tasks(
+    spec_version: str, options: dict[str, Any]
+) -> None:
+    """A streamed response's background task runs with no deadline, whichever task sends the
+    body (under ASGI spec 2.3 Starlette sends it from a child task)."""
+    seen: list[object] = []
+    middleware = ResilienceMiddleware(_streamed_with_background(seen), **options)
+    never = asyncio.Event()
+    requested = False
+
+    async def receive() -> Message:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await never.wait()  # no disconnect: Starlette cancels this once the body is sent
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "method": "GET",
+        "path": "/",
+        "headers": [(b"x-deadline-ms", b"100000")],
+    }
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 200
+    assert seen == [None, None]  # no deadline, none sent downstream
+    assert remaining() is None
+
+
+async def test_streamed_response_lifts_the_deadline_under_uvicorn() -> None:
+    """Under uvicorn, a streamed response's background task makes its outgoing calls with no
+    deadline: the caller's budget ended with the response."""
+    seen: list[object] = []
+    asgi = ResilienceMiddleware(_streamed_with_background(seen))
+    with serve(asgi) as server:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(server.url, headers={"x-deadline-ms": "100000"})
+        await until(lambda: len(seen) == 2, what="the background task's call")
+    assert response.text == "hello"
+    assert seen == [None, None]
+
+
 async def test_caller_deadline_stops_cutting_once_the_response_started() -> None:
     """A streamed response that outlives the enforced budget is not aborted."""
 

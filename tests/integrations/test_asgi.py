@@ -238,7 +238,7 @@ async def _receive() -> Message:  # pragma: no cover - apps here never read
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-async def _send(message: Message) -> None:  # pragma: no cover
+async def _send(message: Message) -> None:
     pass
 
 
@@ -546,6 +546,34 @@ async def test_streamed_response_lifts_the_deadline_for_background_tasks(
     assert sent[0]["status"] == 200
     assert seen == [None, None]  # no deadline, none sent downstream
     assert remaining() is None
+
+
+async def test_task_started_before_the_response_loses_the_deadline_with_it() -> None:
+    """A task the app starts before responding has the request's deadline until the
+    response is complete, and none after (as a background task)."""
+    seen: list[float | None] = []
+    done = asyncio.Event()
+
+    async def worker() -> None:
+        seen.append(remaining())
+        await done.wait()
+        seen.append(remaining())
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        tasks.append(asyncio.create_task(worker()))
+        await asyncio.sleep(0)  # the worker notes its deadline
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    scope: Scope = {"type": "http", "path": "/", "headers": [(b"x-deadline-ms", b"100000")]}
+    await ResilienceMiddleware(app)(scope, _receive, _send)
+    done.set()
+    await tasks[0]
+    assert seen[0] is not None
+    assert 0 < seen[0] <= 100
+    assert seen[1] is None
 
 
 async def test_streamed_response_lifts_the_deadline_under_uvicorn() -> None:

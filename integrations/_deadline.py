@@ -1,7 +1,10 @@
 """The request deadline and criticality shared by the ASGI middleware and the httpx transport.
 
 A deadline is an absolute time on the running event loop's clock (``loop.time()``), kept in a
-context variable for the current task (and the tasks it starts). On the wire it travels as a
+context variable for the current task (and the tasks it starts). The variable holds a
+``DeadlineCell``, one per deadline set: lifting it (``cell.at = None``, as the middleware
+does once a response is complete) lifts it in every task that copied the context, whichever
+task lifts it. On the wire it travels as a
 *relative* budget in whole milliseconds (header ``x-deadline-ms`` by default), so the clocks of
 caller and callee never need to agree: each hop reads the budget, turns it into its own
 deadline, and forwards what is left.
@@ -24,6 +27,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
+from typing import final
 
 from resilience import DISTRIBUTION
 
@@ -51,7 +55,22 @@ DEADLINE_HEADER = "x-deadline-ms"
 MAX_BUDGET = 300.0
 """Budgets larger than this many seconds are capped to it when read from a header."""
 
-_deadline: ContextVar[float | None] = ContextVar("resilience.deadline", default=None)
+
+@final
+class DeadlineCell:
+    """One deadline in force: ``at`` on the event loop's clock, ``None`` once lifted.
+
+    Mutable on purpose: the tasks that copied a context share the cell, so lifting it there
+    lifts it for all of them (a context variable set in a child task is not seen by its
+    parent)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float | None) -> None:
+        self.at = at
+
+
+_deadline: ContextVar[DeadlineCell | None] = ContextVar("resilience.deadline", default=None)
 
 CRITICALITY_HEADER = "x-request-criticality"
 """The header carrying a request's criticality: ``critical``, ``default`` or ``sheddable``."""
@@ -70,16 +89,18 @@ _LEVELS = {b"critical": CRITICAL, b"default": DEFAULT, b"sheddable": SHEDDABLE}
 
 # An optional minus sign, up to 15 digits, an optional fraction: nothing else is a budget.
 _BUDGET = re.compile(rb"-?[0-9]{1,15}(?:\.[0-9]{1,6})?")
+_MAX_SENT = 999_999_999_999_999.0  # the most milliseconds a header says: 15 digits
 
 
 def get_deadline() -> float | None:
     """The current deadline on the event loop's clock, or ``None`` when there is none."""
-    return _deadline.get()
+    cell = _deadline.get()
+    return None if cell is None else cell.at
 
 
 def remaining() -> float | None:
     """Seconds left before the current deadline (negative once spent), or ``None``."""
-    at = _deadline.get()
+    at = get_deadline()
     if at is None:
         return None
     return at - asyncio.get_running_loop().time()
@@ -89,32 +110,39 @@ def remaining() -> float | None:
 def deadline(seconds: float) -> Iterator[float]:
     """Run the block under a deadline ``seconds`` from now; yields the absolute deadline.
 
-    Deadlines only shrink: inside an earlier deadline the sooner of the two applies. Call it
-    from a coroutine (it reads the running loop's clock)::
+    Deadlines only shrink: inside an earlier deadline the sooner of the two applies. A NaN
+    or infinite ``seconds`` is a ``ValueError`` (no deadline is no ``with deadline``). Call
+    it from a coroutine (it reads the running loop's clock)::
 
         with deadline(2.0):
             await client.get("https://api.example.com/")  # sends x-deadline-ms: 2000 or less
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(f"seconds must be a number, got {seconds!r}")
-    if math.isnan(seconds):
-        raise ValueError("seconds must not be NaN")
-    at, token = shrink_deadline(seconds)
+    try:
+        finite = math.isfinite(seconds)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValueError(f"seconds must be finite (not NaN nor infinite), got {seconds!r}")
+    at, _, token = shrink_deadline(seconds)
     try:
         yield at
     finally:
         _deadline.reset(token)
 
 
-def shrink_deadline(seconds: float) -> tuple[float, Token[float | None]]:
+def shrink_deadline(seconds: float) -> tuple[float, DeadlineCell, Token[DeadlineCell | None]]:
     """Set the deadline ``seconds`` from now, or keep the current one if it comes sooner;
-    returns the deadline in force and the token that restores the one before
-    (``_deadline.reset(token)``). ``deadline()`` without its checks, for per-request use."""
+    returns the deadline in force, the new cell holding it (to lift it) and the token that
+    restores the one before (``_deadline.reset(token)``). ``deadline()`` without its checks,
+    for per-request use."""
     at = asyncio.get_running_loop().time() + seconds
-    outer = _deadline.get()
+    outer = get_deadline()
     if outer is not None and outer < at:
         at = outer
-    return at, _deadline.set(at)
+    cell = DeadlineCell(at)
+    return at, cell, _deadline.set(cell)
 
 
 def get_criticality() -> str | None:
@@ -199,10 +227,11 @@ def parse_budget(value: bytes | str, cap: float = MAX_BUDGET) -> float | None:
 
 
 def format_budget(seconds: float) -> str:
-    """Seconds as a header value: whole milliseconds, rounded down, never below zero."""
-    if seconds <= 0:
+    """Seconds as a header value: whole milliseconds, rounded down, never below zero, and
+    never more than the 15 digits ``parse_budget`` reads (a budget of ~31,700 years)."""
+    if not seconds > 0:  # NaN too
         return "0"
-    return str(int(seconds * 1000.0))
+    return str(int(min(seconds * 1000.0, _MAX_SENT)))
 
 
 def check_deadline_header(value: object, what: str = "deadline_header") -> str | None:

@@ -55,6 +55,7 @@ from ._deadline import (
     DEADLINE_HEADER,
     DEFAULT,
     MAX_BUDGET,
+    DeadlineCell,
     _criticality,
     _deadline,
     check_deadline_header,
@@ -425,7 +426,7 @@ class ResilienceMiddleware:
             seconds = budget if timeout is None else min(budget, timeout)
         # the request's deadline, forwarded downstream: the sooner of the caller's budget
         # and our own timeout
-        at, token = shrink_deadline(seconds)
+        at, cell, token = shrink_deadline(seconds)
         try:
             # the caller's budget cuts the app off only when enforced, and only if it comes
             # before our own timeout (which the Timeout policy enforces)
@@ -436,7 +437,7 @@ class ResilienceMiddleware:
                 and (timeout is None or budget < timeout)
             ):
                 cut = at
-            await self._run_timed(route, scope, receive, send, cut)
+            await self._run_timed(route, scope, receive, send, cell, cut)
         finally:
             _deadline.reset(token)
 
@@ -462,13 +463,22 @@ class ResilienceMiddleware:
             await _shed(send, route, exc)
 
     async def _run_timed(
-        self, route: Route, scope: Scope, receive: Receive, send: Send, at: float | None
+        self,
+        route: Route,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        cell: DeadlineCell,
+        at: float | None,
     ) -> None:
-        """Under a deadline: track whether the response has started, and when it has ended.
+        """Under the request's deadline ``cell``, cutting the app off at ``at`` (if given):
+        track whether the response has started, and when it has ended.
 
         Once the response has started the caller's deadline no longer cuts the app off; once
         its last body message is sent the request's deadline is lifted for what the app still
-        runs (background tasks), so its outgoing calls are not cut either.
+        runs (background tasks), so its outgoing calls are not cut either. It is lifted in the
+        cell every task of the request shares, since the body may be sent from a child task
+        (Starlette's streaming response under ASGI spec < 2.4).
         """
         response_started = False
         budget = None if at is None else asyncio.timeout_at(at)
@@ -481,7 +491,7 @@ class ResilienceMiddleware:
                 if budget is not None:
                     budget.reschedule(None)  # committed: the caller's deadline no longer cuts
             elif kind == "http.response.body" and not message.get("more_body", False):
-                _deadline.set(None)  # the response is complete: what follows has no deadline
+                cell.at = None  # the response is complete: what follows has no deadline
             await send(message)
 
         raised: list[BaseException] = []

@@ -13,7 +13,7 @@ import httpx
 
 from resilience import Clock, RetryCallState
 
-from .._deadline import CRITICALITY_HEADER, _deadline, format_budget, get_criticality
+from .._deadline import CRITICALITY_HEADER, format_budget, get_criticality, get_deadline
 from ._errors import DeadlineExceeded, FailedResponse, transport_error
 
 __all__ = ["Exchange", "Send", "close_discarded", "make_attempt", "replayable"]
@@ -118,7 +118,7 @@ def make_attempt(
     """
 
     async def attempt(request: httpx.Request, exchange: Exchange) -> httpx.Response:
-        at = _deadline.get()
+        at = get_deadline()
         if header is not None and at is not None:
             request.headers[header] = format_budget(at - asyncio.get_running_loop().time())
         level = get_criticality()  # the request being served: its class goes downstream

@@ -63,10 +63,7 @@ def retry_wait(base: WaitStrategy, cap: float) -> WaitStrategy:
         if isinstance(error, FailedResponse):
             after = parse_retry_after(error.response.headers.get("retry-after"))
             if after is not None:
-                left = cap - state.idle_for
-                if after <= left:
-                    return after
-                return left if left > 0 else math.inf
+                return after if after <= cap - state.idle_for else math.inf
         return base(state)
 
     return wait

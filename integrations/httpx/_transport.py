@@ -20,7 +20,14 @@ import httpx
 from resilience import ResilienceTimeoutError
 from resilience.checks import check_int, check_mapping, check_seconds
 
-from .._deadline import DEADLINE_HEADER, _deadline, check_deadline_header, deadline
+from .._deadline import (
+    DEADLINE_HEADER,
+    DeadlineCell,
+    _deadline,
+    check_deadline_header,
+    deadline,
+    get_deadline,
+)
 from ._balancing import HealthSource
 from ._endpoints import Service, make_service
 from ._errors import DeadlineExceeded, FailedResponse, translate
@@ -203,10 +210,10 @@ async def _within_deadline(
     """``send`` under the request's deadline: the request's own ``budget``, else the sooner
     of a deadline set around the request and the policy's ``total_timeout``."""
     if budget is not None:
-        with deadline(budget):
-            return await _guarded(send, request, exchange)
+        with deadline(budget) as at:
+            return await _guarded(send, request, exchange, at)
     total = senders.policy.total_timeout
-    outer = _deadline.get()
+    outer = get_deadline()
     if total is not None:
         at = asyncio.get_running_loop().time() + total
         if outer is None or outer > at:
@@ -216,14 +223,14 @@ async def _within_deadline(
             clock = exchange.clock = senders.clock
             exchange.due = clock.monotonic() + total
             exchange.seconds = total
-            token = _deadline.set(at)
+            token = _deadline.set(DeadlineCell(at))
             try:
                 return await send(request, exchange)
             finally:
                 _deadline.reset(token)
     if outer is None:
         return await send(request, exchange)
-    return await _guarded(send, request, exchange)
+    return await _guarded(send, request, exchange, outer)
 
 
 async def _last_response(
@@ -263,10 +270,10 @@ async def _on_error(
     raise error from exc
 
 
-async def _guarded(send: Send, request: httpx.Request, exchange: Exchange) -> httpx.Response:
-    """``send`` under the current deadline: fail at once if it is spent, else cap it."""
-    at = _deadline.get()
-    assert at is not None
+async def _guarded(
+    send: Send, request: httpx.Request, exchange: Exchange, at: float
+) -> httpx.Response:
+    """``send`` under the deadline ``at``: fail at once if it is spent, else cap it."""
     left = exchange.seconds = at - asyncio.get_running_loop().time()
     if left <= 0:
         raise DeadlineExceeded(exchange.name, max(left, 0.0), request=request)

@@ -238,7 +238,7 @@ async def _receive() -> Message:  # pragma: no cover - apps here never read
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-async def _send(message: Message) -> None:  # pragma: no cover
+async def _send(message: Message) -> None:
     pass
 
 
@@ -481,6 +481,112 @@ async def test_caller_deadline_never_cancels_background_work() -> None:
         response = await client.get("/", headers={"x-deadline-ms": "20"})
     assert response.status_code == 200
     assert audit == [None, 0.0]
+
+
+def _streamed_with_background(seen: list[object]) -> Starlette:
+    """A Starlette app streaming its response, whose background task notes ``remaining()``
+    and the deadline its outgoing call through ``ResilientTransport`` sends."""
+    from resilience.integrations.httpx import HttpPolicy, ResilientTransport
+    from starlette.background import BackgroundTask
+
+    def downstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("x-deadline-ms"))
+        return httpx.Response(200)
+
+    policy = HttpPolicy(timeout=None, total_timeout=None)
+    transport = ResilientTransport(httpx.MockTransport(downstream), policy=policy)
+
+    async def note() -> None:
+        seen.append(remaining())
+        async with httpx.AsyncClient(transport=transport) as client:
+            await client.get("https://downstream.test/")
+
+    async def body() -> Any:
+        yield b"hello"
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        return StreamingResponse(body(), background=BackgroundTask(note))
+
+    return Starlette(routes=[Route("/", endpoint)])
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+@pytest.mark.parametrize("options", [{}, {"timeout": 60}], ids=["budget", "budget+timeout"])
+async def test_streamed_response_lifts_the_deadline_for_background_tasks(
+    spec_version: str, options: dict[str, Any]
+) -> None:
+    """A streamed response's background task runs with no deadline, whichever task sends the
+    body (under ASGI spec 2.3 Starlette sends it from a child task)."""
+    seen: list[object] = []
+    middleware = ResilienceMiddleware(_streamed_with_background(seen), **options)
+    never = asyncio.Event()
+    requested = False
+
+    async def receive() -> Message:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await never.wait()  # no disconnect: Starlette cancels this once the body is sent
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "method": "GET",
+        "path": "/",
+        "headers": [(b"x-deadline-ms", b"100000")],
+    }
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 200
+    assert seen == [None, None]  # no deadline, none sent downstream
+    assert remaining() is None
+
+
+async def test_task_started_before_the_response_loses_the_deadline_with_it() -> None:
+    """A task the app starts before responding has the request's deadline until the
+    response is complete, and none after (as a background task)."""
+    seen: list[float | None] = []
+    done = asyncio.Event()
+
+    async def worker() -> None:
+        seen.append(remaining())
+        await done.wait()
+        seen.append(remaining())
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        tasks.append(asyncio.create_task(worker()))
+        await asyncio.sleep(0)  # the worker notes its deadline
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    scope: Scope = {"type": "http", "path": "/", "headers": [(b"x-deadline-ms", b"100000")]}
+    await ResilienceMiddleware(app)(scope, _receive, _send)
+    done.set()
+    await tasks[0]
+    assert seen[0] is not None
+    assert 0 < seen[0] <= 100
+    assert seen[1] is None
+
+
+async def test_streamed_response_lifts_the_deadline_under_uvicorn() -> None:
+    """Under uvicorn, a streamed response's background task makes its outgoing calls with no
+    deadline: the caller's budget ended with the response."""
+    seen: list[object] = []
+    asgi = ResilienceMiddleware(_streamed_with_background(seen))
+    with serve(asgi) as server:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(server.url, headers={"x-deadline-ms": "100000"})
+        await until(lambda: len(seen) == 2, what="the background task's call")
+    assert response.text == "hello"
+    assert seen == [None, None]
 
 
 async def test_caller_deadline_stops_cutting_once_the_response_started() -> None:

@@ -369,7 +369,7 @@ RETRY_AFTER_VALUES = [
 
 @pytest.mark.parametrize("value", RETRY_AFTER_VALUES)
 async def test_malformed_retry_after_is_survived(proxy: FaultProxy, value: bytes) -> None:
-    """A 503 with a hostile Retry-After is retried (wait capped) and returned, never raised."""
+    """A 503 with a hostile Retry-After is returned, never raised, within the request's bound."""
     async with make_client(
         proxy,
         retry=RetryOptions(attempts=ATTEMPTS, wait=wait_fixed(WAIT), retry_after_max=0.05),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 
 import httpx
 import pytest
@@ -85,6 +86,43 @@ async def test_deadline_validates() -> None:
         pass  # pragma: no cover
     with pytest.raises(ValueError, match="NaN"), deadline(float("nan")):
         pass  # pragma: no cover
+
+
+@pytest.mark.parametrize("seconds", [math.inf, -math.inf, 10**400], ids=["inf", "-inf", "1e400"])
+async def test_deadline_refuses_infinite_budgets(seconds: float) -> None:
+    """An infinite budget (or an int no float holds) is a ValueError naming the value."""
+    with pytest.raises(ValueError, match="seconds must be finite"), deadline(seconds):
+        pass  # pragma: no cover
+    assert get_deadline() is None
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_format_budget_is_always_a_budget_parse_budget_reads(seconds: float) -> None:
+    """Any number of seconds goes out as a header value ``parse_budget`` reads back."""
+    value = format_budget(seconds)
+    assert parse_budget(value, math.inf) is not None
+    if seconds > 0.001:
+        assert parse_budget(value, math.inf) == int(min(seconds * 1000.0, 10**15 - 1)) / 1000
+
+
+@pytest.mark.parametrize("seconds", [1e6, 1e300, sys.float_info.max])
+async def test_huge_deadline_is_forwarded_capped(seconds: float) -> None:
+    """A request under a huge (finite) deadline is sent, its budget cut to 15 digits."""
+    seen: list[str | None] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get(DEADLINE_HEADER))
+        return httpx.Response(200)
+
+    policy = HttpPolicy(timeout=None, total_timeout=None)
+    transport = ResilientTransport(httpx.MockTransport(upstream), policy=policy)
+    async with httpx.AsyncClient(transport=transport) as client:
+        with deadline(seconds):
+            response = await client.get("https://api.test/")
+    assert response.status_code == 200
+    assert seen[0] is not None
+    sent = int(seen[0])
+    assert 0.999 * min(seconds * 1000.0, 10**15 - 1) < sent <= 10**15 - 1
 
 
 async def test_deadline_is_seen_by_child_tasks() -> None:

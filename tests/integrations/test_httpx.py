@@ -197,15 +197,17 @@ async def test_retry_after_http_date_is_honoured() -> None:
     assert 28.0 <= clock.slept[0] <= 30.0
 
 
-async def test_retry_after_is_capped() -> None:
-    """A ``Retry-After`` longer than ``retry_after_max`` waits only ``retry_after_max``."""
+async def test_retry_after_beyond_its_allowance_ends_retrying() -> None:
+    """A ``Retry-After`` longer than ``retry_after_max`` is not waited: the 503 comes back."""
     clock = FakeClock(autojump=True)
     upstream = Upstream(503, 200, headers={"Retry-After": "3600"})
     async with make_client(
         upstream, clock, retry=RetryOptions(retry_after_max=2.5), total_timeout=None
     ) as client:
-        await client.get("/")
-    assert clock.slept == [2.5]
+        response = await client.get("/")
+    assert response.status_code == 503
+    assert clock.slept == []
+    assert upstream.hits == 1
 
 
 def test_parse_retry_after() -> None:
@@ -754,16 +756,29 @@ async def test_hostile_retry_after_is_a_plain_503() -> None:
 
 
 async def test_retry_after_waits_are_capped_per_request() -> None:
-    """``retry_after_max`` caps all of one request's Retry-After waits together."""
+    """``retry_after_max`` caps all of one request's Retry-After waits together: a header
+    asking for more than is left ends retrying, it is never cut to what is left."""
     clock = FakeClock(autojump=True)
     upstream = Upstream(503, 503, 503, 200, headers={"Retry-After": "20"})
     async with make_client(
         upstream, clock, retry=RetryOptions(attempts=4, retry_after_max=30), total_timeout=None
     ) as client:
         response = await client.get("/")
-    assert clock.slept == [20.0, 10.0]  # then nothing is left: the third 503 is returned
+    assert clock.slept == [20.0]  # then 10 s is left, less than asked: the second 503 is returned
     assert response.status_code == 503
-    assert upstream.hits == 3
+    assert upstream.hits == 2
+
+
+async def test_retry_after_exactly_what_is_left_is_waited() -> None:
+    """A ``Retry-After`` asking for exactly what is left of ``retry_after_max`` is waited."""
+    clock = FakeClock(autojump=True)
+    upstream = Upstream(503, 503, 200, headers={"Retry-After": "5"})
+    async with make_client(
+        upstream, clock, retry=RetryOptions(attempts=3, retry_after_max=10), total_timeout=None
+    ) as client:
+        response = await client.get("/")
+    assert clock.slept == [5.0, 5.0]
+    assert response.status_code == 200
 
 
 async def test_total_timeout_is_on_by_default_and_forwarded() -> None:

@@ -38,7 +38,7 @@ from resilience.testing import FakeClock
 
 from ..faultproxy import FaultProxy
 from ..fork_support import in_forked_child
-from ..helpers import boom, ok, unique_prefix, until
+from ..helpers import boom, ok, raises_each, unique_prefix, until
 from ..redis_server import RedisServer
 from .support import evalsha_calls, synced
 
@@ -85,9 +85,7 @@ async def test_a_forgotten_breaker_comes_back_with_the_fleets_state(
     gc.collect()
     assert "dep" not in a.names()
     other = CircuitBreaker("dep", store=b, **options)
-    for _ in range(4):
-        with pytest.raises(ValueError, match="boom"):
-            await other.call(boom)
+    await raises_each(4, ValueError, other.call, boom, match="boom")
     await b.sync()
     assert other.state is CircuitState.OPEN
     again = CircuitBreaker("dep", store=a, **options)
@@ -234,9 +232,8 @@ async def test_a_local_trip_does_not_wait_for_the_round_under_way(
             await ba.call(boom)
         a.wake()
         await asyncio.wait_for(sending.wait(), 3.0)  # a round carries it, and waits
-        for _ in range(2):  # [ok, failed, failed, failed]: it trips
-            with pytest.raises(ValueError, match="boom"):
-                await ba.call(boom)
+        # [ok, failed, failed, failed]: it trips
+        await raises_each(2, ValueError, ba.call, boom, match="boom")
         assert ba.state is CircuitState.OPEN
         await until(lambda: bb.state is CircuitState.OPEN, 3.0, "the trip reaches B")
         assert not held.is_set()
@@ -254,13 +251,7 @@ async def test_a_local_trip_goes_to_the_fleet_before_its_outcomes(
     outcomes that tripped it is held back; that round then adds nothing the fleet acts on."""
     a = stores()
     b = stores(prefix=a.prefix)
-    options: dict[str, Any] = {"window": CountWindow(4), "minimum_calls": 4}
-    ba = CircuitBreaker("dep", store=a, **options)
-    bb = CircuitBreaker("dep", store=b, **options)
-    await ba.call(ok)
-    await bb.call(ok)
-    await a.sync()
-    await b.sync()
+    ba, bb = await synced(a, b, window=CountWindow(4), minimum_calls=4)
     held = asyncio.Event()
     send = a.supervisor.send
 
@@ -270,9 +261,8 @@ async def test_a_local_trip_goes_to_the_fleet_before_its_outcomes(
 
     a.supervisor.send = slow  # type: ignore[method-assign]
     try:
-        for _ in range(3):  # [ok, failed, failed, failed]: it trips, no round under way
-            with pytest.raises(ValueError, match="boom"):
-                await ba.call(boom)
+        # [ok, failed, failed, failed]: it trips, no round under way
+        await raises_each(3, ValueError, ba.call, boom, match="boom")
         assert ba.state is CircuitState.OPEN
         await until(lambda: bb.state is CircuitState.OPEN, 3.0, "the trip reaches B")
         assert not held.is_set()
@@ -302,9 +292,8 @@ async def test_a_trip_pushed_on_its_own_is_not_sent_again_by_the_round(
         return await send(commands)
 
     a.supervisor.send = recorded  # type: ignore[method-assign]
-    for _ in range(3):  # [ok, failed, failed, failed]: it trips, no round under way
-        with pytest.raises(ValueError, match="boom"):
-            await ba.call(boom)
+    # [ok, failed, failed, failed]: it trips, no round under way
+    await raises_each(3, ValueError, ba.call, boom, match="boom")
     await a.engine.next_round()
     transition = a.engine.scripts["transition"].sha
     flush = a.engine.scripts["flush"].sha
@@ -463,9 +452,7 @@ async def test_redis_coming_back_does_not_close_a_rightly_open_breaker(
             proxy.blackhole = True
             await until(lambda: all(s.degraded for s in stores), 5.0, "degraded")
             for b in breakers:
-                for _ in range(4):
-                    with pytest.raises((ValueError, CircuitOpenError)):
-                        await b.call(boom)
+                await raises_each(4, (ValueError, CircuitOpenError), b.call, boom)
                 assert b.state is CircuitState.OPEN
             proxy.blackhole = False
             proxy.cut()
@@ -621,9 +608,7 @@ async def test_counts_of_an_older_generation_trip_nothing(
 
     store = stores()
     b = CircuitBreaker("dep", store=store, window=CountWindow(4), minimum_calls=4)
-    for _ in range(4):
-        with pytest.raises((ValueError, CircuitOpenError)):
-            await b.call(boom)
+    await raises_each(4, (ValueError, CircuitOpenError), b.call, boom)
     await store.sync()
     assert b.state is CircuitState.OPEN
     await b.reset()
@@ -653,9 +638,7 @@ async def test_a_verdict_whose_reporter_died_is_settled_by_the_next_caller(
     name = unique_prefix()
     dead = stores(clock=clock, prefix=name)
     bd = CircuitBreaker("dep", store=dead, **_probe_options())
-    for _ in range(2):
-        with pytest.raises((ValueError, CircuitOpenError)):
-            await bd.call(boom)
+    await raises_each(2, (ValueError, CircuitOpenError), bd.call, boom)
     await dead.sync()
     assert bd.state is CircuitState.OPEN
     clock.advance(10)
@@ -681,9 +664,7 @@ async def test_a_fleet_probe_lease_is_reported_even_if_the_store_degraded_meanwh
     goes to Redis once it answers, so the lease is not left behind for probe_lease."""
     store = stores(clock=clock)
     b = CircuitBreaker("dep", store=store, **_probe_options())
-    for _ in range(2):
-        with pytest.raises((ValueError, CircuitOpenError)):
-            await b.call(boom)
+    await raises_each(2, (ValueError, CircuitOpenError), b.call, boom)
     await store.sync()
     clock.advance(10)
 
@@ -713,9 +694,8 @@ async def test_a_new_replica_does_not_undo_an_operators_force_open(
     await forced.force_open()
     newcomer = stores(prefix=name)
     b = CircuitBreaker("dep", store=newcomer, **_probe_options())
-    for _ in range(2):  # before its first round: it trips on its own
-        with pytest.raises((ValueError, CircuitOpenError)):
-            await b.call(boom)
+    # before its first round: it trips on its own
+    await raises_each(2, (ValueError, CircuitOpenError), b.call, boom)
     await newcomer.sync()
     await newcomer.sync()
     assert (await raw.hget(newcomer.key("dep", "state"), "state")) == b"forced_open"

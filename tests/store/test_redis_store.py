@@ -27,7 +27,7 @@ from resilience.events import Event
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
 
-from ..helpers import boom, ok, unique_prefix, until
+from ..helpers import boom, ok, raises_each, unique_prefix, until
 from ..helpers import breaker as small_breaker
 from ..redis_server import RedisServer
 from .support import subscribed
@@ -39,9 +39,7 @@ def breaker(store: RedisStore, name: str = "dep", **options: Any) -> CircuitBrea
 
 
 async def fail(b: CircuitBreaker, times: int) -> None:
-    for _ in range(times):
-        with pytest.raises(ValueError, match="boom"):
-            await b.call(boom)
+    await raises_each(times, ValueError, b.call, boom, match="boom")
 
 
 @pytest.fixture
@@ -171,9 +169,8 @@ async def test_garbage_is_reported_and_reset(
     for _ in range(5):  # more than the window holds: the flush reads its oldest chunks
         assert await b.call(ok) == "ok"
     await store.sync()
-    for _ in range(4):  # trips on the local window at once, or after the reset one
-        with pytest.raises((ValueError, CircuitOpenError)):
-            await b.call(boom)
+    # trips on the local window at once, or after the reset one
+    await raises_each(4, (ValueError, CircuitOpenError), b.call, boom)
     await store.sync()
     assert b.state is CircuitState.OPEN
     assert any(isinstance(e, StoreDataReset) for e in events)

@@ -168,10 +168,13 @@ class Hedge(BasePolicy):
         await self.counts.sync()
 
     def _may_hedge(self) -> bool:
-        """Take a hedge from the budget if it has room: ``hedges + 1 <= budget * calls``."""
-        calls, hedges = self.counts.totals()
-        if hedges + 1 > self.budget * calls + 1e-9:
-            return False
+        """Take a hedge from the budget if it has room: ``hedges + 1 <= budget * calls``;
+        always with a budget of ``max_hedges`` (a call hedged after a delay longer than the
+        window has slid out of the counts that would pay for it)."""
+        if self.budget < self.max_hedges:
+            calls, hedges = self.counts.totals()
+            if hedges + 1 > self.budget * calls + 1e-9:
+                return False
         self.counts.add(0, 1)
         return True
 

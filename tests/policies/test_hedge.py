@@ -768,3 +768,28 @@ def test_a_learned_delay_reads_back_as_it_reports_itself(quantile: float) -> Non
     back = _delay(reported)
     assert isinstance(back, LearnedDelay)
     assert math.isclose(back.quantile, quantile, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("delay", [10.0, 90.0])
+async def test_a_budget_of_max_hedges_never_refuses_even_past_its_window(delay: float) -> None:
+    """With ``budget`` = ``max_hedges`` no hedge is ever refused (as documented), also when the
+    delay is longer than the budget's window: the call that pays for its hedge had slid out
+    of the window, and a delay of 90 s over a 60 s window started no hedge."""
+    clock = FakeClock()
+    hedge = Hedge(delay=delay, max_hedges=1, budget=1.0, window=60, buckets=10, clock=clock)
+    attempts = 0
+
+    @hedge
+    async def slow() -> str:
+        nonlocal attempts
+        attempts += 1
+        await clock.sleep(delay * 3)
+        return "ok"
+
+    task = await started(slow())
+    for _ in range(int(delay) + 1):
+        await advance(clock, 1.0)
+    assert attempts == 2
+    for _ in range(int(delay * 3)):
+        await advance(clock, 1.0)
+    assert await task == "ok"

@@ -167,7 +167,8 @@ class Gradient2Limiter:
     lucky one (with variable service times it is far below the mean), or the service got
     slower.
     A dropped call counts as at least twice the tolerated latency, however fast the
-    refusal came.
+    refusal came; before the first baseline it is not counted at all (the first window's
+    fastest call seeds the baseline, and a refusal is no call).
     """
 
     __slots__ = (
@@ -230,7 +231,9 @@ class Gradient2Limiter:
         """Add one call to the current window; update the limit when the window is full."""
         if not _usable(rtt):
             return int(self._estimate)
-        if dropped and self._long is not None:
+        if dropped:
+            if self._long is None:  # no baseline yet to judge it by: a refusal's latency
+                return int(self._estimate)  # would seed the baseline (far too low)
             rtt = max(rtt, 2 * self._tolerance * self._long)
         if self._started is None:
             self._started = now

@@ -672,3 +672,25 @@ def test_integers_too_large_for_a_float_are_refused_by_name(option: str) -> None
     option, at construction, never a bare OverflowError from the first bulkhead."""
     with pytest.raises(ValueError, match=option):
         Bulkhead(limit=AdaptiveLimit(**{option: 10**400}))
+
+
+def test_a_refusal_before_the_first_baseline_does_not_seed_it() -> None:
+    """A fast refusal (dropped) in the first window is no call: the first baseline is the
+    fastest real call, and a steady service keeps its limit. It seeded the baseline at the
+    refusal's 1 ms, and the limit went 20 -> 13 against a steady 50 ms service."""
+
+    def run(refusal: bool) -> tuple[list[int], float | None]:
+        limiter = AdaptiveLimit(initial=20, min_samples=10, window=1.0).limiter()
+        now, history = 0.0, []
+        for w in range(12):
+            for i in range(20):
+                now += 0.05
+                dropped = refusal and w == 0 and i == 0
+                limiter.sample(now, 0.001 if dropped else 0.050, min(20, limiter.limit), dropped)
+            history.append(limiter.limit)
+        return history, limiter.long_rtt
+
+    steady, steady_long = run(False)
+    refused, refused_long = run(True)
+    assert refused == steady
+    assert refused_long == steady_long

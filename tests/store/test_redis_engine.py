@@ -209,6 +209,14 @@ async def test_a_blackhole_is_noticed_within_a_second_while_breakers_are_used(
             await store.aclose()
 
 
+async def trips(breaker: CircuitBreaker, failures: int, *, reaching: CircuitBreaker) -> None:
+    """``failures`` failing calls trip ``breaker``; the trip reaches the other replica's
+    breaker ``reaching`` (within 3 s)."""
+    await raises_each(failures, ValueError, breaker.call, boom, match="boom")
+    assert breaker.state is CircuitState.OPEN
+    await until(lambda: reaching.state is CircuitState.OPEN, 3.0, "the trip reaches B")
+
+
 async def test_a_local_trip_does_not_wait_for_the_round_under_way(
     stores: Callable[..., RedisStore],
 ) -> None:
@@ -232,10 +240,7 @@ async def test_a_local_trip_does_not_wait_for_the_round_under_way(
             await ba.call(boom)
         a.wake()
         await asyncio.wait_for(sending.wait(), 3.0)  # a round carries it, and waits
-        # [ok, failed, failed, failed]: it trips
-        await raises_each(2, ValueError, ba.call, boom, match="boom")
-        assert ba.state is CircuitState.OPEN
-        await until(lambda: bb.state is CircuitState.OPEN, 3.0, "the trip reaches B")
+        await trips(ba, 2, reaching=bb)  # [ok, failed, failed, failed]
         assert not held.is_set()
     finally:
         held.set()
@@ -261,10 +266,7 @@ async def test_a_local_trip_goes_to_the_fleet_before_its_outcomes(
 
     a.supervisor.send = slow  # type: ignore[method-assign]
     try:
-        # [ok, failed, failed, failed]: it trips, no round under way
-        await raises_each(3, ValueError, ba.call, boom, match="boom")
-        assert ba.state is CircuitState.OPEN
-        await until(lambda: bb.state is CircuitState.OPEN, 3.0, "the trip reaches B")
+        await trips(ba, 3, reaching=bb)  # [ok, failed, failed, failed], no round under way
         assert not held.is_set()
     finally:
         held.set()

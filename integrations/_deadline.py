@@ -22,7 +22,6 @@ cheap to import.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from contextvars import ContextVar, Token
 from typing import final
 
 from resilience import DISTRIBUTION
+from resilience.checks import check_finite
 
 __all__ = [
     "CRITICAL",
@@ -117,15 +117,7 @@ def deadline(seconds: float) -> Iterator[float]:
         with deadline(2.0):
             await client.get("https://api.example.com/")  # sends x-deadline-ms: 2000 or less
     """
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"seconds must be a number, got {seconds!r}")
-    try:
-        finite = math.isfinite(seconds)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite:
-        raise ValueError(f"seconds must be finite (not NaN nor infinite), got {seconds!r}")
-    at, _, token = shrink_deadline(seconds)
+    at, _, token = shrink_deadline(check_finite("seconds", seconds))
     try:
         yield at
     finally:

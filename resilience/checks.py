@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "check_bool",
+    "check_finite",
     "check_fleet_name",
     "check_int",
     "check_name",
@@ -47,31 +48,44 @@ def check_seconds(
     at most ``maximum``."""
     if value is None and none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite or value < 0 or (value == 0 and not zero):
+    seconds = _number(what, value, "a number of seconds")
+    if not _finite(seconds) or seconds < 0 or (seconds == 0 and not zero):
         bound = ">= 0" if zero else "> 0"
         raise ValueError(f"{what} must be finite and {bound}, got {value!r}")
-    if value > maximum:
+    if seconds > maximum:
         raise ValueError(f"{what} must be at most {maximum:g} s, got {value!r}")
-    return float(value)
+    return float(seconds)
 
 
 def check_positive(what: str, value: object) -> float:
     """A finite number > 0 (a rate, a count per period)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, got {value!r}")
-    try:
-        ok = math.isfinite(value) and value > 0
-    except OverflowError:
-        ok = False
-    if not ok:
+    number = _number(what, value)
+    if not (_finite(number) and number > 0):
         raise ValueError(f"{what} must be finite and > 0, got {value!r}")
-    return float(value)
+    return float(number)
+
+
+def check_finite(what: str, value: object) -> float:
+    """A finite number, of any sign (a budget that may be spent already)."""
+    number = _number(what, value)
+    if not _finite(number):
+        raise ValueError(f"{what} must be finite (not NaN nor infinite), got {value!r}")
+    return float(number)
+
+
+def _number(what: str, value: object, kind: str = "a number") -> int | float:
+    """``value`` if it is an int or a float (not a bool); else ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be {kind}, got {value!r}")
+    return value
+
+
+def _finite(value: int | float) -> bool:
+    """Whether ``value`` is finite (an int too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 #: The largest int any setting takes unless it names a smaller bound: the largest a float holds

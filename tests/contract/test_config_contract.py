@@ -81,6 +81,19 @@ async def test_a_bad_value_is_the_constructors_error_and_changes_nothing(store: 
     assert b.config.minimum_calls == 20
 
 
+async def test_a_change_is_checked_for_every_kind_it_touches(store: Store) -> None:
+    """Settings of a kind no replica reported are checked against its constructor's defaults
+    even beside settings of a kind reported: a bad one is refused and nothing is written."""
+    b = breaker(store)
+    for bad in ({"max_concurrent": -5}, {"rate": float("nan")}):
+        with pytest.raises(ValueError, match="max_concurrent|rate"):
+            await store.configure(NAME, open_for=9.0, **bad)
+    state = await store.config(NAME)
+    assert (state.version, state.values) == (0, {})
+    assert await store.configure(NAME, open_for=9.0, max_waiting=2) == 1
+    assert b.config.open_for == 9.0
+
+
 async def test_a_window_changes_size_not_kind_and_starts_anew(store: Store) -> None:
     """A new window size empties the window (and says so); a count window stays one."""
     events: list[object] = []

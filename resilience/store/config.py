@@ -73,6 +73,9 @@ class ConfigState(NamedTuple):
     values: Values
     base: dict[str, Values]  #: kind -> the values in code, as a replica reported them
     history: list[ConfigChange]  #: newest first, at most ``MAX_HISTORY``
+    #: which history: versions count up within one; a store that lost a name's settings
+    #: starts another (``RedisStore``: a random id; ``""``: none, or the store's only one)
+    epoch: str = ""
 
 
 class Schema(NamedTuple):

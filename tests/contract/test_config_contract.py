@@ -86,7 +86,7 @@ async def test_a_change_is_checked_for_every_kind_it_touches(store: Store) -> No
     even beside settings of a kind reported: a bad one is refused and nothing is written."""
     b = breaker(store)
     for bad in ({"max_concurrent": -5}, {"rate": float("nan")}):
-        with pytest.raises(ValueError, match="max_concurrent|rate"):
+        with pytest.raises(ValueError, match=r"max_concurrent|rate"):
             await store.configure(NAME, open_for=9.0, **bad)
     state = await store.config(NAME)
     assert (state.version, state.values) == (0, {})

@@ -355,6 +355,17 @@ def apply(name: str, version: int, values: Values, origin: str = "") -> None:
             emit(target._listeners, event)
 
 
+def live(name: str) -> Values | None:
+    """The live values this process last applied for ``name``, if it keeps any."""
+    return _live.get(name)
+
+
+def forget(name: str) -> None:
+    """A shared store stopped following ``name`` (no policy of it is left): its live values
+    are not kept; the store reads them again when a policy of that name is built."""
+    _live.pop(name, None)
+
+
 def _forget() -> None:
     """Forget every declaration, live value and policy following them (tests: the policies
     of a test that ended are not followers of the next one's names)."""

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from resilience import CircuitBreaker, StoreUnavailableError, Timeout
+from resilience.store import config as live
 from resilience.store.redis import RedisStore
 
 from ..helpers import read_line, until
@@ -382,3 +383,30 @@ async def test_a_replica_does_not_go_back_to_its_own_older_change(
     assert await store.configure(NAME, open_for=9.0) == 1
     assert mine.config.open_for == 20.0
     assert (await store.config(NAME)).version == 2
+
+
+async def test_a_replica_keeps_the_settings_of_the_names_it_follows_only(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """Changes of names no policy of this process follows are not kept (read when one is
+    built), and the names its policies stopped following are forgotten: memory follows the
+    names in use, not the names changed fleet-wide."""
+    store = stores()
+    mine = CircuitBreaker("mine", store=store)
+    await store.sync()
+    admin = stores(prefix=store.prefix)  # follows nothing
+    for i in range(200):
+        await admin.configure(f"other-{i}", open_for=9.0)
+    await admin.configure("mine", open_for=7.0)
+    await until(lambda: mine.config.open_for == 7.0, what="the change pushed")  # the last one
+    assert set(store._config_runs) == {"mine"}
+    assert not [name for name in live._live if name.startswith("other-")]
+    for i in range(200):  # policies made per key and dropped, each changed meanwhile
+        policy = CircuitBreaker(f"gone-{i}", store=store)
+        await admin.configure(f"gone-{i}", open_for=9.0)
+        await until(lambda p=policy: p.config.open_for == 9.0, what="the change pushed")
+    policy = CircuitBreaker("other-7", store=store)  # built later: reads its settings
+    await store.sync()
+    assert policy.config.open_for == 9.0
+    assert len(store._config_runs) < 100
+    assert len(live._live) < 100

@@ -236,7 +236,10 @@ class RedisConfig(LiveConfig):
         if name not in runs and len(runs) >= self._config_prune_at:
             for gone in [n for n in runs if not config.followed(n)]:
                 del runs[gone]  # no policy follows it: bounded by the names in use
+                config.forget(gone)  # its values are read again when one does
             self._config_prune_at = max(64, 2 * len(runs))
+        if config.live(name) is None:  # none here (or forgotten): take whatever is read
+            runs[name] = ("", 0)
         runs.setdefault(name, ("", 0))
         self._config_waiting.add(name)
         try:
@@ -327,9 +330,10 @@ class RedisConfig(LiveConfig):
     ) -> None:
         """Run version ``version`` of history ``epoch`` if it is of another history than the
         one this replica runs (Redis lost the data and a change started another), or newer
-        within it; a push, a read and this replica's own write's reply come in any order."""
-        run_epoch, runs = self._config_runs.get(name, ("", 0))
-        if epoch == run_epoch and version <= runs:
+        within it; a push, a read and this replica's own write's reply come in any order.
+        A name no policy here follows is not kept: it is read when one is built."""
+        run_epoch, runs = self._config_runs.get(name, ("", -1))
+        if runs < 0 or (epoch == run_epoch and version <= runs):
             return
         self._config_runs[name] = (epoch, version)
         config.apply(name, version, values, origin)

@@ -410,3 +410,53 @@ async def test_a_replica_keeps_the_settings_of_the_names_it_follows_only(
     assert policy.config.open_for == 9.0
     assert len(store._config_runs) < 100
     assert len(live._live) < 100
+
+
+async def test_a_read_of_the_lost_history_does_not_undo_the_change_pushed_meanwhile(
+    stores: Callable[..., RedisStore], raw: Any, redis_url: str
+) -> None:
+    """A read answered before Redis lost the settings, whose reply comes after the push of
+    the next change (another history), does not take the replica back: it reads again."""
+    store = stores()
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    await store.sync()
+    await store.configure(NAME, open_for=8.0)
+    send = store.supervisor.send
+    late = [True]
+
+    async def late_reply(commands: list[Any]) -> list[Any]:
+        replies = await send(commands)
+        if late.pop() if late else False:  # the first read: its reply comes after all this
+            await forget_settings(raw, store)
+            await operator(redis_url, store, "open_for=20")
+            await until(lambda: mine.config.open_for == 20.0, what="the change pushed")
+        return replies
+
+    store.supervisor.send = late_reply  # type: ignore[method-assign]
+    store._config_waiting.add(NAME)  # as when its subscription is replaced
+    await store._config_settled()
+    assert mine.config.open_for == 20.0
+
+
+async def test_the_reply_to_a_change_made_before_redis_lost_it_does_not_undo_the_next(
+    stores: Callable[..., RedisStore], raw: Any, redis_url: str
+) -> None:
+    """A replica whose reply to its change comes after Redis lost the settings and the next
+    change (another history) was pushed keeps the next one."""
+    store = stores()
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    await store.sync()
+    await store.configure(NAME, open_for=8.0)
+    script = store._script
+
+    async def late_reply(name: str, keys: list[str], args: list[Any]) -> Any:
+        reply = await script(name, keys, args)
+        if args[0] == "set":
+            await forget_settings(raw, store)
+            await operator(redis_url, store, "open_for=20")
+            await until(lambda: mine.config.open_for == 20.0, what="the change pushed")
+        return reply
+
+    store._script = late_reply  # type: ignore[method-assign]
+    assert await store.configure(NAME, open_for=9.0) == 2
+    assert mine.config.open_for == 20.0

@@ -16,9 +16,11 @@ Each history has an epoch, a random id the script writes in the head with its fi
 (and again once Redis lost the head: versions start at 1 again, in another epoch). A replica
 takes a change (pushed, read, or its own write's reply, which may come in any order) if it is
 of another epoch than the one it runs, or newer within it: never an older one of the same
-history, and always the first change after Redis lost the data, whatever its version. A read
-of a name without settings (Redis lost them) changes nothing: the replica keeps the last
-values it had until the next change.
+history, and always the first change after Redis lost the data, whatever its version (a read
+whose reply comes after a change was pushed is made again: which of the two is newer is not
+known across two connections; the reply to a replica's own change is taken only if no change
+came meanwhile, else its push brings it). A read of a name without settings (Redis lost them)
+changes nothing: the replica keeps the last values it had until the next change.
 """
 
 from __future__ import annotations
@@ -220,11 +222,13 @@ class RedisConfig(LiveConfig):
             json.dumps(name),
             secrets.token_hex(8),  # the epoch, if this change starts a history
         ]
+        before = self._config_runs.get(name)
         reply = await self._script("config", self._config_keys(name), args)
         version, epoch = self.supervisor.parsed(_version, reply)
         if version < 0:
             return None
-        self._config_adopt(name, epoch, version, values, origin)  # not waiting for the push
+        if self._config_runs.get(name) == before:  # else its push, in order, brings it
+            self._config_adopt(name, epoch, version, values, origin)  # not waiting for it
         return version
 
     # --- what replicas learn -----------------------------------------------------------------
@@ -279,8 +283,11 @@ class RedisConfig(LiveConfig):
 
     async def _config_fetch(self, names: list[str]) -> None:
         """Report the values in code of ``names``' policies and take their settings if newer,
-        in one pipeline (the script loaded first if Redis does not know it)."""
+        in one pipeline (the script loaded first if Redis does not know it). A name that took
+        a change meanwhile (a push) is read again: a reply of another history than that
+        change's may be the older one (Redis lost the data between the read and the push)."""
         sha = self._scripts["config"].sha
+        before = {name: self._config_runs.get(name) for name in names}
         ttl = self._config_ttl()
         commands: list[Command] = []
         owners: list[str] = []  # the name of each command
@@ -304,7 +311,9 @@ class RedisConfig(LiveConfig):
             if reset:
                 self.engine.reset_seen(name, self.key(name, "config"))
         for name, state in states.items():
-            if state.history:
+            if self._config_runs.get(name) != before[name]:
+                self._config_waiting.add(name)
+            elif state.history:
                 origin = state.history[0].origin
                 self._config_adopt(name, state.epoch, state.version, state.values, origin)
 

@@ -45,6 +45,7 @@ __all__ = [
     "configure_from",
     "follow",
     "register_schema",
+    "takes",
     "watch",
 ]
 
@@ -353,6 +354,14 @@ def apply(name: str, version: int, values: Values, origin: str = "") -> None:
                 name=name, policy=kind, version=version, values=run, origin=origin, note=note
             )
             emit(target._listeners, event)
+
+
+def takes(runs: tuple[str, int] | None, epoch: str, version: int) -> bool:
+    """Whether a replica that runs version ``runs[1]`` of history ``runs[0]`` (``None``: no
+    policy of it follows the name) takes version ``version`` of history ``epoch``: one of
+    another history, whatever its version (the store lost the settings and a change started
+    another, from 1 again), or a newer one of the same; never an older one of it."""
+    return runs is not None and (epoch != runs[0] or version > runs[1])
 
 
 def live(name: str) -> Values | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 
 import pytest
@@ -208,6 +209,34 @@ def test_any_sequence_leaves_every_policy_on_the_head(ops: list[tuple[str, float
 
     asyncio.run(run())
     live._forget()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 6), min_size=1, max_size=4).flatmap(
+        lambda sizes: st.tuples(
+            st.just(sizes),
+            st.lists(st.randoms(use_true_random=False), min_size=len(sizes), max_size=len(sizes)),
+        )
+    )
+)
+def test_a_replica_runs_the_head_of_the_last_history_and_never_goes_back_in_one(
+    case: tuple[list[int], list[random.Random]],
+) -> None:
+    """Histories one after another (Redis lost the data between them), each history's
+    versions heard in any order, some twice: the replica ends on the last history's head,
+    and within a history it only ever moves to a newer version."""
+    sizes, shuffles = case
+    runs: tuple[str, int] = ("", 0)
+    for epoch, (size, rng) in enumerate(zip(sizes, shuffles, strict=True)):
+        heard = [v for v in range(1, size + 1) for _ in range(rng.randint(1, 2))]
+        rng.shuffle(heard)
+        for version in heard:
+            if live.takes(runs, f"e{epoch}", version):
+                assert runs[0] != f"e{epoch}" or version > runs[1]
+                runs = (f"e{epoch}", version)
+    assert runs == (f"e{len(sizes) - 1}", sizes[-1])
+    assert not live.takes(None, "e0", 1)  # a name no policy follows is not kept
 
 
 async def test_concurrent_changes_are_each_checked_and_kept(store: Store) -> None:

@@ -337,12 +337,12 @@ class RedisConfig(LiveConfig):
     def _config_adopt(
         self, name: str, epoch: str, version: int, values: Values, origin: str
     ) -> None:
-        """Run version ``version`` of history ``epoch`` if it is of another history than the
-        one this replica runs (Redis lost the data and a change started another), or newer
-        within it; a push, a read and this replica's own write's reply come in any order.
-        A name no policy here follows is not kept: it is read when one is built."""
-        run_epoch, runs = self._config_runs.get(name, ("", -1))
-        if runs < 0 or (epoch == run_epoch and version <= runs):
+        """Run version ``version`` of history ``epoch`` if ``config.takes`` it: of another
+        history than the one this replica runs (Redis lost the data and a change started
+        another), or newer within it; a push, a read and this replica's own write's reply come
+        in any order. A name no policy here follows is not kept: it is read when one is
+        built."""
+        if not config.takes(self._config_runs.get(name), epoch, version):
             return
         self._config_runs[name] = (epoch, version)
         config.apply(name, version, values, origin)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..store.config import ConfigChange, ConfigState, ConfigStore
+from ..store.config import ConfigChange, ConfigState, ConfigStore, check_keys
 
 __all__ = ["add_configure_parser", "format_config", "parse_values", "run_configure"]
 
@@ -90,7 +90,7 @@ async def run_configure(
         out(f"{name}: version {new} (rolled back)")
         return 0
     if args.values:
-        new = await store.configure(name, **parse_values(args.values))
+        new = await store.configure(name, **check_keys(parse_values(args.values)))
         out(f"{name}: version {new}")
         return 0
     state = await store.config(name)

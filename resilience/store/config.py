@@ -41,9 +41,11 @@ __all__ = [
     "Schema",
     "apply",
     "check_change",
+    "check_keys",
     "configure_from",
     "follow",
     "register_schema",
+    "takes",
     "watch",
 ]
 
@@ -72,6 +74,9 @@ class ConfigState(NamedTuple):
     values: Values
     base: dict[str, Values]  #: kind -> the values in code, as a replica reported them
     history: list[ConfigChange]  #: newest first, at most ``MAX_HISTORY``
+    #: which history: versions count up within one; a store that lost a name's settings
+    #: starts another (``RedisStore``: a random id; ``""``: none, or the store's only one)
+    epoch: str = ""
 
 
 class Schema(NamedTuple):
@@ -164,6 +169,16 @@ def _own(kind: str, values: Mapping[str, Any]) -> Values:
     return {k: v for k, v in values.items() if k in keys}
 
 
+def check_keys(values: Mapping[str, Any]) -> Values:
+    """``values`` as a dict if each key is a setting some policy kind lets change, else a
+    ``ValueError`` naming the one that is not and the settings that exist."""
+    for key in values:
+        if not any(key in s.keys for s in _schemas.values()):
+            names = ", ".join(sorted({k for s in _schemas.values() for k in s.keys}))
+            raise ValueError(f"unknown setting {key!r}: the settings that can change are {names}")
+    return dict(values)
+
+
 def check_change(
     values: Mapping[str, Any], current: Mapping[str, Any], base: Mapping[str, Values]
 ) -> Values:
@@ -171,16 +186,11 @@ def check_change(
     of its settings: on top of that kind's values in code (``base``) where a replica
     reported them, else of the constructor's defaults. Raises the constructor's error;
     an unknown setting is a ``ValueError`` naming the settings that exist."""
-    changed = dict(values)
-    for key in changed:
-        if not any(key in s.keys for s in _schemas.values()):
-            names = ", ".join(sorted({k for s in _schemas.values() for k in s.keys}))
-            raise ValueError(f"unknown setting {key!r}: the settings that can change are {names}")
+    changed = check_keys(values)
     merged = {**current, **changed}
     touched = [s for s in _schemas.values() if any(k in s.keys for k in changed)]
-    known = [s for s in touched if s.kind in base]
     with _checking():
-        for schema in known or touched:
+        for schema in touched:
             code = base.get(schema.kind, {})
             schema.check({**code, **_own(schema.kind, merged)}, code)
     return changed
@@ -206,20 +216,20 @@ def configure_from(mapping: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 def _read_file() -> None:
-    """The defaults in the TOML file ``RESILIENCE_CONFIG`` names (once per process): one
-    table per name, ``[payments]`` then ``open_for = 10``."""
+    """The defaults in the TOML file ``RESILIENCE_CONFIG`` names (once per process, once it
+    was read whole): one table per name, ``[payments]`` then ``open_for = 10``. A file that
+    cannot be read, does not parse or holds a bad value is a ``ValueError`` naming the
+    variable and the file, raised again by every policy built, none built without it."""
     if _state["file_read"]:
         return
-    _state["file_read"] = 1
     path = os.environ.get("RESILIENCE_CONFIG")
-    if not path:
-        return
-    with open(path, "rb") as file:
-        table = tomllib.load(file)
-    try:
-        configure_from(table)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"RESILIENCE_CONFIG={path!r}: {exc}") from None
+    if path:
+        try:
+            with open(path, "rb") as file:
+                configure_from(tomllib.load(file))
+        except (OSError, TypeError, ValueError) as exc:
+            raise ValueError(f"RESILIENCE_CONFIG={path!r}: {exc}") from exc
+    _state["file_read"] = 1
 
 
 def watch(target: Target) -> Values | None:
@@ -344,6 +354,25 @@ def apply(name: str, version: int, values: Values, origin: str = "") -> None:
                 name=name, policy=kind, version=version, values=run, origin=origin, note=note
             )
             emit(target._listeners, event)
+
+
+def takes(runs: tuple[str, int] | None, epoch: str, version: int) -> bool:
+    """Whether a replica that runs version ``runs[1]`` of history ``runs[0]`` (``None``: no
+    policy of it follows the name) takes version ``version`` of history ``epoch``: one of
+    another history, whatever its version (the store lost the settings and a change started
+    another, from 1 again), or a newer one of the same; never an older one of it."""
+    return runs is not None and (epoch != runs[0] or version > runs[1])
+
+
+def live(name: str) -> Values | None:
+    """The live values this process last applied for ``name``, if it keeps any."""
+    return _live.get(name)
+
+
+def forget(name: str) -> None:
+    """A shared store stopped following ``name`` (no policy of it is left): its live values
+    are not kept; the store reads them again when a policy of that name is built."""
+    _live.pop(name, None)
 
 
 def _forget() -> None:

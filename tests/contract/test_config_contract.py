@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 
 import pytest
@@ -79,6 +80,19 @@ async def test_a_bad_value_is_the_constructors_error_and_changes_nothing(store: 
     assert len(state.history) == 1
     assert b.config.open_for == 7.0
     assert b.config.minimum_calls == 20
+
+
+async def test_a_change_is_checked_for_every_kind_it_touches(store: Store) -> None:
+    """Settings of a kind no replica reported are checked against its constructor's defaults
+    even beside settings of a kind reported: a bad one is refused and nothing is written."""
+    b = breaker(store)
+    for bad in ({"max_concurrent": -5}, {"rate": float("nan")}):
+        with pytest.raises(ValueError, match=r"max_concurrent|rate"):
+            await store.configure(NAME, open_for=9.0, **bad)
+    state = await store.config(NAME)
+    assert (state.version, state.values) == (0, {})
+    assert await store.configure(NAME, open_for=9.0, max_waiting=2) == 1
+    assert b.config.open_for == 9.0
 
 
 async def test_a_window_changes_size_not_kind_and_starts_anew(store: Store) -> None:
@@ -195,6 +209,34 @@ def test_any_sequence_leaves_every_policy_on_the_head(ops: list[tuple[str, float
 
     asyncio.run(run())
     live._forget()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 6), min_size=1, max_size=4).flatmap(
+        lambda sizes: st.tuples(
+            st.just(sizes),
+            st.lists(st.randoms(use_true_random=False), min_size=len(sizes), max_size=len(sizes)),
+        )
+    )
+)
+def test_a_replica_runs_the_head_of_the_last_history_and_never_goes_back_in_one(
+    case: tuple[list[int], list[random.Random]],
+) -> None:
+    """Histories one after another (Redis lost the data between them), each history's
+    versions heard in any order, some twice: the replica ends on the last history's head,
+    and within a history it only ever moves to a newer version."""
+    sizes, shuffles = case
+    runs: tuple[str, int] = ("", 0)
+    for epoch, (size, rng) in enumerate(zip(sizes, shuffles, strict=True)):
+        heard = [v for v in range(1, size + 1) for _ in range(rng.randint(1, 2))]
+        rng.shuffle(heard)
+        for version in heard:
+            if live.takes(runs, f"e{epoch}", version):
+                assert runs[0] != f"e{epoch}" or version > runs[1]
+                runs = (f"e{epoch}", version)
+    assert runs == (f"e{len(sizes) - 1}", sizes[-1])
+    assert not live.takes(None, "e0", 1)  # a name no policy follows is not kept
 
 
 async def test_concurrent_changes_are_each_checked_and_kept(store: Store) -> None:

@@ -50,6 +50,8 @@ def test_set_show_and_roll_back(run: Run) -> None:
     [
         (("open_for=-1",), "open_for must be finite and > 0, got -1"),
         (("colour=red",), "unknown setting 'colour'"),
+        (("origin=5",), "unknown setting 'origin'"),
+        (("name=other",), "unknown setting 'name'"),
         (("open_for",), "expected KEY=VALUE (say open_for=10), got 'open_for'"),
         (("--rollback", "7"), "version 7 of 'svc' is not in its history"),
         (("--rollback", "x"), "--rollback takes a version number, got 'x'"),

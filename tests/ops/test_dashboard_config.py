@@ -47,6 +47,8 @@ async def test_read_change_and_roll_back() -> None:
     [
         ({"values": {"open_for": -1}}, "open_for must be finite and > 0, got -1"),
         ({"values": {"colour": "red"}}, "unknown setting 'colour'"),
+        ({"values": {"origin": 9}}, "unknown setting 'origin'"),
+        ({"values": {"open_for": 9, "max_concurrent": -1}}, "max_concurrent must be >= 1"),
         ({"values": {}}, 'send {"values": {"setting": value, ...}} as JSON'),
         ({"open_for": 3}, 'send {"values": {"setting": value, ...}} as JSON'),
     ],

@@ -161,6 +161,30 @@ async def test_defaults_from_the_file_resilience_config_names(
         Timeout(1.0, name="filed")
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("[filed]\nseconds = -1\n", "seconds must be finite and > 0"),
+        ("[filed\n", "Expected"),
+        (None, "No such file"),
+    ],
+)
+def test_a_bad_file_is_refused_by_every_policy_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str | None, error: str
+) -> None:
+    """A file with a bad value, one that does not parse or none at all: every construction
+    raises the same ValueError naming the variable and the file, not only the first."""
+    path = tmp_path / "resilience.toml"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setenv("RESILIENCE_CONFIG", str(path))
+    live._forget()
+    for _ in range(2):
+        with pytest.raises(ValueError, match=f"RESILIENCE_CONFIG='{path}': .*{error}"):
+            Timeout(1.0, name="filed")
+    live._forget()
+
+
 def test_names_no_policy_follows_are_forgotten() -> None:
     """Policies made per key and dropped leave the registry bounded."""
     kept = [Timeout(1.0, name=f"kept-{i}") for i in range(10)]

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from resilience import CircuitBreaker, StoreUnavailableError, Timeout
+from resilience.store import config as live
 from resilience.store.redis import RedisStore
 
 from ..helpers import read_line, until
@@ -209,7 +210,7 @@ async def test_a_message_that_does_not_parse_is_ignored(
 
     await until(logged, what="the garbage logged")
     version = await store.configure(NAME, seconds=0.5)
-    await until(lambda: other._config_runs.get(NAME) == version, what="the change pushed")
+    await until(lambda: other._config_runs[NAME][1] == version, what="the change pushed")
 
 
 async def test_settings_data_that_does_not_parse_costs_only_itself(
@@ -299,3 +300,163 @@ async def test_many_names_read_their_settings_in_a_few_pipelines(
     finally:
         client.close()
     assert kept
+
+
+async def forget_settings(raw: Any, store: RedisStore) -> None:
+    """Redis loses the settings of ``NAME`` (a restart without persistence, their TTL)."""
+    await raw.delete(*(store.key(NAME, s) for s in ("config", "config:log", "config:base")))
+
+
+async def operator(url: str, store: RedisStore, *values: str) -> None:
+    """Change ``NAME``'s settings from another process (the command line), as an operator."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "resilience", "configure", NAME, *values, "--redis", url),
+        *("--prefix", store.prefix),
+        stdout=subprocess.DEVNULL,
+    )
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+
+
+async def test_a_change_after_redis_lost_the_settings_reaches_every_replica(
+    stores: Callable[..., RedisStore], replica: Replica, raw: Any
+) -> None:
+    """Versions start again at 1 once Redis lost a name's settings: the next change, though
+    its version is one a replica ran before, is run by the replica that made it and by the
+    other one (pushed to it)."""
+    store = stores()
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    other = replica(store.prefix)
+    said(other, "ready")
+    assert await store.configure(NAME, open_for=8.0) == 1
+    said(other, "changed")
+    await forget_settings(raw, store)
+    assert await store.configure(NAME, open_for=20.0) == 1
+    assert mine.config.open_for == 20.0
+    deadline = time.monotonic() + 10  # (it says no "changed" line for a version it ran)
+    while show(other)["open_for"] != 20.0:
+        assert time.monotonic() < deadline, "the change not run by the other replica"
+
+
+async def test_a_replica_that_missed_the_change_takes_it_when_it_reads_again(
+    stores: Callable[..., RedisStore], raw: Any, redis_url: str
+) -> None:
+    """A replica that ran version 3 and missed the push of the first changes after Redis lost
+    the data reads them (lower versions of another history) when it reads its names again,
+    and the changes after them (a rollback to values it ran: a newer version)."""
+    store = stores()
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    await store.sync()
+    for open_for in (6.0, 7.0, 8.0):
+        await store.configure(NAME, open_for=open_for)
+    store.engine.subscriber.on_config = lambda _: None  # the pushes are lost from now on
+    await forget_settings(raw, store)
+    await operator(redis_url, store, "open_for=20")
+    await operator(redis_url, store, "open_for=21")
+    store._config_waiting.add(NAME)  # as when its subscription is replaced
+    await store._config_settled()
+    assert mine.config.open_for == 21.0
+    await operator(redis_url, store, "--rollback")  # 20 again, as version 3 of the new history
+    store._config_waiting.add(NAME)
+    await store._config_settled()
+    assert mine.config.open_for == 20.0
+
+
+async def test_a_replica_does_not_go_back_to_its_own_older_change(
+    stores: Callable[..., RedisStore], redis_url: str
+) -> None:
+    """A replica whose reply to its change comes after the push of a newer change (an
+    operator's) keeps the newer one."""
+    store = stores()
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    await store.sync()
+    script = store._script
+
+    async def late_reply(name: str, keys: list[str], args: list[Any]) -> Any:
+        reply = await script(name, keys, args)
+        if args[0] == "set":  # the newer change is pushed before this reply is handled
+            await operator(redis_url, store, "open_for=20")
+            await until(lambda: mine.config.open_for == 20.0, what="the newer change pushed")
+        return reply
+
+    store._script = late_reply  # type: ignore[method-assign]
+    assert await store.configure(NAME, open_for=9.0) == 1
+    assert mine.config.open_for == 20.0
+    assert (await store.config(NAME)).version == 2
+
+
+async def test_a_replica_keeps_the_settings_of_the_names_it_follows_only(
+    stores: Callable[..., RedisStore],
+) -> None:
+    """Changes of names no policy of this process follows are not kept (read when one is
+    built), and the names its policies stopped following are forgotten: memory follows the
+    names in use, not the names changed fleet-wide."""
+    store = stores()
+    mine = CircuitBreaker("mine", store=store)
+    await store.sync()
+    admin = stores(prefix=store.prefix)  # follows nothing
+    for i in range(200):
+        await admin.configure(f"other-{i}", open_for=9.0)
+    await admin.configure("mine", open_for=7.0)
+    await until(lambda: mine.config.open_for == 7.0, what="the change pushed")  # the last one
+    assert set(store._config_runs) == {"mine"}
+    assert not [name for name in live._live if name.startswith("other-")]
+    for i in range(200):  # policies made per key and dropped, each changed meanwhile
+        policy = CircuitBreaker(f"gone-{i}", store=store)
+        await admin.configure(f"gone-{i}", open_for=9.0)
+        await until(lambda p=policy: p.config.open_for == 9.0, what="the change pushed")
+    policy = CircuitBreaker("other-7", store=store)  # built later: reads its settings
+    await store.sync()
+    assert policy.config.open_for == 9.0
+    assert len(store._config_runs) < 100
+    assert len(live._live) < 100
+
+
+async def test_a_read_of_the_lost_history_does_not_undo_the_change_pushed_meanwhile(
+    stores: Callable[..., RedisStore], raw: Any, redis_url: str
+) -> None:
+    """A read answered before Redis lost the settings, whose reply comes after the push of
+    the next change (another history), does not take the replica back: it reads again."""
+    store = stores()
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    await store.sync()
+    await store.configure(NAME, open_for=8.0)
+    send = store.supervisor.send
+    late = [True]
+
+    async def late_reply(commands: list[Any]) -> list[Any]:
+        replies = await send(commands)
+        if late.pop() if late else False:  # the first read: its reply comes after all this
+            await forget_settings(raw, store)
+            await operator(redis_url, store, "open_for=20")
+            await until(lambda: mine.config.open_for == 20.0, what="the change pushed")
+        return replies
+
+    store.supervisor.send = late_reply  # type: ignore[method-assign]
+    store._config_waiting.add(NAME)  # as when its subscription is replaced
+    await store._config_settled()
+    assert mine.config.open_for == 20.0
+
+
+async def test_the_reply_to_a_change_made_before_redis_lost_it_does_not_undo_the_next(
+    stores: Callable[..., RedisStore], raw: Any, redis_url: str
+) -> None:
+    """A replica whose reply to its change comes after Redis lost the settings and the next
+    change (another history) was pushed keeps the next one."""
+    store = stores()
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    await store.sync()
+    await store.configure(NAME, open_for=8.0)
+    script = store._script
+
+    async def late_reply(name: str, keys: list[str], args: list[Any]) -> Any:
+        reply = await script(name, keys, args)
+        if args[0] == "set":
+            await forget_settings(raw, store)
+            await operator(redis_url, store, "open_for=20")
+            await until(lambda: mine.config.open_for == 20.0, what="the change pushed")
+        return reply
+
+    store._script = late_reply  # type: ignore[method-assign]
+    assert await store.configure(NAME, open_for=9.0) == 2
+    assert mine.config.open_for == 20.0

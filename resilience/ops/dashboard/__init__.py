@@ -73,7 +73,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
     ) from exc
 
 from resilience import CircuitState, Clock, PolicyStatus, Store, StoreUnavailableError, status
-from resilience.store.config import ConfigStore, origin
+from resilience.store.config import ConfigStore, check_keys, origin
 from resilience.store.records import LATENCY_BUCKETS, REPORTING
 
 from ..calls import CallCounts
@@ -505,7 +505,7 @@ class Dashboard:
         values = body.get("values") if isinstance(body, dict) else None
         if not isinstance(values, dict) or not values:
             raise ValueError('send {"values": {"setting": value, ...}} as JSON')
-        return await _settings(self.store).configure(name, origin=_origin(), **values)
+        return await _settings(self.store).configure(name, origin=_origin(), **check_keys(values))
 
     async def _rollback(self, name: str, body: Any) -> int:
         version = body.get("version") if isinstance(body, dict) else None

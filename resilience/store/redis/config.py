@@ -10,9 +10,17 @@ on a call's path.
 A replica reads the settings of each name its policies follow when it starts listening (its
 engine starts, or a policy is built inside a running loop) and again whenever its
 subscription is replaced (a message may have been lost meanwhile): one reader task, a
-pipeline of ``CONFIG_CHUNK`` names at a time. A push is always the
-newest change; a read is taken only if it is newer than what the replica runs, so a replica
-whose Redis lost the data keeps the last values it had (until the next change).
+pipeline of ``CONFIG_CHUNK`` names at a time.
+
+Each history has an epoch, a random id the script writes in the head with its first change
+(and again once Redis lost the head: versions start at 1 again, in another epoch). A replica
+takes a change (pushed, read, or its own write's reply, which may come in any order) if it is
+of another epoch than the one it runs, or newer within it: never an older one of the same
+history, and always the first change after Redis lost the data, whatever its version (a read
+whose reply comes after a change was pushed is made again: which of the two is newer is not
+known across two connections; the reply to a replica's own change is taken only if no change
+came meanwhile, else its push brings it). A read of a name without settings (Redis lost them)
+changes nothing: the replica keeps the last values it had until the next change.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -72,11 +81,11 @@ def parse_config(reply: Any) -> tuple[bool, ConfigState]:
     here), and the name's settings. A reply of the wrong shape is an outage (``BadReply``);
     values, values in code or history entries that do not parse (written by someone else)
     cost only themselves: skipped, and reported, never an outage of the whole store."""
-    if not isinstance(reply, list) or len(reply) < 4:
+    if not isinstance(reply, list) or len(reply) < 5:
         raise BadReply(f"unexpected reply {reply!r:.200}")
-    reset, version, values, count = reply[:4]
+    reset, version, values, epoch, count = reply[:5]
     kinds = number(count)
-    flat = reply[4 : 4 + 2 * kinds]
+    flat = reply[5 : 5 + 2 * kinds]
     if len(flat) != 2 * kinds:
         raise BadReply(f"unexpected reply {reply!r:.200}")
     damaged = False
@@ -94,27 +103,33 @@ def parse_config(reply: Any) -> tuple[bool, ConfigState]:
         base, name = parsed(_object, raw), parsed(text, kind)
         if base is not None and name is not None:
             bases[name] = base
-    history = [c for c in (parsed(_change, raw) for raw in reply[4 + 2 * kinds :]) if c]
+    history = [c for c in (parsed(_change, raw) for raw in reply[5 + 2 * kinds :]) if c]
     live = parsed(_object, values) if values else {}
-    state = ConfigState(number(version), live or {}, bases, history)
+    state = ConfigState(number(version), live or {}, bases, history, text(epoch))
     return bool(number(reset)) or damaged, state
 
 
-def _version(reply: Any) -> int:
-    """A ``config.lua`` "set" reply: the new version, or -1 (another writer came first)."""
+def _version(reply: Any) -> tuple[int, str]:
+    """A ``config.lua`` "set" reply: the new version and its epoch, or -1 (another writer
+    came first)."""
     if not isinstance(reply, list) or not reply:
         raise BadReply(f"unexpected reply {reply!r:.200}")
-    return number(reply[0], -1)
+    version = number(reply[0], -1)
+    if version < 0:
+        return version, ""
+    if len(reply) != 2:
+        raise BadReply(f"unexpected reply {reply!r:.200}")
+    return version, text(reply[1])
 
 
-def parse_pushed(data: Any) -> tuple[str, int, Values, str]:
-    """A change published on the channel: name, version, values, origin."""
+def parse_pushed(data: Any) -> tuple[str, str, int, Values, str]:
+    """A change published on the channel: name, epoch, version, values, origin."""
     message = _object(data)
     try:
-        name, values = message["config"], message["values"]
-        if not isinstance(name, str) or not isinstance(values, dict):
+        name, values, epoch = message["config"], message["values"], message.get("epoch", "")
+        if not isinstance(name, str) or not isinstance(values, dict) or not isinstance(epoch, str):
             raise TypeError(name)
-        return name, number(message["version"]), values, str(message["origin"])
+        return name, epoch, number(message["version"]), values, str(message["origin"])
     except (KeyError, TypeError, ValueError):
         raise BadReply(f"unparsable change {data!r:.200}") from None
 
@@ -127,7 +142,7 @@ class RedisConfig(LiveConfig):
     supervisor: Supervisor
     channel: str
     ttl_ms: int
-    _config_runs: dict[str, int]  # name -> the version this replica runs
+    _config_runs: dict[str, tuple[str, int]]  # name -> the epoch and version this replica runs
     _config_prune_at: int  # _config_runs is pruned when it grows to this
     _config_waiting: set[str]  # names to read once a loop runs
     _config_tasks: set[asyncio.Task[None]]
@@ -205,12 +220,15 @@ class RedisConfig(LiveConfig):
             MAX_HISTORY,
             self.channel,
             json.dumps(name),
+            secrets.token_hex(8),  # the epoch, if this change starts a history
         ]
+        before = self._config_runs.get(name)
         reply = await self._script("config", self._config_keys(name), args)
-        version = self.supervisor.parsed(_version, reply)
+        version, epoch = self.supervisor.parsed(_version, reply)
         if version < 0:
             return None
-        self._config_adopt(name, version, values, origin, pushed=True)  # not waiting for it
+        if self._config_runs.get(name) == before:  # else its push, in order, brings it
+            self._config_adopt(name, epoch, version, values, origin)  # not waiting for it
         return version
 
     # --- what replicas learn -----------------------------------------------------------------
@@ -222,8 +240,11 @@ class RedisConfig(LiveConfig):
         if name not in runs and len(runs) >= self._config_prune_at:
             for gone in [n for n in runs if not config.followed(n)]:
                 del runs[gone]  # no policy follows it: bounded by the names in use
+                config.forget(gone)  # its values are read again when one does
             self._config_prune_at = max(64, 2 * len(runs))
-        runs.setdefault(name, 0)
+        if config.live(name) is None:  # none here (or forgotten): take whatever is read
+            runs[name] = ("", 0)
+        runs.setdefault(name, ("", 0))
         self._config_waiting.add(name)
         try:
             loop = asyncio.get_running_loop()
@@ -262,8 +283,11 @@ class RedisConfig(LiveConfig):
 
     async def _config_fetch(self, names: list[str]) -> None:
         """Report the values in code of ``names``' policies and take their settings if newer,
-        in one pipeline (the script loaded first if Redis does not know it)."""
+        in one pipeline (the script loaded first if Redis does not know it). A name that took
+        a change meanwhile (a push) is read again: a reply of another history than that
+        change's may be the older one (Redis lost the data between the read and the push)."""
         sha = self._scripts["config"].sha
+        before = {name: self._config_runs.get(name) for name in names}
         ttl = self._config_ttl()
         commands: list[Command] = []
         owners: list[str] = []  # the name of each command
@@ -287,9 +311,11 @@ class RedisConfig(LiveConfig):
             if reset:
                 self.engine.reset_seen(name, self.key(name, "config"))
         for name, state in states.items():
-            if state.history:
+            if self._config_runs.get(name) != before[name]:
+                self._config_waiting.add(name)
+            elif state.history:
                 origin = state.history[0].origin
-                self._config_adopt(name, state.version, state.values, origin, pushed=False)
+                self._config_adopt(name, state.epoch, state.version, state.values, origin)
 
     async def _config_settled(self) -> None:
         """Wait for the reads of settings under way (``sync``)."""
@@ -298,21 +324,25 @@ class RedisConfig(LiveConfig):
             await asyncio.gather(*self._config_tasks, return_exceptions=True)
 
     def _config_pushed(self, data: Any) -> None:
-        """A change published on the channel (always the newest): applied at once."""
+        """A change published on the channel: applied at once (if newer, see ``_config_adopt``)."""
         try:
-            name, version, values, origin = parse_pushed(data)
+            name, epoch, version, values, origin = parse_pushed(data)
         except BadReply:
             logger.warning("ignored an unparsable change on %r: %r", self.channel, data)
             return
-        self._config_adopt(name, version, values, origin, pushed=True)
+        self._config_adopt(name, epoch, version, values, origin)
         with contextlib.suppress(RuntimeError):
             self._config_read_waiting()
 
     def _config_adopt(
-        self, name: str, version: int, values: Values, origin: str, *, pushed: bool
+        self, name: str, epoch: str, version: int, values: Values, origin: str
     ) -> None:
-        runs = self._config_runs.get(name, 0)
-        if version == runs or (not pushed and version < runs):
+        """Run version ``version`` of history ``epoch`` if ``config.takes`` it: of another
+        history than the one this replica runs (Redis lost the data and a change started
+        another), or newer within it; a push, a read and this replica's own write's reply come
+        in any order. A name no policy here follows is not kept: it is read when one is
+        built."""
+        if not config.takes(self._config_runs.get(name), epoch, version):
             return
-        self._config_runs[name] = version
+        self._config_runs[name] = (epoch, version)
         config.apply(name, version, values, origin)

@@ -121,7 +121,7 @@ def _replica(report: str, now: int, histograms: dict[str, tuple[int, ...]]) -> R
             latency = histograms[raw] = parse_histogram(raw)
     return ReplicaReport(
         rid,
-        max(0.0, (now - at) / 1000),
+        (now - at) / 1000 if now > at else 0.0,
         int(parts[1]),
         int(parts[2]),
         int(parts[3]),
@@ -143,7 +143,10 @@ def _replicas(
         one = _replica(report, now, histograms)
         if one is not None:
             out.append(one)
-    if len(out) > 1:
+    if len(out) == 2:  # the usual case: two replicas, in order or not
+        one, two = out
+        return (one, two) if one.replica <= two.replica else (two, one)
+    if len(out) > 2:
         out.sort(key=_BY_REPLICA)
     return tuple(out)
 
@@ -152,11 +155,12 @@ def _summed(replicas: tuple[ReplicaReport, ...]) -> tuple[int, tuple[int, ...]]:
     """Refused calls and the latency histogram, over every replica."""
     if len(replicas) == 1:
         return replicas[0].rejected, replicas[0].latency
+    if len(replicas) == 2:  # the usual case of a breaker in use on two replicas
+        a, b = replicas
+        refused, one, two = a.rejected + b.rejected, a.latency, b.latency
+        return refused, tuple(map(add, one, two)) if one and two else one or two
     histograms = [r.latency for r in replicas if r.latency]
-    if len(histograms) == 2:  # the usual case of a breaker in use on two replicas
-        latency = tuple(map(add, *histograms))
-    else:
-        latency = tuple(map(sum, zip(*histograms, strict=True))) if histograms else ()
+    latency = tuple(map(sum, zip(*histograms, strict=True))) if histograms else ()
     return sum(r.rejected for r in replicas), latency
 
 

@@ -31,6 +31,7 @@ from resilience import (
     status,
 )
 from resilience.events import TimedOut
+from resilience.ops.cards import Cards
 from resilience.ops.dashboard import Dashboard, _percentiles
 from resilience.store.records import LATENCY_BUCKETS, REPORTING, ReplicaReport
 from resilience.store.redis import RedisStore
@@ -903,3 +904,70 @@ async def test_a_rate_limiters_settings_are_read_every_few_seconds(clock: FakeCl
         clock.advance(SETTINGS_AGE / 4)
         await app.snapshot()
     assert len(reads) == 3  # at 0, after SETTINGS_AGE and after 2 * SETTINGS_AGE
+
+
+async def test_a_card_that_fails_is_a_503_not_a_crash(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A figure of the cards that raises makes the status a 503 with its error, and the
+    page still loads: the page reports; it never crashes."""
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a card could not be read")
+
+    monkeypatch.setattr(Cards, "look", broken)
+    store = MemoryStore(clock=clock)
+    CircuitBreaker("svc", store=store, clock=clock)
+    async with client(Dashboard(store, clock=clock)) as c:
+        answer = await c.get("/status")
+        assert answer.status_code == 503
+        assert answer.json()["error"]
+        assert (await c.get("/")).status_code == 200
+
+
+class _OwnDetector:
+    """A detector of one's own, whose threshold can be taken away after construction."""
+
+    def __init__(self) -> None:
+        self.threshold: object = 8.0
+
+    def watch(self, now: float) -> None:
+        pass
+
+    def heartbeat(self, now: float) -> None:
+        pass
+
+    def phi(self, now: float) -> float:
+        return 0.5
+
+    def suspect(self, now: float) -> bool:
+        return False
+
+
+async def test_a_threshold_that_cannot_be_read_is_none(clock: FakeClock) -> None:
+    """A detector whose threshold is gone (or not a finite number) by the time the
+    dashboard looks gives its card ``"threshold": None``; the status is still a 200."""
+    store = MemoryStore(clock=clock)
+
+    async def check() -> bool:
+        return True
+
+    detector = _OwnDetector()
+    name = f"own-{uuid.uuid4().hex[:8]}"  # no other test's check of that name
+    app = Dashboard(store, refresh=0.05, clock=clock)
+
+    async def suspicion() -> tuple[int, Any]:
+        clock.advance(1.0)
+        code, doc = await app.snapshot()
+        (card,) = [p for p in doc["policies"] if p["name"] == f"health:{name}"]
+        return code, card["suspicion"]
+
+    async with HealthCheck(
+        check, name=name, interval=1.0, store=store, clock=clock, detector=detector
+    ):
+        await advance(clock, 1.0)
+        for broken in (None, float("nan"), "8"):
+            detector.threshold = broken
+            assert await suspicion() == (200, {"phi": 0.5, "threshold": None, "suspected": False})
+        del detector.threshold
+        assert (await suspicion())[1]["threshold"] is None

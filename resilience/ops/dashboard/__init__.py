@@ -10,8 +10,9 @@ Routes, relative to where it is mounted:
   document inside it, so it shows figures at once.
 * ``GET /status``: ``{"policies": [...], "store": {"kind", "degraded"}, "control", "refresh",
   "reporting", "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot
-  answer. Each policy carries its ``PolicyStatus`` fields plus ``"replicas_reporting"``
-  (replicas heard from in the last ``"reporting"`` seconds: ``REPORTING``) and, for a
+  answer, or its figures cannot be computed. Each policy carries its ``PolicyStatus`` fields
+  plus ``"replicas_reporting"`` (replicas heard from in the last ``"reporting"`` seconds:
+  ``REPORTING``) and, for a
   breaker, figures computed here from the running totals of two successive snapshots
   (``None`` before a second one; ``None`` for other kinds): ``"rates"``, per second:
   ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that keeps no running total
@@ -107,6 +108,7 @@ _COMMON_HEADERS = {
     "referrer-policy": "no-referrer",
 }
 _UNAVAILABLE = "store unavailable (the dashboard's log says why)"
+_FAILED = "the figures could not be computed (the dashboard's log says why)"
 
 
 def _store_kind(store: Store) -> str:
@@ -346,7 +348,8 @@ class Dashboard:
 
     # the status document --------------------------------------------------------------------
     async def snapshot(self) -> tuple[int, dict[str, Any]]:
-        """The status document and its HTTP status: 200, or 503 when the store failed.
+        """The status document and its HTTP status: 200, or 503 when the store failed (or the
+        figures could not be computed).
 
         Viewers share snapshots: one taken less than half a ``refresh`` ago is reused.
         """
@@ -364,22 +367,25 @@ class Dashboard:
         doc["refresh"] = self.refresh
         doc["reporting"] = REPORTING
         code = 200
+        policies: list[PolicyStatus] | None = None
         try:
             policies = await status(self.store)
-        except Exception as exc:  # a status page reports a failing store; it never crashes
-            if isinstance(exc, StoreUnavailableError):
-                logger.warning("dashboard: the store cannot answer: %s", _redact(str(exc)))
-            else:
-                logger.error("dashboard: the store failed to report: %s", _redact(repr(exc)))
-            doc["error"] = _UNAVAILABLE
-            store["degraded"] = True
-            code = 503
-        else:
             shared = _store_kind(self.store) != "memory"
             await self._cards.look(self.store, policies, now)
             listed = [self._policy(p, now, fleet=shared) for p in policies]
             local = self._cards.local_pools(policies)
             doc["policies"] = [*listed, *[self._policy(p, now) for p in local]]
+        except Exception as exc:  # a status page reports a failing store; it never crashes
+            if isinstance(exc, StoreUnavailableError):
+                logger.warning("dashboard: the store cannot answer: %s", _redact(str(exc)))
+            elif policies is None:
+                logger.error("dashboard: the store failed to report: %s", _redact(repr(exc)))
+            else:
+                logger.exception("dashboard: the figures could not be computed")
+            doc["error"] = _UNAVAILABLE if policies is None else _FAILED
+            store["degraded"] = policies is None
+            code = 503
+        else:
             policies = [*policies, *local]
             self._intervals.forget({(p.kind, p.name) for p in policies})
             self._cards.forget({(p.kind, p.name) for p in policies})

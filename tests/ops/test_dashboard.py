@@ -971,3 +971,27 @@ async def test_a_threshold_that_cannot_be_read_is_none(clock: FakeClock) -> None
             assert await suspicion() == (200, {"phi": 0.5, "threshold": None, "suspected": False})
         del detector.threshold
         assert (await suspicion())[1]["threshold"] is None
+
+
+async def test_calls_of_names_the_store_forgot_are_forgotten(clock: FakeClock) -> None:
+    """What breakers reported to ``dashboard.calls`` is dropped for every name the store
+    no longer lists, so per-origin breakers that come and go hold no memory forever."""
+    store = MemoryStore(clock=clock, forget_after=1.0)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    names = [f"https://host{i}.example" for i in range(5)]
+    for name in names:
+        breaker = CircuitBreaker(name, store=store, clock=clock, listeners=[app.calls])
+        await breaker.call(asyncio.sleep, 0)
+    del breaker
+    gc.collect()
+    _, doc = await app.snapshot()
+    assert all(app.calls.totals(name) is not None for name in names)
+    clock.advance(5.0)
+    kept = CircuitBreaker("kept", store=store, clock=clock, listeners=[app.calls])
+    await kept.call(asyncio.sleep, 0)
+    gc.collect()
+    _, doc = await app.snapshot()
+    listed = {p["name"] for p in doc["policies"]}
+    assert listed == {"kept"}
+    assert [app.calls.totals(name) for name in names] == [None] * len(names)
+    assert app.calls.totals("kept") is not None

@@ -389,6 +389,7 @@ class Dashboard:
             policies = [*policies, *local]
             self._intervals.forget({(p.kind, p.name) for p in policies})
             self._cards.forget({(p.kind, p.name) for p in policies})
+            self.calls.forget({p.name for p in policies})
         store["degraded"] = store["degraded"] or bool(getattr(self.store, "degraded", False))
         doc["time"] = time.time()
         return code, doc

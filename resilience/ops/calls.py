@@ -108,8 +108,8 @@ class CallCounts:
     def forget(self, keep: set[str]) -> None:
         """Drop the totals of every name not in ``keep`` (the names a store lists now): names
         that come and go (a breaker per origin) hold no memory once the store forgot them."""
-        for name in set(self._totals) - keep:
-            del self._totals[name]
+        if not keep.issuperset(self._totals):  # a new dict: a dict's table never shrinks
+            self._totals = {name: t for name, t in self._totals.items() if name in keep}
 
     def refused(self, kind: str, name: str) -> int:
         """Calls the policies ``name`` of ``kind`` (``"bulkhead"``, ``"rate_limiter"``)

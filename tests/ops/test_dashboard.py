@@ -995,3 +995,38 @@ async def test_calls_of_names_the_store_forgot_are_forgotten(clock: FakeClock) -
     assert listed == {"kept"}
     assert [app.calls.totals(name) for name in names] == [None] * len(names)
     assert app.calls.totals("kept") is not None
+
+
+class _GatedStore(MemoryStore):
+    """A MemoryStore whose ``status()`` answers only once ``gate`` is set (a slow reply)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.gate = asyncio.Event()
+        self.asked = asyncio.Event()
+
+    async def status(self, *args: Any, **kwargs: Any) -> list[PolicyStatus]:
+        found = await super().status(*args, **kwargs)
+        self.asked.set()
+        await self.gate.wait()
+        return found
+
+
+async def test_a_change_made_while_a_snapshot_is_taken_shows_next(clock: FakeClock) -> None:
+    """A breaker forced open while a snapshot is on its way: that older snapshot is not
+    cached, so the next status shows the change (not the state read before it)."""
+    store = _GatedStore(clock)
+    breaker = CircuitBreaker("svc", store=store, clock=clock)
+    await breaker.call(asyncio.sleep, 0)
+    app = Dashboard(store, allow_control=True, token=TOKEN, refresh=10, clock=clock)
+    async with client(app) as c:
+        viewer = asyncio.ensure_future(c.get("/status"))
+        await asyncio.wait_for(store.asked.wait(), 10)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        store.gate.set()  # the reply is already read: it says "closed"
+        control = await c.post("/control/svc", json={"state": "forced_open"}, headers=headers)
+        assert control.status_code == 200
+        before = (await viewer).json()["policies"]
+        after = (await c.get("/status")).json()["policies"]
+    assert [p["state"] for p in before if p["name"] == "svc"] == ["closed"]
+    assert [p["state"] for p in after if p["name"] == "svc"] == ["forced_open"]

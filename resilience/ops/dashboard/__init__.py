@@ -321,6 +321,7 @@ class Dashboard:
         self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2), calls=self.calls)
         self._cards = Cards(self.calls, min_gap=min(0.5, self.refresh / 2))
         self._latest: tuple[float, int, dict[str, Any]] | None = None
+        self._changes = 0  #: changes made through this dashboard (see ``_changed``)
         self._lock = asyncio.Lock()
         self.app = Starlette(
             routes=[
@@ -357,9 +358,17 @@ class Dashboard:
             now = self.clock.monotonic()
             if self._latest is not None and now - self._latest[0] < self.refresh / 2:
                 return self._latest[1], self._latest[2]
+            changes = self._changes
             code, doc = await self._take(now)
-            self._latest = (now, code, doc)
+            if changes == self._changes:  # else it may not show a change made meanwhile
+                self._latest = (now, code, doc)
             return code, doc
+
+    def _changed(self) -> None:
+        """A change was made here: the next snapshot is taken afresh, and one on its way
+        (which may have read the store before the change) is not reused."""
+        self._changes += 1
+        self._latest = None
 
     async def _take(self, now: float) -> tuple[int, dict[str, Any]]:
         store = {"kind": _store_kind(self.store), "degraded": False}
@@ -464,7 +473,7 @@ class Dashboard:
         except Exception as exc:  # a failing store is a 503 for the operator, never a crash
             logger.warning("dashboard: control of %r failed: %s", name, _redact(repr(exc)))
             return _json({"error": _UNAVAILABLE}, 503)
-        self._latest = None  # the next snapshot shows the change
+        self._changed()  # the next snapshot shows the change
         logger.warning("dashboard: breaker %r forced %s", name, state.value)
         return _json({"name": name, "state": state.value})
 
@@ -503,7 +512,7 @@ class Dashboard:
         async def change() -> dict[str, Any]:
             version = await act(name, body)
             self._cards.reread(name)
-            self._latest = None  # the next snapshot shows the change
+            self._changed()  # the next snapshot shows the change
             return {"name": name, "version": version}
 
         return await self._config_call(name, change)

@@ -115,6 +115,9 @@ def test_control_without_token_is_refused() -> None:
         ({"token": ""}, ValueError, "token"),
         ({"token": "   "}, ValueError, "token"),
         ({"token": "a\nb"}, ValueError, "token"),
+        ({"token": "päss"}, ValueError, "token"),
+        ({"token": "s€cret"}, ValueError, "token"),
+        ({"token": "two words"}, ValueError, "token"),
         ({"clock": object()}, TypeError, "clock"),
     ],
 )
@@ -1030,3 +1033,19 @@ async def test_a_change_made_while_a_snapshot_is_taken_shows_next(clock: FakeClo
         after = (await c.get("/status")).json()["policies"]
     assert [p["state"] for p in before if p["name"] == "svc"] == ["closed"]
     assert [p["state"] for p in after if p["name"] == "svc"] == ["forced_open"]
+
+
+async def test_a_token_authorises_only_as_sent(clock: FakeClock) -> None:
+    """A header holding bytes outside ASCII is refused (403), never an error of the app."""
+    store = MemoryStore(clock=clock)
+    CircuitBreaker("svc", store=store, clock=clock)
+    async with client(Dashboard(store, allow_control=True, token=TOKEN)) as c:
+        for raw in ("Bearer " + TOKEN + "ä").encode(), ("Bearer " + TOKEN + "é").encode("latin-1"):
+            answer = await c.post(
+                "/control/svc", json={"state": "closed"}, headers=[(b"authorization", raw)]
+            )
+            assert answer.status_code == 403
+        answer = await c.post(
+            "/control/svc", json={"state": "closed"}, headers={"authorization": f"Bearer {TOKEN}"}
+        )
+        assert answer.status_code == 200

@@ -107,6 +107,8 @@ _COMMON_HEADERS = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
 }
+#: what a token may hold: the same bytes in every header encoding
+_VISIBLE_ASCII = frozenset(map(chr, range(0x21, 0x7F)))
 _UNAVAILABLE = "store unavailable (the dashboard's log says why)"
 _FAILED = "the figures could not be computed (the dashboard's log says why)"
 
@@ -296,8 +298,13 @@ class Dashboard:
             raise TypeError(f"allow_control must be True or False, not {allow_control!r}")
         if token is not None and not isinstance(token, str):
             raise TypeError(f"token must be a string or None, not {type(token).__name__}")
-        if token is not None and (not token.strip() or not token.isprintable()):
-            raise ValueError("token must be a non-empty string of printable characters")
+        if token is not None and not _VISIBLE_ASCII.issuperset(token.strip() or " "):
+            # a header carries bytes: a browser sends ISO-8859-1 only, curl the terminal's
+            # UTF-8; visible ASCII is the same in every one (the token itself is not shown)
+            raise ValueError(
+                "token must be a non-empty string of visible ASCII characters (letters, digits, "
+                "punctuation: no spaces, no accented or other non-ASCII letters)"
+            )
         if allow_control and token is None:
             raise ValueError("allow_control=True requires a token (sent as a Bearer token)")
         if isinstance(refresh, bool) or not isinstance(refresh, int | float):
@@ -313,7 +320,7 @@ class Dashboard:
         self.clock: Clock = store.clock if clock is None else clock
         self.allow_control = allow_control
         self.refresh = float(refresh)
-        self._token = None if token is None else token.strip().encode()
+        self._token = None if token is None else token.strip().encode("ascii")
         self._page = resources.files(__name__).joinpath("index.html").read_text(encoding="utf-8")
         #: a listener for this process's breakers (``listeners=[dashboard.calls]``): their
         #: calls/s, failed/s and latency where the store keeps no running totals of them
@@ -562,7 +569,9 @@ class Dashboard:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(given.strip().encode(), self._token)
+        # the header as its bytes (Starlette decodes them as ISO-8859-1): any non-ASCII byte
+        # differs from the token, which is ASCII
+        return hmac.compare_digest(given.strip().encode("latin-1"), self._token)
 
 
 async def _read_body(request: Request) -> bytes | None:

@@ -216,6 +216,19 @@ async def test_the_in_process_demo_dashboard_shows_calls_and_latency() -> None:
     assert None not in (last["active"], last["queued"], last["rejected"])
 
 
+async def test_the_last_line_says_the_breakers_last_state() -> None:
+    """The line of the upstream's last phase, printed as the demo ends, tells the breaker's
+    last state seen, not "not used yet" after a run that used it."""
+    lines: list[str] = []
+    summary = await run_demo(
+        0.5, replicas=1, seed=1, port=free_port(), write=lines.append, tty=False
+    )
+    assert summary["requests"]
+    phases = [line for line in "".join(lines).splitlines() if "upstream phase:" in line]
+    assert len(phases) >= 2
+    assert "not used yet" not in phases[-1]
+
+
 def test_live_screen_prints_names_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a terminal, a breaker's name in a state change line shows as written: no markup,
     no emoji code turned into an emoji."""

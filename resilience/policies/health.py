@@ -242,8 +242,13 @@ class HealthCheck:
                     f"detector must be a PhiAccrualDetector, a TimeoutDetector or provide "
                     f"threshold, watch(), heartbeat(), phi() and suspect(), got {detector!r}"
                 )
-        # the phi at which it suspects: shown next to phi, so a number (missing: None)
-        check_positive("detector.threshold", getattr(detector, "threshold", None))
+        # the phi at which it suspects, shown next to phi: a finite number > 0
+        threshold = getattr(detector, "threshold", None)
+        if threshold is None:
+            raise TypeError(
+                f"detector must have a threshold (the phi at which it suspects), got {detector!r}"
+            )
+        check_positive("detector.threshold", threshold)
         self._detector: Detector = detector
         if clock is None:
             clock = SYSTEM_CLOCK if store is None else store.clock

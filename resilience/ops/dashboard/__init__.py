@@ -12,9 +12,9 @@ Routes, relative to where it is mounted:
   "reporting", "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot
   answer, or its figures cannot be computed. Each policy carries its ``PolicyStatus`` fields
   plus ``"replicas_reporting"`` (replicas heard from in the last ``"reporting"`` seconds:
-  ``REPORTING``) and, for a
-  breaker, figures computed here from the running totals of two successive snapshots
-  (``None`` before a second one; ``None`` for other kinds): ``"rates"``, per second:
+  ``REPORTING``) and, for a breaker, figures computed here from the running totals of two
+  successive snapshots (``None`` before a second one; ``None`` for other kinds): ``"rates"``,
+  per second:
   ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that keeps no running total
   of them, as an in-process one) and ``rejected`` (calls refused), and ``timeouts``,
   ``bulkhead_rejected`` and ``fallbacks`` (``None`` unless this process's policies of that

@@ -84,6 +84,9 @@ from .version import __version__
 __all__ = ["Telemetry"]
 
 _SCOPE = "resilience"
+#: the per-call label sets kept ready, at most: past it they are built again (names that come
+#: and go, as a breaker per origin, hold no memory forever)
+_LABELS_KEPT = 1024
 
 #: what the listener records into: the attribute, a counter or a histogram, name, unit, text
 _RECORDED = (
@@ -311,6 +314,8 @@ class Telemetry:
             key = (event.policy, event.name, event.outcome)
             labels = self._labels.get(key)
             if labels is None:
+                if len(self._labels) >= _LABELS_KEPT:
+                    self._labels.clear()  # bounded: the busy names come back at once
                 labels = self._labels[key] = {
                     "resilience.policy": key[0],
                     "resilience.name": key[1],

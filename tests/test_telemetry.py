@@ -28,7 +28,7 @@ from resilience import (
     Timeout,
 )
 from resilience.events import CallFinished, SubscriberReplaced
-from resilience.telemetry import Telemetry
+from resilience.telemetry import _LABELS_KEPT, Telemetry
 from resilience.testing import FakeClock
 
 from .helpers import boom, ok, raises_each
@@ -296,3 +296,19 @@ async def test_call_metrics_per_policy(otel: Otel, clock: FakeClock) -> None:
     assert not off.wants(CallFinished, "circuit_breaker", "payments")
     with pytest.raises(TypeError, match="call_metrics"):
         Telemetry(call_metrics="payments")
+
+
+def test_the_label_cache_stays_bounded(otel: Otel) -> None:
+    """Per-call labels are cached for a bounded number of (policy, name, outcome): breakers
+    named per origin that come and go hold no memory forever, and calls are still counted."""
+    names = [f"https://host{i}.example" for i in range(_LABELS_KEPT + 1)]
+    for name in names:
+        otel.telemetry(
+            CallFinished(name=name, policy="circuit_breaker", outcome="success", duration=0.0)
+        )
+    assert len(otel.telemetry._labels) <= _LABELS_KEPT
+    otel.telemetry(
+        CallFinished(name=names[0], policy="circuit_breaker", outcome="success", duration=0.0)
+    )
+    counted = {a["resilience.name"]: v for a, v in otel.points("resilience.calls")}
+    assert counted[names[0]] == 2

@@ -7,7 +7,9 @@ each call a breaker ends (``CallFinished``), and the rarer events of the policie
 (a timeout that expired, a call a bulkhead or a rate limiter refused, a fallback served).
 The dashboard turns these running totals, per name, into rates on the breaker's card of that
 name (``HttpPolicy`` names every policy of an origin after it, as Hystrix groups a command's
-figures), and on the bulkhead's and the rate limiter's cards.
+figures), and on the bulkhead's and the rate limiter's cards. The dashboard drops the totals
+of the names its store no longer lists (``forget``) at each snapshot: a name's memory lasts
+as long as the store keeps it.
 """
 
 from __future__ import annotations
@@ -102,6 +104,12 @@ class CallCounts:
         if totals is None:
             return None
         return totals.timeouts, totals.bulkhead_rejected, totals.fallbacks
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop the totals of every name not in ``keep`` (the names a store lists now): names
+        that come and go (a breaker per origin) hold no memory once the store forgot them."""
+        if not keep.issuperset(self._totals):  # a new dict: a dict's table never shrinks
+            self._totals = {name: t for name, t in self._totals.items() if name in keep}
 
     def refused(self, kind: str, name: str) -> int:
         """Calls the policies ``name`` of ``kind`` (``"bulkhead"``, ``"rate_limiter"``)

@@ -219,21 +219,47 @@ class Cards:
 def _suspicion(policies: list[PolicyStatus]) -> dict[str, dict[str, Any]]:
     """By the name ``policies`` list it under: the phi of this process's health check, its
     detector's threshold and whether it is suspected now (the most suspicious, if several
-    have that name). No reference to a check is kept: they come and go with their owners."""
+    have that name); each ``None`` when it cannot be computed. No reference to a check is
+    kept: they come and go with their owners."""
     listed = {p.name for p in policies if p.kind == "health_check"}
-    found: dict[str, tuple[float, Any]] = {}
+    found: dict[str, tuple[float, dict[str, Any]]] = {}
     for check in health.living():
-        key, level = f"{HEALTH_PREFIX}{check.name}", check.phi
-        if key in listed and (key not in found or level > found[key][0]):
-            found[key] = (level, check)
-    return {
-        key: {
-            "phi": round(level, 2) if math.isfinite(level) else None,
-            "threshold": check.detector.threshold,
-            "suspected": not check.healthy,
+        key = f"{HEALTH_PREFIX}{check.name}"
+        level = _real(_read(check, "phi"))
+        rank = -math.inf if level is None or math.isnan(level) else level  # inf: suspected
+        if key not in listed or (key in found and rank <= found[key][0]):
+            continue
+        healthy = _read(check, "healthy")
+        figures = {
+            "phi": None if level is None else _finite(round(level, 2)),
+            "threshold": _finite(_read(check.detector, "threshold")),
+            "suspected": None if healthy is None else not healthy,
         }
-        for key, (level, check) in found.items()
-    }
+        found[key] = (rank, figures)
+    return {key: figures for key, (_, figures) in found.items()}
+
+
+def _read(owner: object, figure: str) -> Any:
+    """``owner``'s attribute ``figure``, or ``None`` when it cannot be computed (the card
+    says "not known"): a detector of one's own may fail, or lose its threshold."""
+    try:
+        return getattr(owner, figure)
+    except Exception as exc:
+        logger.debug("dashboard: %s could not be computed: %r", figure, exc)
+        return None
+
+
+def _real(value: object) -> float | None:
+    """``value`` if it is a real number (not a bool), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value
+
+
+def _finite(value: object) -> float | None:
+    """``value`` if it is a finite real number, else ``None``."""
+    real = _real(value)
+    return real if real is not None and math.isfinite(real) else None
 
 
 async def _settings(store: Store, name: str) -> dict[str, Any]:

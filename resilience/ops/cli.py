@@ -227,12 +227,15 @@ async def run_dashboard(args: argparse.Namespace, out: Callable[[str], object]) 
             file=sys.stderr,
         )
     try:
-        app = dashboard.Dashboard(
-            store,
-            allow_control=args.allow_control,
-            token=args.token or None,
-            refresh=args.refresh,
-        )
+        try:
+            app = dashboard.Dashboard(
+                store,
+                allow_control=args.allow_control,
+                token=args.token or None,
+                refresh=args.refresh,
+            )
+        except ValueError as exc:  # a token no header carries alike: a usage error
+            raise CommandError(str(exc), 2) from exc
         config = uvicorn.Config(
             _closing(app, store),
             host=args.host,

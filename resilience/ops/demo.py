@@ -44,6 +44,7 @@ from resilience import (
     CountWindow,
     Event,
     MemoryStore,
+    PolicyStatus,
     StateChanged,
     Store,
     StoreUnavailableError,
@@ -315,6 +316,7 @@ async def run_demo(
                 for i, p in enumerate(processes)
             ]
         with Screen(out, is_tty, duration) as screen:
+            breaker: PolicyStatus | None = None  # the last status of the breaker seen
             while time.monotonic() < until:
                 for task in workers:
                     if task.done() and task.exception() is not None:
@@ -324,16 +326,17 @@ async def run_demo(
                 except StoreUnavailableError:  # the replicas go on, on local state
                     policies = []
                 breakers = [p for p in policies if p.kind == "circuit_breaker"]
+                breaker = breakers[0] if breakers else breaker
                 screen.show(
                     time.monotonic() - start,
                     timeline.phase()[0],
                     tallies,
-                    breakers[0] if breakers else None,
+                    breaker,
                     transitions.take_fresh(),
                 )
                 await asyncio.sleep(0.25)
             await asyncio.wait_for(asyncio.gather(*workers), 10)
-            screen.show(duration, timeline.phase()[0], tallies, None, transitions.take_fresh())
+            screen.show(duration, timeline.phase()[0], tallies, breaker, transitions.take_fresh())
     finally:
         for task in workers:
             task.cancel()

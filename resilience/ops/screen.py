@@ -15,6 +15,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from resilience import CircuitState, Event, PolicyStatus, StateChanged
 
@@ -149,7 +150,7 @@ class Screen:
     def line(self, text: str) -> None:
         """A line that stays (above the live table on a terminal)."""
         if self.live is not None:
-            self.live.console.print(text, markup=False)
+            self.live.console.print(Text(text))  # a breaker's name as written: no markup
         else:
             self.write(text + "\n")
 
@@ -183,7 +184,7 @@ class Screen:
         style = STATE_STYLE.get(breaker.state, "") if breaker and breaker.state else ""
         self.progress.update(self.task, completed=elapsed, description=f"phase: {phase:<9}")
         self.live.update(
-            Group(table, f"[{style}]{breaker_line(breaker)}[/]" if style else "", self.progress)
+            Group(table, Text(breaker_line(breaker), style=style) if style else "", self.progress)
         )
 
     def _print_held(self, until: float) -> None:

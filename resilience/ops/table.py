@@ -123,6 +123,7 @@ def print_table(
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     plain = format_table(policies, buckets)
@@ -135,7 +136,7 @@ def print_table(
     colour = {"open": "red", "forced_open": "red", "half_open": "yellow", "closed": "green"}
     for p, row in zip(policies, _rows(policies, buckets or {}), strict=True):
         style = colour.get(str(p.state.value)) if p.state is not None else None
-        table.add_row(*row, style=style)
+        table.add_row(*map(Text, row), style=style)  # names and errors as written: no markup
     console.print(table)
     if any(p.state is CircuitState.OPEN for p in policies):
         out(OPEN_NOTE)

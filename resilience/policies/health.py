@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..checks import check_int, check_name, check_seconds, store_down
+from ..checks import check_int, check_name, check_positive, check_seconds, store_down
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ExcType, ResilienceTimeoutError, Traceback
 from ..events import HealthChanged, Listener, check_listeners, emit
@@ -240,8 +240,15 @@ class HealthCheck:
             if not callable(getattr(detector, method, None)):
                 raise TypeError(
                     f"detector must be a PhiAccrualDetector, a TimeoutDetector or provide "
-                    f"watch(), heartbeat(), phi() and suspect(), got {detector!r}"
+                    f"threshold, watch(), heartbeat(), phi() and suspect(), got {detector!r}"
                 )
+        # the phi at which it suspects, shown next to phi: a finite number > 0
+        threshold = getattr(detector, "threshold", None)
+        if threshold is None:
+            raise TypeError(
+                f"detector must have a threshold (the phi at which it suspects), got {detector!r}"
+            )
+        check_positive("detector.threshold", threshold)
         self._detector: Detector = detector
         if clock is None:
             clock = SYSTEM_CLOCK if store is None else store.clock

@@ -666,13 +666,15 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
     """An open breaker shows the window that opened it (never 0% / 0 / 0), a forced one no
     figures; a fleet silent for minutes reads as silent, not reporting; a throttle's and a
     hedge's windows read as what they count, a health check whether it is healthy; the feed
-    says "live" only while the store answers and is not degraded, and again once it is."""
+    says "live" only while the store answers and is not degraded, and again once it is; figures
+    that cannot be computed read as stale, without blaming the store."""
     from resilience.ops.dashboard import Dashboard
 
     scene = Scene()
     scene.records = SCENE
     own = Bulkhead(3, name="own-pool")  # this process's, not in the shared store
-    async with serving(Dashboard(scene, refresh=0.2)) as base:
+    board = Dashboard(scene, refresh=0.2)
+    async with serving(board) as base:
         try:
             await page.goto(base)
             pay = page.locator('[data-breaker="pay"][data-state="open"]')
@@ -736,6 +738,16 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
             scene.degraded = True  # a store deciding on local state: not live either
             await page.locator('#feed[data-feed="degraded"]').wait_for(timeout=10_000)
             scene.degraded = False
+            await live.wait_for(timeout=10_000)
+
+            def broken(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("a figure failed")
+
+            board._policy = broken  # type: ignore[method-assign]  # the store answers
+            await page.locator('#feed[data-feed="stale"]').wait_for(timeout=10_000)
+            banner = await page.locator("#banner").inner_text()
+            assert banner.startswith("The status could not be taken: the figures could not")
+            del board._policy
             await live.wait_for(timeout=10_000)
         finally:
             await page.goto("about:blank")  # the event stream ends with the page

@@ -371,6 +371,18 @@ def test_allow_control_needs_a_token(capsys: pytest.CaptureFixture[str]) -> None
     assert "--token" in capsys.readouterr().err
 
 
+def test_a_token_of_non_ascii_characters_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`dashboard --token` with a character outside visible ASCII fails in one line (exit 2):
+    no header encoding carries it alike, so no client could be authorised."""
+    assert main(["dashboard", "--allow-control", "--token", "päss", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "token must be" in err
+    assert "Traceback" not in err
+    assert "päss" not in err  # the token is not shown
+
+
 def test_dashboard_serves_status(tripped: tuple[str, str]) -> None:
     """`dashboard` serves /status on a free port until terminated."""
     url, prefix = tripped

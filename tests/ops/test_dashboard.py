@@ -31,6 +31,7 @@ from resilience import (
     status,
 )
 from resilience.events import TimedOut
+from resilience.ops.cards import Cards
 from resilience.ops.dashboard import Dashboard, _percentiles
 from resilience.store.records import LATENCY_BUCKETS, REPORTING, ReplicaReport
 from resilience.store.redis import RedisStore
@@ -114,6 +115,9 @@ def test_control_without_token_is_refused() -> None:
         ({"token": ""}, ValueError, "token"),
         ({"token": "   "}, ValueError, "token"),
         ({"token": "a\nb"}, ValueError, "token"),
+        ({"token": "päss"}, ValueError, "token"),
+        ({"token": "s€cret"}, ValueError, "token"),
+        ({"token": "two words"}, ValueError, "token"),
         ({"clock": object()}, TypeError, "clock"),
     ],
 )
@@ -903,3 +907,145 @@ async def test_a_rate_limiters_settings_are_read_every_few_seconds(clock: FakeCl
         clock.advance(SETTINGS_AGE / 4)
         await app.snapshot()
     assert len(reads) == 3  # at 0, after SETTINGS_AGE and after 2 * SETTINGS_AGE
+
+
+async def test_a_card_that_fails_is_a_503_not_a_crash(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A figure of the cards that raises makes the status a 503 with its error, and the
+    page still loads: the page reports; it never crashes."""
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a card could not be read")
+
+    monkeypatch.setattr(Cards, "look", broken)
+    store = MemoryStore(clock=clock)
+    CircuitBreaker("svc", store=store, clock=clock)
+    async with client(Dashboard(store, clock=clock)) as c:
+        answer = await c.get("/status")
+        assert answer.status_code == 503
+        assert answer.json()["error"]
+        assert (await c.get("/")).status_code == 200
+
+
+class _OwnDetector:
+    """A detector of one's own, whose threshold can be taken away after construction."""
+
+    def __init__(self) -> None:
+        self.threshold: object = 8.0
+
+    def watch(self, now: float) -> None:
+        pass
+
+    def heartbeat(self, now: float) -> None:
+        pass
+
+    def phi(self, now: float) -> float:
+        return 0.5
+
+    def suspect(self, now: float) -> bool:
+        return False
+
+
+async def test_a_threshold_that_cannot_be_read_is_none(clock: FakeClock) -> None:
+    """A detector whose threshold is gone (or not a finite number) by the time the
+    dashboard looks gives its card ``"threshold": None``; the status is still a 200."""
+    store = MemoryStore(clock=clock)
+
+    async def check() -> bool:
+        return True
+
+    detector = _OwnDetector()
+    name = f"own-{uuid.uuid4().hex[:8]}"  # no other test's check of that name
+    app = Dashboard(store, refresh=0.05, clock=clock)
+
+    async def suspicion() -> tuple[int, Any]:
+        clock.advance(1.0)
+        code, doc = await app.snapshot()
+        (card,) = [p for p in doc["policies"] if p["name"] == f"health:{name}"]
+        return code, card["suspicion"]
+
+    async with HealthCheck(
+        check, name=name, interval=1.0, store=store, clock=clock, detector=detector
+    ):
+        await advance(clock, 1.0)
+        for broken in (None, float("nan"), "8"):
+            detector.threshold = broken
+            assert await suspicion() == (200, {"phi": 0.5, "threshold": None, "suspected": False})
+        del detector.threshold
+        assert (await suspicion())[1]["threshold"] is None
+
+
+async def test_calls_of_names_the_store_forgot_are_forgotten(clock: FakeClock) -> None:
+    """What breakers reported to ``dashboard.calls`` is dropped for every name the store
+    no longer lists, so per-origin breakers that come and go hold no memory forever."""
+    store = MemoryStore(clock=clock, forget_after=1.0)
+    app = Dashboard(store, refresh=0.05, clock=clock)
+    names = [f"https://host{i}.example" for i in range(5)]
+    for name in names:
+        breaker = CircuitBreaker(name, store=store, clock=clock, listeners=[app.calls])
+        await breaker.call(asyncio.sleep, 0)
+    del breaker
+    gc.collect()
+    _, doc = await app.snapshot()
+    assert all(app.calls.totals(name) is not None for name in names)
+    clock.advance(5.0)
+    kept = CircuitBreaker("kept", store=store, clock=clock, listeners=[app.calls])
+    await kept.call(asyncio.sleep, 0)
+    gc.collect()
+    _, doc = await app.snapshot()
+    listed = {p["name"] for p in doc["policies"]}
+    assert listed == {"kept"}
+    assert [app.calls.totals(name) for name in names] == [None] * len(names)
+    assert app.calls.totals("kept") is not None
+
+
+class _GatedStore(MemoryStore):
+    """A MemoryStore whose ``status()`` answers only once ``gate`` is set (a slow reply)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.gate = asyncio.Event()
+        self.asked = asyncio.Event()
+
+    async def status(self, *args: Any, **kwargs: Any) -> list[PolicyStatus]:
+        found = await super().status(*args, **kwargs)
+        self.asked.set()
+        await self.gate.wait()
+        return found
+
+
+async def test_a_change_made_while_a_snapshot_is_taken_shows_next(clock: FakeClock) -> None:
+    """A breaker forced open while a snapshot is on its way: that older snapshot is not
+    cached, so the next status shows the change (not the state read before it)."""
+    store = _GatedStore(clock)
+    breaker = CircuitBreaker("svc", store=store, clock=clock)
+    await breaker.call(asyncio.sleep, 0)
+    app = Dashboard(store, allow_control=True, token=TOKEN, refresh=10, clock=clock)
+    async with client(app) as c:
+        viewer = asyncio.ensure_future(c.get("/status"))
+        await asyncio.wait_for(store.asked.wait(), 10)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        store.gate.set()  # the reply is already read: it says "closed"
+        control = await c.post("/control/svc", json={"state": "forced_open"}, headers=headers)
+        assert control.status_code == 200
+        before = (await viewer).json()["policies"]
+        after = (await c.get("/status")).json()["policies"]
+    assert [p["state"] for p in before if p["name"] == "svc"] == ["closed"]
+    assert [p["state"] for p in after if p["name"] == "svc"] == ["forced_open"]
+
+
+async def test_a_token_authorises_only_as_sent(clock: FakeClock) -> None:
+    """A header holding bytes outside ASCII is refused (403), never an error of the app."""
+    store = MemoryStore(clock=clock)
+    CircuitBreaker("svc", store=store, clock=clock)
+    async with client(Dashboard(store, allow_control=True, token=TOKEN)) as c:
+        for raw in ("Bearer " + TOKEN + "ä").encode(), ("Bearer " + TOKEN + "é").encode("latin-1"):
+            answer = await c.post(
+                "/control/svc", json={"state": "closed"}, headers=[(b"authorization", raw)]
+            )
+            assert answer.status_code == 403
+        answer = await c.post(
+            "/control/svc", json={"state": "closed"}, headers={"authorization": f"Bearer {TOKEN}"}
+        )
+        assert answer.status_code == 200

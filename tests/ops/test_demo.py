@@ -9,10 +9,13 @@ import time
 from collections import Counter
 
 import httpx
+import pytest
 
 from resilience import CircuitState, PolicyStatus, StateChanged
 from resilience.ops.demo import free_port, run_demo, serve
-from resilience.ops.screen import Screen, Transitions, breaker_line
+from resilience.ops.screen import Screen, Transition, Transitions, breaker_line
+
+from .terminal import Terminal
 
 
 async def _ok(scope: dict[str, object], receive: object, send: object) -> None:
@@ -211,3 +214,27 @@ async def test_the_in_process_demo_dashboard_shows_calls_and_latency() -> None:
     assert last["limit"] == 64
     assert last["fleet"] is False
     assert None not in (last["active"], last["queued"], last["rejected"])
+
+
+async def test_the_last_line_says_the_breakers_last_state() -> None:
+    """The line of the upstream's last phase, printed as the demo ends, tells the breaker's
+    last state seen, not "not used yet" after a run that used it."""
+    lines: list[str] = []
+    summary = await run_demo(
+        0.5, replicas=1, seed=1, port=free_port(), write=lines.append, tty=False
+    )
+    assert summary["requests"]
+    phases = [line for line in "".join(lines).splitlines() if "upstream phase:" in line]
+    assert len(phases) >= 2
+    assert "not used yet" not in phases[-1]
+
+
+def test_live_screen_prints_names_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal, a breaker's name in a state change line shows as written: no markup,
+    no emoji code turned into an emoji."""
+    terminal = Terminal(monkeypatch)
+    name = "http://[::1]:80/[bold]:smile:[/x]"
+    change = Transition(name=name, generation=1, old="closed", new="open", at=0.0)
+    with Screen(lambda _: None, tty=True, duration=1.0) as screen:
+        screen.show(1.0, "failing", [Counter[str]()], None, [change])
+    assert f"breaker {name} closed -> open" in terminal.plain()

@@ -562,6 +562,51 @@ async def test_a_timeout_detector_makes_a_plain_rule(clock: FakeClock, dep: Depe
         assert not hc.healthy
 
 
+class _Detector:
+    """A detector of its own: the four methods, and whatever ``threshold`` it is given."""
+
+    def __init__(self, **threshold: object) -> None:
+        self.__dict__.update(threshold)
+
+    def watch(self, now: float) -> None:
+        pass
+
+    def heartbeat(self, now: float) -> None:
+        pass
+
+    def phi(self, now: float) -> float:
+        return 0.0
+
+    def suspect(self, now: float) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("detector", "error"),
+    [
+        (_Detector(), TypeError),
+        (_Detector(threshold=None), TypeError),
+        (_Detector(threshold="8"), TypeError),
+        (_Detector(threshold=True), TypeError),
+        (_Detector(threshold=0), ValueError),
+        (_Detector(threshold=-1.0), ValueError),
+        (_Detector(threshold=math.inf), ValueError),
+        (_Detector(threshold=math.nan), ValueError),
+    ],
+    ids=["missing", "none", "text", "bool", "zero", "negative", "inf", "nan"],
+)
+def test_a_detector_needs_a_finite_positive_threshold(detector: object, error: type) -> None:
+    """A detector of one's own without a finite threshold > 0 is refused at construction,
+    the error naming ``threshold``: the dashboard shows it next to phi."""
+
+    async def check() -> None:
+        pass
+
+    with pytest.raises(error, match="threshold"):
+        HealthCheck(check, name="db", detector=detector)  # type: ignore[arg-type]
+    assert HealthCheck(check, name="db", detector=_Detector(threshold=3)).detector.threshold == 3  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("kw", "error", "match"),
     [

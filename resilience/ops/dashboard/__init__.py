@@ -10,10 +10,11 @@ Routes, relative to where it is mounted:
   document inside it, so it shows figures at once.
 * ``GET /status``: ``{"policies": [...], "store": {"kind", "degraded"}, "control", "refresh",
   "reporting", "time"}``; ``503`` with the same shape and an ``"error"`` when the store cannot
-  answer. Each policy carries its ``PolicyStatus`` fields plus ``"replicas_reporting"``
-  (replicas heard from in the last ``"reporting"`` seconds: ``REPORTING``) and, for a
-  breaker, figures computed here from the running totals of two successive snapshots
-  (``None`` before a second one; ``None`` for other kinds): ``"rates"``, per second:
+  answer, or its figures cannot be computed. Each policy carries its ``PolicyStatus`` fields
+  plus ``"replicas_reporting"`` (replicas heard from in the last ``"reporting"`` seconds:
+  ``REPORTING``) and, for a breaker, figures computed here from the running totals of two
+  successive snapshots (``None`` before a second one; ``None`` for other kinds): ``"rates"``,
+  per second:
   ``calls``, ``failures``, ``slow_calls`` (``None`` from a store that keeps no running total
   of them, as an in-process one) and ``rejected`` (calls refused), and ``timeouts``,
   ``bulkhead_rejected`` and ``fallbacks`` (``None`` unless this process's policies of that
@@ -106,7 +107,10 @@ _COMMON_HEADERS = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
 }
+#: what a token may hold: the same bytes in every header encoding
+_VISIBLE_ASCII = frozenset(map(chr, range(0x21, 0x7F)))
 _UNAVAILABLE = "store unavailable (the dashboard's log says why)"
+_FAILED = "the figures could not be computed (the dashboard's log says why)"
 
 
 def _store_kind(store: Store) -> str:
@@ -294,8 +298,13 @@ class Dashboard:
             raise TypeError(f"allow_control must be True or False, not {allow_control!r}")
         if token is not None and not isinstance(token, str):
             raise TypeError(f"token must be a string or None, not {type(token).__name__}")
-        if token is not None and (not token.strip() or not token.isprintable()):
-            raise ValueError("token must be a non-empty string of printable characters")
+        if token is not None and not _VISIBLE_ASCII.issuperset(token.strip() or " "):
+            # a header carries bytes: a browser sends ISO-8859-1 only, curl the terminal's
+            # UTF-8; visible ASCII is the same in every one (the token itself is not shown)
+            raise ValueError(
+                "token must be a non-empty string of visible ASCII characters (letters, digits, "
+                "punctuation: no spaces, no accented or other non-ASCII letters)"
+            )
         if allow_control and token is None:
             raise ValueError("allow_control=True requires a token (sent as a Bearer token)")
         if isinstance(refresh, bool) or not isinstance(refresh, int | float):
@@ -311,7 +320,7 @@ class Dashboard:
         self.clock: Clock = store.clock if clock is None else clock
         self.allow_control = allow_control
         self.refresh = float(refresh)
-        self._token = None if token is None else token.strip().encode()
+        self._token = None if token is None else token.strip().encode("ascii")
         self._page = resources.files(__name__).joinpath("index.html").read_text(encoding="utf-8")
         #: a listener for this process's breakers (``listeners=[dashboard.calls]``): their
         #: calls/s, failed/s and latency where the store keeps no running totals of them
@@ -319,6 +328,7 @@ class Dashboard:
         self._intervals = _Intervals(min_gap=min(0.5, self.refresh / 2), calls=self.calls)
         self._cards = Cards(self.calls, min_gap=min(0.5, self.refresh / 2))
         self._latest: tuple[float, int, dict[str, Any]] | None = None
+        self._changes = 0  #: changes made through this dashboard (see ``_changed``)
         self._lock = asyncio.Lock()
         self.app = Starlette(
             routes=[
@@ -346,7 +356,8 @@ class Dashboard:
 
     # the status document --------------------------------------------------------------------
     async def snapshot(self) -> tuple[int, dict[str, Any]]:
-        """The status document and its HTTP status: 200, or 503 when the store failed.
+        """The status document and its HTTP status: 200, or 503 when the store failed (or the
+        figures could not be computed).
 
         Viewers share snapshots: one taken less than half a ``refresh`` ago is reused.
         """
@@ -354,9 +365,17 @@ class Dashboard:
             now = self.clock.monotonic()
             if self._latest is not None and now - self._latest[0] < self.refresh / 2:
                 return self._latest[1], self._latest[2]
+            changes = self._changes
             code, doc = await self._take(now)
-            self._latest = (now, code, doc)
+            if changes == self._changes:  # else it may not show a change made meanwhile
+                self._latest = (now, code, doc)
             return code, doc
+
+    def _changed(self) -> None:
+        """A change was made here: the next snapshot is taken afresh, and one on its way
+        (which may have read the store before the change) is not reused."""
+        self._changes += 1
+        self._latest = None
 
     async def _take(self, now: float) -> tuple[int, dict[str, Any]]:
         store = {"kind": _store_kind(self.store), "degraded": False}
@@ -364,25 +383,29 @@ class Dashboard:
         doc["refresh"] = self.refresh
         doc["reporting"] = REPORTING
         code = 200
+        policies: list[PolicyStatus] | None = None
         try:
             policies = await status(self.store)
-        except Exception as exc:  # a status page reports a failing store; it never crashes
-            if isinstance(exc, StoreUnavailableError):
-                logger.warning("dashboard: the store cannot answer: %s", _redact(str(exc)))
-            else:
-                logger.error("dashboard: the store failed to report: %s", _redact(repr(exc)))
-            doc["error"] = _UNAVAILABLE
-            store["degraded"] = True
-            code = 503
-        else:
             shared = _store_kind(self.store) != "memory"
             await self._cards.look(self.store, policies, now)
             listed = [self._policy(p, now, fleet=shared) for p in policies]
             local = self._cards.local_pools(policies)
             doc["policies"] = [*listed, *[self._policy(p, now) for p in local]]
+        except Exception as exc:  # a status page reports a failing store; it never crashes
+            if isinstance(exc, StoreUnavailableError):
+                logger.warning("dashboard: the store cannot answer: %s", _redact(str(exc)))
+            elif policies is None:
+                logger.error("dashboard: the store failed to report: %s", _redact(repr(exc)))
+            else:
+                logger.exception("dashboard: the figures could not be computed")
+            doc["error"] = _UNAVAILABLE if policies is None else _FAILED
+            store["degraded"] = policies is None
+            code = 503
+        else:
             policies = [*policies, *local]
             self._intervals.forget({(p.kind, p.name) for p in policies})
             self._cards.forget({(p.kind, p.name) for p in policies})
+            self.calls.forget({p.name for p in policies})
         store["degraded"] = store["degraded"] or bool(getattr(self.store, "degraded", False))
         doc["time"] = time.time()
         return code, doc
@@ -457,7 +480,7 @@ class Dashboard:
         except Exception as exc:  # a failing store is a 503 for the operator, never a crash
             logger.warning("dashboard: control of %r failed: %s", name, _redact(repr(exc)))
             return _json({"error": _UNAVAILABLE}, 503)
-        self._latest = None  # the next snapshot shows the change
+        self._changed()  # the next snapshot shows the change
         logger.warning("dashboard: breaker %r forced %s", name, state.value)
         return _json({"name": name, "state": state.value})
 
@@ -496,7 +519,7 @@ class Dashboard:
         async def change() -> dict[str, Any]:
             version = await act(name, body)
             self._cards.reread(name)
-            self._latest = None  # the next snapshot shows the change
+            self._changed()  # the next snapshot shows the change
             return {"name": name, "version": version}
 
         return await self._config_call(name, change)
@@ -546,7 +569,9 @@ class Dashboard:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(given.strip().encode(), self._token)
+        # the header as its bytes (Starlette decodes them as ISO-8859-1): any non-ASCII byte
+        # differs from the token, which is ASCII
+        return hmac.compare_digest(given.strip().encode("latin-1"), self._token)
 
 
 async def _read_body(request: Request) -> bytes | None:

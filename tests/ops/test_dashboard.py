@@ -32,7 +32,8 @@ from resilience import (
 )
 from resilience.events import TimedOut
 from resilience.ops.cards import Cards
-from resilience.ops.dashboard import Dashboard, _percentiles
+from resilience.ops.dashboard import Dashboard
+from resilience.ops.dashboard.figures import percentiles
 from resilience.store.records import LATENCY_BUCKETS, REPORTING, ReplicaReport
 from resilience.store.redis import RedisStore
 from resilience.testing import FakeClock
@@ -256,7 +257,7 @@ def test_percentiles_and_mean_of_a_histogram() -> None:
     middle (the open bucket's at its lower edge)."""
     counts = [0] * len(LATENCY_BUCKETS)
     counts[0], counts[3], counts[-1] = 900, 94, 6  # < 0.5 ms, 2-4 ms, >= 4.096 s
-    got = _percentiles(counts)
+    got = percentiles(counts)
     assert got["samples"] == 1000
     assert got["p50"] == got["p90"] == [0.0, 0.0005]
     assert got["p99"] == [0.002, 0.004]

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -572,9 +572,9 @@ async def test_in_process_pool_and_bucket_cards(page: Any, clock: FakeClock) -> 
 class Scene(MemoryStore):
     """A store whose ``status()`` is whatever the test sets: records, or an outage."""
 
-    def __init__(self) -> None:
+    def __init__(self, records: Iterable[PolicyStatus] = ()) -> None:
         super().__init__()
-        self.records: list[PolicyStatus] = []
+        self.records: list[PolicyStatus] = list(records)
         self.down = False
 
     async def status(self) -> list[PolicyStatus]:
@@ -629,9 +629,7 @@ async def test_a_breakers_neighbours_figures_show_when_reported(page: Any) -> No
     from resilience.events import FallbackUsed, TimedOut
     from resilience.ops.dashboard import Dashboard
 
-    scene = Scene()
-    scene.records = SCENE
-    dashboard = Dashboard(scene, refresh=0.2)
+    dashboard = Dashboard(Scene(SCENE), refresh=0.2)
     async with serving(dashboard) as base:
         try:
             await page.goto(base)
@@ -670,8 +668,7 @@ async def test_the_page_never_shows_an_open_breaker_or_a_gone_fleet_as_healthy(
     that cannot be computed read as stale, without blaming the store."""
     from resilience.ops.dashboard import Dashboard
 
-    scene = Scene()
-    scene.records = SCENE
+    scene = Scene(SCENE)
     own = Bulkhead(3, name="own-pool")  # this process's, not in the shared store
     board = Dashboard(scene, refresh=0.2)
     async with serving(board) as base:
@@ -805,8 +802,7 @@ async def test_live_values_editor_calls_the_config_endpoints(page: Any) -> None:
     changed, shows the version it gets or the error as sent, and rolls back."""
     from resilience.ops.dashboard import Dashboard
 
-    scene = Scene()
-    scene.records = SCENE
+    scene = Scene(SCENE)
     dashboard = Dashboard(scene, refresh=0.2, allow_control=True, token=TOKEN)
     stub = ConfigStub()
 

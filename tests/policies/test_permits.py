@@ -199,8 +199,7 @@ def test_a_capped_class_never_holds_more_than_its_cap_fleet_wide(
 async def test_a_share_follows_demand_and_goes_back_when_unused() -> None:
     clock = FakeClock()
     store = MemoryStore(clock=clock)
-    a = pool(store, 4)
-    b = pool(store, 4)
+    a, b = pool(store, 4), pool(store, 4)
     assert await granted(a, 4) == 4
     assert a.share == 4
     assert not await b.take()  # the fleet is full
@@ -632,8 +631,7 @@ async def test_closing_gives_the_share_back_but_not_the_permits_in_use() -> None
     holder go on counting, so the limit holds while those calls finish."""
     clock = FakeClock()
     store = MemoryStore(clock=clock)
-    closing = pool(store, 10)
-    other = pool(store, 10)
+    closing, other = pool(store, 10), pool(store, 10)
     assert await granted(closing, 10) == 10
     await give_back(closing, 7)
     await closing.aclose()
@@ -660,8 +658,7 @@ async def test_a_shrink_whose_reply_is_lost_counts_here_at_once() -> None:
     may have given to another holder meanwhile (together they would exceed the limit)."""
     clock = FakeClock()
     store = LosesReplies(clock=clock)
-    a = pool(store, 4)
-    b = pool(store, 4)
+    a, b = pool(store, 4), pool(store, 4)
     assert await granted(a, 4) == 4
     await give_back(a, 4)
     await advance(clock, 1.0)  # renewal: a keeps its peak of the last period (4)

@@ -10,7 +10,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,17 @@ def said(proc: subprocess.Popen[str], event: str) -> dict[str, Any]:
     return dict(line)
 
 
+def ready_pair(
+    stores: Callable[..., RedisStore], replica: Replica
+) -> tuple[RedisStore, subprocess.Popen[str]]:
+    """A store of this process, and another replica (a process of its own) on its prefix,
+    ready."""
+    store = stores()
+    other = replica(store.prefix)
+    said(other, "ready")
+    return store, other
+
+
 def show(proc: subprocess.Popen[str]) -> dict[str, Any]:
     """The values ``proc`` runs now (past the changes it reports first)."""
     assert proc.stdin is not None
@@ -111,9 +122,7 @@ async def test_a_bad_value_changes_nothing_on_any_replica(
     stores: Callable[..., RedisStore], replica: Replica
 ) -> None:
     """A value a replica would refuse is refused before anything is written or pushed."""
-    store = stores()
-    other = replica(store.prefix)
-    said(other, "ready")
+    store, other = ready_pair(stores, replica)
     await store.sync()  # the other replica's values in code are in Redis now
     version = await store.configure(NAME, open_for=8.0)
     said(other, "changed")
@@ -130,9 +139,7 @@ async def test_rollback_reaches_every_replica(
     stores: Callable[..., RedisStore], replica: Replica
 ) -> None:
     """A rollback is a change like any other: pushed, applied, in the history."""
-    store = stores()
-    other = replica(store.prefix)
-    said(other, "ready")
+    store, other = ready_pair(stores, replica)
     await store.configure(NAME, open_for=6.0)
     await store.configure(NAME, open_for=7.0)
     said(other, "changed")
@@ -168,9 +175,7 @@ async def test_any_sequence_leaves_the_other_replica_on_the_head(
 ) -> None:
     """After any run of changes and rollbacks (seeded), the other replica runs the head."""
     rng = random.Random(7)
-    store = stores()
-    other = replica(store.prefix)
-    said(other, "ready")
+    store, other = ready_pair(stores, replica)
     for _ in range(40):
         history = await store.config_history(NAME)
         if history and rng.random() < 0.3:
@@ -362,6 +367,19 @@ async def test_a_replica_that_missed_the_change_takes_it_when_it_reads_again(
     assert mine.config.open_for == 20.0
 
 
+def reply_late(store: RedisStore, meanwhile: Callable[[], Awaitable[None]]) -> None:
+    """The reply to each change ``store`` makes is handled only once ``meanwhile()`` ran."""
+    script = store._script
+
+    async def late(name: str, keys: list[str], args: list[Any]) -> Any:
+        reply = await script(name, keys, args)
+        if args[0] == "set":
+            await meanwhile()
+        return reply
+
+    store._script = late  # type: ignore[method-assign]
+
+
 async def test_a_replica_does_not_go_back_to_its_own_older_change(
     stores: Callable[..., RedisStore], redis_url: str
 ) -> None:
@@ -370,16 +388,12 @@ async def test_a_replica_does_not_go_back_to_its_own_older_change(
     store = stores()
     mine = CircuitBreaker(NAME, store=store, open_for=5.0)
     await store.sync()
-    script = store._script
 
-    async def late_reply(name: str, keys: list[str], args: list[Any]) -> Any:
-        reply = await script(name, keys, args)
-        if args[0] == "set":  # the newer change is pushed before this reply is handled
-            await operator(redis_url, store, "open_for=20")
-            await until(lambda: mine.config.open_for == 20.0, what="the newer change pushed")
-        return reply
+    async def newer_change() -> None:  # pushed before the reply to ours is handled
+        await operator(redis_url, store, "open_for=20")
+        await until(lambda: mine.config.open_for == 20.0, what="the newer change pushed")
 
-    store._script = late_reply  # type: ignore[method-assign]
+    reply_late(store, newer_change)
     assert await store.configure(NAME, open_for=9.0) == 1
     assert mine.config.open_for == 20.0
     assert (await store.config(NAME)).version == 2
@@ -447,16 +461,12 @@ async def test_the_reply_to_a_change_made_before_redis_lost_it_does_not_undo_the
     mine = CircuitBreaker(NAME, store=store, open_for=5.0)
     await store.sync()
     await store.configure(NAME, open_for=8.0)
-    script = store._script
 
-    async def late_reply(name: str, keys: list[str], args: list[Any]) -> Any:
-        reply = await script(name, keys, args)
-        if args[0] == "set":
-            await forget_settings(raw, store)
-            await operator(redis_url, store, "open_for=20")
-            await until(lambda: mine.config.open_for == 20.0, what="the change pushed")
-        return reply
+    async def lost_then_changed() -> None:  # before the reply to ours is handled
+        await forget_settings(raw, store)
+        await operator(redis_url, store, "open_for=20")
+        await until(lambda: mine.config.open_for == 20.0, what="the change pushed")
 
-    store._script = late_reply  # type: ignore[method-assign]
+    reply_late(store, lost_then_changed)
     assert await store.configure(NAME, open_for=9.0) == 2
     assert mine.config.open_for == 20.0

@@ -93,19 +93,37 @@ class Timeout(BasePolicy):
 
     def _live_apply(self, values: dict[str, Any]) -> str:
         """Calls started from now on get ``seconds``; a shorter one also bounds the calls in
-        flight to ``seconds`` from now (the deadlines stay in order)."""
+        flight to ``seconds`` from now (the deadlines stay in order), on the timeout's own
+        event loop, wherever the change arrived (a store running in another thread)."""
         seconds = check_seconds("seconds", values["seconds"])
-        queue = self._queue
-        if seconds < self.seconds and queue:
-            now = self._clock.monotonic()
-            cap = now + seconds
-            for entry in queue:
-                entry.deadline = min(entry.deadline, cap)
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = self._clock.call_later(max(0.0, queue[0].deadline - now), self._fire)
+        shorter = seconds < self.seconds
         self.seconds = seconds
+        loop = self._loop
+        if shorter and loop is not None and not loop.is_closed():
+            try:
+                here = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                here = False
+            if here:
+                self._shorten(seconds)
+            else:
+                loop.call_soon_threadsafe(self._shorten, seconds)
         return ""
+
+    def _shorten(self, seconds: float) -> None:
+        """Bound the calls in flight to ``seconds`` from now, and arm the timer again: one
+        armed for the longer seconds would fire too late for them, and for the calls to
+        come (a call arms one only when none is)."""
+        queue = self._queue
+        now = self._clock.monotonic()
+        cap = now + seconds
+        for entry in queue:
+            entry.deadline = min(entry.deadline, cap)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if queue:
+            self._timer = self._clock.call_later(max(0.0, queue[0].deadline - now), self._fire)
 
     # the deadline queue
     def _enter(self) -> _Deadline:

@@ -44,6 +44,36 @@ async def test_a_shorter_timeout_bounds_the_calls_in_flight(clock: FakeClock) ->
         await later
 
 
+async def test_a_shorter_timeout_bounds_the_next_call_when_none_is_in_flight(
+    clock: FakeClock,
+) -> None:
+    """A shorter timeout applied while no call is in flight bounds the next call: the timer
+    an earlier call armed for the old seconds is armed again (it left the next call to
+    run until the old deadline, or for ever)."""
+    timeout = Timeout(5.0, name=NAME, clock=clock)
+    await timeout.call(asyncio.sleep, 0)  # arms the timer for 5 s from now
+    await MemoryStore().configure(NAME, seconds=0.1)
+    task = await started(timeout.call(clock.sleep, 2))
+    await advance(clock, 0.1)
+    assert task.done()
+    with pytest.raises(ResilienceTimeoutError):
+        await task
+
+
+async def test_a_shorter_timeout_applied_from_another_thread_bounds_the_calls() -> None:
+    """A change applied by a store running in another thread (an admin task with a loop of
+    its own) reaches the timeout on its own loop: the call in flight and the next one are
+    bounded by the new seconds (its timer was armed on the other loop, which then closed,
+    and no call of this loop armed one again). Real time: the timer is the loop's."""
+    timeout = Timeout(5.0, name=NAME)
+    task = await started(timeout.call(asyncio.sleep, 3))
+    await asyncio.to_thread(asyncio.run, MemoryStore().configure(NAME, seconds=0.2))
+    with pytest.raises(ResilienceTimeoutError):  # after 0.2 s, not 3 s
+        await task
+    with pytest.raises(ResilienceTimeoutError):
+        await timeout.call(asyncio.sleep, 3)
+
+
 async def test_a_larger_bulkhead_lets_waiting_calls_in_and_a_smaller_one_takes_back() -> None:
     """Growing the limit admits a waiting call at once; shrinking holds new calls back."""
     bulkhead = Bulkhead(1, max_waiting=1, name=NAME)

@@ -727,3 +727,31 @@ async def test_a_trip_before_the_first_fleet_reply_is_not_overridden(
     again = CircuitBreaker("early", store=other, window=CountWindow(4), minimum_calls=4)
     await other.sync()
     assert again.state is CircuitState.OPEN
+
+
+def test_a_trip_after_the_store_closed_sends_nothing(redis_url: str) -> None:
+    """A shared breaker that trips after its store was closed (a call finishing during
+    shutdown, or a later event loop) raises its call's own error and sends nothing: no push
+    on the store's old (closed) loop, no new connection."""
+    store = RedisStore.from_url(redis_url, prefix=unique_prefix("closed"))
+    breaker = CircuitBreaker("dep", store=store, window=CountWindow(4), minimum_calls=4)
+
+    async def first() -> None:
+        await breaker.call(ok)
+        await store.sync()
+        await store.aclose()
+
+    async def second() -> list[BaseException]:
+        outcomes: list[BaseException] = []
+        for _ in range(3):  # [ok, failed, failed, failed]: it trips
+            try:
+                await breaker.call(boom)
+            except Exception as exc:
+                outcomes.append(exc)
+        await asyncio.sleep(0.05)  # a push, if any, would run now
+        return outcomes
+
+    asyncio.run(first())
+    outcomes = asyncio.run(second())
+    assert [type(e) for e in outcomes] == [ValueError] * 3
+    assert breaker.state is CircuitState.OPEN  # locally

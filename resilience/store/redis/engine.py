@@ -146,6 +146,9 @@ class SyncEngine(Rounds):
             self.wake()
             return
         self.start()
+        if self._closed or not self._tasks:  # closed (or no loop to run on): nothing to send
+            self.wake()
+            return
         if self._loop is not None and core not in self.pushing:
             self.pushing.add(core)
             task = self._loop.create_task(self._push(core))

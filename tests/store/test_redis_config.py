@@ -19,8 +19,9 @@ import pytest
 from resilience import CircuitBreaker, StoreUnavailableError, Timeout
 from resilience.store import config as live
 from resilience.store.redis import RedisStore
+from resilience.testing import FakeClock
 
-from ..helpers import read_line, until
+from ..helpers import advance, read_line, until
 from ..redis_server import RedisServer
 
 WORKER = str(Path(__file__).parents[2] / "benchmarks" / "config_worker.py")
@@ -470,3 +471,32 @@ async def test_the_reply_to_a_change_made_before_redis_lost_it_does_not_undo_the
     reply_late(store, lost_then_changed)
     assert await store.configure(NAME, open_for=9.0) == 2
     assert mine.config.open_for == 20.0
+
+
+async def test_a_read_of_the_settings_that_failed_is_tried_again(
+    stores: Callable[..., RedisStore], redis_url: str
+) -> None:
+    """A replica whose first read of its names' settings fails (Redis stalled a moment: a
+    busy script, the loop late) reads them again after a backoff, and runs the current
+    values: it kept its values in code until the next unrelated event, if any."""
+    clock = FakeClock()
+    store = stores(clock=clock)
+    await operator(redis_url, store, "open_for=20")
+    sha = store._scripts["config"].sha
+    send = store.supervisor.send
+    stalls = 1
+
+    async def stalls_once(commands: list[Any]) -> list[Any]:
+        nonlocal stalls
+        if stalls and any(argv[0] == sha for _, argv in commands):
+            stalls -= 1
+            raise TimeoutError("Redis did not answer in time")
+        return await send(commands)
+
+    store.supervisor.send = stalls_once  # type: ignore[method-assign]
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    await store.sync()
+    assert stalls == 0
+    assert mine.config.open_for == 5.0  # not read yet
+    await advance(clock, 2.0)
+    await until(lambda: mine.config.open_for == 20.0, 5.0, "the settings read again")

@@ -33,6 +33,7 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ...clock import Clock, TimerHandle
 from .. import config
 from ..config import MAX_HISTORY, ConfigChange, ConfigState, LiveConfig, Values
 from .primitives import BadReply, is_noscript, number, text
@@ -147,6 +148,9 @@ class RedisConfig(LiveConfig):
     _config_waiting: set[str]  # names to read once a loop runs
     _config_tasks: set[asyncio.Task[None]]
     _config_loop: asyncio.AbstractEventLoop | None  # where the store's background work runs
+    _config_backoff: float
+    _config_again: TimerHandle | None  # reading again after a failed read
+    clock: Clock
     _scripts: dict[str, Any]
 
     def key(self, name: str, suffix: str) -> str:
@@ -161,6 +165,8 @@ class RedisConfig(LiveConfig):
         self._config_prune_at = 64
         self._config_waiting = set()
         self._config_tasks = set()
+        self._config_backoff = 0.0  # seconds before reading again after a failed read
+        self._config_again: TimerHandle | None = None
         subscriber = self.engine.subscriber
         subscriber.on_config = self._config_pushed
         replaced = subscriber.on_replaced
@@ -178,6 +184,9 @@ class RedisConfig(LiveConfig):
     async def _config_close(self) -> None:
         """Cancel the reads of settings under way (the store is closing)."""
         tasks, self._config_tasks = self._config_tasks, set()
+        if self._config_again is not None:
+            self._config_again.cancel()
+            self._config_again = None
         for task in tasks:
             task.cancel()
         if tasks:
@@ -187,6 +196,8 @@ class RedisConfig(LiveConfig):
         """In a forked child: no task of the parent's is ours; its names are read again."""
         self._config_tasks = set()
         self._config_loop = None
+        self._config_again = None  # the parent's timer
+        self._config_backoff = 0.0
         self._config_waiting.update(self._config_runs)
 
     def _config_keys(self, name: str) -> list[str]:
@@ -278,8 +289,22 @@ class RedisConfig(LiveConfig):
                 await self._config_fetch(names)
             except Exception as exc:  # Redis away: the replica keeps what it runs
                 logger.debug("settings of %d names not read: %r", len(names), exc)
-                waiting.update(names)  # read again when the subscription is replaced
+                waiting.update(names)
+                # read again after a backoff (0.5 s, doubling up to 30 s), and as soon as
+                # the subscription is replaced: a stall that replaces nothing (a busy
+                # script, the loop late) left them unread until the next unrelated event
+                self._config_backoff = min(30.0, max(0.5, 2 * self._config_backoff))
+                if self._config_again is None:
+                    self._config_again = self.clock.call_later(
+                        self._config_backoff, self._config_retry
+                    )
                 return
+            self._config_backoff = 0.0
+
+    def _config_retry(self) -> None:
+        """The backoff after a failed read is over: read the waiting names again."""
+        self._config_again = None
+        self._config_read_waiting()
 
     async def _config_fetch(self, names: list[str]) -> None:
         """Report the values in code of ``names``' policies and take their settings if newer,

@@ -495,7 +495,7 @@ class CircuitBreaker(BasePolicy):
                         skip = SAMPLE_EVERY - 1
                         start = monotonic()
                     try:
-                        result = await fn(*args, **kwargs)
+                        result = await (fn(*args, **kwargs) if kwargs else fn(*args))
                     except Exception as exc:
                         if start:
                             core.took(monotonic() - start)
@@ -505,11 +505,13 @@ class CircuitBreaker(BasePolicy):
                         core.took(monotonic() - start)
                     # the common case of SharedBreakerCore.success, inline: a full window of
                     # successes, outcomes buffered since the last flush, the same generation
+                    # (no slow calls in the window, as on the in-process path above: no
+                    # breaker of this configuration times its calls)
                     p = core.pending  # type: ignore[attr-defined]
                     if (
                         p.calls
                         and gen == core.gen
-                        and not (window.failures or window.slow or window.calls < window.size)
+                        and not (window.failures or window.calls < window.size)
                     ):
                         p.calls += 1
                     else:

@@ -500,3 +500,39 @@ async def test_a_read_of_the_settings_that_failed_is_tried_again(
     assert mine.config.open_for == 5.0  # not read yet
     await advance(clock, 2.0)
     await until(lambda: mine.config.open_for == 20.0, 5.0, "the settings read again")
+
+
+async def test_an_error_reply_for_one_name_costs_only_that_name(
+    stores: Callable[..., RedisStore], redis_url: str
+) -> None:
+    """The settings of many names are read in one pipeline: a name whose command Redis
+    answers with an error (out of memory, a script error) is read again later; the other
+    names of the pipeline run their settings at once."""
+    from redis.exceptions import ResponseError
+
+    clock = FakeClock()
+    store = stores(clock=clock)
+    await operator(redis_url, store, "open_for=20")
+    sha = store._scripts["config"].sha
+    send = store.supervisor.send
+    refused = 1
+
+    async def one_refused(commands: list[Any]) -> list[Any]:
+        nonlocal refused
+        replies = await send(commands)
+        for i, (_, argv) in enumerate(commands):
+            if refused and argv[0] == sha and "other" in argv[2]:
+                refused -= 1
+                replies[i] = ResponseError("OOM command not allowed")
+        return replies
+
+    store.supervisor.send = one_refused  # type: ignore[method-assign]
+    other = CircuitBreaker("other", store=store, open_for=5.0)
+    mine = CircuitBreaker(NAME, store=store, open_for=5.0)
+    await store.sync()
+    assert refused == 0
+    assert mine.config.open_for == 20.0  # read, though in the pipeline of the refused name
+    assert "other" in store._config_waiting
+    await advance(clock, 2.0)
+    await until(lambda: "other" not in store._config_waiting, 5.0, "the refused name read again")
+    assert other.config.open_for == 5.0

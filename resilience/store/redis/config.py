@@ -283,34 +283,40 @@ class RedisConfig(LiveConfig):
         another (a call per name at once floods the store: with thousands of names it ran
         out of connections and timed out into an outage)."""
         waiting = self._config_waiting
-        while waiting and not self.engine.subscriber.closed():
-            names = [waiting.pop() for _ in range(min(CONFIG_CHUNK, len(waiting)))]
-            try:
-                await self._config_fetch(names)
-            except Exception as exc:  # Redis away: the replica keeps what it runs
-                logger.debug("settings of %d names not read: %r", len(names), exc)
-                waiting.update(names)
-                # read again after a backoff (0.5 s, doubling up to 30 s), and as soon as
-                # the subscription is replaced: a stall that replaces nothing (a busy
-                # script, the loop late) left them unread until the next unrelated event
-                self._config_backoff = min(30.0, max(0.5, 2 * self._config_backoff))
-                if self._config_again is None:
-                    self._config_again = self.clock.call_later(
-                        self._config_backoff, self._config_retry
-                    )
-                return
+        unread: list[str] = []
+        try:
+            while waiting and not self.engine.subscriber.closed():
+                names = [waiting.pop() for _ in range(min(CONFIG_CHUNK, len(waiting)))]
+                try:
+                    unread += await self._config_fetch(names)
+                except Exception as exc:  # Redis away: the replica keeps what it runs
+                    logger.debug("settings of %d names not read: %r", len(names), exc)
+                    unread += names
+                    break
+        finally:
+            waiting.update(unread)
+        if not unread:
             self._config_backoff = 0.0
+            return
+        # read again after a backoff (0.5 s, doubling up to 30 s), and as soon as the
+        # subscription is replaced: a stall that replaces nothing (a busy script, the loop
+        # late) left them unread until the next unrelated event
+        self._config_backoff = min(30.0, max(0.5, 2 * self._config_backoff))
+        if self._config_again is None:
+            self._config_again = self.clock.call_later(self._config_backoff, self._config_retry)
 
     def _config_retry(self) -> None:
         """The backoff after a failed read is over: read the waiting names again."""
         self._config_again = None
         self._config_read_waiting()
 
-    async def _config_fetch(self, names: list[str]) -> None:
+    async def _config_fetch(self, names: list[str]) -> list[str]:
         """Report the values in code of ``names``' policies and take their settings if newer,
-        in one pipeline (the script loaded first if Redis does not know it). A name that took
-        a change meanwhile (a push) is read again: a reply of another history than that
-        change's may be the older one (Redis lost the data between the read and the push)."""
+        in one pipeline (the script loaded first if Redis does not know it); the names whose
+        reply was an error or did not parse, to be read again (the others are taken). A name
+        that took a change meanwhile (a push) is read again: a reply of another history than
+        that change's may be the older one (Redis lost the data between the read and the
+        push)."""
         sha = self._scripts["config"].sha
         before = {name: self._config_runs.get(name) for name in names}
         ttl = self._config_ttl()
@@ -329,18 +335,27 @@ class RedisConfig(LiveConfig):
             await self.supervisor.load_scripts([self._scripts["config"]])
             replies = await self.supervisor.send(commands)
         states: dict[str, ConfigState] = {}
+        unread: set[str] = set()  # an error reply, or one that did not parse: only them
         for name, reply in zip(owners, replies, strict=True):
-            if isinstance(reply, BaseException):
-                raise reply
-            reset, states[name] = self.supervisor.parsed(parse_config, reply)  # the last one
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                reset, states[name] = self.supervisor.parsed(parse_config, reply)  # the last
+            except Exception as exc:
+                logger.debug("settings of %r not read: %r", name, exc)
+                unread.add(name)
+                continue
             if reset:
                 self.engine.reset_seen(name, self.key(name, "config"))
+        for name in unread:
+            states.pop(name, None)
         for name, state in states.items():
             if self._config_runs.get(name) != before[name]:
                 self._config_waiting.add(name)
             elif state.history:
                 origin = state.history[0].origin
                 self._config_adopt(name, state.epoch, state.version, state.values, origin)
+        return sorted(unread)
 
     async def _config_settled(self) -> None:
         """Wait for the reads of settings under way (``sync``)."""

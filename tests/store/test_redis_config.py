@@ -473,17 +473,24 @@ async def test_the_reply_to_a_change_made_before_redis_lost_it_does_not_undo_the
     assert mine.config.open_for == 20.0
 
 
+async def changed_elsewhere(
+    stores: Callable[..., RedisStore], redis_url: str
+) -> tuple[FakeClock, RedisStore, str, Callable[[list[Any]], Awaitable[list[Any]]]]:
+    """A store on a fake clock whose name ``NAME`` an operator changed (open_for 20) before
+    any policy of it was built; the settings script's sha, and the store's own ``send``."""
+    clock = FakeClock()
+    store = stores(clock=clock)
+    await operator(redis_url, store, "open_for=20")
+    return clock, store, store._scripts["config"].sha, store.supervisor.send
+
+
 async def test_a_read_of_the_settings_that_failed_is_tried_again(
     stores: Callable[..., RedisStore], redis_url: str
 ) -> None:
     """A replica whose first read of its names' settings fails (Redis stalled a moment: a
     busy script, the loop late) reads them again after a backoff, and runs the current
     values: it kept its values in code until the next unrelated event, if any."""
-    clock = FakeClock()
-    store = stores(clock=clock)
-    await operator(redis_url, store, "open_for=20")
-    sha = store._scripts["config"].sha
-    send = store.supervisor.send
+    clock, store, sha, send = await changed_elsewhere(stores, redis_url)
     stalls = 1
 
     async def stalls_once(commands: list[Any]) -> list[Any]:
@@ -510,11 +517,7 @@ async def test_an_error_reply_for_one_name_costs_only_that_name(
     names of the pipeline run their settings at once."""
     from redis.exceptions import ResponseError
 
-    clock = FakeClock()
-    store = stores(clock=clock)
-    await operator(redis_url, store, "open_for=20")
-    sha = store._scripts["config"].sha
-    send = store.supervisor.send
+    clock, store, sha, send = await changed_elsewhere(stores, redis_url)
     refused = 1
 
     async def one_refused(commands: list[Any]) -> list[Any]:
